@@ -1,0 +1,38 @@
+# Developer entry points. `make test` and `make report` work from a fresh clone: they create .venv,
+# install the package with its test/bench extras, then run.
+#
+# The dev environment pins a CPU build of torch (TORCH_SPEC) so a CPU machine does not download a
+# multi-GB CUDA build; the package itself only asks for torch>=2.4. Override for a GPU machine:
+#     make test TORCH_SPEC='torch'
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: venv test report report-full bench clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install "$(TORCH_SPEC)"
+	$(PY) -m pip install -e ".[test,bench]"
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+report: venv
+	$(PY) -m bench.report
+
+report-full: venv
+	$(PY) -m bench.report --full
+
+bench: venv
+	$(PY) -m pytest bench -q
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,0 +1,16 @@
+"""spectraformer_fused: fused random-feature attention for every component x weight matrix of the
+Spectraformer framework."""
+from .attention import BACKENDS, available_backends, rf_attention
+from .components import COMPONENTS, KERNELS
+from .feature_map import FeatureParams, RandomFeatureMap
+from .modules import SpectraAttention
+from .reference import exact_attention, exact_kernel
+from .state import RFState
+from .weights import LEARNABLE_WEIGHTS, WEIGHTS
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "COMPONENTS", "WEIGHTS", "LEARNABLE_WEIGHTS", "KERNELS", "BACKENDS", "RandomFeatureMap", "FeatureParams",
+    "RFState", "SpectraAttention", "available_backends", "rf_attention", "exact_attention", "exact_kernel",
+]

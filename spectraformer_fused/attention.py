@@ -1,0 +1,99 @@
+"""rf_attention: validate once, resolve the feature map's parameters, dispatch to a backend."""
+from __future__ import annotations
+
+import torch
+
+from .feature_map import RandomFeatureMap
+from .ops import cpu_extension_loaded, triton_importable, triton_interpreting
+from .reference import reference_attention
+from .state import RFState, empty_state
+from .validation import check_attention_inputs, resolve_scale
+
+BACKENDS = ("auto", "reference", "triton", "cpu")
+
+
+def available_backends() -> list[str]:
+    """Backends usable in this process: always "reference"; "triton" when Triton imports; "cpu" when the
+    compiled CPU extension loaded (it is built on first use)."""
+    names = ["reference"]
+    if triton_importable():
+        names.append("triton")
+    if cpu_extension_loaded():
+        names.append("cpu")
+    return names
+
+
+def _resolve_backend(backend: str, q: torch.Tensor) -> str:
+    if not isinstance(backend, str) or backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; valid names are {', '.join(BACKENDS)}")
+    if backend == "auto":
+        if q.dtype == torch.float64:
+            return "reference"
+        if q.is_cuda:
+            return "triton" if triton_importable() else "reference"
+        if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and cpu_extension_loaded():
+            return "cpu"
+        return "reference"
+    if backend == "triton":
+        if not triton_importable():
+            raise RuntimeError("backend='triton' needs the triton package: pip install triton")
+        if q.dtype == torch.float64:
+            raise TypeError("backend='triton' supports float16, bfloat16 and float32 inputs, not float64; "
+                            "use backend='reference' (or 'auto') for float64")
+        if not q.is_cuda and not (q.device.type == "cpu" and triton_interpreting()):
+            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {q.device}")
+    if backend == "cpu":
+        if q.device.type != "cpu":
+            raise ValueError(f"backend='cpu' needs CPU tensors, got {q.device}")
+        if not cpu_extension_loaded():
+            from .ops.cpu import extension_error
+
+            raise RuntimeError(f"backend='cpu' is unavailable: the compiled extension did not load ({extension_error()})")
+    return backend
+
+
+def rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: RandomFeatureMap, *,
+                 causal: bool = False, scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
+                 initial_state=None, output_final_state: bool = False, backend: str = "auto"):
+    """Random-feature attention: o_t = phi(q_t)^T S / phi(q_t)^T z (DESIGN.md section 1).
+
+    Args:
+        q, k: ``[B, T, H, D]``; v: ``[B, T, H, Dv]``; float16, bfloat16, float32 or float64.
+        feature_map: a ``RandomFeatureMap`` built for head dim D and H heads (or 1 shared head).
+        causal: o_t sees keys j <= t only.
+        scale: multiplies q.k as in SDPA; default D^-1/2.
+        key_padding_mask: ``[B, T]`` bool, True = keep; a masked key adds nothing, not even to the normaliser.
+        initial_state: an ``RFState`` (S, z, log_scale) from a previous call (or a tuple (S, z)).
+        output_final_state: also return the state after the last key.
+        backend: "auto" (Triton for CUDA tensors, the compiled CPU backend for CPU tensors when built,
+            the reference otherwise and for float64), "reference", "triton" or "cpu".
+
+    Returns:
+        o ``[B, T, H, Dv]`` in v's dtype, or ``(o, RFState)`` when ``output_final_state``. The state is
+        fp32 (fp64 for fp64 inputs).
+    """
+    if not isinstance(feature_map, RandomFeatureMap):
+        raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
+    state = check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_map.feature_dim)
+    B, T, H, D = q.shape
+    feature_map.check_input(D, H)
+    scale = resolve_scale(scale, D)
+    name = _resolve_backend(backend, q)
+    if T == 0:
+        o = v.new_empty(B, 0, H, v.shape[-1])
+        if not output_final_state:
+            return o
+        cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        if state is None:
+            state = empty_state(B, H, feature_map.feature_dim, v.shape[-1], dtype=cdt, device=q.device)
+        return o, RFState(*(t.to(cdt) for t in state))
+    params = feature_map.feature_params(q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask)
+    if name == "reference":
+        fn = reference_attention
+    elif name == "triton":
+        from .ops.triton_attention import triton_attention as fn
+    else:
+        from .ops.cpu import cpu_attention as fn
+    o, final = fn(q, k, v, params, causal=causal, key_padding_mask=key_padding_mask, initial_state=state,
+                  output_final_state=output_final_state)
+    return (o, final) if output_final_state else o

@@ -1,0 +1,250 @@
+"""RandomFeatureMap: a weight matrix, a component function and the statistics some components need."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .components import (
+    COMPONENTS,
+    EXP,
+    HYP,
+    TRIG,
+    ComponentSpec,
+    Moments,
+    feature_logits,
+    make_component,
+    oprf_A,
+    saderf_psi,
+    sequence_moments,
+)
+from .weights import WEIGHTS, build_weights
+
+
+@dataclass
+class FeatureParams:
+    """Everything a backend needs to evaluate the features of one call, already resolved.
+
+    Shapes: ``W [H, m, D]`` (its first stride may be 0 when all heads share one matrix),
+    ``bias [B, H, m]``, ``freq [B, H]``, ``psi [B, H, D]`` or None; fp32 (fp64 for fp64 inputs).
+    ``W`` and ``bias`` may require grad (learnable weights); ``freq`` and ``psi`` never do (A* and Psi
+    are constants for differentiation). Inputs are multiplied by ``sqrt(scale)`` before anything else.
+    """
+
+    kind: int
+    W: torch.Tensor
+    bias: torch.Tensor
+    freq: torch.Tensor
+    psi: torch.Tensor | None
+    c_t: float
+    c_o: float
+    scale: float
+    num_features: int
+    feature_dim: int
+
+    @property
+    def positive(self) -> bool:
+        return self.kind != TRIG
+
+
+def _default_num_features(head_dim: int) -> int:
+    # Performer's choice m = d log d, at least 16.
+    return max(16, int(round(head_dim * math.log(max(head_dim, 2)))))
+
+
+def _check_positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, got {type(value).__name__}")
+    if value <= 0:
+        raise ValueError(f"{what} must be positive, got {value}")
+    return value
+
+
+class RandomFeatureMap(nn.Module):
+    """phi(x) = component(W x) for every head: the feature map of random-feature attention.
+
+    Args:
+        head_dim: D, the size of each query/key vector.
+        num_features: m, the number of random frequencies (rows of W). The feature width F is m, or 2m
+            for ``hyprf``, ``trigrf`` and ``gerf`` with ``s=-1``. Default: Performer's ``D ln D`` (>= 16).
+        component: one of ``COMPONENTS``.
+        weights: one of ``WEIGHTS``.
+        kernel: ``"softmax"`` (estimates exp(x.y)) or ``"gaussian"`` (exp(-|x - y|^2 / 2)).
+        num_heads: one W per head; ``num_heads=1`` shares one W among any number of heads.
+        seed: makes W reproducible; None draws from torch's global generator.
+        weight_args: options of the weight matrix (e.g. ``{"sgq_points": 7}``).
+        **component_args: ``A`` and ``s`` for ``gerf``; ``stats_momentum`` for ``oprf``/``saderf``.
+
+    OPRF and SADERF derive their parameters (A*, Psi) from query/key statistics. Non-causal attention
+    uses the statistics of the sequence itself, per (batch, head). Causal attention must not look ahead,
+    so it uses running statistics gathered from earlier batches (zero at first, which gives plain PosRF);
+    in training mode every call updates them after its forward, like BatchNorm, and they are saved in
+    the state_dict. A* and Psi are constants for differentiation.
+    """
+
+    def __init__(self, head_dim: int, num_features: int | None = None, *, component: str = "posrf",
+                 weights: str = "orf", kernel: str = "softmax", num_heads: int = 1, seed: int | None = None,
+                 device=None, dtype=None, weight_args: dict | None = None, **component_args):
+        super().__init__()
+        _check_positive_int(head_dim, "head_dim")
+        _check_positive_int(num_heads, "num_heads")
+        if num_features is None:
+            num_features = _default_num_features(head_dim)
+        _check_positive_int(num_features, "num_features")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        spec, options = make_component(component, kernel, **component_args)
+        self.spec: ComponentSpec = spec
+        self.head_dim = head_dim
+        self.num_heads = num_heads
+        self.weights = build_weights(weights, num_heads, num_features, head_dim, seed=seed, device=device,
+                                     dtype=dtype or torch.float32, **(weight_args or {}))
+        self.stats_momentum = options.get("stats_momentum")
+        if component == "gerf":
+            self.register_buffer("A", torch.tensor(spec.A, dtype=torch.float64, device=device))
+        if spec.data_dependent:
+            for name in ("running_mean_x", "running_sq_x", "running_mean_y", "running_sq_y"):
+                self.register_buffer(name, torch.zeros(num_heads, head_dim, dtype=torch.float32, device=device))
+            self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=device))
+
+    # -- description -----------------------------------------------------------------------------
+    @property
+    def component(self) -> str:
+        return self.spec.name
+
+    @property
+    def kernel(self) -> str:
+        return self.spec.kernel
+
+    @property
+    def weight_name(self) -> str:
+        return self.weights.name
+
+    @property
+    def num_features(self) -> int:
+        return self.weights.num_features
+
+    @property
+    def feature_dim(self) -> int:
+        return self.spec.feature_dim(self.num_features)
+
+    @property
+    def kind(self) -> int:
+        return self.spec.kind
+
+    def extra_repr(self) -> str:
+        return (f"head_dim={self.head_dim}, num_features={self.num_features}, component={self.component!r}, "
+                f"weights={self.weight_name!r}, kernel={self.kernel!r}, num_heads={self.num_heads}")
+
+    def projection(self) -> torch.Tensor:
+        """The dense W ``[num_heads, m, head_dim]`` (differentiable for learnable weights)."""
+        return self.weights.projection()
+
+    @torch.no_grad()
+    def redraw(self, seed: int | None = None) -> None:
+        """Resample W in place (learnable weights are re-initialised)."""
+        self.weights.redraw(seed)
+
+    # -- statistics ------------------------------------------------------------------------------
+    def running_moments(self) -> Moments:
+        return Moments(self.running_mean_x, self.running_sq_x, self.running_mean_y, self.running_sq_y)
+
+    @torch.no_grad()
+    def _update_running(self, m: Moments) -> None:
+        # Per-(batch, head) moments [B, H, D] -> per head [num_heads, D] (shared W: pooled over heads).
+        def reduce(t):
+            t = t.float().mean(0)
+            return t.mean(0, keepdim=True) if self.num_heads == 1 else t
+
+        first = self.num_batches_tracked == 0
+        n = self.num_batches_tracked.float() + 1.0
+        rate = 1.0 / n if self.stats_momentum is None else torch.full_like(n, self.stats_momentum)
+        rate = torch.where(first, torch.ones_like(rate), rate)
+        for buf, new in zip(self.running_moments().tensors(), m.tensors()):
+            buf.lerp_(reduce(new), rate)
+        self.num_batches_tracked.add_(1)
+
+    # -- resolving the parameters of one call ----------------------------------------------------
+    def check_input(self, head_dim: int, num_heads: int) -> None:
+        if head_dim != self.head_dim:
+            raise ValueError(f"feature map was built for head_dim={self.head_dim}, but the inputs have head dim {head_dim}")
+        if self.num_heads not in (1, num_heads):
+            raise ValueError(f"feature map was built for num_heads={self.num_heads}, but the inputs have {num_heads} heads")
+
+    def feature_params(self, q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bool,
+                       key_padding_mask: torch.Tensor | None = None, update_stats: bool | None = None) -> FeatureParams:
+        """Resolve W, bias, freq and psi for queries ``q`` and keys ``k`` ``[B, T, H, D]``.
+
+        fp32 parameters (fp64 for fp64 inputs). In training mode (or when ``update_stats`` is True)
+        OPRF/SADERF's running statistics are updated from this batch after the parameters were computed.
+        """
+        B, _, H, D = q.shape
+        self.check_input(D, H)
+        spec = self.spec
+        cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        device = q.device
+        W = self.projection().to(device=device, dtype=cdt)
+        if W.shape[0] != H:
+            W = W.expand(H, -1, -1)
+        psi = None
+        if spec.data_dependent:
+            root = math.sqrt(scale)
+            x, y = q.detach().to(cdt) * root, k.detach().to(cdt) * root
+            moments = sequence_moments(x, y, key_padding_mask)
+            src = self.running_moments() if causal else moments
+            src = Moments(*(t.to(device=device, dtype=cdt) for t in src.tensors()))
+            if spec.uses_psi:
+                psi = saderf_psi(src)
+            A = oprf_A(src, psi)
+            if causal:                                    # running statistics: [num_heads, ...]
+                A = A[None]
+                psi = None if psi is None else psi[None]
+            A = A.expand(B, H)
+            if psi is not None:
+                psi = psi.expand(B, H, D).contiguous()
+            if update_stats if update_stats is not None else self.training:
+                self._update_running(moments)
+        elif spec.name == "gerf":
+            A = self.A.to(device=device, dtype=cdt).expand(B, H)
+        else:
+            A = torch.zeros((), dtype=cdt, device=device).expand(B, H)
+        A = A.detach()
+        one_m4a = 1.0 - 4.0 * A
+        freq = one_m4a.sqrt().contiguous()
+        log_d = (D / 4.0) * torch.log(one_m4a)                                # [B, H]
+        wsq = (W * W).sum(-1)                                                 # [H, m]
+        bias = log_d[:, :, None] + A[:, :, None] * wsq[None] + spec.log_norm(self.num_features)
+        return FeatureParams(spec.kind, W, bias.contiguous(), freq, psi, spec.c_t, spec.c_o, float(scale),
+                             self.num_features, self.feature_dim)
+
+    # -- kernel estimate ------------------------------------------------------------------------
+    def kernel_estimate(self, q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:
+        """The random-feature estimate of K(q, k) for every pair: ``[B, H, Tq, Tk]``.
+
+        K is exp(scale q.k) (softmax) or exp(-scale |q - k|^2 / 2) (gaussian). q ``[B, Tq, H, D]``,
+        k ``[B, Tk, H, D]``. Data-dependent parameters come from q and k themselves (non-causal rule);
+        running statistics are not touched.
+        """
+        from .validation import check_qk_pair, resolve_scale
+
+        check_qk_pair(q, k)
+        self.check_input(q.shape[-1], q.shape[2])
+        scale = resolve_scale(scale, q.shape[-1])
+        cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        x = q.to(cdt) * math.sqrt(scale)
+        y = k.to(cdt) * math.sqrt(scale)
+        p = self.feature_params(q, k, scale=scale, causal=False, update_stats=False)
+        eq, mq = feature_logits(x.transpose(1, 2), p.W, p.bias, p.freq, p.psi, kind=p.kind, c_t=p.c_t, c_o=p.c_o, query=True)
+        ek, mk = feature_logits(y.transpose(1, 2), p.W, p.bias, p.freq, p.psi, kind=p.kind, c_t=p.c_t, c_o=p.c_o, query=False)
+        sq = eq.amax(-1, keepdim=True).detach()
+        sk = ek.amax(-1, keepdim=True).detach()
+        fq = torch.exp(eq - sq)
+        fk = torch.exp(ek - sk)
+        if mq is not None:
+            fq, fk = fq * mq, fk * mk
+        return (fq @ fk.transpose(-1, -2)) * torch.exp(sq + sk.transpose(-1, -2))
+
+
+__all__ = ["RandomFeatureMap", "FeatureParams", "COMPONENTS", "WEIGHTS", "EXP", "HYP", "TRIG"]

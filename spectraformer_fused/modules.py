@@ -1,0 +1,49 @@
+"""nn.Modules: they own parameters, buffers and defaults, and call the functional API."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import rf_attention
+from .feature_map import RandomFeatureMap
+
+
+class SpectraAttention(nn.Module):
+    """Multi-head self-attention with random-feature attention inside: a drop-in for ``[B, T, E]`` inputs.
+
+    ``forward(x, key_padding_mask=None, initial_state=None, output_final_state=False)`` returns
+    ``[B, T, E]`` (and the state when asked). The feature map has one W per head.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, *, num_features: int | None = None,
+                 component: str = "posrf", weights: str = "orf", kernel: str = "softmax", causal: bool = False,
+                 bias: bool = True, seed: int | None = None, backend: str = "auto", device=None, dtype=None,
+                 **component_args):
+        super().__init__()
+        if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim <= 0:
+            raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
+        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
+            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.causal, self.backend = bool(causal), backend
+        factory = {"device": device, "dtype": dtype}
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias, **factory)
+        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
+        self.feature_map = RandomFeatureMap(self.head_dim, num_features, component=component, weights=weights,
+                                            kernel=kernel, num_heads=num_heads, seed=seed, device=device,
+                                            **component_args)
+
+    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, initial_state=None,
+                output_final_state: bool = False):
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"SpectraAttention expects x of shape [B, T, {self.embed_dim}], got {shape}")
+        B, T, _ = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
+        out = rf_attention(q, k, v, self.feature_map, causal=self.causal, key_padding_mask=key_padding_mask,
+                           initial_state=initial_state, output_final_state=output_final_state, backend=self.backend)
+        o, state = out if output_final_state else (out, None)
+        y = self.out_proj(o.reshape(B, T, self.embed_dim))
+        return (y, state) if output_final_state else y

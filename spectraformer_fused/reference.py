@@ -1,0 +1,145 @@
+"""The reference backend: readable PyTorch, fp32 math (fp64 for fp64 inputs). It is the oracle of every
+test and the fallback of every device.
+
+Stabilisers (DESIGN.md section 3): every query row subtracts the maximum of its own feature exponents;
+all keys summed together subtract one shared constant, the running maximum of their exponents, and the
+state is rescaled whenever that maximum grows (as online softmax does). Both constants cancel exactly
+between numerator and denominator, so they are detached. Masked keys get exponent -inf: they add
+nothing, not even to the denominator, and do not move the maximum.
+
+Causal attention runs chunk by chunk (intra-chunk masked products plus the carried state), so memory
+stays O(T) and no T x T matrix is formed.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .components import feature_logits
+from .feature_map import FeatureParams
+from .state import RFState, empty_state, safe_log_scale
+
+DEN_EPS = 1e-30  # floor of |denominator|; only reached when every key is masked or underflows
+
+
+def safe_denominator(den: torch.Tensor) -> torch.Tensor:
+    """|den| floored at DEN_EPS. Positive components give den >= 0; trigonometric ones (trigrf, gerf
+    with s=-1) estimate a positive normaliser by a signed sum, and a non-positive estimate is replaced by
+    its magnitude instead of flipping the sign of the output."""
+    return den.abs().clamp_min(DEN_EPS)
+
+
+def _features(x, p: FeatureParams, query: bool):
+    return feature_logits(x, p.W, p.bias, p.freq, p.psi, kind=p.kind, c_t=p.c_t, c_o=p.c_o, query=query)
+
+
+def _apply(e, mult, shift):
+    phi = torch.exp(e - shift)
+    return phi if mult is None else phi * mult
+
+
+def reference_attention(q, k, v, params: FeatureParams, *, causal: bool = False, key_padding_mask=None,
+                        initial_state: RFState | None = None, output_final_state: bool = False,
+                        chunk_size: int = 64):
+    """Random-feature attention of q, k ``[B, T, H, D]`` and v ``[B, T, H, Dv]``.
+
+    Returns ``(o [B, T, H, Dv] in v's dtype, RFState or None)``.
+    """
+    B, T, H, _ = q.shape
+    Dv = v.shape[-1]
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    root = math.sqrt(params.scale)
+    x = (q.to(cdt) * root).transpose(1, 2)                       # [B, H, T, D]
+    y = (k.to(cdt) * root).transpose(1, 2)
+    vv = v.to(cdt).transpose(1, 2)                                # [B, H, T, Dv]
+    p = FeatureParams(params.kind, params.W.to(cdt), params.bias.to(cdt), params.freq.to(cdt),
+                      None if params.psi is None else params.psi.to(cdt), params.c_t, params.c_o,
+                      params.scale, params.num_features, params.feature_dim)
+    F = p.feature_dim
+    if initial_state is None:
+        S, z, m = empty_state(B, H, F, Dv, dtype=cdt, device=q.device)
+    else:
+        S, z, m = (t.to(cdt) for t in initial_state)
+    keep = None if key_padding_mask is None else key_padding_mask[:, None, :, None]   # [B, 1, T, 1]
+
+    def key_logits(lo, hi):
+        ek, mk = _features(y[:, :, lo:hi], p, query=False)
+        if keep is not None:
+            ek = ek.masked_fill(~keep[:, :, lo:hi], float("-inf"))
+        return ek, mk
+
+    def query_features(lo, hi):
+        eq, mq = _features(x[:, :, lo:hi], p, query=True)
+        return _apply(eq, mq, eq.amax(-1, keepdim=True).detach())
+
+    def rescale(ek, S, z, m):
+        """Move the state to the new running maximum of the key exponents; returns the shift to use."""
+        m_new = torch.maximum(m, ek.amax(dim=(-1, -2)).detach())   # [B, H]
+        shift = safe_log_scale(m_new)
+        alpha = torch.exp(m - shift)                               # 0 while the state is empty
+        return S * alpha[..., None, None], z * alpha[..., None], m_new, shift[:, :, None, None]
+
+    if not causal:
+        if T > 0:
+            ek, mk = key_logits(0, T)
+            S, z, m, shift = rescale(ek, S, z, m)
+            phik = _apply(ek, mk, shift)                          # [B, H, T, F]
+            S = S + phik.transpose(-1, -2) @ vv
+            z = z + phik.sum(-2)
+            phiq = query_features(0, T)
+            o = (phiq @ S) / safe_denominator(phiq @ z[..., None])
+        else:
+            o = vv.new_zeros(B, H, 0, Dv)
+    else:
+        outs = []
+        for lo in range(0, T, chunk_size):
+            hi = min(lo + chunk_size, T)
+            vc = vv[:, :, lo:hi]
+            ek, mk = key_logits(lo, hi)
+            S, z, m, shift = rescale(ek, S, z, m)
+            phik = _apply(ek, mk, shift)                          # [B, H, c, F]
+            phiq = query_features(lo, hi)
+            scores = (phiq @ phik.transpose(-1, -2)).tril()       # [B, H, c, c]: key j <= query t
+            num = scores @ vc + phiq @ S
+            den = scores.sum(-1, keepdim=True) + phiq @ z[..., None]
+            outs.append(num / safe_denominator(den))
+            S = S + phik.transpose(-1, -2) @ vc
+            z = z + phik.sum(-2)
+        o = torch.cat(outs, dim=2) if outs else vv.new_zeros(B, H, 0, Dv)
+    o = o.transpose(1, 2).to(v.dtype)
+    return o, (RFState(S, z, m) if output_final_state else None)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exact attention, for tests and the accuracy report
+# ----------------------------------------------------------------------------------------------------
+
+def exact_logits(q, k, *, kernel: str = "softmax", scale: float | None = None) -> torch.Tensor:
+    """log K(q_i, k_j) ``[B, H, Tq, Tk]``: scale q.k (softmax) or -scale |q - k|^2 / 2 (gaussian)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    qt, kt = q.transpose(1, 2), k.transpose(1, 2)
+    logits = scale * (qt @ kt.transpose(-1, -2))
+    if kernel == "gaussian":
+        logits = logits - 0.5 * scale * ((qt * qt).sum(-1)[..., :, None] + (kt * kt).sum(-1)[..., None, :])
+    return logits
+
+
+def exact_kernel(q, k, *, kernel: str = "softmax", scale: float | None = None) -> torch.Tensor:
+    """K(q_i, k_j) ``[B, H, Tq, Tk]``: exp(scale q.k) or exp(-scale |q - k|^2 / 2)."""
+    return torch.exp(exact_logits(q, k, kernel=kernel, scale=scale))
+
+
+def exact_attention(q, k, v, *, kernel: str = "softmax", causal: bool = False, scale: float | None = None,
+                    key_padding_mask=None) -> torch.Tensor:
+    """Exact kernel attention (softmax attention for kernel="softmax"), O(T^2), ``[B, T, H, Dv]``.
+    A query with no visible key gets 0."""
+    logits = exact_logits(q, k, kernel=kernel, scale=scale)
+    T = q.shape[1]
+    if causal:
+        future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
+        logits = logits.masked_fill(future, float("-inf"))
+    if key_padding_mask is not None:
+        logits = logits.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
+    w = torch.softmax(logits, dim=-1).nan_to_num(0.0)
+    return (w @ v.transpose(1, 2).to(w.dtype)).transpose(1, 2)

@@ -1,0 +1,85 @@
+"""Input validation shared by the functional API and the feature map: clear errors, never asserts."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .state import RFState
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _check_tensor(t, name: str, ndim: int, layout: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims {layout}, got shape {tuple(t.shape)}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def check_qk_pair(q, k) -> None:
+    _check_tensor(q, "q", 4, "[B, T, H, D]")
+    _check_tensor(k, "k", 4, "[B, T, H, D]")
+    if q.dtype != k.dtype:
+        raise TypeError(f"q and k must have the same dtype, got {q.dtype} and {k.dtype}")
+    if q.device != k.device:
+        raise ValueError(f"q and k must be on the same device, got {q.device} and {k.device}")
+    if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head dim")
+
+
+def resolve_scale(scale, head_dim: int) -> float:
+    if scale is None:
+        return 1.0 / math.sqrt(head_dim) if head_dim > 0 else 1.0
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be positive and finite, got {scale}")
+    return float(scale)
+
+
+def check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_dim: int):
+    """Validate q, k, v ``[B, T, H, D]`` / ``[B, T, H, Dv]``, the mask and the state.
+
+    Returns the state as an RFState (a 2-tuple (S, z) gets log_scale = 0), or None.
+    """
+    check_qk_pair(q, k)
+    _check_tensor(v, "v", 4, "[B, T, H, Dv]")
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"q and k must have the same sequence length, got {q.shape[1]} and {k.shape[1]}")
+    if v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"v {tuple(v.shape)} must match q {tuple(q.shape)} in batch, length and heads")
+    if v.device != q.device:
+        raise ValueError(f"v must be on the device of q ({q.device}), got {v.device}")
+    B, T, H, _ = q.shape
+    Dv = v.shape[-1]
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"key_padding_mask must be a bool tensor [B, T], got {type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be torch.bool (True = keep), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (B, T):
+            raise ValueError(f"key_padding_mask must have shape [B, T] = {(B, T)}, got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask must be on {q.device}, got {key_padding_mask.device}")
+    if initial_state is None:
+        return None
+    if not isinstance(initial_state, (tuple, list)) or len(initial_state) not in (2, 3):
+        raise TypeError("initial_state must be an RFState or a tuple (S, z) or (S, z, log_scale)")
+    S, z = initial_state[0], initial_state[1]
+    expect = {"S": (S, (B, H, feature_dim, Dv)), "z": (z, (B, H, feature_dim))}
+    if len(initial_state) == 3:
+        expect["log_scale"] = (initial_state[2], (B, H))
+    for name, (t, shape) in expect.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"initial_state.{name} must be a tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise ValueError(f"initial_state.{name} must have shape {shape} [B, H, F{', Dv' if name == 'S' else ''}], got {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"initial_state.{name} must be floating point, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"initial_state.{name} must be on {q.device}, got {t.device}")
+    m = initial_state[2] if len(initial_state) == 3 else torch.zeros(B, H, dtype=S.dtype, device=S.device)
+    return RFState(S, z, m)
