@@ -1,0 +1,68 @@
+"""Triton building blocks shared by the forward and backward kernels: the component switch.
+
+Features are tiled by FREQUENCY: a tile of BM rows of W gives one feature block for EXP components
+and two (plus/minus for HYP, cos/sin for TRIG) for the others, so W is loaded once per tile. Feature
+f of a width-2m map is frequency f mod m, half f // m (the layout of ``components.feature_logits``).
+
+Every exponent is computed in fp32; the projection uses full fp32 precision (``input_precision="ieee"``)
+because its result feeds ``exp``. Padded frequencies, padded rows and masked keys get exponent -inf, so
+they add nothing and never move a maximum.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import triton_interpreting
+
+INTERPRET = triton_interpreting()
+
+KIND_EXP: tl.constexpr = tl.constexpr(0)
+KIND_HYP: tl.constexpr = tl.constexpr(1)
+KIND_TRIG: tl.constexpr = tl.constexpr(2)
+
+
+@triton.jit
+def _transform(x, psi, root, c_t, c_o, QUERY: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr):
+    """x [BT, BD] raw input tile -> (x' [BT, BD], r [BT]) with x = sqrt(scale) q, x' = psi x (queries)
+    or x / psi (keys), r = c_t |x'|^2 + c_o |x|^2. psi [BD] (ignored unless HAS_PSI)."""
+    x = x.to(tl.float32) * root
+    if HAS_PSI:
+        if QUERY:
+            xt = x * psi[None, :]
+        else:
+            xt = x / psi[None, :]
+    else:
+        xt = x
+    r = c_t * tl.sum(xt * xt, axis=1)
+    if HAS_CO:
+        r += c_o * tl.sum(x * x, axis=1)
+    return xt, r
+
+
+@triton.jit
+def _feature_logits(xt, w, bias, freq, r, KIND: tl.constexpr):
+    """Exponents and multipliers of one frequency tile.
+
+    xt [BT, BD] fp32, w [BM, BD] fp32, bias [BM] (-inf on padded frequencies), freq scalar, r [BT].
+    Returns (u, ea, eb, ma, mb), all [BT, BM]: u = freq * x'.w, block a = (exp / plus / cos), block b =
+    (unused / minus / sin); phi = exp(e - shift) * m. For EXP and HYP the multipliers are 1.
+    """
+    u = tl.dot(xt, tl.trans(w), input_precision="ieee") * freq       # [BT, BD] @ [BD, BM] -> [BT, BM]
+    base = bias[None, :] + r[:, None]                                 # [BT, BM]
+    if KIND == 2:
+        ea = base
+        eb = base
+        ma = tl.cos(u)
+        mb = tl.sin(u)
+    elif KIND == 1:
+        ea = base + u
+        eb = base - u
+        ma = tl.full(u.shape, 1.0, tl.float32)
+        mb = ma
+    else:
+        ea = base + u
+        eb = ea
+        ma = tl.full(u.shape, 1.0, tl.float32)
+        mb = ma
+    return u, ea, eb, ma, mb
