@@ -69,14 +69,14 @@ def check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_dim
     if not isinstance(initial_state, (tuple, list)) or len(initial_state) not in (2, 3):
         raise TypeError("initial_state must be an RFState or a tuple (S, z) or (S, z, log_scale)")
     S, z = initial_state[0], initial_state[1]
-    expect = {"S": (S, (B, H, feature_dim, Dv)), "z": (z, (B, H, feature_dim))}
+    expect = {"S": (S, (B, H, feature_dim, Dv), "[B, H, F, Dv]"), "z": (z, (B, H, feature_dim), "[B, H, F]")}
     if len(initial_state) == 3:
-        expect["log_scale"] = (initial_state[2], (B, H))
-    for name, (t, shape) in expect.items():
+        expect["log_scale"] = (initial_state[2], (B, H), "[B, H]")
+    for name, (t, shape, layout) in expect.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"initial_state.{name} must be a tensor, got {type(t).__name__}")
         if tuple(t.shape) != shape:
-            raise ValueError(f"initial_state.{name} must have shape {shape} [B, H, F{', Dv' if name == 'S' else ''}], got {tuple(t.shape)}")
+            raise ValueError(f"initial_state.{name} must have shape {shape} {layout}, got {tuple(t.shape)}")
         if not t.dtype.is_floating_point:
             raise TypeError(f"initial_state.{name} must be floating point, got {t.dtype}")
         if t.device != q.device:
