@@ -2,20 +2,25 @@
 initial_state, output_final_state) -> (o, RFState | None)`` with the reference's semantics."""
 from __future__ import annotations
 
-import functools
 import importlib.util
 
 
-@functools.lru_cache(maxsize=None)
+# Decided once at import, without importing triton (kernel modules must be imported only after
+# TRITON_INTERPRET is set); a plain constant also keeps torch.compile from tracing a cache.
+_TRITON_SPEC = importlib.util.find_spec("triton") is not None
+
+
 def triton_importable() -> bool:
-    if importlib.util.find_spec("triton") is None:
-        return False
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception:
-        return False
-    return True
+    """True when the triton package is installed (the Triton backend can be imported)."""
+    return _TRITON_SPEC
+
+
+def autotune_enabled() -> bool:
+    """Kernels autotune on a GPU unless SPECTRAFORMER_FUSED_AUTOTUNE=0 (one fixed config: quicker
+    compilation, e.g. for test runs). Never under the interpreter, which cannot benchmark."""
+    import os
+
+    return os.environ.get("SPECTRAFORMER_FUSED_AUTOTUNE", "1") != "0" and not triton_interpreting()
 
 
 def triton_interpreting() -> bool:

@@ -1,0 +1,115 @@
+"""The Triton backend: ``rf_fwd`` / ``rf_bwd`` as ``torch.library`` custom ops joined by autograd.
+
+The ops are opaque to ``torch.compile`` (their fake implementations give the shapes), so a compiled
+model calls the kernels as they are. The forward saves its inputs, ``o``, the raw denominator and the
+stabilisers (``qmax [B, H, T]``, ``kstab`` one per chunk): O(T (D + Dv)) in all. The backward
+recomputes every feature from them instead of saving any ``[T, F]`` tensor.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from ..feature_map import FeatureParams
+from ..state import RFState
+from .triton_bwd import rf_bwd
+from .triton_fwd import default_chunk_size, rf_fwd
+
+def _feature_dim(kind: int, m: int) -> int:
+    return m if kind == 0 else 2 * m
+
+
+_FWD_OUT = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
+
+
+@torch.library.custom_op("spectraformer_fused::rf_fwd", mutates_args=())
+def _rf_fwd_op(q: Tensor, k: Tensor, v: Tensor, W: Tensor, bias: Tensor, freq: Tensor, psi: Optional[Tensor],
+               mask: Optional[Tensor], S0: Optional[Tensor], z0: Optional[Tensor], m0: Optional[Tensor],
+               kind: int, c_t: float, c_o: float, scale: float, causal: bool, chunk_size: int) -> _FWD_OUT:
+    """(o, den, qmax, kstab, S, z, m); the final state is always returned (it is O(F Dv) per head)."""
+    o, den, qmax, kstab, S, z, m, _ = rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, kind=kind, c_t=c_t,
+                                             c_o=c_o, scale=scale, causal=causal, output_final_state=True,
+                                             chunk_size=chunk_size)
+    return o, den, qmax, kstab, S, z, m
+
+
+@_rf_fwd_op.register_fake
+def _(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, kind, c_t, c_o, scale, causal, chunk_size):
+    B, T, H, _ = q.shape
+    Dv = v.shape[-1]
+    F = _feature_dim(kind, W.shape[1])
+    NK = triton.cdiv(T, chunk_size) if causal else 1
+    f32 = dict(dtype=torch.float32, device=q.device)
+    return (q.new_empty(B, T, H, Dv, dtype=v.dtype), q.new_empty(B, H, T, **f32), q.new_empty(B, H, T, **f32),
+            q.new_empty(B, H, NK, **f32), q.new_empty(B, H, F, Dv, **f32), q.new_empty(B, H, F, **f32),
+            q.new_empty(B, H, **f32))
+
+
+@torch.library.custom_op("spectraformer_fused::rf_bwd", mutates_args=())
+def _rf_bwd_op(do: Tensor, dS: Optional[Tensor], dz: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, W: Tensor,
+               bias: Tensor, freq: Tensor, psi: Optional[Tensor], mask: Optional[Tensor], S0: Optional[Tensor],
+               z0: Optional[Tensor], m0: Optional[Tensor], o: Tensor, den: Tensor, qmax: Tensor, kstab: Tensor,
+               kind: int, c_t: float, c_o: float, scale: float, causal: bool, chunk_size: int) -> _FWD_OUT:
+    """(dq, dk, dv, dW [H, m, D], dbias, dS0, dz0); dS0 and dz0 are empty without an initial state."""
+    dq, dk, dv, dW, dbias, dS0, dz0 = rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax,
+                                             kstab, kind=kind, c_t=c_t, c_o=c_o, scale=scale, causal=causal,
+                                             chunk_size=chunk_size)
+    if dS0 is None:
+        dS0, dz0 = q.new_zeros(0, dtype=torch.float32), q.new_zeros(0, dtype=torch.float32)
+    return dq, dk, dv, dW, dbias, dS0, dz0
+
+
+@_rf_bwd_op.register_fake
+def _(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab, kind, c_t, c_o, scale,
+      causal, chunk_size):
+    f32 = dict(dtype=torch.float32, device=q.device)
+    ds0 = q.new_empty(S0.shape, **f32) if S0 is not None else q.new_empty(0, **f32)
+    dz0 = q.new_empty(z0.shape, **f32) if z0 is not None else q.new_empty(0, **f32)
+    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), q.new_empty(W.shape, **f32),
+            q.new_empty(bias.shape, **f32), ds0, dz0)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, W, bias, freq, psi, mask, S0, z0, m0, kind, c_t, c_o, scale, causal, chunk_size = inputs
+    o, den, qmax, kstab = output[:4]
+    # Saved: inputs, o and the stabilisers; the features are recomputed in the backward.
+    ctx.save_for_backward(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab)
+    ctx.meta = (kind, c_t, c_o, scale, causal, chunk_size)
+    ctx.has_s0 = S0 is not None
+
+
+def _backward(ctx, do, dden, dqmax, dkstab, dS, dz, dm):
+    q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab = ctx.saved_tensors
+    if do is None:
+        do = torch.zeros_like(o)
+    dq, dk, dv, dW, dbias, dS0, dz0 = torch.ops.spectraformer_fused.rf_bwd(
+        do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab, *ctx.meta)
+    if not ctx.has_s0:
+        dS0 = dz0 = None
+    return dq, dk, dv, dW, dbias, None, None, None, dS0, dz0, None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("spectraformer_fused::rf_fwd", _backward, setup_context=_setup_context)
+
+
+def triton_attention(q: Tensor, k: Tensor, v: Tensor, params: FeatureParams, *, causal: bool,
+                     key_padding_mask: Optional[Tensor], initial_state: Optional[RFState], output_final_state: bool):
+    """Random-feature attention with the Triton kernels; the reference's semantics and signature.
+
+    Returns ``(o [B, T, H, Dv] in v's dtype, RFState (fp32) or None)``. Differentiable in q, k, v,
+    W, bias and the initial state's S and z.
+    """
+    if initial_state is not None:
+        S0, z0, m0 = (t.float().contiguous() for t in initial_state)
+    else:
+        S0 = z0 = m0 = None
+    psi = None if params.psi is None else params.psi.float().contiguous()
+    mask = None if key_padding_mask is None else key_padding_mask.contiguous()
+    o, _, _, _, S, z, m = torch.ops.spectraformer_fused.rf_fwd(
+        q.contiguous(), k.contiguous(), v.contiguous(), params.W.float(), params.bias.float().contiguous(),
+        params.freq.float().contiguous(), psi, mask, S0, z0, m0, int(params.kind), float(params.c_t),
+        float(params.c_o), float(params.scale), bool(causal), default_chunk_size(q.shape[1]))
+    return o, (RFState(S, z, m) if output_final_state else None)

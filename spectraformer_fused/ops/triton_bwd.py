@@ -1,0 +1,457 @@
+"""Triton backward of random-feature attention.
+
+The forward saves only its inputs, the output ``o``, the raw denominator ``den``, the query stabilisers
+``qmax [B, H, T]`` and the key stabilisers ``kstab`` (one per chunk); every feature is recomputed here,
+so no ``[T, F]`` tensor is ever stored or allocated.
+
+With ``g_t = dL/do_t``, ``den_s = max(|den_t|, eps)``, ``a_t = g_t / den_s`` and
+``beta_t = -(g_t . o_t) sign(den_t) / den_s`` (0 where the floor is active):
+
+    dphiq_t = S_t a_t + z_t beta_t                    (S_t, z_t: the state after key t, causal; all keys otherwise)
+    dphik_j = dS_j v_j + dz_j,  dS_j = sum_{t >= j} phiq_t a_t^T,  dz_j = sum_{t >= j} phiq_t beta_t
+    dv_j    = dS_j^T phik_j
+
+Key features and the carried state of chunk c are relative to the key stabiliser ``kstab_c``; the
+carried ``dS``/``dz`` of chunk c are relative to the same constant, so moving from chunk c + 1 to c
+multiplies them by ``exp(kstab_c - kstab_{c+1}) <= 1``. Gradients of the returned final state seed
+``dS``/``dz`` before the last chunk; ``dS0 = dS * exp(m0 - kstab_0)`` after the first.
+
+Two kernels, both tiled by frequency (a tile of BM rows of W gives one or two feature blocks) and
+holding the full head dims in registers:
+
+* ``_rf_bwd_dq_kernel`` walks the chunks forward, rebuilding the state, and produces the query
+  gradient of its frequency tile;
+* ``_rf_bwd_dkv_kernel`` walks the chunks backward with ``dS``/``dz`` and produces the key and value
+  gradients of its tile and the gradient of the initial state.
+
+The input gradients of each frequency tile, and W's and the bias' gradients of each (batch, head), are
+fp32 partials summed on the host: deterministic, no atomics.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from . import autotune_enabled
+from .triton_common import _feature_logits, _transform
+
+DEN_EPS = 1e-30
+
+
+def _configs():
+    if not autotune_enabled():
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    return [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)]
+
+
+_KEY = ["BT", "BM", "BD", "BV", "KIND", "CAUSAL"]
+
+
+@triton.jit
+def _phi(xt, r, w, bias, freq, shift, KIND: tl.constexpr):
+    """Features of one frequency tile relative to ``shift`` (broadcastable to [BT, BM]): (pa, pb) [BT, BM]."""
+    u, ea, eb, ma, mb = _feature_logits(xt, w, bias, freq, r, KIND)
+    pa = tl.exp(ea - shift) * ma
+    pb = tl.exp(eb - shift) * mb
+    return pa, pb
+
+
+@triton.jit
+def _phi_grad(dpa, dpb, pa, pb, KIND: tl.constexpr):
+    """Feature gradients -> (de, du) [BT, BM]: de the gradient of the common exponent part
+    (bias + r, summed over both blocks), du the gradient of u = freq * w . x'."""
+    if KIND == 2:
+        de = dpa * pa + dpb * pb
+        du = dpb * pa - dpa * pb
+    elif KIND == 1:
+        dea = dpa * pa
+        deb = dpb * pb
+        de = dea + deb
+        du = dea - deb
+    else:
+        de = dpa * pa
+        du = de
+    return de, du
+
+
+@triton.jit
+def _input_grad(de, du, xt, raw, w, psi, freq, root, c_t, c_o,
+                QUERY: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr):
+    """(de, du) [BT, BM] -> this tile's part of dL/d(input) [BT, BD] (through x' and x = root * raw)."""
+    dr = tl.sum(de, axis=1)                                                  # [BT]
+    dxt = tl.dot(du, w, input_precision="ieee") * freq                      # [BT, BM] @ [BM, BD] -> [BT, BD]
+    dxt += (2.0 * c_t) * xt * dr[:, None]
+    if HAS_PSI:
+        if QUERY:
+            dx = dxt * psi[None, :]
+        else:
+            dx = dxt / psi[None, :]
+    else:
+        dx = dxt
+    if HAS_CO:
+        dx += (2.0 * c_o * root) * raw.to(tl.float32) * dr[:, None]
+    return dx * root
+
+
+@triton.autotune(configs=_configs(), key=_KEY)
+@triton.jit(do_not_specialize=["T"])
+def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, qmax, kstab, da, dbeta,
+                      dq, dw, db, T, H, M, D, DV, stride_wh, root, c_t, c_o,
+                      KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
+                      HAS_MASK: tl.constexpr, HAS_S0: tl.constexpr,
+                      BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
+    i_m = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NC = tl.cdiv(T, BT)
+    F = M if KIND == 0 else 2 * M
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < M
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_v = tl.arange(0, BV)
+    m_v = o_v < DV
+    o_c = tl.arange(0, BT)
+    part = i_m * T * tl.num_programs(1)                     # start of this tile's partial [B, T, H, D]
+
+    b_w = tl.load(w + i_h * stride_wh + o_m[:, None] * D + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
+    b_bias = tl.load(bias + i_bh * M + o_m, mask=m_m, other=float("-inf"))
+    b_freq = tl.load(freq + i_bh)
+    if HAS_PSI:
+        b_psi = tl.load(psi + i_bh * D + o_d, mask=m_d, other=1.0)
+    else:
+        b_psi = tl.full([BD], 1.0, tl.float32)
+    if CAUSAL:
+        NK = NC
+    else:
+        NK = 1
+    b_ks0 = tl.load(kstab + i_bh * NK)
+
+    # carried state of this tile, relative to the current key stabiliser: [BM, BV] and [BM]
+    b_sa = tl.zeros([BM, BV], dtype=tl.float32)
+    b_sb = tl.zeros([BM, BV], dtype=tl.float32)
+    b_za = tl.zeros([BM], dtype=tl.float32)
+    b_zb = tl.zeros([BM], dtype=tl.float32)
+    if HAS_S0:
+        b_alpha = tl.exp(tl.load(m0 + i_bh) - b_ks0)
+        m_sv = m_m[:, None] & m_v[None, :]
+        p_s0 = s0 + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
+        b_sa = tl.load(p_s0, mask=m_sv, other=0.0) * b_alpha
+        b_za = tl.load(z0 + i_bh * F + o_m, mask=m_m, other=0.0) * b_alpha
+        if KIND != 0:
+            b_sb = tl.load(p_s0 + M * DV, mask=m_sv, other=0.0) * b_alpha
+            b_zb = tl.load(z0 + i_bh * F + M + o_m, mask=m_m, other=0.0) * b_alpha
+
+    b_dw = tl.zeros([BM, BD], dtype=tl.float32)
+    b_db = tl.zeros([BM], dtype=tl.float32)
+    b_kprev = b_ks0
+    if not CAUSAL:
+        # non-causal: the state of all keys first
+        for c in range(0, NC):
+            o_t = c * BT + o_c
+            m_t = o_t < T
+            b_k = tl.load(k + ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :],
+                          mask=m_t[:, None] & m_d[None, :], other=0.0)
+            b_v = tl.load(v + ((i_b * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :],
+                          mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
+            kt, kr = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
+            keep = m_t
+            if HAS_MASK:
+                keep = keep & (tl.load(mask + i_b * T + o_t, mask=m_t, other=0) != 0)
+            kr = tl.where(keep, kr, float("-inf"))
+            ka, kb = _phi(kt, kr, b_w, b_bias, b_freq, b_ks0, KIND)
+            b_sa += tl.dot(tl.trans(ka), b_v, input_precision="ieee")      # [BM, BT] @ [BT, BV] -> [BM, BV]
+            b_za += tl.sum(ka, axis=0)
+            if KIND != 0:
+                b_sb += tl.dot(tl.trans(kb), b_v, input_precision="ieee")
+                b_zb += tl.sum(kb, axis=0)
+    for c in range(0, NC):
+        o_t = c * BT + o_c
+        m_t = o_t < T
+        p_tk = ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
+        m_tk = m_t[:, None] & m_d[None, :]
+        p_tv = ((i_b * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_a = tl.load(da + p_tv, mask=m_tv, other=0.0)                              # [BT, BV]
+        b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0)             # [BT]
+        if CAUSAL:
+            b_ks = tl.load(kstab + i_bh * NK + c)
+            b_rescale = tl.exp(b_kprev - b_ks)
+            b_kprev = b_ks
+            b_sa *= b_rescale
+            b_za *= b_rescale
+            b_sb *= b_rescale
+            b_zb *= b_rescale
+            b_k = tl.load(k + p_tk, mask=m_tk, other=0.0)
+            b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+            kt, kr = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
+            keep = m_t
+            if HAS_MASK:
+                keep = keep & (tl.load(mask + i_b * T + o_t, mask=m_t, other=0) != 0)
+            kr = tl.where(keep, kr, float("-inf"))
+            ka, kb = _phi(kt, kr, b_w, b_bias, b_freq, b_ks, KIND)
+            # P[t, j] = a_t . v_j + beta_t for keys j <= t of this chunk
+            b_p = tl.dot(b_a, tl.trans(b_v), input_precision="ieee") + b_beta[:, None]   # [BT, BV] @ [BV, BT]
+            b_p = tl.where(o_t[:, None] >= o_t[None, :], b_p, 0.0)
+            dqa = tl.dot(b_p, ka, input_precision="ieee")                                 # [BT, BT] @ [BT, BM]
+            if KIND != 0:
+                dqb = tl.dot(b_p, kb, input_precision="ieee")
+        else:
+            dqa = tl.zeros([BT, BM], dtype=tl.float32)
+            dqb = tl.zeros([BT, BM], dtype=tl.float32)
+        dqa += tl.dot(b_a, tl.trans(b_sa), input_precision="ieee") + b_beta[:, None] * b_za[None, :]
+        if KIND != 0:
+            dqb += tl.dot(b_a, tl.trans(b_sb), input_precision="ieee") + b_beta[:, None] * b_zb[None, :]
+        else:
+            dqb = dqa
+
+        b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
+        qt, qr = _transform(b_q, b_psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
+        b_qm = tl.load(qmax + i_bh * T + o_t, mask=m_t, other=0.0)
+        qa, qb = _phi(qt, qr, b_w, b_bias, b_freq, b_qm[:, None], KIND)
+        de, du = _phi_grad(dqa, dqb, qa, qb, KIND)
+        b_db += tl.sum(de, axis=0)
+        b_dw += tl.dot(tl.trans(du), qt, input_precision="ieee") * b_freq               # [BM, BT] @ [BT, BD]
+        b_dq = _input_grad(de, du, qt, b_q, b_w, b_psi, b_freq, root, c_t, c_o, True, HAS_PSI, HAS_CO)
+        tl.store(dq + part * D + p_tk, b_dq, mask=m_tk)
+
+        if CAUSAL:
+            b_sa += tl.dot(tl.trans(ka), b_v, input_precision="ieee")
+            b_za += tl.sum(ka, axis=0)
+            if KIND != 0:
+                b_sb += tl.dot(tl.trans(kb), b_v, input_precision="ieee")
+                b_zb += tl.sum(kb, axis=0)
+
+    tl.store(dw + (i_bh * M + o_m[:, None]) * D + o_d[None, :], b_dw, mask=m_m[:, None] & m_d[None, :])
+    tl.store(db + i_bh * M + o_m, b_db, mask=m_m)
+
+
+@triton.autotune(configs=_configs(), key=_KEY)
+@triton.jit(do_not_specialize=["T"])
+def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, dbeta, dsf, dzf,
+                       dk, dv, dw, db, ds0, dz0, T, H, M, D, DV, stride_wh, root, c_t, c_o,
+                       KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
+                       HAS_MASK: tl.constexpr, HAS_S0: tl.constexpr, HAS_DSF: tl.constexpr,
+                       BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
+    i_m = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NC = tl.cdiv(T, BT)
+    F = M if KIND == 0 else 2 * M
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < M
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_v = tl.arange(0, BV)
+    m_v = o_v < DV
+    o_c = tl.arange(0, BT)
+    m_sv = m_m[:, None] & m_v[None, :]
+    part = i_m * T * tl.num_programs(1)                     # start of this tile's partial [B, T, H, .]
+
+    b_w = tl.load(w + i_h * stride_wh + o_m[:, None] * D + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
+    b_bias = tl.load(bias + i_bh * M + o_m, mask=m_m, other=float("-inf"))
+    b_freq = tl.load(freq + i_bh)
+    if HAS_PSI:
+        b_psi = tl.load(psi + i_bh * D + o_d, mask=m_d, other=1.0)
+    else:
+        b_psi = tl.full([BD], 1.0, tl.float32)
+    if CAUSAL:
+        NK = NC
+    else:
+        NK = 1
+
+    # carried dS, dz of this tile, relative to the current key stabiliser: [BM, BV] and [BM]
+    b_dsa = tl.zeros([BM, BV], dtype=tl.float32)
+    b_dsb = tl.zeros([BM, BV], dtype=tl.float32)
+    b_dza = tl.zeros([BM], dtype=tl.float32)
+    b_dzb = tl.zeros([BM], dtype=tl.float32)
+    if HAS_DSF:
+        p_sf = dsf + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
+        b_dsa = tl.load(p_sf, mask=m_sv, other=0.0)
+        b_dza = tl.load(dzf + i_bh * F + o_m, mask=m_m, other=0.0)
+        if KIND != 0:
+            b_dsb = tl.load(p_sf + M * DV, mask=m_sv, other=0.0)
+            b_dzb = tl.load(dzf + i_bh * F + M + o_m, mask=m_m, other=0.0)
+
+    if not CAUSAL:
+        # non-causal: dS, dz of all queries first
+        for c in range(0, NC):
+            o_t = c * BT + o_c
+            m_t = o_t < T
+            b_q = tl.load(q + ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :],
+                          mask=m_t[:, None] & m_d[None, :], other=0.0)
+            b_a = tl.load(da + ((i_b * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :],
+                          mask=m_t[:, None] & m_v[None, :], other=0.0)
+            b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0)
+            b_qm = tl.load(qmax + i_bh * T + o_t, mask=m_t, other=0.0)
+            qt, qr = _transform(b_q, b_psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
+            qa, qb = _phi(qt, qr, b_w, b_bias, b_freq, b_qm[:, None], KIND)
+            b_dsa += tl.dot(tl.trans(qa), b_a, input_precision="ieee")     # [BM, BT] @ [BT, BV] -> [BM, BV]
+            b_dza += tl.sum(qa * b_beta[:, None], axis=0)
+            if KIND != 0:
+                b_dsb += tl.dot(tl.trans(qb), b_a, input_precision="ieee")
+                b_dzb += tl.sum(qb * b_beta[:, None], axis=0)
+
+    b_dw = tl.zeros([BM, BD], dtype=tl.float32)
+    b_db = tl.zeros([BM], dtype=tl.float32)
+    b_knext = tl.load(kstab + i_bh * NK + NK - 1)
+    for i in range(0, NC):
+        c = NC - 1 - i
+        o_t = c * BT + o_c
+        m_t = o_t < T
+        p_tk = ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
+        m_tk = m_t[:, None] & m_d[None, :]
+        p_tv = ((i_b * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        if CAUSAL:
+            b_ks = tl.load(kstab + i_bh * NK + c)
+            b_rescale = tl.exp(b_ks - b_knext)
+            b_knext = b_ks
+            b_dsa *= b_rescale
+            b_dza *= b_rescale
+            b_dsb *= b_rescale
+            b_dzb *= b_rescale
+        else:
+            b_ks = b_knext
+        b_k = tl.load(k + p_tk, mask=m_tk, other=0.0)
+        b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        kt, kr = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
+        keep = m_t
+        if HAS_MASK:
+            keep = keep & (tl.load(mask + i_b * T + o_t, mask=m_t, other=0) != 0)
+        kr = tl.where(keep, kr, float("-inf"))
+        ka, kb = _phi(kt, kr, b_w, b_bias, b_freq, b_ks, KIND)
+
+        # carried part: dphik_j = dS v_j + dz, dv_j = dS^T phik_j
+        dka = tl.dot(b_v, tl.trans(b_dsa), input_precision="ieee") + b_dza[None, :]     # [BT, BV] @ [BV, BM]
+        b_dv = tl.dot(ka, b_dsa, input_precision="ieee")                                 # [BT, BM] @ [BM, BV]
+        if KIND != 0:
+            dkb = tl.dot(b_v, tl.trans(b_dsb), input_precision="ieee") + b_dzb[None, :]
+            b_dv += tl.dot(kb, b_dsb, input_precision="ieee")
+        else:
+            dkb = dka
+        if CAUSAL:
+            b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
+            b_a = tl.load(da + p_tv, mask=m_tv, other=0.0)
+            b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0)
+            b_qm = tl.load(qmax + i_bh * T + o_t, mask=m_t, other=0.0)
+            qt, qr = _transform(b_q, b_psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
+            qa, qb = _phi(qt, qr, b_w, b_bias, b_freq, b_qm[:, None], KIND)
+            causal = o_t[:, None] <= o_t[None, :]                                          # key j (row) <= query t
+            # P^T[j, t] = a_t . v_j + beta_t
+            b_pt = tl.dot(b_v, tl.trans(b_a), input_precision="ieee") + b_beta[None, :]   # [BT, BV] @ [BV, BT]
+            b_pt = tl.where(causal, b_pt, 0.0)
+            # A^T[j, t] = phik_j . phiq_t
+            b_at = tl.dot(ka, tl.trans(qa), input_precision="ieee")                        # [BT, BM] @ [BM, BT]
+            dka += tl.dot(b_pt, qa, input_precision="ieee")                                # [BT, BT] @ [BT, BM]
+            if KIND != 0:
+                b_at += tl.dot(kb, tl.trans(qb), input_precision="ieee")
+                dkb += tl.dot(b_pt, qb, input_precision="ieee")
+            else:
+                dkb = dka
+            b_at = tl.where(causal, b_at, 0.0)
+            b_dv += tl.dot(b_at, b_a, input_precision="ieee")                              # [BT, BT] @ [BT, BV]
+        tl.store(dv + part * DV + p_tv, b_dv, mask=m_tv)
+
+        de, du = _phi_grad(dka, dkb, ka, kb, KIND)
+        b_db += tl.sum(de, axis=0)
+        b_dw += tl.dot(tl.trans(du), kt, input_precision="ieee") * b_freq                # [BM, BT] @ [BT, BD]
+        b_dk = _input_grad(de, du, kt, b_k, b_w, b_psi, b_freq, root, c_t, c_o, False, HAS_PSI, HAS_CO)
+        tl.store(dk + part * D + p_tk, b_dk, mask=m_tk)
+
+        if CAUSAL:
+            b_dsa += tl.dot(tl.trans(qa), b_a, input_precision="ieee")
+            b_dza += tl.sum(qa * b_beta[:, None], axis=0)
+            if KIND != 0:
+                b_dsb += tl.dot(tl.trans(qb), b_a, input_precision="ieee")
+                b_dzb += tl.sum(qb * b_beta[:, None], axis=0)
+
+    tl.store(dw + (i_bh * M + o_m[:, None]) * D + o_d[None, :], b_dw, mask=m_m[:, None] & m_d[None, :])
+    tl.store(db + i_bh * M + o_m, b_db, mask=m_m)
+    if HAS_S0:
+        b_alpha = tl.exp(tl.load(m0 + i_bh) - b_knext)
+        p_s0 = ds0 + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
+        tl.store(p_s0, b_dsa * b_alpha, mask=m_sv)
+        tl.store(dz0 + i_bh * F + o_m, b_dza * b_alpha, mask=m_m)
+        if KIND != 0:
+            tl.store(p_s0 + M * DV, b_dsb * b_alpha, mask=m_sv)
+            tl.store(dz0 + i_bh * F + M + o_m, b_dzb * b_alpha, mask=m_m)
+
+
+def _pow2(n: int) -> int:
+    return max(16, triton.next_power_of_2(n))
+
+
+def rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab, *, kind: int,
+           c_t: float, c_o: float, scale: float, causal: bool, chunk_size: int):
+    """Gradients of random-feature attention from the saved forward statistics.
+
+    ``do [B, T, H, Dv]``; ``dS [B, H, F, Dv]`` and ``dz [B, H, F]`` the gradients of the final state (or
+    None). The other arguments are ``rf_fwd``'s inputs and its outputs ``o, den, qmax, kstab``, and the
+    ``chunk_size`` it used. Returns ``(dq, dk, dv, dW [H, m, D] fp32, dbias [B, H, m] fp32, dS0, dz0)``;
+    dS0, dz0 are None without an initial state.
+    """
+    B, T, H, D = q.shape
+    Dv = v.shape[-1]
+    M = W.shape[1]
+    F = M if kind == 0 else 2 * M
+    dev = q.device
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if W.stride(0) == 0:
+        W, stride_wh = W[:1].contiguous(), 0
+    else:
+        W, stride_wh = W.float().contiguous(), M * D
+    W = W.float()
+    bias, freq = bias.float().contiguous(), freq.float().contiguous()
+    psi = None if psi is None else psi.float().contiguous()
+
+    # a_t = g_t / den_s and beta_t = -(g_t . o_t) d|den_t|/dden_t / den_s: O(T Dv), like softmax's delta
+    den_abs = den.abs()
+    den_s = den_abs.clamp_min(DEN_EPS)                                          # [B, H, T]
+    sgn = torch.where(den_abs >= DEN_EPS, torch.sign(den), torch.zeros_like(den))
+    g = do.float()
+    a = (g / den_s.transpose(1, 2)[..., None]).contiguous()                     # [B, T, H, Dv]
+    beta = (-(g * o.float()).sum(-1).transpose(1, 2) * sgn / den_s).contiguous()   # [B, H, T]
+
+    BT = chunk_size
+    BM = min(64, _pow2(M))
+    BD, BV = _pow2(D), _pow2(Dv)
+    NM = triton.cdiv(M, BM)
+    grid = (NM, B * H)
+    has_s0 = S0 is not None
+    has_dsf = dS is not None or dz is not None
+    if has_s0:
+        S0, z0, m0 = S0.float().contiguous(), z0.float().contiguous(), m0.float().contiguous()
+    if has_dsf:
+        dS = torch.zeros(B, H, F, Dv, device=dev) if dS is None else dS.float().contiguous()
+        dz = torch.zeros(B, H, F, device=dev) if dz is None else dz.float().contiguous()
+    mask_arg = None if mask is None else mask.contiguous()
+    root = math.sqrt(scale)
+    flags = dict(KIND=kind, CAUSAL=bool(causal), HAS_PSI=psi is not None, HAS_CO=c_o != 0.0,
+                 HAS_MASK=mask is not None, HAS_S0=has_s0, BT=BT, BM=BM, BD=BD, BV=BV)
+
+    dq_part = torch.empty(NM, B, T, H, D, device=dev, dtype=torch.float32)
+    dk_part = torch.empty(NM, B, T, H, D, device=dev, dtype=torch.float32)
+    dv_part = torch.empty(NM, B, T, H, Dv, device=dev, dtype=torch.float32)
+    dw_part = torch.empty(2, B, H, M, D, device=dev, dtype=torch.float32)
+    db_part = torch.empty(2, B, H, M, device=dev, dtype=torch.float32)
+    dS0 = torch.empty(B, H, F, Dv, device=dev, dtype=torch.float32) if has_s0 else None
+    dz0 = torch.empty(B, H, F, device=dev, dtype=torch.float32) if has_s0 else None
+
+    _rf_bwd_dq_kernel[grid](q, k, v, W, bias, freq, psi, mask_arg, S0, z0, m0, qmax.contiguous(), kstab.contiguous(),
+                            a, beta, dq_part, dw_part[0], db_part[0], T, H, M, D, Dv, stride_wh, root, c_t, c_o,
+                            **flags)
+    _rf_bwd_dkv_kernel[grid](q, k, v, W, bias, freq, psi, mask_arg, m0, qmax.contiguous(), kstab.contiguous(),
+                             a, beta, dS, dz, dk_part, dv_part, dw_part[1], db_part[1], dS0, dz0,
+                             T, H, M, D, Dv, stride_wh, root, c_t, c_o, HAS_DSF=has_dsf, **flags)
+    dq = dq_part.sum(0).to(q.dtype)
+    dk = dk_part.sum(0).to(k.dtype)
+    dv = dv_part.sum(0).to(v.dtype)
+    dW = dw_part.sum((0, 1))
+    dbias = db_part.sum(0)
+    return dq, dk, dv, dW, dbias, dS0, dz0

@@ -1,0 +1,405 @@
+"""Fused Triton forward of random-feature attention.
+
+Two kernels, both tiled by chunks of BT tokens and by frequency tiles of BM rows of W:
+
+* ``_rf_stats_fwd_kernel`` (grid ``(B*H, NC)``): the stabilisers. Per chunk it computes every query row's
+  maximum feature exponent (``qmax``) and the chunk's maximum key exponent (masked keys excluded). The host
+  turns the chunk maxima into ``kstab`` (running max over chunks when causal, global max otherwise, both
+  combined with the initial state's ``m0``).
+* ``_rf_fwd_kernel`` (grid ``(B*H, NMT, NV)``, NMT frequency tiles, NV tiles of Dv): walks the chunks in
+  order keeping its state tiles S ``[BM, BV]`` and z ``[BM]`` (two of each for HYP/TRIG: blocks a and b)
+  in fp32 registers. Causal: per chunk the state is rescaled to the new stabiliser, then
+  ``num = tril(phi_q phi_k^T) v + phi_q S``, ``den = rowsum(tril(phi_q phi_k^T)) + phi_q z`` and
+  ``S += phi_k^T v``, ``z += colsum(phi_k)``. Non-causal: a first pass accumulates S, z over all chunks,
+  a second computes the outputs. With one frequency tile the kernel writes o directly; with several it
+  writes per-tile partial numerators and denominators, summed on the host.
+
+Features exist only as ``[BT, BM]`` register tiles. Every tensor this module allocates:
+  qmax ``[B, H, T]``, den ``[B, H, T]``, kmax / kstab ``[B, H, NC]``, o ``[B, T, H, Dv]``,
+  final S ``[B, H, F, Dv]``, z ``[B, H, F]``, m ``[B, H]``, copies of the small per-head parameters
+  (bias ``[B, H, m]``, freq ``[B, H]``, psi ``[B, H, D]``, S0, z0, m0) when not already fp32-contiguous,
+  and, only with NMT > 1 frequency tiles, partials ``[NMT, B, T, H, Dv]`` and ``[NMT, B, H, T]``.
+  None has a ``T x F`` shape: the largest T-sized ones scale with ``T * Dv * NMT`` (NMT = ceil(m / BM)).
+
+Precision: feature exponents, the stabilised features and every accumulator are fp32; the projection
+``x W^T`` always uses ``input_precision="ieee"`` because it feeds ``exp``. The feature/value products use
+ieee for fp32 inputs and tf32 for fp16/bf16 inputs: tf32 keeps fp32's exponent range, so features far
+below their stabiliser (down to ~1e-38) still count, which an fp16 cast (smallest normal 6e-5) would lose.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ..components import EXP
+from . import autotune_enabled, triton_interpreting
+from .triton_common import _feature_logits, _transform
+
+DEN_EPS = 1e-30
+MAX_BM = 64
+
+
+@triton.jit
+def _load_rows(x, i_b, i_h, o_t, m_t, o_d, m_d, s_b, s_t, s_h, s_d):
+    """[BT, BD] tile of a [B, T, H, D] tensor of any strides; zeros outside."""
+    p_x = x + i_b * s_b + i_h * s_h + o_t[:, None] * s_t + o_d[None, :] * s_d
+    return tl.load(p_x, mask=m_t[:, None] & m_d[None, :], other=0.0)
+
+
+@triton.jit
+def _keep_rows(mask, i_b, o_t, m_t, s_mb, s_mt, HAS_MASK: tl.constexpr):
+    """[BT] rows that are real tokens and, with a key padding mask, kept."""
+    keep = m_t
+    if HAS_MASK:
+        keep = keep & (tl.load(mask + i_b * s_mb + o_t * s_mt, mask=m_t, other=0) != 0)
+    return keep
+
+
+@triton.jit
+def _features(xt, r, w, bias, freq, shift, keep, KIND: tl.constexpr):
+    """Stabilised features (blocks a, b) of one frequency tile: phi = exp(e - shift) * mult, 0 on rows
+    not kept and on padded frequencies (their bias is -inf). shift broadcasts against [BT, BM]."""
+    _, ea, eb, ma, mb = _feature_logits(xt, w, bias, freq, r, KIND)
+    pa = tl.where(keep[:, None], tl.exp(ea - shift) * ma, 0.0)
+    pb = pa
+    if KIND != 0:
+        pb = tl.where(keep[:, None], tl.exp(eb - shift) * mb, 0.0)
+    return pa, pb
+
+
+@triton.jit(do_not_specialize=["T"])
+def _rf_stats_fwd_kernel(q, k, W, bias, freq, psi, mask, qmax, kmax,
+                         s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_wh, s_wm, s_wd, s_mb, s_mt,
+                         T, H, M, D, root, c_t, c_o,
+                         KIND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PSI: tl.constexpr,
+                         HAS_CO: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+    """qmax[b, h, t] = max_f e_q,f(t); kmax[b, h, c] = max over kept keys of chunk c and all f of e_k,f."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_c = tl.program_id(1).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NC = tl.cdiv(T, BT)
+    o_t = i_c * BT + tl.arange(0, BT)
+    m_t = o_t < T
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    if HAS_PSI:
+        b_psi = tl.load(psi + i_bh * D + o_d, mask=m_d, other=1.0)
+    else:
+        b_psi = tl.full([BD], 1.0, tl.float32)
+    b_freq = tl.load(freq + i_bh)
+    b_q = _load_rows(q, i_b, i_h, o_t, m_t, o_d, m_d, s_qb, s_qt, s_qh, s_qd)
+    b_k = _load_rows(k, i_b, i_h, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
+    b_xq, b_rq = _transform(b_q, b_psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
+    b_xk, b_rk = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
+    keep = _keep_rows(mask, i_b, o_t, m_t, s_mb, s_mt, HAS_MASK)
+    b_qmax = tl.full([BT], float("-inf"), tl.float32)
+    b_kmax = tl.full([BT], float("-inf"), tl.float32)
+    for i_m in range(0, tl.cdiv(M, BM)):
+        o_m = i_m * BM + tl.arange(0, BM)
+        m_m = o_m < M
+        b_w = tl.load(W + i_h * s_wh + o_m[:, None] * s_wm + o_d[None, :] * s_wd,
+                      mask=m_m[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+        b_bias = tl.load(bias + i_bh * M + o_m, mask=m_m, other=float("-inf"))
+        # [BT, BD] @ [BD, BM] -> [BT, BM] inside _feature_logits
+        _, b_ea, b_eb, _, _ = _feature_logits(b_xq, b_w, b_bias, b_freq, b_rq, KIND)
+        b_qmax = tl.maximum(b_qmax, tl.max(b_ea, axis=1))
+        if KIND == 1:
+            b_qmax = tl.maximum(b_qmax, tl.max(b_eb, axis=1))
+        _, b_ea, b_eb, _, _ = _feature_logits(b_xk, b_w, b_bias, b_freq, b_rk, KIND)
+        b_kmax = tl.maximum(b_kmax, tl.max(tl.where(keep[:, None], b_ea, float("-inf")), axis=1))
+        if KIND == 1:
+            b_kmax = tl.maximum(b_kmax, tl.max(tl.where(keep[:, None], b_eb, float("-inf")), axis=1))
+    tl.store(qmax + i_bh * T + o_t, b_qmax, mask=m_t)
+    tl.store(kmax + i_bh * NC + i_c, tl.max(b_kmax, axis=0))
+
+
+@triton.jit
+def _store_out(o, den, b_num, b_den, i_bh, i_b, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV, s_on, s_dn,
+               SPLIT: tl.constexpr):
+    """Write one chunk's output rows: o = num / max(|den|, eps), or the partials of frequency tile i_m."""
+    p_o = o + i_b * T * H * DV + o_t[:, None] * H * DV + i_h * DV + o_v[None, :]
+    if SPLIT:
+        tl.store(p_o + i_m * s_on, b_num, mask=m_t[:, None] & m_v[None, :])
+    else:
+        b_o = b_num / tl.maximum(tl.abs(b_den), 1e-30)[:, None]
+        tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+    if i_v == 0:
+        tl.store(den + i_m * s_dn + i_bh * T + o_t, b_den, mask=m_t)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o, den, S, z,
+                   s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
+                   s_wh, s_wm, s_wd, s_mb, s_mt, s_on, s_dn,
+                   T, H, M, D, DV, root, c_t, c_o,
+                   KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PSI: tl.constexpr,
+                   HAS_CO: tl.constexpr, HAS_INIT: tl.constexpr, STORE_STATE: tl.constexpr,
+                   SPLIT: tl.constexpr, PREC: tl.constexpr,
+                   BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr):
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_m = tl.program_id(1).to(tl.int64)
+    i_v = tl.program_id(2).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NC = tl.cdiv(T, BT)
+    if KIND == 0:
+        F = M
+    else:
+        F = 2 * M
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < M
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    o_i = tl.arange(0, BT)
+    if HAS_PSI:
+        b_psi = tl.load(psi + i_bh * D + o_d, mask=m_d, other=1.0)
+    else:
+        b_psi = tl.full([BD], 1.0, tl.float32)
+    b_freq = tl.load(freq + i_bh)
+    b_bias = tl.load(bias + i_bh * M + o_m, mask=m_m, other=float("-inf"))
+    p_w = W + i_h * s_wh + o_m[:, None] * s_wm + o_d[None, :] * s_wd
+    m_w = m_m[:, None] & m_d[None, :]
+    m_s = m_m[:, None] & m_v[None, :]
+
+    b_sa = tl.zeros([BM, BV], dtype=tl.float32)
+    b_sb = tl.zeros([BM, BV], dtype=tl.float32)
+    b_za = tl.zeros([BM], dtype=tl.float32)
+    b_zb = tl.zeros([BM], dtype=tl.float32)
+    if CAUSAL:
+        b_kfirst = tl.load(kstab + i_bh * NC)
+    else:
+        b_kfirst = tl.load(kstab + i_bh)
+    if HAS_INIT:
+        # The initial state is relative to exp(m0); move it to the first stabiliser (0 when m0 = -inf).
+        b_alpha = tl.exp(tl.load(m0 + i_bh) - b_kfirst)
+        p_s0 = S0 + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
+        p_z0 = z0 + i_bh * F + o_m
+        b_sa = tl.load(p_s0, mask=m_s, other=0.0) * b_alpha
+        b_za = tl.load(p_z0, mask=m_m, other=0.0) * b_alpha
+        if KIND != 0:
+            b_sb = tl.load(p_s0 + M * DV, mask=m_s, other=0.0) * b_alpha
+            b_zb = tl.load(p_z0 + M, mask=m_m, other=0.0) * b_alpha
+
+    if CAUSAL:
+        b_kprev = b_kfirst
+        for i_c in range(0, NC):
+            o_t = i_c * BT + o_i
+            m_t = o_t < T
+            b_kst = tl.load(kstab + i_bh * NC + i_c)
+            # The stabiliser never decreases while the state is non-empty; min() keeps the factor
+            # finite (the state is zero) when the previous chunks had no key.
+            b_alpha = tl.exp(tl.minimum(b_kprev - b_kst, 0.0))
+            b_sa *= b_alpha
+            b_za *= b_alpha
+            if KIND != 0:
+                b_sb *= b_alpha
+                b_zb *= b_alpha
+            b_w = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
+            keep = _keep_rows(mask, i_b, o_t, m_t, s_mb, s_mt, HAS_MASK)
+            b_k = _load_rows(k, i_b, i_h, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
+            b_xk, b_rk = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
+            b_pka, b_pkb = _features(b_xk, b_rk, b_w, b_bias, b_freq, b_kst, keep, KIND)
+            b_q = _load_rows(q, i_b, i_h, o_t, m_t, o_d, m_d, s_qb, s_qt, s_qh, s_qd)
+            b_xq, b_rq = _transform(b_q, b_psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
+            b_qmax = tl.load(qmax + i_bh * T + o_t, mask=m_t, other=0.0)
+            b_pqa, b_pqb = _features(b_xq, b_rq, b_w, b_bias, b_freq, b_qmax[:, None], m_t, KIND)
+            b_v = _load_rows(v, i_b, i_h, o_t, m_t, o_v, m_v, s_vb, s_vt, s_vh, s_vd).to(tl.float32)
+            # [BT, BM] @ [BM, BT] -> [BT, BT]: query t, key j of this chunk
+            b_s = tl.dot(b_pqa, tl.trans(b_pka), input_precision=PREC)
+            # [BT, BM] @ [BM, BV] -> [BT, BV]: earlier chunks
+            b_num = tl.dot(b_pqa, b_sa, input_precision=PREC)
+            b_den = tl.sum(b_pqa * b_za[None, :], axis=1)
+            if KIND != 0:
+                b_s += tl.dot(b_pqb, tl.trans(b_pkb), input_precision=PREC)
+                b_num += tl.dot(b_pqb, b_sb, input_precision=PREC)
+                b_den += tl.sum(b_pqb * b_zb[None, :], axis=1)
+            b_s = tl.where(o_i[:, None] >= o_i[None, :], b_s, 0.0)
+            # [BT, BT] @ [BT, BV] -> [BT, BV]
+            b_num += tl.dot(b_s, b_v, input_precision=PREC)
+            b_den += tl.sum(b_s, axis=1)
+            _store_out(o, den, b_num, b_den, i_bh, i_b, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV,
+                       s_on, s_dn, SPLIT)
+            # [BM, BT] @ [BT, BV] -> [BM, BV]
+            b_sa += tl.dot(tl.trans(b_pka), b_v, input_precision=PREC)
+            b_za += tl.sum(b_pka, axis=0)
+            if KIND != 0:
+                b_sb += tl.dot(tl.trans(b_pkb), b_v, input_precision=PREC)
+                b_zb += tl.sum(b_pkb, axis=0)
+            b_kprev = b_kst
+    else:
+        b_kst = b_kfirst
+        for i_c in range(0, NC):
+            o_t = i_c * BT + o_i
+            m_t = o_t < T
+            b_w = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
+            keep = _keep_rows(mask, i_b, o_t, m_t, s_mb, s_mt, HAS_MASK)
+            b_k = _load_rows(k, i_b, i_h, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
+            b_xk, b_rk = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
+            b_pka, b_pkb = _features(b_xk, b_rk, b_w, b_bias, b_freq, b_kst, keep, KIND)
+            b_v = _load_rows(v, i_b, i_h, o_t, m_t, o_v, m_v, s_vb, s_vt, s_vh, s_vd).to(tl.float32)
+            # [BM, BT] @ [BT, BV] -> [BM, BV]
+            b_sa += tl.dot(tl.trans(b_pka), b_v, input_precision=PREC)
+            b_za += tl.sum(b_pka, axis=0)
+            if KIND != 0:
+                b_sb += tl.dot(tl.trans(b_pkb), b_v, input_precision=PREC)
+                b_zb += tl.sum(b_pkb, axis=0)
+        for i_c in range(0, NC):
+            o_t = i_c * BT + o_i
+            m_t = o_t < T
+            b_w = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
+            b_q = _load_rows(q, i_b, i_h, o_t, m_t, o_d, m_d, s_qb, s_qt, s_qh, s_qd)
+            b_xq, b_rq = _transform(b_q, b_psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
+            b_qmax = tl.load(qmax + i_bh * T + o_t, mask=m_t, other=0.0)
+            b_pqa, b_pqb = _features(b_xq, b_rq, b_w, b_bias, b_freq, b_qmax[:, None], m_t, KIND)
+            # [BT, BM] @ [BM, BV] -> [BT, BV]
+            b_num = tl.dot(b_pqa, b_sa, input_precision=PREC)
+            b_den = tl.sum(b_pqa * b_za[None, :], axis=1)
+            if KIND != 0:
+                b_num += tl.dot(b_pqb, b_sb, input_precision=PREC)
+                b_den += tl.sum(b_pqb * b_zb[None, :], axis=1)
+            _store_out(o, den, b_num, b_den, i_bh, i_b, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV,
+                       s_on, s_dn, SPLIT)
+
+    if STORE_STATE:
+        # S, z relative to the last stabiliser = the final running max (or all zero when it is -inf).
+        p_s = S + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
+        p_z = z + i_bh * F + o_m
+        tl.store(p_s, b_sa, mask=m_s)
+        if KIND != 0:
+            tl.store(p_s + M * DV, b_sb, mask=m_s)
+        if i_v == 0:
+            tl.store(p_z, b_za, mask=m_m)
+            if KIND != 0:
+                tl.store(p_z + M, b_zb, mask=m_m)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+_FWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=w) for bv in (32, 64) for w in (4, 8)]
+
+
+def _prune_fwd_configs(configs, named_args, **kwargs):
+    """Drop value tiles wider than Dv needs (one tile of 32 covers Dv <= 32)."""
+    width = max(32, _next_pow2(named_args["DV"]))
+    return [c for c in configs if c.kwargs["BV"] <= width]
+
+
+_rf_fwd_kernel_tuned = (None if not autotune_enabled() else
+                        triton.autotune(_FWD_CONFIGS, key=["D", "DV", "M", "KIND", "CAUSAL", "PREC"],
+                                        prune_configs_by={"early_config_prune": _prune_fwd_configs})(_rf_fwd_kernel))
+
+
+def default_chunk_size(T: int, interpreting: bool | None = None) -> int:
+    """The chunk size of the forward (and of the backward, which reuses it): 64 tokens on a GPU, 32 under
+    the interpreter (fewer, cheaper steps; still several chunks for test sequences); smaller when the
+    whole sequence fits in fewer tokens (at least 16, the smallest tile tl.dot accepts)."""
+    interpreting = triton_interpreting() if interpreting is None else interpreting
+    cap = 32 if interpreting else 64
+    return max(16, min(cap, _next_pow2(T)))
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float32).contiguous()
+
+
+def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: float, c_o: float, scale: float,
+           causal: bool, output_final_state: bool, chunk_size: int | None = None):
+    """Fused forward. q, k ``[B, T, H, D]`` (fp16/bf16/fp32, any strides), v ``[B, T, H, Dv]``,
+    W ``[H, m, D]`` (stride(0) may be 0), bias ``[B, H, m]``, freq ``[B, H]``, psi ``[B, H, D]`` or None,
+    mask ``[B, T]`` bool or None, S0 ``[B, H, F, Dv]`` / z0 ``[B, H, F]`` / m0 ``[B, H]`` or all None.
+
+    Returns ``(o, den, qmax, kstab, S, z, m, chunk_size)``: o ``[B, T, H, Dv]`` in v's dtype; den and
+    qmax ``[B, H, T]``; kstab ``[B, H, NC]`` (causal) or ``[B, H, 1]``; the final state S ``[B, H, F, Dv]``,
+    z ``[B, H, F]``, m ``[B, H]`` (divided by exp(m)) or three Nones; the chunk size used.
+    """
+    B, T, H, D = q.shape
+    Dv = v.shape[-1]
+    M = W.shape[1]
+    F = M if kind == EXP else 2 * M
+    interpreting = triton_interpreting()
+    BT = int(chunk_size) if chunk_size is not None else default_chunk_size(T, interpreting)
+    if BT < 16 or BT & (BT - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16, got {BT}")
+    NC = triton.cdiv(T, BT)
+    BD = max(16, _next_pow2(D))
+    BM = max(16, min(MAX_BM, _next_pow2(M)))
+    NMT = triton.cdiv(M, BM)
+    dev = q.device
+
+    bias, freq = _f32(bias), _f32(freq)
+    psi = None if psi is None else _f32(psi)
+    has_init = S0 is not None
+    if has_init:
+        S0, z0, m0 = _f32(S0), _f32(z0), _f32(m0)
+    mask_u8 = None if mask is None else mask.view(torch.uint8)
+    root = math.sqrt(scale)
+    has_co = c_o != 0.0
+    dummy = bias
+
+    qmax = torch.empty(B, H, T, dtype=torch.float32, device=dev)
+    kmax = torch.empty(B, H, NC, dtype=torch.float32, device=dev)
+    s_mb, s_mt = (0, 0) if mask is None else mask.stride()
+    _rf_stats_fwd_kernel[(B * H, NC)](
+        q, k, W, bias, freq, psi if psi is not None else dummy, mask_u8 if mask is not None else dummy, qmax, kmax,
+        *q.stride(), *k.stride(), *W.stride(), s_mb, s_mt,
+        T, H, M, D, root, c_t, c_o,
+        KIND=kind, HAS_MASK=mask is not None, HAS_PSI=psi is not None, HAS_CO=has_co,
+        BT=BT, BD=BD, BM=BM, num_warps=4)
+
+    m_init = m0 if has_init else torch.full((B, H), float("-inf"), dtype=torch.float32, device=dev)
+    if causal:
+        run = torch.maximum(torch.cummax(kmax, dim=-1).values, m_init[..., None])     # [B, H, NC]
+    else:
+        run = torch.maximum(kmax.amax(-1, keepdim=True), m_init[..., None])           # [B, H, 1]
+    kstab = torch.where(torch.isneginf(run), torch.zeros_like(run), run).contiguous()
+    m_final = run[..., -1].contiguous()
+
+    split = NMT > 1
+    o = torch.empty(B, T, H, Dv, dtype=v.dtype, device=dev)
+    if split:
+        o_buf = torch.empty(NMT, B, T, H, Dv, dtype=torch.float32, device=dev)
+        den_buf = torch.empty(NMT, B, H, T, dtype=torch.float32, device=dev)
+    else:
+        o_buf = o
+        den_buf = torch.empty(B, H, T, dtype=torch.float32, device=dev)
+    s_on, s_dn = (B * T * H * Dv, B * H * T) if split else (0, 0)
+    if output_final_state:
+        S = torch.empty(B, H, F, Dv, dtype=torch.float32, device=dev)
+        z = torch.empty(B, H, F, dtype=torch.float32, device=dev)
+    else:
+        S = z = None
+    prec = "ieee" if torch.float32 in (q.dtype, v.dtype) else "tf32"
+
+    args = (q, k, v, W, bias, freq, psi if psi is not None else dummy, mask_u8 if mask is not None else dummy,
+            S0 if has_init else dummy, z0 if has_init else dummy, m0 if has_init else dummy, qmax, kstab,
+            o_buf, den_buf, S if S is not None else dummy, z if z is not None else dummy,
+            *q.stride(), *k.stride(), *v.stride(), *W.stride(), s_mb, s_mt, s_on, s_dn,
+            T, H, M, D, Dv, root, c_t, c_o)
+    flags = dict(KIND=kind, CAUSAL=bool(causal), HAS_MASK=mask is not None, HAS_PSI=psi is not None,
+                 HAS_CO=has_co, HAS_INIT=has_init, STORE_STATE=bool(output_final_state), SPLIT=split, PREC=prec,
+                 BT=BT, BD=BD, BM=BM)
+    if _rf_fwd_kernel_tuned is None:
+        BV = max(16, min(64, _next_pow2(Dv)))
+        _rf_fwd_kernel[(B * H, NMT, triton.cdiv(Dv, BV))](*args, **flags, BV=BV, num_warps=4)
+    else:
+        def grid(meta):
+            return (B * H, NMT, triton.cdiv(Dv, meta["BV"]))
+        _rf_fwd_kernel_tuned[grid](*args, **flags)
+
+    if split:
+        den = den_buf.sum(0)                                                            # [B, H, T]
+        num = o_buf.sum(0)                                                              # [B, T, H, Dv]
+        o = (num / den.abs().clamp_min(DEN_EPS).transpose(1, 2)[..., None]).to(v.dtype)
+    else:
+        den = den_buf
+    if not output_final_state:
+        return o, den, qmax, kstab, None, None, None, BT
+    return o, den, qmax, kstab, S, z, m_final, BT
