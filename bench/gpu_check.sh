@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One prepared GPU check (tests + timings) for a lent GPU machine: run from the repository root as
 #     bash bench/gpu_check.sh [OUTDIR]
-# It runs the Triton kernel tests on the GPU (bf16 included), then the forward and forward+backward
+# It runs the Triton kernel tests on the GPU (bf16 included; one fixed kernel config, so the time goes
+# to testing rather than autotuning), then the forward and forward+backward
 # timings of bench/gpu_bench.py, each step under its own time limit, and writes logs and tables to OUTDIR.
 set -u
 OUTDIR=${1:-${OUT:-bench/results/gpu-check}}
@@ -13,7 +14,7 @@ PY=${PY:-python3}
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   $PY -c "import torch, triton; print('torch', torch.__version__, '| triton', triton.__version__, '|', torch.cuda.get_device_name())"
 } 2>&1 | tee "$OUTDIR/env.txt"
-timeout "${TEST_LIMIT:-150}" $PY -m pytest -q -x -p no:cacheprovider ${GPU_TESTS:-tests/test_triton_fwd.py tests/test_triton_bwd.py} \
+SPECTRAFORMER_FUSED_AUTOTUNE=0 timeout "${TEST_LIMIT:-150}" $PY -m pytest -q -x -p no:cacheprovider ${GPU_TESTS:-tests/test_triton_fwd.py tests/test_triton_bwd.py} \
   2>&1 | tee "$OUTDIR/tests.log" | tail -n 25
 timeout "${BENCH_LIMIT:-150}" $PY -m bench.gpu_bench --dtypes "${BENCH_DTYPES:-fp16}" --rep "${BENCH_REP:-30}" \
   --out "$OUTDIR/gpu_bench.md" 2>&1 | tee "$OUTDIR/bench.log" | tail -n 40
