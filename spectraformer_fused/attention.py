@@ -43,6 +43,9 @@ def _resolve_backend(backend: str, q: torch.Tensor) -> str:
         if not q.is_cuda and not (q.device.type == "cpu" and triton_interpreting()):
             raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {q.device}")
     if backend == "cpu":
+        if q.dtype == torch.float64:
+            raise TypeError("backend='cpu' computes in fp32 and takes float16, bfloat16 and float32 inputs, not "
+                            "float64; use backend='reference' (or 'auto') for float64")
         if q.device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got {q.device}")
         if not cpu_extension_loaded():

@@ -137,13 +137,14 @@ def test_bad_mask_and_state():
         rf_attention(q, k, v, fm8(), initial_state=(torch.zeros(2, 2, 16, 4), torch.zeros(2, 2, 16), torch.zeros(2)))
 
 
-def test_float64_is_refused_by_triton_but_runs_on_auto():
+def test_float64_is_refused_by_compiled_backends_but_runs_on_auto():
     q, k, v = (t.double() for t in _inputs())
     fm = fm8().double()
     assert rf_attention(q, k, v, fm).dtype == torch.float64
-    if "triton" in available_backends():
-        with pytest.raises(TypeError, match="float64"):
-            rf_attention(q, k, v, fm, backend="triton")
+    for backend in ("triton", "cpu"):
+        if backend in available_backends():
+            with pytest.raises(TypeError, match="not float64"):
+                rf_attention(q, k, v, fm, backend=backend)
 
 
 def test_bad_feature_map_construction():

@@ -1,0 +1,179 @@
+"""The compiled CPU backend: binding, just-in-time build and autograd of ``csrc/rf_attention.cpp``.
+
+The extension is built on first use with ``torch.utils.cpp_extension.load`` (needs a C++ compiler and
+ninja) and cached in torch's extensions directory, so later processes only load it. The sources come
+from the copy shipped inside the package (``spectraformer_fused/csrc``) or, in a source checkout, from
+the top-level ``csrc/``. A machine without a compiler still imports the package: ``extension_available()``
+then warns once, naming the fix, and returns False. SPECTRAFORMER_FUSED_NO_CPU_EXT=1 skips the build.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from ..feature_map import FeatureParams
+from ..reference import reference_attention
+from ..state import RFState
+
+EXTENSION_NAME = "spectraformer_fused_cpu"
+_SOURCES = ("rf_attention.cpp",)
+_HEADERS = ("rf_kernels.h",)
+# -fopenmp: at::parallel_for is OpenMP-based in torch's CPU builds (and serial without it); the OpenMP
+# runtime already loaded by torch is reused, so torch.set_num_threads applies.
+_CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+_LDFLAGS = ["-fopenmp"]
+
+_lock = threading.Lock()
+_module = None
+_error: str | None = None
+_warned = False
+
+
+def _source_dir() -> Path | None:
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "csrc", here.parent / "csrc"):
+        if all((candidate / name).is_file() for name in _SOURCES + _HEADERS):
+            return candidate
+    return None
+
+
+def _build():
+    from torch.utils.cpp_extension import load
+
+    src = _source_dir()
+    if src is None:
+        raise FileNotFoundError("the C++ sources (csrc/rf_attention.cpp) are missing from this installation")
+    return load(
+        name=EXTENSION_NAME,
+        sources=[str(src / name) for name in _SOURCES],
+        extra_cflags=_CFLAGS,
+        extra_ldflags=_LDFLAGS,
+        extra_include_paths=[str(src)],
+        verbose=os.environ.get("SPECTRAFORMER_FUSED_VERBOSE_BUILD", "0") not in ("", "0"),
+    )
+
+
+def _load():
+    """The extension module, built or loaded once per process; None when that failed."""
+    global _module, _error, _warned
+    if _module is not None or _error is not None:
+        return _module
+    with _lock:
+        if _module is None and _error is None and os.environ.get("SPECTRAFORMER_FUSED_NO_CPU_EXT", "0") not in ("", "0"):
+            _error = "disabled by SPECTRAFORMER_FUSED_NO_CPU_EXT"
+            _warned = True
+        if _module is None and _error is None:
+            try:
+                _module = _build()
+            except Exception as exc:  # compiler, ninja or headers missing: fall back, do not break import
+                _error = f"{type(exc).__name__}: {exc}".strip()
+        if _error is not None and not _warned:
+            _warned = True
+            warnings.warn(
+                "spectraformer_fused: the compiled CPU backend could not be built, so backend='auto' uses the "
+                "reference backend on the CPU. To enable it, install a C++ compiler (g++) and ninja "
+                f"(pip install ninja). Error: {_error.splitlines()[0] if _error else ''}",
+                RuntimeWarning, stacklevel=3)
+    return _module
+
+
+def extension_available() -> bool:
+    """True when the compiled CPU extension is built and loaded (tries once per process)."""
+    return _load() is not None
+
+
+def extension_error() -> str:
+    """Why the extension did not load ("" when it did, or when no attempt was made yet)."""
+    return _error or ""
+
+
+_wt_cache: tuple | None = None   # (key, W, WT): the last W seen and its transposed fp32 copy
+
+
+def _transposed(W: torch.Tensor) -> torch.Tensor:
+    """W ``[H, m, D]`` as a contiguous fp32 ``[H, D, m]``, cached for the last W seen, so that decode
+    steps reusing one W do not transpose it every token. The key holds the storage address, the view
+    and the version counter (bumped by in-place updates); the cache keeps a reference to W, so that
+    storage cannot be freed and reused by another tensor while the entry lives."""
+    global _wt_cache
+    key = (W.untyped_storage().data_ptr(), W.storage_offset(), tuple(W.shape), tuple(W.stride()), W.dtype,
+           W._version)
+    entry = _wt_cache
+    if entry is not None and entry[0] == key:
+        return entry[2]
+    WT = W.detach().to(torch.float32).transpose(1, 2).contiguous()
+    _wt_cache = (key, W, WT)
+    return WT
+
+
+def _forward(ext, q, k, v, params: FeatureParams, causal, mask, S0, z0, m0):
+    W = params.W.detach()
+    return ext.forward(q, k, v, W, params.bias.detach(), params.freq.detach(),
+                       None if params.psi is None else params.psi.detach(), int(params.kind),
+                       float(params.c_t), float(params.c_o), float(params.scale), bool(causal), mask, S0, z0, m0,
+                       _transposed(W))
+
+
+class _CpuAttention(torch.autograd.Function):
+    """Forward in C++; backward recomputes through the reference backend (reference_attention under
+    enable_grad on the saved inputs), which gives exact gradients for q, k, v, W, bias and the initial
+    state at the cost of one reference forward and backward. Only the inputs are saved."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, W, bias, S0, z0, m0, params, causal, mask):
+        ext = _load()
+        o, S, z, m = _forward(ext, q, k, v, params, causal, mask, S0, z0, m0)
+        ctx.save_for_backward(q, k, v, W, bias, S0, z0, m0)
+        ctx.params, ctx.causal, ctx.mask = params, causal, mask
+        ctx.has_state = S0 is not None
+        ctx.mark_non_differentiable(m)
+        ctx.set_materialize_grads(False)
+        return o, S, z, m
+
+    @staticmethod
+    def backward(ctx, do, dS, dz, _dm):
+        q, k, v, W, bias, S0, z0, m0 = ctx.saved_tensors
+        p = ctx.params
+        leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None
+                  for t in (q, k, v, W, bias, S0, z0, m0)]
+        lq, lk, lv, lW, lbias, lS, lz, lm = leaves
+        with torch.enable_grad():
+            rp = FeatureParams(p.kind, lW, lbias, p.freq, p.psi, p.c_t, p.c_o, p.scale, p.num_features,
+                               p.feature_dim)
+            state = RFState(lS, lz, lm) if ctx.has_state else None
+            o, final = reference_attention(lq, lk, lv, rp, causal=ctx.causal, key_padding_mask=ctx.mask,
+                                           initial_state=state, output_final_state=True)
+            outs, grads = [], []
+            for out, g in ((o, do), (final.S, dS), (final.z, dz)):
+                if g is not None and out.requires_grad:
+                    outs.append(out)
+                    grads.append(g)
+            wanted = [t for t in leaves if t is not None and t.requires_grad]
+            got = torch.autograd.grad(outs, wanted, grads, allow_unused=True) if outs and wanted else []
+        it = iter(got)
+        result = [next(it) if (t is not None and t.requires_grad) else None for t in leaves]
+        return (*result, None, None, None)
+
+
+def cpu_attention(q, k, v, params: FeatureParams, *, causal: bool, key_padding_mask=None,
+                  initial_state: RFState | None = None, output_final_state: bool = False):
+    """Random-feature attention with the reference's semantics, computed by the compiled CPU extension.
+
+    q, k ``[B, T, H, D]`` (fp32, bf16 or fp16), v ``[B, T, H, Dv]``. Returns
+    ``(o [B, T, H, Dv] in v's dtype, RFState in fp32 or None)``. Differentiable: the backward recomputes
+    through the reference backend.
+    """
+    ext = _load()
+    if ext is None:
+        raise RuntimeError(f"the compiled CPU backend is unavailable ({_error})")
+    S0, z0, m0 = (None, None, None) if initial_state is None else tuple(initial_state)
+    tensors = (q, k, v, params.W, params.bias, S0, z0, m0)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        o, S, z, m = _CpuAttention.apply(*tensors, params, causal, key_padding_mask)
+    else:
+        o, S, z, m = _forward(ext, q, k, v, params, causal, key_padding_mask, S0, z0, m0)
+    return o, (RFState(S, z, m) if output_final_state else None)
