@@ -1,0 +1,240 @@
+"""Speed of the compiled CPU backend against its peers: ``python -m bench.bench_cpu [--threads 2] [--reps 7]``.
+
+Prints a markdown table and writes it to ``bench/results/cpu-<date>.md`` (``cpu-<date>-t<N>.md`` for
+another thread count). fp32, PosRF x ORF, D = Dv = 64,
+m = 128, at (B=1, H=8, T=4096) and (B=4, H=8, T=1024), causal and non-causal, for:
+
+* ``cpu``: this package's compiled backend (``spectraformer_fused.ops.cpu.cpu_attention``);
+* ``reference``: this package's pure-PyTorch oracle;
+* ``torch chunked``: ``bench/torch_chunked.py``, the best of chunk sizes 64/128/256;
+* ``performer-pytorch``: its ``FastAttention`` (skipped with a printed line when not installed).
+
+And one decode step (B=1, H=8, one token, state carried) against a plain PyTorch step. Every timing is
+the median of ``--reps`` runs after a warm-up, the implementations interleaved run by run so that load
+from other processes hits all of them alike. The feature-map parameters are resolved outside the timed
+region for every implementation. GFLOP/s counts the same algorithmic work for every implementation
+(projections, one flop per exponential, state updates, outputs; see ``flops``).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import io
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+from bench.torch_chunked import chunked_attention, decode_step  # noqa: E402
+from spectraformer_fused import RandomFeatureMap, RFState  # noqa: E402
+from spectraformer_fused.ops import cpu as cpu_ops  # noqa: E402
+from spectraformer_fused.reference import reference_attention  # noqa: E402
+
+D = DV = 64
+M = 128
+SHAPES = [(1, 8, 4096), (4, 8, 1024)]
+CHUNK = 64
+GOALS = {"causal": 1.5, "non-causal": 1.1, "decode": 3.0}
+
+
+def flops(B: int, H: int, T: int, causal: bool) -> float:
+    """Algorithmic work of one forward (PosRF, F = m): per token two projections (2 x 2 D m), 2 F
+    exponentials, the state update (2 F Dv + F), the read-out (2 F Dv + 2 F + Dv); causal attention adds
+    the intra-chunk products of a chunk of CHUNK tokens (on average CHUNK / 2 keys: scores 2 F, values
+    2 Dv, denominator 1 each)."""
+    F = M
+    per_token = 4 * D * M + 2 * F + (2 * F * DV + F) + (2 * F * DV + 2 * F + DV)
+    if causal:
+        per_token += (CHUNK / 2) * (2 * F + 2 * DV + 1)
+    return B * H * T * per_token
+
+
+def decode_flops(B: int, H: int) -> float:
+    F = M
+    return B * H * (4 * D * M + 2 * F + 2 * F + 2 * F * DV + F + 2 * F * DV + 2 * F + DV)
+
+
+def machine() -> str:
+    model = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{model}, {os.cpu_count()} logical cores"
+
+
+def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict:
+    """Median seconds per call of every function, the calls interleaved run by run."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def mm_gflops(reps: int) -> tuple[float, float]:
+    """torch.mm GFLOP/s at 2048^3 (peak-like) and at the projection's shape (B H T x D) @ (D x m)."""
+    out = []
+    for (a, b, c) in ((2048, 2048, 2048), (32768, D, M)):
+        x, y = torch.randn(a, b), torch.randn(b, c)
+        t = interleaved({"mm": lambda: torch.mm(x, y)}, reps)["mm"]
+        out.append(2 * a * b * c / t / 1e9)
+    return out[0], out[1]
+
+
+def performer_factory():
+    try:
+        from performer_pytorch import FastAttention
+    except ImportError:
+        print("performer-pytorch is not installed: its row is skipped (pip install performer-pytorch)")
+        return None
+
+    def make(causal: bool):
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return FastAttention(dim_heads=D, nb_features=M, causal=causal)
+
+    return make
+
+
+def run(threads: int, reps: int) -> str:
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    load = os.getloadavg()
+    if not cpu_ops.extension_available():
+        raise SystemExit(f"the CPU extension did not build: {cpu_ops.extension_error()}")
+    performer = performer_factory()
+    mm_peak, mm_proj = mm_gflops(reps)
+    rows = []
+    verdicts = []
+    for (B, H, T) in SHAPES:
+        fm = RandomFeatureMap(D, M, component="posrf", weights="orf", num_heads=H, seed=0).eval()
+        q, k, v = (torch.randn(B, T, H, D) for _ in range(3))
+        qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        for causal in (True, False):
+            mode = "causal" if causal else "non-causal"
+            p = fm.feature_params(q, k, scale=D ** -0.5, causal=causal)
+            fns = {
+                "cpu (this package)": lambda: cpu_ops.cpu_attention(q, k, v, p, causal=causal, key_padding_mask=None,
+                                                                    initial_state=None, output_final_state=False),
+                "reference (this package)": lambda: reference_attention(q, k, v, p, causal=causal),
+            }
+            chunk_sizes = (64, 128, 256) if causal else (64,)
+            for c in chunk_sizes:
+                fns[f"torch chunked (chunk {c})" if causal else "torch chunked"] = \
+                    (lambda c=c: chunked_attention(q, k, v, p, causal=causal, chunk_size=c))
+            if performer is not None:
+                attn = performer(causal)
+                fns["performer-pytorch FastAttention"] = lambda: attn(qh, kh, vh)
+            with torch.no_grad():
+                o_cpu = fns["cpu (this package)"]()[0]
+                o_tc = chunked_attention(q, k, v, p, causal=causal)
+                err = ((o_cpu - o_tc).norm() / o_tc.norm()).item()
+                assert err < 1e-3, f"torch chunked disagrees with the cpu backend ({err:.2e})"
+                t = interleaved(fns, reps)
+            if causal:   # keep the best chunk size of the torch peer
+                best = min((n for n in t if n.startswith("torch chunked")), key=t.get)
+                t = {n: s for n, s in t.items() if not n.startswith("torch chunked") or n == best}
+            work = flops(B, H, T, causal)
+            ours = t["cpu (this package)"]
+            peers = {n: s for n, s in t.items() if n != "cpu (this package)" and not n.startswith("reference")}
+            fastest = min(peers, key=peers.get)
+            speedup = peers[fastest] / ours
+            goal = GOALS[mode]
+            verdicts.append(f"{mode} B={B} T={T}: {speedup:.2f}x the fastest peer ({fastest}); goal {goal}x: "
+                            + ("met" if speedup >= goal else f"missed by {goal / speedup:.2f}x"))
+            for name, s in t.items():
+                rows.append((f"B={B} H={H} T={T} {mode}", name, s * 1e3, B * T / s, work / s / 1e9,
+                             100 * work / s / 1e9 / mm_peak, s / ours))
+
+    # Decode: one token per step, state carried, B=1, H=8.
+    B, H = 1, 8
+    fm = RandomFeatureMap(D, M, component="posrf", weights="orf", num_heads=H, seed=0).eval()
+    steps = 64
+    qs, ks, vs = (torch.randn(steps, B, 1, H, D) for _ in range(3))
+    p = fm.feature_params(qs[0], ks[0], scale=D ** -0.5, causal=True)
+    _, warm = reference_attention(qs[0], ks[0], vs[0], p, causal=True, output_final_state=True)
+
+    def cpu_loop():
+        state = warm
+        for i in range(steps):
+            _, state = cpu_ops.cpu_attention(qs[i], ks[i], vs[i], p, causal=True, key_padding_mask=None,
+                                             initial_state=state, output_final_state=True)
+
+    def plain_loop():
+        S, z, m = (t.clone() for t in warm)
+        for i in range(steps):
+            decode_step(qs[i][:, 0], ks[i][:, 0], vs[i][:, 0], p, S, z, m)
+
+    with torch.no_grad():
+        S, z, m = (t.clone() for t in warm)
+        o_plain = decode_step(qs[0][:, 0], ks[0][:, 0], vs[0][:, 0], p, S, z, m)[0]
+        o_cpu = cpu_ops.cpu_attention(qs[0], ks[0], vs[0], p, causal=True, key_padding_mask=None,
+                                      initial_state=RFState(*warm), output_final_state=False)[0][:, 0]
+        err = ((o_cpu - o_plain).norm() / o_plain.norm()).item()
+        assert err < 1e-4, f"plain decode step disagrees with the cpu backend ({err:.2e})"
+        t = interleaved({"cpu (this package)": cpu_loop, "plain PyTorch step": plain_loop}, reps)
+    work = decode_flops(B, H)
+    ours = t["cpu (this package)"] / steps
+    speedup = t["plain PyTorch step"] / steps / ours
+    verdicts.append(f"decode B=1 H=8: {speedup:.2f}x the plain PyTorch step; goal {GOALS['decode']}x: "
+                    + ("met" if speedup >= GOALS["decode"] else f"missed by {GOALS['decode'] / speedup:.2f}x"))
+    for name, s in t.items():
+        s = s / steps
+        rows.append(("decode step B=1 H=8", name, s * 1e3, B / s, work / s / 1e9, 100 * work / s / 1e9 / mm_peak,
+                     s / ours))
+
+    lines = [
+        f"# CPU backend benchmark ({datetime.date.today().isoformat()})",
+        "",
+        f"- machine: {machine()}; torch threads: {torch.get_num_threads()}; load average before the run: "
+        f"{load[0]:.2f} (other processes share these cores, so single runs can be noisy)",
+        f"- torch {torch.__version__}, Python {platform.python_version()}",
+        f"- fp32, posrf x orf, D = Dv = {D}, m = {M}; median of {reps} interleaved runs after warm-up",
+        f"- torch.mm: {mm_peak:.1f} GFLOP/s at 2048^3, {mm_proj:.1f} GFLOP/s at the projection's shape "
+        f"(32768 x {D}) @ ({D} x {M})",
+        "- GFLOP/s = the same algorithmic flop count for every row (see bench_cpu.flops); "
+        "`vs cpu` = time / time of the cpu backend",
+        "",
+        "| case | implementation | ms | tokens/s | GFLOP/s | % of mm peak | vs cpu |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for case, name, ms, tps, gf, pct, rel in rows:
+        lines.append(f"| {case} | {name} | {ms:.3f} | {tps:,.0f} | {gf:.1f} | {pct:.0f}% | {rel:.2f}x |")
+    lines += ["", "Goals:", ""] + [f"- {v}" for v in verdicts]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    args = parser.parse_args()
+    table = run(args.threads, args.reps)
+    print(table)
+    os.makedirs(args.out, exist_ok=True)
+    suffix = "" if args.threads == 2 else f"-t{args.threads}"
+    path = os.path.join(args.out, f"cpu-{datetime.date.today().isoformat()}{suffix}.md")
+    with open(path, "w") as f:
+        f.write(table)
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()
