@@ -31,7 +31,10 @@ def _resolve_backend(backend: str, q: torch.Tensor) -> str:
             return "reference"
         if q.is_cuda:
             return "triton" if triton_importable() else "reference"
-        if q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and cpu_extension_loaded():
+        # The compiled CPU extension is an opaque Python binding that torch.compile cannot trace; inside a
+        # compiled region "auto" takes the reference on the CPU, which compiles to one graph.
+        if (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()
+                and cpu_extension_loaded()):
             return "cpu"
         return "reference"
     if backend == "triton":

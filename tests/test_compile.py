@@ -44,3 +44,22 @@ def test_compile_matches_eager(backend, causal, device):
     assert set(gp1) == set(gp0) and len(gp0) >= 5
     for name in gp0:
         assert_close(gp1[name], gp0[name], torch.float32, name=f"d{name}")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_compile_training_mode_updates_running_statistics(causal, device):
+    """backend="auto" in training mode: OPRF's running statistics (buffers mutated after the forward) and
+    the outputs of a compiled model follow eager, step after step."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = SpectraAttention(32, 2, num_features=16, component="oprf", causal=causal, seed=0, device=device).train()
+    compiled_module = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_module, fullgraph=True,
+                             backend="inductor" if device == "cuda" else "aot_eager")
+    for step in range(3):
+        x = torch.randn(2, 21, 32, device=device)
+        assert_close(compiled(x), eager(x), torch.float32, name=f"y at step {step}")
+    fe, fc = eager.feature_map, compiled_module.feature_map
+    assert fe.num_batches_tracked.item() == fc.num_batches_tracked.item() == 3
+    for a, b in zip(fe.running_moments().tensors(), fc.running_moments().tensors()):
+        assert_close(b, a, torch.float32, name="running statistics")
