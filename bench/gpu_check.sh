@@ -3,7 +3,8 @@
 #     bash bench/gpu_check.sh [OUTDIR]
 # It runs the Triton kernel tests on the GPU (bf16 included; one fixed kernel config, so the time goes
 # to testing rather than autotuning), then the forward and forward+backward
-# timings of bench/gpu_bench.py, each step under its own time limit, and writes logs and tables to OUTDIR.
+# timings of bench/gpu_bench.py, then the report in its --full GPU mode, each step under its own time
+# limit (TEST_LIMIT, BENCH_LIMIT, REPORT_LIMIT seconds), and writes logs, tables and the report to OUTDIR.
 set -u
 OUTDIR=${1:-${OUT:-bench/results/gpu-check}}
 mkdir -p "$OUTDIR"
@@ -18,3 +19,8 @@ SPECTRAFORMER_FUSED_AUTOTUNE=0 timeout "${TEST_LIMIT:-150}" $PY -m pytest -q -x 
   2>&1 | tee "$OUTDIR/tests.log" | tail -n 25
 timeout "${BENCH_LIMIT:-150}" $PY -m bench.gpu_bench --dtypes "${BENCH_DTYPES:-fp16}" --rep "${BENCH_REP:-30}" \
   --out "$OUTDIR/gpu_bench.md" 2>&1 | tee "$OUTDIR/bench.log" | tail -n 40
+timeout "${REPORT_LIMIT:-240}" $PY -m bench.report --full --device cuda --out "$OUTDIR/report" \
+  2>&1 | tee "$OUTDIR/report.log" | tail -n 30
+# The device tool brings back at most 8 files: pack the report folder into one archive.
+[ -d "$OUTDIR/report" ] && tar -czf "$OUTDIR/report.tgz" -C "$OUTDIR" report && rm -rf "$OUTDIR/report"
+exit 0
