@@ -10,13 +10,16 @@ Two kernels, both tiled by chunks of BT tokens and by frequency tiles of BM rows
   order keeping its state tiles S ``[BM, BV]`` and z ``[BM]`` (two of each for HYP/TRIG: blocks a and b)
   in fp32 registers. Causal: per chunk the state is rescaled to the new stabiliser, then
   ``num = tril(phi_q phi_k^T) v + phi_q S``, ``den = rowsum(tril(phi_q phi_k^T)) + phi_q z`` and
-  ``S += phi_k^T v``, ``z += colsum(phi_k)``. Non-causal: a first pass accumulates S, z over all chunks,
-  a second computes the outputs. With one frequency tile the kernel writes o directly; with several it
+  ``S += phi_k^T v``, ``z += colsum(phi_k)``. Non-causal runs as two launches over NSPLIT ranges of
+  chunks (program id 2 also indexes the range, so the grid fills the device however long T is): the
+  first writes each range's partial S, z (reduced on the host in a fixed order), the second computes
+  every range's outputs from the reduced state. With one frequency tile the kernel writes o directly; with several it
   writes per-tile partial numerators and denominators, summed on the host.
 
 Features exist only as ``[BT, BM]`` register tiles. Every tensor this module allocates:
   qmax ``[B, H, T]``, den ``[B, H, T]``, kmax / kstab ``[B, H, NC]``, o ``[B, T, H, Dv]``,
-  final S ``[B, H, F, Dv]``, z ``[B, H, F]``, m ``[B, H]``, copies of the small per-head parameters
+  final S ``[B, H, F, Dv]``, z ``[B, H, F]``, m ``[B, H]``, the non-causal partial states
+  ``[NSPLIT, B, H, F, Dv]`` and ``[NSPLIT, B, H, F]`` (NSPLIT <= NC, independent of T once the device is full), copies of the small per-head parameters
   (bias ``[B, H, m]``, freq ``[B, H]``, psi ``[B, H, D]``, S0, z0, m0) when not already fp32-contiguous,
   and, only with NMT > 1 frequency tiles, partials ``[NMT, B, T, H, Dv]`` and ``[NMT, B, H, T]``.
   None has a ``T x F`` shape: the largest T-sized ones scale with ``T * Dv * NMT`` (NMT = ceil(m / BM)).
@@ -134,15 +137,22 @@ def _store_out(o, den, b_num, b_den, i_bh, i_b, i_h, i_m, i_v, o_t, m_t, o_v, m_
 @triton.jit(do_not_specialize=["T"])
 def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o, den, S, z,
                    s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
-                   s_wh, s_wm, s_wd, s_mb, s_mt, s_on, s_dn,
-                   T, H, M, D, DV, root, c_t, c_o,
-                   KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PSI: tl.constexpr,
-                   HAS_CO: tl.constexpr, HAS_INIT: tl.constexpr, STORE_STATE: tl.constexpr,
+                   s_wh, s_wm, s_wd, s_mb, s_mt, s_on, s_dn, s_sp, s_zp,
+                   T, H, M, D, DV, CPS, root, c_t, c_o,
+                   KIND: tl.constexpr, PHASE: tl.constexpr, HAS_MASK: tl.constexpr,
+                   HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr, HAS_INIT: tl.constexpr, STORE_STATE: tl.constexpr,
                    SPLIT: tl.constexpr, PREC: tl.constexpr,
                    BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr):
+    """PHASE 0 (causal): the whole walk, in order. Non-causal runs in two launches, each program owning a range of
+    CPS chunks (program id 2 = Dv tile + NV * range): PHASE 1 sums its keys into a partial state
+    (S, z point at [NSPLIT, B, H, F, (Dv)] buffers, strides s_sp, s_zp), PHASE 2 reads the reduced state
+    (S, z) and writes the outputs of its chunks."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_m = tl.program_id(1).to(tl.int64)
-    i_v = tl.program_id(2).to(tl.int64)
+    i_vs = tl.program_id(2).to(tl.int64)
+    NV = tl.cdiv(DV, BV)
+    i_v = i_vs % NV
+    i_s = i_vs // NV
     i_b = i_bh // H
     i_h = i_bh % H
     NC = tl.cdiv(T, BT)
@@ -171,13 +181,15 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
     b_sb = tl.zeros([BM, BV], dtype=tl.float32)
     b_za = tl.zeros([BM], dtype=tl.float32)
     b_zb = tl.zeros([BM], dtype=tl.float32)
-    if CAUSAL:
+    if PHASE == 0:
         b_kfirst = tl.load(kstab + i_bh * NC)
     else:
         b_kfirst = tl.load(kstab + i_bh)
-    if HAS_INIT:
+    if HAS_INIT and PHASE != 2:
         # The initial state is relative to exp(m0); move it to the first stabiliser (0 when m0 = -inf).
+        # Non-causal: only the first chunk range carries it, so the reduced state counts it once.
         b_alpha = tl.exp(tl.load(m0 + i_bh) - b_kfirst)
+        b_alpha = tl.where(i_s == 0, b_alpha, 0.0)
         p_s0 = S0 + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
         p_z0 = z0 + i_bh * F + o_m
         b_sa = tl.load(p_s0, mask=m_s, other=0.0) * b_alpha
@@ -186,7 +198,7 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
             b_sb = tl.load(p_s0 + M * DV, mask=m_s, other=0.0) * b_alpha
             b_zb = tl.load(p_z0 + M, mask=m_m, other=0.0) * b_alpha
 
-    if CAUSAL:
+    if PHASE == 0:
         b_kprev = b_kfirst
         for i_c in range(0, NC):
             o_t = i_c * BT + o_i
@@ -232,9 +244,9 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
                 b_sb += tl.dot(tl.trans(b_pkb), b_v, input_precision=PREC)
                 b_zb += tl.sum(b_pkb, axis=0)
             b_kprev = b_kst
-    else:
+    elif PHASE == 1:
         b_kst = b_kfirst
-        for i_c in range(0, NC):
+        for i_c in range(i_s * CPS, tl.minimum(i_s * CPS + CPS, NC)):
             o_t = i_c * BT + o_i
             m_t = o_t < T
             b_w = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
@@ -249,7 +261,25 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
             if KIND != 0:
                 b_sb += tl.dot(tl.trans(b_pkb), b_v, input_precision=PREC)
                 b_zb += tl.sum(b_pkb, axis=0)
-        for i_c in range(0, NC):
+        # This range's partial state; summed over ranges on the host.
+        p_sp = S + i_s * s_sp + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
+        p_zp = z + i_s * s_zp + i_bh * F + o_m
+        tl.store(p_sp, b_sa, mask=m_s)
+        if KIND != 0:
+            tl.store(p_sp + M * DV, b_sb, mask=m_s)
+        if i_v == 0:
+            tl.store(p_zp, b_za, mask=m_m)
+            if KIND != 0:
+                tl.store(p_zp + M, b_zb, mask=m_m)
+    else:
+        p_s = S + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
+        p_z = z + i_bh * F + o_m
+        b_sa = tl.load(p_s, mask=m_s, other=0.0)
+        b_za = tl.load(p_z, mask=m_m, other=0.0)
+        if KIND != 0:
+            b_sb = tl.load(p_s + M * DV, mask=m_s, other=0.0)
+            b_zb = tl.load(p_z + M, mask=m_m, other=0.0)
+        for i_c in range(i_s * CPS, tl.minimum(i_s * CPS + CPS, NC)):
             o_t = i_c * BT + o_i
             m_t = o_t < T
             b_w = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
@@ -293,8 +323,19 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
 
 
 _rf_fwd_kernel_tuned = (None if not autotune_enabled() else
-                        triton.autotune(_FWD_CONFIGS, key=["D", "DV", "M", "KIND", "CAUSAL", "PREC"],
+                        triton.autotune(_FWD_CONFIGS, key=["D", "DV", "M", "KIND", "PHASE", "PREC"],
                                         prune_configs_by={"early_config_prune": _prune_fwd_configs})(_rf_fwd_kernel))
+
+
+def _num_splits(num_chunks: int, programs: int, device: torch.device) -> int:
+    """How many chunk ranges the non-causal forward uses: about four programs per multiprocessor on a
+    GPU; two under the interpreter (so the tests cross a range boundary); never more than the chunks."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        want = triton.cdiv(target, max(1, programs))
+    else:
+        want = 2
+    return max(1, min(num_chunks, want))
 
 
 def default_chunk_size(T: int, interpreting: bool | None = None) -> int:
@@ -371,29 +412,46 @@ def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: flo
         o_buf = o
         den_buf = torch.empty(B, H, T, dtype=torch.float32, device=dev)
     s_on, s_dn = (B * T * H * Dv, B * H * T) if split else (0, 0)
-    if output_final_state:
-        S = torch.empty(B, H, F, Dv, dtype=torch.float32, device=dev)
-        z = torch.empty(B, H, F, dtype=torch.float32, device=dev)
-    else:
-        S = z = None
     prec = "ieee" if torch.float32 in (q.dtype, v.dtype) else "tf32"
+    common = (q, k, v, W, bias, freq, psi if psi is not None else dummy, mask_u8 if mask is not None else dummy,
+              S0 if has_init else dummy, z0 if has_init else dummy, m0 if has_init else dummy, qmax, kstab,
+              o_buf, den_buf)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *W.stride(), s_mb, s_mt, s_on, s_dn)
+    flags = dict(KIND=kind, HAS_MASK=mask is not None, HAS_PSI=psi is not None,
+                 HAS_CO=has_co, HAS_INIT=has_init, SPLIT=split, PREC=prec, BT=BT, BD=BD, BM=BM)
 
-    args = (q, k, v, W, bias, freq, psi if psi is not None else dummy, mask_u8 if mask is not None else dummy,
-            S0 if has_init else dummy, z0 if has_init else dummy, m0 if has_init else dummy, qmax, kstab,
-            o_buf, den_buf, S if S is not None else dummy, z if z is not None else dummy,
-            *q.stride(), *k.stride(), *v.stride(), *W.stride(), s_mb, s_mt, s_on, s_dn,
-            T, H, M, D, Dv, root, c_t, c_o)
-    flags = dict(KIND=kind, CAUSAL=bool(causal), HAS_MASK=mask is not None, HAS_PSI=psi is not None,
-                 HAS_CO=has_co, HAS_INIT=has_init, STORE_STATE=bool(output_final_state), SPLIT=split, PREC=prec,
-                 BT=BT, BD=BD, BM=BM)
-    if _rf_fwd_kernel_tuned is None:
-        BV = max(16, min(64, _next_pow2(Dv)))
-        _rf_fwd_kernel[(B * H, NMT, triton.cdiv(Dv, BV))](*args, **flags, BV=BV, num_warps=4)
+    def launch(S_ptr, z_ptr, s_sp, s_zp, nsplit, cps, phase, store_state):
+        args = (*common, S_ptr, z_ptr, *strides, s_sp, s_zp, T, H, M, D, Dv, cps, root, c_t, c_o)
+        kw = dict(flags, PHASE=phase, STORE_STATE=store_state)
+        if _rf_fwd_kernel_tuned is None:
+            BV = max(16, min(64, _next_pow2(Dv)))
+            _rf_fwd_kernel[(B * H, NMT, triton.cdiv(Dv, BV) * nsplit)](*args, **kw, BV=BV, num_warps=4)
+        else:
+            def grid(meta):
+                return (B * H, NMT, triton.cdiv(Dv, meta["BV"]) * nsplit)
+            _rf_fwd_kernel_tuned[grid](*args, **kw)
+
+    if causal:
+        # One walk over the chunks per (batch-head, frequency tile, Dv tile): the state is sequential.
+        if output_final_state:
+            S = torch.empty(B, H, F, Dv, dtype=torch.float32, device=dev)
+            z = torch.empty(B, H, F, dtype=torch.float32, device=dev)
+        else:
+            S = z = None
+        launch(S if S is not None else dummy, z if z is not None else dummy, 0, 0, 1, NC, 0,
+               bool(output_final_state))
     else:
-        def grid(meta):
-            return (B * H, NMT, triton.cdiv(Dv, meta["BV"]))
-        _rf_fwd_kernel_tuned[grid](*args, **flags)
-
+        # Non-causal: sums over key chunks split into NSPLIT ranges (enough programs to fill the device),
+        # reduced on the host in a fixed order (deterministic); then every range writes its outputs from
+        # the reduced state. The reduced state is the final state.
+        nsplit = _num_splits(NC, B * H * NMT * triton.cdiv(Dv, 64), dev)
+        cps = triton.cdiv(NC, nsplit)
+        nsplit = triton.cdiv(NC, cps)
+        S_part = torch.empty(nsplit, B, H, F, Dv, dtype=torch.float32, device=dev)
+        z_part = torch.empty(nsplit, B, H, F, dtype=torch.float32, device=dev)
+        launch(S_part, z_part, B * H * F * Dv, B * H * F, nsplit, cps, 1, False)
+        S, z = S_part.sum(0), z_part.sum(0)
+        launch(S, z, 0, 0, nsplit, cps, 2, False)
     if split:
         den = den_buf.sum(0)                                                            # [B, H, T]
         num = o_buf.sum(0)                                                              # [B, T, H, Dv]
