@@ -25,3 +25,24 @@ def test_largest_sizes(D, m, component, causal, device):
         results[backend] = (o, *(t.grad for t in leaves))
     for name, got, want in zip(("o", "dq", "dk", "dv"), results["triton"], results["reference"]):
         assert_close(got, want, torch.float32, name=name)
+
+
+def test_gradients_after_leading_masked_chunks_with_far_negative_exponents(device):
+    """Keys of the first chunks all masked (their stabiliser is 0), later key exponents far below 0
+    (Gaussian kernel, large |k|): the rescaling between them must stay finite in the backward too."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(1, 100, 1, 16, generator=g) * 14 for _ in range(2))
+    v = torch.randn(1, 100, 1, 16, generator=g)
+    keep = torch.ones(1, 100, dtype=torch.bool, device=device)
+    keep[0, :70] = False
+    fm = RandomFeatureMap(16, 32, kernel="gaussian", seed=0, device=device).eval()
+    results = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+        o, state = rf_attention(*leaves, fm, causal=True, key_padding_mask=keep, backend=backend,
+                                output_final_state=True)
+        o[:, 70:].square().sum().backward()
+        results[backend] = (o[:, 70:], *(t.grad for t in leaves))
+        assert state.log_scale.item() < -100
+    for name, got, want in zip(("o", "dq", "dk", "dv"), results["triton"], results["reference"]):
+        assert_close(got, want, torch.float32, name=name)

@@ -13,8 +13,9 @@ With ``g_t = dL/do_t``, ``den_s = max(|den_t|, eps)``, ``a_t = g_t / den_s`` and
 
 Key features and the carried state of chunk c are relative to the key stabiliser ``kstab_c``; the
 carried ``dS``/``dz`` of chunk c are relative to the same constant, so moving from chunk c + 1 to c
-multiplies them by ``exp(kstab_c - kstab_{c+1}) <= 1``. Gradients of the returned final state seed
-``dS``/``dz`` before the last chunk; ``dS0 = dS * exp(m0 - kstab_0)`` after the first.
+multiplies them by ``exp(min(kstab_c - kstab_{c+1}, 0)) <= 1``: the forward's factor (kstab only
+decreases after leading chunks without any key, whose stabiliser is 0 and whose state is zero).
+Gradients of the returned final state seed ``dS``/``dz`` before the last chunk; ``dS0 = dS * exp(m0 - kstab_0)`` after the first.
 
 Two kernels, both tiled by frequency (a tile of BM rows of W gives one or two feature blocks) and
 holding the full head dims in registers:
@@ -180,7 +181,8 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, qmax, kstab
         b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0)             # [BT]
         if CAUSAL:
             b_ks = tl.load(kstab + i_bh * NK + c)
-            b_rescale = tl.exp(b_kprev - b_ks)
+            # as in the forward: min() keeps the factor finite after chunks with no key (state zero)
+            b_rescale = tl.exp(tl.minimum(b_kprev - b_ks, 0.0))
             b_kprev = b_ks
             b_sa *= b_rescale
             b_za *= b_rescale
@@ -310,7 +312,8 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
         m_tv = m_t[:, None] & m_v[None, :]
         if CAUSAL:
             b_ks = tl.load(kstab + i_bh * NK + c)
-            b_rescale = tl.exp(b_ks - b_knext)
+            # the derivative of the forward's exp(min(kstab_c - kstab_{c+1}, 0)): finite after empty chunks
+            b_rescale = tl.exp(tl.minimum(b_ks - b_knext, 0.0))
             b_knext = b_ks
             b_dsa *= b_rescale
             b_dza *= b_rescale
