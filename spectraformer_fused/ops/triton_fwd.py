@@ -261,16 +261,6 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
             if KIND != 0:
                 b_sb += tl.dot(tl.trans(b_pkb), b_v, input_precision=PREC)
                 b_zb += tl.sum(b_pkb, axis=0)
-        # This range's partial state; summed over ranges on the host.
-        p_sp = S + i_s * s_sp + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
-        p_zp = z + i_s * s_zp + i_bh * F + o_m
-        tl.store(p_sp, b_sa, mask=m_s)
-        if KIND != 0:
-            tl.store(p_sp + M * DV, b_sb, mask=m_s)
-        if i_v == 0:
-            tl.store(p_zp, b_za, mask=m_m)
-            if KIND != 0:
-                tl.store(p_zp + M, b_zb, mask=m_m)
     else:
         p_s = S + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
         p_z = z + i_bh * F + o_m
@@ -297,9 +287,10 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
                        s_on, s_dn, SPLIT)
 
     if STORE_STATE:
-        # S, z relative to the last stabiliser = the final running max (or all zero when it is -inf).
-        p_s = S + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
-        p_z = z + i_bh * F + o_m
+        # PHASE 0: the final state, relative to the last stabiliser = the final running max (all zero when
+        # it is -inf). PHASE 1: this chunk range's partial state (i_s-th slice), summed on the host.
+        p_s = S + i_s * s_sp + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
+        p_z = z + i_s * s_zp + i_bh * F + o_m
         tl.store(p_s, b_sa, mask=m_s)
         if KIND != 0:
             tl.store(p_s + M * DV, b_sb, mask=m_s)
@@ -449,7 +440,7 @@ def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: flo
         nsplit = triton.cdiv(NC, cps)
         S_part = torch.empty(nsplit, B, H, F, Dv, dtype=torch.float32, device=dev)
         z_part = torch.empty(nsplit, B, H, F, dtype=torch.float32, device=dev)
-        launch(S_part, z_part, B * H * F * Dv, B * H * F, nsplit, cps, 1, False)
+        launch(S_part, z_part, B * H * F * Dv, B * H * F, nsplit, cps, 1, True)
         S, z = S_part.sum(0), z_part.sum(0)
         launch(S, z, 0, 0, nsplit, cps, 2, False)
     if split:
