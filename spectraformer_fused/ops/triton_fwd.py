@@ -66,10 +66,11 @@ def _features(xt, r, w, bias, freq, shift, keep, KIND: tl.constexpr):
     """Stabilised features (blocks a, b) of one frequency tile: phi = exp(e - shift) * mult, 0 on rows
     not kept and on padded frequencies (their bias is -inf). shift broadcasts against [BT, BM]."""
     _, ea, eb, ma, mb = _feature_logits(xt, w, bias, freq, r, KIND)
-    pa = tl.where(keep[:, None], tl.exp(ea - shift) * ma, 0.0)
+    # Rows not kept get exponent -inf before exp (never exp of a large number that is then discarded).
+    pa = tl.exp(tl.where(keep[:, None], ea - shift, float("-inf"))) * ma
     pb = pa
     if KIND != 0:
-        pb = tl.where(keep[:, None], tl.exp(eb - shift) * mb, 0.0)
+        pb = tl.exp(tl.where(keep[:, None], eb - shift, float("-inf"))) * mb
     return pa, pb
 
 
