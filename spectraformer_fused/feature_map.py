@@ -154,8 +154,8 @@ class RandomFeatureMap(nn.Module):
     @torch.no_grad()
     def _update_running(self, m: Moments) -> None:
         # Per-(batch, head) moments [B, H, D] -> per head [num_heads, D] (shared W: pooled over heads).
-        def reduce(t):
-            t = t.float().mean(0)
+        def reduce(t, like):
+            t = t.to(like.dtype).mean(0)
             return t.mean(0, keepdim=True) if self.num_heads == 1 else t
 
         first = self.num_batches_tracked == 0
@@ -163,7 +163,7 @@ class RandomFeatureMap(nn.Module):
         rate = 1.0 / n if self.stats_momentum is None else torch.full_like(n, self.stats_momentum)
         rate = torch.where(first, torch.ones_like(rate), rate)
         for buf, new in zip(self.running_moments().tensors(), m.tensors()):
-            buf.lerp_(reduce(new), rate)
+            buf.lerp_(reduce(new, buf), rate.to(buf.dtype))
         self.num_batches_tracked.add_(1)
 
     # -- resolving the parameters of one call ----------------------------------------------------

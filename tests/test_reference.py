@@ -313,3 +313,13 @@ def test_feature_dim(component):
     wide = component in ("hyprf", "trigrf")
     assert fm.feature_dim == (20 if wide else 10) and fm.num_features == 10
     assert fm.projection().shape == (1, 10, 8)
+
+
+def test_running_statistics_follow_the_module_dtype():
+    """A map converted with .double() keeps updating its (now float64) running statistics."""
+    q, k, v = qkv(B=2, T=10, H=2, D=8)
+    fm = RandomFeatureMap(8, 16, component="saderf", num_heads=2, seed=0).double()
+    for _ in range(2):
+        rf_attention(q, k, v, fm, causal=True)
+    assert fm.num_batches_tracked.item() == 2 and fm.running_sq_x.dtype == torch.float64
+    assert_close(fm.running_sq_x, (q * 8 ** -0.25).pow(2).mean((0, 1)), torch.float64, name="running E[x^2]")
