@@ -177,7 +177,15 @@ def _torch_stats(q, k, v, p, mask, state, causal, chunk):
         num = num + (phiq @ state.S.double()) * alpha[..., None]
         den = den + (phiq @ state.z.double()[..., None])[..., 0] * alpha
     o = num / den.abs().clamp_min(1e-30)[..., None]
-    return o.transpose(1, 2).to(v.dtype), den.float(), qmax.float(), kstab.float()
+    # final state, relative to the last key stabiliser (the one the last query row used)
+    phik_last = phik[:, :, -1]                                                  # [B, H, Tk, F]
+    S = phik_last.transpose(-1, -2) @ v.double().transpose(1, 2)
+    z = phik_last.sum(-2)
+    if state is not None:
+        alpha_last = torch.exp(m0 - ks[..., -1])
+        S = S + state.S.double() * alpha_last[..., None, None]
+        z = z + state.z.double() * alpha_last[..., None]
+    return o.transpose(1, 2).to(v.dtype), den.float(), qmax.float(), kstab.float(), S.float(), z.float()
 
 
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[5], CASES[6]], ids=lambda c: c.id)
@@ -191,14 +199,14 @@ def test_bwd_kernels_alone(case, device):
     case_final = Case(**{**case.__dict__, "final": True})
     o_ref, fin_ref, g_ref = _run("reference", fm, q, k, v, mask, state, case_final)
     p = fm.feature_params(q, k, scale=case.D ** -0.5, causal=case.causal, key_padding_mask=mask)
-    o, den, qmax, kstab = _torch_stats(q, k, v, p, mask, state, case.causal, 32)
+    o, den, qmax, kstab, S, z = _torch_stats(q, k, v, p, mask, state, case.causal, 32)
     gen = torch.Generator().manual_seed(1)
     do = torch.randn(o.shape, generator=gen)
     dS = torch.randn(fin_ref.S.shape, generator=gen)
     dz = torch.randn(fin_ref.z.shape, generator=gen)
     s0 = (None, None, None) if state is None else tuple(state)
     dq, dk, dv, dW, dbias, dS0, dz0 = rf_bwd(do, dS, dz, q, k, v, p.W.detach(), p.bias.detach(), p.freq, p.psi, mask,
-                                             *s0, o, den, qmax, kstab, kind=p.kind, c_t=p.c_t, c_o=p.c_o,
+                                             *s0, o, den, qmax, kstab, S, z, kind=p.kind, c_t=p.c_t, c_o=p.c_o,
                                              scale=p.scale, causal=case.causal, chunk_size=32)
     assert_close(dq, g_ref["q"], name="dq")
     assert_close(dk, g_ref["k"], name="dk")

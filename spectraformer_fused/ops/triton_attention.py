@@ -1,8 +1,8 @@
 """The Triton backend: ``rf_fwd`` / ``rf_bwd`` as ``torch.library`` custom ops joined by autograd.
 
 The ops are opaque to ``torch.compile`` (their fake implementations give the shapes), so a compiled
-model calls the kernels as they are. The forward saves its inputs, ``o``, the raw denominator and the
-stabilisers (``qmax [B, H, T]``, ``kstab`` one per chunk): O(T (D + Dv)) in all. The backward
+model calls the kernels as they are. The forward saves its inputs, ``o``, the raw denominator, the
+stabilisers (``qmax [B, H, T]``, ``kstab`` one per chunk) and the final state: O(T (D + Dv) + F Dv). The backward
 recomputes every feature from them instead of saving any ``[T, F]`` tensor.
 """
 from __future__ import annotations
@@ -52,10 +52,11 @@ def _(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, kind, c_t, c_o, scale, caus
 def _rf_bwd_op(do: Tensor, dS: Optional[Tensor], dz: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, W: Tensor,
                bias: Tensor, freq: Tensor, psi: Optional[Tensor], mask: Optional[Tensor], S0: Optional[Tensor],
                z0: Optional[Tensor], m0: Optional[Tensor], o: Tensor, den: Tensor, qmax: Tensor, kstab: Tensor,
-               kind: int, c_t: float, c_o: float, scale: float, causal: bool, chunk_size: int) -> _FWD_OUT:
+               S: Tensor, z: Tensor, kind: int, c_t: float, c_o: float, scale: float, causal: bool,
+               chunk_size: int) -> _FWD_OUT:
     """(dq, dk, dv, dW [H, m, D], dbias, dS0, dz0); dS0 and dz0 are empty without an initial state."""
     dq, dk, dv, dW, dbias, dS0, dz0 = rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax,
-                                             kstab, kind=kind, c_t=c_t, c_o=c_o, scale=scale, causal=causal,
+                                             kstab, S, z, kind=kind, c_t=c_t, c_o=c_o, scale=scale, causal=causal,
                                              chunk_size=chunk_size)
     if dS0 is None:
         dS0, dz0 = q.new_zeros(0, dtype=torch.float32), q.new_zeros(0, dtype=torch.float32)
@@ -63,7 +64,7 @@ def _rf_bwd_op(do: Tensor, dS: Optional[Tensor], dz: Optional[Tensor], q: Tensor
 
 
 @_rf_bwd_op.register_fake
-def _(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab, kind, c_t, c_o, scale,
+def _(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab, S, z, kind, c_t, c_o, scale,
       causal, chunk_size):
     f32 = dict(dtype=torch.float32, device=q.device)
     ds0 = q.new_empty(S0.shape, **f32) if S0 is not None else q.new_empty(0, **f32)
@@ -74,19 +75,20 @@ def _(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, k
 
 def _setup_context(ctx, inputs, output):
     q, k, v, W, bias, freq, psi, mask, S0, z0, m0, kind, c_t, c_o, scale, causal, chunk_size = inputs
-    o, den, qmax, kstab = output[:4]
-    # Saved: inputs, o and the stabilisers; the features are recomputed in the backward.
-    ctx.save_for_backward(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab)
+    o, den, qmax, kstab, S, z = output[:6]
+    # Saved: inputs, o, the stabilisers and the final state (O(F Dv) per head: the non-causal backward's
+    # state); the features are recomputed in the backward.
+    ctx.save_for_backward(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab, S, z)
     ctx.meta = (kind, c_t, c_o, scale, causal, chunk_size)
     ctx.has_s0 = S0 is not None
 
 
 def _backward(ctx, do, dden, dqmax, dkstab, dS, dz, dm):
-    q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab = ctx.saved_tensors
+    q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab, S, z = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
     dq, dk, dv, dW, dbias, dS0, dz0 = torch.ops.spectraformer_fused.rf_bwd(
-        do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab, *ctx.meta)
+        do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab, S, z, *ctx.meta)
     if not ctx.has_s0:
         dS0 = dz0 = None
     return dq, dk, dv, dW, dbias, None, None, None, dS0, dz0, None, None, None, None, None, None, None

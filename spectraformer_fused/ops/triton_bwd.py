@@ -1,8 +1,8 @@
 """Triton backward of random-feature attention.
 
 The forward saves only its inputs, the output ``o``, the raw denominator ``den``, the query stabilisers
-``qmax [B, H, T]`` and the key stabilisers ``kstab`` (one per chunk); every feature is recomputed here,
-so no ``[T, F]`` tensor is ever stored or allocated.
+``qmax [B, H, T]``, the key stabilisers ``kstab`` (one per chunk) and its final state; every feature is
+recomputed here, so no ``[T, F]`` tensor is ever stored or allocated.
 
 With ``g_t = dL/do_t``, ``den_s = max(|den_t|, eps)``, ``a_t = g_t / den_s`` and
 ``beta_t = -(g_t . o_t) sign(den_t) / den_s`` (0 where the floor is active):
@@ -15,18 +15,22 @@ Key features and the carried state of chunk c are relative to the key stabiliser
 carried ``dS``/``dz`` of chunk c are relative to the same constant, so moving from chunk c + 1 to c
 multiplies them by ``exp(min(kstab_c - kstab_{c+1}, 0)) <= 1``: the forward's factor (kstab only
 decreases after leading chunks without any key, whose stabiliser is 0 and whose state is zero).
-Gradients of the returned final state seed ``dS``/``dz`` before the last chunk; ``dS0 = dS * exp(m0 - kstab_0)`` after the first.
+Gradients of the returned final state seed ``dS``/``dz`` before the last chunk;
+``dS0 = dS * exp(m0 - kstab_0)`` after the first.
 
-Two kernels, both tiled by frequency (a tile of BM rows of W gives one or two feature blocks) and
-holding the full head dims in registers:
+Kernels, all tiled by frequency (a tile of BM rows of W gives one or two feature blocks) and holding the
+full head dims in registers:
 
-* ``_rf_bwd_dq_kernel`` walks the chunks forward, rebuilding the state, and produces the query
-  gradient of its frequency tile;
-* ``_rf_bwd_dkv_kernel`` walks the chunks backward with ``dS``/``dz`` and produces the key and value
-  gradients of its tile and the gradient of the initial state.
+* ``_rf_bwd_dq_kernel``: the query gradient of its frequency tile. Causal: walks the chunks forward,
+  rebuilding the state. Non-causal: the state is the forward's final one, and program id 2 takes one of
+  NSPLIT ranges of chunks, so the ranges run in parallel.
+* ``_rf_bwd_dstate_kernel`` (non-causal only): each range's part of ``dS``/``dz`` over its queries,
+  reduced on the host together with the final-state gradients.
+* ``_rf_bwd_dkv_kernel``: key and value gradients of its tile and the initial state's gradient. Causal:
+  walks the chunks backward carrying ``dS``/``dz``; non-causal: reads the reduced ones, one range each.
 
-The input gradients of each frequency tile, and W's and the bias' gradients of each (batch, head), are
-fp32 partials summed on the host: deterministic, no atomics.
+The input gradients of each frequency tile, and W's and the bias' gradients of each (batch, head, range),
+are fp32 partials summed on the host: deterministic, no atomics.
 """
 from __future__ import annotations
 
@@ -38,6 +42,7 @@ import triton.language as tl
 
 from . import autotune_enabled
 from .triton_common import _feature_logits, _transform
+from .triton_fwd import _num_splits
 
 DEN_EPS = 1e-30
 
@@ -99,13 +104,18 @@ def _input_grad(de, du, xt, raw, w, psi, freq, root, c_t, c_o,
 
 @triton.autotune(configs=_configs(), key=_KEY)
 @triton.jit(do_not_specialize=["T"])
-def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, qmax, kstab, da, dbeta,
-                      dq, dw, db, T, H, M, D, DV, stride_wh, root, c_t, c_o,
+def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qmax, kstab, da, dbeta,
+                      dq, dw, db, T, H, M, D, DV, stride_wh, CPS, s_wp, s_bp, root, c_t, c_o,
                       KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
                       HAS_MASK: tl.constexpr, HAS_S0: tl.constexpr,
                       BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
+    """dq (and the query part of dW, dbias). Causal: one ordered walk rebuilding the state. Non-causal:
+    program id 2 picks a range of CPS chunks, and the state is the forward's final one (sf, zf: every
+    key and the initial state, relative to the one key stabiliser), so ranges run in parallel; dW/dbias
+    partials go to slice i_s (strides s_wp, s_bp)."""
     i_m = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
+    i_s = tl.program_id(2).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
     NC = tl.cdiv(T, BT)
@@ -137,40 +147,32 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, qmax, kstab
     b_sb = tl.zeros([BM, BV], dtype=tl.float32)
     b_za = tl.zeros([BM], dtype=tl.float32)
     b_zb = tl.zeros([BM], dtype=tl.float32)
-    if HAS_S0:
-        b_alpha = tl.exp(tl.load(m0 + i_bh) - b_ks0)
-        m_sv = m_m[:, None] & m_v[None, :]
-        p_s0 = s0 + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
-        b_sa = tl.load(p_s0, mask=m_sv, other=0.0) * b_alpha
-        b_za = tl.load(z0 + i_bh * F + o_m, mask=m_m, other=0.0) * b_alpha
+    m_sv = m_m[:, None] & m_v[None, :]
+    if CAUSAL:
+        c_lo = 0
+        c_hi = NC
+        if HAS_S0:
+            b_alpha = tl.exp(tl.load(m0 + i_bh) - b_ks0)
+            p_s0 = s0 + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
+            b_sa = tl.load(p_s0, mask=m_sv, other=0.0) * b_alpha
+            b_za = tl.load(z0 + i_bh * F + o_m, mask=m_m, other=0.0) * b_alpha
+            if KIND != 0:
+                b_sb = tl.load(p_s0 + M * DV, mask=m_sv, other=0.0) * b_alpha
+                b_zb = tl.load(z0 + i_bh * F + M + o_m, mask=m_m, other=0.0) * b_alpha
+    else:
+        c_lo = i_s * CPS
+        c_hi = tl.minimum(c_lo + CPS, NC)
+        p_sf = sf + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
+        b_sa = tl.load(p_sf, mask=m_sv, other=0.0)
+        b_za = tl.load(zf + i_bh * F + o_m, mask=m_m, other=0.0)
         if KIND != 0:
-            b_sb = tl.load(p_s0 + M * DV, mask=m_sv, other=0.0) * b_alpha
-            b_zb = tl.load(z0 + i_bh * F + M + o_m, mask=m_m, other=0.0) * b_alpha
+            b_sb = tl.load(p_sf + M * DV, mask=m_sv, other=0.0)
+            b_zb = tl.load(zf + i_bh * F + M + o_m, mask=m_m, other=0.0)
 
     b_dw = tl.zeros([BM, BD], dtype=tl.float32)
     b_db = tl.zeros([BM], dtype=tl.float32)
     b_kprev = b_ks0
-    if not CAUSAL:
-        # non-causal: the state of all keys first
-        for c in range(0, NC):
-            o_t = c * BT + o_c
-            m_t = o_t < T
-            b_k = tl.load(k + ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :],
-                          mask=m_t[:, None] & m_d[None, :], other=0.0)
-            b_v = tl.load(v + ((i_b * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :],
-                          mask=m_t[:, None] & m_v[None, :], other=0.0).to(tl.float32)
-            kt, kr = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
-            keep = m_t
-            if HAS_MASK:
-                keep = keep & (tl.load(mask + i_b * T + o_t, mask=m_t, other=0) != 0)
-            kr = tl.where(keep, kr, float("-inf"))
-            ka, kb = _phi(kt, kr, b_w, b_bias, b_freq, b_ks0, KIND)
-            b_sa += tl.dot(tl.trans(ka), b_v, input_precision="ieee")      # [BM, BT] @ [BT, BV] -> [BM, BV]
-            b_za += tl.sum(ka, axis=0)
-            if KIND != 0:
-                b_sb += tl.dot(tl.trans(kb), b_v, input_precision="ieee")
-                b_zb += tl.sum(kb, axis=0)
-    for c in range(0, NC):
+    for c in range(c_lo, c_hi):
         o_t = c * BT + o_c
         m_t = o_t < T
         p_tk = ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
@@ -228,19 +230,20 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, qmax, kstab
                 b_sb += tl.dot(tl.trans(kb), b_v, input_precision="ieee")
                 b_zb += tl.sum(kb, axis=0)
 
-    tl.store(dw + (i_bh * M + o_m[:, None]) * D + o_d[None, :], b_dw, mask=m_m[:, None] & m_d[None, :])
-    tl.store(db + i_bh * M + o_m, b_db, mask=m_m)
+    tl.store(dw + i_s * s_wp + (i_bh * M + o_m[:, None]) * D + o_d[None, :], b_dw, mask=m_m[:, None] & m_d[None, :])
+    tl.store(db + i_s * s_bp + i_bh * M + o_m, b_db, mask=m_m)
 
 
 @triton.autotune(configs=_configs(), key=_KEY)
 @triton.jit(do_not_specialize=["T"])
 def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, dbeta, dsf, dzf,
-                       dk, dv, dw, db, ds0, dz0, T, H, M, D, DV, stride_wh, root, c_t, c_o,
+                       dk, dv, dw, db, ds0, dz0, T, H, M, D, DV, stride_wh, CPS, s_wp, s_bp, root, c_t, c_o,
                        KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
                        HAS_MASK: tl.constexpr, HAS_S0: tl.constexpr, HAS_DSF: tl.constexpr,
                        BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
     i_m = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
+    i_s = tl.program_id(2).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
     NC = tl.cdiv(T, BT)
@@ -280,30 +283,19 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
             b_dsb = tl.load(p_sf + M * DV, mask=m_sv, other=0.0)
             b_dzb = tl.load(dzf + i_bh * F + M + o_m, mask=m_m, other=0.0)
 
-    if not CAUSAL:
-        # non-causal: dS, dz of all queries first
-        for c in range(0, NC):
-            o_t = c * BT + o_c
-            m_t = o_t < T
-            b_q = tl.load(q + ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :],
-                          mask=m_t[:, None] & m_d[None, :], other=0.0)
-            b_a = tl.load(da + ((i_b * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :],
-                          mask=m_t[:, None] & m_v[None, :], other=0.0)
-            b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0)
-            b_qm = tl.load(qmax + i_bh * T + o_t, mask=m_t, other=0.0)
-            qt, qr = _transform(b_q, b_psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
-            qa, qb = _phi(qt, qr, b_w, b_bias, b_freq, b_qm[:, None], KIND)
-            b_dsa += tl.dot(tl.trans(qa), b_a, input_precision="ieee")     # [BM, BT] @ [BT, BV] -> [BM, BV]
-            b_dza += tl.sum(qa * b_beta[:, None], axis=0)
-            if KIND != 0:
-                b_dsb += tl.dot(tl.trans(qb), b_a, input_precision="ieee")
-                b_dzb += tl.sum(qb * b_beta[:, None], axis=0)
+    if CAUSAL:
+        c_lo = 0
+        c_hi = NC
+    else:
+        # dS, dz of every query (and the final-state gradients) were reduced on the host (HAS_DSF)
+        c_lo = i_s * CPS
+        c_hi = tl.minimum(c_lo + CPS, NC)
 
     b_dw = tl.zeros([BM, BD], dtype=tl.float32)
     b_db = tl.zeros([BM], dtype=tl.float32)
     b_knext = tl.load(kstab + i_bh * NK + NK - 1)
-    for i in range(0, NC):
-        c = NC - 1 - i
+    for i in range(0, c_hi - c_lo):
+        c = c_hi - 1 - i
         o_t = c * BT + o_c
         m_t = o_t < T
         p_tk = ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
@@ -374,30 +366,92 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
                 b_dsb += tl.dot(tl.trans(qb), b_a, input_precision="ieee")
                 b_dzb += tl.sum(qb * b_beta[:, None], axis=0)
 
-    tl.store(dw + (i_bh * M + o_m[:, None]) * D + o_d[None, :], b_dw, mask=m_m[:, None] & m_d[None, :])
-    tl.store(db + i_bh * M + o_m, b_db, mask=m_m)
+    tl.store(dw + i_s * s_wp + (i_bh * M + o_m[:, None]) * D + o_d[None, :], b_dw, mask=m_m[:, None] & m_d[None, :])
+    tl.store(db + i_s * s_bp + i_bh * M + o_m, b_db, mask=m_m)
     if HAS_S0:
-        b_alpha = tl.exp(tl.load(m0 + i_bh) - b_knext)
-        p_s0 = ds0 + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
-        tl.store(p_s0, b_dsa * b_alpha, mask=m_sv)
-        tl.store(dz0 + i_bh * F + o_m, b_dza * b_alpha, mask=m_m)
+        if i_s == 0:  # non-causal ranges all hold the same reduced dS; one writes it
+            b_alpha = tl.exp(tl.load(m0 + i_bh) - b_knext)
+            p_s0 = ds0 + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
+            tl.store(p_s0, b_dsa * b_alpha, mask=m_sv)
+            tl.store(dz0 + i_bh * F + o_m, b_dza * b_alpha, mask=m_m)
+            if KIND != 0:
+                tl.store(p_s0 + M * DV, b_dsb * b_alpha, mask=m_sv)
+                tl.store(dz0 + i_bh * F + M + o_m, b_dzb * b_alpha, mask=m_m)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _rf_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, da, dbeta, dsp, dzp,
+                          T, H, M, D, DV, stride_wh, CPS, s_sp, s_zp, root, c_t, c_o,
+                          KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
+                          BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
+    """Non-causal: this chunk range's part of dS = sum_t phiq_t a_t^T and dz = sum_t phiq_t beta_t,
+    written to slice i_s of dsp [NSPLIT, B, H, F, Dv] / dzp [NSPLIT, B, H, F] and summed on the host."""
+    i_m = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_s = tl.program_id(2).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    NC = tl.cdiv(T, BT)
+    F = M if KIND == 0 else 2 * M
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < M
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_v = tl.arange(0, BV)
+    m_v = o_v < DV
+    o_c = tl.arange(0, BT)
+    m_sv = m_m[:, None] & m_v[None, :]
+    b_w = tl.load(w + i_h * stride_wh + o_m[:, None] * D + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
+    b_bias = tl.load(bias + i_bh * M + o_m, mask=m_m, other=float("-inf"))
+    b_freq = tl.load(freq + i_bh)
+    if HAS_PSI:
+        b_psi = tl.load(psi + i_bh * D + o_d, mask=m_d, other=1.0)
+    else:
+        b_psi = tl.full([BD], 1.0, tl.float32)
+    b_dsa = tl.zeros([BM, BV], dtype=tl.float32)
+    b_dsb = tl.zeros([BM, BV], dtype=tl.float32)
+    b_dza = tl.zeros([BM], dtype=tl.float32)
+    b_dzb = tl.zeros([BM], dtype=tl.float32)
+    c_lo = i_s * CPS
+    for c in range(c_lo, tl.minimum(c_lo + CPS, NC)):
+        o_t = c * BT + o_c
+        m_t = o_t < T
+        b_q = tl.load(q + ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :],
+                      mask=m_t[:, None] & m_d[None, :], other=0.0)
+        b_a = tl.load(da + ((i_b * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :],
+                      mask=m_t[:, None] & m_v[None, :], other=0.0)
+        b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0)
+        b_qm = tl.load(qmax + i_bh * T + o_t, mask=m_t, other=0.0)
+        qt, qr = _transform(b_q, b_psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
+        qa, qb = _phi(qt, qr, b_w, b_bias, b_freq, b_qm[:, None], KIND)
+        b_dsa += tl.dot(tl.trans(qa), b_a, input_precision="ieee")     # [BM, BT] @ [BT, BV] -> [BM, BV]
+        b_dza += tl.sum(qa * b_beta[:, None], axis=0)
         if KIND != 0:
-            tl.store(p_s0 + M * DV, b_dsb * b_alpha, mask=m_sv)
-            tl.store(dz0 + i_bh * F + M + o_m, b_dzb * b_alpha, mask=m_m)
+            b_dsb += tl.dot(tl.trans(qb), b_a, input_precision="ieee")
+            b_dzb += tl.sum(qb * b_beta[:, None], axis=0)
+    p_ds = dsp + i_s * s_sp + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
+    p_dz = dzp + i_s * s_zp + i_bh * F + o_m
+    tl.store(p_ds, b_dsa, mask=m_sv)
+    tl.store(p_dz, b_dza, mask=m_m)
+    if KIND != 0:
+        tl.store(p_ds + M * DV, b_dsb, mask=m_sv)
+        tl.store(p_dz + M, b_dzb, mask=m_m)
 
 
 def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab, *, kind: int,
+def rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab, S, z, *, kind: int,
            c_t: float, c_o: float, scale: float, causal: bool, chunk_size: int):
     """Gradients of random-feature attention from the saved forward statistics.
 
     ``do [B, T, H, Dv]``; ``dS [B, H, F, Dv]`` and ``dz [B, H, F]`` the gradients of the final state (or
-    None). The other arguments are ``rf_fwd``'s inputs and its outputs ``o, den, qmax, kstab``, and the
-    ``chunk_size`` it used. Returns ``(dq, dk, dv, dW [H, m, D] fp32, dbias [B, H, m] fp32, dS0, dz0)``;
-    dS0, dz0 are None without an initial state.
+    None). The other arguments are ``rf_fwd``'s inputs and its outputs ``o, den, qmax, kstab`` and final
+    state ``S, z`` (read by the non-causal backward only), and the ``chunk_size`` it used. Non-causal
+    gradients run over NSPLIT ranges of chunks in parallel: dS, dz of all queries are reduced on the host
+    first, the state is the forward's. Returns ``(dq, dk, dv, dW [H, m, D] fp32, dbias [B, H, m] fp32,
+    dS0, dz0)``; dS0, dz0 are None without an initial state.
     """
     B, T, H, D = q.shape
     Dv = v.shape[-1]
@@ -425,7 +479,6 @@ def rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qm
     BM = min(64, _pow2(M))
     BD, BV = _pow2(D), _pow2(Dv)
     NM = triton.cdiv(M, BM)
-    grid = (NM, B * H)
     has_s0 = S0 is not None
     has_dsf = dS is not None or dz is not None
     if has_s0:
@@ -433,28 +486,51 @@ def rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qm
     if has_dsf:
         dS = torch.zeros(B, H, F, Dv, device=dev) if dS is None else dS.float().contiguous()
         dz = torch.zeros(B, H, F, device=dev) if dz is None else dz.float().contiguous()
+    dS_final, dz_final = dS, dz
     mask_arg = None if mask is None else mask.contiguous()
     root = math.sqrt(scale)
     flags = dict(KIND=kind, CAUSAL=bool(causal), HAS_PSI=psi is not None, HAS_CO=c_o != 0.0,
                  HAS_MASK=mask is not None, HAS_S0=has_s0, BT=BT, BM=BM, BD=BD, BV=BV)
 
+    NC = triton.cdiv(T, BT)
+    if causal:
+        nsplit, cps = 1, NC
+    else:
+        cps = triton.cdiv(NC, _num_splits(NC, NM * B * H, dev))
+        nsplit = triton.cdiv(NC, cps)
+    grid = (NM, B * H, nsplit)
     dq_part = torch.empty(NM, B, T, H, D, device=dev, dtype=torch.float32)
     dk_part = torch.empty(NM, B, T, H, D, device=dev, dtype=torch.float32)
     dv_part = torch.empty(NM, B, T, H, Dv, device=dev, dtype=torch.float32)
-    dw_part = torch.empty(2, B, H, M, D, device=dev, dtype=torch.float32)
-    db_part = torch.empty(2, B, H, M, device=dev, dtype=torch.float32)
+    dw_part = torch.empty(2, nsplit, B, H, M, D, device=dev, dtype=torch.float32)
+    db_part = torch.empty(2, nsplit, B, H, M, device=dev, dtype=torch.float32)
+    s_wp, s_bp = B * H * M * D, B * H * M
     dS0 = torch.empty(B, H, F, Dv, device=dev, dtype=torch.float32) if has_s0 else None
     dz0 = torch.empty(B, H, F, device=dev, dtype=torch.float32) if has_s0 else None
+    qmax, kstab = qmax.contiguous(), kstab.contiguous()
+    if not causal:
+        S, z = S.float().contiguous(), z.float().contiguous()
+        # dS, dz of every query, per chunk range, then reduced (with the final-state gradients)
+        dsp = torch.empty(nsplit, B, H, F, Dv, device=dev, dtype=torch.float32)
+        dzp = torch.empty(nsplit, B, H, F, device=dev, dtype=torch.float32)
+        _rf_bwd_dstate_kernel[grid](q, W, bias, freq, psi, qmax, a, beta, dsp, dzp, T, H, M, D, Dv, stride_wh,
+                                    cps, B * H * F * Dv, B * H * F, root, c_t, c_o, KIND=kind,
+                                    HAS_PSI=psi is not None, HAS_CO=c_o != 0.0, BT=BT, BM=BM, BD=BD, BV=BV,
+                                    num_warps=4)
+        dS, dz = dsp.sum(0), dzp.sum(0)
+        if has_dsf:
+            dS, dz = dS + dS_final, dz + dz_final
+        has_dsf = True
 
-    _rf_bwd_dq_kernel[grid](q, k, v, W, bias, freq, psi, mask_arg, S0, z0, m0, qmax.contiguous(), kstab.contiguous(),
-                            a, beta, dq_part, dw_part[0], db_part[0], T, H, M, D, Dv, stride_wh, root, c_t, c_o,
-                            **flags)
-    _rf_bwd_dkv_kernel[grid](q, k, v, W, bias, freq, psi, mask_arg, m0, qmax.contiguous(), kstab.contiguous(),
+    _rf_bwd_dq_kernel[grid](q, k, v, W, bias, freq, psi, mask_arg, S0, z0, m0, S, z, qmax, kstab,
+                            a, beta, dq_part, dw_part[0], db_part[0], T, H, M, D, Dv, stride_wh, cps, s_wp, s_bp,
+                            root, c_t, c_o, **flags)
+    _rf_bwd_dkv_kernel[grid](q, k, v, W, bias, freq, psi, mask_arg, m0, qmax, kstab,
                              a, beta, dS, dz, dk_part, dv_part, dw_part[1], db_part[1], dS0, dz0,
-                             T, H, M, D, Dv, stride_wh, root, c_t, c_o, HAS_DSF=has_dsf, **flags)
+                             T, H, M, D, Dv, stride_wh, cps, s_wp, s_bp, root, c_t, c_o, HAS_DSF=has_dsf, **flags)
     dq = dq_part.sum(0).to(q.dtype)
     dk = dk_part.sum(0).to(k.dtype)
     dv = dv_part.sum(0).to(v.dtype)
-    dW = dw_part.sum((0, 1))
-    dbias = db_part.sum(0)
+    dW = dw_part.sum((0, 1, 2))
+    dbias = db_part.sum((0, 1))
     return dq, dk, dv, dW, dbias, dS0, dz0
