@@ -66,6 +66,20 @@ def _phi(xt, r, w, bias, freq, shift, KIND: tl.constexpr):
 
 
 @triton.jit
+def _tile_params(w, bias, freq, psi, i_bh, i_h, o_m, m_m, o_d, m_d, stride_wh, M, D,
+                 HAS_PSI: tl.constexpr, BD: tl.constexpr):
+    """This program's W tile [BM, BD], bias [BM] (-inf on padded frequencies), freq and psi [BD]."""
+    b_w = tl.load(w + i_h * stride_wh + o_m[:, None] * D + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
+    b_bias = tl.load(bias + i_bh * M + o_m, mask=m_m, other=float("-inf"))
+    b_freq = tl.load(freq + i_bh)
+    if HAS_PSI:
+        b_psi = tl.load(psi + i_bh * D + o_d, mask=m_d, other=1.0)
+    else:
+        b_psi = tl.full([BD], 1.0, tl.float32)
+    return b_w, b_bias, b_freq, b_psi
+
+
+@triton.jit
 def _phi_grad(dpa, dpb, pa, pb, KIND: tl.constexpr):
     """Feature gradients -> (de, du) [BT, BM]: de the gradient of the common exponent part
     (bias + r, summed over both blocks), du the gradient of u = freq * w . x'."""
@@ -129,13 +143,8 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qma
     o_c = tl.arange(0, BT)
     part = i_m * T * tl.num_programs(1)                     # start of this tile's partial [B, T, H, D]
 
-    b_w = tl.load(w + i_h * stride_wh + o_m[:, None] * D + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
-    b_bias = tl.load(bias + i_bh * M + o_m, mask=m_m, other=float("-inf"))
-    b_freq = tl.load(freq + i_bh)
-    if HAS_PSI:
-        b_psi = tl.load(psi + i_bh * D + o_d, mask=m_d, other=1.0)
-    else:
-        b_psi = tl.full([BD], 1.0, tl.float32)
+    b_w, b_bias, b_freq, b_psi = _tile_params(w, bias, freq, psi, i_bh, i_h, o_m, m_m, o_d, m_d, stride_wh, M, D,
+                                              HAS_PSI, BD)
     if CAUSAL:
         NK = NC
     else:
@@ -258,13 +267,8 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
     m_sv = m_m[:, None] & m_v[None, :]
     part = i_m * T * tl.num_programs(1)                     # start of this tile's partial [B, T, H, .]
 
-    b_w = tl.load(w + i_h * stride_wh + o_m[:, None] * D + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
-    b_bias = tl.load(bias + i_bh * M + o_m, mask=m_m, other=float("-inf"))
-    b_freq = tl.load(freq + i_bh)
-    if HAS_PSI:
-        b_psi = tl.load(psi + i_bh * D + o_d, mask=m_d, other=1.0)
-    else:
-        b_psi = tl.full([BD], 1.0, tl.float32)
+    b_w, b_bias, b_freq, b_psi = _tile_params(w, bias, freq, psi, i_bh, i_h, o_m, m_m, o_d, m_d, stride_wh, M, D,
+                                              HAS_PSI, BD)
     if CAUSAL:
         NK = NC
     else:
@@ -401,13 +405,8 @@ def _rf_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, da, dbeta, dsp, dzp,
     m_v = o_v < DV
     o_c = tl.arange(0, BT)
     m_sv = m_m[:, None] & m_v[None, :]
-    b_w = tl.load(w + i_h * stride_wh + o_m[:, None] * D + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
-    b_bias = tl.load(bias + i_bh * M + o_m, mask=m_m, other=float("-inf"))
-    b_freq = tl.load(freq + i_bh)
-    if HAS_PSI:
-        b_psi = tl.load(psi + i_bh * D + o_d, mask=m_d, other=1.0)
-    else:
-        b_psi = tl.full([BD], 1.0, tl.float32)
+    b_w, b_bias, b_freq, b_psi = _tile_params(w, bias, freq, psi, i_bh, i_h, o_m, m_m, o_d, m_d, stride_wh, M, D,
+                                              HAS_PSI, BD)
     b_dsa = tl.zeros([BM, BV], dtype=tl.float32)
     b_dsb = tl.zeros([BM, BV], dtype=tl.float32)
     b_dza = tl.zeros([BM], dtype=tl.float32)
