@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 
 from . import autotune_enabled
-from .triton_common import _feature_logits, _transform
+from .triton_common import _features, _keep_rows, _transform
 from .triton_fwd import _num_splits
 
 DEN_EPS = 1e-30
@@ -57,12 +57,25 @@ _KEY = ["BT", "BM", "BD", "BV", "KIND", "CAUSAL"]
 
 
 @triton.jit
-def _phi(xt, r, w, bias, freq, shift, KIND: tl.constexpr):
-    """Features of one frequency tile relative to ``shift`` (broadcastable to [BT, BM]): (pa, pb) [BT, BM]."""
-    u, ea, eb, ma, mb = _feature_logits(xt, w, bias, freq, r, KIND)
-    pa = tl.exp(ea - shift) * ma
-    pb = tl.exp(eb - shift) * mb
-    return pa, pb
+def _query_phi(q, qmax, p_tk, m_tk, i_bh, T, o_t, m_t, w, bias, freq, psi, root, c_t, c_o,
+               KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr):
+    """A chunk's query tile [BT, BD], its x' and its features relative to the saved qmax."""
+    b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
+    qt, qr = _transform(b_q, psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
+    b_qm = tl.load(qmax + i_bh * T + o_t, mask=m_t, other=0.0)
+    qa, qb = _features(qt, qr, w, bias, freq, b_qm[:, None], m_t, KIND)
+    return b_q, qt, qa, qb
+
+
+@triton.jit
+def _key_phi(k, mask, p_tk, m_tk, i_b, T, o_t, m_t, w, bias, freq, psi, shift, root, c_t, c_o,
+             KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr, HAS_MASK: tl.constexpr):
+    """A chunk's key tile [BT, BD], its x' and its features relative to ``shift``; masked keys give 0."""
+    b_k = tl.load(k + p_tk, mask=m_tk, other=0.0)
+    kt, kr = _transform(b_k, psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
+    keep = _keep_rows(mask, i_b, o_t, m_t, T, 1, HAS_MASK)                  # the mask is contiguous [B, T]
+    ka, kb = _features(kt, kr, w, bias, freq, shift, keep, KIND)
+    return b_k, kt, ka, kb
 
 
 @triton.jit
@@ -199,14 +212,9 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qma
             b_za *= b_rescale
             b_sb *= b_rescale
             b_zb *= b_rescale
-            b_k = tl.load(k + p_tk, mask=m_tk, other=0.0)
             b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-            kt, kr = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
-            keep = m_t
-            if HAS_MASK:
-                keep = keep & (tl.load(mask + i_b * T + o_t, mask=m_t, other=0) != 0)
-            kr = tl.where(keep, kr, float("-inf"))
-            ka, kb = _phi(kt, kr, b_w, b_bias, b_freq, b_ks, KIND)
+            _, _, ka, kb = _key_phi(k, mask, p_tk, m_tk, i_b, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, b_ks,
+                                    root, c_t, c_o, KIND, HAS_PSI, HAS_CO, HAS_MASK)
             # P[t, j] = a_t . v_j + beta_t for keys j <= t of this chunk
             b_p = tl.dot(b_a, tl.trans(b_v), input_precision="ieee") + b_beta[:, None]   # [BT, BV] @ [BV, BT]
             b_p = tl.where(o_t[:, None] >= o_t[None, :], b_p, 0.0)
@@ -222,10 +230,8 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qma
         else:
             dqb = dqa
 
-        b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
-        qt, qr = _transform(b_q, b_psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
-        b_qm = tl.load(qmax + i_bh * T + o_t, mask=m_t, other=0.0)
-        qa, qb = _phi(qt, qr, b_w, b_bias, b_freq, b_qm[:, None], KIND)
+        b_q, qt, qa, qb = _query_phi(q, qmax, p_tk, m_tk, i_bh, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, root,
+                                     c_t, c_o, KIND, HAS_PSI, HAS_CO)
         de, du = _phi_grad(dqa, dqb, qa, qb, KIND)
         b_db += tl.sum(de, axis=0)
         b_dw += tl.dot(tl.trans(du), qt, input_precision="ieee") * b_freq               # [BM, BT] @ [BT, BD]
@@ -317,14 +323,9 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
             b_dzb *= b_rescale
         else:
             b_ks = b_knext
-        b_k = tl.load(k + p_tk, mask=m_tk, other=0.0)
         b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-        kt, kr = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
-        keep = m_t
-        if HAS_MASK:
-            keep = keep & (tl.load(mask + i_b * T + o_t, mask=m_t, other=0) != 0)
-        kr = tl.where(keep, kr, float("-inf"))
-        ka, kb = _phi(kt, kr, b_w, b_bias, b_freq, b_ks, KIND)
+        b_k, kt, ka, kb = _key_phi(k, mask, p_tk, m_tk, i_b, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, b_ks,
+                                   root, c_t, c_o, KIND, HAS_PSI, HAS_CO, HAS_MASK)
 
         # carried part: dphik_j = dS v_j + dz, dv_j = dS^T phik_j
         dka = tl.dot(b_v, tl.trans(b_dsa), input_precision="ieee") + b_dza[None, :]     # [BT, BV] @ [BV, BM]
@@ -335,12 +336,10 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
         else:
             dkb = dka
         if CAUSAL:
-            b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
             b_a = tl.load(da + p_tv, mask=m_tv, other=0.0)
             b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0)
-            b_qm = tl.load(qmax + i_bh * T + o_t, mask=m_t, other=0.0)
-            qt, qr = _transform(b_q, b_psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
-            qa, qb = _phi(qt, qr, b_w, b_bias, b_freq, b_qm[:, None], KIND)
+            _, _, qa, qb = _query_phi(q, qmax, p_tk, m_tk, i_bh, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, root,
+                                      c_t, c_o, KIND, HAS_PSI, HAS_CO)
             causal = o_t[:, None] <= o_t[None, :]                                          # key j (row) <= query t
             # P^T[j, t] = a_t . v_j + beta_t
             b_pt = tl.dot(b_v, tl.trans(b_a), input_precision="ieee") + b_beta[None, :]   # [BT, BV] @ [BV, BT]
@@ -415,14 +414,12 @@ def _rf_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, da, dbeta, dsp, dzp,
     for c in range(c_lo, tl.minimum(c_lo + CPS, NC)):
         o_t = c * BT + o_c
         m_t = o_t < T
-        b_q = tl.load(q + ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :],
-                      mask=m_t[:, None] & m_d[None, :], other=0.0)
+        p_tk = ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
         b_a = tl.load(da + ((i_b * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :],
                       mask=m_t[:, None] & m_v[None, :], other=0.0)
         b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0)
-        b_qm = tl.load(qmax + i_bh * T + o_t, mask=m_t, other=0.0)
-        qt, qr = _transform(b_q, b_psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
-        qa, qb = _phi(qt, qr, b_w, b_bias, b_freq, b_qm[:, None], KIND)
+        _, _, qa, qb = _query_phi(q, qmax, p_tk, m_t[:, None] & m_d[None, :], i_bh, T, o_t, m_t, b_w, b_bias,
+                                  b_freq, b_psi, root, c_t, c_o, KIND, HAS_PSI, HAS_CO)
         b_dsa += tl.dot(tl.trans(qa), b_a, input_precision="ieee")     # [BM, BT] @ [BT, BV] -> [BM, BV]
         b_dza += tl.sum(qa * b_beta[:, None], axis=0)
         if KIND != 0:

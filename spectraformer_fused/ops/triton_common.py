@@ -66,3 +66,25 @@ def _feature_logits(xt, w, bias, freq, r, KIND: tl.constexpr):
         ma = tl.full(u.shape, 1.0, tl.float32)
         mb = ma
     return u, ea, eb, ma, mb
+
+
+@triton.jit
+def _features(xt, r, w, bias, freq, shift, keep, KIND: tl.constexpr):
+    """Stabilised features (blocks a, b) of one frequency tile: phi = exp(e - shift) * mult, 0 on rows
+    not kept and on padded frequencies (their bias is -inf). shift broadcasts against [BT, BM]."""
+    _, ea, eb, ma, mb = _feature_logits(xt, w, bias, freq, r, KIND)
+    # Rows not kept get exponent -inf before exp (never exp of a large number that is then discarded).
+    pa = tl.exp(tl.where(keep[:, None], ea - shift, float("-inf"))) * ma
+    pb = pa
+    if KIND != 0:
+        pb = tl.exp(tl.where(keep[:, None], eb - shift, float("-inf"))) * mb
+    return pa, pb
+
+
+@triton.jit
+def _keep_rows(mask, i_b, o_t, m_t, s_mb, s_mt, HAS_MASK: tl.constexpr):
+    """[BT] rows that are real tokens and, with a key padding mask, kept."""
+    keep = m_t
+    if HAS_MASK:
+        keep = keep & (tl.load(mask + i_b * s_mb + o_t * s_mt, mask=m_t, other=0) != 0)
+    return keep

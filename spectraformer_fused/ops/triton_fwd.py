@@ -39,7 +39,7 @@ import triton.language as tl
 
 from ..components import EXP
 from . import autotune_enabled, triton_interpreting
-from .triton_common import _feature_logits, _transform
+from .triton_common import _feature_logits, _features, _keep_rows, _transform
 
 DEN_EPS = 1e-30
 MAX_BM = 64
@@ -50,28 +50,6 @@ def _load_rows(x, i_b, i_h, o_t, m_t, o_d, m_d, s_b, s_t, s_h, s_d):
     """[BT, BD] tile of a [B, T, H, D] tensor of any strides; zeros outside."""
     p_x = x + i_b * s_b + i_h * s_h + o_t[:, None] * s_t + o_d[None, :] * s_d
     return tl.load(p_x, mask=m_t[:, None] & m_d[None, :], other=0.0)
-
-
-@triton.jit
-def _keep_rows(mask, i_b, o_t, m_t, s_mb, s_mt, HAS_MASK: tl.constexpr):
-    """[BT] rows that are real tokens and, with a key padding mask, kept."""
-    keep = m_t
-    if HAS_MASK:
-        keep = keep & (tl.load(mask + i_b * s_mb + o_t * s_mt, mask=m_t, other=0) != 0)
-    return keep
-
-
-@triton.jit
-def _features(xt, r, w, bias, freq, shift, keep, KIND: tl.constexpr):
-    """Stabilised features (blocks a, b) of one frequency tile: phi = exp(e - shift) * mult, 0 on rows
-    not kept and on padded frequencies (their bias is -inf). shift broadcasts against [BT, BM]."""
-    _, ea, eb, ma, mb = _feature_logits(xt, w, bias, freq, r, KIND)
-    # Rows not kept get exponent -inf before exp (never exp of a large number that is then discarded).
-    pa = tl.exp(tl.where(keep[:, None], ea - shift, float("-inf"))) * ma
-    pb = pa
-    if KIND != 0:
-        pb = tl.exp(tl.where(keep[:, None], eb - shift, float("-inf"))) * mb
-    return pa, pb
 
 
 @triton.jit(do_not_specialize=["T"])
