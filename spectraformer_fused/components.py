@@ -27,7 +27,6 @@ KERNELS = ("softmax", "gaussian")
 
 # Feature kinds: the constexpr switch of every compiled backend.
 EXP, HYP, TRIG = 0, 1, 2
-KIND_NAMES = {EXP: "exp", HYP: "hyp", TRIG: "trig"}
 
 # Signature of the component keyword arguments accepted by RandomFeatureMap(**component_args).
 _COMPONENT_ARGS = {

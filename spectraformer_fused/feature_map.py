@@ -20,6 +20,7 @@ from .components import (
     saderf_psi,
     sequence_moments,
 )
+from .validation import check_qk_pair, resolve_scale
 from .weights import WEIGHTS, build_weights
 
 
@@ -227,8 +228,6 @@ class RandomFeatureMap(nn.Module):
         k ``[B, Tk, H, D]``. Data-dependent parameters come from q and k themselves (non-causal rule);
         running statistics are not touched.
         """
-        from .validation import check_qk_pair, resolve_scale
-
         check_qk_pair(q, k)
         self.check_input(q.shape[-1], q.shape[2])
         scale = resolve_scale(scale, q.shape[-1])

@@ -13,14 +13,6 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import triton_interpreting
-
-INTERPRET = triton_interpreting()
-
-KIND_EXP: tl.constexpr = tl.constexpr(0)
-KIND_HYP: tl.constexpr = tl.constexpr(1)
-KIND_TRIG: tl.constexpr = tl.constexpr(2)
-
 
 @triton.jit
 def _transform(x, psi, root, c_t, c_o, QUERY: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr):
