@@ -44,3 +44,28 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, *, na
         raise AssertionError(
             f"{name}: rel-RMS {rel_rms:.3e} (tol {rtol:.1e}), max abs {max_abs:.3e} (tol {atol_rel * scale:.3e})\n"
             + "\n".join(rows))
+
+
+def assert_exponents_close(actual: torch.Tensor, expected: torch.Tensor, dtype, *, name: str = "exponent") -> None:
+    """Exponents and stabilisers (log-space values): an error d in them is a factor exp(d) on features.
+
+    fp32 inputs: ``assert_close`` at fp32's tolerance. fp16/bf16 inputs: the kernels' products run in tf32
+    (operands rounded to 10 mantissa bits), so an exponent e may be off by about 2^-11 |e|; the check is
+    max |actual - expected| <= 2^-9 (1 + max |expected|), i.e. features within about 0.2% per unit of
+    exponent size."""
+    if dtype in (torch.float32, torch.float64):
+        assert_close(actual, expected, dtype, name=name)
+        return
+    a = actual.detach().double().cpu()
+    e = expected.detach().double().cpu()
+    if a.shape != e.shape:
+        raise AssertionError(f"{name}: shape {tuple(a.shape)} != expected {tuple(e.shape)}")
+    if not torch.isfinite(a).all():
+        raise AssertionError(f"{name}: {int((~torch.isfinite(a)).sum())} non-finite elements")
+    diff = (a - e).abs()
+    tol = 2.0 ** -9 * (1.0 + e.abs().max().item())
+    if diff.max().item() > tol:
+        i = int(diff.flatten().argmax())
+        where = tuple(int(c) for c in torch.unravel_index(torch.tensor(i), e.shape))
+        raise AssertionError(f"{name}: max abs error {diff.max().item():.3e} > {tol:.3e} at {where}: got "
+                             f"{a.flatten()[i].item():.6g}, expected {e.flatten()[i].item():.6g}")

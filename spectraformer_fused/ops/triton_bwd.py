@@ -41,8 +41,8 @@ import triton
 import triton.language as tl
 
 from . import autotune_enabled
-from .triton_common import _features, _keep_rows, _transform
-from .triton_fwd import _num_splits
+from .triton_common import _dot, _features, _keep_rows, _transform, dot_precision
+from .triton_fwd import _num_splits, freq_tile
 
 DEN_EPS = 1e-30
 
@@ -58,23 +58,24 @@ _KEY = ["BT", "BM", "BD", "BV", "KIND", "CAUSAL"]
 
 @triton.jit
 def _query_phi(q, qmax, p_tk, m_tk, i_bh, T, o_t, m_t, w, bias, freq, psi, root, c_t, c_o,
-               KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr):
+               KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr, PREC: tl.constexpr):
     """A chunk's query tile [BT, BD], its x' and its features relative to the saved qmax."""
     b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
     qt, qr = _transform(b_q, psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
     b_qm = tl.load(qmax + i_bh * T + o_t, mask=m_t, other=0.0)
-    qa, qb = _features(qt, qr, w, bias, freq, b_qm[:, None], m_t, KIND)
+    qa, qb = _features(qt, qr, w, bias, freq, b_qm[:, None], m_t, KIND, PREC)
     return b_q, qt, qa, qb
 
 
 @triton.jit
 def _key_phi(k, mask, p_tk, m_tk, i_b, T, o_t, m_t, w, bias, freq, psi, shift, root, c_t, c_o,
-             KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr, HAS_MASK: tl.constexpr):
+             KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr, HAS_MASK: tl.constexpr,
+             PREC: tl.constexpr):
     """A chunk's key tile [BT, BD], its x' and its features relative to ``shift``; masked keys give 0."""
     b_k = tl.load(k + p_tk, mask=m_tk, other=0.0)
     kt, kr = _transform(b_k, psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
     keep = _keep_rows(mask, i_b, o_t, m_t, T, 1, HAS_MASK)                  # the mask is contiguous [B, T]
-    ka, kb = _features(kt, kr, w, bias, freq, shift, keep, KIND)
+    ka, kb = _features(kt, kr, w, bias, freq, shift, keep, KIND, PREC)
     return b_k, kt, ka, kb
 
 
@@ -112,10 +113,10 @@ def _phi_grad(dpa, dpb, pa, pb, KIND: tl.constexpr):
 
 @triton.jit
 def _input_grad(de, du, xt, raw, w, psi, freq, root, c_t, c_o,
-                QUERY: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr):
+                QUERY: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr, PREC: tl.constexpr):
     """(de, du) [BT, BM] -> this tile's part of dL/d(input) [BT, BD] (through x' and x = root * raw)."""
     dr = tl.sum(de, axis=1)                                                  # [BT]
-    dxt = tl.dot(du, w, input_precision="ieee") * freq                      # [BT, BM] @ [BM, BD] -> [BT, BD]
+    dxt = _dot(du, w, PREC) * freq                                   # [BT, BM] @ [BM, BD] -> [BT, BD]
     dxt += (2.0 * c_t) * xt * dr[:, None]
     if HAS_PSI:
         if QUERY:
@@ -135,7 +136,8 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qma
                       dq, dw, db, T, H, M, D, DV, stride_wh, CPS, s_wp, s_bp, root, c_t, c_o,
                       KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
                       HAS_MASK: tl.constexpr, HAS_S0: tl.constexpr,
-                      BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
+                      PREC: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+                      BV: tl.constexpr):
     """dq (and the query part of dW, dbias). Causal: one ordered walk rebuilding the state. Non-causal:
     program id 2 picks a range of CPS chunks, and the state is the forward's final one (sf, zf: every
     key and the initial state, relative to the one key stabiliser), so ranges run in parallel; dW/dbias
@@ -214,35 +216,35 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qma
             b_zb *= b_rescale
             b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
             _, _, ka, kb = _key_phi(k, mask, p_tk, m_tk, i_b, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, b_ks,
-                                    root, c_t, c_o, KIND, HAS_PSI, HAS_CO, HAS_MASK)
+                                    root, c_t, c_o, KIND, HAS_PSI, HAS_CO, HAS_MASK, PREC)
             # P[t, j] = a_t . v_j + beta_t for keys j <= t of this chunk
-            b_p = tl.dot(b_a, tl.trans(b_v), input_precision="ieee") + b_beta[:, None]   # [BT, BV] @ [BV, BT]
+            b_p = _dot(b_a, tl.trans(b_v), PREC) + b_beta[:, None]   # [BT, BV] @ [BV, BT]
             b_p = tl.where(o_t[:, None] >= o_t[None, :], b_p, 0.0)
-            dqa = tl.dot(b_p, ka, input_precision="ieee")                                 # [BT, BT] @ [BT, BM]
+            dqa = _dot(b_p, ka, PREC)                                 # [BT, BT] @ [BT, BM]
             if KIND != 0:
-                dqb = tl.dot(b_p, kb, input_precision="ieee")
+                dqb = _dot(b_p, kb, PREC)
         else:
             dqa = tl.zeros([BT, BM], dtype=tl.float32)
             dqb = tl.zeros([BT, BM], dtype=tl.float32)
-        dqa += tl.dot(b_a, tl.trans(b_sa), input_precision="ieee") + b_beta[:, None] * b_za[None, :]
+        dqa += _dot(b_a, tl.trans(b_sa), PREC) + b_beta[:, None] * b_za[None, :]
         if KIND != 0:
-            dqb += tl.dot(b_a, tl.trans(b_sb), input_precision="ieee") + b_beta[:, None] * b_zb[None, :]
+            dqb += _dot(b_a, tl.trans(b_sb), PREC) + b_beta[:, None] * b_zb[None, :]
         else:
             dqb = dqa
 
         b_q, qt, qa, qb = _query_phi(q, qmax, p_tk, m_tk, i_bh, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, root,
-                                     c_t, c_o, KIND, HAS_PSI, HAS_CO)
+                                     c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC)
         de, du = _phi_grad(dqa, dqb, qa, qb, KIND)
         b_db += tl.sum(de, axis=0)
-        b_dw += tl.dot(tl.trans(du), qt, input_precision="ieee") * b_freq               # [BM, BT] @ [BT, BD]
-        b_dq = _input_grad(de, du, qt, b_q, b_w, b_psi, b_freq, root, c_t, c_o, True, HAS_PSI, HAS_CO)
+        b_dw += _dot(tl.trans(du), qt, PREC) * b_freq               # [BM, BT] @ [BT, BD]
+        b_dq = _input_grad(de, du, qt, b_q, b_w, b_psi, b_freq, root, c_t, c_o, True, HAS_PSI, HAS_CO, PREC)
         tl.store(dq + part * D + p_tk, b_dq, mask=m_tk)
 
         if CAUSAL:
-            b_sa += tl.dot(tl.trans(ka), b_v, input_precision="ieee")
+            b_sa += _dot(tl.trans(ka), b_v, PREC)
             b_za += tl.sum(ka, axis=0)
             if KIND != 0:
-                b_sb += tl.dot(tl.trans(kb), b_v, input_precision="ieee")
+                b_sb += _dot(tl.trans(kb), b_v, PREC)
                 b_zb += tl.sum(kb, axis=0)
 
     tl.store(dw + i_s * s_wp + (i_bh * M + o_m[:, None]) * D + o_d[None, :], b_dw, mask=m_m[:, None] & m_d[None, :])
@@ -255,7 +257,8 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
                        dk, dv, dw, db, ds0, dz0, T, H, M, D, DV, stride_wh, CPS, s_wp, s_bp, root, c_t, c_o,
                        KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
                        HAS_MASK: tl.constexpr, HAS_S0: tl.constexpr, HAS_DSF: tl.constexpr,
-                       BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
+                       PREC: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+                      BV: tl.constexpr):
     i_m = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
     i_s = tl.program_id(2).to(tl.int64)
@@ -325,48 +328,48 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
             b_ks = b_knext
         b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
         b_k, kt, ka, kb = _key_phi(k, mask, p_tk, m_tk, i_b, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, b_ks,
-                                   root, c_t, c_o, KIND, HAS_PSI, HAS_CO, HAS_MASK)
+                                   root, c_t, c_o, KIND, HAS_PSI, HAS_CO, HAS_MASK, PREC)
 
         # carried part: dphik_j = dS v_j + dz, dv_j = dS^T phik_j
-        dka = tl.dot(b_v, tl.trans(b_dsa), input_precision="ieee") + b_dza[None, :]     # [BT, BV] @ [BV, BM]
-        b_dv = tl.dot(ka, b_dsa, input_precision="ieee")                                 # [BT, BM] @ [BM, BV]
+        dka = _dot(b_v, tl.trans(b_dsa), PREC) + b_dza[None, :]     # [BT, BV] @ [BV, BM]
+        b_dv = _dot(ka, b_dsa, PREC)                                 # [BT, BM] @ [BM, BV]
         if KIND != 0:
-            dkb = tl.dot(b_v, tl.trans(b_dsb), input_precision="ieee") + b_dzb[None, :]
-            b_dv += tl.dot(kb, b_dsb, input_precision="ieee")
+            dkb = _dot(b_v, tl.trans(b_dsb), PREC) + b_dzb[None, :]
+            b_dv += _dot(kb, b_dsb, PREC)
         else:
             dkb = dka
         if CAUSAL:
             b_a = tl.load(da + p_tv, mask=m_tv, other=0.0)
             b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0)
             _, _, qa, qb = _query_phi(q, qmax, p_tk, m_tk, i_bh, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, root,
-                                      c_t, c_o, KIND, HAS_PSI, HAS_CO)
+                                      c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC)
             causal = o_t[:, None] <= o_t[None, :]                                          # key j (row) <= query t
             # P^T[j, t] = a_t . v_j + beta_t
-            b_pt = tl.dot(b_v, tl.trans(b_a), input_precision="ieee") + b_beta[None, :]   # [BT, BV] @ [BV, BT]
+            b_pt = _dot(b_v, tl.trans(b_a), PREC) + b_beta[None, :]   # [BT, BV] @ [BV, BT]
             b_pt = tl.where(causal, b_pt, 0.0)
             # A^T[j, t] = phik_j . phiq_t
-            b_at = tl.dot(ka, tl.trans(qa), input_precision="ieee")                        # [BT, BM] @ [BM, BT]
-            dka += tl.dot(b_pt, qa, input_precision="ieee")                                # [BT, BT] @ [BT, BM]
+            b_at = _dot(ka, tl.trans(qa), PREC)                        # [BT, BM] @ [BM, BT]
+            dka += _dot(b_pt, qa, PREC)                                # [BT, BT] @ [BT, BM]
             if KIND != 0:
-                b_at += tl.dot(kb, tl.trans(qb), input_precision="ieee")
-                dkb += tl.dot(b_pt, qb, input_precision="ieee")
+                b_at += _dot(kb, tl.trans(qb), PREC)
+                dkb += _dot(b_pt, qb, PREC)
             else:
                 dkb = dka
             b_at = tl.where(causal, b_at, 0.0)
-            b_dv += tl.dot(b_at, b_a, input_precision="ieee")                              # [BT, BT] @ [BT, BV]
+            b_dv += _dot(b_at, b_a, PREC)                              # [BT, BT] @ [BT, BV]
         tl.store(dv + part * DV + p_tv, b_dv, mask=m_tv)
 
         de, du = _phi_grad(dka, dkb, ka, kb, KIND)
         b_db += tl.sum(de, axis=0)
-        b_dw += tl.dot(tl.trans(du), kt, input_precision="ieee") * b_freq                # [BM, BT] @ [BT, BD]
-        b_dk = _input_grad(de, du, kt, b_k, b_w, b_psi, b_freq, root, c_t, c_o, False, HAS_PSI, HAS_CO)
+        b_dw += _dot(tl.trans(du), kt, PREC) * b_freq                # [BM, BT] @ [BT, BD]
+        b_dk = _input_grad(de, du, kt, b_k, b_w, b_psi, b_freq, root, c_t, c_o, False, HAS_PSI, HAS_CO, PREC)
         tl.store(dk + part * D + p_tk, b_dk, mask=m_tk)
 
         if CAUSAL:
-            b_dsa += tl.dot(tl.trans(qa), b_a, input_precision="ieee")
+            b_dsa += _dot(tl.trans(qa), b_a, PREC)
             b_dza += tl.sum(qa * b_beta[:, None], axis=0)
             if KIND != 0:
-                b_dsb += tl.dot(tl.trans(qb), b_a, input_precision="ieee")
+                b_dsb += _dot(tl.trans(qb), b_a, PREC)
                 b_dzb += tl.sum(qb * b_beta[:, None], axis=0)
 
     tl.store(dw + i_s * s_wp + (i_bh * M + o_m[:, None]) * D + o_d[None, :], b_dw, mask=m_m[:, None] & m_d[None, :])
@@ -386,7 +389,8 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
 def _rf_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, da, dbeta, dsp, dzp,
                           T, H, M, D, DV, stride_wh, CPS, s_sp, s_zp, root, c_t, c_o,
                           KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
-                          BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
+                          PREC: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+                      BV: tl.constexpr):
     """Non-causal: this chunk range's part of dS = sum_t phiq_t a_t^T and dz = sum_t phiq_t beta_t,
     written to slice i_s of dsp [NSPLIT, B, H, F, Dv] / dzp [NSPLIT, B, H, F] and summed on the host."""
     i_m = tl.program_id(0).to(tl.int64)
@@ -419,11 +423,11 @@ def _rf_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, da, dbeta, dsp, dzp,
                       mask=m_t[:, None] & m_v[None, :], other=0.0)
         b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0)
         _, _, qa, qb = _query_phi(q, qmax, p_tk, m_t[:, None] & m_d[None, :], i_bh, T, o_t, m_t, b_w, b_bias,
-                                  b_freq, b_psi, root, c_t, c_o, KIND, HAS_PSI, HAS_CO)
-        b_dsa += tl.dot(tl.trans(qa), b_a, input_precision="ieee")     # [BM, BT] @ [BT, BV] -> [BM, BV]
+                                  b_freq, b_psi, root, c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC)
+        b_dsa += _dot(tl.trans(qa), b_a, PREC)     # [BM, BT] @ [BT, BV] -> [BM, BV]
         b_dza += tl.sum(qa * b_beta[:, None], axis=0)
         if KIND != 0:
-            b_dsb += tl.dot(tl.trans(qb), b_a, input_precision="ieee")
+            b_dsb += _dot(tl.trans(qb), b_a, PREC)
             b_dzb += tl.sum(qb * b_beta[:, None], axis=0)
     p_ds = dsp + i_s * s_sp + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
     p_dz = dzp + i_s * s_zp + i_bh * F + o_m
@@ -472,8 +476,8 @@ def rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qm
     beta = (-(g * o.float()).sum(-1).transpose(1, 2) * sgn / den_s).contiguous()   # [B, H, T]
 
     BT = chunk_size
-    BM = min(64, _pow2(M))
     BD, BV = _pow2(D), _pow2(Dv)
+    BM = min(freq_tile(max(BD, BV)), _pow2(M))      # whole head dims per program: see freq_tile
     NM = triton.cdiv(M, BM)
     has_s0 = S0 is not None
     has_dsf = dS is not None or dz is not None
@@ -485,8 +489,9 @@ def rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qm
     dS_final, dz_final = dS, dz
     mask_arg = None if mask is None else mask.contiguous()
     root = math.sqrt(scale)
+    prec = dot_precision(q.dtype, v.dtype)
     flags = dict(KIND=kind, CAUSAL=bool(causal), HAS_PSI=psi is not None, HAS_CO=c_o != 0.0,
-                 HAS_MASK=mask is not None, HAS_S0=has_s0, BT=BT, BM=BM, BD=BD, BV=BV)
+                 HAS_MASK=mask is not None, HAS_S0=has_s0, PREC=prec, BT=BT, BM=BM, BD=BD, BV=BV)
 
     NC = triton.cdiv(T, BT)
     if causal:
@@ -511,7 +516,7 @@ def rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qm
         dzp = torch.empty(nsplit, B, H, F, device=dev, dtype=torch.float32)
         _rf_bwd_dstate_kernel[grid](q, W, bias, freq, psi, qmax, a, beta, dsp, dzp, T, H, M, D, Dv, stride_wh,
                                     cps, B * H * F * Dv, B * H * F, root, c_t, c_o, KIND=kind,
-                                    HAS_PSI=psi is not None, HAS_CO=c_o != 0.0, BT=BT, BM=BM, BD=BD, BV=BV,
+                                    HAS_PSI=psi is not None, HAS_CO=c_o != 0.0, PREC=prec, BT=BT, BM=BM, BD=BD, BV=BV,
                                     num_warps=4)
         dS, dz = dsp.sum(0), dzp.sum(0)
         if has_dsf:

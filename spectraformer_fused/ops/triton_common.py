@@ -4,14 +4,47 @@ Features are tiled by FREQUENCY: a tile of BM rows of W gives one feature block 
 and two (plus/minus for HYP, cos/sin for TRIG) for the others, so W is loaded once per tile. Feature
 f of a width-2m map is frequency f mod m, half f // m (the layout of ``components.feature_logits``).
 
-Every exponent is computed in fp32; the projection uses full fp32 precision (``input_precision="ieee"``)
-because its result feeds ``exp``. Padded frequencies, padded rows and masked keys get exponent -inf, so
+Every exponent is computed in fp32. Padded frequencies, padded rows and masked keys get exponent -inf, so
 they add nothing and never move a maximum.
+
+Matrix products (``_dot``) run on tensor cores with fp32 accumulation, at the precision PREC the host
+picks from the input dtype (``dot_precision``): "tf32x3" for fp32 inputs (three passes: about fp32
+accuracy) and "tf32" for fp16/bf16 inputs. In "tf32" mode both operands are first rounded to the nearest
+tf32 value (10 mantissa bits, as many as fp16 inputs carry; fp32's exponent range, so features far below
+their stabiliser still count): a tensor core reads an fp32 operand by truncating it, a bias of about
+-2^-11 per operand that, in the projection, would shift every exponent by about 0.1% of its size.
+Rounded operands are exact in tf32, so the product is the same on a GPU and in the Triton interpreter
+(which multiplies in fp32 whatever the precision asked): the interpreter tests check the GPU's numerics.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+
+def dot_precision(*dtypes) -> str:
+    """The PREC constexpr of every kernel for inputs of these dtypes (see the module docstring)."""
+    import torch
+
+    return "tf32x3" if torch.float32 in dtypes else "tf32"
+
+
+@triton.jit
+def _tf32(x):
+    """Round fp32 values to the nearest tf32 value (ties to even) in integer arithmetic; exact values, inf
+    and NaN are unchanged (values within 2^-11 of fp32's largest would round to inf; never the case here)."""
+    b = x.to(tl.int32, bitcast=True)
+    b = (b + 0xFFF + ((b >> 13) & 1)) & -8192                       # -8192 = 0xFFFFE000: drop 13 bits
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot(a, b, PREC: tl.constexpr):
+    """a @ b with fp32 accumulation: "tf32" (operands rounded to tf32, one tensor-core pass) or "tf32x3"."""
+    if PREC == "tf32":
+        return tl.dot(_tf32(a), _tf32(b), input_precision="tf32")
+    else:
+        return tl.dot(a, b, input_precision=PREC)
 
 
 @triton.jit
@@ -33,14 +66,14 @@ def _transform(x, psi, root, c_t, c_o, QUERY: tl.constexpr, HAS_PSI: tl.constexp
 
 
 @triton.jit
-def _feature_logits(xt, w, bias, freq, r, KIND: tl.constexpr):
+def _feature_logits(xt, w, bias, freq, r, KIND: tl.constexpr, PREC: tl.constexpr):
     """Exponents and multipliers of one frequency tile.
 
     xt [BT, BD] fp32, w [BM, BD] fp32, bias [BM] (-inf on padded frequencies), freq scalar, r [BT].
     Returns (u, ea, eb, ma, mb), all [BT, BM]: u = freq * x'.w, block a = (exp / plus / cos), block b =
     (unused / minus / sin); phi = exp(e - shift) * m. For EXP and HYP the multipliers are 1.
     """
-    u = tl.dot(xt, tl.trans(w), input_precision="ieee") * freq       # [BT, BD] @ [BD, BM] -> [BT, BM]
+    u = _dot(xt, tl.trans(w), PREC) * freq       # [BT, BD] @ [BD, BM] -> [BT, BM]
     base = bias[None, :] + r[:, None]                                 # [BT, BM]
     if KIND == 2:
         ea = base
@@ -61,10 +94,10 @@ def _feature_logits(xt, w, bias, freq, r, KIND: tl.constexpr):
 
 
 @triton.jit
-def _features(xt, r, w, bias, freq, shift, keep, KIND: tl.constexpr):
+def _features(xt, r, w, bias, freq, shift, keep, KIND: tl.constexpr, PREC: tl.constexpr):
     """Stabilised features (blocks a, b) of one frequency tile: phi = exp(e - shift) * mult, 0 on rows
     not kept and on padded frequencies (their bias is -inf). shift broadcasts against [BT, BM]."""
-    _, ea, eb, ma, mb = _feature_logits(xt, w, bias, freq, r, KIND)
+    _, ea, eb, ma, mb = _feature_logits(xt, w, bias, freq, r, KIND, PREC)
     # Rows not kept get exponent -inf before exp (never exp of a large number that is then discarded).
     pa = tl.exp(tl.where(keep[:, None], ea - shift, float("-inf"))) * ma
     pb = pa

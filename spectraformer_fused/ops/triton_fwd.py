@@ -24,10 +24,11 @@ Features exist only as ``[BT, BM]`` register tiles. Every tensor this module all
   and, only with NMT > 1 frequency tiles, partials ``[NMT, B, T, H, Dv]`` and ``[NMT, B, H, T]``.
   None has a ``T x F`` shape: the largest T-sized ones scale with ``T * Dv * NMT`` (NMT = ceil(m / BM)).
 
-Precision: feature exponents, the stabilised features and every accumulator are fp32; the projection
-``x W^T`` always uses ``input_precision="ieee"`` because it feeds ``exp``. The feature/value products use
-ieee for fp32 inputs and tf32 for fp16/bf16 inputs: tf32 keeps fp32's exponent range, so features far
-below their stabiliser (down to ~1e-38) still count, which an fp16 cast (smallest normal 6e-5) would lose.
+Precision: feature exponents, the stabilised features and every accumulator are fp32; every product runs
+on tensor cores at the precision ``triton_common.dot_precision`` picks: tf32x3 (about fp32) for fp32
+inputs, tf32 with operands rounded to nearest for fp16/bf16 inputs (the projection's error is then of the
+order of the inputs' own rounding; tf32 keeps fp32's exponent range, so features far below their
+stabiliser, down to ~1e-38, still count, which an fp16 cast, smallest normal 6e-5, would lose).
 """
 from __future__ import annotations
 
@@ -38,8 +39,8 @@ import triton
 import triton.language as tl
 
 from ..components import EXP
-from . import autotune_enabled, triton_interpreting
-from .triton_common import _feature_logits, _features, _keep_rows, _transform
+from . import autotune_enabled
+from .triton_common import _dot, _feature_logits, _features, _keep_rows, _transform, dot_precision
 
 DEN_EPS = 1e-30
 MAX_BM = 64
@@ -57,7 +58,8 @@ def _rf_stats_fwd_kernel(q, k, W, bias, freq, psi, mask, qmax, kmax,
                          s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_wh, s_wm, s_wd, s_mb, s_mt,
                          T, H, M, D, root, c_t, c_o,
                          KIND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PSI: tl.constexpr,
-                         HAS_CO: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr):
+                         HAS_CO: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                         BM: tl.constexpr):
     """qmax[b, h, t] = max_f e_q,f(t); kmax[b, h, c] = max over kept keys of chunk c and all f of e_k,f."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_c = tl.program_id(1).to(tl.int64)
@@ -87,11 +89,11 @@ def _rf_stats_fwd_kernel(q, k, W, bias, freq, psi, mask, qmax, kmax,
                       mask=m_m[:, None] & m_d[None, :], other=0.0).to(tl.float32)
         b_bias = tl.load(bias + i_bh * M + o_m, mask=m_m, other=float("-inf"))
         # [BT, BD] @ [BD, BM] -> [BT, BM] inside _feature_logits
-        _, b_ea, b_eb, _, _ = _feature_logits(b_xq, b_w, b_bias, b_freq, b_rq, KIND)
+        _, b_ea, b_eb, _, _ = _feature_logits(b_xq, b_w, b_bias, b_freq, b_rq, KIND, PREC)
         b_qmax = tl.maximum(b_qmax, tl.max(b_ea, axis=1))
         if KIND == 1:
             b_qmax = tl.maximum(b_qmax, tl.max(b_eb, axis=1))
-        _, b_ea, b_eb, _, _ = _feature_logits(b_xk, b_w, b_bias, b_freq, b_rk, KIND)
+        _, b_ea, b_eb, _, _ = _feature_logits(b_xk, b_w, b_bias, b_freq, b_rk, KIND, PREC)
         b_kmax = tl.maximum(b_kmax, tl.max(tl.where(keep[:, None], b_ea, float("-inf")), axis=1))
         if KIND == 1:
             b_kmax = tl.maximum(b_kmax, tl.max(tl.where(keep[:, None], b_eb, float("-inf")), axis=1))
@@ -195,32 +197,32 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
             keep = _keep_rows(mask, i_b, o_t, m_t, s_mb, s_mt, HAS_MASK)
             b_k = _load_rows(k, i_b, i_h, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
             b_xk, b_rk = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
-            b_pka, b_pkb = _features(b_xk, b_rk, b_w, b_bias, b_freq, b_kst, keep, KIND)
+            b_pka, b_pkb = _features(b_xk, b_rk, b_w, b_bias, b_freq, b_kst, keep, KIND, PREC)
             b_q = _load_rows(q, i_b, i_h, o_t, m_t, o_d, m_d, s_qb, s_qt, s_qh, s_qd)
             b_xq, b_rq = _transform(b_q, b_psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
             b_qmax = tl.load(qmax + i_bh * T + o_t, mask=m_t, other=0.0)
-            b_pqa, b_pqb = _features(b_xq, b_rq, b_w, b_bias, b_freq, b_qmax[:, None], m_t, KIND)
+            b_pqa, b_pqb = _features(b_xq, b_rq, b_w, b_bias, b_freq, b_qmax[:, None], m_t, KIND, PREC)
             b_v = _load_rows(v, i_b, i_h, o_t, m_t, o_v, m_v, s_vb, s_vt, s_vh, s_vd).to(tl.float32)
             # [BT, BM] @ [BM, BT] -> [BT, BT]: query t, key j of this chunk
-            b_s = tl.dot(b_pqa, tl.trans(b_pka), input_precision=PREC)
+            b_s = _dot(b_pqa, tl.trans(b_pka), PREC)
             # [BT, BM] @ [BM, BV] -> [BT, BV]: earlier chunks
-            b_num = tl.dot(b_pqa, b_sa, input_precision=PREC)
+            b_num = _dot(b_pqa, b_sa, PREC)
             b_den = tl.sum(b_pqa * b_za[None, :], axis=1)
             if KIND != 0:
-                b_s += tl.dot(b_pqb, tl.trans(b_pkb), input_precision=PREC)
-                b_num += tl.dot(b_pqb, b_sb, input_precision=PREC)
+                b_s += _dot(b_pqb, tl.trans(b_pkb), PREC)
+                b_num += _dot(b_pqb, b_sb, PREC)
                 b_den += tl.sum(b_pqb * b_zb[None, :], axis=1)
             b_s = tl.where(o_i[:, None] >= o_i[None, :], b_s, 0.0)
             # [BT, BT] @ [BT, BV] -> [BT, BV]
-            b_num += tl.dot(b_s, b_v, input_precision=PREC)
+            b_num += _dot(b_s, b_v, PREC)
             b_den += tl.sum(b_s, axis=1)
             _store_out(o, den, b_num, b_den, i_bh, i_b, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV,
                        s_on, s_dn, SPLIT)
             # [BM, BT] @ [BT, BV] -> [BM, BV]
-            b_sa += tl.dot(tl.trans(b_pka), b_v, input_precision=PREC)
+            b_sa += _dot(tl.trans(b_pka), b_v, PREC)
             b_za += tl.sum(b_pka, axis=0)
             if KIND != 0:
-                b_sb += tl.dot(tl.trans(b_pkb), b_v, input_precision=PREC)
+                b_sb += _dot(tl.trans(b_pkb), b_v, PREC)
                 b_zb += tl.sum(b_pkb, axis=0)
             b_kprev = b_kst
     elif PHASE == 1:
@@ -232,13 +234,13 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
             keep = _keep_rows(mask, i_b, o_t, m_t, s_mb, s_mt, HAS_MASK)
             b_k = _load_rows(k, i_b, i_h, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
             b_xk, b_rk = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
-            b_pka, b_pkb = _features(b_xk, b_rk, b_w, b_bias, b_freq, b_kst, keep, KIND)
+            b_pka, b_pkb = _features(b_xk, b_rk, b_w, b_bias, b_freq, b_kst, keep, KIND, PREC)
             b_v = _load_rows(v, i_b, i_h, o_t, m_t, o_v, m_v, s_vb, s_vt, s_vh, s_vd).to(tl.float32)
             # [BM, BT] @ [BT, BV] -> [BM, BV]
-            b_sa += tl.dot(tl.trans(b_pka), b_v, input_precision=PREC)
+            b_sa += _dot(tl.trans(b_pka), b_v, PREC)
             b_za += tl.sum(b_pka, axis=0)
             if KIND != 0:
-                b_sb += tl.dot(tl.trans(b_pkb), b_v, input_precision=PREC)
+                b_sb += _dot(tl.trans(b_pkb), b_v, PREC)
                 b_zb += tl.sum(b_pkb, axis=0)
     else:
         p_s = S + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
@@ -255,12 +257,12 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
             b_q = _load_rows(q, i_b, i_h, o_t, m_t, o_d, m_d, s_qb, s_qt, s_qh, s_qd)
             b_xq, b_rq = _transform(b_q, b_psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
             b_qmax = tl.load(qmax + i_bh * T + o_t, mask=m_t, other=0.0)
-            b_pqa, b_pqb = _features(b_xq, b_rq, b_w, b_bias, b_freq, b_qmax[:, None], m_t, KIND)
+            b_pqa, b_pqb = _features(b_xq, b_rq, b_w, b_bias, b_freq, b_qmax[:, None], m_t, KIND, PREC)
             # [BT, BM] @ [BM, BV] -> [BT, BV]
-            b_num = tl.dot(b_pqa, b_sa, input_precision=PREC)
+            b_num = _dot(b_pqa, b_sa, PREC)
             b_den = tl.sum(b_pqa * b_za[None, :], axis=1)
             if KIND != 0:
-                b_num += tl.dot(b_pqb, b_sb, input_precision=PREC)
+                b_num += _dot(b_pqb, b_sb, PREC)
                 b_den += tl.sum(b_pqb * b_zb[None, :], axis=1)
             _store_out(o, den, b_num, b_den, i_bh, i_b, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV,
                        s_on, s_dn, SPLIT)
@@ -283,7 +285,9 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-_FWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=w) for bv in (32, 64) for w in (4, 8)]
+# One warpgroup: with 8 warps the [BT, *] tiles (BT <= 64 rows) are replicated across two warpgroups, which
+# raises the registers per thread instead of halving them. Pipelined loads (3 stages) against none.
+_FWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=4, num_stages=st) for bv in (32, 64) for st in (1, 3)]
 
 
 def _prune_fwd_configs(configs, named_args, **kwargs):
@@ -297,6 +301,14 @@ _rf_fwd_kernel_tuned = (None if not autotune_enabled() else
                                         prune_configs_by={"early_config_prune": _prune_fwd_configs})(_rf_fwd_kernel))
 
 
+def freq_tile(width: int) -> int:
+    """Frequencies per tile for a kernel that holds whole rows of width ``width`` (the padded head dim,
+    or the widest of D and Dv in the backward): 64, then 32 above 64 and 16 above 128, so that the
+    operands the tensor cores read from shared memory fit one sm_90 block (227 KiB) at D = Dv = 256 in
+    fp32 (tests/test_gpu_lowering.py; ``python -m bench.compile_check --cases large``)."""
+    return 64 if width <= 64 else 32 if width <= 128 else 16
+
+
 def _num_splits(num_chunks: int, programs: int, device: torch.device) -> int:
     """How many chunk ranges the non-causal forward uses: about four programs per multiprocessor on a
     GPU; two under the interpreter (so the tests cross a range boundary); never more than the chunks."""
@@ -308,13 +320,12 @@ def _num_splits(num_chunks: int, programs: int, device: torch.device) -> int:
     return max(1, min(num_chunks, want))
 
 
-def default_chunk_size(T: int, interpreting: bool | None = None) -> int:
-    """The chunk size of the forward (and of the backward, which reuses it): 64 tokens on a GPU, 32 under
-    the interpreter (fewer, cheaper steps; still several chunks for test sequences); smaller when the
-    whole sequence fits in fewer tokens (at least 16, the smallest tile tl.dot accepts)."""
-    interpreting = triton_interpreting() if interpreting is None else interpreting
-    cap = 32 if interpreting else 64
-    return max(16, min(cap, _next_pow2(T)))
+def default_chunk_size(T: int) -> int:
+    """The chunk size of the forward (and of the backward, which reuses it): 32 tokens, smaller when the
+    whole sequence fits in fewer (at least 16, the smallest tile tl.dot accepts). Compiled for sm_90 at
+    D = Dv = 64, m = 128, chunks of 64 make every causal kernel spill several times more registers than
+    chunks of 32 (``python -m bench.compile_check``; bench/results/compile-sm90-*.md)."""
+    return max(16, min(32, _next_pow2(T)))
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -335,8 +346,7 @@ def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: flo
     Dv = v.shape[-1]
     M = W.shape[1]
     F = M if kind == EXP else 2 * M
-    interpreting = triton_interpreting()
-    BT = int(chunk_size) if chunk_size is not None else default_chunk_size(T, interpreting)
+    BT = int(chunk_size) if chunk_size is not None else default_chunk_size(T)
     if BT < 16 or BT & (BT - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {BT}")
     NC = triton.cdiv(T, BT)
@@ -344,6 +354,7 @@ def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: flo
     BM = max(16, min(MAX_BM, _next_pow2(M)))
     NMT = triton.cdiv(M, BM)
     dev = q.device
+    prec = dot_precision(q.dtype, v.dtype)
 
     bias, freq = _f32(bias), _f32(freq)
     psi = None if psi is None else _f32(psi)
@@ -363,7 +374,7 @@ def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: flo
         *q.stride(), *k.stride(), *W.stride(), s_mb, s_mt,
         T, H, M, D, root, c_t, c_o,
         KIND=kind, HAS_MASK=mask is not None, HAS_PSI=psi is not None, HAS_CO=has_co,
-        BT=BT, BD=BD, BM=BM, num_warps=4)
+        PREC=prec, BT=BT, BD=BD, BM=min(BM, freq_tile(BD)), num_warps=4)
 
     m_init = m0 if has_init else torch.full((B, H), float("-inf"), dtype=torch.float32, device=dev)
     if causal:
@@ -382,7 +393,6 @@ def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: flo
         o_buf = o
         den_buf = torch.empty(B, H, T, dtype=torch.float32, device=dev)
     s_on, s_dn = (B * T * H * Dv, B * H * T) if split else (0, 0)
-    prec = "ieee" if torch.float32 in (q.dtype, v.dtype) else "tf32"
     common = (q, k, v, W, bias, freq, psi if psi is not None else dummy, mask_u8 if mask is not None else dummy,
               S0 if has_init else dummy, z0 if has_init else dummy, m0 if has_init else dummy, qmax, kstab,
               o_buf, den_buf)
@@ -395,7 +405,7 @@ def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: flo
         kw = dict(flags, PHASE=phase, STORE_STATE=store_state)
         if _rf_fwd_kernel_tuned is None:
             BV = max(16, min(64, _next_pow2(Dv)))
-            _rf_fwd_kernel[(B * H, NMT, triton.cdiv(Dv, BV) * nsplit)](*args, **kw, BV=BV, num_warps=4)
+            _rf_fwd_kernel[(B * H, NMT, triton.cdiv(Dv, BV) * nsplit)](*args, **kw, BV=BV, num_warps=4, num_stages=1)
         else:
             def grid(meta):
                 return (B * H, NMT, triton.cdiv(Dv, meta["BV"]) * nsplit)
