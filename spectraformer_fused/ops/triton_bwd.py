@@ -477,7 +477,10 @@ def rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qm
 
     BT = chunk_size
     BD, BV = _pow2(D), _pow2(Dv)
-    BM = min(freq_tile(max(BD, BV)), _pow2(M))      # whole head dims per program: see freq_tile
+    # At most 32 frequencies per program: besides W each carries dS (two blocks for HYP/TRIG) and its
+    # dW partial across the walk; at D = Dv = 64 a tile of 64 spilled about three times more (sm_90,
+    # bench/compile_check.py) and, for HYP in fp32, needed 224 of the 227 KiB of shared memory.
+    BM = min(32, freq_tile(max(BD, BV)), _pow2(M))
     NM = triton.cdiv(M, BM)
     has_s0 = S0 is not None
     has_dsf = dS is not None or dz is not None
