@@ -46,3 +46,23 @@ def test_gradients_after_leading_masked_chunks_with_far_negative_exponents(devic
         assert state.log_scale.item() < -100
     for name, got, want in zip(("o", "dq", "dk", "dv"), results["triton"], results["reference"]):
         assert_close(got, want, torch.float32, name=name)
+
+
+@pytest.mark.parametrize("stage", ["forward", "backward"])
+def test_out_of_resources_is_a_clear_error(stage, monkeypatch, device):
+    """A kernel that does not fit the GPU (Triton's OutOfResources) surfaces as an error naming the call,
+    the dtype and head dims, and the ways around it."""
+    from triton.runtime.errors import OutOfResources
+
+    import spectraformer_fused.ops.triton_attention as ta
+
+    def out_of_resources(*args, **kwargs):
+        raise OutOfResources(262144, 232448, "shared memory")
+
+    monkeypatch.setattr(ta, "rf_fwd" if stage == "forward" else "rf_bwd", out_of_resources)
+    fm = RandomFeatureMap(16, 16, num_heads=1, seed=0, device=device)
+    q = torch.randn(1, 8, 1, 16, device=device, requires_grad=True)
+    v = torch.randn(1, 8, 1, 24, device=device)
+    with pytest.raises(RuntimeError, match=rf"Triton {stage} for float32 inputs with head dims D=16, Dv=24 does "
+                                           r"not fit this GPU .*shared memory.*backend='reference'"):
+        rf_attention(q, q, v, fm, backend="triton").sum().backward()

@@ -16,6 +16,7 @@ from torch import Tensor
 from ..feature_map import FeatureParams
 from ..state import RFState
 from .triton_bwd import rf_bwd
+from .triton_common import resource_errors
 from .triton_fwd import default_chunk_size, rf_fwd
 
 def _feature_dim(kind: int, m: int) -> int:
@@ -30,9 +31,10 @@ def _rf_fwd_op(q: Tensor, k: Tensor, v: Tensor, W: Tensor, bias: Tensor, freq: T
                mask: Optional[Tensor], S0: Optional[Tensor], z0: Optional[Tensor], m0: Optional[Tensor],
                kind: int, c_t: float, c_o: float, scale: float, causal: bool, chunk_size: int) -> _FWD_OUT:
     """(o, den, qmax, kstab, S, z, m); the final state is always returned (it is O(F Dv) per head)."""
-    o, den, qmax, kstab, S, z, m, _ = rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, kind=kind, c_t=c_t,
-                                             c_o=c_o, scale=scale, causal=causal, output_final_state=True,
-                                             chunk_size=chunk_size)
+    with resource_errors("forward", q.dtype, q.shape[-1], v.shape[-1]):
+        o, den, qmax, kstab, S, z, m, _ = rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, kind=kind, c_t=c_t,
+                                                 c_o=c_o, scale=scale, causal=causal, output_final_state=True,
+                                                 chunk_size=chunk_size)
     return o, den, qmax, kstab, S, z, m
 
 
@@ -55,9 +57,10 @@ def _rf_bwd_op(do: Tensor, dS: Optional[Tensor], dz: Optional[Tensor], q: Tensor
                S: Tensor, z: Tensor, kind: int, c_t: float, c_o: float, scale: float, causal: bool,
                chunk_size: int) -> _FWD_OUT:
     """(dq, dk, dv, dW [H, m, D], dbias, dS0, dz0); dS0 and dz0 are empty without an initial state."""
-    dq, dk, dv, dW, dbias, dS0, dz0 = rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax,
-                                             kstab, S, z, kind=kind, c_t=c_t, c_o=c_o, scale=scale, causal=causal,
-                                             chunk_size=chunk_size)
+    with resource_errors("backward", q.dtype, q.shape[-1], v.shape[-1]):
+        dq, dk, dv, dW, dbias, dS0, dz0 = rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den,
+                                                 qmax, kstab, S, z, kind=kind, c_t=c_t, c_o=c_o, scale=scale,
+                                                 causal=causal, chunk_size=chunk_size)
     if dS0 is None:
         dS0, dz0 = q.new_zeros(0, dtype=torch.float32), q.new_zeros(0, dtype=torch.float32)
     return dq, dk, dv, dW, dbias, dS0, dz0

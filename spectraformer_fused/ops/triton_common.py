@@ -18,8 +18,25 @@ Rounded operands are exact in tf32, so the product is the same on a GPU and in t
 """
 from __future__ import annotations
 
+import contextlib
+
 import triton
 import triton.language as tl
+
+
+@contextlib.contextmanager
+def resource_errors(what: str, dtype, D: int, Dv: int):
+    """Turn Triton's OutOfResources (a kernel needs more shared memory or registers than this GPU gives a
+    block) into an error that names the call and the ways around it."""
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        yield
+    except OutOfResources as exc:
+        raise RuntimeError(
+            f"the Triton {what} for {str(dtype).replace('torch.', '')} inputs with head dims D={D}, Dv={Dv} does "
+            f"not fit this GPU ({exc}); fp16/bf16 inputs or head dims <= 128 need less, and "
+            f"backend='reference' runs any shape") from exc
 
 
 def dot_precision(*dtypes) -> str:
