@@ -248,11 +248,19 @@ def main(argv=None) -> int:
         results = list(pool.map(compile_one, jobs))
 
     limit = SHARED_LIMIT.get(args.arch)
+    import spectraformer_fused
+
+    src_dir = os.path.dirname(os.path.dirname(os.path.abspath(spectraformer_fused.__file__)))
+    try:
+        commit = subprocess.run(["git", "-C", src_dir, "describe", "--always", "--dirty"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"# Triton kernels compiled for sm_{args.arch}",
              "",
              f"{now}; triton {triton.__version__}, torch {torch.__version__}, host {platform.machine()} "
-             f"(no GPU needed); `python -m bench.compile_check --arch {args.arch} --cases {args.cases}"
+             f"(no GPU needed); package at {commit}; `python -m bench.compile_check --arch {args.arch} --cases {args.cases}"
              "`.",
              "regs: registers per thread; stack: bytes of local memory per thread (> 0: ptxas spilled); "
              "shared: bytes of shared memory per program.",
