@@ -11,7 +11,7 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv test report report-full bench clean
+.PHONY: venv test report report-full bench compile-check clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,10 @@ report-full: venv
 
 bench: venv
 	$(PY) -m pytest bench -q
+
+# Every Triton kernel compiled for sm_90 (no GPU needed): registers, spills, shared memory per kernel.
+compile-check: venv
+	$(PY) -m bench.compile_check --cases full --check
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
