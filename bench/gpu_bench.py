@@ -195,7 +195,12 @@ def header(args, rows, note: str) -> str:
     timer = "perf_counter median of 3" if args.dry_run else f"do_bench median, rep {args.rep} ms"
     from spectraformer_fused.ops import autotune_enabled
 
-    tuning = "Triton configs autotuned" if autotune_enabled() else "fixed Triton configs (SPECTRAFORMER_FUSED_AUTOTUNE=0)"
+    if args.dry_run:
+        tuning = "no Triton rows"
+    elif autotune_enabled():
+        tuning = "Triton configs autotuned"
+    else:
+        tuning = "fixed Triton configs (SPECTRAFORMER_FUSED_AUTOTUNE=0)"
     return (f"## spectraformer_fused GPU benchmark\n\n{dev} | torch {v['torch']}, triton {v['triton']}, "
             f"spectraformer_fused {v['spectraformer_fused']} | {datetime.datetime.now():%Y-%m-%d %H:%M} | "
             f"dtypes {', '.join(sorted({r['dtype'] for r in rows}))} | {timer} | {tuning} | peak memory beyond the inputs | "
