@@ -291,3 +291,48 @@ def test_large_inputs_need_the_stabiliser(causal, device):
     assert qmax.min() < -104.0 and kstab.min() < -30.0, "inputs not large enough to need the stabiliser"
     assert torch.isfinite(o).all()
     assert_close(o, reference_attention(q, k, v, p, causal=causal)[0], torch.float32, name="o")
+
+
+if triton_importable():
+    import triton
+    import triton.language as tl
+
+    from spectraformer_fused.ops.triton_common import _tf32
+
+    @triton.jit
+    def _round_kernel(x, y, N: tl.constexpr):
+        o = tl.arange(0, N)
+        tl.store(y + o, _tf32(tl.load(x + o)))
+
+
+def _tf32_reference(x: torch.Tensor) -> torch.Tensor:
+    """Round fp32 to the nearest tf32 value, ties to even, through float64 arithmetic (independent of the
+    kernel's integer trick): keep 11 significant bits."""
+    xd = x.double()
+    mant, exp = torch.frexp(xd)                          # x = mant * 2^exp, 0.5 <= |mant| < 1
+    scaled = mant * 2.0 ** 11                            # 11 significant bits: 1 implicit + 10 stored
+    return torch.ldexp(torch.round(scaled), exp - 11).float()   # torch.round: half to even
+
+
+def test_tf32_rounding_is_round_to_nearest_even(device):
+    """The operand rounding of every "tf32" product (triton_common._tf32): nearest tf32 value, ties to
+    even, exact values unchanged; checked on random values, both signs, and exact ties."""
+    import triton
+
+    g = torch.Generator().manual_seed(0)
+    rnd = torch.randn(2048, generator=g) * torch.exp(torch.randn(2048, generator=g) * 8)
+    base = torch.tensor([1.0, -1.0, 3.0, -0.375, 1e-30, 6.5e4], dtype=torch.float32)
+    ulp = 2.0 ** -10                                     # tf32 spacing in [1, 2)
+    ties = torch.tensor([1 + ulp / 2, 1 + 3 * ulp / 2, -(1 + ulp / 2), 1 + ulp / 2 + 2.0 ** -20])
+    x = torch.cat([rnd, base, ties]).float()
+    n = triton.next_power_of_2(x.numel())
+    xs = torch.zeros(n)
+    xs[: x.numel()] = x
+    y = torch.empty(n)
+    xs, y = xs.to(device), y.to(device)
+    _round_kernel[(1,)](xs, y, N=n)
+    got, want = y[: x.numel()].cpu(), _tf32_reference(x)
+    bad = (got != want).nonzero().flatten()
+    assert bad.numel() == 0, [(x[i].item(), got[i].item(), want[i].item()) for i in bad[:5]]
+    # ties: 1 + ulp/2 -> 1 (even), 1 + 3ulp/2 -> 1 + 2ulp (even); just above a tie rounds up
+    assert got[-4:].tolist() == [1.0, 1 + 2 * ulp, -1.0, 1 + ulp]
