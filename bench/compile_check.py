@@ -7,8 +7,8 @@ No GPU is needed: Triton lowers a kernel to PTX and runs ptxas (shipped with Tri
 chosen target. The launches come from the real host code: ``triton_attention`` and its backward run on
 CPU tensors while ``JITFunction.run`` only records each launch (its arguments, constexprs and options),
 so what is compiled is exactly what the package launches for that case with autotuning off (the fixed
-configurations; on a GPU the autotuner may pick other value tiles or pipelining depths, and skips any
-configuration that does not fit).
+configurations); ``--configs all`` adds every configuration the autotuner may try on a GPU (it skips one
+that does not fit, but a compile error would reach the caller).
 
 For each distinct kernel specialisation the table gives the registers per thread, the stack frame (bytes
 per thread: non-zero means ptxas spilled registers to local memory), the shared memory Triton allocates
@@ -168,6 +168,21 @@ def specialise(fn, args, kwargs):
     return sig, const, attrs, options
 
 
+def tuning_variants(fn, args, options: dict) -> list:
+    """(constexpr overrides, options) of every autotuning configuration the package gives this kernel;
+    just the recorded launch for kernels that are not autotuned."""
+    from spectraformer_fused.ops import triton_bwd, triton_fwd
+
+    if fn.__name__ == "_rf_fwd_kernel":
+        values = dict(zip(fn.arg_names, args))
+        configs = triton_fwd._prune_fwd_configs(triton_fwd._FWD_CONFIGS, {"DV": values["DV"]})
+    elif fn.__name__ in ("_rf_bwd_dq_kernel", "_rf_bwd_dkv_kernel"):
+        configs = triton_bwd._BWD_CONFIGS
+    else:
+        return [({}, options)]
+    return [(dict(c.kwargs), dict(options, num_warps=c.num_warps, num_stages=c.num_stages)) for c in configs]
+
+
 def _resource_usage(cubin: bytes) -> dict:
     """REG and STACK of the kernel from cuobjdump (shipped with Triton's NVIDIA backend)."""
     import triton
@@ -221,6 +236,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = H100/H200, 80 = A100)")
     ap.add_argument("--cases", choices=("quick", "small", "large", "default", "full"), default="default")
+    ap.add_argument("--configs", choices=("fixed", "all"), default="fixed",
+                    help="'all': every autotuning configuration of the autotuned kernels, not only the fixed one")
     ap.add_argument("--kernels", default="", help="only kernels whose name contains one of these (comma list)")
     ap.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     ap.add_argument("--out", help="also write the markdown table to this file")
@@ -236,13 +253,18 @@ def main(argv=None) -> int:
             if args.kernels and not any(n in fn.__name__ for n in args.kernels.split(",")):
                 continue
             sig, const, attrs, options = specialise(fn, fargs, fkw)
-            key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(const.items(), key=str)),
-                   tuple(sorted(options.items())))
-            if key in seen:
-                continue
-            seen.add(key)
-            where[len(jobs)] = case.label
-            jobs.append((fn.__name__, fn.__module__, sig, const, attrs, options, args.arch))
+            variants = [({}, options)]
+            if args.configs == "all":
+                variants = tuning_variants(fn, fargs, options)
+            for override, opts in variants:
+                cst = dict(const, **override)
+                key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(cst.items(), key=str)),
+                       tuple(sorted(opts.items())))
+                if key in seen:
+                    continue
+                seen.add(key)
+                where[len(jobs)] = case.label
+                jobs.append((fn.__name__, fn.__module__, sig, cst, attrs, opts, args.arch))
 
     with ProcessPoolExecutor(args.jobs) as pool:
         results = list(pool.map(compile_one, jobs))
@@ -261,24 +283,24 @@ def main(argv=None) -> int:
              "",
              f"{now}; triton {triton.__version__}, torch {torch.__version__}, host {platform.machine()} "
              f"(no GPU needed); package at {commit}; `python -m bench.compile_check --arch {args.arch} --cases {args.cases}"
-             "`.",
+             f" --configs {args.configs}`.",
              "regs: registers per thread; stack: bytes of local memory per thread (> 0: ptxas spilled); "
              "shared: bytes of shared memory per program.",
              "",
-             "| kernel | first case | flags | warps | regs | stack | shared | compile s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| kernel | first case | flags | warps | stages | regs | stack | shared | compile s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     bad = 0
     for i, (job, res) in enumerate(zip(jobs, results)):
         name, _, sig, const, _, opts, _ = job
         if "error" in res:
             bad += 1
-            lines.append(f"| {name} | {where[i]} | {_flags(const)} | {opts['num_warps']} | FAILED: {res['error']} "
-                         f"| | | {res['seconds']:.1f} |")
+            lines.append(f"| {name} | {where[i]} | {_flags(const)} | {opts['num_warps']} | {opts.get('num_stages', '')} "
+                         f"| FAILED: {res['error']} | | | {res['seconds']:.1f} |")
             continue
         if limit is not None and res["shared"] > limit:
             bad += 1
-        lines.append(f"| {name} | {where[i]} | {_flags(const)} | {opts['num_warps']} | {res['regs']} | "
-                     f"{res['stack']} | {res['shared']} | {res['seconds']:.1f} |")
+        lines.append(f"| {name} | {where[i]} | {_flags(const)} | {opts['num_warps']} | {opts.get('num_stages', '')} | "
+                     f"{res['regs']} | {res['stack']} | {res['shared']} | {res['seconds']:.1f} |")
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:
