@@ -115,7 +115,7 @@ def _input_grad(de, du, xt, raw, w, psi, freq, root, c_t, c_o,
                 QUERY: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr, PREC: tl.constexpr):
     """(de, du) [BT, BM] -> this tile's part of dL/d(input) [BT, BD] (through x' and x = root * raw)."""
     dr = tl.sum(de, axis=1)                                                  # [BT]
-    dxt = _dot(du, w, PREC) * freq                                   # [BT, BM] @ [BM, BD] -> [BT, BD]
+    dxt = _dot(du, w, PREC) * freq                                           # [BT, BM] @ [BM, BD]
     dxt += (2.0 * c_t) * xt * dr[:, None]
     if HAS_PSI:
         if QUERY:
@@ -216,9 +216,9 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qma
             _, _, ka, kb = _key_phi(k, mask, p_tk, m_tk, i_b, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, b_ks,
                                     root, c_t, c_o, KIND, HAS_PSI, HAS_CO, HAS_MASK, PREC)
             # P[t, j] = a_t . v_j + beta_t for keys j <= t of this chunk
-            b_p = _dot(b_a, tl.trans(b_v), PREC) + b_beta[:, None]   # [BT, BV] @ [BV, BT]
+            b_p = _dot(b_a, tl.trans(b_v), PREC) + b_beta[:, None]                      # [BT, BV] @ [BV, BT]
             b_p = tl.where(o_t[:, None] >= o_t[None, :], b_p, 0.0)
-            dqa = _dot(b_p, ka, PREC)                                 # [BT, BT] @ [BT, BM]
+            dqa = _dot(b_p, ka, PREC)                                                   # [BT, BT] @ [BT, BM]
             if KIND != 0:
                 dqb = _dot(b_p, kb, PREC)
         else:
@@ -234,7 +234,7 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qma
                                      c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC)
         de, du = _phi_grad(dqa, dqb, qa, qb, KIND)
         b_db += tl.sum(de, axis=0)
-        b_dw += _dot(tl.trans(du), qt, PREC) * b_freq               # [BM, BT] @ [BT, BD]
+        b_dw += _dot(tl.trans(du), qt, PREC) * b_freq                                   # [BM, BT] @ [BT, BD]
         b_dq = _input_grad(de, du, qt, b_q, b_w, b_psi, b_freq, root, c_t, c_o, True, HAS_PSI, HAS_CO, PREC)
         tl.store(dq + part * D + p_tk, b_dq, mask=m_tk)
 
@@ -255,7 +255,7 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
                        KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
                        HAS_MASK: tl.constexpr, HAS_S0: tl.constexpr, HAS_DSF: tl.constexpr,
                        PREC: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-                      BV: tl.constexpr):
+                       BV: tl.constexpr):
     i_m = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
     i_s = tl.program_id(2).to(tl.int64)
@@ -328,8 +328,8 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
                                    root, c_t, c_o, KIND, HAS_PSI, HAS_CO, HAS_MASK, PREC)
 
         # carried part: dphik_j = dS v_j + dz, dv_j = dS^T phik_j
-        dka = _dot(b_v, tl.trans(b_dsa), PREC) + b_dza[None, :]     # [BT, BV] @ [BV, BM]
-        b_dv = _dot(ka, b_dsa, PREC)                                 # [BT, BM] @ [BM, BV]
+        dka = _dot(b_v, tl.trans(b_dsa), PREC) + b_dza[None, :]                         # [BT, BV] @ [BV, BM]
+        b_dv = _dot(ka, b_dsa, PREC)                                                    # [BT, BM] @ [BM, BV]
         if KIND != 0:
             dkb = _dot(b_v, tl.trans(b_dsb), PREC) + b_dzb[None, :]
             b_dv += _dot(kb, b_dsb, PREC)
@@ -342,23 +342,23 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
                                       c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC)
             causal = o_t[:, None] <= o_t[None, :]                                          # key j (row) <= query t
             # P^T[j, t] = a_t . v_j + beta_t
-            b_pt = _dot(b_v, tl.trans(b_a), PREC) + b_beta[None, :]   # [BT, BV] @ [BV, BT]
+            b_pt = _dot(b_v, tl.trans(b_a), PREC) + b_beta[None, :]                     # [BT, BV] @ [BV, BT]
             b_pt = tl.where(causal, b_pt, 0.0)
             # A^T[j, t] = phik_j . phiq_t
-            b_at = _dot(ka, tl.trans(qa), PREC)                        # [BT, BM] @ [BM, BT]
-            dka += _dot(b_pt, qa, PREC)                                # [BT, BT] @ [BT, BM]
+            b_at = _dot(ka, tl.trans(qa), PREC)                                         # [BT, BM] @ [BM, BT]
+            dka += _dot(b_pt, qa, PREC)                                                 # [BT, BT] @ [BT, BM]
             if KIND != 0:
                 b_at += _dot(kb, tl.trans(qb), PREC)
                 dkb += _dot(b_pt, qb, PREC)
             else:
                 dkb = dka
             b_at = tl.where(causal, b_at, 0.0)
-            b_dv += _dot(b_at, b_a, PREC)                              # [BT, BT] @ [BT, BV]
+            b_dv += _dot(b_at, b_a, PREC)                                               # [BT, BT] @ [BT, BV]
         tl.store(dv + part * DV + p_tv, b_dv, mask=m_tv)
 
         de, du = _phi_grad(dka, dkb, ka, kb, KIND)
         b_db += tl.sum(de, axis=0)
-        b_dw += _dot(tl.trans(du), kt, PREC) * b_freq                # [BM, BT] @ [BT, BD]
+        b_dw += _dot(tl.trans(du), kt, PREC) * b_freq                                   # [BM, BT] @ [BT, BD]
         b_dk = _input_grad(de, du, kt, b_k, b_w, b_psi, b_freq, root, c_t, c_o, False, HAS_PSI, HAS_CO, PREC)
         tl.store(dk + part * D + p_tk, b_dk, mask=m_tk)
 
@@ -428,7 +428,7 @@ def _rf_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, da, dbeta, dsp, dzp,
         b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0)
         _, _, qa, qb = _query_phi(q, qmax, p_tk, m_t[:, None] & m_d[None, :], i_bh, T, o_t, m_t, b_w, b_bias,
                                   b_freq, b_psi, root, c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC)
-        b_dsa += _dot(tl.trans(qa), b_a, PREC)     # [BM, BT] @ [BT, BV] -> [BM, BV]
+        b_dsa += _dot(tl.trans(qa), b_a, PREC)                                          # [BM, BT] @ [BT, BV]
         b_dza += tl.sum(qa * b_beta[:, None], axis=0)
         if KIND != 0:
             b_dsb += _dot(tl.trans(qb), b_a, PREC)

@@ -90,7 +90,7 @@ def _feature_logits(xt, w, bias, freq, r, KIND: tl.constexpr, PREC: tl.constexpr
     Returns (u, ea, eb, ma, mb), all [BT, BM]: u = freq * x'.w, block a = (exp / plus / cos), block b =
     (unused / minus / sin); phi = exp(e - shift) * m. For EXP and HYP the multipliers are 1.
     """
-    u = _dot(xt, tl.trans(w), PREC) * freq       # [BT, BD] @ [BD, BM] -> [BT, BM]
+    u = _dot(xt, tl.trans(w), PREC) * freq                            # [BT, BD] @ [BD, BM] -> [BT, BM]
     base = bias[None, :] + r[:, None]                                 # [BT, BM]
     if KIND == 2:
         ea = base

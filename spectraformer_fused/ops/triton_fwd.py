@@ -19,9 +19,10 @@ Two kernels, both tiled by chunks of BT tokens and by frequency tiles of BM rows
 Features exist only as ``[BT, BM]`` register tiles. Every tensor this module allocates:
   qmax ``[B, H, T]``, den ``[B, H, T]``, kmax / kstab ``[B, H, NC]``, o ``[B, T, H, Dv]``,
   final S ``[B, H, F, Dv]``, z ``[B, H, F]``, m ``[B, H]``, the non-causal partial states
-  ``[NSPLIT, B, H, F, Dv]`` and ``[NSPLIT, B, H, F]`` (NSPLIT <= NC, independent of T once the device is full), copies of the small per-head parameters
-  (bias ``[B, H, m]``, freq ``[B, H]``, psi ``[B, H, D]``, S0, z0, m0) when not already fp32-contiguous,
-  and, only with NMT > 1 frequency tiles, partials ``[NMT, B, T, H, Dv]`` and ``[NMT, B, H, T]``.
+  ``[NSPLIT, B, H, F, Dv]`` and ``[NSPLIT, B, H, F]`` (NSPLIT <= NC, independent of T once the device is
+  full), copies of the small per-head parameters (bias ``[B, H, m]``, freq ``[B, H]``, psi ``[B, H, D]``,
+  S0, z0, m0) when not already fp32-contiguous, and, only with NMT > 1 frequency tiles, partials
+  ``[NMT, B, T, H, Dv]`` and ``[NMT, B, H, T]``.
   None has a ``T x F`` shape: the largest T-sized ones scale with ``T * Dv * NMT`` (NMT = ceil(m / BM)).
 
 Precision: feature exponents, the stabilised features and every accumulator are fp32; every product runs
