@@ -100,7 +100,8 @@ def cases(which: str) -> list[Case]:
 
 
 def _record_launches():
-    """Replace JITFunction.run by a recorder; returns the list it appends (fn, args, kwargs) to."""
+    """Replace JITFunction.run by a recorder with a new, empty list; returns the list it appends
+    (fn, args, kwargs) to."""
     from triton.runtime.jit import JITFunction
 
     launches = []
@@ -133,11 +134,10 @@ def capture(case: Case) -> list:
         F = fm.feature_dim
         state = RFState(torch.zeros(B, H, F, case.Dv), torch.zeros(B, H, F), torch.zeros(B, H))
     params = fm.feature_params(q, k, scale=case.D ** -0.5, causal=case.causal, key_padding_mask=mask)
-    start = len(launches)
     o, _ = triton_attention(q, k, v, params, causal=case.causal, key_padding_mask=mask, initial_state=state,
                             output_final_state=False)
     o.float().sum().backward()
-    return launches[start:]
+    return launches
 
 
 def specialise(fn, args, kwargs):

@@ -317,8 +317,6 @@ def _tf32_reference(x: torch.Tensor) -> torch.Tensor:
 def test_tf32_rounding_is_round_to_nearest_even(device):
     """The operand rounding of every "tf32" product (triton_common._tf32): nearest tf32 value, ties to
     even, exact values unchanged; checked on random values, both signs, and exact ties."""
-    import triton
-
     g = torch.Generator().manual_seed(0)
     rnd = torch.randn(2048, generator=g) * torch.exp(torch.randn(2048, generator=g) * 8)
     base = torch.tensor([1.0, -1.0, 3.0, -0.375, 1e-30, 6.5e4], dtype=torch.float32)

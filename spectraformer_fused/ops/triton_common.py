@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 import triton
 import triton.language as tl
 
@@ -41,8 +42,6 @@ def resource_errors(what: str, dtype, D: int, Dv: int):
 
 def dot_precision(*dtypes) -> str:
     """The PREC constexpr of every kernel for inputs of these dtypes (see the module docstring)."""
-    import torch
-
     return "tf32x3" if torch.float32 in dtypes else "tf32"
 
 
