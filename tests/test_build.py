@@ -161,6 +161,33 @@ def test_auto_builds_on_first_need_with_one_notice(tmp_path, monkeypatch, capfd)
     assert err.count("spectraformer_fused: compiling the CPU backend") == 1, err
 
 
+RACE = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    from spectraformer_fused.ops import build_cache
+    spec = build_cache.ExtensionSpec("sf_standin_race", Path(sys.argv[1]), ("standin.cpp",), cflags=("-O0",))
+    print(build_cache.build(spec).VALUE)
+""")
+
+
+def test_concurrent_builds_compile_once(tmp_path, cache):
+    """Two processes building the same extension into an empty cache at once: one compiles, the other
+    waits on the build directory's lock (or finds the finished build), and both load the binary."""
+    spec = _standin(tmp_path / "csrc", 3, "sf_standin_race")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(spec.source_dir)], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
+    for out, err, rc in results:
+        assert rc == 0 and out.strip().splitlines()[-1] == "3", err
+    directory = build_cache.build_dir(spec)
+    log = (directory / ".ninja_log").read_text().splitlines()   # "start end mtime output hash" per step
+    links = [line for line in log if len(line.split("\t")) == 5 and line.split("\t")[3].endswith(".so")]
+    assert len(links) == 1, f"the binary was linked {len(links)} times:\n{links}"
+    assert json.loads((directory / build_cache.MARKER).read_text())["module"] == spec.name
+    assert not (directory / "lock").exists()
+
+
 # ---- fresh processes -------------------------------------------------------------------------------------
 
 PROBE = textwrap.dedent("""

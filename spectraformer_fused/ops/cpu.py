@@ -96,7 +96,8 @@ def _load(build: bool = True):
             warnings.warn(
                 "spectraformer_fused: the compiled CPU backend could not be built, so backend='auto' uses the "
                 "reference backend on the CPU. To enable it, install a C++ compiler (g++) and ninja "
-                f"(pip install ninja). Error: {_error.splitlines()[0] if _error else ''}",
+                f"(pip install ninja), and make the build cache {build_cache.cache_root()} writable (or set "
+                f"{build_cache.CACHE_ENV}). Error: {_error.splitlines()[0] if _error else ''}",
                 RuntimeWarning, stacklevel=3)
     return _module
 
