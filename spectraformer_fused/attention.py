@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from .feature_map import RandomFeatureMap
-from .ops import cpu_extension_loaded, triton_importable, triton_interpreting
+from .ops import cpu_extension_built, cpu_extension_loaded, triton_importable, triton_interpreting
 from .reference import reference_attention
 from .state import RFState, empty_state
 from .validation import check_attention_inputs, resolve_scale
@@ -14,11 +14,13 @@ BACKENDS = ("auto", "reference", "triton", "cpu")
 
 def available_backends() -> list[str]:
     """Backends usable in this process: always "reference"; "triton" when Triton imports; "cpu" when the
-    compiled CPU extension loaded (it is built on first use)."""
+    compiled CPU extension is loaded or built in the cache. Never compiles: a CPU backend that is not built
+    yet is missing here (``spectraformer_fused.build.status()`` tells "buildable" from "unavailable") and
+    is built by the first call that needs it, or ahead of time by ``python -m spectraformer_fused.build``."""
     names = ["reference"]
     if triton_importable():
         names.append("triton")
-    if cpu_extension_loaded():
+    if cpu_extension_built():
         names.append("cpu")
     return names
 

@@ -38,8 +38,18 @@ def triton_interpreting() -> bool:
 
 
 def cpu_extension_loaded() -> bool:
+    """True when the compiled CPU extension is loaded; builds it first if needed (with a notice)."""
     try:
         from .cpu import extension_available
     except ImportError:
         return False
     return extension_available()
+
+
+def cpu_extension_built() -> bool:
+    """True when the compiled CPU extension is loaded or loads from the build cache; never compiles."""
+    try:
+        from .cpu import extension_built
+    except ImportError:
+        return False
+    return extension_built()
