@@ -121,6 +121,14 @@ def test_generate_matches_recompute():
     check_generate_matches_recompute(num_kv_heads=4)
 
 
+def test_beam_search_matches_uncached():
+    """Beam search reorders the per-layer states (RFCacheLayer.reorder_cache) between steps."""
+    model = tiny_llama(4)
+    ids, mask = prompt_with_left_padding()
+    args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
+    assert torch.equal(model.generate(**args), model.generate(**args, use_cache=False))
+
+
 def test_llama_layer_equals_rf_attention_by_hand():
     model = tiny_llama(4)
     llama_layer_by_hand(model, prompt_with_left_padding()[0])

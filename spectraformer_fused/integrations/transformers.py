@@ -198,9 +198,8 @@ def spectraformer_attention_forward(module: nn.Module, query: torch.Tensor, key:
     if Tk != Tq:
         raise ValueError(
             f"{type(module).__name__} received {Tk} keys for {Tq} queries: the keys come from a cache that stores "
-            f"them ({type(kwargs.get('cache', None)).__name__ if kwargs.get('cache') is not None else 'e.g. DynamicCache'})."
-            " Decode with spectraformer_fused.integrations.transformers.RFCache (generate() of a converted model "
-            "uses one), or run with use_cache=False")
+            "them (such as DynamicCache). Decode with spectraformer_fused.integrations.transformers.RFCache "
+            "(generate() of a converted model uses one), or run with use_cache=False")
     state = None if layer is None else layer.state
     if state is not None and not causal:
         raise ValueError("non-causal random-feature attention cannot continue from a cache: every query would have "
