@@ -16,7 +16,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noq
 
 from spectraformer_fused import rf_attention  # noqa: E402
 from spectraformer_fused.integrations import transformers as hf  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
+from helpers import assert_close  # noqa: E402
 
 VOCAB = 61
 
