@@ -58,6 +58,19 @@ def _resolve_backend(backend: str, q: torch.Tensor) -> str:
     return backend
 
 
+_BACKEND_FNS: dict = {"reference": reference_attention}
+
+
+def _backend_fn(name: str):
+    """The attention function of a compiled backend, imported on first use (kept: no import per call)."""
+    if name == "triton":
+        from .ops.triton_attention import triton_attention as fn
+    else:
+        from .ops.cpu import cpu_attention as fn
+    _BACKEND_FNS[name] = fn
+    return fn
+
+
 def rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: RandomFeatureMap, *,
                  causal: bool = False, scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
                  initial_state=None, output_final_state: bool = False, backend: str = "auto"):
@@ -100,12 +113,7 @@ def rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map:
             state = empty_state(B, Hk, feature_map.feature_dim, v.shape[-1], dtype=cdt, device=q.device)
         return o, RFState(*(t.to(cdt) for t in state))
     params = feature_map.feature_params(q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask)
-    if name == "reference":
-        fn = reference_attention
-    elif name == "triton":
-        from .ops.triton_attention import triton_attention as fn
-    else:
-        from .ops.cpu import cpu_attention as fn
+    fn = _BACKEND_FNS.get(name) or _backend_fn(name)
     o, final = fn(q, k, v, params, causal=causal, key_padding_mask=key_padding_mask, initial_state=state,
                   output_final_state=output_final_state)
     return (o, final) if output_final_state else o

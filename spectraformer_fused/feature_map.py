@@ -280,7 +280,8 @@ class RandomFeatureMap(nn.Module):
                 self._update_running(moments)
             bias, freq = self._bias_freq(A, wsq)
         else:
-            bias, freq = bias.expand(B, -1, -1), freq.expand(B, -1)
+            if B != 1:
+                bias, freq = bias.expand(B, -1, -1), freq.expand(B, -1)
         return FeatureParams(spec.kind, W, bias, freq, psi, spec.c_t, spec.c_o, float(scale),
                              self.num_features, self.feature_dim)
 

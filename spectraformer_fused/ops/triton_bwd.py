@@ -31,6 +31,12 @@ full head dims in registers:
 
 The input gradients of each frequency tile, and W's and the bias' gradients of each (batch, head, range),
 are fp32 partials summed on the host: deterministic, no atomics.
+
+Grouped-query attention (k, v with Hk = H / G heads): every kernel runs per (batch, query head) and
+reads k, v, the parameters, kstab and the state of key/value head ``i_h // G``. The gradients of
+key/value-head tensors (dk, dv, dW, dbias, dS0, dz0) are written as per-query-head fp32 partials and
+summed over each group on the host in a fixed order; the final state's gradient seeds the first query
+head of each group, so it counts once.
 """
 from __future__ import annotations
 

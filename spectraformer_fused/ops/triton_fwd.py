@@ -16,6 +16,9 @@ Two kernels, both tiled by chunks of BT tokens and by frequency tiles of BM rows
   every range's outputs from the reduced state. With one frequency tile the kernel writes o directly; with several it
   writes per-tile partial numerators and denominators, summed on the host.
 
+Grouped-query attention: k, v, the per-head parameters, kstab and the state belong to the key/value head
+``i_hk = i_h // G`` of each query head; a group's programs share them (no repeated k or v).
+
 Features exist only as ``[BT, BM]`` register tiles. Every tensor this module allocates:
   qmax ``[B, H, T]``, den ``[B, H, T]``, kmax / kstab ``[B, H, NC]``, o ``[B, T, H, Dv]``,
   final S ``[B, H, F, Dv]``, z ``[B, H, F]``, m ``[B, H]``, the non-causal partial states
