@@ -9,7 +9,9 @@ m = 128, at (B=1, H=8, T=4096) and (B=4, H=8, T=1024), causal and non-causal, fo
 * ``torch chunked``: ``bench/torch_chunked.py``, the best of chunk sizes 64/128/256;
 * ``performer-pytorch``: its ``FastAttention`` (skipped with a printed line when not installed).
 
-And one decode step (B=1, H=8, one token, state carried) against a plain PyTorch step. Every timing is
+And one decode step (B=1, H=8, one token, state carried) through the public ``rf_attention``,
+``SpectraAttention`` and the HF attention path (when installed), beside the compiled kernel alone and a
+plain PyTorch step (see ``decode_rows``); ``--decode-only`` runs just those rows. Every timing is
 the median of ``--reps`` runs after a warm-up, the implementations interleaved run by run so that load
 from other processes hits all of them alike. The feature-map parameters are resolved outside the timed
 region for every implementation. GFLOP/s counts the same algorithmic work for every implementation
@@ -33,7 +35,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 from bench.torch_chunked import chunked_attention, decode_step  # noqa: E402
-from spectraformer_fused import RandomFeatureMap, RFState  # noqa: E402
+from spectraformer_fused import RandomFeatureMap, RFState, SpectraAttention, rf_attention  # noqa: E402
 from spectraformer_fused.ops import cpu as cpu_ops  # noqa: E402
 from spectraformer_fused.reference import reference_attention  # noqa: E402
 
@@ -112,17 +114,105 @@ def performer_factory():
     return make
 
 
-def run(threads: int, reps: int) -> str:
+def hf_decode_loop(steps: int, qs, ks, vs):
+    """The decode step through the HuggingFace attention path, or a string saying why it is not timed.
+
+    The integration (``spectraformer_fused.integrations.transformers``) is optional: without it, or
+    without ``transformers``, the row is skipped and the table says so. It is timed when the module
+    offers ``bench_decode_loop(steps, qs, ks, vs)`` returning a zero-argument callable that runs the
+    ``steps`` tokens (q, k, v ``[steps, B, 1, H, D]``) through its registered attention function."""
+    try:
+        from spectraformer_fused.integrations import transformers as hf
+    except Exception as exc:  # not installed / not built: skipped, named in the table
+        return f"HF attention path: not available ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    make = getattr(hf, "bench_decode_loop", None)
+    if make is None:
+        return "HF attention path: spectraformer_fused.integrations.transformers has no bench_decode_loop; not timed"
+    return make(steps, qs, ks, vs)
+
+
+def decode_rows(reps: int, mm_peak: float, verdicts: list, notes: list) -> list:
+    """One causal decode step (B=1, H=8, one token, state carried) through every layer a user may call:
+    the public ``rf_attention`` (feature map passed, parameters resolved per call as in a model),
+    ``SpectraAttention`` (with its qkv and output projections), the HF path when present, the compiled
+    kernel alone (parameters precomputed) and a plain PyTorch step (parameters precomputed)."""
+    B, H = 1, 8
+    fm = RandomFeatureMap(D, M, component="posrf", weights="orf", num_heads=H, seed=0).eval()
+    layer = SpectraAttention(H * D, H, num_features=M, component="posrf", weights="orf", causal=True, seed=0).eval()
+    steps = 64
+    qs, ks, vs = (torch.randn(steps, B, 1, H, D) for _ in range(3))
+    xs = torch.randn(steps, B, 1, H * D)
+    p = fm.feature_params(qs[0], ks[0], scale=D ** -0.5, causal=True)
+    _, warm = reference_attention(qs[0], ks[0], vs[0], p, causal=True, output_final_state=True)
+    _, warm_layer = layer(xs[0], output_final_state=True)
+
+    def public_loop():
+        state = warm
+        for i in range(steps):
+            _, state = rf_attention(qs[i], ks[i], vs[i], fm, causal=True, initial_state=state, output_final_state=True)
+
+    def module_loop():
+        state = warm_layer
+        for i in range(steps):
+            _, state = layer(xs[i], initial_state=state, output_final_state=True)
+
+    def kernel_loop():
+        state = warm
+        for i in range(steps):
+            _, state = cpu_ops.cpu_attention(qs[i], ks[i], vs[i], p, causal=True, key_padding_mask=None,
+                                             initial_state=state, output_final_state=True)
+
+    def plain_loop():
+        S, z, m = (t.clone() for t in warm)
+        for i in range(steps):
+            decode_step(qs[i][:, 0], ks[i][:, 0], vs[i][:, 0], p, S, z, m)
+
+    fns = {"rf_attention (public call)": public_loop, "SpectraAttention (with qkv/out projections)": module_loop}
+    hf = hf_decode_loop(steps, qs, ks, vs)
+    if isinstance(hf, str):
+        print(hf)
+        notes.append(hf)
+    else:
+        fns["HF attention function"] = hf
+    fns["cpu kernel alone (parameters precomputed)"] = kernel_loop
+    fns["plain PyTorch step (parameters precomputed)"] = plain_loop
+    with torch.no_grad():
+        S, z, m = (t.clone() for t in warm)
+        o_plain = decode_step(qs[0][:, 0], ks[0][:, 0], vs[0][:, 0], p, S, z, m)[0]
+        o_pub = rf_attention(qs[0], ks[0], vs[0], fm, causal=True, initial_state=RFState(*warm))[:, 0]
+        err = ((o_pub - o_plain).norm() / o_plain.norm()).item()
+        assert err < 1e-4, f"plain decode step disagrees with rf_attention ({err:.2e})"
+        t = interleaved(fns, reps)
+    work = decode_flops(B, H)
+    kernel = t["cpu kernel alone (parameters precomputed)"]
+    public = t["rf_attention (public call)"]
+    plain = t["plain PyTorch step (parameters precomputed)"]
+    ratio, speedup = public / kernel, plain / public
+    verdicts.append(f"decode B=1 H=8: the public rf_attention step takes {ratio:.2f}x the kernel step; goal <= 1.3x: "
+                    + ("met" if ratio <= 1.3 else f"missed by {ratio / 1.3:.2f}x"))
+    verdicts.append(f"decode B=1 H=8: the public rf_attention step is {speedup:.2f}x faster than the plain PyTorch "
+                    f"step; goal {GOALS['decode']}x: "
+                    + ("met" if speedup >= GOALS["decode"] else f"missed by {GOALS['decode'] / speedup:.2f}x"))
+    rows = []
+    for name, sec in t.items():
+        sec = sec / steps
+        rows.append(("decode step B=1 H=8", name, sec * 1e3, B / sec, work / sec / 1e9,
+                     100 * work / sec / 1e9 / mm_peak, sec / (kernel / steps)))
+    return rows
+
+
+
+def run(threads: int, reps: int, decode_only: bool = False) -> str:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     load = os.getloadavg()
     if not cpu_ops.extension_available():
         raise SystemExit(f"the CPU extension did not build: {cpu_ops.extension_error()}")
-    performer = performer_factory()
+    performer = None if decode_only else performer_factory()
     mm_peak, mm_proj = mm_gflops(reps)
     rows = []
     verdicts = []
-    for (B, H, T) in SHAPES:
+    for (B, H, T) in ([] if decode_only else SHAPES):
         fm = RandomFeatureMap(D, M, component="posrf", weights="orf", num_heads=H, seed=0).eval()
         q, k, v = (torch.randn(B, T, H, D) for _ in range(3))
         qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))
@@ -163,42 +253,8 @@ def run(threads: int, reps: int) -> str:
                              100 * work / s / 1e9 / mm_peak, s / ours))
 
     # Decode: one token per step, state carried, B=1, H=8.
-    B, H = 1, 8
-    fm = RandomFeatureMap(D, M, component="posrf", weights="orf", num_heads=H, seed=0).eval()
-    steps = 64
-    qs, ks, vs = (torch.randn(steps, B, 1, H, D) for _ in range(3))
-    p = fm.feature_params(qs[0], ks[0], scale=D ** -0.5, causal=True)
-    _, warm = reference_attention(qs[0], ks[0], vs[0], p, causal=True, output_final_state=True)
-
-    def cpu_loop():
-        state = warm
-        for i in range(steps):
-            _, state = cpu_ops.cpu_attention(qs[i], ks[i], vs[i], p, causal=True, key_padding_mask=None,
-                                             initial_state=state, output_final_state=True)
-
-    def plain_loop():
-        S, z, m = (t.clone() for t in warm)
-        for i in range(steps):
-            decode_step(qs[i][:, 0], ks[i][:, 0], vs[i][:, 0], p, S, z, m)
-
-    with torch.no_grad():
-        S, z, m = (t.clone() for t in warm)
-        o_plain = decode_step(qs[0][:, 0], ks[0][:, 0], vs[0][:, 0], p, S, z, m)[0]
-        o_cpu = cpu_ops.cpu_attention(qs[0], ks[0], vs[0], p, causal=True, key_padding_mask=None,
-                                      initial_state=RFState(*warm), output_final_state=False)[0][:, 0]
-        err = ((o_cpu - o_plain).norm() / o_plain.norm()).item()
-        assert err < 1e-4, f"plain decode step disagrees with the cpu backend ({err:.2e})"
-        t = interleaved({"cpu (this package)": cpu_loop, "plain PyTorch step": plain_loop}, reps)
-    work = decode_flops(B, H)
-    ours = t["cpu (this package)"] / steps
-    speedup = t["plain PyTorch step"] / steps / ours
-    verdicts.append(f"decode B=1 H=8: {speedup:.2f}x the plain PyTorch step; goal {GOALS['decode']}x: "
-                    + ("met" if speedup >= GOALS["decode"] else f"missed by {GOALS['decode'] / speedup:.2f}x"))
-    for name, s in t.items():
-        s = s / steps
-        rows.append(("decode step B=1 H=8", name, s * 1e3, B / s, work / s / 1e9, 100 * work / s / 1e9 / mm_peak,
-                     s / ours))
-
+    notes = []
+    rows += decode_rows(reps, mm_peak, verdicts, notes)
     lines = [
         f"# CPU backend benchmark ({datetime.date.today().isoformat()})",
         "",
@@ -216,6 +272,7 @@ def run(threads: int, reps: int) -> str:
     ]
     for case, name, ms, tps, gf, pct, rel in rows:
         lines.append(f"| {case} | {name} | {ms:.3f} | {tps:,.0f} | {gf:.1f} | {pct:.0f}% | {rel:.2f}x |")
+    lines += ([""] + [f"- {n}" for n in notes]) if notes else []
     lines += ["", "Goals:", ""] + [f"- {v}" for v in verdicts]
     return "\n".join(lines) + "\n"
 
@@ -225,11 +282,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--decode-only", action="store_true", help="only the decode-step rows")
     args = parser.parse_args()
-    table = run(args.threads, args.reps)
+    table = run(args.threads, args.reps, decode_only=args.decode_only)
     print(table)
     os.makedirs(args.out, exist_ok=True)
-    suffix = "" if args.threads == 2 else f"-t{args.threads}"
+    suffix = ("" if args.threads == 2 else f"-t{args.threads}") + ("-decode" if args.decode_only else "")
     path = os.path.join(args.out, f"cpu-{datetime.date.today().isoformat()}{suffix}.md")
     with open(path, "w") as f:
         f.write(table)

@@ -1,6 +1,7 @@
 // Fused random-feature attention on the CPU: the forward of spectraformer_fused.reference_attention.
 //
-// One task per (batch, head), distributed with at::parallel_for. Each task walks the sequence in chunks
+// One task per (batch, key/value head), distributed with at::parallel_for; with grouped-query attention a
+// task also computes the G query heads that read its key/value head. Each task walks the sequence in chunks
 // of CHUNK tokens; the features of a chunk live in per-thread buffers (never a [T, F] tensor), the state
 // S [F, Dv], z [F] and its log-scale are carried across chunks exactly as the reference does:
 //   * query rows subtract the maximum of their own feature exponents;
@@ -228,16 +229,21 @@ void read_state(int64_t n, const Config& c, Workspace& w, const float* S, const 
   }
 }
 
+// One key/value head and the G query heads of its group (grouped-query attention: query head h reads
+// key/value head h / G). The key features, the values and the state are computed once per chunk and read
+// by every query head of the group; k and v are never repeated.
 template <typename scalar_t, typename vscalar_t>
-void attention_head(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& o,
-                    const bool* mask, int64_t b, int64_t h, const Config& c, const HeadParams& hp,
-                    Workspace& w, float* S, float* z, float& m_state, bool causal) {
+void attention_group(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& o,
+                     const bool* mask, int64_t b, int64_t hk, int64_t G, const Config& c, const HeadParams& hp,
+                     Workspace& w, float* S, float* z, float& m_state, bool causal) {
   const int64_t T = q.size(1);
-  const scalar_t* qp = q.data_ptr<scalar_t>() + b * q.stride(0) + h * q.stride(2);
-  const scalar_t* kp = k.data_ptr<scalar_t>() + b * k.stride(0) + h * k.stride(2);
-  const vscalar_t* vp = v.data_ptr<vscalar_t>() + b * v.stride(0) + h * v.stride(2);
-  vscalar_t* op = o.data_ptr<vscalar_t>() + b * o.stride(0) + h * o.stride(2);
+  const scalar_t* kp = k.data_ptr<scalar_t>() + b * k.stride(0) + hk * k.stride(2);
+  const vscalar_t* vp = v.data_ptr<vscalar_t>() + b * v.stride(0) + hk * v.stride(2);
+  // query head g of the group: qp + g * q.stride(2), op + g * o.stride(2)
+  const scalar_t* qp = q.data_ptr<scalar_t>() + b * q.stride(0) + hk * G * q.stride(2);
+  vscalar_t* op = o.data_ptr<vscalar_t>() + b * o.stride(0) + hk * G * o.stride(2);
   const int64_t sq = q.stride(1), sk = k.stride(1), sv = v.stride(1), so = o.stride(1);
+  const int64_t sqh = q.stride(2), soh = o.stride(2);
   const bool* keep = mask ? mask + b * T : nullptr;
   const int64_t Dv = c.Dv;
   if (!causal || T == 1) {  // one token: keys first, then the query, is the causal result too
@@ -247,32 +253,36 @@ void attention_head(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
       load_values(vp + lo * sv, sv, n, Dv, w.vb.data());
       update_state(n, c, w, S, z);
     }
-    for (int64_t lo = 0; lo < T; lo += CHUNK) {
-      const int64_t n = std::min(CHUNK, T - lo);
-      query_features(qp + lo * sq, sq, n, c, hp, w);
-      read_state(n, c, w, S, z, false);
-      store_output(n, Dv, w.num.data(), w.den.data(), op + lo * so, so);
+    for (int64_t g = 0; g < G; ++g) {
+      for (int64_t lo = 0; lo < T; lo += CHUNK) {
+        const int64_t n = std::min(CHUNK, T - lo);
+        query_features(qp + g * sqh + lo * sq, sq, n, c, hp, w);
+        read_state(n, c, w, S, z, false);
+        store_output(n, Dv, w.num.data(), w.den.data(), op + g * soh + lo * so, so);
+      }
     }
     return;
   }
   for (int64_t lo = 0; lo < T; lo += CHUNK) {
     const int64_t n = std::min(CHUNK, T - lo);
     key_features(kp + lo * sk, sk, keep ? keep + lo : nullptr, n, c, hp, w, S, z, m_state);
-    query_features(qp + lo * sq, sq, n, c, hp, w);
     load_values(vp + lo * sv, sv, n, Dv, w.vb.data());
-    float* sc = w.sc.data();
-    // Intra-chunk scores, key j <= query t: [n, F] @ [F, n] -> [n, n], upper triangle zeroed.
-    gemm(n, n, c.F, w.pq.data(), c.F, w.pkt.data(), n, sc, n, false, TRI_N);
-    for (int64_t t = 0; t < n; ++t) {
-      float* row = sc + t * n;
-      std::fill(row + t + 1, row + n, 0.f);
-      float s = 0.f;
-      for (int64_t j = 0; j <= t; ++j) s += row[j];
-      w.den[t] = s;
+    for (int64_t g = 0; g < G; ++g) {
+      query_features(qp + g * sqh + lo * sq, sq, n, c, hp, w);
+      float* sc = w.sc.data();
+      // Intra-chunk scores, key j <= query t: [n, F] @ [F, n] -> [n, n], upper triangle zeroed.
+      gemm(n, n, c.F, w.pq.data(), c.F, w.pkt.data(), n, sc, n, false, TRI_N);
+      for (int64_t t = 0; t < n; ++t) {
+        float* row = sc + t * n;
+        std::fill(row + t + 1, row + n, 0.f);
+        float s = 0.f;
+        for (int64_t j = 0; j <= t; ++j) s += row[j];
+        w.den[t] = s;
+      }
+      gemm_lower(n, Dv, sc, n, w.vb.data(), Dv, w.num.data(), Dv);  // [n, n] @ [n, Dv] -> [n, Dv]
+      read_state(n, c, w, S, z, true);
+      store_output(n, Dv, w.num.data(), w.den.data(), op + g * soh + lo * so, so);
     }
-    gemm_lower(n, Dv, sc, n, w.vb.data(), Dv, w.num.data(), Dv);  // [n, n] @ [n, Dv] -> [n, Dv]
-    read_state(n, c, w, S, z, true);
-    store_output(n, Dv, w.num.data(), w.den.data(), op + lo * so, so);
     update_state(n, c, w, S, z);
   }
 }
@@ -310,9 +320,13 @@ std::vector<at::Tensor> rf_attention_forward(const at::Tensor& q_in, const at::T
     return u.stride(-1) == 1 ? u : u.contiguous();
   };
   at::Tensor q = native(q_in), k = native(k_in), v = native(v_in);
-  const int64_t B = q.size(0), T = q.size(1), H = q.size(2), D = q.size(3), Dv = v.size(3);
+  // H query heads, H (=Hk) / G key/value heads: the parameters and the state are per key/value head.
+  const int64_t B = q.size(0), T = q.size(1), Hq = q.size(2), D = q.size(3), Dv = v.size(3);
+  const int64_t H = k.size(2);
+  TORCH_CHECK(v.size(2) == H && H > 0 && Hq % H == 0, "k and v must have H_kv heads, H_kv dividing q's heads");
+  const int64_t G = Hq / H;
   const int64_t m = W_in.size(1);
-  TORCH_CHECK(W_in.size(0) == H && W_in.size(2) == D, "W must be [H, m, D]");
+  TORCH_CHECK(W_in.size(0) == H && W_in.size(2) == D, "W must be [H_kv, m, D]");
   const int64_t F = kind == KIND_EXP ? m : 2 * m;
   at::Tensor Wf = W_in.to(fdt);
   if (Wf.stride(2) != 1) Wf = Wf.contiguous();
@@ -320,7 +334,7 @@ std::vector<at::Tensor> rf_attention_forward(const at::Tensor& q_in, const at::T
   if (WT_in.has_value() && WT_in->defined()) {
     TORCH_CHECK(WT_in->scalar_type() == fdt && WT_in->is_contiguous() && WT_in->size(0) == H &&
                     WT_in->size(1) == D && WT_in->size(2) == m,
-                "WT must be a contiguous fp32 [H, D, m] tensor");
+                "WT must be a contiguous fp32 [H_kv, D, m] tensor");
     WT = *WT_in;
   } else if (T >= TRANSPOSE_MIN_T) {
     WT = Wf.transpose(1, 2).contiguous();
@@ -342,7 +356,7 @@ std::vector<at::Tensor> rf_attention_forward(const at::Tensor& q_in, const at::T
   at::Tensor S = at::empty({B, H, F, Dv}, q.options().dtype(fdt));
   at::Tensor z = at::empty({B, H, F}, q.options().dtype(fdt));
   at::Tensor mstate = at::empty({B, H}, q.options().dtype(fdt));
-  at::Tensor o = at::empty({B, T, H, Dv}, v.options());
+  at::Tensor o = at::empty({B, T, Hq, Dv}, v.options());
 
   Config c{static_cast<int>(kind), static_cast<float>(c_t), static_cast<float>(c_o),
            static_cast<float>(std::sqrt(scale)), D, Dv, m, F};
@@ -360,7 +374,7 @@ std::vector<at::Tensor> rf_attention_forward(const at::Tensor& q_in, const at::T
   float* zp = z.data_ptr<float>();
   float* mp = mstate.data_ptr<float>();
 
-  const int64_t work = std::max<int64_t>(1, T * F * (D + Dv));
+  const int64_t work = std::max<int64_t>(1, T * F * (D + Dv) * (G + 1));
   const int64_t grain = std::max<int64_t>(1, GRAIN_WORK / work);
   RF_DISPATCH(q.scalar_type(), "rf_attention_cpu_qk", [&] {
     using qk_t = scalar_t;
@@ -381,8 +395,8 @@ std::vector<at::Tensor> rf_attention_forward(const at::Tensor& q_in, const at::T
             std::fill(zp + i * F, zp + (i + 1) * F, 0.f);
             mp[i] = NEG_INF;
           }
-          attention_head<qk_t, v_t>(q, k, v, o, maskp, b, h, c, hp, w, Sp + i * F * Dv, zp + i * F, mp[i],
-                                    causal);
+          attention_group<qk_t, v_t>(q, k, v, o, maskp, b, h, G, c, hp, w, Sp + i * F * Dv, zp + i * F, mp[i],
+                                     causal);
         }
       });
     });

@@ -60,18 +60,36 @@ def _resolve_backend(backend: str, q: torch.Tensor) -> str:
     return backend
 
 
+_BACKEND_FNS: dict = {"reference": reference_attention}
+
+
+def _backend_fn(name: str):
+    """The attention function of a compiled backend, imported on first use (kept: no import per call)."""
+    if name == "triton":
+        from .ops.triton_attention import triton_attention as fn
+    else:
+        from .ops.cpu import cpu_attention as fn
+    _BACKEND_FNS[name] = fn
+    return fn
+
+
 def rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: RandomFeatureMap, *,
                  causal: bool = False, scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
                  initial_state=None, output_final_state: bool = False, backend: str = "auto"):
     """Random-feature attention: o_t = phi(q_t)^T S / phi(q_t)^T z (DESIGN.md section 1).
 
     Args:
-        q, k: ``[B, T, H, D]``; v: ``[B, T, H, Dv]``; float16, bfloat16, float32 or float64.
-        feature_map: a ``RandomFeatureMap`` built for head dim D and H heads (or 1 shared head).
+        q: ``[B, T, H, D]``; k: ``[B, T, H_kv, D]``; v: ``[B, T, H_kv, Dv]``; float16, bfloat16, float32
+            or float64. H_kv must divide H: grouped-query attention, query head h reads key/value head
+            ``h // (H / H_kv)`` (H_kv = H: multi-head; H_kv = 1: multi-query). No backend repeats k or v.
+        feature_map: a ``RandomFeatureMap`` built for head dim D and H_kv heads (or 1 shared head): the
+            query heads of a group share their key/value head's W and its OPRF/SADERF statistics, which
+            pool the keys of that head and the queries of every query head of the group.
         causal: o_t sees keys j <= t only.
         scale: multiplies q.k as in SDPA; default D^-1/2.
         key_padding_mask: ``[B, T]`` bool, True = keep; a masked key adds nothing, not even to the normaliser.
-        initial_state: an ``RFState`` (S, z, log_scale) from a previous call (or a tuple (S, z)).
+        initial_state: an ``RFState`` (S ``[B, H_kv, F, Dv]``, z ``[B, H_kv, F]``, log_scale ``[B, H_kv]``)
+            from a previous call (or a tuple (S, z)): one state per key/value head.
         output_final_state: also return the state after the last key.
         backend: "auto" (Triton for CUDA tensors, the compiled CPU backend for CPU tensors when built,
             the reference otherwise and for float64), "reference", "triton" or "cpu".
@@ -84,7 +102,8 @@ def rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map:
         raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
     state = check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_map.feature_dim)
     B, T, H, D = q.shape
-    feature_map.check_input(D, H)
+    Hk = k.shape[2]
+    feature_map.check_input(D, Hk)
     scale = resolve_scale(scale, D)
     name = _resolve_backend(backend, q)
     if T == 0:
@@ -93,15 +112,10 @@ def rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map:
             return o
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         if state is None:
-            state = empty_state(B, H, feature_map.feature_dim, v.shape[-1], dtype=cdt, device=q.device)
+            state = empty_state(B, Hk, feature_map.feature_dim, v.shape[-1], dtype=cdt, device=q.device)
         return o, RFState(*(t.to(cdt) for t in state))
     params = feature_map.feature_params(q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask)
-    if name == "reference":
-        fn = reference_attention
-    elif name == "triton":
-        from .ops.triton_attention import triton_attention as fn
-    else:
-        from .ops.cpu import cpu_attention as fn
+    fn = _BACKEND_FNS.get(name) or _backend_fn(name)
     o, final = fn(q, k, v, params, causal=causal, key_padding_mask=key_padding_mask, initial_state=state,
                   output_final_state=output_final_state)
     return (o, final) if output_final_state else o

@@ -28,8 +28,9 @@ from .weights import WEIGHTS, build_weights
 class FeatureParams:
     """Everything a backend needs to evaluate the features of one call, already resolved.
 
-    Shapes: ``W [H, m, D]`` (its first stride may be 0 when all heads share one matrix),
-    ``bias [B, H, m]``, ``freq [B, H]``, ``psi [B, H, D]`` or None; fp32 (fp64 for fp64 inputs).
+    Shapes, per key/value head (H = H_kv; the query heads of a group share them): ``W [H, m, D]`` (its
+    first stride may be 0 when all heads share one matrix), ``bias [B, H, m]``, ``freq [B, H]`` (both may
+    be expanded over the batch, stride 0), ``psi [B, H, D]`` or None; fp32 (fp64 for fp64 inputs).
     ``W`` and ``bias`` may require grad (learnable weights); ``freq`` and ``psi`` never do (A* and Psi
     are constants for differentiation). Inputs are multiplied by ``sqrt(scale)`` before anything else.
     """
@@ -73,7 +74,8 @@ class RandomFeatureMap(nn.Module):
         component: one of ``COMPONENTS``.
         weights: one of ``WEIGHTS``.
         kernel: ``"softmax"`` (estimates exp(x.y)) or ``"gaussian"`` (exp(-|x - y|^2 / 2)).
-        num_heads: one W per head; ``num_heads=1`` shares one W among any number of heads.
+        num_heads: one W per key/value head (H_kv; with grouped-query attention the query heads of a
+            group share their key/value head's W); ``num_heads=1`` shares one W among all heads.
         seed: makes W reproducible; None draws from torch's global generator.
         weight_args: options of the weight matrix (e.g. ``{"sgq_points": 7}``).
         **component_args: ``A`` and ``s`` for ``gerf``; ``stats_momentum`` for ``oprf``/``saderf``.
@@ -109,6 +111,10 @@ class RandomFeatureMap(nn.Module):
             for name in ("running_mean_x", "running_sq_x", "running_mean_y", "running_sq_y"):
                 self.register_buffer(name, torch.zeros(num_heads, head_dim, dtype=torch.float32, device=device))
             self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=device))
+        self._static_cache = None   # see _static_params
+        self._source_modules = tuple(self.weights.modules())
+        self._num_features = self.weights.num_features
+        self._feature_dim = spec.feature_dim(self._num_features)
 
     # -- description -----------------------------------------------------------------------------
     @property
@@ -125,11 +131,11 @@ class RandomFeatureMap(nn.Module):
 
     @property
     def num_features(self) -> int:
-        return self.weights.num_features
+        return self._num_features
 
     @property
     def feature_dim(self) -> int:
-        return self.spec.feature_dim(self.num_features)
+        return self._feature_dim
 
     @property
     def kind(self) -> int:
@@ -169,31 +175,96 @@ class RandomFeatureMap(nn.Module):
 
     # -- resolving the parameters of one call ----------------------------------------------------
     def check_input(self, head_dim: int, num_heads: int) -> None:
+        """``num_heads``: the key/value heads of the inputs (H_kv); the map has one W per key/value head
+        or one shared W."""
         if head_dim != self.head_dim:
             raise ValueError(f"feature map was built for head_dim={self.head_dim}, but the inputs have head dim {head_dim}")
         if self.num_heads not in (1, num_heads):
-            raise ValueError(f"feature map was built for num_heads={self.num_heads}, but the inputs have {num_heads} heads")
+            raise ValueError(f"feature map was built for num_heads={self.num_heads}, but the inputs have {num_heads} "
+                             "key/value heads")
 
-    def feature_params(self, q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bool,
-                       key_padding_mask: torch.Tensor | None = None, update_stats: bool | None = None) -> FeatureParams:
-        """Resolve W, bias, freq and psi for queries ``q`` and keys ``k`` ``[B, T, H, D]``.
+    def _source_tensors(self) -> list[torch.Tensor]:
+        """Every tensor W and the constant parts of the parameters are made of (read from the modules'
+        own dicts: cheaper than ``parameters()`` on the decode path)."""
+        tensors = [t for mod in self._source_modules for d in (mod._parameters, mod._buffers) for t in d.values()
+                   if t is not None]
+        if self.spec.name == "gerf":
+            tensors.append(self._buffers["A"])
+        return tensors
 
-        fp32 parameters (fp64 for fp64 inputs). In training mode (or when ``update_stats`` is True)
-        OPRF/SADERF's running statistics are updated from this batch after the parameters were computed.
-        """
-        B, _, H, D = q.shape
-        self.check_input(D, H)
-        spec = self.spec
-        cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        device = q.device
+    def _static_params(self, H: int, device, cdt) -> tuple:
+        """(W ``[H, m, D]``, wsq ``[H, m]``, and for components whose A is a constant: bias ``[1, H, m]``,
+        freq ``[1, H]``): the parts of the parameters that do not depend on the tokens.
+
+        They are kept for the next call and rebuilt when a source tensor changes: the key holds each
+        source's storage address and version counter (bumped by in-place updates: optimizer steps,
+        ``redraw``, ``load_state_dict``), so ``.to()`` (new storage) and in-place changes both miss.
+        The entry holds the sources themselves, so their storage cannot be reused while it lives. Nothing
+        is kept while autograd records a graph through learnable weights (each call then builds its own
+        differentiable W), nor inside a torch.compile trace."""
+        sources = self._source_tensors()
+        track = torch.is_grad_enabled() and any(t.requires_grad for t in sources)
+        cacheable = not track and not torch.compiler.is_compiling()
+        if cacheable:
+            key = (H, device, cdt, tuple((t.data_ptr(), t._version, t.dtype, t.device) for t in sources))
+            entry = self._static_cache
+            if entry is not None and entry[0] == key:
+                return entry[2]
         W = self.projection().to(device=device, dtype=cdt)
         if W.shape[0] != H:
             W = W.expand(H, -1, -1)
+        wsq = (W * W).sum(-1)                                                 # [H, m]
+        bias = freq = None
+        spec = self.spec
+        if not spec.data_dependent:
+            if spec.name == "gerf":
+                A = self.A.to(device=device, dtype=cdt).expand(1, H)
+            else:
+                A = torch.zeros((), dtype=cdt, device=device).expand(1, H)
+            bias, freq = self._bias_freq(A, wsq)
+        value = (W, wsq, bias, freq)
+        if cacheable:
+            self._static_cache = (key, sources, value)
+        return value
+
+    def _bias_freq(self, A: torch.Tensor, wsq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """bias ``[B, H, m]`` and freq ``[B, H]`` from A ``[B, H]`` and |w|^2 ``[H, m]``."""
+        A = A.detach()
+        one_m4a = 1.0 - 4.0 * A
+        freq = one_m4a.sqrt().contiguous()
+        log_d = (self.head_dim / 4.0) * torch.log(one_m4a)                  # [B, H]
+        bias = log_d[:, :, None] + A[:, :, None] * wsq[None] + self.spec.log_norm(self.num_features)
+        return bias.contiguous(), freq
+
+    def feature_params(self, q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bool,
+                       key_padding_mask: torch.Tensor | None = None, update_stats: bool | None = None) -> FeatureParams:
+        """Resolve W, bias, freq and psi for queries ``q [B, T, H, D]`` and keys ``k [B, T, H_kv, D]``.
+
+        The parameters are per key/value head (``[H_kv, ...]``): the H / H_kv query heads of a group share
+        them. OPRF/SADERF statistics of a (batch, key/value head) pool the keys of that head and the
+        queries of every query head of its group. fp32 parameters (fp64 for fp64 inputs). In training
+        mode (or when ``update_stats`` is True) OPRF/SADERF's running statistics are updated from this
+        batch after the parameters were computed.
+        """
+        B, _, H, D = q.shape
+        Hk = k.shape[2]
+        self.check_input(D, Hk)
+        spec = self.spec
+        cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+        device = q.device
+        W, wsq, bias, freq = self._static_params(Hk, device, cdt)
         psi = None
         if spec.data_dependent:
             root = math.sqrt(scale)
             x, y = q.detach().to(cdt) * root, k.detach().to(cdt) * root
-            moments = sequence_moments(x, y, key_padding_mask)
+            if H == Hk:
+                moments = sequence_moments(x, y, key_padding_mask)
+            else:   # the queries of a group count together: moments over time, then over the group
+                mx = sequence_moments(x, x, key_padding_mask)
+                my = sequence_moments(y, y, key_padding_mask)
+                G = H // Hk
+                moments = Moments(mx.mean_x.unflatten(1, (Hk, G)).mean(2), mx.sq_x.unflatten(1, (Hk, G)).mean(2),
+                                  my.mean_y, my.sq_y)
             src = self.running_moments() if causal else moments
             src = Moments(*(t.to(device=device, dtype=cdt) for t in src.tensors()))
             if spec.uses_psi:
@@ -202,22 +273,16 @@ class RandomFeatureMap(nn.Module):
             if causal:                                    # running statistics: [num_heads, ...]
                 A = A[None]
                 psi = None if psi is None else psi[None]
-            A = A.expand(B, H)
+            A = A.expand(B, Hk)
             if psi is not None:
-                psi = psi.expand(B, H, D).contiguous()
+                psi = psi.expand(B, Hk, D).contiguous()
             if update_stats if update_stats is not None else self.training:
                 self._update_running(moments)
-        elif spec.name == "gerf":
-            A = self.A.to(device=device, dtype=cdt).expand(B, H)
+            bias, freq = self._bias_freq(A, wsq)
         else:
-            A = torch.zeros((), dtype=cdt, device=device).expand(B, H)
-        A = A.detach()
-        one_m4a = 1.0 - 4.0 * A
-        freq = one_m4a.sqrt().contiguous()
-        log_d = (D / 4.0) * torch.log(one_m4a)                                # [B, H]
-        wsq = (W * W).sum(-1)                                                 # [H, m]
-        bias = log_d[:, :, None] + A[:, :, None] * wsq[None] + spec.log_norm(self.num_features)
-        return FeatureParams(spec.kind, W, bias.contiguous(), freq, psi, spec.c_t, spec.c_o, float(scale),
+            if B != 1:
+                bias, freq = bias.expand(B, -1, -1), freq.expand(B, -1)
+        return FeatureParams(spec.kind, W, bias, freq, psi, spec.c_t, spec.c_o, float(scale),
                              self.num_features, self.feature_dim)
 
     # -- kernel estimate ------------------------------------------------------------------------

@@ -12,13 +12,29 @@ class SpectraAttention(nn.Module):
     """Multi-head self-attention with random-feature attention inside: a drop-in for ``[B, T, E]`` inputs.
 
     ``forward(x, key_padding_mask=None, initial_state=None, output_final_state=False)`` returns
-    ``[B, T, E]`` (and the state when asked). The feature map has one W per head.
+    ``[B, T, E]`` (and the state when asked). The feature map has one W per key/value head.
+
+    ``num_kv_heads`` (default ``num_heads``) gives grouped-query attention: keys and values have
+    ``num_kv_heads`` heads (dividing ``num_heads``), each shared by ``num_heads / num_kv_heads`` query
+    heads, and the state is ``[B, num_kv_heads, F, head_dim]``.
+
+    Incremental decoding (causal layers): pass the state of the tokens so far as ``initial_state`` and
+    ask for the new one with ``output_final_state=True``; the state has a fixed size, whatever the
+    length::
+
+        y, state = layer(prompt, output_final_state=True)
+        for _ in range(n):
+            y, state = layer(x_next, initial_state=state, output_final_state=True)   # x_next [B, 1, E]
+
+    Token by token this gives the outputs of one pass over the whole sequence. OPRF/SADERF use their
+    running statistics in causal attention, and a layer in training mode updates them on every call:
+    decode in eval mode (``layer.eval()``) so that every step uses the same parameters.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, *, num_features: int | None = None,
-                 component: str = "posrf", weights: str = "orf", kernel: str = "softmax", causal: bool = False,
-                 bias: bool = True, seed: int | None = None, backend: str = "auto", device=None, dtype=None,
-                 **component_args):
+    def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int | None = None,
+                 num_features: int | None = None, component: str = "posrf", weights: str = "orf",
+                 kernel: str = "softmax", causal: bool = False, bias: bool = True, seed: int | None = None,
+                 backend: str = "auto", device=None, dtype=None, **component_args):
         super().__init__()
         if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim <= 0:
             raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
@@ -26,13 +42,20 @@ class SpectraAttention(nn.Module):
             raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim ({embed_dim}) must be divisible by num_heads ({num_heads})")
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if isinstance(num_kv_heads, bool) or not isinstance(num_kv_heads, int) or num_kv_heads <= 0:
+            raise ValueError(f"num_kv_heads must be a positive int, got {num_kv_heads!r}")
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
         self.embed_dim, self.num_heads, self.head_dim = embed_dim, num_heads, embed_dim // num_heads
+        self.num_kv_heads = num_kv_heads
         self.causal, self.backend = bool(causal), backend
         factory = {"device": device, "dtype": dtype}
-        self.qkv = nn.Linear(embed_dim, 3 * embed_dim, bias=bias, **factory)
+        # [q | k | v]: E + 2 * num_kv_heads * head_dim outputs (3 E without grouping)
+        self.qkv = nn.Linear(embed_dim, embed_dim + 2 * num_kv_heads * self.head_dim, bias=bias, **factory)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
         self.feature_map = RandomFeatureMap(self.head_dim, num_features, component=component, weights=weights,
-                                            kernel=kernel, num_heads=num_heads, seed=seed, device=device,
+                                            kernel=kernel, num_heads=num_kv_heads, seed=seed, device=device,
                                             **component_args)
 
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, initial_state=None,
@@ -41,7 +64,11 @@ class SpectraAttention(nn.Module):
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"SpectraAttention expects x of shape [B, T, {self.embed_dim}], got {shape}")
         B, T, _ = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.num_heads, self.head_dim).unbind(2)
+        kv = self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split((self.embed_dim, kv, kv), dim=-1)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim))
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         out = rf_attention(q, k, v, self.feature_map, causal=self.causal, key_padding_mask=key_padding_mask,
                            initial_state=initial_state, output_final_state=output_final_state, backend=self.backend)
         o, state = out if output_final_state else (out, None)

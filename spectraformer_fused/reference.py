@@ -42,23 +42,27 @@ def _apply(e, mult, shift):
 def reference_attention(q, k, v, params: FeatureParams, *, causal: bool = False, key_padding_mask=None,
                         initial_state: RFState | None = None, output_final_state: bool = False,
                         chunk_size: int = 64):
-    """Random-feature attention of q, k ``[B, T, H, D]`` and v ``[B, T, H, Dv]``.
+    """Random-feature attention of q ``[B, T, H, D]``, k ``[B, T, H_kv, D]`` and v ``[B, T, H_kv, Dv]``.
 
-    Returns ``(o [B, T, H, Dv] in v's dtype, RFState or None)``.
+    Grouped-query attention: query head h reads key/value head h // (H / H_kv) and its parameters; the
+    state is one per key/value head. Returns ``(o [B, T, H, Dv] in v's dtype, RFState or None)``.
     """
     B, T, H, _ = q.shape
+    Hk = k.shape[2]
+    G = H // Hk
     Dv = v.shape[-1]
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     root = math.sqrt(params.scale)
-    x = (q.to(cdt) * root).transpose(1, 2)                       # [B, H, T, D]
-    y = (k.to(cdt) * root).transpose(1, 2)
-    vv = v.to(cdt).transpose(1, 2)                                # [B, H, T, Dv]
+    # queries as [B, H_kv, G * T, D]: a group's queries in one row block (features are row-wise)
+    x = (q.to(cdt) * root).transpose(1, 2).reshape(B, Hk, G * T, q.shape[-1])
+    y = (k.to(cdt) * root).transpose(1, 2)                       # [B, H_kv, T, D]
+    vv = v.to(cdt).transpose(1, 2)                                # [B, H_kv, T, Dv]
     p = FeatureParams(params.kind, params.W.to(cdt), params.bias.to(cdt), params.freq.to(cdt),
                       None if params.psi is None else params.psi.to(cdt), params.c_t, params.c_o,
                       params.scale, params.num_features, params.feature_dim)
     F = p.feature_dim
     if initial_state is None:
-        S, z, m = empty_state(B, H, F, Dv, dtype=cdt, device=q.device)
+        S, z, m = empty_state(B, Hk, F, Dv, dtype=cdt, device=q.device)
     else:
         S, z, m = (t.to(cdt) for t in initial_state)
     keep = None if key_padding_mask is None else key_padding_mask[:, None, :, None]   # [B, 1, T, 1]
@@ -70,12 +74,14 @@ def reference_attention(q, k, v, params: FeatureParams, *, causal: bool = False,
         return ek, mk
 
     def query_features(lo, hi):
-        eq, mq = _features(x[:, :, lo:hi], p, query=True)
-        return _apply(eq, mq, eq.amax(-1, keepdim=True).detach())
+        """[B, H_kv, G, hi - lo, F]"""
+        xs = x.unflatten(2, (G, T))[:, :, :, lo:hi].flatten(2, 3)
+        eq, mq = _features(xs, p, query=True)
+        return _apply(eq, mq, eq.amax(-1, keepdim=True).detach()).unflatten(2, (G, hi - lo))
 
     def rescale(ek, S, z, m):
         """Move the state to the new running maximum of the key exponents; returns the shift to use."""
-        m_new = torch.maximum(m, ek.amax(dim=(-1, -2)).detach())   # [B, H]
+        m_new = torch.maximum(m, ek.amax(dim=(-1, -2)).detach())   # [B, H_kv]
         shift = safe_log_scale(m_new)
         alpha = torch.exp(m - shift)                               # 0 while the state is empty
         return S * alpha[..., None, None], z * alpha[..., None], m_new, shift[:, :, None, None]
@@ -84,30 +90,30 @@ def reference_attention(q, k, v, params: FeatureParams, *, causal: bool = False,
         if T > 0:
             ek, mk = key_logits(0, T)
             S, z, m, shift = rescale(ek, S, z, m)
-            phik = _apply(ek, mk, shift)                          # [B, H, T, F]
+            phik = _apply(ek, mk, shift)                          # [B, H_kv, T, F]
             S = S + phik.transpose(-1, -2) @ vv
             z = z + phik.sum(-2)
-            phiq = query_features(0, T)
-            o = (phiq @ S) / safe_denominator(phiq @ z[..., None])
+            phiq = query_features(0, T)                           # [B, H_kv, G, T, F]
+            o = (phiq @ S[:, :, None]) / safe_denominator(phiq @ z[:, :, None, :, None])
         else:
-            o = vv.new_zeros(B, H, 0, Dv)
+            o = vv.new_zeros(B, Hk, G, 0, Dv)
     else:
         outs = []
         for lo in range(0, T, chunk_size):
             hi = min(lo + chunk_size, T)
-            vc = vv[:, :, lo:hi]
+            vc = vv[:, :, None, lo:hi]                            # [B, H_kv, 1, c, Dv]
             ek, mk = key_logits(lo, hi)
             S, z, m, shift = rescale(ek, S, z, m)
-            phik = _apply(ek, mk, shift)                          # [B, H, c, F]
-            phiq = query_features(lo, hi)
-            scores = (phiq @ phik.transpose(-1, -2)).tril()       # [B, H, c, c]: key j <= query t
-            num = scores @ vc + phiq @ S
-            den = scores.sum(-1, keepdim=True) + phiq @ z[..., None]
+            phik = _apply(ek, mk, shift)                          # [B, H_kv, c, F]
+            phiq = query_features(lo, hi)                         # [B, H_kv, G, c, F]
+            scores = (phiq @ phik[:, :, None].transpose(-1, -2)).tril()   # [B, H_kv, G, c, c]: key j <= query t
+            num = scores @ vc + phiq @ S[:, :, None]
+            den = scores.sum(-1, keepdim=True) + phiq @ z[:, :, None, :, None]
             outs.append(num / safe_denominator(den))
-            S = S + phik.transpose(-1, -2) @ vc
+            S = S + phik.transpose(-1, -2) @ vc[:, :, 0]
             z = z + phik.sum(-2)
-        o = torch.cat(outs, dim=2) if outs else vv.new_zeros(B, H, 0, Dv)
-    o = o.transpose(1, 2).to(v.dtype)
+        o = torch.cat(outs, dim=3) if outs else vv.new_zeros(B, Hk, G, 0, Dv)
+    o = o.reshape(B, H, T, Dv).transpose(1, 2).to(v.dtype)
     return o, (RFState(S, z, m) if output_final_state else None)
 
 

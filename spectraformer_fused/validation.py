@@ -41,19 +41,29 @@ def resolve_scale(scale, head_dim: int) -> float:
 
 
 def check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_dim: int):
-    """Validate q, k, v ``[B, T, H, D]`` / ``[B, T, H, Dv]``, the mask and the state.
+    """Validate q ``[B, T, H, D]``, k ``[B, T, H_kv, D]``, v ``[B, T, H_kv, Dv]`` (H_kv divides H:
+    grouped-query attention; H_kv = H is multi-head, H_kv = 1 multi-query), the mask and the state
+    ``[B, H_kv, F, Dv]``.
 
     Returns the state as an RFState (a 2-tuple (S, z) gets log_scale = 0), or None.
     """
-    check_qk_pair(q, k)
-    _check_tensor(v, "v", 4, "[B, T, H, Dv]")
-    if q.shape[1] != k.shape[1]:
-        raise ValueError(f"q and k must have the same sequence length, got {q.shape[1]} and {k.shape[1]}")
-    if v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"v {tuple(v.shape)} must match q {tuple(q.shape)} in batch, length and heads")
-    if v.device != q.device:
-        raise ValueError(f"v must be on the device of q ({q.device}), got {v.device}")
-    B, T, H, _ = q.shape
+    _check_tensor(q, "q", 4, "[B, T, H, D]")
+    _check_tensor(k, "k", 4, "[B, T, H_kv, D]")
+    _check_tensor(v, "v", 4, "[B, T, H_kv, Dv]")
+    if q.dtype != k.dtype:
+        raise TypeError(f"q and k must have the same dtype, got {q.dtype} and {k.dtype}")
+    if k.device != q.device or v.device != q.device:
+        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device} and {v.device}")
+    B, T, H, D = q.shape
+    if k.shape[1] != T:
+        raise ValueError(f"q and k must have the same sequence length, got {T} and {k.shape[1]}")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k {tuple(k.shape)} must match q {tuple(q.shape)} in batch and head dim")
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(f"v {tuple(v.shape)} must match k {tuple(k.shape)} in batch, length and heads")
+    Hk = k.shape[2]
+    if Hk == 0 or H % Hk:
+        raise ValueError(f"the number of key/value heads ({Hk}) must divide the number of query heads ({H})")
     Dv = v.shape[-1]
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, torch.Tensor):
@@ -69,9 +79,9 @@ def check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_dim
     if not isinstance(initial_state, (tuple, list)) or len(initial_state) not in (2, 3):
         raise TypeError("initial_state must be an RFState or a tuple (S, z) or (S, z, log_scale)")
     S, z = initial_state[0], initial_state[1]
-    expect = {"S": (S, (B, H, feature_dim, Dv), "[B, H, F, Dv]"), "z": (z, (B, H, feature_dim), "[B, H, F]")}
+    expect = {"S": (S, (B, Hk, feature_dim, Dv), "[B, H_kv, F, Dv]"), "z": (z, (B, Hk, feature_dim), "[B, H_kv, F]")}
     if len(initial_state) == 3:
-        expect["log_scale"] = (initial_state[2], (B, H), "[B, H]")
+        expect["log_scale"] = (initial_state[2], (B, Hk), "[B, H_kv]")
     for name, (t, shape, layout) in expect.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"initial_state.{name} must be a tensor, got {type(t).__name__}")
@@ -81,5 +91,5 @@ def check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_dim
             raise TypeError(f"initial_state.{name} must be floating point, got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"initial_state.{name} must be on {q.device}, got {t.device}")
-    m = initial_state[2] if len(initial_state) == 3 else torch.zeros(B, H, dtype=S.dtype, device=S.device)
+    m = initial_state[2] if len(initial_state) == 3 else torch.zeros(B, Hk, dtype=S.dtype, device=S.device)
     return RFState(S, z, m)

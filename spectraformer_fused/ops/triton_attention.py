@@ -41,13 +41,14 @@ def _rf_fwd_op(q: Tensor, k: Tensor, v: Tensor, W: Tensor, bias: Tensor, freq: T
 @_rf_fwd_op.register_fake
 def _(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, kind, c_t, c_o, scale, causal, chunk_size):
     B, T, H, _ = q.shape
+    Hk = k.shape[2]                       # grouped-query attention: kstab and the state per key/value head
     Dv = v.shape[-1]
     F = _feature_dim(kind, W.shape[1])
     NK = triton.cdiv(T, chunk_size) if causal else 1
     f32 = dict(dtype=torch.float32, device=q.device)
     return (q.new_empty(B, T, H, Dv, dtype=v.dtype), q.new_empty(B, H, T, **f32), q.new_empty(B, H, T, **f32),
-            q.new_empty(B, H, NK, **f32), q.new_empty(B, H, F, Dv, **f32), q.new_empty(B, H, F, **f32),
-            q.new_empty(B, H, **f32))
+            q.new_empty(B, Hk, NK, **f32), q.new_empty(B, Hk, F, Dv, **f32), q.new_empty(B, Hk, F, **f32),
+            q.new_empty(B, Hk, **f32))
 
 
 @torch.library.custom_op("spectraformer_fused::rf_bwd", mutates_args=())
@@ -104,6 +105,7 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, params: FeatureParams, *, 
                      key_padding_mask: Optional[Tensor], initial_state: Optional[RFState], output_final_state: bool):
     """Random-feature attention with the Triton kernels; the reference's semantics and signature.
 
+    k, v and the parameters may have fewer heads than q (grouped-query attention; see ``rf_fwd``).
     Returns ``(o [B, T, H, Dv] in v's dtype, RFState (fp32) or None)``. Differentiable in q, k, v,
     W, bias and the initial state's S and z.
     """

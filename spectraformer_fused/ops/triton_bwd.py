@@ -31,6 +31,12 @@ full head dims in registers:
 
 The input gradients of each frequency tile, and W's and the bias' gradients of each (batch, head, range),
 are fp32 partials summed on the host: deterministic, no atomics.
+
+Grouped-query attention (k, v with Hk = H / G heads): every kernel runs per (batch, query head) and
+reads k, v, the parameters, kstab and the state of key/value head ``i_h // G``. The gradients of
+key/value-head tensors (dk, dv, dW, dbias, dS0, dz0) are written as per-query-head fp32 partials and
+summed over each group on the host in a fixed order; the final state's gradient seeds the first query
+head of each group, so it counts once.
 """
 from __future__ import annotations
 
@@ -131,7 +137,7 @@ def _input_grad(de, du, xt, raw, w, psi, freq, root, c_t, c_o,
 
 @triton.jit(do_not_specialize=["T"])
 def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qmax, kstab, da, dbeta,
-                      dq, dw, db, T, H, M, D, DV, stride_wh, CPS, s_wp, s_bp, root, c_t, c_o,
+                      dq, dw, db, T, H, HK, G, M, D, DV, stride_wh, CPS, s_wp, s_bp, root, c_t, c_o,
                       KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
                       HAS_MASK: tl.constexpr, HAS_S0: tl.constexpr,
                       PREC: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
@@ -145,6 +151,8 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qma
     i_s = tl.program_id(2).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
+    i_hk = i_h // G                       # grouped-query attention: the key/value head of query head i_h
+    i_bk = i_b * HK + i_hk                # k, v, the parameters, kstab and the state are per key/value head
     NC = tl.cdiv(T, BT)
     F = M if KIND == 0 else 2 * M
     o_m = i_m * BM + tl.arange(0, BM)
@@ -156,13 +164,13 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qma
     o_c = tl.arange(0, BT)
     part = i_m * T * tl.num_programs(1)                     # start of this tile's partial [B, T, H, D]
 
-    b_w, b_bias, b_freq, b_psi = _tile_params(w, bias, freq, psi, i_bh, i_h, o_m, m_m, o_d, m_d, stride_wh, M, D,
+    b_w, b_bias, b_freq, b_psi = _tile_params(w, bias, freq, psi, i_bk, i_hk, o_m, m_m, o_d, m_d, stride_wh, M, D,
                                               HAS_PSI, BD)
     if CAUSAL:
         NK = NC
     else:
         NK = 1
-    b_ks0 = tl.load(kstab + i_bh * NK)
+    b_ks0 = tl.load(kstab + i_bk * NK)
 
     # carried state of this tile, relative to the current key stabiliser: [BM, BV] and [BM]
     b_sa = tl.zeros([BM, BV], dtype=tl.float32)
@@ -174,22 +182,22 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qma
         c_lo = 0
         c_hi = NC
         if HAS_S0:
-            b_alpha = tl.exp(tl.load(m0 + i_bh) - b_ks0)
-            p_s0 = s0 + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
+            b_alpha = tl.exp(tl.load(m0 + i_bk) - b_ks0)
+            p_s0 = s0 + i_bk * F * DV + o_m[:, None] * DV + o_v[None, :]
             b_sa = tl.load(p_s0, mask=m_sv, other=0.0) * b_alpha
-            b_za = tl.load(z0 + i_bh * F + o_m, mask=m_m, other=0.0) * b_alpha
+            b_za = tl.load(z0 + i_bk * F + o_m, mask=m_m, other=0.0) * b_alpha
             if KIND != 0:
                 b_sb = tl.load(p_s0 + M * DV, mask=m_sv, other=0.0) * b_alpha
-                b_zb = tl.load(z0 + i_bh * F + M + o_m, mask=m_m, other=0.0) * b_alpha
+                b_zb = tl.load(z0 + i_bk * F + M + o_m, mask=m_m, other=0.0) * b_alpha
     else:
         c_lo = i_s * CPS
         c_hi = tl.minimum(c_lo + CPS, NC)
-        p_sf = sf + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
+        p_sf = sf + i_bk * F * DV + o_m[:, None] * DV + o_v[None, :]
         b_sa = tl.load(p_sf, mask=m_sv, other=0.0)
-        b_za = tl.load(zf + i_bh * F + o_m, mask=m_m, other=0.0)
+        b_za = tl.load(zf + i_bk * F + o_m, mask=m_m, other=0.0)
         if KIND != 0:
             b_sb = tl.load(p_sf + M * DV, mask=m_sv, other=0.0)
-            b_zb = tl.load(zf + i_bh * F + M + o_m, mask=m_m, other=0.0)
+            b_zb = tl.load(zf + i_bk * F + M + o_m, mask=m_m, other=0.0)
 
     b_dw = tl.zeros([BM, BD], dtype=tl.float32)
     b_db = tl.zeros([BM], dtype=tl.float32)
@@ -197,14 +205,16 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qma
     for c in range(c_lo, c_hi):
         o_t = c * BT + o_c
         m_t = o_t < T
-        p_tk = ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
+        p_tk = ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]           # q, dq (and partials)
         m_tk = m_t[:, None] & m_d[None, :]
-        p_tv = ((i_b * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]
+        p_tv = ((i_b * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]         # a (and partials)
         m_tv = m_t[:, None] & m_v[None, :]
+        p_kk = ((i_b * T + o_t[:, None]) * HK + i_hk) * D + o_d[None, :]        # k
+        p_kv = ((i_b * T + o_t[:, None]) * HK + i_hk) * DV + o_v[None, :]       # v
         b_a = tl.load(da + p_tv, mask=m_tv, other=0.0)                              # [BT, BV]
         b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0)             # [BT]
         if CAUSAL:
-            b_ks = tl.load(kstab + i_bh * NK + c)
+            b_ks = tl.load(kstab + i_bk * NK + c)
             # as in the forward: min() keeps the factor finite after chunks with no key (state zero)
             b_rescale = tl.exp(tl.minimum(b_kprev - b_ks, 0.0))
             b_kprev = b_ks
@@ -212,8 +222,8 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qma
             b_za *= b_rescale
             b_sb *= b_rescale
             b_zb *= b_rescale
-            b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-            _, _, ka, kb = _key_phi(k, mask, p_tk, m_tk, i_b, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, b_ks,
+            b_v = tl.load(v + p_kv, mask=m_tv, other=0.0).to(tl.float32)
+            _, _, ka, kb = _key_phi(k, mask, p_kk, m_tk, i_b, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, b_ks,
                                     root, c_t, c_o, KIND, HAS_PSI, HAS_CO, HAS_MASK, PREC)
             # P[t, j] = a_t . v_j + beta_t for keys j <= t of this chunk
             b_p = _dot(b_a, tl.trans(b_v), PREC) + b_beta[:, None]                      # [BT, BV] @ [BV, BT]
@@ -251,7 +261,7 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qma
 
 @triton.jit(do_not_specialize=["T"])
 def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, dbeta, dsf, dzf,
-                       dk, dv, dw, db, ds0, dz0, T, H, M, D, DV, stride_wh, CPS, s_wp, s_bp, root, c_t, c_o,
+                       dk, dv, dw, db, ds0, dz0, T, H, HK, G, M, D, DV, stride_wh, CPS, s_wp, s_bp, root, c_t, c_o,
                        KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
                        HAS_MASK: tl.constexpr, HAS_S0: tl.constexpr, HAS_DSF: tl.constexpr,
                        PREC: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
@@ -261,6 +271,8 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
     i_s = tl.program_id(2).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
+    i_hk = i_h // G                       # grouped-query attention: the key/value head of query head i_h
+    i_bk = i_b * HK + i_hk                # k, v, the parameters, kstab and the state are per key/value head
     NC = tl.cdiv(T, BT)
     F = M if KIND == 0 else 2 * M
     o_m = i_m * BM + tl.arange(0, BM)
@@ -273,7 +285,7 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
     m_sv = m_m[:, None] & m_v[None, :]
     part = i_m * T * tl.num_programs(1)                     # start of this tile's partial [B, T, H, .]
 
-    b_w, b_bias, b_freq, b_psi = _tile_params(w, bias, freq, psi, i_bh, i_h, o_m, m_m, o_d, m_d, stride_wh, M, D,
+    b_w, b_bias, b_freq, b_psi = _tile_params(w, bias, freq, psi, i_bk, i_hk, o_m, m_m, o_d, m_d, stride_wh, M, D,
                                               HAS_PSI, BD)
     if CAUSAL:
         NK = NC
@@ -285,7 +297,7 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
     b_dsb = tl.zeros([BM, BV], dtype=tl.float32)
     b_dza = tl.zeros([BM], dtype=tl.float32)
     b_dzb = tl.zeros([BM], dtype=tl.float32)
-    if HAS_DSF:
+    if HAS_DSF:   # per query head: the host gives the final state's gradient to the first of each group
         p_sf = dsf + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
         b_dsa = tl.load(p_sf, mask=m_sv, other=0.0)
         b_dza = tl.load(dzf + i_bh * F + o_m, mask=m_m, other=0.0)
@@ -303,17 +315,19 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
 
     b_dw = tl.zeros([BM, BD], dtype=tl.float32)
     b_db = tl.zeros([BM], dtype=tl.float32)
-    b_knext = tl.load(kstab + i_bh * NK + NK - 1)
+    b_knext = tl.load(kstab + i_bk * NK + NK - 1)
     for i in range(0, c_hi - c_lo):
         c = c_hi - 1 - i
         o_t = c * BT + o_c
         m_t = o_t < T
-        p_tk = ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
+        p_tk = ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]           # q, dq (and partials)
         m_tk = m_t[:, None] & m_d[None, :]
-        p_tv = ((i_b * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]
+        p_tv = ((i_b * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]         # a (and partials)
         m_tv = m_t[:, None] & m_v[None, :]
+        p_kk = ((i_b * T + o_t[:, None]) * HK + i_hk) * D + o_d[None, :]        # k
+        p_kv = ((i_b * T + o_t[:, None]) * HK + i_hk) * DV + o_v[None, :]       # v
         if CAUSAL:
-            b_ks = tl.load(kstab + i_bh * NK + c)
+            b_ks = tl.load(kstab + i_bk * NK + c)
             # the derivative of the forward's exp(min(kstab_c - kstab_{c+1}, 0)): finite after empty chunks
             b_rescale = tl.exp(tl.minimum(b_ks - b_knext, 0.0))
             b_knext = b_ks
@@ -323,8 +337,8 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
             b_dzb *= b_rescale
         else:
             b_ks = b_knext
-        b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-        b_k, kt, ka, kb = _key_phi(k, mask, p_tk, m_tk, i_b, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, b_ks,
+        b_v = tl.load(v + p_kv, mask=m_tv, other=0.0).to(tl.float32)
+        b_k, kt, ka, kb = _key_phi(k, mask, p_kk, m_tk, i_b, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, b_ks,
                                    root, c_t, c_o, KIND, HAS_PSI, HAS_CO, HAS_MASK, PREC)
 
         # carried part: dphik_j = dS v_j + dz, dv_j = dS^T phik_j
@@ -373,7 +387,7 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
     tl.store(db + i_s * s_bp + i_bh * M + o_m, b_db, mask=m_m)
     if HAS_S0:
         if i_s == 0:  # non-causal ranges all hold the same reduced dS; one writes it
-            b_alpha = tl.exp(tl.load(m0 + i_bh) - b_knext)
+            b_alpha = tl.exp(tl.load(m0 + i_bk) - b_knext)
             p_s0 = ds0 + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
             tl.store(p_s0, b_dsa * b_alpha, mask=m_sv)
             tl.store(dz0 + i_bh * F + o_m, b_dza * b_alpha, mask=m_m)
@@ -391,7 +405,7 @@ else:
 
 @triton.jit(do_not_specialize=["T"])
 def _rf_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, da, dbeta, dsp, dzp,
-                          T, H, M, D, DV, stride_wh, CPS, s_sp, s_zp, root, c_t, c_o,
+                          T, H, HK, G, M, D, DV, stride_wh, CPS, s_sp, s_zp, root, c_t, c_o,
                           KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
                           PREC: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
                       BV: tl.constexpr):
@@ -402,6 +416,8 @@ def _rf_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, da, dbeta, dsp, dzp,
     i_s = tl.program_id(2).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
+    i_hk = i_h // G                       # grouped-query attention: the key/value head of query head i_h
+    i_bk = i_b * HK + i_hk                # k, v, the parameters, kstab and the state are per key/value head
     NC = tl.cdiv(T, BT)
     F = M if KIND == 0 else 2 * M
     o_m = i_m * BM + tl.arange(0, BM)
@@ -412,7 +428,7 @@ def _rf_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, da, dbeta, dsp, dzp,
     m_v = o_v < DV
     o_c = tl.arange(0, BT)
     m_sv = m_m[:, None] & m_v[None, :]
-    b_w, b_bias, b_freq, b_psi = _tile_params(w, bias, freq, psi, i_bh, i_h, o_m, m_m, o_d, m_d, stride_wh, M, D,
+    b_w, b_bias, b_freq, b_psi = _tile_params(w, bias, freq, psi, i_bk, i_hk, o_m, m_m, o_d, m_d, stride_wh, M, D,
                                               HAS_PSI, BD)
     b_dsa = tl.zeros([BM, BV], dtype=tl.float32)
     b_dsb = tl.zeros([BM, BV], dtype=tl.float32)
@@ -458,6 +474,8 @@ def rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qm
     dS0, dz0)``; dS0, dz0 are None without an initial state.
     """
     B, T, H, D = q.shape
+    Hk = k.shape[2]
+    G = H // Hk
     Dv = v.shape[-1]
     M = W.shape[1]
     F = M if kind == 0 else 2 * M
@@ -491,8 +509,12 @@ def rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qm
     if has_s0:
         S0, z0, m0 = S0.float().contiguous(), z0.float().contiguous(), m0.float().contiguous()
     if has_dsf:
-        dS = torch.zeros(B, H, F, Dv, device=dev) if dS is None else dS.float().contiguous()
-        dz = torch.zeros(B, H, F, device=dev) if dz is None else dz.float().contiguous()
+        dS = torch.zeros(B, Hk, F, Dv, device=dev) if dS is None else dS.float()
+        dz = torch.zeros(B, Hk, F, device=dev) if dz is None else dz.float()
+        if G > 1:   # the kernels read dS, dz per query head: the first head of each group carries them
+            dS = torch.cat([dS[:, :, None], dS.new_zeros(B, Hk, G - 1, F, Dv)], 2).flatten(1, 2)
+            dz = torch.cat([dz[:, :, None], dz.new_zeros(B, Hk, G - 1, F)], 2).flatten(1, 2)
+        dS, dz = dS.contiguous(), dz.contiguous()
     dS_final, dz_final = dS, dz
     mask_arg = None if mask is None else mask.contiguous()
     root = math.sqrt(scale)
@@ -513,7 +535,7 @@ def rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qm
     dw_part = torch.empty(2, nsplit, B, H, M, D, device=dev, dtype=torch.float32)
     db_part = torch.empty(2, nsplit, B, H, M, device=dev, dtype=torch.float32)
     s_wp, s_bp = B * H * M * D, B * H * M
-    dS0 = torch.empty(B, H, F, Dv, device=dev, dtype=torch.float32) if has_s0 else None
+    dS0 = torch.empty(B, H, F, Dv, device=dev, dtype=torch.float32) if has_s0 else None   # per query head
     dz0 = torch.empty(B, H, F, device=dev, dtype=torch.float32) if has_s0 else None
     qmax, kstab = qmax.contiguous(), kstab.contiguous()
     if not causal:
@@ -521,7 +543,7 @@ def rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qm
         # dS, dz of every query, per chunk range, then reduced (with the final-state gradients)
         dsp = torch.empty(nsplit, B, H, F, Dv, device=dev, dtype=torch.float32)
         dzp = torch.empty(nsplit, B, H, F, device=dev, dtype=torch.float32)
-        _rf_bwd_dstate_kernel[grid](q, W, bias, freq, psi, qmax, a, beta, dsp, dzp, T, H, M, D, Dv, stride_wh,
+        _rf_bwd_dstate_kernel[grid](q, W, bias, freq, psi, qmax, a, beta, dsp, dzp, T, H, Hk, G, M, D, Dv, stride_wh,
                                     cps, B * H * F * Dv, B * H * F, root, c_t, c_o, KIND=kind,
                                     HAS_PSI=psi is not None, HAS_CO=c_o != 0.0, PREC=prec, BT=BT, BM=BM, BD=BD, BV=BV,
                                     num_warps=4)
@@ -536,14 +558,17 @@ def rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qm
     else:
         dq_kernel, dkv_kernel, launch = _rf_bwd_dq_kernel_tuned, _rf_bwd_dkv_kernel_tuned, {}
     dq_kernel[grid](q, k, v, W, bias, freq, psi, mask_arg, S0, z0, m0, S, z, qmax, kstab,
-                    a, beta, dq_part, dw_part[0], db_part[0], T, H, M, D, Dv, stride_wh, cps, s_wp, s_bp,
+                    a, beta, dq_part, dw_part[0], db_part[0], T, H, Hk, G, M, D, Dv, stride_wh, cps, s_wp, s_bp,
                     root, c_t, c_o, **flags, **launch)
     dkv_kernel[grid](q, k, v, W, bias, freq, psi, mask_arg, m0, qmax, kstab,
                      a, beta, dS, dz, dk_part, dv_part, dw_part[1], db_part[1], dS0, dz0,
-                     T, H, M, D, Dv, stride_wh, cps, s_wp, s_bp, root, c_t, c_o, HAS_DSF=has_dsf, **flags, **launch)
+                     T, H, Hk, G, M, D, Dv, stride_wh, cps, s_wp, s_bp, root, c_t, c_o, HAS_DSF=has_dsf, **flags, **launch)
     dq = dq_part.sum(0).to(q.dtype)
-    dk = dk_part.sum(0).to(k.dtype)
-    dv = dv_part.sum(0).to(v.dtype)
-    dW = dw_part.sum((0, 1, 2))
-    dbias = db_part.sum((0, 1))
-    return dq, dk, dv, dW, dbias, dS0, dz0
+    # per-query-head partials of the key/value-head gradients, summed over each group in a fixed order
+    dk, dv, dW, dbias = dk_part.sum(0), dv_part.sum(0), dw_part.sum((0, 1, 2)), db_part.sum((0, 1))
+    if G > 1:
+        dk, dv = dk.unflatten(2, (Hk, G)).sum(3), dv.unflatten(2, (Hk, G)).sum(3)
+        dW, dbias = dW.unflatten(0, (Hk, G)).sum(1), dbias.unflatten(1, (Hk, G)).sum(2)
+        if has_s0:
+            dS0, dz0 = dS0.unflatten(1, (Hk, G)).sum(2), dz0.unflatten(1, (Hk, G)).sum(2)
+    return dq, dk.to(k.dtype), dv.to(v.dtype), dW, dbias, dS0, dz0

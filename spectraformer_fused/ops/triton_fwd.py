@@ -16,6 +16,9 @@ Two kernels, both tiled by chunks of BT tokens and by frequency tiles of BM rows
   every range's outputs from the reduced state. With one frequency tile the kernel writes o directly; with several it
   writes per-tile partial numerators and denominators, summed on the host.
 
+Grouped-query attention: k, v, the per-head parameters, kstab and the state belong to the key/value head
+``i_hk = i_h // G`` of each query head; a group's programs share them (no repeated k or v).
+
 Features exist only as ``[BT, BM]`` register tiles. Every tensor this module allocates:
   qmax ``[B, H, T]``, den ``[B, H, T]``, kmax / kstab ``[B, H, NC]``, o ``[B, T, H, Dv]``,
   final S ``[B, H, F, Dv]``, z ``[B, H, F]``, m ``[B, H]``, the non-causal partial states
@@ -57,27 +60,30 @@ def _load_rows(x, i_b, i_h, o_t, m_t, o_d, m_d, s_b, s_t, s_h, s_d):
 @triton.jit(do_not_specialize=["T"])
 def _rf_stats_fwd_kernel(q, k, W, bias, freq, psi, mask, qmax, kmax,
                          s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_wh, s_wm, s_wd, s_mb, s_mt,
-                         T, H, M, D, root, c_t, c_o,
+                         T, H, HK, G, M, D, root, c_t, c_o,
                          KIND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PSI: tl.constexpr,
                          HAS_CO: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
                          BM: tl.constexpr):
-    """qmax[b, h, t] = max_f e_q,f(t); kmax[b, h, c] = max over kept keys of chunk c and all f of e_k,f."""
+    """qmax[b, h, t] = max_f e_q,f(t); kmax[b, h, c] = max over kept keys of chunk c and all f of e_k,f
+    (of query head h's key/value head: equal within a group)."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_c = tl.program_id(1).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
+    i_hk = i_h // G                       # grouped-query attention: the key/value head of query head i_h
+    i_bk = i_b * HK + i_hk                # k, v and every parameter are per key/value head
     NC = tl.cdiv(T, BT)
     o_t = i_c * BT + tl.arange(0, BT)
     m_t = o_t < T
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     if HAS_PSI:
-        b_psi = tl.load(psi + i_bh * D + o_d, mask=m_d, other=1.0)
+        b_psi = tl.load(psi + i_bk * D + o_d, mask=m_d, other=1.0)
     else:
         b_psi = tl.full([BD], 1.0, tl.float32)
-    b_freq = tl.load(freq + i_bh)
+    b_freq = tl.load(freq + i_bk)
     b_q = _load_rows(q, i_b, i_h, o_t, m_t, o_d, m_d, s_qb, s_qt, s_qh, s_qd)
-    b_k = _load_rows(k, i_b, i_h, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
+    b_k = _load_rows(k, i_b, i_hk, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
     b_xq, b_rq = _transform(b_q, b_psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
     b_xk, b_rk = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
     keep = _keep_rows(mask, i_b, o_t, m_t, s_mb, s_mt, HAS_MASK)
@@ -86,9 +92,9 @@ def _rf_stats_fwd_kernel(q, k, W, bias, freq, psi, mask, qmax, kmax,
     for i_m in range(0, tl.cdiv(M, BM)):
         o_m = i_m * BM + tl.arange(0, BM)
         m_m = o_m < M
-        b_w = tl.load(W + i_h * s_wh + o_m[:, None] * s_wm + o_d[None, :] * s_wd,
+        b_w = tl.load(W + i_hk * s_wh + o_m[:, None] * s_wm + o_d[None, :] * s_wd,
                       mask=m_m[:, None] & m_d[None, :], other=0.0).to(tl.float32)
-        b_bias = tl.load(bias + i_bh * M + o_m, mask=m_m, other=float("-inf"))
+        b_bias = tl.load(bias + i_bk * M + o_m, mask=m_m, other=float("-inf"))
         # [BT, BD] @ [BD, BM] -> [BT, BM] inside _feature_logits
         _, b_ea, b_eb, _, _ = _feature_logits(b_xq, b_w, b_bias, b_freq, b_rq, KIND, PREC)
         b_qmax = tl.maximum(b_qmax, tl.max(b_ea, axis=1))
@@ -120,7 +126,7 @@ def _store_out(o, den, b_num, b_den, i_bh, i_b, i_h, i_m, i_v, o_t, m_t, o_v, m_
 def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o, den, S, z,
                    s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
                    s_wh, s_wm, s_wd, s_mb, s_mt, s_on, s_dn, s_sp, s_zp,
-                   T, H, M, D, DV, CPS, root, c_t, c_o,
+                   T, H, HK, G, M, D, DV, CPS, root, c_t, c_o,
                    KIND: tl.constexpr, PHASE: tl.constexpr, HAS_MASK: tl.constexpr,
                    HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr, HAS_INIT: tl.constexpr, STORE_STATE: tl.constexpr,
                    SPLIT: tl.constexpr, PREC: tl.constexpr,
@@ -128,7 +134,12 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
     """PHASE 0 (causal): the whole walk, in order. Non-causal runs in two launches, each program owning a range of
     CPS chunks (program id 2 = Dv tile + NV * range): PHASE 1 sums its keys into a partial state
     (S, z point at [NSPLIT, B, H, F, (Dv)] buffers, strides s_sp, s_zp), PHASE 2 reads the reduced state
-    (S, z) and writes the outputs of its chunks."""
+    (S, z) and writes the outputs of its chunks.
+
+    Grouped-query attention: program id 0 is a (batch, query head) pair; k, v, the parameters, the
+    stabilisers kstab and the state belong to its key/value head i_hk = i_h // G. PHASE 0 programs of one
+    group compute the same state; the first query head of the group stores it. PHASE 1 reads no query and
+    is launched over (batch, key/value head) pairs (H = HK, G = 1)."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_m = tl.program_id(1).to(tl.int64)
     i_vs = tl.program_id(2).to(tl.int64)
@@ -137,6 +148,8 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
     i_s = i_vs // NV
     i_b = i_bh // H
     i_h = i_bh % H
+    i_hk = i_h // G
+    i_bk = i_b * HK + i_hk
     NC = tl.cdiv(T, BT)
     if KIND == 0:
         F = M
@@ -150,12 +163,12 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
     m_v = o_v < DV
     o_i = tl.arange(0, BT)
     if HAS_PSI:
-        b_psi = tl.load(psi + i_bh * D + o_d, mask=m_d, other=1.0)
+        b_psi = tl.load(psi + i_bk * D + o_d, mask=m_d, other=1.0)
     else:
         b_psi = tl.full([BD], 1.0, tl.float32)
-    b_freq = tl.load(freq + i_bh)
-    b_bias = tl.load(bias + i_bh * M + o_m, mask=m_m, other=float("-inf"))
-    p_w = W + i_h * s_wh + o_m[:, None] * s_wm + o_d[None, :] * s_wd
+    b_freq = tl.load(freq + i_bk)
+    b_bias = tl.load(bias + i_bk * M + o_m, mask=m_m, other=float("-inf"))
+    p_w = W + i_hk * s_wh + o_m[:, None] * s_wm + o_d[None, :] * s_wd
     m_w = m_m[:, None] & m_d[None, :]
     m_s = m_m[:, None] & m_v[None, :]
 
@@ -164,16 +177,16 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
     b_za = tl.zeros([BM], dtype=tl.float32)
     b_zb = tl.zeros([BM], dtype=tl.float32)
     if PHASE == 0:
-        b_kfirst = tl.load(kstab + i_bh * NC)
+        b_kfirst = tl.load(kstab + i_bk * NC)
     else:
-        b_kfirst = tl.load(kstab + i_bh)
+        b_kfirst = tl.load(kstab + i_bk)
     if HAS_INIT and PHASE != 2:
         # The initial state is relative to exp(m0); move it to the first stabiliser (0 when m0 = -inf).
         # Non-causal: only the first chunk range carries it, so the reduced state counts it once.
-        b_alpha = tl.exp(tl.load(m0 + i_bh) - b_kfirst)
+        b_alpha = tl.exp(tl.load(m0 + i_bk) - b_kfirst)
         b_alpha = tl.where(i_s == 0, b_alpha, 0.0)
-        p_s0 = S0 + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
-        p_z0 = z0 + i_bh * F + o_m
+        p_s0 = S0 + i_bk * F * DV + o_m[:, None] * DV + o_v[None, :]
+        p_z0 = z0 + i_bk * F + o_m
         b_sa = tl.load(p_s0, mask=m_s, other=0.0) * b_alpha
         b_za = tl.load(p_z0, mask=m_m, other=0.0) * b_alpha
         if KIND != 0:
@@ -185,7 +198,7 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
         for i_c in range(0, NC):
             o_t = i_c * BT + o_i
             m_t = o_t < T
-            b_kst = tl.load(kstab + i_bh * NC + i_c)
+            b_kst = tl.load(kstab + i_bk * NC + i_c)
             # The stabiliser never decreases while the state is non-empty; min() keeps the factor
             # finite (the state is zero) when the previous chunks had no key.
             b_alpha = tl.exp(tl.minimum(b_kprev - b_kst, 0.0))
@@ -196,14 +209,14 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
                 b_zb *= b_alpha
             b_w = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
             keep = _keep_rows(mask, i_b, o_t, m_t, s_mb, s_mt, HAS_MASK)
-            b_k = _load_rows(k, i_b, i_h, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
+            b_k = _load_rows(k, i_b, i_hk, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
             b_xk, b_rk = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
             b_pka, b_pkb = _features(b_xk, b_rk, b_w, b_bias, b_freq, b_kst, keep, KIND, PREC)
             b_q = _load_rows(q, i_b, i_h, o_t, m_t, o_d, m_d, s_qb, s_qt, s_qh, s_qd)
             b_xq, b_rq = _transform(b_q, b_psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
             b_qmax = tl.load(qmax + i_bh * T + o_t, mask=m_t, other=0.0)
             b_pqa, b_pqb = _features(b_xq, b_rq, b_w, b_bias, b_freq, b_qmax[:, None], m_t, KIND, PREC)
-            b_v = _load_rows(v, i_b, i_h, o_t, m_t, o_v, m_v, s_vb, s_vt, s_vh, s_vd).to(tl.float32)
+            b_v = _load_rows(v, i_b, i_hk, o_t, m_t, o_v, m_v, s_vb, s_vt, s_vh, s_vd).to(tl.float32)
             # [BT, BM] @ [BM, BT] -> [BT, BT]: query t, key j of this chunk
             b_s = _dot(b_pqa, tl.trans(b_pka), PREC)
             # [BT, BM] @ [BM, BV] -> [BT, BV]: earlier chunks
@@ -233,10 +246,10 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
             m_t = o_t < T
             b_w = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
             keep = _keep_rows(mask, i_b, o_t, m_t, s_mb, s_mt, HAS_MASK)
-            b_k = _load_rows(k, i_b, i_h, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
+            b_k = _load_rows(k, i_b, i_hk, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
             b_xk, b_rk = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
             b_pka, b_pkb = _features(b_xk, b_rk, b_w, b_bias, b_freq, b_kst, keep, KIND, PREC)
-            b_v = _load_rows(v, i_b, i_h, o_t, m_t, o_v, m_v, s_vb, s_vt, s_vh, s_vd).to(tl.float32)
+            b_v = _load_rows(v, i_b, i_hk, o_t, m_t, o_v, m_v, s_vb, s_vt, s_vh, s_vd).to(tl.float32)
             # [BM, BT] @ [BT, BV] -> [BM, BV]
             b_sa += _dot(tl.trans(b_pka), b_v, PREC)
             b_za += tl.sum(b_pka, axis=0)
@@ -244,8 +257,8 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
                 b_sb += _dot(tl.trans(b_pkb), b_v, PREC)
                 b_zb += tl.sum(b_pkb, axis=0)
     else:
-        p_s = S + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
-        p_z = z + i_bh * F + o_m
+        p_s = S + i_bk * F * DV + o_m[:, None] * DV + o_v[None, :]
+        p_z = z + i_bk * F + o_m
         b_sa = tl.load(p_s, mask=m_s, other=0.0)
         b_za = tl.load(p_z, mask=m_m, other=0.0)
         if KIND != 0:
@@ -271,15 +284,17 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
     if STORE_STATE:
         # PHASE 0: the final state, relative to the last stabiliser = the final running max (all zero when
         # it is -inf). PHASE 1: this chunk range's partial state (i_s-th slice), summed on the host.
-        p_s = S + i_s * s_sp + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
-        p_z = z + i_s * s_zp + i_bh * F + o_m
-        tl.store(p_s, b_sa, mask=m_s)
-        if KIND != 0:
-            tl.store(p_s + M * DV, b_sb, mask=m_s)
-        if i_v == 0:
-            tl.store(p_z, b_za, mask=m_m)
+        # One query head per group stores its key/value head's state.
+        p_s = S + i_s * s_sp + i_bk * F * DV + o_m[:, None] * DV + o_v[None, :]
+        p_z = z + i_s * s_zp + i_bk * F + o_m
+        if i_h % G == 0:
+            tl.store(p_s, b_sa, mask=m_s)
             if KIND != 0:
-                tl.store(p_z + M, b_zb, mask=m_m)
+                tl.store(p_s + M * DV, b_sb, mask=m_s)
+            if i_v == 0:
+                tl.store(p_z, b_za, mask=m_m)
+                if KIND != 0:
+                    tl.store(p_z + M, b_zb, mask=m_m)
 
 
 def _next_pow2(n: int) -> int:
@@ -335,15 +350,19 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: float, c_o: float, scale: float,
            causal: bool, output_final_state: bool, chunk_size: int | None = None):
-    """Fused forward. q, k ``[B, T, H, D]`` (fp16/bf16/fp32, any strides), v ``[B, T, H, Dv]``,
-    W ``[H, m, D]`` (stride(0) may be 0), bias ``[B, H, m]``, freq ``[B, H]``, psi ``[B, H, D]`` or None,
-    mask ``[B, T]`` bool or None, S0 ``[B, H, F, Dv]`` / z0 ``[B, H, F]`` / m0 ``[B, H]`` or all None.
+    """Fused forward. q ``[B, T, H, D]`` (fp16/bf16/fp32, any strides), k ``[B, T, Hk, D]``, v
+    ``[B, T, Hk, Dv]`` (Hk divides H: query head h reads key/value head h // (H / Hk)); per key/value
+    head: W ``[Hk, m, D]`` (stride(0) may be 0), bias ``[B, Hk, m]``, freq ``[B, Hk]``, psi ``[B, Hk, D]``
+    or None, S0 ``[B, Hk, F, Dv]`` / z0 ``[B, Hk, F]`` / m0 ``[B, Hk]`` or all None; mask ``[B, T]``
+    bool or None.
 
     Returns ``(o, den, qmax, kstab, S, z, m, chunk_size)``: o ``[B, T, H, Dv]`` in v's dtype; den and
-    qmax ``[B, H, T]``; kstab ``[B, H, NC]`` (causal) or ``[B, H, 1]``; the final state S ``[B, H, F, Dv]``,
-    z ``[B, H, F]``, m ``[B, H]`` (divided by exp(m)) or three Nones; the chunk size used.
+    qmax ``[B, H, T]``; kstab ``[B, Hk, NC]`` (causal) or ``[B, Hk, 1]``; the final state S
+    ``[B, Hk, F, Dv]``, z ``[B, Hk, F]``, m ``[B, Hk]`` (divided by exp(m)) or three Nones; the chunk size.
     """
     B, T, H, D = q.shape
+    Hk = k.shape[2]
+    G = H // Hk
     Dv = v.shape[-1]
     M = W.shape[1]
     F = M if kind == EXP else 2 * M
@@ -373,11 +392,13 @@ def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: flo
     _rf_stats_fwd_kernel[(B * H, NC)](
         q, k, W, bias, freq, psi if psi is not None else dummy, mask_u8 if mask is not None else dummy, qmax, kmax,
         *q.stride(), *k.stride(), *W.stride(), s_mb, s_mt,
-        T, H, M, D, root, c_t, c_o,
+        T, H, Hk, G, M, D, root, c_t, c_o,
         KIND=kind, HAS_MASK=mask is not None, HAS_PSI=psi is not None, HAS_CO=has_co,
         PREC=prec, BT=BT, BD=BD, BM=min(BM, freq_tile(BD)), num_warps=4)
 
-    m_init = m0 if has_init else torch.full((B, H), float("-inf"), dtype=torch.float32, device=dev)
+    if G > 1:   # every query head of a group found its key/value head's maxima
+        kmax = kmax.unflatten(1, (Hk, G)).amax(2)                                     # [B, Hk, NC]
+    m_init = m0 if has_init else torch.full((B, Hk), float("-inf"), dtype=torch.float32, device=dev)
     if causal:
         run = torch.maximum(torch.cummax(kmax, dim=-1).values, m_init[..., None])     # [B, H, NC]
     else:
@@ -402,21 +423,24 @@ def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: flo
                  HAS_CO=has_co, HAS_INIT=has_init, SPLIT=split, PREC=prec, BT=BT, BD=BD, BM=BM)
 
     def launch(S_ptr, z_ptr, s_sp, s_zp, nsplit, cps, phase, store_state):
-        args = (*common, S_ptr, z_ptr, *strides, s_sp, s_zp, T, H, M, D, Dv, cps, root, c_t, c_o)
+        # PHASE 1 reads keys and values only: one program per (batch, key/value head)
+        heads, group = (Hk, 1) if phase == 1 else (H, G)
+        args = (*common, S_ptr, z_ptr, *strides, s_sp, s_zp, T, heads, Hk, group, M, D, Dv, cps, root, c_t, c_o)
         kw = dict(flags, PHASE=phase, STORE_STATE=store_state)
         if _rf_fwd_kernel_tuned is None:
             BV = max(16, min(64, _next_pow2(Dv)))
-            _rf_fwd_kernel[(B * H, NMT, triton.cdiv(Dv, BV) * nsplit)](*args, **kw, BV=BV, num_warps=4, num_stages=1)
+            _rf_fwd_kernel[(B * heads, NMT, triton.cdiv(Dv, BV) * nsplit)](*args, **kw, BV=BV, num_warps=4,
+                                                                           num_stages=1)
         else:
             def grid(meta):
-                return (B * H, NMT, triton.cdiv(Dv, meta["BV"]) * nsplit)
+                return (B * heads, NMT, triton.cdiv(Dv, meta["BV"]) * nsplit)
             _rf_fwd_kernel_tuned[grid](*args, **kw)
 
     if causal:
         # One walk over the chunks per (batch-head, frequency tile, Dv tile): the state is sequential.
         if output_final_state:
-            S = torch.empty(B, H, F, Dv, dtype=torch.float32, device=dev)
-            z = torch.empty(B, H, F, dtype=torch.float32, device=dev)
+            S = torch.empty(B, Hk, F, Dv, dtype=torch.float32, device=dev)
+            z = torch.empty(B, Hk, F, dtype=torch.float32, device=dev)
         else:
             S = z = None
         launch(S if S is not None else dummy, z if z is not None else dummy, 0, 0, 1, NC, 0,
@@ -425,12 +449,12 @@ def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: flo
         # Non-causal: sums over key chunks split into NSPLIT ranges (enough programs to fill the device),
         # reduced on the host in a fixed order (deterministic); then every range writes its outputs from
         # the reduced state. The reduced state is the final state.
-        nsplit = _num_splits(NC, B * H * NMT * triton.cdiv(Dv, 64), dev)
+        nsplit = _num_splits(NC, B * Hk * NMT * triton.cdiv(Dv, 64), dev)
         cps = triton.cdiv(NC, nsplit)
         nsplit = triton.cdiv(NC, cps)
-        S_part = torch.empty(nsplit, B, H, F, Dv, dtype=torch.float32, device=dev)
-        z_part = torch.empty(nsplit, B, H, F, dtype=torch.float32, device=dev)
-        launch(S_part, z_part, B * H * F * Dv, B * H * F, nsplit, cps, 1, True)
+        S_part = torch.empty(nsplit, B, Hk, F, Dv, dtype=torch.float32, device=dev)
+        z_part = torch.empty(nsplit, B, Hk, F, dtype=torch.float32, device=dev)
+        launch(S_part, z_part, B * Hk * F * Dv, B * Hk * F, nsplit, cps, 1, True)
         S, z = S_part.sum(0), z_part.sum(0)
         launch(S, z, 0, 0, nsplit, cps, 2, False)
     if split:
