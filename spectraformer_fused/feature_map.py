@@ -105,6 +105,8 @@ class RandomFeatureMap(nn.Module):
         self.stats_momentum = options.get("stats_momentum")
         if component == "gerf":
             self.register_buffer("A", torch.tensor(spec.A, dtype=torch.float64, device=device))
+        if spec.learned:                   # hedgehog: a learnable log-weight per frequency, added to the bias
+            self.log_weight = nn.Parameter(torch.zeros(num_heads, num_features, device=device, dtype=dtype))
         if spec.data_dependent:
             for name in ("running_mean_x", "running_sq_x", "running_mean_y", "running_sq_y"):
                 self.register_buffer(name, torch.zeros(num_heads, head_dim, dtype=torch.float32, device=device))
@@ -145,8 +147,10 @@ class RandomFeatureMap(nn.Module):
 
     @torch.no_grad()
     def redraw(self, seed: int | None = None) -> None:
-        """Resample W in place (learnable weights are re-initialised)."""
+        """Resample W in place (learnable weights and a learned component's log-weights are re-initialised)."""
         self.weights.redraw(seed)
+        if self.spec.learned:
+            self.log_weight.zero_()
 
     # -- statistics ------------------------------------------------------------------------------
     def running_moments(self) -> Moments:
@@ -217,6 +221,8 @@ class RandomFeatureMap(nn.Module):
         log_d = (D / 4.0) * torch.log(one_m4a)                                # [B, H]
         wsq = (W * W).sum(-1)                                                 # [H, m]
         bias = log_d[:, :, None] + A[:, :, None] * wsq[None] + spec.log_norm(self.num_features)
+        if spec.learned:
+            bias = bias + self.log_weight.to(device=device, dtype=cdt)[None]
         return FeatureParams(spec.kind, W, bias.contiguous(), freq, psi, spec.c_t, spec.c_o, float(scale),
                              self.num_features, self.feature_dim)
 
