@@ -309,9 +309,12 @@ def record_attention_inputs(model: nn.Module, batches, *, teacher: bool = True) 
             return None
         return hook
 
+    backends = {name: layer.backend for name, layer in layers}
     try:
         for name, layer in layers:
             handles.append(layer.register_forward_hook(make_hook(name), with_kwargs=True))
+            if teacher:                  # its random-feature output is replaced: the plain reference suffices
+                layer.backend = "reference"
         for batch in batches:
             if isinstance(batch, dict):
                 model(**batch)
@@ -322,6 +325,8 @@ def record_attention_inputs(model: nn.Module, batches, *, teacher: bool = True) 
     finally:
         for h in handles:
             h.remove()
+        for name, layer in layers:
+            layer.backend = backends[name]
     return records
 
 
