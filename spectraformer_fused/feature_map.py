@@ -70,7 +70,8 @@ class RandomFeatureMap(nn.Module):
         head_dim: D, the size of each query/key vector.
         num_features: m, the number of random frequencies (rows of W). The feature width F is m, or 2m
             for ``hyprf``, ``trigrf`` and ``gerf`` with ``s=-1``. Default: Performer's ``D ln D`` (>= 16).
-        component: one of ``COMPONENTS``.
+        component: one of ``COMPONENTS``, or the learned ``hedgehog`` (``LEARNED_COMPONENTS``: no fixed
+            kernel, trained with ``fit_feature_map``; reference backend only).
         weights: one of ``WEIGHTS``.
         kernel: ``"softmax"`` (estimates exp(x.y)) or ``"gaussian"`` (exp(-|x - y|^2 / 2)).
         num_heads: one W per head; ``num_heads=1`` shares one W among any number of heads.
