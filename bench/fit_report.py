@@ -259,8 +259,9 @@ def findings(rows) -> list[str]:
         out.append(f"- {name}: best fitted map {best['component']} x {best['weights']} at "
                    f"{best['fitted_over_uniform']:.2f}x uniform attention's held-out error (best unfitted "
                    f"{best_unfitted['unfitted_over_uniform']:.2f}x); on a batch it was fitted on it reaches "
-                   f"{best['fitted_train_batch'] / best['uniform']:.2f}x (held-out / fitted-batch error {gap:.2f}). "
-                   f"Goal (at most 0.5x on structured data): {'met' if best['fitted_over_uniform'] <= 0.5 else 'not met'}.")
+                   f"{best['fitted_train_batch'] / best['uniform']:.2f}x (held-out / fitted-batch error {gap:.2f})."
+                   + ("" if name.startswith("iso") else " Goal (at most 0.5x): "
+                      + ("met." if best["fitted_over_uniform"] <= 0.5 else "not met.")))
     structured = [r for r in rows if r["data"] in ("subspace", "trained", "recorded")]
     if structured:
         gaps = [r["fitted"] / r["fitted_train_batch"] for r in structured]
@@ -273,6 +274,11 @@ def findings(rows) -> list[str]:
                       if max(gaps) < 1.3 else
                       "Much of the remaining error is overfitting to the fitted keys: a fit on 4 batches learns their "
                       "keys (m x d parameters per head); subspace-stream shows what fresh data buys. ")
+                   + "".join(f"With {r['batches']} fresh batches ({r['component']} x {r['weights']}, {r['steps']} steps) "
+                             f"the gap closes (held-out / fitted-batch error {r['fitted'] / r['fitted_train_batch']:.2f}) "
+                             f"and the held-out error is {r['fitted_over_uniform']:.2f}x uniform's: what remains is the "
+                             "limit of the map family at m = 128 (and of the fit's step budget). "
+                             for r in rows if r["data"] == "subspace-stream" and r["component"] == "hyprf")
                    + "A likely reason: every map here is a sum of m = 128 exponentials exp(w_i.x) exp(w_i.y) with one key weight "
                    "(exp(-|y|^2/2) for posrf/hyprf, a per-key normaliser for hedgehog); matching rows whose softmax "
                    "weight spans several orders of magnitude with 128 such terms needs the w_i spread over every "
