@@ -13,6 +13,15 @@ from spectraformer_fused import (RandomFeatureMap, SpectraAttention, attention_d
 from spectraformer_fused.reference import exact_logits
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tensors here are tiny: one thread avoids OpenMP barrier stalls on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def structured_qkv(seed, B=2, T=48, H=1, D=16, rank=3, s=1.6, noise=0.1, dtype=torch.float32):
     """q, k near a fixed rank-``rank`` subspace per head (as in trained models): peaked attention."""
     basis = torch.linalg.qr(torch.randn(H, D, rank, generator=torch.Generator().manual_seed(7)))[0]
