@@ -68,11 +68,12 @@ def test_mse_loss_equals_reference_attention(component, case):
 @pytest.mark.parametrize("case", ["plain", "causal", "mask"])
 @pytest.mark.parametrize("component", ["posrf", "hyprf", "hedgehog"])
 def test_kl_loss_equals_full_matrix_kl(component, case):
-    """loss='kl' equals KL(p || q) computed from the full T x T matrices (exact and random-feature)."""
+    """loss='kl' and its gradient (through the chunk recomputation) equal KL(p || q) computed from the full
+    T x T matrices (exact and random-feature)."""
     B, T, H, D = 2, 29, 2, 8
     gen = torch.Generator().manual_seed(1)
     q, k = (torch.randn(B, T, H, D, generator=gen, dtype=torch.float64) * 1.5 for _ in range(2))
-    fm = RandomFeatureMap(D, 10, component=component, weights="orf", num_heads=H, seed=2).double()
+    fm = RandomFeatureMap(D, 10, component=component, weights="learnable", num_heads=H, seed=2).double()
     causal, mask = case == "causal", masks_for(case, B, T)
     got = attention_distillation_loss(fm, q, k, causal=causal, key_padding_mask=mask, chunk_size=7)
     vis = torch.ones(B, 1, T, T, dtype=torch.bool)
@@ -86,7 +87,11 @@ def test_kl_loss_equals_full_matrix_kl(component, case):
     p = logp.exp()
     terms = torch.where(p > 0, p * (logp - torch.log(qrow)), torch.zeros_like(p)).sum(-1)
     rows = vis.expand(B, H, T, T).any(-1)
-    assert_close(got, terms[rows].mean(), torch.float64, name="kl loss")
+    want = terms[rows].mean()
+    assert_close(got, want, torch.float64, name="kl loss")
+    params = [p for p in fm.parameters() if p.requires_grad]
+    for g_got, g_want, p in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params), params):
+        assert_close(g_got, g_want, torch.float64, name=f"gradient of {tuple(p.shape)}")
 
 
 class _LargestOutput(TorchDispatchMode):
