@@ -1,8 +1,9 @@
 """spectraformer_fused: fused random-feature attention for every component x weight matrix of the
 Spectraformer framework."""
 from .attention import BACKENDS, available_backends, rf_attention
-from .components import COMPONENTS, KERNELS
+from .components import COMPONENTS, KERNELS, LEARNED_COMPONENTS
 from .feature_map import FeatureParams, RandomFeatureMap
+from .fitting import attention_distillation_loss, distill, fit_feature_map
 from .modules import SpectraAttention
 from .reference import exact_attention, exact_kernel
 from .state import RFState
@@ -13,4 +14,5 @@ __version__ = "0.1.0"
 __all__ = [
     "COMPONENTS", "WEIGHTS", "LEARNABLE_WEIGHTS", "KERNELS", "BACKENDS", "RandomFeatureMap", "FeatureParams",
     "RFState", "SpectraAttention", "available_backends", "rf_attention", "exact_attention", "exact_kernel",
+    "LEARNED_COMPONENTS", "attention_distillation_loss", "fit_feature_map", "distill",
 ]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from .components import REFERENCE_ONLY_REASON
 from .feature_map import RandomFeatureMap
 from .ops import cpu_extension_built, cpu_extension_loaded, triton_importable, triton_interpreting
 from .reference import reference_attention
@@ -105,7 +106,10 @@ def rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map:
     Hk = k.shape[2]
     feature_map.check_input(D, Hk)
     scale = resolve_scale(scale, D)
-    name = _resolve_backend(backend, q)
+    if feature_map.spec.reference_only and backend in ("triton", "cpu"):
+        raise ValueError(f"backend={backend!r} cannot run component {feature_map.component!r}: {REFERENCE_ONLY_REASON}; "
+                         "use backend='reference' or 'auto'")
+    name = "reference" if feature_map.spec.reference_only and backend == "auto" else _resolve_backend(backend, q)
     if T == 0:
         o = v.new_empty(B, 0, H, v.shape[-1])
         if not output_final_state:

@@ -13,6 +13,17 @@ with ``bias_i = log D + A |w_i|^2 - log(sqrt(norm))``, ``D = (1 - 4A)^(d/4)``, `
 ``norm = m`` (EXP, TRIG) or ``2m`` (HYP), ``c_t = -s/2`` and ``c_o = 0`` for the softmax kernel or
 ``-1/2`` for the Gaussian kernel. The ``exp(.)`` factor is the feature's *magnitude*; a stabiliser
 subtracts a constant from its exponent (see ``reference.py``). DESIGN.md section 3 derives every row.
+
+The learned component ``hedgehog`` (in the spirit of Hedgehog, Zhang et al., ICLR 2024) is no random
+feature estimator: it estimates no fixed kernel, it is trained (``fitting.py``) to mimic softmax attention.
+
+    kind NORM_HYP (F = 2m): phi = softmax([bias_i + u_i, bias_i - u_i])   over all 2m features of the row
+
+with ``u = W x`` (``freq = 1``, no |x|^2 term) and ``bias_i`` a learnable per-frequency log-weight. The
+per-row log-sum-exp cancels for queries, but for keys it is a per-key weight that no stabiliser of the
+fused kernels can express, so this kind runs on the reference backend only (``REFERENCE_ONLY_REASON``).
+With ``W`` rows ~ N(0, I) the key normaliser is about exp(|y|^2/2) 2m, so at initialisation the map is
+close to ``hyprf`` with a self-normalised key weight.
 """
 from __future__ import annotations
 
@@ -23,10 +34,18 @@ from dataclasses import dataclass
 import torch
 
 COMPONENTS = ("posrf", "hyprf", "trigrf", "gerf", "oprf", "saderf")
+# Learned components: trained to mimic softmax attention (fit_feature_map), not unbiased estimators.
+LEARNED_COMPONENTS = ("hedgehog",)
 KERNELS = ("softmax", "gaussian")
 
-# Feature kinds: the constexpr switch of every compiled backend.
-EXP, HYP, TRIG = 0, 1, 2
+# Feature kinds: the constexpr switch of every compiled backend (EXP, HYP, TRIG). NORM_HYP (hedgehog's
+# row-normalised features) is evaluated by the reference backend only.
+EXP, HYP, TRIG, NORM_HYP = 0, 1, 2, 3
+REFERENCE_ONLY_KINDS = (NORM_HYP,)
+REFERENCE_ONLY_REASON = (
+    "its key features are normalised per key (a softmax over the 2m features of each key), a per-key weight "
+    "that does not cancel between numerator and denominator; the fused kernels subtract only one constant "
+    "shared by all keys of a (batch, head), so they cannot express it")
 
 # Signature of the component keyword arguments accepted by RandomFeatureMap(**component_args).
 _COMPONENT_ARGS = {
@@ -36,6 +55,7 @@ _COMPONENT_ARGS = {
     "gerf": ("A", "s"),
     "oprf": ("stats_momentum",),
     "saderf": ("stats_momentum",),
+    "hedgehog": (),
 }
 GERF_DEFAULT_A = -0.125
 
@@ -50,21 +70,30 @@ class ComponentSpec:
     A: float            # the fixed A (ignored when data_dependent)
     data_dependent: bool  # A (and psi) come from query/key statistics: oprf, saderf
     uses_psi: bool      # saderf's diagonal Psi
-    kernel: str         # "softmax" or "gaussian"
+    kernel: str         # "softmax" or "gaussian" (for a learned component: the attention it is fitted to)
 
     @property
     def positive(self) -> bool:
         return self.kind != TRIG
 
     @property
+    def learned(self) -> bool:
+        """A learned component (hedgehog): no fixed kernel, a learnable per-frequency log-weight."""
+        return self.name in LEARNED_COMPONENTS
+
+    @property
+    def reference_only(self) -> bool:
+        return self.kind in REFERENCE_ONLY_KINDS
+
+    @property
     def c_t(self) -> float:
         """Coefficient of |x'|^2 in the feature exponent (x' the psi-transformed input)."""
-        return -self.sign / 2.0
+        return 0.0 if self.learned else -self.sign / 2.0
 
     @property
     def c_o(self) -> float:
         """Coefficient of |x|^2 of the ORIGINAL input: the Gaussian kernel's exp(-|x|^2/2) factor."""
-        return -0.5 if self.kernel == "gaussian" else 0.0
+        return -0.5 if self.kernel == "gaussian" and not self.learned else 0.0
 
     def feature_dim(self, num_features: int) -> int:
         return num_features if self.kind == EXP else 2 * num_features
@@ -87,7 +116,7 @@ def make_component(name: str, kernel: str = "softmax", **args) -> tuple[Componen
 
     Returns the spec and the remaining options (``stats_momentum`` for data-dependent components).
     """
-    check_name(name, COMPONENTS, "component")
+    check_name(name, COMPONENTS + LEARNED_COMPONENTS, "component")
     check_name(kernel, KERNELS, "kernel")
     allowed = _COMPONENT_ARGS[name]
     for key in args:
@@ -101,6 +130,8 @@ def make_component(name: str, kernel: str = "softmax", **args) -> tuple[Componen
         spec = ComponentSpec(name, EXP, 1, 0.0, False, False, kernel)
     elif name == "hyprf":
         spec = ComponentSpec(name, HYP, 1, 0.0, False, False, kernel)
+    elif name == "hedgehog":
+        spec = ComponentSpec(name, NORM_HYP, 1, 0.0, False, False, kernel)
     elif name == "trigrf":
         spec = ComponentSpec(name, TRIG, -1, 0.0, False, False, kernel)
     elif name == "gerf":
@@ -194,7 +225,8 @@ def feature_logits(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor, freq: t
 
     ``W [H, m, D]`` (or ``[1, m, D]``), ``bias [B, H, m]``, ``freq [B, H]``, ``psi [B, H, D]`` or None.
     Returns ``(e, mult)``: ``e [B, H, T, F]`` the exponent of each feature's magnitude and ``mult`` None
-    (positive kinds) or ``[B, H, T, F]`` the cos/sin factors (TRIG). phi = exp(e) * mult.
+    (positive kinds) or ``[B, H, T, F]`` the cos/sin factors (TRIG). phi = exp(e) * mult. NORM_HYP
+    subtracts each row's log-sum-exp (a softmax over the row's 2m features), for queries and keys alike.
     """
     if psi is not None:
         xt = x * psi[:, :, None, :] if query else x / psi[:, :, None, :]
@@ -209,5 +241,8 @@ def feature_logits(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor, freq: t
         return b + u + r, None
     if kind == HYP:
         return torch.cat([b + u + r, b - u + r], dim=-1), None
+    if kind == NORM_HYP:
+        e = torch.cat([b + u + r, b - u + r], dim=-1)
+        return e - torch.logsumexp(e, dim=-1, keepdim=True), None
     e = (b + r).expand_as(u)
     return torch.cat([e, e], dim=-1), torch.cat([torch.cos(u), torch.sin(u)], dim=-1)

@@ -71,7 +71,8 @@ class RandomFeatureMap(nn.Module):
         head_dim: D, the size of each query/key vector.
         num_features: m, the number of random frequencies (rows of W). The feature width F is m, or 2m
             for ``hyprf``, ``trigrf`` and ``gerf`` with ``s=-1``. Default: Performer's ``D ln D`` (>= 16).
-        component: one of ``COMPONENTS``.
+        component: one of ``COMPONENTS``, or the learned ``hedgehog`` (``LEARNED_COMPONENTS``: no fixed
+            kernel, trained with ``fit_feature_map``; reference backend only).
         weights: one of ``WEIGHTS``.
         kernel: ``"softmax"`` (estimates exp(x.y)) or ``"gaussian"`` (exp(-|x - y|^2 / 2)).
         num_heads: one W per key/value head (H_kv; with grouped-query attention the query heads of a
@@ -107,6 +108,8 @@ class RandomFeatureMap(nn.Module):
         self.stats_momentum = options.get("stats_momentum")
         if component == "gerf":
             self.register_buffer("A", torch.tensor(spec.A, dtype=torch.float64, device=device))
+        if spec.learned:                   # hedgehog: a learnable log-weight per frequency, added to the bias
+            self.log_weight = nn.Parameter(torch.zeros(num_heads, num_features, device=device, dtype=dtype))
         if spec.data_dependent:
             for name in ("running_mean_x", "running_sq_x", "running_mean_y", "running_sq_y"):
                 self.register_buffer(name, torch.zeros(num_heads, head_dim, dtype=torch.float32, device=device))
@@ -151,8 +154,10 @@ class RandomFeatureMap(nn.Module):
 
     @torch.no_grad()
     def redraw(self, seed: int | None = None) -> None:
-        """Resample W in place (learnable weights are re-initialised)."""
+        """Resample W in place (learnable weights and a learned component's log-weights are re-initialised)."""
         self.weights.redraw(seed)
+        if self.spec.learned:
+            self.log_weight.zero_()
 
     # -- statistics ------------------------------------------------------------------------------
     def running_moments(self) -> Moments:
@@ -190,6 +195,8 @@ class RandomFeatureMap(nn.Module):
                    if t is not None]
         if self.spec.name == "gerf":
             tensors.append(self._buffers["A"])
+        if self.spec.learned:
+            tensors.append(self._parameters["log_weight"])
         return tensors
 
     def _static_params(self, H: int, device, cdt) -> tuple:
@@ -234,6 +241,8 @@ class RandomFeatureMap(nn.Module):
         freq = one_m4a.sqrt().contiguous()
         log_d = (self.head_dim / 4.0) * torch.log(one_m4a)                  # [B, H]
         bias = log_d[:, :, None] + A[:, :, None] * wsq[None] + self.spec.log_norm(self.num_features)
+        if self.spec.learned:              # hedgehog: a learnable log-weight per frequency, added to the bias
+            bias = bias + self.log_weight.to(device=wsq.device, dtype=wsq.dtype)[None]
         return bias.contiguous(), freq
 
     def feature_params(self, q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bool,

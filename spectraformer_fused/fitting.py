@@ -1,0 +1,384 @@
+"""Fitting a feature map to the attention it replaces: softmax mimicry and attention transfer.
+
+With a few hundred features, random features cannot follow peaked attention. A feature map with
+learnable parameters (``weights="learnable"`` or ``"fastfood_learnable"``, or the learned component
+``hedgehog``) can instead be trained so that its attention rows match the exact (softmax) attention rows
+on given queries and keys (Hedgehog, Zhang et al., ICLR 2024), layer by layer for a converted model
+(attention transfer, as in LoLCATs, Zhang et al., 2024).
+
+* ``attention_distillation_loss``: the cross-entropy of the random-feature attention rows against the
+  exact rows (reported as a KL divergence), or the output MSE against given values. It walks the queries
+  chunk by chunk: no tensor larger than ``[B, H, chunk, T]`` (or the ``[B, H, T, F]`` key features) is
+  formed, and under autograd each chunk is recomputed in the backward pass (activation checkpointing),
+  so the backward never holds more than one chunk's block either.
+* ``fit_feature_map``: Adam on the feature map's trainable parameters; returns the loss curve.
+* ``distill``: every ``SpectraAttention`` of a model fitted to its own softmax attention.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from .components import feature_logits
+from .feature_map import RandomFeatureMap
+from .reference import exact_logits
+from .validation import check_qk_pair, resolve_scale
+
+LOSSES = ("kl", "mse")
+_TINY = 1e-30          # floor of a random-feature attention weight before its log
+
+
+def _check_mask(mask, q):
+    if mask is None:
+        return None
+    B, T = q.shape[:2]
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        raise TypeError(f"key_padding_mask must be a bool tensor [B, T] (True = keep), got "
+                        f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+    if tuple(mask.shape) != (B, T) or mask.device != q.device:
+        raise ValueError(f"key_padding_mask must have shape [B, T] = {(B, T)} on {q.device}, got "
+                         f"{tuple(mask.shape)} on {mask.device}")
+    return mask
+
+
+class _Recomputed(torch.autograd.Function):
+    """``fn(*inputs)`` run without saving its intermediates; the backward pass runs it again under autograd.
+
+    This is activation checkpointing for one query chunk: only references to the inputs (W, the bias, the
+    shared key exponents) are kept, so the backward holds one chunk's ``[B, H, c, T]`` block at a time.
+    (``torch.utils.checkpoint`` does the same but imports torch._dynamo on first use, seconds on a CPU.)
+    """
+
+    @staticmethod
+    def forward(ctx, fn, *inputs):
+        ctx.fn = fn
+        ctx.save_for_backward(*inputs)
+        with torch.no_grad():
+            return fn(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inputs = [None if t is None else t.detach().requires_grad_(t.requires_grad) for t in ctx.saved_tensors]
+        with torch.enable_grad():
+            out = ctx.fn(*inputs)
+        wanted = [t for t in inputs if t is not None and t.requires_grad]
+        grads = iter(torch.autograd.grad(out, wanted, grad, allow_unused=True) if wanted else ())
+        return (None,) + tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs)
+
+
+def _chunk_loss(eq, ek, kshift, logits, vis, v, kind_loss: str, mult_q, mult_k):
+    """Loss terms of one query chunk, summed over its rows.
+
+    eq ``[B, H, c, F]`` query exponents, ek ``[B, H, n, F]`` key exponents of the n visible keys, kshift
+    ``[B, H, 1, 1]`` their shared stabiliser, logits ``[B, H, c, n]`` the exact logits, vis ``[B, H|1, c, n]``
+    bool (visible pairs) or None, v ``[B, H, n, Dv]`` (mse) or None. Returns the sum of the row losses.
+    """
+    phiq = torch.exp(eq - eq.amax(-1, keepdim=True).detach())
+    phik = torch.exp(ek - kshift)
+    if mult_q is not None:
+        phiq, phik = phiq * mult_q, phik * mult_k
+    scores = phiq @ phik.transpose(-1, -2)                                   # [B, H, c, n]
+    if vis is not None:
+        scores = scores.masked_fill(~vis, 0.0)
+        logits = logits.masked_fill(~vis, float("-inf"))
+    rows = torch.isfinite(logits.amax(-1))                                   # [B, H, c]: a visible key
+    logp = torch.log_softmax(logits, dim=-1).masked_fill(~rows[..., None], float("-inf"))
+    p = logp.exp()                                                           # 0 where masked
+    if kind_loss == "kl":
+        den = scores.sum(-1, keepdim=True)
+        logq = torch.log(scores.clamp_min(_TINY)) - torch.log(den.clamp_min(_TINY))
+        terms = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))   # KL(p || q) per pair
+        per_row = terms.sum(-1)
+    else:
+        den = scores.sum(-1, keepdim=True).abs().clamp_min(_TINY)
+        diff = (scores @ v) / den - p @ v                                    # [B, H, c, Dv]
+        per_row = diff.pow(2).mean(-1)
+    return torch.where(rows, per_row, torch.zeros_like(per_row)).sum()
+
+
+def attention_distillation_loss(feature_map: RandomFeatureMap, q: torch.Tensor, k: torch.Tensor,
+                                v: torch.Tensor | None = None, *, scale: float | None = None, causal: bool = False,
+                                key_padding_mask: torch.Tensor | None = None, loss: str = "kl",
+                                chunk_size: int = 64) -> torch.Tensor:
+    """How far the feature map's attention is from exact attention on q, k ``[B, T, H, D]``: a scalar.
+
+    ``loss="kl"``: the mean over query rows of KL(p_i || q_i), p_i the exact attention row (softmax of
+    scale q.k for ``kernel="softmax"``, the Gaussian kernel's for ``"gaussian"``) and q_i the
+    random-feature row phi(q_i).phi(k_j) / sum_j' phi(q_i).phi(k_j'); its gradient is that of the
+    cross-entropy -sum_j p_ij log q_ij. Needs positive features. ``loss="mse"``: the mean squared
+    difference of the outputs for values v ``[B, T, H, Dv]``. ``causal`` restricts row i to keys j <= i;
+    masked keys (``key_padding_mask`` False) count in neither attention, and rows without a visible key
+    (and padded query positions) are left out of the mean.
+
+    Queries are processed ``chunk_size`` at a time: the largest tensors are the ``[B, H, chunk, T]`` block
+    of one chunk and the ``[B, H, T, F]`` key features; under autograd each chunk is recomputed in the
+    backward pass, so at most one chunk's block is held at a time. Data-dependent parameters (OPRF, SADERF)
+    come from q and k as in ``rf_attention``; running statistics are not updated.
+    """
+    if not isinstance(feature_map, RandomFeatureMap):
+        raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
+    check_qk_pair(q, k)
+    if q.shape[1] != k.shape[1]:
+        raise ValueError(f"q and k must have the same sequence length, got {q.shape[1]} and {k.shape[1]}")
+    if not isinstance(loss, str) or loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; valid names are {', '.join(LOSSES)}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if loss == "kl" and not feature_map.spec.positive:
+        raise ValueError(f"loss='kl' needs positive features; component {feature_map.component!r} has signed "
+                         "(trigonometric) features whose attention weights can be negative: use loss='mse'")
+    if loss == "mse":
+        if not isinstance(v, torch.Tensor) or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
+            raise ValueError("loss='mse' needs v [B, T, H, Dv] matching q in batch, length and heads; got "
+                             f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
+    mask = _check_mask(key_padding_mask, q)
+    B, T, H, D = q.shape
+    feature_map.check_input(D, H)
+    scale = resolve_scale(scale, D)
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k = q.detach(), k.detach()
+    p = feature_map.feature_params(q, k, scale=scale, causal=causal, key_padding_mask=mask, update_stats=False)
+    root = math.sqrt(scale)
+    x = (q.to(cdt) * root).transpose(1, 2)                                  # [B, H, T, D]
+    y = (k.to(cdt) * root).transpose(1, 2)
+    args = dict(kind=p.kind, c_t=p.c_t, c_o=p.c_o)
+    W, bias, freq = p.W.to(cdt), p.bias.to(cdt), p.freq.to(cdt)
+    psi = None if p.psi is None else p.psi.to(cdt)
+    ek, mult_k = feature_logits(y, W, bias, freq, psi, query=False, **args)  # [B, H, T, F]
+    if mask is not None:
+        ek = ek.masked_fill(~mask[:, None, :, None], float("-inf"))
+    key_max = ek.detach().amax(-1)                                           # [B, H, T]
+    vv = None if v is None or loss != "mse" else v.detach().to(cdt).transpose(1, 2)
+    keep_q = None if mask is None else mask[:, None, :]                      # [B, 1, T]: padded queries left out
+    total = x.new_zeros(())
+    count = 0
+    ids = torch.arange(T, device=q.device)
+    for lo in range(0, T, chunk_size):
+        hi = min(lo + chunk_size, T)
+        n = hi if causal else T                                              # keys a row of the chunk can see
+        vis = None
+        if causal:
+            vis = (ids[None, :n] <= ids[lo:hi, None])[None, None]           # [1, 1, c, n]
+        if mask is not None:
+            km = mask[:, None, None, :n]
+            vis = km if vis is None else vis & km
+        if keep_q is not None:
+            qm = keep_q[:, :, lo:hi, None]
+            vis = qm if vis is None else vis & qm
+        kshift = key_max[:, :, :n].amax(-1).clamp_min(-1e30)[..., None, None]
+
+        def run(W, bias, ek, mult_k, xc=x[:, :, lo:hi], qc=q[:, lo:hi], n=n, vis=vis, kshift=kshift):
+            eq, mult_q = feature_logits(xc, W, bias, freq, psi, query=True, **args)
+            logits = exact_logits(qc.to(cdt), k[:, :n].to(cdt), kernel=feature_map.kernel, scale=scale)
+            return _chunk_loss(eq, ek[:, :, :n], kshift, logits, vis, None if vv is None else vv[:, :, :n],
+                               loss, mult_q, None if mult_k is None else mult_k[:, :, :n])
+
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (W, bias, ek, mult_k)):
+            total = total + _Recomputed.apply(run, W, bias, ek, mult_k)
+        else:
+            total = total + run(W, bias, ek, mult_k)
+        count += (hi - lo) * B * H if vis is None else int(vis.expand(B, H, hi - lo, n).any(-1).sum())
+    return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Fitting one feature map
+# ----------------------------------------------------------------------------------------------------
+
+def _as_batches(x, what: str) -> list:
+    if x is None:
+        return []
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, Iterable) and not isinstance(x, (str, bytes)):
+        out = list(x)
+        for i, t in enumerate(out):
+            if t is not None and not isinstance(t, torch.Tensor):
+                raise TypeError(f"{what}[{i}] must be a torch.Tensor, got {type(t).__name__}")
+        return out
+    raise TypeError(f"{what} must be a tensor or an iterable of tensors, got {type(x).__name__}")
+
+
+def trainable_parameters(feature_map: nn.Module) -> list[nn.Parameter]:
+    """The parameters a fit moves: learnable weights (``learnable``: W; ``fastfood_learnable``: B, G, S)
+    and a learned component's log-weights (``hedgehog``), i.e. every parameter that requires grad."""
+    return [p for p in feature_map.parameters() if p.requires_grad]
+
+
+def _check_steps_lr(steps, lr):
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive float, got {lr!r}")
+
+
+def fit_feature_map(feature_map: RandomFeatureMap, q, k, *, v=None, steps: int = 200, lr: float = 1e-2,
+                    scale: float | None = None, causal: bool = False, key_padding_mask=None, loss: str = "kl",
+                    chunk_size: int = 64) -> list[float]:
+    """Train the feature map's learnable parameters so that its attention matches exact attention.
+
+    Args:
+        feature_map: a ``RandomFeatureMap`` with trainable parameters (``weights="learnable"`` or
+            ``"fastfood_learnable"``, or ``component="hedgehog"``); nothing else is changed (running
+            statistics included).
+        q, k: ``[B, T, H, D]`` tensors, or equal-length iterables of them (batches used in turn, cycled).
+        v: values for ``loss="mse"`` (a tensor or an iterable like q).
+        steps, lr: Adam steps and learning rate.
+        scale, causal, key_padding_mask, loss, chunk_size: as in ``attention_distillation_loss``
+            (``key_padding_mask`` a tensor or an iterable like q).
+
+    Returns the loss before each step (``steps`` floats).
+    """
+    if not isinstance(feature_map, RandomFeatureMap):
+        raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
+    _check_steps_lr(steps, lr)
+    qs, ks = _as_batches(q, "q"), _as_batches(k, "k")
+    if not qs or len(qs) != len(ks):
+        raise ValueError(f"q and k must hold the same positive number of batches, got {len(qs)} and {len(ks)}")
+    vs = _as_batches(v, "v") or [None] * len(qs)
+    masks = _as_batches(key_padding_mask, "key_padding_mask") or [None] * len(qs)
+    if len(vs) != len(qs) or len(masks) != len(qs):
+        raise ValueError(f"v and key_padding_mask must hold one entry per batch ({len(qs)})")
+    params = trainable_parameters(feature_map)
+    if not params:
+        raise ValueError(f"the feature map ({feature_map.component} x {feature_map.weight_name}) has no trainable "
+                         "parameters: use weights='learnable' or 'fastfood_learnable', or component='hedgehog'")
+    opt = torch.optim.Adam(params, lr=float(lr))
+    curve = []
+    for step in range(steps):
+        i = step % len(qs)
+        value = attention_distillation_loss(feature_map, qs[i], ks[i], vs[i], scale=scale, causal=causal,
+                                            key_padding_mask=masks[i], loss=loss, chunk_size=chunk_size)
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        curve.append(float(value.detach()))
+    opt.zero_grad(set_to_none=True)
+    return curve
+
+
+# ----------------------------------------------------------------------------------------------------
+# Attention transfer: every SpectraAttention of a model fitted to its own softmax attention
+# ----------------------------------------------------------------------------------------------------
+
+def _spectra_layers(model: nn.Module) -> list:
+    from .modules import SpectraAttention
+
+    return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, SpectraAttention)]
+
+
+def _layer_qkv(layer, x):
+    """q, k, v ``[B, T, H, Dh]`` of a SpectraAttention for its input x ``[B, T, E]`` (its own projection)."""
+    B, T, _ = x.shape
+    return layer.qkv(x).view(B, T, 3, layer.num_heads, layer.head_dim).unbind(2)
+
+
+@torch.no_grad()
+def record_attention_inputs(model: nn.Module, batches, *, teacher: bool = True) -> dict:
+    """Run ``model`` on every batch and record each SpectraAttention's q, k (and key padding mask).
+
+    ``batches``: an iterable of model inputs (a tensor, a tuple of positional arguments or a dict of
+    keyword arguments). With ``teacher=True`` every SpectraAttention computes exact softmax attention
+    during the recording (the model it was converted from), so each layer sees the hidden states of the
+    softmax model, as in attention transfer; with ``teacher=False`` the model runs as it is.
+    Returns ``{layer name: [(q, k, key_padding_mask), ...]}``.
+    """
+    from .reference import exact_attention
+
+    layers = _spectra_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} holds no SpectraAttention layer to distill")
+    records = {name: [] for name, _ in layers}
+    handles = []
+
+    def make_hook(name):
+        def hook(layer, args, kwargs, out):
+            x = args[0] if args else kwargs["x"]
+            mask = args[1] if len(args) > 1 else kwargs.get("key_padding_mask")
+            q, k, v = _layer_qkv(layer, x)
+            records[name].append((q.detach(), k.detach(), mask))
+            if teacher:
+                if (len(args) > 3 and args[3]) or kwargs.get("output_final_state"):
+                    raise ValueError("distill records a model run without output_final_state")
+                o = exact_attention(q, k, v, kernel=layer.feature_map.kernel, causal=layer.causal,
+                                    key_padding_mask=mask).to(v.dtype)
+                return layer.out_proj(o.reshape(x.shape))
+            return None
+        return hook
+
+    backends = {name: layer.backend for name, layer in layers}
+    try:
+        for name, layer in layers:
+            handles.append(layer.register_forward_hook(make_hook(name), with_kwargs=True))
+            if teacher:                  # its random-feature output is replaced: the plain reference suffices
+                layer.backend = "reference"
+        for batch in batches:
+            if isinstance(batch, dict):
+                model(**batch)
+            elif isinstance(batch, (tuple, list)):
+                model(*batch)
+            else:
+                model(batch)
+    finally:
+        for h in handles:
+            h.remove()
+        for name, layer in layers:
+            layer.backend = backends[name]
+    return records
+
+
+def distill(model: nn.Module, batches, *, steps: int = 200, lr: float = 1e-2, joint: bool = False,
+            teacher: bool = True, loss: str = "kl", chunk_size: int = 64) -> dict:
+    """Attention transfer: fit every SpectraAttention's feature map to that layer's softmax attention.
+
+    The q, k of each layer are recorded once on ``batches`` (see ``record_attention_inputs``; with
+    ``teacher=True`` from the softmax model the layers were converted from). Only the feature maps'
+    trainable parameters move; every other parameter of the model is left as it is, without gradients.
+    ``joint=False`` fits the layers one after another (``steps`` Adam steps each); ``joint=True`` takes
+    ``steps`` steps of one optimizer on the sum of the layers' losses. Batches are used in turn.
+
+    Returns ``{layer name: loss curve}`` (the per-layer loss before each step).
+    """
+    _check_steps_lr(steps, lr)
+    layers = dict(_spectra_layers(model))
+    records = record_attention_inputs(model, batches, teacher=teacher)
+    if not any(records.values()):
+        raise ValueError("batches is empty: nothing to distill on")
+    missing = [name for name, layer in layers.items() if not trainable_parameters(layer.feature_map)]
+    if missing:
+        raise ValueError(f"layers {missing} have no trainable feature-map parameters: build them with "
+                         "weights='learnable' or 'fastfood_learnable', or component='hedgehog'")
+
+    def layer_loss(name, i):
+        layer = layers[name]
+        q, k, mask = records[name][i % len(records[name])]
+        return attention_distillation_loss(layer.feature_map, q, k, causal=layer.causal, key_padding_mask=mask,
+                                           loss=loss, chunk_size=chunk_size)
+
+    if not joint:
+        curves = {}
+        for name, layer in layers.items():
+            recs = records[name]
+            curves[name] = fit_feature_map(layer.feature_map, [r[0] for r in recs], [r[1] for r in recs],
+                                           steps=steps, lr=lr, causal=layer.causal,
+                                           key_padding_mask=[r[2] for r in recs], loss=loss, chunk_size=chunk_size)
+        return curves
+    params = [p for layer in layers.values() for p in trainable_parameters(layer.feature_map)]
+    opt = torch.optim.Adam(params, lr=float(lr))
+    curves = {name: [] for name in layers}
+    for step in range(steps):
+        values = {name: layer_loss(name, step) for name in layers}
+        opt.zero_grad(set_to_none=True)
+        sum(values.values()).backward()
+        opt.step()
+        for name, value in values.items():
+            curves[name].append(float(value.detach()))
+    opt.zero_grad(set_to_none=True)
+    return curves
+
+
+__all__ = ["LOSSES", "attention_distillation_loss", "fit_feature_map", "distill", "record_attention_inputs",
+           "trainable_parameters"]

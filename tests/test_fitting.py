@@ -1,0 +1,231 @@
+"""Fitting feature maps to softmax attention: the loss against the reference, its chunk bound, where its
+gradients go, the hedgehog component's routing, and fits that beat uniform attention on held-out data."""
+import math
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from helpers import assert_close
+import spectraformer_fused as sf
+from spectraformer_fused import (RandomFeatureMap, SpectraAttention, attention_distillation_loss, distill,
+                                 exact_attention, fit_feature_map, rf_attention)
+from spectraformer_fused.reference import exact_logits
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tensors here are tiny: one thread avoids OpenMP barrier stalls on a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def structured_qkv(seed, B=2, T=48, H=1, D=16, rank=3, s=1.6, noise=0.1, dtype=torch.float32):
+    """q, k near a fixed rank-``rank`` subspace per head (as in trained models): peaked attention."""
+    basis = torch.linalg.qr(torch.randn(H, D, rank, generator=torch.Generator().manual_seed(7)))[0]
+    g = torch.Generator().manual_seed(seed)
+
+    def one():
+        z = torch.randn(B, T, H, rank, generator=g) * math.sqrt(D / rank) * s
+        return torch.einsum("bthr,hdr->bthd", z, basis) + noise * torch.randn(B, T, H, D, generator=g)
+
+    q, k = one(), one()
+    return q.to(dtype), k.to(dtype), torch.randn(B, T, H, D, generator=g).to(dtype)
+
+
+def rel_err(o, ref, v):
+    return float((o.double() - ref.double()).norm() / v.double().norm())
+
+
+def masks_for(case, B, T):
+    if case != "mask":
+        return None
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, T - 5:] = False
+    mask[1, :3] = False
+    return mask
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "mask"])
+@pytest.mark.parametrize("component", ["posrf", "hyprf", "trigrf", "hedgehog"])
+def test_mse_loss_equals_reference_attention(component, case):
+    """loss='mse' is the mean squared difference of rf_attention (reference backend) and exact attention."""
+    B, T, H, D = 2, 37, 2, 8
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, T, H, D, generator=gen, dtype=torch.float64) for _ in range(3))
+    fm = RandomFeatureMap(D, 12, component=component, weights="learnable", num_heads=H, seed=1).double()
+    causal, mask = case == "causal", masks_for(case, B, T)
+    got = attention_distillation_loss(fm, q, k, v, causal=causal, key_padding_mask=mask, loss="mse", chunk_size=8)
+    o = rf_attention(q, k, v, fm, causal=causal, key_padding_mask=mask, backend="reference")
+    ref = exact_attention(q, k, v, causal=causal, key_padding_mask=mask)
+    rows = torch.ones(B, T, dtype=torch.bool) if mask is None else mask        # padded queries left out
+    want = (o - ref).pow(2).mean(-1)[rows].mean()
+    assert_close(got, want, torch.float64, name="mse loss")
+
+
+@pytest.mark.parametrize("case", ["plain", "causal", "mask"])
+@pytest.mark.parametrize("component", ["posrf", "hyprf", "hedgehog"])
+def test_kl_loss_equals_full_matrix_kl(component, case):
+    """loss='kl' and its gradient (through the chunk recomputation) equal KL(p || q) computed from the full
+    T x T matrices (exact and random-feature)."""
+    B, T, H, D = 2, 29, 2, 8
+    gen = torch.Generator().manual_seed(1)
+    q, k = (torch.randn(B, T, H, D, generator=gen, dtype=torch.float64) * 1.5 for _ in range(2))
+    fm = RandomFeatureMap(D, 10, component=component, weights="learnable", num_heads=H, seed=2).double()
+    causal, mask = case == "causal", masks_for(case, B, T)
+    got = attention_distillation_loss(fm, q, k, causal=causal, key_padding_mask=mask, chunk_size=7)
+    vis = torch.ones(B, 1, T, T, dtype=torch.bool)
+    if causal:
+        vis = vis & torch.ones(T, T, dtype=torch.bool).tril()
+    if mask is not None:
+        vis = vis & mask[:, None, None, :] & mask[:, None, :, None]
+    kern = fm.kernel_estimate(q, k).masked_fill(~vis, 0.0)                  # [B, H, T, T]
+    qrow = kern / kern.sum(-1, keepdim=True)
+    logp = torch.log_softmax(exact_logits(q, k).masked_fill(~vis, float("-inf")), -1)
+    p = logp.exp()
+    terms = torch.where(p > 0, p * (logp - torch.log(qrow)), torch.zeros_like(p)).sum(-1)
+    rows = vis.expand(B, H, T, T).any(-1)
+    want = terms[rows].mean()
+    assert_close(got, want, torch.float64, name="kl loss")
+    params = [p for p in fm.parameters() if p.requires_grad]
+    for g_got, g_want, p in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params), params):
+        assert_close(g_got, g_want, torch.float64, name=f"gradient of {tuple(p.shape)}")
+
+
+class _LargestOutput(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an aten op returns (forward and backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_loss_never_forms_a_T_by_T_block(causal):
+    B, T, H, D, m, chunk = 1, 128, 2, 8, 8, 16                           # F = 2m = chunk
+    q, k, v = structured_qkv(0, B=B, T=T, H=H, D=D)
+    mask = torch.ones(B, T, dtype=torch.bool)
+    mask[0, -3:] = False
+    bound = B * H * max(chunk * T, T * 2 * m, T * D)                     # one chunk's block, the key features
+    assert bound * 4 <= B * H * T * T
+    with _LargestOutput() as probe:                                      # the probe itself sees a T x T block
+        exact_attention(q, k, v, causal=causal)
+    assert probe.largest >= B * H * T * T
+    fm = RandomFeatureMap(D, m, component="hyprf", weights="fastfood_learnable", num_heads=H, seed=0)
+    for loss in ("kl", "mse"):
+        with _LargestOutput() as probe:
+            value = attention_distillation_loss(fm, q, k, v, causal=causal, key_padding_mask=mask, loss=loss,
+                                                chunk_size=chunk)
+            value.backward()
+        assert probe.largest <= bound, f"{loss}: a tensor of {probe.largest} elements (bound {bound})"
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fm.parameters())
+
+
+def test_gradients_flow_only_into_learnable_parameters():
+    B, T, H, D = 2, 20, 2, 8
+    q, k, _ = structured_qkv(3, B=B, T=T, H=H, D=D)
+    q0, k0 = q.clone(), k.clone()
+    q.requires_grad_(True)
+    k.requires_grad_(True)
+    for component, weights, learnable in [("hedgehog", "fastfood_learnable", {"log_weight", "weights.B", "weights.G",
+                                                                               "weights.S"}),
+                                          ("oprf", "learnable", {"weights.weight"})]:
+        fm = RandomFeatureMap(D, 12, component=component, weights=weights, num_heads=H, seed=0)
+        buffers = {name: b.clone() for name, b in fm.named_buffers()}
+        attention_distillation_loss(fm, q, k, causal=True).backward()
+        assert {name for name, p in fm.named_parameters() if p.grad is not None} == learnable
+        assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in fm.parameters())
+        assert all(not b.requires_grad and b.grad is None for b in fm.buffers())
+        for name, b in fm.named_buffers():                      # running statistics are not touched
+            assert torch.equal(b, buffers[name]), name
+    assert q.grad is None and k.grad is None
+    assert torch.equal(q.detach(), q0) and torch.equal(k.detach(), k0)
+
+
+@pytest.mark.parametrize("component,weights", [("hyprf", "learnable"), ("hedgehog", "learnable")])
+def test_fit_on_one_batch_beats_uniform_on_a_held_out_batch(component, weights):
+    """Peaked attention on structured q, k: random features do about as well as uniform attention (0.8x to
+    1x of its error here); after a short fit on one batch the held-out error is clearly below both."""
+    torch.manual_seed(0)
+    q, k, _ = structured_qkv(10, s=1.0)
+    qh, kh, vh = structured_qkv(11, s=1.0)
+    ref = exact_attention(qh, kh, vh)
+    uniform = rel_err(vh.mean(1, keepdim=True).expand_as(vh), ref, vh)
+    fm = RandomFeatureMap(16, 32, component=component, weights=weights, seed=0)
+    with torch.no_grad():
+        before = rel_err(rf_attention(qh, kh, vh, fm, backend="reference"), ref, vh)
+    curve = fit_feature_map(fm, q, k, steps=60, lr=3e-2)
+    with torch.no_grad():
+        after = rel_err(rf_attention(qh, kh, vh, fm, backend="reference"), ref, vh)
+    assert len(curve) == 60 and curve[-1] < 0.5 * curve[0]
+    assert before > 0.75 * uniform, (before, uniform)             # random features: about uniform's error
+    assert after < 0.85 * uniform and after < 0.95 * before, (before, after, uniform)
+
+
+def test_hedgehog_routes_to_the_reference():
+    q, k, v = structured_qkv(4, T=12, H=2, D=8)
+    fm = RandomFeatureMap(8, 6, component="hedgehog", weights="learnable", num_heads=2, seed=0)
+    assert fm.feature_dim == 12 and fm.component in sf.LEARNED_COMPONENTS and fm.component not in sf.COMPONENTS
+    for backend in ("triton", "cpu"):
+        with pytest.raises(ValueError, match="per key"):
+            rf_attention(q, k, v, fm, backend=backend)
+    for causal in (False, True):
+        assert_close(rf_attention(q, k, v, fm, causal=causal),
+                     rf_attention(q, k, v, fm, causal=causal, backend="reference"), torch.float32, name="auto")
+
+
+def test_distill_fits_every_layer_and_freezes_the_rest():
+    torch.manual_seed(0)
+    E, H = 32, 2
+    model = torch.nn.Sequential(
+        SpectraAttention(E, H, num_features=16, component="hyprf", weights="learnable", causal=True, seed=0),
+        torch.nn.GELU(),
+        SpectraAttention(E, H, num_features=16, component="hedgehog", weights="fastfood_learnable", seed=1))
+    with torch.no_grad():                          # peaked attention: larger query/key projections
+        for layer in (model[0], model[2]):
+            layer.qkv.weight[:2 * E] *= 4.0
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if ".feature_map." not in n}
+    fitted = {n: p.detach().clone() for n, p in model.named_parameters() if ".feature_map." in n}
+    batches = [torch.randn(2, 24, E) for _ in range(2)]
+    for joint in (False, True):
+        curves = distill(model, batches, steps=15, lr=2e-2, joint=joint)
+        assert set(curves) == {"0", "2"}
+        for name, curve in curves.items():
+            assert len(curve) == 15 and curve[-1] < curve[0], (joint, name, curve)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]) and p.grad is None, n
+        else:
+            assert not torch.equal(p, fitted[n]), n
+
+
+def test_bad_inputs():
+    q, k, v = structured_qkv(5, T=8, D=8)
+    fm = RandomFeatureMap(8, 6, component="hyprf", weights="learnable", seed=0)
+    with pytest.raises(ValueError, match="unknown loss"):
+        attention_distillation_loss(fm, q, k, loss="l2")
+    with pytest.raises(ValueError, match="needs v"):
+        attention_distillation_loss(fm, q, k, loss="mse")
+    with pytest.raises(ValueError, match="chunk_size"):
+        attention_distillation_loss(fm, q, k, chunk_size=0)
+    with pytest.raises(ValueError, match="positive features"):
+        attention_distillation_loss(RandomFeatureMap(8, 6, component="trigrf", seed=0), q, k)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        fit_feature_map(RandomFeatureMap(8, 6, weights="orf", seed=0), q, k, steps=1)
+    with pytest.raises(ValueError, match="same positive number of batches"):
+        fit_feature_map(fm, [q, q], [k], steps=1)
+    with pytest.raises(ValueError, match="steps"):
+        fit_feature_map(fm, q, k, steps=-1)
+    with pytest.raises(TypeError, match="key_padding_mask"):
+        attention_distillation_loss(fm, q, k, key_padding_mask=torch.ones(2, 8))
+    with pytest.raises(ValueError, match="no SpectraAttention"):
+        distill(torch.nn.Linear(4, 4), [torch.randn(1, 4)], steps=1)
