@@ -114,21 +114,32 @@ def performer_factory():
     return make
 
 
-def hf_decode_loop(steps: int, qs, ks, vs):
-    """The decode step through the HuggingFace attention path, or a string saying why it is not timed.
+def hf_decode_loop(steps: int, qs, ks, vs, fm, warm):
+    """The decode step through the HuggingFace path, or a string saying why it is not timed.
 
-    The integration (``spectraformer_fused.integrations.transformers``) is optional: without it, or
-    without ``transformers``, the row is skipped and the table says so. It is timed when the module
-    offers ``bench_decode_loop(steps, qs, ks, vs)`` returning a zero-argument callable that runs the
-    ``steps`` tokens (q, k, v ``[steps, B, 1, H, D]``) through its registered attention function."""
+    Times what a converted transformers model runs per layer and token between its projections: the
+    ``RFCache`` update and the registered ``"spectraformer"`` attention function (``[B, H, 1, D]``
+    inputs, the layer's state read and written in the cache). Skipped, and named in the table, when
+    transformers is not installed."""
     try:
         from spectraformer_fused.integrations import transformers as hf
-    except Exception as exc:  # not installed / not built: skipped, named in the table
+    except Exception as exc:  # transformers missing or too old: skipped, named in the table
         return f"HF attention path: not available ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-    make = getattr(hf, "bench_decode_loop", None)
-    if make is None:
-        return "HF attention path: spectraformer_fused.integrations.transformers has no bench_decode_loop; not timed"
-    return make(steps, qs, ks, vs)
+    module = torch.nn.Module()
+    setattr(module, hf.FEATURE_MAP_ATTR, fm)
+    module.is_causal = True
+    qh, kh, vh = (t.transpose(2, 3) for t in (qs, ks, vs))                 # [steps, B, H, 1, D]
+    scaling = D ** -0.5
+
+    def loop():
+        cache = hf.RFCache()
+        for i in range(steps):
+            key, value = cache.update(kh[i], vh[i], 0)
+            if i == 0:
+                cache.layers[0].state = warm                                # the prompt's state, as the others
+            hf.spectraformer_attention_forward(module, qh[i], key, value, None, scaling=scaling)
+
+    return loop
 
 
 def decode_rows(reps: int, mm_peak: float, verdicts: list, notes: list) -> list:
@@ -168,7 +179,7 @@ def decode_rows(reps: int, mm_peak: float, verdicts: list, notes: list) -> list:
             decode_step(qs[i][:, 0], ks[i][:, 0], vs[i][:, 0], p, S, z, m)
 
     fns = {"rf_attention (public call)": public_loop, "SpectraAttention (with qkv/out projections)": module_loop}
-    hf = hf_decode_loop(steps, qs, ks, vs)
+    hf = hf_decode_loop(steps, qs, ks, vs, fm, warm)
     if isinstance(hf, str):
         print(hf)
         notes.append(hf)
