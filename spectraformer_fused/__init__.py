@@ -2,6 +2,7 @@
 Spectraformer framework."""
 from .attention import BACKENDS, available_backends, rf_attention
 from .components import COMPONENTS, KERNELS
+from .distributed import context_parallel_rf_attention, convert_sync_stats
 from .feature_map import FeatureParams, RandomFeatureMap
 from .modules import SpectraAttention
 from .reference import exact_attention, exact_kernel
@@ -13,4 +14,5 @@ __version__ = "0.1.0"
 __all__ = [
     "COMPONENTS", "WEIGHTS", "LEARNABLE_WEIGHTS", "KERNELS", "BACKENDS", "RandomFeatureMap", "FeatureParams",
     "RFState", "SpectraAttention", "available_backends", "rf_attention", "exact_attention", "exact_kernel",
+    "context_parallel_rf_attention", "convert_sync_stats",
 ]
