@@ -42,17 +42,14 @@ import torch.distributed as dist
 from torch import nn
 
 from .attention import _resolve_backend
-from .components import Moments, feature_logits
-from .feature_map import FeatureParams, RandomFeatureMap
+from .components import Moments
+from .feature_map import RandomFeatureMap
 from .reference import reference_attention
 from .state import RFState, empty_state, safe_log_scale
 from .validation import check_attention_inputs, resolve_scale
 
 __all__ = ["context_parallel_rf_attention", "convert_sync_stats", "RunningStatsAllReduce", "CommunicationLog",
            "run_local"]
-
-_STATE_CHUNK = 1024  # keys per step when a rank builds the state of its slice: O(chunk F) extra memory
-
 
 # ----------------------------------------------------------------------------------------------------
 # Counting what is communicated
@@ -133,35 +130,6 @@ class _AllGather(torch.autograd.Function):
 # States: the state of one slice of keys, and the exact combination of several
 # ----------------------------------------------------------------------------------------------------
 
-def _slice_state(k: torch.Tensor, v: torch.Tensor, p: FeatureParams, key_padding_mask) -> RFState:
-    """The state after the keys ``k [B, T, H, D]`` and values ``v`` of one slice, from an empty state, in
-    fp32 (fp64 for fp64 inputs); differentiable in k, v, W and bias. Walks the keys in chunks with a
-    running maximum, as the reference does."""
-    B, T, H, _ = k.shape
-    Dv = v.shape[-1]
-    cdt = p.W.dtype
-    root = math.sqrt(p.scale)
-    y = (k.to(cdt) * root).transpose(1, 2)                              # [B, H, T, D]
-    vv = v.to(cdt).transpose(1, 2)                                      # [B, H, T, Dv]
-    S, z, m = empty_state(B, H, p.feature_dim, Dv, dtype=cdt, device=k.device)
-    for lo in range(0, T, _STATE_CHUNK):
-        hi = min(lo + _STATE_CHUNK, T)
-        ek, mk = feature_logits(y[:, :, lo:hi], p.W, p.bias, p.freq, p.psi, kind=p.kind, c_t=p.c_t, c_o=p.c_o,
-                                query=False)
-        if key_padding_mask is not None:
-            ek = ek.masked_fill(~key_padding_mask[:, None, lo:hi, None], float("-inf"))
-        m_new = torch.maximum(m, ek.detach().amax(dim=(-1, -2)))        # [B, H]
-        shift = safe_log_scale(m_new)
-        alpha = torch.exp(m - shift)                                   # 0 while the state is empty
-        phik = torch.exp(ek - shift[:, :, None, None])                  # [B, H, c, F]
-        if mk is not None:
-            phik = phik * mk
-        S = S * alpha[..., None, None] + phik.transpose(-1, -2) @ vv[:, :, lo:hi]
-        z = z * alpha[..., None] + phik.sum(-2)
-        m = m_new
-    return RFState(S, z, m)
-
-
 def _combine(S: torch.Tensor, z: torch.Tensor, m: torch.Tensor, take: torch.Tensor) -> RFState:
     """The state of the keys of every piece ``i`` with ``take[i]``: ``sum_i S_i exp(m_i - m_new)`` (and z)
     with ``m_new = max_i m_i``. ``S [n, B, H, F, Dv]``, ``z [n, B, H, F]``, ``m [n, B, H]`` (detached);
@@ -233,8 +201,12 @@ def context_parallel_rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     Communication per rank and call: one all-gather of the slice states, ``B H (F Dv + F + 1)`` numbers
     in fp32 (fp64 for fp64 inputs) whatever the length, i.e. ``(w - 1) B H (F Dv + F + 1)`` numbers sent
     and received per rank for ``w`` ranks; OPRF and SADERF (non-causal, or causal in training) add one
-    all-reduce of ``B H (4 D + 1)`` numbers. The backward sends the same again. ``CommunicationLog``
-    counts it.
+    all-reduce of ``4 B H D + B`` numbers. The backward all-reduces the gradients of the gathered states
+    (``w`` times the state; gloo has no reduce-scatter): ``2 (w - 1)`` states sent per rank.
+    ``CommunicationLog`` counts it all.
+
+    Work per rank: the keys of its slice are walked twice, once for its state (a non-causal pass of the
+    backend) and once in the attention that starts from the combined state.
 
     Args:
         q, k, v, feature_map, scale, key_padding_mask, backend: as for ``rf_attention``, for this rank's
@@ -272,8 +244,17 @@ def context_parallel_rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     cdt = p.W.dtype
     F = p.feature_dim
 
-    local = _slice_state(k, v, p, key_padding_mask)
+    if name == "reference":
+        fn = reference_attention
+    elif name == "triton":
+        from .ops.triton_attention import triton_attention as fn
+    else:
+        from .ops.cpu import cpu_attention as fn
     base = empty_state(B, H, F, Dv, dtype=cdt, device=q.device)
+    local = base
+    if T > 0:      # the state of this slice's keys: the final state of a non-causal pass (its output unused)
+        _, local = fn(q, k, v, p, causal=False, key_padding_mask=key_padding_mask, output_final_state=True)
+        local = RFState(*(t.to(cdt) for t in local))
     if rank == 0 and state0 is not None:
         base = RFState(*(t.to(cdt) for t in state0))
         pair = [torch.stack(t) for t in zip(base, local)]
@@ -288,13 +269,6 @@ def context_parallel_rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     ranks = torch.arange(world, device=q.device)
     take = (ranks < rank) if causal else (ranks != rank)
     start = _combine(S, z, m, torch.cat([take.new_ones(1), take]))
-
-    if name == "reference":
-        fn = reference_attention
-    elif name == "triton":
-        from .ops.triton_attention import triton_attention as fn
-    else:
-        from .ops.cpu import cpu_attention as fn
     if T == 0:
         # An empty slice: its output still hangs on the gathered states, so this rank joins the backward's
         # collective like the others.
