@@ -2,6 +2,7 @@
 Spectraformer framework."""
 from .attention import BACKENDS, available_backends, rf_attention
 from .components import COMPONENTS, KERNELS, LEARNED_COMPONENTS
+from .distributed import context_parallel_rf_attention, convert_sync_stats
 from .feature_map import FeatureParams, RandomFeatureMap
 from .fitting import attention_distillation_loss, distill, fit_feature_map
 from .modules import SpectraAttention
@@ -15,4 +16,5 @@ __all__ = [
     "COMPONENTS", "WEIGHTS", "LEARNABLE_WEIGHTS", "KERNELS", "BACKENDS", "RandomFeatureMap", "FeatureParams",
     "RFState", "SpectraAttention", "available_backends", "rf_attention", "exact_attention", "exact_kernel",
     "LEARNED_COMPONENTS", "attention_distillation_loss", "fit_feature_map", "distill",
+    "context_parallel_rf_attention", "convert_sync_stats",
 ]

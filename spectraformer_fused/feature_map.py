@@ -51,6 +51,18 @@ class FeatureParams:
         return self.kind != TRIG
 
 
+def _shared_seed() -> int | None:
+    """A seed drawn on rank 0 and broadcast when a torch.distributed process group is initialised, else
+    None (the weights then draw their own from torch's global generator)."""
+    dist = torch.distributed
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64).to(device)
+    dist.broadcast(seed, src=0)
+    return int(seed.item())
+
+
 def _default_num_features(head_dim: int) -> int:
     # Performer's choice m = d log d, at least 16.
     return max(16, int(round(head_dim * math.log(max(head_dim, 2)))))
@@ -87,6 +99,10 @@ class RandomFeatureMap(nn.Module):
     in training mode every call updates them after its forward, like BatchNorm, and they are saved in
     the state_dict. A* and Psi are constants for differentiation.
     """
+
+    # Data parallel: a callable (batch means, local batch size) -> means over every rank's batch, set by
+    # ``distributed.convert_sync_stats``; None keeps the statistics of the local batch.
+    stats_sync = None
 
     def __init__(self, head_dim: int, num_features: int | None = None, *, component: str = "posrf",
                  weights: str = "orf", kernel: str = "softmax", num_heads: int = 1, seed: int | None = None,
@@ -154,8 +170,11 @@ class RandomFeatureMap(nn.Module):
 
     @torch.no_grad()
     def redraw(self, seed: int | None = None) -> None:
-        """Resample W in place (learnable weights and a learned component's log-weights are re-initialised)."""
-        self.weights.redraw(seed)
+        """Resample W in place (learnable weights and a learned component's log-weights are re-initialised).
+
+        Under an initialised ``torch.distributed`` process group, ``seed=None`` takes a seed drawn on rank 0
+        and broadcast, so every rank draws the same W (a collective: every rank must call it)."""
+        self.weights.redraw(_shared_seed() if seed is None else seed)
         if self.spec.learned:
             self.log_weight.zero_()
 
@@ -174,8 +193,12 @@ class RandomFeatureMap(nn.Module):
         n = self.num_batches_tracked.float() + 1.0
         rate = 1.0 / n if self.stats_momentum is None else torch.full_like(n, self.stats_momentum)
         rate = torch.where(first, torch.ones_like(rate), rate)
-        for buf, new in zip(self.running_moments().tensors(), m.tensors()):
-            buf.lerp_(reduce(new, buf), rate.to(buf.dtype))
+        bufs = self.running_moments().tensors()
+        new = [reduce(t, buf) for buf, t in zip(bufs, m.tensors())]
+        if self.stats_sync is not None:                   # data parallel: the means of the global batch
+            new = self.stats_sync(new, m.mean_x.shape[0])
+        for buf, t in zip(bufs, new):
+            buf.lerp_(t, rate.to(buf.dtype))
         self.num_batches_tracked.add_(1)
 
     # -- resolving the parameters of one call ----------------------------------------------------
@@ -246,14 +269,17 @@ class RandomFeatureMap(nn.Module):
         return bias.contiguous(), freq
 
     def feature_params(self, q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bool,
-                       key_padding_mask: torch.Tensor | None = None, update_stats: bool | None = None) -> FeatureParams:
+                       key_padding_mask: torch.Tensor | None = None, update_stats: bool | None = None,
+                       moments: Moments | None = None) -> FeatureParams:
         """Resolve W, bias, freq and psi for queries ``q [B, T, H, D]`` and keys ``k [B, T, H_kv, D]``.
 
         The parameters are per key/value head (``[H_kv, ...]``): the H / H_kv query heads of a group share
         them. OPRF/SADERF statistics of a (batch, key/value head) pool the keys of that head and the
         queries of every query head of its group. fp32 parameters (fp64 for fp64 inputs). In training
         mode (or when ``update_stats`` is True) OPRF/SADERF's running statistics are updated from this
-        batch after the parameters were computed.
+        batch after the parameters were computed. ``moments`` replaces the sequence moments of q and k
+        ``[B, H_kv, D]`` (context parallelism passes those of the whole sequence, reduced over the ranks
+        that hold its pieces).
         """
         B, _, H, D = q.shape
         Hk = k.shape[2]
@@ -266,14 +292,15 @@ class RandomFeatureMap(nn.Module):
         if spec.data_dependent:
             root = math.sqrt(scale)
             x, y = q.detach().to(cdt) * root, k.detach().to(cdt) * root
-            if H == Hk:
-                moments = sequence_moments(x, y, key_padding_mask)
-            else:   # the queries of a group count together: moments over time, then over the group
-                mx = sequence_moments(x, x, key_padding_mask)
-                my = sequence_moments(y, y, key_padding_mask)
-                G = H // Hk
-                moments = Moments(mx.mean_x.unflatten(1, (Hk, G)).mean(2), mx.sq_x.unflatten(1, (Hk, G)).mean(2),
-                                  my.mean_y, my.sq_y)
+            if moments is None:
+                if H == Hk:
+                    moments = sequence_moments(x, y, key_padding_mask)
+                else:   # the queries of a group count together: moments over time, then over the group
+                    mx = sequence_moments(x, x, key_padding_mask)
+                    my = sequence_moments(y, y, key_padding_mask)
+                    G = H // Hk
+                    moments = Moments(mx.mean_x.unflatten(1, (Hk, G)).mean(2), mx.sq_x.unflatten(1, (Hk, G)).mean(2),
+                                      my.mean_y, my.sq_y)
             src = self.running_moments() if causal else moments
             src = Moments(*(t.to(device=device, dtype=cdt) for t in src.tensors()))
             if spec.uses_psi:

@@ -1,0 +1,395 @@
+"""Random-feature attention across processes (``torch.distributed``): context parallelism by state
+passing, and the pieces data-parallel training needs to keep replicas identical.
+
+Context parallelism. Random-feature attention carries everything it knows about a prefix of keys in the
+state ``(S [B, H, F, Dv], z [B, H, F], log_scale [B, H])``, whose size does not depend on the length of
+the prefix. When the ranks of a group hold contiguous pieces of one sequence (rank order = sequence
+order), each rank computes the state of its own keys, the states are all-gathered (one collective of
+``B H (F Dv + F + 1)`` numbers per rank), and each rank combines exactly
+
+    causal:      the states of the ranks before it   (its queries see every earlier key)
+    non-causal:  the states of every other rank      (its queries see every key)
+
+by rescaling each to the largest stabiliser (``S_i exp(m_i - max_j m_j)``, as the state of one process
+is rescaled when its running maximum grows). That combined state is the ``initial_state`` of the local
+attention, computed by the usual backends. Ring attention would move all of K and V instead.
+
+OPRF and SADERF take their parameters from statistics of the sequence (non-causal) or update running
+statistics from it (training): their per-(batch, head) moments are all-reduced over the group first
+(masked sums and counts), so every rank uses the moments of the whole sequence, as one process would.
+
+Gradients flow through the collectives (the adjoint of the all-gather is a reduce over ranks), so
+``backward`` is a collective too: every rank of the group must run it. Each rank's gradients of its q, k,
+v slices equal the single-process gradients of those slices; a parameter used on every rank (a learnable
+W, the q/k/v projections) gets on each rank the part of its gradient that flows through that rank's
+computation, and the sum over ranks is the single-process gradient. DistributedDataParallel averages
+gradients over its ranks, i.e. it gives that sum divided by the world size: the gradient of the mean of
+the per-rank losses, as for any loss split across ranks.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import multiprocessing
+import os
+import pickle
+import tempfile
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .attention import _resolve_backend
+from .components import Moments
+from .feature_map import RandomFeatureMap
+from .reference import reference_attention
+from .state import RFState, empty_state, safe_log_scale
+from .validation import check_attention_inputs, resolve_scale
+
+__all__ = ["context_parallel_rf_attention", "convert_sync_stats", "RunningStatsAllReduce", "CommunicationLog",
+           "run_local"]
+
+# ----------------------------------------------------------------------------------------------------
+# Counting what is communicated
+# ----------------------------------------------------------------------------------------------------
+
+class CommunicationLog:
+    """Counts the collectives of this module on this rank while active (``with CommunicationLog() as log``).
+
+    ``records`` holds ``(op, payload_bytes, sent_bytes)`` per collective, forward and backward alike.
+    ``payload_bytes`` is the size of the tensor this rank hands to the collective; ``sent_bytes`` is what
+    a ring algorithm sends from this rank: ``(w - 1) * payload`` for an all-gather (every other rank needs
+    this rank's piece) and ``2 (w - 1) / w * payload`` for an all-reduce, with ``w`` the group size.
+    """
+
+    _active: list["CommunicationLog"] = []
+
+    def __init__(self):
+        self.records: list[tuple[str, int, int]] = []
+
+    def __enter__(self) -> "CommunicationLog":
+        CommunicationLog._active.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        CommunicationLog._active.remove(self)
+
+    @property
+    def sent_bytes(self) -> int:
+        return sum(r[2] for r in self.records)
+
+    @property
+    def payload_bytes(self) -> int:
+        return sum(r[1] for r in self.records)
+
+    @classmethod
+    def _record(cls, op: str, t: torch.Tensor, group) -> None:
+        if not cls._active:
+            return
+        w = dist.get_world_size(group)
+        n = t.numel() * t.element_size()
+        sent = (w - 1) * n if op.startswith("all_gather") else int(round(2 * (w - 1) / w * n))
+        for log in cls._active:
+            log.records.append((op, n, sent))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Differentiable collectives (the group's members all run forward and backward)
+# ----------------------------------------------------------------------------------------------------
+
+def _all_reduce_sum(t: torch.Tensor, group, op: str) -> torch.Tensor:
+    t = t.contiguous().clone()
+    CommunicationLog._record(op, t, group)
+    dist.all_reduce(t, group=group)
+    return t
+
+
+class _AllGather(torch.autograd.Function):
+    """Stacks every rank's tensor: ``[w, *shape]``. Backward: this rank's gradient is the sum over ranks
+    of their gradients of its piece (an all-reduce of the stacked gradients, then its own row; gloo has
+    no reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        t = t.contiguous()
+        out = [torch.zeros_like(t) for _ in range(dist.get_world_size(group))]
+        CommunicationLog._record("all_gather", t, group)
+        dist.all_gather(out, t, group=group)
+        return torch.stack(out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = _all_reduce_sum(grad, ctx.group, "all_reduce (all_gather backward)")
+        return grad[dist.get_rank(ctx.group)], None
+
+
+# ----------------------------------------------------------------------------------------------------
+# States: the state of one slice of keys, and the exact combination of several
+# ----------------------------------------------------------------------------------------------------
+
+def _combine(S: torch.Tensor, z: torch.Tensor, m: torch.Tensor, take: torch.Tensor) -> RFState:
+    """The state of the keys of every piece ``i`` with ``take[i]``: ``sum_i S_i exp(m_i - m_new)`` (and z)
+    with ``m_new = max_i m_i``. ``S [n, B, H, F, Dv]``, ``z [n, B, H, F]``, ``m [n, B, H]`` (detached);
+    ``take [n]`` bool. Every piece stays in the autograd graph (with weight 0 when not taken), so that
+    every rank runs the backward of the collective that made them."""
+    m = m.detach()
+    neg_inf = torch.tensor(float("-inf"), dtype=m.dtype, device=m.device)
+    m_sel = torch.where(take[:, None, None], m, neg_inf)             # [n, B, H]
+    m_new = m_sel.amax(0)
+    alpha = torch.exp(m_sel - safe_log_scale(m_new))                 # 0 for a piece not taken or empty
+    return RFState((S * alpha[..., None, None]).sum(0), (z * alpha[..., None]).sum(0), m_new)
+
+
+def _pack(state: RFState) -> torch.Tensor:
+    S, z, m = state
+    B, H = m.shape
+    return torch.cat([S.reshape(B, H, -1), z, m.detach()[..., None]], dim=-1)       # [B, H, F Dv + F + 1]
+
+
+def _unpack(packed: torch.Tensor, F: int, Dv: int) -> RFState:
+    lead = packed.shape[:-1]
+    S = packed[..., :F * Dv].reshape(*lead, F, Dv)
+    z = packed[..., F * Dv:F * Dv + F]
+    return RFState(S, z, packed[..., -1].detach())
+
+
+def _group_moments(q, k, scale: float, key_padding_mask, group) -> Moments:
+    """The per-(batch, head) moments of the scaled queries and keys of the WHOLE sequence ``[B, H, D]``:
+    masked sums and counts of every rank's slice, all-reduced. Constants for differentiation."""
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    root = math.sqrt(scale)
+    x, y = q.detach().to(cdt) * root, k.detach().to(cdt) * root       # [B, T, H, D]
+    B, T, H, D = x.shape
+    w = (torch.ones(B, T, dtype=cdt, device=q.device) if key_padding_mask is None
+         else key_padding_mask.to(cdt))[:, :, None, None]            # [B, T, 1, 1]
+    sums = torch.stack([(x * w).sum(1), (x * x * w).sum(1), (y * w).sum(1), (y * y * w).sum(1)])  # [4, B, H, D]
+    packed = _all_reduce_sum(torch.cat([sums.flatten(), w.flatten(1).sum(1)]), group, "all_reduce (moments)")
+    total = packed[-B:].clamp_min(1.0)[:, None, None]               # [B, 1, 1]: kept positions
+    return Moments(*(s / total for s in packed[:-B].view(4, B, H, D)))
+
+
+# ----------------------------------------------------------------------------------------------------
+# The public function
+# ----------------------------------------------------------------------------------------------------
+
+def _resolve_group(group):
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError("context_parallel_rf_attention needs an initialised torch.distributed process group "
+                           "(torch.distributed.init_process_group, or torchrun)")
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    if rank < 0:
+        raise ValueError("this process is not a member of the given process group")
+    return world, rank
+
+
+def context_parallel_rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: RandomFeatureMap,
+                                  *, group=None, causal: bool = True, scale: float | None = None,
+                                  key_padding_mask: torch.Tensor | None = None, initial_state=None,
+                                  output_final_state: bool = False, backend: str = "auto"):
+    """Random-feature attention of one sequence split across the ranks of ``group``.
+
+    Every rank passes its own contiguous slice ``q, k [B, T_r, H, D]``, ``v [B, T_r, H, Dv]`` (and
+    ``key_padding_mask [B, T_r]``), rank ``r`` of the group holding positions after those of rank
+    ``r - 1``; the slices may differ in length (even be empty). The result on each rank equals the
+    matching slice of ``rf_attention`` on the whole sequence, forward and backward (see the module
+    docstring for how gradients of shared parameters add up over ranks).
+
+    Communication per rank and call: one all-gather of the slice states, ``B H (F Dv + F + 1)`` numbers
+    in fp32 (fp64 for fp64 inputs) whatever the length, i.e. ``(w - 1) B H (F Dv + F + 1)`` numbers sent
+    and received per rank for ``w`` ranks; OPRF and SADERF (non-causal, or causal in training) add one
+    all-reduce of ``4 B H D + B`` numbers. The backward all-reduces the gradients of the gathered states
+    (``w`` times the state; gloo has no reduce-scatter): ``2 (w - 1)`` states sent per rank.
+    ``CommunicationLog`` counts it all.
+
+    Work per rank: the keys of its slice are walked twice, once for its state (a non-causal pass of the
+    backend) and once in the attention that starts from the combined state.
+
+    Args:
+        q, k, v, feature_map, scale, key_padding_mask, backend: as for ``rf_attention``, for this rank's
+            slice. The feature map must be the same on every rank (same W: build it with a seed, or call
+            ``redraw()`` under the process group; same running statistics).
+        group: the process group holding the sequence (default: the whole world).
+        causal: True (the default here) or False.
+        initial_state: the state before the first position of the sequence; read on the group's first
+            rank only (ignored elsewhere).
+        output_final_state: also return the state after the LAST position of the whole sequence, the
+            same on every rank (for decoding after a context-parallel prefill).
+
+    Returns:
+        o ``[B, T_r, H, Dv]``, or ``(o, RFState)`` when ``output_final_state``.
+
+    Every rank of the group must call it (and later run backward) together, with the same B, H, D, Dv,
+    dtype, causal flag and options, as for any collective.
+    """
+    if not isinstance(feature_map, RandomFeatureMap):
+        raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
+    world, rank = _resolve_group(group)
+    state0 = check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_map.feature_dim)
+    B, T, H, D = q.shape
+    Dv = v.shape[-1]
+    feature_map.check_input(D, H)
+    scale = resolve_scale(scale, D)
+    name = _resolve_backend(backend, q)
+    causal = bool(causal)
+
+    moments = None
+    if feature_map.spec.data_dependent and (not causal or feature_map.training):
+        moments = _group_moments(q, k, scale, key_padding_mask, group)
+    p = feature_map.feature_params(q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
+                                   moments=moments)
+    cdt = p.W.dtype
+    F = p.feature_dim
+
+    if name == "reference":
+        fn = reference_attention
+    elif name == "triton":
+        from .ops.triton_attention import triton_attention as fn
+    else:
+        from .ops.cpu import cpu_attention as fn
+    base = empty_state(B, H, F, Dv, dtype=cdt, device=q.device)
+    local = base
+    if T > 0:      # the state of this slice's keys: the final state of a non-causal pass (its output unused)
+        _, local = fn(q, k, v, p, causal=False, key_padding_mask=key_padding_mask, output_final_state=True)
+        local = RFState(*(t.to(cdt) for t in local))
+    if rank == 0 and state0 is not None:
+        base = RFState(*(t.to(cdt) for t in state0))
+        pair = [torch.stack(t) for t in zip(base, local)]
+        local = _combine(*pair, torch.ones(2, dtype=torch.bool, device=q.device))
+    packed = _pack(local)
+    if not packed.requires_grad and torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, p.W, p.bias, *(state0 or ()))):
+        packed.requires_grad_()      # an empty slice: its rank must still join the backward's collective
+    S, z, m = _unpack(_AllGather.apply(packed, group), F, Dv)         # [w, B, H, ...]
+    # Piece 0 is this rank's `base` (the initial state on rank 0, empty elsewhere); pieces 1..w the ranks'.
+    S, z, m = (torch.cat([b[None], t]) for b, t in zip(base, (S, z, m)))
+    ranks = torch.arange(world, device=q.device)
+    take = (ranks < rank) if causal else (ranks != rank)
+    start = _combine(S, z, m, torch.cat([take.new_ones(1), take]))
+    if T == 0:
+        # An empty slice: its output still hangs on the gathered states, so this rank joins the backward's
+        # collective like the others.
+        o = (start.S.sum() * 0).to(v.dtype).expand(B, 0, H, Dv)
+    else:
+        o, _ = fn(q, k, v, p, causal=causal, key_padding_mask=key_padding_mask, initial_state=start,
+                  output_final_state=False)
+    if not output_final_state:
+        return o
+    final = _combine(S, z, m, torch.cat([torch.zeros(1, dtype=torch.bool, device=q.device),
+                                         torch.ones(world, dtype=torch.bool, device=q.device)]))
+    return o, final
+
+
+# ----------------------------------------------------------------------------------------------------
+# Data parallel: running statistics over the global batch
+# ----------------------------------------------------------------------------------------------------
+
+class RunningStatsAllReduce:
+    """``RandomFeatureMap.stats_sync`` for data parallelism: turns the batch means of OPRF/SADERF's
+    moments into the means over the batches of every rank of ``group`` (weighted by batch size), with one
+    all-reduce of ``4 D num_heads + 1`` numbers per training call, so the running statistics are those of
+    the concatenated batch (as ``SyncBatchNorm`` does for batch norm). Without an initialised process
+    group it keeps the local means."""
+
+    def __init__(self, group=None):
+        self.group = group
+
+    def __call__(self, means: list[torch.Tensor], batch: int) -> list[torch.Tensor]:
+        if not (dist.is_available() and dist.is_initialized()):
+            return means
+        flat = torch.cat([t.reshape(-1) * batch for t in means] + [means[0].new_full((1,), float(batch))])
+        flat = _all_reduce_sum(flat, self.group, "all_reduce (running statistics)")
+        return [t.view_as(like) / flat[-1] for t, like in zip(flat[:-1].split([t.numel() for t in means]), means)]
+
+    def __deepcopy__(self, memo):  # a process group cannot be copied; a copied model shares it
+        return self
+
+
+def convert_sync_stats(module: nn.Module, process_group=None) -> nn.Module:
+    """Make every ``RandomFeatureMap`` in ``module`` (itself included) all-reduce the OPRF/SADERF running
+    statistics over ``process_group`` (default: the world) when it updates them in training. Returns
+    ``module``. Set a feature map's ``stats_sync = None`` to undo it.
+
+    Use it for data parallelism: with it the running statistics of every rank equal those one process
+    would gather from the concatenated batch, so causal OPRF/SADERF replicas keep identical parameters
+    (DistributedDataParallel's default ``broadcast_buffers`` would instead copy rank 0's, gathered from
+    rank 0's batch alone). Components without running statistics are left as they are."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    sync = RunningStatsAllReduce(process_group)
+    for mod in module.modules():
+        if isinstance(mod, RandomFeatureMap) and mod.spec.data_dependent:
+            mod.stats_sync = sync
+    return module
+
+
+# ----------------------------------------------------------------------------------------------------
+# Local launcher (tests, benchmarks, trying it out on one machine)
+# ----------------------------------------------------------------------------------------------------
+
+def _start_method() -> str:
+    """"forkserver" where there is one: a fresh server process imports torch once and forks the workers
+    from there (importing torch in every worker is most of the start-up time); "spawn" elsewhere. Either
+    way the workers do not inherit the caller's state. Only torch is preloaded: the server does not get the
+    caller's sys.path, so it must not import this package."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return "spawn"
+    multiprocessing.set_forkserver_preload(["torch", "torch.distributed"])
+    return "forkserver"
+
+
+def _local_worker(rank: int, fn, world_size: int, tmp: str, backend: str, timeout: float, args: tuple) -> None:
+    try:
+        dist.init_process_group(backend, init_method=f"file://{os.path.join(tmp, 'store')}", rank=rank,
+                                world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
+        try:
+            result = fn(rank, world_size, *args)
+        finally:
+            dist.destroy_process_group()
+        with open(os.path.join(tmp, f"result-{rank}"), "wb") as f:
+            pickle.dump(result, f)
+    except BaseException:
+        with open(os.path.join(tmp, f"error-{rank}"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def run_local(fn, world_size: int, *args, timeout: float = 300.0, backend: str = "gloo") -> list:
+    """Run ``fn(rank, world_size, *args)`` in ``world_size`` fresh local processes joined in a process
+    group of ``backend`` (the default group inside ``fn``), and return the list of their return values.
+
+    ``fn`` must be picklable (a module-level function). The processes meet through a file store in a
+    temporary directory, so no port has to be chosen; a collective that waits longer than ``timeout``
+    seconds raises, and all processes are joined (or killed after ``timeout``). If a process raises, this
+    raises ``RuntimeError`` with the tracebacks, the first failure first (the others are usually peers
+    that lost their connection to it)."""
+    import torch.multiprocessing as mp
+    from torch.multiprocessing.spawn import ProcessException
+
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size <= 0:
+        raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.start_processes(_local_worker, args=(fn, world_size, tmp, backend, timeout, args),
+                                 nprocs=world_size, join=False, start_method=_start_method())
+        deadline = time.monotonic() + timeout
+        try:
+            while not ctx.join(timeout=0.5):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"run_local: processes still running after {timeout} s")
+        except ProcessException:
+            errors = sorted((e for e in os.scandir(tmp) if e.name.startswith("error-")), key=lambda e: e.stat().st_mtime)
+            text = "\n".join(f"--- rank {e.name[6:]} ---\n{open(e.path).read()}" for e in errors)
+            raise RuntimeError(f"run_local: a process failed (first failure first):\n{text}") from None
+        finally:
+            for p in ctx.processes:
+                if p.is_alive():
+                    p.kill()
+                p.join(10)
+        results = []
+        for rank in range(world_size):
+            with open(os.path.join(tmp, f"result-{rank}"), "rb") as f:
+                results.append(pickle.load(f))
+        return results

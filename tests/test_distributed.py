@@ -1,0 +1,231 @@
+"""Context parallelism and data-parallel consistency, in real processes on the CPU (gloo backend).
+
+One spawn of 4 processes runs everything (starting processes is the slow part): the whole world is a
+context-parallel group of 4, and two groups of 2 ([0, 1] and [2, 3]) run the same cases at world size 2.
+Every case compares with ``rf_attention`` on the whole sequence in one process (fp64, reference
+backend): outputs, final states, running statistics, and the gradients of q, k, v, the initial state and
+the learnable weights (summed over ranks). ``run_local`` starts the processes: they meet through a file
+store in a temporary directory (no port to choose), collectives time out, the processes are always
+joined or killed, and a worker's exception fails the test with its traceback.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from helpers import assert_close
+import spectraformer_fused as sf
+from spectraformer_fused import RandomFeatureMap, RFState, rf_attention
+from spectraformer_fused.distributed import (
+    CommunicationLog,
+    RunningStatsAllReduce,
+    context_parallel_rf_attention,
+    convert_sync_stats,
+    run_local,
+)
+
+WORLD = 4
+TIMEOUT_S = 240
+B, H, D, DV, M = 2, 2, 8, 6, 8
+F64 = torch.float64
+_WEIGHTS = ("learnable", "fastfood_learnable", "orf")
+
+
+def _split(total_sizes, rank):
+    lo = sum(total_sizes[:rank])
+    return slice(lo, lo + total_sizes[rank])
+
+
+def _full_inputs(case: int, T: int, masked: bool, with_state: bool, F: int):
+    """The same whole-sequence inputs on every rank (seeded by the case)."""
+    g = torch.Generator().manual_seed(1000 + case)
+    q, k = (torch.randn(B, T, H, D, generator=g, dtype=F64) for _ in range(2))
+    v = torch.randn(B, T, H, DV, generator=g, dtype=F64)
+    mask = (torch.rand(B, T, generator=g) < 0.7) if masked else None
+    state = None
+    if with_state:
+        state = RFState(torch.rand(B, H, F, DV, generator=g, dtype=F64), torch.rand(B, H, F, generator=g, dtype=F64) + 0.5,
+                        torch.randn(B, H, generator=g, dtype=F64))
+    go = torch.randn(B, T, H, DV, generator=g, dtype=F64)
+    gS = torch.randn(B, H, F, DV, generator=g, dtype=F64)
+    return q, k, v, mask, state, go, gS
+
+
+def _leaf(t):
+    return None if t is None else t.clone().requires_grad_(True)
+
+
+def _grad(t):
+    """The gradient of a leaf; zeros where nothing reached it (a rank holding an empty slice)."""
+    return torch.zeros_like(t) if t.grad is None else t.grad
+
+
+def _run_case(case, component, causal, masked, group, sizes, rank):
+    """One context-parallel case on ``group`` against one process; returns nothing, raises on mismatch."""
+    world = len(sizes)
+    kernel = "gaussian" if case % 3 == 0 else "softmax"
+    fm = RandomFeatureMap(D, M, component=component, weights=_WEIGHTS[case % 3], kernel=kernel, num_heads=H,
+                          seed=case, dtype=F64)
+    data_dependent = fm.spec.data_dependent
+    fm.train(data_dependent)                      # training mode: running statistics updated (and compared)
+    single = copy.deepcopy(fm)
+    with_state = case % 2 == 1
+    q, k, v, mask, state, go, gS = _full_inputs(case, sum(sizes), masked, with_state, fm.feature_dim)
+    sl = _split(sizes, rank)
+    tag = f"case {case} {component} causal={causal} mask={masked} state={with_state} w={world} rank={rank}"
+    for step in range(2 if data_dependent else 1):   # step 1 uses the running statistics step 0 gathered
+        for mod in (fm, single):
+            mod.zero_grad(set_to_none=True)
+        # one process, whole sequence
+        qs, ks, vs = _leaf(q), _leaf(k), _leaf(v)
+        st = None if state is None else RFState(_leaf(state.S), _leaf(state.z), state.log_scale)
+        o_ref, fin_ref = rf_attention(qs, ks, vs, single, causal=causal, key_padding_mask=mask, initial_state=st,
+                                      output_final_state=True, backend="reference")
+        ((o_ref * go).sum() + (fin_ref.S * gS).sum()).backward()
+        # this rank's slice
+        ql, kl, vl = _leaf(q[:, sl]), _leaf(k[:, sl]), _leaf(v[:, sl])
+        stl = None if state is None else RFState(_leaf(state.S), _leaf(state.z), state.log_scale)
+        o, fin = context_parallel_rf_attention(ql, kl, vl, fm, group=group, causal=causal,
+                                               key_padding_mask=None if mask is None else mask[:, sl],
+                                               initial_state=stl, output_final_state=True, backend="reference")
+        loss = (o * go[:, sl]).sum()
+        if rank == world - 1:                         # the final state enters the total loss once
+            loss = loss + (fin.S * gS).sum()
+        loss.backward()
+        where = f"{tag} step={step}"
+        assert_close(o, o_ref[:, sl], F64, name=f"o ({where})")
+        for name, a, e in zip(("S", "z", "log_scale"), fin, fin_ref):
+            assert_close(a.masked_fill(torch.isneginf(a), 0), e.masked_fill(torch.isneginf(e), 0), F64,
+                         name=f"final {name} ({where})")
+        for name, a, e in (("dq", ql, qs), ("dk", kl, ks), ("dv", vl, vs)):
+            assert_close(_grad(a), e.grad[:, sl], F64, name=f"{name} ({where})")
+        if state is not None and rank == 0:
+            assert_close(stl.S.grad, st.S.grad, F64, name=f"d initial S ({where})")
+            assert_close(stl.z.grad, st.z.grad, F64, name=f"d initial z ({where})")
+        for (pname, p), p_ref in zip(fm.named_parameters(), single.parameters()):
+            total = _grad(p).clone()
+            dist.all_reduce(total, group=group)
+            assert_close(total, p_ref.grad, F64, name=f"sum over ranks of d{pname} ({where})")
+        for name, buf in fm.named_buffers():
+            assert_close(buf.double(), single.get_buffer(name).double(), F64, name=f"buffer {name} ({where})")
+
+
+def _check_context_parallel(group, rank, world):
+    sizes_list = {2: [[7, 6]], 4: [[4, 5, 0, 4], [3, 4, 4, 2]]}[world]
+    case = 0
+    for component in sf.COMPONENTS:
+        for causal in (True, False):
+            for masked in (False, True):
+                sizes = sizes_list[case % len(sizes_list)]
+                _run_case(case, component, causal, masked, group, sizes, rank)
+                case += 1
+
+
+def _check_communication(group, rank, world):
+    """Bytes per call depend on B, H, F, Dv and the world size, never on the length of the slices."""
+    fm = RandomFeatureMap(D, M, component="posrf", num_heads=H, seed=0, dtype=F64)
+    sent = []
+    for T in (3, 40):
+        q, k, v = (torch.randn(B, T, H, d, dtype=F64) for d in (D, D, DV))
+        with torch.no_grad(), CommunicationLog() as log:
+            context_parallel_rf_attention(q, k, v, fm, group=group, causal=True, backend="reference")
+        sent.append(log.sent_bytes)
+    expected = (world - 1) * B * H * (fm.feature_dim * DV + fm.feature_dim + 1) * 8
+    assert sent == [expected, expected], f"bytes sent per rank {sent}, expected {expected} for both lengths"
+
+
+def _check_redraw(rank, world):
+    for weights in ("orf", "learnable"):
+        fm = RandomFeatureMap(D, M, weights=weights, num_heads=H, seed=100 + rank)   # a different W per rank
+        fm.redraw()
+        W = fm.projection().detach().contiguous()
+        every = [torch.empty_like(W) for _ in range(world)]
+        dist.all_gather(every, W)
+        for r, Wr in enumerate(every):
+            assert torch.equal(Wr, W), f"{weights}: W of rank {r} differs from rank {rank}'s after redraw()"
+        fresh = RandomFeatureMap(D, M, weights=weights, num_heads=H, seed=fm.weights.seed)
+        assert torch.equal(fresh.projection().detach(), W), f"{weights}: redraw() W is not the W of its seed"
+
+
+def _check_sync_stats(rank, world):
+    """Data parallel: rank r holds r + 1 sequences; the synced running statistics are those of the
+    concatenated batch in one process."""
+    sizes = [r + 1 for r in range(world)]
+    sl = _split(sizes, rank)
+    for component, heads, causal in (("oprf", H, False), ("saderf", 1, True), ("saderf", H, False)):
+        fm = convert_sync_stats(RandomFeatureMap(D, M, component=component, num_heads=heads, seed=0, dtype=F64))
+        single = RandomFeatureMap(D, M, component=component, num_heads=heads, seed=0, dtype=F64)
+        for step in range(2):
+            g = torch.Generator().manual_seed(50 + step)
+            q, k = (torch.randn(sum(sizes), 9, H, D, generator=g, dtype=F64) * 2 + 0.3 for _ in range(2))
+            v = torch.randn(sum(sizes), 9, H, DV, generator=g, dtype=F64)
+            mask = torch.rand(sum(sizes), 9, generator=g) < 0.8
+            rf_attention(q, k, v, single, causal=causal, key_padding_mask=mask)
+            rf_attention(q[sl], k[sl], v[sl], fm, causal=causal, key_padding_mask=mask[sl])
+            for name, buf in fm.named_buffers():
+                assert_close(buf.double(), single.get_buffer(name).double(), torch.float32,
+                             name=f"{component} heads={heads} step {step}: synced {name} on rank {rank}")
+
+
+def _worker(rank: int, world: int) -> None:
+    torch.set_num_threads(1)
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]    # every rank creates every group
+    pair = pairs[rank // 2]
+    for group, grank, gworld in ((None, rank, world), (pair, rank % 2, 2)):
+        _check_context_parallel(group, grank, gworld)
+        _check_communication(group, grank, gworld)
+    _check_redraw(rank, world)
+    _check_sync_stats(rank, world)
+
+
+@pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo")
+def test_distributed_world_4_and_2():
+    run_local(_worker, WORLD, timeout=TIMEOUT_S)
+
+
+# -- in this process: errors and the single-process fallbacks ---------------------------------------
+
+def test_context_parallel_needs_a_process_group():
+    fm = RandomFeatureMap(D, M, seed=0)
+    q = torch.randn(1, 4, 1, D)
+    if dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
+    with pytest.raises(RuntimeError, match="process group"):
+        context_parallel_rf_attention(q, q, q, fm)
+    with pytest.raises(TypeError, match="RandomFeatureMap"):
+        context_parallel_rf_attention(q, q, q, object())
+
+
+def test_convert_sync_stats():
+    layer = sf.SpectraAttention(16, 2, num_features=8, component="oprf", seed=0)
+    plain = RandomFeatureMap(D, M, component="posrf", seed=0)
+    assert convert_sync_stats(layer) is layer
+    assert isinstance(layer.feature_map.stats_sync, RunningStatsAllReduce)
+    assert convert_sync_stats(plain).stats_sync is None        # nothing to synchronise
+    copy.deepcopy(layer)                                       # the hook survives a deep copy
+    with pytest.raises(TypeError, match="nn.Module"):
+        convert_sync_stats("not a module")
+    # No process group: the local statistics, as without the hook.
+    ref = RandomFeatureMap(D, M, component="oprf", seed=0)
+    synced = convert_sync_stats(RandomFeatureMap(D, M, component="oprf", seed=0))
+    q, k, v = (torch.randn(2, 5, 1, D) for _ in range(3))
+    for fm in (ref, synced):
+        fm.train()
+        rf_attention(q, k, v, fm, backend="reference")
+    for name, buf in ref.named_buffers():
+        assert torch.equal(buf, synced.get_buffer(name)), name
+
+
+def _fail_on_rank_1(rank: int, world: int) -> int:
+    if rank == 1:
+        raise ValueError("rank 1 gives up")
+    dist.barrier()
+    return rank
+
+
+def test_run_local_reports_the_failure():
+    with pytest.raises(RuntimeError, match="(?s)rank 1 .*ValueError: rank 1 gives up"):
+        run_local(_fail_on_rank_1, 2, timeout=60)
