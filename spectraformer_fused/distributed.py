@@ -157,18 +157,27 @@ def _unpack(packed: torch.Tensor, F: int, Dv: int) -> RFState:
 
 
 def _group_moments(q, k, scale: float, key_padding_mask, group) -> Moments:
-    """The per-(batch, head) moments of the scaled queries and keys of the WHOLE sequence ``[B, H, D]``:
-    masked sums and counts of every rank's slice, all-reduced. Constants for differentiation."""
+    """The per-(batch, key/value head) moments of the scaled queries and keys of the WHOLE sequence
+    ``[B, H_kv, D]``: masked sums and counts of every rank's slice, all-reduced; with grouped-query
+    attention the queries of a group are pooled as ``RandomFeatureMap.feature_params`` pools them.
+    Constants for differentiation."""
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     root = math.sqrt(scale)
-    x, y = q.detach().to(cdt) * root, k.detach().to(cdt) * root       # [B, T, H, D]
+    x, y = q.detach().to(cdt) * root, k.detach().to(cdt) * root       # [B, T, H, D], [B, T, H_kv, D]
     B, T, H, D = x.shape
+    Hk = y.shape[2]
     w = (torch.ones(B, T, dtype=cdt, device=q.device) if key_padding_mask is None
          else key_padding_mask.to(cdt))[:, :, None, None]            # [B, T, 1, 1]
-    sums = torch.stack([(x * w).sum(1), (x * x * w).sum(1), (y * w).sum(1), (y * y * w).sum(1)])  # [4, B, H, D]
-    packed = _all_reduce_sum(torch.cat([sums.flatten(), w.flatten(1).sum(1)]), group, "all_reduce (moments)")
+    sx = torch.stack([(x * w).sum(1), (x * x * w).sum(1)])           # [2, B, H, D]
+    sy = torch.stack([(y * w).sum(1), (y * y * w).sum(1)])           # [2, B, H_kv, D]
+    packed = _all_reduce_sum(torch.cat([sx.flatten(), sy.flatten(), w.flatten(1).sum(1)]), group,
+                             "all_reduce (moments)")
     total = packed[-B:].clamp_min(1.0)[:, None, None]               # [B, 1, 1]: kept positions
-    return Moments(*(s / total for s in packed[:-B].view(4, B, H, D)))
+    mx = packed[:sx.numel()].view(2, B, H, D) / total
+    my = packed[sx.numel():-B].view(2, B, Hk, D) / total
+    if H != Hk:      # the queries of a group count together: means over time, then over the group
+        mx = mx.unflatten(2, (Hk, H // Hk)).mean(3)
+    return Moments(mx[0], mx[1], my[0], my[1])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -230,8 +239,9 @@ def context_parallel_rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     world, rank = _resolve_group(group)
     state0 = check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_map.feature_dim)
     B, T, H, D = q.shape
+    Hk = k.shape[2]                 # key/value heads: the state is [B, H_kv, F, Dv] (grouped-query attention)
     Dv = v.shape[-1]
-    feature_map.check_input(D, H)
+    feature_map.check_input(D, Hk)
     scale = resolve_scale(scale, D)
     name = _resolve_backend(backend, q)
     causal = bool(causal)
@@ -250,7 +260,7 @@ def context_parallel_rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         from .ops.triton_attention import triton_attention as fn
     else:
         from .ops.cpu import cpu_attention as fn
-    base = empty_state(B, H, F, Dv, dtype=cdt, device=q.device)
+    base = empty_state(B, Hk, F, Dv, dtype=cdt, device=q.device)
     local = base
     if T > 0:      # the state of this slice's keys: the final state of a non-causal pass (its output unused)
         _, local = fn(q, k, v, p, causal=False, key_padding_mask=key_padding_mask, output_final_state=True)

@@ -39,18 +39,19 @@ def _split(total_sizes, rank):
     return slice(lo, lo + total_sizes[rank])
 
 
-def _full_inputs(case: int, T: int, masked: bool, with_state: bool, F: int):
-    """The same whole-sequence inputs on every rank (seeded by the case)."""
+def _full_inputs(case: int, T: int, masked: bool, with_state: bool, F: int, hk: int = H):
+    """The same whole-sequence inputs on every rank (seeded by the case); k, v with ``hk`` heads."""
     g = torch.Generator().manual_seed(1000 + case)
-    q, k = (torch.randn(B, T, H, D, generator=g, dtype=F64) for _ in range(2))
-    v = torch.randn(B, T, H, DV, generator=g, dtype=F64)
+    q = torch.randn(B, T, H, D, generator=g, dtype=F64)
+    k = torch.randn(B, T, hk, D, generator=g, dtype=F64)
+    v = torch.randn(B, T, hk, DV, generator=g, dtype=F64)
     mask = (torch.rand(B, T, generator=g) < 0.7) if masked else None
     state = None
     if with_state:
-        state = RFState(torch.rand(B, H, F, DV, generator=g, dtype=F64), torch.rand(B, H, F, generator=g, dtype=F64) + 0.5,
-                        torch.randn(B, H, generator=g, dtype=F64))
+        state = RFState(torch.rand(B, hk, F, DV, generator=g, dtype=F64),
+                        torch.rand(B, hk, F, generator=g, dtype=F64) + 0.5, torch.randn(B, hk, generator=g, dtype=F64))
     go = torch.randn(B, T, H, DV, generator=g, dtype=F64)
-    gS = torch.randn(B, H, F, DV, generator=g, dtype=F64)
+    gS = torch.randn(B, hk, F, DV, generator=g, dtype=F64)
     return q, k, v, mask, state, go, gS
 
 
@@ -63,19 +64,20 @@ def _grad(t):
     return torch.zeros_like(t) if t.grad is None else t.grad
 
 
-def _run_case(case, component, causal, masked, group, sizes, rank):
-    """One context-parallel case on ``group`` against one process; returns nothing, raises on mismatch."""
+def _run_case(case, component, causal, masked, group, sizes, rank, hk=H):
+    """One context-parallel case on ``group`` against one process (``hk`` key/value heads: grouped-query
+    attention when below H); returns nothing, raises on mismatch."""
     world = len(sizes)
     kernel = "gaussian" if case % 3 == 0 else "softmax"
-    fm = RandomFeatureMap(D, M, component=component, weights=_WEIGHTS[case % 3], kernel=kernel, num_heads=H,
+    fm = RandomFeatureMap(D, M, component=component, weights=_WEIGHTS[case % 3], kernel=kernel, num_heads=hk,
                           seed=case, dtype=F64)
     data_dependent = fm.spec.data_dependent
     fm.train(data_dependent)                      # training mode: running statistics updated (and compared)
     single = copy.deepcopy(fm)
     with_state = case % 2 == 1
-    q, k, v, mask, state, go, gS = _full_inputs(case, sum(sizes), masked, with_state, fm.feature_dim)
+    q, k, v, mask, state, go, gS = _full_inputs(case, sum(sizes), masked, with_state, fm.feature_dim, hk)
     sl = _split(sizes, rank)
-    tag = f"case {case} {component} causal={causal} mask={masked} state={with_state} w={world} rank={rank}"
+    tag = f"case {case} {component} causal={causal} mask={masked} state={with_state} H_kv={hk} w={world} rank={rank}"
     for step in range(2 if data_dependent else 1):   # step 1 uses the running statistics step 0 gathered
         for mod in (fm, single):
             mod.zero_grad(set_to_none=True)
@@ -122,6 +124,10 @@ def _check_context_parallel(group, rank, world):
                 sizes = sizes_list[case % len(sizes_list)]
                 _run_case(case, component, causal, masked, group, sizes, rank)
                 case += 1
+    for component in ("posrf", "oprf", "saderf"):       # grouped-query (here multi-query) attention
+        for causal in (True, False):
+            _run_case(case, component, causal, True, group, sizes_list[case % len(sizes_list)], rank, hk=1)
+            case += 1
 
 
 def _check_communication(group, rank, world):
