@@ -82,7 +82,7 @@ def cases(which: str) -> list[Case]:
     (D = Dv = 64, m = 128) for posrf in fp16/fp32, causal and not, hyprf and trigrf; full: default, every
     component in bf16 with a mask and an initial state, and large."""
     if which == "quick":
-        return [Case("posrf", True, "fp16"), Case("hyprf", False, "fp32")]
+        return [Case("posrf", True, "fp16"), Case("hyprf", False, "fp32"), Case("posrf", True, "fp16", mode="chunk")]
     if which == "large":
         return [Case("posrf", True, "fp16", 256, 256, 512), Case("trigrf", False, "fp16", 128, 128, 512),
                 Case("hyprf", True, "fp32", 256, 256, 512)]

@@ -16,7 +16,7 @@ from torch import Tensor
 from ..feature_map import FeatureParams
 from ..state import RFState
 from .triton_bwd import rf_bwd
-from .triton_chunk import chunk_bwd, chunk_fwd, requested_mode, resolve_mode
+from .triton_chunk import chunk_bwd, chunk_fwd, chunk_size, requested_mode, resolve_mode
 from .triton_common import resource_errors
 from .triton_fwd import MAX_BM, default_chunk_size, rf_fwd
 
@@ -139,9 +139,10 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, params: FeatureParams, *, 
         S0 = z0 = m0 = None
     psi = None if params.psi is None else params.psi.float().contiguous()
     mask = None if key_padding_mask is None else key_padding_mask.contiguous()
+    mode = causal_mode(q, v, params.W.shape[1], causal)
+    chunk = chunk_size(q.shape[1]) if mode == "chunk" else default_chunk_size(q.shape[1])
     o, _, _, _, S, z, m = torch.ops.spectraformer_fused.rf_fwd(
         q.contiguous(), k.contiguous(), v.contiguous(), params.W.float(), params.bias.float().contiguous(),
         params.freq.float().contiguous(), psi, mask, S0, z0, m0, int(params.kind), float(params.c_t),
-        float(params.c_o), float(params.scale), bool(causal), default_chunk_size(q.shape[1]),
-        causal_mode(q, v, params.W.shape[1], causal))
+        float(params.c_o), float(params.scale), bool(causal), chunk, mode)
     return o, (RFState(S, z, m) if output_final_state else None)

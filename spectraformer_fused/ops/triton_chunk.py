@@ -50,6 +50,20 @@ from .triton_fwd import DEN_EPS, MAX_BM, _next_pow2, default_chunk_size, freq_ti
 MODES = ("auto", "walk", "chunk")
 MODE_ENV = "SPECTRAFORMER_FUSED_TRITON_MODE"
 RANGE_TOKENS = 256
+# Fixed launch configurations, chosen for no spills at D = Dv = 64, m = 128 on sm_90 (python -m
+# bench.compile_check; bench/results/compile-sm90-*.md): Dv tiles of 32 in the forward's output kernel,
+# 8 warps for the dq and dkv kernels, which hold whole rows of D and Dv.
+FWD_BV = 64
+FWD_WARPS = 8
+BWD_WARPS = 8
+CHUNK = 16
+
+
+def chunk_size(T: int) -> int:
+    """The chunk (compute tile) of the chunk mode: 16 tokens. Its programs hold [chunk, D] and [chunk, Dv]
+    tiles beside whole rows of the state; with chunks of 32 the dq and dkv kernels spill (sm_90,
+    D = Dv = 64, m = 128: 40 and 136 bytes per thread), and the ranges give the parallelism back."""
+    return CHUNK
 
 
 def requested_mode() -> str:
@@ -638,7 +652,7 @@ def chunk_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: 
     NC = triton.cdiv(T, BT)
     BD = max(16, _next_pow2(D))
     BM = max(16, min(MAX_BM, _next_pow2(M)))
-    BV = max(16, min(64, _next_pow2(Dv)))
+    BV = max(16, min(FWD_BV, _next_pow2(Dv)))
     NMT, NV = triton.cdiv(M, BM), triton.cdiv(Dv, BV)
     dev = q.device
     bias, freq, psi = _f32(bias), _f32(freq), _f32(psi)
@@ -670,7 +684,7 @@ def chunk_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: 
         s_on=B * T * H * Dv if split else 0, s_dn=B * H * T if split else 0,
         T=T, H=H, M=M, D=D, DV=Dv, CPS=cps, root=math.sqrt(scale), c_t=c_t, c_o=c_o,
         KIND=kind, HAS_MASK=mask is not None, HAS_PSI=psi is not None, HAS_CO=c_o != 0.0, SPLIT=split,
-        PREC=dot_precision(q.dtype, v.dtype), BT=BT, BD=BD, BM=BM, BV=BV, num_warps=4, num_stages=1)
+        PREC=dot_precision(q.dtype, v.dtype), BT=BT, BD=BD, BM=BM, BV=BV, num_warps=FWD_WARPS, num_stages=1)
     if split:
         den = den_buf.sum(0)                                                            # [B, H, T]
         o = (o_buf.sum(0) / den.abs().clamp_min(DEN_EPS).transpose(1, 2)[..., None]).to(v.dtype)
@@ -733,7 +747,7 @@ def chunk_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den,
     dw_part = torch.empty(2, NR, B, H, M, D, device=dev, dtype=torch.float32)
     db_part = torch.empty(2, NR, B, H, M, device=dev, dtype=torch.float32)
     s_wp, s_bp = B * H * M * D, B * H * M
-    launch = dict(num_warps=4, num_stages=1)
+    launch = dict(num_warps=BWD_WARPS, num_stages=1)
     common = dict(q=q, k=k, v=v, w=W, bias=bias, freq=freq, psi=psi, mask=mask_arg, qmax=qmax, kstab=kstab, da=a,
                   dbeta=beta, T=T, H=H, M=M, D=D, DV=Dv, stride_wh=stride_wh, CPS=cps, s_wp=s_wp, s_bp=s_bp,
                   root=root, c_t=c_t, c_o=c_o, HAS_MASK=mask is not None, **flags, **launch)
