@@ -1,8 +1,9 @@
 """The chunk-parallel causal mode (ops/triton_chunk.py) against the reference, forward and every gradient,
-and the mode switch. Under the interpreter a range holds at most two chunks (``range_chunks``), so the
-cases below (T = 100: four chunks of 32; T = 70: three, the last partial) cross range boundaries; T = 1 and T = 20 fit in
-one chunk. The CUDA-only tests check a GPU user's overheads: no host synchronisation in a causal forward
-and backward, and a decode step captured in a CUDA graph.
+and the mode switch. The chunk mode's chunks are 16 tokens and, under the interpreter, a range holds at
+most two chunks (``range_chunks``), so the cases cross range boundaries: T = 50 (four chunks, two
+ranges, the last chunk partial), T = 70 (five chunks, three ranges, the last range one partial chunk),
+T = 20 (two ranges of one chunk); T = 1 is one range. The CUDA-only tests check a GPU user's overheads:
+no host synchronisation in a causal forward and backward, and a decode step captured in a CUDA graph.
 """
 import pytest
 import torch
@@ -44,13 +45,13 @@ def chunk_calls(monkeypatch):
 
 
 CASES = [
-    Case("posrf", causal=True, B=1, T=70, M=32, Dv=19, mask=True, init=True, final=True),
-    Case("hyprf", causal=True, B=1, T=100, D=16, Dv=16, kernel="gaussian", init=True, final=True),
-    Case("trigrf", causal=True, B=1, T=100, D=16, Dv=16, input_scale=0.3, mask=True, final=True),
+    Case("posrf", causal=True, B=1, T=50, M=32, Dv=19, mask=True, init=True, final=True),
+    Case("hyprf", causal=True, B=1, T=50, D=16, Dv=16, kernel="gaussian", init=True, final=True),
+    Case("trigrf", causal=True, B=1, T=50, D=16, Dv=16, input_scale=0.3, mask=True, final=True),
     Case("gerf", causal=True, B=1, T=70, D=16, Dv=16, input_scale=0.3, init=True, args={"A": -0.05, "s": -1}),
-    Case("saderf", causal=True, B=1, T=70, D=16, Dv=16, kernel="gaussian", dtype=torch.float16, mask=True,
+    Case("saderf", causal=True, B=1, T=50, D=16, Dv=16, kernel="gaussian", dtype=torch.float16, mask=True,
          final=True),
-    Case("oprf", weights="fastfood_learnable", causal=True, B=1, T=70, D=16, Dv=16, dtype=torch.float16, mask=True,
+    Case("oprf", weights="fastfood_learnable", causal=True, B=1, T=50, D=16, Dv=16, dtype=torch.float16, mask=True,
          init=True),
     Case("posrf", causal=True, B=2, T=1, D=16, Dv=16, init=True, final=True),
     Case("posrf", causal=True, B=1, T=20, D=16, Dv=16, M=16, mask=True),
@@ -95,7 +96,7 @@ def test_chunk_forward_equals_walk(cps, device):
 
 def test_modes_give_the_same_gradients(device, monkeypatch):
     """Walk and chunk mode, same inputs: outputs and every gradient agree to fp32 rounding."""
-    case = Case("trigrf", causal=True, B=1, T=100, D=16, Dv=16, input_scale=0.3, init=True, final=True)
+    case = Case("trigrf", causal=True, B=1, T=50, D=16, Dv=16, input_scale=0.3, init=True, final=True)
     fm, q, k, v, mask, state = _make(case, device)
     results = {}
     for mode in ("walk", "chunk"):
@@ -123,13 +124,16 @@ def test_mode_override_is_validated(device, monkeypatch):
 
 
 def test_auto_rule():
-    """auto: the walk while it fills the device or T spans at most two ranges; the chunk mode otherwise."""
+    """auto: the walk while it fills the device or T spans at most two ranges; the chunk mode otherwise
+    (132 multiprocessors: an H100). Without a GPU auto is the walk."""
     from spectraformer_fused.ops.triton_chunk import choose_mode, range_chunks, resolve_mode
 
     cpu = torch.device("cpu")
-    assert choose_mode(programs=2, T=1024, device=cpu) == "chunk"
-    assert choose_mode(programs=2, T=64, device=cpu) == "walk"
-    assert choose_mode(programs=64, T=1024, device=cpu) == "walk"
+    assert choose_mode(programs=16, T=32768, multiprocessors=132) == "chunk"       # B=1 H=8, m=128
+    assert choose_mode(programs=128, T=8192, multiprocessors=132) == "chunk"       # B=4 H=16
+    assert choose_mode(programs=512, T=8192, multiprocessors=132) == "walk"
+    assert choose_mode(programs=16, T=512, multiprocessors=132) == "walk"
+    assert resolve_mode("auto", 2, 1 << 15, cpu) == "walk"
     assert resolve_mode("walk", 2, 1024, cpu) == "walk"
     assert resolve_mode("chunk", 64, 16, cpu) == "chunk"
     with pytest.raises(ValueError, match="mode must be one of"):

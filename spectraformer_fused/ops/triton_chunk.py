@@ -74,33 +74,33 @@ def requested_mode() -> str:
     return mode
 
 
-def choose_mode(programs: int, T: int, device: torch.device) -> str:
-    """The causal mode "auto" runs: "walk" or "chunk".
+def choose_mode(programs: int, T: int, multiprocessors: int, range_tokens: int = RANGE_TOKENS) -> str:
+    """The causal mode "auto" runs on a GPU with ``multiprocessors``: "walk" or "chunk".
 
     ``programs`` is what the walk launches, B x H x frequency tiles x Dv tiles. The walk's programs each
-    walk all ceil(T / BT) chunks in order; the chunk mode adds two launches and a pass over the ranges,
-    and in exchange runs ranges of at least RANGE_TOKENS tokens in parallel. So: the walk while it
-    already gives every multiprocessor two programs (many heads: the chunk mode would only add work),
-    or while T spans at most two ranges (nothing to parallelise); the chunk mode otherwise. Under the
-    interpreter (and on the CPU) the same rule with 4 "multiprocessors" and ranges of 2 chunks of 16.
-    These thresholds are reasoned, not measured: no GPU timing of either mode exists yet
-    (bench/gpu_bench.py prints both modes side by side; its crossovers are to replace them).
+    walk all T / 32 chunks in order; the chunk mode adds two launches and a pass over the ranges, and in
+    exchange runs ranges of ``range_tokens`` tokens in parallel. So: the walk while it already gives
+    every multiprocessor two programs (many heads: the chunk mode would only add work), or while T spans
+    at most two ranges (little to parallelise); the chunk mode otherwise. These thresholds are reasoned,
+    not measured: no GPU timing of either mode exists yet (bench/gpu_bench.py prints both modes side by
+    side; its crossovers are to replace them).
     """
-    if device.type == "cuda":
-        sms = torch.cuda.get_device_properties(device).multi_processor_count
-        range_tokens = RANGE_TOKENS
-    else:
-        sms, range_tokens = 4, 32
-    if programs >= 2 * sms or T <= 2 * range_tokens:
+    if programs >= 2 * multiprocessors or T <= 2 * range_tokens:
         return "walk"
     return "chunk"
 
 
 def resolve_mode(mode: str, programs: int, T: int, device: torch.device) -> str:
-    """"walk" or "chunk" for a causal call: ``mode`` ("auto", "walk", "chunk") with "auto" resolved."""
+    """"walk" or "chunk" for a causal call: ``mode`` ("auto", "walk", "chunk") with "auto" resolved by
+    ``choose_mode`` on a GPU. Without one (the Triton interpreter runs one program at a time: nothing to
+    fill) "auto" is the walk, so the walk's tests stay the walk's; the chunk mode's tests ask for it."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    return choose_mode(programs, T, device) if mode == "auto" else mode
+    if mode != "auto":
+        return mode
+    if device.type != "cuda":
+        return "walk"
+    return choose_mode(programs, T, torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def range_chunks(num_chunks: int, BT: int, programs: int, device: torch.device) -> int:
