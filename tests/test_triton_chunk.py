@@ -143,7 +143,7 @@ def test_auto_rule():
 
 def test_range_states_stay_below_the_inputs():
     """The materialised states at the benchmark shape (B=4, H=16, T=8k, m=128, D=Dv=64, fp16) with ranges of
-    RANGE_TOKENS tokens: forward (before-range and local states) below the size of q, k, v."""
+    RANGE_TOKENS tokens, forward and backward (two buffers: key and query side), below the size of q, k, v."""
     from spectraformer_fused.ops.triton_chunk import RANGE_TOKENS
 
     B, H, T, D, Dv, F = 4, 16, 8192, 64, 64, 128

@@ -25,7 +25,8 @@ run every range in parallel. Deterministic: no atomics; every partial (frequency
 bias' gradients per range) is an fp32 buffer summed on the host in a fixed order.
 
 Memory beyond the walk's: the states before each range ``[B, H, NR, F, Dv]`` and ``[B, H, NR, F]`` in
-fp32, and as much again for the ranges' local states (the backward: twice that, key and query side).
+fp32 (the ranges' local states, written first, are overwritten by the pass; the backward holds two
+such buffers, key and query side).
 ``range_chunks`` makes a range at least ``RANGE_TOKENS`` = 256 tokens long on a GPU, so the states hold
 ``4 F Dv / 256`` bytes per token and head (128 at F = 128, Dv = 64: a third of fp16 q, k, v's 384),
 whatever the batch; fp32 states cost no accuracy against the walk (tests/test_triton_chunk.py).
@@ -236,13 +237,17 @@ def _rf_chunk_scan_kernel(L, Lz, kstab, init, init_z, out, out_z, fin, fin_z, NC
         b_g *= b_alpha
         b_gz *= b_alpha
         p_r = (i_bh * NR + r) * F
+        # read before written: out may be L itself (each program owns its [BF, BV] block; out_z is written
+        # by the programs of the first Dv tile only, the others' copies of b_gz are never stored)
+        b_l = tl.load(L + p_r * DV + o_s, mask=m_s, other=0.0)
+        b_lz = tl.load(Lz + p_r + o_f, mask=m_f, other=0.0)
         tl.store(out + p_r * DV + o_s, b_g, mask=m_s)
         if i_v == 0:
             tl.store(out_z + p_r + o_f, b_gz, mask=m_f)
         # across the range: its start and end stabilisers, then its own part
         b_alpha = tl.exp(tl.minimum(b_s - b_e, 0.0))
-        b_g = b_g * b_alpha + tl.load(L + p_r * DV + o_s, mask=m_s, other=0.0)
-        b_gz = b_gz * b_alpha + tl.load(Lz + p_r + o_f, mask=m_f, other=0.0)
+        b_g = b_g * b_alpha + b_l
+        b_gz = b_gz * b_alpha + b_lz
     if STORE_FINAL:
         tl.store(fin + i_bh * F * DV + o_s, b_g, mask=m_s)
         if i_v == 0:
@@ -591,10 +596,11 @@ def _f32(t):
 
 
 def _scan(L, Lz, kstab, init, init_z, NC, cps, *, reverse: bool):
-    """``(out, out_z, fin, fin_z)`` of ``_rf_chunk_scan_kernel`` for local states L [B, H, NR, F, Dv]."""
+    """``(out, out_z, fin, fin_z)`` of ``_rf_chunk_scan_kernel`` for local states L [B, H, NR, F, Dv];
+    out, out_z overwrite L, Lz (the local states are not needed after the pass)."""
     B, H, NR, F, Dv = L.shape
     BF, BV = 32, max(16, min(64, _next_pow2(Dv)))
-    out, out_z = torch.empty_like(L), torch.empty_like(Lz)
+    out, out_z = L, Lz
     fin = torch.empty(B, H, F, Dv, dtype=torch.float32, device=L.device)
     fin_z = torch.empty(B, H, F, dtype=torch.float32, device=L.device)
     has_init = init is not None
