@@ -22,6 +22,7 @@ constants, values divisible by 16 are marked so), so the code is the code a GPU 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -63,10 +64,11 @@ class Case:
     T: int = 256
     mask: bool = False
     init: bool = False
+    mode: str = "walk"                  # the causal mode (SPECTRAFORMER_FUSED_TRITON_MODE)
 
     @property
     def label(self) -> str:
-        extra = "+mask" * self.mask + "+init" * self.init
+        extra = "+mask" * self.mask + "+init" * self.init + "+chunk" * (self.causal and self.mode == "chunk")
         return (f"{self.comp} {'causal' if self.causal else 'full'} {self.dtype} D{self.D} Dv{self.Dv} m{self.m}"
                 f" T{self.T}{extra}")
 
@@ -80,7 +82,7 @@ def cases(which: str) -> list[Case]:
     (D = Dv = 64, m = 128) for posrf in fp16/fp32, causal and not, hyprf and trigrf; full: default, every
     component in bf16 with a mask and an initial state, and large."""
     if which == "quick":
-        return [Case("posrf", True, "fp16"), Case("hyprf", False, "fp32")]
+        return [Case("posrf", True, "fp16"), Case("hyprf", False, "fp32"), Case("posrf", True, "fp16", mode="chunk")]
     if which == "large":
         return [Case("posrf", True, "fp16", 256, 256, 512), Case("trigrf", False, "fp16", 128, 128, 512),
                 Case("hyprf", True, "fp32", 256, 256, 512)]
@@ -90,9 +92,11 @@ def cases(which: str) -> list[Case]:
                 Case("hyprf", False, "fp32", 16, 16, 16, 16, True, True),
                 Case("trigrf", True, "fp32", 16, 16, 16, 16),
                 Case("saderf", False, "fp16", 16, 16, 16, 16),
-                Case("gerf", True, "fp16", 16, 16, 16, 16)]
+                Case("gerf", True, "fp16", 16, 16, 16, 16),
+                Case("posrf", True, "fp16", 16, 16, 16, 64, True, True, "chunk")]
     base = [Case("posrf", causal, dt) for causal in (True, False) for dt in ("fp16", "fp32")]
     base += [Case("hyprf", True, "fp16"), Case("trigrf", True, "fp16")]
+    base += [dataclasses.replace(c, mode="chunk") for c in base if c.causal]
     if which == "default":
         return base
     full = base + [Case(c, causal, "bf16", mask=True, init=True) for c in COMPONENTS for causal in (True, False)]
@@ -134,9 +138,13 @@ def capture(case: Case) -> list:
         F = fm.feature_dim
         state = RFState(torch.zeros(B, H, F, case.Dv), torch.zeros(B, H, F), torch.zeros(B, H))
     params = fm.feature_params(q, k, scale=case.D ** -0.5, causal=case.causal, key_padding_mask=mask)
-    o, _ = triton_attention(q, k, v, params, causal=case.causal, key_padding_mask=mask, initial_state=state,
-                            output_final_state=False)
-    o.float().sum().backward()
+    os.environ["SPECTRAFORMER_FUSED_TRITON_MODE"] = case.mode
+    try:
+        o, _ = triton_attention(q, k, v, params, causal=case.causal, key_padding_mask=mask, initial_state=state,
+                                output_final_state=False)
+        o.float().sum().backward()
+    finally:
+        del os.environ["SPECTRAFORMER_FUSED_TRITON_MODE"]
     return launches
 
 

@@ -16,8 +16,9 @@ from torch import Tensor
 from ..feature_map import FeatureParams
 from ..state import RFState
 from .triton_bwd import rf_bwd
+from .triton_chunk import chunk_bwd, chunk_fwd, chunk_size, requested_mode, resolve_mode
 from .triton_common import resource_errors
-from .triton_fwd import default_chunk_size, rf_fwd
+from .triton_fwd import MAX_BM, default_chunk_size, rf_fwd
 
 def _feature_dim(kind: int, m: int) -> int:
     return m if kind == 0 else 2 * m
@@ -29,9 +30,16 @@ _FWD_OUT = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 @torch.library.custom_op("spectraformer_fused::rf_fwd", mutates_args=())
 def _rf_fwd_op(q: Tensor, k: Tensor, v: Tensor, W: Tensor, bias: Tensor, freq: Tensor, psi: Optional[Tensor],
                mask: Optional[Tensor], S0: Optional[Tensor], z0: Optional[Tensor], m0: Optional[Tensor],
-               kind: int, c_t: float, c_o: float, scale: float, causal: bool, chunk_size: int) -> _FWD_OUT:
-    """(o, den, qmax, kstab, S, z, m); the final state is always returned (it is O(F Dv) per head)."""
+               kind: int, c_t: float, c_o: float, scale: float, causal: bool, chunk_size: int,
+               mode: str) -> _FWD_OUT:
+    """(o, den, qmax, kstab, S, z, m); the final state is always returned (it is O(F Dv) per head).
+    mode: "walk" or "chunk" (causal only; triton_chunk.py)."""
     with resource_errors("forward", q.dtype, q.shape[-1], v.shape[-1]):
+        if causal and mode == "chunk":
+            o, den, qmax, kstab, S, z, m, _ = chunk_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, kind=kind,
+                                                        c_t=c_t, c_o=c_o, scale=scale, output_final_state=True,
+                                                        chunk_size=chunk_size)
+            return o, den, qmax, kstab, S, z, m
         o, den, qmax, kstab, S, z, m, _ = rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, kind=kind, c_t=c_t,
                                                  c_o=c_o, scale=scale, causal=causal, output_final_state=True,
                                                  chunk_size=chunk_size)
@@ -39,7 +47,7 @@ def _rf_fwd_op(q: Tensor, k: Tensor, v: Tensor, W: Tensor, bias: Tensor, freq: T
 
 
 @_rf_fwd_op.register_fake
-def _(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, kind, c_t, c_o, scale, causal, chunk_size):
+def _(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, kind, c_t, c_o, scale, causal, chunk_size, mode):
     B, T, H, _ = q.shape
     Hk = k.shape[2]                       # grouped-query attention: kstab and the state per key/value head
     Dv = v.shape[-1]
@@ -56,12 +64,17 @@ def _rf_bwd_op(do: Tensor, dS: Optional[Tensor], dz: Optional[Tensor], q: Tensor
                bias: Tensor, freq: Tensor, psi: Optional[Tensor], mask: Optional[Tensor], S0: Optional[Tensor],
                z0: Optional[Tensor], m0: Optional[Tensor], o: Tensor, den: Tensor, qmax: Tensor, kstab: Tensor,
                S: Tensor, z: Tensor, kind: int, c_t: float, c_o: float, scale: float, causal: bool,
-               chunk_size: int) -> _FWD_OUT:
+               chunk_size: int, mode: str) -> _FWD_OUT:
     """(dq, dk, dv, dW [H, m, D], dbias, dS0, dz0); dS0 and dz0 are empty without an initial state."""
     with resource_errors("backward", q.dtype, q.shape[-1], v.shape[-1]):
-        dq, dk, dv, dW, dbias, dS0, dz0 = rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den,
-                                                 qmax, kstab, S, z, kind=kind, c_t=c_t, c_o=c_o, scale=scale,
-                                                 causal=causal, chunk_size=chunk_size)
+        if causal and mode == "chunk":
+            dq, dk, dv, dW, dbias, dS0, dz0 = chunk_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o,
+                                                        den, qmax, kstab, kind=kind, c_t=c_t, c_o=c_o, scale=scale,
+                                                        chunk_size=chunk_size)
+        else:
+            dq, dk, dv, dW, dbias, dS0, dz0 = rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o,
+                                                     den, qmax, kstab, S, z, kind=kind, c_t=c_t, c_o=c_o,
+                                                     scale=scale, causal=causal, chunk_size=chunk_size)
     if dS0 is None:
         dS0, dz0 = q.new_zeros(0, dtype=torch.float32), q.new_zeros(0, dtype=torch.float32)
     return dq, dk, dv, dW, dbias, dS0, dz0
@@ -69,7 +82,7 @@ def _rf_bwd_op(do: Tensor, dS: Optional[Tensor], dz: Optional[Tensor], q: Tensor
 
 @_rf_bwd_op.register_fake
 def _(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab, S, z, kind, c_t, c_o, scale,
-      causal, chunk_size):
+      causal, chunk_size, mode):
     f32 = dict(dtype=torch.float32, device=q.device)
     ds0 = q.new_empty(S0.shape, **f32) if S0 is not None else q.new_empty(0, **f32)
     dz0 = q.new_empty(z0.shape, **f32) if z0 is not None else q.new_empty(0, **f32)
@@ -78,12 +91,12 @@ def _(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, k
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, W, bias, freq, psi, mask, S0, z0, m0, kind, c_t, c_o, scale, causal, chunk_size = inputs
+    q, k, v, W, bias, freq, psi, mask, S0, z0, m0, kind, c_t, c_o, scale, causal, chunk_size, mode = inputs
     o, den, qmax, kstab, S, z = output[:6]
     # Saved: inputs, o, the stabilisers and the final state (O(F Dv) per head: the non-causal backward's
     # state); the features are recomputed in the backward.
     ctx.save_for_backward(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab, S, z)
-    ctx.meta = (kind, c_t, c_o, scale, causal, chunk_size)
+    ctx.meta = (kind, c_t, c_o, scale, causal, chunk_size, mode)
     ctx.has_s0 = S0 is not None
 
 
@@ -95,10 +108,25 @@ def _backward(ctx, do, dden, dqmax, dkstab, dS, dz, dm):
         do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab, S, z, *ctx.meta)
     if not ctx.has_s0:
         dS0 = dz0 = None
-    return dq, dk, dv, dW, dbias, None, None, None, dS0, dz0, None, None, None, None, None, None, None
+    return dq, dk, dv, dW, dbias, None, None, None, dS0, dz0, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("spectraformer_fused::rf_fwd", _backward, setup_context=_setup_context)
+
+
+def causal_mode(q: Tensor, v: Tensor, m: int, causal: bool) -> str:
+    """"walk" or "chunk": SPECTRAFORMER_FUSED_TRITON_MODE (auto, walk, chunk; default auto) with "auto"
+    resolved by ``triton_chunk.choose_mode`` from the walk's program count. "walk" when not causal (the
+    non-causal forward already splits the chunks into ranges), and "walk" with grouped-query attention."""
+    mode = requested_mode()
+    if not causal:
+        return "walk"
+    B, T, H, _ = q.shape
+    if v.shape[2] != H:      # grouped-query attention: the chunk mode's kernels read one key/value head per query head
+        return "walk"
+    walk_programs = B * H * triton.cdiv(m, min(MAX_BM, max(16, triton.next_power_of_2(m)))) * triton.cdiv(
+        v.shape[-1], 64)
+    return resolve_mode(mode, walk_programs, T, q.device)
 
 
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, params: FeatureParams, *, causal: bool,
@@ -115,8 +143,10 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, params: FeatureParams, *, 
         S0 = z0 = m0 = None
     psi = None if params.psi is None else params.psi.float().contiguous()
     mask = None if key_padding_mask is None else key_padding_mask.contiguous()
+    mode = causal_mode(q, v, params.W.shape[1], causal)
+    chunk = chunk_size(q.shape[1]) if mode == "chunk" else default_chunk_size(q.shape[1])
     o, _, _, _, S, z, m = torch.ops.spectraformer_fused.rf_fwd(
         q.contiguous(), k.contiguous(), v.contiguous(), params.W.float(), params.bias.float().contiguous(),
         params.freq.float().contiguous(), psi, mask, S0, z0, m0, int(params.kind), float(params.c_t),
-        float(params.c_o), float(params.scale), bool(causal), default_chunk_size(q.shape[1]))
+        float(params.c_o), float(params.scale), bool(causal), chunk, mode)
     return o, (RFState(S, z, m) if output_final_state else None)

@@ -462,6 +462,18 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def grad_coefficients(do, o, den):
+    """``(a [B, T, H, Dv], beta [B, H, T])``, fp32 contiguous: a_t = g_t / den_s and
+    beta_t = -(g_t . o_t) d|den_t|/dden_t / den_s. O(T Dv), like softmax's delta."""
+    den_abs = den.abs()
+    den_s = den_abs.clamp_min(DEN_EPS)                                          # [B, H, T]
+    sgn = torch.where(den_abs >= DEN_EPS, torch.sign(den), torch.zeros_like(den))
+    g = do.float()
+    a = (g / den_s.transpose(1, 2)[..., None]).contiguous()                     # [B, T, H, Dv]
+    beta = (-(g * o.float()).sum(-1).transpose(1, 2) * sgn / den_s).contiguous()   # [B, H, T]
+    return a, beta
+
+
 def rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab, S, z, *, kind: int,
            c_t: float, c_o: float, scale: float, causal: bool, chunk_size: int):
     """Gradients of random-feature attention from the saved forward statistics.
@@ -489,13 +501,7 @@ def rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qm
     bias, freq = bias.float().contiguous(), freq.float().contiguous()
     psi = None if psi is None else psi.float().contiguous()
 
-    # a_t = g_t / den_s and beta_t = -(g_t . o_t) d|den_t|/dden_t / den_s: O(T Dv), like softmax's delta
-    den_abs = den.abs()
-    den_s = den_abs.clamp_min(DEN_EPS)                                          # [B, H, T]
-    sgn = torch.where(den_abs >= DEN_EPS, torch.sign(den), torch.zeros_like(den))
-    g = do.float()
-    a = (g / den_s.transpose(1, 2)[..., None]).contiguous()                     # [B, T, H, Dv]
-    beta = (-(g * o.float()).sum(-1).transpose(1, 2) * sgn / den_s).contiguous()   # [B, H, T]
+    a, beta = grad_coefficients(do, o, den)
 
     BT = chunk_size
     BD, BV = _pow2(D), _pow2(Dv)

@@ -129,3 +129,24 @@ def _keep_rows(mask, i_b, o_t, m_t, s_mb, s_mt, HAS_MASK: tl.constexpr):
     if HAS_MASK:
         keep = keep & (tl.load(mask + i_b * s_mb + o_t * s_mt, mask=m_t, other=0) != 0)
     return keep
+
+
+@triton.jit
+def _load_rows(x, i_b, i_h, o_t, m_t, o_d, m_d, s_b, s_t, s_h, s_d):
+    """[BT, BD] tile of a [B, T, H, D] tensor of any strides; zeros outside."""
+    p_x = x + i_b * s_b + i_h * s_h + o_t[:, None] * s_t + o_d[None, :] * s_d
+    return tl.load(p_x, mask=m_t[:, None] & m_d[None, :], other=0.0)
+
+
+@triton.jit
+def _store_out(o, den, b_num, b_den, i_bh, i_b, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV, s_on, s_dn,
+               SPLIT: tl.constexpr):
+    """Write one chunk's output rows: o = num / max(|den|, eps), or the partials of frequency tile i_m."""
+    p_o = o + i_b * T * H * DV + o_t[:, None] * H * DV + i_h * DV + o_v[None, :]
+    if SPLIT:
+        tl.store(p_o + i_m * s_on, b_num, mask=m_t[:, None] & m_v[None, :])
+    else:
+        b_o = b_num / tl.maximum(tl.abs(b_den), 1e-30)[:, None]
+        tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
+    if i_v == 0:
+        tl.store(den + i_m * s_dn + i_bh * T + o_t, b_den, mask=m_t)

@@ -44,17 +44,11 @@ import triton.language as tl
 
 from ..components import EXP
 from . import autotune_enabled
-from .triton_common import _dot, _feature_logits, _features, _keep_rows, _transform, dot_precision
+from .triton_common import (_dot, _feature_logits, _features, _keep_rows, _load_rows, _store_out, _transform,
+                             dot_precision)
 
 DEN_EPS = 1e-30
 MAX_BM = 64
-
-
-@triton.jit
-def _load_rows(x, i_b, i_h, o_t, m_t, o_d, m_d, s_b, s_t, s_h, s_d):
-    """[BT, BD] tile of a [B, T, H, D] tensor of any strides; zeros outside."""
-    p_x = x + i_b * s_b + i_h * s_h + o_t[:, None] * s_t + o_d[None, :] * s_d
-    return tl.load(p_x, mask=m_t[:, None] & m_d[None, :], other=0.0)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -106,20 +100,6 @@ def _rf_stats_fwd_kernel(q, k, W, bias, freq, psi, mask, qmax, kmax,
             b_kmax = tl.maximum(b_kmax, tl.max(tl.where(keep[:, None], b_eb, float("-inf")), axis=1))
     tl.store(qmax + i_bh * T + o_t, b_qmax, mask=m_t)
     tl.store(kmax + i_bh * NC + i_c, tl.max(b_kmax, axis=0))
-
-
-@triton.jit
-def _store_out(o, den, b_num, b_den, i_bh, i_b, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV, s_on, s_dn,
-               SPLIT: tl.constexpr):
-    """Write one chunk's output rows: o = num / max(|den|, eps), or the partials of frequency tile i_m."""
-    p_o = o + i_b * T * H * DV + o_t[:, None] * H * DV + i_h * DV + o_v[None, :]
-    if SPLIT:
-        tl.store(p_o + i_m * s_on, b_num, mask=m_t[:, None] & m_v[None, :])
-    else:
-        b_o = b_num / tl.maximum(tl.abs(b_den), 1e-30)[:, None]
-        tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
-    if i_v == 0:
-        tl.store(den + i_m * s_dn + i_bh * T + o_t, b_den, mask=m_t)
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -348,6 +328,47 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
 
+def stabilisers(q, k, W, bias, freq, psi, mask, m0, *, kind: int, c_t: float, c_o: float, scale: float,
+                causal: bool, BT: int):
+    """The stabilisers of both causal modes and of the non-causal forward: ``(qmax [B, H, T], kstab, m)``,
+    kstab ``[B, Hk, NC]`` the running maximum of the chunks' key exponents (causal) or ``[B, Hk, 1]``
+    their maximum, both combined with ``m0`` and 0 where still -inf; m ``[B, Hk]`` the final one (-inf
+    kept). Hk = k.shape[2] key/value heads (grouped-query attention when Hk < H). bias, freq, psi, m0:
+    fp32 contiguous (or None)."""
+    B, T, H, D = q.shape
+    Hk = k.shape[2]
+    G = H // Hk
+    M = W.shape[1]
+    NC = triton.cdiv(T, BT)
+    BD = max(16, _next_pow2(D))
+    BM = max(16, min(MAX_BM, _next_pow2(M)))
+    dev = q.device
+    mask_u8 = None if mask is None else mask.view(torch.uint8)
+    root = math.sqrt(scale)
+    dummy = bias
+    prec = dot_precision(q.dtype, k.dtype)
+    qmax = torch.empty(B, H, T, dtype=torch.float32, device=dev)
+    kmax = torch.empty(B, H, NC, dtype=torch.float32, device=dev)
+    s_mb, s_mt = (0, 0) if mask is None else mask.stride()
+    _rf_stats_fwd_kernel[(B * H, NC)](
+        q, k, W, bias, freq, psi if psi is not None else dummy, mask_u8 if mask is not None else dummy, qmax, kmax,
+        *q.stride(), *k.stride(), *W.stride(), s_mb, s_mt,
+        T, H, Hk, G, M, D, root, c_t, c_o,
+        KIND=kind, HAS_MASK=mask is not None, HAS_PSI=psi is not None, HAS_CO=c_o != 0.0,
+        PREC=prec, BT=BT, BD=BD, BM=min(BM, freq_tile(BD)), num_warps=4)
+
+    if G > 1:   # every query head of a group found its key/value head's maxima
+        kmax = kmax.unflatten(1, (Hk, G)).amax(2)                                     # [B, Hk, NC]
+    m_init = m0 if m0 is not None else torch.full((B, Hk), float("-inf"), dtype=torch.float32, device=dev)
+    if causal:
+        run = torch.maximum(torch.cummax(kmax, dim=-1).values, m_init[..., None])     # [B, Hk, NC]
+    else:
+        run = torch.maximum(kmax.amax(-1, keepdim=True), m_init[..., None])           # [B, Hk, 1]
+    kstab = torch.where(torch.isneginf(run), torch.zeros_like(run), run).contiguous()
+    m_final = run[..., -1].contiguous()
+    return qmax, kstab, m_final
+
+
 def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: float, c_o: float, scale: float,
            causal: bool, output_final_state: bool, chunk_size: int | None = None):
     """Fused forward. q ``[B, T, H, D]`` (fp16/bf16/fp32, any strides), k ``[B, T, Hk, D]``, v
@@ -386,25 +407,9 @@ def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: flo
     has_co = c_o != 0.0
     dummy = bias
 
-    qmax = torch.empty(B, H, T, dtype=torch.float32, device=dev)
-    kmax = torch.empty(B, H, NC, dtype=torch.float32, device=dev)
+    qmax, kstab, m_final = stabilisers(q, k, W, bias, freq, psi, mask, m0 if has_init else None, kind=kind,
+                                       c_t=c_t, c_o=c_o, scale=scale, causal=causal, BT=BT)
     s_mb, s_mt = (0, 0) if mask is None else mask.stride()
-    _rf_stats_fwd_kernel[(B * H, NC)](
-        q, k, W, bias, freq, psi if psi is not None else dummy, mask_u8 if mask is not None else dummy, qmax, kmax,
-        *q.stride(), *k.stride(), *W.stride(), s_mb, s_mt,
-        T, H, Hk, G, M, D, root, c_t, c_o,
-        KIND=kind, HAS_MASK=mask is not None, HAS_PSI=psi is not None, HAS_CO=has_co,
-        PREC=prec, BT=BT, BD=BD, BM=min(BM, freq_tile(BD)), num_warps=4)
-
-    if G > 1:   # every query head of a group found its key/value head's maxima
-        kmax = kmax.unflatten(1, (Hk, G)).amax(2)                                     # [B, Hk, NC]
-    m_init = m0 if has_init else torch.full((B, Hk), float("-inf"), dtype=torch.float32, device=dev)
-    if causal:
-        run = torch.maximum(torch.cummax(kmax, dim=-1).values, m_init[..., None])     # [B, H, NC]
-    else:
-        run = torch.maximum(kmax.amax(-1, keepdim=True), m_init[..., None])           # [B, H, 1]
-    kstab = torch.where(torch.isneginf(run), torch.zeros_like(run), run).contiguous()
-    m_final = run[..., -1].contiguous()
 
     split = NMT > 1
     o = torch.empty(B, T, H, Dv, dtype=v.dtype, device=dev)

@@ -1,0 +1,771 @@
+"""Chunk-parallel causal forward and backward of random-feature attention (the "chunk" mode).
+
+The walk (``triton_fwd`` / ``triton_bwd``) runs one ordered pass over all chunks per (batch x head,
+frequency tile, Dv tile): few programs when B x H is small and T long. Here the chunks of BT tokens are
+grouped into NR ranges of CPS chunks and the state passes between ranges, as fla's ``chunk`` mode and
+Lightning Attention-2 pass it between chunks:
+
+1. ``_rf_chunk_state_kernel`` (grid ``(B*H, NMT, NV*NR)``, all ranges in parallel): each range's own key
+   state ``L_r = sum_j phi_k(j) v_j^T`` and ``l_r = sum_j phi_k(j)`` over its keys, the features taken
+   relative to the range's last key stabiliser ``e_r = kstab[last chunk of r]`` (the running maximum,
+   known before any state pass: ``triton_fwd.stabilisers``).
+2. ``_rf_chunk_scan_kernel`` (grid ``(B*H, F tiles, Dv tiles)``): a short ordered pass over the NR ranges
+   that turns them into the state before each range, relative to ``s_r = kstab[first chunk of r]``
+   (the initial state folded in), and the final state. Rescaling between stabilisers uses the walk's
+   factor ``exp(min(earlier - later, 0))``, so the states are the walk's.
+3. ``_rf_chunk_fwd_kernel`` (grid ``(B*H, NMT, NV*NR)``, all ranges in parallel): the walk over the
+   range's CPS chunks starting from its state: per chunk the masked intra-chunk product plus
+   ``phi_q`` times the state before the chunk.
+
+The backward mirrors it: the states before each range are recomputed (steps 1 and 2); each range's
+query-side ``dS``/``dz`` (``_rf_chunk_bwd_dstate_kernel``, relative to ``s_r``) pass in reverse order
+through the same scan kernel, seeded with the final state's gradient, giving ``dS``/``dz`` after each
+range and the initial state's gradient; then ``_rf_chunk_bwd_dq_kernel`` and ``_rf_chunk_bwd_dkv_kernel``
+run every range in parallel. Deterministic: no atomics; every partial (frequency tiles, W's and the
+bias' gradients per range) is an fp32 buffer summed on the host in a fixed order.
+
+Memory beyond the walk's: the states before each range ``[B, H, NR, F, Dv]`` and ``[B, H, NR, F]`` in
+fp32 (the ranges' local states, written first, are overwritten by the pass; the backward holds two
+such buffers, key and query side).
+``range_chunks`` makes a range at least ``RANGE_TOKENS`` = 256 tokens long on a GPU, so the states hold
+``4 F Dv / 256`` bytes per token and head (128 at F = 128, Dv = 64: a third of fp16 q, k, v's 384),
+whatever the batch; fp32 states cost no accuracy against the walk (tests/test_triton_chunk.py).
+
+k, v and the per-head parameters (W, bias, freq, psi) are addressed through the key head ``i_hk``
+(today the query head).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..components import EXP
+from .triton_bwd import _input_grad, _key_phi, _phi_grad, _pow2, _query_phi, _tile_params, grad_coefficients
+from .triton_common import _dot, _features, _keep_rows, _load_rows, _store_out, _transform, dot_precision
+from .triton_fwd import DEN_EPS, MAX_BM, _next_pow2, default_chunk_size, freq_tile, stabilisers
+
+MODES = ("auto", "walk", "chunk")
+MODE_ENV = "SPECTRAFORMER_FUSED_TRITON_MODE"
+RANGE_TOKENS = 256
+# Fixed launch configurations, chosen for no spills at D = Dv = 64, m = 128 on sm_90 (python -m
+# bench.compile_check; bench/results/compile-sm90-*.md): Dv tiles of 32 in the forward's output kernel,
+# 8 warps for the dq and dkv kernels, which hold whole rows of D and Dv.
+FWD_BV = 64
+FWD_WARPS = 8
+BWD_WARPS = 8
+CHUNK = 16
+
+
+def chunk_size(T: int) -> int:
+    """The chunk (compute tile) of the chunk mode: 16 tokens. Its programs hold [chunk, D] and [chunk, Dv]
+    tiles beside whole rows of the state; with chunks of 32 the dq and dkv kernels spill (sm_90,
+    D = Dv = 64, m = 128: 40 and 136 bytes per thread), and the ranges give the parallelism back."""
+    return CHUNK
+
+
+def requested_mode() -> str:
+    """The causal mode asked for by ``SPECTRAFORMER_FUSED_TRITON_MODE`` (default "auto")."""
+    mode = os.environ.get(MODE_ENV, "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise ValueError(f"{MODE_ENV}={mode!r}: valid values are {', '.join(MODES)}")
+    return mode
+
+
+def choose_mode(programs: int, T: int, multiprocessors: int, range_tokens: int = RANGE_TOKENS) -> str:
+    """The causal mode "auto" runs on a GPU with ``multiprocessors``: "walk" or "chunk".
+
+    ``programs`` is what the walk launches, B x H x frequency tiles x Dv tiles. The walk's programs each
+    walk all T / 32 chunks in order; the chunk mode adds two launches and a pass over the ranges, and in
+    exchange runs ranges of ``range_tokens`` tokens in parallel. So: the walk while it already gives
+    every multiprocessor two programs (many heads: the chunk mode would only add work), or while T spans
+    at most two ranges (little to parallelise); the chunk mode otherwise. These thresholds are reasoned,
+    not measured: no GPU timing of either mode exists yet (bench/gpu_bench.py prints both modes side by
+    side; its crossovers are to replace them).
+    """
+    if programs >= 2 * multiprocessors or T <= 2 * range_tokens:
+        return "walk"
+    return "chunk"
+
+
+def resolve_mode(mode: str, programs: int, T: int, device: torch.device) -> str:
+    """"walk" or "chunk" for a causal call: ``mode`` ("auto", "walk", "chunk") with "auto" resolved by
+    ``choose_mode`` on a GPU. Without one (the Triton interpreter runs one program at a time: nothing to
+    fill) "auto" is the walk, so the walk's tests stay the walk's; the chunk mode's tests ask for it."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if mode != "auto":
+        return mode
+    if device.type != "cuda":
+        return "walk"
+    return choose_mode(programs, T, torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def range_chunks(num_chunks: int, BT: int, programs: int, device: torch.device) -> int:
+    """CPS, the chunks per range. On a GPU: enough ranges for about four programs per multiprocessor
+    (``programs`` per range), but ranges of at least RANGE_TOKENS tokens (the states' memory, see the
+    module docstring). Under the interpreter: ranges of at most two chunks, so tests cross several."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        ranges = max(1, triton.cdiv(target, max(1, programs)))
+        cps = max(triton.cdiv(num_chunks, ranges), triton.cdiv(RANGE_TOKENS, BT))
+    else:
+        cps = 2 if num_chunks >= 4 else 1
+    return max(1, min(num_chunks, cps))
+
+
+@triton.jit(do_not_specialize=["T"])
+def _rf_chunk_state_kernel(k, v, W, bias, freq, psi, mask, kstab, L, Lz,
+                           s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd, s_wh, s_wm, s_wd, s_mb, s_mt,
+                           T, H, M, D, DV, CPS, root, c_t, c_o,
+                           KIND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PSI: tl.constexpr,
+                           HAS_CO: tl.constexpr, PREC: tl.constexpr,
+                           BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr):
+    """L[b, h, r] = sum over range r's keys of phi_k v^T (and Lz: of phi_k), features relative to e_r.
+    Program id 2 = Dv tile + NV * range."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_m = tl.program_id(1).to(tl.int64)
+    i_vr = tl.program_id(2).to(tl.int64)
+    NV = tl.cdiv(DV, BV)
+    i_v = i_vr % NV
+    i_r = i_vr // NV
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_hk = i_h
+    i_bhk = i_b * H + i_hk
+    NC = tl.cdiv(T, BT)
+    NR = tl.cdiv(NC, CPS)
+    F = M if KIND == 0 else 2 * M
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < M
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    o_i = tl.arange(0, BT)
+    if HAS_PSI:
+        b_psi = tl.load(psi + i_bhk * D + o_d, mask=m_d, other=1.0)
+    else:
+        b_psi = tl.full([BD], 1.0, tl.float32)
+    b_freq = tl.load(freq + i_bhk)
+    b_bias = tl.load(bias + i_bhk * M + o_m, mask=m_m, other=float("-inf"))
+    p_w = W + i_hk * s_wh + o_m[:, None] * s_wm + o_d[None, :] * s_wd
+    m_w = m_m[:, None] & m_d[None, :]
+    c_lo = i_r * CPS
+    c_hi = tl.minimum(c_lo + CPS, NC)
+    b_ke = tl.load(kstab + i_bhk * NC + c_hi - 1)
+    b_sa = tl.zeros([BM, BV], dtype=tl.float32)
+    b_sb = tl.zeros([BM, BV], dtype=tl.float32)
+    b_za = tl.zeros([BM], dtype=tl.float32)
+    b_zb = tl.zeros([BM], dtype=tl.float32)
+    for i_c in range(c_lo, c_hi):
+        o_t = i_c * BT + o_i
+        m_t = o_t < T
+        b_w = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
+        keep = _keep_rows(mask, i_b, o_t, m_t, s_mb, s_mt, HAS_MASK)
+        b_k = _load_rows(k, i_b, i_hk, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
+        b_xk, b_rk = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
+        b_pka, b_pkb = _features(b_xk, b_rk, b_w, b_bias, b_freq, b_ke, keep, KIND, PREC)
+        b_v = _load_rows(v, i_b, i_hk, o_t, m_t, o_v, m_v, s_vb, s_vt, s_vh, s_vd).to(tl.float32)
+        # [BM, BT] @ [BT, BV] -> [BM, BV]
+        b_sa += _dot(tl.trans(b_pka), b_v, PREC)
+        b_za += tl.sum(b_pka, axis=0)
+        if KIND != 0:
+            b_sb += _dot(tl.trans(b_pkb), b_v, PREC)
+            b_zb += tl.sum(b_pkb, axis=0)
+    p_s = L + (i_bh * NR + i_r) * F * DV + o_m[:, None] * DV + o_v[None, :]
+    p_z = Lz + (i_bh * NR + i_r) * F + o_m
+    m_s = m_m[:, None] & m_v[None, :]
+    tl.store(p_s, b_sa, mask=m_s)
+    if KIND != 0:
+        tl.store(p_s + M * DV, b_sb, mask=m_s)
+    if i_v == 0:
+        tl.store(p_z, b_za, mask=m_m)
+        if KIND != 0:
+            tl.store(p_z + M, b_zb, mask=m_m)
+
+
+@triton.jit
+def _rf_chunk_scan_kernel(L, Lz, kstab, init, init_z, out, out_z, fin, fin_z, NC, F, DV, CPS,
+                          REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+                          BF: tl.constexpr, BV: tl.constexpr):
+    """The ordered pass over ranges of one (batch x head, F tile, Dv tile); L, out [B, H, NR, F, Dv],
+    Lz, out_z [B, H, NR, F], init, fin [B, H, F, Dv], init_z, fin_z [B, H, F].
+
+    Forward (keys): L_r relative to e_r; writes out_r = the state before range r, relative to s_r;
+    init is relative to kstab[0]; fin (after the last range) to kstab[NC - 1].
+    REVERSE (queries' dS): L_r relative to s_r; writes out_r = the sum over later ranges, relative to
+    e_r; init is relative to kstab[NC - 1], fin (every range) to kstab[0].
+    Rescaling from stabiliser a (earlier in time) to b (later): exp(min(a - b, 0)), the walk's factor.
+    """
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_f = tl.program_id(1).to(tl.int64)
+    i_v = tl.program_id(2).to(tl.int64)
+    NR = tl.cdiv(NC, CPS)
+    o_f = i_f * BF + tl.arange(0, BF)
+    m_f = o_f < F
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    m_s = m_f[:, None] & m_v[None, :]
+    o_s = o_f[:, None] * DV + o_v[None, :]
+    if HAS_INIT:
+        b_g = tl.load(init + i_bh * F * DV + o_s, mask=m_s, other=0.0)
+        b_gz = tl.load(init_z + i_bh * F + o_f, mask=m_f, other=0.0)
+    else:
+        b_g = tl.zeros([BF, BV], dtype=tl.float32)
+        b_gz = tl.zeros([BF], dtype=tl.float32)
+    if REVERSE:
+        b_prev = tl.load(kstab + i_bh * NC + NC - 1)
+    else:
+        b_prev = tl.load(kstab + i_bh * NC)
+    for i in range(0, NR):
+        if REVERSE:
+            r = NR - 1 - i
+        else:
+            r = i
+        b_s = tl.load(kstab + i_bh * NC + r * CPS)
+        b_e = tl.load(kstab + i_bh * NC + tl.minimum(r * CPS + CPS, NC) - 1)
+        if REVERSE:
+            b_alpha = tl.exp(tl.minimum(b_e - b_prev, 0.0))
+            b_prev = b_s
+        else:
+            b_alpha = tl.exp(tl.minimum(b_prev - b_s, 0.0))
+            b_prev = b_e
+        b_g *= b_alpha
+        b_gz *= b_alpha
+        p_r = (i_bh * NR + r) * F
+        # read before written: out may be L itself (each program owns its [BF, BV] block; out_z is written
+        # by the programs of the first Dv tile only, the others' copies of b_gz are never stored)
+        b_l = tl.load(L + p_r * DV + o_s, mask=m_s, other=0.0)
+        b_lz = tl.load(Lz + p_r + o_f, mask=m_f, other=0.0)
+        tl.store(out + p_r * DV + o_s, b_g, mask=m_s)
+        if i_v == 0:
+            tl.store(out_z + p_r + o_f, b_gz, mask=m_f)
+        # across the range: its start and end stabilisers, then its own part
+        b_alpha = tl.exp(tl.minimum(b_s - b_e, 0.0))
+        b_g = b_g * b_alpha + b_l
+        b_gz = b_gz * b_alpha + b_lz
+    if STORE_FINAL:
+        tl.store(fin + i_bh * F * DV + o_s, b_g, mask=m_s)
+        if i_v == 0:
+            tl.store(fin_z + i_bh * F + o_f, b_gz, mask=m_f)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _rf_chunk_fwd_kernel(q, k, v, W, bias, freq, psi, mask, Sb, zb, qmax, kstab, o, den,
+                         s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
+                         s_wh, s_wm, s_wd, s_mb, s_mt, s_on, s_dn,
+                         T, H, M, D, DV, CPS, root, c_t, c_o,
+                         KIND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
+                         SPLIT: tl.constexpr, PREC: tl.constexpr,
+                         BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr):
+    """The outputs of one range (program id 2 = Dv tile + NV * range): the walk over its chunks from the
+    state before it (Sb [B, H, NR, F, Dv], zb [B, H, NR, F], relative to kstab at its first chunk)."""
+    i_bh = tl.program_id(0).to(tl.int64)
+    i_m = tl.program_id(1).to(tl.int64)
+    i_vr = tl.program_id(2).to(tl.int64)
+    NV = tl.cdiv(DV, BV)
+    i_v = i_vr % NV
+    i_r = i_vr // NV
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_hk = i_h
+    i_bhk = i_b * H + i_hk
+    NC = tl.cdiv(T, BT)
+    NR = tl.cdiv(NC, CPS)
+    F = M if KIND == 0 else 2 * M
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < M
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < DV
+    o_i = tl.arange(0, BT)
+    if HAS_PSI:
+        b_psi = tl.load(psi + i_bhk * D + o_d, mask=m_d, other=1.0)
+    else:
+        b_psi = tl.full([BD], 1.0, tl.float32)
+    b_freq = tl.load(freq + i_bhk)
+    b_bias = tl.load(bias + i_bhk * M + o_m, mask=m_m, other=float("-inf"))
+    p_w = W + i_hk * s_wh + o_m[:, None] * s_wm + o_d[None, :] * s_wd
+    m_w = m_m[:, None] & m_d[None, :]
+    m_s = m_m[:, None] & m_v[None, :]
+    c_lo = i_r * CPS
+    c_hi = tl.minimum(c_lo + CPS, NC)
+    p_s = Sb + (i_bh * NR + i_r) * F * DV + o_m[:, None] * DV + o_v[None, :]
+    p_z = zb + (i_bh * NR + i_r) * F + o_m
+    b_sa = tl.load(p_s, mask=m_s, other=0.0)
+    b_za = tl.load(p_z, mask=m_m, other=0.0)
+    b_sb = tl.zeros([BM, BV], dtype=tl.float32)
+    b_zb = tl.zeros([BM], dtype=tl.float32)
+    if KIND != 0:
+        b_sb = tl.load(p_s + M * DV, mask=m_s, other=0.0)
+        b_zb = tl.load(p_z + M, mask=m_m, other=0.0)
+    b_kprev = tl.load(kstab + i_bhk * NC + c_lo)
+    for i_c in range(c_lo, c_hi):
+        o_t = i_c * BT + o_i
+        m_t = o_t < T
+        b_kst = tl.load(kstab + i_bhk * NC + i_c)
+        # the walk's factor: finite (the state is zero) after chunks without any key
+        b_alpha = tl.exp(tl.minimum(b_kprev - b_kst, 0.0))
+        b_sa *= b_alpha
+        b_za *= b_alpha
+        if KIND != 0:
+            b_sb *= b_alpha
+            b_zb *= b_alpha
+        b_w = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
+        keep = _keep_rows(mask, i_b, o_t, m_t, s_mb, s_mt, HAS_MASK)
+        b_k = _load_rows(k, i_b, i_hk, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
+        b_xk, b_rk = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
+        b_pka, b_pkb = _features(b_xk, b_rk, b_w, b_bias, b_freq, b_kst, keep, KIND, PREC)
+        b_q = _load_rows(q, i_b, i_h, o_t, m_t, o_d, m_d, s_qb, s_qt, s_qh, s_qd)
+        b_xq, b_rq = _transform(b_q, b_psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
+        b_qmax = tl.load(qmax + i_bh * T + o_t, mask=m_t, other=0.0)
+        b_pqa, b_pqb = _features(b_xq, b_rq, b_w, b_bias, b_freq, b_qmax[:, None], m_t, KIND, PREC)
+        b_v = _load_rows(v, i_b, i_hk, o_t, m_t, o_v, m_v, s_vb, s_vt, s_vh, s_vd).to(tl.float32)
+        # [BT, BM] @ [BM, BT] -> [BT, BT]: query t, key j of this chunk; [BT, BM] @ [BM, BV]: earlier ones
+        b_s = _dot(b_pqa, tl.trans(b_pka), PREC)
+        b_num = _dot(b_pqa, b_sa, PREC)
+        b_den = tl.sum(b_pqa * b_za[None, :], axis=1)
+        if KIND != 0:
+            b_s += _dot(b_pqb, tl.trans(b_pkb), PREC)
+            b_num += _dot(b_pqb, b_sb, PREC)
+            b_den += tl.sum(b_pqb * b_zb[None, :], axis=1)
+        b_s = tl.where(o_i[:, None] >= o_i[None, :], b_s, 0.0)
+        b_num += _dot(b_s, b_v, PREC)                                   # [BT, BT] @ [BT, BV]
+        b_den += tl.sum(b_s, axis=1)
+        _store_out(o, den, b_num, b_den, i_bh, i_b, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV, s_on, s_dn, SPLIT)
+        b_sa += _dot(tl.trans(b_pka), b_v, PREC)                        # [BM, BT] @ [BT, BV]
+        b_za += tl.sum(b_pka, axis=0)
+        if KIND != 0:
+            b_sb += _dot(tl.trans(b_pkb), b_v, PREC)
+            b_zb += tl.sum(b_pkb, axis=0)
+        b_kprev = b_kst
+
+
+@triton.jit(do_not_specialize=["T"])
+def _rf_chunk_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, kstab, da, dbeta, L, Lz,
+                                T, H, M, D, DV, stride_wh, CPS, root, c_t, c_o,
+                                KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
+                                PREC: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
+                                BV: tl.constexpr):
+    """Range i_r's own dS = sum_t phiq_t a_t^T and dz = sum_t phiq_t beta_t, relative to s_r: query t of
+    chunk c counts exp(min(s_r - kstab_c, 0)) (the walk's factors from chunk c back to the range's
+    first). Writes L [B, H, NR, F, Dv], Lz [B, H, NR, F]."""
+    i_m = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_r = tl.program_id(2).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_hk = i_h
+    i_bhk = i_b * H + i_hk
+    NC = tl.cdiv(T, BT)
+    NR = tl.cdiv(NC, CPS)
+    F = M if KIND == 0 else 2 * M
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < M
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_v = tl.arange(0, BV)
+    m_v = o_v < DV
+    o_c = tl.arange(0, BT)
+    m_sv = m_m[:, None] & m_v[None, :]
+    b_w, b_bias, b_freq, b_psi = _tile_params(w, bias, freq, psi, i_bhk, i_hk, o_m, m_m, o_d, m_d, stride_wh, M, D,
+                                              HAS_PSI, BD)
+    b_dsa = tl.zeros([BM, BV], dtype=tl.float32)
+    b_dsb = tl.zeros([BM, BV], dtype=tl.float32)
+    b_dza = tl.zeros([BM], dtype=tl.float32)
+    b_dzb = tl.zeros([BM], dtype=tl.float32)
+    c_lo = i_r * CPS
+    b_ks = tl.load(kstab + i_bhk * NC + c_lo)
+    for c in range(c_lo, tl.minimum(c_lo + CPS, NC)):
+        o_t = c * BT + o_c
+        m_t = o_t < T
+        b_f = tl.exp(tl.minimum(b_ks - tl.load(kstab + i_bhk * NC + c), 0.0))
+        p_tq = ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
+        b_a = tl.load(da + ((i_b * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :],
+                      mask=m_t[:, None] & m_v[None, :], other=0.0) * b_f
+        b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0) * b_f
+        _, _, qa, qb = _query_phi(q, qmax, p_tq, m_t[:, None] & m_d[None, :], i_bh, T, o_t, m_t, b_w, b_bias,
+                                  b_freq, b_psi, root, c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC)
+        b_dsa += _dot(tl.trans(qa), b_a, PREC)                                          # [BM, BT] @ [BT, BV]
+        b_dza += tl.sum(qa * b_beta[:, None], axis=0)
+        if KIND != 0:
+            b_dsb += _dot(tl.trans(qb), b_a, PREC)
+            b_dzb += tl.sum(qb * b_beta[:, None], axis=0)
+    p_ds = L + (i_bh * NR + i_r) * F * DV + o_m[:, None] * DV + o_v[None, :]
+    p_dz = Lz + (i_bh * NR + i_r) * F + o_m
+    tl.store(p_ds, b_dsa, mask=m_sv)
+    tl.store(p_dz, b_dza, mask=m_m)
+    if KIND != 0:
+        tl.store(p_ds + M * DV, b_dsb, mask=m_sv)
+        tl.store(p_dz + M, b_dzb, mask=m_m)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _rf_chunk_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, Sb, zb, qmax, kstab, da, dbeta,
+                            dq, dw, db, T, H, M, D, DV, stride_wh, CPS, s_wp, s_bp, root, c_t, c_o,
+                            KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
+                            HAS_MASK: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr,
+                            BD: tl.constexpr, BV: tl.constexpr):
+    """dq of range i_r's chunks (and the query part of dW, dbias, slice i_r), walking forward from the
+    state before the range (Sb, zb: relative to kstab at its first chunk)."""
+    i_m = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_r = tl.program_id(2).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_hk = i_h
+    i_bhk = i_b * H + i_hk
+    NC = tl.cdiv(T, BT)
+    NR = tl.cdiv(NC, CPS)
+    F = M if KIND == 0 else 2 * M
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < M
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_v = tl.arange(0, BV)
+    m_v = o_v < DV
+    o_c = tl.arange(0, BT)
+    m_sv = m_m[:, None] & m_v[None, :]
+    part = i_m * T * tl.num_programs(1)                     # start of this tile's partial [B, T, H, D]
+    b_w, b_bias, b_freq, b_psi = _tile_params(w, bias, freq, psi, i_bhk, i_hk, o_m, m_m, o_d, m_d, stride_wh, M, D,
+                                              HAS_PSI, BD)
+    c_lo = i_r * CPS
+    c_hi = tl.minimum(c_lo + CPS, NC)
+    p_s = Sb + (i_bh * NR + i_r) * F * DV + o_m[:, None] * DV + o_v[None, :]
+    p_z = zb + (i_bh * NR + i_r) * F + o_m
+    b_sa = tl.load(p_s, mask=m_sv, other=0.0)
+    b_za = tl.load(p_z, mask=m_m, other=0.0)
+    b_sb = tl.zeros([BM, BV], dtype=tl.float32)
+    b_zb = tl.zeros([BM], dtype=tl.float32)
+    if KIND != 0:
+        b_sb = tl.load(p_s + M * DV, mask=m_sv, other=0.0)
+        b_zb = tl.load(p_z + M, mask=m_m, other=0.0)
+    b_dw = tl.zeros([BM, BD], dtype=tl.float32)
+    b_db = tl.zeros([BM], dtype=tl.float32)
+    b_kprev = tl.load(kstab + i_bhk * NC + c_lo)
+    for c in range(c_lo, c_hi):
+        o_t = c * BT + o_c
+        m_t = o_t < T
+        p_tq = ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
+        p_tk = ((i_b * T + o_t[:, None]) * H + i_hk) * D + o_d[None, :]
+        m_tk = m_t[:, None] & m_d[None, :]
+        p_ta = ((i_b * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]
+        p_tv = ((i_b * T + o_t[:, None]) * H + i_hk) * DV + o_v[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_a = tl.load(da + p_ta, mask=m_tv, other=0.0)                                # [BT, BV]
+        b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0)               # [BT]
+        b_ks = tl.load(kstab + i_bhk * NC + c)
+        b_rescale = tl.exp(tl.minimum(b_kprev - b_ks, 0.0))
+        b_kprev = b_ks
+        b_sa *= b_rescale
+        b_za *= b_rescale
+        b_sb *= b_rescale
+        b_zb *= b_rescale
+        b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        _, _, ka, kb = _key_phi(k, mask, p_tk, m_tk, i_b, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, b_ks,
+                                root, c_t, c_o, KIND, HAS_PSI, HAS_CO, HAS_MASK, PREC)
+        # P[t, j] = a_t . v_j + beta_t for keys j <= t of this chunk
+        b_p = _dot(b_a, tl.trans(b_v), PREC) + b_beta[:, None]                          # [BT, BV] @ [BV, BT]
+        b_p = tl.where(o_t[:, None] >= o_t[None, :], b_p, 0.0)
+        dqa = _dot(b_p, ka, PREC) + _dot(b_a, tl.trans(b_sa), PREC) + b_beta[:, None] * b_za[None, :]
+        if KIND != 0:
+            dqb = _dot(b_p, kb, PREC) + _dot(b_a, tl.trans(b_sb), PREC) + b_beta[:, None] * b_zb[None, :]
+        else:
+            dqb = dqa
+        b_q, qt, qa, qb = _query_phi(q, qmax, p_tq, m_tk, i_bh, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, root,
+                                     c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC)
+        de, du = _phi_grad(dqa, dqb, qa, qb, KIND)
+        b_db += tl.sum(de, axis=0)
+        b_dw += _dot(tl.trans(du), qt, PREC) * b_freq                                   # [BM, BT] @ [BT, BD]
+        b_dq = _input_grad(de, du, qt, b_q, b_w, b_psi, b_freq, root, c_t, c_o, True, HAS_PSI, HAS_CO, PREC)
+        tl.store(dq + part * D + p_tq, b_dq, mask=m_tk)
+        b_sa += _dot(tl.trans(ka), b_v, PREC)
+        b_za += tl.sum(ka, axis=0)
+        if KIND != 0:
+            b_sb += _dot(tl.trans(kb), b_v, PREC)
+            b_zb += tl.sum(kb, axis=0)
+    tl.store(dw + i_r * s_wp + (i_bh * M + o_m[:, None]) * D + o_d[None, :], b_dw, mask=m_m[:, None] & m_d[None, :])
+    tl.store(db + i_r * s_bp + i_bh * M + o_m, b_db, mask=m_m)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _rf_chunk_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, dSa, dza_, qmax, kstab, da, dbeta,
+                             dk, dv, dw, db, T, H, M, D, DV, stride_wh, CPS, s_wp, s_bp, root, c_t, c_o,
+                             KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
+                             HAS_MASK: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr,
+                             BD: tl.constexpr, BV: tl.constexpr):
+    """dk, dv of range i_r's chunks (and the key part of dW, dbias, slice i_r), walking backward from
+    dS, dz of every later query (dSa, dza_: relative to kstab at the range's last chunk)."""
+    i_m = tl.program_id(0).to(tl.int64)
+    i_bh = tl.program_id(1).to(tl.int64)
+    i_r = tl.program_id(2).to(tl.int64)
+    i_b = i_bh // H
+    i_h = i_bh % H
+    i_hk = i_h
+    i_bhk = i_b * H + i_hk
+    NC = tl.cdiv(T, BT)
+    NR = tl.cdiv(NC, CPS)
+    F = M if KIND == 0 else 2 * M
+    o_m = i_m * BM + tl.arange(0, BM)
+    m_m = o_m < M
+    o_d = tl.arange(0, BD)
+    m_d = o_d < D
+    o_v = tl.arange(0, BV)
+    m_v = o_v < DV
+    o_c = tl.arange(0, BT)
+    m_sv = m_m[:, None] & m_v[None, :]
+    part = i_m * T * tl.num_programs(1)                     # start of this tile's partial [B, T, H, .]
+    b_w, b_bias, b_freq, b_psi = _tile_params(w, bias, freq, psi, i_bhk, i_hk, o_m, m_m, o_d, m_d, stride_wh, M, D,
+                                              HAS_PSI, BD)
+    c_lo = i_r * CPS
+    c_hi = tl.minimum(c_lo + CPS, NC)
+    p_s = dSa + (i_bh * NR + i_r) * F * DV + o_m[:, None] * DV + o_v[None, :]
+    p_z = dza_ + (i_bh * NR + i_r) * F + o_m
+    b_dsa = tl.load(p_s, mask=m_sv, other=0.0)
+    b_dza = tl.load(p_z, mask=m_m, other=0.0)
+    b_dsb = tl.zeros([BM, BV], dtype=tl.float32)
+    b_dzb = tl.zeros([BM], dtype=tl.float32)
+    if KIND != 0:
+        b_dsb = tl.load(p_s + M * DV, mask=m_sv, other=0.0)
+        b_dzb = tl.load(p_z + M, mask=m_m, other=0.0)
+    b_dw = tl.zeros([BM, BD], dtype=tl.float32)
+    b_db = tl.zeros([BM], dtype=tl.float32)
+    b_knext = tl.load(kstab + i_bhk * NC + c_hi - 1)
+    for i in range(0, c_hi - c_lo):
+        c = c_hi - 1 - i
+        o_t = c * BT + o_c
+        m_t = o_t < T
+        p_tq = ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
+        p_tk = ((i_b * T + o_t[:, None]) * H + i_hk) * D + o_d[None, :]
+        m_tk = m_t[:, None] & m_d[None, :]
+        p_ta = ((i_b * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]
+        p_tv = ((i_b * T + o_t[:, None]) * H + i_hk) * DV + o_v[None, :]
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_ks = tl.load(kstab + i_bhk * NC + c)
+        # the derivative of the forward's exp(min(kstab_c - kstab_{c+1}, 0)): finite after empty chunks
+        b_rescale = tl.exp(tl.minimum(b_ks - b_knext, 0.0))
+        b_knext = b_ks
+        b_dsa *= b_rescale
+        b_dza *= b_rescale
+        b_dsb *= b_rescale
+        b_dzb *= b_rescale
+        b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        b_k, kt, ka, kb = _key_phi(k, mask, p_tk, m_tk, i_b, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, b_ks,
+                                   root, c_t, c_o, KIND, HAS_PSI, HAS_CO, HAS_MASK, PREC)
+        b_a = tl.load(da + p_ta, mask=m_tv, other=0.0)
+        b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0)
+        _, _, qa, qb = _query_phi(q, qmax, p_tq, m_tk, i_bh, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, root,
+                                  c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC)
+        causal = o_t[:, None] <= o_t[None, :]                                          # key j (row) <= query t
+        # P^T[j, t] = a_t . v_j + beta_t; A^T[j, t] = phik_j . phiq_t
+        b_pt = tl.where(causal, _dot(b_v, tl.trans(b_a), PREC) + b_beta[None, :], 0.0)  # [BT, BV] @ [BV, BT]
+        # carried part: dphik_j = dS v_j + dz, dv_j = dS^T phik_j; then this chunk's queries
+        dka = _dot(b_v, tl.trans(b_dsa), PREC) + b_dza[None, :] + _dot(b_pt, qa, PREC)
+        b_dv = _dot(ka, b_dsa, PREC)                                                    # [BT, BM] @ [BM, BV]
+        b_at = _dot(ka, tl.trans(qa), PREC)                                             # [BT, BM] @ [BM, BT]
+        if KIND != 0:
+            dkb = _dot(b_v, tl.trans(b_dsb), PREC) + b_dzb[None, :] + _dot(b_pt, qb, PREC)
+            b_dv += _dot(kb, b_dsb, PREC)
+            b_at += _dot(kb, tl.trans(qb), PREC)
+        else:
+            dkb = dka
+        b_at = tl.where(causal, b_at, 0.0)
+        b_dv += _dot(b_at, b_a, PREC)                                                   # [BT, BT] @ [BT, BV]
+        tl.store(dv + part * DV + p_tv, b_dv, mask=m_tv)
+        de, du = _phi_grad(dka, dkb, ka, kb, KIND)
+        b_db += tl.sum(de, axis=0)
+        b_dw += _dot(tl.trans(du), kt, PREC) * b_freq                                   # [BM, BT] @ [BT, BD]
+        b_dk = _input_grad(de, du, kt, b_k, b_w, b_psi, b_freq, root, c_t, c_o, False, HAS_PSI, HAS_CO, PREC)
+        tl.store(dk + part * D + p_tk, b_dk, mask=m_tk)
+        b_dsa += _dot(tl.trans(qa), b_a, PREC)
+        b_dza += tl.sum(qa * b_beta[:, None], axis=0)
+        if KIND != 0:
+            b_dsb += _dot(tl.trans(qb), b_a, PREC)
+            b_dzb += tl.sum(qb * b_beta[:, None], axis=0)
+    tl.store(dw + i_r * s_wp + (i_bh * M + o_m[:, None]) * D + o_d[None, :], b_dw, mask=m_m[:, None] & m_d[None, :])
+    tl.store(db + i_r * s_bp + i_bh * M + o_m, b_db, mask=m_m)
+
+
+def _f32(t):
+    return None if t is None else t.to(torch.float32).contiguous()
+
+
+def _scan(L, Lz, kstab, init, init_z, NC, cps, *, reverse: bool):
+    """``(out, out_z, fin, fin_z)`` of ``_rf_chunk_scan_kernel`` for local states L [B, H, NR, F, Dv];
+    out, out_z overwrite L, Lz (the local states are not needed after the pass)."""
+    B, H, NR, F, Dv = L.shape
+    BF, BV = 32, max(16, min(64, _next_pow2(Dv)))
+    out, out_z = L, Lz
+    fin = torch.empty(B, H, F, Dv, dtype=torch.float32, device=L.device)
+    fin_z = torch.empty(B, H, F, dtype=torch.float32, device=L.device)
+    has_init = init is not None
+    _rf_chunk_scan_kernel[(B * H, triton.cdiv(F, BF), triton.cdiv(Dv, BV))](
+        L=L, Lz=Lz, kstab=kstab, init=init if has_init else L, init_z=init_z if has_init else Lz, out=out,
+        out_z=out_z, fin=fin, fin_z=fin_z, NC=NC, F=F, DV=Dv, CPS=cps, REVERSE=reverse, HAS_INIT=has_init,
+        STORE_FINAL=True, BF=BF, BV=BV, num_warps=4)
+    return out, out_z, fin, fin_z
+
+
+def _states_before(k, v, W, bias, freq, psi, mask, kstab, S0, z0, m0, *, kind, c_t, c_o, scale, BT, cps):
+    """The state before every range ``[B, H, NR, F, Dv]``, ``[B, H, NR, F]`` (relative to kstab at its
+    first chunk) and the final state (relative to the last kstab): steps 1 and 2 of the module docstring.
+    bias, freq, psi, S0, z0, m0: fp32 contiguous or None."""
+    B, T, H, D = k.shape
+    Dv = v.shape[-1]
+    M = W.shape[1]
+    F = M if kind == EXP else 2 * M
+    NC = triton.cdiv(T, BT)
+    NR = triton.cdiv(NC, cps)
+    BD = max(16, _next_pow2(D))
+    BM = max(16, min(MAX_BM, _next_pow2(M), freq_tile(BD)))
+    BV = max(16, min(64, _next_pow2(Dv)))
+    dev = k.device
+    L = torch.empty(B, H, NR, F, Dv, dtype=torch.float32, device=dev)
+    Lz = torch.empty(B, H, NR, F, dtype=torch.float32, device=dev)
+    s_mb, s_mt = (0, 0) if mask is None else mask.stride()
+    _rf_chunk_state_kernel[(B * H, triton.cdiv(M, BM), triton.cdiv(Dv, BV) * NR)](
+        k=k, v=v, W=W, bias=bias, freq=freq, psi=psi if psi is not None else bias,
+        mask=mask.view(torch.uint8) if mask is not None else bias, kstab=kstab, L=L, Lz=Lz,
+        s_kb=k.stride(0), s_kt=k.stride(1), s_kh=k.stride(2), s_kd=k.stride(3),
+        s_vb=v.stride(0), s_vt=v.stride(1), s_vh=v.stride(2), s_vd=v.stride(3),
+        s_wh=W.stride(0), s_wm=W.stride(1), s_wd=W.stride(2), s_mb=s_mb, s_mt=s_mt,
+        T=T, H=H, M=M, D=D, DV=Dv, CPS=cps, root=math.sqrt(scale), c_t=c_t, c_o=c_o,
+        KIND=kind, HAS_MASK=mask is not None, HAS_PSI=psi is not None, HAS_CO=c_o != 0.0,
+        PREC=dot_precision(k.dtype, v.dtype), BT=BT, BD=BD, BM=BM, BV=BV, num_warps=4, num_stages=1)
+    init = init_z = None
+    if S0 is not None:
+        # the initial state is relative to exp(m0); move it to the first stabiliser (0 when m0 = -inf)
+        alpha = torch.exp(m0 - kstab[..., 0])
+        init, init_z = (S0 * alpha[..., None, None]).contiguous(), (z0 * alpha[..., None]).contiguous()
+    return _scan(L, Lz, kstab, init, init_z, NC, cps, reverse=False)
+
+
+def chunk_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: float, c_o: float, scale: float,
+              output_final_state: bool, chunk_size: int | None = None, cps: int | None = None):
+    """The causal forward in chunk mode; ``triton_fwd.rf_fwd``'s arguments and results (causal only).
+    ``cps``: chunks per range (default ``range_chunks``)."""
+    B, T, H, D = q.shape
+    Dv = v.shape[-1]
+    M = W.shape[1]
+    BT = int(chunk_size) if chunk_size is not None else default_chunk_size(T)
+    if BT < 16 or BT & (BT - 1):
+        raise ValueError(f"chunk_size must be a power of two >= 16, got {BT}")
+    NC = triton.cdiv(T, BT)
+    BD = max(16, _next_pow2(D))
+    BM = max(16, min(MAX_BM, _next_pow2(M)))
+    BV = max(16, min(FWD_BV, _next_pow2(Dv)))
+    NMT, NV = triton.cdiv(M, BM), triton.cdiv(Dv, BV)
+    dev = q.device
+    bias, freq, psi = _f32(bias), _f32(freq), _f32(psi)
+    S0, z0, m0 = _f32(S0), _f32(z0), _f32(m0)
+    qmax, kstab, m_final = stabilisers(q, k, W, bias, freq, psi, mask, m0, kind=kind, c_t=c_t, c_o=c_o,
+                                       scale=scale, causal=True, BT=BT)
+    if cps is None:
+        cps = range_chunks(NC, BT, B * H * NMT * NV, dev)
+    NR = triton.cdiv(NC, cps)
+    Sb, zb, S, z = _states_before(k, v, W, bias, freq, psi, mask, kstab, S0, z0, m0, kind=kind, c_t=c_t, c_o=c_o,
+                                  scale=scale, BT=BT, cps=cps)
+
+    split = NMT > 1
+    o = torch.empty(B, T, H, Dv, dtype=v.dtype, device=dev)
+    if split:
+        o_buf = torch.empty(NMT, B, T, H, Dv, dtype=torch.float32, device=dev)
+        den_buf = torch.empty(NMT, B, H, T, dtype=torch.float32, device=dev)
+    else:
+        o_buf, den_buf = o, torch.empty(B, H, T, dtype=torch.float32, device=dev)
+    s_mb, s_mt = (0, 0) if mask is None else mask.stride()
+    _rf_chunk_fwd_kernel[(B * H, NMT, NV * NR)](
+        q=q, k=k, v=v, W=W, bias=bias, freq=freq, psi=psi if psi is not None else bias,
+        mask=mask.view(torch.uint8) if mask is not None else bias, Sb=Sb, zb=zb, qmax=qmax, kstab=kstab,
+        o=o_buf, den=den_buf,
+        s_qb=q.stride(0), s_qt=q.stride(1), s_qh=q.stride(2), s_qd=q.stride(3),
+        s_kb=k.stride(0), s_kt=k.stride(1), s_kh=k.stride(2), s_kd=k.stride(3),
+        s_vb=v.stride(0), s_vt=v.stride(1), s_vh=v.stride(2), s_vd=v.stride(3),
+        s_wh=W.stride(0), s_wm=W.stride(1), s_wd=W.stride(2), s_mb=s_mb, s_mt=s_mt,
+        s_on=B * T * H * Dv if split else 0, s_dn=B * H * T if split else 0,
+        T=T, H=H, M=M, D=D, DV=Dv, CPS=cps, root=math.sqrt(scale), c_t=c_t, c_o=c_o,
+        KIND=kind, HAS_MASK=mask is not None, HAS_PSI=psi is not None, HAS_CO=c_o != 0.0, SPLIT=split,
+        PREC=dot_precision(q.dtype, v.dtype), BT=BT, BD=BD, BM=BM, BV=BV, num_warps=FWD_WARPS, num_stages=1)
+    if split:
+        den = den_buf.sum(0)                                                            # [B, H, T]
+        o = (o_buf.sum(0) / den.abs().clamp_min(DEN_EPS).transpose(1, 2)[..., None]).to(v.dtype)
+    else:
+        den = den_buf
+    if not output_final_state:
+        return o, den, qmax, kstab, None, None, None, BT
+    return o, den, qmax, kstab, S, z, m_final, BT
+
+
+def chunk_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab, *, kind: int,
+              c_t: float, c_o: float, scale: float, chunk_size: int, cps: int | None = None):
+    """The causal backward in chunk mode; ``triton_bwd.rf_bwd``'s arguments (less the final state, which
+    the causal backward does not read) and results."""
+    B, T, H, D = q.shape
+    Dv = v.shape[-1]
+    M = W.shape[1]
+    F = M if kind == EXP else 2 * M
+    dev = q.device
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    if W.stride(0) == 0:
+        W, stride_wh = W[:1].float().contiguous(), 0
+    else:
+        W, stride_wh = W.float().contiguous(), M * D
+    bias, freq, psi = _f32(bias), _f32(freq), _f32(psi)
+    S0, z0, m0 = _f32(S0), _f32(z0), _f32(m0)
+    a, beta = grad_coefficients(do, o, den)
+    BT = chunk_size
+    NC = triton.cdiv(T, BT)
+    BD, BV = _pow2(D), _pow2(Dv)
+    BM = min(32, freq_tile(max(BD, BV)), _pow2(M))
+    NM = triton.cdiv(M, BM)
+    if cps is None:
+        cps = range_chunks(NC, BT, NM * B * H, dev)
+    NR = triton.cdiv(NC, cps)
+    kstab, qmax = kstab.contiguous(), qmax.contiguous()
+    mask_arg = None if mask is None else mask.contiguous()
+    root = math.sqrt(scale)
+    prec = dot_precision(q.dtype, v.dtype)
+    flags = dict(KIND=kind, HAS_PSI=psi is not None, HAS_CO=c_o != 0.0, PREC=prec, BT=BT, BM=BM, BD=BD, BV=BV)
+
+    # the states before each range (recomputed), then dS, dz after each range (a reverse pass)
+    Sb, zb, _, _ = _states_before(k, v, W.expand(H, M, D) if stride_wh == 0 else W, bias, freq, psi, mask_arg,
+                                  kstab, S0, z0, m0, kind=kind, c_t=c_t, c_o=c_o, scale=scale, BT=BT, cps=cps)
+    Lq = torch.empty(B, H, NR, F, Dv, dtype=torch.float32, device=dev)
+    Lqz = torch.empty(B, H, NR, F, dtype=torch.float32, device=dev)
+    grid = (NM, B * H, NR)
+    _rf_chunk_bwd_dstate_kernel[grid](q=q, w=W, bias=bias, freq=freq, psi=psi, qmax=qmax, kstab=kstab, da=a,
+                                      dbeta=beta, L=Lq, Lz=Lqz, T=T, H=H, M=M, D=D, DV=Dv, stride_wh=stride_wh,
+                                      CPS=cps, root=root, c_t=c_t, c_o=c_o, **flags, num_warps=4)
+    has_dsf = dS is not None or dz is not None
+    if has_dsf:
+        dS = torch.zeros(B, H, F, Dv, device=dev) if dS is None else dS.float().contiguous()
+        dz = torch.zeros(B, H, F, device=dev) if dz is None else dz.float().contiguous()
+    dSa, dza, dS_all, dz_all = _scan(Lq, Lqz, kstab, dS, dz, NC, cps, reverse=True)
+
+    dq_part = torch.empty(NM, B, T, H, D, device=dev, dtype=torch.float32)
+    dk_part = torch.empty(NM, B, T, H, D, device=dev, dtype=torch.float32)
+    dv_part = torch.empty(NM, B, T, H, Dv, device=dev, dtype=torch.float32)
+    dw_part = torch.empty(2, NR, B, H, M, D, device=dev, dtype=torch.float32)
+    db_part = torch.empty(2, NR, B, H, M, device=dev, dtype=torch.float32)
+    s_wp, s_bp = B * H * M * D, B * H * M
+    launch = dict(num_warps=BWD_WARPS, num_stages=1)
+    common = dict(q=q, k=k, v=v, w=W, bias=bias, freq=freq, psi=psi, mask=mask_arg, qmax=qmax, kstab=kstab, da=a,
+                  dbeta=beta, T=T, H=H, M=M, D=D, DV=Dv, stride_wh=stride_wh, CPS=cps, s_wp=s_wp, s_bp=s_bp,
+                  root=root, c_t=c_t, c_o=c_o, HAS_MASK=mask is not None, **flags, **launch)
+    _rf_chunk_bwd_dq_kernel[grid](Sb=Sb, zb=zb, dq=dq_part, dw=dw_part[0], db=db_part[0], **common)
+    _rf_chunk_bwd_dkv_kernel[grid](dSa=dSa, dza_=dza, dk=dk_part, dv=dv_part, dw=dw_part[1], db=db_part[1],
+                                   **common)
+    dS0 = dz0 = None
+    if S0 is not None:
+        alpha = torch.exp(m0 - kstab[..., 0])
+        dS0, dz0 = dS_all * alpha[..., None, None], dz_all * alpha[..., None]
+    dq = dq_part.sum(0).to(q.dtype)
+    dk = dk_part.sum(0).to(k.dtype)
+    dv = dv_part.sum(0).to(v.dtype)
+    return dq, dk, dv, dw_part.sum((0, 1, 2)), db_part.sum((0, 1)), dS0, dz0
+
