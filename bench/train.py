@@ -571,10 +571,19 @@ def run_task(task: str, pairs: list[str], seeds: list[int], quick: bool, device:
             "chance": data.chance}
 
 
+def use_threads(ctx, device: torch.device, threads: int | None) -> None:
+    """CPU thread count of the training runs: one unless asked. The model's tensors are small (B x T x 64),
+    so OpenMP gains little, and on shared cores its barriers stall (steps measured here up to 10x slower
+    with 2 threads than with 1 while other processes ran)."""
+    if device.type == "cpu":
+        torch.set_num_threads(threads or 1)
+        ctx.threads["train"] = torch.get_num_threads()
+
+
 def report_section(device: torch.device, full: bool, ctx, out_dir: str) -> list[dict]:
     """The training section of ``make report``: quick mode runs ``QUICK_PAIRS`` with 2 seeds, full mode every
     pair with 3 seeds at LRA/MQAR sizes."""
-    ctx.use_threads("train", device)
+    use_threads(ctx, device, None)
     pairs = resolve_pairs("all" if full else "quick", not full)
     seeds = [0, 1, 2] if full else [0, 1]
     return [run_task(t, pairs, seeds, not full, device, ctx, out_dir, backend=default_backend(device)) for t in TASKS]
@@ -630,6 +639,7 @@ def main(argv=None) -> int:
                          "compiled backend recomputes its backward through the reference anyway)")
     ap.add_argument("--redraw-every", type=int, default=0,
                     help="redraw fixed random features every N steps (default 0: drawn once, kept fixed)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default 1, see use_threads)")
     ap.add_argument("--out", default=None, help="output folder (default bench/results/<device>-<date>)")
     args = ap.parse_args(argv)
     tasks = [t.strip() for t in args.task.split(",") if t.strip()]
@@ -654,8 +664,8 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     print(f"training comparison ({mode}) on {ctx.device}: {', '.join(tasks)}; {len(pairs)} attentions x "
           f"{len(seeds)} seeds -> {out}", flush=True)
+    use_threads(ctx, device, args.threads)
     for task in tasks:
-        ctx.use_threads("train", device)
         r = run_task(task, pairs, seeds, args.quick, device, ctx, out, steps=args.steps,
                      backend=args.backend or default_backend(device),
                      redraw_every=args.redraw_every)

@@ -8,6 +8,13 @@ from bench import train as tr
 from bench.tasks import MQARConfig
 
 
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
 def _tiny_mqar(steps=40):
     ts = tr.TaskSettings("mqar", MQARConfig(vocab_size=17, num_pairs=4, seq_len=16, train_size=2000, val_size=64,
                                             test_size=64), steps=steps, batch_size=32, lr=3e-3, evals=2)
