@@ -321,8 +321,11 @@ def train_one(pair: str, data: TaskData, seed: int, *, steps: int | None = None,
     steps = ts.steps if steps is None else steps
     dev = data.device
     model = build_model(pair, data, seed, backend)
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n and "pos" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n and "pos" not in n)]
+    # Weight decay on the linear layers only: not on embeddings, norms, biases or learnable feature maps.
+    decayed = {n for n, p in model.named_parameters()
+               if p.dim() >= 2 and not n.startswith(("embed", "pos")) and ".feature_map." not in n}
+    decay = [p for n, p in model.named_parameters() if n in decayed]
+    other = [p for n, p in model.named_parameters() if n not in decayed]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": ts.weight_decay}, {"params": other, "weight_decay": 0.0}],
                             lr=ts.lr, betas=(0.9, 0.98))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, ts.warmup_frac))
