@@ -428,7 +428,9 @@ def table_lines(task: str, summaries: list[dict], data: TaskData, meta: dict) ->
          f"{data.chance:.3f} ({data.chance_note}).", "",
          "Time per step: median wall time of a training step (forward, backward, clipping, AdamW) over the run. "
          "Attention: the attention layers alone, forward + backward on one batch of the step's shape; the rest "
-         "of the step is embeddings, FFNs, loss and the optimizer. Peak memory: " + meta["mem_how"] + ".", ""]
+         "of the step is embeddings, FFNs, loss and the optimizer. Peak memory: " + meta["mem_how"] + ". The attentions "
+         f"train one after another: 1-minute load average {meta['load'][0]} at the start, {meta['load'][-1]} at the "
+         f"end on {os.cpu_count()} logical CPUs; a load that changes during the run biases the time ratios.", ""]
     rows = []
     for s in summaries:
         rel = f"{s['step_ms'] / soft['step_ms']:.2f}x" if soft else "n/a"
@@ -462,9 +464,9 @@ def findings(task: str, summaries: list[dict], data: TaskData) -> dict[str, str]
                    + (f", {sum(s['acc_mean'] >= soft['acc_mean'] for s in rf)} at or above softmax" if soft else "")
                    + ".")
         if soft and soft["seeds"] > 1:
-            gap = soft["acc_mean"] - best["acc_mean"]
+            gap = best["acc_mean"] - soft["acc_mean"]
             spread = max(soft["acc_std"], best["acc_std"])
-            out["gap"] = (f"the gap between softmax and the best pair ({100 * gap:+.1f} points) is "
+            out["gap"] = (f"the difference between the best pair and softmax ({100 * gap:+.1f} points) is "
                        + ("within" if abs(gap) <= spread else "larger than")
                        + f" the larger seed standard deviation of the two ({100 * spread:.1f} points).")
         if soft:
@@ -539,6 +541,7 @@ def run_task(task: str, pairs: list[str], seeds: list[int], quick: bool, device:
     if steps is not None:
         ts = TaskSettings(**{**ts.__dict__, "steps": steps})
     data = TaskData(ts, device)
+    load = [rep._loadavg()]
     runs, summaries = [], []
     bar = rep._Bar(len(pairs) * len(seeds) * ts.steps, f"train {task}")
     for pair in pairs:
@@ -550,9 +553,10 @@ def run_task(task: str, pairs: list[str], seeds: list[int], quick: bool, device:
         runs += these
         summaries.append(summarise(these, data.chance))
     bar.close()
+    load.append(rep._loadavg())
     header = ctx.line("float32", "train")
     meta = {"header": header, "steps": ts.steps, "seeds": seeds,
-            "redraw": f"redrawn every {redraw_every} steps" if redraw_every else "fixed (drawn once from the seed)",
+            "load": load, "redraw": f"redrawn every {redraw_every} steps" if redraw_every else "fixed (drawn once from the seed)",
             "mem_how": ("torch.cuda.max_memory_allocated over one step beyond what was allocated before it"
                         if device.type == "cuda" else "torch.profiler allocation events of one step replayed in "
                         "time order, beyond what was allocated before it; approximate")}
