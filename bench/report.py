@@ -7,7 +7,8 @@ shows a progress bar while it runs and prints a short summary. Sections:
 2. kernel estimation error of every pair;
 3. speed and memory of every available backend and peer over the sequence length;
 4. the cost of each weight matrix (building W; a training step, fixed versus learnable);
-5. a practitioner's guide derived from the numbers above.
+5. training on generated tasks (ListOps, MQAR) with each attention (``bench/train.py``; ``--no-train`` skips it);
+6. a practitioner's guide derived from the numbers above.
 
 Quick mode (the default) is sized for a 2-core CPU (a few minutes); ``--full`` is meant for a GPU.
 """
@@ -767,7 +768,50 @@ def _table(header, rows) -> list[str]:
     return out
 
 
-def guide(acc, info, kest, speed, speed_meta, build_rows, train_rows, st: Settings) -> list[str]:
+def _uniform_summary(acc, info, st: Settings, max_listed: int = 5) -> list[str]:
+    """The cells not better than uniform attention, summarised: counts per component and setting, per m,
+    and the exceptions to each component's majority (the tables and heatmaps of section 1 show every cell)."""
+    bad = [r for r in acc if r["worse_than_uniform"]]
+    if not bad:
+        return ["**Pairs not better than uniform attention**: none.", ""]
+    settings = [(i["kernel"], i["s"]) for i in info]
+    out = [f"**Pairs not better than uniform attention**: {len(bad)} of {len(acc)} cells (marked **!** in section 1; "
+           "the heatmaps show where). Cells per component and setting not better than uniform, out of "
+           f"{len(sf.WEIGHTS)} weights x {len(st.ms)} values of m:", ""]
+    rows = []
+    for comp in sf.COMPONENTS:
+        cells = []
+        for kernel, s in settings:
+            sel = [r for r in acc if r["component"] == comp and r["kernel"] == kernel and r["s"] == s]
+            cells.append(f"{sum(r['worse_than_uniform'] for r in sel)} / {len(sel)}")
+        rows.append((comp, *cells))
+    out += _table(("component", *[f"{k} s={s}" for k, s in settings]), rows)
+    out += ["", "By m (all components, weights and settings): " + ", ".join(
+        f"m={m}: {sum(r['worse_than_uniform'] for r in acc if r['m'] == m)} / {sum(1 for r in acc if r['m'] == m)}"
+        for m in st.ms) + ".", ""]
+    exceptions = []
+    for kernel, s in settings:
+        for comp in sf.COMPONENTS:
+            sel = [r for r in acc if r["component"] == comp and r["kernel"] == kernel and r["s"] == s
+                   and r["mean"] is not None]
+            nbad = sum(r["worse_than_uniform"] for r in sel)
+            if not sel or nbad in (0, len(sel)):
+                continue
+            mostly_bad = 2 * nbad > len(sel)
+            odd = [r for r in sel if r["worse_than_uniform"] != mostly_bad]
+            by_w = {}
+            for r in odd:
+                by_w.setdefault(r["weights"], []).append(str(r["m"]))
+            names = [f"{w} (m={','.join(ms)})" for w, ms in list(by_w.items())[:max_listed]]
+            more = f" and {len(by_w) - max_listed} more weights" if len(by_w) > max_listed else ""
+            exceptions.append(f"- {kernel} s={s}, {comp}: mostly {'not ' if mostly_bad else ''}better than uniform; "
+                              f"{'better' if mostly_bad else 'not better'}: {', '.join(names)}{more}")
+    if exceptions:
+        out += ["Exceptions to each component's majority:", ""] + exceptions + [""]
+    return out
+
+
+def guide(acc, info, kest, speed, speed_meta, build_rows, train_rows, st: Settings, train_results=()) -> list[str]:
     """Conclusions computed from the numbers; nothing here is written by hand."""
     out = []
     ok = [r for r in acc if r["mean"] is not None and math.isfinite(r["mean"])]
@@ -814,19 +858,7 @@ def guide(acc, info, kest, speed, speed_meta, build_rows, train_rows, st: Settin
                        + ". Weights from best to worst: "
                        + ", ".join(f"{w} {v:.3g}" for w, v in sorted(w_mean.items(), key=lambda kv: kv[1])) + ".")
             out.append("")
-    bad = [r for r in acc if r["worse_than_uniform"]]
-    if bad:
-        groups = {}
-        for r in bad:
-            groups.setdefault((r["kernel"], r["s"]), []).append(f"{r['component']} x {r['weights']} (m={r['m']})")
-        out.append(f"**Pairs not better than uniform attention** ({len(bad)} of {len(acc)} cells):")
-        out.append("")
-        for (kernel, s), lst in groups.items():
-            out.append(f"- {kernel}, s={s}: " + ", ".join(lst))
-        out.append("")
-    else:
-        out.append("**Pairs not better than uniform attention**: none.")
-        out.append("")
+    out += _uniform_summary(acc, info, st)
     kok = [r for r in kest if r["rel_mse"] is not None and math.isfinite(r["rel_mse"])]
     for target in st.kernels:
         sel = [r for r in kok if r["kernel"] == target]
@@ -878,10 +910,15 @@ def guide(acc, info, kest, speed, speed_meta, build_rows, train_rows, st: Settin
             out.append(f"**Learnable weights, training step on backend {backend!r}** (relative to orf, "
                        f"{base['step_ms']:.3g} ms): " + ", ".join(parts) + ".")
     out.append("")
+    if train_results:
+        from . import train as train_mod
+
+        out += train_mod.guide_lines(train_results)
     return out
 
 
-def write_markdown(path, ctx, st, acc, info, kest, speed, speed_meta, build_rows, train_rows, plots, elapsed):
+def write_markdown(path, ctx, st, acc, info, kest, speed, speed_meta, build_rows, train_rows, plots, elapsed,
+                   train_results=()):
     L = []
     f32 = ctx.line("float32", "accuracy")
     sdt = ctx.line(dtype_name(st.speed_dtype), "speed")
@@ -890,7 +927,7 @@ def write_markdown(path, ctx, st, acc, info, kest, speed, speed_meta, build_rows
     tln = ctx.line(dtype_name(st.speed_dtype), "weights")
     L += [f"# spectraformer_fused report ({ctx.mode} mode)", "", f"{sdt}", "",
           f"Generated by `python -m bench.report{' --full' if st.full else ''}` in {elapsed:.0f} s. "
-          f"Every number below was measured in this run; the guide in section 5 is computed from them.", "",
+          f"Every number below was measured in this run; the guide in section 6 is computed from them.", "",
           f"1-minute load average at start / end: {ctx.load[0]} / {ctx.load[-1]} on {os.cpu_count()} logical CPUs "
           "(CPU timings are medians under that load). "
           "Before each section the run compares OpenMP with all threads against one thread on a small matmul "
@@ -1012,8 +1049,15 @@ def write_markdown(path, ctx, st, acc, info, kest, speed, speed_meta, build_rows
     L += _table(("backend", "weights", "step ms", "peak MiB", "trainable feature-map params", "status"),
                 [(r["backend"], r["weights"], _fmt(r.get("step_ms")), _mib(r.get("peak_mem_bytes")),
                   r.get("feature_map_trainable", "n/a"), r["status"]) for r in train_rows])
-    L += ["", "## 5. Practitioner's guide (computed from the tables above)", "", f"_{sdt}_", ""]
-    L += guide(acc, info, kest, speed, speed_meta, build_rows, train_rows, st)
+    if train_results:
+        from . import train as train_mod
+
+        L += ["", "## 5. Training on generated tasks", "",
+              f"`python -m bench.train{'' if st.full else ' --quick'}` inside this run: the model of the Spectraformer "
+              "LRA study trained with each attention; files `train_<task>.*`.", ""]
+        L += train_mod.section_markdown(train_results)
+    L += ["", "## 6. Practitioner's guide (computed from the tables above)", "", f"_{sdt}_", ""]
+    L += guide(acc, info, kest, speed, speed_meta, build_rows, train_rows, st, train_results)
     L += ["Raw numbers: `accuracy.csv`, `kernel.csv`, `speed.csv`, `weights.csv`, `train.csv`, `report.json`.", ""]
     with open(path, "w") as f:
         f.write("\n".join(L))
@@ -1047,6 +1091,7 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="more seeds and sizes (intended for a GPU)")
     ap.add_argument("--out", default=None, help="output folder (default bench/results/<device>-<date>)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    ap.add_argument("--no-train", action="store_true", help="skip section 5 (training on generated tasks)")
     args = ap.parse_args(argv)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     st = make_settings(args.full, device)
@@ -1070,6 +1115,11 @@ def main(argv=None) -> int:
     speed, speed_meta = run_speed(st, ctx)
     ctx.use_threads("weights", device)
     build_rows, train_rows = run_weight_cost(st, ctx)
+    train_results = []
+    if not args.no_train:
+        from . import train as train_mod
+
+        train_results = train_mod.report_section(device, args.full, ctx, out)
     torch.set_num_threads(ctx.default_threads)
 
     plots = plot_accuracy(acc, info, st, out, ctx) + plot_speed(speed, st, out, ctx)
@@ -1078,7 +1128,7 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - t0
     ctx.load.append(_loadavg())
     write_markdown(os.path.join(out, "report.md"), ctx, st, acc, info, kest, speed, speed_meta, build_rows,
-                   train_rows, plots, elapsed)
+                   train_rows, plots, elapsed, train_results)
     for name, rows in (("accuracy", acc), ("kernel", kest), ("speed", speed), ("weights", build_rows),
                        ("train", train_rows)):
         write_csv(os.path.join(out, f"{name}.csv"), rows)
@@ -1088,9 +1138,13 @@ def main(argv=None) -> int:
                    "settings": {k: (str(v) if isinstance(v, (torch.device, torch.dtype)) else v)
                                 for k, v in st.__dict__.items()},
                    "accuracy_settings": info, "accuracy": acc, "kernel": kest, "speed": speed,
-                   "speed_meta": speed_meta, "weights": build_rows, "train": train_rows}, f, indent=1, default=str)
+                   "speed_meta": speed_meta, "weights": build_rows, "train": train_rows,
+                   "training": [{k: v for k, v in r.items() if k != "lines"} for r in train_results]},
+                  f, indent=1, default=str)
 
     print(summary(acc, info, speed, speed_meta, st, out, elapsed))
+    for r in train_results:
+        print(f"  training, {r['task']}: " + r["findings"].get("best", ""))
     return 0
 
 

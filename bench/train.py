@@ -1,0 +1,686 @@
+"""Train with it: every component x weight pair against softmax attention on generated tasks.
+
+``python -m bench.train --task listops|mqar[,...] --pairs all|softmax,posrf:orf,... --steps N --seeds S
+[--device cuda] [--quick]`` trains the Spectraformer LRA model (2 layers, 2 heads, head_dim 32, model
+dim 64, FFN 128, m = 128 features) with each attention, evaluates test accuracy and writes a table
+(accuracy mean +- std over seeds, training time per step and where it goes, peak memory, parameters),
+a plot of accuracy against time per step, and learning curves.
+
+Attentions: ``softmax`` (exact, ``torch.nn.functional.scaled_dot_product_attention``), ``uniform`` (the
+floor: every query averages the values it may see) and ``<component>:<weights>`` (``SpectraAttention``).
+Tasks (``bench/tasks``): ListOps (LRA; encoder, mean-pooled over the kept tokens, 10 classes) and
+multi-query associative recall (causal, the value predicted at each query).
+
+Random features: by default W is drawn once from the run's seed and kept fixed during training
+(``--redraw-every 0``); ``--redraw-every N`` redraws every fixed W every N steps (learnable weights are
+never redrawn). ``--quick`` is the CPU-sized mode that ``make report`` runs (short sequences, few steps,
+the pairs of ``QUICK_PAIRS``); without it, the sizes are LRA's and MQAR's usual ones, meant for a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import statistics
+import sys
+import textwrap
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import spectraformer_fused as sf
+
+from . import report as rep
+from .tasks import ListOpsConfig, MQARConfig, listops_splits, mqar_splits
+from .tasks.listops import NUM_CLASSES
+from .tasks.listops import VOCAB as LISTOPS_VOCAB
+from .tasks.mqar import IGNORE
+
+BASELINES = ("softmax", "uniform")
+# The quick subset: exact and uniform attention and five pairs, five components, fixed, structured and
+# learnable weights (gerf, the general form of posrf/oprf, is left to the full run).
+QUICK_PAIRS = ("softmax", "uniform", "posrf:orf", "hyprf:sorf", "oprf:fastfood_learnable", "saderf:mm",
+               "trigrf:orf")
+TASKS = ("listops", "mqar")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model
+# ----------------------------------------------------------------------------------------------------
+
+def _split_heads(t: torch.Tensor, H: int) -> torch.Tensor:
+    B, T, E = t.shape
+    return t.view(B, T, H, E // H).transpose(1, 2)                         # [B, H, T, D]
+
+
+class SoftmaxAttention(nn.Module):
+    """Exact softmax attention through SDPA, with the same projections as ``SpectraAttention``."""
+
+    def __init__(self, embed_dim: int, num_heads: int, causal: bool):
+        super().__init__()
+        self.num_heads, self.causal = num_heads, causal
+        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x, key_padding_mask=None):
+        B, T, E = x.shape
+        q, k, v = (_split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
+        mask, causal = None, self.causal
+        if key_padding_mask is not None:
+            mask = key_padding_mask[:, None, None, :]                      # True = take part
+            if causal:
+                mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+                causal = False
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.out_proj(o.transpose(1, 2).reshape(B, T, E))
+
+
+class UniformAttention(nn.Module):
+    """The floor: every query averages the values it may see (a prefix mean when causal; kept keys only)."""
+
+    def __init__(self, embed_dim: int, causal: bool):
+        super().__init__()
+        self.causal = causal
+        self.v = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+
+    def forward(self, x, key_padding_mask=None):
+        v = self.v(x)
+        w = torch.ones_like(x[..., :1]) if key_padding_mask is None else key_padding_mask[..., None].to(x.dtype)
+        if self.causal:
+            o = (v * w).cumsum(1) / w.cumsum(1).clamp_min(1.0)
+        else:
+            o = (v * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1.0)
+            o = o.expand_as(v)
+        return self.out_proj(o)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Spectraformer's LRA model: 2 layers, 2 heads of 32, model dim 64, FFN 128, m = 128."""
+
+    layers: int = 2
+    heads: int = 2
+    dim: int = 64
+    ffn: int = 128
+    num_features: int = 128
+
+
+def make_attention(pair: str, cfg: ModelConfig, causal: bool, seed: int, backend: str) -> nn.Module:
+    if pair == "softmax":
+        return SoftmaxAttention(cfg.dim, cfg.heads, causal)
+    if pair == "uniform":
+        return UniformAttention(cfg.dim, causal)
+    component, weights = parse_pair(pair)
+    return sf.SpectraAttention(cfg.dim, cfg.heads, num_features=cfg.num_features, component=component,
+                               weights=weights, causal=causal, seed=seed, backend=backend)
+
+
+class Block(nn.Module):
+    def __init__(self, attn: nn.Module, cfg: ModelConfig):
+        super().__init__()
+        self.attn = attn
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn), nn.GELU(), nn.Linear(cfg.ffn, cfg.dim))
+
+    def forward(self, x, key_padding_mask=None):
+        x = x + self.attn(self.ln1(x), key_padding_mask=key_padding_mask)
+        return x + self.ffn(self.ln2(x))
+
+
+class TaskModel(nn.Module):
+    """Token + learned position embeddings, pre-LN blocks, then a pooled classifier (``causal=False``)
+    or a per-position head (``causal=True``)."""
+
+    def __init__(self, pair: str, vocab: int, num_outputs: int, max_len: int, causal: bool, seed: int,
+                 cfg: ModelConfig = ModelConfig(), backend: str = "auto"):
+        super().__init__()
+        self.pair, self.causal = pair, causal
+        self.embed = nn.Embedding(vocab, cfg.dim)
+        self.pos = nn.Embedding(max_len, cfg.dim)
+        self.blocks = nn.ModuleList(Block(make_attention(pair, cfg, causal, seed * 101 + i, backend), cfg)
+                                    for i in range(cfg.layers))
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.head = nn.Linear(cfg.dim, num_outputs)
+
+    def forward(self, ids, key_padding_mask=None):
+        T = ids.shape[1]
+        x = self.embed(ids) + self.pos(torch.arange(T, device=ids.device))
+        for blk in self.blocks:
+            x = blk(x, key_padding_mask)
+        x = self.norm(x)
+        if self.causal:
+            return self.head(x)                                                  # [B, T, outputs]
+        if key_padding_mask is None:
+            return self.head(x.mean(1))
+        w = key_padding_mask[..., None].to(x.dtype)
+        return self.head((x * w).sum(1) / w.sum(1).clamp_min(1.0))                # [B, outputs]
+
+    def feature_maps(self):
+        return [b.attn.feature_map for b in self.blocks if isinstance(b.attn, sf.SpectraAttention)]
+
+    @torch.no_grad()
+    def redraw(self, seed: int) -> int:
+        """Redraw every fixed W (learnable ones stay); returns how many were redrawn."""
+        n = 0
+        for i, fm in enumerate(self.feature_maps()):
+            if not fm.weights.learnable:
+                fm.redraw(seed * 7919 + i)
+                n += 1
+        return n
+
+
+def parse_pair(pair: str) -> tuple[str, str]:
+    parts = pair.split(":")
+    if len(parts) != 2 or parts[0] not in sf.COMPONENTS or parts[1] not in sf.WEIGHTS:
+        raise ValueError(f"unknown attention {pair!r}: use softmax, uniform or <component>:<weights> with a "
+                         f"component in {', '.join(sf.COMPONENTS)} and weights in {', '.join(sf.WEIGHTS)}")
+    return parts[0], parts[1]
+
+
+def resolve_pairs(spec: str, quick: bool) -> list[str]:
+    """``all`` = both baselines and every component x weight pair; ``quick`` = ``QUICK_PAIRS``."""
+    if spec == "all":
+        return list(BASELINES) + [f"{c}:{w}" for c in sf.COMPONENTS for w in sf.WEIGHTS]
+    if spec == "quick":
+        return list(QUICK_PAIRS)
+    pairs = [p.strip() for p in spec.split(",") if p.strip()]
+    if not pairs:
+        raise ValueError("--pairs is empty")
+    for p in pairs:
+        if p not in BASELINES:
+            parse_pair(p)
+    return pairs
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tasks and their settings
+# ----------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class TaskSettings:
+    task: str
+    data: object                     # ListOpsConfig or MQARConfig
+    steps: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 0.01
+    warmup_frac: float = 0.1
+    evals: int = 8                   # validation points on the learning curve
+
+
+def task_settings(task: str, quick: bool) -> TaskSettings:
+    """Quick: sized for a 2-core CPU inside ``make report``. Full: LRA's ListOps (lengths 500-2000, depth 10,
+    10 arguments, 96k training examples, batch 32) and Zoology's MQAR (vocab 8192, 64 pairs, T = 256)."""
+    if task == "listops":
+        if quick:
+            return TaskSettings(task, ListOpsConfig(min_length=16, max_length=48, train_size=4000, val_size=256,
+                                                    test_size=512), steps=150, batch_size=32, lr=2e-3)
+        return TaskSettings(task, ListOpsConfig(), steps=5000, batch_size=32, lr=5e-4)
+    if task == "mqar":
+        if quick:
+            return TaskSettings(task, MQARConfig(vocab_size=17, num_pairs=4, seq_len=16, train_size=8000,
+                                                 val_size=256, test_size=512), steps=200, batch_size=64, lr=3e-3)
+        return TaskSettings(task, MQARConfig(), steps=8000, batch_size=64, lr=1e-3)
+    raise ValueError(f"unknown task {task!r}; valid tasks are {', '.join(TASKS)}")
+
+
+class TaskData:
+    """A task's splits on the training device, batches and accuracy."""
+
+    def __init__(self, ts: TaskSettings, device: torch.device, data_seed: int = 0):
+        self.ts, self.device = ts, device
+        if ts.task == "listops":
+            splits = listops_splits(ts.data, data_seed)
+            self.vocab, self.outputs, self.causal = len(LISTOPS_VOCAB), NUM_CLASSES, False
+            self.chance_note = "majority class of the test set"
+            y = splits["test"][1]
+            self.chance = float(torch.bincount(y, minlength=NUM_CLASSES).max()) / len(y)
+        else:
+            splits = mqar_splits(ts.data, data_seed)
+            self.vocab, self.outputs, self.causal = ts.data.vocab_size, ts.data.vocab_size, True
+            self.chance_note = "1 / num_pairs (a value seen in the sequence, picked at random)"
+            self.chance = 1.0 / ts.data.num_pairs
+            if ts.data.vocab_size > 32767:
+                raise ValueError(f"MQAR vocab_size must be <= 32767, got {ts.data.vocab_size}")
+        # Token ids fit int16 (ListOps 16, MQAR <= 32767); full ListOps is 96000 x 1999 tokens.
+        self.splits = {k: (x.to(device=device, dtype=torch.int16), y.to(device)) for k, (x, y) in splits.items()}
+        self.max_len = max(x.shape[1] for x, _ in self.splits.values())
+
+    def _inputs(self, x):
+        x = x.long()
+        if self.causal:
+            return x, None
+        mask = x != 0                                                     # ListOps: id 0 is padding
+        T = int(mask.sum(1).max())
+        return x[:, :T], mask[:, :T]
+
+    def loss_and_correct(self, model, x, y):
+        ids, mask = self._inputs(x)
+        logits = model(ids, mask)
+        if self.causal:
+            logits, y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
+            keep = y != IGNORE
+            loss = F.cross_entropy(logits, y, ignore_index=IGNORE)
+            correct = (logits.argmax(-1)[keep] == y[keep]).sum()
+            return loss, correct, keep.sum()
+        loss = F.cross_entropy(logits, y)
+        return loss, (logits.argmax(-1) == y).sum(), torch.tensor(y.numel())
+
+    def batch(self, gen: torch.Generator):
+        x, y = self.splits["train"]
+        idx = torch.randint(0, x.shape[0], (self.ts.batch_size,), generator=gen).to(x.device)
+        return x[idx], y[idx]
+
+    @torch.no_grad()
+    def accuracy(self, model, split: str, batch_size: int = 256) -> float:
+        model.eval()
+        x, y = self.splits[split]
+        correct = total = 0
+        for i in range(0, x.shape[0], batch_size):
+            _, c, n = self.loss_and_correct(model, x[i:i + batch_size], y[i:i + batch_size])
+            correct += int(c)
+            total += int(n)
+        model.train()
+        return correct / max(total, 1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------------------------
+
+def lr_factor(step: int, steps: int, warmup_frac: float) -> float:
+    """Linear warm-up over ``warmup_frac`` of the steps, then cosine decay to 0."""
+    warm = max(1, int(warmup_frac * steps))
+    if step < warm:
+        return (step + 1) / warm
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
+
+
+def default_backend(device: torch.device) -> str:
+    """Triton on CUDA; the reference on the CPU (the compiled CPU backend recomputes its backward through the
+    reference, so training gains nothing from it, and it would be built on first use)."""
+    return "auto" if device.type == "cuda" else "reference"
+
+
+def build_model(pair: str, data: TaskData, seed: int, backend: str) -> TaskModel:
+    torch.manual_seed(seed)
+    return TaskModel(pair, data.vocab, data.outputs, data.max_len, data.causal, seed, backend=backend).to(data.device)
+
+
+def train_one(pair: str, data: TaskData, seed: int, *, steps: int | None = None, backend: str = "auto",
+              redraw_every: int = 0, bar=None, measure: bool = True) -> dict:
+    """Train one model; returns test accuracy, the learning curve, time per step and (``measure``) the cost
+    breakdown: attention forward+backward alone, peak memory of one step."""
+    ts = data.ts
+    steps = ts.steps if steps is None else steps
+    dev = data.device
+    model = build_model(pair, data, seed, backend)
+    # Weight decay on the linear layers only: not on embeddings, norms, biases or learnable feature maps.
+    decayed = {n for n, p in model.named_parameters()
+               if p.dim() >= 2 and not n.startswith(("embed", "pos")) and ".feature_map." not in n}
+    decay = [p for n, p in model.named_parameters() if n in decayed]
+    other = [p for n, p in model.named_parameters() if n not in decayed]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": ts.weight_decay}, {"params": other, "weight_decay": 0.0}],
+                            lr=ts.lr, betas=(0.9, 0.98))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, ts.warmup_frac))
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    eval_at = {max(1, round(steps * (i + 1) / ts.evals)) for i in range(ts.evals)}
+    losses, curve, step_s = [], [], []
+
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        loss, _, _ = data.loss_and_correct(model, x, y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        return loss
+
+    for i in range(steps):
+        if redraw_every and i and i % redraw_every == 0:
+            model.redraw(seed * 1_000_003 + i)
+        x, y = data.batch(gen)
+        rep._sync(dev)
+        t0 = time.perf_counter()
+        loss = step(x, y)
+        rep._sync(dev)
+        step_s.append(time.perf_counter() - t0)
+        sched.step()
+        losses.append(float(loss.detach()))
+        if i + 1 in eval_at:
+            curve.append({"step": i + 1, "train_loss": statistics.fmean(losses[-max(1, steps // ts.evals):]),
+                          "val_acc": data.accuracy(model, "val")})
+        if bar is not None:
+            bar.update()
+    out = {"pair": pair, "seed": seed, "steps": steps, "losses": losses, "curve": curve,
+           "test_acc": data.accuracy(model, "test"), "val_acc": curve[-1]["val_acc"] if curve else None,
+           "step_ms": 1e3 * statistics.median(step_s[min(3, len(step_s) - 1):]),
+           "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+           "feature_map_params": sum(p.numel() for fm in model.feature_maps() for p in fm.parameters()
+                                     if p.requires_grad)}
+    if measure:
+        out.update(measure_costs(model, data, gen, step))
+    return out
+
+
+def measure_costs(model: TaskModel, data: TaskData, gen: torch.Generator, step) -> dict:
+    """Where a step's time goes: the attention layers alone (forward + backward on the inputs they see in
+    the model) against the whole step; and the peak memory of one step."""
+    x, y = data.batch(gen)
+    ids, mask = data._inputs(x)
+    dev = data.device
+    h = torch.randn(ids.shape[0], ids.shape[1], model.blocks[0].ln1.normalized_shape[0], device=dev,
+                    requires_grad=True)
+
+    def attn_fwd_bwd():
+        for blk in model.blocks:
+            blk.attn(h, key_padding_mask=mask).sum().backward()
+
+    attn_ms, _, _, _ = rep.time_fn(attn_fwd_bwd, dev, 0.3)
+    model.zero_grad(set_to_none=True)
+    mem = rep.peak_memory(lambda: step(x, y), dev)
+    return {"attn_ms": attn_ms, "peak_mem_bytes": mem}
+
+
+def summarise(runs: list[dict], chance: float) -> dict:
+    accs = [r["test_acc"] for r in runs]
+    first = [statistics.fmean(r["losses"][:max(1, len(r["losses"]) // 10)]) for r in runs]
+    last = [statistics.fmean(r["losses"][-max(1, len(r["losses"]) // 10):]) for r in runs]
+    mem = [r["peak_mem_bytes"] for r in runs if r.get("peak_mem_bytes") is not None]
+    attn = [r["attn_ms"] for r in runs if r.get("attn_ms") is not None]
+    return {"pair": runs[0]["pair"], "seeds": len(runs), "acc_mean": statistics.fmean(accs),
+            "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+            "step_ms": statistics.fmean(r["step_ms"] for r in runs),
+            "attn_ms": statistics.fmean(attn) if attn else None,
+            "peak_mem_bytes": max(mem) if mem else None, "params": runs[0]["params"],
+            "feature_map_params": runs[0]["feature_map_params"], "loss_first": statistics.fmean(first),
+            "loss_last": statistics.fmean(last), "above_chance": statistics.fmean(accs) > chance}
+
+
+# ----------------------------------------------------------------------------------------------------
+# Writing: table, plots
+# ----------------------------------------------------------------------------------------------------
+
+def task_description(data: TaskData) -> str:
+    ts, c = data.ts, data.ts.data
+    if ts.task == "listops":
+        what = (f"ListOps (LRA recipe): lengths [{c.min_length}, {c.max_length}), depth <= {c.max_depth}, "
+                f"<= {c.max_args} arguments, {c.train_size}/{c.val_size}/{c.test_size} examples; encoder, mean-pooled, "
+                "10 classes")
+    else:
+        what = (f"MQAR: vocab {c.vocab_size} ({c.num_keys} keys, {c.num_values} values), {c.num_pairs} pairs, "
+                f"{c.queries} queries, T = {c.seq_len}, {c.train_size}/{c.val_size}/{c.test_size} sequences; causal, "
+                "accuracy over query positions")
+    return (f"{what}. Model: 2 layers, 2 heads x 32, dim 64, FFN 128, m = 128 features; AdamW (lr {ts.lr:g}, "
+            f"weight decay {ts.weight_decay:g}, betas 0.9/0.98), {int(ts.warmup_frac * 100)}% linear warm-up then "
+            f"cosine decay, gradient norm clipped at 1, batch {ts.batch_size}.")
+
+
+def table_lines(task: str, summaries: list[dict], data: TaskData, meta: dict) -> list[str]:
+    soft = next((s for s in summaries if s["pair"] == "softmax"), None)
+    L = [f"_{meta['header']}_", "", task_description(data) + f" {meta['steps']} steps, seeds "
+         f"{', '.join(map(str, meta['seeds']))}; random features {meta['redraw']}. Chance: "
+         f"{data.chance:.3f} ({data.chance_note}).", "",
+         "Time per step: median wall time of a training step (forward, backward, clipping, AdamW) over the run. "
+         "Attention: the attention layers alone, forward + backward on one batch of the step's shape; the rest "
+         "of the step is embeddings, FFNs, loss and the optimizer. Peak memory: " + meta["mem_how"] + ". The attentions "
+         f"train one after another: 1-minute load average {meta['load'][0]} at the start, {meta['load'][-1]} at the "
+         f"end on {os.cpu_count()} logical CPUs; a load that changes during the run biases the time ratios.", ""]
+    rows = []
+    for s in summaries:
+        rel = f"{s['step_ms'] / soft['step_ms']:.2f}x" if soft else "n/a"
+        rows.append((s["pair"].replace(":", " x "), f"{100 * s['acc_mean']:.1f} +- {100 * s['acc_std']:.1f}",
+                     "yes" if s["above_chance"] else "**no**", f"{s['step_ms']:.3g}", rel, rep._fmt(s["attn_ms"]),
+                     rep._mib(s["peak_mem_bytes"]), s["params"], s["feature_map_params"],
+                     f"{s['loss_first']:.3f} -> {s['loss_last']:.3f}"))
+    L += rep._table(("attention", "test acc %", "above chance", "ms / step", "vs softmax", "attention ms (fwd+bwd)",
+                     "peak MiB", "params", "of which feature map", "train loss first -> last 10%"), rows)
+    L.append("")
+    return L
+
+
+def findings(task: str, summaries: list[dict], data: TaskData) -> dict[str, str]:
+    """Plain statements computed from the table, by topic (softmax, best, gap, time, learnable)."""
+    soft = next((s for s in summaries if s["pair"] == "softmax"), None)
+    uni = next((s for s in summaries if s["pair"] == "uniform"), None)
+    rf = [s for s in summaries if s["pair"] not in BASELINES]
+    out = {}
+    if soft:
+        out["softmax"] = (f"softmax reaches {100 * soft['acc_mean']:.1f}% (chance {100 * data.chance:.1f}%"
+                   + (f", uniform attention {100 * uni['acc_mean']:.1f}%" if uni else "") + ").")
+    if rf:
+        best = max(rf, key=lambda s: s["acc_mean"])
+        fastest = min(rf, key=lambda s: s["step_ms"])
+        above = [s for s in rf if s["above_chance"]]
+        out["best"] = (f"best random-feature pair: {best['pair'].replace(':', ' x ')} at {100 * best['acc_mean']:.1f}%"
+                   + (f" ({100 * (best['acc_mean'] - soft['acc_mean']):+.1f} points against softmax)" if soft else "")
+                   + f"; {len(above)} of {len(rf)} pairs above chance"
+                   + (f", {sum(s['acc_mean'] > uni['acc_mean'] for s in rf)} above uniform attention" if uni else "")
+                   + (f", {sum(s['acc_mean'] >= soft['acc_mean'] for s in rf)} at or above softmax" if soft else "")
+                   + ".")
+        if soft and soft["seeds"] > 1:
+            gap = best["acc_mean"] - soft["acc_mean"]
+            spread = max(soft["acc_std"], best["acc_std"])
+            out["gap"] = (f"the difference between the best pair and softmax ({100 * gap:+.1f} points) is "
+                       + ("within" if abs(gap) <= spread else "larger than")
+                       + f" the larger seed standard deviation of the two ({100 * spread:.1f} points).")
+        if soft:
+            ratios = [s["step_ms"] / soft["step_ms"] for s in rf]
+            out["time"] = (f"a training step with random features takes {min(ratios):.2f}x-{max(ratios):.2f}x the time "
+                       f"of a softmax step (fastest pair {fastest['pair'].replace(':', ' x ')}, "
+                       f"{fastest['step_ms']:.3g} ms against {soft['step_ms']:.3g} ms)"
+                       + ("" if soft["attn_ms"] is None or fastest["attn_ms"] is None else
+                          f"; the attention layers alone take {fastest['attn_ms']:.3g} ms (random features) against "
+                          f"{soft['attn_ms']:.3g} ms (SDPA)") + ".")
+        learn = [s for s in rf if s["feature_map_params"]]
+        if learn and soft:
+            out["learnable"] = ("learnable weights: " + ", ".join(
+                f"{s['pair'].replace(':', ' x ')} trains {s['feature_map_params']} feature-map parameters, "
+                f"{s['step_ms'] / soft['step_ms']:.2f}x softmax's step time" for s in learn) + ".")
+    return out
+
+
+def _save(plt, fig, out_dir: str, name: str) -> str:
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, name), dpi=110)
+    plt.close(fig)
+    return name
+
+
+def plot(task: str, summaries, runs, out_dir: str, header: str) -> list[str]:
+    plt = rep._plt()
+    if plt is None:
+        return []
+    files = []
+    header = textwrap.fill(header, 110)
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for s in summaries:
+        ax.errorbar(s["step_ms"], 100 * s["acc_mean"], yerr=100 * s["acc_std"], fmt="s" if s["pair"] in BASELINES else "o",
+                    capsize=3)
+        ax.annotate(s["pair"].replace(":", " x "), (s["step_ms"], 100 * s["acc_mean"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("training time per step (ms)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{task}: accuracy against time per step\n{header}", fontsize=7)
+    ax.grid(alpha=0.3)
+    files.append(_save(plt, fig, out_dir, f"train_{task}_acc_vs_time.png"))
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.6))
+    for pair in dict.fromkeys(r["pair"] for r in runs):
+        sel = [r for r in runs if r["pair"] == pair]
+        steps = [c["step"] for c in sel[0]["curve"]]
+        loss = [statistics.fmean(r["curve"][i]["train_loss"] for r in sel) for i in range(len(steps))]
+        acc = [100 * statistics.fmean(r["curve"][i]["val_acc"] for r in sel) for i in range(len(steps))]
+        style = "--" if pair in BASELINES else "-"
+        a1.plot(steps, loss, style, marker=".", label=pair.replace(":", " x "))
+        a2.plot(steps, acc, style, marker=".", label=pair.replace(":", " x "))
+    a1.set_xlabel("step")
+    a1.set_ylabel("training loss")
+    a2.set_xlabel("step")
+    a2.set_ylabel("validation accuracy (%)")
+    a2.legend(fontsize=7)
+    fig.suptitle(f"{task}: learning curves (mean over seeds)\n{header}", fontsize=8)
+    for a in (a1, a2):
+        a.grid(alpha=0.3)
+    files.append(_save(plt, fig, out_dir, f"train_{task}_curves.png"))
+    return files
+
+
+# ----------------------------------------------------------------------------------------------------
+# Running a comparison
+# ----------------------------------------------------------------------------------------------------
+
+def run_task(task: str, pairs: list[str], seeds: list[int], quick: bool, device: torch.device, ctx,
+             out_dir: str, steps: int | None = None, backend: str = "auto", redraw_every: int = 0) -> dict:
+    """Train every pair with every seed on one task; writes ``train_<task>.{md,csv,json}`` and the plots."""
+    ts = task_settings(task, quick)
+    if steps is not None:
+        ts = TaskSettings(**{**ts.__dict__, "steps": steps})
+    data = TaskData(ts, device)
+    load = [rep._loadavg()]
+    runs, summaries = [], []
+    bar = rep._Bar(len(pairs) * len(seeds) * ts.steps, f"train {task}")
+    for pair in pairs:
+        these = []
+        for seed in seeds:
+            # The cost breakdown (attention alone, peak memory) is measured once per pair, after the first seed.
+            these.append(train_one(pair, data, seed, backend=backend, redraw_every=redraw_every, bar=bar,
+                                   measure=seed == seeds[0]))
+        runs += these
+        summaries.append(summarise(these, data.chance))
+    bar.close()
+    load.append(rep._loadavg())
+    header = ctx.line("float32", "train")
+    meta = {"header": header, "steps": ts.steps, "seeds": seeds,
+            "load": load, "redraw": f"redrawn every {redraw_every} steps" if redraw_every else "fixed (drawn once from the seed)",
+            "mem_how": ("torch.cuda.max_memory_allocated over one step beyond what was allocated before it"
+                        if device.type == "cuda" else "torch.profiler allocation events of one step replayed in "
+                        "time order, beyond what was allocated before it; approximate")}
+    lines = table_lines(task, summaries, data, meta)
+    found = findings(task, summaries, data)
+    plots = plot(task, summaries, runs, out_dir, header)
+    md = [f"# Training comparison: {task} ({'quick' if quick else 'full'} mode)", ""] + lines
+    md += ["Findings (computed from the table):", ""] + [f"- {f}" for f in found.values()] + [""]
+    md += [f"![{p}]({p})" for p in plots] + [""]
+    with open(os.path.join(out_dir, f"train_{task}.md"), "w") as f:
+        f.write("\n".join(md))
+    rep.write_csv(os.path.join(out_dir, f"train_{task}.csv"), [{**s, **ctx.fields("float32")} for s in summaries])
+    with open(os.path.join(out_dir, f"train_{task}.json"), "w") as f:
+        json.dump({"context": {"device": ctx.device, "date": ctx.date, "versions": ctx.versions, "mode": ctx.mode},
+                   "settings": {**asdict(ts.data), **{k: v for k, v in ts.__dict__.items() if k != "data"}},
+                   "backend": backend, "redraw_every": redraw_every, "summaries": summaries,
+                   "runs": [{k: v for k, v in r.items() if k != "losses"} for r in runs]}, f, indent=1, default=str)
+    return {"task": task, "lines": lines, "findings": found, "plots": plots, "summaries": summaries,
+            "chance": data.chance}
+
+
+def use_threads(ctx, device: torch.device, threads: int | None) -> None:
+    """CPU thread count of the training runs: one unless asked. The model's tensors are small (B x T x 64),
+    so OpenMP gains little, and on shared cores its barriers stall (steps measured here up to 10x slower
+    with 2 threads than with 1 while other processes ran)."""
+    if device.type == "cpu":
+        torch.set_num_threads(threads or 1)
+        ctx.threads["train"] = torch.get_num_threads()
+
+
+def report_section(device: torch.device, full: bool, ctx, out_dir: str) -> list[dict]:
+    """The training section of ``make report``: quick mode runs ``QUICK_PAIRS`` with 2 seeds, full mode every
+    pair with 3 seeds at LRA/MQAR sizes."""
+    use_threads(ctx, device, None)
+    pairs = resolve_pairs("all" if full else "quick", not full)
+    seeds = [0, 1, 2] if full else [0, 1]
+    return [run_task(t, pairs, seeds, not full, device, ctx, out_dir, backend=default_backend(device)) for t in TASKS]
+
+
+def section_markdown(results: list[dict]) -> list[str]:
+    L = []
+    for r in results:
+        L += [f"### {r['task']}", ""] + r["lines"] + ["Findings:", ""] + [f"- {f}" for f in r["findings"].values()] + [""]
+        L += [f"![{p}]({p})" for p in r["plots"]] + [""]
+    return L
+
+
+def guide_lines(results: list[dict]) -> list[str]:
+    """What the practitioner's guide takes from the training runs."""
+    out = []
+    for r in results:
+        rf = [s for s in r["summaries"] if s["pair"] not in BASELINES]
+        soft = next((s for s in r["summaries"] if s["pair"] == "softmax"), None)
+        if not rf:
+            continue
+        best = max(rf, key=lambda s: s["acc_mean"])
+        # The cheapest pair within one standard deviation of the best one: what to pick when time matters.
+        near = [s for s in rf if s["acc_mean"] >= best["acc_mean"] - max(best["acc_std"], 1e-9)]
+        pick = min(near, key=lambda s: s["step_ms"])
+        out.append(f"**Trained on {r['task']}**: best random-feature pair {best['pair'].replace(':', ' x ')} "
+                   f"({100 * best['acc_mean']:.1f}%"
+                   + (f"; softmax {100 * soft['acc_mean']:.1f}%" if soft else "")
+                   + f"; chance {100 * r['chance']:.1f}%); cheapest within one std of it: "
+                   f"{pick['pair'].replace(':', ' x ')} ({pick['step_ms']:.3g} ms / step"
+                   + (f", {pick['step_ms'] / soft['step_ms']:.2f}x softmax" if soft else "") + "). "
+                   + " ".join(r["findings"][k][:1].upper() + r["findings"][k][1:] for k in ("gap", "time") if k in r["findings"]))
+        out.append("")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------------
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--task", default="listops,mqar", help="listops, mqar or both (comma-separated)")
+    ap.add_argument("--pairs", default=None,
+                    help="all, quick, or a comma list of softmax, uniform, <component>:<weights> "
+                         "(default: quick with --quick, else all)")
+    ap.add_argument("--steps", type=int, default=None, help="training steps (default: the task's setting)")
+    ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 2 quick, 3 full)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    ap.add_argument("--quick", action="store_true", help="CPU-sized tasks (short sequences, few steps)")
+    ap.add_argument("--backend", default=None,
+                    help="rf_attention backend (default: auto on CUDA, i.e. Triton; reference on the CPU, whose "
+                         "compiled backend recomputes its backward through the reference anyway)")
+    ap.add_argument("--redraw-every", type=int, default=0,
+                    help="redraw fixed random features every N steps (default 0: drawn once, kept fixed)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default 1, see use_threads)")
+    ap.add_argument("--out", default=None, help="output folder (default bench/results/<device>-<date>)")
+    args = ap.parse_args(argv)
+    tasks = [t.strip() for t in args.task.split(",") if t.strip()]
+    for t in tasks:
+        if t not in TASKS:
+            ap.error(f"unknown task {t!r}; valid tasks are {', '.join(TASKS)}")
+    if args.steps is not None and args.steps < 1:
+        ap.error("--steps must be >= 1")
+    if args.redraw_every < 0:
+        ap.error("--redraw-every must be >= 0")
+    try:
+        pairs = resolve_pairs(args.pairs or ("quick" if args.quick else "all"), args.quick)
+    except ValueError as exc:
+        ap.error(str(exc))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    seeds = list(range(args.seeds if args.seeds is not None else (2 if args.quick else 3)))
+    mode = "quick" if args.quick else "full"
+    ctx = rep.Context(rep.device_name(device), datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), rep.versions(), mode)
+    ctx.default_threads = torch.get_num_threads()
+    prefix = rep.slug(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu"
+    out = args.out or os.path.join(rep.HERE, "results", f"{prefix}-{datetime.date.today().isoformat()}")
+    os.makedirs(out, exist_ok=True)
+    print(f"training comparison ({mode}) on {ctx.device}: {', '.join(tasks)}; {len(pairs)} attentions x "
+          f"{len(seeds)} seeds -> {out}", flush=True)
+    use_threads(ctx, device, args.threads)
+    for task in tasks:
+        r = run_task(task, pairs, seeds, args.quick, device, ctx, out, steps=args.steps,
+                     backend=args.backend or default_backend(device),
+                     redraw_every=args.redraw_every)
+        print(f"{task}: " + os.path.join(out, f"train_{task}.md"))
+        for f in r["findings"].values():
+            print(f"  {f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
