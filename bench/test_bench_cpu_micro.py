@@ -7,10 +7,13 @@ import torch
 import torch.nn.functional as F
 
 import spectraformer_fused as sf
+from spectraformer_fused.ops.cpu import extension_available
 
 pytest.importorskip("pytest_benchmark")
 
 B, T, H, D, M = 1, 256, 2, 32, 64
+# available_backends() lists "cpu" once the extension is built: build it first (`make bench` already has).
+extension_available()
 BACKENDS = [b for b in ("reference", "cpu") if b in sf.available_backends()]
 COMPONENTS = ("posrf", "hyprf", "trigrf", "oprf")
 
