@@ -12,12 +12,17 @@ on given queries and keys (Hedgehog, Zhang et al., ICLR 2024), layer by layer fo
   formed, and under autograd each chunk is recomputed in the backward pass (activation checkpointing),
   so the backward never holds more than one chunk's block either.
 * ``fit_feature_map``: Adam on the feature map's trainable parameters; returns the loss curve.
-* ``distill``: every ``SpectraAttention`` of a model fitted to its own softmax attention.
+* ``distill``: every ``SpectraAttention`` of a model, or every attention layer of a HuggingFace model
+  converted by ``integrations.transformers.convert`` (grouped-query attention included), fitted to its
+  own softmax attention.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -276,45 +281,70 @@ def fit_feature_map(feature_map: RandomFeatureMap, q, k, *, v=None, steps: int =
 
 
 # ----------------------------------------------------------------------------------------------------
-# Attention transfer: every SpectraAttention of a model fitted to its own softmax attention
+# Attention transfer: every attention layer of a model fitted to its own softmax attention
 # ----------------------------------------------------------------------------------------------------
 
-def _spectra_layers(model: nn.Module) -> list:
+class AttentionRecord(NamedTuple):
+    """What one attention layer received on one batch: ``q [B, T, H, D]``, ``k [B, T, H_kv, D]`` (detached),
+    the ``[B, T]`` bool keep-mask or None, the scale of its logits and whether it is causal."""
+    q: torch.Tensor
+    k: torch.Tensor
+    key_padding_mask: torch.Tensor | None
+    scale: float
+    causal: bool
+
+
+def _hf_integration():
+    # convert() lives in the transformers integration: a model can hold converted layers only once that
+    # module was imported, so a model without them never pays for importing transformers here.
+    return sys.modules.get("spectraformer_fused.integrations.transformers")
+
+
+def _distill_layers(model: nn.Module) -> dict:
+    """``{name: (module, feature map)}`` of every SpectraAttention and every attention module converted by
+    ``integrations.transformers.convert`` (it carries its feature map as a submodule)."""
     from .modules import SpectraAttention
 
-    return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, SpectraAttention)]
-
-
-def _layer_qkv(layer, x):
-    """q, k, v ``[B, T, H, Dh]`` of a SpectraAttention for its input x ``[B, T, E]`` (its own projection)."""
-    B, T, _ = x.shape
-    return layer.qkv(x).view(B, T, 3, layer.num_heads, layer.head_dim).unbind(2)
+    hf = _hf_integration()
+    layers = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, SpectraAttention):
+            layers[name] = (mod, mod.feature_map)
+        elif hf is not None and isinstance(getattr(mod, hf.FEATURE_MAP_ATTR, None), RandomFeatureMap):
+            layers[name] = (mod, getattr(mod, hf.FEATURE_MAP_ATTR))
+    return layers
 
 
 @torch.no_grad()
 def record_attention_inputs(model: nn.Module, batches, *, teacher: bool = True) -> dict:
-    """Run ``model`` on every batch and record each SpectraAttention's q, k (and key padding mask).
+    """Run ``model`` on every batch and record what each attention layer receives.
 
-    ``batches``: an iterable of model inputs (a tensor, a tuple of positional arguments or a dict of
-    keyword arguments). With ``teacher=True`` every SpectraAttention computes exact softmax attention
-    during the recording (the model it was converted from), so each layer sees the hidden states of the
-    softmax model, as in attention transfer; with ``teacher=False`` the model runs as it is.
-    Returns ``{layer name: [(q, k, key_padding_mask), ...]}``.
+    The layers: every ``SpectraAttention`` (its q, k from its own projection) and every attention module of
+    a HuggingFace model converted by ``integrations.transformers.convert`` (the q, k its attention function
+    receives, after rotary embeddings; k with the model's H_kv key/value heads; recorded through
+    ``integrations.transformers.recording``). ``batches``: an iterable of model inputs (a tensor, a tuple
+    of positional arguments or a dict of keyword arguments). With ``teacher=True`` every layer computes
+    exact softmax attention during the recording (the model it was converted from), so each layer sees
+    the hidden states of the softmax model, as in attention transfer; with ``teacher=False`` the model runs
+    as it is. Returns ``{layer name: [AttentionRecord, ...]}`` (one per batch).
     """
     from .reference import exact_attention
 
-    layers = _spectra_layers(model)
+    layers = _distill_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} holds no SpectraAttention layer to distill")
-    records = {name: [] for name, _ in layers}
-    handles = []
+        raise ValueError(f"{type(model).__name__} holds no SpectraAttention layer (or attention layer converted by "
+                         "spectraformer_fused.integrations.transformers.convert) to distill")
+    spectra = {name: mod for name, (mod, fm) in layers.items() if fm is getattr(mod, "feature_map", None)}
+    converted = {id(mod): name for name, (mod, _) in layers.items() if name not in spectra}
+    records = {name: [] for name in layers}
 
     def make_hook(name):
         def hook(layer, args, kwargs, out):
             x = args[0] if args else kwargs["x"]
             mask = args[1] if len(args) > 1 else kwargs.get("key_padding_mask")
-            q, k, v = _layer_qkv(layer, x)
-            records[name].append((q.detach(), k.detach(), mask))
+            q, k, v = layer.project(x)
+            records[name].append(AttentionRecord(q.detach(), k.detach(), mask, resolve_scale(None, layer.head_dim),
+                                                 bool(layer.causal)))
             if teacher:
                 if (len(args) > 3 and args[3]) or kwargs.get("output_final_state"):
                     raise ValueError("distill records a model run without output_final_state")
@@ -324,12 +354,14 @@ def record_attention_inputs(model: nn.Module, batches, *, teacher: bool = True) 
             return None
         return hook
 
-    backends = {name: layer.backend for name, layer in layers}
-    try:
-        for name, layer in layers:
-            handles.append(layer.register_forward_hook(make_hook(name), with_kwargs=True))
+    backends = {name: layer.backend for name, layer in spectra.items()}
+    with contextlib.ExitStack() as stack:
+        for name, layer in spectra.items():
+            stack.callback(setattr, layer, "backend", backends[name])
+            stack.enter_context(layer.register_forward_hook(make_hook(name), with_kwargs=True))
             if teacher:                  # its random-feature output is replaced: the plain reference suffices
                 layer.backend = "reference"
+        calls = stack.enter_context(_hf_integration().recording(teacher)) if converted else []
         for batch in batches:
             if isinstance(batch, dict):
                 model(**batch)
@@ -337,20 +369,21 @@ def record_attention_inputs(model: nn.Module, batches, *, teacher: bool = True) 
                 model(*batch)
             else:
                 model(batch)
-    finally:
-        for h in handles:
-            h.remove()
-        for name, layer in layers:
-            layer.backend = backends[name]
+    for call in calls:
+        records[converted[id(call.module)]].append(AttentionRecord(call.q, call.k, call.key_padding_mask, call.scale,
+                                                                   call.causal))
     return records
 
 
 def distill(model: nn.Module, batches, *, steps: int = 200, lr: float = 1e-2, joint: bool = False,
             teacher: bool = True, loss: str = "kl", chunk_size: int = 64) -> dict:
-    """Attention transfer: fit every SpectraAttention's feature map to that layer's softmax attention.
+    """Attention transfer: fit every attention layer's feature map to that layer's softmax attention.
 
-    The q, k of each layer are recorded once on ``batches`` (see ``record_attention_inputs``; with
-    ``teacher=True`` from the softmax model the layers were converted from). Only the feature maps'
+    The layers are the model's ``SpectraAttention`` modules and the attention modules of a HuggingFace
+    model converted by ``integrations.transformers.convert`` (grouped-query attention included: each
+    feature map is fitted per key/value head). The q, k of each layer are recorded once on ``batches``
+    (see ``record_attention_inputs``; with ``teacher=True`` from the softmax model the layers were
+    converted from), with the layer's own scale, causality and padding mask. Only the feature maps'
     trainable parameters move; every other parameter of the model is left as it is, without gradients.
     ``joint=False`` fits the layers one after another (``steps`` Adam steps each); ``joint=True`` takes
     ``steps`` steps of one optimizer on the sum of the layers' losses. Batches are used in turn.
@@ -358,30 +391,33 @@ def distill(model: nn.Module, batches, *, steps: int = 200, lr: float = 1e-2, jo
     Returns ``{layer name: loss curve}`` (the per-layer loss before each step).
     """
     _check_steps_lr(steps, lr)
-    layers = dict(_spectra_layers(model))
+    layers = {name: fm for name, (_, fm) in _distill_layers(model).items()}
     records = record_attention_inputs(model, batches, teacher=teacher)
     if not any(records.values()):
         raise ValueError("batches is empty: nothing to distill on")
-    missing = [name for name, layer in layers.items() if not trainable_parameters(layer.feature_map)]
+    unused = [name for name, recs in records.items() if not recs]
+    if unused:
+        raise ValueError(f"layers {unused} were not called on batches: nothing to distill them on")
+    missing = [name for name, fm in layers.items() if not trainable_parameters(fm)]
     if missing:
         raise ValueError(f"layers {missing} have no trainable feature-map parameters: build them with "
                          "weights='learnable' or 'fastfood_learnable', or component='hedgehog'")
 
     def layer_loss(name, i):
-        layer = layers[name]
-        q, k, mask = records[name][i % len(records[name])]
-        return attention_distillation_loss(layer.feature_map, q, k, causal=layer.causal, key_padding_mask=mask,
-                                           loss=loss, chunk_size=chunk_size)
+        rec = records[name][i % len(records[name])]
+        return attention_distillation_loss(layers[name], rec.q, rec.k, scale=rec.scale, causal=rec.causal,
+                                           key_padding_mask=rec.key_padding_mask, loss=loss, chunk_size=chunk_size)
 
     if not joint:
         curves = {}
-        for name, layer in layers.items():
+        for name, fm in layers.items():
             recs = records[name]
-            curves[name] = fit_feature_map(layer.feature_map, [r[0] for r in recs], [r[1] for r in recs],
-                                           steps=steps, lr=lr, causal=layer.causal,
-                                           key_padding_mask=[r[2] for r in recs], loss=loss, chunk_size=chunk_size)
+            curves[name] = fit_feature_map(fm, [r.q for r in recs], [r.k for r in recs], steps=steps, lr=lr,
+                                           scale=recs[0].scale, causal=recs[0].causal,
+                                           key_padding_mask=[r.key_padding_mask for r in recs], loss=loss,
+                                           chunk_size=chunk_size)
         return curves
-    params = [p for layer in layers.values() for p in trainable_parameters(layer.feature_map)]
+    params = [p for fm in layers.values() for p in trainable_parameters(fm)]
     opt = torch.optim.Adam(params, lr=float(lr))
     curves = {name: [] for name in layers}
     for step in range(steps):
@@ -395,5 +431,5 @@ def distill(model: nn.Module, batches, *, steps: int = 200, lr: float = 1e-2, jo
     return curves
 
 
-__all__ = ["LOSSES", "attention_distillation_loss", "fit_feature_map", "distill", "record_attention_inputs",
+__all__ = ["LOSSES", "AttentionRecord", "attention_distillation_loss", "fit_feature_map", "distill", "record_attention_inputs",
            "trainable_parameters"]

@@ -212,12 +212,13 @@ def test_distill_fits_every_layer_and_freezes_the_rest():
     torch.manual_seed(0)
     E, H = 32, 2
     model = torch.nn.Sequential(
-        SpectraAttention(E, H, num_features=16, component="hyprf", weights="learnable", causal=True, seed=0),
+        SpectraAttention(E, H, num_features=16, component="hyprf", weights="learnable", causal=True, seed=0,
+                         num_kv_heads=1),
         torch.nn.GELU(),
         SpectraAttention(E, H, num_features=16, component="hedgehog", weights="fastfood_learnable", seed=1))
     with torch.no_grad():                          # peaked attention: larger query/key projections
         for layer in (model[0], model[2]):
-            layer.qkv.weight[:2 * E] *= 4.0
+            layer.qkv.weight[:E + layer.num_kv_heads * layer.head_dim] *= 4.0
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if ".feature_map." not in n}
     fitted = {n: p.detach().clone() for n, p in model.named_parameters() if ".feature_map." in n}
     batches = [torch.randn(2, 24, E) for _ in range(2)]
