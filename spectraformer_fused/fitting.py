@@ -12,12 +12,17 @@ on given queries and keys (Hedgehog, Zhang et al., ICLR 2024), layer by layer fo
   formed, and under autograd each chunk is recomputed in the backward pass (activation checkpointing),
   so the backward never holds more than one chunk's block either.
 * ``fit_feature_map``: Adam on the feature map's trainable parameters; returns the loss curve.
-* ``distill``: every ``SpectraAttention`` of a model fitted to its own softmax attention.
+* ``distill``: every ``SpectraAttention`` of a model, or every attention layer of a HuggingFace model
+  converted by ``integrations.transformers.convert`` (grouped-query attention included), fitted to its
+  own softmax attention.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
 from collections.abc import Iterable
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -70,21 +75,22 @@ class _Recomputed(torch.autograd.Function):
 
 
 def _chunk_loss(eq, ek, kshift, logits, vis, v, kind_loss: str, mult_q, mult_k):
-    """Loss terms of one query chunk, summed over its rows.
+    """Loss terms of one query chunk, summed over its rows; the G query heads of a key/value head in dim 2.
 
-    eq ``[B, H, c, F]`` query exponents, ek ``[B, H, n, F]`` key exponents of the n visible keys, kshift
-    ``[B, H, 1, 1]`` their shared stabiliser, logits ``[B, H, c, n]`` the exact logits, vis ``[B, H|1, c, n]``
-    bool (visible pairs) or None, v ``[B, H, n, Dv]`` (mse) or None. Returns the sum of the row losses.
+    eq ``[B, H_kv, G, c, F]`` query exponents, ek ``[B, H_kv, 1, n, F]`` key exponents of the n visible keys,
+    kshift ``[B, H_kv, 1, 1, 1]`` their shared stabiliser, logits ``[B, H_kv, G, c, n]`` the exact logits, vis
+    ``[B|1, 1, 1, c, n]`` bool (visible pairs) or None, v ``[B, H_kv, 1, n, Dv]`` (mse) or None. Returns the
+    sum of the row losses.
     """
     phiq = torch.exp(eq - eq.amax(-1, keepdim=True).detach())
     phik = torch.exp(ek - kshift)
     if mult_q is not None:
         phiq, phik = phiq * mult_q, phik * mult_k
-    scores = phiq @ phik.transpose(-1, -2)                                   # [B, H, c, n]
+    scores = phiq @ phik.transpose(-1, -2)                                   # [B, H_kv, G, c, n]
     if vis is not None:
         scores = scores.masked_fill(~vis, 0.0)
         logits = logits.masked_fill(~vis, float("-inf"))
-    rows = torch.isfinite(logits.amax(-1))                                   # [B, H, c]: a visible key
+    rows = torch.isfinite(logits.amax(-1))                                   # [B, H_kv, G, c]: a visible key
     logp = torch.log_softmax(logits, dim=-1).masked_fill(~rows[..., None], float("-inf"))
     p = logp.exp()                                                           # 0 where masked
     if kind_loss == "kl":
@@ -94,7 +100,7 @@ def _chunk_loss(eq, ek, kshift, logits, vis, v, kind_loss: str, mult_q, mult_k):
         per_row = terms.sum(-1)
     else:
         den = scores.sum(-1, keepdim=True).abs().clamp_min(_TINY)
-        diff = (scores @ v) / den - p @ v                                    # [B, H, c, Dv]
+        diff = (scores @ v) / den - p @ v                                    # [B, H_kv, G, c, Dv]
         per_row = diff.pow(2).mean(-1)
     return torch.where(rows, per_row, torch.zeros_like(per_row)).sum()
 
@@ -103,24 +109,29 @@ def attention_distillation_loss(feature_map: RandomFeatureMap, q: torch.Tensor, 
                                 v: torch.Tensor | None = None, *, scale: float | None = None, causal: bool = False,
                                 key_padding_mask: torch.Tensor | None = None, loss: str = "kl",
                                 chunk_size: int = 64) -> torch.Tensor:
-    """How far the feature map's attention is from exact attention on q, k ``[B, T, H, D]``: a scalar.
+    """How far the feature map's attention is from exact attention on q ``[B, T, H, D]``, k ``[B, T, H_kv, D]``:
+    a scalar.
 
     ``loss="kl"``: the mean over query rows of KL(p_i || q_i), p_i the exact attention row (softmax of
     scale q.k for ``kernel="softmax"``, the Gaussian kernel's for ``"gaussian"``) and q_i the
     random-feature row phi(q_i).phi(k_j) / sum_j' phi(q_i).phi(k_j'); its gradient is that of the
     cross-entropy -sum_j p_ij log q_ij. Needs positive features. ``loss="mse"``: the mean squared
-    difference of the outputs for values v ``[B, T, H, Dv]``. ``causal`` restricts row i to keys j <= i;
+    difference of the outputs for values v ``[B, T, H_kv, Dv]``. ``causal`` restricts row i to keys j <= i;
     masked keys (``key_padding_mask`` False) count in neither attention, and rows without a visible key
     (and padded query positions) are left out of the mean.
 
+    Grouped-query attention: H_kv must divide H; query head h reads key/value head ``h // (H / H_kv)``
+    (its keys, its feature map's W and data-dependent statistics), as in ``rf_attention``. k is never
+    repeated: a group's query heads are stacked against their key/value head.
+
     Queries are processed ``chunk_size`` at a time: the largest tensors are the ``[B, H, chunk, T]`` block
-    of one chunk and the ``[B, H, T, F]`` key features; under autograd each chunk is recomputed in the
+    of one chunk and the ``[B, H_kv, T, F]`` key features; under autograd each chunk is recomputed in the
     backward pass, so at most one chunk's block is held at a time. Data-dependent parameters (OPRF, SADERF)
     come from q and k as in ``rf_attention``; running statistics are not updated.
     """
     if not isinstance(feature_map, RandomFeatureMap):
         raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
-    check_qk_pair(q, k)
+    check_qk_pair(q, k, grouped=True)
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"q and k must have the same sequence length, got {q.shape[1]} and {k.shape[1]}")
     if not isinstance(loss, str) or loss not in LOSSES:
@@ -131,28 +142,32 @@ def attention_distillation_loss(feature_map: RandomFeatureMap, q: torch.Tensor, 
         raise ValueError(f"loss='kl' needs positive features; component {feature_map.component!r} has signed "
                          "(trigonometric) features whose attention weights can be negative: use loss='mse'")
     if loss == "mse":
-        if not isinstance(v, torch.Tensor) or v.dim() != 4 or v.shape[:3] != q.shape[:3]:
-            raise ValueError("loss='mse' needs v [B, T, H, Dv] matching q in batch, length and heads; got "
+        if not isinstance(v, torch.Tensor) or v.dim() != 4 or v.shape[:3] != k.shape[:3]:
+            raise ValueError("loss='mse' needs v [B, T, H_kv, Dv] matching k in batch, length and heads; got "
                              f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
     mask = _check_mask(key_padding_mask, q)
     B, T, H, D = q.shape
-    feature_map.check_input(D, H)
+    Hk = k.shape[2]
+    G = H // Hk
+    feature_map.check_input(D, Hk)
     scale = resolve_scale(scale, D)
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k = q.detach(), k.detach()
     p = feature_map.feature_params(q, k, scale=scale, causal=causal, key_padding_mask=mask, update_stats=False)
     root = math.sqrt(scale)
-    x = (q.to(cdt) * root).transpose(1, 2)                                  # [B, H, T, D]
-    y = (k.to(cdt) * root).transpose(1, 2)
+    x = (q.to(cdt) * root).transpose(1, 2).unflatten(1, (Hk, G))            # [B, H_kv, G, T, D]
+    y = (k.to(cdt) * root).transpose(1, 2)                                  # [B, H_kv, T, D]
+    qt = q.to(cdt).transpose(1, 2).unflatten(1, (Hk, G))                    # unscaled, for the exact logits
+    kt = k.to(cdt).transpose(1, 2)[:, :, None]                              # [B, H_kv, 1, T, D]
     args = dict(kind=p.kind, c_t=p.c_t, c_o=p.c_o)
     W, bias, freq = p.W.to(cdt), p.bias.to(cdt), p.freq.to(cdt)
     psi = None if p.psi is None else p.psi.to(cdt)
-    ek, mult_k = feature_logits(y, W, bias, freq, psi, query=False, **args)  # [B, H, T, F]
+    ek, mult_k = feature_logits(y, W, bias, freq, psi, query=False, **args)  # [B, H_kv, T, F]
     if mask is not None:
         ek = ek.masked_fill(~mask[:, None, :, None], float("-inf"))
-    key_max = ek.detach().amax(-1)                                           # [B, H, T]
-    vv = None if v is None or loss != "mse" else v.detach().to(cdt).transpose(1, 2)
-    keep_q = None if mask is None else mask[:, None, :]                      # [B, 1, T]: padded queries left out
+    key_max = ek.detach().amax(-1)                                           # [B, H_kv, T]
+    vv = None if v is None or loss != "mse" else v.detach().to(cdt).transpose(1, 2)[:, :, None]
+    keep_q = None if mask is None else mask[:, None, None, :]                # [B, 1, 1, T]: padded queries left out
     total = x.new_zeros(())
     count = 0
     ids = torch.arange(T, device=q.device)
@@ -161,26 +176,31 @@ def attention_distillation_loss(feature_map: RandomFeatureMap, q: torch.Tensor, 
         n = hi if causal else T                                              # keys a row of the chunk can see
         vis = None
         if causal:
-            vis = (ids[None, :n] <= ids[lo:hi, None])[None, None]           # [1, 1, c, n]
+            vis = (ids[None, :n] <= ids[lo:hi, None])[None, None, None]     # [1, 1, 1, c, n]
         if mask is not None:
-            km = mask[:, None, None, :n]
+            km = mask[:, None, None, None, :n]
             vis = km if vis is None else vis & km
         if keep_q is not None:
-            qm = keep_q[:, :, lo:hi, None]
+            qm = keep_q[:, :, :, lo:hi, None]
             vis = qm if vis is None else vis & qm
-        kshift = key_max[:, :, :n].amax(-1).clamp_min(-1e30)[..., None, None]
+        kshift = key_max[:, :, :n].amax(-1).clamp_min(-1e30)[..., None, None, None]
 
-        def run(W, bias, ek, mult_k, xc=x[:, :, lo:hi], qc=q[:, lo:hi], n=n, vis=vis, kshift=kshift):
-            eq, mult_q = feature_logits(xc, W, bias, freq, psi, query=True, **args)
-            logits = exact_logits(qc.to(cdt), k[:, :n].to(cdt), kernel=feature_map.kernel, scale=scale)
-            return _chunk_loss(eq, ek[:, :, :n], kshift, logits, vis, None if vv is None else vv[:, :, :n],
-                               loss, mult_q, None if mult_k is None else mult_k[:, :, :n])
+        def run(W, bias, ek, mult_k, xc=x[:, :, :, lo:hi], qc=qt[:, :, :, lo:hi], n=n, vis=vis, kshift=kshift):
+            c = xc.shape[3]
+            eq, mult_q = feature_logits(xc.flatten(2, 3), W, bias, freq, psi, query=True, **args)
+            eq = eq.unflatten(2, (G, c))                                     # [B, H_kv, G, c, F]
+            mult_q = None if mult_q is None else mult_q.unflatten(2, (G, c))
+            # exact_logits takes [B, T, H, D] and swaps dims 1, 2: hand it the 5-D blocks with those swapped
+            logits = exact_logits(qc.transpose(1, 2), kt[:, :, :, :n].transpose(1, 2), kernel=feature_map.kernel,
+                                  scale=scale)                               # [B, H_kv, G, c, n]
+            return _chunk_loss(eq, ek[:, :, None, :n], kshift, logits, vis, None if vv is None else vv[:, :, :, :n],
+                               loss, mult_q, None if mult_k is None else mult_k[:, :, None, :n])
 
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (W, bias, ek, mult_k)):
             total = total + _Recomputed.apply(run, W, bias, ek, mult_k)
         else:
             total = total + run(W, bias, ek, mult_k)
-        count += (hi - lo) * B * H if vis is None else int(vis.expand(B, H, hi - lo, n).any(-1).sum())
+        count += (hi - lo) * B * H if vis is None else H * int(vis.expand(B, 1, 1, hi - lo, n).any(-1).sum())
     return total / max(count, 1)
 
 
@@ -261,45 +281,70 @@ def fit_feature_map(feature_map: RandomFeatureMap, q, k, *, v=None, steps: int =
 
 
 # ----------------------------------------------------------------------------------------------------
-# Attention transfer: every SpectraAttention of a model fitted to its own softmax attention
+# Attention transfer: every attention layer of a model fitted to its own softmax attention
 # ----------------------------------------------------------------------------------------------------
 
-def _spectra_layers(model: nn.Module) -> list:
+class AttentionRecord(NamedTuple):
+    """What one attention layer received on one batch: ``q [B, T, H, D]``, ``k [B, T, H_kv, D]`` (detached),
+    the ``[B, T]`` bool keep-mask or None, the scale of its logits and whether it is causal."""
+    q: torch.Tensor
+    k: torch.Tensor
+    key_padding_mask: torch.Tensor | None
+    scale: float
+    causal: bool
+
+
+def _hf_integration():
+    # convert() lives in the transformers integration: a model can hold converted layers only once that
+    # module was imported, so a model without them never pays for importing transformers here.
+    return sys.modules.get("spectraformer_fused.integrations.transformers")
+
+
+def _distill_layers(model: nn.Module) -> dict:
+    """``{name: (module, feature map)}`` of every SpectraAttention and every attention module converted by
+    ``integrations.transformers.convert`` (it carries its feature map as a submodule)."""
     from .modules import SpectraAttention
 
-    return [(name, mod) for name, mod in model.named_modules() if isinstance(mod, SpectraAttention)]
-
-
-def _layer_qkv(layer, x):
-    """q, k, v ``[B, T, H, Dh]`` of a SpectraAttention for its input x ``[B, T, E]`` (its own projection)."""
-    B, T, _ = x.shape
-    return layer.qkv(x).view(B, T, 3, layer.num_heads, layer.head_dim).unbind(2)
+    hf = _hf_integration()
+    layers = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, SpectraAttention):
+            layers[name] = (mod, mod.feature_map)
+        elif hf is not None and isinstance(getattr(mod, hf.FEATURE_MAP_ATTR, None), RandomFeatureMap):
+            layers[name] = (mod, getattr(mod, hf.FEATURE_MAP_ATTR))
+    return layers
 
 
 @torch.no_grad()
 def record_attention_inputs(model: nn.Module, batches, *, teacher: bool = True) -> dict:
-    """Run ``model`` on every batch and record each SpectraAttention's q, k (and key padding mask).
+    """Run ``model`` on every batch and record what each attention layer receives.
 
-    ``batches``: an iterable of model inputs (a tensor, a tuple of positional arguments or a dict of
-    keyword arguments). With ``teacher=True`` every SpectraAttention computes exact softmax attention
-    during the recording (the model it was converted from), so each layer sees the hidden states of the
-    softmax model, as in attention transfer; with ``teacher=False`` the model runs as it is.
-    Returns ``{layer name: [(q, k, key_padding_mask), ...]}``.
+    The layers: every ``SpectraAttention`` (its q, k from its own projection) and every attention module of
+    a HuggingFace model converted by ``integrations.transformers.convert`` (the q, k its attention function
+    receives, after rotary embeddings; k with the model's H_kv key/value heads; recorded through
+    ``integrations.transformers.recording``). ``batches``: an iterable of model inputs (a tensor, a tuple
+    of positional arguments or a dict of keyword arguments). With ``teacher=True`` every layer computes
+    exact softmax attention during the recording (the model it was converted from), so each layer sees
+    the hidden states of the softmax model, as in attention transfer; with ``teacher=False`` the model runs
+    as it is. Returns ``{layer name: [AttentionRecord, ...]}`` (one per batch).
     """
     from .reference import exact_attention
 
-    layers = _spectra_layers(model)
+    layers = _distill_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} holds no SpectraAttention layer to distill")
-    records = {name: [] for name, _ in layers}
-    handles = []
+        raise ValueError(f"{type(model).__name__} holds no SpectraAttention layer (or attention layer converted by "
+                         "spectraformer_fused.integrations.transformers.convert) to distill")
+    spectra = {name: mod for name, (mod, fm) in layers.items() if fm is getattr(mod, "feature_map", None)}
+    converted = {id(mod): name for name, (mod, _) in layers.items() if name not in spectra}
+    records = {name: [] for name in layers}
 
     def make_hook(name):
         def hook(layer, args, kwargs, out):
             x = args[0] if args else kwargs["x"]
             mask = args[1] if len(args) > 1 else kwargs.get("key_padding_mask")
-            q, k, v = _layer_qkv(layer, x)
-            records[name].append((q.detach(), k.detach(), mask))
+            q, k, v = layer.project(x)
+            records[name].append(AttentionRecord(q.detach(), k.detach(), mask, resolve_scale(None, layer.head_dim),
+                                                 bool(layer.causal)))
             if teacher:
                 if (len(args) > 3 and args[3]) or kwargs.get("output_final_state"):
                     raise ValueError("distill records a model run without output_final_state")
@@ -309,12 +354,14 @@ def record_attention_inputs(model: nn.Module, batches, *, teacher: bool = True) 
             return None
         return hook
 
-    backends = {name: layer.backend for name, layer in layers}
-    try:
-        for name, layer in layers:
-            handles.append(layer.register_forward_hook(make_hook(name), with_kwargs=True))
+    backends = {name: layer.backend for name, layer in spectra.items()}
+    with contextlib.ExitStack() as stack:
+        for name, layer in spectra.items():
+            stack.callback(setattr, layer, "backend", backends[name])
+            stack.enter_context(layer.register_forward_hook(make_hook(name), with_kwargs=True))
             if teacher:                  # its random-feature output is replaced: the plain reference suffices
                 layer.backend = "reference"
+        calls = stack.enter_context(_hf_integration().recording(teacher)) if converted else []
         for batch in batches:
             if isinstance(batch, dict):
                 model(**batch)
@@ -322,20 +369,21 @@ def record_attention_inputs(model: nn.Module, batches, *, teacher: bool = True) 
                 model(*batch)
             else:
                 model(batch)
-    finally:
-        for h in handles:
-            h.remove()
-        for name, layer in layers:
-            layer.backend = backends[name]
+    for call in calls:
+        records[converted[id(call.module)]].append(AttentionRecord(call.q, call.k, call.key_padding_mask, call.scale,
+                                                                   call.causal))
     return records
 
 
 def distill(model: nn.Module, batches, *, steps: int = 200, lr: float = 1e-2, joint: bool = False,
             teacher: bool = True, loss: str = "kl", chunk_size: int = 64) -> dict:
-    """Attention transfer: fit every SpectraAttention's feature map to that layer's softmax attention.
+    """Attention transfer: fit every attention layer's feature map to that layer's softmax attention.
 
-    The q, k of each layer are recorded once on ``batches`` (see ``record_attention_inputs``; with
-    ``teacher=True`` from the softmax model the layers were converted from). Only the feature maps'
+    The layers are the model's ``SpectraAttention`` modules and the attention modules of a HuggingFace
+    model converted by ``integrations.transformers.convert`` (grouped-query attention included: each
+    feature map is fitted per key/value head). The q, k of each layer are recorded once on ``batches``
+    (see ``record_attention_inputs``; with ``teacher=True`` from the softmax model the layers were
+    converted from), with the layer's own scale, causality and padding mask. Only the feature maps'
     trainable parameters move; every other parameter of the model is left as it is, without gradients.
     ``joint=False`` fits the layers one after another (``steps`` Adam steps each); ``joint=True`` takes
     ``steps`` steps of one optimizer on the sum of the layers' losses. Batches are used in turn.
@@ -343,30 +391,33 @@ def distill(model: nn.Module, batches, *, steps: int = 200, lr: float = 1e-2, jo
     Returns ``{layer name: loss curve}`` (the per-layer loss before each step).
     """
     _check_steps_lr(steps, lr)
-    layers = dict(_spectra_layers(model))
+    layers = {name: fm for name, (_, fm) in _distill_layers(model).items()}
     records = record_attention_inputs(model, batches, teacher=teacher)
     if not any(records.values()):
         raise ValueError("batches is empty: nothing to distill on")
-    missing = [name for name, layer in layers.items() if not trainable_parameters(layer.feature_map)]
+    unused = [name for name, recs in records.items() if not recs]
+    if unused:
+        raise ValueError(f"layers {unused} were not called on batches: nothing to distill them on")
+    missing = [name for name, fm in layers.items() if not trainable_parameters(fm)]
     if missing:
         raise ValueError(f"layers {missing} have no trainable feature-map parameters: build them with "
                          "weights='learnable' or 'fastfood_learnable', or component='hedgehog'")
 
     def layer_loss(name, i):
-        layer = layers[name]
-        q, k, mask = records[name][i % len(records[name])]
-        return attention_distillation_loss(layer.feature_map, q, k, causal=layer.causal, key_padding_mask=mask,
-                                           loss=loss, chunk_size=chunk_size)
+        rec = records[name][i % len(records[name])]
+        return attention_distillation_loss(layers[name], rec.q, rec.k, scale=rec.scale, causal=rec.causal,
+                                           key_padding_mask=rec.key_padding_mask, loss=loss, chunk_size=chunk_size)
 
     if not joint:
         curves = {}
-        for name, layer in layers.items():
+        for name, fm in layers.items():
             recs = records[name]
-            curves[name] = fit_feature_map(layer.feature_map, [r[0] for r in recs], [r[1] for r in recs],
-                                           steps=steps, lr=lr, causal=layer.causal,
-                                           key_padding_mask=[r[2] for r in recs], loss=loss, chunk_size=chunk_size)
+            curves[name] = fit_feature_map(fm, [r.q for r in recs], [r.k for r in recs], steps=steps, lr=lr,
+                                           scale=recs[0].scale, causal=recs[0].causal,
+                                           key_padding_mask=[r.key_padding_mask for r in recs], loss=loss,
+                                           chunk_size=chunk_size)
         return curves
-    params = [p for layer in layers.values() for p in trainable_parameters(layer.feature_map)]
+    params = [p for fm in layers.values() for p in trainable_parameters(fm)]
     opt = torch.optim.Adam(params, lr=float(lr))
     curves = {name: [] for name in layers}
     for step in range(steps):
@@ -380,5 +431,5 @@ def distill(model: nn.Module, batches, *, steps: int = 200, lr: float = 1e-2, jo
     return curves
 
 
-__all__ = ["LOSSES", "attention_distillation_loss", "fit_feature_map", "distill", "record_attention_inputs",
+__all__ = ["LOSSES", "AttentionRecord", "attention_distillation_loss", "fit_feature_map", "distill", "record_attention_inputs",
            "trainable_parameters"]

@@ -58,17 +58,20 @@ class SpectraAttention(nn.Module):
                                             kernel=kernel, num_heads=num_kv_heads, seed=seed, device=device,
                                             **component_args)
 
+    def project(self, x: torch.Tensor):
+        """q ``[B, T, H, Dh]``, k and v ``[B, T, H_kv, Dh]`` of the input x ``[B, T, E]``."""
+        kv = self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split((self.embed_dim, kv, kv), dim=-1)
+        return (q.unflatten(-1, (self.num_heads, self.head_dim)), k.unflatten(-1, (self.num_kv_heads, self.head_dim)),
+                v.unflatten(-1, (self.num_kv_heads, self.head_dim)))
+
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, initial_state=None,
                 output_final_state: bool = False):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"SpectraAttention expects x of shape [B, T, {self.embed_dim}], got {shape}")
         B, T, _ = x.shape
-        kv = self.num_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split((self.embed_dim, kv, kv), dim=-1)
-        q = q.unflatten(-1, (self.num_heads, self.head_dim))
-        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        q, k, v = self.project(x)
         out = rf_attention(q, k, v, self.feature_map, causal=self.causal, key_padding_mask=key_padding_mask,
                            initial_state=initial_state, output_final_state=output_final_state, backend=self.backend)
         o, state = out if output_final_state else (out, None)

@@ -139,7 +139,11 @@ def exact_kernel(q, k, *, kernel: str = "softmax", scale: float | None = None) -
 def exact_attention(q, k, v, *, kernel: str = "softmax", causal: bool = False, scale: float | None = None,
                     key_padding_mask=None) -> torch.Tensor:
     """Exact kernel attention (softmax attention for kernel="softmax"), O(T^2), ``[B, T, H, Dv]``.
-    A query with no visible key gets 0."""
+    A query with no visible key gets 0. k, v may have H_kv heads dividing H (grouped-query attention:
+    query head h reads key/value head h // (H / H_kv), as SDPA with enable_gqa)."""
+    G = q.shape[2] // k.shape[2]
+    if G > 1:
+        k, v = k.repeat_interleave(G, dim=2), v.repeat_interleave(G, dim=2)
     logits = exact_logits(q, k, kernel=kernel, scale=scale)
     T = q.shape[1]
     if causal:

@@ -19,15 +19,21 @@ def _check_tensor(t, name: str, ndim: int, layout: str) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
-def check_qk_pair(q, k) -> None:
+def check_qk_pair(q, k, *, grouped: bool = False) -> None:
+    """q ``[B, Tq, H, D]`` and k ``[B, Tk, H, D]``; with ``grouped`` k may have H_kv heads dividing H."""
     _check_tensor(q, "q", 4, "[B, T, H, D]")
-    _check_tensor(k, "k", 4, "[B, T, H, D]")
+    _check_tensor(k, "k", 4, "[B, T, H_kv, D]" if grouped else "[B, T, H, D]")
     if q.dtype != k.dtype:
         raise TypeError(f"q and k must have the same dtype, got {q.dtype} and {k.dtype}")
     if q.device != k.device:
         raise ValueError(f"q and k must be on the same device, got {q.device} and {k.device}")
-    if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+    if not grouped and (q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]):
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch, heads and head dim")
+    if grouped and (q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]):
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head dim")
+    if grouped and (k.shape[2] == 0 or q.shape[2] % k.shape[2]):
+        raise ValueError(f"the number of key/value heads ({k.shape[2]}) must divide the number of query heads "
+                         f"({q.shape[2]})")
 
 
 def resolve_scale(scale, head_dim: int) -> float:

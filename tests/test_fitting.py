@@ -94,6 +94,30 @@ def test_kl_loss_equals_full_matrix_kl(component, case):
         assert_close(g_got, g_want, torch.float64, name=f"gradient of {tuple(p.shape)}")
 
 
+@pytest.mark.parametrize("case", ["plain", "causal", "mask"])
+@pytest.mark.parametrize("component,loss", [("posrf", "kl"), ("hedgehog", "kl"), ("hyprf", "mse")])
+def test_grouped_query_loss_equals_repeating_k_by_hand(component, loss, case):
+    """k, v with H_kv heads: the loss (and its gradient) equals that of k, v repeated per group by hand, with
+    a feature map for H heads whose head h holds the parameters of key/value head h // (H / H_kv)."""
+    B, T, H, Hk, D = 2, 23, 6, 2, 8
+    gen = torch.Generator().manual_seed(3)
+    q = torch.randn(B, T, H, D, generator=gen, dtype=torch.float64) * 1.5
+    k, v = (torch.randn(B, T, Hk, D, generator=gen, dtype=torch.float64) * 1.5 for _ in range(2))
+    fm = RandomFeatureMap(D, 10, component=component, weights="learnable", num_heads=Hk, seed=4).double()
+    full = RandomFeatureMap(D, 10, component=component, weights="learnable", num_heads=H, seed=5).double()
+    full.load_state_dict({n: t.repeat_interleave(H // Hk, dim=0) for n, t in fm.state_dict().items()})
+    causal, mask = case == "causal", masks_for(case, B, T)
+    args = dict(causal=causal, key_padding_mask=mask, loss=loss, chunk_size=6, scale=0.3)
+    got = attention_distillation_loss(fm, q, k, v, **args)
+    want = attention_distillation_loss(full, q, k.repeat_interleave(H // Hk, dim=2),
+                                       v.repeat_interleave(H // Hk, dim=2), **args)
+    assert_close(got, want, torch.float64, name=f"{loss} loss")
+    params = [p for p in fm.parameters() if p.requires_grad]
+    full_params = [p for p in full.parameters() if p.requires_grad]
+    for g_got, g_full in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, full_params)):
+        assert_close(g_got, g_full.unflatten(0, (Hk, H // Hk)).sum(1), torch.float64, name="gradient")
+
+
 class _LargestOutput(TorchDispatchMode):
     """Records the largest number of elements of any tensor an aten op returns (forward and backward)."""
 
@@ -109,10 +133,11 @@ class _LargestOutput(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("causal", [False, True])
-def test_loss_never_forms_a_T_by_T_block(causal):
+@pytest.mark.parametrize("causal,kv_heads", [(False, 2), (True, 2), (True, 1)])
+def test_loss_never_forms_a_T_by_T_block(causal, kv_heads):
     B, T, H, D, m, chunk = 1, 128, 2, 8, 8, 16                           # F = 2m = chunk
     q, k, v = structured_qkv(0, B=B, T=T, H=H, D=D)
+    k, v = k[:, :, :kv_heads], v[:, :, :kv_heads]                         # kv_heads < H: grouped-query
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[0, -3:] = False
     bound = B * H * max(chunk * T, T * 2 * m, T * D)                     # one chunk's block, the key features
@@ -120,7 +145,7 @@ def test_loss_never_forms_a_T_by_T_block(causal):
     with _LargestOutput() as probe:                                      # the probe itself sees a T x T block
         exact_attention(q, k, v, causal=causal)
     assert probe.largest >= B * H * T * T
-    fm = RandomFeatureMap(D, m, component="hyprf", weights="fastfood_learnable", num_heads=H, seed=0)
+    fm = RandomFeatureMap(D, m, component="hyprf", weights="fastfood_learnable", num_heads=kv_heads, seed=0)
     for loss in ("kl", "mse"):
         with _LargestOutput() as probe:
             value = attention_distillation_loss(fm, q, k, v, causal=causal, key_padding_mask=mask, loss=loss,
@@ -187,12 +212,13 @@ def test_distill_fits_every_layer_and_freezes_the_rest():
     torch.manual_seed(0)
     E, H = 32, 2
     model = torch.nn.Sequential(
-        SpectraAttention(E, H, num_features=16, component="hyprf", weights="learnable", causal=True, seed=0),
+        SpectraAttention(E, H, num_features=16, component="hyprf", weights="learnable", causal=True, seed=0,
+                         num_kv_heads=1),
         torch.nn.GELU(),
         SpectraAttention(E, H, num_features=16, component="hedgehog", weights="fastfood_learnable", seed=1))
     with torch.no_grad():                          # peaked attention: larger query/key projections
         for layer in (model[0], model[2]):
-            layer.qkv.weight[:2 * E] *= 4.0
+            layer.qkv.weight[:E + layer.num_kv_heads * layer.head_dim] *= 4.0
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if ".feature_map." not in n}
     fitted = {n: p.detach().clone() for n, p in model.named_parameters() if ".feature_map." in n}
     batches = [torch.randn(2, 24, E) for _ in range(2)]
@@ -227,5 +253,7 @@ def test_bad_inputs():
         fit_feature_map(fm, q, k, steps=-1)
     with pytest.raises(TypeError, match="key_padding_mask"):
         attention_distillation_loss(fm, q, k, key_padding_mask=torch.ones(2, 8))
+    with pytest.raises(ValueError, match="must divide"):
+        attention_distillation_loss(fm, q.expand(-1, -1, 3, -1), torch.cat([k, k], 2))
     with pytest.raises(ValueError, match="no SpectraAttention"):
         distill(torch.nn.Linear(4, 4), [torch.randn(1, 4)], steps=1)

@@ -14,6 +14,8 @@ pytest.importorskip("transformers")
 from transformers import BertConfig, BertModel, DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: E402
 
+import spectraformer_fused as sf  # noqa: E402
+from spectraformer_fused.fitting import record_attention_inputs  # noqa: E402
 from spectraformer_fused import rf_attention  # noqa: E402
 from spectraformer_fused.integrations import transformers as hf  # noqa: E402
 from helpers import assert_close  # noqa: E402
@@ -257,3 +259,78 @@ def test_gqa_generate_and_layer_by_hand():
         assert layer.self_attn.rf_feature_map.num_heads == 2
     check_generate_matches_recompute(num_kv_heads=2)
     llama_layer_by_hand(model, prompt_with_left_padding()[0])
+
+
+# -- attention transfer (distill) on a converted model ---------------------------------------------------
+def test_distill_grouped_query_llama():
+    """distill on a converted Llama with H_kv = 2 < H = 4: the teacher run is the softmax model, the recorded
+    q, k are the rotated projections the attention function receives (checked through the first loss
+    value, computed by hand), every layer's loss falls, and only the feature maps move."""
+    convert_args = dict(component="hyprf", weights="learnable", num_features=16)
+    model = tiny_llama(num_kv_heads=2, **convert_args)
+    softmax = tiny_llama(num_kv_heads=2, **convert_args)
+    softmax.set_attn_implementation("sdpa")
+    with torch.no_grad():                   # peaked attention (random weights give nearly uniform rows)
+        for m in (model, softmax):
+            for layer in m.model.layers:
+                layer.self_attn.q_proj.weight *= 6.0
+                layer.self_attn.k_proj.weight *= 6.0
+    ids, mask = prompt_with_left_padding(length=12, pad=3)
+    batch = dict(input_ids=ids, attention_mask=mask, use_cache=False)
+    keep = mask.bool()
+
+    # teacher recording: the converted model computes what the softmax model computes (real positions)
+    with hf.recording(teacher=True) as calls:
+        with torch.no_grad():
+            logits = model(**batch).logits
+    assert len(calls) == 2 and calls[0].k.shape[2] == 2 and calls[0].q.shape[2] == 4
+    assert_close(logits[keep], softmax(**batch).logits[keep], name="teacher logits")
+
+    # q, k by hand from each layer's input in the teacher run, and the first loss value from them
+    layers = [layer.self_attn for layer in model.model.layers]
+    seen = {}
+    hooks = [attn.register_forward_hook(lambda mod, args, kwargs, out, i=i: seen.__setitem__(i, kwargs),
+                                        with_kwargs=True) for i, attn in enumerate(layers)]
+    try:
+        records = record_attention_inputs(model, [batch])
+    finally:
+        for h in hooks:
+            h.remove()
+    expected = {}
+    for i, attn in enumerate(layers):
+        x = seen[i]["hidden_states"]
+        B, T, _ = x.shape
+        q = attn.q_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(B, T, -1, attn.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *seen[i]["position_embeddings"])
+        rec = records[f"model.layers.{i}.self_attn"][0]
+        assert_close(rec.q, q.transpose(1, 2), name=f"recorded q {i}")
+        assert_close(rec.k, k.transpose(1, 2), name=f"recorded k {i}")
+        assert rec.scale == attn.scaling and rec.causal and torch.equal(rec.key_padding_mask, keep)
+        expected[f"model.layers.{i}.self_attn"] = sf.attention_distillation_loss(
+            attn.rf_feature_map, q.transpose(1, 2).detach(), k.transpose(1, 2).detach(), scale=attn.scaling,
+            causal=True, key_padding_mask=keep)
+    assert set(records) == set(expected)
+    student = record_attention_inputs(model, [batch], teacher=False)      # the converted model as it is
+    assert torch.equal(student["model.layers.0.self_attn"][0].q, records["model.layers.0.self_attn"][0].q)
+    assert not torch.allclose(student["model.layers.1.self_attn"][0].q, records["model.layers.1.self_attn"][0].q)
+    with hf.recording(teacher=True):
+        with pytest.raises(ValueError, match="RFCache"):
+            hf.decode_step(model, ids, hf.RFCache())
+        with pytest.raises(ValueError, match="does not nest"):
+            with hf.recording():
+                pass
+
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if hf.FEATURE_MAP_ATTR not in n}
+    fitted = {n: p.detach().clone() for n, p in model.named_parameters() if hf.FEATURE_MAP_ATTR in n}
+    assert fitted
+    curves = sf.distill(model, [batch], steps=30, lr=3e-2)
+    assert set(curves) == set(expected)
+    for name, curve in curves.items():
+        assert_close(torch.tensor(curve[0], dtype=torch.float64), expected[name].detach(), name=f"{name} first loss")
+        assert len(curve) == 30 and curve[-1] < 0.5 * curve[0], (name, curve)
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n]) and p.grad is None, n
+        else:
+            assert not torch.equal(p, fitted[n]), n

@@ -9,15 +9,19 @@
 * ``RFCache`` holds one ``RFState`` per layer for decoding: its ``update`` stores no keys or values, so the
   memory of a decoding model does not grow with the generated length. ``generate()`` of a converted model
   uses one by default; ``decode_step`` runs one forward step with it.
+* ``recording()`` collects what the attention function of each converted layer receives (and can make it
+  compute exact softmax attention meanwhile): attention transfer (``spectraformer_fused.distill``) uses it.
 
 Queries see the keys of their own layer only: key/value heads (H_kv) go to ``rf_attention`` as they are
 (grouped-query attention is never expanded), and each feature map is built for H_kv heads.
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 import types
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -36,7 +40,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from ..attention import BACKENDS, rf_attention
 from ..feature_map import RandomFeatureMap
+from ..reference import exact_attention
 from ..state import RFState
+from ..validation import resolve_scale
 
 NAME = "spectraformer"
 FEATURE_MAP_ATTR = "rf_feature_map"
@@ -160,6 +166,44 @@ def _take_pending(key: torch.Tensor) -> RFCacheLayer | None:
     return layer
 
 
+# -- recording the attention inputs (attention transfer) ---------------------------------------------
+# While ``recording()`` is active on a thread, the attention function of every converted layer appends
+# what it receives to the recorder, and in teacher mode returns exact softmax attention instead of
+# random-feature attention. spectraformer_fused.fitting.distill uses it; nothing in transformers is patched.
+_RECORDER = threading.local()
+
+
+class AttentionCall(NamedTuple):
+    """One call of the attention function: ``q [B, T, H, D]`` and ``k [B, T, H_kv, D]`` as it received them
+    (after rotary embeddings, detached), the ``[B, T]`` bool keep-mask (None when nothing is padded), the
+    resolved ``scale`` and ``causal``."""
+    module: nn.Module
+    q: torch.Tensor
+    k: torch.Tensor
+    key_padding_mask: torch.Tensor | None
+    scale: float
+    causal: bool
+
+
+@contextlib.contextmanager
+def recording(teacher: bool = True):
+    """Record every call of the ``"spectraformer"`` attention function on this thread; yields the list of
+    ``AttentionCall`` it fills, in call order.
+
+    With ``teacher=True`` each call returns exact attention with the layer's feature-map kernel (softmax
+    attention for ``kernel="softmax"``: causality, padding and the grouped-query mapping, query head h
+    reading key/value head ``h // (H / H_kv)``, as in SDPA), so every layer sees the hidden states of the
+    model before conversion. A teacher run cannot continue from an ``RFCache``. Not reentrant."""
+    if getattr(_RECORDER, "value", None) is not None:
+        raise ValueError("recording() is already active on this thread (it does not nest)")
+    calls: list[AttentionCall] = []
+    _RECORDER.value = (calls, bool(teacher))
+    try:
+        yield calls
+    finally:
+        _RECORDER.value = None
+
+
 # -- the attention and mask functions ----------------------------------------------------------------
 def _key_padding_mask(attention_mask, batch: int, length: int) -> torch.Tensor | None:
     if attention_mask is None:
@@ -206,6 +250,17 @@ def spectraformer_attention_forward(module: nn.Module, query: torch.Tensor, key:
                          "to see the keys that come after it")
     kpm = _key_padding_mask(attention_mask, B, Tk)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
+    recorder = getattr(_RECORDER, "value", None)
+    if recorder is not None:
+        calls, teacher = recorder
+        scale = resolve_scale(scaling, q.shape[-1])
+        calls.append(AttentionCall(module, q.detach(), k.detach(), kpm, scale, causal))
+        if teacher:
+            if layer is not None:
+                raise ValueError("a teacher recording runs the softmax model, which cannot continue from an RFCache: "
+                                 "record with use_cache=False or without a cache")
+            o = exact_attention(q, k, v, kernel=feature_map.kernel, causal=causal, scale=scale, key_padding_mask=kpm)
+            return o.to(v.dtype), None
     backend = getattr(module, BACKEND_ATTR, "auto")
     if layer is None:
         o = rf_attention(q, k, v, feature_map, causal=causal, scale=scaling, key_padding_mask=kpm, backend=backend)
@@ -345,5 +400,5 @@ def decode_step(model: PreTrainedModel, input_ids: torch.Tensor, cache: RFCache,
     return model(input_ids=input_ids, **kwargs).logits[:, -1]
 
 
-__all__ = ["NAME", "RFCache", "RFCacheLayer", "convert", "decode_step", "register", "spectraformer_attention_forward",
-           "spectraformer_mask"]
+__all__ = ["NAME", "AttentionCall", "RFCache", "RFCacheLayer", "convert", "decode_step", "recording", "register",
+           "spectraformer_attention_forward", "spectraformer_mask"]
