@@ -128,8 +128,8 @@ def _rf_chunk_state_kernel(k, v, W, bias, freq, psi, mask, kstab, L, Lz,
                            KIND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PSI: tl.constexpr,
                            HAS_CO: tl.constexpr, PREC: tl.constexpr,
                            BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr):
-    """L[b, h, r] = sum over range r's keys of phi_k v^T (and Lz: of phi_k), features relative to e_r.
-    Program id 2 = Dv tile + NV * range."""
+    """L[b, h, r] = sum over range r's keys of phi_k v^T (and Lz: of phi_k), features relative to e_r;
+    h a key/value head (H here counts them). Program id 2 = Dv tile + NV * range."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_m = tl.program_id(1).to(tl.int64)
     i_vr = tl.program_id(2).to(tl.int64)
@@ -196,8 +196,8 @@ def _rf_chunk_state_kernel(k, v, W, bias, freq, psi, mask, kstab, L, Lz,
 def _rf_chunk_scan_kernel(L, Lz, kstab, init, init_z, out, out_z, fin, fin_z, NC, F, DV, CPS,
                           REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
                           BF: tl.constexpr, BV: tl.constexpr):
-    """The ordered pass over ranges of one (batch x head, F tile, Dv tile); L, out [B, H, NR, F, Dv],
-    Lz, out_z [B, H, NR, F], init, fin [B, H, F, Dv], init_z, fin_z [B, H, F].
+    """The ordered pass over ranges of one (batch x key/value head, F tile, Dv tile); L, out
+    [B, Hk, NR, F, Dv], Lz, out_z [B, Hk, NR, F], init, fin [B, Hk, F, Dv], init_z, fin_z [B, Hk, F].
 
     Forward (keys): L_r relative to e_r; writes out_r = the state before range r, relative to s_r;
     init is relative to kstab[0]; fin (after the last range) to kstab[NC - 1].
@@ -267,7 +267,8 @@ def _rf_chunk_fwd_kernel(q, k, v, W, bias, freq, psi, mask, Sb, zb, qmax, kstab,
                          SPLIT: tl.constexpr, PREC: tl.constexpr,
                          BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr):
     """The outputs of one range (program id 2 = Dv tile + NV * range): the walk over its chunks from the
-    state before it (Sb [B, H, NR, F, Dv], zb [B, H, NR, F], relative to kstab at its first chunk)."""
+    state before it (Sb [B, HK, NR, F, Dv], zb [B, HK, NR, F] of its key/value head, relative to kstab at
+    its first chunk)."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_m = tl.program_id(1).to(tl.int64)
     i_vr = tl.program_id(2).to(tl.int64)
