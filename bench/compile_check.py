@@ -65,10 +65,12 @@ class Case:
     mask: bool = False
     init: bool = False
     mode: str = "walk"                  # the causal mode (SPECTRAFORMER_FUSED_TRITON_MODE)
+    kv_heads: int = 2                   # key/value heads of the 2 query heads (1: multi-query attention)
 
     @property
     def label(self) -> str:
         extra = "+mask" * self.mask + "+init" * self.init + "+chunk" * (self.causal and self.mode == "chunk")
+        extra += "+mqa" * (self.kv_heads == 1)
         return (f"{self.comp} {'causal' if self.causal else 'full'} {self.dtype} D{self.D} Dv{self.Dv} m{self.m}"
                 f" T{self.T}{extra}")
 
@@ -93,7 +95,7 @@ def cases(which: str) -> list[Case]:
                 Case("trigrf", True, "fp32", 16, 16, 16, 16),
                 Case("saderf", False, "fp16", 16, 16, 16, 16),
                 Case("gerf", True, "fp16", 16, 16, 16, 16),
-                Case("posrf", True, "fp16", 16, 16, 16, 64, True, True, "chunk")]
+                Case("posrf", True, "fp16", 16, 16, 16, 64, True, True, "chunk", kv_heads=1)]
     base = [Case("posrf", causal, dt) for causal in (True, False) for dt in ("fp16", "fp32")]
     base += [Case("hyprf", True, "fp16"), Case("trigrf", True, "fp16")]
     base += [dataclasses.replace(c, mode="chunk") for c in base if c.causal]
@@ -126,17 +128,17 @@ def capture(case: Case) -> list:
     from spectraformer_fused.state import RFState
 
     dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[case.dtype]
-    B, H = 1, 2
+    B, H, Hk = 1, 2, case.kv_heads
     args = {"A": -0.1} if case.comp == "gerf" else {}
-    fm = RandomFeatureMap(case.D, case.m, component=case.comp, num_heads=H, seed=0, **args)
+    fm = RandomFeatureMap(case.D, case.m, component=case.comp, num_heads=Hk, seed=0, **args)
     q = torch.randn(B, case.T, H, case.D, dtype=dt, requires_grad=True)
-    k = torch.randn(B, case.T, H, case.D, dtype=dt, requires_grad=True)
-    v = torch.randn(B, case.T, H, case.Dv, dtype=dt, requires_grad=True)
+    k = torch.randn(B, case.T, Hk, case.D, dtype=dt, requires_grad=True)
+    v = torch.randn(B, case.T, Hk, case.Dv, dtype=dt, requires_grad=True)
     mask = torch.ones(B, case.T, dtype=torch.bool) if case.mask else None
     state = None
     if case.init:
         F = fm.feature_dim
-        state = RFState(torch.zeros(B, H, F, case.Dv), torch.zeros(B, H, F), torch.zeros(B, H))
+        state = RFState(torch.zeros(B, Hk, F, case.Dv), torch.zeros(B, Hk, F), torch.zeros(B, Hk))
     params = fm.feature_params(q, k, scale=case.D ** -0.5, causal=case.causal, key_padding_mask=mask)
     os.environ["SPECTRAFORMER_FUSED_TRITON_MODE"] = case.mode
     try:

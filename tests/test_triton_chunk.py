@@ -58,12 +58,12 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_chunk_mode_matches_reference(case, device, chunk_calls):
-    fm, q, k, v, mask, state = _make(case, device)
+def _check_chunk_mode(case, chunk_calls, fm, q, k, v, mask, state):
+    """The Triton backend in chunk mode against the reference: o, the final state, every gradient."""
     o_ref, fin_ref, g_ref = _run("reference", fm, q, k, v, mask, state, case)
     o, fin, g = _run("triton", fm, q, k, v, mask, state, case)
     assert chunk_calls == {"fwd": 1, "bwd": 1}
+    assert o.shape == o_ref.shape and fin.S.shape == fin_ref.S.shape
     dt = case.dtype
     assert_close(o, o_ref, dt, name="o")
     assert_close(fin.S, fin_ref.S, dt, name="S")
@@ -73,6 +73,41 @@ def test_chunk_mode_matches_reference(case, device, chunk_calls):
     for name, expected in g_ref.items():
         assert g[name] is not None, f"no gradient for {name}"
         assert_close(g[name], expected, dt, name=f"d{name}")
+    return g_ref
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_chunk_mode_matches_reference(case, device, chunk_calls):
+    _check_chunk_mode(case, chunk_calls, *_make(case, device))
+
+
+def _gqa_make(case: Case, heads: int, device):
+    """``_make``'s inputs with ``case.H`` key/value heads (k, v, the feature map, the state) and ``heads``
+    query heads."""
+    fm, q, k, v, mask, state = _make(case, device)
+    gen = torch.Generator().manual_seed(7)
+    q = (torch.randn(case.B, case.T, heads, case.D, generator=gen) * case.input_scale).to(case.dtype).to(device)
+    return fm, q, k, v, mask, state
+
+
+# grouped-query attention: (case with case.H key/value heads, query heads); T crosses two or three ranges.
+# trigrf with groups: test_modes_give_the_same_gradients
+GQA_CASES = [
+    (Case("posrf", causal=True, B=1, T=50, H=2, D=16, Dv=16, mask=True, init=True, final=True), 4),
+    (Case("hyprf", causal=True, B=1, T=70, H=1, D=16, Dv=16, kernel="gaussian", init=True, final=True), 4),
+    (Case("saderf", causal=True, B=1, T=50, H=1, D=16, Dv=16, kernel="gaussian", dtype=torch.float16, mask=True,
+          init=True, final=True), 4),
+]
+
+
+@pytest.mark.parametrize("case, heads", GQA_CASES, ids=[f"{c.id}-Hq{h}" for c, h in GQA_CASES])
+def test_chunk_mode_grouped_query_matches_reference(case, heads, device, chunk_calls):
+    """Grouped-query (H = 4, H_kv = 2) and multi-query (H_kv = 1) attention in chunk mode: outputs, the
+    final state per key/value head and every gradient (dk, dv, dW, the initial state's: a group's sum)."""
+    fm, q, k, v, mask, state = _gqa_make(case, heads, device)
+    assert q.shape[2] == heads and k.shape[2] == case.H < heads
+    g_ref = _check_chunk_mode(case, chunk_calls, fm, q, k, v, mask, state)
+    assert ("S0" in g_ref) == case.init
 
 
 @pytest.mark.parametrize("cps", [1, 3])
@@ -94,10 +129,12 @@ def test_chunk_forward_equals_walk(cps, device):
         assert_close(a, b, torch.float32, name=name, rtol=1e-5, atol_rel=1e-4)
 
 
-def test_modes_give_the_same_gradients(device, monkeypatch):
-    """Walk and chunk mode, same inputs: outputs and every gradient agree to fp32 rounding."""
+@pytest.mark.parametrize("heads", [None, 4], ids=["mha", "gqa-Hq4-Hkv2"])
+def test_modes_give_the_same_gradients(heads, device, monkeypatch):
+    """Walk and chunk mode, same inputs: outputs and every gradient agree to fp32 rounding (also with
+    grouped-query attention: 4 query heads on 2 key/value heads)."""
     case = Case("trigrf", causal=True, B=1, T=50, D=16, Dv=16, input_scale=0.3, init=True, final=True)
-    fm, q, k, v, mask, state = _make(case, device)
+    fm, q, k, v, mask, state = _make(case, device) if heads is None else _gqa_make(case, heads, device)
     results = {}
     for mode in ("walk", "chunk"):
         monkeypatch.setenv(MODE_ENV, mode)

@@ -116,14 +116,13 @@ torch.library.register_autograd("spectraformer_fused::rf_fwd", _backward, setup_
 
 def causal_mode(q: Tensor, v: Tensor, m: int, causal: bool) -> str:
     """"walk" or "chunk": SPECTRAFORMER_FUSED_TRITON_MODE (auto, walk, chunk; default auto) with "auto"
-    resolved by ``triton_chunk.choose_mode`` from the walk's program count. "walk" when not causal (the
-    non-causal forward already splits the chunks into ranges), and "walk" with grouped-query attention."""
+    resolved by ``triton_chunk.choose_mode`` from the walk's program count (B x H query heads, with or
+    without grouped-query attention). "walk" when not causal (the non-causal forward already splits the
+    chunks into ranges)."""
     mode = requested_mode()
     if not causal:
         return "walk"
     B, T, H, _ = q.shape
-    if v.shape[2] != H:      # grouped-query attention: the chunk mode's kernels read one key/value head per query head
-        return "walk"
     walk_programs = B * H * triton.cdiv(m, min(MAX_BM, max(16, triton.next_power_of_2(m)))) * triton.cdiv(
         v.shape[-1], 64)
     return resolve_mode(mode, walk_programs, T, q.device)

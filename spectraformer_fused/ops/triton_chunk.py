@@ -5,17 +5,17 @@ frequency tile, Dv tile): few programs when B x H is small and T long. Here the 
 grouped into NR ranges of CPS chunks and the state passes between ranges, as fla's ``chunk`` mode and
 Lightning Attention-2 pass it between chunks:
 
-1. ``_rf_chunk_state_kernel`` (grid ``(B*H, NMT, NV*NR)``, all ranges in parallel): each range's own key
+1. ``_rf_chunk_state_kernel`` (grid ``(B*Hk, NMT, NV*NR)``, all ranges in parallel): each range's own key
    state ``L_r = sum_j phi_k(j) v_j^T`` and ``l_r = sum_j phi_k(j)`` over its keys, the features taken
    relative to the range's last key stabiliser ``e_r = kstab[last chunk of r]`` (the running maximum,
    known before any state pass: ``triton_fwd.stabilisers``).
-2. ``_rf_chunk_scan_kernel`` (grid ``(B*H, F tiles, Dv tiles)``): a short ordered pass over the NR ranges
+2. ``_rf_chunk_scan_kernel`` (grid ``(B*Hk, F tiles, Dv tiles)``): a short ordered pass over the NR ranges
    that turns them into the state before each range, relative to ``s_r = kstab[first chunk of r]``
    (the initial state folded in), and the final state. Rescaling between stabilisers uses the walk's
    factor ``exp(min(earlier - later, 0))``, so the states are the walk's.
 3. ``_rf_chunk_fwd_kernel`` (grid ``(B*H, NMT, NV*NR)``, all ranges in parallel): the walk over the
-   range's CPS chunks starting from its state: per chunk the masked intra-chunk product plus
-   ``phi_q`` times the state before the chunk.
+   range's CPS chunks starting from its key/value head's state: per chunk the masked intra-chunk
+   product plus ``phi_q`` times the state before the chunk.
 
 The backward mirrors it: the states before each range are recomputed (steps 1 and 2); each range's
 query-side ``dS``/``dz`` (``_rf_chunk_bwd_dstate_kernel``, relative to ``s_r``) pass in reverse order
@@ -24,15 +24,19 @@ range and the initial state's gradient; then ``_rf_chunk_bwd_dq_kernel`` and ``_
 run every range in parallel. Deterministic: no atomics; every partial (frequency tiles, W's and the
 bias' gradients per range) is an fp32 buffer summed on the host in a fixed order.
 
-Memory beyond the walk's: the states before each range ``[B, H, NR, F, Dv]`` and ``[B, H, NR, F]`` in
+Grouped-query attention (k, v, the parameters and the states with Hk = H / G heads): steps 1 and 2 and
+the reverse scan run per (batch, key/value head); query head h reads key/value head ``h // G``. The
+query-side ``dS``/``dz`` of a range sum the group's G query heads in order inside one program; dq is per
+query head; dk, dv, dW, dbias are written per query head (the carried ``dS``/``dz``, already the group's
+sum, by the first head of the group only) and summed over each group on the host in a fixed order; the
+initial state's gradient comes out of the reverse scan per key/value head.
+
+Memory beyond the walk's: the states before each range ``[B, Hk, NR, F, Dv]`` and ``[B, Hk, NR, F]`` in
 fp32 (the ranges' local states, written first, are overwritten by the pass; the backward holds two
 such buffers, key and query side).
 ``range_chunks`` makes a range at least ``RANGE_TOKENS`` = 256 tokens long on a GPU, so the states hold
-``4 F Dv / 256`` bytes per token and head (128 at F = 128, Dv = 64: a third of fp16 q, k, v's 384),
-whatever the batch; fp32 states cost no accuracy against the walk (tests/test_triton_chunk.py).
-
-k, v and the per-head parameters (W, bias, freq, psi) are addressed through the key head ``i_hk``
-(today the query head).
+``4 F Dv / 256`` bytes per token and key/value head (128 at F = 128, Dv = 64: a third of fp16 q, k,
+v's 384 without grouping), whatever the batch; fp32 states cost no accuracy against the walk (tests/test_triton_chunk.py).
 """
 from __future__ import annotations
 
@@ -124,8 +128,8 @@ def _rf_chunk_state_kernel(k, v, W, bias, freq, psi, mask, kstab, L, Lz,
                            KIND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PSI: tl.constexpr,
                            HAS_CO: tl.constexpr, PREC: tl.constexpr,
                            BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr):
-    """L[b, h, r] = sum over range r's keys of phi_k v^T (and Lz: of phi_k), features relative to e_r.
-    Program id 2 = Dv tile + NV * range."""
+    """L[b, h, r] = sum over range r's keys of phi_k v^T (and Lz: of phi_k), features relative to e_r;
+    h a key/value head (H here counts them). Program id 2 = Dv tile + NV * range."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_m = tl.program_id(1).to(tl.int64)
     i_vr = tl.program_id(2).to(tl.int64)
@@ -134,7 +138,7 @@ def _rf_chunk_state_kernel(k, v, W, bias, freq, psi, mask, kstab, L, Lz,
     i_r = i_vr // NV
     i_b = i_bh // H
     i_h = i_bh % H
-    i_hk = i_h
+    i_hk = i_h                            # launched per (batch, key/value head): H is the key/value heads
     i_bhk = i_b * H + i_hk
     NC = tl.cdiv(T, BT)
     NR = tl.cdiv(NC, CPS)
@@ -192,8 +196,8 @@ def _rf_chunk_state_kernel(k, v, W, bias, freq, psi, mask, kstab, L, Lz,
 def _rf_chunk_scan_kernel(L, Lz, kstab, init, init_z, out, out_z, fin, fin_z, NC, F, DV, CPS,
                           REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
                           BF: tl.constexpr, BV: tl.constexpr):
-    """The ordered pass over ranges of one (batch x head, F tile, Dv tile); L, out [B, H, NR, F, Dv],
-    Lz, out_z [B, H, NR, F], init, fin [B, H, F, Dv], init_z, fin_z [B, H, F].
+    """The ordered pass over ranges of one (batch x key/value head, F tile, Dv tile); L, out
+    [B, Hk, NR, F, Dv], Lz, out_z [B, Hk, NR, F], init, fin [B, Hk, F, Dv], init_z, fin_z [B, Hk, F].
 
     Forward (keys): L_r relative to e_r; writes out_r = the state before range r, relative to s_r;
     init is relative to kstab[0]; fin (after the last range) to kstab[NC - 1].
@@ -258,12 +262,13 @@ def _rf_chunk_scan_kernel(L, Lz, kstab, init, init_z, out, out_z, fin, fin_z, NC
 def _rf_chunk_fwd_kernel(q, k, v, W, bias, freq, psi, mask, Sb, zb, qmax, kstab, o, den,
                          s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
                          s_wh, s_wm, s_wd, s_mb, s_mt, s_on, s_dn,
-                         T, H, M, D, DV, CPS, root, c_t, c_o,
+                         T, H, HK, G, M, D, DV, CPS, root, c_t, c_o,
                          KIND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
                          SPLIT: tl.constexpr, PREC: tl.constexpr,
                          BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr):
     """The outputs of one range (program id 2 = Dv tile + NV * range): the walk over its chunks from the
-    state before it (Sb [B, H, NR, F, Dv], zb [B, H, NR, F], relative to kstab at its first chunk)."""
+    state before it (Sb [B, HK, NR, F, Dv], zb [B, HK, NR, F] of its key/value head, relative to kstab at
+    its first chunk)."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_m = tl.program_id(1).to(tl.int64)
     i_vr = tl.program_id(2).to(tl.int64)
@@ -272,8 +277,8 @@ def _rf_chunk_fwd_kernel(q, k, v, W, bias, freq, psi, mask, Sb, zb, qmax, kstab,
     i_r = i_vr // NV
     i_b = i_bh // H
     i_h = i_bh % H
-    i_hk = i_h
-    i_bhk = i_b * H + i_hk
+    i_hk = i_h // G                       # grouped-query attention: the key/value head of query head i_h
+    i_bhk = i_b * HK + i_hk               # k, v, the parameters, kstab and the states are per key/value head
     NC = tl.cdiv(T, BT)
     NR = tl.cdiv(NC, CPS)
     F = M if KIND == 0 else 2 * M
@@ -295,8 +300,8 @@ def _rf_chunk_fwd_kernel(q, k, v, W, bias, freq, psi, mask, Sb, zb, qmax, kstab,
     m_s = m_m[:, None] & m_v[None, :]
     c_lo = i_r * CPS
     c_hi = tl.minimum(c_lo + CPS, NC)
-    p_s = Sb + (i_bh * NR + i_r) * F * DV + o_m[:, None] * DV + o_v[None, :]
-    p_z = zb + (i_bh * NR + i_r) * F + o_m
+    p_s = Sb + (i_bhk * NR + i_r) * F * DV + o_m[:, None] * DV + o_v[None, :]
+    p_z = zb + (i_bhk * NR + i_r) * F + o_m
     b_sa = tl.load(p_s, mask=m_s, other=0.0)
     b_za = tl.load(p_z, mask=m_m, other=0.0)
     b_sb = tl.zeros([BM, BV], dtype=tl.float32)
@@ -348,20 +353,20 @@ def _rf_chunk_fwd_kernel(q, k, v, W, bias, freq, psi, mask, Sb, zb, qmax, kstab,
 
 @triton.jit(do_not_specialize=["T"])
 def _rf_chunk_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, kstab, da, dbeta, L, Lz,
-                                T, H, M, D, DV, stride_wh, CPS, root, c_t, c_o,
+                                T, H, HK, G, M, D, DV, stride_wh, CPS, root, c_t, c_o,
                                 KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
                                 PREC: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
                                 BV: tl.constexpr):
     """Range i_r's own dS = sum_t phiq_t a_t^T and dz = sum_t phiq_t beta_t, relative to s_r: query t of
     chunk c counts exp(min(s_r - kstab_c, 0)) (the walk's factors from chunk c back to the range's
-    first). Writes L [B, H, NR, F, Dv], Lz [B, H, NR, F]."""
+    first). Program id 1 is a (batch, key/value head) pair: the sum runs over the G query heads of its
+    group in order (grouped-query attention), so the states stay per key/value head. Writes
+    L [B, HK, NR, F, Dv], Lz [B, HK, NR, F]."""
     i_m = tl.program_id(0).to(tl.int64)
-    i_bh = tl.program_id(1).to(tl.int64)
+    i_bhk = tl.program_id(1).to(tl.int64)
     i_r = tl.program_id(2).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_hk = i_h
-    i_bhk = i_b * H + i_hk
+    i_b = i_bhk // HK
+    i_hk = i_bhk % HK
     NC = tl.cdiv(T, BT)
     NR = tl.cdiv(NC, CPS)
     F = M if KIND == 0 else 2 * M
@@ -381,23 +386,26 @@ def _rf_chunk_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, kstab, da, dbeta, L
     b_dzb = tl.zeros([BM], dtype=tl.float32)
     c_lo = i_r * CPS
     b_ks = tl.load(kstab + i_bhk * NC + c_lo)
-    for c in range(c_lo, tl.minimum(c_lo + CPS, NC)):
-        o_t = c * BT + o_c
-        m_t = o_t < T
-        b_f = tl.exp(tl.minimum(b_ks - tl.load(kstab + i_bhk * NC + c), 0.0))
-        p_tq = ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
-        b_a = tl.load(da + ((i_b * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :],
-                      mask=m_t[:, None] & m_v[None, :], other=0.0) * b_f
-        b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0) * b_f
-        _, _, qa, qb = _query_phi(q, qmax, p_tq, m_t[:, None] & m_d[None, :], i_bh, T, o_t, m_t, b_w, b_bias,
-                                  b_freq, b_psi, root, c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC)
-        b_dsa += _dot(tl.trans(qa), b_a, PREC)                                          # [BM, BT] @ [BT, BV]
-        b_dza += tl.sum(qa * b_beta[:, None], axis=0)
-        if KIND != 0:
-            b_dsb += _dot(tl.trans(qb), b_a, PREC)
-            b_dzb += tl.sum(qb * b_beta[:, None], axis=0)
-    p_ds = L + (i_bh * NR + i_r) * F * DV + o_m[:, None] * DV + o_v[None, :]
-    p_dz = Lz + (i_bh * NR + i_r) * F + o_m
+    for g in range(0, G):
+        i_h = i_hk * G + g
+        i_bh = i_b * H + i_h
+        for c in range(c_lo, tl.minimum(c_lo + CPS, NC)):
+            o_t = c * BT + o_c
+            m_t = o_t < T
+            b_f = tl.exp(tl.minimum(b_ks - tl.load(kstab + i_bhk * NC + c), 0.0))
+            p_tq = ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
+            b_a = tl.load(da + ((i_b * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :],
+                          mask=m_t[:, None] & m_v[None, :], other=0.0) * b_f
+            b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0) * b_f
+            _, _, qa, qb = _query_phi(q, qmax, p_tq, m_t[:, None] & m_d[None, :], i_bh, T, o_t, m_t, b_w, b_bias,
+                                      b_freq, b_psi, root, c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC)
+            b_dsa += _dot(tl.trans(qa), b_a, PREC)                                      # [BM, BT] @ [BT, BV]
+            b_dza += tl.sum(qa * b_beta[:, None], axis=0)
+            if KIND != 0:
+                b_dsb += _dot(tl.trans(qb), b_a, PREC)
+                b_dzb += tl.sum(qb * b_beta[:, None], axis=0)
+    p_ds = L + (i_bhk * NR + i_r) * F * DV + o_m[:, None] * DV + o_v[None, :]
+    p_dz = Lz + (i_bhk * NR + i_r) * F + o_m
     tl.store(p_ds, b_dsa, mask=m_sv)
     tl.store(p_dz, b_dza, mask=m_m)
     if KIND != 0:
@@ -407,7 +415,7 @@ def _rf_chunk_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, kstab, da, dbeta, L
 
 @triton.jit(do_not_specialize=["T"])
 def _rf_chunk_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, Sb, zb, qmax, kstab, da, dbeta,
-                            dq, dw, db, T, H, M, D, DV, stride_wh, CPS, s_wp, s_bp, root, c_t, c_o,
+                            dq, dw, db, T, H, HK, G, M, D, DV, stride_wh, CPS, s_wp, s_bp, root, c_t, c_o,
                             KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
                             HAS_MASK: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr,
                             BD: tl.constexpr, BV: tl.constexpr):
@@ -418,8 +426,8 @@ def _rf_chunk_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, Sb, zb, qmax, kst
     i_r = tl.program_id(2).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    i_hk = i_h
-    i_bhk = i_b * H + i_hk
+    i_hk = i_h // G                       # grouped-query attention: the key/value head of query head i_h
+    i_bhk = i_b * HK + i_hk               # k, v, the parameters, kstab and the states are per key/value head
     NC = tl.cdiv(T, BT)
     NR = tl.cdiv(NC, CPS)
     F = M if KIND == 0 else 2 * M
@@ -436,8 +444,8 @@ def _rf_chunk_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, Sb, zb, qmax, kst
                                               HAS_PSI, BD)
     c_lo = i_r * CPS
     c_hi = tl.minimum(c_lo + CPS, NC)
-    p_s = Sb + (i_bh * NR + i_r) * F * DV + o_m[:, None] * DV + o_v[None, :]
-    p_z = zb + (i_bh * NR + i_r) * F + o_m
+    p_s = Sb + (i_bhk * NR + i_r) * F * DV + o_m[:, None] * DV + o_v[None, :]
+    p_z = zb + (i_bhk * NR + i_r) * F + o_m
     b_sa = tl.load(p_s, mask=m_sv, other=0.0)
     b_za = tl.load(p_z, mask=m_m, other=0.0)
     b_sb = tl.zeros([BM, BV], dtype=tl.float32)
@@ -452,10 +460,10 @@ def _rf_chunk_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, Sb, zb, qmax, kst
         o_t = c * BT + o_c
         m_t = o_t < T
         p_tq = ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
-        p_tk = ((i_b * T + o_t[:, None]) * H + i_hk) * D + o_d[None, :]
+        p_tk = ((i_b * T + o_t[:, None]) * HK + i_hk) * D + o_d[None, :]
         m_tk = m_t[:, None] & m_d[None, :]
         p_ta = ((i_b * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]
-        p_tv = ((i_b * T + o_t[:, None]) * H + i_hk) * DV + o_v[None, :]
+        p_tv = ((i_b * T + o_t[:, None]) * HK + i_hk) * DV + o_v[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         b_a = tl.load(da + p_ta, mask=m_tv, other=0.0)                                # [BT, BV]
         b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0)               # [BT]
@@ -495,7 +503,7 @@ def _rf_chunk_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, Sb, zb, qmax, kst
 
 @triton.jit(do_not_specialize=["T"])
 def _rf_chunk_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, dSa, dza_, qmax, kstab, da, dbeta,
-                             dk, dv, dw, db, T, H, M, D, DV, stride_wh, CPS, s_wp, s_bp, root, c_t, c_o,
+                             dk, dv, dw, db, T, H, HK, G, M, D, DV, stride_wh, CPS, s_wp, s_bp, root, c_t, c_o,
                              KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
                              HAS_MASK: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr,
                              BD: tl.constexpr, BV: tl.constexpr):
@@ -506,8 +514,8 @@ def _rf_chunk_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, dSa, dza_, qmax,
     i_r = tl.program_id(2).to(tl.int64)
     i_b = i_bh // H
     i_h = i_bh % H
-    i_hk = i_h
-    i_bhk = i_b * H + i_hk
+    i_hk = i_h // G                       # grouped-query attention: the key/value head of query head i_h
+    i_bhk = i_b * HK + i_hk               # k, v, the parameters, kstab and the states are per key/value head
     NC = tl.cdiv(T, BT)
     NR = tl.cdiv(NC, CPS)
     F = M if KIND == 0 else 2 * M
@@ -524,15 +532,20 @@ def _rf_chunk_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, dSa, dza_, qmax,
                                               HAS_PSI, BD)
     c_lo = i_r * CPS
     c_hi = tl.minimum(c_lo + CPS, NC)
-    p_s = dSa + (i_bh * NR + i_r) * F * DV + o_m[:, None] * DV + o_v[None, :]
-    p_z = dza_ + (i_bh * NR + i_r) * F + o_m
-    b_dsa = tl.load(p_s, mask=m_sv, other=0.0)
-    b_dza = tl.load(p_z, mask=m_m, other=0.0)
+    # dSa, dza_ (per key/value head) hold the whole group's later queries: the first query head of the
+    # group carries them, the others start from zero (their partials are summed on the host)
+    p_s = dSa + (i_bhk * NR + i_r) * F * DV + o_m[:, None] * DV + o_v[None, :]
+    p_z = dza_ + (i_bhk * NR + i_r) * F + o_m
+    b_dsa = tl.zeros([BM, BV], dtype=tl.float32)
+    b_dza = tl.zeros([BM], dtype=tl.float32)
     b_dsb = tl.zeros([BM, BV], dtype=tl.float32)
     b_dzb = tl.zeros([BM], dtype=tl.float32)
-    if KIND != 0:
-        b_dsb = tl.load(p_s + M * DV, mask=m_sv, other=0.0)
-        b_dzb = tl.load(p_z + M, mask=m_m, other=0.0)
+    if i_h % G == 0:
+        b_dsa = tl.load(p_s, mask=m_sv, other=0.0)
+        b_dza = tl.load(p_z, mask=m_m, other=0.0)
+        if KIND != 0:
+            b_dsb = tl.load(p_s + M * DV, mask=m_sv, other=0.0)
+            b_dzb = tl.load(p_z + M, mask=m_m, other=0.0)
     b_dw = tl.zeros([BM, BD], dtype=tl.float32)
     b_db = tl.zeros([BM], dtype=tl.float32)
     b_knext = tl.load(kstab + i_bhk * NC + c_hi - 1)
@@ -541,10 +554,10 @@ def _rf_chunk_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, dSa, dza_, qmax,
         o_t = c * BT + o_c
         m_t = o_t < T
         p_tq = ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
-        p_tk = ((i_b * T + o_t[:, None]) * H + i_hk) * D + o_d[None, :]
+        p_tk = ((i_b * T + o_t[:, None]) * HK + i_hk) * D + o_d[None, :]
         m_tk = m_t[:, None] & m_d[None, :]
         p_ta = ((i_b * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]
-        p_tv = ((i_b * T + o_t[:, None]) * H + i_hk) * DV + o_v[None, :]
+        p_tv = ((i_b * T + o_t[:, None]) * HK + i_hk) * DV + o_v[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         b_ks = tl.load(kstab + i_bhk * NC + c)
         # the derivative of the forward's exp(min(kstab_c - kstab_{c+1}, 0)): finite after empty chunks
@@ -576,12 +589,12 @@ def _rf_chunk_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, dSa, dza_, qmax,
             dkb = dka
         b_at = tl.where(causal, b_at, 0.0)
         b_dv += _dot(b_at, b_a, PREC)                                                   # [BT, BT] @ [BT, BV]
-        tl.store(dv + part * DV + p_tv, b_dv, mask=m_tv)
+        tl.store(dv + part * DV + p_ta, b_dv, mask=m_tv)                              # per query head
         de, du = _phi_grad(dka, dkb, ka, kb, KIND)
         b_db += tl.sum(de, axis=0)
         b_dw += _dot(tl.trans(du), kt, PREC) * b_freq                                   # [BM, BT] @ [BT, BD]
         b_dk = _input_grad(de, du, kt, b_k, b_w, b_psi, b_freq, root, c_t, c_o, False, HAS_PSI, HAS_CO, PREC)
-        tl.store(dk + part * D + p_tk, b_dk, mask=m_tk)
+        tl.store(dk + part * D + p_tq, b_dk, mask=m_tk)
         b_dsa += _dot(tl.trans(qa), b_a, PREC)
         b_dza += tl.sum(qa * b_beta[:, None], axis=0)
         if KIND != 0:
@@ -596,15 +609,16 @@ def _f32(t):
 
 
 def _scan(L, Lz, kstab, init, init_z, NC, cps, *, reverse: bool):
-    """``(out, out_z, fin, fin_z)`` of ``_rf_chunk_scan_kernel`` for local states L [B, H, NR, F, Dv];
+    """``(out, out_z, fin, fin_z)`` of ``_rf_chunk_scan_kernel`` for local states L [B, Hk, NR, F, Dv]
+    (one per key/value head);
     out, out_z overwrite L, Lz (the local states are not needed after the pass)."""
-    B, H, NR, F, Dv = L.shape
+    B, Hk, NR, F, Dv = L.shape
     BF, BV = 32, max(16, min(64, _next_pow2(Dv)))
     out, out_z = L, Lz
-    fin = torch.empty(B, H, F, Dv, dtype=torch.float32, device=L.device)
-    fin_z = torch.empty(B, H, F, dtype=torch.float32, device=L.device)
+    fin = torch.empty(B, Hk, F, Dv, dtype=torch.float32, device=L.device)
+    fin_z = torch.empty(B, Hk, F, dtype=torch.float32, device=L.device)
     has_init = init is not None
-    _rf_chunk_scan_kernel[(B * H, triton.cdiv(F, BF), triton.cdiv(Dv, BV))](
+    _rf_chunk_scan_kernel[(B * Hk, triton.cdiv(F, BF), triton.cdiv(Dv, BV))](
         L=L, Lz=Lz, kstab=kstab, init=init if has_init else L, init_z=init_z if has_init else Lz, out=out,
         out_z=out_z, fin=fin, fin_z=fin_z, NC=NC, F=F, DV=Dv, CPS=cps, REVERSE=reverse, HAS_INIT=has_init,
         STORE_FINAL=True, BF=BF, BV=BV, num_warps=4)
@@ -612,7 +626,7 @@ def _scan(L, Lz, kstab, init, init_z, NC, cps, *, reverse: bool):
 
 
 def _states_before(k, v, W, bias, freq, psi, mask, kstab, S0, z0, m0, *, kind, c_t, c_o, scale, BT, cps):
-    """The state before every range ``[B, H, NR, F, Dv]``, ``[B, H, NR, F]`` (relative to kstab at its
+    """The state before every range ``[B, Hk, NR, F, Dv]``, ``[B, Hk, NR, F]`` (relative to kstab at its
     first chunk) and the final state (relative to the last kstab): steps 1 and 2 of the module docstring.
     bias, freq, psi, S0, z0, m0: fp32 contiguous or None."""
     B, T, H, D = k.shape
@@ -647,9 +661,13 @@ def _states_before(k, v, W, bias, freq, psi, mask, kstab, S0, z0, m0, *, kind, c
 
 def chunk_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: float, c_o: float, scale: float,
               output_final_state: bool, chunk_size: int | None = None, cps: int | None = None):
-    """The causal forward in chunk mode; ``triton_fwd.rf_fwd``'s arguments and results (causal only).
-    ``cps``: chunks per range (default ``range_chunks``)."""
+    """The causal forward in chunk mode; ``triton_fwd.rf_fwd``'s arguments and results (causal only;
+    k, v, the parameters and the states may have Hk = H / G heads). ``cps``: chunks per range (default
+    ``range_chunks``)."""
     B, T, H, D = q.shape
+    Hk = k.shape[2]
+    if H % Hk:
+        raise ValueError(f"the query heads ({H}) must be a multiple of the key/value heads ({Hk})")
     Dv = v.shape[-1]
     M = W.shape[1]
     BT = int(chunk_size) if chunk_size is not None else default_chunk_size(T)
@@ -688,7 +706,7 @@ def chunk_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: 
         s_vb=v.stride(0), s_vt=v.stride(1), s_vh=v.stride(2), s_vd=v.stride(3),
         s_wh=W.stride(0), s_wm=W.stride(1), s_wd=W.stride(2), s_mb=s_mb, s_mt=s_mt,
         s_on=B * T * H * Dv if split else 0, s_dn=B * H * T if split else 0,
-        T=T, H=H, M=M, D=D, DV=Dv, CPS=cps, root=math.sqrt(scale), c_t=c_t, c_o=c_o,
+        T=T, H=H, HK=Hk, G=H // Hk, M=M, D=D, DV=Dv, CPS=cps, root=math.sqrt(scale), c_t=c_t, c_o=c_o,
         KIND=kind, HAS_MASK=mask is not None, HAS_PSI=psi is not None, HAS_CO=c_o != 0.0, SPLIT=split,
         PREC=dot_precision(q.dtype, v.dtype), BT=BT, BD=BD, BM=BM, BV=BV, num_warps=FWD_WARPS, num_stages=1)
     if split:
@@ -704,8 +722,10 @@ def chunk_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: 
 def chunk_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab, *, kind: int,
               c_t: float, c_o: float, scale: float, chunk_size: int, cps: int | None = None):
     """The causal backward in chunk mode; ``triton_bwd.rf_bwd``'s arguments (less the final state, which
-    the causal backward does not read) and results."""
+    the causal backward does not read) and results; dk, dv, dW, dbias, dS0, dz0 per key/value head."""
     B, T, H, D = q.shape
+    Hk = k.shape[2]
+    G = H // Hk
     Dv = v.shape[-1]
     M = W.shape[1]
     F = M if kind == EXP else 2 * M
@@ -733,18 +753,19 @@ def chunk_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den,
     flags = dict(KIND=kind, HAS_PSI=psi is not None, HAS_CO=c_o != 0.0, PREC=prec, BT=BT, BM=BM, BD=BD, BV=BV)
 
     # the states before each range (recomputed), then dS, dz after each range (a reverse pass)
-    Sb, zb, _, _ = _states_before(k, v, W.expand(H, M, D) if stride_wh == 0 else W, bias, freq, psi, mask_arg,
+    Sb, zb, _, _ = _states_before(k, v, W.expand(Hk, M, D) if stride_wh == 0 else W, bias, freq, psi, mask_arg,
                                   kstab, S0, z0, m0, kind=kind, c_t=c_t, c_o=c_o, scale=scale, BT=BT, cps=cps)
-    Lq = torch.empty(B, H, NR, F, Dv, dtype=torch.float32, device=dev)
-    Lqz = torch.empty(B, H, NR, F, dtype=torch.float32, device=dev)
+    # the query side's dS, dz per key/value head: each program sums its group's query heads in order
+    Lq = torch.empty(B, Hk, NR, F, Dv, dtype=torch.float32, device=dev)
+    Lqz = torch.empty(B, Hk, NR, F, dtype=torch.float32, device=dev)
     grid = (NM, B * H, NR)
-    _rf_chunk_bwd_dstate_kernel[grid](q=q, w=W, bias=bias, freq=freq, psi=psi, qmax=qmax, kstab=kstab, da=a,
-                                      dbeta=beta, L=Lq, Lz=Lqz, T=T, H=H, M=M, D=D, DV=Dv, stride_wh=stride_wh,
+    _rf_chunk_bwd_dstate_kernel[(NM, B * Hk, NR)](q=q, w=W, bias=bias, freq=freq, psi=psi, qmax=qmax, kstab=kstab, da=a,
+                                      dbeta=beta, L=Lq, Lz=Lqz, T=T, H=H, HK=Hk, G=G, M=M, D=D, DV=Dv, stride_wh=stride_wh,
                                       CPS=cps, root=root, c_t=c_t, c_o=c_o, **flags, num_warps=4)
     has_dsf = dS is not None or dz is not None
     if has_dsf:
-        dS = torch.zeros(B, H, F, Dv, device=dev) if dS is None else dS.float().contiguous()
-        dz = torch.zeros(B, H, F, device=dev) if dz is None else dz.float().contiguous()
+        dS = torch.zeros(B, Hk, F, Dv, device=dev) if dS is None else dS.float().contiguous()
+        dz = torch.zeros(B, Hk, F, device=dev) if dz is None else dz.float().contiguous()
     dSa, dza, dS_all, dz_all = _scan(Lq, Lqz, kstab, dS, dz, NC, cps, reverse=True)
 
     dq_part = torch.empty(NM, B, T, H, D, device=dev, dtype=torch.float32)
@@ -755,7 +776,7 @@ def chunk_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den,
     s_wp, s_bp = B * H * M * D, B * H * M
     launch = dict(num_warps=BWD_WARPS, num_stages=1)
     common = dict(q=q, k=k, v=v, w=W, bias=bias, freq=freq, psi=psi, mask=mask_arg, qmax=qmax, kstab=kstab, da=a,
-                  dbeta=beta, T=T, H=H, M=M, D=D, DV=Dv, stride_wh=stride_wh, CPS=cps, s_wp=s_wp, s_bp=s_bp,
+                  dbeta=beta, T=T, H=H, HK=Hk, G=G, M=M, D=D, DV=Dv, stride_wh=stride_wh, CPS=cps, s_wp=s_wp, s_bp=s_bp,
                   root=root, c_t=c_t, c_o=c_o, HAS_MASK=mask is not None, **flags, **launch)
     _rf_chunk_bwd_dq_kernel[grid](Sb=Sb, zb=zb, dq=dq_part, dw=dw_part[0], db=db_part[0], **common)
     _rf_chunk_bwd_dkv_kernel[grid](dSa=dSa, dza_=dza, dk=dk_part, dv=dv_part, dw=dw_part[1], db=db_part[1],
@@ -765,7 +786,10 @@ def chunk_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den,
         alpha = torch.exp(m0 - kstab[..., 0])
         dS0, dz0 = dS_all * alpha[..., None, None], dz_all * alpha[..., None]
     dq = dq_part.sum(0).to(q.dtype)
-    dk = dk_part.sum(0).to(k.dtype)
-    dv = dv_part.sum(0).to(v.dtype)
-    return dq, dk, dv, dw_part.sum((0, 1, 2)), db_part.sum((0, 1)), dS0, dz0
+    # per-query-head partials of the key/value-head gradients, summed over each group in a fixed order
+    dk, dv, dW, dbias = dk_part.sum(0), dv_part.sum(0), dw_part.sum((0, 1, 2)), db_part.sum((0, 1))
+    if G > 1:
+        dk, dv = dk.unflatten(2, (Hk, G)).sum(3), dv.unflatten(2, (Hk, G)).sum(3)
+        dW, dbias = dW.unflatten(0, (Hk, G)).sum(1), dbias.unflatten(1, (Hk, G)).sum(2)
+    return dq, dk.to(k.dtype), dv.to(v.dtype), dW, dbias, dS0, dz0
 
