@@ -37,13 +37,19 @@ def triton_interpreting() -> bool:
         return False
 
 
+_CPU_MODULE = None      # ops.cpu, imported on first need and kept (an import statement per call costs microseconds)
+
+
 def cpu_extension_loaded() -> bool:
     """True when the compiled CPU extension is loaded; builds it first if needed (with a notice)."""
-    try:
-        from .cpu import extension_available
-    except ImportError:
-        return False
-    return extension_available()
+    global _CPU_MODULE
+    if _CPU_MODULE is None:
+        try:
+            from . import cpu
+        except ImportError:
+            return False
+        _CPU_MODULE = cpu
+    return _CPU_MODULE.extension_available()
 
 
 def cpu_extension_built() -> bool:
