@@ -8,7 +8,7 @@ from .feature_map import RandomFeatureMap
 from .ops import cpu_extension_built, cpu_extension_loaded, triton_importable, triton_interpreting
 from .reference import reference_attention
 from .state import RFState, empty_state
-from .validation import check_attention_inputs, resolve_scale
+from .validation import check_attention_inputs, check_cu_seqlens, resolve_scale
 
 BACKENDS = ("auto", "reference", "triton", "cpu")
 
@@ -76,7 +76,8 @@ def _backend_fn(name: str):
 
 def rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: RandomFeatureMap, *,
                  causal: bool = False, scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
-                 initial_state=None, output_final_state: bool = False, backend: str = "auto"):
+                 initial_state=None, output_final_state: bool = False, backend: str = "auto",
+                 cu_seqlens: torch.Tensor | None = None):
     """Random-feature attention: o_t = phi(q_t)^T S / phi(q_t)^T z (DESIGN.md section 1).
 
     Args:
@@ -94,6 +95,15 @@ def rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map:
         output_final_state: also return the state after the last key.
         backend: "auto" (Triton for CUDA tensors, the compiled CPU backend for CPU tensors when built,
             the reference otherwise and for float64), "reference", "triton" or "cpu".
+        cu_seqlens: packed variable-length sequences: int32/int64 ``[N + 1]`` offsets on q's device
+            (0, non-decreasing, ending at the packed length) with q, k, v ``[1, sum T_i, ., .]``. Each
+            sequence is attended on its own (causal or not); ``initial_state`` and the final state hold one
+            row per sequence (``[N, H_kv, ...]``); non-causal OPRF/SADERF statistics are per sequence, and in
+            training mode the running statistics are updated once per sequence, in order: the result equals
+            calling ``rf_attention`` on each sequence separately. Empty sequences are allowed. Not combined
+            with ``key_padding_mask``. The kernels do not index sequence offsets yet: every backend runs
+            once per sequence on views of the packed tensors (correct, but N launches; the offsets are read
+            on the host).
 
     Returns:
         o ``[B, T, H, Dv]`` in v's dtype, or ``(o, RFState)`` when ``output_final_state``. The state is
@@ -101,6 +111,10 @@ def rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map:
     """
     if not isinstance(feature_map, RandomFeatureMap):
         raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
+    if cu_seqlens is not None:
+        return _varlen_attention(q, k, v, feature_map, cu_seqlens, causal=causal, scale=scale,
+                                 key_padding_mask=key_padding_mask, initial_state=initial_state,
+                                 output_final_state=output_final_state, backend=backend)
     state = check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_map.feature_dim)
     B, T, H, D = q.shape
     Hk = k.shape[2]
@@ -123,3 +137,33 @@ def rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map:
     o, final = fn(q, k, v, params, causal=causal, key_padding_mask=key_padding_mask, initial_state=state,
                   output_final_state=output_final_state)
     return (o, final) if output_final_state else o
+
+
+def _varlen_attention(q, k, v, feature_map, cu_seqlens, *, causal, scale, key_padding_mask, initial_state,
+                      output_final_state, backend):
+    """``rf_attention`` over packed sequences: one call per sequence on views ``[:, a:b]``; outputs are
+    concatenated along T and final states stacked along the batch axis."""
+    check_attention_inputs(q, k, v, None, None, feature_map.feature_dim)
+    offsets = check_cu_seqlens(cu_seqlens, q, key_padding_mask)
+    n = len(offsets) - 1
+    # The state is checked against N rows: zero-length views expanded to batch N carry the expected shapes.
+    state = check_attention_inputs(*(t[:, :0].expand(n, -1, -1, -1) for t in (q, k, v)), None, initial_state,
+                                   feature_map.feature_dim)
+    outs, finals = [], []
+    for i in range(n):
+        a, b = offsets[i], offsets[i + 1]
+        init = None if state is None else RFState(*(t[i:i + 1] for t in state))
+        res = rf_attention(q[:, a:b], k[:, a:b], v[:, a:b], feature_map, causal=causal, scale=scale,
+                           initial_state=init, output_final_state=output_final_state, backend=backend)
+        if output_final_state:
+            outs.append(res[0])
+            finals.append(res[1])
+        else:
+            outs.append(res)
+    o = torch.cat(outs, dim=1) if outs else v.new_empty(1, 0, q.shape[2], v.shape[-1])
+    if not output_final_state:
+        return o
+    if finals:
+        return o, RFState(*(torch.cat(parts, dim=0) for parts in zip(*finals)))
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return o, empty_state(0, k.shape[2], feature_map.feature_dim, v.shape[-1], dtype=cdt, device=q.device)

@@ -99,3 +99,29 @@ def check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_dim
             raise ValueError(f"initial_state.{name} must be on {q.device}, got {t.device}")
     m = initial_state[2] if len(initial_state) == 3 else torch.zeros(B, Hk, dtype=S.dtype, device=S.device)
     return RFState(S, z, m)
+
+
+def check_cu_seqlens(cu_seqlens, q, key_padding_mask) -> list[int]:
+    """Validate packed-sequence offsets ``cu_seqlens`` (int32/int64 ``[N + 1]`` on q's device, starting at 0,
+    non-decreasing, ending at q's length) for q ``[1, sum T_i, H, D]``; returns the offsets as Python ints."""
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor [N + 1], got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
+        raise ValueError(f"cu_seqlens must be 1-D [N + 1] with at least one element, got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.device != q.device:
+        raise ValueError(f"cu_seqlens must be on {q.device} like q, got {cu_seqlens.device}")
+    if q.shape[0] != 1:
+        raise ValueError(f"with cu_seqlens, q, k and v must be packed as [1, sum T_i, H, D]; got batch {q.shape[0]}")
+    if key_padding_mask is not None:
+        raise ValueError("cu_seqlens cannot be combined with key_padding_mask: packed sequences carry no padding")
+    offsets = [int(x) for x in cu_seqlens.tolist()]
+    if offsets[0] != 0:
+        raise ValueError(f"cu_seqlens must start at 0, got {offsets[0]}")
+    bad = next((i for i in range(1, len(offsets)) if offsets[i] < offsets[i - 1]), None)
+    if bad is not None:
+        raise ValueError(f"cu_seqlens must be non-decreasing, got {offsets[bad - 1]} then {offsets[bad]} at index {bad}")
+    if offsets[-1] != q.shape[1]:
+        raise ValueError(f"cu_seqlens must end at the packed length {q.shape[1]}, got {offsets[-1]}")
+    return offsets
