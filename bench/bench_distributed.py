@@ -105,7 +105,7 @@ def run(cfg: dict, worlds: list[int]) -> str:
     load = os.getloadavg()
     fm = _feature_map(cfg)
     q, k, v = _inputs(cfg, 0, cfg["T"])
-    backend = _resolve_backend(cfg["backend"], q)
+    backend = _resolve_backend(cfg["backend"], q, fm)
     torch.set_num_threads(os.cpu_count() or 1)
 
     def forward():

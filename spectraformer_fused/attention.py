@@ -26,9 +26,15 @@ def available_backends() -> list[str]:
     return names
 
 
-def _resolve_backend(backend: str, q: torch.Tensor) -> str:
+def _resolve_backend(backend: str, q: torch.Tensor, feature_map: RandomFeatureMap) -> str:
+    """The backend that runs ``feature_map`` on inputs like ``q``: "auto" resolved, an explicit choice checked."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid names are {', '.join(BACKENDS)}")
+    if feature_map.spec.reference_only:
+        if backend in ("triton", "cpu"):
+            raise ValueError(f"backend={backend!r} cannot run component {feature_map.component!r}: "
+                             f"{REFERENCE_ONLY_REASON}; use backend='reference' or 'auto'")
+        return "reference"
     if backend == "auto":
         if q.dtype == torch.float64:
             return "reference"
@@ -64,13 +70,16 @@ def _resolve_backend(backend: str, q: torch.Tensor) -> str:
 _BACKEND_FNS: dict = {"reference": reference_attention}
 
 
-def _backend_fn(name: str):
-    """The attention function of a compiled backend, imported on first use (kept: no import per call)."""
-    if name == "triton":
-        from .ops.triton_attention import triton_attention as fn
-    else:
-        from .ops.cpu import cpu_attention as fn
-    _BACKEND_FNS[name] = fn
+def _backend_function(name: str):
+    """The attention function of a resolved backend; a compiled one is imported on first use and kept (no
+    import per call)."""
+    fn = _BACKEND_FNS.get(name)
+    if fn is None:
+        if name == "triton":
+            from .ops.triton_attention import triton_attention as fn
+        else:
+            from .ops.cpu import cpu_attention as fn
+        _BACKEND_FNS[name] = fn
     return fn
 
 
@@ -120,10 +129,7 @@ def rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map:
     Hk = k.shape[2]
     feature_map.check_input(D, Hk)
     scale = resolve_scale(scale, D)
-    if feature_map.spec.reference_only and backend in ("triton", "cpu"):
-        raise ValueError(f"backend={backend!r} cannot run component {feature_map.component!r}: {REFERENCE_ONLY_REASON}; "
-                         "use backend='reference' or 'auto'")
-    name = "reference" if feature_map.spec.reference_only and backend == "auto" else _resolve_backend(backend, q)
+    name = _resolve_backend(backend, q, feature_map)
     if T == 0:
         o = v.new_empty(B, 0, H, v.shape[-1])
         if not output_final_state:
@@ -133,7 +139,7 @@ def rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map:
             state = empty_state(B, Hk, feature_map.feature_dim, v.shape[-1], dtype=cdt, device=q.device)
         return o, RFState(*(t.to(cdt) for t in state))
     params = feature_map.feature_params(q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask)
-    fn = _BACKEND_FNS.get(name) or _backend_fn(name)
+    fn = _backend_function(name)
     o, final = fn(q, k, v, params, causal=causal, key_padding_mask=key_padding_mask, initial_state=state,
                   output_final_state=output_final_state)
     return (o, final) if output_final_state else o

@@ -41,10 +41,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .attention import _resolve_backend
+from .attention import _backend_function, _resolve_backend
 from .components import Moments
 from .feature_map import RandomFeatureMap
-from .reference import reference_attention
 from .state import RFState, empty_state, safe_log_scale
 from .validation import check_attention_inputs, resolve_scale
 
@@ -243,7 +242,7 @@ def context_parallel_rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     Dv = v.shape[-1]
     feature_map.check_input(D, Hk)
     scale = resolve_scale(scale, D)
-    name = _resolve_backend(backend, q)
+    name = _resolve_backend(backend, q, feature_map)
     causal = bool(causal)
 
     moments = None
@@ -254,12 +253,7 @@ def context_parallel_rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     cdt = p.W.dtype
     F = p.feature_dim
 
-    if name == "reference":
-        fn = reference_attention
-    elif name == "triton":
-        from .ops.triton_attention import triton_attention as fn
-    else:
-        from .ops.cpu import cpu_attention as fn
+    fn = _backend_function(name)
     base = empty_state(B, Hk, F, Dv, dtype=cdt, device=q.device)
     local = base
     if T > 0:      # the state of this slice's keys: the final state of a non-causal pass (its output unused)
