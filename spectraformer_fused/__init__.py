@@ -3,7 +3,8 @@ Spectraformer framework."""
 from .attention import BACKENDS, available_backends, rf_attention
 from .components import COMPONENTS, KERNELS, LEARNED_COMPONENTS
 from .distributed import context_parallel_rf_attention, convert_sync_stats
-from .feature_map import FeatureParams, RandomFeatureMap
+from .contract import FeatureParams
+from .feature_map import RandomFeatureMap
 from .fitting import attention_distillation_loss, distill, fit_feature_map
 from .modules import SpectraAttention
 from .reference import exact_attention, exact_kernel

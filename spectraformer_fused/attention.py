@@ -6,7 +6,7 @@ import torch
 from .components import REFERENCE_ONLY_REASON
 from .feature_map import RandomFeatureMap
 from .ops import cpu_extension_built, cpu_extension_loaded, triton_importable, triton_interpreting
-from .reference import reference_attention
+from .reference import per_sequence, reference_attention
 from .state import RFState, empty_state
 from .validation import check_attention_inputs, check_cu_seqlens, resolve_scale
 
@@ -83,6 +83,11 @@ def _backend_function(name: str):
     return fn
 
 
+# Backends whose function takes ``cu_seqlens`` and runs every packed sequence in one call; any other
+# backend function runs once per sequence (reference.per_sequence).
+_PACKED_NATIVE = {"reference"}
+
+
 def rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: RandomFeatureMap, *,
                  causal: bool = False, scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
                  initial_state=None, output_final_state: bool = False, backend: str = "auto",
@@ -110,9 +115,8 @@ def rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map:
             row per sequence (``[N, H_kv, ...]``); non-causal OPRF/SADERF statistics are per sequence, and in
             training mode the running statistics are updated once per sequence, in order: the result equals
             calling ``rf_attention`` on each sequence separately. Empty sequences are allowed. Not combined
-            with ``key_padding_mask``. The kernels do not index sequence offsets yet: every backend runs
-            once per sequence on views of the packed tensors (correct, but N launches; the offsets are read
-            on the host).
+            with ``key_padding_mask``. Every backend runs all sequences in one call whose kernels index the
+            offsets (no padding); the offsets are read on the host once, for validation.
 
     Returns:
         o ``[B, T, H, Dv]`` in v's dtype, or ``(o, RFState)`` when ``output_final_state``. The state is
@@ -120,56 +124,46 @@ def rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map:
     """
     if not isinstance(feature_map, RandomFeatureMap):
         raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
-    if cu_seqlens is not None:
-        return _varlen_attention(q, k, v, feature_map, cu_seqlens, causal=causal, scale=scale,
-                                 key_padding_mask=key_padding_mask, initial_state=initial_state,
-                                 output_final_state=output_final_state, backend=backend)
-    state = check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_map.feature_dim)
-    B, T, H, D = q.shape
+    if cu_seqlens is None:
+        state = check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_map.feature_dim)
+        offsets, rows = None, q.shape[0]
+    else:
+        state, offsets = _check_packed(q, k, v, feature_map, cu_seqlens, key_padding_mask, initial_state)
+        rows = len(offsets) - 1
+    _, T, H, D = q.shape
     Hk = k.shape[2]
     feature_map.check_input(D, Hk)
     scale = resolve_scale(scale, D)
     name = _resolve_backend(backend, q, feature_map)
-    if T == 0:
-        o = v.new_empty(B, 0, H, v.shape[-1])
+    if T == 0:            # no output rows; every state passes through
+        o = v.new_empty(q.shape[0], 0, H, v.shape[-1])
         if not output_final_state:
             return o
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         if state is None:
-            state = empty_state(B, Hk, feature_map.feature_dim, v.shape[-1], dtype=cdt, device=q.device)
+            state = empty_state(rows, Hk, feature_map.feature_dim, v.shape[-1], dtype=cdt, device=q.device)
         return o, RFState(*(t.to(cdt) for t in state))
-    params = feature_map.feature_params(q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask)
+    params = feature_map.feature_params(q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
+                                        offsets=offsets)
     fn = _backend_function(name)
-    o, final = fn(q, k, v, params, causal=causal, key_padding_mask=key_padding_mask, initial_state=state,
-                  output_final_state=output_final_state)
+    if offsets is None:
+        o, final = fn(q, k, v, params, causal=causal, key_padding_mask=key_padding_mask, initial_state=state,
+                      output_final_state=output_final_state)
+    elif name in _PACKED_NATIVE:
+        o, final = fn(q, k, v, params, causal=causal, key_padding_mask=None, initial_state=state,
+                      output_final_state=output_final_state, cu_seqlens=cu_seqlens.to(torch.int32).contiguous())
+    else:
+        o, final = per_sequence(fn, q, k, v, params, offsets, causal=causal, initial_state=state,
+                                output_final_state=output_final_state)
     return (o, final) if output_final_state else o
 
 
-def _varlen_attention(q, k, v, feature_map, cu_seqlens, *, causal, scale, key_padding_mask, initial_state,
-                      output_final_state, backend):
-    """``rf_attention`` over packed sequences: one call per sequence on views ``[:, a:b]``; outputs are
-    concatenated along T and final states stacked along the batch axis."""
+def _check_packed(q, k, v, feature_map, cu_seqlens, key_padding_mask, initial_state):
+    """(state with one row per sequence or None, offsets as Python ints) of packed sequences."""
     check_attention_inputs(q, k, v, None, None, feature_map.feature_dim)
     offsets = check_cu_seqlens(cu_seqlens, q, key_padding_mask)
     n = len(offsets) - 1
     # The state is checked against N rows: zero-length views expanded to batch N carry the expected shapes.
     state = check_attention_inputs(*(t[:, :0].expand(n, -1, -1, -1) for t in (q, k, v)), None, initial_state,
                                    feature_map.feature_dim)
-    outs, finals = [], []
-    for i in range(n):
-        a, b = offsets[i], offsets[i + 1]
-        init = None if state is None else RFState(*(t[i:i + 1] for t in state))
-        res = rf_attention(q[:, a:b], k[:, a:b], v[:, a:b], feature_map, causal=causal, scale=scale,
-                           initial_state=init, output_final_state=output_final_state, backend=backend)
-        if output_final_state:
-            outs.append(res[0])
-            finals.append(res[1])
-        else:
-            outs.append(res)
-    o = torch.cat(outs, dim=1) if outs else v.new_empty(1, 0, q.shape[2], v.shape[-1])
-    if not output_final_state:
-        return o
-    if finals:
-        return o, RFState(*(torch.cat(parts, dim=0) for parts in zip(*finals)))
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return o, empty_state(0, k.shape[2], feature_map.feature_dim, v.shape[-1], dtype=cdt, device=q.device)
+    return state, offsets

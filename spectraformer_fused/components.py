@@ -33,15 +33,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .contract import EXP, HYP, NORM_HYP, REFERENCE_ONLY_KINDS, TRIG, feature_width
+
 COMPONENTS = ("posrf", "hyprf", "trigrf", "gerf", "oprf", "saderf")
 # Learned components: trained to mimic softmax attention (fit_feature_map), not unbiased estimators.
 LEARNED_COMPONENTS = ("hedgehog",)
 KERNELS = ("softmax", "gaussian")
 
-# Feature kinds: the constexpr switch of every compiled backend (EXP, HYP, TRIG). NORM_HYP (hedgehog's
-# row-normalised features) is evaluated by the reference backend only.
-EXP, HYP, TRIG, NORM_HYP = 0, 1, 2, 3
-REFERENCE_ONLY_KINDS = (NORM_HYP,)
 REFERENCE_ONLY_REASON = (
     "its key features are normalised per key (a softmax over the 2m features of each key), a per-key weight "
     "that does not cancel between numerator and denominator; the fused kernels subtract only one constant "
@@ -96,7 +94,7 @@ class ComponentSpec:
         return -0.5 if self.kernel == "gaussian" and not self.learned else 0.0
 
     def feature_dim(self, num_features: int) -> int:
-        return num_features if self.kind == EXP else 2 * num_features
+        return feature_width(self.kind, num_features)
 
     def log_norm(self, num_features: int) -> float:
         """log of the 1/sqrt(norm) prefactor of every feature."""
@@ -176,18 +174,44 @@ class Moments:
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.mean_x, self.sq_x, self.mean_y, self.sq_y)
 
+    def rows(self, i: int) -> "Moments":
+        """The moments of batch (or sequence) row i, keeping the axis: ``[1, ...]``."""
+        return Moments(*(t[i:i + 1] for t in self.tensors()))
 
-def sequence_moments(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None) -> Moments:
-    """Moments over time of x, y ``[B, T, H, D]`` per (batch, head); ``mask [B, T]`` (True = keep)
-    removes padded positions from both queries and keys. Returns tensors ``[B, H, D]``."""
+
+def _time_moments(t: torch.Tensor, mask: torch.Tensor | None, offsets: list[int] | None):
+    """Mean and mean square over time of t ``[B, T, H, D]``: ``[B, H, D]`` per batch row, or ``[N, H, D]``
+    per packed sequence (t ``[1, sum T_i, H, D]``, ``offsets`` its N + 1 boundaries; an empty sequence
+    gets zeros). ``mask [B, T]`` (True = keep) leaves out padded positions."""
+    if offsets is not None:
+        n = len(offsets) - 1
+        lengths = torch.tensor([offsets[i + 1] - offsets[i] for i in range(n)], device=t.device)
+        ids = torch.repeat_interleave(torch.arange(n, device=t.device), lengths)
+        rows = t[0]
+        count = lengths.clamp_min(1).to(t.dtype)[:, None, None]
+        total = t.new_zeros(n, *rows.shape[1:]).index_add_(0, ids, rows)
+        total_sq = t.new_zeros(n, *rows.shape[1:]).index_add_(0, ids, rows * rows)
+        return total / count, total_sq / count
     if mask is None:
-        mx, sx = x.mean(1), (x * x).mean(1)
-        my, sy = y.mean(1), (y * y).mean(1)
-        return Moments(mx, sx, my, sy)
-    w = mask.to(x.dtype)[:, :, None, None]                  # [B, T, 1, 1]
+        return t.mean(1), (t * t).mean(1)
+    w = mask.to(t.dtype)[:, :, None, None]                  # [B, T, 1, 1]
     count = w.sum(1).clamp_min(1.0)                          # [B, 1, 1]
-    return Moments((x * w).sum(1) / count, (x * x * w).sum(1) / count,
-                   (y * w).sum(1) / count, (y * y * w).sum(1) / count)
+    return (t * w).sum(1) / count, (t * t * w).sum(1) / count
+
+
+def sequence_moments(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None,
+                     offsets: list[int] | None = None) -> Moments:
+    """Moments over time of the scaled queries x ``[B, T, H, D]`` and keys y ``[B, T, H_kv, D]`` per
+    (batch, key/value head): ``[B, H_kv, D]``. With grouped-query attention (H_kv < H) the query heads of
+    a group count together (moments over time, then the mean over the group). ``mask [B, T]`` (True =
+    keep) removes padded positions from both; ``offsets`` (packed sequences, B = 1) gives one row per
+    sequence: ``[N, H_kv, D]``."""
+    mx, sx = _time_moments(x, mask, offsets)
+    my, sy = _time_moments(y, mask, offsets)
+    H, Hk = x.shape[2], y.shape[2]
+    if H != Hk:
+        mx, sx = (t.unflatten(1, (Hk, H // Hk)).mean(2) for t in (mx, sx))
+    return Moments(mx, sx, my, sy)
 
 
 def saderf_psi(m: Moments) -> torch.Tensor:

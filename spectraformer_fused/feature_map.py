@@ -2,16 +2,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from .components import (
     COMPONENTS,
-    EXP,
-    HYP,
-    TRIG,
     ComponentSpec,
     Moments,
     feature_logits,
@@ -20,35 +15,9 @@ from .components import (
     saderf_psi,
     sequence_moments,
 )
+from .contract import EXP, HYP, TRIG, FeatureParams
 from .validation import check_qk_pair, resolve_scale
 from .weights import WEIGHTS, build_weights
-
-
-@dataclass
-class FeatureParams:
-    """Everything a backend needs to evaluate the features of one call, already resolved.
-
-    Shapes, per key/value head (H = H_kv; the query heads of a group share them): ``W [H, m, D]`` (its
-    first stride may be 0 when all heads share one matrix), ``bias [B, H, m]``, ``freq [B, H]`` (both may
-    be expanded over the batch, stride 0), ``psi [B, H, D]`` or None; fp32 (fp64 for fp64 inputs).
-    ``W`` and ``bias`` may require grad (learnable weights); ``freq`` and ``psi`` never do (A* and Psi
-    are constants for differentiation). Inputs are multiplied by ``sqrt(scale)`` before anything else.
-    """
-
-    kind: int
-    W: torch.Tensor
-    bias: torch.Tensor
-    freq: torch.Tensor
-    psi: torch.Tensor | None
-    c_t: float
-    c_o: float
-    scale: float
-    num_features: int
-    feature_dim: int
-
-    @property
-    def positive(self) -> bool:
-        return self.kind != TRIG
 
 
 def _shared_seed() -> int | None:
@@ -270,7 +239,7 @@ class RandomFeatureMap(nn.Module):
 
     def feature_params(self, q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bool,
                        key_padding_mask: torch.Tensor | None = None, update_stats: bool | None = None,
-                       moments: Moments | None = None) -> FeatureParams:
+                       moments: Moments | None = None, offsets: list[int] | None = None) -> FeatureParams:
         """Resolve W, bias, freq and psi for queries ``q [B, T, H, D]`` and keys ``k [B, T, H_kv, D]``.
 
         The parameters are per key/value head (``[H_kv, ...]``): the H / H_kv query heads of a group share
@@ -280,6 +249,11 @@ class RandomFeatureMap(nn.Module):
         batch after the parameters were computed. ``moments`` replaces the sequence moments of q and k
         ``[B, H_kv, D]`` (context parallelism passes those of the whole sequence, reduced over the ranks
         that hold its pieces).
+
+        ``offsets`` (packed sequences: B = 1 and the N + 1 boundaries of ``cu_seqlens`` as a list) gives one
+        parameter row per sequence (``bias [N, H_kv, m]`` ...), equal to resolving every sequence on its
+        own in order: non-causal statistics per sequence, the running statistics updated once per
+        non-empty sequence, and in causal mode each sequence reads them as the sequences before it left them.
         """
         B, _, H, D = q.shape
         Hk = k.shape[2]
@@ -288,38 +262,49 @@ class RandomFeatureMap(nn.Module):
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
         device = q.device
         W, wsq, bias, freq = self._static_params(Hk, device, cdt)
+        rows = B if offsets is None else len(offsets) - 1
         psi = None
         if spec.data_dependent:
-            root = math.sqrt(scale)
-            x, y = q.detach().to(cdt) * root, k.detach().to(cdt) * root
-            if moments is None:
-                if H == Hk:
-                    moments = sequence_moments(x, y, key_padding_mask)
-                else:   # the queries of a group count together: moments over time, then over the group
-                    mx = sequence_moments(x, x, key_padding_mask)
-                    my = sequence_moments(y, y, key_padding_mask)
-                    G = H // Hk
-                    moments = Moments(mx.mean_x.unflatten(1, (Hk, G)).mean(2), mx.sq_x.unflatten(1, (Hk, G)).mean(2),
-                                      my.mean_y, my.sq_y)
-            src = self.running_moments() if causal else moments
-            src = Moments(*(t.to(device=device, dtype=cdt) for t in src.tensors()))
-            if spec.uses_psi:
-                psi = saderf_psi(src)
-            A = oprf_A(src, psi)
-            if causal:                                    # running statistics: [num_heads, ...]
-                A = A[None]
-                psi = None if psi is None else psi[None]
-            A = A.expand(B, Hk)
+            update = update_stats if update_stats is not None else self.training
+            if moments is None and (update or not causal):      # causal inference reads the running ones only
+                root = math.sqrt(scale)
+                x, y = q.detach().to(cdt) * root, k.detach().to(cdt) * root
+                moments = sequence_moments(x, y, key_padding_mask, offsets)
+            if causal and update and offsets is not None:
+                # each packed sequence reads the running statistics as the sequences before it left them
+                parts = []
+                for i in range(rows):
+                    parts.append(self._oprf_params(self.running_moments(), device, cdt))
+                    if offsets[i + 1] > offsets[i]:
+                        self._update_running(moments.rows(i))
+                A = torch.stack([a for a, _ in parts])
+                psi = None if parts[0][1] is None else torch.stack([p for _, p in parts])
+            else:
+                if causal:
+                    A, psi = self._oprf_params(self.running_moments(), device, cdt)   # [H_kv], [H_kv, D]
+                    A = A[None].expand(rows, Hk)
+                    psi = None if psi is None else psi[None].expand(rows, Hk, D)
+                else:
+                    A, psi = self._oprf_params(moments, device, cdt)             # [rows, H_kv], [rows, H_kv, D]
+                if update and offsets is None:
+                    self._update_running(moments)
+                elif update:             # one update per non-empty packed sequence, in order
+                    for i in range(rows):
+                        if offsets[i + 1] > offsets[i]:
+                            self._update_running(moments.rows(i))
             if psi is not None:
-                psi = psi.expand(B, Hk, D).contiguous()
-            if update_stats if update_stats is not None else self.training:
-                self._update_running(moments)
+                psi = psi.contiguous()
             bias, freq = self._bias_freq(A, wsq)
-        else:
-            if B != 1:
-                bias, freq = bias.expand(B, -1, -1), freq.expand(B, -1)
+        elif rows != 1:
+            bias, freq = bias.expand(rows, -1, -1), freq.expand(rows, -1)
         return FeatureParams(spec.kind, W, bias, freq, psi, spec.c_t, spec.c_o, float(scale),
                              self.num_features, self.feature_dim)
+
+    def _oprf_params(self, src: Moments, device, cdt) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """OPRF's A* and SADERF's psi (or None) from moments ``[..., D]``."""
+        src = Moments(*(t.to(device=device, dtype=cdt) for t in src.tensors()))
+        psi = saderf_psi(src) if self.spec.uses_psi else None
+        return oprf_A(src, psi), psi
 
     # -- kernel estimate ------------------------------------------------------------------------
     def kernel_estimate(self, q: torch.Tensor, k: torch.Tensor, *, scale: float | None = None) -> torch.Tensor:

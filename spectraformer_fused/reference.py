@@ -17,16 +17,12 @@ import math
 import torch
 
 from .components import feature_logits
-from .feature_map import FeatureParams
+from .contract import DEN_EPS, FeatureParams
 from .state import RFState, empty_state, safe_log_scale
-
-DEN_EPS = 1e-30  # floor of |denominator|; only reached when every key is masked or underflows
 
 
 def safe_denominator(den: torch.Tensor) -> torch.Tensor:
-    """|den| floored at DEN_EPS. Positive components give den >= 0; trigonometric ones (trigrf, gerf
-    with s=-1) estimate a positive normaliser by a signed sum, and a non-positive estimate is replaced by
-    its magnitude instead of flipping the sign of the output."""
+    """|den| floored at DEN_EPS (contract.py says why the magnitude)."""
     return den.abs().clamp_min(DEN_EPS)
 
 
@@ -41,12 +37,19 @@ def _apply(e, mult, shift):
 
 def reference_attention(q, k, v, params: FeatureParams, *, causal: bool = False, key_padding_mask=None,
                         initial_state: RFState | None = None, output_final_state: bool = False,
-                        chunk_size: int = 64):
+                        chunk_size: int = 64, cu_seqlens: torch.Tensor | None = None):
     """Random-feature attention of q ``[B, T, H, D]``, k ``[B, T, H_kv, D]`` and v ``[B, T, H_kv, Dv]``.
 
     Grouped-query attention: query head h reads key/value head h // (H / H_kv) and its parameters; the
     state is one per key/value head. Returns ``(o [B, T, H, Dv] in v's dtype, RFState or None)``.
+
+    ``cu_seqlens`` (packed sequences, validated by the caller): q, k, v hold B = 1 row of N sequences with
+    these N + 1 boundaries, the parameters and the states one row per sequence; each sequence is attended
+    on its own, by definition (the oracle of the fused backends' packed kernels).
     """
+    if cu_seqlens is not None:
+        return per_sequence(reference_attention, q, k, v, params, cu_seqlens.tolist(), causal=causal,
+                            initial_state=initial_state, output_final_state=output_final_state, chunk_size=chunk_size)
     B, T, H, _ = q.shape
     Hk = k.shape[2]
     G = H // Hk
@@ -115,6 +118,38 @@ def reference_attention(q, k, v, params: FeatureParams, *, causal: bool = False,
         o = torch.cat(outs, dim=3) if outs else vv.new_zeros(B, Hk, G, 0, Dv)
     o = o.reshape(B, H, T, Dv).transpose(1, 2).to(v.dtype)
     return o, (RFState(S, z, m) if output_final_state else None)
+
+
+def per_sequence(attend, q, k, v, params: FeatureParams, offsets: list[int], *, causal, initial_state,
+                 output_final_state, **kwargs):
+    """The packed-sequence semantics, by definition: ``attend`` (a backend function with
+    ``reference_attention``'s signature) on every sequence ``offsets[i]:offsets[i + 1]`` of q, k, v
+    ``[1, sum T_i, ., .]`` on its own, with row i of the parameters and of the initial state; outputs
+    concatenated along time, final states stacked along the sequence axis."""
+    n = len(offsets) - 1
+    outs, finals = [], []
+    for i in range(n):
+        a, b = offsets[i], offsets[i + 1]
+        init = None if initial_state is None else RFState(*(t[i:i + 1] for t in initial_state))
+        if a == b:          # an empty sequence: no output rows; its state passes through
+            cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+            if init is None:
+                init = empty_state(1, k.shape[2], params.feature_dim, v.shape[-1], dtype=cdt, device=q.device)
+            outs.append(v.new_empty(1, 0, q.shape[2], v.shape[-1]))
+            finals.append(RFState(*(t.to(cdt) for t in init)))
+            continue
+        o, final = attend(q[:, a:b], k[:, a:b], v[:, a:b], params.rows(i, i + 1), causal=causal,
+                          key_padding_mask=None, initial_state=init, output_final_state=output_final_state,
+                          **kwargs)
+        outs.append(o)
+        finals.append(final)
+    o = torch.cat(outs, dim=1) if outs else v.new_empty(1, 0, q.shape[2], v.shape[-1])
+    if not output_final_state:
+        return o, None
+    if finals:
+        return o, RFState(*(torch.cat(parts, dim=0) for parts in zip(*finals)))
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return o, empty_state(0, k.shape[2], params.feature_dim, v.shape[-1], dtype=cdt, device=q.device)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -96,6 +96,18 @@ def test_reference_equals_each_sequence(component, causal):
     assert packed[1].S.shape == (N, Hk, fm.feature_dim, Dv)
 
 
+@pytest.mark.parametrize("component", ["oprf", "saderf"])
+def test_causal_training_reads_running_statistics_in_order(component):
+    """Causal OPRF/SADERF in training mode: each sequence reads the running statistics as the sequences
+    before it left them (one update per non-empty sequence), as separate calls in order would."""
+    q, k, v, cu = _packed([6, 0, 3, 5], 2, 2, 8, 4, torch.float64, seed=4)
+    fm = _feature_map(component, 8, 12, 2, torch.float64, train=True)
+    before = fm.num_batches_tracked.clone()
+    packed, sep = _run_both(fm, q, k, v, cu, causal=True, backend="reference")
+    _compare(packed, sep, torch.float64)
+    assert int(fm.num_batches_tracked - before) == 3          # three non-empty sequences
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_learnable_weights_gradient(causal):
     q, k, v, cu = _packed([5, 1, 0, 4], 2, 2, 8, 4, torch.float64, seed=1)
