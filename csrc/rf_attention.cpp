@@ -402,8 +402,9 @@ std::vector<at::Tensor> rf_attention_forward(const at::Tensor& q_in, const at::T
   }
   // Per-sequence parameters [R, H, ...] (a leading 1 broadcasts over the sequences).
   auto rows = [&](const at::Tensor& t, at::IntArrayRef shape, const char* name) {
-    TORCH_CHECK_VALUE(t.dim() == static_cast<int64_t>(shape.size()) && (t.size(0) == 1 || t.size(0) == R),
-                      name, " must have ", R, " rows (or 1), got shape ", t.sizes());
+    TORCH_CHECK_VALUE(t.dim() == static_cast<int64_t>(shape.size()) && (t.size(0) == 1 || t.size(0) == R) &&
+                          t.sizes().slice(1) == shape.slice(1),
+                      name, " must be ", shape, " (or with 1 row), got ", t.sizes());
     return t.to(fdt).expand(shape).contiguous();
   };
   at::Tensor bias = rows(bias_in, {R, H, m}, "bias");

@@ -255,3 +255,13 @@ def test_bad_offsets_rejected(cu, match):
     q, k, v, p = _dense_args()
     with pytest.raises(ValueError, match=match):
         cpu_attention(q, k, v, p, causal=True, cu_seqlens=torch.tensor(cu, dtype=torch.int32))
+
+
+def test_param_rows_checked():
+    q, k, v, cu_t = _packed([3, 5], 2, 2, 16, 8, torch.float32)
+    fm = _feature_map("posrf", {}, 16, 16, 2)
+    p = fm.feature_params(q, k, scale=0.25, causal=True, update_stats=False)
+    three = FeatureParams(p.kind, p.W, p.bias.expand(3, -1, -1), p.freq.expand(3, -1), None, p.c_t, p.c_o,
+                          p.scale, p.num_features, p.feature_dim)
+    with pytest.raises(ValueError, match="bias must be"):
+        cpu_attention(q, k, v, three, causal=True, cu_seqlens=cu_t)
