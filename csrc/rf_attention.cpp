@@ -1,7 +1,10 @@
 // Fused random-feature attention on the CPU: the forward of spectraformer_fused.reference_attention.
 //
-// One task per (batch, key/value head), distributed with at::parallel_for; with grouped-query attention a
-// task also computes the G query heads that read its key/value head. Each task walks the sequence in chunks
+// One task per (sequence, key/value head), distributed with at::parallel_for; with grouped-query attention
+// a task also computes the G query heads that read its key/value head. A sequence is a batch row of
+// [B, T, ...] inputs, or, with cu_seqlens (packed variable-length sequences), the rows cu[n] .. cu[n+1] of
+// [1, Ttot, ...] inputs; either way sequence n reads row n of the parameters and of the initial state and
+// writes row n of the final state. Each task walks the sequence in chunks
 // of CHUNK tokens; the features of a chunk live in per-thread buffers (never a [T, F] tensor), the state
 // S [F, Dv], z [F] and its log-scale are carried across chunks exactly as the reference does:
 //   * query rows subtract the maximum of their own feature exponents;
@@ -15,6 +18,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -31,11 +35,9 @@ constexpr int64_t CHUNK = 64;
 constexpr float DEN_EPS = 1e-30f;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
-// Per-(batch, head) view of the resolved feature-map parameters.
+// Per-(sequence, head) view of the resolved feature-map parameters.
 struct HeadParams {
-  const float* W;     // [m, D], rows `ldw` apart (used for short inputs: decode steps)
-  int64_t ldw;
-  const float* WT;    // [D, m]: W transposed, rows contiguous over the m frequencies; or nullptr
+  const float* WT;    // [D, m]: W transposed, rows contiguous over the m frequencies
   const float* bias;  // [m]
   float freq;
   const float* psi;   // [D] or nullptr
@@ -47,7 +49,7 @@ struct Config {
   int64_t D, Dv, m, F;
 };
 
-// Per-thread scratch, sized for one chunk.
+// Per-thread scratch, sized for one chunk of a sequence of at most T tokens.
 struct Workspace {
   std::vector<float> x, r, u, pq, pk, pkt, mult, sc, num, vb, den;
   Workspace(const Config& c, int64_t T) {
@@ -92,15 +94,9 @@ void load_rows(const scalar_t* src, int64_t stride, int64_t n, const Config& c, 
   }
 }
 
-// u [n, m] = x [n, D] @ W^T: a GEMM against the transposed copy, or m dot products per row when no
-// copy was made (a few rows: the copy would cost more than it saves).
+// u [n, m] = x [n, D] @ W^T, a GEMM against the transposed copy of W.
 void project(const float* x, int64_t n, const Config& c, const HeadParams& hp, float* u) {
-  if (hp.WT) {
-    gemm(n, c.m, c.D, x, c.D, hp.WT, c.m, u, c.m, false);  // [n, D] @ [D, m] -> [n, m]
-    return;
-  }
-  for (int64_t t = 0; t < n; ++t)
-    for (int64_t i = 0; i < c.m; ++i) u[t * c.m + i] = dot(x + t * c.D, hp.W + i * hp.ldw, c.D);
+  gemm(n, c.m, c.D, x, c.D, hp.WT, c.m, u, c.m, false);  // [n, D] @ [D, m] -> [n, m]
 }
 
 // Feature exponents e [n, F] (and the cos/sin factors for TRIG) from the projections u [n, m].
@@ -229,22 +225,27 @@ void read_state(int64_t n, const Config& c, Workspace& w, const float* S, const 
   }
 }
 
+// One sequence: batch row `b`, tokens start .. start + T (all of them without cu_seqlens).
+struct Span {
+  int64_t b, start, T;
+};
+
 // One key/value head and the G query heads of its group (grouped-query attention: query head h reads
-// key/value head h / G). The key features, the values and the state are computed once per chunk and read
-// by every query head of the group; k and v are never repeated.
+// key/value head h / G) over one sequence. The key features, the values and the state are computed once
+// per chunk and read by every query head of the group; k and v are never repeated. `keep`: the padding
+// mask of the sequence's tokens, or nullptr.
 template <typename scalar_t, typename vscalar_t>
 void attention_group(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& o,
-                     const bool* mask, int64_t b, int64_t hk, int64_t G, const Config& c, const HeadParams& hp,
-                     Workspace& w, float* S, float* z, float& m_state, bool causal) {
-  const int64_t T = q.size(1);
-  const scalar_t* kp = k.data_ptr<scalar_t>() + b * k.stride(0) + hk * k.stride(2);
-  const vscalar_t* vp = v.data_ptr<vscalar_t>() + b * v.stride(0) + hk * v.stride(2);
+                     const bool* keep, const Span& span, int64_t hk, int64_t G, const Config& c,
+                     const HeadParams& hp, Workspace& w, float* S, float* z, float& m_state, bool causal) {
+  const int64_t T = span.T, b = span.b, t0 = span.start;
+  const scalar_t* kp = k.data_ptr<scalar_t>() + b * k.stride(0) + t0 * k.stride(1) + hk * k.stride(2);
+  const vscalar_t* vp = v.data_ptr<vscalar_t>() + b * v.stride(0) + t0 * v.stride(1) + hk * v.stride(2);
   // query head g of the group: qp + g * q.stride(2), op + g * o.stride(2)
-  const scalar_t* qp = q.data_ptr<scalar_t>() + b * q.stride(0) + hk * G * q.stride(2);
-  vscalar_t* op = o.data_ptr<vscalar_t>() + b * o.stride(0) + hk * G * o.stride(2);
+  const scalar_t* qp = q.data_ptr<scalar_t>() + b * q.stride(0) + t0 * q.stride(1) + hk * G * q.stride(2);
+  vscalar_t* op = o.data_ptr<vscalar_t>() + b * o.stride(0) + t0 * o.stride(1) + hk * G * o.stride(2);
   const int64_t sq = q.stride(1), sk = k.stride(1), sv = v.stride(1), so = o.stride(1);
   const int64_t sqh = q.stride(2), soh = o.stride(2);
-  const bool* keep = mask ? mask + b * T : nullptr;
   const int64_t Dv = c.Dv;
   if (!causal || T == 1) {  // one token: keys first, then the query, is the causal result too
     for (int64_t lo = 0; lo < T; lo += CHUNK) {
@@ -293,10 +294,42 @@ void attention_group(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
                      AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
-// Work per (batch, head) below which a single thread runs several of them (decode steps).
+// Work per (sequence, head) below which a single thread runs several of them (decode steps).
 constexpr int64_t GRAIN_WORK = 1 << 16;
-// Sequences at least this long project through a transposed copy of W (GEMM); shorter ones use dots.
-constexpr int64_t TRANSPOSE_MIN_T = 16;
+
+// Runs task(i, w) for i in 0 .. n, each on some thread with that thread's workspace w. `lengths[i]`: the
+// tokens of task i, which sizes the workspaces and, with `balance`, the schedule: the tasks are taken
+// longest first from a shared counter (packed sequences of different lengths), instead of the contiguous
+// equal blocks of at::parallel_for (equal tasks, as in a batch). Every task writes only its own rows, so
+// the result does not depend on the schedule or the thread count.
+template <typename Task>
+void run_tasks(int64_t n, const std::vector<int64_t>& lengths, int64_t work_per_token, bool balance,
+               const Config& c, const Task& task) {
+  if (n == 0) return;
+  const int64_t longest = *std::max_element(lengths.begin(), lengths.end());
+  if (!balance) {  // equal tasks: contiguous blocks, several per thread when they are small
+    const int64_t grain = std::max<int64_t>(1, GRAIN_WORK / std::max<int64_t>(1, longest * work_per_token));
+    at::parallel_for(0, n, grain, [&](int64_t begin, int64_t end) {
+      Workspace w(c, longest);
+      for (int64_t i = begin; i < end; ++i) task(i, w);
+    });
+    return;
+  }
+  std::vector<int64_t> order(n);
+  for (int64_t i = 0; i < n; ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return lengths[a] > lengths[b]; });
+  int64_t tokens = 0;
+  for (int64_t len : lengths) tokens += len;
+  const int64_t workers = std::max<int64_t>(
+      1, std::min<int64_t>({static_cast<int64_t>(at::get_num_threads()), n,
+                            tokens * work_per_token / GRAIN_WORK}));
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    // Inline (a single worker, or inside a parallel region) this one call takes every task.
+    Workspace w(c, longest);
+    for (int64_t j = next++; j < n; j = next++) task(order[j], w);
+  });
+}
 
 std::vector<at::Tensor> rf_attention_forward(const at::Tensor& q_in, const at::Tensor& k_in,
                                              const at::Tensor& v_in, const at::Tensor& W_in,
@@ -307,11 +340,16 @@ std::vector<at::Tensor> rf_attention_forward(const at::Tensor& q_in, const at::T
                                              const c10::optional<at::Tensor>& S_in,
                                              const c10::optional<at::Tensor>& z_in,
                                              const c10::optional<at::Tensor>& m_in,
-                                             const c10::optional<at::Tensor>& WT_in) {
-  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "q, k, v must be [B, T, H, D]");
-  TORCH_CHECK(q_in.device().is_cpu(), "the cpu backend needs CPU tensors");
-  TORCH_CHECK(q_in.scalar_type() == k_in.scalar_type(), "q and k must have the same dtype");
-  TORCH_CHECK(kind == KIND_EXP || kind == KIND_HYP || kind == KIND_TRIG, "unknown feature kind ", kind);
+                                             const c10::optional<at::Tensor>& WT_in,
+                                             const c10::optional<at::Tensor>& cu_in) {
+  auto given = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); };
+  TORCH_CHECK_VALUE(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "q, k, v must be [B, T, H, D]");
+  TORCH_CHECK_VALUE(q_in.device().is_cpu(), "the cpu backend needs CPU tensors");
+  TORCH_CHECK_TYPE(q_in.scalar_type() == k_in.scalar_type(), "q and k must have the same dtype");
+  TORCH_CHECK_VALUE(kind == KIND_EXP || kind == KIND_HYP || kind == KIND_TRIG, "unknown feature kind ", kind);
+  TORCH_CHECK_VALUE(given(S_in) == given(z_in) && given(S_in) == given(m_in),
+                    "the initial state S, z and log_scale must be given together (or none of them); got S: ",
+                    given(S_in), ", z: ", given(z_in), ", log_scale: ", given(m_in));
   const auto fdt = at::kFloat;
   // fp32, bf16 and fp16 are read natively; anything else (fp64) goes through fp32.
   auto native = [&](const at::Tensor& t) {
@@ -323,46 +361,81 @@ std::vector<at::Tensor> rf_attention_forward(const at::Tensor& q_in, const at::T
   // H query heads, H (=Hk) / G key/value heads: the parameters and the state are per key/value head.
   const int64_t B = q.size(0), T = q.size(1), Hq = q.size(2), D = q.size(3), Dv = v.size(3);
   const int64_t H = k.size(2);
-  TORCH_CHECK(v.size(2) == H && H > 0 && Hq % H == 0, "k and v must have H_kv heads, H_kv dividing q's heads");
+  TORCH_CHECK_VALUE(k.size(0) == B && v.size(0) == B && k.size(1) == T && v.size(1) == T && k.size(3) == D,
+                    "q, k, v must be [B, T, H, D], [B, T, H_kv, D], [B, T, H_kv, Dv]");
+  TORCH_CHECK_VALUE(v.size(2) == H && H > 0 && Hq % H == 0,
+                    "k and v must have H_kv heads, H_kv dividing q's heads");
   const int64_t G = Hq / H;
   const int64_t m = W_in.size(1);
-  TORCH_CHECK(W_in.size(0) == H && W_in.size(2) == D, "W must be [H_kv, m, D]");
+  TORCH_CHECK_VALUE(W_in.dim() == 3 && W_in.size(0) == H && W_in.size(2) == D, "W must be [H_kv, m, D]");
   const int64_t F = kind == KIND_EXP ? m : 2 * m;
-  at::Tensor Wf = W_in.to(fdt);
-  if (Wf.stride(2) != 1) Wf = Wf.contiguous();
-  at::Tensor WT;  // [H, D, m]: given by the caller, or made for inputs long enough to amortise the copy
-  if (WT_in.has_value() && WT_in->defined()) {
-    TORCH_CHECK(WT_in->scalar_type() == fdt && WT_in->is_contiguous() && WT_in->size(0) == H &&
-                    WT_in->size(1) == D && WT_in->size(2) == m,
-                "WT must be a contiguous fp32 [H_kv, D, m] tensor");
-    WT = *WT_in;
-  } else if (T >= TRANSPOSE_MIN_T) {
-    WT = Wf.transpose(1, 2).contiguous();
+
+  // The sequences: one per batch row, or the packed ones of cu_seqlens (B = 1, no padding mask).
+  std::vector<Span> spans;
+  const bool varlen = given(cu_in);
+  if (varlen) {
+    const at::Tensor cu = cu_in->to(at::kLong).contiguous();
+    TORCH_CHECK_VALUE(cu.dim() == 1 && cu.size(0) >= 2, "cu_seqlens must be [N + 1] with N >= 1");
+    TORCH_CHECK_VALUE(B == 1, "cu_seqlens needs packed inputs [1, Ttot, H, D], got batch ", B);
+    TORCH_CHECK_VALUE(!given(mask_in), "cu_seqlens and a key padding mask cannot be combined");
+    const int64_t* cp = cu.data_ptr<int64_t>();
+    const int64_t N = cu.size(0) - 1;
+    TORCH_CHECK_VALUE(cp[0] == 0 && cp[N] == T, "cu_seqlens must start at 0 and end at the packed length ", T,
+                      ", got ", cp[0], " and ", cp[N]);
+    for (int64_t n = 0; n < N; ++n) {
+      TORCH_CHECK_VALUE(cp[n + 1] >= cp[n], "cu_seqlens must be non-decreasing, got ", cp[n], " then ", cp[n + 1]);
+      spans.push_back({0, cp[n], cp[n + 1] - cp[n]});
+    }
+  } else {
+    for (int64_t b = 0; b < B; ++b) spans.push_back({b, 0, T});
   }
-  at::Tensor bias = bias_in.to(fdt).contiguous();              // [B, H, m]
-  at::Tensor freq = freq_in.to(fdt).contiguous();              // [B, H]
+  const int64_t R = static_cast<int64_t>(spans.size());  // rows of the parameters and of the state
+
+  at::Tensor WT;  // [H, D, m]: given by the caller (who may keep it across calls), or made here
+  if (given(WT_in)) {
+    TORCH_CHECK_VALUE(WT_in->scalar_type() == fdt && WT_in->is_contiguous() && WT_in->dim() == 3 &&
+                          WT_in->size(0) == H && WT_in->size(1) == D && WT_in->size(2) == m,
+                      "WT must be a contiguous fp32 [H_kv, D, m] tensor");
+    WT = *WT_in;
+  } else {
+    WT = W_in.to(fdt).transpose(1, 2).contiguous();
+  }
+  // Per-sequence parameters [R, H, ...] (a leading 1 broadcasts over the sequences).
+  auto rows = [&](const at::Tensor& t, at::IntArrayRef shape, const char* name) {
+    TORCH_CHECK_VALUE(t.dim() == static_cast<int64_t>(shape.size()) && (t.size(0) == 1 || t.size(0) == R) &&
+                          t.sizes().slice(1) == shape.slice(1),
+                      name, " must be ", shape, " (or with 1 row), got ", t.sizes());
+    return t.to(fdt).expand(shape).contiguous();
+  };
+  at::Tensor bias = rows(bias_in, {R, H, m}, "bias");
+  at::Tensor freq = rows(freq_in, {R, H}, "freq");
   at::Tensor psi;
-  if (psi_in.has_value() && psi_in->defined()) psi = psi_in->to(fdt).contiguous();  // [B, H, D]
+  if (given(psi_in)) psi = rows(*psi_in, {R, H, D}, "psi");
   at::Tensor mask;
-  if (mask_in.has_value() && mask_in->defined()) mask = mask_in->to(at::kBool).contiguous();  // [B, T]
+  if (given(mask_in)) {
+    mask = mask_in->to(at::kBool).contiguous();
+    TORCH_CHECK_VALUE(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == T, "mask must be [B, T]");
+  }
 
   // The final state is written to new tensors; each task copies its head of the initial state there.
   at::Tensor S0, z0, m0;
-  if (S_in.has_value() && S_in->defined()) {
+  if (given(S_in)) {
     S0 = S_in->to(fdt).contiguous();
     z0 = z_in->to(fdt).contiguous();
     m0 = m_in->to(fdt).contiguous();
+    TORCH_CHECK_VALUE(S0.sizes() == at::IntArrayRef({R, H, F, Dv}) && z0.sizes() == at::IntArrayRef({R, H, F}) &&
+                          m0.sizes() == at::IntArrayRef({R, H}),
+                      "the initial state must be S [", R, ", ", H, ", ", F, ", ", Dv, "], z [", R, ", ", H, ", ", F,
+                      "], log_scale [", R, ", ", H, "]; got ", S0.sizes(), ", ", z0.sizes(), ", ", m0.sizes());
   }
-  at::Tensor S = at::empty({B, H, F, Dv}, q.options().dtype(fdt));
-  at::Tensor z = at::empty({B, H, F}, q.options().dtype(fdt));
-  at::Tensor mstate = at::empty({B, H}, q.options().dtype(fdt));
+  at::Tensor S = at::empty({R, H, F, Dv}, q.options().dtype(fdt));
+  at::Tensor z = at::empty({R, H, F}, q.options().dtype(fdt));
+  at::Tensor mstate = at::empty({R, H}, q.options().dtype(fdt));
   at::Tensor o = at::empty({B, T, Hq, Dv}, v.options());
 
   Config c{static_cast<int>(kind), static_cast<float>(c_t), static_cast<float>(c_o),
            static_cast<float>(std::sqrt(scale)), D, Dv, m, F};
-  const float* Wp = Wf.data_ptr<float>();
-  const float* WTp = WT.defined() ? WT.data_ptr<float>() : nullptr;
-  const int64_t w_head = Wf.stride(0), ldw = Wf.stride(1);
+  const float* WTp = WT.data_ptr<float>();
   const float* S0p = S0.defined() ? S0.data_ptr<float>() : nullptr;
   const float* z0p = S0.defined() ? z0.data_ptr<float>() : nullptr;
   const float* m0p = S0.defined() ? m0.data_ptr<float>() : nullptr;
@@ -374,30 +447,30 @@ std::vector<at::Tensor> rf_attention_forward(const at::Tensor& q_in, const at::T
   float* zp = z.data_ptr<float>();
   float* mp = mstate.data_ptr<float>();
 
-  const int64_t work = std::max<int64_t>(1, T * F * (D + Dv) * (G + 1));
-  const int64_t grain = std::max<int64_t>(1, GRAIN_WORK / work);
+  // Task i: sequence i / H, key/value head i % H; row i of the [R * H, ...] parameters and states.
+  std::vector<int64_t> lengths(R * H);
+  for (int64_t i = 0; i < R * H; ++i) lengths[i] = spans[i / H].T;
+  const int64_t work_per_token = F * (D + Dv) * (G + 1);
   RF_DISPATCH(q.scalar_type(), "rf_attention_cpu_qk", [&] {
     using qk_t = scalar_t;
     RF_DISPATCH(v.scalar_type(), "rf_attention_cpu_v", [&] {
       using v_t = scalar_t;
-      at::parallel_for(0, B * H, grain, [&](int64_t begin, int64_t end) {
-        Workspace w(c, T);
-        for (int64_t i = begin; i < end; ++i) {
-          const int64_t b = i / H, h = i % H;
-          HeadParams hp{Wp + h * w_head, ldw, WTp ? WTp + h * D * m : nullptr, biasp + i * m, freqp[i],
-                        psip ? psip + i * D : nullptr};
-          if (S0p) {
-            std::memcpy(Sp + i * F * Dv, S0p + i * F * Dv, sizeof(float) * F * Dv);
-            std::memcpy(zp + i * F, z0p + i * F, sizeof(float) * F);
-            mp[i] = m0p[i];
-          } else {
-            std::fill(Sp + i * F * Dv, Sp + (i + 1) * F * Dv, 0.f);
-            std::fill(zp + i * F, zp + (i + 1) * F, 0.f);
-            mp[i] = NEG_INF;
-          }
-          attention_group<qk_t, v_t>(q, k, v, o, maskp, b, h, G, c, hp, w, Sp + i * F * Dv, zp + i * F, mp[i],
-                                     causal);
+      run_tasks(R * H, lengths, work_per_token, varlen, c, [&](int64_t i, Workspace& w) {
+        const Span& span = spans[i / H];
+        const int64_t h = i % H;
+        HeadParams hp{WTp + h * D * m, biasp + i * m, freqp[i], psip ? psip + i * D : nullptr};
+        if (S0p) {
+          std::memcpy(Sp + i * F * Dv, S0p + i * F * Dv, sizeof(float) * F * Dv);
+          std::memcpy(zp + i * F, z0p + i * F, sizeof(float) * F);
+          mp[i] = m0p[i];
+        } else {
+          std::fill(Sp + i * F * Dv, Sp + (i + 1) * F * Dv, 0.f);
+          std::fill(zp + i * F, zp + (i + 1) * F, 0.f);
+          mp[i] = NEG_INF;
         }
+        const bool* keep = maskp ? maskp + span.b * T + span.start : nullptr;
+        attention_group<qk_t, v_t>(q, k, v, o, keep, span, h, G, c, hp, w, Sp + i * F * Dv, zp + i * F, mp[i],
+                                   causal);
       });
     });
   });
@@ -410,10 +483,12 @@ std::vector<at::Tensor> rf_attention_forward(const at::Tensor& q_in, const at::T
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "Fused random-feature attention on the CPU (forward; see spectraformer_fused/ops/cpu.py)";
   module.def("forward", &rf_attention_forward,
-             "forward(q, k, v, W, bias, freq, psi, kind, c_t, c_o, scale, causal, mask, S, z, log_scale, WT=None) "
-             "-> [o, S, z, log_scale]; WT: W transposed to a contiguous fp32 [H, D, m] (made when omitted)",
+             "forward(q, k, v, W, bias, freq, psi, kind, c_t, c_o, scale, causal, mask, S, z, log_scale, WT=None, "
+             "cu_seqlens=None) -> [o, S, z, log_scale]; WT: W transposed to a contiguous fp32 [H, D, m] (made "
+             "when omitted); cu_seqlens: [N + 1] offsets of packed sequences in [1, Ttot, ...] inputs, the "
+             "parameters and states then having N rows",
              py::arg("q"), py::arg("k"), py::arg("v"), py::arg("W"), py::arg("bias"), py::arg("freq"),
              py::arg("psi"), py::arg("kind"), py::arg("c_t"), py::arg("c_o"), py::arg("scale"),
              py::arg("causal"), py::arg("mask"), py::arg("S"), py::arg("z"), py::arg("log_scale"),
-             py::arg("WT") = py::none());
+             py::arg("WT") = py::none(), py::arg("cu_seqlens") = py::none());
 }

@@ -159,13 +159,38 @@ def _transposed(W: torch.Tensor) -> torch.Tensor:
     return WT
 
 
-def _forward(ext, q, k, v, params: FeatureParams, causal, mask, S0, z0, m0):
+def _forward(ext, q, k, v, params: FeatureParams, causal, mask, S0, z0, m0, cu_seqlens):
     # Called with grad disabled (inside the autograd Function) or with no input requiring grad, so the
     # extension records no graph and nothing needs detaching.
     W = params.W
     return ext.forward(q, k, v, W, params.bias, params.freq, params.psi, int(params.kind),
                        float(params.c_t), float(params.c_o), float(params.scale), bool(causal), mask, S0, z0, m0,
-                       _transposed(W))
+                       _transposed(W), cu_seqlens)
+
+
+def _reference_recompute(q, k, v, params: FeatureParams, causal, mask, state, cu_seqlens):
+    """The reference forward on the saved inputs (under enable_grad, for the backward): one call, or with
+    ``cu_seqlens`` one call per packed sequence on views, with row n of the parameters and of the initial
+    state; outputs concatenated along T, final states along the sequence axis. The per-sequence loop keeps
+    the backward simple and exact; the CPU backend is not a training path."""
+    if cu_seqlens is None:
+        return reference_attention(q, k, v, params, causal=causal, key_padding_mask=mask, initial_state=state,
+                                   output_final_state=True)
+    offsets = cu_seqlens.tolist()
+    n_seq = len(offsets) - 1
+    rows = [t if t is None else t.expand(n_seq, *t.shape[1:]) for t in (params.bias, params.freq, params.psi)]
+    outs, finals = [], []
+    for n in range(n_seq):
+        a, b = offsets[n], offsets[n + 1]
+        bias, freq, psi = (t if t is None else t[n:n + 1] for t in rows)
+        rp = FeatureParams(params.kind, params.W, bias, freq, psi, params.c_t, params.c_o, params.scale,
+                           params.num_features, params.feature_dim)
+        init = None if state is None else RFState(*(t[n:n + 1] for t in state))
+        o, final = reference_attention(q[:, a:b], k[:, a:b], v[:, a:b], rp, causal=causal, initial_state=init,
+                                       output_final_state=True)
+        outs.append(o)
+        finals.append(final)
+    return torch.cat(outs, dim=1), RFState(*(torch.cat(parts, dim=0) for parts in zip(*finals)))
 
 
 class _CpuAttention(torch.autograd.Function):
@@ -174,11 +199,11 @@ class _CpuAttention(torch.autograd.Function):
     state at the cost of one reference forward and backward. Only the inputs are saved."""
 
     @staticmethod
-    def forward(ctx, q, k, v, W, bias, S0, z0, m0, params, causal, mask):
+    def forward(ctx, q, k, v, W, bias, S0, z0, m0, params, causal, mask, cu_seqlens):
         ext = _load()
-        o, S, z, m = _forward(ext, q, k, v, params, causal, mask, S0, z0, m0)
+        o, S, z, m = _forward(ext, q, k, v, params, causal, mask, S0, z0, m0, cu_seqlens)
         ctx.save_for_backward(q, k, v, W, bias, S0, z0, m0)
-        ctx.params, ctx.causal, ctx.mask = params, causal, mask
+        ctx.params, ctx.causal, ctx.mask, ctx.cu_seqlens = params, causal, mask, cu_seqlens
         ctx.has_state = S0 is not None
         ctx.mark_non_differentiable(m)
         ctx.set_materialize_grads(False)
@@ -195,8 +220,7 @@ class _CpuAttention(torch.autograd.Function):
             rp = FeatureParams(p.kind, lW, lbias, p.freq, p.psi, p.c_t, p.c_o, p.scale, p.num_features,
                                p.feature_dim)
             state = RFState(lS, lz, lm) if ctx.has_state else None
-            o, final = reference_attention(lq, lk, lv, rp, causal=ctx.causal, key_padding_mask=ctx.mask,
-                                           initial_state=state, output_final_state=True)
+            o, final = _reference_recompute(lq, lk, lv, rp, ctx.causal, ctx.mask, state, ctx.cu_seqlens)
             outs, grads = [], []
             for out, g in ((o, do), (final.S, dS), (final.z, dz)):
                 if g is not None and out.requires_grad:
@@ -206,24 +230,33 @@ class _CpuAttention(torch.autograd.Function):
             got = torch.autograd.grad(outs, wanted, grads, allow_unused=True) if outs and wanted else []
         it = iter(got)
         result = [next(it) if (t is not None and t.requires_grad) else None for t in leaves]
-        return (*result, None, None, None)
+        return (*result, None, None, None, None)
 
 
 def cpu_attention(q, k, v, params: FeatureParams, *, causal: bool, key_padding_mask=None,
-                  initial_state: RFState | None = None, output_final_state: bool = False):
+                  initial_state: RFState | None = None, output_final_state: bool = False, cu_seqlens=None):
     """Random-feature attention with the reference's semantics, computed by the compiled CPU extension.
 
-    q, k ``[B, T, H, D]`` (fp32, bf16 or fp16), v ``[B, T, H, Dv]``. Returns
+    q, k ``[B, T, H, D]`` (fp32, bf16 or fp16), v ``[B, T, H_kv, Dv]``. Returns
     ``(o [B, T, H, Dv] in v's dtype, RFState in fp32 or None)``. Differentiable: the backward recomputes
     through the reference backend.
+
+    ``cu_seqlens`` (int32/int64 ``[N + 1]``, validated by the caller): packed variable-length sequences,
+    q, k, v ``[1, Ttot, ., .]``, sequence n the rows ``cu[n]:cu[n+1]``; the parameters' and the states'
+    batch axis is then the sequence axis (bias ``[N, H_kv, m]``, S ``[N, H_kv, F, Dv]``...). One call of the
+    extension runs every (sequence, key/value head); the result equals one call per sequence.
     """
     ext = _load()
     if ext is None:
         raise RuntimeError(f"the compiled CPU backend is unavailable ({_error})")
     S0, z0, m0 = (None, None, None) if initial_state is None else tuple(initial_state)
+    if initial_state is not None and any(t is None for t in (S0, z0, m0)):
+        raise ValueError("initial_state must hold S, z and log_scale together, got "
+                         + ", ".join(f"{name}={'tensor' if t is not None else None}"
+                                     for name, t in zip(("S", "z", "log_scale"), (S0, z0, m0))))
     tensors = (q, k, v, params.W, params.bias, S0, z0, m0)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
-        o, S, z, m = _CpuAttention.apply(*tensors, params, causal, key_padding_mask)
+        o, S, z, m = _CpuAttention.apply(*tensors, params, causal, key_padding_mask, cu_seqlens)
     else:
-        o, S, z, m = _forward(ext, q, k, v, params, causal, key_padding_mask, S0, z0, m0)
+        o, S, z, m = _forward(ext, q, k, v, params, causal, key_padding_mask, S0, z0, m0, cu_seqlens)
     return o, (RFState(S, z, m) if output_final_state else None)
