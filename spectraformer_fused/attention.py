@@ -85,7 +85,7 @@ def _backend_function(name: str):
 
 # Backends whose function takes ``cu_seqlens`` and runs every packed sequence in one call; any other
 # backend function runs once per sequence (reference.per_sequence).
-_PACKED_NATIVE = {"reference"}
+_PACKED_NATIVE = {"reference", "cpu"}
 
 
 def rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: RandomFeatureMap, *,

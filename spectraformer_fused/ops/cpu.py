@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..feature_map import FeatureParams
+from ..contract import FeatureParams
 from ..reference import reference_attention
 from ..state import RFState
 from . import build_cache
@@ -168,31 +168,6 @@ def _forward(ext, q, k, v, params: FeatureParams, causal, mask, S0, z0, m0, cu_s
                        _transposed(W), cu_seqlens)
 
 
-def _reference_recompute(q, k, v, params: FeatureParams, causal, mask, state, cu_seqlens):
-    """The reference forward on the saved inputs (under enable_grad, for the backward): one call, or with
-    ``cu_seqlens`` one call per packed sequence on views, with row n of the parameters and of the initial
-    state; outputs concatenated along T, final states along the sequence axis. The per-sequence loop keeps
-    the backward simple and exact; the CPU backend is not a training path."""
-    if cu_seqlens is None:
-        return reference_attention(q, k, v, params, causal=causal, key_padding_mask=mask, initial_state=state,
-                                   output_final_state=True)
-    offsets = cu_seqlens.tolist()
-    n_seq = len(offsets) - 1
-    rows = [t if t is None else t.expand(n_seq, *t.shape[1:]) for t in (params.bias, params.freq, params.psi)]
-    outs, finals = [], []
-    for n in range(n_seq):
-        a, b = offsets[n], offsets[n + 1]
-        bias, freq, psi = (t if t is None else t[n:n + 1] for t in rows)
-        rp = FeatureParams(params.kind, params.W, bias, freq, psi, params.c_t, params.c_o, params.scale,
-                           params.num_features, params.feature_dim)
-        init = None if state is None else RFState(*(t[n:n + 1] for t in state))
-        o, final = reference_attention(q[:, a:b], k[:, a:b], v[:, a:b], rp, causal=causal, initial_state=init,
-                                       output_final_state=True)
-        outs.append(o)
-        finals.append(final)
-    return torch.cat(outs, dim=1), RFState(*(torch.cat(parts, dim=0) for parts in zip(*finals)))
-
-
 class _CpuAttention(torch.autograd.Function):
     """Forward in C++; backward recomputes through the reference backend (reference_attention under
     enable_grad on the saved inputs), which gives exact gradients for q, k, v, W, bias and the initial
@@ -220,7 +195,10 @@ class _CpuAttention(torch.autograd.Function):
             rp = FeatureParams(p.kind, lW, lbias, p.freq, p.psi, p.c_t, p.c_o, p.scale, p.num_features,
                                p.feature_dim)
             state = RFState(lS, lz, lm) if ctx.has_state else None
-            o, final = _reference_recompute(lq, lk, lv, rp, ctx.causal, ctx.mask, state, ctx.cu_seqlens)
+            # packed sequences: the reference runs them one by one on views (exact; the CPU backend is
+            # not a training path)
+            o, final = reference_attention(lq, lk, lv, rp, causal=ctx.causal, key_padding_mask=ctx.mask,
+                                           initial_state=state, output_final_state=True, cu_seqlens=ctx.cu_seqlens)
             outs, grads = [], []
             for out, g in ((o, do), (final.S, dS), (final.z, dz)):
                 if g is not None and out.requires_grad:
