@@ -10,7 +10,7 @@
 //   * query rows subtract the maximum of their own feature exponents;
 //   * keys subtract one shared running maximum; the state is rescaled by exp(m_old - m_new) when it grows;
 //   * a masked key gets exponent -inf (contributes nothing, does not move the maximum);
-//   * the denominator is floored: max(|den|, 1e-30).
+//   * the denominator is floored: max(|den|, den_eps), den_eps = contract.DEN_EPS handed over by the caller.
 // Non-causal attention first folds every key into the state (the running maximum ends at the global one,
 // so the final state equals the reference's), then reads it with every query.
 #include <torch/extension.h>
@@ -32,7 +32,6 @@ namespace {
 using namespace rf;
 
 constexpr int64_t CHUNK = 64;
-constexpr float DEN_EPS = 1e-30f;
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
 // Per-(sequence, head) view of the resolved feature-map parameters.
@@ -47,6 +46,7 @@ struct Config {
   int kind;
   float c_t, c_o, root;
   int64_t D, Dv, m, F;
+  float den_eps;      // floor of |den|: contract.DEN_EPS, handed over by the caller
 };
 
 // Per-thread scratch, sized for one chunk of a sequence of at most T tokens.
@@ -208,9 +208,10 @@ void update_state(int64_t n, const Config& c, Workspace& w, float* S, float* z) 
 
 // o_t = num_t / max(|den_t|, eps), stored in the output dtype.
 template <typename oscalar_t>
-void store_output(int64_t n, int64_t Dv, const float* num, const float* den, oscalar_t* dst, int64_t stride) {
+void store_output(int64_t n, int64_t Dv, const float* num, const float* den, float eps, oscalar_t* dst,
+                  int64_t stride) {
   for (int64_t t = 0; t < n; ++t) {
-    const float inv = 1.f / std::max(std::fabs(den[t]), DEN_EPS);
+    const float inv = 1.f / std::max(std::fabs(den[t]), eps);
     oscalar_t* row = dst + t * stride;
     for (int64_t d = 0; d < Dv; ++d) row[d] = static_cast<oscalar_t>(num[t * Dv + d] * inv);
   }
@@ -259,7 +260,7 @@ void attention_group(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
         const int64_t n = std::min(CHUNK, T - lo);
         query_features(qp + g * sqh + lo * sq, sq, n, c, hp, w);
         read_state(n, c, w, S, z, false);
-        store_output(n, Dv, w.num.data(), w.den.data(), op + g * soh + lo * so, so);
+        store_output(n, Dv, w.num.data(), w.den.data(), c.den_eps, op + g * soh + lo * so, so);
       }
     }
     return;
@@ -282,7 +283,7 @@ void attention_group(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
       }
       gemm_lower(n, Dv, sc, n, w.vb.data(), Dv, w.num.data(), Dv);  // [n, n] @ [n, Dv] -> [n, Dv]
       read_state(n, c, w, S, z, true);
-      store_output(n, Dv, w.num.data(), w.den.data(), op + g * soh + lo * so, so);
+      store_output(n, Dv, w.num.data(), w.den.data(), c.den_eps, op + g * soh + lo * so, so);
     }
     update_state(n, c, w, S, z);
   }
@@ -339,7 +340,7 @@ std::vector<at::Tensor> rf_attention_forward(const at::Tensor& q_in, const at::T
                                              const c10::optional<at::Tensor>& mask_in,
                                              const c10::optional<at::Tensor>& S_in,
                                              const c10::optional<at::Tensor>& z_in,
-                                             const c10::optional<at::Tensor>& m_in,
+                                             const c10::optional<at::Tensor>& m_in, double den_eps,
                                              const c10::optional<at::Tensor>& WT_in,
                                              const c10::optional<at::Tensor>& cu_in) {
   auto given = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); };
@@ -434,7 +435,7 @@ std::vector<at::Tensor> rf_attention_forward(const at::Tensor& q_in, const at::T
   at::Tensor o = at::empty({B, T, Hq, Dv}, v.options());
 
   Config c{static_cast<int>(kind), static_cast<float>(c_t), static_cast<float>(c_o),
-           static_cast<float>(std::sqrt(scale)), D, Dv, m, F};
+           static_cast<float>(std::sqrt(scale)), D, Dv, m, F, static_cast<float>(den_eps)};
   const float* WTp = WT.data_ptr<float>();
   const float* S0p = S0.defined() ? S0.data_ptr<float>() : nullptr;
   const float* z0p = S0.defined() ? z0.data_ptr<float>() : nullptr;
@@ -483,12 +484,13 @@ std::vector<at::Tensor> rf_attention_forward(const at::Tensor& q_in, const at::T
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "Fused random-feature attention on the CPU (forward; see spectraformer_fused/ops/cpu.py)";
   module.def("forward", &rf_attention_forward,
-             "forward(q, k, v, W, bias, freq, psi, kind, c_t, c_o, scale, causal, mask, S, z, log_scale, WT=None, "
+             "forward(q, k, v, W, bias, freq, psi, kind, c_t, c_o, scale, causal, mask, S, z, log_scale, den_eps, "
+             "WT=None, "
              "cu_seqlens=None) -> [o, S, z, log_scale]; WT: W transposed to a contiguous fp32 [H, D, m] (made "
              "when omitted); cu_seqlens: [N + 1] offsets of packed sequences in [1, Ttot, ...] inputs, the "
              "parameters and states then having N rows",
              py::arg("q"), py::arg("k"), py::arg("v"), py::arg("W"), py::arg("bias"), py::arg("freq"),
              py::arg("psi"), py::arg("kind"), py::arg("c_t"), py::arg("c_o"), py::arg("scale"),
              py::arg("causal"), py::arg("mask"), py::arg("S"), py::arg("z"), py::arg("log_scale"),
-             py::arg("WT") = py::none(), py::arg("cu_seqlens") = py::none());
+             py::arg("den_eps"), py::arg("WT") = py::none(), py::arg("cu_seqlens") = py::none());
 }

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spectraformer_fused import RandomFeatureMap, RFState
-from spectraformer_fused.feature_map import FeatureParams
+from spectraformer_fused.contract import DEN_EPS, FeatureParams
 from spectraformer_fused.ops import cpu as cpu_ops
 from spectraformer_fused.ops.cpu import cpu_attention
 from spectraformer_fused.reference import reference_attention
@@ -244,7 +244,8 @@ def test_state_parts_given_together():
     ext = cpu_ops._load()
     for parts in ((S, None, None), (S, z, None), (None, z, m), (S, None, m)):
         with pytest.raises(ValueError, match="S, z and log_scale"):
-            ext.forward(q, k, v, p.W, p.bias, p.freq, None, int(p.kind), p.c_t, p.c_o, p.scale, True, None, *parts)
+            ext.forward(q, k, v, p.W, p.bias, p.freq, None, int(p.kind), p.c_t, p.c_o, p.scale, True, None, *parts,
+                        DEN_EPS)
         with pytest.raises(ValueError, match="S, z and log_scale"):
             cpu_attention(q, k, v, p, causal=True, initial_state=RFState(*parts))
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from ..contract import FeatureParams
+from ..contract import DEN_EPS, FeatureParams
 from ..reference import reference_attention
 from ..state import RFState
 from . import build_cache
@@ -165,7 +165,7 @@ def _forward(ext, q, k, v, params: FeatureParams, causal, mask, S0, z0, m0, cu_s
     W = params.W
     return ext.forward(q, k, v, W, params.bias, params.freq, params.psi, int(params.kind),
                        float(params.c_t), float(params.c_o), float(params.scale), bool(causal), mask, S0, z0, m0,
-                       _transposed(W), cu_seqlens)
+                       DEN_EPS, _transposed(W), cu_seqlens)
 
 
 class _CpuAttention(torch.autograd.Function):
