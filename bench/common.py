@@ -184,19 +184,45 @@ def time_fn(fn, device, budget_s: float) -> tuple:
             return med, lo, hi, lo
         except ImportError:
             pass
-    t0 = time.perf_counter()
-    fn()                                               # warm-up, not counted
-    sync(device)
-    first = time.perf_counter() - t0
-    min_runs = 3 if first < 2 * budget_s else (2 if first < 8 * budget_s else 1)
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_runs or (len(times) < 25 and time.perf_counter() - start < budget_s):
+    return _rounds({"fn": fn}, device, budget_s)["fn"]
+
+
+def time_interleaved(fns: dict, device, budget_s: float) -> dict:
+    """``time_fn`` of several functions: {name: (median, p20, p80, min)} ms. On the CPU the runs alternate
+    between the functions, one of each per round after one warm-up run of each, so that load from other
+    processes hits them alike; rounds go on while the budget (``budget_s`` per function) lasts, at least
+    3 unless one round is much longer than the budget. On CUDA each is timed on its own by ``time_fn``."""
+    if device.type == "cuda":
+        return {name: time_fn(fn, device, budget_s) for name, fn in fns.items()}
+    return _rounds(fns, device, budget_s)
+
+
+def _rounds(fns: dict, device, budget_s: float) -> dict:
+    """perf_counter timings, the functions alternating round by round (see ``time_interleaved``)."""
+    first = 0.0
+    for fn in fns.values():
         t0 = time.perf_counter()
-        fn()
+        fn()                                           # warm-up, not counted
         sync(device)
-        times.append(time.perf_counter() - t0)
-    times.sort()
+        first = max(first, time.perf_counter() - t0)
+    min_runs = 3 if first < 2 * budget_s else (2 if first < 8 * budget_s else 1)
+    times = {name: [] for name in fns}
+    budget = budget_s * len(fns)
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_runs or (rounds < 25 and time.perf_counter() - start < budget):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: _quantiles(ts) for name, ts in times.items()}
+
+
+def _quantiles(times: list) -> tuple:
+    """(median, p20, p80, min) in ms of run times in seconds."""
+    times = sorted(times)
     q = lambda p: times[min(len(times) - 1, int(p * len(times)))] * 1e3    # noqa: E731
     return statistics.median(times) * 1e3, q(0.2), q(0.8), times[0] * 1e3
 
