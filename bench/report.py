@@ -1,4 +1,4 @@
-"""The accuracy, speed and memory report: ``python -m bench.report [--full] [--out DIR]``.
+"""The accuracy, speed and memory report: ``python -m bench.report [--full] [--out DIR] [--section NAME]``.
 
 Writes ``bench/results/<device>-<date>/report.md`` with PNG plots and the raw numbers (CSV and JSON),
 shows a progress bar while it runs and prints a short summary. Sections:
