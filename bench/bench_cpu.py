@@ -34,6 +34,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from bench.common import machine  # noqa: E402
 from bench.torch_chunked import chunked_attention, decode_step  # noqa: E402
 from spectraformer_fused import RandomFeatureMap, RFState, SpectraAttention, rf_attention  # noqa: E402
 from spectraformer_fused.ops import cpu as cpu_ops  # noqa: E402
@@ -61,19 +62,6 @@ def flops(B: int, H: int, T: int, causal: bool) -> float:
 def decode_flops(B: int, H: int) -> float:
     F = M
     return B * H * (4 * D * M + 2 * F + 2 * F + 2 * F * DV + F + 2 * F * DV + 2 * F + DV)
-
-
-def machine() -> str:
-    model = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{model}, {os.cpu_count()} logical cores"
 
 
 def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict:

@@ -32,7 +32,7 @@ import torch.distributed as dist
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from bench.bench_cpu import machine  # noqa: E402
+from bench.common import machine  # noqa: E402
 from spectraformer_fused import RandomFeatureMap, available_backends, rf_attention  # noqa: E402
 from spectraformer_fused.attention import _resolve_backend  # noqa: E402
 from spectraformer_fused.distributed import CommunicationLog, context_parallel_rf_attention, run_local  # noqa: E402

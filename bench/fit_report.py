@@ -32,7 +32,7 @@ from torch import nn
 
 import spectraformer_fused as sf
 
-from .report import device_name, versions
+from .common import device_name, versions
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MAPS = (("posrf", "learnable"), ("posrf", "fastfood_learnable"), ("hyprf", "learnable"),

@@ -30,12 +30,12 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import spectraformer_fused as sf  # noqa: E402
-from bench.report import peak_memory, versions  # noqa: E402
+from bench.common import peak_memory, versions  # noqa: E402
+from bench.peers import FLA_KERNELS, load, torch_features  # noqa: E402
 
 PAIRS = (("posrf", "orf"), ("oprf", "fastfood_learnable"))
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 MODE_ENV = "SPECTRAFORMER_FUSED_TRITON_MODE"
-FLA = {"fla-chunk": "chunk_linear_attn", "fla-fused_chunk": "fused_chunk_linear_attn"}
 
 
 def measure_rates(device, dtypes, dry: bool) -> dict:
@@ -103,11 +103,8 @@ def make_call(impl: str, algo: str, fm, causal: bool):
                                                is_causal=causal)
             return o.transpose(1, 2)
         return call
-    if impl in FLA:
-        import fla.ops.linear_attn as fla_la
-
-        from bench.peers import torch_features
-        kernel = getattr(fla_la, FLA[impl])
+    if impl in FLA_KERNELS:
+        kernel = load(FLA_KERNELS[impl])
 
         def call(q, k, v):
             phiq, phik = torch_features(q, k, fm, causal=True)
@@ -143,9 +140,9 @@ def implementations(dry: bool) -> tuple[list, list[str]]:
             from bench.fla_interpret import interpretable_fla
 
             interpretable_fla()
-        import fla.ops.linear_attn  # noqa: F401
-
-        impls += [(name, "-", True) for name in FLA]
+        for spec in FLA_KERNELS.values():
+            load(spec)
+        impls += [(name, "-", True) for name in FLA_KERNELS]
     except Exception as exc:
         notes.append(f"fla not importable ({type(exc).__name__}: {exc}): its rows are skipped "
                      "(pip install flash-linear-attention, or the fla-core wheel)")

@@ -5,9 +5,10 @@
 #                                                  # Triton interpreter, the fla peer included
 # It runs the Triton kernel tests on the GPU (bf16 included; one fixed kernel config, so the time goes
 # to testing rather than autotuning), then the forward and forward+backward
-# timings of bench/gpu_bench.py, then the report in its --full GPU mode, each step under its own time
-# limit (TEST_LIMIT per test file, BENCH_LIMIT, REPORT_LIMIT seconds; 4 x 40 + 120 + 75 s by default, under
-# six minutes), and writes logs, tables and the report to OUTDIR.
+# timings of bench/gpu_bench.py, then packed against padded variable-length sequences (bench/varlen.py),
+# then the report in its --full GPU mode, each step under its own time limit (TEST_LIMIT per test file,
+# BENCH_LIMIT, VARLEN_LIMIT, REPORT_LIMIT seconds; 4 x 40 + 120 + 45 + 75 s by default, under seven
+# minutes), and writes logs, tables and the report to OUTDIR.
 # The fla peer comes from the fla-core wheel in ../shared/wheels (pure Python; the GPU image has torch,
 # triton and einops), installed into /tmp/site, which goes on PYTHONPATH; without it the fla rows are
 # skipped and the table says why.
@@ -22,6 +23,8 @@ export PYTHONPATH=.:/tmp/site PYTHONUNBUFFERED=1 SPECTRAFORMER_FUSED_NO_CPU_EXT=
 if [ "$DRY" = 1 ]; then
   TRITON_INTERPRET=1 timeout "${BENCH_LIMIT:-600}" $PY -m bench.gpu_bench --dry-run --out "$OUTDIR/gpu_bench_dry.md" \
     2>&1 | tee "$OUTDIR/bench.log" | tail -n 40
+  TRITON_INTERPRET=1 timeout "${VARLEN_LIMIT:-300}" $PY -m bench.varlen --dry-run --out "$OUTDIR/varlen_dry.md" \
+    2>&1 | tee -a "$OUTDIR/bench.log" | tail -n 20
   exit 0
 fi
 {
@@ -40,6 +43,8 @@ done
 # which does not fit the time of one check; the table's header says which was timed.
 SPECTRAFORMER_FUSED_AUTOTUNE=${BENCH_AUTOTUNE:-0} timeout "${BENCH_LIMIT:-120}" $PY -m bench.gpu_bench --dtypes "${BENCH_DTYPES:-fp16}" --rep "${BENCH_REP:-30}" \
   --out "$OUTDIR/gpu_bench.md" 2>&1 | tee "$OUTDIR/bench.log" | tail -n 40
+SPECTRAFORMER_FUSED_AUTOTUNE=${BENCH_AUTOTUNE:-0} timeout "${VARLEN_LIMIT:-45}" $PY -m bench.varlen --full --device cuda \
+  --out "$OUTDIR/varlen.md" 2>&1 | tee -a "$OUTDIR/bench.log" | tail -n 25
 timeout "${REPORT_LIMIT:-75}" $PY -m bench.report --full --device cuda --out "$OUTDIR/report" \
   2>&1 | tee "$OUTDIR/report.log" | tail -n 30
 # The device tool brings back at most 8 files: pack the report folder into one archive.

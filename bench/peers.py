@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 import spectraformer_fused as sf
 from spectraformer_fused.components import TRIG, feature_logits
@@ -30,26 +29,56 @@ class Peer:
     exact: bool = False
 
 
+@dataclass(frozen=True)
+class PeerSpec:
+    """One declared peer: the callable ``module.attr`` it times and ``build(fn, fm, causal) -> fn(q, k, v)``,
+    which wraps that callable for the library's layout. ``check`` (optional) returns why the loaded peer
+    cannot be used here, or None; ``install`` is the pip name printed when the import fails."""
+
+    name: str
+    module: str
+    attr: str
+    build: Callable
+    exact: bool = False
+    cuda_only: bool = False
+    install: str | None = None
+    check: Callable | None = None
+
+
+def load(spec: PeerSpec):
+    """The peer's callable; ImportError naming ``module.attr`` (and what to install) when it is missing."""
+    try:
+        mod = importlib.import_module(spec.module)
+    except Exception as exc:
+        hint = f"; pip install {spec.install}" if spec.install else ""
+        raise ImportError(f"{spec.module} not importable ({type(exc).__name__}: {exc}){hint}") from exc
+    fn = getattr(mod, spec.attr, None)
+    if not callable(fn):
+        raise ImportError(f"{spec.module} has no callable {spec.attr!r} (another version of it?)")
+    return fn
+
+
+def maker(spec: PeerSpec) -> Callable:
+    """``make(fm, causal) -> fn(q, k, v)`` for a peer: loads its callable, then wraps it."""
+    return lambda fm, causal: spec.build(load(spec), fm, causal)
+
+
 # ----------------------------------------------------------------------------------------------------
 # torch SDPA: exact softmax attention (FlashAttention / memory-efficient kernels on CUDA)
 # ----------------------------------------------------------------------------------------------------
 
-def sdpa_attention(q, k, v, causal: bool):
-    o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal)
-    return o.transpose(1, 2)
+def _make_sdpa(sdpa, fm, causal):
+    def run(q, k, v):
+        return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
 
-
-def _make_sdpa(fm, causal):
-    return lambda q, k, v: sdpa_attention(q, k, v, causal)
+    return run
 
 
 # ----------------------------------------------------------------------------------------------------
 # performer-pytorch's FastAttention (FAVOR+ = posrf x orf)
 # ----------------------------------------------------------------------------------------------------
 
-def _make_performer(fm, causal):
-    from performer_pytorch import FastAttention
-
+def _make_performer(FastAttention, fm, causal):
     with contextlib.redirect_stdout(io.StringIO()):      # it prints a notice when its CUDA kernel is missing
         attn = FastAttention(dim_heads=fm.head_dim, nb_features=fm.num_features, causal=causal)
     attn = attn.to(fm.projection().device)
@@ -57,68 +86,32 @@ def _make_performer(fm, causal):
 
 
 # ----------------------------------------------------------------------------------------------------
-# bench/torch_chunked.py: a pure-PyTorch chunked implementation (optional, its entry point discovered)
+# bench/torch_chunked.py: a pure-PyTorch chunked implementation, chunked_attention(q, k, v, params, *, causal)
 # ----------------------------------------------------------------------------------------------------
 
-_CHUNKED_NAMES = ("torch_chunked_attention", "chunked_rf_attention", "chunked_attention", "chunk_rf_attention",
-                  "rf_attention_chunked", "torch_chunked", "chunk_attention", "attention")
-
-
-def _find_chunked():
-    """Returns ``(callable, how)`` where how is "params" or "feature_map", or raises ImportError."""
-    mod = importlib.import_module("bench.torch_chunked")
-    names = list(_CHUNKED_NAMES) + sorted(n for n in dir(mod) if "attention" in n and not n.startswith("_"))
-    for name in names:
-        fn = getattr(mod, name, None)
-        if not callable(fn) or inspect.isclass(fn):
-            continue
-        try:
-            sig = inspect.signature(fn)
-        except (TypeError, ValueError):
-            continue
-        args = list(sig.parameters)
-        if len(args) < 4 or args[:3] != ["q", "k", "v"]:
-            continue
-        if "causal" not in sig.parameters:
-            continue
-        how = "feature_map" if "feature_map" in args[3] or args[3] == "fm" else "params"
-        return fn, how, name
-    raise ImportError("bench.torch_chunked has no function fn(q, k, v, params|feature_map, *, causal, ...)")
-
-
-def _make_chunked(fm, causal):
-    fn, how, _ = _find_chunked()
+def _make_chunked(chunked_attention, fm, causal):
     scale = fm.head_dim ** -0.5
 
     def run(q, k, v):
-        if how == "feature_map":
-            out = fn(q, k, v, fm, causal=causal)
-        else:
-            p = fm.feature_params(q, k, scale=scale, causal=causal)
-            out = fn(q, k, v, p, causal=causal)
-        return out[0] if isinstance(out, tuple) else out
+        return chunked_attention(q, k, v, fm.feature_params(q, k, scale=scale, causal=causal), causal=causal)
 
     return run
 
 
-def _check_chunked() -> str | None:
-    """None when bench.torch_chunked imports and matches the reference on a tiny input; else why not."""
-    try:
-        _, _, name = _find_chunked()
-    except Exception as exc:                                   # absent or different: skip, say why
-        return f"bench.torch_chunked unusable ({type(exc).__name__}: {exc})"
+def _check_chunked(spec: PeerSpec) -> str | None:
+    """None when the chunked peer matches the reference on a tiny input; else why not."""
     try:
         gen = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(1, 40, 2, 16, generator=gen) for _ in range(3))
         fm = sf.RandomFeatureMap(16, 16, num_heads=2, seed=0)
         for causal in (False, True):
-            o = _make_chunked(fm, causal)(q, k, v)
+            o = maker(spec)(fm, causal)(q, k, v)
             ref = sf.rf_attention(q, k, v, fm, causal=causal, backend="reference")
             err = ((o - ref).norm() / ref.norm()).item()
             if not math.isfinite(err) or err > 1e-3:
-                return f"bench.torch_chunked.{name} disagrees with the reference (rel. err {err:.2e}, causal={causal})"
+                return f"{spec.module}.{spec.attr} disagrees with the reference (rel. err {err:.2e}, causal={causal})"
     except Exception as exc:
-        return f"bench.torch_chunked.{name} failed on a tiny input ({type(exc).__name__}: {exc})"
+        return f"{spec.module}.{spec.attr} failed on a tiny input ({type(exc).__name__}: {exc})"
     return None
 
 
@@ -140,13 +133,11 @@ def torch_features(q, k, fm, *, causal: bool, scale: float | None = None):
     return phiq.transpose(1, 2), phik.transpose(1, 2)
 
 
-def _make_fla(fm, causal):
+def _make_fla(chunk_linear_attn, fm, causal):
     if not causal:
         raise ValueError("chunk_linear_attn is causal only")
     if fm.kind == TRIG:
         raise ValueError("fla peer needs a positive component")
-    from fla.ops.linear_attn import chunk_linear_attn
-
     layout = {"head_first": False} if "head_first" in inspect.signature(chunk_linear_attn).parameters else {}
 
     def run(q, k, v):
@@ -158,24 +149,35 @@ def _make_fla(fm, causal):
     return run
 
 
-def _importable(module: str) -> str | None:
+# The peers of the report's speed section, in its order.
+PEERS = (
+    PeerSpec("torch-sdpa", "torch.nn.functional", "scaled_dot_product_attention", _make_sdpa, exact=True),
+    PeerSpec("performer-pytorch", "performer_pytorch", "FastAttention", _make_performer, install="performer-pytorch"),
+    PeerSpec("torch-chunked", "bench.torch_chunked", "chunked_attention", _make_chunked, check=_check_chunked),
+    PeerSpec("fla-chunk_linear_attn", "fla.ops.linear_attn", "chunk_linear_attn", _make_fla, cuda_only=True,
+             install="flash-linear-attention"),
+)
+
+# fla's two causal linear-attention kernels timed by bench/gpu_bench.py (row name -> peer).
+FLA_KERNELS = {
+    "fla-chunk": PeerSpec("fla-chunk", "fla.ops.linear_attn", "chunk_linear_attn", _make_fla, cuda_only=True,
+                          install="flash-linear-attention"),
+    "fla-fused_chunk": PeerSpec("fla-fused_chunk", "fla.ops.linear_attn", "fused_chunk_linear_attn", _make_fla,
+                                cuda_only=True, install="flash-linear-attention"),
+}
+
+
+def skip_reason(spec: PeerSpec, device: torch.device) -> str | None:
+    """Why the peer cannot run on ``device`` in this process, or None."""
+    if spec.cuda_only and device.type != "cuda":
+        return f"{spec.install or spec.module} needs CUDA"
     try:
-        importlib.import_module(module)
-    except Exception as exc:
-        return f"{module} not importable ({type(exc).__name__}: {exc}); pip install {module.split('.')[0].replace('_', '-')}"
-    return None
+        load(spec)
+    except ImportError as exc:
+        return str(exc)
+    return spec.check(spec) if spec.check is not None else None
 
 
 def peers(device: torch.device) -> list[Peer]:
-    """Every peer with the reason it is skipped in this process (None when usable)."""
-    out = [Peer("torch-sdpa", _make_sdpa, None, exact=True)]
-    out.append(Peer("performer-pytorch", _make_performer, _importable("performer_pytorch")))
-    out.append(Peer("torch-chunked", _make_chunked, _check_chunked()))
-    if device.type != "cuda":
-        out.append(Peer("fla-chunk_linear_attn", _make_fla, "flash-linear-attention needs CUDA"))
-    else:
-        reason = _importable("fla.ops.linear_attn")
-        if reason is not None:
-            reason = reason.replace("pip install fla", "pip install flash-linear-attention")
-        out.append(Peer("fla-chunk_linear_attn", _make_fla, reason))
-    return out
+    """Every peer of ``PEERS`` with the reason it is skipped in this process (None when usable)."""
+    return [Peer(spec.name, maker(spec), skip_reason(spec, device), exact=spec.exact) for spec in PEERS]

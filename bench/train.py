@@ -35,7 +35,7 @@ from torch import nn
 
 import spectraformer_fused as sf
 
-from . import report as rep
+from . import common
 from .tasks import ListOpsConfig, MQARConfig, listops_splits, mqar_splits
 from .tasks.listops import NUM_CLASSES
 from .tasks.listops import VOCAB as LISTOPS_VOCAB
@@ -345,10 +345,10 @@ def train_one(pair: str, data: TaskData, seed: int, *, steps: int | None = None,
         if redraw_every and i and i % redraw_every == 0:
             model.redraw(seed * 1_000_003 + i)
         x, y = data.batch(gen)
-        rep._sync(dev)
+        common.sync(dev)
         t0 = time.perf_counter()
         loss = step(x, y)
-        rep._sync(dev)
+        common.sync(dev)
         step_s.append(time.perf_counter() - t0)
         sched.step()
         losses.append(float(loss.detach()))
@@ -381,9 +381,9 @@ def measure_costs(model: TaskModel, data: TaskData, gen: torch.Generator, step) 
         for blk in model.blocks:
             blk.attn(h, key_padding_mask=mask).sum().backward()
 
-    attn_ms, _, _, _ = rep.time_fn(attn_fwd_bwd, dev, 0.3)
+    attn_ms, _, _, _ = common.time_fn(attn_fwd_bwd, dev, 0.3)
     model.zero_grad(set_to_none=True)
-    mem = rep.peak_memory(lambda: step(x, y), dev)
+    mem = common.peak_memory(lambda: step(x, y), dev)
     return {"attn_ms": attn_ms, "peak_mem_bytes": mem}
 
 
@@ -435,11 +435,12 @@ def table_lines(task: str, summaries: list[dict], data: TaskData, meta: dict) ->
     for s in summaries:
         rel = f"{s['step_ms'] / soft['step_ms']:.2f}x" if soft else "n/a"
         rows.append((s["pair"].replace(":", " x "), f"{100 * s['acc_mean']:.1f} +- {100 * s['acc_std']:.1f}",
-                     "yes" if s["above_chance"] else "**no**", f"{s['step_ms']:.3g}", rel, rep._fmt(s["attn_ms"]),
-                     rep._mib(s["peak_mem_bytes"]), s["params"], s["feature_map_params"],
+                     "yes" if s["above_chance"] else "**no**", f"{s['step_ms']:.3g}", rel, common.fmt(s["attn_ms"]),
+                     common.mib(s["peak_mem_bytes"]), s["params"], s["feature_map_params"],
                      f"{s['loss_first']:.3f} -> {s['loss_last']:.3f}"))
-    L += rep._table(("attention", "test acc %", "above chance", "ms / step", "vs softmax", "attention ms (fwd+bwd)",
-                     "peak MiB", "params", "of which feature map", "train loss first -> last 10%"), rows)
+    L += common.md_table(("attention", "test acc %", "above chance", "ms / step", "vs softmax",
+                          "attention ms (fwd+bwd)", "peak MiB", "params", "of which feature map",
+                          "train loss first -> last 10%"), rows)
     L.append("")
     return L
 
@@ -493,7 +494,7 @@ def _save(plt, fig, out_dir: str, name: str) -> str:
 
 
 def plot(task: str, summaries, runs, out_dir: str, header: str) -> list[str]:
-    plt = rep._plt()
+    plt = common.get_plt()
     if plt is None:
         return []
     files = []
@@ -541,9 +542,9 @@ def run_task(task: str, pairs: list[str], seeds: list[int], quick: bool, device:
     if steps is not None:
         ts = TaskSettings(**{**ts.__dict__, "steps": steps})
     data = TaskData(ts, device)
-    load = [rep._loadavg()]
+    load = [common.loadavg()]
     runs, summaries = [], []
-    bar = rep._Bar(len(pairs) * len(seeds) * ts.steps, f"train {task}")
+    bar = common.Bar(len(pairs) * len(seeds) * ts.steps, f"train {task}")
     for pair in pairs:
         these = []
         for seed in seeds:
@@ -553,7 +554,7 @@ def run_task(task: str, pairs: list[str], seeds: list[int], quick: bool, device:
         runs += these
         summaries.append(summarise(these, data.chance))
     bar.close()
-    load.append(rep._loadavg())
+    load.append(common.loadavg())
     header = ctx.line("float32", "train")
     meta = {"header": header, "steps": ts.steps, "seeds": seeds,
             "load": load, "redraw": f"redrawn every {redraw_every} steps" if redraw_every else "fixed (drawn once from the seed)",
@@ -568,7 +569,7 @@ def run_task(task: str, pairs: list[str], seeds: list[int], quick: bool, device:
     md += [f"![{p}]({p})" for p in plots] + [""]
     with open(os.path.join(out_dir, f"train_{task}.md"), "w") as f:
         f.write("\n".join(md))
-    rep.write_csv(os.path.join(out_dir, f"train_{task}.csv"), [{**s, **ctx.fields("float32")} for s in summaries])
+    common.write_csv(os.path.join(out_dir, f"train_{task}.csv"), [{**s, **ctx.fields("float32")} for s in summaries])
     with open(os.path.join(out_dir, f"train_{task}.json"), "w") as f:
         json.dump({"context": {"device": ctx.device, "date": ctx.date, "versions": ctx.versions, "mode": ctx.mode},
                    "settings": {**asdict(ts.data), **{k: v for k, v in ts.__dict__.items() if k != "data"}},
@@ -596,8 +597,12 @@ def report_section(device: torch.device, full: bool, ctx, out_dir: str) -> list[
     return [run_task(t, pairs, seeds, not full, device, ctx, out_dir, backend=default_backend(device)) for t in TASKS]
 
 
-def section_markdown(results: list[dict]) -> list[str]:
-    L = []
+def section_markdown(results: list[dict], full: bool) -> list[str]:
+    """Section 5 of the report (``full``: its mode): the training tables of every task."""
+    L = [
+        "", "## 5. Training on generated tasks", "",
+        f"`python -m bench.train{'' if full else ' --quick'}` inside this run: the model of the Spectraformer "
+        "LRA study trained with each attention; files `train_<task>.*`.", ""]
     for r in results:
         L += [f"### {r['task']}", ""] + r["lines"] + ["Findings:", ""] + [f"- {f}" for f in r["findings"].values()] + [""]
         L += [f"![{p}]({p})" for p in r["plots"]] + [""]
@@ -664,10 +669,10 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seeds = list(range(args.seeds if args.seeds is not None else (2 if args.quick else 3)))
     mode = "quick" if args.quick else "full"
-    ctx = rep.Context(rep.device_name(device), datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), rep.versions(), mode)
+    ctx = common.Context(common.device_name(device), datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+                         common.versions(), mode)
     ctx.default_threads = torch.get_num_threads()
-    prefix = rep.slug(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu"
-    out = args.out or os.path.join(rep.HERE, "results", f"{prefix}-{datetime.date.today().isoformat()}")
+    out = args.out or common.default_out_dir(device)
     os.makedirs(out, exist_ok=True)
     print(f"training comparison ({mode}) on {ctx.device}: {', '.join(tasks)}; {len(pairs)} attentions x "
           f"{len(seeds)} seeds -> {out}", flush=True)
