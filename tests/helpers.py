@@ -1,7 +1,82 @@
-"""Comparison helpers: relative-RMS plus max-abs checks that print the worst mismatches."""
+"""Shared test vocabulary: ``Case`` (one attention configuration and its readable id) and comparison
+helpers (relative-RMS plus max-abs checks that print the worst mismatches)."""
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass, field
+
 import torch
+
+DTYPE_NAMES = {torch.float64: "fp64", torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def causal_id(causal: bool) -> str:
+    return "causal" if causal else "noncausal"
+
+
+def component_id(component: str, args: dict | None = None) -> str:
+    """A component and its arguments, e.g. ``gerf-A-0.1-s1``."""
+    return component + "".join(f"-{k}{v:g}" for k, v in (args or {}).items())
+
+
+@dataclass(frozen=True)
+class Case:
+    """One attention configuration of a parametrized test.
+
+    q is ``[B, T, H, D]``, k ``[B, T, H_kv, D]`` and v ``[B, T, H_kv, Dv]`` (``H_kv=None``: H_kv = H); the
+    feature map has ``m`` frequencies and one W per key/value head (``shared``: one W for all heads).
+    ``mask``: a key padding mask; ``init``: an initial state; ``final``: the loss also reads the final
+    state; ``amp``: q and k are ``randn * amp``; ``chunk``: an explicit kernel chunk size. How a flag turns
+    into tensors is up to each test file's input builder.
+
+    ``id`` is the one test-id format of the suite:
+    ``B2-T37-H4-Hkv2-D24-Dv24-M16-gerf-A-0.1-s1-orf-softmax-causal-fp32-mask-init-final-sharedW-x0.5-chunk16``
+    (shape, component and its arguments, weights, kernel, causality, dtype, then the flags that are set).
+    """
+    component: str = "posrf"
+    causal: bool = False
+    dtype: torch.dtype = torch.float32
+    weights: str = "orf"
+    kernel: str = "softmax"
+    B: int = 2
+    T: int = 37
+    H: int = 2
+    H_kv: int | None = None
+    D: int = 24
+    Dv: int = 24
+    m: int = 16
+    mask: bool = False
+    init: bool = False
+    final: bool = False
+    shared: bool = False
+    amp: float = 1.0
+    chunk: int | None = None
+    args: dict = field(default_factory=dict, hash=False, compare=False)
+
+    @property
+    def kv_heads(self) -> int:
+        return self.H if self.H_kv is None else self.H_kv
+
+    @property
+    def id(self) -> str:
+        heads = f"H{self.H}" + ("" if self.H_kv is None else f"-Hkv{self.H_kv}")
+        parts = [f"B{self.B}-T{self.T}-{heads}-D{self.D}-Dv{self.Dv}-M{self.m}",
+                 component_id(self.component, self.args), self.weights, self.kernel, causal_id(self.causal), DTYPE_NAMES[self.dtype]]
+        parts += [n for n, on in (("mask", self.mask), ("init", self.init), ("final", self.final),
+                                  ("sharedW", self.shared)) if on]
+        if self.amp != 1.0:
+            parts.append(f"x{self.amp:g}")
+        if self.chunk is not None:
+            parts.append(f"chunk{self.chunk}")
+        return "-".join(parts)
+
+    def replace(self, **changes) -> "Case":
+        return dataclasses.replace(self, **changes)
+
+
+def case_id(case: Case) -> str:
+    """``ids=`` of ``pytest.mark.parametrize`` over cases."""
+    return case.id
 
 # (relative RMS, max abs relative to the reference's RMS) per dtype of the inputs.
 TOLERANCES = {
@@ -13,10 +88,13 @@ TOLERANCES = {
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, *, name: str = "tensor",
-                 rtol: float | None = None, atol_rel: float | None = None, worst: int = 5) -> None:
+                 rtol: float | None = None, atol_rel: float | None = None, worst: int = 5,
+                 min_scale: float = 0.0) -> None:
     """Fail if rel-RMS(actual - expected) > rtol or max|actual - expected| > atol_rel * RMS(expected).
 
-    The message names the tensor and lists the worst elements with their indices."""
+    Errors are measured against ``max(RMS(expected), min_scale)``: a floor for tensors that are zero in
+    exact arithmetic, where both sides hold rounding noise. The message names the tensor and lists the
+    worst elements with their indices."""
     dtype = dtype or expected.dtype
     t_rms, t_abs = TOLERANCES.get(dtype, TOLERANCES[torch.float32])
     rtol = t_rms if rtol is None else rtol
@@ -31,7 +109,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, *, na
         bad = (~torch.isfinite(a)).nonzero()[:worst].tolist()
         raise AssertionError(f"{name}: {int((~torch.isfinite(a)).sum())} non-finite elements, first at {bad}")
     diff = (a - e).abs()
-    scale = e.pow(2).mean().sqrt().item() or 1.0
+    scale = max(e.pow(2).mean().sqrt().item(), min_scale) or 1.0
     rel_rms = (a - e).pow(2).mean().sqrt().item() / scale
     max_abs = diff.max().item()
     if rel_rms > rtol or max_abs > atol_rel * scale:

@@ -8,22 +8,14 @@ import torch
 
 from spectraformer_fused import RandomFeatureMap, RFState, available_backends, rf_attention
 from spectraformer_fused.ops import cpu as cpu_ops
-from helpers import assert_close
+from helpers import Case, assert_close, case_id, causal_id
 
-COMPONENT_CASES = [
-    ("posrf", {}),
-    ("hyprf", {}),
-    ("trigrf", {}),
-    ("gerf", {"A": -0.1, "s": 1}),
-    ("gerf-s-1", {"A": -0.1, "s": -1}),
-    ("oprf", {}),
-    ("saderf", {}),
-]
-
-
-def _component(case):
-    name, args = case
-    return name.split("-")[0], args
+# every component (gerf with both signs s) x kernel x causal, fp32, masked
+COMPONENT_CASES = [Case(component, causal, kernel=kernel, B=2, T=100, H=2, D=24, Dv=40, m=32, mask=True, amp=0.5,
+                        args=args)
+                   for component, args in [("posrf", {}), ("hyprf", {}), ("trigrf", {}), ("gerf", {"A": -0.1, "s": 1}),
+                                           ("gerf", {"A": -0.1, "s": -1}), ("oprf", {}), ("saderf", {})]
+                   for kernel in ("softmax", "gaussian") for causal in (False, True)]
 
 
 def _inputs(B, T, H, D, Dv, dtype, *, seed=0, amp=1.0, vdtype=None):
@@ -71,54 +63,50 @@ def test_extension_builds():
     assert "cpu" in available_backends()
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-@pytest.mark.parametrize("kernel", ["softmax", "gaussian"])
-@pytest.mark.parametrize("case", COMPONENT_CASES, ids=[c[0] for c in COMPONENT_CASES])
-def test_components_fp32(case, kernel, causal):
-    component, args = _component(case)
-    B, T, H, D, Dv, m = 2, 100, 2, 24, 40, 32
-    q, k, v = _inputs(B, T, H, D, Dv, torch.float32, amp=0.5)
-    mask = torch.rand(B, T, generator=torch.Generator().manual_seed(1)) > 0.25
-    fm = _feature_map(component, args, D, m, H, kernel=kernel)
-    cpu, ref = _both(q, k, v, fm, causal=causal, key_padding_mask=mask)
-    _check(cpu, ref, torch.float32, f"{case[0]}-{kernel}-{'causal' if causal else 'noncausal'}")
+@pytest.mark.parametrize("case", COMPONENT_CASES, ids=case_id)
+def test_components_fp32(case):
+    q, k, v = _inputs(case.B, case.T, case.H, case.D, case.Dv, case.dtype, amp=case.amp)
+    mask = torch.rand(case.B, case.T, generator=torch.Generator().manual_seed(1)) > 0.25
+    fm = _feature_map(case.component, case.args, case.D, case.m, case.H, kernel=case.kernel)
+    cpu, ref = _both(q, k, v, fm, causal=case.causal, key_padding_mask=mask)
+    _check(cpu, ref, case.dtype, case.id)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-@pytest.mark.parametrize("component", ["posrf", "hyprf", "saderf"])
-def test_half_precision(component, causal, dtype):
-    B, T, H, D, Dv, m = 2, 77, 2, 32, 32, 64
-    q, k, v = _inputs(B, T, H, D, Dv, dtype)
-    fm = _feature_map(component, {}, D, m, H)
-    cpu, ref = _both(q, k, v, fm, causal=causal)
-    _check(cpu, ref, dtype, f"{component}-{dtype}")
+HALF_CASES = [Case(component, causal, dtype, B=2, T=77, H=2, D=32, Dv=32, m=64)
+              for component in ("posrf", "hyprf", "saderf") for causal in (False, True)
+              for dtype in (torch.bfloat16, torch.float16)]
 
 
-# (B, T, H, D, Dv, m, shared W, masked)
-SHAPES = [
-    (1, 1, 1, 16, 16, 16, False, False),
-    (1, 63, 3, 24, 8, 48, False, True),
-    (2, 64, 2, 32, 32, 64, True, False),
-    (2, 65, 4, 40, 24, 40, True, True),
-    (1, 200, 2, 64, 64, 128, False, False),
-    (3, 129, 1, 8, 72, 20, False, True),
-]
+@pytest.mark.parametrize("case", HALF_CASES, ids=case_id)
+def test_half_precision(case):
+    q, k, v = _inputs(case.B, case.T, case.H, case.D, case.Dv, case.dtype)
+    fm = _feature_map(case.component, {}, case.D, case.m, case.H)
+    cpu, ref = _both(q, k, v, fm, causal=case.causal)
+    _check(cpu, ref, case.dtype, case.id)
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}-T{}-H{}-D{}-Dv{}-M{}{}{}".format(
-    *s[:6], "-sharedW" if s[6] else "", "-mask" if s[7] else ""))
-def test_shapes(shape, causal):
-    B, T, H, D, Dv, m, shared, masked = shape
-    q, k, v = _inputs(B, T, H, D, Dv, torch.float32, seed=T)
-    fm = _feature_map("posrf", {}, D, m, 1 if shared else H)
+# posrf at odd and even sizes, one shared W or one per head, masked (the first half of batch 0 masked) or not
+SHAPES = [Case("posrf", causal, B=B, T=T, H=H, D=D, Dv=Dv, m=m, shared=shared, mask=mask)
+          for B, T, H, D, Dv, m, shared, mask in [(1, 1, 1, 16, 16, 16, False, False),
+                                                  (1, 63, 3, 24, 8, 48, False, True),
+                                                  (2, 64, 2, 32, 32, 64, True, False),
+                                                  (2, 65, 4, 40, 24, 40, True, True),
+                                                  (1, 200, 2, 64, 64, 128, False, False),
+                                                  (3, 129, 1, 8, 72, 20, False, True)]
+          for causal in (False, True)]
+
+
+@pytest.mark.parametrize("case", SHAPES, ids=case_id)
+def test_shapes(case):
+    B, T, H = case.B, case.T, case.H
+    q, k, v = _inputs(B, T, H, case.D, case.Dv, case.dtype, seed=T)
+    fm = _feature_map(case.component, {}, case.D, case.m, 1 if case.shared else H)
     mask = None
-    if masked:
+    if case.mask:
         mask = torch.rand(B, T, generator=torch.Generator().manual_seed(2)) > 0.3
         mask[0, : T // 2] = False
-    cpu, ref = _both(q, k, v, fm, causal=causal, key_padding_mask=mask)
-    _check(cpu, ref, torch.float32, f"shape {shape}")
+    cpu, ref = _both(q, k, v, fm, causal=case.causal, key_padding_mask=mask)
+    _check(cpu, ref, case.dtype, case.id)
 
 
 def test_all_keys_masked():
@@ -143,7 +131,7 @@ def test_value_dtype_differs():
         _check(cpu, ref, torch.bfloat16, f"bf16 v causal={causal}")
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("causal", [False, True], ids=causal_id)
 @pytest.mark.parametrize("component", ["posrf", "trigrf"])
 def test_initial_state(component, causal):
     B, T, H, D, Dv, m = 2, 90, 2, 16, 24, 32
@@ -227,7 +215,7 @@ def _grads(backend, q, k, v, fm, S0, z0, causal):
     return [t.grad for t in tensors] + params
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("causal", [False, True], ids=causal_id)
 @pytest.mark.parametrize("component", ["posrf", "gerf"])
 def test_gradients_match_reference(component, causal):
     B, T, H, D, Dv, m = 2, 40, 2, 16, 8, 16

@@ -8,7 +8,7 @@ and the queries of all G query heads: the moments of the group's queries laid en
 import pytest
 import torch
 
-from helpers import assert_close
+from helpers import Case, assert_close, case_id, causal_id
 from spectraformer_fused import RandomFeatureMap, available_backends, rf_attention
 from spectraformer_fused.ops import triton_importable, triton_interpreting
 from spectraformer_fused.reference import reference_attention
@@ -50,8 +50,7 @@ GROUP_CASES = [("posrf", False), ("posrf", True), ("hyprf", True), ("trigrf", Fa
                ("oprf", True), ("saderf", False), ("saderf", True)]
 
 
-@pytest.mark.parametrize("component, causal", GROUP_CASES, ids=[f"{c}-{'causal' if k else 'noncausal'}"
-                                                                 for c, k in GROUP_CASES])
+@pytest.mark.parametrize("component, causal", GROUP_CASES, ids=[f"{c}-{causal_id(k)}" for c, k in GROUP_CASES])
 def test_equals_each_group_by_hand(component, causal):
     B, T, H, Hk, D, Dv, m = 2, 11, 6, 2, 8, 5, 12
     G = H // Hk
@@ -97,7 +96,7 @@ def test_group_statistics_pool_the_group_queries(component):
         assert not torch.allclose(p1.freq, pg.freq)
 
 
-@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("causal", [False, True], ids=causal_id)
 def test_reference_equals_repeated_heads(causal):
     """Components with constant parameters: GQA equals multi-head attention on repeated k, v and W (the
     G = 1 path), outputs, states and gradients (a key/value head's gradient sums its group's)."""
@@ -123,41 +122,36 @@ def test_reference_equals_repeated_heads(causal):
     assert_close(leaves[2].grad, rep[2].grad.unflatten(2, (Hk, G)).sum(3), name="dv")
 
 
-# (component, causal, H, Hk, shared W, mask, initial state, final-state gradient)
-BACKEND_CASES = [
-    ("posrf", True, 4, 2, False, True, True, True),
-    ("hyprf", False, 4, 2, False, True, True, True),
-    ("oprf", True, 3, 1, False, False, True, False),
-    ("saderf", False, 4, 1, True, True, False, True),
-    ("hyprf", True, 4, 2, True, False, False, False),
-]
+# T = 100 for the compiled CPU backend; the Triton cases run at T = 40 (see test_triton_backend)
+BACKEND_CASES = [Case(component, causal, weights="learnable", B=2, T=100, H=H, H_kv=Hk, D=16, Dv=16, m=16,
+                      shared=shared, mask=mask, init=init, final=final)
+                 for component, causal, H, Hk, shared, mask, init, final in [
+                     ("posrf", True, 4, 2, False, True, True, True),
+                     ("hyprf", False, 4, 2, False, True, True, True),
+                     ("oprf", True, 3, 1, False, False, True, False),
+                     ("saderf", False, 4, 1, True, True, False, True),
+                     ("hyprf", True, 4, 2, True, False, False, False)]]
 
 
-def _case_id(c):
-    return (f"{c[0]}-{'causal' if c[1] else 'noncausal'}-H{c[2]}-Hkv{c[3]}" + ("-sharedW" if c[4] else "")
-            + ("-mask" if c[5] else "") + ("-init" if c[6] else "") + ("-final" if c[7] else ""))
-
-
-def _backend_run(backend, case, T, dtype=torch.float32):
-    component, causal, H, Hk, shared, masked, init, final = case
-    B, D, Dv, m = 2, 16, 16, 16
-    q, k, v, mask = _inputs(B, T, H, Hk, D, Dv, dtype=dtype, seed=1)
-    fm = _feature_map(component, D, m, 1 if shared else Hk, weights="learnable", dtype=dtype)
+def _backend_run(backend, case: Case):
+    B, T, H, Hk, D, Dv = case.B, case.T, case.H, case.H_kv, case.D, case.Dv
+    q, k, v, mask = _inputs(B, T, H, Hk, D, Dv, dtype=case.dtype, seed=1)
+    fm = _feature_map(case.component, D, case.m, 1 if case.shared else Hk, weights=case.weights, dtype=case.dtype)
     F = fm.feature_dim
     gen = torch.Generator().manual_seed(5)
     state = None
-    if init:
-        state = RFState(torch.rand(B, Hk, F, Dv, generator=gen, dtype=dtype).requires_grad_(),
-                        (torch.rand(B, Hk, F, generator=gen, dtype=dtype) + 0.1).requires_grad_(),
-                        torch.randn(B, Hk, generator=gen, dtype=dtype))
+    if case.init:
+        state = RFState(torch.rand(B, Hk, F, Dv, generator=gen, dtype=case.dtype).requires_grad_(),
+                        (torch.rand(B, Hk, F, generator=gen, dtype=case.dtype) + 0.1).requires_grad_(),
+                        torch.randn(B, Hk, generator=gen, dtype=case.dtype))
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    o, st = rf_attention(*leaves, fm, causal=causal, key_padding_mask=mask if masked else None, initial_state=state,
-                         output_final_state=True, backend=backend)
-    w = torch.randn(o.shape, generator=gen, dtype=dtype)
+    o, st = rf_attention(*leaves, fm, causal=case.causal, key_padding_mask=mask if case.mask else None,
+                         initial_state=state, output_final_state=True, backend=backend)
+    w = torch.randn(o.shape, generator=gen, dtype=case.dtype)
     loss = (o * w).sum()
-    if final:
-        loss = loss + (st.S * torch.randn(st.S.shape, generator=gen, dtype=dtype)).sum() + 0.5 * st.z.sum()
-    inputs = leaves + [fm.weights.weight] + ([state.S, state.z] if init else [])
+    if case.final:
+        loss = loss + (st.S * torch.randn(st.S.shape, generator=gen, dtype=case.dtype)).sum() + 0.5 * st.z.sum()
+    inputs = leaves + [fm.weights.weight] + ([state.S, state.z] if case.init else [])
     grads = torch.autograd.grad(loss, inputs)
     return o, st, grads
 
@@ -165,12 +159,12 @@ def _backend_run(backend, case, T, dtype=torch.float32):
 GRAD_NAMES = ("dq", "dk", "dv", "dW", "dS0", "dz0")
 
 
-@pytest.mark.parametrize("case", BACKEND_CASES, ids=_case_id)
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=case_id)
 def test_cpu_backend(case):
     if "cpu" not in available_backends():
         pytest.skip("the compiled CPU backend is not built")
-    ref = _backend_run("reference", case, T=100)
-    got = _backend_run("cpu", case, T=100)
+    ref = _backend_run("reference", case)
+    got = _backend_run("cpu", case)
     assert_close(got[0], ref[0], name="o")
     for name, a, b in zip(("S", "z", "log_scale"), got[1], ref[1]):
         assert_close(a, b, name=name)
@@ -179,13 +173,13 @@ def test_cpu_backend(case):
 
 
 @pytest.mark.skipif(not triton_importable(), reason="triton is not installed")
-@pytest.mark.parametrize("case", BACKEND_CASES[:3], ids=_case_id)
+@pytest.mark.parametrize("case", [c.replace(T=40) for c in BACKEND_CASES[:3]], ids=case_id)
 def test_triton_backend(case, device):
+    """T = 40: two chunks of 32 (causal), two chunk ranges (non-causal)."""
     if device == "cpu" and not triton_interpreting():
         pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1")
-    T = 40   # two chunks of 32 (causal), two chunk ranges (non-causal)
-    ref = _backend_run("reference", case, T=T)
-    got = _backend_run("triton", case, T=T)
+    ref = _backend_run("reference", case)
+    got = _backend_run("triton", case)
     assert_close(got[0], ref[0], name="o")
     for name, a, b in zip(("S", "z", "log_scale"), got[1], ref[1]):
         assert_close(a, b, name=name)

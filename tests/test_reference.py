@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from helpers import assert_close
+from helpers import assert_close, component_id
 from spectraformer_fused import COMPONENTS, KERNELS, RandomFeatureMap, exact_attention, exact_kernel, rf_attention
 from spectraformer_fused.components import Moments, oprf_A
 from spectraformer_fused.reference import reference_attention
@@ -16,8 +16,7 @@ COMPONENT_CASES = [("posrf", {}), ("hyprf", {}), ("trigrf", {}), ("gerf", {"A": 
 
 
 def _cid(case):
-    name, args = case
-    return name + "".join(f"-{k}{v}" for k, v in args.items())
+    return component_id(*case)
 
 
 def qkv(B=2, T=40, H=2, D=16, Dv=None, mag=0.5, seed=0, dtype=torch.float64):

@@ -5,12 +5,11 @@ bias path (OPRF and GERF have A != 0, so the bias depends on W), the initial sta
 gradients that flow back from the returned final state.
 """
 import math
-from dataclasses import dataclass, field
 
 import pytest
 import torch
 
-from helpers import assert_close
+from helpers import Case, assert_close, case_id
 from spectraformer_fused import ops
 from spectraformer_fused.attention import rf_attention
 from spectraformer_fused.components import feature_logits
@@ -27,48 +26,23 @@ def _need_device(device):
         pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1")
 
 
-@dataclass
-class Case:
-    component: str
-    weights: str = "learnable"
-    causal: bool = False
-    dtype: torch.dtype = torch.float32
-    B: int = 2
-    T: int = 37
-    H: int = 2
-    D: int = 24
-    Dv: int = 24
-    M: int = 16
-    mask: bool = False
-    init: bool = False
-    final: bool = False
-    kernel: str = "softmax"
-    input_scale: float = 1.0
-    args: dict = field(default_factory=dict)
-
-    @property
-    def id(self):
-        dt = {torch.float32: "fp32", torch.float16: "fp16"}[self.dtype]
-        parts = [f"B{self.B}-T{self.T}-H{self.H}-D{self.D}-Dv{self.Dv}-M{self.M}", self.component, self.weights,
-                 "causal" if self.causal else "noncausal", dt]
-        parts += [n for n, on in (("mask", self.mask), ("init", self.init), ("final", self.final),
-                                  ("gauss", self.kernel == "gaussian")) if on]
-        parts += [f"{k}{v}" for k, v in self.args.items()]
-        return "-".join(parts)
+def _case(component: str, **kw) -> Case:
+    """The backward cases: learnable weights (W has a gradient) unless a case names other weights."""
+    return Case(component, **{"weights": "learnable", **kw})
 
 
 CASES = [
-    Case("posrf", causal=True, T=63, M=32, Dv=19, mask=True, init=True, final=True),
-    Case("hyprf", kernel="gaussian", D=40, Dv=40, mask=True, final=True),
-    Case("hyprf", causal=True, T=37, D=16, Dv=16, init=True),
-    Case("trigrf", causal=True, D=16, Dv=16, input_scale=0.3, final=True),
-    Case("gerf", weights="learnable", causal=True, T=1, D=16, Dv=16, init=True, final=True, args={"A": -0.1}),
-    Case("gerf", T=63, D=40, Dv=24, input_scale=0.3, args={"A": -0.05, "s": -1}),
-    Case("oprf", weights="fastfood_learnable", T=63, D=16, Dv=16, mask=True, init=True, final=True),
-    Case("oprf", weights="fastfood_learnable", causal=True, dtype=torch.float16, mask=True, init=True),
-    Case("saderf", T=37, D=24, Dv=32, init=True, final=True),
-    Case("saderf", causal=True, kernel="gaussian", dtype=torch.float16, T=63, D=16, Dv=16, mask=True),
-    Case("posrf", weights="fastfood_learnable", dtype=torch.float16, B=1, H=3, T=37, D=40, Dv=40, M=48, mask=True),
+    _case("posrf", causal=True, T=63, m=32, Dv=19, mask=True, init=True, final=True),
+    _case("hyprf", kernel="gaussian", D=40, Dv=40, mask=True, final=True),
+    _case("hyprf", causal=True, T=37, D=16, Dv=16, init=True),
+    _case("trigrf", causal=True, D=16, Dv=16, amp=0.3, final=True),
+    _case("gerf", causal=True, T=1, D=16, Dv=16, init=True, final=True, args={"A": -0.1}),
+    _case("gerf", T=63, D=40, Dv=24, amp=0.3, args={"A": -0.05, "s": -1}),
+    _case("oprf", weights="fastfood_learnable", T=63, D=16, Dv=16, mask=True, init=True, final=True),
+    _case("oprf", weights="fastfood_learnable", causal=True, dtype=torch.float16, mask=True, init=True),
+    _case("saderf", T=37, D=24, Dv=32, init=True, final=True),
+    _case("saderf", causal=True, kernel="gaussian", dtype=torch.float16, T=63, D=16, Dv=16, mask=True),
+    _case("posrf", weights="fastfood_learnable", dtype=torch.float16, B=1, H=3, T=37, D=40, Dv=40, m=48, mask=True),
 ]
 
 
@@ -79,15 +53,16 @@ def _make(case: Case, device, seed=0):
     def rnd(*shape, s=1.0):
         return (torch.randn(*shape, generator=gen) * s).to(device)
 
-    fm = RandomFeatureMap(case.D, case.M, component=case.component, weights=case.weights, kernel=case.kernel,
-                          num_heads=case.H, seed=seed, device=device, **case.args)
-    shape = (case.B, case.T, case.H, case.D)
-    q = rnd(*shape, s=case.input_scale).to(case.dtype)
-    k = rnd(*shape, s=case.input_scale).to(case.dtype)
-    v = rnd(case.B, case.T, case.H, case.Dv).to(case.dtype)
+    Hk = case.kv_heads
+    fm = RandomFeatureMap(case.D, case.m, component=case.component, weights=case.weights, kernel=case.kernel,
+                          num_heads=1 if case.shared else Hk, seed=seed, device=device, **case.args)
+    shape, kv_shape = (case.B, case.T, case.H, case.D), (case.B, case.T, Hk, case.D)
+    q = rnd(*shape, s=case.amp).to(case.dtype)
+    k = rnd(*kv_shape, s=case.amp).to(case.dtype)
+    v = rnd(case.B, case.T, Hk, case.Dv).to(case.dtype)
     if fm.spec.data_dependent:
         fm.train()
-        fm.feature_params(rnd(*shape), rnd(*shape), scale=case.D ** -0.5, causal=False)
+        fm.feature_params(rnd(*shape), rnd(*kv_shape), scale=case.D ** -0.5, causal=False)
     fm.eval()
     mask = None
     if case.mask:
@@ -96,8 +71,8 @@ def _make(case: Case, device, seed=0):
     state = None
     if case.init:
         F = fm.feature_dim
-        state = RFState(rnd(case.B, case.H, F, case.Dv).abs() * 0.1, rnd(case.B, case.H, F).abs() * 0.1 + 0.05,
-                        rnd(case.B, case.H))
+        state = RFState(rnd(case.B, Hk, F, case.Dv).abs() * 0.1, rnd(case.B, Hk, F).abs() * 0.1 + 0.05,
+                        rnd(case.B, Hk))
     return fm, q, k, v, mask, state
 
 
@@ -122,7 +97,7 @@ def _run(backend, fm, q, k, v, mask, state, case: Case, seed=1):
     return o, final, grads
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_gradients_match_reference(case, device):
     fm, q, k, v, mask, state = _make(case, device)
     o_ref, fin_ref, g_ref = _run("reference", fm, q, k, v, mask, state, case)
@@ -188,7 +163,7 @@ def _torch_stats(q, k, v, p, mask, state, causal, chunk):
     return o.transpose(1, 2).to(v.dtype), den.float(), qmax.float(), kstab.float(), S.float(), z.float()
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[5], CASES[6]], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[5], CASES[6]], ids=case_id)
 def test_bwd_kernels_alone(case, device):
     """rf_bwd fed statistics computed independently of the Triton forward equals the reference."""
     from spectraformer_fused.ops.triton_bwd import rf_bwd
@@ -196,7 +171,7 @@ def test_bwd_kernels_alone(case, device):
     if case.dtype != torch.float32:
         pytest.skip("fp32 only")
     fm, q, k, v, mask, state = _make(case, device)
-    case_final = Case(**{**case.__dict__, "final": True})
+    case_final = case.replace(final=True)
     o_ref, fin_ref, g_ref = _run("reference", fm, q, k, v, mask, state, case_final)
     p = fm.feature_params(q, k, scale=case.D ** -0.5, causal=case.causal, key_padding_mask=mask)
     o, den, qmax, kstab, S, z = _torch_stats(q, k, v, p, mask, state, case.causal, 32)
@@ -233,7 +208,7 @@ def test_finite_differences(device):
     The returned S is stored divided by exp(log_scale), a detached maximum that moves under a finite
     perturbation, so the loss uses the scale-free S * exp(log_scale - m_ref) with m_ref fixed.
     """
-    case = Case("oprf", weights="learnable", causal=True, T=37, D=16, Dv=16, init=True, final=True)
+    case = _case("oprf", causal=True, T=37, D=16, Dv=16, init=True, final=True)
     fm, q, k, v, mask, state = _make(case, device)
     gen = torch.Generator().manual_seed(3)
     params = [p for p in fm.parameters() if p.requires_grad]

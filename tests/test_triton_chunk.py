@@ -8,11 +8,11 @@ no host synchronisation in a causal forward and backward, and a decode step capt
 import pytest
 import torch
 
-from helpers import assert_close
+from helpers import assert_close, case_id
 from spectraformer_fused import ops
 from spectraformer_fused.attention import rf_attention
 from spectraformer_fused.state import RFState
-from test_triton_bwd import Case, _make, _run
+from test_triton_bwd import _case, _make, _run
 
 pytestmark = pytest.mark.skipif(not ops.triton_importable(), reason="triton is not installed")
 
@@ -45,16 +45,16 @@ def chunk_calls(monkeypatch):
 
 
 CASES = [
-    Case("posrf", causal=True, B=1, T=50, M=32, Dv=19, mask=True, init=True, final=True),
-    Case("hyprf", causal=True, B=1, T=50, D=16, Dv=16, kernel="gaussian", init=True, final=True),
-    Case("trigrf", causal=True, B=1, T=50, D=16, Dv=16, input_scale=0.3, mask=True, final=True),
-    Case("gerf", causal=True, B=1, T=70, D=16, Dv=16, input_scale=0.3, init=True, args={"A": -0.05, "s": -1}),
-    Case("saderf", causal=True, B=1, T=50, D=16, Dv=16, kernel="gaussian", dtype=torch.float16, mask=True,
+    _case("posrf", causal=True, B=1, T=50, m=32, Dv=19, mask=True, init=True, final=True),
+    _case("hyprf", causal=True, B=1, T=50, D=16, Dv=16, kernel="gaussian", init=True, final=True),
+    _case("trigrf", causal=True, B=1, T=50, D=16, Dv=16, amp=0.3, mask=True, final=True),
+    _case("gerf", causal=True, B=1, T=70, D=16, Dv=16, amp=0.3, init=True, args={"A": -0.05, "s": -1}),
+    _case("saderf", causal=True, B=1, T=50, D=16, Dv=16, kernel="gaussian", dtype=torch.float16, mask=True,
          final=True),
-    Case("oprf", weights="fastfood_learnable", causal=True, B=1, T=50, D=16, Dv=16, dtype=torch.float16, mask=True,
+    _case("oprf", weights="fastfood_learnable", causal=True, B=1, T=50, D=16, Dv=16, dtype=torch.float16, mask=True,
          init=True),
-    Case("posrf", causal=True, B=2, T=1, D=16, Dv=16, init=True, final=True),
-    Case("posrf", causal=True, B=1, T=20, D=16, Dv=16, M=16, mask=True),
+    _case("posrf", causal=True, B=2, T=1, D=16, Dv=16, init=True, final=True),
+    _case("posrf", causal=True, B=1, T=20, D=16, Dv=16, m=16, mask=True),
 ]
 
 
@@ -76,36 +76,27 @@ def _check_chunk_mode(case, chunk_calls, fm, q, k, v, mask, state):
     return g_ref
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_chunk_mode_matches_reference(case, device, chunk_calls):
     _check_chunk_mode(case, chunk_calls, *_make(case, device))
 
 
-def _gqa_make(case: Case, heads: int, device):
-    """``_make``'s inputs with ``case.H`` key/value heads (k, v, the feature map, the state) and ``heads``
-    query heads."""
-    fm, q, k, v, mask, state = _make(case, device)
-    gen = torch.Generator().manual_seed(7)
-    q = (torch.randn(case.B, case.T, heads, case.D, generator=gen) * case.input_scale).to(case.dtype).to(device)
-    return fm, q, k, v, mask, state
-
-
-# grouped-query attention: (case with case.H key/value heads, query heads); T crosses two or three ranges.
+# grouped-query (H = 4, H_kv = 2) and multi-query (H_kv = 1) attention; T crosses two or three ranges.
 # trigrf with groups: test_modes_give_the_same_gradients
 GQA_CASES = [
-    (Case("posrf", causal=True, B=1, T=50, H=2, D=16, Dv=16, mask=True, init=True, final=True), 4),
-    (Case("hyprf", causal=True, B=1, T=70, H=1, D=16, Dv=16, kernel="gaussian", init=True, final=True), 4),
-    (Case("saderf", causal=True, B=1, T=50, H=1, D=16, Dv=16, kernel="gaussian", dtype=torch.float16, mask=True,
-          init=True, final=True), 4),
+    _case("posrf", causal=True, B=1, T=50, H=4, H_kv=2, D=16, Dv=16, mask=True, init=True, final=True),
+    _case("hyprf", causal=True, B=1, T=70, H=4, H_kv=1, D=16, Dv=16, kernel="gaussian", init=True, final=True),
+    _case("saderf", causal=True, B=1, T=50, H=4, H_kv=1, D=16, Dv=16, kernel="gaussian", dtype=torch.float16,
+          mask=True, init=True, final=True),
 ]
 
 
-@pytest.mark.parametrize("case, heads", GQA_CASES, ids=[f"{c.id}-Hq{h}" for c, h in GQA_CASES])
-def test_chunk_mode_grouped_query_matches_reference(case, heads, device, chunk_calls):
-    """Grouped-query (H = 4, H_kv = 2) and multi-query (H_kv = 1) attention in chunk mode: outputs, the
-    final state per key/value head and every gradient (dk, dv, dW, the initial state's: a group's sum)."""
-    fm, q, k, v, mask, state = _gqa_make(case, heads, device)
-    assert q.shape[2] == heads and k.shape[2] == case.H < heads
+@pytest.mark.parametrize("case", GQA_CASES, ids=case_id)
+def test_chunk_mode_grouped_query_matches_reference(case, device, chunk_calls):
+    """Grouped-query and multi-query attention in chunk mode: outputs, the final state per key/value head
+    and every gradient (dk, dv, dW, the initial state's: a group's sum)."""
+    fm, q, k, v, mask, state = _make(case, device)
+    assert q.shape[2] == case.H and k.shape[2] == case.H_kv < case.H
     g_ref = _check_chunk_mode(case, chunk_calls, fm, q, k, v, mask, state)
     assert ("S0" in g_ref) == case.init
 
@@ -117,7 +108,7 @@ def test_chunk_forward_equals_walk(cps, device):
     from spectraformer_fused.ops.triton_chunk import chunk_fwd
     from spectraformer_fused.ops.triton_fwd import rf_fwd
 
-    case = Case("hyprf", causal=True, B=1, T=70, D=16, Dv=16, mask=True, init=True)
+    case = _case("hyprf", causal=True, B=1, T=70, D=16, Dv=16, mask=True, init=True)
     fm, q, k, v, mask, state = _make(case, device)
     p = fm.feature_params(q, k, scale=case.D ** -0.5, causal=True)
     args = (q, k, v, p.W.detach(), p.bias.detach(), p.freq, p.psi, mask, state.S, state.z, state.log_scale)
@@ -129,12 +120,15 @@ def test_chunk_forward_equals_walk(cps, device):
         assert_close(a, b, torch.float32, name=name, rtol=1e-5, atol_rel=1e-4)
 
 
-@pytest.mark.parametrize("heads", [None, 4], ids=["mha", "gqa-Hq4-Hkv2"])
-def test_modes_give_the_same_gradients(heads, device, monkeypatch):
+MODE_CASES = [_case("trigrf", causal=True, B=1, T=50, D=16, Dv=16, amp=0.3, init=True, final=True)]
+MODE_CASES.append(MODE_CASES[0].replace(H=4, H_kv=2))
+
+
+@pytest.mark.parametrize("case", MODE_CASES, ids=case_id)
+def test_modes_give_the_same_gradients(case, device, monkeypatch):
     """Walk and chunk mode, same inputs: outputs and every gradient agree to fp32 rounding (also with
     grouped-query attention: 4 query heads on 2 key/value heads)."""
-    case = Case("trigrf", causal=True, B=1, T=50, D=16, Dv=16, input_scale=0.3, init=True, final=True)
-    fm, q, k, v, mask, state = _make(case, device) if heads is None else _gqa_make(case, heads, device)
+    fm, q, k, v, mask, state = _make(case, device)
     results = {}
     for mode in ("walk", "chunk"):
         monkeypatch.setenv(MODE_ENV, mode)
@@ -152,7 +146,7 @@ def test_mode_override_is_validated(device, monkeypatch):
     monkeypatch.setenv(MODE_ENV, "fast")
     with pytest.raises(ValueError, match="auto, walk, chunk"):
         requested_mode()
-    case = Case("posrf", causal=True, B=1, T=20, D=16, Dv=16)
+    case = _case("posrf", causal=True, B=1, T=20, D=16, Dv=16)
     fm, q, k, v, mask, state = _make(case, device)
     with pytest.raises(ValueError, match=MODE_ENV):
         rf_attention(q, k, v, fm, causal=True, backend="triton")
@@ -190,11 +184,11 @@ def test_range_states_stay_below_the_inputs():
     assert states < inputs, (states, inputs)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: host synchronisation is a GPU matter")
+@pytest.mark.gpu   # host synchronisation is a GPU matter
 @pytest.mark.parametrize("mode", ["walk", "chunk"])
 def test_causal_forward_backward_make_no_host_sync(mode, monkeypatch):
     monkeypatch.setenv(MODE_ENV, mode)
-    case = Case("posrf", causal=True, B=1, T=512, H=2, D=64, Dv=64, M=64, dtype=torch.float16)
+    case = _case("posrf", causal=True, B=1, T=512, H=2, D=64, Dv=64, m=64, dtype=torch.float16)
     fm, q, k, v, mask, state = _make(case, "cuda")
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     o, _ = rf_attention(q, k, v, fm, causal=True, backend="triton")      # compile and autotune first
@@ -209,10 +203,10 @@ def test_causal_forward_backward_make_no_host_sync(mode, monkeypatch):
     torch.cuda.synchronize()
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: CUDA graphs are a GPU feature")
+@pytest.mark.gpu   # CUDA graphs are a GPU feature
 def test_decode_step_replays_in_a_cuda_graph():
     """A decode step (T = 1 with a state) captured in a CUDA graph and replayed equals the eager call."""
-    case = Case("posrf", causal=True, B=2, T=1, H=2, D=64, Dv=64, M=64, dtype=torch.float16, init=True)
+    case = _case("posrf", causal=True, B=2, T=1, H=2, D=64, Dv=64, m=64, dtype=torch.float16, init=True)
     fm, q, k, v, mask, state = _make(case, "cuda")
     static = [t.clone() for t in (q, k, v, state.S, state.z, state.log_scale)]
 
