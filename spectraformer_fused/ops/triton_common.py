@@ -186,7 +186,7 @@ class VarlenTables:
     chunk_off / range_off: int32 ``[N + 1]`` offsets of each sequence's first slot; chunk_seq / range_seq:
     int32 ``[slots]`` the sequence of each slot; range_lens: the range slots per sequence (a list)."""
 
-    def __init__(self, cu_seqlens: torch.Tensor, BT: int, cps: int = 1):
+    def __init__(self, cu_seqlens: torch.Tensor, BT: int):
         cu = [int(x) for x in cu_seqlens.tolist()]
         dev = cu_seqlens.device
         self.cu = cu_seqlens
@@ -196,20 +196,27 @@ class VarlenTables:
         chunks = [triton.cdiv(n, BT) for n in lens]
         self.max_chunks = max(chunks, default=0)
         self.chunk_capacity = chunk_capacity(self.total, self.num_seqs, BT)
+        self.chunks = chunks
         slots = [max(1, c) for c in chunks]
-        ranges = [max(1, triton.cdiv(c, cps)) for c in chunks]
-        self.range_lens = ranges
         self.num_chunk_slots = sum(slots)
+        self.chunk_off, self.chunk_seq = self._offsets(slots, dev), self._owners(slots, dev)
+
+    def set_ranges(self, cps: int) -> "VarlenTables":
+        """The range slots for ranges of ``cps`` chunks (the chunk mode)."""
+        ranges = [max(1, triton.cdiv(c, cps)) for c in self.chunks]
+        self.range_lens = ranges
         self.num_range_slots = sum(ranges)
+        dev = self.cu.device
+        self.range_off, self.range_seq = self._offsets(ranges, dev), self._owners(ranges, dev)
+        return self
 
-        def offsets(sizes):
-            return torch.tensor([0] + list(itertools.accumulate(sizes)), dtype=torch.int32, device=dev)
+    @staticmethod
+    def _offsets(sizes, dev):
+        return torch.tensor([0] + list(itertools.accumulate(sizes)), dtype=torch.int32, device=dev)
 
-        def owners(sizes):
-            return torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int32), torch.tensor(sizes)).to(dev)
-
-        self.chunk_off, self.chunk_seq = offsets(slots), owners(slots)
-        self.range_off, self.range_seq = offsets(ranges), owners(ranges)
+    @staticmethod
+    def _owners(sizes, dev):
+        return torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int32), torch.tensor(sizes)).to(dev)
 
     def first_chunk(self, kstab: torch.Tensor) -> torch.Tensor:
         """``[N, Hk]``: each sequence's stabiliser at its first chunk slot, from a causal kstab ``[1, Hk, cap]``."""
