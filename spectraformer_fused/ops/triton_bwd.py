@@ -47,7 +47,8 @@ import triton
 import triton.language as tl
 
 from . import autotune_enabled
-from .triton_common import VarlenTables, _dot, _features, _keep_rows, _seq_span, _transform, dot_precision
+from .triton_common import (VarlenTables, _dot, _features, _keep_rows, _seq_span, _transform, dot_precision,
+                            optional_inputs)
 from .triton_fwd import _num_splits, freq_tile
 
 DEN_EPS = 1e-30
@@ -149,6 +150,7 @@ def _input_grad(de, du, xt, raw, w, psi, freq, root, c_t, c_o,
     return dx * root
 
 
+@optional_inputs(HAS_PSI="psi", HAS_MASK="mask", HAS_S0="s0", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
 def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qmax, kstab, da, dbeta,
                       dq, dw, db, cu, chunk_off, T, H, HK, G, M, D, DV, stride_wh, CPS, NCS, s_wp, s_bp, root, c_t,
@@ -274,6 +276,7 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qma
     tl.store(db + i_s * s_bp + i_bh * M + o_m, b_db, mask=m_m)
 
 
+@optional_inputs(HAS_PSI="psi", HAS_MASK="mask", HAS_S0="ds0", HAS_DSF="dsf", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
 def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, dbeta, dsf, dzf,
                        dk, dv, dw, db, ds0, dz0, cu, chunk_off, T, H, HK, G, M, D, DV, stride_wh, CPS, NCS, s_wp, s_bp,
@@ -426,6 +429,7 @@ else:
     _rf_bwd_dq_kernel_tuned = _rf_bwd_dkv_kernel_tuned = None
 
 
+@optional_inputs(HAS_PSI="psi", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
 def _rf_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, da, dbeta, dsp, dzp, cu,
                           T, H, HK, G, M, D, DV, stride_wh, CPS, s_sp, s_zp, root, c_t, c_o,
@@ -482,10 +486,6 @@ def _rf_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, da, dbeta, dsp, dzp, cu,
         tl.store(p_dz + M, b_dzb, mask=m_m)
 
 
-def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
 def grad_coefficients(do, o, den):
     """``(a [B, T, H, Dv], beta [B, H, T])``, fp32 contiguous: a_t = g_t / den_s and
     beta_t = -(g_t . o_t) d|den_t|/dden_t / den_s. O(T Dv), like softmax's delta."""
@@ -533,11 +533,11 @@ def rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qm
     BT = chunk_size
     varlen = None if cu_seqlens is None else VarlenTables(cu_seqlens, BT)
     NS = B if varlen is None else varlen.num_seqs           # batch rows of the parameters and the states
-    BD, BV = _pow2(D), _pow2(Dv)
+    BD, BV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
     # At most 32 frequencies per program: besides W each carries dS (two blocks for HYP/TRIG) and its
     # dW partial across the walk; at D = Dv = 64 a tile of 64 spilled about three times more (sm_90,
     # bench/compile_check.py) and, for HYP in fp32, needed 224 of the 227 KiB of shared memory.
-    BM = min(32, freq_tile(max(BD, BV)), _pow2(M))
+    BM = min(32, freq_tile(max(BD, BV)), max(16, triton.next_power_of_2(M)))
     NM = triton.cdiv(M, BM)
     has_s0 = S0 is not None
     has_dsf = dS is not None or dz is not None
@@ -554,9 +554,7 @@ def rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qm
     mask_arg = None if mask is None else mask.contiguous()
     root = math.sqrt(scale)
     prec = dot_precision(q.dtype, v.dtype)
-    flags = dict(KIND=kind, CAUSAL=bool(causal), HAS_PSI=psi is not None, HAS_CO=c_o != 0.0,
-                 HAS_MASK=mask is not None, HAS_S0=has_s0, IS_VARLEN=varlen is not None, PREC=prec, BT=BT, BM=BM,
-                 BD=BD, BV=BV)
+    flags = dict(KIND=kind, CAUSAL=bool(causal), HAS_CO=c_o != 0.0, PREC=prec, BT=BT, BM=BM, BD=BD, BV=BV)
 
     NC = triton.cdiv(T, BT) if varlen is None else max(1, varlen.max_chunks)
     if causal:
@@ -566,9 +564,8 @@ def rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qm
         cps = triton.cdiv(NC, _num_splits(NC, NM * NS * H, dev))
         nsplit = triton.cdiv(NC, cps)
     grid = (NM, NS * H, nsplit)
-    cu = varlen.cu if varlen is not None else None
-    chunk_off = varlen.chunk_off if varlen is not None else None
-    ncs = varlen.chunk_capacity if varlen is not None else 0
+    tables = dict(cu=None, chunk_off=None, NCS=0) if varlen is None else dict(
+        cu=varlen.cu, chunk_off=varlen.chunk_off, NCS=varlen.chunk_capacity)
     dq_part = torch.empty(NM, B, T, H, D, device=dev, dtype=torch.float32)
     dk_part = torch.empty(NM, B, T, H, D, device=dev, dtype=torch.float32)
     dv_part = torch.empty(NM, B, T, H, Dv, device=dev, dtype=torch.float32)
@@ -583,27 +580,26 @@ def rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qm
         # dS, dz of every query, per chunk range, then reduced (with the final-state gradients)
         dsp = torch.empty(nsplit, NS, H, F, Dv, device=dev, dtype=torch.float32)
         dzp = torch.empty(nsplit, NS, H, F, device=dev, dtype=torch.float32)
-        _rf_bwd_dstate_kernel[grid](q, W, bias, freq, psi, qmax, a, beta, dsp, dzp, cu, T, H, Hk, G, M, D, Dv,
-                                    stride_wh, cps, NS * H * F * Dv, NS * H * F, root, c_t, c_o, KIND=kind,
-                                    HAS_PSI=psi is not None, HAS_CO=c_o != 0.0, IS_VARLEN=varlen is not None,
-                                    PREC=prec, BT=BT, BM=BM, BD=BD, BV=BV, num_warps=4)
+        _rf_bwd_dstate_kernel[grid](q=q, w=W, bias=bias, freq=freq, psi=psi, qmax=qmax, da=a, dbeta=beta, dsp=dsp,
+                                    dzp=dzp, cu=tables["cu"], T=T, H=H, HK=Hk, G=G, M=M, D=D, DV=Dv,
+                                    stride_wh=stride_wh, CPS=cps, s_sp=NS * H * F * Dv, s_zp=NS * H * F, root=root,
+                                    c_t=c_t, c_o=c_o, KIND=kind, HAS_CO=c_o != 0.0, PREC=prec, BT=BT, BM=BM, BD=BD,
+                                    BV=BV, num_warps=4)
         dS, dz = dsp.sum(0), dzp.sum(0)
         if has_dsf:
             dS, dz = dS + dS_final, dz + dz_final
-        has_dsf = True
 
     if _rf_bwd_dq_kernel_tuned is None:
         dq_kernel, dkv_kernel = _rf_bwd_dq_kernel, _rf_bwd_dkv_kernel
         launch = dict(num_warps=8 if causal else 4, num_stages=1)
     else:
         dq_kernel, dkv_kernel, launch = _rf_bwd_dq_kernel_tuned, _rf_bwd_dkv_kernel_tuned, {}
-    dq_kernel[grid](q, k, v, W, bias, freq, psi, mask_arg, S0, z0, m0, S, z, qmax, kstab,
-                    a, beta, dq_part, dw_part[0], db_part[0], cu, chunk_off, T, H, Hk, G, M, D, Dv, stride_wh, cps,
-                    ncs, s_wp, s_bp, root, c_t, c_o, **flags, **launch)
-    dkv_kernel[grid](q, k, v, W, bias, freq, psi, mask_arg, m0, qmax, kstab,
-                     a, beta, dS, dz, dk_part, dv_part, dw_part[1], db_part[1], dS0, dz0, cu, chunk_off,
-                     T, H, Hk, G, M, D, Dv, stride_wh, cps, ncs, s_wp, s_bp, root, c_t, c_o, HAS_DSF=has_dsf, **flags,
-                     **launch)
+    common = dict(q=q, k=k, v=v, w=W, bias=bias, freq=freq, psi=psi, mask=mask_arg, qmax=qmax, kstab=kstab, da=a,
+                  dbeta=beta, **tables, T=T, H=H, HK=Hk, G=G, M=M, D=D, DV=Dv, stride_wh=stride_wh, CPS=cps,
+                  s_wp=s_wp, s_bp=s_bp, root=root, c_t=c_t, c_o=c_o, **flags, **launch)
+    dq_kernel[grid](s0=S0, z0=z0, m0=m0, sf=S, zf=z, dq=dq_part, dw=dw_part[0], db=db_part[0], **common)
+    dkv_kernel[grid](m0=m0, dsf=dS, dzf=dz, dk=dk_part, dv=dv_part,
+                     dw=dw_part[1], db=db_part[1], ds0=dS0, dz0=dz0, **common)
     dq = dq_part.sum(0).to(q.dtype)
     # per-query-head partials of the key/value-head gradients, summed over each group in a fixed order
     dk, dv, dW, dbias = dk_part.sum(0), dv_part.sum(0), dw_part.sum((0, 1, 2)), db_part.sum((0, 1))

@@ -31,6 +31,12 @@ query head; dk, dv, dW, dbias are written per query head (the carried ``dS``/``d
 sum, by the first head of the group only) and summed over each group on the host in a fixed order; the
 initial state's gradient comes out of the reverse scan per key/value head.
 
+Packed variable-length sequences (``cu_seqlens``): every sequence has its own ranges of CPS chunks, so no
+range straddles two sequences; the range kernels run over a global table of range slots (``range_seq``,
+``range_off``: fla's ``prepare_chunk_indices`` idea at the range level; an empty sequence owns one empty
+slot) and the scan runs per (sequence, key/value head), from that sequence's own initial state. The
+per-range buffers are ``[1, Hk, range slots, ...]``: nothing is padded to the longest sequence.
+
 Memory beyond the walk's: the states before each range ``[B, Hk, NR, F, Dv]`` and ``[B, Hk, NR, F]`` in
 fp32 (the ranges' local states, written first, are overwritten by the pass; the backward holds two
 such buffers, key and query side).
@@ -48,10 +54,10 @@ import triton
 import triton.language as tl
 
 from ..components import EXP
-from .triton_bwd import _input_grad, _key_phi, _phi_grad, _pow2, _query_phi, _tile_params, grad_coefficients
+from .triton_bwd import _input_grad, _key_phi, _phi_grad, _query_phi, _tile_params, grad_coefficients
 from .triton_common import (VarlenTables, _dot, _features, _keep_rows, _load_rows, _seq_span, _store_out, _transform,
-                             dot_precision)
-from .triton_fwd import DEN_EPS, MAX_BM, _next_pow2, default_chunk_size, freq_tile, stabilisers
+                             dot_precision, optional_inputs)
+from .triton_fwd import DEN_EPS, MAX_BM, _strides, default_chunk_size, freq_tile, stabilisers
 
 MODES = ("auto", "walk", "chunk")
 MODE_ENV = "SPECTRAFORMER_FUSED_TRITON_MODE"
@@ -164,6 +170,7 @@ def _last_chunk(c_lo, c_hi, IS_VARLEN: tl.constexpr):
     return c
 
 
+@optional_inputs(HAS_MASK="mask", HAS_PSI="psi", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
 def _rf_chunk_state_kernel(k, v, W, bias, freq, psi, mask, kstab, L, Lz, cu, chunk_off, range_off, range_seq,
                            s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd, s_wh, s_wm, s_wd, s_mb, s_mt,
@@ -232,6 +239,7 @@ def _rf_chunk_state_kernel(k, v, W, bias, freq, psi, mask, kstab, L, Lz, cu, chu
             tl.store(p_z + M, b_zb, mask=m_m)
 
 
+@optional_inputs(HAS_INIT="init", IS_VARLEN="chunk_off")
 @triton.jit
 def _rf_chunk_scan_kernel(L, Lz, kstab, init, init_z, out, out_z, fin, fin_z, chunk_off, range_off, NC, F, DV, CPS,
                           HK, NCS, NRS, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
@@ -313,6 +321,7 @@ def _rf_chunk_scan_kernel(L, Lz, kstab, init, init_z, out, out_z, fin, fin_z, ch
             tl.store(fin_z + i_bh * F + o_f, b_gz, mask=m_f)
 
 
+@optional_inputs(HAS_MASK="mask", HAS_PSI="psi", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
 def _rf_chunk_fwd_kernel(q, k, v, W, bias, freq, psi, mask, Sb, zb, qmax, kstab, o, den,
                          cu, chunk_off, range_off, range_seq,
@@ -403,6 +412,7 @@ def _rf_chunk_fwd_kernel(q, k, v, W, bias, freq, psi, mask, Sb, zb, qmax, kstab,
         b_kprev = b_kst
 
 
+@optional_inputs(HAS_PSI="psi", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
 def _rf_chunk_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, kstab, da, dbeta, L, Lz,
                                 cu, chunk_off, range_off, range_seq,
@@ -465,6 +475,7 @@ def _rf_chunk_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, kstab, da, dbeta, L
         tl.store(p_dz + M, b_dzb, mask=m_m)
 
 
+@optional_inputs(HAS_PSI="psi", HAS_MASK="mask", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
 def _rf_chunk_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, Sb, zb, qmax, kstab, da, dbeta,
                             dq, dw, db, cu, chunk_off, range_off, range_seq,
@@ -553,6 +564,7 @@ def _rf_chunk_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, Sb, zb, qmax, kst
     tl.store(db + i_r * s_bp + i_bht * M + o_m, b_db, mask=m_m)
 
 
+@optional_inputs(HAS_PSI="psi", HAS_MASK="mask", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
 def _rf_chunk_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, dSa, dza_, qmax, kstab, da, dbeta,
                              dk, dv, dw, db, cu, chunk_off, range_off, range_seq,
@@ -661,11 +673,11 @@ def _f32(t):
 
 
 def _varlen_args(varlen: VarlenTables | None) -> dict:
-    """The packed-sequence arguments of the range kernels (IS_VARLEN False and no tables when dense)."""
+    """The packed-sequence arguments of the range kernels (no tables when dense: IS_VARLEN is False)."""
     if varlen is None:
-        return dict(cu=None, chunk_off=None, range_off=None, range_seq=None, NCS=0, NRS=0, IS_VARLEN=False)
+        return dict(cu=None, chunk_off=None, range_off=None, range_seq=None, NCS=0, NRS=0)
     return dict(cu=varlen.cu, chunk_off=varlen.chunk_off, range_off=varlen.range_off, range_seq=varlen.range_seq,
-                NCS=varlen.chunk_capacity, NRS=varlen.num_range_slots, IS_VARLEN=True)
+                NCS=varlen.chunk_capacity, NRS=varlen.num_range_slots)
 
 
 def _varlen_ranges(cu_seqlens, BT: int, cps: int | None, programs: int, device) -> tuple[VarlenTables, int]:
@@ -689,17 +701,15 @@ def _scan(L, Lz, kstab, init, init_z, NC, cps, *, reverse: bool, varlen: VarlenT
     B, Hk, NR, F, Dv = L.shape
     if varlen is not None:
         B = varlen.num_seqs
-    BF, BV = 32, max(16, min(64, _next_pow2(Dv)))
+    BF, BV = 32, max(16, min(64, triton.next_power_of_2(Dv)))
     out, out_z = L, Lz
     fin = torch.empty(B, Hk, F, Dv, dtype=torch.float32, device=L.device)
     fin_z = torch.empty(B, Hk, F, dtype=torch.float32, device=L.device)
-    has_init = init is not None
     tables = _varlen_args(varlen)
     _rf_chunk_scan_kernel[(B * Hk, triton.cdiv(F, BF), triton.cdiv(Dv, BV))](
-        L=L, Lz=Lz, kstab=kstab, init=init if has_init else L, init_z=init_z if has_init else Lz, out=out,
-        out_z=out_z, fin=fin, fin_z=fin_z, chunk_off=tables["chunk_off"], range_off=tables["range_off"], NC=NC,
-        F=F, DV=Dv, CPS=cps, HK=Hk, NCS=tables["NCS"], NRS=tables["NRS"], REVERSE=reverse, HAS_INIT=has_init,
-        STORE_FINAL=True, IS_VARLEN=tables["IS_VARLEN"], BF=BF, BV=BV, num_warps=4)
+        L=L, Lz=Lz, kstab=kstab, init=init, init_z=init_z, out=out, out_z=out_z, fin=fin, fin_z=fin_z,
+        chunk_off=tables["chunk_off"], range_off=tables["range_off"], NC=NC, F=F, DV=Dv, CPS=cps, HK=Hk,
+        NCS=tables["NCS"], NRS=tables["NRS"], REVERSE=reverse, STORE_FINAL=True, BF=BF, BV=BV, num_warps=4)
     return out, out_z, fin, fin_z
 
 
@@ -715,21 +725,17 @@ def _states_before(k, v, W, bias, freq, psi, mask, kstab, S0, z0, m0, *, kind, c
     F = M if kind == EXP else 2 * M
     NC = triton.cdiv(T, BT)
     NR = triton.cdiv(NC, cps) if varlen is None else varlen.num_range_slots
-    BD = max(16, _next_pow2(D))
-    BM = max(16, min(MAX_BM, _next_pow2(M), freq_tile(BD)))
-    BV = max(16, min(64, _next_pow2(Dv)))
+    BD = max(16, triton.next_power_of_2(D))
+    BM = max(16, min(MAX_BM, triton.next_power_of_2(M), freq_tile(BD)))
+    BV = max(16, min(64, triton.next_power_of_2(Dv)))
     dev = k.device
     L = torch.empty(B, H, NR, F, Dv, dtype=torch.float32, device=dev)
     Lz = torch.empty(B, H, NR, F, dtype=torch.float32, device=dev)
     s_mb, s_mt = (0, 0) if mask is None else mask.stride()
     _rf_chunk_state_kernel[(B * H, triton.cdiv(M, BM), triton.cdiv(Dv, BV) * NR)](
-        k=k, v=v, W=W, bias=bias, freq=freq, psi=psi if psi is not None else bias,
-        mask=mask.view(torch.uint8) if mask is not None else bias, kstab=kstab, L=L, Lz=Lz, **_varlen_args(varlen),
-        s_kb=k.stride(0), s_kt=k.stride(1), s_kh=k.stride(2), s_kd=k.stride(3),
-        s_vb=v.stride(0), s_vt=v.stride(1), s_vh=v.stride(2), s_vd=v.stride(3),
-        s_wh=W.stride(0), s_wm=W.stride(1), s_wd=W.stride(2), s_mb=s_mb, s_mt=s_mt,
-        T=T, H=H, M=M, D=D, DV=Dv, CPS=cps, root=math.sqrt(scale), c_t=c_t, c_o=c_o,
-        KIND=kind, HAS_MASK=mask is not None, HAS_PSI=psi is not None, HAS_CO=c_o != 0.0,
+        k=k, v=v, W=W, bias=bias, freq=freq, psi=psi, mask=None if mask is None else mask.view(torch.uint8),
+        kstab=kstab, L=L, Lz=Lz, **_varlen_args(varlen), **_strides(k=k, v=v, w=W), s_mb=s_mb, s_mt=s_mt,
+        T=T, H=H, M=M, D=D, DV=Dv, CPS=cps, root=math.sqrt(scale), c_t=c_t, c_o=c_o, KIND=kind, HAS_CO=c_o != 0.0,
         PREC=dot_precision(k.dtype, v.dtype), BT=BT, BD=BD, BM=BM, BV=BV, num_warps=4, num_stages=1)
     init = init_z = None
     if S0 is not None:
@@ -756,9 +762,9 @@ def chunk_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: 
     if BT < 16 or BT & (BT - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {BT}")
     NC = triton.cdiv(T, BT)
-    BD = max(16, _next_pow2(D))
-    BM = max(16, min(MAX_BM, _next_pow2(M)))
-    BV = max(16, min(FWD_BV, _next_pow2(Dv)))
+    BD = max(16, triton.next_power_of_2(D))
+    BM = max(16, min(MAX_BM, triton.next_power_of_2(M)))
+    BV = max(16, min(FWD_BV, triton.next_power_of_2(Dv)))
     NMT, NV = triton.cdiv(M, BM), triton.cdiv(Dv, BV)
     dev = q.device
     bias, freq, psi = _f32(bias), _f32(freq), _f32(psi)
@@ -783,16 +789,12 @@ def chunk_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: 
         o_buf, den_buf = o, torch.empty(B, H, T, dtype=torch.float32, device=dev)
     s_mb, s_mt = (0, 0) if mask is None else mask.stride()
     _rf_chunk_fwd_kernel[(B * H, NMT, NV * NR)](
-        q=q, k=k, v=v, W=W, bias=bias, freq=freq, psi=psi if psi is not None else bias,
-        mask=mask.view(torch.uint8) if mask is not None else bias, Sb=Sb, zb=zb, qmax=qmax, kstab=kstab,
-        o=o_buf, den=den_buf, **_varlen_args(varlen),
-        s_qb=q.stride(0), s_qt=q.stride(1), s_qh=q.stride(2), s_qd=q.stride(3),
-        s_kb=k.stride(0), s_kt=k.stride(1), s_kh=k.stride(2), s_kd=k.stride(3),
-        s_vb=v.stride(0), s_vt=v.stride(1), s_vh=v.stride(2), s_vd=v.stride(3),
-        s_wh=W.stride(0), s_wm=W.stride(1), s_wd=W.stride(2), s_mb=s_mb, s_mt=s_mt,
+        q=q, k=k, v=v, W=W, bias=bias, freq=freq, psi=psi, mask=None if mask is None else mask.view(torch.uint8),
+        Sb=Sb, zb=zb, qmax=qmax, kstab=kstab, o=o_buf, den=den_buf, **_varlen_args(varlen),
+        **_strides(q=q, k=k, v=v, w=W), s_mb=s_mb, s_mt=s_mt,
         s_on=B * T * H * Dv if split else 0, s_dn=B * H * T if split else 0,
         T=T, H=H, HK=Hk, G=H // Hk, M=M, D=D, DV=Dv, CPS=cps, root=math.sqrt(scale), c_t=c_t, c_o=c_o,
-        KIND=kind, HAS_MASK=mask is not None, HAS_PSI=psi is not None, HAS_CO=c_o != 0.0, SPLIT=split,
+        KIND=kind, HAS_CO=c_o != 0.0, SPLIT=split,
         PREC=dot_precision(q.dtype, v.dtype), BT=BT, BD=BD, BM=BM, BV=BV, num_warps=FWD_WARPS, num_stages=1)
     if split:
         den = den_buf.sum(0)                                                            # [B, H, T]
@@ -826,8 +828,8 @@ def chunk_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den,
     a, beta = grad_coefficients(do, o, den)
     BT = chunk_size
     NC = triton.cdiv(T, BT)
-    BD, BV = _pow2(D), _pow2(Dv)
-    BM = min(32, freq_tile(max(BD, BV)), _pow2(M))
+    BD, BV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
+    BM = min(32, freq_tile(max(BD, BV)), max(16, triton.next_power_of_2(M)))
     NM = triton.cdiv(M, BM)
     varlen = None
     if cu_seqlens is not None:
@@ -840,7 +842,7 @@ def chunk_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den,
     mask_arg = None if mask is None else mask.contiguous()
     root = math.sqrt(scale)
     prec = dot_precision(q.dtype, v.dtype)
-    flags = dict(KIND=kind, HAS_PSI=psi is not None, HAS_CO=c_o != 0.0, PREC=prec, BT=BT, BM=BM, BD=BD, BV=BV)
+    flags = dict(KIND=kind, HAS_CO=c_o != 0.0, PREC=prec, BT=BT, BM=BM, BD=BD, BV=BV)
 
     # the states before each range (recomputed), then dS, dz after each range (a reverse pass)
     Sb, zb, _, _ = _states_before(k, v, W.expand(Hk, M, D) if stride_wh == 0 else W, bias, freq, psi, mask_arg,
@@ -868,7 +870,7 @@ def chunk_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den,
     launch = dict(num_warps=BWD_WARPS, num_stages=1)
     common = dict(q=q, k=k, v=v, w=W, bias=bias, freq=freq, psi=psi, mask=mask_arg, qmax=qmax, kstab=kstab, da=a,
                   dbeta=beta, T=T, H=H, HK=Hk, G=G, M=M, D=D, DV=Dv, stride_wh=stride_wh, CPS=cps, s_wp=s_wp, s_bp=s_bp,
-                  root=root, c_t=c_t, c_o=c_o, HAS_MASK=mask is not None, **_varlen_args(varlen), **flags, **launch)
+                  root=root, c_t=c_t, c_o=c_o, **_varlen_args(varlen), **flags, **launch)
     _rf_chunk_bwd_dq_kernel[grid](Sb=Sb, zb=zb, dq=dq_part, dw=dw_part[0], db=db_part[0], **common)
     _rf_chunk_bwd_dkv_kernel[grid](dSa=dSa, dza_=dza, dk=dk_part, dv=dv_part, dw=dw_part[1], db=db_part[1],
                                    **common)

@@ -232,3 +232,14 @@ def chunk_capacity(total: int, num_seqs: int, BT: int) -> int:
     """The chunk slots a causal kstab of packed sequences is allocated with: Ttot // BT + N bounds
     sum over sequences of max(1, ceil(len / BT))."""
     return total // BT + num_seqs
+
+
+def optional_inputs(**flags: str):
+    """``@triton.heuristics`` that derives each constexpr flag from whether the pointer argument it names
+    was given: optional inputs travel as None and ``@optional_inputs(HAS_PSI="psi", IS_VARLEN="cu")``
+    is the one place their flags are set (a None argument is a constexpr: its branch compiles away)."""
+    return triton.heuristics({flag: _given(arg) for flag, arg in flags.items()})
+
+
+def _given(arg: str):
+    return lambda args: args[arg] is not None

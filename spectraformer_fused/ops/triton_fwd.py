@@ -19,6 +19,14 @@ Two kernels, both tiled by chunks of BT tokens and by frequency tiles of BM rows
 Grouped-query attention: k, v, the per-head parameters, kstab and the state belong to the key/value head
 ``i_hk = i_h // G`` of each query head; a group's programs share them (no repeated k or v).
 
+Packed variable-length sequences (``cu_seqlens``, token tensors of batch 1): the batch index of every
+program is the sequence index n (it picks the parameters, the states and the stabilisers of sequence n)
+and its rows are ``cu[n]:cu[n + 1]``; the IS_VARLEN constexpr gates every such line, so the dense kernels
+are compiled as before. Each sequence owns ``max(1, its chunks)`` chunk slots of the causal kstab
+``[1, Hk, Ttot // BT + N]`` (``triton_common.VarlenTables``), so no buffer is padded to the longest
+sequence; the non-causal forward gives every sequence the chunk ranges of the longest (the programs of
+ranges past a sequence's end return at once).
+
 Features exist only as ``[BT, BM]`` register tiles. Every tensor this module allocates:
   qmax ``[B, H, T]``, den ``[B, H, T]``, kmax / kstab ``[B, H, NC]``, o ``[B, T, H, Dv]``,
   final S ``[B, H, F, Dv]``, z ``[B, H, F]``, m ``[B, H]``, the non-causal partial states
@@ -45,12 +53,13 @@ import triton.language as tl
 from ..components import EXP
 from . import autotune_enabled
 from .triton_common import (VarlenTables, _dot, _feature_logits, _features, _keep_rows, _load_rows, _seq_span,
-                             _store_out, _transform, dot_precision)
+                             _store_out, _transform, dot_precision, optional_inputs)
 
 DEN_EPS = 1e-30
 MAX_BM = 64
 
 
+@optional_inputs(HAS_MASK="mask", HAS_PSI="psi", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
 def _rf_stats_fwd_kernel(q, k, W, bias, freq, psi, mask, qmax, kmax, cu, chunk_off, chunk_seq,
                          s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_wh, s_wm, s_wd, s_mb, s_mt,
@@ -112,6 +121,7 @@ def _rf_stats_fwd_kernel(q, k, W, bias, freq, psi, mask, qmax, kmax, cu, chunk_o
     tl.store(kmax + i_bht * NC + i_c, tl.max(b_kmax, axis=0))
 
 
+@optional_inputs(HAS_MASK="mask", HAS_PSI="psi", HAS_INIT="S0", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
 def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o, den, S, z, cu, chunk_off,
                    s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
@@ -296,6 +306,7 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
                     tl.store(p_z + M, b_zb, mask=m_m)
 
 
+@optional_inputs(HAS_INIT="m0")
 @triton.jit
 def _rf_varlen_stab_kernel(kmax, m0, chunk_off, kstab, m_fin, HK, NCS, NCAP,
                            CAUSAL: tl.constexpr, HAS_INIT: tl.constexpr):
@@ -321,10 +332,6 @@ def _rf_varlen_stab_kernel(kmax, m0, chunk_off, kstab, m_fin, HK, NCS, NCAP,
     tl.store(m_fin + i_nh, b_run)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 # One warpgroup: with 8 warps the [BT, *] tiles (BT <= 64 rows) are replicated across two warpgroups, which
 # raises the registers per thread instead of halving them. Pipelined loads (3 stages) against none.
 _FWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=4, num_stages=st) for bv in (32, 64) for st in (1, 3)]
@@ -332,7 +339,7 @@ _FWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=4, num_stages=st) for bv in 
 
 def _prune_fwd_configs(configs, named_args, **kwargs):
     """Drop value tiles wider than Dv needs (one tile of 32 covers Dv <= 32)."""
-    width = max(32, _next_pow2(named_args["DV"]))
+    width = max(32, triton.next_power_of_2(named_args["DV"]))
     return [c for c in configs if c.kwargs["BV"] <= width]
 
 
@@ -365,7 +372,17 @@ def default_chunk_size(T: int) -> int:
     whole sequence fits in fewer (at least 16, the smallest tile tl.dot accepts). Compiled for sm_90 at
     D = Dv = 64, m = 128, chunks of 64 make every causal kernel spill several times more registers than
     chunks of 32 (``python -m bench.compile_check``; bench/results/compile-sm90-*.md)."""
-    return max(16, min(32, _next_pow2(T)))
+    return max(16, min(32, triton.next_power_of_2(T)))
+
+
+def _strides(**tensors) -> dict:
+    """Keyword stride arguments ``s_<x>b, s_<x>t, s_<x>h, s_<x>d`` of [B, T, H, D] tensors (``s_wh, s_wm, s_wd``
+    for W)."""
+    out = {}
+    for x, t in tensors.items():
+        dims = "hmd" if x == "w" else "bthd"
+        out.update({f"s_{x}{d}": s for d, s in zip(dims, t.stride())})
+    return out
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -388,30 +405,26 @@ def stabilisers(q, k, W, bias, freq, psi, mask, m0, *, kind: int, c_t: float, c_
     G = H // Hk
     M = W.shape[1]
     NC = triton.cdiv(T, BT)
-    BD = max(16, _next_pow2(D))
-    BM = max(16, min(MAX_BM, _next_pow2(M)))
+    BD = max(16, triton.next_power_of_2(D))
+    BM = max(16, min(MAX_BM, triton.next_power_of_2(M)))
     dev = q.device
     mask_u8 = None if mask is None else mask.view(torch.uint8)
-    root = math.sqrt(scale)
-    dummy = bias
     prec = dot_precision(q.dtype, k.dtype)
     qmax = torch.empty(B, H, T, dtype=torch.float32, device=dev)
     if varlen is not None:
         NC = varlen.num_chunk_slots
         grid = (H, NC)
-        tables = (varlen.cu, varlen.chunk_off, varlen.chunk_seq)
+        tables = dict(cu=varlen.cu, chunk_off=varlen.chunk_off, chunk_seq=varlen.chunk_seq, NCS=NC)
     else:
         grid = (B * H, NC)
-        tables = (dummy, dummy, dummy)
-    ncs = NC if varlen is not None else 0
+        tables = dict(cu=None, chunk_off=None, chunk_seq=None, NCS=0)
     kmax = torch.empty(B, H, NC, dtype=torch.float32, device=dev)
     s_mb, s_mt = (0, 0) if mask is None else mask.stride()
     _rf_stats_fwd_kernel[grid](
-        q, k, W, bias, freq, psi if psi is not None else dummy, mask_u8 if mask is not None else dummy, qmax, kmax,
-        *tables, *q.stride(), *k.stride(), *W.stride(), s_mb, s_mt,
-        T, H, Hk, G, M, D, ncs, root, c_t, c_o,
-        KIND=kind, HAS_MASK=mask is not None, HAS_PSI=psi is not None, HAS_CO=c_o != 0.0,
-        IS_VARLEN=varlen is not None, PREC=prec, BT=BT, BD=BD, BM=min(BM, freq_tile(BD)), num_warps=4)
+        q=q, k=k, W=W, bias=bias, freq=freq, psi=psi, mask=mask_u8, qmax=qmax, kmax=kmax, **tables,
+        **_strides(q=q, k=k, w=W), s_mb=s_mb, s_mt=s_mt, T=T, H=H, HK=Hk, G=G, M=M, D=D, root=math.sqrt(scale),
+        c_t=c_t, c_o=c_o, KIND=kind, HAS_CO=c_o != 0.0, PREC=prec, BT=BT, BD=BD, BM=min(BM, freq_tile(BD)),
+        num_warps=4)
 
     if G > 1:   # every query head of a group found its key/value head's maxima
         kmax = kmax.unflatten(1, (Hk, G)).amax(2)                                     # [B, Hk, NC]
@@ -436,9 +449,9 @@ def _varlen_kstab(kmax, m0, varlen: VarlenTables, *, causal: bool):
     else:
         kstab = torch.empty(N, Hk, 1, dtype=torch.float32, device=dev)
     m_final = torch.empty(N, Hk, dtype=torch.float32, device=dev)
-    _rf_varlen_stab_kernel[(N * Hk,)](kmax, m0 if m0 is not None else kmax, varlen.chunk_off, kstab, m_final, Hk,
-                                      kmax.shape[-1], varlen.chunk_capacity, CAUSAL=bool(causal),
-                                      HAS_INIT=m0 is not None, num_warps=1)
+    _rf_varlen_stab_kernel[(N * Hk,)](kmax=kmax, m0=m0, chunk_off=varlen.chunk_off, kstab=kstab, m_fin=m_final, HK=Hk,
+                                      NCS=kmax.shape[-1], NCAP=varlen.chunk_capacity, CAUSAL=bool(causal),
+                                      num_warps=1)
     return kstab, m_final
 
 
@@ -470,8 +483,8 @@ def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: flo
     if BT < 16 or BT & (BT - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {BT}")
     NC = triton.cdiv(T, BT)
-    BD = max(16, _next_pow2(D))
-    BM = max(16, min(MAX_BM, _next_pow2(M)))
+    BD = max(16, triton.next_power_of_2(D))
+    BM = max(16, min(MAX_BM, triton.next_power_of_2(M)))
     NMT = triton.cdiv(M, BM)
     dev = q.device
     prec = dot_precision(q.dtype, v.dtype)
@@ -485,9 +498,6 @@ def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: flo
     if has_init:
         S0, z0, m0 = _f32(S0), _f32(z0), _f32(m0)
     mask_u8 = None if mask is None else mask.view(torch.uint8)
-    root = math.sqrt(scale)
-    has_co = c_o != 0.0
-    dummy = bias
 
     qmax, kstab, m_final = stabilisers(q, k, W, bias, freq, psi, mask, m0 if has_init else None, kind=kind,
                                        c_t=c_t, c_o=c_o, scale=scale, causal=causal, BT=BT, varlen=varlen)
@@ -502,30 +512,26 @@ def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: flo
         o_buf = o
         den_buf = torch.empty(B, H, T, dtype=torch.float32, device=dev)
     s_on, s_dn = (B * T * H * Dv, B * H * T) if split else (0, 0)
-    common = (q, k, v, W, bias, freq, psi if psi is not None else dummy, mask_u8 if mask is not None else dummy,
-              S0 if has_init else dummy, z0 if has_init else dummy, m0 if has_init else dummy, qmax, kstab,
-              o_buf, den_buf)
-    tables = (varlen.cu, varlen.chunk_off) if varlen is not None else (dummy, dummy)
-    ncs = varlen.chunk_capacity if varlen is not None else 0
-    strides = (*q.stride(), *k.stride(), *v.stride(), *W.stride(), s_mb, s_mt, s_on, s_dn)
-    flags = dict(KIND=kind, HAS_MASK=mask is not None, HAS_PSI=psi is not None,
-                 HAS_CO=has_co, HAS_INIT=has_init, SPLIT=split, IS_VARLEN=varlen is not None, PREC=prec, BT=BT,
-                 BD=BD, BM=BM)
+    common = dict(q=q, k=k, v=v, W=W, bias=bias, freq=freq, psi=psi, mask=mask_u8, S0=S0, z0=z0, m0=m0, qmax=qmax,
+                  kstab=kstab, o=o_buf, den=den_buf, cu=None if varlen is None else varlen.cu,
+                  chunk_off=None if varlen is None else varlen.chunk_off,
+                  **_strides(q=q, k=k, v=v, w=W), s_mb=s_mb, s_mt=s_mt, s_on=s_on, s_dn=s_dn,
+                  T=T, HK=Hk, M=M, D=D, DV=Dv, NCS=0 if varlen is None else varlen.chunk_capacity,
+                  root=math.sqrt(scale), c_t=c_t, c_o=c_o, KIND=kind, HAS_CO=c_o != 0.0, SPLIT=split, PREC=prec,
+                  BT=BT, BD=BD, BM=BM)
 
     def launch(S_ptr, z_ptr, s_sp, s_zp, nsplit, cps, phase, store_state):
         # PHASE 1 reads keys and values only: one program per (batch, key/value head)
         heads, group = (Hk, 1) if phase == 1 else (H, G)
-        args = (*common, S_ptr, z_ptr, *tables, *strides, s_sp, s_zp, T, heads, Hk, group, M, D, Dv, cps, ncs, root,
-                c_t, c_o)
-        kw = dict(flags, PHASE=phase, STORE_STATE=store_state)
+        kw = dict(common, S=S_ptr, z=z_ptr, s_sp=s_sp, s_zp=s_zp, H=heads, G=group, CPS=cps, PHASE=phase,
+                  STORE_STATE=store_state)
         if _rf_fwd_kernel_tuned is None:
-            BV = max(16, min(64, _next_pow2(Dv)))
-            _rf_fwd_kernel[(NS * heads, NMT, triton.cdiv(Dv, BV) * nsplit)](*args, **kw, BV=BV, num_warps=4,
-                                                                           num_stages=1)
+            BV = max(16, min(64, triton.next_power_of_2(Dv)))
+            _rf_fwd_kernel[(NS * heads, NMT, triton.cdiv(Dv, BV) * nsplit)](**kw, BV=BV, num_warps=4, num_stages=1)
         else:
             def grid(meta):
                 return (NS * heads, NMT, triton.cdiv(Dv, meta["BV"]) * nsplit)
-            _rf_fwd_kernel_tuned[grid](*args, **kw)
+            _rf_fwd_kernel_tuned[grid](**kw)
 
     if causal:
         # One walk over the chunks per (batch-head, frequency tile, Dv tile): the state is sequential.
@@ -534,8 +540,7 @@ def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: flo
             z = torch.empty(NS, Hk, F, dtype=torch.float32, device=dev)
         else:
             S = z = None
-        launch(S if S is not None else dummy, z if z is not None else dummy, 0, 0, 1, NC, 0,
-               bool(output_final_state))
+        launch(S, z, 0, 0, 1, NC, 0, bool(output_final_state))
     else:
         # Non-causal: sums over key chunks split into NSPLIT ranges (enough programs to fill the device),
         # reduced on the host in a fixed order (deterministic); then every range writes its outputs from
