@@ -310,7 +310,6 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
 
     b_w, b_bias, b_freq, b_psi = _tile_params(w, bias, freq, psi, i_bk, i_hk, o_m, m_m, o_d, m_d, stride_wh, M, D,
                                               HAS_PSI, BD)
-    p_ks = _kstab_row(kstab, chunk_off, i_b, i_hk, i_bk, NC, NCS, CAUSAL, IS_VARLEN)
     if CAUSAL and IS_VARLEN:
         NK = tl.maximum(NC, 1)            # an empty sequence owns one chunk slot (its initial stabiliser)
     elif CAUSAL:
@@ -341,6 +340,7 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
 
     b_dw = tl.zeros([BM, BD], dtype=tl.float32)
     b_db = tl.zeros([BM], dtype=tl.float32)
+    p_ks = _kstab_row(kstab, chunk_off, i_b, i_hk, i_bk, NC, NCS, CAUSAL, IS_VARLEN)
     b_knext = tl.load(p_ks + NK - 1)
     for i in range(0, c_hi - c_lo):
         c = c_hi - 1 - i
@@ -564,7 +564,7 @@ def rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qm
         cps = triton.cdiv(NC, _num_splits(NC, NM * NS * H, dev))
         nsplit = triton.cdiv(NC, cps)
     grid = (NM, NS * H, nsplit)
-    tables = dict(cu=None, chunk_off=None, NCS=0) if varlen is None else dict(
+    tables = dict(cu=None, chunk_off=None, NCS=None) if varlen is None else dict(
         cu=varlen.cu, chunk_off=varlen.chunk_off, NCS=varlen.chunk_capacity)
     dq_part = torch.empty(NM, B, T, H, D, device=dev, dtype=torch.float32)
     dk_part = torch.empty(NM, B, T, H, D, device=dev, dtype=torch.float32)

@@ -189,6 +189,8 @@ def _rf_chunk_state_kernel(k, v, W, bias, freq, psi, mask, kstab, L, Lz, cu, chu
     # launched per (batch, key/value head): H is the key/value heads
     i_b, i_h, i_hk, i_bhk, i_rl, bos, eos, i_bt, i_bht, NC, p_ks, i_row = _range_of(
         cu, chunk_off, range_off, range_seq, kstab, i_bh, i_r, H, H, 1, T, CPS, NCS, NRS, BT, IS_VARLEN)
+    if not IS_VARLEN:
+        i_row = i_bh * tl.cdiv(NC, CPS) + i_r       # dense: the program row is the (batch, key/value head)
     F = M if KIND == 0 else 2 * M
     o_d = tl.arange(0, BD)
     m_d = o_d < D
@@ -418,8 +420,8 @@ def _rf_chunk_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, kstab, da, dbeta, L
                                 cu, chunk_off, range_off, range_seq,
                                 T, H, HK, G, M, D, DV, stride_wh, CPS, NCS, NRS, root, c_t, c_o,
                                 KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
-                                IS_VARLEN: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-                                BV: tl.constexpr):
+                                IS_VARLEN: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr,
+                                BD: tl.constexpr, BV: tl.constexpr):
     """Range i_r's own dS = sum_t phiq_t a_t^T and dz = sum_t phiq_t beta_t, relative to s_r: query t of
     chunk c counts exp(min(s_r - kstab_c, 0)) (the walk's factors from chunk c back to the range's
     first). Program id 1 is a (batch, key/value head) pair: the sum runs over the G query heads of its
@@ -429,8 +431,12 @@ def _rf_chunk_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, kstab, da, dbeta, L
     i_p = tl.program_id(1).to(tl.int64)
     i_r = tl.program_id(2).to(tl.int64)
     # program id 1 is a (batch, key/value head) pair (packed: the key/value head)
-    i_b, _, i_hk, i_bhk, i_rl, bos, eos, i_bt, _, NC, p_ks, i_row = _range_of(
+    i_b, i_hk, i_hk, i_bhk, i_rl, bos, eos, i_bt, i_bht, NC, p_ks, i_row = _range_of(   # H = HK, G = 1
         cu, chunk_off, range_off, range_seq, kstab, i_p, i_r, HK, HK, 1, T, CPS, NCS, NRS, BT, IS_VARLEN)
+    if not IS_VARLEN:                     # dense: the program row is the (batch, key/value head)
+        i_bhk = i_p
+        p_ks = kstab + i_bhk * NC
+        i_row = i_bhk * tl.cdiv(NC, CPS) + i_r
     F = M if KIND == 0 else 2 * M
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < M
@@ -481,8 +487,8 @@ def _rf_chunk_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, Sb, zb, qmax, kst
                             dq, dw, db, cu, chunk_off, range_off, range_seq,
                             T, H, HK, G, M, D, DV, stride_wh, CPS, NCS, NRS, s_wp, s_bp, root, c_t, c_o,
                             KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
-                            HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr,
-                            BD: tl.constexpr, BV: tl.constexpr):
+                            HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
+                            BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
     """dq of range i_r's chunks (and the query part of dW, dbias, slice i_r), walking forward from the
     state before the range (Sb, zb: relative to kstab at its first chunk)."""
     i_m = tl.program_id(0).to(tl.int64)
@@ -570,8 +576,8 @@ def _rf_chunk_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, dSa, dza_, qmax,
                              dk, dv, dw, db, cu, chunk_off, range_off, range_seq,
                              T, H, HK, G, M, D, DV, stride_wh, CPS, NCS, NRS, s_wp, s_bp, root, c_t, c_o,
                              KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
-                             HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr,
-                             BD: tl.constexpr, BV: tl.constexpr):
+                             HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
+                             BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
     """dk, dv of range i_r's chunks (and the key part of dW, dbias, slice i_r), walking backward from
     dS, dz of every later query (dSa, dza_: relative to kstab at the range's last chunk)."""
     i_m = tl.program_id(0).to(tl.int64)
@@ -673,9 +679,10 @@ def _f32(t):
 
 
 def _varlen_args(varlen: VarlenTables | None) -> dict:
-    """The packed-sequence arguments of the range kernels (no tables when dense: IS_VARLEN is False)."""
+    """The packed-sequence arguments of the range kernels; all None when dense (IS_VARLEN is False, and the
+    dense kernels keep the signature they had without packed sequences)."""
     if varlen is None:
-        return dict(cu=None, chunk_off=None, range_off=None, range_seq=None, NCS=0, NRS=0)
+        return dict(cu=None, chunk_off=None, range_off=None, range_seq=None, NCS=None, NRS=None)
     return dict(cu=varlen.cu, chunk_off=varlen.chunk_off, range_off=varlen.range_off, range_seq=varlen.range_seq,
                 NCS=varlen.chunk_capacity, NRS=varlen.num_range_slots)
 
@@ -708,8 +715,9 @@ def _scan(L, Lz, kstab, init, init_z, NC, cps, *, reverse: bool, varlen: VarlenT
     tables = _varlen_args(varlen)
     _rf_chunk_scan_kernel[(B * Hk, triton.cdiv(F, BF), triton.cdiv(Dv, BV))](
         L=L, Lz=Lz, kstab=kstab, init=init, init_z=init_z, out=out, out_z=out_z, fin=fin, fin_z=fin_z,
-        chunk_off=tables["chunk_off"], range_off=tables["range_off"], NC=NC, F=F, DV=Dv, CPS=cps, HK=Hk,
-        NCS=tables["NCS"], NRS=tables["NRS"], REVERSE=reverse, STORE_FINAL=True, BF=BF, BV=BV, num_warps=4)
+        chunk_off=tables["chunk_off"], range_off=tables["range_off"], NC=NC, F=F, DV=Dv, CPS=cps,
+        HK=None if varlen is None else Hk, NCS=tables["NCS"], NRS=tables["NRS"], REVERSE=reverse, STORE_FINAL=True,
+        BF=BF, BV=BV, num_warps=4)
     return out, out_z, fin, fin_z
 
 
@@ -853,8 +861,9 @@ def chunk_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den,
     Lqz = torch.empty(B, Hk, NR, F, dtype=torch.float32, device=dev)
     grid = (NM, B * H, NR)
     _rf_chunk_bwd_dstate_kernel[(NM, B * Hk, NR)](q=q, w=W, bias=bias, freq=freq, psi=psi, qmax=qmax, kstab=kstab, da=a,
-                                      dbeta=beta, L=Lq, Lz=Lqz, **_varlen_args(varlen), T=T, H=H, HK=Hk, G=G, M=M, D=D, DV=Dv, stride_wh=stride_wh,
-                                      CPS=cps, root=root, c_t=c_t, c_o=c_o, **flags, num_warps=4)
+                                      dbeta=beta, L=Lq, Lz=Lqz, **_varlen_args(varlen), T=T, H=H, HK=Hk, G=G, M=M,
+                                      D=D, DV=Dv, stride_wh=stride_wh, CPS=cps, root=root, c_t=c_t, c_o=c_o,
+                                      **flags, num_warps=4)
     has_dsf = dS is not None or dz is not None
     if has_dsf:
         dS = torch.zeros(NS, Hk, F, Dv, device=dev) if dS is None else dS.float().contiguous()

@@ -167,7 +167,7 @@ def _seq_span(cu, i_b, i_bh, i_h, H, T, IS_VARLEN: tl.constexpr):
         i_bt = i_b * 0
         i_bht = i_h
     else:
-        bos = i_b * 0
+        bos = 0                           # a constant: the dense offsets keep T's 32-bit type
         eos = T
         i_bt = i_b
         i_bht = i_bh

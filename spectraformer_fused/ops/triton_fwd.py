@@ -417,7 +417,7 @@ def stabilisers(q, k, W, bias, freq, psi, mask, m0, *, kind: int, c_t: float, c_
         tables = dict(cu=varlen.cu, chunk_off=varlen.chunk_off, chunk_seq=varlen.chunk_seq, NCS=NC)
     else:
         grid = (B * H, NC)
-        tables = dict(cu=None, chunk_off=None, chunk_seq=None, NCS=0)
+        tables = dict(cu=None, chunk_off=None, chunk_seq=None, NCS=None)
     kmax = torch.empty(B, H, NC, dtype=torch.float32, device=dev)
     s_mb, s_mt = (0, 0) if mask is None else mask.stride()
     _rf_stats_fwd_kernel[grid](
@@ -516,7 +516,7 @@ def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: flo
                   kstab=kstab, o=o_buf, den=den_buf, cu=None if varlen is None else varlen.cu,
                   chunk_off=None if varlen is None else varlen.chunk_off,
                   **_strides(q=q, k=k, v=v, w=W), s_mb=s_mb, s_mt=s_mt, s_on=s_on, s_dn=s_dn,
-                  T=T, HK=Hk, M=M, D=D, DV=Dv, NCS=0 if varlen is None else varlen.chunk_capacity,
+                  T=T, HK=Hk, M=M, D=D, DV=Dv, NCS=None if varlen is None else varlen.chunk_capacity,
                   root=math.sqrt(scale), c_t=c_t, c_o=c_o, KIND=kind, HAS_CO=c_o != 0.0, SPLIT=split, PREC=prec,
                   BT=BT, BD=BD, BM=BM)
 
