@@ -17,7 +17,7 @@ from ..feature_map import FeatureParams
 from ..state import RFState
 from .triton_bwd import rf_bwd
 from .triton_chunk import chunk_bwd, chunk_fwd, chunk_size, requested_mode, resolve_mode
-from .triton_common import resource_errors
+from .triton_common import chunk_capacity, resource_errors
 from .triton_fwd import MAX_BM, default_chunk_size, rf_fwd
 
 def _feature_dim(kind: int, m: int) -> int:
@@ -30,59 +30,64 @@ _FWD_OUT = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 @torch.library.custom_op("spectraformer_fused::rf_fwd", mutates_args=())
 def _rf_fwd_op(q: Tensor, k: Tensor, v: Tensor, W: Tensor, bias: Tensor, freq: Tensor, psi: Optional[Tensor],
                mask: Optional[Tensor], S0: Optional[Tensor], z0: Optional[Tensor], m0: Optional[Tensor],
-               kind: int, c_t: float, c_o: float, scale: float, causal: bool, chunk_size: int,
-               mode: str) -> _FWD_OUT:
+               cu_seqlens: Optional[Tensor], kind: int, c_t: float, c_o: float, scale: float, causal: bool,
+               chunk_size: int, mode: str) -> _FWD_OUT:
     """(o, den, qmax, kstab, S, z, m); the final state is always returned (it is O(F Dv) per head).
-    mode: "walk" or "chunk" (causal only; triton_chunk.py)."""
+    mode: "walk" or "chunk" (causal only; triton_chunk.py). cu_seqlens: packed sequences (``rf_fwd``)."""
     with resource_errors("forward", q.dtype, q.shape[-1], v.shape[-1]):
         if causal and mode == "chunk":
             o, den, qmax, kstab, S, z, m, _ = chunk_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, kind=kind,
                                                         c_t=c_t, c_o=c_o, scale=scale, output_final_state=True,
-                                                        chunk_size=chunk_size)
+                                                        chunk_size=chunk_size, cu_seqlens=cu_seqlens)
             return o, den, qmax, kstab, S, z, m
         o, den, qmax, kstab, S, z, m, _ = rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, kind=kind, c_t=c_t,
                                                  c_o=c_o, scale=scale, causal=causal, output_final_state=True,
-                                                 chunk_size=chunk_size)
+                                                 chunk_size=chunk_size, cu_seqlens=cu_seqlens)
     return o, den, qmax, kstab, S, z, m
 
 
 @_rf_fwd_op.register_fake
-def _(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, kind, c_t, c_o, scale, causal, chunk_size, mode):
+def _(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, cu_seqlens, kind, c_t, c_o, scale, causal, chunk_size, mode):
     B, T, H, _ = q.shape
     Hk = k.shape[2]                       # grouped-query attention: kstab and the state per key/value head
     Dv = v.shape[-1]
     F = _feature_dim(kind, W.shape[1])
-    NK = triton.cdiv(T, chunk_size) if causal else 1
     f32 = dict(dtype=torch.float32, device=q.device)
+    if cu_seqlens is None:
+        NS, kstab = B, q.new_empty(B, Hk, triton.cdiv(T, chunk_size) if causal else 1, **f32)
+    else:                                 # packed sequences: the states per sequence, kstab per chunk slot
+        NS = cu_seqlens.shape[0] - 1
+        kstab = (q.new_empty(1, Hk, chunk_capacity(T, NS, chunk_size), **f32) if causal
+                 else q.new_empty(NS, Hk, 1, **f32))
     return (q.new_empty(B, T, H, Dv, dtype=v.dtype), q.new_empty(B, H, T, **f32), q.new_empty(B, H, T, **f32),
-            q.new_empty(B, Hk, NK, **f32), q.new_empty(B, Hk, F, Dv, **f32), q.new_empty(B, Hk, F, **f32),
-            q.new_empty(B, Hk, **f32))
+            kstab, q.new_empty(NS, Hk, F, Dv, **f32), q.new_empty(NS, Hk, F, **f32), q.new_empty(NS, Hk, **f32))
 
 
 @torch.library.custom_op("spectraformer_fused::rf_bwd", mutates_args=())
 def _rf_bwd_op(do: Tensor, dS: Optional[Tensor], dz: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, W: Tensor,
                bias: Tensor, freq: Tensor, psi: Optional[Tensor], mask: Optional[Tensor], S0: Optional[Tensor],
-               z0: Optional[Tensor], m0: Optional[Tensor], o: Tensor, den: Tensor, qmax: Tensor, kstab: Tensor,
-               S: Tensor, z: Tensor, kind: int, c_t: float, c_o: float, scale: float, causal: bool,
-               chunk_size: int, mode: str) -> _FWD_OUT:
+               z0: Optional[Tensor], m0: Optional[Tensor], cu_seqlens: Optional[Tensor], o: Tensor, den: Tensor,
+               qmax: Tensor, kstab: Tensor, S: Tensor, z: Tensor, kind: int, c_t: float, c_o: float, scale: float,
+               causal: bool, chunk_size: int, mode: str) -> _FWD_OUT:
     """(dq, dk, dv, dW [H, m, D], dbias, dS0, dz0); dS0 and dz0 are empty without an initial state."""
     with resource_errors("backward", q.dtype, q.shape[-1], v.shape[-1]):
         if causal and mode == "chunk":
             dq, dk, dv, dW, dbias, dS0, dz0 = chunk_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o,
                                                         den, qmax, kstab, kind=kind, c_t=c_t, c_o=c_o, scale=scale,
-                                                        chunk_size=chunk_size)
+                                                        chunk_size=chunk_size, cu_seqlens=cu_seqlens)
         else:
             dq, dk, dv, dW, dbias, dS0, dz0 = rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o,
                                                      den, qmax, kstab, S, z, kind=kind, c_t=c_t, c_o=c_o,
-                                                     scale=scale, causal=causal, chunk_size=chunk_size)
+                                                     scale=scale, causal=causal, chunk_size=chunk_size,
+                                                     cu_seqlens=cu_seqlens)
     if dS0 is None:
         dS0, dz0 = q.new_zeros(0, dtype=torch.float32), q.new_zeros(0, dtype=torch.float32)
     return dq, dk, dv, dW, dbias, dS0, dz0
 
 
 @_rf_bwd_op.register_fake
-def _(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab, S, z, kind, c_t, c_o, scale,
-      causal, chunk_size, mode):
+def _(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, cu_seqlens, o, den, qmax, kstab, S, z, kind, c_t,
+      c_o, scale, causal, chunk_size, mode):
     f32 = dict(dtype=torch.float32, device=q.device)
     ds0 = q.new_empty(S0.shape, **f32) if S0 is not None else q.new_empty(0, **f32)
     dz0 = q.new_empty(z0.shape, **f32) if z0 is not None else q.new_empty(0, **f32)
@@ -91,50 +96,59 @@ def _(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, k
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, W, bias, freq, psi, mask, S0, z0, m0, kind, c_t, c_o, scale, causal, chunk_size, mode = inputs
+    q, k, v, W, bias, freq, psi, mask, S0, z0, m0, cu_seqlens, kind, c_t, c_o, scale, causal, chunk_size, mode = inputs
     o, den, qmax, kstab, S, z = output[:6]
     # Saved: inputs, o, the stabilisers and the final state (O(F Dv) per head: the non-causal backward's
     # state); the features are recomputed in the backward.
-    ctx.save_for_backward(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab, S, z)
+    ctx.save_for_backward(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, cu_seqlens, o, den, qmax, kstab, S, z)
     ctx.meta = (kind, c_t, c_o, scale, causal, chunk_size, mode)
     ctx.has_s0 = S0 is not None
 
 
 def _backward(ctx, do, dden, dqmax, dkstab, dS, dz, dm):
-    q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab, S, z = ctx.saved_tensors
+    q, k, v, W, bias, freq, psi, mask, S0, z0, m0, cu_seqlens, o, den, qmax, kstab, S, z = ctx.saved_tensors
     if do is None:
         do = torch.zeros_like(o)
     dq, dk, dv, dW, dbias, dS0, dz0 = torch.ops.spectraformer_fused.rf_bwd(
-        do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab, S, z, *ctx.meta)
+        do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, cu_seqlens, o, den, qmax, kstab, S, z, *ctx.meta)
     if not ctx.has_s0:
         dS0 = dz0 = None
-    return dq, dk, dv, dW, dbias, None, None, None, dS0, dz0, None, None, None, None, None, None, None, None
+    return dq, dk, dv, dW, dbias, None, None, None, dS0, dz0, None, None, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("spectraformer_fused::rf_fwd", _backward, setup_context=_setup_context)
 
 
-def causal_mode(q: Tensor, v: Tensor, m: int, causal: bool) -> str:
+def causal_mode(q: Tensor, v: Tensor, m: int, causal: bool, num_seqs: int | None = None) -> str:
     """"walk" or "chunk": SPECTRAFORMER_FUSED_TRITON_MODE (auto, walk, chunk; default auto) with "auto"
     resolved by ``triton_chunk.choose_mode`` from the walk's program count (B x H query heads, with or
     without grouped-query attention). "walk" when not causal (the non-causal forward already splits the
-    chunks into ranges)."""
+    chunks into ranges). Packed sequences (``num_seqs``): the walk runs one program set per sequence, the
+    typical length is the mean one."""
     mode = requested_mode()
     if not causal:
         return "walk"
     B, T, H, _ = q.shape
+    if num_seqs is not None:
+        B, T = num_seqs, T // max(1, num_seqs)
     walk_programs = B * H * triton.cdiv(m, min(MAX_BM, max(16, triton.next_power_of_2(m)))) * triton.cdiv(
         v.shape[-1], 64)
     return resolve_mode(mode, walk_programs, T, q.device)
 
 
 def triton_attention(q: Tensor, k: Tensor, v: Tensor, params: FeatureParams, *, causal: bool,
-                     key_padding_mask: Optional[Tensor], initial_state: Optional[RFState], output_final_state: bool):
+                     key_padding_mask: Optional[Tensor], initial_state: Optional[RFState], output_final_state: bool,
+                     cu_seqlens: Optional[Tensor] = None):
     """Random-feature attention with the Triton kernels; the reference's semantics and signature.
 
     k, v and the parameters may have fewer heads than q (grouped-query attention; see ``rf_fwd``).
     Returns ``(o [B, T, H, Dv] in v's dtype, RFState (fp32) or None)``. Differentiable in q, k, v,
     W, bias and the initial state's S and z.
+
+    ``cu_seqlens`` (int32 ``[N + 1]``, validated by the caller): packed variable-length sequences. q, k, v
+    are ``[1, Ttot, ., .]``, the parameters' batch axis and the states' are the sequence axis (N rows);
+    every sequence runs as if alone (its own stabilisers, initial and final state), all in one set of
+    kernel launches, causal or not, walk or chunk mode.
     """
     if initial_state is not None:
         S0, z0, m0 = (t.float().contiguous() for t in initial_state)
@@ -142,10 +156,13 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, params: FeatureParams, *, 
         S0 = z0 = m0 = None
     psi = None if params.psi is None else params.psi.float().contiguous()
     mask = None if key_padding_mask is None else key_padding_mask.contiguous()
-    mode = causal_mode(q, v, params.W.shape[1], causal)
+    num_seqs = None if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    if cu_seqlens is not None:
+        cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
+    mode = causal_mode(q, v, params.W.shape[1], causal, num_seqs)
     chunk = chunk_size(q.shape[1]) if mode == "chunk" else default_chunk_size(q.shape[1])
     o, _, _, _, S, z, m = torch.ops.spectraformer_fused.rf_fwd(
         q.contiguous(), k.contiguous(), v.contiguous(), params.W.float(), params.bias.float().contiguous(),
-        params.freq.float().contiguous(), psi, mask, S0, z0, m0, int(params.kind), float(params.c_t),
+        params.freq.float().contiguous(), psi, mask, S0, z0, m0, cu_seqlens, int(params.kind), float(params.c_t),
         float(params.c_o), float(params.scale), bool(causal), chunk, mode)
     return o, (RFState(S, z, m) if output_final_state else None)

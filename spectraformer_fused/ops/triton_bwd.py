@@ -47,7 +47,8 @@ import triton
 import triton.language as tl
 
 from . import autotune_enabled
-from .triton_common import _dot, _features, _keep_rows, _transform, dot_precision
+from .triton_common import (VarlenTables, _dot, _features, _keep_rows, _seq_span, _transform, dot_precision,
+                            optional_inputs)
 from .triton_fwd import _num_splits, freq_tile
 
 DEN_EPS = 1e-30
@@ -99,6 +100,20 @@ def _tile_params(w, bias, freq, psi, i_bh, i_h, o_m, m_m, o_d, m_d, stride_wh, M
 
 
 @triton.jit
+def _kstab_row(kstab, chunk_off, i_b, i_hk, i_bk, NC, NCS, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Pointer to the key stabilisers of (batch or sequence i_b, key/value head): the causal kstab
+    ``[B, HK, NC]``, or of packed sequences ``[1, HK, NCS]`` with sequence i_b's chunks from slot
+    chunk_off[i_b]; the non-causal ``[B, HK, 1]`` (one per sequence)."""
+    if CAUSAL and IS_VARLEN:
+        p = kstab + i_hk * NCS + tl.load(chunk_off + i_b)
+    elif CAUSAL:
+        p = kstab + i_bk * NC
+    else:
+        p = kstab + i_bk
+    return p
+
+
+@triton.jit
 def _phi_grad(dpa, dpb, pa, pb, KIND: tl.constexpr):
     """Feature gradients -> (de, du) [BT, BM]: de the gradient of the common exponent part
     (bias + r, summed over both blocks), du the gradient of u = freq * w . x'."""
@@ -135,11 +150,12 @@ def _input_grad(de, du, xt, raw, w, psi, freq, root, c_t, c_o,
     return dx * root
 
 
+@optional_inputs(HAS_PSI="psi", HAS_MASK="mask", HAS_S0="s0", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
 def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qmax, kstab, da, dbeta,
-                      dq, dw, db, T, H, HK, G, M, D, DV, stride_wh, CPS, s_wp, s_bp, root, c_t, c_o,
-                      KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
-                      HAS_MASK: tl.constexpr, HAS_S0: tl.constexpr,
+                      dq, dw, db, cu, chunk_off, T, H, HK, G, M, D, DV, stride_wh, CPS, NCS, s_wp, s_bp, root, c_t,
+                      c_o, KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
+                      HAS_MASK: tl.constexpr, HAS_S0: tl.constexpr, IS_VARLEN: tl.constexpr,
                       PREC: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
                       BV: tl.constexpr):
     """dq (and the query part of dW, dbias). Causal: one ordered walk rebuilding the state. Non-causal:
@@ -153,7 +169,8 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qma
     i_h = i_bh % H
     i_hk = i_h // G                       # grouped-query attention: the key/value head of query head i_h
     i_bk = i_b * HK + i_hk                # k, v, the parameters, kstab and the state are per key/value head
-    NC = tl.cdiv(T, BT)
+    bos, eos, i_bt, i_bht = _seq_span(cu, i_b, i_bh, i_h, H, T, IS_VARLEN)
+    NC = tl.cdiv(eos - bos, BT)
     F = M if KIND == 0 else 2 * M
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < M
@@ -162,15 +179,15 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qma
     o_v = tl.arange(0, BV)
     m_v = o_v < DV
     o_c = tl.arange(0, BT)
-    part = i_m * T * tl.num_programs(1)                     # start of this tile's partial [B, T, H, D]
+    if IS_VARLEN:
+        part = i_m * T * H                                  # start of this tile's partial [1, T, H, D]
+    else:
+        part = i_m * T * tl.num_programs(1)                 # start of this tile's partial [B, T, H, D]
 
     b_w, b_bias, b_freq, b_psi = _tile_params(w, bias, freq, psi, i_bk, i_hk, o_m, m_m, o_d, m_d, stride_wh, M, D,
                                               HAS_PSI, BD)
-    if CAUSAL:
-        NK = NC
-    else:
-        NK = 1
-    b_ks0 = tl.load(kstab + i_bk * NK)
+    p_ks = _kstab_row(kstab, chunk_off, i_b, i_hk, i_bk, NC, NCS, CAUSAL, IS_VARLEN)
+    b_ks0 = tl.load(p_ks)
 
     # carried state of this tile, relative to the current key stabiliser: [BM, BV] and [BM]
     b_sa = tl.zeros([BM, BV], dtype=tl.float32)
@@ -203,18 +220,18 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qma
     b_db = tl.zeros([BM], dtype=tl.float32)
     b_kprev = b_ks0
     for c in range(c_lo, c_hi):
-        o_t = c * BT + o_c
-        m_t = o_t < T
-        p_tk = ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]           # q, dq (and partials)
+        o_t = bos + c * BT + o_c
+        m_t = o_t < eos
+        p_tk = ((i_bt * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]           # q, dq (and partials)
         m_tk = m_t[:, None] & m_d[None, :]
-        p_tv = ((i_b * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]         # a (and partials)
+        p_tv = ((i_bt * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]         # a (and partials)
         m_tv = m_t[:, None] & m_v[None, :]
-        p_kk = ((i_b * T + o_t[:, None]) * HK + i_hk) * D + o_d[None, :]        # k
-        p_kv = ((i_b * T + o_t[:, None]) * HK + i_hk) * DV + o_v[None, :]       # v
+        p_kk = ((i_bt * T + o_t[:, None]) * HK + i_hk) * D + o_d[None, :]        # k
+        p_kv = ((i_bt * T + o_t[:, None]) * HK + i_hk) * DV + o_v[None, :]       # v
         b_a = tl.load(da + p_tv, mask=m_tv, other=0.0)                              # [BT, BV]
-        b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0)             # [BT]
+        b_beta = tl.load(dbeta + i_bht * T + o_t, mask=m_t, other=0.0)             # [BT]
         if CAUSAL:
-            b_ks = tl.load(kstab + i_bk * NK + c)
+            b_ks = tl.load(p_ks + c)
             # as in the forward: min() keeps the factor finite after chunks with no key (state zero)
             b_rescale = tl.exp(tl.minimum(b_kprev - b_ks, 0.0))
             b_kprev = b_ks
@@ -223,7 +240,7 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qma
             b_sb *= b_rescale
             b_zb *= b_rescale
             b_v = tl.load(v + p_kv, mask=m_tv, other=0.0).to(tl.float32)
-            _, _, ka, kb = _key_phi(k, mask, p_kk, m_tk, i_b, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, b_ks,
+            _, _, ka, kb = _key_phi(k, mask, p_kk, m_tk, i_bt, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, b_ks,
                                     root, c_t, c_o, KIND, HAS_PSI, HAS_CO, HAS_MASK, PREC)
             # P[t, j] = a_t . v_j + beta_t for keys j <= t of this chunk
             b_p = _dot(b_a, tl.trans(b_v), PREC) + b_beta[:, None]                      # [BT, BV] @ [BV, BT]
@@ -240,7 +257,7 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qma
         else:
             dqb = dqa
 
-        b_q, qt, qa, qb = _query_phi(q, qmax, p_tk, m_tk, i_bh, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, root,
+        b_q, qt, qa, qb = _query_phi(q, qmax, p_tk, m_tk, i_bht, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, root,
                                      c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC)
         de, du = _phi_grad(dqa, dqb, qa, qb, KIND)
         b_db += tl.sum(de, axis=0)
@@ -259,11 +276,13 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qma
     tl.store(db + i_s * s_bp + i_bh * M + o_m, b_db, mask=m_m)
 
 
+@optional_inputs(HAS_PSI="psi", HAS_MASK="mask", HAS_S0="ds0", HAS_DSF="dsf", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
 def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, dbeta, dsf, dzf,
-                       dk, dv, dw, db, ds0, dz0, T, H, HK, G, M, D, DV, stride_wh, CPS, s_wp, s_bp, root, c_t, c_o,
-                       KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
-                       HAS_MASK: tl.constexpr, HAS_S0: tl.constexpr, HAS_DSF: tl.constexpr,
+                       dk, dv, dw, db, ds0, dz0, cu, chunk_off, T, H, HK, G, M, D, DV, stride_wh, CPS, NCS, s_wp, s_bp,
+                       root, c_t, c_o, KIND: tl.constexpr, CAUSAL: tl.constexpr, HAS_PSI: tl.constexpr,
+                       HAS_CO: tl.constexpr, HAS_MASK: tl.constexpr, HAS_S0: tl.constexpr, HAS_DSF: tl.constexpr,
+                       IS_VARLEN: tl.constexpr,
                        PREC: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
                        BV: tl.constexpr):
     i_m = tl.program_id(0).to(tl.int64)
@@ -273,7 +292,8 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
     i_h = i_bh % H
     i_hk = i_h // G                       # grouped-query attention: the key/value head of query head i_h
     i_bk = i_b * HK + i_hk                # k, v, the parameters, kstab and the state are per key/value head
-    NC = tl.cdiv(T, BT)
+    bos, eos, i_bt, i_bht = _seq_span(cu, i_b, i_bh, i_h, H, T, IS_VARLEN)
+    NC = tl.cdiv(eos - bos, BT)
     F = M if KIND == 0 else 2 * M
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < M
@@ -283,11 +303,16 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
     m_v = o_v < DV
     o_c = tl.arange(0, BT)
     m_sv = m_m[:, None] & m_v[None, :]
-    part = i_m * T * tl.num_programs(1)                     # start of this tile's partial [B, T, H, .]
+    if IS_VARLEN:
+        part = i_m * T * H                                  # start of this tile's partial [1, T, H, .]
+    else:
+        part = i_m * T * tl.num_programs(1)                 # start of this tile's partial [B, T, H, .]
 
     b_w, b_bias, b_freq, b_psi = _tile_params(w, bias, freq, psi, i_bk, i_hk, o_m, m_m, o_d, m_d, stride_wh, M, D,
                                               HAS_PSI, BD)
-    if CAUSAL:
+    if CAUSAL and IS_VARLEN:
+        NK = tl.maximum(NC, 1)            # an empty sequence owns one chunk slot (its initial stabiliser)
+    elif CAUSAL:
         NK = NC
     else:
         NK = 1
@@ -315,19 +340,20 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
 
     b_dw = tl.zeros([BM, BD], dtype=tl.float32)
     b_db = tl.zeros([BM], dtype=tl.float32)
-    b_knext = tl.load(kstab + i_bk * NK + NK - 1)
+    p_ks = _kstab_row(kstab, chunk_off, i_b, i_hk, i_bk, NC, NCS, CAUSAL, IS_VARLEN)
+    b_knext = tl.load(p_ks + NK - 1)
     for i in range(0, c_hi - c_lo):
         c = c_hi - 1 - i
-        o_t = c * BT + o_c
-        m_t = o_t < T
-        p_tk = ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]           # q, dq (and partials)
+        o_t = bos + c * BT + o_c
+        m_t = o_t < eos
+        p_tk = ((i_bt * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]           # q, dq (and partials)
         m_tk = m_t[:, None] & m_d[None, :]
-        p_tv = ((i_b * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]         # a (and partials)
+        p_tv = ((i_bt * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]         # a (and partials)
         m_tv = m_t[:, None] & m_v[None, :]
-        p_kk = ((i_b * T + o_t[:, None]) * HK + i_hk) * D + o_d[None, :]        # k
-        p_kv = ((i_b * T + o_t[:, None]) * HK + i_hk) * DV + o_v[None, :]       # v
+        p_kk = ((i_bt * T + o_t[:, None]) * HK + i_hk) * D + o_d[None, :]        # k
+        p_kv = ((i_bt * T + o_t[:, None]) * HK + i_hk) * DV + o_v[None, :]       # v
         if CAUSAL:
-            b_ks = tl.load(kstab + i_bk * NK + c)
+            b_ks = tl.load(p_ks + c)
             # the derivative of the forward's exp(min(kstab_c - kstab_{c+1}, 0)): finite after empty chunks
             b_rescale = tl.exp(tl.minimum(b_ks - b_knext, 0.0))
             b_knext = b_ks
@@ -338,7 +364,7 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
         else:
             b_ks = b_knext
         b_v = tl.load(v + p_kv, mask=m_tv, other=0.0).to(tl.float32)
-        b_k, kt, ka, kb = _key_phi(k, mask, p_kk, m_tk, i_b, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, b_ks,
+        b_k, kt, ka, kb = _key_phi(k, mask, p_kk, m_tk, i_bt, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, b_ks,
                                    root, c_t, c_o, KIND, HAS_PSI, HAS_CO, HAS_MASK, PREC)
 
         # carried part: dphik_j = dS v_j + dz, dv_j = dS^T phik_j
@@ -351,8 +377,8 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
             dkb = dka
         if CAUSAL:
             b_a = tl.load(da + p_tv, mask=m_tv, other=0.0)
-            b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0)
-            _, _, qa, qb = _query_phi(q, qmax, p_tk, m_tk, i_bh, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, root,
+            b_beta = tl.load(dbeta + i_bht * T + o_t, mask=m_t, other=0.0)
+            _, _, qa, qb = _query_phi(q, qmax, p_tk, m_tk, i_bht, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, root,
                                       c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC)
             causal = o_t[:, None] <= o_t[None, :]                                          # key j (row) <= query t
             # P^T[j, t] = a_t . v_j + beta_t
@@ -403,10 +429,11 @@ else:
     _rf_bwd_dq_kernel_tuned = _rf_bwd_dkv_kernel_tuned = None
 
 
+@optional_inputs(HAS_PSI="psi", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
-def _rf_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, da, dbeta, dsp, dzp,
+def _rf_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, da, dbeta, dsp, dzp, cu,
                           T, H, HK, G, M, D, DV, stride_wh, CPS, s_sp, s_zp, root, c_t, c_o,
-                          KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
+                          KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr, IS_VARLEN: tl.constexpr,
                           PREC: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
                       BV: tl.constexpr):
     """Non-causal: this chunk range's part of dS = sum_t phiq_t a_t^T and dz = sum_t phiq_t beta_t,
@@ -418,7 +445,8 @@ def _rf_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, da, dbeta, dsp, dzp,
     i_h = i_bh % H
     i_hk = i_h // G                       # grouped-query attention: the key/value head of query head i_h
     i_bk = i_b * HK + i_hk                # k, v, the parameters, kstab and the state are per key/value head
-    NC = tl.cdiv(T, BT)
+    bos, eos, i_bt, i_bht = _seq_span(cu, i_b, i_bh, i_h, H, T, IS_VARLEN)
+    NC = tl.cdiv(eos - bos, BT)
     F = M if KIND == 0 else 2 * M
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < M
@@ -436,13 +464,13 @@ def _rf_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, da, dbeta, dsp, dzp,
     b_dzb = tl.zeros([BM], dtype=tl.float32)
     c_lo = i_s * CPS
     for c in range(c_lo, tl.minimum(c_lo + CPS, NC)):
-        o_t = c * BT + o_c
-        m_t = o_t < T
-        p_tk = ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
-        b_a = tl.load(da + ((i_b * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :],
+        o_t = bos + c * BT + o_c
+        m_t = o_t < eos
+        p_tk = ((i_bt * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
+        b_a = tl.load(da + ((i_bt * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :],
                       mask=m_t[:, None] & m_v[None, :], other=0.0)
-        b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0)
-        _, _, qa, qb = _query_phi(q, qmax, p_tk, m_t[:, None] & m_d[None, :], i_bh, T, o_t, m_t, b_w, b_bias,
+        b_beta = tl.load(dbeta + i_bht * T + o_t, mask=m_t, other=0.0)
+        _, _, qa, qb = _query_phi(q, qmax, p_tk, m_t[:, None] & m_d[None, :], i_bht, T, o_t, m_t, b_w, b_bias,
                                   b_freq, b_psi, root, c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC)
         b_dsa += _dot(tl.trans(qa), b_a, PREC)                                          # [BM, BT] @ [BT, BV]
         b_dza += tl.sum(qa * b_beta[:, None], axis=0)
@@ -458,10 +486,6 @@ def _rf_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, da, dbeta, dsp, dzp,
         tl.store(p_dz + M, b_dzb, mask=m_m)
 
 
-def _pow2(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
 def grad_coefficients(do, o, den):
     """``(a [B, T, H, Dv], beta [B, H, T])``, fp32 contiguous: a_t = g_t / den_s and
     beta_t = -(g_t . o_t) d|den_t|/dden_t / den_s. O(T Dv), like softmax's delta."""
@@ -475,7 +499,7 @@ def grad_coefficients(do, o, den):
 
 
 def rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab, S, z, *, kind: int,
-           c_t: float, c_o: float, scale: float, causal: bool, chunk_size: int):
+           c_t: float, c_o: float, scale: float, causal: bool, chunk_size: int, cu_seqlens=None):
     """Gradients of random-feature attention from the saved forward statistics.
 
     ``do [B, T, H, Dv]``; ``dS [B, H, F, Dv]`` and ``dz [B, H, F]`` the gradients of the final state (or
@@ -484,6 +508,9 @@ def rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qm
     gradients run over NSPLIT ranges of chunks in parallel: dS, dz of all queries are reduced on the host
     first, the state is the forward's. Returns ``(dq, dk, dv, dW [H, m, D] fp32, dbias [B, H, m] fp32,
     dS0, dz0)``; dS0, dz0 are None without an initial state.
+
+    ``cu_seqlens``: packed variable-length sequences, as in ``rf_fwd`` (the per-sequence tensors, dbias,
+    dS0 and dz0 included, have batch N; dW is summed over every sequence).
     """
     B, T, H, D = q.shape
     Hk = k.shape[2]
@@ -504,71 +531,75 @@ def rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qm
     a, beta = grad_coefficients(do, o, den)
 
     BT = chunk_size
-    BD, BV = _pow2(D), _pow2(Dv)
+    varlen = None if cu_seqlens is None else VarlenTables(cu_seqlens, BT)
+    NS = B if varlen is None else varlen.num_seqs           # batch rows of the parameters and the states
+    BD, BV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
     # At most 32 frequencies per program: besides W each carries dS (two blocks for HYP/TRIG) and its
     # dW partial across the walk; at D = Dv = 64 a tile of 64 spilled about three times more (sm_90,
     # bench/compile_check.py) and, for HYP in fp32, needed 224 of the 227 KiB of shared memory.
-    BM = min(32, freq_tile(max(BD, BV)), _pow2(M))
+    BM = min(32, freq_tile(max(BD, BV)), max(16, triton.next_power_of_2(M)))
     NM = triton.cdiv(M, BM)
     has_s0 = S0 is not None
     has_dsf = dS is not None or dz is not None
     if has_s0:
         S0, z0, m0 = S0.float().contiguous(), z0.float().contiguous(), m0.float().contiguous()
     if has_dsf:
-        dS = torch.zeros(B, Hk, F, Dv, device=dev) if dS is None else dS.float()
-        dz = torch.zeros(B, Hk, F, device=dev) if dz is None else dz.float()
+        dS = torch.zeros(NS, Hk, F, Dv, device=dev) if dS is None else dS.float()
+        dz = torch.zeros(NS, Hk, F, device=dev) if dz is None else dz.float()
         if G > 1:   # the kernels read dS, dz per query head: the first head of each group carries them
-            dS = torch.cat([dS[:, :, None], dS.new_zeros(B, Hk, G - 1, F, Dv)], 2).flatten(1, 2)
-            dz = torch.cat([dz[:, :, None], dz.new_zeros(B, Hk, G - 1, F)], 2).flatten(1, 2)
+            dS = torch.cat([dS[:, :, None], dS.new_zeros(NS, Hk, G - 1, F, Dv)], 2).flatten(1, 2)
+            dz = torch.cat([dz[:, :, None], dz.new_zeros(NS, Hk, G - 1, F)], 2).flatten(1, 2)
         dS, dz = dS.contiguous(), dz.contiguous()
     dS_final, dz_final = dS, dz
     mask_arg = None if mask is None else mask.contiguous()
     root = math.sqrt(scale)
     prec = dot_precision(q.dtype, v.dtype)
-    flags = dict(KIND=kind, CAUSAL=bool(causal), HAS_PSI=psi is not None, HAS_CO=c_o != 0.0,
-                 HAS_MASK=mask is not None, HAS_S0=has_s0, PREC=prec, BT=BT, BM=BM, BD=BD, BV=BV)
+    flags = dict(KIND=kind, CAUSAL=bool(causal), HAS_CO=c_o != 0.0, PREC=prec, BT=BT, BM=BM, BD=BD, BV=BV)
 
-    NC = triton.cdiv(T, BT)
+    NC = triton.cdiv(T, BT) if varlen is None else max(1, varlen.max_chunks)
     if causal:
         nsplit, cps = 1, NC
     else:
-        cps = triton.cdiv(NC, _num_splits(NC, NM * B * H, dev))
+        # packed sequences: every sequence gets the ranges of the longest (ranges past its end are empty)
+        cps = triton.cdiv(NC, _num_splits(NC, NM * NS * H, dev))
         nsplit = triton.cdiv(NC, cps)
-    grid = (NM, B * H, nsplit)
+    grid = (NM, NS * H, nsplit)
+    tables = dict(cu=None, chunk_off=None, NCS=None) if varlen is None else dict(
+        cu=varlen.cu, chunk_off=varlen.chunk_off, NCS=varlen.chunk_capacity)
     dq_part = torch.empty(NM, B, T, H, D, device=dev, dtype=torch.float32)
     dk_part = torch.empty(NM, B, T, H, D, device=dev, dtype=torch.float32)
     dv_part = torch.empty(NM, B, T, H, Dv, device=dev, dtype=torch.float32)
-    dw_part = torch.empty(2, nsplit, B, H, M, D, device=dev, dtype=torch.float32)
-    db_part = torch.empty(2, nsplit, B, H, M, device=dev, dtype=torch.float32)
-    s_wp, s_bp = B * H * M * D, B * H * M
-    dS0 = torch.empty(B, H, F, Dv, device=dev, dtype=torch.float32) if has_s0 else None   # per query head
-    dz0 = torch.empty(B, H, F, device=dev, dtype=torch.float32) if has_s0 else None
+    dw_part = torch.empty(2, nsplit, NS, H, M, D, device=dev, dtype=torch.float32)
+    db_part = torch.empty(2, nsplit, NS, H, M, device=dev, dtype=torch.float32)
+    s_wp, s_bp = NS * H * M * D, NS * H * M
+    dS0 = torch.empty(NS, H, F, Dv, device=dev, dtype=torch.float32) if has_s0 else None   # per query head
+    dz0 = torch.empty(NS, H, F, device=dev, dtype=torch.float32) if has_s0 else None
     qmax, kstab = qmax.contiguous(), kstab.contiguous()
     if not causal:
         S, z = S.float().contiguous(), z.float().contiguous()
         # dS, dz of every query, per chunk range, then reduced (with the final-state gradients)
-        dsp = torch.empty(nsplit, B, H, F, Dv, device=dev, dtype=torch.float32)
-        dzp = torch.empty(nsplit, B, H, F, device=dev, dtype=torch.float32)
-        _rf_bwd_dstate_kernel[grid](q, W, bias, freq, psi, qmax, a, beta, dsp, dzp, T, H, Hk, G, M, D, Dv, stride_wh,
-                                    cps, B * H * F * Dv, B * H * F, root, c_t, c_o, KIND=kind,
-                                    HAS_PSI=psi is not None, HAS_CO=c_o != 0.0, PREC=prec, BT=BT, BM=BM, BD=BD, BV=BV,
-                                    num_warps=4)
+        dsp = torch.empty(nsplit, NS, H, F, Dv, device=dev, dtype=torch.float32)
+        dzp = torch.empty(nsplit, NS, H, F, device=dev, dtype=torch.float32)
+        _rf_bwd_dstate_kernel[grid](q=q, w=W, bias=bias, freq=freq, psi=psi, qmax=qmax, da=a, dbeta=beta, dsp=dsp,
+                                    dzp=dzp, cu=tables["cu"], T=T, H=H, HK=Hk, G=G, M=M, D=D, DV=Dv,
+                                    stride_wh=stride_wh, CPS=cps, s_sp=NS * H * F * Dv, s_zp=NS * H * F, root=root,
+                                    c_t=c_t, c_o=c_o, KIND=kind, HAS_CO=c_o != 0.0, PREC=prec, BT=BT, BM=BM, BD=BD,
+                                    BV=BV, num_warps=4)
         dS, dz = dsp.sum(0), dzp.sum(0)
         if has_dsf:
             dS, dz = dS + dS_final, dz + dz_final
-        has_dsf = True
 
     if _rf_bwd_dq_kernel_tuned is None:
         dq_kernel, dkv_kernel = _rf_bwd_dq_kernel, _rf_bwd_dkv_kernel
         launch = dict(num_warps=8 if causal else 4, num_stages=1)
     else:
         dq_kernel, dkv_kernel, launch = _rf_bwd_dq_kernel_tuned, _rf_bwd_dkv_kernel_tuned, {}
-    dq_kernel[grid](q, k, v, W, bias, freq, psi, mask_arg, S0, z0, m0, S, z, qmax, kstab,
-                    a, beta, dq_part, dw_part[0], db_part[0], T, H, Hk, G, M, D, Dv, stride_wh, cps, s_wp, s_bp,
-                    root, c_t, c_o, **flags, **launch)
-    dkv_kernel[grid](q, k, v, W, bias, freq, psi, mask_arg, m0, qmax, kstab,
-                     a, beta, dS, dz, dk_part, dv_part, dw_part[1], db_part[1], dS0, dz0,
-                     T, H, Hk, G, M, D, Dv, stride_wh, cps, s_wp, s_bp, root, c_t, c_o, HAS_DSF=has_dsf, **flags, **launch)
+    common = dict(q=q, k=k, v=v, w=W, bias=bias, freq=freq, psi=psi, mask=mask_arg, qmax=qmax, kstab=kstab, da=a,
+                  dbeta=beta, **tables, T=T, H=H, HK=Hk, G=G, M=M, D=D, DV=Dv, stride_wh=stride_wh, CPS=cps,
+                  s_wp=s_wp, s_bp=s_bp, root=root, c_t=c_t, c_o=c_o, **flags, **launch)
+    dq_kernel[grid](s0=S0, z0=z0, m0=m0, sf=S, zf=z, dq=dq_part, dw=dw_part[0], db=db_part[0], **common)
+    dkv_kernel[grid](m0=m0, dsf=dS, dzf=dz, dk=dk_part, dv=dv_part,
+                     dw=dw_part[1], db=db_part[1], ds0=dS0, dz0=dz0, **common)
     dq = dq_part.sum(0).to(q.dtype)
     # per-query-head partials of the key/value-head gradients, summed over each group in a fixed order
     dk, dv, dW, dbias = dk_part.sum(0), dv_part.sum(0), dw_part.sum((0, 1, 2)), db_part.sum((0, 1))

@@ -31,6 +31,12 @@ query head; dk, dv, dW, dbias are written per query head (the carried ``dS``/``d
 sum, by the first head of the group only) and summed over each group on the host in a fixed order; the
 initial state's gradient comes out of the reverse scan per key/value head.
 
+Packed variable-length sequences (``cu_seqlens``): every sequence has its own ranges of CPS chunks, so no
+range straddles two sequences; the range kernels run over a global table of range slots (``range_seq``,
+``range_off``: fla's ``prepare_chunk_indices`` idea at the range level; an empty sequence owns one empty
+slot) and the scan runs per (sequence, key/value head), from that sequence's own initial state. The
+per-range buffers are ``[1, Hk, range slots, ...]``: nothing is padded to the longest sequence.
+
 Memory beyond the walk's: the states before each range ``[B, Hk, NR, F, Dv]`` and ``[B, Hk, NR, F]`` in
 fp32 (the ranges' local states, written first, are overwritten by the pass; the backward holds two
 such buffers, key and query side).
@@ -48,9 +54,10 @@ import triton
 import triton.language as tl
 
 from ..components import EXP
-from .triton_bwd import _input_grad, _key_phi, _phi_grad, _pow2, _query_phi, _tile_params, grad_coefficients
-from .triton_common import _dot, _features, _keep_rows, _load_rows, _store_out, _transform, dot_precision
-from .triton_fwd import DEN_EPS, MAX_BM, _next_pow2, default_chunk_size, freq_tile, stabilisers
+from .triton_bwd import _input_grad, _key_phi, _phi_grad, _query_phi, _tile_params, grad_coefficients
+from .triton_common import (VarlenTables, _dot, _features, _keep_rows, _load_rows, _seq_span, _store_out, _transform,
+                             dot_precision, optional_inputs)
+from .triton_fwd import DEN_EPS, MAX_BM, _strides, default_chunk_size, freq_tile, stabilisers
 
 MODES = ("auto", "walk", "chunk")
 MODE_ENV = "SPECTRAFORMER_FUSED_TRITON_MODE"
@@ -121,12 +128,55 @@ def range_chunks(num_chunks: int, BT: int, programs: int, device: torch.device) 
     return max(1, min(num_chunks, cps))
 
 
+@triton.jit
+def _range_of(cu, chunk_off, range_off, range_seq, kstab, i_bh, i_r, H, HK, G, T, CPS, NCS, NRS,
+              BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Where the program of (program-id row i_bh, range i_r) works.
+
+    Dense: i_bh = batch x H + head, i_r the range of that batch row. Packed sequences (IS_VARLEN): i_bh is
+    the head and i_r a global range slot, whose sequence (range_seq) is the batch index i_b of the
+    parameters and states; its rows are [cu[i_b], cu[i_b + 1]) of the batch-1 token tensors.
+    Returns (i_b, i_h, i_hk, i_bhk, i_rl: the range within its sequence, bos, eos, i_bt, i_bht (see
+    ``_seq_span``), NC: the sequence's chunks, p_ks: its kstab row (chunk slots), i_row: the range's row
+    of the per-range state buffers [B, HK, NR, ...] or, packed, [1, HK, NRS, ...])."""
+    if IS_VARLEN:
+        i_b = tl.load(range_seq + i_r).to(tl.int64)
+        i_h = i_bh
+        i_rl = i_r - tl.load(range_off + i_b)
+    else:
+        i_b = i_bh // H
+        i_h = i_bh % H
+        i_rl = i_r
+    i_hk = i_h // G                       # grouped-query attention: the key/value head of query head i_h
+    i_bhk = i_b * HK + i_hk               # the parameters, kstab and the states are per key/value head
+    bos, eos, i_bt, i_bht = _seq_span(cu, i_b, i_bh, i_h, H, T, IS_VARLEN)
+    NC = tl.cdiv(eos - bos, BT)
+    if IS_VARLEN:
+        p_ks = kstab + i_hk * NCS + tl.load(chunk_off + i_b)
+        i_row = i_hk * NRS + i_r
+    else:
+        p_ks = kstab + i_bhk * NC
+        i_row = i_bhk * tl.cdiv(NC, CPS) + i_r
+    return i_b, i_h, i_hk, i_bhk, i_rl, bos, eos, i_bt, i_bht, NC, p_ks, i_row
+
+
+@triton.jit
+def _last_chunk(c_lo, c_hi, IS_VARLEN: tl.constexpr):
+    """The last chunk of a range [c_lo, c_hi); the empty range of an empty packed sequence: its one slot."""
+    if IS_VARLEN:
+        c = tl.maximum(c_hi, c_lo + 1) - 1
+    else:
+        c = c_hi - 1
+    return c
+
+
+@optional_inputs(HAS_MASK="mask", HAS_PSI="psi", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
-def _rf_chunk_state_kernel(k, v, W, bias, freq, psi, mask, kstab, L, Lz,
+def _rf_chunk_state_kernel(k, v, W, bias, freq, psi, mask, kstab, L, Lz, cu, chunk_off, range_off, range_seq,
                            s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd, s_wh, s_wm, s_wd, s_mb, s_mt,
-                           T, H, M, D, DV, CPS, root, c_t, c_o,
+                           T, H, M, D, DV, CPS, NCS, NRS, root, c_t, c_o,
                            KIND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PSI: tl.constexpr,
-                           HAS_CO: tl.constexpr, PREC: tl.constexpr,
+                           HAS_CO: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
                            BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr):
     """L[b, h, r] = sum over range r's keys of phi_k v^T (and Lz: of phi_k), features relative to e_r;
     h a key/value head (H here counts them). Program id 2 = Dv tile + NV * range."""
@@ -136,12 +186,11 @@ def _rf_chunk_state_kernel(k, v, W, bias, freq, psi, mask, kstab, L, Lz,
     NV = tl.cdiv(DV, BV)
     i_v = i_vr % NV
     i_r = i_vr // NV
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_hk = i_h                            # launched per (batch, key/value head): H is the key/value heads
-    i_bhk = i_b * H + i_hk
-    NC = tl.cdiv(T, BT)
-    NR = tl.cdiv(NC, CPS)
+    # launched per (batch, key/value head): H is the key/value heads
+    i_b, i_h, i_hk, i_bhk, i_rl, bos, eos, i_bt, i_bht, NC, p_ks, i_row = _range_of(
+        cu, chunk_off, range_off, range_seq, kstab, i_bh, i_r, H, H, 1, T, CPS, NCS, NRS, BT, IS_VARLEN)
+    if not IS_VARLEN:
+        i_row = i_bh * tl.cdiv(NC, CPS) + i_r       # dense: the program row is the (batch, key/value head)
     F = M if KIND == 0 else 2 * M
     o_d = tl.arange(0, BD)
     m_d = o_d < D
@@ -158,30 +207,30 @@ def _rf_chunk_state_kernel(k, v, W, bias, freq, psi, mask, kstab, L, Lz,
     b_bias = tl.load(bias + i_bhk * M + o_m, mask=m_m, other=float("-inf"))
     p_w = W + i_hk * s_wh + o_m[:, None] * s_wm + o_d[None, :] * s_wd
     m_w = m_m[:, None] & m_d[None, :]
-    c_lo = i_r * CPS
+    c_lo = i_rl * CPS
     c_hi = tl.minimum(c_lo + CPS, NC)
-    b_ke = tl.load(kstab + i_bhk * NC + c_hi - 1)
+    b_ke = tl.load(p_ks + _last_chunk(c_lo, c_hi, IS_VARLEN))
     b_sa = tl.zeros([BM, BV], dtype=tl.float32)
     b_sb = tl.zeros([BM, BV], dtype=tl.float32)
     b_za = tl.zeros([BM], dtype=tl.float32)
     b_zb = tl.zeros([BM], dtype=tl.float32)
     for i_c in range(c_lo, c_hi):
-        o_t = i_c * BT + o_i
-        m_t = o_t < T
+        o_t = bos + i_c * BT + o_i
+        m_t = o_t < eos
         b_w = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
-        keep = _keep_rows(mask, i_b, o_t, m_t, s_mb, s_mt, HAS_MASK)
-        b_k = _load_rows(k, i_b, i_hk, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
+        keep = _keep_rows(mask, i_bt, o_t, m_t, s_mb, s_mt, HAS_MASK)
+        b_k = _load_rows(k, i_bt, i_hk, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
         b_xk, b_rk = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
         b_pka, b_pkb = _features(b_xk, b_rk, b_w, b_bias, b_freq, b_ke, keep, KIND, PREC)
-        b_v = _load_rows(v, i_b, i_hk, o_t, m_t, o_v, m_v, s_vb, s_vt, s_vh, s_vd).to(tl.float32)
+        b_v = _load_rows(v, i_bt, i_hk, o_t, m_t, o_v, m_v, s_vb, s_vt, s_vh, s_vd).to(tl.float32)
         # [BM, BT] @ [BT, BV] -> [BM, BV]
         b_sa += _dot(tl.trans(b_pka), b_v, PREC)
         b_za += tl.sum(b_pka, axis=0)
         if KIND != 0:
             b_sb += _dot(tl.trans(b_pkb), b_v, PREC)
             b_zb += tl.sum(b_pkb, axis=0)
-    p_s = L + (i_bh * NR + i_r) * F * DV + o_m[:, None] * DV + o_v[None, :]
-    p_z = Lz + (i_bh * NR + i_r) * F + o_m
+    p_s = L + i_row * F * DV + o_m[:, None] * DV + o_v[None, :]
+    p_z = Lz + i_row * F + o_m
     m_s = m_m[:, None] & m_v[None, :]
     tl.store(p_s, b_sa, mask=m_s)
     if KIND != 0:
@@ -192,10 +241,11 @@ def _rf_chunk_state_kernel(k, v, W, bias, freq, psi, mask, kstab, L, Lz,
             tl.store(p_z + M, b_zb, mask=m_m)
 
 
+@optional_inputs(HAS_INIT="init", IS_VARLEN="chunk_off")
 @triton.jit
-def _rf_chunk_scan_kernel(L, Lz, kstab, init, init_z, out, out_z, fin, fin_z, NC, F, DV, CPS,
-                          REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
-                          BF: tl.constexpr, BV: tl.constexpr):
+def _rf_chunk_scan_kernel(L, Lz, kstab, init, init_z, out, out_z, fin, fin_z, chunk_off, range_off, NC, F, DV, CPS,
+                          HK, NCS, NRS, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
+                          IS_VARLEN: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr):
     """The ordered pass over ranges of one (batch x key/value head, F tile, Dv tile); L, out
     [B, Hk, NR, F, Dv], Lz, out_z [B, Hk, NR, F], init, fin [B, Hk, F, Dv], init_z, fin_z [B, Hk, F].
 
@@ -204,11 +254,26 @@ def _rf_chunk_scan_kernel(L, Lz, kstab, init, init_z, out, out_z, fin, fin_z, NC
     REVERSE (queries' dS): L_r relative to s_r; writes out_r = the sum over later ranges, relative to
     e_r; init is relative to kstab[NC - 1], fin (every range) to kstab[0].
     Rescaling from stabiliser a (earlier in time) to b (later): exp(min(a - b, 0)), the walk's factor.
+    IS_VARLEN: program id 0 is (sequence, key/value head); its chunk slots start at chunk_off[n] of kstab
+    ``[1, HK, NCS]`` (NC of them, 1 for an empty sequence), its range slots at range_off[n] of L, out
+    ``[1, HK, NRS, F, Dv]``; init, fin ``[N, HK, F, Dv]``.
     """
     i_bh = tl.program_id(0).to(tl.int64)
     i_f = tl.program_id(1).to(tl.int64)
     i_v = tl.program_id(2).to(tl.int64)
-    NR = tl.cdiv(NC, CPS)
+    if IS_VARLEN:
+        i_n = i_bh // HK
+        i_hk = i_bh % HK
+        c_0 = tl.load(chunk_off + i_n)
+        NC = tl.load(chunk_off + i_n + 1) - c_0
+        p_ks = kstab + i_hk * NCS + c_0
+        r_0 = tl.load(range_off + i_n)
+        NR = tl.load(range_off + i_n + 1) - r_0
+        i_row = i_hk * NRS + r_0
+    else:
+        NR = tl.cdiv(NC, CPS)
+        p_ks = kstab + i_bh * NC
+        i_row = i_bh * NR
     o_f = i_f * BF + tl.arange(0, BF)
     m_f = o_f < F
     o_v = i_v * BV + tl.arange(0, BV)
@@ -222,16 +287,16 @@ def _rf_chunk_scan_kernel(L, Lz, kstab, init, init_z, out, out_z, fin, fin_z, NC
         b_g = tl.zeros([BF, BV], dtype=tl.float32)
         b_gz = tl.zeros([BF], dtype=tl.float32)
     if REVERSE:
-        b_prev = tl.load(kstab + i_bh * NC + NC - 1)
+        b_prev = tl.load(p_ks + NC - 1)
     else:
-        b_prev = tl.load(kstab + i_bh * NC)
+        b_prev = tl.load(p_ks)
     for i in range(0, NR):
         if REVERSE:
             r = NR - 1 - i
         else:
             r = i
-        b_s = tl.load(kstab + i_bh * NC + r * CPS)
-        b_e = tl.load(kstab + i_bh * NC + tl.minimum(r * CPS + CPS, NC) - 1)
+        b_s = tl.load(p_ks + r * CPS)
+        b_e = tl.load(p_ks + tl.minimum(r * CPS + CPS, NC) - 1)
         if REVERSE:
             b_alpha = tl.exp(tl.minimum(b_e - b_prev, 0.0))
             b_prev = b_s
@@ -240,7 +305,7 @@ def _rf_chunk_scan_kernel(L, Lz, kstab, init, init_z, out, out_z, fin, fin_z, NC
             b_prev = b_e
         b_g *= b_alpha
         b_gz *= b_alpha
-        p_r = (i_bh * NR + r) * F
+        p_r = (i_row + r) * F
         # read before written: out may be L itself (each program owns its [BF, BV] block; out_z is written
         # by the programs of the first Dv tile only, the others' copies of b_gz are never stored)
         b_l = tl.load(L + p_r * DV + o_s, mask=m_s, other=0.0)
@@ -258,13 +323,15 @@ def _rf_chunk_scan_kernel(L, Lz, kstab, init, init_z, out, out_z, fin, fin_z, NC
             tl.store(fin_z + i_bh * F + o_f, b_gz, mask=m_f)
 
 
+@optional_inputs(HAS_MASK="mask", HAS_PSI="psi", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
 def _rf_chunk_fwd_kernel(q, k, v, W, bias, freq, psi, mask, Sb, zb, qmax, kstab, o, den,
+                         cu, chunk_off, range_off, range_seq,
                          s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
                          s_wh, s_wm, s_wd, s_mb, s_mt, s_on, s_dn,
-                         T, H, HK, G, M, D, DV, CPS, root, c_t, c_o,
+                         T, H, HK, G, M, D, DV, CPS, NCS, NRS, root, c_t, c_o,
                          KIND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
-                         SPLIT: tl.constexpr, PREC: tl.constexpr,
+                         SPLIT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
                          BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr):
     """The outputs of one range (program id 2 = Dv tile + NV * range): the walk over its chunks from the
     state before it (Sb [B, HK, NR, F, Dv], zb [B, HK, NR, F] of its key/value head, relative to kstab at
@@ -275,12 +342,8 @@ def _rf_chunk_fwd_kernel(q, k, v, W, bias, freq, psi, mask, Sb, zb, qmax, kstab,
     NV = tl.cdiv(DV, BV)
     i_v = i_vr % NV
     i_r = i_vr // NV
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_hk = i_h // G                       # grouped-query attention: the key/value head of query head i_h
-    i_bhk = i_b * HK + i_hk               # k, v, the parameters, kstab and the states are per key/value head
-    NC = tl.cdiv(T, BT)
-    NR = tl.cdiv(NC, CPS)
+    i_b, i_h, i_hk, i_bhk, i_rl, bos, eos, i_bt, i_bht, NC, p_ks, i_row = _range_of(
+        cu, chunk_off, range_off, range_seq, kstab, i_bh, i_r, H, HK, G, T, CPS, NCS, NRS, BT, IS_VARLEN)
     F = M if KIND == 0 else 2 * M
     o_d = tl.arange(0, BD)
     m_d = o_d < D
@@ -298,10 +361,10 @@ def _rf_chunk_fwd_kernel(q, k, v, W, bias, freq, psi, mask, Sb, zb, qmax, kstab,
     p_w = W + i_hk * s_wh + o_m[:, None] * s_wm + o_d[None, :] * s_wd
     m_w = m_m[:, None] & m_d[None, :]
     m_s = m_m[:, None] & m_v[None, :]
-    c_lo = i_r * CPS
+    c_lo = i_rl * CPS
     c_hi = tl.minimum(c_lo + CPS, NC)
-    p_s = Sb + (i_bhk * NR + i_r) * F * DV + o_m[:, None] * DV + o_v[None, :]
-    p_z = zb + (i_bhk * NR + i_r) * F + o_m
+    p_s = Sb + i_row * F * DV + o_m[:, None] * DV + o_v[None, :]
+    p_z = zb + i_row * F + o_m
     b_sa = tl.load(p_s, mask=m_s, other=0.0)
     b_za = tl.load(p_z, mask=m_m, other=0.0)
     b_sb = tl.zeros([BM, BV], dtype=tl.float32)
@@ -309,11 +372,11 @@ def _rf_chunk_fwd_kernel(q, k, v, W, bias, freq, psi, mask, Sb, zb, qmax, kstab,
     if KIND != 0:
         b_sb = tl.load(p_s + M * DV, mask=m_s, other=0.0)
         b_zb = tl.load(p_z + M, mask=m_m, other=0.0)
-    b_kprev = tl.load(kstab + i_bhk * NC + c_lo)
+    b_kprev = tl.load(p_ks + c_lo)
     for i_c in range(c_lo, c_hi):
-        o_t = i_c * BT + o_i
-        m_t = o_t < T
-        b_kst = tl.load(kstab + i_bhk * NC + i_c)
+        o_t = bos + i_c * BT + o_i
+        m_t = o_t < eos
+        b_kst = tl.load(p_ks + i_c)
         # the walk's factor: finite (the state is zero) after chunks without any key
         b_alpha = tl.exp(tl.minimum(b_kprev - b_kst, 0.0))
         b_sa *= b_alpha
@@ -322,15 +385,15 @@ def _rf_chunk_fwd_kernel(q, k, v, W, bias, freq, psi, mask, Sb, zb, qmax, kstab,
             b_sb *= b_alpha
             b_zb *= b_alpha
         b_w = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
-        keep = _keep_rows(mask, i_b, o_t, m_t, s_mb, s_mt, HAS_MASK)
-        b_k = _load_rows(k, i_b, i_hk, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
+        keep = _keep_rows(mask, i_bt, o_t, m_t, s_mb, s_mt, HAS_MASK)
+        b_k = _load_rows(k, i_bt, i_hk, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
         b_xk, b_rk = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
         b_pka, b_pkb = _features(b_xk, b_rk, b_w, b_bias, b_freq, b_kst, keep, KIND, PREC)
-        b_q = _load_rows(q, i_b, i_h, o_t, m_t, o_d, m_d, s_qb, s_qt, s_qh, s_qd)
+        b_q = _load_rows(q, i_bt, i_h, o_t, m_t, o_d, m_d, s_qb, s_qt, s_qh, s_qd)
         b_xq, b_rq = _transform(b_q, b_psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
-        b_qmax = tl.load(qmax + i_bh * T + o_t, mask=m_t, other=0.0)
+        b_qmax = tl.load(qmax + i_bht * T + o_t, mask=m_t, other=0.0)
         b_pqa, b_pqb = _features(b_xq, b_rq, b_w, b_bias, b_freq, b_qmax[:, None], m_t, KIND, PREC)
-        b_v = _load_rows(v, i_b, i_hk, o_t, m_t, o_v, m_v, s_vb, s_vt, s_vh, s_vd).to(tl.float32)
+        b_v = _load_rows(v, i_bt, i_hk, o_t, m_t, o_v, m_v, s_vb, s_vt, s_vh, s_vd).to(tl.float32)
         # [BT, BM] @ [BM, BT] -> [BT, BT]: query t, key j of this chunk; [BT, BM] @ [BM, BV]: earlier ones
         b_s = _dot(b_pqa, tl.trans(b_pka), PREC)
         b_num = _dot(b_pqa, b_sa, PREC)
@@ -342,7 +405,7 @@ def _rf_chunk_fwd_kernel(q, k, v, W, bias, freq, psi, mask, Sb, zb, qmax, kstab,
         b_s = tl.where(o_i[:, None] >= o_i[None, :], b_s, 0.0)
         b_num += _dot(b_s, b_v, PREC)                                   # [BT, BT] @ [BT, BV]
         b_den += tl.sum(b_s, axis=1)
-        _store_out(o, den, b_num, b_den, i_bh, i_b, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV, s_on, s_dn, SPLIT)
+        _store_out(o, den, b_num, b_den, i_bht, i_bt, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV, s_on, s_dn, SPLIT)
         b_sa += _dot(tl.trans(b_pka), b_v, PREC)                        # [BM, BT] @ [BT, BV]
         b_za += tl.sum(b_pka, axis=0)
         if KIND != 0:
@@ -351,24 +414,29 @@ def _rf_chunk_fwd_kernel(q, k, v, W, bias, freq, psi, mask, Sb, zb, qmax, kstab,
         b_kprev = b_kst
 
 
+@optional_inputs(HAS_PSI="psi", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
 def _rf_chunk_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, kstab, da, dbeta, L, Lz,
-                                T, H, HK, G, M, D, DV, stride_wh, CPS, root, c_t, c_o,
+                                cu, chunk_off, range_off, range_seq,
+                                T, H, HK, G, M, D, DV, stride_wh, CPS, NCS, NRS, root, c_t, c_o,
                                 KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
-                                PREC: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr, BD: tl.constexpr,
-                                BV: tl.constexpr):
+                                IS_VARLEN: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr,
+                                BD: tl.constexpr, BV: tl.constexpr):
     """Range i_r's own dS = sum_t phiq_t a_t^T and dz = sum_t phiq_t beta_t, relative to s_r: query t of
     chunk c counts exp(min(s_r - kstab_c, 0)) (the walk's factors from chunk c back to the range's
     first). Program id 1 is a (batch, key/value head) pair: the sum runs over the G query heads of its
     group in order (grouped-query attention), so the states stay per key/value head. Writes
     L [B, HK, NR, F, Dv], Lz [B, HK, NR, F]."""
     i_m = tl.program_id(0).to(tl.int64)
-    i_bhk = tl.program_id(1).to(tl.int64)
+    i_p = tl.program_id(1).to(tl.int64)
     i_r = tl.program_id(2).to(tl.int64)
-    i_b = i_bhk // HK
-    i_hk = i_bhk % HK
-    NC = tl.cdiv(T, BT)
-    NR = tl.cdiv(NC, CPS)
+    # program id 1 is a (batch, key/value head) pair (packed: the key/value head)
+    i_b, i_hk, i_hk, i_bhk, i_rl, bos, eos, i_bt, i_bht, NC, p_ks, i_row = _range_of(   # H = HK, G = 1
+        cu, chunk_off, range_off, range_seq, kstab, i_p, i_r, HK, HK, 1, T, CPS, NCS, NRS, BT, IS_VARLEN)
+    if not IS_VARLEN:                     # dense: the program row is the (batch, key/value head)
+        i_bhk = i_p
+        p_ks = kstab + i_bhk * NC
+        i_row = i_bhk * tl.cdiv(NC, CPS) + i_r
     F = M if KIND == 0 else 2 * M
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < M
@@ -384,17 +452,17 @@ def _rf_chunk_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, kstab, da, dbeta, L
     b_dsb = tl.zeros([BM, BV], dtype=tl.float32)
     b_dza = tl.zeros([BM], dtype=tl.float32)
     b_dzb = tl.zeros([BM], dtype=tl.float32)
-    c_lo = i_r * CPS
-    b_ks = tl.load(kstab + i_bhk * NC + c_lo)
+    c_lo = i_rl * CPS
+    b_ks = tl.load(p_ks + c_lo)
     for g in range(0, G):
         i_h = i_hk * G + g
-        i_bh = i_b * H + i_h
+        i_bh = i_bt * H + i_h             # the token tensors' (batch, query head) row
         for c in range(c_lo, tl.minimum(c_lo + CPS, NC)):
-            o_t = c * BT + o_c
-            m_t = o_t < T
-            b_f = tl.exp(tl.minimum(b_ks - tl.load(kstab + i_bhk * NC + c), 0.0))
-            p_tq = ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
-            b_a = tl.load(da + ((i_b * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :],
+            o_t = bos + c * BT + o_c
+            m_t = o_t < eos
+            b_f = tl.exp(tl.minimum(b_ks - tl.load(p_ks + c), 0.0))
+            p_tq = ((i_bt * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
+            b_a = tl.load(da + ((i_bt * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :],
                           mask=m_t[:, None] & m_v[None, :], other=0.0) * b_f
             b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0) * b_f
             _, _, qa, qb = _query_phi(q, qmax, p_tq, m_t[:, None] & m_d[None, :], i_bh, T, o_t, m_t, b_w, b_bias,
@@ -404,8 +472,8 @@ def _rf_chunk_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, kstab, da, dbeta, L
             if KIND != 0:
                 b_dsb += _dot(tl.trans(qb), b_a, PREC)
                 b_dzb += tl.sum(qb * b_beta[:, None], axis=0)
-    p_ds = L + (i_bhk * NR + i_r) * F * DV + o_m[:, None] * DV + o_v[None, :]
-    p_dz = Lz + (i_bhk * NR + i_r) * F + o_m
+    p_ds = L + i_row * F * DV + o_m[:, None] * DV + o_v[None, :]
+    p_dz = Lz + i_row * F + o_m
     tl.store(p_ds, b_dsa, mask=m_sv)
     tl.store(p_dz, b_dza, mask=m_m)
     if KIND != 0:
@@ -413,23 +481,21 @@ def _rf_chunk_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, kstab, da, dbeta, L
         tl.store(p_dz + M, b_dzb, mask=m_m)
 
 
+@optional_inputs(HAS_PSI="psi", HAS_MASK="mask", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
 def _rf_chunk_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, Sb, zb, qmax, kstab, da, dbeta,
-                            dq, dw, db, T, H, HK, G, M, D, DV, stride_wh, CPS, s_wp, s_bp, root, c_t, c_o,
+                            dq, dw, db, cu, chunk_off, range_off, range_seq,
+                            T, H, HK, G, M, D, DV, stride_wh, CPS, NCS, NRS, s_wp, s_bp, root, c_t, c_o,
                             KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
-                            HAS_MASK: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr,
-                            BD: tl.constexpr, BV: tl.constexpr):
+                            HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
+                            BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
     """dq of range i_r's chunks (and the query part of dW, dbias, slice i_r), walking forward from the
     state before the range (Sb, zb: relative to kstab at its first chunk)."""
     i_m = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
     i_r = tl.program_id(2).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_hk = i_h // G                       # grouped-query attention: the key/value head of query head i_h
-    i_bhk = i_b * HK + i_hk               # k, v, the parameters, kstab and the states are per key/value head
-    NC = tl.cdiv(T, BT)
-    NR = tl.cdiv(NC, CPS)
+    i_b, i_h, i_hk, i_bhk, i_rl, bos, eos, i_bt, i_bht, NC, p_ks, i_row = _range_of(
+        cu, chunk_off, range_off, range_seq, kstab, i_bh, i_r, H, HK, G, T, CPS, NCS, NRS, BT, IS_VARLEN)
     F = M if KIND == 0 else 2 * M
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < M
@@ -439,13 +505,16 @@ def _rf_chunk_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, Sb, zb, qmax, kst
     m_v = o_v < DV
     o_c = tl.arange(0, BT)
     m_sv = m_m[:, None] & m_v[None, :]
-    part = i_m * T * tl.num_programs(1)                     # start of this tile's partial [B, T, H, D]
+    if IS_VARLEN:
+        part = i_m * T * H                                  # start of this tile's partial [1, T, H, D]
+    else:
+        part = i_m * T * tl.num_programs(1)                 # start of this tile's partial [B, T, H, D]
     b_w, b_bias, b_freq, b_psi = _tile_params(w, bias, freq, psi, i_bhk, i_hk, o_m, m_m, o_d, m_d, stride_wh, M, D,
                                               HAS_PSI, BD)
-    c_lo = i_r * CPS
+    c_lo = i_rl * CPS
     c_hi = tl.minimum(c_lo + CPS, NC)
-    p_s = Sb + (i_bhk * NR + i_r) * F * DV + o_m[:, None] * DV + o_v[None, :]
-    p_z = zb + (i_bhk * NR + i_r) * F + o_m
+    p_s = Sb + i_row * F * DV + o_m[:, None] * DV + o_v[None, :]
+    p_z = zb + i_row * F + o_m
     b_sa = tl.load(p_s, mask=m_sv, other=0.0)
     b_za = tl.load(p_z, mask=m_m, other=0.0)
     b_sb = tl.zeros([BM, BV], dtype=tl.float32)
@@ -455,19 +524,19 @@ def _rf_chunk_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, Sb, zb, qmax, kst
         b_zb = tl.load(p_z + M, mask=m_m, other=0.0)
     b_dw = tl.zeros([BM, BD], dtype=tl.float32)
     b_db = tl.zeros([BM], dtype=tl.float32)
-    b_kprev = tl.load(kstab + i_bhk * NC + c_lo)
+    b_kprev = tl.load(p_ks + c_lo)
     for c in range(c_lo, c_hi):
-        o_t = c * BT + o_c
-        m_t = o_t < T
-        p_tq = ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
-        p_tk = ((i_b * T + o_t[:, None]) * HK + i_hk) * D + o_d[None, :]
+        o_t = bos + c * BT + o_c
+        m_t = o_t < eos
+        p_tq = ((i_bt * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
+        p_tk = ((i_bt * T + o_t[:, None]) * HK + i_hk) * D + o_d[None, :]
         m_tk = m_t[:, None] & m_d[None, :]
-        p_ta = ((i_b * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]
-        p_tv = ((i_b * T + o_t[:, None]) * HK + i_hk) * DV + o_v[None, :]
+        p_ta = ((i_bt * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]
+        p_tv = ((i_bt * T + o_t[:, None]) * HK + i_hk) * DV + o_v[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         b_a = tl.load(da + p_ta, mask=m_tv, other=0.0)                                # [BT, BV]
-        b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0)               # [BT]
-        b_ks = tl.load(kstab + i_bhk * NC + c)
+        b_beta = tl.load(dbeta + i_bht * T + o_t, mask=m_t, other=0.0)               # [BT]
+        b_ks = tl.load(p_ks + c)
         b_rescale = tl.exp(tl.minimum(b_kprev - b_ks, 0.0))
         b_kprev = b_ks
         b_sa *= b_rescale
@@ -475,7 +544,7 @@ def _rf_chunk_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, Sb, zb, qmax, kst
         b_sb *= b_rescale
         b_zb *= b_rescale
         b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-        _, _, ka, kb = _key_phi(k, mask, p_tk, m_tk, i_b, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, b_ks,
+        _, _, ka, kb = _key_phi(k, mask, p_tk, m_tk, i_bt, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, b_ks,
                                 root, c_t, c_o, KIND, HAS_PSI, HAS_CO, HAS_MASK, PREC)
         # P[t, j] = a_t . v_j + beta_t for keys j <= t of this chunk
         b_p = _dot(b_a, tl.trans(b_v), PREC) + b_beta[:, None]                          # [BT, BV] @ [BV, BT]
@@ -485,7 +554,7 @@ def _rf_chunk_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, Sb, zb, qmax, kst
             dqb = _dot(b_p, kb, PREC) + _dot(b_a, tl.trans(b_sb), PREC) + b_beta[:, None] * b_zb[None, :]
         else:
             dqb = dqa
-        b_q, qt, qa, qb = _query_phi(q, qmax, p_tq, m_tk, i_bh, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, root,
+        b_q, qt, qa, qb = _query_phi(q, qmax, p_tq, m_tk, i_bht, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, root,
                                      c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC)
         de, du = _phi_grad(dqa, dqb, qa, qb, KIND)
         b_db += tl.sum(de, axis=0)
@@ -497,27 +566,25 @@ def _rf_chunk_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, Sb, zb, qmax, kst
         if KIND != 0:
             b_sb += _dot(tl.trans(kb), b_v, PREC)
             b_zb += tl.sum(kb, axis=0)
-    tl.store(dw + i_r * s_wp + (i_bh * M + o_m[:, None]) * D + o_d[None, :], b_dw, mask=m_m[:, None] & m_d[None, :])
-    tl.store(db + i_r * s_bp + i_bh * M + o_m, b_db, mask=m_m)
+    tl.store(dw + i_r * s_wp + (i_bht * M + o_m[:, None]) * D + o_d[None, :], b_dw, mask=m_m[:, None] & m_d[None, :])
+    tl.store(db + i_r * s_bp + i_bht * M + o_m, b_db, mask=m_m)
 
 
+@optional_inputs(HAS_PSI="psi", HAS_MASK="mask", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
 def _rf_chunk_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, dSa, dza_, qmax, kstab, da, dbeta,
-                             dk, dv, dw, db, T, H, HK, G, M, D, DV, stride_wh, CPS, s_wp, s_bp, root, c_t, c_o,
+                             dk, dv, dw, db, cu, chunk_off, range_off, range_seq,
+                             T, H, HK, G, M, D, DV, stride_wh, CPS, NCS, NRS, s_wp, s_bp, root, c_t, c_o,
                              KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
-                             HAS_MASK: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr,
-                             BD: tl.constexpr, BV: tl.constexpr):
+                             HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
+                             BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
     """dk, dv of range i_r's chunks (and the key part of dW, dbias, slice i_r), walking backward from
     dS, dz of every later query (dSa, dza_: relative to kstab at the range's last chunk)."""
     i_m = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
     i_r = tl.program_id(2).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_hk = i_h // G                       # grouped-query attention: the key/value head of query head i_h
-    i_bhk = i_b * HK + i_hk               # k, v, the parameters, kstab and the states are per key/value head
-    NC = tl.cdiv(T, BT)
-    NR = tl.cdiv(NC, CPS)
+    i_b, i_h, i_hk, i_bhk, i_rl, bos, eos, i_bt, i_bht, NC, p_ks, i_row = _range_of(
+        cu, chunk_off, range_off, range_seq, kstab, i_bh, i_r, H, HK, G, T, CPS, NCS, NRS, BT, IS_VARLEN)
     F = M if KIND == 0 else 2 * M
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < M
@@ -527,15 +594,18 @@ def _rf_chunk_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, dSa, dza_, qmax,
     m_v = o_v < DV
     o_c = tl.arange(0, BT)
     m_sv = m_m[:, None] & m_v[None, :]
-    part = i_m * T * tl.num_programs(1)                     # start of this tile's partial [B, T, H, .]
+    if IS_VARLEN:
+        part = i_m * T * H                                  # start of this tile's partial [1, T, H, .]
+    else:
+        part = i_m * T * tl.num_programs(1)                 # start of this tile's partial [B, T, H, .]
     b_w, b_bias, b_freq, b_psi = _tile_params(w, bias, freq, psi, i_bhk, i_hk, o_m, m_m, o_d, m_d, stride_wh, M, D,
                                               HAS_PSI, BD)
-    c_lo = i_r * CPS
+    c_lo = i_rl * CPS
     c_hi = tl.minimum(c_lo + CPS, NC)
     # dSa, dza_ (per key/value head) hold the whole group's later queries: the first query head of the
     # group carries them, the others start from zero (their partials are summed on the host)
-    p_s = dSa + (i_bhk * NR + i_r) * F * DV + o_m[:, None] * DV + o_v[None, :]
-    p_z = dza_ + (i_bhk * NR + i_r) * F + o_m
+    p_s = dSa + i_row * F * DV + o_m[:, None] * DV + o_v[None, :]
+    p_z = dza_ + i_row * F + o_m
     b_dsa = tl.zeros([BM, BV], dtype=tl.float32)
     b_dza = tl.zeros([BM], dtype=tl.float32)
     b_dsb = tl.zeros([BM, BV], dtype=tl.float32)
@@ -548,18 +618,18 @@ def _rf_chunk_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, dSa, dza_, qmax,
             b_dzb = tl.load(p_z + M, mask=m_m, other=0.0)
     b_dw = tl.zeros([BM, BD], dtype=tl.float32)
     b_db = tl.zeros([BM], dtype=tl.float32)
-    b_knext = tl.load(kstab + i_bhk * NC + c_hi - 1)
+    b_knext = tl.load(p_ks + _last_chunk(c_lo, c_hi, IS_VARLEN))
     for i in range(0, c_hi - c_lo):
         c = c_hi - 1 - i
-        o_t = c * BT + o_c
-        m_t = o_t < T
-        p_tq = ((i_b * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
-        p_tk = ((i_b * T + o_t[:, None]) * HK + i_hk) * D + o_d[None, :]
+        o_t = bos + c * BT + o_c
+        m_t = o_t < eos
+        p_tq = ((i_bt * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
+        p_tk = ((i_bt * T + o_t[:, None]) * HK + i_hk) * D + o_d[None, :]
         m_tk = m_t[:, None] & m_d[None, :]
-        p_ta = ((i_b * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]
-        p_tv = ((i_b * T + o_t[:, None]) * HK + i_hk) * DV + o_v[None, :]
+        p_ta = ((i_bt * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]
+        p_tv = ((i_bt * T + o_t[:, None]) * HK + i_hk) * DV + o_v[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        b_ks = tl.load(kstab + i_bhk * NC + c)
+        b_ks = tl.load(p_ks + c)
         # the derivative of the forward's exp(min(kstab_c - kstab_{c+1}, 0)): finite after empty chunks
         b_rescale = tl.exp(tl.minimum(b_ks - b_knext, 0.0))
         b_knext = b_ks
@@ -568,11 +638,11 @@ def _rf_chunk_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, dSa, dza_, qmax,
         b_dsb *= b_rescale
         b_dzb *= b_rescale
         b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-        b_k, kt, ka, kb = _key_phi(k, mask, p_tk, m_tk, i_b, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, b_ks,
+        b_k, kt, ka, kb = _key_phi(k, mask, p_tk, m_tk, i_bt, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, b_ks,
                                    root, c_t, c_o, KIND, HAS_PSI, HAS_CO, HAS_MASK, PREC)
         b_a = tl.load(da + p_ta, mask=m_tv, other=0.0)
-        b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0)
-        _, _, qa, qb = _query_phi(q, qmax, p_tq, m_tk, i_bh, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, root,
+        b_beta = tl.load(dbeta + i_bht * T + o_t, mask=m_t, other=0.0)
+        _, _, qa, qb = _query_phi(q, qmax, p_tq, m_tk, i_bht, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, root,
                                   c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC)
         causal = o_t[:, None] <= o_t[None, :]                                          # key j (row) <= query t
         # P^T[j, t] = a_t . v_j + beta_t; A^T[j, t] = phik_j . phiq_t
@@ -600,70 +670,96 @@ def _rf_chunk_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, dSa, dza_, qmax,
         if KIND != 0:
             b_dsb += _dot(tl.trans(qb), b_a, PREC)
             b_dzb += tl.sum(qb * b_beta[:, None], axis=0)
-    tl.store(dw + i_r * s_wp + (i_bh * M + o_m[:, None]) * D + o_d[None, :], b_dw, mask=m_m[:, None] & m_d[None, :])
-    tl.store(db + i_r * s_bp + i_bh * M + o_m, b_db, mask=m_m)
+    tl.store(dw + i_r * s_wp + (i_bht * M + o_m[:, None]) * D + o_d[None, :], b_dw, mask=m_m[:, None] & m_d[None, :])
+    tl.store(db + i_r * s_bp + i_bht * M + o_m, b_db, mask=m_m)
 
 
 def _f32(t):
     return None if t is None else t.to(torch.float32).contiguous()
 
 
-def _scan(L, Lz, kstab, init, init_z, NC, cps, *, reverse: bool):
+def _varlen_args(varlen: VarlenTables | None) -> dict:
+    """The packed-sequence arguments of the range kernels; all None when dense (IS_VARLEN is False, and the
+    dense kernels keep the signature they had without packed sequences)."""
+    if varlen is None:
+        return dict(cu=None, chunk_off=None, range_off=None, range_seq=None, NCS=None, NRS=None)
+    return dict(cu=varlen.cu, chunk_off=varlen.chunk_off, range_off=varlen.range_off, range_seq=varlen.range_seq,
+                NCS=varlen.chunk_capacity, NRS=varlen.num_range_slots)
+
+
+def _varlen_ranges(cu_seqlens, BT: int, cps: int | None, programs: int, device) -> tuple[VarlenTables, int]:
+    """Chunk and range tables of packed sequences, and the chunks per range (``range_chunks`` of the
+    longest sequence unless given)."""
+    varlen = VarlenTables(cu_seqlens, BT)
+    if cps is None:
+        cps = range_chunks(max(1, varlen.max_chunks), BT, programs, device)
+    return varlen.set_ranges(cps), cps
+
+
+def _first_stabiliser(kstab, varlen: VarlenTables | None):
+    """``[B, Hk]`` (or ``[N, Hk]``): the key stabiliser of every row's first chunk."""
+    return kstab[..., 0] if varlen is None else varlen.first_chunk(kstab)
+
+
+def _scan(L, Lz, kstab, init, init_z, NC, cps, *, reverse: bool, varlen: VarlenTables | None = None):
     """``(out, out_z, fin, fin_z)`` of ``_rf_chunk_scan_kernel`` for local states L [B, Hk, NR, F, Dv]
-    (one per key/value head);
+    (one per key/value head; packed sequences: ``[1, Hk, range slots, F, Dv]`` and fin per sequence);
     out, out_z overwrite L, Lz (the local states are not needed after the pass)."""
     B, Hk, NR, F, Dv = L.shape
-    BF, BV = 32, max(16, min(64, _next_pow2(Dv)))
+    if varlen is not None:
+        B = varlen.num_seqs
+    BF, BV = 32, max(16, min(64, triton.next_power_of_2(Dv)))
     out, out_z = L, Lz
     fin = torch.empty(B, Hk, F, Dv, dtype=torch.float32, device=L.device)
     fin_z = torch.empty(B, Hk, F, dtype=torch.float32, device=L.device)
-    has_init = init is not None
+    tables = _varlen_args(varlen)
     _rf_chunk_scan_kernel[(B * Hk, triton.cdiv(F, BF), triton.cdiv(Dv, BV))](
-        L=L, Lz=Lz, kstab=kstab, init=init if has_init else L, init_z=init_z if has_init else Lz, out=out,
-        out_z=out_z, fin=fin, fin_z=fin_z, NC=NC, F=F, DV=Dv, CPS=cps, REVERSE=reverse, HAS_INIT=has_init,
-        STORE_FINAL=True, BF=BF, BV=BV, num_warps=4)
+        L=L, Lz=Lz, kstab=kstab, init=init, init_z=init_z, out=out, out_z=out_z, fin=fin, fin_z=fin_z,
+        chunk_off=tables["chunk_off"], range_off=tables["range_off"], NC=NC, F=F, DV=Dv, CPS=cps,
+        HK=None if varlen is None else Hk, NCS=tables["NCS"], NRS=tables["NRS"], REVERSE=reverse, STORE_FINAL=True,
+        BF=BF, BV=BV, num_warps=4)
     return out, out_z, fin, fin_z
 
 
-def _states_before(k, v, W, bias, freq, psi, mask, kstab, S0, z0, m0, *, kind, c_t, c_o, scale, BT, cps):
+def _states_before(k, v, W, bias, freq, psi, mask, kstab, S0, z0, m0, *, kind, c_t, c_o, scale, BT, cps,
+                   varlen: VarlenTables | None = None):
     """The state before every range ``[B, Hk, NR, F, Dv]``, ``[B, Hk, NR, F]`` (relative to kstab at its
     first chunk) and the final state (relative to the last kstab): steps 1 and 2 of the module docstring.
-    bias, freq, psi, S0, z0, m0: fp32 contiguous or None."""
+    bias, freq, psi, S0, z0, m0: fp32 contiguous or None. Packed sequences (``varlen``, B = 1): the range
+    slots ``[1, Hk, NRS, ...]`` and the final state per sequence."""
     B, T, H, D = k.shape
     Dv = v.shape[-1]
     M = W.shape[1]
     F = M if kind == EXP else 2 * M
     NC = triton.cdiv(T, BT)
-    NR = triton.cdiv(NC, cps)
-    BD = max(16, _next_pow2(D))
-    BM = max(16, min(MAX_BM, _next_pow2(M), freq_tile(BD)))
-    BV = max(16, min(64, _next_pow2(Dv)))
+    NR = triton.cdiv(NC, cps) if varlen is None else varlen.num_range_slots
+    BD = max(16, triton.next_power_of_2(D))
+    BM = max(16, min(MAX_BM, triton.next_power_of_2(M), freq_tile(BD)))
+    BV = max(16, min(64, triton.next_power_of_2(Dv)))
     dev = k.device
     L = torch.empty(B, H, NR, F, Dv, dtype=torch.float32, device=dev)
     Lz = torch.empty(B, H, NR, F, dtype=torch.float32, device=dev)
     s_mb, s_mt = (0, 0) if mask is None else mask.stride()
     _rf_chunk_state_kernel[(B * H, triton.cdiv(M, BM), triton.cdiv(Dv, BV) * NR)](
-        k=k, v=v, W=W, bias=bias, freq=freq, psi=psi if psi is not None else bias,
-        mask=mask.view(torch.uint8) if mask is not None else bias, kstab=kstab, L=L, Lz=Lz,
-        s_kb=k.stride(0), s_kt=k.stride(1), s_kh=k.stride(2), s_kd=k.stride(3),
-        s_vb=v.stride(0), s_vt=v.stride(1), s_vh=v.stride(2), s_vd=v.stride(3),
-        s_wh=W.stride(0), s_wm=W.stride(1), s_wd=W.stride(2), s_mb=s_mb, s_mt=s_mt,
-        T=T, H=H, M=M, D=D, DV=Dv, CPS=cps, root=math.sqrt(scale), c_t=c_t, c_o=c_o,
-        KIND=kind, HAS_MASK=mask is not None, HAS_PSI=psi is not None, HAS_CO=c_o != 0.0,
+        k=k, v=v, W=W, bias=bias, freq=freq, psi=psi, mask=None if mask is None else mask.view(torch.uint8),
+        kstab=kstab, L=L, Lz=Lz, **_varlen_args(varlen), **_strides(k=k, v=v, w=W), s_mb=s_mb, s_mt=s_mt,
+        T=T, H=H, M=M, D=D, DV=Dv, CPS=cps, root=math.sqrt(scale), c_t=c_t, c_o=c_o, KIND=kind, HAS_CO=c_o != 0.0,
         PREC=dot_precision(k.dtype, v.dtype), BT=BT, BD=BD, BM=BM, BV=BV, num_warps=4, num_stages=1)
     init = init_z = None
     if S0 is not None:
         # the initial state is relative to exp(m0); move it to the first stabiliser (0 when m0 = -inf)
-        alpha = torch.exp(m0 - kstab[..., 0])
+        alpha = torch.exp(m0 - _first_stabiliser(kstab, varlen))
         init, init_z = (S0 * alpha[..., None, None]).contiguous(), (z0 * alpha[..., None]).contiguous()
-    return _scan(L, Lz, kstab, init, init_z, NC, cps, reverse=False)
+    return _scan(L, Lz, kstab, init, init_z, NC, cps, reverse=False, varlen=varlen)
 
 
 def chunk_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: float, c_o: float, scale: float,
-              output_final_state: bool, chunk_size: int | None = None, cps: int | None = None):
+              output_final_state: bool, chunk_size: int | None = None, cps: int | None = None, cu_seqlens=None):
     """The causal forward in chunk mode; ``triton_fwd.rf_fwd``'s arguments and results (causal only;
     k, v, the parameters and the states may have Hk = H / G heads). ``cps``: chunks per range (default
-    ``range_chunks``)."""
+    ``range_chunks``). ``cu_seqlens``: packed variable-length sequences as in ``rf_fwd``; every sequence
+    has its own ranges (range slots: no range straddles two sequences) and its scan starts from its own
+    initial state; all sequences' ranges run in one launch per kernel."""
     B, T, H, D = q.shape
     Hk = k.shape[2]
     if H % Hk:
@@ -674,20 +770,23 @@ def chunk_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: 
     if BT < 16 or BT & (BT - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {BT}")
     NC = triton.cdiv(T, BT)
-    BD = max(16, _next_pow2(D))
-    BM = max(16, min(MAX_BM, _next_pow2(M)))
-    BV = max(16, min(FWD_BV, _next_pow2(Dv)))
+    BD = max(16, triton.next_power_of_2(D))
+    BM = max(16, min(MAX_BM, triton.next_power_of_2(M)))
+    BV = max(16, min(FWD_BV, triton.next_power_of_2(Dv)))
     NMT, NV = triton.cdiv(M, BM), triton.cdiv(Dv, BV)
     dev = q.device
     bias, freq, psi = _f32(bias), _f32(freq), _f32(psi)
     S0, z0, m0 = _f32(S0), _f32(z0), _f32(m0)
+    varlen = None
+    if cu_seqlens is not None:
+        varlen, cps = _varlen_ranges(cu_seqlens, BT, cps, (cu_seqlens.shape[0] - 1) * H * NMT * NV, dev)
     qmax, kstab, m_final = stabilisers(q, k, W, bias, freq, psi, mask, m0, kind=kind, c_t=c_t, c_o=c_o,
-                                       scale=scale, causal=True, BT=BT)
+                                       scale=scale, causal=True, BT=BT, varlen=varlen)
     if cps is None:
         cps = range_chunks(NC, BT, B * H * NMT * NV, dev)
-    NR = triton.cdiv(NC, cps)
+    NR = triton.cdiv(NC, cps) if varlen is None else varlen.num_range_slots
     Sb, zb, S, z = _states_before(k, v, W, bias, freq, psi, mask, kstab, S0, z0, m0, kind=kind, c_t=c_t, c_o=c_o,
-                                  scale=scale, BT=BT, cps=cps)
+                                  scale=scale, BT=BT, cps=cps, varlen=varlen)
 
     split = NMT > 1
     o = torch.empty(B, T, H, Dv, dtype=v.dtype, device=dev)
@@ -698,16 +797,12 @@ def chunk_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: 
         o_buf, den_buf = o, torch.empty(B, H, T, dtype=torch.float32, device=dev)
     s_mb, s_mt = (0, 0) if mask is None else mask.stride()
     _rf_chunk_fwd_kernel[(B * H, NMT, NV * NR)](
-        q=q, k=k, v=v, W=W, bias=bias, freq=freq, psi=psi if psi is not None else bias,
-        mask=mask.view(torch.uint8) if mask is not None else bias, Sb=Sb, zb=zb, qmax=qmax, kstab=kstab,
-        o=o_buf, den=den_buf,
-        s_qb=q.stride(0), s_qt=q.stride(1), s_qh=q.stride(2), s_qd=q.stride(3),
-        s_kb=k.stride(0), s_kt=k.stride(1), s_kh=k.stride(2), s_kd=k.stride(3),
-        s_vb=v.stride(0), s_vt=v.stride(1), s_vh=v.stride(2), s_vd=v.stride(3),
-        s_wh=W.stride(0), s_wm=W.stride(1), s_wd=W.stride(2), s_mb=s_mb, s_mt=s_mt,
+        q=q, k=k, v=v, W=W, bias=bias, freq=freq, psi=psi, mask=None if mask is None else mask.view(torch.uint8),
+        Sb=Sb, zb=zb, qmax=qmax, kstab=kstab, o=o_buf, den=den_buf, **_varlen_args(varlen),
+        **_strides(q=q, k=k, v=v, w=W), s_mb=s_mb, s_mt=s_mt,
         s_on=B * T * H * Dv if split else 0, s_dn=B * H * T if split else 0,
         T=T, H=H, HK=Hk, G=H // Hk, M=M, D=D, DV=Dv, CPS=cps, root=math.sqrt(scale), c_t=c_t, c_o=c_o,
-        KIND=kind, HAS_MASK=mask is not None, HAS_PSI=psi is not None, HAS_CO=c_o != 0.0, SPLIT=split,
+        KIND=kind, HAS_CO=c_o != 0.0, SPLIT=split,
         PREC=dot_precision(q.dtype, v.dtype), BT=BT, BD=BD, BM=BM, BV=BV, num_warps=FWD_WARPS, num_stages=1)
     if split:
         den = den_buf.sum(0)                                                            # [B, H, T]
@@ -720,9 +815,10 @@ def chunk_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: 
 
 
 def chunk_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab, *, kind: int,
-              c_t: float, c_o: float, scale: float, chunk_size: int, cps: int | None = None):
+              c_t: float, c_o: float, scale: float, chunk_size: int, cps: int | None = None, cu_seqlens=None):
     """The causal backward in chunk mode; ``triton_bwd.rf_bwd``'s arguments (less the final state, which
-    the causal backward does not read) and results; dk, dv, dW, dbias, dS0, dz0 per key/value head."""
+    the causal backward does not read) and results; dk, dv, dW, dbias, dS0, dz0 per key/value head.
+    ``cu_seqlens``: packed variable-length sequences (``chunk_fwd``); dbias, dS0, dz0 per sequence."""
     B, T, H, D = q.shape
     Hk = k.shape[2]
     G = H // Hk
@@ -740,33 +836,39 @@ def chunk_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den,
     a, beta = grad_coefficients(do, o, den)
     BT = chunk_size
     NC = triton.cdiv(T, BT)
-    BD, BV = _pow2(D), _pow2(Dv)
-    BM = min(32, freq_tile(max(BD, BV)), _pow2(M))
+    BD, BV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
+    BM = min(32, freq_tile(max(BD, BV)), max(16, triton.next_power_of_2(M)))
     NM = triton.cdiv(M, BM)
+    varlen = None
+    if cu_seqlens is not None:
+        varlen, cps = _varlen_ranges(cu_seqlens, BT, cps, NM * (cu_seqlens.shape[0] - 1) * H, dev)
     if cps is None:
         cps = range_chunks(NC, BT, NM * B * H, dev)
-    NR = triton.cdiv(NC, cps)
+    NR = triton.cdiv(NC, cps) if varlen is None else varlen.num_range_slots   # packed: range slots, B = 1
+    NS = B if varlen is None else varlen.num_seqs           # batch rows of the parameters and the states
     kstab, qmax = kstab.contiguous(), qmax.contiguous()
     mask_arg = None if mask is None else mask.contiguous()
     root = math.sqrt(scale)
     prec = dot_precision(q.dtype, v.dtype)
-    flags = dict(KIND=kind, HAS_PSI=psi is not None, HAS_CO=c_o != 0.0, PREC=prec, BT=BT, BM=BM, BD=BD, BV=BV)
+    flags = dict(KIND=kind, HAS_CO=c_o != 0.0, PREC=prec, BT=BT, BM=BM, BD=BD, BV=BV)
 
     # the states before each range (recomputed), then dS, dz after each range (a reverse pass)
     Sb, zb, _, _ = _states_before(k, v, W.expand(Hk, M, D) if stride_wh == 0 else W, bias, freq, psi, mask_arg,
-                                  kstab, S0, z0, m0, kind=kind, c_t=c_t, c_o=c_o, scale=scale, BT=BT, cps=cps)
+                                  kstab, S0, z0, m0, kind=kind, c_t=c_t, c_o=c_o, scale=scale, BT=BT, cps=cps,
+                                  varlen=varlen)
     # the query side's dS, dz per key/value head: each program sums its group's query heads in order
     Lq = torch.empty(B, Hk, NR, F, Dv, dtype=torch.float32, device=dev)
     Lqz = torch.empty(B, Hk, NR, F, dtype=torch.float32, device=dev)
     grid = (NM, B * H, NR)
     _rf_chunk_bwd_dstate_kernel[(NM, B * Hk, NR)](q=q, w=W, bias=bias, freq=freq, psi=psi, qmax=qmax, kstab=kstab, da=a,
-                                      dbeta=beta, L=Lq, Lz=Lqz, T=T, H=H, HK=Hk, G=G, M=M, D=D, DV=Dv, stride_wh=stride_wh,
-                                      CPS=cps, root=root, c_t=c_t, c_o=c_o, **flags, num_warps=4)
+                                      dbeta=beta, L=Lq, Lz=Lqz, **_varlen_args(varlen), T=T, H=H, HK=Hk, G=G, M=M,
+                                      D=D, DV=Dv, stride_wh=stride_wh, CPS=cps, root=root, c_t=c_t, c_o=c_o,
+                                      **flags, num_warps=4)
     has_dsf = dS is not None or dz is not None
     if has_dsf:
-        dS = torch.zeros(B, Hk, F, Dv, device=dev) if dS is None else dS.float().contiguous()
-        dz = torch.zeros(B, Hk, F, device=dev) if dz is None else dz.float().contiguous()
-    dSa, dza, dS_all, dz_all = _scan(Lq, Lqz, kstab, dS, dz, NC, cps, reverse=True)
+        dS = torch.zeros(NS, Hk, F, Dv, device=dev) if dS is None else dS.float().contiguous()
+        dz = torch.zeros(NS, Hk, F, device=dev) if dz is None else dz.float().contiguous()
+    dSa, dza, dS_all, dz_all = _scan(Lq, Lqz, kstab, dS, dz, NC, cps, reverse=True, varlen=varlen)
 
     dq_part = torch.empty(NM, B, T, H, D, device=dev, dtype=torch.float32)
     dk_part = torch.empty(NM, B, T, H, D, device=dev, dtype=torch.float32)
@@ -777,17 +879,19 @@ def chunk_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den,
     launch = dict(num_warps=BWD_WARPS, num_stages=1)
     common = dict(q=q, k=k, v=v, w=W, bias=bias, freq=freq, psi=psi, mask=mask_arg, qmax=qmax, kstab=kstab, da=a,
                   dbeta=beta, T=T, H=H, HK=Hk, G=G, M=M, D=D, DV=Dv, stride_wh=stride_wh, CPS=cps, s_wp=s_wp, s_bp=s_bp,
-                  root=root, c_t=c_t, c_o=c_o, HAS_MASK=mask is not None, **flags, **launch)
+                  root=root, c_t=c_t, c_o=c_o, **_varlen_args(varlen), **flags, **launch)
     _rf_chunk_bwd_dq_kernel[grid](Sb=Sb, zb=zb, dq=dq_part, dw=dw_part[0], db=db_part[0], **common)
     _rf_chunk_bwd_dkv_kernel[grid](dSa=dSa, dza_=dza, dk=dk_part, dv=dv_part, dw=dw_part[1], db=db_part[1],
                                    **common)
     dS0 = dz0 = None
     if S0 is not None:
-        alpha = torch.exp(m0 - kstab[..., 0])
+        alpha = torch.exp(m0 - _first_stabiliser(kstab, varlen))
         dS0, dz0 = dS_all * alpha[..., None, None], dz_all * alpha[..., None]
     dq = dq_part.sum(0).to(q.dtype)
     # per-query-head partials of the key/value-head gradients, summed over each group in a fixed order
-    dk, dv, dW, dbias = dk_part.sum(0), dv_part.sum(0), dw_part.sum((0, 1, 2)), db_part.sum((0, 1))
+    dk, dv, dW = dk_part.sum(0), dv_part.sum(0), dw_part.sum((0, 1, 2))
+    # packed sequences: the range slots' partials summed per sequence
+    dbias = db_part.sum((0, 1)) if varlen is None else varlen.per_sequence(db_part.sum(0)[:, 0])
     if G > 1:
         dk, dv = dk.unflatten(2, (Hk, G)).sum(3), dv.unflatten(2, (Hk, G)).sum(3)
         dW, dbias = dW.unflatten(0, (Hk, G)).sum(1), dbias.unflatten(1, (Hk, G)).sum(2)

@@ -19,6 +19,7 @@ Rounded operands are exact in tf32, so the product is the same on a GPU and in t
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import torch
 import triton
@@ -150,3 +151,95 @@ def _store_out(o, den, b_num, b_den, i_bh, i_b, i_h, i_m, i_v, o_t, m_t, o_v, m_
         tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
     if i_v == 0:
         tl.store(den + i_m * s_dn + i_bh * T + o_t, b_den, mask=m_t)
+
+
+@triton.jit
+def _seq_span(cu, i_b, i_bh, i_h, H, T, IS_VARLEN: tl.constexpr):
+    """The token rows of one program: ``(bos, eos, i_bt, i_bht)``.
+
+    Dense: rows [0, T) of batch row i_b. Packed variable-length sequences (IS_VARLEN): i_b is the sequence
+    index n (it indexes the parameters, states and per-sequence stabilisers), the token tensors have batch
+    1 and the rows are [cu[n], cu[n + 1]). i_bt is the batch index of the token tensors and i_bht their
+    (batch, head) row (= i_bh when dense)."""
+    if IS_VARLEN:
+        bos = tl.load(cu + i_b).to(tl.int64)
+        eos = tl.load(cu + i_b + 1).to(tl.int64)
+        i_bt = i_b * 0
+        i_bht = i_h
+    else:
+        bos = 0                           # a constant: the dense offsets keep T's 32-bit type
+        eos = T
+        i_bt = i_b
+        i_bht = i_bh
+    return bos, eos, i_bt, i_bht
+
+
+class VarlenTables:
+    """Host-side tables of packed variable-length sequences (``cu_seqlens [N + 1]``, read once).
+
+    Every sequence owns ``max(1, ceil(len / BT))`` consecutive chunk SLOTS (an empty sequence one slot, so
+    that the stabiliser of its first and last chunk, i.e. of its initial state, exists), and, with ``cps``
+    chunks per range, ``max(1, ceil(chunks / cps))`` range slots. No buffer is padded to the longest
+    sequence: per-chunk buffers have ``num_chunk_slots <= Ttot // BT + N`` (``chunk_capacity``, the size
+    the forward allocates, known from the shapes alone), per-range ones ``num_range_slots`` entries.
+
+    chunk_off / range_off: int32 ``[N + 1]`` offsets of each sequence's first slot; chunk_seq / range_seq:
+    int32 ``[slots]`` the sequence of each slot; range_lens: the range slots per sequence (a list)."""
+
+    def __init__(self, cu_seqlens: torch.Tensor, BT: int):
+        cu = [int(x) for x in cu_seqlens.tolist()]
+        dev = cu_seqlens.device
+        self.cu = cu_seqlens
+        self.num_seqs = len(cu) - 1
+        self.total = cu[-1]
+        lens = [b - a for a, b in zip(cu[:-1], cu[1:])]
+        chunks = [triton.cdiv(n, BT) for n in lens]
+        self.max_chunks = max(chunks, default=0)
+        self.chunk_capacity = chunk_capacity(self.total, self.num_seqs, BT)
+        self.chunks = chunks
+        slots = [max(1, c) for c in chunks]
+        self.num_chunk_slots = sum(slots)
+        self.chunk_off, self.chunk_seq = self._offsets(slots, dev), self._owners(slots, dev)
+
+    def set_ranges(self, cps: int) -> "VarlenTables":
+        """The range slots for ranges of ``cps`` chunks (the chunk mode)."""
+        ranges = [max(1, triton.cdiv(c, cps)) for c in self.chunks]
+        self.range_lens = ranges
+        self.num_range_slots = sum(ranges)
+        dev = self.cu.device
+        self.range_off, self.range_seq = self._offsets(ranges, dev), self._owners(ranges, dev)
+        return self
+
+    @staticmethod
+    def _offsets(sizes, dev):
+        return torch.tensor([0] + list(itertools.accumulate(sizes)), dtype=torch.int32, device=dev)
+
+    @staticmethod
+    def _owners(sizes, dev):
+        return torch.repeat_interleave(torch.arange(len(sizes), dtype=torch.int32), torch.tensor(sizes)).to(dev)
+
+    def first_chunk(self, kstab: torch.Tensor) -> torch.Tensor:
+        """``[N, Hk]``: each sequence's stabiliser at its first chunk slot, from a causal kstab ``[1, Hk, cap]``."""
+        return kstab[0][:, self.chunk_off[:-1].long()].transpose(0, 1)
+
+    def per_sequence(self, parts: torch.Tensor) -> torch.Tensor:
+        """Sum per-range-slot partials ``[range slots, ...]`` over each sequence's slots, in order: ``[N, ...]``."""
+        lengths = torch.tensor(self.range_lens, device=parts.device)
+        return torch.segment_reduce(parts, "sum", lengths=lengths, axis=0)
+
+
+def chunk_capacity(total: int, num_seqs: int, BT: int) -> int:
+    """The chunk slots a causal kstab of packed sequences is allocated with: Ttot // BT + N bounds
+    sum over sequences of max(1, ceil(len / BT))."""
+    return total // BT + num_seqs
+
+
+def optional_inputs(**flags: str):
+    """``@triton.heuristics`` that derives each constexpr flag from whether the pointer argument it names
+    was given: optional inputs travel as None and ``@optional_inputs(HAS_PSI="psi", IS_VARLEN="cu")``
+    is the one place their flags are set (a None argument is a constexpr: its branch compiles away)."""
+    return triton.heuristics({flag: _given(arg) for flag, arg in flags.items()})
+
+
+def _given(arg: str):
+    return lambda args: args[arg] is not None

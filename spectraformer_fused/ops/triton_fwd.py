@@ -19,6 +19,14 @@ Two kernels, both tiled by chunks of BT tokens and by frequency tiles of BM rows
 Grouped-query attention: k, v, the per-head parameters, kstab and the state belong to the key/value head
 ``i_hk = i_h // G`` of each query head; a group's programs share them (no repeated k or v).
 
+Packed variable-length sequences (``cu_seqlens``, token tensors of batch 1): the batch index of every
+program is the sequence index n (it picks the parameters, the states and the stabilisers of sequence n)
+and its rows are ``cu[n]:cu[n + 1]``; the IS_VARLEN constexpr gates every such line, so the dense kernels
+are compiled as before. Each sequence owns ``max(1, its chunks)`` chunk slots of the causal kstab
+``[1, Hk, Ttot // BT + N]`` (``triton_common.VarlenTables``), so no buffer is padded to the longest
+sequence; the non-causal forward gives every sequence the chunk ranges of the longest (the programs of
+ranges past a sequence's end return at once).
+
 Features exist only as ``[BT, BM]`` register tiles. Every tensor this module allocates:
   qmax ``[B, H, T]``, den ``[B, H, T]``, kmax / kstab ``[B, H, NC]``, o ``[B, T, H, Dv]``,
   final S ``[B, H, F, Dv]``, z ``[B, H, F]``, m ``[B, H]``, the non-causal partial states
@@ -44,31 +52,42 @@ import triton.language as tl
 
 from ..components import EXP
 from . import autotune_enabled
-from .triton_common import (_dot, _feature_logits, _features, _keep_rows, _load_rows, _store_out, _transform,
-                             dot_precision)
+from .triton_common import (VarlenTables, _dot, _feature_logits, _features, _keep_rows, _load_rows, _seq_span,
+                             _store_out, _transform, dot_precision, optional_inputs)
 
 DEN_EPS = 1e-30
 MAX_BM = 64
 
 
+@optional_inputs(HAS_MASK="mask", HAS_PSI="psi", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
-def _rf_stats_fwd_kernel(q, k, W, bias, freq, psi, mask, qmax, kmax,
+def _rf_stats_fwd_kernel(q, k, W, bias, freq, psi, mask, qmax, kmax, cu, chunk_off, chunk_seq,
                          s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_wh, s_wm, s_wd, s_mb, s_mt,
-                         T, H, HK, G, M, D, root, c_t, c_o,
+                         T, H, HK, G, M, D, NCS, root, c_t, c_o,
                          KIND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PSI: tl.constexpr,
-                         HAS_CO: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                         BM: tl.constexpr):
+                         HAS_CO: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
+                         BD: tl.constexpr, BM: tl.constexpr):
     """qmax[b, h, t] = max_f e_q,f(t); kmax[b, h, c] = max over kept keys of chunk c and all f of e_k,f
-    (of query head h's key/value head: equal within a group)."""
+    (of query head h's key/value head: equal within a group). IS_VARLEN: program id 0 is the head, program
+    id 1 a chunk slot of the packed sequences (its sequence: chunk_seq), kmax ``[1, H, NCS]``."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_c = tl.program_id(1).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
+    if IS_VARLEN:
+        i_b = tl.load(chunk_seq + i_c).to(tl.int64)
+        i_h = i_bh
+    else:
+        i_b = i_bh // H
+        i_h = i_bh % H
     i_hk = i_h // G                       # grouped-query attention: the key/value head of query head i_h
-    i_bk = i_b * HK + i_hk                # k, v and every parameter are per key/value head
-    NC = tl.cdiv(T, BT)
-    o_t = i_c * BT + tl.arange(0, BT)
-    m_t = o_t < T
+    i_bk = i_b * HK + i_hk                # k, v and every parameter are per key/value head (and sequence)
+    bos, eos, i_bt, i_bht = _seq_span(cu, i_b, i_bh, i_h, H, T, IS_VARLEN)
+    if IS_VARLEN:
+        NC = NCS
+        o_t = bos + (i_c - tl.load(chunk_off + i_b)) * BT + tl.arange(0, BT)
+    else:
+        NC = tl.cdiv(T, BT)
+        o_t = i_c * BT + tl.arange(0, BT)
+    m_t = o_t < eos
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     if HAS_PSI:
@@ -76,11 +95,11 @@ def _rf_stats_fwd_kernel(q, k, W, bias, freq, psi, mask, qmax, kmax,
     else:
         b_psi = tl.full([BD], 1.0, tl.float32)
     b_freq = tl.load(freq + i_bk)
-    b_q = _load_rows(q, i_b, i_h, o_t, m_t, o_d, m_d, s_qb, s_qt, s_qh, s_qd)
-    b_k = _load_rows(k, i_b, i_hk, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
+    b_q = _load_rows(q, i_bt, i_h, o_t, m_t, o_d, m_d, s_qb, s_qt, s_qh, s_qd)
+    b_k = _load_rows(k, i_bt, i_hk, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
     b_xq, b_rq = _transform(b_q, b_psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
     b_xk, b_rk = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
-    keep = _keep_rows(mask, i_b, o_t, m_t, s_mb, s_mt, HAS_MASK)
+    keep = _keep_rows(mask, i_bt, o_t, m_t, s_mb, s_mt, HAS_MASK)
     b_qmax = tl.full([BT], float("-inf"), tl.float32)
     b_kmax = tl.full([BT], float("-inf"), tl.float32)
     for i_m in range(0, tl.cdiv(M, BM)):
@@ -98,18 +117,19 @@ def _rf_stats_fwd_kernel(q, k, W, bias, freq, psi, mask, qmax, kmax,
         b_kmax = tl.maximum(b_kmax, tl.max(tl.where(keep[:, None], b_ea, float("-inf")), axis=1))
         if KIND == 1:
             b_kmax = tl.maximum(b_kmax, tl.max(tl.where(keep[:, None], b_eb, float("-inf")), axis=1))
-    tl.store(qmax + i_bh * T + o_t, b_qmax, mask=m_t)
-    tl.store(kmax + i_bh * NC + i_c, tl.max(b_kmax, axis=0))
+    tl.store(qmax + i_bht * T + o_t, b_qmax, mask=m_t)
+    tl.store(kmax + i_bht * NC + i_c, tl.max(b_kmax, axis=0))
 
 
+@optional_inputs(HAS_MASK="mask", HAS_PSI="psi", HAS_INIT="S0", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
-def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o, den, S, z,
+def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o, den, S, z, cu, chunk_off,
                    s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
                    s_wh, s_wm, s_wd, s_mb, s_mt, s_on, s_dn, s_sp, s_zp,
-                   T, H, HK, G, M, D, DV, CPS, root, c_t, c_o,
+                   T, H, HK, G, M, D, DV, CPS, NCS, root, c_t, c_o,
                    KIND: tl.constexpr, PHASE: tl.constexpr, HAS_MASK: tl.constexpr,
                    HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr, HAS_INIT: tl.constexpr, STORE_STATE: tl.constexpr,
-                   SPLIT: tl.constexpr, PREC: tl.constexpr,
+                   SPLIT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
                    BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr):
     """PHASE 0 (causal): the whole walk, in order. Non-causal runs in two launches, each program owning a range of
     CPS chunks (program id 2 = Dv tile + NV * range): PHASE 1 sums its keys into a partial state
@@ -119,7 +139,11 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
     Grouped-query attention: program id 0 is a (batch, query head) pair; k, v, the parameters, the
     stabilisers kstab and the state belong to its key/value head i_hk = i_h // G. PHASE 0 programs of one
     group compute the same state; the first query head of the group stores it. PHASE 1 reads no query and
-    is launched over (batch, key/value head) pairs (H = HK, G = 1)."""
+    is launched over (batch, key/value head) pairs (H = HK, G = 1).
+
+    IS_VARLEN (packed sequences, token tensors of batch 1): the batch index is the sequence index; its
+    rows are [cu[n], cu[n + 1]); the causal kstab is ``[1, HK, NCS]`` with the sequence's chunks from
+    slot chunk_off[n]; the non-causal one ``[N, HK, 1]``, as dense."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_m = tl.program_id(1).to(tl.int64)
     i_vs = tl.program_id(2).to(tl.int64)
@@ -130,7 +154,12 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
     i_h = i_bh % H
     i_hk = i_h // G
     i_bk = i_b * HK + i_hk
-    NC = tl.cdiv(T, BT)
+    bos, eos, i_bt, i_bht = _seq_span(cu, i_b, i_bh, i_h, H, T, IS_VARLEN)
+    NC = tl.cdiv(eos - bos, BT)
+    if IS_VARLEN:
+        p_ks = kstab + i_hk * NCS + tl.load(chunk_off + i_b)      # this sequence's chunk slots
+    else:
+        p_ks = kstab + i_bk * NC
     if KIND == 0:
         F = M
     else:
@@ -157,7 +186,7 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
     b_za = tl.zeros([BM], dtype=tl.float32)
     b_zb = tl.zeros([BM], dtype=tl.float32)
     if PHASE == 0:
-        b_kfirst = tl.load(kstab + i_bk * NC)
+        b_kfirst = tl.load(p_ks)
     else:
         b_kfirst = tl.load(kstab + i_bk)
     if HAS_INIT and PHASE != 2:
@@ -176,9 +205,9 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
     if PHASE == 0:
         b_kprev = b_kfirst
         for i_c in range(0, NC):
-            o_t = i_c * BT + o_i
-            m_t = o_t < T
-            b_kst = tl.load(kstab + i_bk * NC + i_c)
+            o_t = bos + i_c * BT + o_i
+            m_t = o_t < eos
+            b_kst = tl.load(p_ks + i_c)
             # The stabiliser never decreases while the state is non-empty; min() keeps the factor
             # finite (the state is zero) when the previous chunks had no key.
             b_alpha = tl.exp(tl.minimum(b_kprev - b_kst, 0.0))
@@ -188,15 +217,15 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
                 b_sb *= b_alpha
                 b_zb *= b_alpha
             b_w = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
-            keep = _keep_rows(mask, i_b, o_t, m_t, s_mb, s_mt, HAS_MASK)
-            b_k = _load_rows(k, i_b, i_hk, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
+            keep = _keep_rows(mask, i_bt, o_t, m_t, s_mb, s_mt, HAS_MASK)
+            b_k = _load_rows(k, i_bt, i_hk, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
             b_xk, b_rk = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
             b_pka, b_pkb = _features(b_xk, b_rk, b_w, b_bias, b_freq, b_kst, keep, KIND, PREC)
-            b_q = _load_rows(q, i_b, i_h, o_t, m_t, o_d, m_d, s_qb, s_qt, s_qh, s_qd)
+            b_q = _load_rows(q, i_bt, i_h, o_t, m_t, o_d, m_d, s_qb, s_qt, s_qh, s_qd)
             b_xq, b_rq = _transform(b_q, b_psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
-            b_qmax = tl.load(qmax + i_bh * T + o_t, mask=m_t, other=0.0)
+            b_qmax = tl.load(qmax + i_bht * T + o_t, mask=m_t, other=0.0)
             b_pqa, b_pqb = _features(b_xq, b_rq, b_w, b_bias, b_freq, b_qmax[:, None], m_t, KIND, PREC)
-            b_v = _load_rows(v, i_b, i_hk, o_t, m_t, o_v, m_v, s_vb, s_vt, s_vh, s_vd).to(tl.float32)
+            b_v = _load_rows(v, i_bt, i_hk, o_t, m_t, o_v, m_v, s_vb, s_vt, s_vh, s_vd).to(tl.float32)
             # [BT, BM] @ [BM, BT] -> [BT, BT]: query t, key j of this chunk
             b_s = _dot(b_pqa, tl.trans(b_pka), PREC)
             # [BT, BM] @ [BM, BV] -> [BT, BV]: earlier chunks
@@ -210,7 +239,7 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
             # [BT, BT] @ [BT, BV] -> [BT, BV]
             b_num += _dot(b_s, b_v, PREC)
             b_den += tl.sum(b_s, axis=1)
-            _store_out(o, den, b_num, b_den, i_bh, i_b, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV,
+            _store_out(o, den, b_num, b_den, i_bht, i_bt, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV,
                        s_on, s_dn, SPLIT)
             # [BM, BT] @ [BT, BV] -> [BM, BV]
             b_sa += _dot(tl.trans(b_pka), b_v, PREC)
@@ -222,14 +251,14 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
     elif PHASE == 1:
         b_kst = b_kfirst
         for i_c in range(i_s * CPS, tl.minimum(i_s * CPS + CPS, NC)):
-            o_t = i_c * BT + o_i
-            m_t = o_t < T
+            o_t = bos + i_c * BT + o_i
+            m_t = o_t < eos
             b_w = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
-            keep = _keep_rows(mask, i_b, o_t, m_t, s_mb, s_mt, HAS_MASK)
-            b_k = _load_rows(k, i_b, i_hk, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
+            keep = _keep_rows(mask, i_bt, o_t, m_t, s_mb, s_mt, HAS_MASK)
+            b_k = _load_rows(k, i_bt, i_hk, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
             b_xk, b_rk = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
             b_pka, b_pkb = _features(b_xk, b_rk, b_w, b_bias, b_freq, b_kst, keep, KIND, PREC)
-            b_v = _load_rows(v, i_b, i_hk, o_t, m_t, o_v, m_v, s_vb, s_vt, s_vh, s_vd).to(tl.float32)
+            b_v = _load_rows(v, i_bt, i_hk, o_t, m_t, o_v, m_v, s_vb, s_vt, s_vh, s_vd).to(tl.float32)
             # [BM, BT] @ [BT, BV] -> [BM, BV]
             b_sa += _dot(tl.trans(b_pka), b_v, PREC)
             b_za += tl.sum(b_pka, axis=0)
@@ -245,12 +274,12 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
             b_sb = tl.load(p_s + M * DV, mask=m_s, other=0.0)
             b_zb = tl.load(p_z + M, mask=m_m, other=0.0)
         for i_c in range(i_s * CPS, tl.minimum(i_s * CPS + CPS, NC)):
-            o_t = i_c * BT + o_i
-            m_t = o_t < T
+            o_t = bos + i_c * BT + o_i
+            m_t = o_t < eos
             b_w = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
-            b_q = _load_rows(q, i_b, i_h, o_t, m_t, o_d, m_d, s_qb, s_qt, s_qh, s_qd)
+            b_q = _load_rows(q, i_bt, i_h, o_t, m_t, o_d, m_d, s_qb, s_qt, s_qh, s_qd)
             b_xq, b_rq = _transform(b_q, b_psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
-            b_qmax = tl.load(qmax + i_bh * T + o_t, mask=m_t, other=0.0)
+            b_qmax = tl.load(qmax + i_bht * T + o_t, mask=m_t, other=0.0)
             b_pqa, b_pqb = _features(b_xq, b_rq, b_w, b_bias, b_freq, b_qmax[:, None], m_t, KIND, PREC)
             # [BT, BM] @ [BM, BV] -> [BT, BV]
             b_num = _dot(b_pqa, b_sa, PREC)
@@ -258,7 +287,7 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
             if KIND != 0:
                 b_num += _dot(b_pqb, b_sb, PREC)
                 b_den += tl.sum(b_pqb * b_zb[None, :], axis=1)
-            _store_out(o, den, b_num, b_den, i_bh, i_b, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV,
+            _store_out(o, den, b_num, b_den, i_bht, i_bt, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV,
                        s_on, s_dn, SPLIT)
 
     if STORE_STATE:
@@ -277,8 +306,30 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
                     tl.store(p_z + M, b_zb, mask=m_m)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
+@optional_inputs(HAS_INIT="m0")
+@triton.jit
+def _rf_varlen_stab_kernel(kmax, m0, chunk_off, kstab, m_fin, HK, NCS, NCAP,
+                           CAUSAL: tl.constexpr, HAS_INIT: tl.constexpr):
+    """Packed sequences: the key stabilisers of sequence n, key/value head i_hk (program (n, i_hk)) from
+    the chunk maxima kmax ``[HK, NCS]`` of its slots: the running maximum (CAUSAL, written to the same
+    slots of kstab ``[HK, NCAP]``) or the maximum (kstab ``[N, HK]``), both combined with m0 and 0 where
+    still -inf; m_fin ``[N, HK]`` the final one (-inf kept). Every slot of an empty sequence holds m0."""
+    i_nh = tl.program_id(0).to(tl.int64)
+    i_n = i_nh // HK
+    i_hk = i_nh % HK
+    c_lo = tl.load(chunk_off + i_n)
+    c_hi = tl.load(chunk_off + i_n + 1)
+    if HAS_INIT:
+        b_run = tl.load(m0 + i_nh)
+    else:
+        b_run = tl.full([], float("-inf"), tl.float32)
+    for c in range(c_lo, c_hi):
+        b_run = tl.maximum(b_run, tl.load(kmax + i_hk * NCS + c))
+        if CAUSAL:
+            tl.store(kstab + i_hk * NCAP + c, tl.where(b_run == float("-inf"), 0.0, b_run))
+    if not CAUSAL:
+        tl.store(kstab + i_nh, tl.where(b_run == float("-inf"), 0.0, b_run))
+    tl.store(m_fin + i_nh, b_run)
 
 
 # One warpgroup: with 8 warps the [BT, *] tiles (BT <= 64 rows) are replicated across two warpgroups, which
@@ -288,7 +339,7 @@ _FWD_CONFIGS = [triton.Config({"BV": bv}, num_warps=4, num_stages=st) for bv in 
 
 def _prune_fwd_configs(configs, named_args, **kwargs):
     """Drop value tiles wider than Dv needs (one tile of 32 covers Dv <= 32)."""
-    width = max(32, _next_pow2(named_args["DV"]))
+    width = max(32, triton.next_power_of_2(named_args["DV"]))
     return [c for c in configs if c.kwargs["BV"] <= width]
 
 
@@ -321,7 +372,17 @@ def default_chunk_size(T: int) -> int:
     whole sequence fits in fewer (at least 16, the smallest tile tl.dot accepts). Compiled for sm_90 at
     D = Dv = 64, m = 128, chunks of 64 make every causal kernel spill several times more registers than
     chunks of 32 (``python -m bench.compile_check``; bench/results/compile-sm90-*.md)."""
-    return max(16, min(32, _next_pow2(T)))
+    return max(16, min(32, triton.next_power_of_2(T)))
+
+
+def _strides(**tensors) -> dict:
+    """Keyword stride arguments ``s_<x>b, s_<x>t, s_<x>h, s_<x>d`` of [B, T, H, D] tensors (``s_wh, s_wm, s_wd``
+    for W)."""
+    out = {}
+    for x, t in tensors.items():
+        dims = "hmd" if x == "w" else "bthd"
+        out.update({f"s_{x}{d}": s for d, s in zip(dims, t.stride())})
+    return out
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -329,36 +390,46 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 
 def stabilisers(q, k, W, bias, freq, psi, mask, m0, *, kind: int, c_t: float, c_o: float, scale: float,
-                causal: bool, BT: int):
+                causal: bool, BT: int, varlen: VarlenTables | None = None):
     """The stabilisers of both causal modes and of the non-causal forward: ``(qmax [B, H, T], kstab, m)``,
     kstab ``[B, Hk, NC]`` the running maximum of the chunks' key exponents (causal) or ``[B, Hk, 1]``
     their maximum, both combined with ``m0`` and 0 where still -inf; m ``[B, Hk]`` the final one (-inf
     kept). Hk = k.shape[2] key/value heads (grouped-query attention when Hk < H). bias, freq, psi, m0:
-    fp32 contiguous (or None)."""
+    fp32 contiguous (or None).
+
+    Packed sequences (``varlen``, B = 1): per sequence n (the parameters' and m0's batch axis), kstab
+    ``[1, Hk, varlen.chunk_capacity]`` (causal; sequence n's chunks at slots chunk_off[n]..., the unused
+    tail 0) or ``[N, Hk, 1]``, m ``[N, Hk]``."""
     B, T, H, D = q.shape
     Hk = k.shape[2]
     G = H // Hk
     M = W.shape[1]
     NC = triton.cdiv(T, BT)
-    BD = max(16, _next_pow2(D))
-    BM = max(16, min(MAX_BM, _next_pow2(M)))
+    BD = max(16, triton.next_power_of_2(D))
+    BM = max(16, min(MAX_BM, triton.next_power_of_2(M)))
     dev = q.device
     mask_u8 = None if mask is None else mask.view(torch.uint8)
-    root = math.sqrt(scale)
-    dummy = bias
     prec = dot_precision(q.dtype, k.dtype)
     qmax = torch.empty(B, H, T, dtype=torch.float32, device=dev)
+    if varlen is not None:
+        NC = varlen.num_chunk_slots
+        grid = (H, NC)
+        tables = dict(cu=varlen.cu, chunk_off=varlen.chunk_off, chunk_seq=varlen.chunk_seq, NCS=NC)
+    else:
+        grid = (B * H, NC)
+        tables = dict(cu=None, chunk_off=None, chunk_seq=None, NCS=None)
     kmax = torch.empty(B, H, NC, dtype=torch.float32, device=dev)
     s_mb, s_mt = (0, 0) if mask is None else mask.stride()
-    _rf_stats_fwd_kernel[(B * H, NC)](
-        q, k, W, bias, freq, psi if psi is not None else dummy, mask_u8 if mask is not None else dummy, qmax, kmax,
-        *q.stride(), *k.stride(), *W.stride(), s_mb, s_mt,
-        T, H, Hk, G, M, D, root, c_t, c_o,
-        KIND=kind, HAS_MASK=mask is not None, HAS_PSI=psi is not None, HAS_CO=c_o != 0.0,
-        PREC=prec, BT=BT, BD=BD, BM=min(BM, freq_tile(BD)), num_warps=4)
+    _rf_stats_fwd_kernel[grid](
+        q=q, k=k, W=W, bias=bias, freq=freq, psi=psi, mask=mask_u8, qmax=qmax, kmax=kmax, **tables,
+        **_strides(q=q, k=k, w=W), s_mb=s_mb, s_mt=s_mt, T=T, H=H, HK=Hk, G=G, M=M, D=D, root=math.sqrt(scale),
+        c_t=c_t, c_o=c_o, KIND=kind, HAS_CO=c_o != 0.0, PREC=prec, BT=BT, BD=BD, BM=min(BM, freq_tile(BD)),
+        num_warps=4)
 
     if G > 1:   # every query head of a group found its key/value head's maxima
         kmax = kmax.unflatten(1, (Hk, G)).amax(2)                                     # [B, Hk, NC]
+    if varlen is not None:
+        return qmax, *_varlen_kstab(kmax.contiguous(), m0, varlen, causal=causal)
     m_init = m0 if m0 is not None else torch.full((B, Hk), float("-inf"), dtype=torch.float32, device=dev)
     if causal:
         run = torch.maximum(torch.cummax(kmax, dim=-1).values, m_init[..., None])     # [B, Hk, NC]
@@ -369,8 +440,23 @@ def stabilisers(q, k, W, bias, freq, psi, mask, m0, *, kind: int, c_t: float, c_
     return qmax, kstab, m_final
 
 
+def _varlen_kstab(kmax, m0, varlen: VarlenTables, *, causal: bool):
+    """(kstab, m) of packed sequences from the chunk maxima kmax ``[1, Hk, slots]``: see ``stabilisers``."""
+    Hk, N = kmax.shape[1], varlen.num_seqs
+    dev = kmax.device
+    if causal:
+        kstab = torch.zeros(1, Hk, varlen.chunk_capacity, dtype=torch.float32, device=dev)
+    else:
+        kstab = torch.empty(N, Hk, 1, dtype=torch.float32, device=dev)
+    m_final = torch.empty(N, Hk, dtype=torch.float32, device=dev)
+    _rf_varlen_stab_kernel[(N * Hk,)](kmax=kmax, m0=m0, chunk_off=varlen.chunk_off, kstab=kstab, m_fin=m_final, HK=Hk,
+                                      NCS=kmax.shape[-1], NCAP=varlen.chunk_capacity, CAUSAL=bool(causal),
+                                      num_warps=1)
+    return kstab, m_final
+
+
 def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: float, c_o: float, scale: float,
-           causal: bool, output_final_state: bool, chunk_size: int | None = None):
+           causal: bool, output_final_state: bool, chunk_size: int | None = None, cu_seqlens=None):
     """Fused forward. q ``[B, T, H, D]`` (fp16/bf16/fp32, any strides), k ``[B, T, Hk, D]``, v
     ``[B, T, Hk, Dv]`` (Hk divides H: query head h reads key/value head h // (H / Hk)); per key/value
     head: W ``[Hk, m, D]`` (stride(0) may be 0), bias ``[B, Hk, m]``, freq ``[B, Hk]``, psi ``[B, Hk, D]``
@@ -380,6 +466,12 @@ def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: flo
     Returns ``(o, den, qmax, kstab, S, z, m, chunk_size)``: o ``[B, T, H, Dv]`` in v's dtype; den and
     qmax ``[B, H, T]``; kstab ``[B, Hk, NC]`` (causal) or ``[B, Hk, 1]``; the final state S
     ``[B, Hk, F, Dv]``, z ``[B, Hk, F]``, m ``[B, Hk]`` (divided by exp(m)) or three Nones; the chunk size.
+
+    ``cu_seqlens`` (int32 ``[N + 1]``, or None): packed variable-length sequences. q, k, v have batch 1
+    and sequence n is rows cu_seqlens[n]:cu_seqlens[n + 1]; the parameters, S0, z0, m0 and the final
+    state have batch N (one row per sequence); kstab is ``[1, Hk, Ttot // chunk + N]`` (causal, see
+    ``stabilisers``) or ``[N, Hk, 1]``. One launch per kernel for all sequences, each program walking the
+    chunks of its own sequence.
     """
     B, T, H, D = q.shape
     Hk = k.shape[2]
@@ -391,11 +483,14 @@ def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: flo
     if BT < 16 or BT & (BT - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {BT}")
     NC = triton.cdiv(T, BT)
-    BD = max(16, _next_pow2(D))
-    BM = max(16, min(MAX_BM, _next_pow2(M)))
+    BD = max(16, triton.next_power_of_2(D))
+    BM = max(16, min(MAX_BM, triton.next_power_of_2(M)))
     NMT = triton.cdiv(M, BM)
     dev = q.device
     prec = dot_precision(q.dtype, v.dtype)
+    varlen = None if cu_seqlens is None else VarlenTables(cu_seqlens, BT)
+    NS = B if varlen is None else varlen.num_seqs           # batch rows of the parameters and the states
+    NCmax = NC if varlen is None else max(1, varlen.max_chunks)
 
     bias, freq = _f32(bias), _f32(freq)
     psi = None if psi is None else _f32(psi)
@@ -403,12 +498,9 @@ def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: flo
     if has_init:
         S0, z0, m0 = _f32(S0), _f32(z0), _f32(m0)
     mask_u8 = None if mask is None else mask.view(torch.uint8)
-    root = math.sqrt(scale)
-    has_co = c_o != 0.0
-    dummy = bias
 
     qmax, kstab, m_final = stabilisers(q, k, W, bias, freq, psi, mask, m0 if has_init else None, kind=kind,
-                                       c_t=c_t, c_o=c_o, scale=scale, causal=causal, BT=BT)
+                                       c_t=c_t, c_o=c_o, scale=scale, causal=causal, BT=BT, varlen=varlen)
     s_mb, s_mt = (0, 0) if mask is None else mask.stride()
 
     split = NMT > 1
@@ -420,46 +512,46 @@ def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: flo
         o_buf = o
         den_buf = torch.empty(B, H, T, dtype=torch.float32, device=dev)
     s_on, s_dn = (B * T * H * Dv, B * H * T) if split else (0, 0)
-    common = (q, k, v, W, bias, freq, psi if psi is not None else dummy, mask_u8 if mask is not None else dummy,
-              S0 if has_init else dummy, z0 if has_init else dummy, m0 if has_init else dummy, qmax, kstab,
-              o_buf, den_buf)
-    strides = (*q.stride(), *k.stride(), *v.stride(), *W.stride(), s_mb, s_mt, s_on, s_dn)
-    flags = dict(KIND=kind, HAS_MASK=mask is not None, HAS_PSI=psi is not None,
-                 HAS_CO=has_co, HAS_INIT=has_init, SPLIT=split, PREC=prec, BT=BT, BD=BD, BM=BM)
+    common = dict(q=q, k=k, v=v, W=W, bias=bias, freq=freq, psi=psi, mask=mask_u8, S0=S0, z0=z0, m0=m0, qmax=qmax,
+                  kstab=kstab, o=o_buf, den=den_buf, cu=None if varlen is None else varlen.cu,
+                  chunk_off=None if varlen is None else varlen.chunk_off,
+                  **_strides(q=q, k=k, v=v, w=W), s_mb=s_mb, s_mt=s_mt, s_on=s_on, s_dn=s_dn,
+                  T=T, HK=Hk, M=M, D=D, DV=Dv, NCS=None if varlen is None else varlen.chunk_capacity,
+                  root=math.sqrt(scale), c_t=c_t, c_o=c_o, KIND=kind, HAS_CO=c_o != 0.0, SPLIT=split, PREC=prec,
+                  BT=BT, BD=BD, BM=BM)
 
     def launch(S_ptr, z_ptr, s_sp, s_zp, nsplit, cps, phase, store_state):
         # PHASE 1 reads keys and values only: one program per (batch, key/value head)
         heads, group = (Hk, 1) if phase == 1 else (H, G)
-        args = (*common, S_ptr, z_ptr, *strides, s_sp, s_zp, T, heads, Hk, group, M, D, Dv, cps, root, c_t, c_o)
-        kw = dict(flags, PHASE=phase, STORE_STATE=store_state)
+        kw = dict(common, S=S_ptr, z=z_ptr, s_sp=s_sp, s_zp=s_zp, H=heads, G=group, CPS=cps, PHASE=phase,
+                  STORE_STATE=store_state)
         if _rf_fwd_kernel_tuned is None:
-            BV = max(16, min(64, _next_pow2(Dv)))
-            _rf_fwd_kernel[(B * heads, NMT, triton.cdiv(Dv, BV) * nsplit)](*args, **kw, BV=BV, num_warps=4,
-                                                                           num_stages=1)
+            BV = max(16, min(64, triton.next_power_of_2(Dv)))
+            _rf_fwd_kernel[(NS * heads, NMT, triton.cdiv(Dv, BV) * nsplit)](**kw, BV=BV, num_warps=4, num_stages=1)
         else:
             def grid(meta):
-                return (B * heads, NMT, triton.cdiv(Dv, meta["BV"]) * nsplit)
-            _rf_fwd_kernel_tuned[grid](*args, **kw)
+                return (NS * heads, NMT, triton.cdiv(Dv, meta["BV"]) * nsplit)
+            _rf_fwd_kernel_tuned[grid](**kw)
 
     if causal:
         # One walk over the chunks per (batch-head, frequency tile, Dv tile): the state is sequential.
         if output_final_state:
-            S = torch.empty(B, Hk, F, Dv, dtype=torch.float32, device=dev)
-            z = torch.empty(B, Hk, F, dtype=torch.float32, device=dev)
+            S = torch.empty(NS, Hk, F, Dv, dtype=torch.float32, device=dev)
+            z = torch.empty(NS, Hk, F, dtype=torch.float32, device=dev)
         else:
             S = z = None
-        launch(S if S is not None else dummy, z if z is not None else dummy, 0, 0, 1, NC, 0,
-               bool(output_final_state))
+        launch(S, z, 0, 0, 1, NC, 0, bool(output_final_state))
     else:
         # Non-causal: sums over key chunks split into NSPLIT ranges (enough programs to fill the device),
         # reduced on the host in a fixed order (deterministic); then every range writes its outputs from
         # the reduced state. The reduced state is the final state.
-        nsplit = _num_splits(NC, B * Hk * NMT * triton.cdiv(Dv, 64), dev)
-        cps = triton.cdiv(NC, nsplit)
-        nsplit = triton.cdiv(NC, cps)
-        S_part = torch.empty(nsplit, B, Hk, F, Dv, dtype=torch.float32, device=dev)
-        z_part = torch.empty(nsplit, B, Hk, F, dtype=torch.float32, device=dev)
-        launch(S_part, z_part, B * Hk * F * Dv, B * Hk * F, nsplit, cps, 1, True)
+        # Packed sequences: every sequence gets the ranges of the longest (ranges past its end are empty).
+        nsplit = _num_splits(NCmax, NS * Hk * NMT * triton.cdiv(Dv, 64), dev)
+        cps = triton.cdiv(NCmax, nsplit)
+        nsplit = triton.cdiv(NCmax, cps)
+        S_part = torch.empty(nsplit, NS, Hk, F, Dv, dtype=torch.float32, device=dev)
+        z_part = torch.empty(nsplit, NS, Hk, F, dtype=torch.float32, device=dev)
+        launch(S_part, z_part, NS * Hk * F * Dv, NS * Hk * F, nsplit, cps, 1, True)
         S, z = S_part.sum(0), z_part.sum(0)
         launch(S, z, 0, 0, nsplit, cps, 2, False)
     if split:
