@@ -178,13 +178,13 @@ def specialise(fn, args, kwargs):
     return sig, const, attrs, options
 
 
-def tuning_variants(fn, args, options: dict) -> list:
+def tuning_variants(fn, args, kwargs, options: dict) -> list:
     """(constexpr overrides, options) of every autotuning configuration the package gives this kernel;
     just the recorded launch for kernels that are not autotuned."""
     from spectraformer_fused.ops import triton_bwd, triton_fwd
 
     if fn.__name__ == "_rf_fwd_kernel":
-        values = dict(zip(fn.arg_names, args))
+        values = dict(zip(fn.arg_names, args), **kwargs)          # kernels are launched by keyword
         configs = triton_fwd._prune_fwd_configs(triton_fwd._FWD_CONFIGS, {"DV": values["DV"]})
     elif fn.__name__ in ("_rf_bwd_dq_kernel", "_rf_bwd_dkv_kernel"):
         configs = triton_bwd._BWD_CONFIGS
@@ -265,7 +265,7 @@ def main(argv=None) -> int:
             sig, const, attrs, options = specialise(fn, fargs, fkw)
             variants = [({}, options)]
             if args.configs == "all":
-                variants = tuning_variants(fn, fargs, options)
+                variants = tuning_variants(fn, fargs, fkw, options)
             for override, opts in variants:
                 cst = dict(const, **override)
                 key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(cst.items(), key=str)),

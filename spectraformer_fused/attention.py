@@ -6,7 +6,7 @@ import torch
 from .components import REFERENCE_ONLY_REASON
 from .feature_map import RandomFeatureMap
 from .ops import cpu_extension_built, cpu_extension_loaded, triton_importable, triton_interpreting
-from .reference import per_sequence, reference_attention
+from .reference import reference_attention
 from .state import RFState, empty_state
 from .validation import check_attention_inputs, check_cu_seqlens, resolve_scale
 
@@ -83,11 +83,6 @@ def _backend_function(name: str):
     return fn
 
 
-# Backends whose function takes ``cu_seqlens`` and runs every packed sequence in one call; any other
-# backend function runs once per sequence (reference.per_sequence).
-_PACKED_NATIVE = {"reference", "cpu"}
-
-
 def rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: RandomFeatureMap, *,
                  causal: bool = False, scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
                  initial_state=None, output_final_state: bool = False, backend: str = "auto",
@@ -149,12 +144,9 @@ def rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map:
     if offsets is None:
         o, final = fn(q, k, v, params, causal=causal, key_padding_mask=key_padding_mask, initial_state=state,
                       output_final_state=output_final_state)
-    elif name in _PACKED_NATIVE:
+    else:           # every backend runs all packed sequences in one call
         o, final = fn(q, k, v, params, causal=causal, key_padding_mask=None, initial_state=state,
                       output_final_state=output_final_state, cu_seqlens=cu_seqlens.to(torch.int32).contiguous())
-    else:
-        o, final = per_sequence(fn, q, k, v, params, offsets, causal=causal, initial_state=state,
-                                output_final_state=output_final_state)
     return (o, final) if output_final_state else o
 
 

@@ -66,3 +66,27 @@ def test_out_of_resources_is_a_clear_error(stage, monkeypatch, device):
     with pytest.raises(RuntimeError, match=rf"Triton {stage} for float32 inputs with head dims D=16, Dv=24 does "
                                            r"not fit this GPU .*shared memory.*backend='reference'"):
         rf_attention(q, q, v, fm, backend="triton").sum().backward()
+
+
+def test_device_guard_names_the_input_on_another_device():
+    from spectraformer_fused.ops.triton_common import on_device_of
+
+    a, b = torch.zeros(2), torch.zeros(2, device="meta")
+    with pytest.raises(ValueError, match="q is on cpu, W on meta"):
+        with on_device_of("q, k, W", a, None, b):
+            pass
+    with on_device_of("q, k, W", a, None, a):          # one device (None = an absent optional input): no error
+        pass
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_launches_under_the_inputs_device():
+    """Inputs on cuda:1 while cuda:0 is current: the kernels run on cuda:1 and give the reference's result."""
+    q, k, v = (torch.randn(1, 64, 2, 16, device="cuda:1") for _ in range(3))
+    fm = RandomFeatureMap(16, 32, num_heads=2, seed=0, device="cuda:1").eval()
+    with torch.cuda.device(0):
+        o = rf_attention(q, k, v, fm, causal=True, backend="triton")
+        ref = rf_attention(q, k, v, fm, causal=True, backend="reference")
+    assert o.device == q.device
+    assert_close(o, ref, torch.float32, name="o")

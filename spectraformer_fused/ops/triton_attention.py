@@ -13,16 +13,12 @@ import torch
 import triton
 from torch import Tensor
 
-from ..feature_map import FeatureParams
+from ..contract import FeatureParams, feature_width
 from ..state import RFState
 from .triton_bwd import rf_bwd
 from .triton_chunk import chunk_bwd, chunk_fwd, chunk_size, requested_mode, resolve_mode
-from .triton_common import chunk_capacity, resource_errors
+from .triton_common import chunk_capacity, on_device_of, resource_errors
 from .triton_fwd import MAX_BM, default_chunk_size, rf_fwd
-
-def _feature_dim(kind: int, m: int) -> int:
-    return m if kind == 0 else 2 * m
-
 
 _FWD_OUT = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
@@ -34,7 +30,8 @@ def _rf_fwd_op(q: Tensor, k: Tensor, v: Tensor, W: Tensor, bias: Tensor, freq: T
                chunk_size: int, mode: str) -> _FWD_OUT:
     """(o, den, qmax, kstab, S, z, m); the final state is always returned (it is O(F Dv) per head).
     mode: "walk" or "chunk" (causal only; triton_chunk.py). cu_seqlens: packed sequences (``rf_fwd``)."""
-    with resource_errors("forward", q.dtype, q.shape[-1], v.shape[-1]):
+    with on_device_of("q, k, v, W, bias, freq, psi, mask, S0, z0, m0, cu_seqlens", q, k, v, W, bias, freq, psi, mask,
+                      S0, z0, m0, cu_seqlens), resource_errors("forward", q.dtype, q.shape[-1], v.shape[-1]):
         if causal and mode == "chunk":
             o, den, qmax, kstab, S, z, m, _ = chunk_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, kind=kind,
                                                         c_t=c_t, c_o=c_o, scale=scale, output_final_state=True,
@@ -51,7 +48,7 @@ def _(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, cu_seqlens, kind, c_t, c_o,
     B, T, H, _ = q.shape
     Hk = k.shape[2]                       # grouped-query attention: kstab and the state per key/value head
     Dv = v.shape[-1]
-    F = _feature_dim(kind, W.shape[1])
+    F = feature_width(kind, W.shape[1])
     f32 = dict(dtype=torch.float32, device=q.device)
     if cu_seqlens is None:
         NS, kstab = B, q.new_empty(B, Hk, triton.cdiv(T, chunk_size) if causal else 1, **f32)
@@ -70,7 +67,8 @@ def _rf_bwd_op(do: Tensor, dS: Optional[Tensor], dz: Optional[Tensor], q: Tensor
                qmax: Tensor, kstab: Tensor, S: Tensor, z: Tensor, kind: int, c_t: float, c_o: float, scale: float,
                causal: bool, chunk_size: int, mode: str) -> _FWD_OUT:
     """(dq, dk, dv, dW [H, m, D], dbias, dS0, dz0); dS0 and dz0 are empty without an initial state."""
-    with resource_errors("backward", q.dtype, q.shape[-1], v.shape[-1]):
+    with on_device_of("q, do, k, v, W, bias", q, do, k, v, W, bias), \
+            resource_errors("backward", q.dtype, q.shape[-1], v.shape[-1]):
         if causal and mode == "chunk":
             dq, dk, dv, dW, dbias, dS0, dz0 = chunk_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o,
                                                         den, qmax, kstab, kind=kind, c_t=c_t, c_o=c_o, scale=scale,

@@ -47,11 +47,10 @@ import triton
 import triton.language as tl
 
 from . import autotune_enabled
-from .triton_common import (VarlenTables, _dot, _features, _keep_rows, _seq_span, _transform, dot_precision,
-                            optional_inputs)
+from ..contract import DEN_EPS, feature_width
+from .triton_common import (KIND_EXP, KIND_HYP, KIND_TRIG, VarlenTables, _dot, _features, _keep_rows, _seq_span,
+                            _transform, dot_precision, optional_inputs)
 from .triton_fwd import _num_splits, freq_tile
-
-DEN_EPS = 1e-30
 
 
 # Autotuning candidates of the dq and dkv kernels. Without autotuning: 8 warps for the causal walk and 4
@@ -117,10 +116,10 @@ def _kstab_row(kstab, chunk_off, i_b, i_hk, i_bk, NC, NCS, CAUSAL: tl.constexpr,
 def _phi_grad(dpa, dpb, pa, pb, KIND: tl.constexpr):
     """Feature gradients -> (de, du) [BT, BM]: de the gradient of the common exponent part
     (bias + r, summed over both blocks), du the gradient of u = freq * w . x'."""
-    if KIND == 2:
+    if KIND == KIND_TRIG:
         de = dpa * pa + dpb * pb
         du = dpb * pa - dpa * pb
-    elif KIND == 1:
+    elif KIND == KIND_HYP:
         dea = dpa * pa
         deb = dpb * pb
         de = dea + deb
@@ -171,7 +170,7 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qma
     i_bk = i_b * HK + i_hk                # k, v, the parameters, kstab and the state are per key/value head
     bos, eos, i_bt, i_bht = _seq_span(cu, i_b, i_bh, i_h, H, T, IS_VARLEN)
     NC = tl.cdiv(eos - bos, BT)
-    F = M if KIND == 0 else 2 * M
+    F = M if KIND == KIND_EXP else 2 * M
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < M
     o_d = tl.arange(0, BD)
@@ -203,7 +202,7 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qma
             p_s0 = s0 + i_bk * F * DV + o_m[:, None] * DV + o_v[None, :]
             b_sa = tl.load(p_s0, mask=m_sv, other=0.0) * b_alpha
             b_za = tl.load(z0 + i_bk * F + o_m, mask=m_m, other=0.0) * b_alpha
-            if KIND != 0:
+            if KIND != KIND_EXP:
                 b_sb = tl.load(p_s0 + M * DV, mask=m_sv, other=0.0) * b_alpha
                 b_zb = tl.load(z0 + i_bk * F + M + o_m, mask=m_m, other=0.0) * b_alpha
     else:
@@ -212,7 +211,7 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qma
         p_sf = sf + i_bk * F * DV + o_m[:, None] * DV + o_v[None, :]
         b_sa = tl.load(p_sf, mask=m_sv, other=0.0)
         b_za = tl.load(zf + i_bk * F + o_m, mask=m_m, other=0.0)
-        if KIND != 0:
+        if KIND != KIND_EXP:
             b_sb = tl.load(p_sf + M * DV, mask=m_sv, other=0.0)
             b_zb = tl.load(zf + i_bk * F + M + o_m, mask=m_m, other=0.0)
 
@@ -246,13 +245,13 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qma
             b_p = _dot(b_a, tl.trans(b_v), PREC) + b_beta[:, None]                      # [BT, BV] @ [BV, BT]
             b_p = tl.where(o_t[:, None] >= o_t[None, :], b_p, 0.0)
             dqa = _dot(b_p, ka, PREC)                                                   # [BT, BT] @ [BT, BM]
-            if KIND != 0:
+            if KIND != KIND_EXP:
                 dqb = _dot(b_p, kb, PREC)
         else:
             dqa = tl.zeros([BT, BM], dtype=tl.float32)
             dqb = tl.zeros([BT, BM], dtype=tl.float32)
         dqa += _dot(b_a, tl.trans(b_sa), PREC) + b_beta[:, None] * b_za[None, :]
-        if KIND != 0:
+        if KIND != KIND_EXP:
             dqb += _dot(b_a, tl.trans(b_sb), PREC) + b_beta[:, None] * b_zb[None, :]
         else:
             dqb = dqa
@@ -268,7 +267,7 @@ def _rf_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, s0, z0, m0, sf, zf, qma
         if CAUSAL:
             b_sa += _dot(tl.trans(ka), b_v, PREC)
             b_za += tl.sum(ka, axis=0)
-            if KIND != 0:
+            if KIND != KIND_EXP:
                 b_sb += _dot(tl.trans(kb), b_v, PREC)
                 b_zb += tl.sum(kb, axis=0)
 
@@ -294,7 +293,7 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
     i_bk = i_b * HK + i_hk                # k, v, the parameters, kstab and the state are per key/value head
     bos, eos, i_bt, i_bht = _seq_span(cu, i_b, i_bh, i_h, H, T, IS_VARLEN)
     NC = tl.cdiv(eos - bos, BT)
-    F = M if KIND == 0 else 2 * M
+    F = M if KIND == KIND_EXP else 2 * M
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < M
     o_d = tl.arange(0, BD)
@@ -326,7 +325,7 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
         p_sf = dsf + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
         b_dsa = tl.load(p_sf, mask=m_sv, other=0.0)
         b_dza = tl.load(dzf + i_bh * F + o_m, mask=m_m, other=0.0)
-        if KIND != 0:
+        if KIND != KIND_EXP:
             b_dsb = tl.load(p_sf + M * DV, mask=m_sv, other=0.0)
             b_dzb = tl.load(dzf + i_bh * F + M + o_m, mask=m_m, other=0.0)
 
@@ -370,7 +369,7 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
         # carried part: dphik_j = dS v_j + dz, dv_j = dS^T phik_j
         dka = _dot(b_v, tl.trans(b_dsa), PREC) + b_dza[None, :]                         # [BT, BV] @ [BV, BM]
         b_dv = _dot(ka, b_dsa, PREC)                                                    # [BT, BM] @ [BM, BV]
-        if KIND != 0:
+        if KIND != KIND_EXP:
             dkb = _dot(b_v, tl.trans(b_dsb), PREC) + b_dzb[None, :]
             b_dv += _dot(kb, b_dsb, PREC)
         else:
@@ -387,7 +386,7 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
             # A^T[j, t] = phik_j . phiq_t
             b_at = _dot(ka, tl.trans(qa), PREC)                                         # [BT, BM] @ [BM, BT]
             dka += _dot(b_pt, qa, PREC)                                                 # [BT, BT] @ [BT, BM]
-            if KIND != 0:
+            if KIND != KIND_EXP:
                 b_at += _dot(kb, tl.trans(qb), PREC)
                 dkb += _dot(b_pt, qb, PREC)
             else:
@@ -405,7 +404,7 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
         if CAUSAL:
             b_dsa += _dot(tl.trans(qa), b_a, PREC)
             b_dza += tl.sum(qa * b_beta[:, None], axis=0)
-            if KIND != 0:
+            if KIND != KIND_EXP:
                 b_dsb += _dot(tl.trans(qb), b_a, PREC)
                 b_dzb += tl.sum(qb * b_beta[:, None], axis=0)
 
@@ -417,7 +416,7 @@ def _rf_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, m0, qmax, kstab, da, d
             p_s0 = ds0 + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
             tl.store(p_s0, b_dsa * b_alpha, mask=m_sv)
             tl.store(dz0 + i_bh * F + o_m, b_dza * b_alpha, mask=m_m)
-            if KIND != 0:
+            if KIND != KIND_EXP:
                 tl.store(p_s0 + M * DV, b_dsb * b_alpha, mask=m_sv)
                 tl.store(dz0 + i_bh * F + M + o_m, b_dzb * b_alpha, mask=m_m)
 
@@ -447,7 +446,7 @@ def _rf_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, da, dbeta, dsp, dzp, cu,
     i_bk = i_b * HK + i_hk                # k, v, the parameters, kstab and the state are per key/value head
     bos, eos, i_bt, i_bht = _seq_span(cu, i_b, i_bh, i_h, H, T, IS_VARLEN)
     NC = tl.cdiv(eos - bos, BT)
-    F = M if KIND == 0 else 2 * M
+    F = M if KIND == KIND_EXP else 2 * M
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < M
     o_d = tl.arange(0, BD)
@@ -474,14 +473,14 @@ def _rf_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, da, dbeta, dsp, dzp, cu,
                                   b_freq, b_psi, root, c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC)
         b_dsa += _dot(tl.trans(qa), b_a, PREC)                                          # [BM, BT] @ [BT, BV]
         b_dza += tl.sum(qa * b_beta[:, None], axis=0)
-        if KIND != 0:
+        if KIND != KIND_EXP:
             b_dsb += _dot(tl.trans(qb), b_a, PREC)
             b_dzb += tl.sum(qb * b_beta[:, None], axis=0)
     p_ds = dsp + i_s * s_sp + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
     p_dz = dzp + i_s * s_zp + i_bh * F + o_m
     tl.store(p_ds, b_dsa, mask=m_sv)
     tl.store(p_dz, b_dza, mask=m_m)
-    if KIND != 0:
+    if KIND != KIND_EXP:
         tl.store(p_ds + M * DV, b_dsb, mask=m_sv)
         tl.store(p_dz + M, b_dzb, mask=m_m)
 
@@ -517,7 +516,7 @@ def rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qm
     G = H // Hk
     Dv = v.shape[-1]
     M = W.shape[1]
-    F = M if kind == 0 else 2 * M
+    F = feature_width(kind, M)
     dev = q.device
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if W.stride(0) == 0:

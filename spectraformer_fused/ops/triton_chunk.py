@@ -53,11 +53,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..components import EXP
+from ..contract import DEN_EPS, feature_width
 from .triton_bwd import _input_grad, _key_phi, _phi_grad, _query_phi, _tile_params, grad_coefficients
-from .triton_common import (VarlenTables, _dot, _features, _keep_rows, _load_rows, _seq_span, _store_out, _transform,
-                             dot_precision, optional_inputs)
-from .triton_fwd import DEN_EPS, MAX_BM, _strides, default_chunk_size, freq_tile, stabilisers
+from .triton_common import (KIND_EXP, VarlenTables, _dot, _features, _keep_rows, _load_rows, _seq_span, _store_out,
+                             _transform, dot_precision, optional_inputs)
+from .triton_fwd import MAX_BM, _strides, default_chunk_size, freq_tile, stabilisers
 
 MODES = ("auto", "walk", "chunk")
 MODE_ENV = "SPECTRAFORMER_FUSED_TRITON_MODE"
@@ -191,7 +191,7 @@ def _rf_chunk_state_kernel(k, v, W, bias, freq, psi, mask, kstab, L, Lz, cu, chu
         cu, chunk_off, range_off, range_seq, kstab, i_bh, i_r, H, H, 1, T, CPS, NCS, NRS, BT, IS_VARLEN)
     if not IS_VARLEN:
         i_row = i_bh * tl.cdiv(NC, CPS) + i_r       # dense: the program row is the (batch, key/value head)
-    F = M if KIND == 0 else 2 * M
+    F = M if KIND == KIND_EXP else 2 * M
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     o_m = i_m * BM + tl.arange(0, BM)
@@ -226,18 +226,18 @@ def _rf_chunk_state_kernel(k, v, W, bias, freq, psi, mask, kstab, L, Lz, cu, chu
         # [BM, BT] @ [BT, BV] -> [BM, BV]
         b_sa += _dot(tl.trans(b_pka), b_v, PREC)
         b_za += tl.sum(b_pka, axis=0)
-        if KIND != 0:
+        if KIND != KIND_EXP:
             b_sb += _dot(tl.trans(b_pkb), b_v, PREC)
             b_zb += tl.sum(b_pkb, axis=0)
     p_s = L + i_row * F * DV + o_m[:, None] * DV + o_v[None, :]
     p_z = Lz + i_row * F + o_m
     m_s = m_m[:, None] & m_v[None, :]
     tl.store(p_s, b_sa, mask=m_s)
-    if KIND != 0:
+    if KIND != KIND_EXP:
         tl.store(p_s + M * DV, b_sb, mask=m_s)
     if i_v == 0:
         tl.store(p_z, b_za, mask=m_m)
-        if KIND != 0:
+        if KIND != KIND_EXP:
             tl.store(p_z + M, b_zb, mask=m_m)
 
 
@@ -344,7 +344,7 @@ def _rf_chunk_fwd_kernel(q, k, v, W, bias, freq, psi, mask, Sb, zb, qmax, kstab,
     i_r = i_vr // NV
     i_b, i_h, i_hk, i_bhk, i_rl, bos, eos, i_bt, i_bht, NC, p_ks, i_row = _range_of(
         cu, chunk_off, range_off, range_seq, kstab, i_bh, i_r, H, HK, G, T, CPS, NCS, NRS, BT, IS_VARLEN)
-    F = M if KIND == 0 else 2 * M
+    F = M if KIND == KIND_EXP else 2 * M
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     o_m = i_m * BM + tl.arange(0, BM)
@@ -369,7 +369,7 @@ def _rf_chunk_fwd_kernel(q, k, v, W, bias, freq, psi, mask, Sb, zb, qmax, kstab,
     b_za = tl.load(p_z, mask=m_m, other=0.0)
     b_sb = tl.zeros([BM, BV], dtype=tl.float32)
     b_zb = tl.zeros([BM], dtype=tl.float32)
-    if KIND != 0:
+    if KIND != KIND_EXP:
         b_sb = tl.load(p_s + M * DV, mask=m_s, other=0.0)
         b_zb = tl.load(p_z + M, mask=m_m, other=0.0)
     b_kprev = tl.load(p_ks + c_lo)
@@ -381,7 +381,7 @@ def _rf_chunk_fwd_kernel(q, k, v, W, bias, freq, psi, mask, Sb, zb, qmax, kstab,
         b_alpha = tl.exp(tl.minimum(b_kprev - b_kst, 0.0))
         b_sa *= b_alpha
         b_za *= b_alpha
-        if KIND != 0:
+        if KIND != KIND_EXP:
             b_sb *= b_alpha
             b_zb *= b_alpha
         b_w = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
@@ -398,7 +398,7 @@ def _rf_chunk_fwd_kernel(q, k, v, W, bias, freq, psi, mask, Sb, zb, qmax, kstab,
         b_s = _dot(b_pqa, tl.trans(b_pka), PREC)
         b_num = _dot(b_pqa, b_sa, PREC)
         b_den = tl.sum(b_pqa * b_za[None, :], axis=1)
-        if KIND != 0:
+        if KIND != KIND_EXP:
             b_s += _dot(b_pqb, tl.trans(b_pkb), PREC)
             b_num += _dot(b_pqb, b_sb, PREC)
             b_den += tl.sum(b_pqb * b_zb[None, :], axis=1)
@@ -408,7 +408,7 @@ def _rf_chunk_fwd_kernel(q, k, v, W, bias, freq, psi, mask, Sb, zb, qmax, kstab,
         _store_out(o, den, b_num, b_den, i_bht, i_bt, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV, s_on, s_dn, SPLIT)
         b_sa += _dot(tl.trans(b_pka), b_v, PREC)                        # [BM, BT] @ [BT, BV]
         b_za += tl.sum(b_pka, axis=0)
-        if KIND != 0:
+        if KIND != KIND_EXP:
             b_sb += _dot(tl.trans(b_pkb), b_v, PREC)
             b_zb += tl.sum(b_pkb, axis=0)
         b_kprev = b_kst
@@ -437,7 +437,7 @@ def _rf_chunk_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, kstab, da, dbeta, L
         i_bhk = i_p
         p_ks = kstab + i_bhk * NC
         i_row = i_bhk * tl.cdiv(NC, CPS) + i_r
-    F = M if KIND == 0 else 2 * M
+    F = M if KIND == KIND_EXP else 2 * M
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < M
     o_d = tl.arange(0, BD)
@@ -469,14 +469,14 @@ def _rf_chunk_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, kstab, da, dbeta, L
                                       b_freq, b_psi, root, c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC)
             b_dsa += _dot(tl.trans(qa), b_a, PREC)                                      # [BM, BT] @ [BT, BV]
             b_dza += tl.sum(qa * b_beta[:, None], axis=0)
-            if KIND != 0:
+            if KIND != KIND_EXP:
                 b_dsb += _dot(tl.trans(qb), b_a, PREC)
                 b_dzb += tl.sum(qb * b_beta[:, None], axis=0)
     p_ds = L + i_row * F * DV + o_m[:, None] * DV + o_v[None, :]
     p_dz = Lz + i_row * F + o_m
     tl.store(p_ds, b_dsa, mask=m_sv)
     tl.store(p_dz, b_dza, mask=m_m)
-    if KIND != 0:
+    if KIND != KIND_EXP:
         tl.store(p_ds + M * DV, b_dsb, mask=m_sv)
         tl.store(p_dz + M, b_dzb, mask=m_m)
 
@@ -496,7 +496,7 @@ def _rf_chunk_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, Sb, zb, qmax, kst
     i_r = tl.program_id(2).to(tl.int64)
     i_b, i_h, i_hk, i_bhk, i_rl, bos, eos, i_bt, i_bht, NC, p_ks, i_row = _range_of(
         cu, chunk_off, range_off, range_seq, kstab, i_bh, i_r, H, HK, G, T, CPS, NCS, NRS, BT, IS_VARLEN)
-    F = M if KIND == 0 else 2 * M
+    F = M if KIND == KIND_EXP else 2 * M
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < M
     o_d = tl.arange(0, BD)
@@ -519,7 +519,7 @@ def _rf_chunk_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, Sb, zb, qmax, kst
     b_za = tl.load(p_z, mask=m_m, other=0.0)
     b_sb = tl.zeros([BM, BV], dtype=tl.float32)
     b_zb = tl.zeros([BM], dtype=tl.float32)
-    if KIND != 0:
+    if KIND != KIND_EXP:
         b_sb = tl.load(p_s + M * DV, mask=m_sv, other=0.0)
         b_zb = tl.load(p_z + M, mask=m_m, other=0.0)
     b_dw = tl.zeros([BM, BD], dtype=tl.float32)
@@ -550,7 +550,7 @@ def _rf_chunk_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, Sb, zb, qmax, kst
         b_p = _dot(b_a, tl.trans(b_v), PREC) + b_beta[:, None]                          # [BT, BV] @ [BV, BT]
         b_p = tl.where(o_t[:, None] >= o_t[None, :], b_p, 0.0)
         dqa = _dot(b_p, ka, PREC) + _dot(b_a, tl.trans(b_sa), PREC) + b_beta[:, None] * b_za[None, :]
-        if KIND != 0:
+        if KIND != KIND_EXP:
             dqb = _dot(b_p, kb, PREC) + _dot(b_a, tl.trans(b_sb), PREC) + b_beta[:, None] * b_zb[None, :]
         else:
             dqb = dqa
@@ -563,7 +563,7 @@ def _rf_chunk_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, Sb, zb, qmax, kst
         tl.store(dq + part * D + p_tq, b_dq, mask=m_tk)
         b_sa += _dot(tl.trans(ka), b_v, PREC)
         b_za += tl.sum(ka, axis=0)
-        if KIND != 0:
+        if KIND != KIND_EXP:
             b_sb += _dot(tl.trans(kb), b_v, PREC)
             b_zb += tl.sum(kb, axis=0)
     tl.store(dw + i_r * s_wp + (i_bht * M + o_m[:, None]) * D + o_d[None, :], b_dw, mask=m_m[:, None] & m_d[None, :])
@@ -585,7 +585,7 @@ def _rf_chunk_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, dSa, dza_, qmax,
     i_r = tl.program_id(2).to(tl.int64)
     i_b, i_h, i_hk, i_bhk, i_rl, bos, eos, i_bt, i_bht, NC, p_ks, i_row = _range_of(
         cu, chunk_off, range_off, range_seq, kstab, i_bh, i_r, H, HK, G, T, CPS, NCS, NRS, BT, IS_VARLEN)
-    F = M if KIND == 0 else 2 * M
+    F = M if KIND == KIND_EXP else 2 * M
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < M
     o_d = tl.arange(0, BD)
@@ -613,7 +613,7 @@ def _rf_chunk_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, dSa, dza_, qmax,
     if i_h % G == 0:
         b_dsa = tl.load(p_s, mask=m_sv, other=0.0)
         b_dza = tl.load(p_z, mask=m_m, other=0.0)
-        if KIND != 0:
+        if KIND != KIND_EXP:
             b_dsb = tl.load(p_s + M * DV, mask=m_sv, other=0.0)
             b_dzb = tl.load(p_z + M, mask=m_m, other=0.0)
     b_dw = tl.zeros([BM, BD], dtype=tl.float32)
@@ -651,7 +651,7 @@ def _rf_chunk_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, dSa, dza_, qmax,
         dka = _dot(b_v, tl.trans(b_dsa), PREC) + b_dza[None, :] + _dot(b_pt, qa, PREC)
         b_dv = _dot(ka, b_dsa, PREC)                                                    # [BT, BM] @ [BM, BV]
         b_at = _dot(ka, tl.trans(qa), PREC)                                             # [BT, BM] @ [BM, BT]
-        if KIND != 0:
+        if KIND != KIND_EXP:
             dkb = _dot(b_v, tl.trans(b_dsb), PREC) + b_dzb[None, :] + _dot(b_pt, qb, PREC)
             b_dv += _dot(kb, b_dsb, PREC)
             b_at += _dot(kb, tl.trans(qb), PREC)
@@ -667,7 +667,7 @@ def _rf_chunk_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, dSa, dza_, qmax,
         tl.store(dk + part * D + p_tq, b_dk, mask=m_tk)
         b_dsa += _dot(tl.trans(qa), b_a, PREC)
         b_dza += tl.sum(qa * b_beta[:, None], axis=0)
-        if KIND != 0:
+        if KIND != KIND_EXP:
             b_dsb += _dot(tl.trans(qb), b_a, PREC)
             b_dzb += tl.sum(qb * b_beta[:, None], axis=0)
     tl.store(dw + i_r * s_wp + (i_bht * M + o_m[:, None]) * D + o_d[None, :], b_dw, mask=m_m[:, None] & m_d[None, :])
@@ -730,7 +730,7 @@ def _states_before(k, v, W, bias, freq, psi, mask, kstab, S0, z0, m0, *, kind, c
     B, T, H, D = k.shape
     Dv = v.shape[-1]
     M = W.shape[1]
-    F = M if kind == EXP else 2 * M
+    F = feature_width(kind, M)
     NC = triton.cdiv(T, BT)
     NR = triton.cdiv(NC, cps) if varlen is None else varlen.num_range_slots
     BD = max(16, triton.next_power_of_2(D))
@@ -824,7 +824,7 @@ def chunk_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den,
     G = H // Hk
     Dv = v.shape[-1]
     M = W.shape[1]
-    F = M if kind == EXP else 2 * M
+    F = feature_width(kind, M)
     dev = q.device
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if W.stride(0) == 0:

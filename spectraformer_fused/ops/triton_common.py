@@ -25,6 +25,15 @@ import torch
 import triton
 import triton.language as tl
 
+from ..contract import DEN_EPS, EXP, HYP, TRIG
+
+# The contract's feature kinds and denominator floor as Triton constexprs (jit functions read only
+# constexpr globals): kernels compare KIND with these names, never with literals.
+KIND_EXP = tl.constexpr(EXP)
+KIND_HYP = tl.constexpr(HYP)
+KIND_TRIG = tl.constexpr(TRIG)
+DEN_FLOOR = tl.constexpr(DEN_EPS)
+
 
 @contextlib.contextmanager
 def resource_errors(what: str, dtype, D: int, Dv: int):
@@ -39,6 +48,25 @@ def resource_errors(what: str, dtype, D: int, Dv: int):
             f"the Triton {what} for {str(dtype).replace('torch.', '')} inputs with head dims D={D}, Dv={Dv} does "
             f"not fit this GPU ({exc}); fp16/bf16 inputs or head dims <= 128 need less, and "
             f"backend='reference' runs any shape") from exc
+
+
+@contextlib.contextmanager
+def on_device_of(names: str, *tensors):
+    """The device guard of every Triton entry: the tensors (None for an absent optional input) must share
+    one device, else a ValueError names the first that differs; the kernels then launch under that device
+    (a launch goes to the current CUDA device, which need not be the inputs' one). ``names``: the
+    tensors' names, comma separated, for the error."""
+    labels = [n.strip() for n in names.split(",")]
+    first = tensors[0].device
+    for label, t in zip(labels, tensors):
+        if t is not None and t.device != first:
+            raise ValueError(f"the Triton backend needs every input on one device: {labels[0]} is on {first}, "
+                             f"{label} on {t.device}")
+    if first.type == "cuda":
+        with torch.cuda.device(first):
+            yield
+    else:
+        yield
 
 
 def dot_precision(*dtypes) -> str:
@@ -92,12 +120,12 @@ def _feature_logits(xt, w, bias, freq, r, KIND: tl.constexpr, PREC: tl.constexpr
     """
     u = _dot(xt, tl.trans(w), PREC) * freq                            # [BT, BD] @ [BD, BM] -> [BT, BM]
     base = bias[None, :] + r[:, None]                                 # [BT, BM]
-    if KIND == 2:
+    if KIND == KIND_TRIG:
         ea = base
         eb = base
         ma = tl.cos(u)
         mb = tl.sin(u)
-    elif KIND == 1:
+    elif KIND == KIND_HYP:
         ea = base + u
         eb = base - u
         ma = tl.full(u.shape, 1.0, tl.float32)
@@ -118,7 +146,7 @@ def _features(xt, r, w, bias, freq, shift, keep, KIND: tl.constexpr, PREC: tl.co
     # Rows not kept get exponent -inf before exp (never exp of a large number that is then discarded).
     pa = tl.exp(tl.where(keep[:, None], ea - shift, float("-inf"))) * ma
     pb = pa
-    if KIND != 0:
+    if KIND != KIND_EXP:
         pb = tl.exp(tl.where(keep[:, None], eb - shift, float("-inf"))) * mb
     return pa, pb
 
@@ -147,7 +175,7 @@ def _store_out(o, den, b_num, b_den, i_bh, i_b, i_h, i_m, i_v, o_t, m_t, o_v, m_
     if SPLIT:
         tl.store(p_o + i_m * s_on, b_num, mask=m_t[:, None] & m_v[None, :])
     else:
-        b_o = b_num / tl.maximum(tl.abs(b_den), 1e-30)[:, None]
+        b_o = b_num / tl.maximum(tl.abs(b_den), DEN_FLOOR)[:, None]
         tl.store(p_o, b_o.to(o.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
     if i_v == 0:
         tl.store(den + i_m * s_dn + i_bh * T + o_t, b_den, mask=m_t)

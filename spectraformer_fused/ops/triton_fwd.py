@@ -50,12 +50,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..components import EXP
+from ..contract import DEN_EPS, feature_width
 from . import autotune_enabled
-from .triton_common import (VarlenTables, _dot, _feature_logits, _features, _keep_rows, _load_rows, _seq_span,
-                             _store_out, _transform, dot_precision, optional_inputs)
+from .triton_common import (KIND_EXP, KIND_HYP, VarlenTables, _dot, _feature_logits, _features, _keep_rows,
+                             _load_rows, _seq_span, _store_out, _transform, dot_precision, optional_inputs)
 
-DEN_EPS = 1e-30
 MAX_BM = 64
 
 
@@ -111,11 +110,11 @@ def _rf_stats_fwd_kernel(q, k, W, bias, freq, psi, mask, qmax, kmax, cu, chunk_o
         # [BT, BD] @ [BD, BM] -> [BT, BM] inside _feature_logits
         _, b_ea, b_eb, _, _ = _feature_logits(b_xq, b_w, b_bias, b_freq, b_rq, KIND, PREC)
         b_qmax = tl.maximum(b_qmax, tl.max(b_ea, axis=1))
-        if KIND == 1:
+        if KIND == KIND_HYP:
             b_qmax = tl.maximum(b_qmax, tl.max(b_eb, axis=1))
         _, b_ea, b_eb, _, _ = _feature_logits(b_xk, b_w, b_bias, b_freq, b_rk, KIND, PREC)
         b_kmax = tl.maximum(b_kmax, tl.max(tl.where(keep[:, None], b_ea, float("-inf")), axis=1))
-        if KIND == 1:
+        if KIND == KIND_HYP:
             b_kmax = tl.maximum(b_kmax, tl.max(tl.where(keep[:, None], b_eb, float("-inf")), axis=1))
     tl.store(qmax + i_bht * T + o_t, b_qmax, mask=m_t)
     tl.store(kmax + i_bht * NC + i_c, tl.max(b_kmax, axis=0))
@@ -160,7 +159,7 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
         p_ks = kstab + i_hk * NCS + tl.load(chunk_off + i_b)      # this sequence's chunk slots
     else:
         p_ks = kstab + i_bk * NC
-    if KIND == 0:
+    if KIND == KIND_EXP:
         F = M
     else:
         F = 2 * M
@@ -198,7 +197,7 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
         p_z0 = z0 + i_bk * F + o_m
         b_sa = tl.load(p_s0, mask=m_s, other=0.0) * b_alpha
         b_za = tl.load(p_z0, mask=m_m, other=0.0) * b_alpha
-        if KIND != 0:
+        if KIND != KIND_EXP:
             b_sb = tl.load(p_s0 + M * DV, mask=m_s, other=0.0) * b_alpha
             b_zb = tl.load(p_z0 + M, mask=m_m, other=0.0) * b_alpha
 
@@ -213,7 +212,7 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
             b_alpha = tl.exp(tl.minimum(b_kprev - b_kst, 0.0))
             b_sa *= b_alpha
             b_za *= b_alpha
-            if KIND != 0:
+            if KIND != KIND_EXP:
                 b_sb *= b_alpha
                 b_zb *= b_alpha
             b_w = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
@@ -231,7 +230,7 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
             # [BT, BM] @ [BM, BV] -> [BT, BV]: earlier chunks
             b_num = _dot(b_pqa, b_sa, PREC)
             b_den = tl.sum(b_pqa * b_za[None, :], axis=1)
-            if KIND != 0:
+            if KIND != KIND_EXP:
                 b_s += _dot(b_pqb, tl.trans(b_pkb), PREC)
                 b_num += _dot(b_pqb, b_sb, PREC)
                 b_den += tl.sum(b_pqb * b_zb[None, :], axis=1)
@@ -244,7 +243,7 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
             # [BM, BT] @ [BT, BV] -> [BM, BV]
             b_sa += _dot(tl.trans(b_pka), b_v, PREC)
             b_za += tl.sum(b_pka, axis=0)
-            if KIND != 0:
+            if KIND != KIND_EXP:
                 b_sb += _dot(tl.trans(b_pkb), b_v, PREC)
                 b_zb += tl.sum(b_pkb, axis=0)
             b_kprev = b_kst
@@ -262,7 +261,7 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
             # [BM, BT] @ [BT, BV] -> [BM, BV]
             b_sa += _dot(tl.trans(b_pka), b_v, PREC)
             b_za += tl.sum(b_pka, axis=0)
-            if KIND != 0:
+            if KIND != KIND_EXP:
                 b_sb += _dot(tl.trans(b_pkb), b_v, PREC)
                 b_zb += tl.sum(b_pkb, axis=0)
     else:
@@ -270,7 +269,7 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
         p_z = z + i_bk * F + o_m
         b_sa = tl.load(p_s, mask=m_s, other=0.0)
         b_za = tl.load(p_z, mask=m_m, other=0.0)
-        if KIND != 0:
+        if KIND != KIND_EXP:
             b_sb = tl.load(p_s + M * DV, mask=m_s, other=0.0)
             b_zb = tl.load(p_z + M, mask=m_m, other=0.0)
         for i_c in range(i_s * CPS, tl.minimum(i_s * CPS + CPS, NC)):
@@ -284,7 +283,7 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
             # [BT, BM] @ [BM, BV] -> [BT, BV]
             b_num = _dot(b_pqa, b_sa, PREC)
             b_den = tl.sum(b_pqa * b_za[None, :], axis=1)
-            if KIND != 0:
+            if KIND != KIND_EXP:
                 b_num += _dot(b_pqb, b_sb, PREC)
                 b_den += tl.sum(b_pqb * b_zb[None, :], axis=1)
             _store_out(o, den, b_num, b_den, i_bht, i_bt, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV,
@@ -298,11 +297,11 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
         p_z = z + i_s * s_zp + i_bk * F + o_m
         if i_h % G == 0:
             tl.store(p_s, b_sa, mask=m_s)
-            if KIND != 0:
+            if KIND != KIND_EXP:
                 tl.store(p_s + M * DV, b_sb, mask=m_s)
             if i_v == 0:
                 tl.store(p_z, b_za, mask=m_m)
-                if KIND != 0:
+                if KIND != KIND_EXP:
                     tl.store(p_z + M, b_zb, mask=m_m)
 
 
@@ -478,7 +477,7 @@ def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: flo
     G = H // Hk
     Dv = v.shape[-1]
     M = W.shape[1]
-    F = M if kind == EXP else 2 * M
+    F = feature_width(kind, M)
     BT = int(chunk_size) if chunk_size is not None else default_chunk_size(T)
     if BT < 16 or BT & (BT - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {BT}")
