@@ -11,7 +11,7 @@ PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: venv build-ext test report report-full bench compile-check clean
+.PHONY: venv build-ext test lint report report-full bench compile-check clean
 
 venv: $(STAMP)
 
@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install "$(TORCH_SPEC)"
-	$(PY) -m pip install -e ".[test,bench]"
+	$(PY) -m pip install -e ".[test,bench,lint]"
 	touch $(STAMP)
 
 # The compiled CPU backend, built ahead of time into the build cache (~/.cache/spectraformer_fused, or
@@ -30,6 +30,11 @@ build-ext: venv
 
 test: venv build-ext
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# ruff check (pyflakes, pycodestyle, import order, bugbear) and ruff's formatter, configured in pyproject.toml.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 report: venv build-ext
 	$(PY) -m bench.report

@@ -46,7 +46,7 @@ def measure_rates(device, dtypes, dry: bool) -> dict:
     y = torch.empty_like(x)
     ms = bench_ms(lambda: y.copy_(x), device, 50, dry)[0]
     rates = {"copy_Bps": 2 * x.numel() * 4 / (ms * 1e-3), "matmul_flops": {}}
-    del x, y
+    x = y = None                                  # free the copy buffers before the matmuls
     for dname in dtypes:
         a = torch.randn(n_mm, n_mm, device=device).to(DTYPES[dname])
         b = torch.randn(n_mm, n_mm, device=device).to(DTYPES[dname])

@@ -147,7 +147,7 @@ def run(st: Settings, ctx: Context):
                 row.update(ms=None, status=f"error: {type(exc).__name__}: {str(exc)[:120]}")
             rows.append(row)
             bar.update()
-        del q, k, v, do
+        q = k = v = do = None                     # free the inputs before the next T allocates its own
     bar.close()
     again = measure_roofline(dev, dt)                   # the best of the section's start and end
     roof = {"peak_flops": max(roof["peak_flops"], again["peak_flops"]),

@@ -242,7 +242,7 @@ def test_strided_inputs(device):
     case = _case("hyprf", True, T=37, D=16, Dv=24, m=24, mask=True)
     q, k, v, mask, p, _ = _inputs(case, device)
     packed = torch.cat([q, k, v], dim=-1)                     # [B, T, H, 2D + Dv]
-    qs, ks, vs = packed[..., :16], packed[..., 16:32], packed[..., 32:]
+    qs, ks = packed[..., :16], packed[..., 16:32]
     assert not qs.is_contiguous()
     vt = v.transpose(0, 1).contiguous().transpose(0, 1)        # batch-innermost layout
     o, *_ = _call(qs, ks, vt, p, mask, None, True)

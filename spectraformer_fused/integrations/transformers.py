@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 try:
-    from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache
+    from transformers.cache_utils import Cache, CacheLayerMixin
     from transformers.masking_utils import (
         AttentionMaskInterface,
         bidirectional_mask_function,
