@@ -17,6 +17,7 @@ from other processes hits all of them alike. The feature-map parameters are reso
 region for every implementation. GFLOP/s counts the same algorithmic work for every implementation
 (projections, one flop per exponential, state updates, outputs; see ``flops``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,7 +82,7 @@ def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict:
 def mm_gflops(reps: int) -> tuple[float, float]:
     """torch.mm GFLOP/s at 2048^3 (peak-like) and at the projection's shape (B H T x D) @ (D x m)."""
     out = []
-    for (a, b, c) in ((2048, 2048, 2048), (32768, D, M)):
+    for a, b, c in ((2048, 2048, 2048), (32768, D, M)):
         x, y = torch.randn(a, b), torch.randn(b, c)
         t = interleaved({"mm": lambda: torch.mm(x, y)}, reps)["mm"]
         out.append(2 * a * b * c / t / 1e9)
@@ -112,19 +113,21 @@ def hf_decode_loop(steps: int, qs, ks, vs, fm, warm):
     try:
         from spectraformer_fused.integrations import transformers as hf
     except Exception as exc:  # transformers missing or too old: skipped, named in the table
-        return f"HF attention path: not available ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        return (
+            f"HF attention path: not available ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+        )
     module = torch.nn.Module()
     setattr(module, hf.FEATURE_MAP_ATTR, fm)
     module.is_causal = True
-    qh, kh, vh = (t.transpose(2, 3) for t in (qs, ks, vs))                 # [steps, B, H, 1, D]
-    scaling = D ** -0.5
+    qh, kh, vh = (t.transpose(2, 3) for t in (qs, ks, vs))  # [steps, B, H, 1, D]
+    scaling = D**-0.5
 
     def loop():
         cache = hf.RFCache()
         for i in range(steps):
             key, value = cache.update(kh[i], vh[i], 0)
             if i == 0:
-                cache.layers[0].state = warm                                # the prompt's state, as the others
+                cache.layers[0].state = warm  # the prompt's state, as the others
             hf.spectraformer_attention_forward(module, qh[i], key, value, None, scaling=scaling)
 
     return loop
@@ -141,7 +144,7 @@ def decode_rows(reps: int, mm_peak: float, verdicts: list, notes: list) -> list:
     steps = 64
     qs, ks, vs = (torch.randn(steps, B, 1, H, D) for _ in range(3))
     xs = torch.randn(steps, B, 1, H * D)
-    p = fm.feature_params(qs[0], ks[0], scale=D ** -0.5, causal=True)
+    p = fm.feature_params(qs[0], ks[0], scale=D**-0.5, causal=True)
     _, warm = reference_attention(qs[0], ks[0], vs[0], p, causal=True, output_final_state=True)
     _, warm_layer = layer(xs[0], output_final_state=True)
 
@@ -158,8 +161,9 @@ def decode_rows(reps: int, mm_peak: float, verdicts: list, notes: list) -> list:
     def kernel_loop():
         state = warm
         for i in range(steps):
-            _, state = cpu_ops.cpu_attention(qs[i], ks[i], vs[i], p, causal=True, key_padding_mask=None,
-                                             initial_state=state, output_final_state=True)
+            _, state = cpu_ops.cpu_attention(
+                qs[i], ks[i], vs[i], p, causal=True, key_padding_mask=None, initial_state=state, output_final_state=True
+            )
 
     def plain_loop():
         S, z, m = (t.clone() for t in warm)
@@ -187,18 +191,30 @@ def decode_rows(reps: int, mm_peak: float, verdicts: list, notes: list) -> list:
     public = t["rf_attention (public call)"]
     plain = t["plain PyTorch step (parameters precomputed)"]
     ratio, speedup = public / kernel, plain / public
-    verdicts.append(f"decode B=1 H=8: the public rf_attention step takes {ratio:.2f}x the kernel step; goal <= 1.3x: "
-                    + ("met" if ratio <= 1.3 else f"missed by {ratio / 1.3:.2f}x"))
-    verdicts.append(f"decode B=1 H=8: the public rf_attention step is {speedup:.2f}x faster than the plain PyTorch "
-                    f"step; goal {GOALS['decode']}x: "
-                    + ("met" if speedup >= GOALS["decode"] else f"missed by {GOALS['decode'] / speedup:.2f}x"))
+    verdicts.append(
+        f"decode B=1 H=8: the public rf_attention step takes {ratio:.2f}x the kernel step; goal <= 1.3x: "
+        + ("met" if ratio <= 1.3 else f"missed by {ratio / 1.3:.2f}x")
+    )
+    verdicts.append(
+        f"decode B=1 H=8: the public rf_attention step is {speedup:.2f}x faster than the plain PyTorch "
+        f"step; goal {GOALS['decode']}x: "
+        + ("met" if speedup >= GOALS["decode"] else f"missed by {GOALS['decode'] / speedup:.2f}x")
+    )
     rows = []
     for name, sec in t.items():
         sec = sec / steps
-        rows.append(("decode step B=1 H=8", name, sec * 1e3, B / sec, work / sec / 1e9,
-                     100 * work / sec / 1e9 / mm_peak, sec / (kernel / steps)))
+        rows.append(
+            (
+                "decode step B=1 H=8",
+                name,
+                sec * 1e3,
+                B / sec,
+                work / sec / 1e9,
+                100 * work / sec / 1e9 / mm_peak,
+                sec / (kernel / steps),
+            )
+        )
     return rows
-
 
 
 def run(threads: int, reps: int, decode_only: bool = False) -> str:
@@ -211,22 +227,24 @@ def run(threads: int, reps: int, decode_only: bool = False) -> str:
     mm_peak, mm_proj = mm_gflops(reps)
     rows = []
     verdicts = []
-    for (B, H, T) in ([] if decode_only else SHAPES):
+    for B, H, T in [] if decode_only else SHAPES:
         fm = RandomFeatureMap(D, M, component="posrf", weights="orf", num_heads=H, seed=0).eval()
         q, k, v = (torch.randn(B, T, H, D) for _ in range(3))
         qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))
         for causal in (True, False):
             mode = "causal" if causal else "non-causal"
-            p = fm.feature_params(q, k, scale=D ** -0.5, causal=causal)
+            p = fm.feature_params(q, k, scale=D**-0.5, causal=causal)
             fns = {
-                "cpu (this package)": lambda: cpu_ops.cpu_attention(q, k, v, p, causal=causal, key_padding_mask=None,
-                                                                    initial_state=None, output_final_state=False),
+                "cpu (this package)": lambda: cpu_ops.cpu_attention(
+                    q, k, v, p, causal=causal, key_padding_mask=None, initial_state=None, output_final_state=False
+                ),
                 "reference (this package)": lambda: reference_attention(q, k, v, p, causal=causal),
             }
             chunk_sizes = (64, 128, 256) if causal else (64,)
             for c in chunk_sizes:
-                fns[f"torch chunked (chunk {c})" if causal else "torch chunked"] = \
-                    (lambda c=c: chunked_attention(q, k, v, p, causal=causal, chunk_size=c))
+                fns[f"torch chunked (chunk {c})" if causal else "torch chunked"] = lambda c=c: chunked_attention(
+                    q, k, v, p, causal=causal, chunk_size=c
+                )
             if performer is not None:
                 attn = performer(causal)
                 fns["performer-pytorch FastAttention"] = lambda: attn(qh, kh, vh)
@@ -236,7 +254,7 @@ def run(threads: int, reps: int, decode_only: bool = False) -> str:
                 err = ((o_cpu - o_tc).norm() / o_tc.norm()).item()
                 assert err < 1e-3, f"torch chunked disagrees with the cpu backend ({err:.2e})"
                 t = interleaved(fns, reps)
-            if causal:   # keep the best chunk size of the torch peer
+            if causal:  # keep the best chunk size of the torch peer
                 best = min((n for n in t if n.startswith("torch chunked")), key=t.get)
                 t = {n: s for n, s in t.items() if not n.startswith("torch chunked") or n == best}
             work = flops(B, H, T, causal)
@@ -245,11 +263,22 @@ def run(threads: int, reps: int, decode_only: bool = False) -> str:
             fastest = min(peers, key=peers.get)
             speedup = peers[fastest] / ours
             goal = GOALS[mode]
-            verdicts.append(f"{mode} B={B} T={T}: {speedup:.2f}x the fastest peer ({fastest}); goal {goal}x: "
-                            + ("met" if speedup >= goal else f"missed by {goal / speedup:.2f}x"))
+            verdicts.append(
+                f"{mode} B={B} T={T}: {speedup:.2f}x the fastest peer ({fastest}); goal {goal}x: "
+                + ("met" if speedup >= goal else f"missed by {goal / speedup:.2f}x")
+            )
             for name, s in t.items():
-                rows.append((f"B={B} H={H} T={T} {mode}", name, s * 1e3, B * T / s, work / s / 1e9,
-                             100 * work / s / 1e9 / mm_peak, s / ours))
+                rows.append(
+                    (
+                        f"B={B} H={H} T={T} {mode}",
+                        name,
+                        s * 1e3,
+                        B * T / s,
+                        work / s / 1e9,
+                        100 * work / s / 1e9 / mm_peak,
+                        s / ours,
+                    )
+                )
 
     # Decode: one token per step, state carried, B=1, H=8.
     notes = []

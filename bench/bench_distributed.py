@@ -15,6 +15,7 @@ same: they do not depend on T), and for forward + backward at T / 8. For contras
 that ring attention would send per rank for the same forward, (ranks - 1) / ranks * T * B * H * (D + Dv)
 * 4, are computed, not measured. Writes ``bench/results/distributed-cpu-<date>.md``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,7 +53,7 @@ def _feature_map(cfg: dict) -> RandomFeatureMap:
 def _timed(fn, reps: int, sync=None) -> float:
     """Median seconds of ``fn()``; with ``sync`` (distributed), each run starts after a barrier and
     counts the slowest rank."""
-    fn()                                          # warm-up
+    fn()  # warm-up
     times = []
     for _ in range(reps):
         if sync:
@@ -95,8 +96,9 @@ def _rank(rank: int, world: int, cfg: dict):
 
 def _commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -140,8 +142,10 @@ def run(cfg: dict, worlds: list[int]) -> str:
     ]
     for w, r in rows:
         ring = int((w - 1) / w * T * B * H * 2 * D * 4)
-        lines.append(f"| {w} | {r['threads']} | {r['per_rank']} | {r['fwd'] * 1e3:.1f} | {base / r['fwd']:.2f}x | "
-                     f"{r['bytes_fwd']:,} | {r['bytes_fwd_short']:,} | {r['bytes_fwd_bwd_short']:,} | {ring:,} |")
+        lines.append(
+            f"| {w} | {r['threads']} | {r['per_rank']} | {r['fwd'] * 1e3:.1f} | {base / r['fwd']:.2f}x | "
+            f"{r['bytes_fwd']:,} | {r['bytes_fwd_short']:,} | {r['bytes_fwd_bwd_short']:,} | {ring:,} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -158,9 +162,8 @@ def main() -> None:
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     args = parser.parse_args()
     if args.backend in ("auto", "cpu"):
-        available_backends()                      # builds the CPU extension once, before the ranks load it
-    cfg = {"B": args.B, "T": args.T, "H": args.H, "D": args.D, "m": args.m, "reps": args.reps,
-           "backend": args.backend}
+        available_backends()  # builds the CPU extension once, before the ranks load it
+    cfg = {"B": args.B, "T": args.T, "H": args.H, "D": args.D, "m": args.m, "reps": args.reps, "backend": args.backend}
     table = run(cfg, [int(w) for w in args.worlds.split(",")])
     print(table)
     os.makedirs(args.out, exist_ok=True)

@@ -6,6 +6,7 @@ The report's sections (``bench/accuracy.py``, ``kernel_estimation.py``, ``speed.
 ``bench_cpu.py``, ``bench_distributed.py``, ``fit_report.py``) import this module; ``report.py`` only
 assembles the sections.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,6 +32,7 @@ RESULTS = os.path.join(HERE, "results")
 # ----------------------------------------------------------------------------------------------------
 # Environment: device, versions, threads, header line
 # ----------------------------------------------------------------------------------------------------
+
 
 def cpu_model() -> str:
     """The CPU's model name from /proc/cpuinfo (platform's guess elsewhere)."""
@@ -120,17 +122,25 @@ class Context:
         v = self.versions
         n = self.threads.get(section)
         threads = "" if n is None else f" | {n} of {self.default_threads} threads"
-        return (f"device: {self.device}{threads} | dtype: {dtype} | torch {v['torch']}, triton {v['triton']}, "
-                f"spectraformer_fused {v['spectraformer_fused']} | {self.date} | mode: {self.mode}")
+        return (
+            f"device: {self.device}{threads} | dtype: {dtype} | torch {v['torch']}, triton {v['triton']}, "
+            f"spectraformer_fused {v['spectraformer_fused']} | {self.date} | mode: {self.mode}"
+        )
 
     def use_threads(self, section: str, device: torch.device) -> None:
         if device.type == "cpu":
             self.threads[section] = pick_threads(self.default_threads)
 
     def fields(self, dtype: str) -> dict:
-        return {"device": self.device, "dtype": dtype, "torch": self.versions["torch"],
-                "triton": self.versions["triton"], "spectraformer_fused": self.versions["spectraformer_fused"],
-                "date": self.date, "threads": torch.get_num_threads()}
+        return {
+            "device": self.device,
+            "dtype": dtype,
+            "torch": self.versions["torch"],
+            "triton": self.versions["triton"],
+            "spectraformer_fused": self.versions["spectraformer_fused"],
+            "date": self.date,
+            "threads": torch.get_num_threads(),
+        }
 
 
 class Bar:
@@ -140,8 +150,14 @@ class Bar:
         try:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True,
-                             mininterval=0.5 if sys.stderr.isatty() else 5.0)
+            self._bar = tqdm(
+                total=total,
+                desc=desc,
+                file=sys.stderr,
+                dynamic_ncols=True,
+                leave=True,
+                mininterval=0.5 if sys.stderr.isatty() else 5.0,
+            )
         except ImportError:
             self._bar = None
 
@@ -167,6 +183,7 @@ def gaussian_qkv(shape, s: float, seed: int, device, dtype=torch.float32):
 # ----------------------------------------------------------------------------------------------------
 # Timing, memory
 # ----------------------------------------------------------------------------------------------------
+
 
 def sync(device):
     if device.type == "cuda":
@@ -202,7 +219,7 @@ def _rounds(fns: dict, device, budget_s: float) -> dict:
     first = 0.0
     for fn in fns.values():
         t0 = time.perf_counter()
-        fn()                                           # warm-up, not counted
+        fn()  # warm-up, not counted
         sync(device)
         first = max(first, time.perf_counter() - t0)
     min_runs = 3 if first < 2 * budget_s else (2 if first < 8 * budget_s else 1)
@@ -223,7 +240,7 @@ def _rounds(fns: dict, device, budget_s: float) -> dict:
 def _quantiles(times: list) -> tuple:
     """(median, p20, p80, min) in ms of run times in seconds."""
     times = sorted(times)
-    q = lambda p: times[min(len(times) - 1, int(p * len(times)))] * 1e3    # noqa: E731
+    q = lambda p: times[min(len(times) - 1, int(p * len(times)))] * 1e3  # noqa: E731
     return statistics.median(times) * 1e3, q(0.2), q(0.8), times[0] * 1e3
 
 
@@ -246,8 +263,10 @@ def quiet_fds():
 
 
 # How peak_memory measures, for table headers.
-PEAK_MEMORY_HOW = {"cuda": "`torch.cuda.max_memory_allocated`",
-                   "cpu": "torch.profiler allocation events replayed in time order; approximate"}
+PEAK_MEMORY_HOW = {
+    "cuda": "`torch.cuda.max_memory_allocated`",
+    "cpu": "torch.profiler allocation events replayed in time order; approximate",
+}
 
 
 def peak_memory(fn, device) -> float | None:
@@ -288,6 +307,7 @@ def peak_memory(fn, device) -> float | None:
 # Output: plots, markdown, CSV
 # ----------------------------------------------------------------------------------------------------
 
+
 def get_plt():
     """matplotlib.pyplot on the Agg backend, or None when matplotlib is not installed."""
     try:
@@ -310,7 +330,7 @@ def fmt(x, spec=".3g"):
 
 
 def mib(b):
-    return "n/a" if b is None else f"{b / 2 ** 20:.1f}"
+    return "n/a" if b is None else f"{b / 2**20:.1f}"
 
 
 def md_table(header, rows) -> list[str]:

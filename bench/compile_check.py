@@ -19,6 +19,7 @@ target may have (a launch would fail with OutOfResources).
 Arguments are specialised as Triton's launcher specialises them at run time (integers equal to 1 become
 constants, values divisible by 16 are marked so), so the code is the code a GPU would run for that call.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,7 +41,7 @@ if __package__ in (None, ""):
 os.environ.pop("TRITON_INTERPRET", None)
 os.environ.setdefault("SPECTRAFORMER_FUSED_AUTOTUNE", "0")
 os.environ.setdefault("SPECTRAFORMER_FUSED_NO_CPU_EXT", "1")
-os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")     # Triton's default; set, so newer Triton does not warn
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton's default; set, so newer Triton does not warn
 if "TRITON_CACHE_DIR" not in os.environ:
     # a cache of its own, so every kernel is really compiled (and the compile times mean something)
     os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="spectraformer-compile-check-")
@@ -55,6 +56,7 @@ _OPTIONS = ("num_warps", "num_stages", "num_ctas", "maxnreg")
 @dataclass(frozen=True)
 class Case:
     """One call of the Triton backend whose launches are compiled (forward and backward)."""
+
     comp: str = "posrf"
     causal: bool = True
     dtype: str = "fp16"
@@ -64,15 +66,17 @@ class Case:
     T: int = 256
     mask: bool = False
     init: bool = False
-    mode: str = "walk"                  # the causal mode (SPECTRAFORMER_FUSED_TRITON_MODE)
-    kv_heads: int = 2                   # key/value heads of the 2 query heads (1: multi-query attention)
+    mode: str = "walk"  # the causal mode (SPECTRAFORMER_FUSED_TRITON_MODE)
+    kv_heads: int = 2  # key/value heads of the 2 query heads (1: multi-query attention)
 
     @property
     def label(self) -> str:
         extra = "+mask" * self.mask + "+init" * self.init + "+chunk" * (self.causal and self.mode == "chunk")
         extra += "+mqa" * (self.kv_heads == 1)
-        return (f"{self.comp} {'causal' if self.causal else 'full'} {self.dtype} D{self.D} Dv{self.Dv} m{self.m}"
-                f" T{self.T}{extra}")
+        return (
+            f"{self.comp} {'causal' if self.causal else 'full'} {self.dtype} D{self.D} Dv{self.Dv} m{self.m}"
+            f" T{self.T}{extra}"
+        )
 
 
 COMPONENTS = ("posrf", "hyprf", "trigrf", "gerf", "oprf", "saderf")
@@ -86,16 +90,21 @@ def cases(which: str) -> list[Case]:
     if which == "quick":
         return [Case("posrf", True, "fp16"), Case("hyprf", False, "fp32"), Case("posrf", True, "fp16", mode="chunk")]
     if which == "large":
-        return [Case("posrf", True, "fp16", 256, 256, 512), Case("trigrf", False, "fp16", 128, 128, 512),
-                Case("hyprf", True, "fp32", 256, 256, 512)]
+        return [
+            Case("posrf", True, "fp16", 256, 256, 512),
+            Case("trigrf", False, "fp16", 128, 128, 512),
+            Case("hyprf", True, "fp32", 256, 256, 512),
+        ]
     if which == "small":
         # tiny tiles (chunk 16): quick to compile; checks that every kernel lowers for the target
-        return [Case("posrf", True, "fp16", 16, 16, 16, 16, True, True),
-                Case("hyprf", False, "fp32", 16, 16, 16, 16, True, True),
-                Case("trigrf", True, "fp32", 16, 16, 16, 16),
-                Case("saderf", False, "fp16", 16, 16, 16, 16),
-                Case("gerf", True, "fp16", 16, 16, 16, 16),
-                Case("posrf", True, "fp16", 16, 16, 16, 64, True, True, "chunk", kv_heads=1)]
+        return [
+            Case("posrf", True, "fp16", 16, 16, 16, 16, True, True),
+            Case("hyprf", False, "fp32", 16, 16, 16, 16, True, True),
+            Case("trigrf", True, "fp32", 16, 16, 16, 16),
+            Case("saderf", False, "fp16", 16, 16, 16, 16),
+            Case("gerf", True, "fp16", 16, 16, 16, 16),
+            Case("posrf", True, "fp16", 16, 16, 16, 64, True, True, "chunk", kv_heads=1),
+        ]
     base = [Case("posrf", causal, dt) for causal in (True, False) for dt in ("fp16", "fp32")]
     base += [Case("hyprf", True, "fp16"), Case("trigrf", True, "fp16")]
     base += [dataclasses.replace(c, mode="chunk") for c in base if c.causal]
@@ -139,11 +148,12 @@ def capture(case: Case) -> list:
     if case.init:
         F = fm.feature_dim
         state = RFState(torch.zeros(B, Hk, F, case.Dv), torch.zeros(B, Hk, F), torch.zeros(B, Hk))
-    params = fm.feature_params(q, k, scale=case.D ** -0.5, causal=case.causal, key_padding_mask=mask)
+    params = fm.feature_params(q, k, scale=case.D**-0.5, causal=case.causal, key_padding_mask=mask)
     os.environ["SPECTRAFORMER_FUSED_TRITON_MODE"] = case.mode
     try:
-        o, _ = triton_attention(q, k, v, params, causal=case.causal, key_padding_mask=mask, initial_state=state,
-                                output_final_state=False)
+        o, _ = triton_attention(
+            q, k, v, params, causal=case.causal, key_padding_mask=mask, initial_state=state, output_final_state=False
+        )
         o.float().sum().backward()
     finally:
         del os.environ["SPECTRAFORMER_FUSED_TRITON_MODE"]
@@ -165,8 +175,9 @@ def specialise(fn, args, kwargs):
         if param.is_constexpr:
             sig[name], const[name] = "constexpr", val
             continue
-        ty, spec = native_specialize_impl(BaseBackend, val, param.is_const, not param.do_not_specialize,
-                                          not param.do_not_specialize_on_alignment)
+        ty, spec = native_specialize_impl(
+            BaseBackend, val, param.is_const, not param.do_not_specialize, not param.do_not_specialize_on_alignment
+        )
         if ty == "constexpr":
             sig[name], const[name] = "constexpr", spec
         else:
@@ -184,7 +195,7 @@ def tuning_variants(fn, args, kwargs, options: dict) -> list:
     from spectraformer_fused.ops import triton_bwd, triton_fwd
 
     if fn.__name__ == "_rf_fwd_kernel":
-        values = dict(zip(fn.arg_names, args), **kwargs)          # kernels are launched by keyword
+        values = dict(zip(fn.arg_names, args), **kwargs)  # kernels are launched by keyword
         configs = triton_fwd._prune_fwd_configs(triton_fwd._FWD_CONFIGS, {"DV": values["DV"]})
     elif fn.__name__ in ("_rf_bwd_dq_kernel", "_rf_bwd_dkv_kernel"):
         configs = triton_bwd._BWD_CONFIGS
@@ -201,8 +212,7 @@ def _resource_usage(cubin: bytes) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True,
-                             check=True).stdout
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True, check=True).stdout
     usage = {}
     for line in out.splitlines():
         if "REG:" in line:
@@ -223,18 +233,21 @@ def compile_one(job):
     from triton.runtime.jit import JITFunction
 
     fn = getattr(importlib.import_module(module), name)
-    while not isinstance(fn, JITFunction):        # autotuned kernels wrap the JITFunction
+    while not isinstance(fn, JITFunction):  # autotuned kernels wrap the JITFunction
         fn = fn.fn
     t0 = time.perf_counter()
     try:
         src = triton.compiler.ASTSource(fn, sig, const, attrs)
         kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(options))
-    except Exception as exc:                      # reported in the table, and fails --check
-        return dict(error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                    seconds=time.perf_counter() - t0)
+    except Exception as exc:  # reported in the table, and fails --check
+        return dict(
+            error=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            seconds=time.perf_counter() - t0,
+        )
     usage = _resource_usage(kernel.asm["cubin"])
-    return dict(regs=usage.get("REG"), stack=usage.get("STACK"), shared=kernel.metadata.shared,
-                seconds=time.perf_counter() - t0)
+    return dict(
+        regs=usage.get("REG"), stack=usage.get("STACK"), shared=kernel.metadata.shared, seconds=time.perf_counter() - t0
+    )
 
 
 def _flags(const: dict) -> str:
@@ -246,13 +259,20 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--arch", type=int, default=90, help="compute capability x 10 (90 = H100/H200, 80 = A100)")
     ap.add_argument("--cases", choices=("quick", "small", "large", "default", "full"), default="default")
-    ap.add_argument("--configs", choices=("fixed", "all"), default="fixed",
-                    help="'all': every autotuning configuration of the autotuned kernels, not only the fixed one")
+    ap.add_argument(
+        "--configs",
+        choices=("fixed", "all"),
+        default="fixed",
+        help="'all': every autotuning configuration of the autotuned kernels, not only the fixed one",
+    )
     ap.add_argument("--kernels", default="", help="only kernels whose name contains one of these (comma list)")
     ap.add_argument("--jobs", type=int, default=max(1, min(4, os.cpu_count() or 1)))
     ap.add_argument("--out", help="also write the markdown table to this file")
-    ap.add_argument("--check", action="store_true",
-                    help="exit 1 when a kernel fails to compile or exceeds the target's shared memory")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="exit 1 when a kernel fails to compile or exceeds the target's shared memory",
+    )
     args = ap.parse_args(argv)
 
     import triton
@@ -268,8 +288,12 @@ def main(argv=None) -> int:
                 variants = tuning_variants(fn, fargs, fkw, options)
             for override, opts in variants:
                 cst = dict(const, **override)
-                key = (fn.__name__, tuple(sorted(sig.items())), tuple(sorted(cst.items(), key=str)),
-                       tuple(sorted(opts.items())))
+                key = (
+                    fn.__name__,
+                    tuple(sorted(sig.items())),
+                    tuple(sorted(cst.items(), key=str)),
+                    tuple(sorted(opts.items())),
+                )
                 if key in seen:
                     continue
                 seen.add(key)
@@ -284,33 +308,40 @@ def main(argv=None) -> int:
 
     src_dir = os.path.dirname(os.path.dirname(os.path.abspath(spectraformer_fused.__file__)))
     try:
-        commit = subprocess.run(["git", "-C", src_dir, "describe", "--always", "--dirty"], capture_output=True,
-                                text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "-C", src_dir, "describe", "--always", "--dirty"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    lines = [f"# Triton kernels compiled for sm_{args.arch}",
-             "",
-             f"{now}; triton {triton.__version__}, torch {torch.__version__}, host {platform.machine()} "
-             f"(no GPU needed); package at {commit}; `python -m bench.compile_check --arch {args.arch} --cases {args.cases}"
-             f" --configs {args.configs}`.",
-             "regs: registers per thread; stack: bytes of local memory per thread (> 0: ptxas spilled); "
-             "shared: bytes of shared memory per program.",
-             "",
-             "| kernel | first case | flags | warps | stages | regs | stack | shared | compile s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Triton kernels compiled for sm_{args.arch}",
+        "",
+        f"{now}; triton {triton.__version__}, torch {torch.__version__}, host {platform.machine()} "
+        f"(no GPU needed); package at {commit}; `python -m bench.compile_check --arch {args.arch} --cases {args.cases}"
+        f" --configs {args.configs}`.",
+        "regs: registers per thread; stack: bytes of local memory per thread (> 0: ptxas spilled); "
+        "shared: bytes of shared memory per program.",
+        "",
+        "| kernel | first case | flags | warps | stages | regs | stack | shared | compile s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     bad = 0
     for i, (job, res) in enumerate(zip(jobs, results)):
         name, _, sig, const, _, opts, _ = job
         if "error" in res:
             bad += 1
-            lines.append(f"| {name} | {where[i]} | {_flags(const)} | {opts['num_warps']} | {opts.get('num_stages', '')} "
-                         f"| FAILED: {res['error']} | | | {res['seconds']:.1f} |")
+            lines.append(
+                f"| {name} | {where[i]} | {_flags(const)} | {opts['num_warps']} | {opts.get('num_stages', '')} "
+                f"| FAILED: {res['error']} | | | {res['seconds']:.1f} |"
+            )
             continue
         if limit is not None and res["shared"] > limit:
             bad += 1
-        lines.append(f"| {name} | {where[i]} | {_flags(const)} | {opts['num_warps']} | {opts.get('num_stages', '')} | "
-                     f"{res['regs']} | {res['stack']} | {res['shared']} | {res['seconds']:.1f} |")
+        lines.append(
+            f"| {name} | {where[i]} | {_flags(const)} | {opts['num_warps']} | {opts.get('num_stages', '')} | "
+            f"{res['regs']} | {res['stack']} | {res['shared']} | {res['seconds']:.1f} |"
+        )
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:

@@ -11,6 +11,7 @@ Two obstacles, both specific to the interpreter, and what is done about them:
   interpreter integers (``tl.full((), i, tl.int32)``) and is the builtin anywhere else.
 Call ``interpretable_fla()`` after TRITON_INTERPRET=1 is set and before the first fla call.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -18,11 +19,10 @@ import sys
 
 
 def interpretable_fla() -> None:
+    import fla.ops.linear_attn  # noqa: F401  (loads the kernel modules)
     import triton.language as tl
     import triton.runtime.autotuner as autotuner
     from triton.runtime.jit import JITFunction
-
-    import fla.ops.linear_attn  # noqa: F401  (loads the kernel modules)
 
     autotuner.Autotuner._bench = lambda self, *args, **kwargs: [0.0, 0.0, 0.0]
     modules = [m for n, m in list(sys.modules.items()) if n.startswith("fla.") and m is not None]
@@ -30,7 +30,7 @@ def interpretable_fla() -> None:
     for module in modules:
         for obj in list(vars(module).values()):
             fn = obj
-            while hasattr(fn, "fn"):                  # Autotuner / Heuristics -> JITFunction -> function
+            while hasattr(fn, "fn"):  # Autotuner / Heuristics -> JITFunction -> function
                 fn = fn.fn
             if (isinstance(obj, JITFunction) or fn is not obj) and hasattr(fn, "__code__"):
                 kernels.add(fn.__code__.co_name)

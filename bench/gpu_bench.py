@@ -14,6 +14,7 @@ reference. Every row gives its peak memory and its floor: the larger of bytes / 
 flops / matmul rate, both rates measured at the start of the same run (a large device-to-device copy, a
 large matmul in the row's dtype), and the fraction of the floor reached (floor / time).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,12 +47,12 @@ def measure_rates(device, dtypes, dry: bool) -> dict:
     y = torch.empty_like(x)
     ms = bench_ms(lambda: y.copy_(x), device, 50, dry)[0]
     rates = {"copy_Bps": 2 * x.numel() * 4 / (ms * 1e-3), "matmul_flops": {}}
-    x = y = None                                  # free the copy buffers before the matmuls
+    x = y = None  # free the copy buffers before the matmuls
     for dname in dtypes:
         a = torch.randn(n_mm, n_mm, device=device).to(DTYPES[dname])
         b = torch.randn(n_mm, n_mm, device=device).to(DTYPES[dname])
         ms = bench_ms(lambda: a @ b, device, 50, dry)[0]
-        rates["matmul_flops"][dname] = 2 * n_mm ** 3 / (ms * 1e-3)
+        rates["matmul_flops"][dname] = 2 * n_mm**3 / (ms * 1e-3)
     return rates
 
 
@@ -98,10 +99,13 @@ def bench_ms(fn, device, rep_ms: int, dry: bool = False) -> tuple:
 
 def make_call(impl: str, algo: str, fm, causal: bool):
     if impl == "torch-sdpa":
+
         def call(q, k, v):
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               is_causal=causal)
+            o = F.scaled_dot_product_attention(
+                q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal
+            )
             return o.transpose(1, 2)
+
         return call
     if impl in FLA_KERNELS:
         kernel = load(FLA_KERNELS[impl])
@@ -109,9 +113,11 @@ def make_call(impl: str, algo: str, fm, causal: bool):
         def call(q, k, v):
             phiq, phik = torch_features(q, k, fm, causal=True)
             return kernel(phiq.to(v.dtype), phik.to(v.dtype), v, scale=1.0, normalize=True)[0]
+
         return call
     backend = impl.split("-", 1)[1]
     if algo in ("walk", "chunk"):
+
         def call(q, k, v):
             old = os.environ.get(MODE_ENV)
             os.environ[MODE_ENV] = algo
@@ -122,6 +128,7 @@ def make_call(impl: str, algo: str, fm, causal: bool):
                     del os.environ[MODE_ENV]
                 else:
                     os.environ[MODE_ENV] = old
+
         return call
     return lambda q, k, v: sf.rf_attention(q, k, v, fm, causal=causal, backend=backend)
 
@@ -144,8 +151,10 @@ def implementations(dry: bool) -> tuple[list, list[str]]:
             load(spec)
         impls += [(name, "-", True) for name in FLA_KERNELS]
     except Exception as exc:
-        notes.append(f"fla not importable ({type(exc).__name__}: {exc}): its rows are skipped "
-                     "(pip install flash-linear-attention, or the fla-core wheel)")
+        notes.append(
+            f"fla not importable ({type(exc).__name__}: {exc}): its rows are skipped "
+            "(pip install flash-linear-attention, or the fla-core wheel)"
+        )
     impls += [("sf-reference", "-", None), ("torch-sdpa", "-", None)]
     return impls, notes
 
@@ -177,8 +186,11 @@ def run(args) -> list[dict]:
         print(note)
     args.notes = notes
     args.rates = rates = measure_rates(device, dtypes, args.dry_run)
-    print(f"copy {rates['copy_Bps'] / 1e9:.1f} GB/s; matmul " +
-          ", ".join(f"{d} {r / 1e12:.1f} TFLOP/s" for d, r in rates["matmul_flops"].items()), flush=True)
+    print(
+        f"copy {rates['copy_Bps'] / 1e9:.1f} GB/s; matmul "
+        + ", ".join(f"{d} {r / 1e12:.1f} TFLOP/s" for d, r in rates["matmul_flops"].items()),
+        flush=True,
+    )
     rows, slow = [], {}
     for dname in dtypes:
         dt = DTYPES[dname]
@@ -191,16 +203,44 @@ def run(args) -> list[dict]:
                     for impl, algo, causal_only in impls:
                         if causal_only is not None and causal_only != causal:
                             continue
-                        for comp, wname in ((("-", "-"),) if impl == "torch-sdpa" else pairs):
-                            row = {"impl": impl, "algo": algo, "pair": "exact" if comp == "-" else f"{comp}/{wname}",
-                                   "dtype": dname, "causal": causal, "pass": pas, "B": B, "H": H, "T": T,
-                                   "D": D, "m": m}
+                        for comp, wname in (("-", "-"),) if impl == "torch-sdpa" else pairs:
+                            row = {
+                                "impl": impl,
+                                "algo": algo,
+                                "pair": "exact" if comp == "-" else f"{comp}/{wname}",
+                                "dtype": dname,
+                                "causal": causal,
+                                "pass": pas,
+                                "B": B,
+                                "H": H,
+                                "T": T,
+                                "D": D,
+                                "m": m,
+                            }
                             key = (impl, algo, row["pair"], dname, causal, pas, B, H)
                             if key in slow:
                                 row.update(ms=None, status=slow[key])
                             else:
-                                row.update(measure(impl, algo, comp, wname, q, k, v, do, causal, pas, D, H, m,
-                                                   device, args.rep, args.dry_run))
+                                row.update(
+                                    measure(
+                                        impl,
+                                        algo,
+                                        comp,
+                                        wname,
+                                        q,
+                                        k,
+                                        v,
+                                        do,
+                                        causal,
+                                        pas,
+                                        D,
+                                        H,
+                                        m,
+                                        device,
+                                        args.rep,
+                                        args.dry_run,
+                                    )
+                                )
                             if row.get("ms") is not None:
                                 row["floor_ms"] = floor_ms(row, rates, row.pop("feature_dim", m))
                             later = [t for b, h, t in shapes if (b, h) == (B, H) and t > T]
@@ -213,10 +253,16 @@ def run(args) -> list[dict]:
                             rows.append(row)
                             print(_line(row), flush=True)
                     for row in rows:
-                        if (row["dtype"], row["B"], row["H"], row["T"], row["causal"], row["pass"]) == \
-                                (dname, B, H, T, causal, pas):
+                        if (row["dtype"], row["B"], row["H"], row["T"], row["causal"], row["pass"]) == (
+                            dname,
+                            B,
+                            H,
+                            T,
+                            causal,
+                            pas,
+                        ):
                             row["vs_sdpa"] = (sdpa_ms / row["ms"]) if sdpa_ms and row.get("ms") else None
-                    if args.out:                       # keep what is done if the run is cut short
+                    if args.out:  # keep what is done if the run is cut short
                         write(args.out, table(rows, header(args, rows, "partial")))
             del q, k, v, do
             if device.type == "cuda":
@@ -231,6 +277,7 @@ def measure(impl, algo, comp, wname, q, k, v, do, causal, pas, D, H, m, device, 
             fm = sf.RandomFeatureMap(D, m, component=comp, weights=wname, num_heads=H, seed=0, device=device).eval()
         call = make_call(impl, algo, fm, causal)
         if pas == "fwd":
+
             def fn():
                 with torch.no_grad():
                     call(q, k, v)
@@ -242,38 +289,58 @@ def measure(impl, algo, comp, wname, q, k, v, do, causal, pas, D, H, m, device, 
                 for t in [qq, kk, vv] + params:
                     t.grad = None
                 call(qq, kk, vv).backward(do)
+
         med, lo, hi = bench_ms(fn, device, rep_ms, dry)
         mem = peak_memory(fn, device)
         T, B = q.shape[1], q.shape[0]
-        return {"ms": med, "ms_p20": lo, "ms_p80": hi, "tokens_per_s": B * T / (med * 1e-3), "peak_bytes": mem,
-                "feature_dim": m if fm is None else fm.feature_dim, "status": "ok"}
+        return {
+            "ms": med,
+            "ms_p20": lo,
+            "ms_p80": hi,
+            "tokens_per_s": B * T / (med * 1e-3),
+            "peak_bytes": mem,
+            "feature_dim": m if fm is None else fm.feature_dim,
+            "status": "ok",
+        }
     except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return {"ms": None, "status": "OOM"}
-    except Exception as exc:                           # one failing row does not stop the table
+    except Exception as exc:  # one failing row does not stop the table
         return {"ms": None, "status": f"error: {type(exc).__name__}: {str(exc)[:100]}"}
 
 
 def _line(r) -> str:
     ms = "n/a" if r.get("ms") is None else f"{r['ms']:.3f} ms (floor {r['floor_ms']:.3f})"
-    return f"{r['impl']:15s} {r['algo']:5s} {r['pair']:26s} {r['dtype']} B={r['B']} H={r['H']} T={r['T']:<6d} " \
-           f"{'causal' if r['causal'] else 'full  '} {r['pass']:8s} {ms} {r['status'] if r['status'] != 'ok' else ''}"
+    return (
+        f"{r['impl']:15s} {r['algo']:5s} {r['pair']:26s} {r['dtype']} B={r['B']} H={r['H']} T={r['T']:<6d} "
+        f"{'causal' if r['causal'] else 'full  '} {r['pass']:8s} {ms} {r['status'] if r['status'] != 'ok' else ''}"
+    )
 
 
 def table(rows, header: str) -> str:
-    L = [header, "", "| impl | triton mode | pair | dtype | B | H | T | causal | pass | ms (p20-p80) | tokens/s | "
-         "peak MiB | floor ms | of floor | speedup vs SDPA | status |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    L = [
+        header,
+        "",
+        "| impl | triton mode | pair | dtype | B | H | T | causal | pass | ms (p20-p80) | tokens/s | "
+        "peak MiB | floor ms | of floor | speedup vs SDPA | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if r.get("ms") is None:
             cells = ("n/a", "", "", "", "", "")
         else:
-            cells = (f"{r['ms']:.3f} ({r['ms_p20']:.3f}-{r['ms_p80']:.3f})", f"{r['tokens_per_s']:.3g}",
-                     "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2 ** 20:.0f}",
-                     f"{r['floor_ms']:.3f}", f"{r['floor_ms'] / r['ms']:.1%}",
-                     "n/a" if r.get("vs_sdpa") is None else f"{r['vs_sdpa']:.2f}")
-        L.append(f"| {r['impl']} | {r['algo']} | {r['pair']} | {r['dtype']} | {r['B']} | {r['H']} | {r['T']} | "
-                 f"{'yes' if r['causal'] else 'no'} | {r['pass']} | {' | '.join(cells)} | {r['status']} |")
+            cells = (
+                f"{r['ms']:.3f} ({r['ms_p20']:.3f}-{r['ms_p80']:.3f})",
+                f"{r['tokens_per_s']:.3g}",
+                "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.0f}",
+                f"{r['floor_ms']:.3f}",
+                f"{r['floor_ms'] / r['ms']:.1%}",
+                "n/a" if r.get("vs_sdpa") is None else f"{r['vs_sdpa']:.2f}",
+            )
+        L.append(
+            f"| {r['impl']} | {r['algo']} | {r['pair']} | {r['dtype']} | {r['B']} | {r['H']} | {r['T']} | "
+            f"{'yes' if r['causal'] else 'no'} | {r['pass']} | {' | '.join(cells)} | {r['status']} |"
+        )
     return "\n".join(L) + "\n"
 
 
@@ -281,13 +348,23 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="GPU benchmark: Triton backend vs reference vs torch SDPA")
     ap.add_argument("--out", default=None, help="also write the markdown table to this path")
     ap.add_argument("--dtypes", default="fp16,bf16", help="comma-separated: fp16, bf16, fp32")
-    ap.add_argument("--shapes", default="4x16x2048,4x16x8192,4x16x32768,1x8x32768",
-                    help="comma-separated BxHxT (batch x heads x sequence length)")
+    ap.add_argument(
+        "--shapes",
+        default="4x16x2048,4x16x8192,4x16x32768,1x8x32768",
+        help="comma-separated BxHxT (batch x heads x sequence length)",
+    )
     ap.add_argument("--rep", type=int, default=40, help="do_bench repetition time in ms")
-    ap.add_argument("--max-ms", type=float, default=1500.0,
-                    help="skip an implementation at larger T once it is predicted slower than this")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="tiny shapes on the CPU; Triton kernels (ours and fla's) need TRITON_INTERPRET=1")
+    ap.add_argument(
+        "--max-ms",
+        type=float,
+        default=1500.0,
+        help="skip an implementation at larger T once it is predicted slower than this",
+    )
+    ap.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="tiny shapes on the CPU; Triton kernels (ours and fla's) need TRITON_INTERPRET=1",
+    )
     args = ap.parse_args(argv)
     try:
         parse_shapes(args.shapes)
@@ -320,14 +397,16 @@ def header(args, rows, note: str) -> str:
         tuning = "Triton configs autotuned"
     else:
         tuning = "fixed Triton configs (SPECTRAFORMER_FUSED_AUTOTUNE=0)"
-    return (f"## spectraformer_fused GPU benchmark\n\n{dev} | torch {v['torch']}, triton {v['triton']}, "
-            f"spectraformer_fused {v['spectraformer_fused']} | {datetime.datetime.now():%Y-%m-%d %H:%M} | "
-            f"dtypes {', '.join(sorted({r['dtype'] for r in rows}))} | {timer} | {tuning} | peak memory beyond the inputs | "
-            f"{note}\n\nFloors from rates measured in this run: copy {args.rates['copy_Bps'] / 1e9:.1f} GB/s, matmul "
-            + ", ".join(f"{d} {r / 1e12:.3g} TFLOP/s" for d, r in args.rates["matmul_flops"].items())
-            + ". fla rows: chunk_linear_attn / fused_chunk_linear_attn (normalize=True) fed phi(q), phi(k) from "
-              "PyTorch (bench/peers.torch_features), so feature time is included."
-            + "".join(f"\n\n{n}" for n in getattr(args, "notes", [])))
+    return (
+        f"## spectraformer_fused GPU benchmark\n\n{dev} | torch {v['torch']}, triton {v['triton']}, "
+        f"spectraformer_fused {v['spectraformer_fused']} | {datetime.datetime.now():%Y-%m-%d %H:%M} | "
+        f"dtypes {', '.join(sorted({r['dtype'] for r in rows}))} | {timer} | {tuning} | peak memory beyond the inputs | "
+        f"{note}\n\nFloors from rates measured in this run: copy {args.rates['copy_Bps'] / 1e9:.1f} GB/s, matmul "
+        + ", ".join(f"{d} {r / 1e12:.3g} TFLOP/s" for d, r in args.rates["matmul_flops"].items())
+        + ". fla rows: chunk_linear_attn / fused_chunk_linear_attn (normalize=True) fed phi(q), phi(k) from "
+        "PyTorch (bench/peers.torch_features), so feature time is included."
+        + "".join(f"\n\n{n}" for n in getattr(args, "notes", []))
+    )
 
 
 def write(path: str, text: str) -> None:
@@ -338,5 +417,3 @@ def write(path: str, text: str) -> None:
 
 if __name__ == "__main__":
     sys.exit(main())
-
-

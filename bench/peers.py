@@ -3,6 +3,7 @@
 Every peer takes q, k, v ``[B, T, H, D]`` (the library's layout) and returns ``[B, T, H, Dv]``; a peer
 that cannot be used in this process is reported by ``Peer.skip_reason`` instead of raising.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -67,6 +68,7 @@ def maker(spec: PeerSpec) -> Callable:
 # torch SDPA: exact softmax attention (FlashAttention / memory-efficient kernels on CUDA)
 # ----------------------------------------------------------------------------------------------------
 
+
 def _make_sdpa(sdpa, fm, causal):
     def run(q, k, v):
         return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
@@ -78,8 +80,9 @@ def _make_sdpa(sdpa, fm, causal):
 # performer-pytorch's FastAttention (FAVOR+ = posrf x orf)
 # ----------------------------------------------------------------------------------------------------
 
+
 def _make_performer(FastAttention, fm, causal):
-    with contextlib.redirect_stdout(io.StringIO()):      # it prints a notice when its CUDA kernel is missing
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a notice when its CUDA kernel is missing
         attn = FastAttention(dim_heads=fm.head_dim, nb_features=fm.num_features, causal=causal)
     attn = attn.to(fm.projection().device)
     return lambda q, k, v: attn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
@@ -89,8 +92,9 @@ def _make_performer(FastAttention, fm, causal):
 # bench/torch_chunked.py: a pure-PyTorch chunked implementation, chunked_attention(q, k, v, params, *, causal)
 # ----------------------------------------------------------------------------------------------------
 
+
 def _make_chunked(chunked_attention, fm, causal):
-    scale = fm.head_dim ** -0.5
+    scale = fm.head_dim**-0.5
 
     def run(q, k, v):
         return chunked_attention(q, k, v, fm.feature_params(q, k, scale=scale, causal=causal), causal=causal)
@@ -118,6 +122,7 @@ def _check_chunked(spec: PeerSpec) -> str | None:
 # ----------------------------------------------------------------------------------------------------
 # flash-linear-attention's chunk_linear_attn, fed with PyTorch features (CUDA, causal only)
 # ----------------------------------------------------------------------------------------------------
+
 
 def torch_features(q, k, fm, *, causal: bool, scale: float | None = None):
     """phi(q), phi(k) ``[B, T, H, F]`` in plain PyTorch, with the reference's stabilisers (queries: own
@@ -154,16 +159,34 @@ PEERS = (
     PeerSpec("torch-sdpa", "torch.nn.functional", "scaled_dot_product_attention", _make_sdpa, exact=True),
     PeerSpec("performer-pytorch", "performer_pytorch", "FastAttention", _make_performer, install="performer-pytorch"),
     PeerSpec("torch-chunked", "bench.torch_chunked", "chunked_attention", _make_chunked, check=_check_chunked),
-    PeerSpec("fla-chunk_linear_attn", "fla.ops.linear_attn", "chunk_linear_attn", _make_fla, cuda_only=True,
-             install="flash-linear-attention"),
+    PeerSpec(
+        "fla-chunk_linear_attn",
+        "fla.ops.linear_attn",
+        "chunk_linear_attn",
+        _make_fla,
+        cuda_only=True,
+        install="flash-linear-attention",
+    ),
 )
 
 # fla's two causal linear-attention kernels timed by bench/gpu_bench.py (row name -> peer).
 FLA_KERNELS = {
-    "fla-chunk": PeerSpec("fla-chunk", "fla.ops.linear_attn", "chunk_linear_attn", _make_fla, cuda_only=True,
-                          install="flash-linear-attention"),
-    "fla-fused_chunk": PeerSpec("fla-fused_chunk", "fla.ops.linear_attn", "fused_chunk_linear_attn", _make_fla,
-                                cuda_only=True, install="flash-linear-attention"),
+    "fla-chunk": PeerSpec(
+        "fla-chunk",
+        "fla.ops.linear_attn",
+        "chunk_linear_attn",
+        _make_fla,
+        cuda_only=True,
+        install="flash-linear-attention",
+    ),
+    "fla-fused_chunk": PeerSpec(
+        "fla-fused_chunk",
+        "fla.ops.linear_attn",
+        "fused_chunk_linear_attn",
+        _make_fla,
+        cuda_only=True,
+        install="flash-linear-attention",
+    ),
 }
 
 

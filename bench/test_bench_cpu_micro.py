@@ -1,5 +1,6 @@
 """CPU micro-benchmarks (pytest-benchmark): ``pytest bench -q``. Small shapes, inputs made outside the
 timed region, one warm-up round; each benchmark also checks its output against the reference once."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """The declared peers of bench/peers.py (``pytest bench -q``): each resolves to its named callable or is
 skipped with a reason naming what is missing; no entry point is guessed."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,6 @@
 """Smoke test of bench/varlen.py (``pytest bench -q``): tiny shapes, every row present with finite numbers,
 and packed and padded outputs agree on the real tokens."""
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,13 @@ def test_varlen_rows_and_table():
     rows = varlen.run(vs, device)
     assert len(rows) == varlen.num_rows(vs) == len(vs.backends) * 8
     keys = {(r["backend"], r["causal"], r["pass"], r["layout"]) for r in rows}
-    assert keys == {(b, c, p, lay) for b in vs.backends for c in (False, True) for p in ("fwd", "fwd+bwd")
-                    for lay in ("packed", "padded")}
+    assert keys == {
+        (b, c, p, lay)
+        for b in vs.backends
+        for c in (False, True)
+        for p in ("fwd", "fwd+bwd")
+        for lay in ("packed", "padded")
+    }
     for r in rows:
         assert r["status"] == "ok", r
         assert r["tokens"] == 20

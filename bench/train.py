@@ -16,6 +16,7 @@ Random features: by default W is drawn once from the run's seed and kept fixed d
 never redrawn). ``--quick`` is the CPU-sized mode that ``make report`` runs (short sequences, few steps,
 the pairs of ``QUICK_PAIRS``); without it, the sizes are LRA's and MQAR's usual ones, meant for a GPU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +45,7 @@ from .tasks.mqar import IGNORE
 BASELINES = ("softmax", "uniform")
 # The quick subset: exact and uniform attention and five pairs, five components, fixed, structured and
 # learnable weights (gerf, the general form of posrf/oprf, is left to the full run).
-QUICK_PAIRS = ("softmax", "uniform", "posrf:orf", "hyprf:sorf", "oprf:fastfood_learnable", "saderf:mm",
-               "trigrf:orf")
+QUICK_PAIRS = ("softmax", "uniform", "posrf:orf", "hyprf:sorf", "oprf:fastfood_learnable", "saderf:mm", "trigrf:orf")
 TASKS = ("listops", "mqar")
 
 
@@ -53,9 +53,10 @@ TASKS = ("listops", "mqar")
 # Model
 # ----------------------------------------------------------------------------------------------------
 
+
 def _split_heads(t: torch.Tensor, H: int) -> torch.Tensor:
     B, T, E = t.shape
-    return t.view(B, T, H, E // H).transpose(1, 2)                         # [B, H, T, D]
+    return t.view(B, T, H, E // H).transpose(1, 2)  # [B, H, T, D]
 
 
 class SoftmaxAttention(nn.Module):
@@ -72,7 +73,7 @@ class SoftmaxAttention(nn.Module):
         q, k, v = (_split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
         mask, causal = None, self.causal
         if key_padding_mask is not None:
-            mask = key_padding_mask[:, None, None, :]                      # True = take part
+            mask = key_padding_mask[:, None, None, :]  # True = take part
             if causal:
                 mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
                 causal = False
@@ -117,8 +118,16 @@ def make_attention(pair: str, cfg: ModelConfig, causal: bool, seed: int, backend
     if pair == "uniform":
         return UniformAttention(cfg.dim, causal)
     component, weights = parse_pair(pair)
-    return sf.SpectraAttention(cfg.dim, cfg.heads, num_features=cfg.num_features, component=component,
-                               weights=weights, causal=causal, seed=seed, backend=backend)
+    return sf.SpectraAttention(
+        cfg.dim,
+        cfg.heads,
+        num_features=cfg.num_features,
+        component=component,
+        weights=weights,
+        causal=causal,
+        seed=seed,
+        backend=backend,
+    )
 
 
 class Block(nn.Module):
@@ -137,14 +146,24 @@ class TaskModel(nn.Module):
     """Token + learned position embeddings, pre-LN blocks, then a pooled classifier (``causal=False``)
     or a per-position head (``causal=True``)."""
 
-    def __init__(self, pair: str, vocab: int, num_outputs: int, max_len: int, causal: bool, seed: int,
-                 cfg: ModelConfig = ModelConfig(), backend: str = "auto"):
+    def __init__(
+        self,
+        pair: str,
+        vocab: int,
+        num_outputs: int,
+        max_len: int,
+        causal: bool,
+        seed: int,
+        cfg: ModelConfig = ModelConfig(),
+        backend: str = "auto",
+    ):
         super().__init__()
         self.pair, self.causal = pair, causal
         self.embed = nn.Embedding(vocab, cfg.dim)
         self.pos = nn.Embedding(max_len, cfg.dim)
-        self.blocks = nn.ModuleList(Block(make_attention(pair, cfg, causal, seed * 101 + i, backend), cfg)
-                                    for i in range(cfg.layers))
+        self.blocks = nn.ModuleList(
+            Block(make_attention(pair, cfg, causal, seed * 101 + i, backend), cfg) for i in range(cfg.layers)
+        )
         self.norm = nn.LayerNorm(cfg.dim)
         self.head = nn.Linear(cfg.dim, num_outputs)
 
@@ -155,11 +174,11 @@ class TaskModel(nn.Module):
             x = blk(x, key_padding_mask)
         x = self.norm(x)
         if self.causal:
-            return self.head(x)                                                  # [B, T, outputs]
+            return self.head(x)  # [B, T, outputs]
         if key_padding_mask is None:
             return self.head(x.mean(1))
         w = key_padding_mask[..., None].to(x.dtype)
-        return self.head((x * w).sum(1) / w.sum(1).clamp_min(1.0))                # [B, outputs]
+        return self.head((x * w).sum(1) / w.sum(1).clamp_min(1.0))  # [B, outputs]
 
     def feature_maps(self):
         return [b.attn.feature_map for b in self.blocks if isinstance(b.attn, sf.SpectraAttention)]
@@ -178,8 +197,10 @@ class TaskModel(nn.Module):
 def parse_pair(pair: str) -> tuple[str, str]:
     parts = pair.split(":")
     if len(parts) != 2 or parts[0] not in sf.COMPONENTS or parts[1] not in sf.WEIGHTS:
-        raise ValueError(f"unknown attention {pair!r}: use softmax, uniform or <component>:<weights> with a "
-                         f"component in {', '.join(sf.COMPONENTS)} and weights in {', '.join(sf.WEIGHTS)}")
+        raise ValueError(
+            f"unknown attention {pair!r}: use softmax, uniform or <component>:<weights> with a "
+            f"component in {', '.join(sf.COMPONENTS)} and weights in {', '.join(sf.WEIGHTS)}"
+        )
     return parts[0], parts[1]
 
 
@@ -202,16 +223,17 @@ def resolve_pairs(spec: str, quick: bool) -> list[str]:
 # Tasks and their settings
 # ----------------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class TaskSettings:
     task: str
-    data: object                     # ListOpsConfig or MQARConfig
+    data: object  # ListOpsConfig or MQARConfig
     steps: int
     batch_size: int
     lr: float
     weight_decay: float = 0.01
     warmup_frac: float = 0.1
-    evals: int = 8                   # validation points on the learning curve
+    evals: int = 8  # validation points on the learning curve
 
 
 def task_settings(task: str, quick: bool) -> TaskSettings:
@@ -219,13 +241,23 @@ def task_settings(task: str, quick: bool) -> TaskSettings:
     10 arguments, 96k training examples, batch 32) and Zoology's MQAR (vocab 8192, 64 pairs, T = 256)."""
     if task == "listops":
         if quick:
-            return TaskSettings(task, ListOpsConfig(min_length=16, max_length=48, train_size=4000, val_size=256,
-                                                    test_size=512), steps=150, batch_size=32, lr=2e-3)
+            return TaskSettings(
+                task,
+                ListOpsConfig(min_length=16, max_length=48, train_size=4000, val_size=256, test_size=512),
+                steps=150,
+                batch_size=32,
+                lr=2e-3,
+            )
         return TaskSettings(task, ListOpsConfig(), steps=5000, batch_size=32, lr=5e-4)
     if task == "mqar":
         if quick:
-            return TaskSettings(task, MQARConfig(vocab_size=17, num_pairs=4, seq_len=16, train_size=8000,
-                                                 val_size=256, test_size=512), steps=200, batch_size=64, lr=3e-3)
+            return TaskSettings(
+                task,
+                MQARConfig(vocab_size=17, num_pairs=4, seq_len=16, train_size=8000, val_size=256, test_size=512),
+                steps=200,
+                batch_size=64,
+                lr=3e-3,
+            )
         return TaskSettings(task, MQARConfig(), steps=8000, batch_size=64, lr=1e-3)
     raise ValueError(f"unknown task {task!r}; valid tasks are {', '.join(TASKS)}")
 
@@ -256,7 +288,7 @@ class TaskData:
         x = x.long()
         if self.causal:
             return x, None
-        mask = x != 0                                                     # ListOps: id 0 is padding
+        mask = x != 0  # ListOps: id 0 is padding
         T = int(mask.sum(1).max())
         return x[:, :T], mask[:, :T]
 
@@ -283,7 +315,7 @@ class TaskData:
         x, y = self.splits[split]
         correct = total = 0
         for i in range(0, x.shape[0], batch_size):
-            _, c, n = self.loss_and_correct(model, x[i:i + batch_size], y[i:i + batch_size])
+            _, c, n = self.loss_and_correct(model, x[i : i + batch_size], y[i : i + batch_size])
             correct += int(c)
             total += int(n)
         model.train()
@@ -293,6 +325,7 @@ class TaskData:
 # ----------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------
+
 
 def lr_factor(step: int, steps: int, warmup_frac: float) -> float:
     """Linear warm-up over ``warmup_frac`` of the steps, then cosine decay to 0."""
@@ -313,8 +346,17 @@ def build_model(pair: str, data: TaskData, seed: int, backend: str) -> TaskModel
     return TaskModel(pair, data.vocab, data.outputs, data.max_len, data.causal, seed, backend=backend).to(data.device)
 
 
-def train_one(pair: str, data: TaskData, seed: int, *, steps: int | None = None, backend: str = "auto",
-              redraw_every: int = 0, bar=None, measure: bool = True) -> dict:
+def train_one(
+    pair: str,
+    data: TaskData,
+    seed: int,
+    *,
+    steps: int | None = None,
+    backend: str = "auto",
+    redraw_every: int = 0,
+    bar=None,
+    measure: bool = True,
+) -> dict:
     """Train one model; returns test accuracy, the learning curve, time per step and (``measure``) the cost
     breakdown: attention forward+backward alone, peak memory of one step."""
     ts = data.ts
@@ -322,12 +364,18 @@ def train_one(pair: str, data: TaskData, seed: int, *, steps: int | None = None,
     dev = data.device
     model = build_model(pair, data, seed, backend)
     # Weight decay on the linear layers only: not on embeddings, norms, biases or learnable feature maps.
-    decayed = {n for n, p in model.named_parameters()
-               if p.dim() >= 2 and not n.startswith(("embed", "pos")) and ".feature_map." not in n}
+    decayed = {
+        n
+        for n, p in model.named_parameters()
+        if p.dim() >= 2 and not n.startswith(("embed", "pos")) and ".feature_map." not in n
+    }
     decay = [p for n, p in model.named_parameters() if n in decayed]
     other = [p for n, p in model.named_parameters() if n not in decayed]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": ts.weight_decay}, {"params": other, "weight_decay": 0.0}],
-                            lr=ts.lr, betas=(0.9, 0.98))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": ts.weight_decay}, {"params": other, "weight_decay": 0.0}],
+        lr=ts.lr,
+        betas=(0.9, 0.98),
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, ts.warmup_frac))
     gen = torch.Generator().manual_seed(10_000 + seed)
     eval_at = {max(1, round(steps * (i + 1) / ts.evals)) for i in range(ts.evals)}
@@ -353,16 +401,27 @@ def train_one(pair: str, data: TaskData, seed: int, *, steps: int | None = None,
         sched.step()
         losses.append(float(loss.detach()))
         if i + 1 in eval_at:
-            curve.append({"step": i + 1, "train_loss": statistics.fmean(losses[-max(1, steps // ts.evals):]),
-                          "val_acc": data.accuracy(model, "val")})
+            curve.append(
+                {
+                    "step": i + 1,
+                    "train_loss": statistics.fmean(losses[-max(1, steps // ts.evals) :]),
+                    "val_acc": data.accuracy(model, "val"),
+                }
+            )
         if bar is not None:
             bar.update()
-    out = {"pair": pair, "seed": seed, "steps": steps, "losses": losses, "curve": curve,
-           "test_acc": data.accuracy(model, "test"), "val_acc": curve[-1]["val_acc"] if curve else None,
-           "step_ms": 1e3 * statistics.median(step_s[min(3, len(step_s) - 1):]),
-           "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-           "feature_map_params": sum(p.numel() for fm in model.feature_maps() for p in fm.parameters()
-                                     if p.requires_grad)}
+    out = {
+        "pair": pair,
+        "seed": seed,
+        "steps": steps,
+        "losses": losses,
+        "curve": curve,
+        "test_acc": data.accuracy(model, "test"),
+        "val_acc": curve[-1]["val_acc"] if curve else None,
+        "step_ms": 1e3 * statistics.median(step_s[min(3, len(step_s) - 1) :]),
+        "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "feature_map_params": sum(p.numel() for fm in model.feature_maps() for p in fm.parameters() if p.requires_grad),
+    }
     if measure:
         out.update(measure_costs(model, data, gen, step))
     return out
@@ -374,8 +433,7 @@ def measure_costs(model: TaskModel, data: TaskData, gen: torch.Generator, step) 
     x, y = data.batch(gen)
     ids, mask = data._inputs(x)
     dev = data.device
-    h = torch.randn(ids.shape[0], ids.shape[1], model.blocks[0].ln1.normalized_shape[0], device=dev,
-                    requires_grad=True)
+    h = torch.randn(ids.shape[0], ids.shape[1], model.blocks[0].ln1.normalized_shape[0], device=dev, requires_grad=True)
 
     def attn_fwd_bwd():
         for blk in model.blocks:
@@ -389,58 +447,100 @@ def measure_costs(model: TaskModel, data: TaskData, gen: torch.Generator, step) 
 
 def summarise(runs: list[dict], chance: float) -> dict:
     accs = [r["test_acc"] for r in runs]
-    first = [statistics.fmean(r["losses"][:max(1, len(r["losses"]) // 10)]) for r in runs]
-    last = [statistics.fmean(r["losses"][-max(1, len(r["losses"]) // 10):]) for r in runs]
+    first = [statistics.fmean(r["losses"][: max(1, len(r["losses"]) // 10)]) for r in runs]
+    last = [statistics.fmean(r["losses"][-max(1, len(r["losses"]) // 10) :]) for r in runs]
     mem = [r["peak_mem_bytes"] for r in runs if r.get("peak_mem_bytes") is not None]
     attn = [r["attn_ms"] for r in runs if r.get("attn_ms") is not None]
-    return {"pair": runs[0]["pair"], "seeds": len(runs), "acc_mean": statistics.fmean(accs),
-            "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-            "step_ms": statistics.fmean(r["step_ms"] for r in runs),
-            "attn_ms": statistics.fmean(attn) if attn else None,
-            "peak_mem_bytes": max(mem) if mem else None, "params": runs[0]["params"],
-            "feature_map_params": runs[0]["feature_map_params"], "loss_first": statistics.fmean(first),
-            "loss_last": statistics.fmean(last), "above_chance": statistics.fmean(accs) > chance}
+    return {
+        "pair": runs[0]["pair"],
+        "seeds": len(runs),
+        "acc_mean": statistics.fmean(accs),
+        "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
+        "step_ms": statistics.fmean(r["step_ms"] for r in runs),
+        "attn_ms": statistics.fmean(attn) if attn else None,
+        "peak_mem_bytes": max(mem) if mem else None,
+        "params": runs[0]["params"],
+        "feature_map_params": runs[0]["feature_map_params"],
+        "loss_first": statistics.fmean(first),
+        "loss_last": statistics.fmean(last),
+        "above_chance": statistics.fmean(accs) > chance,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------
 # Writing: table, plots
 # ----------------------------------------------------------------------------------------------------
 
+
 def task_description(data: TaskData) -> str:
     ts, c = data.ts, data.ts.data
     if ts.task == "listops":
-        what = (f"ListOps (LRA recipe): lengths [{c.min_length}, {c.max_length}), depth <= {c.max_depth}, "
-                f"<= {c.max_args} arguments, {c.train_size}/{c.val_size}/{c.test_size} examples; encoder, mean-pooled, "
-                "10 classes")
+        what = (
+            f"ListOps (LRA recipe): lengths [{c.min_length}, {c.max_length}), depth <= {c.max_depth}, "
+            f"<= {c.max_args} arguments, {c.train_size}/{c.val_size}/{c.test_size} examples; encoder, mean-pooled, "
+            "10 classes"
+        )
     else:
-        what = (f"MQAR: vocab {c.vocab_size} ({c.num_keys} keys, {c.num_values} values), {c.num_pairs} pairs, "
-                f"{c.queries} queries, T = {c.seq_len}, {c.train_size}/{c.val_size}/{c.test_size} sequences; causal, "
-                "accuracy over query positions")
-    return (f"{what}. Model: 2 layers, 2 heads x 32, dim 64, FFN 128, m = 128 features; AdamW (lr {ts.lr:g}, "
-            f"weight decay {ts.weight_decay:g}, betas 0.9/0.98), {int(ts.warmup_frac * 100)}% linear warm-up then "
-            f"cosine decay, gradient norm clipped at 1, batch {ts.batch_size}.")
+        what = (
+            f"MQAR: vocab {c.vocab_size} ({c.num_keys} keys, {c.num_values} values), {c.num_pairs} pairs, "
+            f"{c.queries} queries, T = {c.seq_len}, {c.train_size}/{c.val_size}/{c.test_size} sequences; causal, "
+            "accuracy over query positions"
+        )
+    return (
+        f"{what}. Model: 2 layers, 2 heads x 32, dim 64, FFN 128, m = 128 features; AdamW (lr {ts.lr:g}, "
+        f"weight decay {ts.weight_decay:g}, betas 0.9/0.98), {int(ts.warmup_frac * 100)}% linear warm-up then "
+        f"cosine decay, gradient norm clipped at 1, batch {ts.batch_size}."
+    )
 
 
 def table_lines(task: str, summaries: list[dict], data: TaskData, meta: dict) -> list[str]:
     soft = next((s for s in summaries if s["pair"] == "softmax"), None)
-    L = [f"_{meta['header']}_", "", task_description(data) + f" {meta['steps']} steps, seeds "
-         f"{', '.join(map(str, meta['seeds']))}; random features {meta['redraw']}. Chance: "
-         f"{data.chance:.3f} ({data.chance_note}).", "",
-         "Time per step: median wall time of a training step (forward, backward, clipping, AdamW) over the run. "
-         "Attention: the attention layers alone, forward + backward on one batch of the step's shape; the rest "
-         "of the step is embeddings, FFNs, loss and the optimizer. Peak memory: " + meta["mem_how"] + ". The attentions "
-         f"train one after another: 1-minute load average {meta['load'][0]} at the start, {meta['load'][-1]} at the "
-         f"end on {os.cpu_count()} logical CPUs; a load that changes during the run biases the time ratios.", ""]
+    L = [
+        f"_{meta['header']}_",
+        "",
+        task_description(data) + f" {meta['steps']} steps, seeds "
+        f"{', '.join(map(str, meta['seeds']))}; random features {meta['redraw']}. Chance: "
+        f"{data.chance:.3f} ({data.chance_note}).",
+        "",
+        "Time per step: median wall time of a training step (forward, backward, clipping, AdamW) over the run. "
+        "Attention: the attention layers alone, forward + backward on one batch of the step's shape; the rest "
+        "of the step is embeddings, FFNs, loss and the optimizer. Peak memory: " + meta["mem_how"] + ". The attentions "
+        f"train one after another: 1-minute load average {meta['load'][0]} at the start, {meta['load'][-1]} at the "
+        f"end on {os.cpu_count()} logical CPUs; a load that changes during the run biases the time ratios.",
+        "",
+    ]
     rows = []
     for s in summaries:
         rel = f"{s['step_ms'] / soft['step_ms']:.2f}x" if soft else "n/a"
-        rows.append((s["pair"].replace(":", " x "), f"{100 * s['acc_mean']:.1f} +- {100 * s['acc_std']:.1f}",
-                     "yes" if s["above_chance"] else "**no**", f"{s['step_ms']:.3g}", rel, common.fmt(s["attn_ms"]),
-                     common.mib(s["peak_mem_bytes"]), s["params"], s["feature_map_params"],
-                     f"{s['loss_first']:.3f} -> {s['loss_last']:.3f}"))
-    L += common.md_table(("attention", "test acc %", "above chance", "ms / step", "vs softmax",
-                          "attention ms (fwd+bwd)", "peak MiB", "params", "of which feature map",
-                          "train loss first -> last 10%"), rows)
+        rows.append(
+            (
+                s["pair"].replace(":", " x "),
+                f"{100 * s['acc_mean']:.1f} +- {100 * s['acc_std']:.1f}",
+                "yes" if s["above_chance"] else "**no**",
+                f"{s['step_ms']:.3g}",
+                rel,
+                common.fmt(s["attn_ms"]),
+                common.mib(s["peak_mem_bytes"]),
+                s["params"],
+                s["feature_map_params"],
+                f"{s['loss_first']:.3f} -> {s['loss_last']:.3f}",
+            )
+        )
+    L += common.md_table(
+        (
+            "attention",
+            "test acc %",
+            "above chance",
+            "ms / step",
+            "vs softmax",
+            "attention ms (fwd+bwd)",
+            "peak MiB",
+            "params",
+            "of which feature map",
+            "train loss first -> last 10%",
+        ),
+        rows,
+    )
     L.append("")
     return L
 
@@ -452,37 +552,56 @@ def findings(task: str, summaries: list[dict], data: TaskData) -> dict[str, str]
     rf = [s for s in summaries if s["pair"] not in BASELINES]
     out = {}
     if soft:
-        out["softmax"] = (f"softmax reaches {100 * soft['acc_mean']:.1f}% (chance {100 * data.chance:.1f}%"
-                   + (f", uniform attention {100 * uni['acc_mean']:.1f}%" if uni else "") + ").")
+        out["softmax"] = (
+            f"softmax reaches {100 * soft['acc_mean']:.1f}% (chance {100 * data.chance:.1f}%"
+            + (f", uniform attention {100 * uni['acc_mean']:.1f}%" if uni else "")
+            + ")."
+        )
     if rf:
         best = max(rf, key=lambda s: s["acc_mean"])
         fastest = min(rf, key=lambda s: s["step_ms"])
         above = [s for s in rf if s["above_chance"]]
-        out["best"] = (f"best random-feature pair: {best['pair'].replace(':', ' x ')} at {100 * best['acc_mean']:.1f}%"
-                   + (f" ({100 * (best['acc_mean'] - soft['acc_mean']):+.1f} points against softmax)" if soft else "")
-                   + f"; {len(above)} of {len(rf)} pairs above chance"
-                   + (f", {sum(s['acc_mean'] > uni['acc_mean'] for s in rf)} above uniform attention" if uni else "")
-                   + (f", {sum(s['acc_mean'] >= soft['acc_mean'] for s in rf)} at or above softmax" if soft else "")
-                   + ".")
+        out["best"] = (
+            f"best random-feature pair: {best['pair'].replace(':', ' x ')} at {100 * best['acc_mean']:.1f}%"
+            + (f" ({100 * (best['acc_mean'] - soft['acc_mean']):+.1f} points against softmax)" if soft else "")
+            + f"; {len(above)} of {len(rf)} pairs above chance"
+            + (f", {sum(s['acc_mean'] > uni['acc_mean'] for s in rf)} above uniform attention" if uni else "")
+            + (f", {sum(s['acc_mean'] >= soft['acc_mean'] for s in rf)} at or above softmax" if soft else "")
+            + "."
+        )
         if soft and soft["seeds"] > 1:
             gap = best["acc_mean"] - soft["acc_mean"]
             spread = max(soft["acc_std"], best["acc_std"])
-            out["gap"] = (f"the difference between the best pair and softmax ({100 * gap:+.1f} points) is "
-                       + ("within" if abs(gap) <= spread else "larger than")
-                       + f" the larger seed standard deviation of the two ({100 * spread:.1f} points).")
+            out["gap"] = (
+                f"the difference between the best pair and softmax ({100 * gap:+.1f} points) is "
+                + ("within" if abs(gap) <= spread else "larger than")
+                + f" the larger seed standard deviation of the two ({100 * spread:.1f} points)."
+            )
         if soft:
             ratios = [s["step_ms"] / soft["step_ms"] for s in rf]
-            out["time"] = (f"a training step with random features takes {min(ratios):.2f}x-{max(ratios):.2f}x the time "
-                       f"of a softmax step (fastest pair {fastest['pair'].replace(':', ' x ')}, "
-                       f"{fastest['step_ms']:.3g} ms against {soft['step_ms']:.3g} ms)"
-                       + ("" if soft["attn_ms"] is None or fastest["attn_ms"] is None else
-                          f"; the attention layers alone take {fastest['attn_ms']:.3g} ms (random features) against "
-                          f"{soft['attn_ms']:.3g} ms (SDPA)") + ".")
+            out["time"] = (
+                f"a training step with random features takes {min(ratios):.2f}x-{max(ratios):.2f}x the time "
+                f"of a softmax step (fastest pair {fastest['pair'].replace(':', ' x ')}, "
+                f"{fastest['step_ms']:.3g} ms against {soft['step_ms']:.3g} ms)"
+                + (
+                    ""
+                    if soft["attn_ms"] is None or fastest["attn_ms"] is None
+                    else f"; the attention layers alone take {fastest['attn_ms']:.3g} ms (random features) against "
+                    f"{soft['attn_ms']:.3g} ms (SDPA)"
+                )
+                + "."
+            )
         learn = [s for s in rf if s["feature_map_params"]]
         if learn and soft:
-            out["learnable"] = ("learnable weights: " + ", ".join(
-                f"{s['pair'].replace(':', ' x ')} trains {s['feature_map_params']} feature-map parameters, "
-                f"{s['step_ms'] / soft['step_ms']:.2f}x softmax's step time" for s in learn) + ".")
+            out["learnable"] = (
+                "learnable weights: "
+                + ", ".join(
+                    f"{s['pair'].replace(':', ' x ')} trains {s['feature_map_params']} feature-map parameters, "
+                    f"{s['step_ms'] / soft['step_ms']:.2f}x softmax's step time"
+                    for s in learn
+                )
+                + "."
+            )
     return out
 
 
@@ -501,10 +620,20 @@ def plot(task: str, summaries, runs, out_dir: str, header: str) -> list[str]:
     header = textwrap.fill(header, 110)
     fig, ax = plt.subplots(figsize=(7, 5))
     for s in summaries:
-        ax.errorbar(s["step_ms"], 100 * s["acc_mean"], yerr=100 * s["acc_std"], fmt="s" if s["pair"] in BASELINES else "o",
-                    capsize=3)
-        ax.annotate(s["pair"].replace(":", " x "), (s["step_ms"], 100 * s["acc_mean"]), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")
+        ax.errorbar(
+            s["step_ms"],
+            100 * s["acc_mean"],
+            yerr=100 * s["acc_std"],
+            fmt="s" if s["pair"] in BASELINES else "o",
+            capsize=3,
+        )
+        ax.annotate(
+            s["pair"].replace(":", " x "),
+            (s["step_ms"], 100 * s["acc_mean"]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
     ax.set_xlabel("training time per step (ms)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"{task}: accuracy against time per step\n{header}", fontsize=7)
@@ -535,8 +664,19 @@ def plot(task: str, summaries, runs, out_dir: str, header: str) -> list[str]:
 # Running a comparison
 # ----------------------------------------------------------------------------------------------------
 
-def run_task(task: str, pairs: list[str], seeds: list[int], quick: bool, device: torch.device, ctx,
-             out_dir: str, steps: int | None = None, backend: str = "auto", redraw_every: int = 0) -> dict:
+
+def run_task(
+    task: str,
+    pairs: list[str],
+    seeds: list[int],
+    quick: bool,
+    device: torch.device,
+    ctx,
+    out_dir: str,
+    steps: int | None = None,
+    backend: str = "auto",
+    redraw_every: int = 0,
+) -> dict:
     """Train every pair with every seed on one task; writes ``train_<task>.{md,csv,json}`` and the plots."""
     ts = task_settings(task, quick)
     if steps is not None:
@@ -549,18 +689,29 @@ def run_task(task: str, pairs: list[str], seeds: list[int], quick: bool, device:
         these = []
         for seed in seeds:
             # The cost breakdown (attention alone, peak memory) is measured once per pair, after the first seed.
-            these.append(train_one(pair, data, seed, backend=backend, redraw_every=redraw_every, bar=bar,
-                                   measure=seed == seeds[0]))
+            these.append(
+                train_one(
+                    pair, data, seed, backend=backend, redraw_every=redraw_every, bar=bar, measure=seed == seeds[0]
+                )
+            )
         runs += these
         summaries.append(summarise(these, data.chance))
     bar.close()
     load.append(common.loadavg())
     header = ctx.line("float32", "train")
-    meta = {"header": header, "steps": ts.steps, "seeds": seeds,
-            "load": load, "redraw": f"redrawn every {redraw_every} steps" if redraw_every else "fixed (drawn once from the seed)",
-            "mem_how": ("torch.cuda.max_memory_allocated over one step beyond what was allocated before it"
-                        if device.type == "cuda" else "torch.profiler allocation events of one step replayed in "
-                        "time order, beyond what was allocated before it; approximate")}
+    meta = {
+        "header": header,
+        "steps": ts.steps,
+        "seeds": seeds,
+        "load": load,
+        "redraw": f"redrawn every {redraw_every} steps" if redraw_every else "fixed (drawn once from the seed)",
+        "mem_how": (
+            "torch.cuda.max_memory_allocated over one step beyond what was allocated before it"
+            if device.type == "cuda"
+            else "torch.profiler allocation events of one step replayed in "
+            "time order, beyond what was allocated before it; approximate"
+        ),
+    }
     lines = table_lines(task, summaries, data, meta)
     found = findings(task, summaries, data)
     plots = plot(task, summaries, runs, out_dir, header)
@@ -571,12 +722,27 @@ def run_task(task: str, pairs: list[str], seeds: list[int], quick: bool, device:
         f.write("\n".join(md))
     common.write_csv(os.path.join(out_dir, f"train_{task}.csv"), [{**s, **ctx.fields("float32")} for s in summaries])
     with open(os.path.join(out_dir, f"train_{task}.json"), "w") as f:
-        json.dump({"context": {"device": ctx.device, "date": ctx.date, "versions": ctx.versions, "mode": ctx.mode},
-                   "settings": {**asdict(ts.data), **{k: v for k, v in ts.__dict__.items() if k != "data"}},
-                   "backend": backend, "redraw_every": redraw_every, "summaries": summaries,
-                   "runs": [{k: v for k, v in r.items() if k != "losses"} for r in runs]}, f, indent=1, default=str)
-    return {"task": task, "lines": lines, "findings": found, "plots": plots, "summaries": summaries,
-            "chance": data.chance}
+        json.dump(
+            {
+                "context": {"device": ctx.device, "date": ctx.date, "versions": ctx.versions, "mode": ctx.mode},
+                "settings": {**asdict(ts.data), **{k: v for k, v in ts.__dict__.items() if k != "data"}},
+                "backend": backend,
+                "redraw_every": redraw_every,
+                "summaries": summaries,
+                "runs": [{k: v for k, v in r.items() if k != "losses"} for r in runs],
+            },
+            f,
+            indent=1,
+            default=str,
+        )
+    return {
+        "task": task,
+        "lines": lines,
+        "findings": found,
+        "plots": plots,
+        "summaries": summaries,
+        "chance": data.chance,
+    }
 
 
 def use_threads(ctx, device: torch.device, threads: int | None) -> None:
@@ -600,11 +766,21 @@ def report_section(device: torch.device, full: bool, ctx, out_dir: str) -> list[
 def section_markdown(results: list[dict], full: bool) -> list[str]:
     """Section 5 of the report (``full``: its mode): the training tables of every task."""
     L = [
-        "", "## 5. Training on generated tasks", "",
+        "",
+        "## 5. Training on generated tasks",
+        "",
         f"`python -m bench.train{'' if full else ' --quick'}` inside this run: the model of the Spectraformer "
-        "LRA study trained with each attention; files `train_<task>.*`.", ""]
+        "LRA study trained with each attention; files `train_<task>.*`.",
+        "",
+    ]
     for r in results:
-        L += [f"### {r['task']}", ""] + r["lines"] + ["Findings:", ""] + [f"- {f}" for f in r["findings"].values()] + [""]
+        L += (
+            [f"### {r['task']}", ""]
+            + r["lines"]
+            + ["Findings:", ""]
+            + [f"- {f}" for f in r["findings"].values()]
+            + [""]
+        )
         L += [f"![{p}]({p})" for p in r["plots"]] + [""]
     return L
 
@@ -621,13 +797,18 @@ def guide_lines(results: list[dict]) -> list[str]:
         # The cheapest pair within one standard deviation of the best one: what to pick when time matters.
         near = [s for s in rf if s["acc_mean"] >= best["acc_mean"] - max(best["acc_std"], 1e-9)]
         pick = min(near, key=lambda s: s["step_ms"])
-        out.append(f"**Trained on {r['task']}**: best random-feature pair {best['pair'].replace(':', ' x ')} "
-                   f"({100 * best['acc_mean']:.1f}%"
-                   + (f"; softmax {100 * soft['acc_mean']:.1f}%" if soft else "")
-                   + f"; chance {100 * r['chance']:.1f}%); cheapest within one std of it: "
-                   f"{pick['pair'].replace(':', ' x ')} ({pick['step_ms']:.3g} ms / step"
-                   + (f", {pick['step_ms'] / soft['step_ms']:.2f}x softmax" if soft else "") + "). "
-                   + " ".join(r["findings"][k][:1].upper() + r["findings"][k][1:] for k in ("gap", "time") if k in r["findings"]))
+        out.append(
+            f"**Trained on {r['task']}**: best random-feature pair {best['pair'].replace(':', ' x ')} "
+            f"({100 * best['acc_mean']:.1f}%"
+            + (f"; softmax {100 * soft['acc_mean']:.1f}%" if soft else "")
+            + f"; chance {100 * r['chance']:.1f}%); cheapest within one std of it: "
+            f"{pick['pair'].replace(':', ' x ')} ({pick['step_ms']:.3g} ms / step"
+            + (f", {pick['step_ms'] / soft['step_ms']:.2f}x softmax" if soft else "")
+            + "). "
+            + " ".join(
+                r["findings"][k][:1].upper() + r["findings"][k][1:] for k in ("gap", "time") if k in r["findings"]
+            )
+        )
         out.append("")
     return out
 
@@ -636,21 +817,32 @@ def guide_lines(results: list[dict]) -> list[str]:
 # CLI
 # ----------------------------------------------------------------------------------------------------
 
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--task", default="listops,mqar", help="listops, mqar or both (comma-separated)")
-    ap.add_argument("--pairs", default=None,
-                    help="all, quick, or a comma list of softmax, uniform, <component>:<weights> "
-                         "(default: quick with --quick, else all)")
+    ap.add_argument(
+        "--pairs",
+        default=None,
+        help="all, quick, or a comma list of softmax, uniform, <component>:<weights> "
+        "(default: quick with --quick, else all)",
+    )
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the task's setting)")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 2 quick, 3 full)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     ap.add_argument("--quick", action="store_true", help="CPU-sized tasks (short sequences, few steps)")
-    ap.add_argument("--backend", default=None,
-                    help="rf_attention backend (default: auto on CUDA, i.e. Triton; reference on the CPU, whose "
-                         "compiled backend recomputes its backward through the reference anyway)")
-    ap.add_argument("--redraw-every", type=int, default=0,
-                    help="redraw fixed random features every N steps (default 0: drawn once, kept fixed)")
+    ap.add_argument(
+        "--backend",
+        default=None,
+        help="rf_attention backend (default: auto on CUDA, i.e. Triton; reference on the CPU, whose "
+        "compiled backend recomputes its backward through the reference anyway)",
+    )
+    ap.add_argument(
+        "--redraw-every",
+        type=int,
+        default=0,
+        help="redraw fixed random features every N steps (default 0: drawn once, kept fixed)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default 1, see use_threads)")
     ap.add_argument("--out", default=None, help="output folder (default bench/results/<device>-<date>)")
     args = ap.parse_args(argv)
@@ -669,18 +861,31 @@ def main(argv=None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seeds = list(range(args.seeds if args.seeds is not None else (2 if args.quick else 3)))
     mode = "quick" if args.quick else "full"
-    ctx = common.Context(common.device_name(device), datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
-                         common.versions(), mode)
+    ctx = common.Context(
+        common.device_name(device), datetime.datetime.now().strftime("%Y-%m-%d %H:%M"), common.versions(), mode
+    )
     ctx.default_threads = torch.get_num_threads()
     out = args.out or common.default_out_dir(device)
     os.makedirs(out, exist_ok=True)
-    print(f"training comparison ({mode}) on {ctx.device}: {', '.join(tasks)}; {len(pairs)} attentions x "
-          f"{len(seeds)} seeds -> {out}", flush=True)
+    print(
+        f"training comparison ({mode}) on {ctx.device}: {', '.join(tasks)}; {len(pairs)} attentions x "
+        f"{len(seeds)} seeds -> {out}",
+        flush=True,
+    )
     use_threads(ctx, device, args.threads)
     for task in tasks:
-        r = run_task(task, pairs, seeds, args.quick, device, ctx, out, steps=args.steps,
-                     backend=args.backend or default_backend(device),
-                     redraw_every=args.redraw_every)
+        r = run_task(
+            task,
+            pairs,
+            seeds,
+            args.quick,
+            device,
+            ctx,
+            out,
+            steps=args.steps,
+            backend=args.backend or default_backend(device),
+            redraw_every=args.redraw_every,
+        )
         print(f"{task}: " + os.path.join(out, f"train_{task}.md"))
         for f in r["findings"].values():
             print(f"  {f}")

@@ -15,6 +15,7 @@ GPU. ``--dry-run`` exercises the Triton rows on the CPU under the interpreter (`
 tiny shapes. Writes ``bench/results/varlen-<device>-<date>.md`` unless ``--out`` says otherwise; the
 report (``python -m bench.report``) runs the same measurement as its section 8.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,26 +32,41 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import spectraformer_fused as sf  # noqa: E402
-from bench.common import (PEAK_MEMORY_HOW, RESULTS, device_name, dtype_name, fmt, loadavg, md_table,  # noqa: E402
-                          mib, peak_memory, pick_threads, slug, time_fn, time_interleaved, versions)
+from bench.common import (  # noqa: E402
+    PEAK_MEMORY_HOW,
+    RESULTS,
+    device_name,
+    dtype_name,
+    fmt,
+    loadavg,
+    md_table,
+    mib,
+    peak_memory,
+    pick_threads,
+    slug,
+    time_fn,
+    time_interleaved,
+    versions,
+)
 
 FULL_LENGTHS = (64, 128, 256, 512, 1024, 2048, 4096)
 
 
 @dataclass
 class VarlenSettings:
-    lengths: tuple                 # the mix of sequence lengths, one sequence each
+    lengths: tuple  # the mix of sequence lengths, one sequence each
     heads: int
-    head_dim: int                  # D = Dv
-    num_features: int              # m
+    head_dim: int  # D = Dv
+    num_features: int  # m
     dtype: torch.dtype
-    budget_s: float                # timing budget per row
+    budget_s: float  # timing budget per row
     backends: tuple
     mode: str
 
 
-def make_settings(device: torch.device, full: bool = False, dry_run: bool = False,
-                  lengths: tuple | None = None) -> VarlenSettings:
+def make_settings(
+    device: torch.device, full: bool = False, dry_run: bool = False, lengths: tuple | None = None
+) -> VarlenSettings:
     """Quick: lengths 64-2048, H=4 D=64 m=64, fp32 on the CPU (on CUDA: lengths 64-4096, H=16, m=128, bf16);
     full: lengths 64-4096, H=16 D=64 m=128 (bf16 on CUDA); dry run: lengths 8 and 24, one head, Triton
     under its interpreter beside the reference."""
@@ -66,11 +82,26 @@ def make_settings(device: torch.device, full: bool = False, dry_run: bool = Fals
     else:
         backends = tuple(b for b in ("cpu", "reference") if b in available)
     if full:
-        return VarlenSettings(tuple(lengths or FULL_LENGTHS), 16, 64, 128, torch.bfloat16 if cuda else torch.float32,
-                              0.5 if cuda else 2.0, backends, "full")
-    return VarlenSettings(tuple(lengths or (FULL_LENGTHS if cuda else (64, 128, 256, 512, 1024, 2048))),
-                          16 if cuda else 4, 64, 128 if cuda else 64, torch.bfloat16 if cuda else torch.float32,
-                          0.3 if cuda else 1.0, backends, "quick")
+        return VarlenSettings(
+            tuple(lengths or FULL_LENGTHS),
+            16,
+            64,
+            128,
+            torch.bfloat16 if cuda else torch.float32,
+            0.5 if cuda else 2.0,
+            backends,
+            "full",
+        )
+    return VarlenSettings(
+        tuple(lengths or (FULL_LENGTHS if cuda else (64, 128, 256, 512, 1024, 2048))),
+        16 if cuda else 4,
+        64,
+        128 if cuda else 64,
+        torch.bfloat16 if cuda else torch.float32,
+        0.3 if cuda else 1.0,
+        backends,
+        "quick",
+    )
 
 
 def make_inputs(vs: VarlenSettings, device: torch.device, seed: int = 0):
@@ -99,9 +130,11 @@ def _timed_call(call, args, bwd: bool):
     """The function a row times: forward under no_grad, or forward + backward from fresh leaves."""
     q, k, v, do = args
     if not bwd:
+
         def fn():
             with torch.no_grad():
                 return call(q, k, v)
+
         return fn
     leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
 
@@ -109,6 +142,7 @@ def _timed_call(call, args, bwd: bool):
         for t in leaves:
             t.grad = None
         call(*leaves).backward(do)
+
     return fn
 
 
@@ -130,45 +164,64 @@ def _time_layouts(fns: dict, status: dict, device: torch.device, budget_s: float
 def run(vs: VarlenSettings, device: torch.device, progress=None) -> list[dict]:
     """One row per backend x causal x pass x layout (packed, padded)."""
     packed, cu, padded, mask = make_inputs(vs, device)
-    fm = sf.RandomFeatureMap(vs.head_dim, vs.num_features, component="posrf", weights="orf", num_heads=vs.heads,
-                             seed=0, device=device).eval()
+    fm = sf.RandomFeatureMap(
+        vs.head_dim, vs.num_features, component="posrf", weights="orf", num_heads=vs.heads, seed=0, device=device
+    ).eval()
     tokens = sum(vs.lengths)
     valid = mask.reshape(-1)
     rows = []
     for backend in vs.backends:
         for causal in (False, True):
-            calls = {"packed": lambda q, k, v: sf.rf_attention(q, k, v, fm, causal=causal, backend=backend,
-                                                               cu_seqlens=cu),
-                     "padded": lambda q, k, v: sf.rf_attention(q, k, v, fm, causal=causal, backend=backend,
-                                                               key_padding_mask=mask)}
+            calls = {
+                "packed": lambda q, k, v: sf.rf_attention(q, k, v, fm, causal=causal, backend=backend, cu_seqlens=cu),
+                "padded": lambda q, k, v: sf.rf_attention(
+                    q, k, v, fm, causal=causal, backend=backend, key_padding_mask=mask
+                ),
+            }
             inputs = {"packed": packed, "padded": padded}
             diff = None
-            try:                                     # both layouts give the same outputs on the real tokens
+            try:  # both layouts give the same outputs on the real tokens
                 with torch.no_grad():
                     o_packed = calls["packed"](*packed[:3]).float().reshape(tokens, -1)
                     o_padded = calls["padded"](*padded[:3]).float().reshape(valid.numel(), -1)[valid]
                 diff = float((o_packed - o_padded).abs().max())
-            except Exception:                        # the rows below say what failed
+            except Exception:  # the rows below say what failed
                 pass
             for bwd in (False, True):
                 fns = {layout: _timed_call(calls[layout], inputs[layout], bwd) for layout in ("packed", "padded")}
-                status = {}                          # layout -> the exception its calls raised
+                status = {}  # layout -> the exception its calls raised
                 times = _time_layouts(fns, status, device, vs.budget_s)
                 for layout in ("packed", "padded"):
-                    row = {"backend": backend, "causal": causal, "pass": "fwd+bwd" if bwd else "fwd", "layout": layout,
-                           "N": len(vs.lengths), "tokens": tokens,
-                           "T": max(vs.lengths) if layout == "padded" else tokens, "H": vs.heads, "D": vs.head_dim,
-                           "m": vs.num_features, "dtype": dtype_name(vs.dtype), "max_abs_diff": diff}
+                    row = {
+                        "backend": backend,
+                        "causal": causal,
+                        "pass": "fwd+bwd" if bwd else "fwd",
+                        "layout": layout,
+                        "N": len(vs.lengths),
+                        "tokens": tokens,
+                        "T": max(vs.lengths) if layout == "padded" else tokens,
+                        "H": vs.heads,
+                        "D": vs.head_dim,
+                        "m": vs.num_features,
+                        "dtype": dtype_name(vs.dtype),
+                        "max_abs_diff": diff,
+                    }
                     try:
                         if layout in status:
                             raise status[layout]
                         med, lo, hi, _ = times[layout]
-                        row.update(ms=med, ms_p20=lo, ms_p80=hi, tokens_per_s=tokens / (med * 1e-3),
-                                   peak_mem_bytes=peak_memory(fns[layout], device), status="ok")
+                        row.update(
+                            ms=med,
+                            ms_p20=lo,
+                            ms_p80=hi,
+                            tokens_per_s=tokens / (med * 1e-3),
+                            peak_mem_bytes=peak_memory(fns[layout], device),
+                            status="ok",
+                        )
                     except torch.cuda.OutOfMemoryError:
                         torch.cuda.empty_cache()
                         row.update(ms=None, status="OOM")
-                    except Exception as exc:         # a failing row is reported, not fatal
+                    except Exception as exc:  # a failing row is reported, not fatal
                         row.update(ms=None, status=f"error: {type(exc).__name__}: {str(exc)[:120]}")
                     rows.append(row)
                     if progress is not None:
@@ -185,17 +238,23 @@ def num_rows(vs: VarlenSettings) -> int:
 
 def describe(vs: VarlenSettings, device: torch.device) -> str:
     n, longest, tokens = len(vs.lengths), max(vs.lengths), sum(vs.lengths)
-    timer = ("`triton.testing.do_bench` median (p20-p80), warm-up excluded" if device.type == "cuda" else
-             "`time.perf_counter` median (p20-p80) of N runs after one warm-up run, the packed and padded runs "
-             "alternating")
-    return (f"N={n} sequences of lengths {', '.join(map(str, vs.lengths))} ({tokens} tokens; padded: "
-            f"[{n}, {longest}] = {n * longest} slots, {100 * (1 - tokens / (n * longest)):.0f}% padding), H={vs.heads} "
-            f"D=Dv={vs.head_dim} m={vs.num_features}, posrf x orf, {dtype_name(vs.dtype)}. packed = "
-            "`rf_attention(q, k, v, fm, cu_seqlens=...)` on [1, sum T_i, H, D]; padded = `rf_attention(q, k, v, fm, "
-            "key_padding_mask=...)` on [N, max T_i, H, D], padding at the end. Times: " + timer + ". tokens/s counts "
-            "real tokens only. Peak memory: bytes allocated during one call beyond what was allocated before it ("
-            + PEAK_MEMORY_HOW[device.type] + "). 'max |diff|': largest difference between the two layouts' "
-            "forward outputs on the real tokens. 'packed speedup' = padded time / packed time.")
+    timer = (
+        "`triton.testing.do_bench` median (p20-p80), warm-up excluded"
+        if device.type == "cuda"
+        else "`time.perf_counter` median (p20-p80) of N runs after one warm-up run, the packed and padded runs "
+        "alternating"
+    )
+    return (
+        f"N={n} sequences of lengths {', '.join(map(str, vs.lengths))} ({tokens} tokens; padded: "
+        f"[{n}, {longest}] = {n * longest} slots, {100 * (1 - tokens / (n * longest)):.0f}% padding), H={vs.heads} "
+        f"D=Dv={vs.head_dim} m={vs.num_features}, posrf x orf, {dtype_name(vs.dtype)}. packed = "
+        "`rf_attention(q, k, v, fm, cu_seqlens=...)` on [1, sum T_i, H, D]; padded = `rf_attention(q, k, v, fm, "
+        "key_padding_mask=...)` on [N, max T_i, H, D], padding at the end. Times: " + timer + ". tokens/s counts "
+        "real tokens only. Peak memory: bytes allocated during one call beyond what was allocated before it ("
+        + PEAK_MEMORY_HOW[device.type]
+        + "). 'max |diff|': largest difference between the two layouts' "
+        "forward outputs on the real tokens. 'packed speedup' = padded time / packed time."
+    )
 
 
 def markdown(rows: list[dict], vs: VarlenSettings, device: torch.device, header: str) -> list[str]:
@@ -206,12 +265,23 @@ def markdown(rows: list[dict], vs: VarlenSettings, device: torch.device, header:
         if r.get("ms") is None:
             table.append((r["backend"], causal, r["pass"], r["layout"], "n/a", "", "", "", "", r["status"]))
             continue
-        table.append((r["backend"], causal, r["pass"], r["layout"],
-                      f"{r['ms']:.3g} ({r['ms_p20']:.3g}-{r['ms_p80']:.3g})", f"{r['tokens_per_s']:.3g}",
-                      mib(r["peak_mem_bytes"]), fmt(r.get("speedup_vs_padded"), ".2f") if r["layout"] == "packed" else "",
-                      fmt(r["max_abs_diff"], ".2g"), r["status"]))
-    L += md_table(("backend", "", "pass", "layout", "ms", "tokens/s", "peak MiB", "packed speedup", "max |diff|",
-                   "status"), table)
+        table.append(
+            (
+                r["backend"],
+                causal,
+                r["pass"],
+                r["layout"],
+                f"{r['ms']:.3g} ({r['ms_p20']:.3g}-{r['ms_p80']:.3g})",
+                f"{r['tokens_per_s']:.3g}",
+                mib(r["peak_mem_bytes"]),
+                fmt(r.get("speedup_vs_padded"), ".2f") if r["layout"] == "packed" else "",
+                fmt(r["max_abs_diff"], ".2g"),
+                r["status"],
+            )
+        )
+    L += md_table(
+        ("backend", "", "pass", "layout", "ms", "tokens/s", "peak MiB", "packed speedup", "max |diff|", "status"), table
+    )
     return L + [""]
 
 
@@ -224,8 +294,10 @@ def header_line(device: torch.device, dry_run: bool = False, default_threads: in
         extra = " | Triton configs autotuned" if autotune_enabled() else " | fixed Triton configs"
     else:
         extra = f" | {torch.get_num_threads()} of {default_threads or torch.get_num_threads()} threads"
-    return (f"device: {dev}{extra} | torch {v['torch']}, triton {v['triton']}, spectraformer_fused "
-            f"{v['spectraformer_fused']} | {datetime.datetime.now():%Y-%m-%d %H:%M}")
+    return (
+        f"device: {dev}{extra} | torch {v['torch']}, triton {v['triton']}, spectraformer_fused "
+        f"{v['spectraformer_fused']} | {datetime.datetime.now():%Y-%m-%d %H:%M}"
+    )
 
 
 def main(argv=None) -> int:
@@ -233,8 +305,9 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="every length up to 4096 (intended for a GPU)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--lengths", default=None, help="comma-separated sequence lengths (default: the mode's mix)")
-    ap.add_argument("--dry-run", action="store_true",
-                    help="tiny shapes on the CPU; the Triton rows need TRITON_INTERPRET=1")
+    ap.add_argument(
+        "--dry-run", action="store_true", help="tiny shapes on the CPU; the Triton rows need TRITON_INTERPRET=1"
+    )
     ap.add_argument("--out", default=None, help="markdown file (default bench/results/varlen-<device>-<date>.md)")
     args = ap.parse_args(argv)
     lengths = None
@@ -250,26 +323,37 @@ def main(argv=None) -> int:
     if device.type == "cpu" and not args.dry_run:
         from spectraformer_fused.ops.cpu import extension_available
 
-        extension_available()                       # builds the compiled CPU backend, so that its rows run
+        extension_available()  # builds the compiled CPU backend, so that its rows run
         default_threads = torch.get_num_threads()
-        pick_threads(default_threads)               # one thread when all threads are slower right now (busy cores)
+        pick_threads(default_threads)  # one thread when all threads are slower right now (busy cores)
     vs = make_settings(device, args.full, args.dry_run, lengths)
-    cmd = "python -m bench.varlen" + (" --full" if args.full else "") + (" --dry-run" if args.dry_run else "") \
-        + (f" --device {args.device}" if args.device else "") + (f" --lengths {args.lengths}" if args.lengths else "")
+    cmd = (
+        "python -m bench.varlen"
+        + (" --full" if args.full else "")
+        + (" --dry-run" if args.dry_run else "")
+        + (f" --device {args.device}" if args.device else "")
+        + (f" --lengths {args.lengths}" if args.lengths else "")
+    )
     prefix = slug(torch.cuda.get_device_name(device)) if device.type == "cuda" else "cpu"
     out = args.out or os.path.join(RESULTS, f"varlen-{prefix}-{datetime.date.today().isoformat()}.md")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     load = loadavg()
     t0 = time.perf_counter()
     rows = []
-    for i, backend in enumerate(vs.backends):          # the file is rewritten after each backend: a run cut
-        rows += run(dataclasses.replace(vs, backends=(backend,)), device)      # short keeps what is done
+    for i, backend in enumerate(vs.backends):  # the file is rewritten after each backend: a run cut
+        rows += run(dataclasses.replace(vs, backends=(backend,)), device)  # short keeps what is done
         done = "" if i + 1 == len(vs.backends) else f" (partial: {i + 1} of {len(vs.backends)} backends)"
-        text = "\n".join([f"# Packed variable-length sequences against padding ({vs.mode} mode)", "",
-                          f"Generated by `{cmd}` in {time.perf_counter() - t0:.0f} s{done}; 1-minute load average "
-                          f"at the start: {load} on {os.cpu_count()} logical CPUs (CPU timings are medians under that "
-                          "load).", ""]
-                         + markdown(rows, vs, device, header_line(device, args.dry_run, default_threads)))
+        text = "\n".join(
+            [
+                f"# Packed variable-length sequences against padding ({vs.mode} mode)",
+                "",
+                f"Generated by `{cmd}` in {time.perf_counter() - t0:.0f} s{done}; 1-minute load average "
+                f"at the start: {load} on {os.cpu_count()} logical CPUs (CPU timings are medians under that "
+                "load).",
+                "",
+            ]
+            + markdown(rows, vs, device, header_line(device, args.dry_run, default_threads))
+        )
         with open(out, "w") as f:
             f.write(text)
     print(text)

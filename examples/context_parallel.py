@@ -9,6 +9,7 @@
    DistributedDataParallel; ``redraw()`` draws the same W on every rank and ``convert_sync_stats``
    keeps the running statistics those of the global batch, so the replicas stay identical.
 """
+
 from __future__ import annotations
 
 import torch
@@ -22,37 +23,40 @@ from spectraformer_fused.distributed import CommunicationLog, context_parallel_r
 def context_parallel(rank: int, world: int) -> None:
     B, T, H, D = 1, 4096, 4, 32
     fm = RandomFeatureMap(D, 64, component="posrf", weights="orf", num_heads=H)
-    fm.redraw()                                   # seed drawn on rank 0 and broadcast: the same W everywhere
-    g = torch.Generator().manual_seed(0)          # the whole sequence, to check against one process
+    fm.redraw()  # seed drawn on rank 0 and broadcast: the same W everywhere
+    g = torch.Generator().manual_seed(0)  # the whole sequence, to check against one process
     q, k, v = (torch.randn(B, T, H, D, generator=g) for _ in range(3))
     piece = slice(rank * T // world, (rank + 1) * T // world)
     ql, kl, vl = (t[:, piece].clone().requires_grad_() for t in (q, k, v))
 
     with CommunicationLog() as log:
         o = context_parallel_rf_attention(ql, kl, vl, fm, causal=True)
-        o.square().sum().backward()               # the loss of the whole sequence is the sum over ranks
+        o.square().sum().backward()  # the loss of the whole sequence is the sum over ranks
 
     qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
     o_one = rf_attention(qs, ks, vs, fm, causal=True)
     o_one.square().sum().backward()
+
     def rel(a, b):
         return ((a - b).abs().max() / b.abs().max()).item()
 
-    print(f"[rank {rank}] positions {piece.start}..{piece.stop - 1}: largest difference to one process, "
-          f"relative to the largest value: output {rel(o, o_one[:, piece]):.1e}, "
-          f"dq {rel(ql.grad, qs.grad[:, piece]):.1e}, dk {rel(kl.grad, ks.grad[:, piece]):.1e}, "
-          f"dv {rel(vl.grad, vs.grad[:, piece]):.1e}; sent {log.sent_bytes:,} bytes (forward and backward) "
-          f"while its {2 * B * (T // world) * H * D * 4:,} bytes of K and V stayed here")
+    print(
+        f"[rank {rank}] positions {piece.start}..{piece.stop - 1}: largest difference to one process, "
+        f"relative to the largest value: output {rel(o, o_one[:, piece]):.1e}, "
+        f"dq {rel(ql.grad, qs.grad[:, piece]):.1e}, dk {rel(kl.grad, ks.grad[:, piece]):.1e}, "
+        f"dv {rel(vl.grad, vs.grad[:, piece]):.1e}; sent {log.sent_bytes:,} bytes (forward and backward) "
+        f"while its {2 * B * (T // world) * H * D * 4:,} bytes of K and V stayed here"
+    )
 
 
 def data_parallel(rank: int, world: int) -> None:
-    torch.manual_seed(rank)                       # different data on every rank, and a different W at first
+    torch.manual_seed(rank)  # different data on every rank, and a different W at first
     layer = SpectraAttention(64, 4, num_features=32, component="oprf", weights="learnable", causal=True)
-    layer.feature_map.redraw()                    # ... until redraw(): one seed, broadcast from rank 0
+    layer.feature_map.redraw()  # ... until redraw(): one seed, broadcast from rank 0
     model = DistributedDataParallel(convert_sync_stats(layer))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(3):
-        x = torch.randn(2 + rank, 128, 64)       # batches of different sizes
+        x = torch.randn(2 + rank, 128, 64)  # batches of different sizes
         loss = model(x).square().mean()
         opt.zero_grad()
         loss.backward()

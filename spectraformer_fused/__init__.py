@@ -1,9 +1,10 @@
 """spectraformer_fused: fused random-feature attention for every component x weight matrix of the
 Spectraformer framework."""
+
 from .attention import BACKENDS, available_backends, rf_attention
 from .components import COMPONENTS, KERNELS, LEARNED_COMPONENTS
-from .distributed import context_parallel_rf_attention, convert_sync_stats
 from .contract import FeatureParams
+from .distributed import context_parallel_rf_attention, convert_sync_stats
 from .feature_map import RandomFeatureMap
 from .fitting import attention_distillation_loss, distill, fit_feature_map
 from .modules import SpectraAttention
@@ -14,8 +15,23 @@ from .weights import LEARNABLE_WEIGHTS, WEIGHTS
 __version__ = "0.1.0"
 
 __all__ = [
-    "COMPONENTS", "WEIGHTS", "LEARNABLE_WEIGHTS", "KERNELS", "BACKENDS", "RandomFeatureMap", "FeatureParams",
-    "RFState", "SpectraAttention", "available_backends", "rf_attention", "exact_attention", "exact_kernel",
-    "LEARNED_COMPONENTS", "attention_distillation_loss", "fit_feature_map", "distill",
-    "context_parallel_rf_attention", "convert_sync_stats",
+    "COMPONENTS",
+    "WEIGHTS",
+    "LEARNABLE_WEIGHTS",
+    "KERNELS",
+    "BACKENDS",
+    "RandomFeatureMap",
+    "FeatureParams",
+    "RFState",
+    "SpectraAttention",
+    "available_backends",
+    "rf_attention",
+    "exact_attention",
+    "exact_kernel",
+    "LEARNED_COMPONENTS",
+    "attention_distillation_loss",
+    "fit_feature_map",
+    "distill",
+    "context_parallel_rf_attention",
+    "convert_sync_stats",
 ]

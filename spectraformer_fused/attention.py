@@ -1,4 +1,5 @@
 """rf_attention: validate once, resolve the feature map's parameters, dispatch to a backend."""
+
 from __future__ import annotations
 
 import torch
@@ -32,8 +33,10 @@ def _resolve_backend(backend: str, q: torch.Tensor, feature_map: RandomFeatureMa
         raise ValueError(f"unknown backend {backend!r}; valid names are {', '.join(BACKENDS)}")
     if feature_map.spec.reference_only:
         if backend in ("triton", "cpu"):
-            raise ValueError(f"backend={backend!r} cannot run component {feature_map.component!r}: "
-                             f"{REFERENCE_ONLY_REASON}; use backend='reference' or 'auto'")
+            raise ValueError(
+                f"backend={backend!r} cannot run component {feature_map.component!r}: "
+                f"{REFERENCE_ONLY_REASON}; use backend='reference' or 'auto'"
+            )
         return "reference"
     if backend == "auto":
         if q.dtype == torch.float64:
@@ -42,28 +45,40 @@ def _resolve_backend(backend: str, q: torch.Tensor, feature_map: RandomFeatureMa
             return "triton" if triton_importable() else "reference"
         # The compiled CPU extension is an opaque Python binding that torch.compile cannot trace; inside a
         # compiled region "auto" takes the reference on the CPU, which compiles to one graph.
-        if (q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling()
-                and cpu_extension_loaded()):
+        if (
+            q.device.type == "cpu"
+            and q.dtype in (torch.float32, torch.bfloat16)
+            and not torch.compiler.is_compiling()
+            and cpu_extension_loaded()
+        ):
             return "cpu"
         return "reference"
     if backend == "triton":
         if not triton_importable():
             raise RuntimeError("backend='triton' needs the triton package: pip install triton")
         if q.dtype == torch.float64:
-            raise TypeError("backend='triton' supports float16, bfloat16 and float32 inputs, not float64; "
-                            "use backend='reference' (or 'auto') for float64")
+            raise TypeError(
+                "backend='triton' supports float16, bfloat16 and float32 inputs, not float64; "
+                "use backend='reference' (or 'auto') for float64"
+            )
         if not q.is_cuda and not (q.device.type == "cpu" and triton_interpreting()):
-            raise ValueError(f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {q.device}")
+            raise ValueError(
+                f"backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors), got {q.device}"
+            )
     if backend == "cpu":
         if q.dtype == torch.float64:
-            raise TypeError("backend='cpu' computes in fp32 and takes float16, bfloat16 and float32 inputs, not "
-                            "float64; use backend='reference' (or 'auto') for float64")
+            raise TypeError(
+                "backend='cpu' computes in fp32 and takes float16, bfloat16 and float32 inputs, not "
+                "float64; use backend='reference' (or 'auto') for float64"
+            )
         if q.device.type != "cpu":
             raise ValueError(f"backend='cpu' needs CPU tensors, got {q.device}")
         if not cpu_extension_loaded():
             from .ops.cpu import extension_error
 
-            raise RuntimeError(f"backend='cpu' is unavailable: the compiled extension did not load ({extension_error()})")
+            raise RuntimeError(
+                f"backend='cpu' is unavailable: the compiled extension did not load ({extension_error()})"
+            )
     return backend
 
 
@@ -83,10 +98,20 @@ def _backend_function(name: str):
     return fn
 
 
-def rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: RandomFeatureMap, *,
-                 causal: bool = False, scale: float | None = None, key_padding_mask: torch.Tensor | None = None,
-                 initial_state=None, output_final_state: bool = False, backend: str = "auto",
-                 cu_seqlens: torch.Tensor | None = None):
+def rf_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feature_map: RandomFeatureMap,
+    *,
+    causal: bool = False,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    initial_state=None,
+    output_final_state: bool = False,
+    backend: str = "auto",
+    cu_seqlens: torch.Tensor | None = None,
+):
     """Random-feature attention: o_t = phi(q_t)^T S / phi(q_t)^T z (DESIGN.md section 1).
 
     Args:
@@ -130,7 +155,7 @@ def rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map:
     feature_map.check_input(D, Hk)
     scale = resolve_scale(scale, D)
     name = _resolve_backend(backend, q, feature_map)
-    if T == 0:            # no output rows; every state passes through
+    if T == 0:  # no output rows; every state passes through
         o = v.new_empty(q.shape[0], 0, H, v.shape[-1])
         if not output_final_state:
             return o
@@ -138,15 +163,33 @@ def rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map:
         if state is None:
             state = empty_state(rows, Hk, feature_map.feature_dim, v.shape[-1], dtype=cdt, device=q.device)
         return o, RFState(*(t.to(cdt) for t in state))
-    params = feature_map.feature_params(q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
-                                        offsets=offsets)
+    params = feature_map.feature_params(
+        q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask, offsets=offsets
+    )
     fn = _backend_function(name)
     if offsets is None:
-        o, final = fn(q, k, v, params, causal=causal, key_padding_mask=key_padding_mask, initial_state=state,
-                      output_final_state=output_final_state)
-    else:           # every backend runs all packed sequences in one call
-        o, final = fn(q, k, v, params, causal=causal, key_padding_mask=None, initial_state=state,
-                      output_final_state=output_final_state, cu_seqlens=cu_seqlens.to(torch.int32).contiguous())
+        o, final = fn(
+            q,
+            k,
+            v,
+            params,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
+            initial_state=state,
+            output_final_state=output_final_state,
+        )
+    else:  # every backend runs all packed sequences in one call
+        o, final = fn(
+            q,
+            k,
+            v,
+            params,
+            causal=causal,
+            key_padding_mask=None,
+            initial_state=state,
+            output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens.to(torch.int32).contiguous(),
+        )
     return (o, final) if output_final_state else o
 
 
@@ -156,6 +199,7 @@ def _check_packed(q, k, v, feature_map, cu_seqlens, key_padding_mask, initial_st
     offsets = check_cu_seqlens(cu_seqlens, q, key_padding_mask)
     n = len(offsets) - 1
     # The state is checked against N rows: zero-length views expanded to batch N carry the expected shapes.
-    state = check_attention_inputs(*(t[:, :0].expand(n, -1, -1, -1) for t in (q, k, v)), None, initial_state,
-                                   feature_map.feature_dim)
+    state = check_attention_inputs(
+        *(t[:, :0].expand(n, -1, -1, -1) for t in (q, k, v)), None, initial_state, feature_map.feature_dim
+    )
     return state, offsets

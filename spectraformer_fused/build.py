@@ -10,6 +10,7 @@ goes to the build cache (``$SPECTRAFORMER_FUSED_CACHE_DIR``, default ``~/.cache/
 in a directory keyed by what it depends on, so every environment on the machine with the same sources,
 torch, Python and compiler flags reuses it and none evicts another's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,10 @@ def status() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m spectraformer_fused.build",
-                                     description="Build the compiled CPU backend of spectraformer_fused ahead of time.")
+    parser = argparse.ArgumentParser(
+        prog="python -m spectraformer_fused.build",
+        description="Build the compiled CPU backend of spectraformer_fused ahead of time.",
+    )
     parser.add_argument("--force", action="store_true", help="discard a cached build and compile again")
     parser.add_argument("--status", action="store_true", help="print the state and the cache directory; build nothing")
     args = parser.parse_args(argv)
@@ -41,16 +44,23 @@ def main(argv: list[str] | None = None) -> int:
             print(f"key inputs: {json.dumps(build_cache.key_inputs(spec), sort_keys=True)}")
         return 0
     if spec is None:
-        print("spectraformer_fused: the C++ sources (csrc/rf_attention.cpp) are missing from this installation",
-              file=sys.stderr)
+        print(
+            "spectraformer_fused: the C++ sources (csrc/rf_attention.cpp) are missing from this installation",
+            file=sys.stderr,
+        )
         return 1
     if cpu._disabled():
-        print(f"spectraformer_fused: note: {cpu.SKIP_ENV} is set, so this environment will not use the build",
-              file=sys.stderr)
+        print(
+            f"spectraformer_fused: note: {cpu.SKIP_ENV} is set, so this environment will not use the build",
+            file=sys.stderr,
+        )
     missing = build_cache.missing_tools()
     if missing:
-        print(f"spectraformer_fused: cannot build the CPU backend: {' and '.join(missing)} not found "
-              "(install g++ and `pip install ninja`)", file=sys.stderr)
+        print(
+            f"spectraformer_fused: cannot build the CPU backend: {' and '.join(missing)} not found "
+            "(install g++ and `pip install ninja`)",
+            file=sys.stderr,
+        )
         return 1
     start = time.perf_counter()
     try:
@@ -58,8 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         print(f"spectraformer_fused: building the CPU backend failed: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 1
-    print(f"spectraformer_fused: CPU backend ready in {build_cache.build_dir(spec)} "
-          f"({time.perf_counter() - start:.1f} s)")
+    print(
+        f"spectraformer_fused: CPU backend ready in {build_cache.build_dir(spec)} ({time.perf_counter() - start:.1f} s)"
+    )
     return 0
 
 

@@ -25,6 +25,7 @@ fused kernels can express, so this kind runs on the reference backend only (``RE
 With ``W`` rows ~ N(0, I) the key normaliser is about exp(|y|^2/2) 2m, so at initialisation the map is
 close to ``hyprf`` with a self-normalised key weight.
 """
+
 from __future__ import annotations
 
 import math
@@ -43,7 +44,8 @@ KERNELS = ("softmax", "gaussian")
 REFERENCE_ONLY_REASON = (
     "its key features are normalised per key (a softmax over the 2m features of each key), a per-key weight "
     "that does not cancel between numerator and denominator; the fused kernels subtract only one constant "
-    "shared by all keys of a (batch, head), so they cannot express it")
+    "shared by all keys of a (batch, head), so they cannot express it"
+)
 
 # Signature of the component keyword arguments accepted by RandomFeatureMap(**component_args).
 _COMPONENT_ARGS = {
@@ -63,12 +65,12 @@ class ComponentSpec:
     """Static description of a component: everything that does not depend on the data."""
 
     name: str
-    kind: int           # EXP, HYP or TRIG
-    sign: int           # s in GERF: +1 (positive features) or -1 (trigonometric)
-    A: float            # the fixed A (ignored when data_dependent)
+    kind: int  # EXP, HYP or TRIG
+    sign: int  # s in GERF: +1 (positive features) or -1 (trigonometric)
+    A: float  # the fixed A (ignored when data_dependent)
     data_dependent: bool  # A (and psi) come from query/key statistics: oprf, saderf
-    uses_psi: bool      # saderf's diagonal Psi
-    kernel: str         # "softmax" or "gaussian" (for a learned component: the attention it is fitted to)
+    uses_psi: bool  # saderf's diagonal Psi
+    kernel: str  # "softmax" or "gaussian" (for a learned component: the attention it is fitted to)
 
     @property
     def positive(self) -> bool:
@@ -158,6 +160,7 @@ def make_component(name: str, kernel: str = "softmax", **args) -> tuple[Componen
 # Data-dependent parameters (OPRF's A*, SADERF's Psi), from first and second moments of x and y.
 # ----------------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Moments:
     """Per-group moments of the scaled queries x and keys y: means and mean squares per coordinate.
@@ -176,7 +179,7 @@ class Moments:
 
     def rows(self, i: int) -> "Moments":
         """The moments of batch (or sequence) row i, keeping the axis: ``[1, ...]``."""
-        return Moments(*(t[i:i + 1] for t in self.tensors()))
+        return Moments(*(t[i : i + 1] for t in self.tensors()))
 
 
 def _time_moments(t: torch.Tensor, mask: torch.Tensor | None, offsets: list[int] | None):
@@ -194,13 +197,14 @@ def _time_moments(t: torch.Tensor, mask: torch.Tensor | None, offsets: list[int]
         return total / count, total_sq / count
     if mask is None:
         return t.mean(1), (t * t).mean(1)
-    w = mask.to(t.dtype)[:, :, None, None]                  # [B, T, 1, 1]
-    count = w.sum(1).clamp_min(1.0)                          # [B, 1, 1]
+    w = mask.to(t.dtype)[:, :, None, None]  # [B, T, 1, 1]
+    count = w.sum(1).clamp_min(1.0)  # [B, 1, 1]
     return (t * w).sum(1) / count, (t * t * w).sum(1) / count
 
 
-def sequence_moments(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None,
-                     offsets: list[int] | None = None) -> Moments:
+def sequence_moments(
+    x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor | None = None, offsets: list[int] | None = None
+) -> Moments:
     """Moments over time of the scaled queries x ``[B, T, H, D]`` and keys y ``[B, T, H_kv, D]`` per
     (batch, key/value head): ``[B, H_kv, D]``. With grouped-query attention (H_kv < H) the query heads of
     a group count together (moments over time, then the mean over the group). ``mask [B, T]`` (True =
@@ -233,7 +237,7 @@ def oprf_A(m: Moments, psi: torch.Tensor | None = None) -> torch.Tensor:
         p = m.sq_x.sum(-1) + m.sq_y.sum(-1)
     else:
         p = (psi * psi * m.sq_x).sum(-1) + (m.sq_y / (psi * psi)).sum(-1)
-    p = p + 2.0 * (m.mean_x * m.mean_y).sum(-1)              # (psi x)^T (y / psi) = x^T y
+    p = p + 2.0 * (m.mean_x * m.mean_y).sum(-1)  # (psi x)^T (y / psi) = x^T y
     p = p.clamp_min(0.0)
     rho = 2.0 * d / (torch.sqrt((2.0 * p + d) ** 2 + 8.0 * d * p) + 2.0 * p + d)
     return (1.0 - 1.0 / rho) / 8.0
@@ -243,8 +247,19 @@ def oprf_A(m: Moments, psi: torch.Tensor | None = None) -> torch.Tensor:
 # The features themselves (used by the reference and by kernel_estimate; kernels inline the same math)
 # ----------------------------------------------------------------------------------------------------
 
-def feature_logits(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor, freq: torch.Tensor,
-                   psi: torch.Tensor | None, *, kind: int, c_t: float, c_o: float, query: bool):
+
+def feature_logits(
+    x: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor,
+    freq: torch.Tensor,
+    psi: torch.Tensor | None,
+    *,
+    kind: int,
+    c_t: float,
+    c_o: float,
+    query: bool,
+):
     """Log-magnitudes and signs of the features of ``x [B, H, T, D]`` (already scaled by sqrt(scale)).
 
     ``W [H, m, D]`` (or ``[1, m, D]``), ``bias [B, H, m]``, ``freq [B, H]``, ``psi [B, H, D]`` or None.
@@ -256,11 +271,11 @@ def feature_logits(x: torch.Tensor, W: torch.Tensor, bias: torch.Tensor, freq: t
         xt = x * psi[:, :, None, :] if query else x / psi[:, :, None, :]
     else:
         xt = x
-    u = torch.einsum("bhtd,hmd->bhtm", xt, W) * freq[:, :, None, None]      # [B, H, T, m]
-    r = c_t * (xt * xt).sum(-1, keepdim=True)                               # [B, H, T, 1]
+    u = torch.einsum("bhtd,hmd->bhtm", xt, W) * freq[:, :, None, None]  # [B, H, T, m]
+    r = c_t * (xt * xt).sum(-1, keepdim=True)  # [B, H, T, 1]
     if c_o != 0.0:
         r = r + c_o * (x * x).sum(-1, keepdim=True)
-    b = bias[:, :, None, :]                                                # [B, H, 1, m]
+    b = bias[:, :, None, :]  # [B, H, 1, m]
     if kind == EXP:
         return b + u + r, None
     if kind == HYP:

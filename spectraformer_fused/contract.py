@@ -11,6 +11,7 @@ A leaf module (it imports torch only): ``reference.py``, the compiled backends (
 - ``DEN_EPS``: the floor of ``|denominator|`` in every backend.
 - ``FeatureParams``: everything a backend needs to evaluate one call's features, already resolved.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -64,10 +65,28 @@ class FeatureParams:
 
     def rows(self, lo: int, hi: int) -> "FeatureParams":
         """The parameters of batch (or sequence) rows ``lo:hi``; W is shared by every row."""
-        return FeatureParams(self.kind, self.W, self.bias[lo:hi], self.freq[lo:hi],
-                             None if self.psi is None else self.psi[lo:hi], self.c_t, self.c_o, self.scale,
-                             self.num_features, self.feature_dim)
+        return FeatureParams(
+            self.kind,
+            self.W,
+            self.bias[lo:hi],
+            self.freq[lo:hi],
+            None if self.psi is None else self.psi[lo:hi],
+            self.c_t,
+            self.c_o,
+            self.scale,
+            self.num_features,
+            self.feature_dim,
+        )
 
 
-__all__ = ["EXP", "HYP", "TRIG", "NORM_HYP", "KIND_NAMES", "REFERENCE_ONLY_KINDS", "DEN_EPS", "feature_width",
-           "FeatureParams"]
+__all__ = [
+    "EXP",
+    "HYP",
+    "TRIG",
+    "NORM_HYP",
+    "KIND_NAMES",
+    "REFERENCE_ONLY_KINDS",
+    "DEN_EPS",
+    "feature_width",
+    "FeatureParams",
+]

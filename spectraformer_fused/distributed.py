@@ -26,6 +26,7 @@ computation, and the sum over ranks is the single-process gradient. DistributedD
 gradients over its ranks, i.e. it gives that sum divided by the world size: the gradient of the mean of
 the per-rank losses, as for any loss split across ranks.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -47,12 +48,18 @@ from .feature_map import RandomFeatureMap
 from .state import RFState, empty_state, safe_log_scale
 from .validation import check_attention_inputs, resolve_scale
 
-__all__ = ["context_parallel_rf_attention", "convert_sync_stats", "RunningStatsAllReduce", "CommunicationLog",
-           "run_local"]
+__all__ = [
+    "context_parallel_rf_attention",
+    "convert_sync_stats",
+    "RunningStatsAllReduce",
+    "CommunicationLog",
+    "run_local",
+]
 
 # ----------------------------------------------------------------------------------------------------
 # Counting what is communicated
 # ----------------------------------------------------------------------------------------------------
+
 
 class CommunicationLog:
     """Counts the collectives of this module on this rank while active (``with CommunicationLog() as log``).
@@ -98,6 +105,7 @@ class CommunicationLog:
 # Differentiable collectives (the group's members all run forward and backward)
 # ----------------------------------------------------------------------------------------------------
 
+
 def _all_reduce_sum(t: torch.Tensor, group, op: str) -> torch.Tensor:
     t = t.contiguous().clone()
     CommunicationLog._record(op, t, group)
@@ -129,6 +137,7 @@ class _AllGather(torch.autograd.Function):
 # States: the state of one slice of keys, and the exact combination of several
 # ----------------------------------------------------------------------------------------------------
 
+
 def _combine(S: torch.Tensor, z: torch.Tensor, m: torch.Tensor, take: torch.Tensor) -> RFState:
     """The state of the keys of every piece ``i`` with ``take[i]``: ``sum_i S_i exp(m_i - m_new)`` (and z)
     with ``m_new = max_i m_i``. ``S [n, B, H, F, Dv]``, ``z [n, B, H, F]``, ``m [n, B, H]`` (detached);
@@ -136,22 +145,22 @@ def _combine(S: torch.Tensor, z: torch.Tensor, m: torch.Tensor, take: torch.Tens
     every rank runs the backward of the collective that made them."""
     m = m.detach()
     neg_inf = torch.tensor(float("-inf"), dtype=m.dtype, device=m.device)
-    m_sel = torch.where(take[:, None, None], m, neg_inf)             # [n, B, H]
+    m_sel = torch.where(take[:, None, None], m, neg_inf)  # [n, B, H]
     m_new = m_sel.amax(0)
-    alpha = torch.exp(m_sel - safe_log_scale(m_new))                 # 0 for a piece not taken or empty
+    alpha = torch.exp(m_sel - safe_log_scale(m_new))  # 0 for a piece not taken or empty
     return RFState((S * alpha[..., None, None]).sum(0), (z * alpha[..., None]).sum(0), m_new)
 
 
 def _pack(state: RFState) -> torch.Tensor:
     S, z, m = state
     B, H = m.shape
-    return torch.cat([S.reshape(B, H, -1), z, m.detach()[..., None]], dim=-1)       # [B, H, F Dv + F + 1]
+    return torch.cat([S.reshape(B, H, -1), z, m.detach()[..., None]], dim=-1)  # [B, H, F Dv + F + 1]
 
 
 def _unpack(packed: torch.Tensor, F: int, Dv: int) -> RFState:
     lead = packed.shape[:-1]
-    S = packed[..., :F * Dv].reshape(*lead, F, Dv)
-    z = packed[..., F * Dv:F * Dv + F]
+    S = packed[..., : F * Dv].reshape(*lead, F, Dv)
+    z = packed[..., F * Dv : F * Dv + F]
     return RFState(S, z, packed[..., -1].detach())
 
 
@@ -162,19 +171,21 @@ def _group_moments(q, k, scale: float, key_padding_mask, group) -> Moments:
     Constants for differentiation."""
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     root = math.sqrt(scale)
-    x, y = q.detach().to(cdt) * root, k.detach().to(cdt) * root       # [B, T, H, D], [B, T, H_kv, D]
+    x, y = q.detach().to(cdt) * root, k.detach().to(cdt) * root  # [B, T, H, D], [B, T, H_kv, D]
     B, T, H, D = x.shape
     Hk = y.shape[2]
-    w = (torch.ones(B, T, dtype=cdt, device=q.device) if key_padding_mask is None
-         else key_padding_mask.to(cdt))[:, :, None, None]            # [B, T, 1, 1]
-    sx = torch.stack([(x * w).sum(1), (x * x * w).sum(1)])           # [2, B, H, D]
-    sy = torch.stack([(y * w).sum(1), (y * y * w).sum(1)])           # [2, B, H_kv, D]
-    packed = _all_reduce_sum(torch.cat([sx.flatten(), sy.flatten(), w.flatten(1).sum(1)]), group,
-                             "all_reduce (moments)")
-    total = packed[-B:].clamp_min(1.0)[:, None, None]               # [B, 1, 1]: kept positions
-    mx = packed[:sx.numel()].view(2, B, H, D) / total
-    my = packed[sx.numel():-B].view(2, B, Hk, D) / total
-    if H != Hk:      # the queries of a group count together: means over time, then over the group
+    w = (torch.ones(B, T, dtype=cdt, device=q.device) if key_padding_mask is None else key_padding_mask.to(cdt))[
+        :, :, None, None
+    ]  # [B, T, 1, 1]
+    sx = torch.stack([(x * w).sum(1), (x * x * w).sum(1)])  # [2, B, H, D]
+    sy = torch.stack([(y * w).sum(1), (y * y * w).sum(1)])  # [2, B, H_kv, D]
+    packed = _all_reduce_sum(
+        torch.cat([sx.flatten(), sy.flatten(), w.flatten(1).sum(1)]), group, "all_reduce (moments)"
+    )
+    total = packed[-B:].clamp_min(1.0)[:, None, None]  # [B, 1, 1]: kept positions
+    mx = packed[: sx.numel()].view(2, B, H, D) / total
+    my = packed[sx.numel() : -B].view(2, B, Hk, D) / total
+    if H != Hk:  # the queries of a group count together: means over time, then over the group
         mx = mx.unflatten(2, (Hk, H // Hk)).mean(3)
     return Moments(mx[0], mx[1], my[0], my[1])
 
@@ -183,10 +194,13 @@ def _group_moments(q, k, scale: float, key_padding_mask, group) -> Moments:
 # The public function
 # ----------------------------------------------------------------------------------------------------
 
+
 def _resolve_group(group):
     if not (dist.is_available() and dist.is_initialized()):
-        raise RuntimeError("context_parallel_rf_attention needs an initialised torch.distributed process group "
-                           "(torch.distributed.init_process_group, or torchrun)")
+        raise RuntimeError(
+            "context_parallel_rf_attention needs an initialised torch.distributed process group "
+            "(torch.distributed.init_process_group, or torchrun)"
+        )
     world = dist.get_world_size(group)
     rank = dist.get_rank(group)
     if rank < 0:
@@ -194,10 +208,20 @@ def _resolve_group(group):
     return world, rank
 
 
-def context_parallel_rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, feature_map: RandomFeatureMap,
-                                  *, group=None, causal: bool = True, scale: float | None = None,
-                                  key_padding_mask: torch.Tensor | None = None, initial_state=None,
-                                  output_final_state: bool = False, backend: str = "auto"):
+def context_parallel_rf_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    feature_map: RandomFeatureMap,
+    *,
+    group=None,
+    causal: bool = True,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    initial_state=None,
+    output_final_state: bool = False,
+    backend: str = "auto",
+):
     """Random-feature attention of one sequence split across the ranks of ``group``.
 
     Every rank passes its own contiguous slice ``q, k [B, T_r, H, D]``, ``v [B, T_r, H, Dv]`` (and
@@ -238,7 +262,7 @@ def context_parallel_rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     world, rank = _resolve_group(group)
     state0 = check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_map.feature_dim)
     B, T, H, D = q.shape
-    Hk = k.shape[2]                 # key/value heads: the state is [B, H_kv, F, Dv] (grouped-query attention)
+    Hk = k.shape[2]  # key/value heads: the state is [B, H_kv, F, Dv] (grouped-query attention)
     Dv = v.shape[-1]
     feature_map.check_input(D, Hk)
     scale = resolve_scale(scale, D)
@@ -248,15 +272,14 @@ def context_parallel_rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     moments = None
     if feature_map.spec.data_dependent and (not causal or feature_map.training):
         moments = _group_moments(q, k, scale, key_padding_mask, group)
-    p = feature_map.feature_params(q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask,
-                                   moments=moments)
+    p = feature_map.feature_params(q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask, moments=moments)
     cdt = p.W.dtype
     F = p.feature_dim
 
     fn = _backend_function(name)
     base = empty_state(B, Hk, F, Dv, dtype=cdt, device=q.device)
     local = base
-    if T > 0:      # the state of this slice's keys: the final state of a non-causal pass (its output unused)
+    if T > 0:  # the state of this slice's keys: the final state of a non-causal pass (its output unused)
         _, local = fn(q, k, v, p, causal=False, key_padding_mask=key_padding_mask, output_final_state=True)
         local = RFState(*(t.to(cdt) for t in local))
     if rank == 0 and state0 is not None:
@@ -264,10 +287,13 @@ def context_parallel_rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         pair = [torch.stack(t) for t in zip(base, local)]
         local = _combine(*pair, torch.ones(2, dtype=torch.bool, device=q.device))
     packed = _pack(local)
-    if not packed.requires_grad and torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, p.W, p.bias, *(state0 or ()))):
-        packed.requires_grad_()      # an empty slice: its rank must still join the backward's collective
-    S, z, m = _unpack(_AllGather.apply(packed, group), F, Dv)         # [w, B, H, ...]
+    if (
+        not packed.requires_grad
+        and torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (q, k, v, p.W, p.bias, *(state0 or ())))
+    ):
+        packed.requires_grad_()  # an empty slice: its rank must still join the backward's collective
+    S, z, m = _unpack(_AllGather.apply(packed, group), F, Dv)  # [w, B, H, ...]
     # Piece 0 is this rank's `base` (the initial state on rank 0, empty elsewhere); pieces 1..w the ranks'.
     S, z, m = (torch.cat([b[None], t]) for b, t in zip(base, (S, z, m)))
     ranks = torch.arange(world, device=q.device)
@@ -278,18 +304,26 @@ def context_parallel_rf_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Ten
         # collective like the others.
         o = (start.S.sum() * 0).to(v.dtype).expand(B, 0, H, Dv)
     else:
-        o, _ = fn(q, k, v, p, causal=causal, key_padding_mask=key_padding_mask, initial_state=start,
-                  output_final_state=False)
+        o, _ = fn(
+            q, k, v, p, causal=causal, key_padding_mask=key_padding_mask, initial_state=start, output_final_state=False
+        )
     if not output_final_state:
         return o
-    final = _combine(S, z, m, torch.cat([torch.zeros(1, dtype=torch.bool, device=q.device),
-                                         torch.ones(world, dtype=torch.bool, device=q.device)]))
+    final = _combine(
+        S,
+        z,
+        m,
+        torch.cat(
+            [torch.zeros(1, dtype=torch.bool, device=q.device), torch.ones(world, dtype=torch.bool, device=q.device)]
+        ),
+    )
     return o, final
 
 
 # ----------------------------------------------------------------------------------------------------
 # Data parallel: running statistics over the global batch
 # ----------------------------------------------------------------------------------------------------
+
 
 class RunningStatsAllReduce:
     """``RandomFeatureMap.stats_sync`` for data parallelism: turns the batch means of OPRF/SADERF's
@@ -334,8 +368,9 @@ def convert_sync_stats(module: nn.Module, process_group=None) -> nn.Module:
 # Local launcher (tests, benchmarks, trying it out on one machine)
 # ----------------------------------------------------------------------------------------------------
 
+
 def _start_method() -> str:
-    """"forkserver" where there is one: a fresh server process imports torch once and forks the workers
+    """ "forkserver" where there is one: a fresh server process imports torch once and forks the workers
     from there (importing torch in every worker is most of the start-up time); "spawn" elsewhere. Either
     way the workers do not inherit the caller's state. Only torch is preloaded: the server does not get the
     caller's sys.path, so it must not import this package."""
@@ -347,8 +382,13 @@ def _start_method() -> str:
 
 def _local_worker(rank: int, fn, world_size: int, tmp: str, backend: str, timeout: float, args: tuple) -> None:
     try:
-        dist.init_process_group(backend, init_method=f"file://{os.path.join(tmp, 'store')}", rank=rank,
-                                world_size=world_size, timeout=datetime.timedelta(seconds=timeout))
+        dist.init_process_group(
+            backend,
+            init_method=f"file://{os.path.join(tmp, 'store')}",
+            rank=rank,
+            world_size=world_size,
+            timeout=datetime.timedelta(seconds=timeout),
+        )
         try:
             result = fn(rank, world_size, *args)
         finally:
@@ -376,15 +416,22 @@ def run_local(fn, world_size: int, *args, timeout: float = 300.0, backend: str =
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size <= 0:
         raise ValueError(f"world_size must be a positive int, got {world_size!r}")
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_local_worker, args=(fn, world_size, tmp, backend, timeout, args),
-                                 nprocs=world_size, join=False, start_method=_start_method())
+        ctx = mp.start_processes(
+            _local_worker,
+            args=(fn, world_size, tmp, backend, timeout, args),
+            nprocs=world_size,
+            join=False,
+            start_method=_start_method(),
+        )
         deadline = time.monotonic() + timeout
         try:
             while not ctx.join(timeout=0.5):
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"run_local: processes still running after {timeout} s")
         except ProcessException:
-            errors = sorted((e for e in os.scandir(tmp) if e.name.startswith("error-")), key=lambda e: e.stat().st_mtime)
+            errors = sorted(
+                (e for e in os.scandir(tmp) if e.name.startswith("error-")), key=lambda e: e.stat().st_mtime
+            )
             text = "\n".join(f"--- rank {e.name[6:]} ---\n{open(e.path).read()}" for e in errors)
             raise RuntimeError(f"run_local: a process failed (first failure first):\n{text}") from None
         finally:

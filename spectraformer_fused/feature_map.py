@@ -1,7 +1,9 @@
 """RandomFeatureMap: a weight matrix, a component function and the statistics some components need."""
+
 from __future__ import annotations
 
 import math
+
 import torch
 from torch import nn
 
@@ -73,9 +75,21 @@ class RandomFeatureMap(nn.Module):
     # ``distributed.convert_sync_stats``; None keeps the statistics of the local batch.
     stats_sync = None
 
-    def __init__(self, head_dim: int, num_features: int | None = None, *, component: str = "posrf",
-                 weights: str = "orf", kernel: str = "softmax", num_heads: int = 1, seed: int | None = None,
-                 device=None, dtype=None, weight_args: dict | None = None, **component_args):
+    def __init__(
+        self,
+        head_dim: int,
+        num_features: int | None = None,
+        *,
+        component: str = "posrf",
+        weights: str = "orf",
+        kernel: str = "softmax",
+        num_heads: int = 1,
+        seed: int | None = None,
+        device=None,
+        dtype=None,
+        weight_args: dict | None = None,
+        **component_args,
+    ):
         super().__init__()
         _check_positive_int(head_dim, "head_dim")
         _check_positive_int(num_heads, "num_heads")
@@ -88,18 +102,26 @@ class RandomFeatureMap(nn.Module):
         self.spec: ComponentSpec = spec
         self.head_dim = head_dim
         self.num_heads = num_heads
-        self.weights = build_weights(weights, num_heads, num_features, head_dim, seed=seed, device=device,
-                                     dtype=dtype or torch.float32, **(weight_args or {}))
+        self.weights = build_weights(
+            weights,
+            num_heads,
+            num_features,
+            head_dim,
+            seed=seed,
+            device=device,
+            dtype=dtype or torch.float32,
+            **(weight_args or {}),
+        )
         self.stats_momentum = options.get("stats_momentum")
         if component == "gerf":
             self.register_buffer("A", torch.tensor(spec.A, dtype=torch.float64, device=device))
-        if spec.learned:                   # hedgehog: a learnable log-weight per frequency, added to the bias
+        if spec.learned:  # hedgehog: a learnable log-weight per frequency, added to the bias
             self.log_weight = nn.Parameter(torch.zeros(num_heads, num_features, device=device, dtype=dtype))
         if spec.data_dependent:
             for name in ("running_mean_x", "running_sq_x", "running_mean_y", "running_sq_y"):
                 self.register_buffer(name, torch.zeros(num_heads, head_dim, dtype=torch.float32, device=device))
             self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=device))
-        self._static_cache = None   # see _static_params
+        self._static_cache = None  # see _static_params
         self._source_modules = tuple(self.weights.modules())
         self._num_features = self.weights.num_features
         self._feature_dim = spec.feature_dim(self._num_features)
@@ -130,8 +152,10 @@ class RandomFeatureMap(nn.Module):
         return self.spec.kind
 
     def extra_repr(self) -> str:
-        return (f"head_dim={self.head_dim}, num_features={self.num_features}, component={self.component!r}, "
-                f"weights={self.weight_name!r}, kernel={self.kernel!r}, num_heads={self.num_heads}")
+        return (
+            f"head_dim={self.head_dim}, num_features={self.num_features}, component={self.component!r}, "
+            f"weights={self.weight_name!r}, kernel={self.kernel!r}, num_heads={self.num_heads}"
+        )
 
     def projection(self) -> torch.Tensor:
         """The dense W ``[num_heads, m, head_dim]`` (differentiable for learnable weights)."""
@@ -164,7 +188,7 @@ class RandomFeatureMap(nn.Module):
         rate = torch.where(first, torch.ones_like(rate), rate)
         bufs = self.running_moments().tensors()
         new = [reduce(t, buf) for buf, t in zip(bufs, m.tensors())]
-        if self.stats_sync is not None:                   # data parallel: the means of the global batch
+        if self.stats_sync is not None:  # data parallel: the means of the global batch
             new = self.stats_sync(new, m.mean_x.shape[0])
         for buf, t in zip(bufs, new):
             buf.lerp_(t, rate.to(buf.dtype))
@@ -175,16 +199,24 @@ class RandomFeatureMap(nn.Module):
         """``num_heads``: the key/value heads of the inputs (H_kv); the map has one W per key/value head
         or one shared W."""
         if head_dim != self.head_dim:
-            raise ValueError(f"feature map was built for head_dim={self.head_dim}, but the inputs have head dim {head_dim}")
+            raise ValueError(
+                f"feature map was built for head_dim={self.head_dim}, but the inputs have head dim {head_dim}"
+            )
         if self.num_heads not in (1, num_heads):
-            raise ValueError(f"feature map was built for num_heads={self.num_heads}, but the inputs have {num_heads} "
-                             "key/value heads")
+            raise ValueError(
+                f"feature map was built for num_heads={self.num_heads}, but the inputs have {num_heads} key/value heads"
+            )
 
     def _source_tensors(self) -> list[torch.Tensor]:
         """Every tensor W and the constant parts of the parameters are made of (read from the modules'
         own dicts: cheaper than ``parameters()`` on the decode path)."""
-        tensors = [t for mod in self._source_modules for d in (mod._parameters, mod._buffers) for t in d.values()
-                   if t is not None]
+        tensors = [
+            t
+            for mod in self._source_modules
+            for d in (mod._parameters, mod._buffers)
+            for t in d.values()
+            if t is not None
+        ]
         if self.spec.name == "gerf":
             tensors.append(self._buffers["A"])
         if self.spec.learned:
@@ -212,7 +244,7 @@ class RandomFeatureMap(nn.Module):
         W = self.projection().to(device=device, dtype=cdt)
         if W.shape[0] != H:
             W = W.expand(H, -1, -1)
-        wsq = (W * W).sum(-1)                                                 # [H, m]
+        wsq = (W * W).sum(-1)  # [H, m]
         bias = freq = None
         spec = self.spec
         if not spec.data_dependent:
@@ -231,15 +263,24 @@ class RandomFeatureMap(nn.Module):
         A = A.detach()
         one_m4a = 1.0 - 4.0 * A
         freq = one_m4a.sqrt().contiguous()
-        log_d = (self.head_dim / 4.0) * torch.log(one_m4a)                  # [B, H]
+        log_d = (self.head_dim / 4.0) * torch.log(one_m4a)  # [B, H]
         bias = log_d[:, :, None] + A[:, :, None] * wsq[None] + self.spec.log_norm(self.num_features)
-        if self.spec.learned:              # hedgehog: a learnable log-weight per frequency, added to the bias
+        if self.spec.learned:  # hedgehog: a learnable log-weight per frequency, added to the bias
             bias = bias + self.log_weight.to(device=wsq.device, dtype=wsq.dtype)[None]
         return bias.contiguous(), freq
 
-    def feature_params(self, q: torch.Tensor, k: torch.Tensor, *, scale: float, causal: bool,
-                       key_padding_mask: torch.Tensor | None = None, update_stats: bool | None = None,
-                       moments: Moments | None = None, offsets: list[int] | None = None) -> FeatureParams:
+    def feature_params(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        *,
+        scale: float,
+        causal: bool,
+        key_padding_mask: torch.Tensor | None = None,
+        update_stats: bool | None = None,
+        moments: Moments | None = None,
+        offsets: list[int] | None = None,
+    ) -> FeatureParams:
         """Resolve W, bias, freq and psi for queries ``q [B, T, H, D]`` and keys ``k [B, T, H_kv, D]``.
 
         The parameters are per key/value head (``[H_kv, ...]``): the H / H_kv query heads of a group share
@@ -266,7 +307,7 @@ class RandomFeatureMap(nn.Module):
         psi = None
         if spec.data_dependent:
             update = update_stats if update_stats is not None else self.training
-            if moments is None and (update or not causal):      # causal inference reads the running ones only
+            if moments is None and (update or not causal):  # causal inference reads the running ones only
                 root = math.sqrt(scale)
                 x, y = q.detach().to(cdt) * root, k.detach().to(cdt) * root
                 moments = sequence_moments(x, y, key_padding_mask, offsets)
@@ -281,14 +322,14 @@ class RandomFeatureMap(nn.Module):
                 psi = None if parts[0][1] is None else torch.stack([p for _, p in parts])
             else:
                 if causal:
-                    A, psi = self._oprf_params(self.running_moments(), device, cdt)   # [H_kv], [H_kv, D]
+                    A, psi = self._oprf_params(self.running_moments(), device, cdt)  # [H_kv], [H_kv, D]
                     A = A[None].expand(rows, Hk)
                     psi = None if psi is None else psi[None].expand(rows, Hk, D)
                 else:
-                    A, psi = self._oprf_params(moments, device, cdt)             # [rows, H_kv], [rows, H_kv, D]
+                    A, psi = self._oprf_params(moments, device, cdt)  # [rows, H_kv], [rows, H_kv, D]
                 if update and offsets is None:
                     self._update_running(moments)
-                elif update:             # one update per non-empty packed sequence, in order
+                elif update:  # one update per non-empty packed sequence, in order
                     for i in range(rows):
                         if offsets[i + 1] > offsets[i]:
                             self._update_running(moments.rows(i))
@@ -297,8 +338,9 @@ class RandomFeatureMap(nn.Module):
             bias, freq = self._bias_freq(A, wsq)
         elif rows != 1:
             bias, freq = bias.expand(rows, -1, -1), freq.expand(rows, -1)
-        return FeatureParams(spec.kind, W, bias, freq, psi, spec.c_t, spec.c_o, float(scale),
-                             self.num_features, self.feature_dim)
+        return FeatureParams(
+            spec.kind, W, bias, freq, psi, spec.c_t, spec.c_o, float(scale), self.num_features, self.feature_dim
+        )
 
     def _oprf_params(self, src: Moments, device, cdt) -> tuple[torch.Tensor, torch.Tensor | None]:
         """OPRF's A* and SADERF's psi (or None) from moments ``[..., D]``."""
@@ -321,8 +363,12 @@ class RandomFeatureMap(nn.Module):
         x = q.to(cdt) * math.sqrt(scale)
         y = k.to(cdt) * math.sqrt(scale)
         p = self.feature_params(q, k, scale=scale, causal=False, update_stats=False)
-        eq, mq = feature_logits(x.transpose(1, 2), p.W, p.bias, p.freq, p.psi, kind=p.kind, c_t=p.c_t, c_o=p.c_o, query=True)
-        ek, mk = feature_logits(y.transpose(1, 2), p.W, p.bias, p.freq, p.psi, kind=p.kind, c_t=p.c_t, c_o=p.c_o, query=False)
+        eq, mq = feature_logits(
+            x.transpose(1, 2), p.W, p.bias, p.freq, p.psi, kind=p.kind, c_t=p.c_t, c_o=p.c_o, query=True
+        )
+        ek, mk = feature_logits(
+            y.transpose(1, 2), p.W, p.bias, p.freq, p.psi, kind=p.kind, c_t=p.c_t, c_o=p.c_o, query=False
+        )
         sq = eq.amax(-1, keepdim=True).detach()
         sk = ek.amax(-1, keepdim=True).detach()
         fq = torch.exp(eq - sq)

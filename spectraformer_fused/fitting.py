@@ -16,6 +16,7 @@ on given queries and keys (Hedgehog, Zhang et al., ICLR 2024), layer by layer fo
   converted by ``integrations.transformers.convert`` (grouped-query attention included), fitted to its
   own softmax attention.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -33,7 +34,7 @@ from .reference import exact_logits
 from .validation import check_qk_pair, resolve_scale
 
 LOSSES = ("kl", "mse")
-_TINY = 1e-30          # floor of a random-feature attention weight before its log
+_TINY = 1e-30  # floor of a random-feature attention weight before its log
 
 
 def _check_mask(mask, q):
@@ -41,11 +42,15 @@ def _check_mask(mask, q):
         return None
     B, T = q.shape[:2]
     if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-        raise TypeError(f"key_padding_mask must be a bool tensor [B, T] (True = keep), got "
-                        f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+        raise TypeError(
+            f"key_padding_mask must be a bool tensor [B, T] (True = keep), got "
+            f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}"
+        )
     if tuple(mask.shape) != (B, T) or mask.device != q.device:
-        raise ValueError(f"key_padding_mask must have shape [B, T] = {(B, T)} on {q.device}, got "
-                         f"{tuple(mask.shape)} on {mask.device}")
+        raise ValueError(
+            f"key_padding_mask must have shape [B, T] = {(B, T)} on {q.device}, got "
+            f"{tuple(mask.shape)} on {mask.device}"
+        )
     return mask
 
 
@@ -86,29 +91,37 @@ def _chunk_loss(eq, ek, kshift, logits, vis, v, kind_loss: str, mult_q, mult_k):
     phik = torch.exp(ek - kshift)
     if mult_q is not None:
         phiq, phik = phiq * mult_q, phik * mult_k
-    scores = phiq @ phik.transpose(-1, -2)                                   # [B, H_kv, G, c, n]
+    scores = phiq @ phik.transpose(-1, -2)  # [B, H_kv, G, c, n]
     if vis is not None:
         scores = scores.masked_fill(~vis, 0.0)
         logits = logits.masked_fill(~vis, float("-inf"))
-    rows = torch.isfinite(logits.amax(-1))                                   # [B, H_kv, G, c]: a visible key
+    rows = torch.isfinite(logits.amax(-1))  # [B, H_kv, G, c]: a visible key
     logp = torch.log_softmax(logits, dim=-1).masked_fill(~rows[..., None], float("-inf"))
-    p = logp.exp()                                                           # 0 where masked
+    p = logp.exp()  # 0 where masked
     if kind_loss == "kl":
         den = scores.sum(-1, keepdim=True)
         logq = torch.log(scores.clamp_min(_TINY)) - torch.log(den.clamp_min(_TINY))
-        terms = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))   # KL(p || q) per pair
+        terms = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))  # KL(p || q) per pair
         per_row = terms.sum(-1)
     else:
         den = scores.sum(-1, keepdim=True).abs().clamp_min(_TINY)
-        diff = (scores @ v) / den - p @ v                                    # [B, H_kv, G, c, Dv]
+        diff = (scores @ v) / den - p @ v  # [B, H_kv, G, c, Dv]
         per_row = diff.pow(2).mean(-1)
     return torch.where(rows, per_row, torch.zeros_like(per_row)).sum()
 
 
-def attention_distillation_loss(feature_map: RandomFeatureMap, q: torch.Tensor, k: torch.Tensor,
-                                v: torch.Tensor | None = None, *, scale: float | None = None, causal: bool = False,
-                                key_padding_mask: torch.Tensor | None = None, loss: str = "kl",
-                                chunk_size: int = 64) -> torch.Tensor:
+def attention_distillation_loss(
+    feature_map: RandomFeatureMap,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor | None = None,
+    *,
+    scale: float | None = None,
+    causal: bool = False,
+    key_padding_mask: torch.Tensor | None = None,
+    loss: str = "kl",
+    chunk_size: int = 64,
+) -> torch.Tensor:
     """How far the feature map's attention is from exact attention on q ``[B, T, H, D]``, k ``[B, T, H_kv, D]``:
     a scalar.
 
@@ -139,12 +152,16 @@ def attention_distillation_loss(feature_map: RandomFeatureMap, q: torch.Tensor, 
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if loss == "kl" and not feature_map.spec.positive:
-        raise ValueError(f"loss='kl' needs positive features; component {feature_map.component!r} has signed "
-                         "(trigonometric) features whose attention weights can be negative: use loss='mse'")
+        raise ValueError(
+            f"loss='kl' needs positive features; component {feature_map.component!r} has signed "
+            "(trigonometric) features whose attention weights can be negative: use loss='mse'"
+        )
     if loss == "mse":
         if not isinstance(v, torch.Tensor) or v.dim() != 4 or v.shape[:3] != k.shape[:3]:
-            raise ValueError("loss='mse' needs v [B, T, H_kv, Dv] matching k in batch, length and heads; got "
-                             f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}")
+            raise ValueError(
+                "loss='mse' needs v [B, T, H_kv, Dv] matching k in batch, length and heads; got "
+                f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}"
+            )
     mask = _check_mask(key_padding_mask, q)
     B, T, H, D = q.shape
     Hk = k.shape[2]
@@ -155,28 +172,28 @@ def attention_distillation_loss(feature_map: RandomFeatureMap, q: torch.Tensor, 
     q, k = q.detach(), k.detach()
     p = feature_map.feature_params(q, k, scale=scale, causal=causal, key_padding_mask=mask, update_stats=False)
     root = math.sqrt(scale)
-    x = (q.to(cdt) * root).transpose(1, 2).unflatten(1, (Hk, G))            # [B, H_kv, G, T, D]
-    y = (k.to(cdt) * root).transpose(1, 2)                                  # [B, H_kv, T, D]
-    qt = q.to(cdt).transpose(1, 2).unflatten(1, (Hk, G))                    # unscaled, for the exact logits
-    kt = k.to(cdt).transpose(1, 2)[:, :, None]                              # [B, H_kv, 1, T, D]
+    x = (q.to(cdt) * root).transpose(1, 2).unflatten(1, (Hk, G))  # [B, H_kv, G, T, D]
+    y = (k.to(cdt) * root).transpose(1, 2)  # [B, H_kv, T, D]
+    qt = q.to(cdt).transpose(1, 2).unflatten(1, (Hk, G))  # unscaled, for the exact logits
+    kt = k.to(cdt).transpose(1, 2)[:, :, None]  # [B, H_kv, 1, T, D]
     args = dict(kind=p.kind, c_t=p.c_t, c_o=p.c_o)
     W, bias, freq = p.W.to(cdt), p.bias.to(cdt), p.freq.to(cdt)
     psi = None if p.psi is None else p.psi.to(cdt)
     ek, mult_k = feature_logits(y, W, bias, freq, psi, query=False, **args)  # [B, H_kv, T, F]
     if mask is not None:
         ek = ek.masked_fill(~mask[:, None, :, None], float("-inf"))
-    key_max = ek.detach().amax(-1)                                           # [B, H_kv, T]
+    key_max = ek.detach().amax(-1)  # [B, H_kv, T]
     vv = None if v is None or loss != "mse" else v.detach().to(cdt).transpose(1, 2)[:, :, None]
-    keep_q = None if mask is None else mask[:, None, None, :]                # [B, 1, 1, T]: padded queries left out
+    keep_q = None if mask is None else mask[:, None, None, :]  # [B, 1, 1, T]: padded queries left out
     total = x.new_zeros(())
     count = 0
     ids = torch.arange(T, device=q.device)
     for lo in range(0, T, chunk_size):
         hi = min(lo + chunk_size, T)
-        n = hi if causal else T                                              # keys a row of the chunk can see
+        n = hi if causal else T  # keys a row of the chunk can see
         vis = None
         if causal:
-            vis = (ids[None, :n] <= ids[lo:hi, None])[None, None, None]     # [1, 1, 1, c, n]
+            vis = (ids[None, :n] <= ids[lo:hi, None])[None, None, None]  # [1, 1, 1, c, n]
         if mask is not None:
             km = mask[:, None, None, None, :n]
             vis = km if vis is None else vis & km
@@ -188,13 +205,23 @@ def attention_distillation_loss(feature_map: RandomFeatureMap, q: torch.Tensor, 
         def run(W, bias, ek, mult_k, xc=x[:, :, :, lo:hi], qc=qt[:, :, :, lo:hi], n=n, vis=vis, kshift=kshift):
             c = xc.shape[3]
             eq, mult_q = feature_logits(xc.flatten(2, 3), W, bias, freq, psi, query=True, **args)
-            eq = eq.unflatten(2, (G, c))                                     # [B, H_kv, G, c, F]
+            eq = eq.unflatten(2, (G, c))  # [B, H_kv, G, c, F]
             mult_q = None if mult_q is None else mult_q.unflatten(2, (G, c))
             # exact_logits takes [B, T, H, D] and swaps dims 1, 2: hand it the 5-D blocks with those swapped
-            logits = exact_logits(qc.transpose(1, 2), kt[:, :, :, :n].transpose(1, 2), kernel=feature_map.kernel,
-                                  scale=scale)                               # [B, H_kv, G, c, n]
-            return _chunk_loss(eq, ek[:, :, None, :n], kshift, logits, vis, None if vv is None else vv[:, :, :, :n],
-                               loss, mult_q, None if mult_k is None else mult_k[:, :, None, :n])
+            logits = exact_logits(
+                qc.transpose(1, 2), kt[:, :, :, :n].transpose(1, 2), kernel=feature_map.kernel, scale=scale
+            )  # [B, H_kv, G, c, n]
+            return _chunk_loss(
+                eq,
+                ek[:, :, None, :n],
+                kshift,
+                logits,
+                vis,
+                None if vv is None else vv[:, :, :, :n],
+                loss,
+                mult_q,
+                None if mult_k is None else mult_k[:, :, None, :n],
+            )
 
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (W, bias, ek, mult_k)):
             total = total + _Recomputed.apply(run, W, bias, ek, mult_k)
@@ -207,6 +234,7 @@ def attention_distillation_loss(feature_map: RandomFeatureMap, q: torch.Tensor, 
 # ----------------------------------------------------------------------------------------------------
 # Fitting one feature map
 # ----------------------------------------------------------------------------------------------------
+
 
 def _as_batches(x, what: str) -> list:
     if x is None:
@@ -235,9 +263,20 @@ def _check_steps_lr(steps, lr):
         raise ValueError(f"lr must be a positive float, got {lr!r}")
 
 
-def fit_feature_map(feature_map: RandomFeatureMap, q, k, *, v=None, steps: int = 200, lr: float = 1e-2,
-                    scale: float | None = None, causal: bool = False, key_padding_mask=None, loss: str = "kl",
-                    chunk_size: int = 64) -> list[float]:
+def fit_feature_map(
+    feature_map: RandomFeatureMap,
+    q,
+    k,
+    *,
+    v=None,
+    steps: int = 200,
+    lr: float = 1e-2,
+    scale: float | None = None,
+    causal: bool = False,
+    key_padding_mask=None,
+    loss: str = "kl",
+    chunk_size: int = 64,
+) -> list[float]:
     """Train the feature map's learnable parameters so that its attention matches exact attention.
 
     Args:
@@ -264,14 +303,25 @@ def fit_feature_map(feature_map: RandomFeatureMap, q, k, *, v=None, steps: int =
         raise ValueError(f"v and key_padding_mask must hold one entry per batch ({len(qs)})")
     params = trainable_parameters(feature_map)
     if not params:
-        raise ValueError(f"the feature map ({feature_map.component} x {feature_map.weight_name}) has no trainable "
-                         "parameters: use weights='learnable' or 'fastfood_learnable', or component='hedgehog'")
+        raise ValueError(
+            f"the feature map ({feature_map.component} x {feature_map.weight_name}) has no trainable "
+            "parameters: use weights='learnable' or 'fastfood_learnable', or component='hedgehog'"
+        )
     opt = torch.optim.Adam(params, lr=float(lr))
     curve = []
     for step in range(steps):
         i = step % len(qs)
-        value = attention_distillation_loss(feature_map, qs[i], ks[i], vs[i], scale=scale, causal=causal,
-                                            key_padding_mask=masks[i], loss=loss, chunk_size=chunk_size)
+        value = attention_distillation_loss(
+            feature_map,
+            qs[i],
+            ks[i],
+            vs[i],
+            scale=scale,
+            causal=causal,
+            key_padding_mask=masks[i],
+            loss=loss,
+            chunk_size=chunk_size,
+        )
         opt.zero_grad(set_to_none=True)
         value.backward()
         opt.step()
@@ -284,9 +334,11 @@ def fit_feature_map(feature_map: RandomFeatureMap, q, k, *, v=None, steps: int =
 # Attention transfer: every attention layer of a model fitted to its own softmax attention
 # ----------------------------------------------------------------------------------------------------
 
+
 class AttentionRecord(NamedTuple):
     """What one attention layer received on one batch: ``q [B, T, H, D]``, ``k [B, T, H_kv, D]`` (detached),
     the ``[B, T]`` bool keep-mask or None, the scale of its logits and whether it is causal."""
+
     q: torch.Tensor
     k: torch.Tensor
     key_padding_mask: torch.Tensor | None
@@ -332,8 +384,10 @@ def record_attention_inputs(model: nn.Module, batches, *, teacher: bool = True) 
 
     layers = _distill_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} holds no SpectraAttention layer (or attention layer converted by "
-                         "spectraformer_fused.integrations.transformers.convert) to distill")
+        raise ValueError(
+            f"{type(model).__name__} holds no SpectraAttention layer (or attention layer converted by "
+            "spectraformer_fused.integrations.transformers.convert) to distill"
+        )
     spectra = {name: mod for name, (mod, fm) in layers.items() if fm is getattr(mod, "feature_map", None)}
     converted = {id(mod): name for name, (mod, _) in layers.items() if name not in spectra}
     records = {name: [] for name in layers}
@@ -343,15 +397,18 @@ def record_attention_inputs(model: nn.Module, batches, *, teacher: bool = True) 
             x = args[0] if args else kwargs["x"]
             mask = args[1] if len(args) > 1 else kwargs.get("key_padding_mask")
             q, k, v = layer.project(x)
-            records[name].append(AttentionRecord(q.detach(), k.detach(), mask, resolve_scale(None, layer.head_dim),
-                                                 bool(layer.causal)))
+            records[name].append(
+                AttentionRecord(q.detach(), k.detach(), mask, resolve_scale(None, layer.head_dim), bool(layer.causal))
+            )
             if teacher:
                 if (len(args) > 3 and args[3]) or kwargs.get("output_final_state"):
                     raise ValueError("distill records a model run without output_final_state")
-                o = exact_attention(q, k, v, kernel=layer.feature_map.kernel, causal=layer.causal,
-                                    key_padding_mask=mask).to(v.dtype)
+                o = exact_attention(
+                    q, k, v, kernel=layer.feature_map.kernel, causal=layer.causal, key_padding_mask=mask
+                ).to(v.dtype)
                 return layer.out_proj(o.reshape(x.shape))
             return None
+
         return hook
 
     backends = {name: layer.backend for name, layer in spectra.items()}
@@ -359,7 +416,7 @@ def record_attention_inputs(model: nn.Module, batches, *, teacher: bool = True) 
         for name, layer in spectra.items():
             stack.callback(setattr, layer, "backend", backends[name])
             stack.enter_context(layer.register_forward_hook(make_hook(name), with_kwargs=True))
-            if teacher:                  # its random-feature output is replaced: the plain reference suffices
+            if teacher:  # its random-feature output is replaced: the plain reference suffices
                 layer.backend = "reference"
         calls = stack.enter_context(_hf_integration().recording(teacher)) if converted else []
         for batch in batches:
@@ -370,13 +427,23 @@ def record_attention_inputs(model: nn.Module, batches, *, teacher: bool = True) 
             else:
                 model(batch)
     for call in calls:
-        records[converted[id(call.module)]].append(AttentionRecord(call.q, call.k, call.key_padding_mask, call.scale,
-                                                                   call.causal))
+        records[converted[id(call.module)]].append(
+            AttentionRecord(call.q, call.k, call.key_padding_mask, call.scale, call.causal)
+        )
     return records
 
 
-def distill(model: nn.Module, batches, *, steps: int = 200, lr: float = 1e-2, joint: bool = False,
-            teacher: bool = True, loss: str = "kl", chunk_size: int = 64) -> dict:
+def distill(
+    model: nn.Module,
+    batches,
+    *,
+    steps: int = 200,
+    lr: float = 1e-2,
+    joint: bool = False,
+    teacher: bool = True,
+    loss: str = "kl",
+    chunk_size: int = 64,
+) -> dict:
     """Attention transfer: fit every attention layer's feature map to that layer's softmax attention.
 
     The layers are the model's ``SpectraAttention`` modules and the attention modules of a HuggingFace
@@ -400,22 +467,40 @@ def distill(model: nn.Module, batches, *, steps: int = 200, lr: float = 1e-2, jo
         raise ValueError(f"layers {unused} were not called on batches: nothing to distill them on")
     missing = [name for name, fm in layers.items() if not trainable_parameters(fm)]
     if missing:
-        raise ValueError(f"layers {missing} have no trainable feature-map parameters: build them with "
-                         "weights='learnable' or 'fastfood_learnable', or component='hedgehog'")
+        raise ValueError(
+            f"layers {missing} have no trainable feature-map parameters: build them with "
+            "weights='learnable' or 'fastfood_learnable', or component='hedgehog'"
+        )
 
     def layer_loss(name, i):
         rec = records[name][i % len(records[name])]
-        return attention_distillation_loss(layers[name], rec.q, rec.k, scale=rec.scale, causal=rec.causal,
-                                           key_padding_mask=rec.key_padding_mask, loss=loss, chunk_size=chunk_size)
+        return attention_distillation_loss(
+            layers[name],
+            rec.q,
+            rec.k,
+            scale=rec.scale,
+            causal=rec.causal,
+            key_padding_mask=rec.key_padding_mask,
+            loss=loss,
+            chunk_size=chunk_size,
+        )
 
     if not joint:
         curves = {}
         for name, fm in layers.items():
             recs = records[name]
-            curves[name] = fit_feature_map(fm, [r.q for r in recs], [r.k for r in recs], steps=steps, lr=lr,
-                                           scale=recs[0].scale, causal=recs[0].causal,
-                                           key_padding_mask=[r.key_padding_mask for r in recs], loss=loss,
-                                           chunk_size=chunk_size)
+            curves[name] = fit_feature_map(
+                fm,
+                [r.q for r in recs],
+                [r.k for r in recs],
+                steps=steps,
+                lr=lr,
+                scale=recs[0].scale,
+                causal=recs[0].causal,
+                key_padding_mask=[r.key_padding_mask for r in recs],
+                loss=loss,
+                chunk_size=chunk_size,
+            )
         return curves
     params = [p for fm in layers.values() for p in trainable_parameters(fm)]
     opt = torch.optim.Adam(params, lr=float(lr))
@@ -431,5 +516,12 @@ def distill(model: nn.Module, batches, *, steps: int = 200, lr: float = 1e-2, jo
     return curves
 
 
-__all__ = ["LOSSES", "AttentionRecord", "attention_distillation_loss", "fit_feature_map", "distill", "record_attention_inputs",
-           "trainable_parameters"]
+__all__ = [
+    "LOSSES",
+    "AttentionRecord",
+    "attention_distillation_loss",
+    "fit_feature_map",
+    "distill",
+    "record_attention_inputs",
+    "trainable_parameters",
+]

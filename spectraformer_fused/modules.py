@@ -1,4 +1,5 @@
 """nn.Modules: they own parameters, buffers and defaults, and call the functional API."""
+
 from __future__ import annotations
 
 import torch
@@ -31,10 +32,24 @@ class SpectraAttention(nn.Module):
     decode in eval mode (``layer.eval()``) so that every step uses the same parameters.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, *, num_kv_heads: int | None = None,
-                 num_features: int | None = None, component: str = "posrf", weights: str = "orf",
-                 kernel: str = "softmax", causal: bool = False, bias: bool = True, seed: int | None = None,
-                 backend: str = "auto", device=None, dtype=None, **component_args):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        num_features: int | None = None,
+        component: str = "posrf",
+        weights: str = "orf",
+        kernel: str = "softmax",
+        causal: bool = False,
+        bias: bool = True,
+        seed: int | None = None,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+        **component_args,
+    ):
         super().__init__()
         if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim <= 0:
             raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
@@ -54,26 +69,51 @@ class SpectraAttention(nn.Module):
         # [q | k | v]: E + 2 * num_kv_heads * head_dim outputs (3 E without grouping)
         self.qkv = nn.Linear(embed_dim, embed_dim + 2 * num_kv_heads * self.head_dim, bias=bias, **factory)
         self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias, **factory)
-        self.feature_map = RandomFeatureMap(self.head_dim, num_features, component=component, weights=weights,
-                                            kernel=kernel, num_heads=num_kv_heads, seed=seed, device=device,
-                                            **component_args)
+        self.feature_map = RandomFeatureMap(
+            self.head_dim,
+            num_features,
+            component=component,
+            weights=weights,
+            kernel=kernel,
+            num_heads=num_kv_heads,
+            seed=seed,
+            device=device,
+            **component_args,
+        )
 
     def project(self, x: torch.Tensor):
         """q ``[B, T, H, Dh]``, k and v ``[B, T, H_kv, Dh]`` of the input x ``[B, T, E]``."""
         kv = self.num_kv_heads * self.head_dim
         q, k, v = self.qkv(x).split((self.embed_dim, kv, kv), dim=-1)
-        return (q.unflatten(-1, (self.num_heads, self.head_dim)), k.unflatten(-1, (self.num_kv_heads, self.head_dim)),
-                v.unflatten(-1, (self.num_kv_heads, self.head_dim)))
+        return (
+            q.unflatten(-1, (self.num_heads, self.head_dim)),
+            k.unflatten(-1, (self.num_kv_heads, self.head_dim)),
+            v.unflatten(-1, (self.num_kv_heads, self.head_dim)),
+        )
 
-    def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None, initial_state=None,
-                output_final_state: bool = False):
+    def forward(
+        self,
+        x: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        initial_state=None,
+        output_final_state: bool = False,
+    ):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"SpectraAttention expects x of shape [B, T, {self.embed_dim}], got {shape}")
         B, T, _ = x.shape
         q, k, v = self.project(x)
-        out = rf_attention(q, k, v, self.feature_map, causal=self.causal, key_padding_mask=key_padding_mask,
-                           initial_state=initial_state, output_final_state=output_final_state, backend=self.backend)
+        out = rf_attention(
+            q,
+            k,
+            v,
+            self.feature_map,
+            causal=self.causal,
+            key_padding_mask=key_padding_mask,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            backend=self.backend,
+        )
         o, state = out if output_final_state else (out, None)
         y = self.out_proj(o.reshape(B, T, self.embed_dim))
         return (y, state) if output_final_state else y

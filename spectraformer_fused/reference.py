@@ -10,6 +10,7 @@ nothing, not even to the denominator, and do not move the maximum.
 Causal attention runs chunk by chunk (intra-chunk masked products plus the carried state), so memory
 stays O(T) and no T x T matrix is formed.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,9 +36,19 @@ def _apply(e, mult, shift):
     return phi if mult is None else phi * mult
 
 
-def reference_attention(q, k, v, params: FeatureParams, *, causal: bool = False, key_padding_mask=None,
-                        initial_state: RFState | None = None, output_final_state: bool = False,
-                        chunk_size: int = 64, cu_seqlens: torch.Tensor | None = None):
+def reference_attention(
+    q,
+    k,
+    v,
+    params: FeatureParams,
+    *,
+    causal: bool = False,
+    key_padding_mask=None,
+    initial_state: RFState | None = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+    cu_seqlens: torch.Tensor | None = None,
+):
     """Random-feature attention of q ``[B, T, H, D]``, k ``[B, T, H_kv, D]`` and v ``[B, T, H_kv, Dv]``.
 
     Grouped-query attention: query head h reads key/value head h // (H / H_kv) and its parameters; the
@@ -48,8 +59,18 @@ def reference_attention(q, k, v, params: FeatureParams, *, causal: bool = False,
     on its own, by definition (the oracle of the fused backends' packed kernels).
     """
     if cu_seqlens is not None:
-        return per_sequence(reference_attention, q, k, v, params, cu_seqlens.tolist(), causal=causal,
-                            initial_state=initial_state, output_final_state=output_final_state, chunk_size=chunk_size)
+        return per_sequence(
+            reference_attention,
+            q,
+            k,
+            v,
+            params,
+            cu_seqlens.tolist(),
+            causal=causal,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            chunk_size=chunk_size,
+        )
     B, T, H, _ = q.shape
     Hk = k.shape[2]
     G = H // Hk
@@ -58,17 +79,26 @@ def reference_attention(q, k, v, params: FeatureParams, *, causal: bool = False,
     root = math.sqrt(params.scale)
     # queries as [B, H_kv, G * T, D]: a group's queries in one row block (features are row-wise)
     x = (q.to(cdt) * root).transpose(1, 2).reshape(B, Hk, G * T, q.shape[-1])
-    y = (k.to(cdt) * root).transpose(1, 2)                       # [B, H_kv, T, D]
-    vv = v.to(cdt).transpose(1, 2)                                # [B, H_kv, T, Dv]
-    p = FeatureParams(params.kind, params.W.to(cdt), params.bias.to(cdt), params.freq.to(cdt),
-                      None if params.psi is None else params.psi.to(cdt), params.c_t, params.c_o,
-                      params.scale, params.num_features, params.feature_dim)
+    y = (k.to(cdt) * root).transpose(1, 2)  # [B, H_kv, T, D]
+    vv = v.to(cdt).transpose(1, 2)  # [B, H_kv, T, Dv]
+    p = FeatureParams(
+        params.kind,
+        params.W.to(cdt),
+        params.bias.to(cdt),
+        params.freq.to(cdt),
+        None if params.psi is None else params.psi.to(cdt),
+        params.c_t,
+        params.c_o,
+        params.scale,
+        params.num_features,
+        params.feature_dim,
+    )
     F = p.feature_dim
     if initial_state is None:
         S, z, m = empty_state(B, Hk, F, Dv, dtype=cdt, device=q.device)
     else:
         S, z, m = (t.to(cdt) for t in initial_state)
-    keep = None if key_padding_mask is None else key_padding_mask[:, None, :, None]   # [B, 1, T, 1]
+    keep = None if key_padding_mask is None else key_padding_mask[:, None, :, None]  # [B, 1, T, 1]
 
     def key_logits(lo, hi):
         ek, mk = _features(y[:, :, lo:hi], p, query=False)
@@ -84,19 +114,19 @@ def reference_attention(q, k, v, params: FeatureParams, *, causal: bool = False,
 
     def rescale(ek, S, z, m):
         """Move the state to the new running maximum of the key exponents; returns the shift to use."""
-        m_new = torch.maximum(m, ek.amax(dim=(-1, -2)).detach())   # [B, H_kv]
+        m_new = torch.maximum(m, ek.amax(dim=(-1, -2)).detach())  # [B, H_kv]
         shift = safe_log_scale(m_new)
-        alpha = torch.exp(m - shift)                               # 0 while the state is empty
+        alpha = torch.exp(m - shift)  # 0 while the state is empty
         return S * alpha[..., None, None], z * alpha[..., None], m_new, shift[:, :, None, None]
 
     if not causal:
         if T > 0:
             ek, mk = key_logits(0, T)
             S, z, m, shift = rescale(ek, S, z, m)
-            phik = _apply(ek, mk, shift)                          # [B, H_kv, T, F]
+            phik = _apply(ek, mk, shift)  # [B, H_kv, T, F]
             S = S + phik.transpose(-1, -2) @ vv
             z = z + phik.sum(-2)
-            phiq = query_features(0, T)                           # [B, H_kv, G, T, F]
+            phiq = query_features(0, T)  # [B, H_kv, G, T, F]
             o = (phiq @ S[:, :, None]) / safe_denominator(phiq @ z[:, :, None, :, None])
         else:
             o = vv.new_zeros(B, Hk, G, 0, Dv)
@@ -104,12 +134,12 @@ def reference_attention(q, k, v, params: FeatureParams, *, causal: bool = False,
         outs = []
         for lo in range(0, T, chunk_size):
             hi = min(lo + chunk_size, T)
-            vc = vv[:, :, None, lo:hi]                            # [B, H_kv, 1, c, Dv]
+            vc = vv[:, :, None, lo:hi]  # [B, H_kv, 1, c, Dv]
             ek, mk = key_logits(lo, hi)
             S, z, m, shift = rescale(ek, S, z, m)
-            phik = _apply(ek, mk, shift)                          # [B, H_kv, c, F]
-            phiq = query_features(lo, hi)                         # [B, H_kv, G, c, F]
-            scores = (phiq @ phik[:, :, None].transpose(-1, -2)).tril()   # [B, H_kv, G, c, c]: key j <= query t
+            phik = _apply(ek, mk, shift)  # [B, H_kv, c, F]
+            phiq = query_features(lo, hi)  # [B, H_kv, G, c, F]
+            scores = (phiq @ phik[:, :, None].transpose(-1, -2)).tril()  # [B, H_kv, G, c, c]: key j <= query t
             num = scores @ vc + phiq @ S[:, :, None]
             den = scores.sum(-1, keepdim=True) + phiq @ z[:, :, None, :, None]
             outs.append(num / safe_denominator(den))
@@ -120,8 +150,9 @@ def reference_attention(q, k, v, params: FeatureParams, *, causal: bool = False,
     return o, (RFState(S, z, m) if output_final_state else None)
 
 
-def per_sequence(attend, q, k, v, params: FeatureParams, offsets: list[int], *, causal, initial_state,
-                 output_final_state, **kwargs):
+def per_sequence(
+    attend, q, k, v, params: FeatureParams, offsets: list[int], *, causal, initial_state, output_final_state, **kwargs
+):
     """The packed-sequence semantics, by definition: ``attend`` (a backend function with
     ``reference_attention``'s signature) on every sequence ``offsets[i]:offsets[i + 1]`` of q, k, v
     ``[1, sum T_i, ., .]`` on its own, with row i of the parameters and of the initial state; outputs
@@ -130,17 +161,25 @@ def per_sequence(attend, q, k, v, params: FeatureParams, offsets: list[int], *, 
     outs, finals = [], []
     for i in range(n):
         a, b = offsets[i], offsets[i + 1]
-        init = None if initial_state is None else RFState(*(t[i:i + 1] for t in initial_state))
-        if a == b:          # an empty sequence: no output rows; its state passes through
+        init = None if initial_state is None else RFState(*(t[i : i + 1] for t in initial_state))
+        if a == b:  # an empty sequence: no output rows; its state passes through
             cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
             if init is None:
                 init = empty_state(1, k.shape[2], params.feature_dim, v.shape[-1], dtype=cdt, device=q.device)
             outs.append(v.new_empty(1, 0, q.shape[2], v.shape[-1]))
             finals.append(RFState(*(t.to(cdt) for t in init)))
             continue
-        o, final = attend(q[:, a:b], k[:, a:b], v[:, a:b], params.rows(i, i + 1), causal=causal,
-                          key_padding_mask=None, initial_state=init, output_final_state=output_final_state,
-                          **kwargs)
+        o, final = attend(
+            q[:, a:b],
+            k[:, a:b],
+            v[:, a:b],
+            params.rows(i, i + 1),
+            causal=causal,
+            key_padding_mask=None,
+            initial_state=init,
+            output_final_state=output_final_state,
+            **kwargs,
+        )
         outs.append(o)
         finals.append(final)
     o = torch.cat(outs, dim=1) if outs else v.new_empty(1, 0, q.shape[2], v.shape[-1])
@@ -155,6 +194,7 @@ def per_sequence(attend, q, k, v, params: FeatureParams, offsets: list[int], *, 
 # ----------------------------------------------------------------------------------------------------
 # Exact attention, for tests and the accuracy report
 # ----------------------------------------------------------------------------------------------------
+
 
 def exact_logits(q, k, *, kernel: str = "softmax", scale: float | None = None) -> torch.Tensor:
     """log K(q_i, k_j) ``[B, H, Tq, Tk]``: scale q.k (softmax) or -scale |q - k|^2 / 2 (gaussian)."""
@@ -171,8 +211,9 @@ def exact_kernel(q, k, *, kernel: str = "softmax", scale: float | None = None) -
     return torch.exp(exact_logits(q, k, kernel=kernel, scale=scale))
 
 
-def exact_attention(q, k, v, *, kernel: str = "softmax", causal: bool = False, scale: float | None = None,
-                    key_padding_mask=None) -> torch.Tensor:
+def exact_attention(
+    q, k, v, *, kernel: str = "softmax", causal: bool = False, scale: float | None = None, key_padding_mask=None
+) -> torch.Tensor:
     """Exact kernel attention (softmax attention for kernel="softmax"), O(T^2), ``[B, T, H, Dv]``.
     A query with no visible key gets 0. k, v may have H_kv heads dividing H (grouped-query attention:
     query head h reads key/value head h // (H / H_kv), as SDPA with enable_gqa)."""

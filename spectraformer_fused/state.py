@@ -1,4 +1,5 @@
 """The recurrent state of random-feature attention."""
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -22,9 +23,11 @@ class RFState(NamedTuple):
 
 
 def empty_state(B: int, H: int, F: int, Dv: int, *, dtype=torch.float32, device=None) -> RFState:
-    return RFState(torch.zeros(B, H, F, Dv, dtype=dtype, device=device),
-                   torch.zeros(B, H, F, dtype=dtype, device=device),
-                   torch.full((B, H), float("-inf"), dtype=dtype, device=device))
+    return RFState(
+        torch.zeros(B, H, F, Dv, dtype=dtype, device=device),
+        torch.zeros(B, H, F, dtype=dtype, device=device),
+        torch.full((B, H), float("-inf"), dtype=dtype, device=device),
+    )
 
 
 def safe_log_scale(m: torch.Tensor) -> torch.Tensor:

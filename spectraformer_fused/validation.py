@@ -1,4 +1,5 @@
 """Input validation shared by the functional API and the feature map: clear errors, never asserts."""
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,9 @@ def check_qk_pair(q, k, *, grouped: bool = False) -> None:
     if grouped and (q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]):
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in batch and head dim")
     if grouped and (k.shape[2] == 0 or q.shape[2] % k.shape[2]):
-        raise ValueError(f"the number of key/value heads ({k.shape[2]}) must divide the number of query heads "
-                         f"({q.shape[2]})")
+        raise ValueError(
+            f"the number of key/value heads ({k.shape[2]}) must divide the number of query heads ({q.shape[2]})"
+        )
 
 
 def resolve_scale(scale, head_dim: int) -> float:
@@ -109,7 +111,9 @@ def check_cu_seqlens(cu_seqlens, q, key_padding_mask) -> list[int]:
     if cu_seqlens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"cu_seqlens must be int32 or int64, got {cu_seqlens.dtype}")
     if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1:
-        raise ValueError(f"cu_seqlens must be 1-D [N + 1] with at least one element, got shape {tuple(cu_seqlens.shape)}")
+        raise ValueError(
+            f"cu_seqlens must be 1-D [N + 1] with at least one element, got shape {tuple(cu_seqlens.shape)}"
+        )
     if cu_seqlens.device != q.device:
         raise ValueError(f"cu_seqlens must be on {q.device} like q, got {cu_seqlens.device}")
     if q.shape[0] != 1:
@@ -121,7 +125,9 @@ def check_cu_seqlens(cu_seqlens, q, key_padding_mask) -> list[int]:
         raise ValueError(f"cu_seqlens must start at 0, got {offsets[0]}")
     bad = next((i for i in range(1, len(offsets)) if offsets[i] < offsets[i - 1]), None)
     if bad is not None:
-        raise ValueError(f"cu_seqlens must be non-decreasing, got {offsets[bad - 1]} then {offsets[bad]} at index {bad}")
+        raise ValueError(
+            f"cu_seqlens must be non-decreasing, got {offsets[bad - 1]} then {offsets[bad]} at index {bad}"
+        )
     if offsets[-1] != q.shape[1]:
         raise ValueError(f"cu_seqlens must end at the packed length {q.shape[1]}, got {offsets[-1]}")
     return offsets

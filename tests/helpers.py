@@ -1,5 +1,6 @@
 """Shared test vocabulary: ``Case`` (one attention configuration and its readable id) and comparison
 helpers (relative-RMS plus max-abs checks that print the worst mismatches)."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -33,6 +34,7 @@ class Case:
     ``B2-T37-H4-Hkv2-D24-Dv24-M16-gerf-A-0.1-s1-orf-softmax-causal-fp32-mask-init-final-sharedW-x0.5-chunk16``
     (shape, component and its arguments, weights, kernel, causality, dtype, then the flags that are set).
     """
+
     component: str = "posrf"
     causal: bool = False
     dtype: torch.dtype = torch.float32
@@ -60,10 +62,19 @@ class Case:
     @property
     def id(self) -> str:
         heads = f"H{self.H}" + ("" if self.H_kv is None else f"-Hkv{self.H_kv}")
-        parts = [f"B{self.B}-T{self.T}-{heads}-D{self.D}-Dv{self.Dv}-M{self.m}",
-                 component_id(self.component, self.args), self.weights, self.kernel, causal_id(self.causal), DTYPE_NAMES[self.dtype]]
-        parts += [n for n, on in (("mask", self.mask), ("init", self.init), ("final", self.final),
-                                  ("sharedW", self.shared)) if on]
+        parts = [
+            f"B{self.B}-T{self.T}-{heads}-D{self.D}-Dv{self.Dv}-M{self.m}",
+            component_id(self.component, self.args),
+            self.weights,
+            self.kernel,
+            causal_id(self.causal),
+            DTYPE_NAMES[self.dtype],
+        ]
+        parts += [
+            n
+            for n, on in (("mask", self.mask), ("init", self.init), ("final", self.final), ("sharedW", self.shared))
+            if on
+        ]
         if self.amp != 1.0:
             parts.append(f"x{self.amp:g}")
         if self.chunk is not None:
@@ -78,6 +89,7 @@ def case_id(case: Case) -> str:
     """``ids=`` of ``pytest.mark.parametrize`` over cases."""
     return case.id
 
+
 # (relative RMS, max abs relative to the reference's RMS) per dtype of the inputs.
 TOLERANCES = {
     torch.float64: (1e-10, 1e-8),
@@ -87,9 +99,17 @@ TOLERANCES = {
 }
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, *, name: str = "tensor",
-                 rtol: float | None = None, atol_rel: float | None = None, worst: int = 5,
-                 min_scale: float = 0.0) -> None:
+def assert_close(
+    actual: torch.Tensor,
+    expected: torch.Tensor,
+    dtype=None,
+    *,
+    name: str = "tensor",
+    rtol: float | None = None,
+    atol_rel: float | None = None,
+    worst: int = 5,
+    min_scale: float = 0.0,
+) -> None:
     """Fail if rel-RMS(actual - expected) > rtol or max|actual - expected| > atol_rel * RMS(expected).
 
     Errors are measured against ``max(RMS(expected), min_scale)``: a floor for tensors that are zero in
@@ -121,7 +141,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype=None, *, na
             rows.append(f"  at {where}: got {a.flatten()[i].item():.6g}, expected {e.flatten()[i].item():.6g}")
         raise AssertionError(
             f"{name}: rel-RMS {rel_rms:.3e} (tol {rtol:.1e}), max abs {max_abs:.3e} (tol {atol_rel * scale:.3e})\n"
-            + "\n".join(rows))
+            + "\n".join(rows)
+        )
 
 
 def assert_exponents_close(actual: torch.Tensor, expected: torch.Tensor, dtype, *, name: str = "exponent") -> None:
@@ -141,9 +162,11 @@ def assert_exponents_close(actual: torch.Tensor, expected: torch.Tensor, dtype, 
     if not torch.isfinite(a).all():
         raise AssertionError(f"{name}: {int((~torch.isfinite(a)).sum())} non-finite elements")
     diff = (a - e).abs()
-    tol = 2.0 ** -9 * (1.0 + e.abs().max().item())
+    tol = 2.0**-9 * (1.0 + e.abs().max().item())
     if diff.max().item() > tol:
         i = int(diff.flatten().argmax())
         where = tuple(int(c) for c in torch.unravel_index(torch.tensor(i), e.shape))
-        raise AssertionError(f"{name}: max abs error {diff.max().item():.3e} > {tol:.3e} at {where}: got "
-                             f"{a.flatten()[i].item():.6g}, expected {e.flatten()[i].item():.6g}")
+        raise AssertionError(
+            f"{name}: max abs error {diff.max().item():.3e} > {tol:.3e} at {where}: got "
+            f"{a.flatten()[i].item():.6g}, expected {e.flatten()[i].item():.6g}"
+        )

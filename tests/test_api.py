@@ -1,8 +1,9 @@
 """The public contract: names, shapes, the module, and a clear error for every bad input."""
+
 import pytest
 import torch
-
 from helpers import assert_close
+
 import spectraformer_fused as sf
 from spectraformer_fused import RandomFeatureMap, SpectraAttention, available_backends, rf_attention
 
@@ -49,7 +50,9 @@ def test_kernel_estimate_cross_lengths():
 @pytest.mark.parametrize("causal", [False, True])
 def test_spectra_attention_module(causal):
     torch.manual_seed(0)
-    layer = SpectraAttention(32, 4, num_features=16, component="oprf", weights="fastfood_learnable", causal=causal, seed=0)
+    layer = SpectraAttention(
+        32, 4, num_features=16, component="oprf", weights="fastfood_learnable", causal=causal, seed=0
+    )
     x = torch.randn(2, 10, 32)
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[1, 7:] = False
@@ -72,7 +75,7 @@ def test_spectra_attention_streaming_decode():
     full = layer(x)
     state, outs = None, []
     for t in range(9):
-        y, state = layer(x[:, t:t + 1], initial_state=state, output_final_state=True)
+        y, state = layer(x[:, t : t + 1], initial_state=state, output_final_state=True)
         outs.append(y)
     assert_close(torch.cat(outs, 1), full, torch.float32, name="token by token")
 
@@ -86,19 +89,22 @@ def fm8():
     return RandomFeatureMap(8, 16, num_heads=2, seed=0)
 
 
-@pytest.mark.parametrize("label, make, exc, words", [
-    ("q ndim", lambda q, k, v: (q[0], k, v), ValueError, "q must have 4 dims"),
-    ("k ndim", lambda q, k, v: (q, k[0], v), ValueError, "k must have 4 dims"),
-    ("v ndim", lambda q, k, v: (q, k, v[0]), ValueError, "v must have 4 dims"),
-    ("int q", lambda q, k, v: (q.long(), k.long(), v), TypeError, "int64"),
-    ("qk dtype", lambda q, k, v: (q, k.double(), v), TypeError, "same dtype"),
-    ("batch", lambda q, k, v: (q, k[:1], v), ValueError, "batch"),
-    ("length", lambda q, k, v: (q, k[:, :3], v), ValueError, "sequence length"),
-    ("heads", lambda q, k, v: (q, k[:, :, :1], v), ValueError, "heads"),
-    ("head dim", lambda q, k, v: (q, k[..., :4], v), ValueError, "head dim"),
-    ("v length", lambda q, k, v: (q, k, v[:, :3]), ValueError, "v"),
-    ("not tensor", lambda q, k, v: (q.tolist(), k, v), TypeError, "torch.Tensor"),
-])
+@pytest.mark.parametrize(
+    "label, make, exc, words",
+    [
+        ("q ndim", lambda q, k, v: (q[0], k, v), ValueError, "q must have 4 dims"),
+        ("k ndim", lambda q, k, v: (q, k[0], v), ValueError, "k must have 4 dims"),
+        ("v ndim", lambda q, k, v: (q, k, v[0]), ValueError, "v must have 4 dims"),
+        ("int q", lambda q, k, v: (q.long(), k.long(), v), TypeError, "int64"),
+        ("qk dtype", lambda q, k, v: (q, k.double(), v), TypeError, "same dtype"),
+        ("batch", lambda q, k, v: (q, k[:1], v), ValueError, "batch"),
+        ("length", lambda q, k, v: (q, k[:, :3], v), ValueError, "sequence length"),
+        ("heads", lambda q, k, v: (q, k[:, :, :1], v), ValueError, "heads"),
+        ("head dim", lambda q, k, v: (q, k[..., :4], v), ValueError, "head dim"),
+        ("v length", lambda q, k, v: (q, k, v[:, :3]), ValueError, "v"),
+        ("not tensor", lambda q, k, v: (q.tolist(), k, v), TypeError, "torch.Tensor"),
+    ],
+)
 def test_bad_tensors(label, make, exc, words):
     q, k, v = make(*_inputs())
     with pytest.raises(exc, match=words):

@@ -9,6 +9,7 @@
 * The notice before a build is printed once, for a forced rebuild and for the build ``backend="auto"``
   triggers on first need.
 """
+
 import json
 import os
 import shutil
@@ -19,11 +20,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import assert_close
 
 import spectraformer_fused
 from spectraformer_fused import RandomFeatureMap, rf_attention
-from spectraformer_fused.ops import build_cache, cpu as cpu_ops
-from helpers import assert_close
+from spectraformer_fused.ops import build_cache
+from spectraformer_fused.ops import cpu as cpu_ops
 
 ROOT = Path(spectraformer_fused.__file__).resolve().parent.parent
 
@@ -65,6 +67,7 @@ def cache(tmp_path, monkeypatch):
 
 # ---- the key ---------------------------------------------------------------------------------------------
 
+
 def test_key_ignores_location_and_follows_contents(tmp_path, monkeypatch):
     spec = cpu_ops.extension_spec()
     assert spec is not None, "the C++ sources were not found"
@@ -80,8 +83,7 @@ def test_key_ignores_location_and_follows_contents(tmp_path, monkeypatch):
     edited = copies[1]
     (edited.source_dir / spec.headers[0]).write_text((edited.source_dir / spec.headers[0]).read_text() + "\n// edit\n")
     assert build_cache.build_dir(edited) != home, "edited sources reuse the old build directory"
-    flags = spec.__class__(spec.name, spec.source_dir, spec.sources, spec.headers, spec.cflags + ("-g",),
-                           spec.ldflags)
+    flags = spec.__class__(spec.name, spec.source_dir, spec.sources, spec.headers, spec.cflags + ("-g",), spec.ldflags)
     assert build_cache.build_dir(flags) != home, "other compiler flags reuse the old build directory"
     monkeypatch.setattr(torch, "__version__", torch.__version__ + ".other")
     assert build_cache.build_dir(spec) != home, "another torch version reuses the old build directory"
@@ -91,9 +93,10 @@ def test_key_ignores_location_and_follows_contents(tmp_path, monkeypatch):
 
 # ---- builds, with a stand-in extension -------------------------------------------------------------------
 
+
 def test_installs_share_a_build_and_never_evict(tmp_path, cache, capfd):
     a = _standin(tmp_path / "venv/site-packages/pkg/csrc", 1, "sf_standin_share")
-    b = _standin(tmp_path / "checkout/csrc", 1, "sf_standin_share")      # same sources, elsewhere
+    b = _standin(tmp_path / "checkout/csrc", 1, "sf_standin_share")  # same sources, elsewhere
     c = _standin(tmp_path / "other-version/csrc", 2, "sf_standin_share")  # different sources
     notice = "building {dir}"
     assert build_cache.build_dir(a) == build_cache.build_dir(b) != build_cache.build_dir(c)
@@ -107,14 +110,15 @@ def test_installs_share_a_build_and_never_evict(tmp_path, cache, capfd):
     assert _binary_stamp(a) == stamp_a, "building other sources touched the first build"
     assert build_cache.build(a, notice=notice).VALUE == 1 and _binary_stamp(a) == stamp_a
     assert sorted(p.name for p in cache.iterdir()) == sorted(
-        {build_cache.build_dir(a).name, build_cache.build_dir(c).name})
+        {build_cache.build_dir(a).name, build_cache.build_dir(c).name}
+    )
     err = capfd.readouterr().err
     assert err.count("building ") == 1, f"the notice should be printed once per process:\n{err}"
 
 
 def test_forced_rebuild_prints_the_notice_once(tmp_path, cache, capfd):
     spec = _standin(tmp_path / "csrc", 7, "sf_standin_force")
-    assert build_cache.build(spec).VALUE == 7          # no notice text: builds silently
+    assert build_cache.build(spec).VALUE == 7  # no notice text: builds silently
     stamp = _binary_stamp(spec)
     capfd.readouterr()
     module = build_cache.build(spec, force=True, notice=cpu_ops.NOTICE)
@@ -133,7 +137,7 @@ def test_forced_rebuild_prints_the_notice_once(tmp_path, cache, capfd):
 def test_auto_builds_on_first_need_with_one_notice(tmp_path, monkeypatch, capfd):
     """backend="auto" on a CPU without a built extension compiles it (here: the compile step is replaced by
     the real module, already built) after the notice, once; available_backends() before it compiles nothing."""
-    real = cpu_ops._load()    # from the real cache, before the empty one is set
+    real = cpu_ops._load()  # from the real cache, before the empty one is set
     assert real is not None, f"the CPU extension did not build: {cpu_ops.extension_error()}"
     monkeypatch.setenv(build_cache.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(build_cache, "_noticed", set())
@@ -175,13 +179,22 @@ def test_concurrent_builds_compile_once(tmp_path, cache):
     waits on the build directory's lock (or finds the finished build), and both load the binary."""
     spec = _standin(tmp_path / "csrc", 3, "sf_standin_race")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    procs = [subprocess.Popen([sys.executable, "-c", RACE, str(spec.source_dir)], cwd=ROOT, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RACE, str(spec.source_dir)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     results = [p.communicate(timeout=300) + (p.returncode,) for p in procs]
     for out, err, rc in results:
         assert rc == 0 and out.strip().splitlines()[-1] == "3", err
     directory = build_cache.build_dir(spec)
-    log = (directory / ".ninja_log").read_text().splitlines()   # "start end mtime output hash" per step
+    log = (directory / ".ninja_log").read_text().splitlines()  # "start end mtime output hash" per step
     links = [line for line in log if len(line.split("\t")) == 5 and line.split("\t")[3].endswith(".so")]
     assert len(links) == 1, f"the binary was linked {len(links)} times:\n{links}"
     assert json.loads((directory / build_cache.MARKER).read_text())["module"] == spec.name
@@ -216,8 +229,14 @@ def fresh_process(tmp_path_factory):
     empty = tmp_path_factory.mktemp("empty-cache")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop(cpu_ops.SKIP_ENV, None)
-    proc = subprocess.run([sys.executable, "-c", PROBE, str(empty), str(build_cache.cache_root())], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", PROBE, str(empty), str(build_cache.cache_root())],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout.strip().splitlines()[-1]), empty, proc.stderr
 

@@ -4,17 +4,20 @@ backend's custom ops stay opaque; forward and backward match eager.
 On the CPU the "aot_eager" backend is used (the full graph is still captured and the backward traced by
 AOTAutograd; inductor's C++ code generation would only add minutes of compile time); on CUDA, inductor.
 """
+
 import copy
 
 import pytest
 import torch
-
 from helpers import assert_close
+
 from spectraformer_fused import ops
 from spectraformer_fused.modules import SpectraAttention
 
-BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(
-    not ops.triton_importable(), reason="triton is not installed"))]
+BACKENDS = [
+    "reference",
+    pytest.param("triton", marks=pytest.mark.skipif(not ops.triton_importable(), reason="triton is not installed")),
+]
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
@@ -24,11 +27,19 @@ def test_compile_matches_eager(backend, causal, device):
         pytest.skip("the triton backend needs CUDA or TRITON_INTERPRET=1")
     torch._dynamo.reset()
     torch.manual_seed(0)
-    eager = SpectraAttention(32, 2, num_features=16, component="oprf", weights="fastfood_learnable", causal=causal,
-                             seed=0, backend=backend, device=device).eval()
+    eager = SpectraAttention(
+        32,
+        2,
+        num_features=16,
+        component="oprf",
+        weights="fastfood_learnable",
+        causal=causal,
+        seed=0,
+        backend=backend,
+        device=device,
+    ).eval()
     compiled_module = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_module, fullgraph=True,
-                             backend="inductor" if device == "cuda" else "aot_eager")
+    compiled = torch.compile(compiled_module, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
     x = torch.randn(2, 37, 32, device=device)
     mask = torch.rand(2, 37, device=device) > 0.2
     outs = []
@@ -54,8 +65,7 @@ def test_compile_training_mode_updates_running_statistics(causal, device):
     torch.manual_seed(0)
     eager = SpectraAttention(32, 2, num_features=16, component="oprf", causal=causal, seed=0, device=device).train()
     compiled_module = copy.deepcopy(eager)
-    compiled = torch.compile(compiled_module, fullgraph=True,
-                             backend="inductor" if device == "cuda" else "aot_eager")
+    compiled = torch.compile(compiled_module, fullgraph=True, backend="inductor" if device == "cuda" else "aot_eager")
     for step in range(3):
         x = torch.randn(2, 21, 32, device=device)
         assert_close(compiled(x), eager(x), torch.float32, name=f"y at step {step}")

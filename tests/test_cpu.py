@@ -3,19 +3,29 @@
 The extension is built here if it is not cached yet: a build failure fails these tests (it is not a
 reason to skip them).
 """
+
 import pytest
 import torch
-
-from spectraformer_fused import RandomFeatureMap, RFState, available_backends, rf_attention
-from spectraformer_fused.ops import cpu as cpu_ops
 from helpers import Case, assert_close, case_id, causal_id
 
+from spectraformer_fused import RandomFeatureMap, available_backends, rf_attention
+from spectraformer_fused.ops import cpu as cpu_ops
+
 # every component (gerf with both signs s) x kernel x causal, fp32, masked
-COMPONENT_CASES = [Case(component, causal, kernel=kernel, B=2, T=100, H=2, D=24, Dv=40, m=32, mask=True, amp=0.5,
-                        args=args)
-                   for component, args in [("posrf", {}), ("hyprf", {}), ("trigrf", {}), ("gerf", {"A": -0.1, "s": 1}),
-                                           ("gerf", {"A": -0.1, "s": -1}), ("oprf", {}), ("saderf", {})]
-                   for kernel in ("softmax", "gaussian") for causal in (False, True)]
+COMPONENT_CASES = [
+    Case(component, causal, kernel=kernel, B=2, T=100, H=2, D=24, Dv=40, m=32, mask=True, amp=0.5, args=args)
+    for component, args in [
+        ("posrf", {}),
+        ("hyprf", {}),
+        ("trigrf", {}),
+        ("gerf", {"A": -0.1, "s": 1}),
+        ("gerf", {"A": -0.1, "s": -1}),
+        ("oprf", {}),
+        ("saderf", {}),
+    ]
+    for kernel in ("softmax", "gaussian")
+    for causal in (False, True)
+]
 
 
 def _inputs(B, T, H, D, Dv, dtype, *, seed=0, amp=1.0, vdtype=None):
@@ -27,8 +37,9 @@ def _inputs(B, T, H, D, Dv, dtype, *, seed=0, amp=1.0, vdtype=None):
 
 
 def _feature_map(component, args, D, m, H, *, kernel="softmax", weights="orf"):
-    return RandomFeatureMap(D, m, component=component, kernel=kernel, weights=weights, num_heads=H, seed=3,
-                            **args).eval()
+    return RandomFeatureMap(
+        D, m, component=component, kernel=kernel, weights=weights, num_heads=H, seed=3, **args
+    ).eval()
 
 
 def _both(q, k, v, fm, **kw):
@@ -72,9 +83,12 @@ def test_components_fp32(case):
     _check(cpu, ref, case.dtype, case.id)
 
 
-HALF_CASES = [Case(component, causal, dtype, B=2, T=77, H=2, D=32, Dv=32, m=64)
-              for component in ("posrf", "hyprf", "saderf") for causal in (False, True)
-              for dtype in (torch.bfloat16, torch.float16)]
+HALF_CASES = [
+    Case(component, causal, dtype, B=2, T=77, H=2, D=32, Dv=32, m=64)
+    for component in ("posrf", "hyprf", "saderf")
+    for causal in (False, True)
+    for dtype in (torch.bfloat16, torch.float16)
+]
 
 
 @pytest.mark.parametrize("case", HALF_CASES, ids=case_id)
@@ -86,14 +100,18 @@ def test_half_precision(case):
 
 
 # posrf at odd and even sizes, one shared W or one per head, masked (the first half of batch 0 masked) or not
-SHAPES = [Case("posrf", causal, B=B, T=T, H=H, D=D, Dv=Dv, m=m, shared=shared, mask=mask)
-          for B, T, H, D, Dv, m, shared, mask in [(1, 1, 1, 16, 16, 16, False, False),
-                                                  (1, 63, 3, 24, 8, 48, False, True),
-                                                  (2, 64, 2, 32, 32, 64, True, False),
-                                                  (2, 65, 4, 40, 24, 40, True, True),
-                                                  (1, 200, 2, 64, 64, 128, False, False),
-                                                  (3, 129, 1, 8, 72, 20, False, True)]
-          for causal in (False, True)]
+SHAPES = [
+    Case("posrf", causal, B=B, T=T, H=H, D=D, Dv=Dv, m=m, shared=shared, mask=mask)
+    for B, T, H, D, Dv, m, shared, mask in [
+        (1, 1, 1, 16, 16, 16, False, False),
+        (1, 63, 3, 24, 8, 48, False, True),
+        (2, 64, 2, 32, 32, 64, True, False),
+        (2, 65, 4, 40, 24, 40, True, True),
+        (1, 200, 2, 64, 64, 128, False, False),
+        (3, 129, 1, 8, 72, 20, False, True),
+    ]
+    for causal in (False, True)
+]
 
 
 @pytest.mark.parametrize("case", SHAPES, ids=case_id)
@@ -137,14 +155,13 @@ def test_initial_state(component, causal):
     B, T, H, D, Dv, m = 2, 90, 2, 16, 24, 32
     q, k, v = _inputs(B, T, H, D, Dv, torch.float32, amp=0.5)
     fm = _feature_map(component, {}, D, m, H)
-    _, s0 = rf_attention(q[:, :30], k[:, :30], v[:, :30], fm, causal=True, output_final_state=True,
-                         backend="reference")
+    _, s0 = rf_attention(q[:, :30], k[:, :30], v[:, :30], fm, causal=True, output_final_state=True, backend="reference")
     cpu, ref = _both(q[:, 30:], k[:, 30:], v[:, 30:], fm, causal=causal, initial_state=s0)
     _check(cpu, ref, torch.float32, f"{component} initial state causal={causal}")
-    legacy = rf_attention(q[:, 30:], k[:, 30:], v[:, 30:], fm, causal=causal, initial_state=(s0.S, s0.z),
-                          backend="cpu")
-    legacy_ref = rf_attention(q[:, 30:], k[:, 30:], v[:, 30:], fm, causal=causal,
-                              initial_state=(s0.S, s0.z), backend="reference")
+    legacy = rf_attention(q[:, 30:], k[:, 30:], v[:, 30:], fm, causal=causal, initial_state=(s0.S, s0.z), backend="cpu")
+    legacy_ref = rf_attention(
+        q[:, 30:], k[:, 30:], v[:, 30:], fm, causal=causal, initial_state=(s0.S, s0.z), backend="reference"
+    )
     assert_close(legacy, legacy_ref, torch.float32, name="(S, z) initial state")
 
 
@@ -155,12 +172,24 @@ def test_pieces_equal_one_pass():
     o_full, s_full = rf_attention(q, k, v, fm, causal=True, output_final_state=True, backend="cpu")
     state, outs = None, []
     for lo, hi in ((0, 1), (1, 70), (70, 71), (71, 150)):
-        o, state = rf_attention(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], fm, causal=True, initial_state=state,
-                                output_final_state=True, backend="cpu")
+        o, state = rf_attention(
+            q[:, lo:hi],
+            k[:, lo:hi],
+            v[:, lo:hi],
+            fm,
+            causal=True,
+            initial_state=state,
+            output_final_state=True,
+            backend="cpu",
+        )
         outs.append(o)
     assert_close(torch.cat(outs, 1), o_full, torch.float32, name="pieces o")
-    assert_close(state.S * state.log_scale.exp()[..., None, None], s_full.S * s_full.log_scale.exp()[..., None, None],
-                 torch.float32, name="pieces S")
+    assert_close(
+        state.S * state.log_scale.exp()[..., None, None],
+        s_full.S * s_full.log_scale.exp()[..., None, None],
+        torch.float32,
+        name="pieces S",
+    )
 
 
 def test_empty_sequence():
@@ -179,8 +208,16 @@ def test_decode_loop_equals_causal_pass(component):
     o_ref, s_ref = rf_attention(q, k, v, fm, causal=True, output_final_state=True, backend="reference")
     state, outs = None, []
     for t in range(T):
-        o, state = rf_attention(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], fm, causal=True,
-                                initial_state=state, output_final_state=True, backend="cpu")
+        o, state = rf_attention(
+            q[:, t : t + 1],
+            k[:, t : t + 1],
+            v[:, t : t + 1],
+            fm,
+            causal=True,
+            initial_state=state,
+            output_final_state=True,
+            backend="cpu",
+        )
         outs.append(o)
     assert_close(torch.cat(outs, 1), o_ref, torch.float32, name=f"{component} decode o")
     _check_log_scale(state.log_scale, s_ref.log_scale, "decode log_scale")
@@ -205,11 +242,20 @@ def test_thread_count_does_not_change_result():
 def _grads(backend, q, k, v, fm, S0, z0, causal):
     tensors = [t.detach().clone().requires_grad_(True) for t in (q, k, v, S0, z0)]
     fm.zero_grad()
-    o, s = rf_attention(*tensors[:3], fm, causal=causal, initial_state=(tensors[3], tensors[4]),
-                        output_final_state=True, backend=backend)
+    o, s = rf_attention(
+        *tensors[:3],
+        fm,
+        causal=causal,
+        initial_state=(tensors[3], tensors[4]),
+        output_final_state=True,
+        backend=backend,
+    )
     g = torch.Generator().manual_seed(9)
-    loss = (o * torch.randn(o.shape, generator=g)).sum() + (s.S * torch.randn(s.S.shape, generator=g)).sum() \
+    loss = (
+        (o * torch.randn(o.shape, generator=g)).sum()
+        + (s.S * torch.randn(s.S.shape, generator=g)).sum()
         + (s.z * torch.randn(s.z.shape, generator=g)).sum()
+    )
     loss.backward()
     params = [p.grad.clone() for p in fm.parameters()]
     return [t.grad for t in tensors] + params

@@ -5,8 +5,10 @@ of the CPU backend and of the reference, with row n of the parameters and of the
 final states and gradients, for every component, causal or not, with grouped-query attention and
 sequences of length 0 and 1.
 """
+
 import pytest
 import torch
+from helpers import assert_close
 
 from spectraformer_fused import RandomFeatureMap, RFState
 from spectraformer_fused.contract import DEN_EPS, FeatureParams
@@ -14,7 +16,6 @@ from spectraformer_fused.ops import cpu as cpu_ops
 from spectraformer_fused.ops.cpu import cpu_attention
 from spectraformer_fused.reference import reference_attention
 from spectraformer_fused.state import empty_state
-from helpers import assert_close
 
 LENGTHS = [37, 0, 1, 64, 70, 1, 0]
 
@@ -54,19 +55,32 @@ def _feature_map(component, args, D, m, Hk, weights="orf"):
 
 
 def _row(p: FeatureParams, n) -> FeatureParams:
-    pick = (lambda t: None if t is None else t[n:n + 1])
-    return FeatureParams(p.kind, p.W, pick(p.bias), pick(p.freq), pick(p.psi), p.c_t, p.c_o, p.scale,
-                         p.num_features, p.feature_dim)
+    pick = lambda t: None if t is None else t[n : n + 1]
+    return FeatureParams(
+        p.kind, p.W, pick(p.bias), pick(p.freq), pick(p.psi), p.c_t, p.c_o, p.scale, p.num_features, p.feature_dim
+    )
 
 
 def _params(fm, q, k, cu, *, causal, scale):
     """Per-sequence parameters (non-causal OPRF/SADERF statistics of each sequence), rows along dim 0."""
-    parts = [fm.feature_params(q[:, a:b], k[:, a:b], scale=scale, causal=causal, update_stats=False)
-             for a, b in zip(cu[:-1], cu[1:])]
-    cat = (lambda ts: None if ts[0] is None else torch.cat(ts, dim=0))
+    parts = [
+        fm.feature_params(q[:, a:b], k[:, a:b], scale=scale, causal=causal, update_stats=False)
+        for a, b in zip(cu[:-1], cu[1:])
+    ]
+    cat = lambda ts: None if ts[0] is None else torch.cat(ts, dim=0)
     p = parts[0]
-    return FeatureParams(p.kind, p.W, cat([x.bias for x in parts]), cat([x.freq for x in parts]),
-                         cat([x.psi for x in parts]), p.c_t, p.c_o, p.scale, p.num_features, p.feature_dim)
+    return FeatureParams(
+        p.kind,
+        p.W,
+        cat([x.bias for x in parts]),
+        cat([x.freq for x in parts]),
+        cat([x.psi for x in parts]),
+        p.c_t,
+        p.c_o,
+        p.scale,
+        p.num_features,
+        p.feature_dim,
+    )
 
 
 def _state(N, Hk, F, Dv, *, seed=4):
@@ -74,7 +88,7 @@ def _state(N, Hk, F, Dv, *, seed=4):
     S = 0.1 * torch.rand(N, Hk, F, Dv, generator=g)
     z = 0.1 * torch.rand(N, Hk, F, generator=g) + 0.05
     m = torch.randn(N, Hk, generator=g)
-    m[0, 0] = float("-inf")             # one empty initial state (S, z zero with it)
+    m[0, 0] = float("-inf")  # one empty initial state (S, z zero with it)
     S[0, 0] = 0
     z[0, 0] = 0
     return RFState(S, z, m)
@@ -83,9 +97,10 @@ def _state(N, Hk, F, Dv, *, seed=4):
 def _per_sequence(fn, q, k, v, params, cu, *, causal, state):
     outs, finals = [], []
     for n, (a, b) in enumerate(zip(cu[:-1], cu[1:])):
-        init = None if state is None else RFState(*(t[n:n + 1] for t in state))
-        o, s = fn(q[:, a:b], k[:, a:b], v[:, a:b], _row(params, n), causal=causal, initial_state=init,
-                  output_final_state=True)
+        init = None if state is None else RFState(*(t[n : n + 1] for t in state))
+        o, s = fn(
+            q[:, a:b], k[:, a:b], v[:, a:b], _row(params, n), causal=causal, initial_state=init, output_final_state=True
+        )
         outs.append(o)
         finals.append(s)
     return torch.cat(outs, dim=1), RFState(*(torch.cat(parts, dim=0) for parts in zip(*finals)))
@@ -120,17 +135,25 @@ def _compare_components(case, causal, with_state):
     q, k, v, cu_t = _packed(LENGTHS, H, Hk, D, Dv, torch.float32)
     cu = cu_t.tolist()
     fm = _feature_map(component, args, D, m, Hk)
-    params = _params(fm, q, k, cu, causal=causal, scale=D ** -0.5)
+    params = _params(fm, q, k, cu, causal=causal, scale=D**-0.5)
     state = _state(len(LENGTHS), Hk, fm.feature_dim, Dv) if with_state else None
     got = cpu_attention(q, k, v, params, causal=causal, initial_state=state, output_final_state=True, cu_seqlens=cu_t)
     tag = f"{component} causal={causal} state={with_state}"
-    _check(got, _per_sequence(cpu_attention, q, k, v, params, cu, causal=causal, state=state), torch.float32,
-           f"{tag} vs cpu per sequence")
-    _check(got, _per_sequence(reference_attention, q, k, v, params, cu, causal=causal, state=state),
-           torch.float32, f"{tag} vs reference per sequence")
-    for n in (1, 6):   # empty sequences: their final state is their initial state, or the empty state
-        want = empty_state(1, Hk, fm.feature_dim, Dv) if state is None else RFState(*(t[n:n + 1] for t in state))
-        assert all(torch.equal(a[n:n + 1], w) for a, w in zip(got[1], want)), f"{tag}: empty sequence {n}"
+    _check(
+        got,
+        _per_sequence(cpu_attention, q, k, v, params, cu, causal=causal, state=state),
+        torch.float32,
+        f"{tag} vs cpu per sequence",
+    )
+    _check(
+        got,
+        _per_sequence(reference_attention, q, k, v, params, cu, causal=causal, state=state),
+        torch.float32,
+        f"{tag} vs reference per sequence",
+    )
+    for n in (1, 6):  # empty sequences: their final state is their initial state, or the empty state
+        want = empty_state(1, Hk, fm.feature_dim, Dv) if state is None else RFState(*(t[n : n + 1] for t in state))
+        assert all(torch.equal(a[n : n + 1], w) for a, w in zip(got[1], want)), f"{tag}: empty sequence {n}"
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -141,11 +164,15 @@ def test_half_precision(component, causal, dtype):
     q, k, v, cu_t = _packed(LENGTHS, H, Hk, D, Dv, dtype, amp=1.0)
     cu = cu_t.tolist()
     fm = _feature_map(component, {}, D, m, Hk)
-    params = _params(fm, q, k, cu, causal=causal, scale=D ** -0.5)
+    params = _params(fm, q, k, cu, causal=causal, scale=D**-0.5)
     got = cpu_attention(q, k, v, params, causal=causal, output_final_state=True, cu_seqlens=cu_t)
     assert got[0].dtype == dtype
-    _check(got, _per_sequence(reference_attention, q, k, v, params, cu, causal=causal, state=None), dtype,
-           f"{component} {dtype} causal={causal}")
+    _check(
+        got,
+        _per_sequence(reference_attention, q, k, v, params, cu, causal=causal, state=None),
+        dtype,
+        f"{component} {dtype} causal={causal}",
+    )
 
 
 def test_params_expanded_over_sequences():
@@ -155,11 +182,25 @@ def test_params_expanded_over_sequences():
     fm = _feature_map("hyprf", {}, 16, 16, 2)
     p = fm.feature_params(q, k, scale=0.25, causal=True, update_stats=False)
     N = len(lengths)
-    wide = FeatureParams(p.kind, p.W, p.bias.expand(N, -1, -1), p.freq.expand(N, -1), None, p.c_t, p.c_o,
-                         p.scale, p.num_features, p.feature_dim)
+    wide = FeatureParams(
+        p.kind,
+        p.W,
+        p.bias.expand(N, -1, -1),
+        p.freq.expand(N, -1),
+        None,
+        p.c_t,
+        p.c_o,
+        p.scale,
+        p.num_features,
+        p.feature_dim,
+    )
     got = cpu_attention(q, k, v, wide, causal=True, output_final_state=True, cu_seqlens=cu_t)
-    _check(got, _per_sequence(reference_attention, q, k, v, wide, cu_t.tolist(), causal=True, state=None),
-           torch.float32, "expanded params")
+    _check(
+        got,
+        _per_sequence(reference_attention, q, k, v, wide, cu_t.tolist(), causal=True, state=None),
+        torch.float32,
+        "expanded params",
+    )
 
 
 @pytest.mark.parametrize("lengths", [[0], [0, 0], [1], [1, 0, 1]], ids=str)
@@ -170,8 +211,12 @@ def test_empty_and_single_token(lengths):
     state = _state(len(lengths), 1, fm.feature_dim, 8)
     got = cpu_attention(q, k, v, params, causal=True, initial_state=state, output_final_state=True, cu_seqlens=cu_t)
     assert got[0].shape == (1, sum(lengths), 2, 8) and got[1].S.shape == (len(lengths), 1, 16, 8)
-    _check(got, _per_sequence(reference_attention, q, k, v, params, cu_t.tolist(), causal=True, state=state),
-           torch.float32, f"lengths {lengths}")
+    _check(
+        got,
+        _per_sequence(reference_attention, q, k, v, params, cu_t.tolist(), causal=True, state=state),
+        torch.float32,
+        f"lengths {lengths}",
+    )
 
 
 def test_thread_count_does_not_change_result():
@@ -200,19 +245,26 @@ def _grads(varlen, q, k, v, fm, state, cu_t, causal):
     fm.zero_grad()
     params = _params(fm, lq, lk, cu, causal=causal, scale=0.25)
     if varlen:
-        o, s = cpu_attention(lq, lk, lv, params, causal=causal, initial_state=init, output_final_state=True,
-                             cu_seqlens=cu_t)
+        o, s = cpu_attention(
+            lq, lk, lv, params, causal=causal, initial_state=init, output_final_state=True, cu_seqlens=cu_t
+        )
     else:
         o, s = _per_sequence(reference_attention, lq, lk, lv, params, cu, causal=causal, state=init)
     g = torch.Generator().manual_seed(9)
-    loss = (o * torch.randn(o.shape, generator=g)).sum() + (s.S * torch.randn(s.S.shape, generator=g)).sum() \
+    loss = (
+        (o * torch.randn(o.shape, generator=g)).sum()
+        + (s.S * torch.randn(s.S.shape, generator=g)).sum()
         + (s.z * torch.randn(s.z.shape, generator=g)).sum()
+    )
     loss.backward()
     return [t.grad for t in leaves] + [p.grad.clone() for p in fm.parameters()]
 
 
-@pytest.mark.parametrize("component,causal", [("posrf", False), ("posrf", True), ("gerf", True), ("oprf", False)],
-                         ids=["posrf-noncausal", "posrf-causal", "gerf-causal", "oprf-noncausal"])
+@pytest.mark.parametrize(
+    "component,causal",
+    [("posrf", False), ("posrf", True), ("gerf", True), ("oprf", False)],
+    ids=["posrf-noncausal", "posrf-causal", "gerf-causal", "oprf-noncausal"],
+)
 def test_gradients_match_reference(component, causal):
     # The non-causal OPRF statistics of an empty sequence are NaN (a mean over no tokens), and so is the
     # gradient they pass to W: data-dependent components get no empty sequence here.
@@ -244,14 +296,23 @@ def test_state_parts_given_together():
     ext = cpu_ops._load()
     for parts in ((S, None, None), (S, z, None), (None, z, m), (S, None, m)):
         with pytest.raises(ValueError, match="S, z and log_scale"):
-            ext.forward(q, k, v, p.W, p.bias, p.freq, None, int(p.kind), p.c_t, p.c_o, p.scale, True, None, *parts,
-                        DEN_EPS)
+            ext.forward(
+                q, k, v, p.W, p.bias, p.freq, None, int(p.kind), p.c_t, p.c_o, p.scale, True, None, *parts, DEN_EPS
+            )
         with pytest.raises(ValueError, match="S, z and log_scale"):
             cpu_attention(q, k, v, p, causal=True, initial_state=RFState(*parts))
 
 
-@pytest.mark.parametrize("cu,match", [([0, 4, 7], "end at the packed length"), ([0, 5, 3, 8], "non-decreasing"),
-                                      ([1, 8], "start at 0"), ([8], r"\[N \+ 1\]")], ids=str)
+@pytest.mark.parametrize(
+    "cu,match",
+    [
+        ([0, 4, 7], "end at the packed length"),
+        ([0, 5, 3, 8], "non-decreasing"),
+        ([1, 8], "start at 0"),
+        ([8], r"\[N \+ 1\]"),
+    ],
+    ids=str,
+)
 def test_bad_offsets_rejected(cu, match):
     q, k, v, p = _dense_args()
     with pytest.raises(ValueError, match=match):
@@ -262,7 +323,17 @@ def test_param_rows_checked():
     q, k, v, cu_t = _packed([3, 5], 2, 2, 16, 8, torch.float32)
     fm = _feature_map("posrf", {}, 16, 16, 2)
     p = fm.feature_params(q, k, scale=0.25, causal=True, update_stats=False)
-    three = FeatureParams(p.kind, p.W, p.bias.expand(3, -1, -1), p.freq.expand(3, -1), None, p.c_t, p.c_o,
-                          p.scale, p.num_features, p.feature_dim)
+    three = FeatureParams(
+        p.kind,
+        p.W,
+        p.bias.expand(3, -1, -1),
+        p.freq.expand(3, -1),
+        None,
+        p.c_t,
+        p.c_o,
+        p.scale,
+        p.num_features,
+        p.feature_dim,
+    )
     with pytest.raises(ValueError, match="bias must be"):
         cpu_attention(q, k, v, three, causal=True, cu_seqlens=cu_t)

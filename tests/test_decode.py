@@ -1,11 +1,12 @@
 """Decoding: the token-independent parameters are kept between calls and rebuilt when their sources change;
 rf_attention and SpectraAttention decode token by token as one pass does."""
+
 import copy
 
 import pytest
 import torch
-
 from helpers import assert_close
+
 from spectraformer_fused import RandomFeatureMap, SpectraAttention, available_backends, rf_attention
 
 D = 8
@@ -45,12 +46,21 @@ def _redraw(fm):
 
 
 def _load_other(fm):
-    fm.load_state_dict(RandomFeatureMap(D, 12, component=fm.component, weights=fm.weight_name, num_heads=2,
-                                        seed=11, **({"A": -0.1} if fm.component == "gerf" else {})).state_dict())
+    fm.load_state_dict(
+        RandomFeatureMap(
+            D,
+            12,
+            component=fm.component,
+            weights=fm.weight_name,
+            num_heads=2,
+            seed=11,
+            **({"A": -0.1} if fm.component == "gerf" else {}),
+        ).state_dict()
+    )
 
 
 def _round_trip_half(fm):
-    fm.to(torch.float16).to(torch.float32)      # new storage each time; W rounded to fp16
+    fm.to(torch.float16).to(torch.float32)  # new storage each time; W rounded to fp16
 
 
 def _set_A(fm):
@@ -65,12 +75,27 @@ def _sgd_step(fm):
     opt.step()
 
 
-@pytest.mark.parametrize("change, weights", [(_redraw, "orf"), (_redraw, "fastfood_learnable"),
-                                             (_load_other, "orf"), (_round_trip_half, "gaussian"),
-                                             (_set_A, "orf"), (_sgd_step, "learnable"),
-                                             (_sgd_step, "fastfood_learnable")],
-                         ids=["redraw", "redraw-learnable", "load_state_dict", "to-dtype", "gerf-A", "optimizer-step",
-                              "optimizer-step-fastfood"])
+@pytest.mark.parametrize(
+    "change, weights",
+    [
+        (_redraw, "orf"),
+        (_redraw, "fastfood_learnable"),
+        (_load_other, "orf"),
+        (_round_trip_half, "gaussian"),
+        (_set_A, "orf"),
+        (_sgd_step, "learnable"),
+        (_sgd_step, "fastfood_learnable"),
+    ],
+    ids=[
+        "redraw",
+        "redraw-learnable",
+        "load_state_dict",
+        "to-dtype",
+        "gerf-A",
+        "optimizer-step",
+        "optimizer-step-fastfood",
+    ],
+)
 def test_rebuilt_when_a_source_changes(change, weights):
     fm = RandomFeatureMap(D, 12, component="gerf", weights=weights, num_heads=2, seed=0, A=-0.1)
     q, k = _qk()
@@ -105,7 +130,7 @@ def test_learnable_weights_under_autograd():
     q, k = _qk()
     v = torch.randn(2, 5, 2, 4)
     with torch.no_grad():
-        _params(fm, q, k)                                         # an entry made without grad
+        _params(fm, q, k)  # an entry made without grad
     for _ in range(2):
         fm.zero_grad()
         rf_attention(q, k, v, fm, causal=True, backend="reference").pow(2).sum().backward()
@@ -131,8 +156,16 @@ def test_rf_attention_token_by_token(backend):
         o, final = rf_attention(q, k, v, fm, causal=True, output_final_state=True, backend=backend)
         state, steps = None, []
         for t in range(T):
-            ot, state = rf_attention(q[:, t:t + 1], k[:, t:t + 1], v[:, t:t + 1], fm, causal=True, initial_state=state,
-                                     output_final_state=True, backend=backend)
+            ot, state = rf_attention(
+                q[:, t : t + 1],
+                k[:, t : t + 1],
+                v[:, t : t + 1],
+                fm,
+                causal=True,
+                initial_state=state,
+                output_final_state=True,
+                backend=backend,
+            )
             steps.append(ot)
     assert_close(torch.cat(steps, 1), o, name="o")
     assert_close(state.S, final.S, name="S")
@@ -144,8 +177,9 @@ def test_spectra_attention_decodes_incrementally(component, kv_heads, backend):
     """Prompt in one call, then one token per call carrying the state: the outputs of one pass. OPRF and
     SADERF decode in eval mode, with running statistics gathered in training mode before."""
     torch.manual_seed(0)
-    layer = SpectraAttention(32, 4, num_kv_heads=kv_heads, num_features=16, component=component, causal=True,
-                             seed=0, backend=backend)
+    layer = SpectraAttention(
+        32, 4, num_kv_heads=kv_heads, num_features=16, component=component, causal=True, seed=0, backend=backend
+    )
     x = torch.randn(2, 12, 32)
     if layer.feature_map.spec.data_dependent:
         layer.train()
@@ -158,7 +192,7 @@ def test_spectra_attention_decodes_incrementally(component, kv_heads, backend):
         yp, state = layer(x[:, :5], output_final_state=True)
         outs = [yp]
         for t in range(5, 12):
-            yt, state = layer(x[:, t:t + 1], initial_state=state, output_final_state=True)
+            yt, state = layer(x[:, t : t + 1], initial_state=state, output_final_state=True)
             outs.append(yt)
     assert_close(torch.cat(outs, 1), y, name="y")
     assert_close(state.S, final.S, name="S")

@@ -8,6 +8,7 @@ the learnable weights (summed over ranks). ``run_local`` starts the processes: t
 store in a temporary directory (no port to choose), collectives time out, the processes are always
 joined or killed, and a worker's exception fails the test with its traceback.
 """
+
 from __future__ import annotations
 
 import copy
@@ -15,8 +16,8 @@ import copy
 import pytest
 import torch
 import torch.distributed as dist
-
 from helpers import assert_close
+
 import spectraformer_fused as sf
 from spectraformer_fused import RandomFeatureMap, RFState, rf_attention
 from spectraformer_fused.distributed import (
@@ -48,8 +49,11 @@ def _full_inputs(case: int, T: int, masked: bool, with_state: bool, F: int, hk: 
     mask = (torch.rand(B, T, generator=g) < 0.7) if masked else None
     state = None
     if with_state:
-        state = RFState(torch.rand(B, hk, F, DV, generator=g, dtype=F64),
-                        torch.rand(B, hk, F, generator=g, dtype=F64) + 0.5, torch.randn(B, hk, generator=g, dtype=F64))
+        state = RFState(
+            torch.rand(B, hk, F, DV, generator=g, dtype=F64),
+            torch.rand(B, hk, F, generator=g, dtype=F64) + 0.5,
+            torch.randn(B, hk, generator=g, dtype=F64),
+        )
     go = torch.randn(B, T, H, DV, generator=g, dtype=F64)
     gS = torch.randn(B, hk, F, DV, generator=g, dtype=F64)
     return q, k, v, mask, state, go, gS
@@ -69,39 +73,62 @@ def _run_case(case, component, causal, masked, group, sizes, rank, hk=H):
     attention when below H); returns nothing, raises on mismatch."""
     world = len(sizes)
     kernel = "gaussian" if case % 3 == 0 else "softmax"
-    fm = RandomFeatureMap(D, M, component=component, weights=_WEIGHTS[case % 3], kernel=kernel, num_heads=hk,
-                          seed=case, dtype=F64)
+    fm = RandomFeatureMap(
+        D, M, component=component, weights=_WEIGHTS[case % 3], kernel=kernel, num_heads=hk, seed=case, dtype=F64
+    )
     data_dependent = fm.spec.data_dependent
-    fm.train(data_dependent)                      # training mode: running statistics updated (and compared)
+    fm.train(data_dependent)  # training mode: running statistics updated (and compared)
     single = copy.deepcopy(fm)
     with_state = case % 2 == 1
     q, k, v, mask, state, go, gS = _full_inputs(case, sum(sizes), masked, with_state, fm.feature_dim, hk)
     sl = _split(sizes, rank)
     tag = f"case {case} {component} causal={causal} mask={masked} state={with_state} H_kv={hk} w={world} rank={rank}"
-    for step in range(2 if data_dependent else 1):   # step 1 uses the running statistics step 0 gathered
+    for step in range(2 if data_dependent else 1):  # step 1 uses the running statistics step 0 gathered
         for mod in (fm, single):
             mod.zero_grad(set_to_none=True)
         # one process, whole sequence
         qs, ks, vs = _leaf(q), _leaf(k), _leaf(v)
         st = None if state is None else RFState(_leaf(state.S), _leaf(state.z), state.log_scale)
-        o_ref, fin_ref = rf_attention(qs, ks, vs, single, causal=causal, key_padding_mask=mask, initial_state=st,
-                                      output_final_state=True, backend="reference")
+        o_ref, fin_ref = rf_attention(
+            qs,
+            ks,
+            vs,
+            single,
+            causal=causal,
+            key_padding_mask=mask,
+            initial_state=st,
+            output_final_state=True,
+            backend="reference",
+        )
         ((o_ref * go).sum() + (fin_ref.S * gS).sum()).backward()
         # this rank's slice
         ql, kl, vl = _leaf(q[:, sl]), _leaf(k[:, sl]), _leaf(v[:, sl])
         stl = None if state is None else RFState(_leaf(state.S), _leaf(state.z), state.log_scale)
-        o, fin = context_parallel_rf_attention(ql, kl, vl, fm, group=group, causal=causal,
-                                               key_padding_mask=None if mask is None else mask[:, sl],
-                                               initial_state=stl, output_final_state=True, backend="reference")
+        o, fin = context_parallel_rf_attention(
+            ql,
+            kl,
+            vl,
+            fm,
+            group=group,
+            causal=causal,
+            key_padding_mask=None if mask is None else mask[:, sl],
+            initial_state=stl,
+            output_final_state=True,
+            backend="reference",
+        )
         loss = (o * go[:, sl]).sum()
-        if rank == world - 1:                         # the final state enters the total loss once
+        if rank == world - 1:  # the final state enters the total loss once
             loss = loss + (fin.S * gS).sum()
         loss.backward()
         where = f"{tag} step={step}"
         assert_close(o, o_ref[:, sl], F64, name=f"o ({where})")
         for name, a, e in zip(("S", "z", "log_scale"), fin, fin_ref):
-            assert_close(a.masked_fill(torch.isneginf(a), 0), e.masked_fill(torch.isneginf(e), 0), F64,
-                         name=f"final {name} ({where})")
+            assert_close(
+                a.masked_fill(torch.isneginf(a), 0),
+                e.masked_fill(torch.isneginf(e), 0),
+                F64,
+                name=f"final {name} ({where})",
+            )
         for name, a, e in (("dq", ql, qs), ("dk", kl, ks), ("dv", vl, vs)):
             assert_close(_grad(a), e.grad[:, sl], F64, name=f"{name} ({where})")
         if state is not None and rank == 0:
@@ -124,7 +151,7 @@ def _check_context_parallel(group, rank, world):
                 sizes = sizes_list[case % len(sizes_list)]
                 _run_case(case, component, causal, masked, group, sizes, rank)
                 case += 1
-    for component in ("posrf", "oprf", "saderf"):       # grouped-query (here multi-query) attention
+    for component in ("posrf", "oprf", "saderf"):  # grouped-query (here multi-query) attention
         for causal in (True, False):
             _run_case(case, component, causal, True, group, sizes_list[case % len(sizes_list)], rank, hk=1)
             case += 1
@@ -145,7 +172,7 @@ def _check_communication(group, rank, world):
 
 def _check_redraw(rank, world):
     for weights in ("orf", "learnable"):
-        fm = RandomFeatureMap(D, M, weights=weights, num_heads=H, seed=100 + rank)   # a different W per rank
+        fm = RandomFeatureMap(D, M, weights=weights, num_heads=H, seed=100 + rank)  # a different W per rank
         fm.redraw()
         W = fm.projection().detach().contiguous()
         every = [torch.empty_like(W) for _ in range(world)]
@@ -172,13 +199,17 @@ def _check_sync_stats(rank, world):
             rf_attention(q, k, v, single, causal=causal, key_padding_mask=mask)
             rf_attention(q[sl], k[sl], v[sl], fm, causal=causal, key_padding_mask=mask[sl])
             for name, buf in fm.named_buffers():
-                assert_close(buf.double(), single.get_buffer(name).double(), torch.float32,
-                             name=f"{component} heads={heads} step {step}: synced {name} on rank {rank}")
+                assert_close(
+                    buf.double(),
+                    single.get_buffer(name).double(),
+                    torch.float32,
+                    name=f"{component} heads={heads} step {step}: synced {name} on rank {rank}",
+                )
 
 
 def _worker(rank: int, world: int) -> None:
     torch.set_num_threads(1)
-    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]    # every rank creates every group
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]  # every rank creates every group
     pair = pairs[rank // 2]
     for group, grank, gworld in ((None, rank, world), (pair, rank % 2, 2)):
         _check_context_parallel(group, grank, gworld)
@@ -193,6 +224,7 @@ def test_distributed_world_4_and_2():
 
 
 # -- in this process: errors and the single-process fallbacks ---------------------------------------
+
 
 def test_context_parallel_needs_a_process_group():
     fm = RandomFeatureMap(D, M, seed=0)
@@ -210,8 +242,8 @@ def test_convert_sync_stats():
     plain = RandomFeatureMap(D, M, component="posrf", seed=0)
     assert convert_sync_stats(layer) is layer
     assert isinstance(layer.feature_map.stats_sync, RunningStatsAllReduce)
-    assert convert_sync_stats(plain).stats_sync is None        # nothing to synchronise
-    copy.deepcopy(layer)                                       # the hook survives a deep copy
+    assert convert_sync_stats(plain).stats_sync is None  # nothing to synchronise
+    copy.deepcopy(layer)  # the hook survives a deep copy
     with pytest.raises(TypeError, match="nn.Module"):
         convert_sync_stats("not a module")
     # No process group: the local statistics, as without the hook.

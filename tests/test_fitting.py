@@ -1,15 +1,23 @@
 """Fitting feature maps to softmax attention: the loss against the reference, its chunk bound, where its
 gradients go, the hedgehog component's routing, and fits that beat uniform attention on held-out data."""
+
 import math
 
 import pytest
 import torch
+from helpers import assert_close
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import assert_close
 import spectraformer_fused as sf
-from spectraformer_fused import (RandomFeatureMap, SpectraAttention, attention_distillation_loss, distill,
-                                 exact_attention, fit_feature_map, rf_attention)
+from spectraformer_fused import (
+    RandomFeatureMap,
+    SpectraAttention,
+    attention_distillation_loss,
+    distill,
+    exact_attention,
+    fit_feature_map,
+    rf_attention,
+)
 from spectraformer_fused.reference import exact_logits
 
 
@@ -43,7 +51,7 @@ def masks_for(case, B, T):
     if case != "mask":
         return None
     mask = torch.ones(B, T, dtype=torch.bool)
-    mask[0, T - 5:] = False
+    mask[0, T - 5 :] = False
     mask[1, :3] = False
     return mask
 
@@ -60,7 +68,7 @@ def test_mse_loss_equals_reference_attention(component, case):
     got = attention_distillation_loss(fm, q, k, v, causal=causal, key_padding_mask=mask, loss="mse", chunk_size=8)
     o = rf_attention(q, k, v, fm, causal=causal, key_padding_mask=mask, backend="reference")
     ref = exact_attention(q, k, v, causal=causal, key_padding_mask=mask)
-    rows = torch.ones(B, T, dtype=torch.bool) if mask is None else mask        # padded queries left out
+    rows = torch.ones(B, T, dtype=torch.bool) if mask is None else mask  # padded queries left out
     want = (o - ref).pow(2).mean(-1)[rows].mean()
     assert_close(got, want, torch.float64, name="mse loss")
 
@@ -81,7 +89,7 @@ def test_kl_loss_equals_full_matrix_kl(component, case):
         vis = vis & torch.ones(T, T, dtype=torch.bool).tril()
     if mask is not None:
         vis = vis & mask[:, None, None, :] & mask[:, None, :, None]
-    kern = fm.kernel_estimate(q, k).masked_fill(~vis, 0.0)                  # [B, H, T, T]
+    kern = fm.kernel_estimate(q, k).masked_fill(~vis, 0.0)  # [B, H, T, T]
     qrow = kern / kern.sum(-1, keepdim=True)
     logp = torch.log_softmax(exact_logits(q, k).masked_fill(~vis, float("-inf")), -1)
     p = logp.exp()
@@ -109,8 +117,9 @@ def test_grouped_query_loss_equals_repeating_k_by_hand(component, loss, case):
     causal, mask = case == "causal", masks_for(case, B, T)
     args = dict(causal=causal, key_padding_mask=mask, loss=loss, chunk_size=6, scale=0.3)
     got = attention_distillation_loss(fm, q, k, v, **args)
-    want = attention_distillation_loss(full, q, k.repeat_interleave(H // Hk, dim=2),
-                                       v.repeat_interleave(H // Hk, dim=2), **args)
+    want = attention_distillation_loss(
+        full, q, k.repeat_interleave(H // Hk, dim=2), v.repeat_interleave(H // Hk, dim=2), **args
+    )
     assert_close(got, want, torch.float64, name=f"{loss} loss")
     params = [p for p in fm.parameters() if p.requires_grad]
     full_params = [p for p in full.parameters() if p.requires_grad]
@@ -135,21 +144,22 @@ class _LargestOutput(TorchDispatchMode):
 
 @pytest.mark.parametrize("causal,kv_heads", [(False, 2), (True, 2), (True, 1)])
 def test_loss_never_forms_a_T_by_T_block(causal, kv_heads):
-    B, T, H, D, m, chunk = 1, 128, 2, 8, 8, 16                           # F = 2m = chunk
+    B, T, H, D, m, chunk = 1, 128, 2, 8, 8, 16  # F = 2m = chunk
     q, k, v = structured_qkv(0, B=B, T=T, H=H, D=D)
-    k, v = k[:, :, :kv_heads], v[:, :, :kv_heads]                         # kv_heads < H: grouped-query
+    k, v = k[:, :, :kv_heads], v[:, :, :kv_heads]  # kv_heads < H: grouped-query
     mask = torch.ones(B, T, dtype=torch.bool)
     mask[0, -3:] = False
-    bound = B * H * max(chunk * T, T * 2 * m, T * D)                     # one chunk's block, the key features
+    bound = B * H * max(chunk * T, T * 2 * m, T * D)  # one chunk's block, the key features
     assert bound * 4 <= B * H * T * T
-    with _LargestOutput() as probe:                                      # the probe itself sees a T x T block
+    with _LargestOutput() as probe:  # the probe itself sees a T x T block
         exact_attention(q, k, v, causal=causal)
     assert probe.largest >= B * H * T * T
     fm = RandomFeatureMap(D, m, component="hyprf", weights="fastfood_learnable", num_heads=kv_heads, seed=0)
     for loss in ("kl", "mse"):
         with _LargestOutput() as probe:
-            value = attention_distillation_loss(fm, q, k, v, causal=causal, key_padding_mask=mask, loss=loss,
-                                                chunk_size=chunk)
+            value = attention_distillation_loss(
+                fm, q, k, v, causal=causal, key_padding_mask=mask, loss=loss, chunk_size=chunk
+            )
             value.backward()
         assert probe.largest <= bound, f"{loss}: a tensor of {probe.largest} elements (bound {bound})"
         assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fm.parameters())
@@ -161,16 +171,17 @@ def test_gradients_flow_only_into_learnable_parameters():
     q0, k0 = q.clone(), k.clone()
     q.requires_grad_(True)
     k.requires_grad_(True)
-    for component, weights, learnable in [("hedgehog", "fastfood_learnable", {"log_weight", "weights.B", "weights.G",
-                                                                               "weights.S"}),
-                                          ("oprf", "learnable", {"weights.weight"})]:
+    for component, weights, learnable in [
+        ("hedgehog", "fastfood_learnable", {"log_weight", "weights.B", "weights.G", "weights.S"}),
+        ("oprf", "learnable", {"weights.weight"}),
+    ]:
         fm = RandomFeatureMap(D, 12, component=component, weights=weights, num_heads=H, seed=0)
         buffers = {name: b.clone() for name, b in fm.named_buffers()}
         attention_distillation_loss(fm, q, k, causal=True).backward()
         assert {name for name, p in fm.named_parameters() if p.grad is not None} == learnable
         assert all(torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0 for p in fm.parameters())
         assert all(not b.requires_grad and b.grad is None for b in fm.buffers())
-        for name, b in fm.named_buffers():                      # running statistics are not touched
+        for name, b in fm.named_buffers():  # running statistics are not touched
             assert torch.equal(b, buffers[name]), name
     assert q.grad is None and k.grad is None
     assert torch.equal(q.detach(), q0) and torch.equal(k.detach(), k0)
@@ -192,7 +203,7 @@ def test_fit_on_one_batch_beats_uniform_on_a_held_out_batch(component, weights):
     with torch.no_grad():
         after = rel_err(rf_attention(qh, kh, vh, fm, backend="reference"), ref, vh)
     assert len(curve) == 60 and curve[-1] < 0.5 * curve[0]
-    assert before > 0.75 * uniform, (before, uniform)             # random features: about uniform's error
+    assert before > 0.75 * uniform, (before, uniform)  # random features: about uniform's error
     assert after < 0.85 * uniform and after < 0.95 * before, (before, after, uniform)
 
 
@@ -204,21 +215,27 @@ def test_hedgehog_routes_to_the_reference():
         with pytest.raises(ValueError, match="per key"):
             rf_attention(q, k, v, fm, backend=backend)
     for causal in (False, True):
-        assert_close(rf_attention(q, k, v, fm, causal=causal),
-                     rf_attention(q, k, v, fm, causal=causal, backend="reference"), torch.float32, name="auto")
+        assert_close(
+            rf_attention(q, k, v, fm, causal=causal),
+            rf_attention(q, k, v, fm, causal=causal, backend="reference"),
+            torch.float32,
+            name="auto",
+        )
 
 
 def test_distill_fits_every_layer_and_freezes_the_rest():
     torch.manual_seed(0)
     E, H = 32, 2
     model = torch.nn.Sequential(
-        SpectraAttention(E, H, num_features=16, component="hyprf", weights="learnable", causal=True, seed=0,
-                         num_kv_heads=1),
+        SpectraAttention(
+            E, H, num_features=16, component="hyprf", weights="learnable", causal=True, seed=0, num_kv_heads=1
+        ),
         torch.nn.GELU(),
-        SpectraAttention(E, H, num_features=16, component="hedgehog", weights="fastfood_learnable", seed=1))
-    with torch.no_grad():                          # peaked attention: larger query/key projections
+        SpectraAttention(E, H, num_features=16, component="hedgehog", weights="fastfood_learnable", seed=1),
+    )
+    with torch.no_grad():  # peaked attention: larger query/key projections
         for layer in (model[0], model[2]):
-            layer.qkv.weight[:E + layer.num_kv_heads * layer.head_dim] *= 4.0
+            layer.qkv.weight[: E + layer.num_kv_heads * layer.head_dim] *= 4.0
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if ".feature_map." not in n}
     fitted = {n: p.detach().clone() for n, p in model.named_parameters() if ".feature_map." in n}
     batches = [torch.randn(2, 24, E) for _ in range(2)]

@@ -7,6 +7,7 @@ launch. ``bench/compile_check.py`` compiles each kernel specialisation that the 
 few small cases, for sm_90, with Triton's own compiler and ptxas; ``--check`` fails on a compile error or
 on shared memory beyond the target's limit.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -31,16 +32,30 @@ def _nvidia_backend() -> bool:
 @pytest.mark.skipif(not _nvidia_backend(), reason="Triton's NVIDIA backend (ptxas) is not installed")
 def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
-    proc = subprocess.run([sys.executable, "-m", "bench.compile_check", "--cases", "small", "--arch", "90",
-                           "--check", "--jobs", "2"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.compile_check", "--cases", "small", "--arch", "90", "--check", "--jobs", "2"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     print(proc.stdout[-6000:])
     print(proc.stderr[-3000:])
     assert proc.returncode == 0, "a kernel failed to compile for sm_90 or exceeds its shared memory (table above)"
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| _rf_")]
     names = {row.split("|")[1].strip() for row in rows}
     # both phases of the forward, the causal and non-causal backward, the chunk mode: every kernel of the package
-    assert names == {"_rf_stats_fwd_kernel", "_rf_fwd_kernel", "_rf_bwd_dq_kernel", "_rf_bwd_dkv_kernel",
-                     "_rf_bwd_dstate_kernel", "_rf_chunk_state_kernel", "_rf_chunk_scan_kernel",
-                     "_rf_chunk_fwd_kernel", "_rf_chunk_bwd_dstate_kernel", "_rf_chunk_bwd_dq_kernel",
-                     "_rf_chunk_bwd_dkv_kernel"}, names
+    assert names == {
+        "_rf_stats_fwd_kernel",
+        "_rf_fwd_kernel",
+        "_rf_bwd_dq_kernel",
+        "_rf_bwd_dkv_kernel",
+        "_rf_bwd_dstate_kernel",
+        "_rf_chunk_state_kernel",
+        "_rf_chunk_scan_kernel",
+        "_rf_chunk_fwd_kernel",
+        "_rf_chunk_bwd_dstate_kernel",
+        "_rf_chunk_bwd_dq_kernel",
+        "_rf_chunk_bwd_dkv_kernel",
+    }, names

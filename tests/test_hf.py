@@ -2,6 +2,7 @@
 
 Decoding with RFCache is checked against generation recomputed from scratch without any cache, and each
 converted layer against rf_attention applied by hand to the layer's own projections."""
+
 from __future__ import annotations
 
 import copy
@@ -11,14 +12,14 @@ import torch
 
 pytest.importorskip("transformers")
 
+from helpers import assert_close  # noqa: E402
 from transformers import BertConfig, BertModel, DynamicCache, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb  # noqa: E402
 
 import spectraformer_fused as sf  # noqa: E402
-from spectraformer_fused.fitting import record_attention_inputs  # noqa: E402
 from spectraformer_fused import rf_attention  # noqa: E402
+from spectraformer_fused.fitting import record_attention_inputs  # noqa: E402
 from spectraformer_fused.integrations import transformers as hf  # noqa: E402
-from helpers import assert_close  # noqa: E402
 
 VOCAB = 61
 
@@ -35,9 +36,18 @@ def one_thread():
 
 def tiny_llama(num_kv_heads: int = 4, dtype=torch.float64, model_seed: int = 0, **convert_args) -> LlamaForCausalLM:
     torch.manual_seed(model_seed)
-    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=num_kv_heads, intermediate_size=96, max_position_embeddings=64,
-                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=num_kv_heads,
+        intermediate_size=96,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     model = LlamaForCausalLM(config).to(dtype).eval()
     args = {"component": "posrf", "weights": "orf", "num_features": 24, "seed": 0, **convert_args}
     return hf.convert(model, **args)
@@ -45,9 +55,16 @@ def tiny_llama(num_kv_heads: int = 4, dtype=torch.float64, model_seed: int = 0, 
 
 def tiny_bert(model_seed: int = 0, **convert_args) -> BertModel:
     torch.manual_seed(model_seed)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=48, num_hidden_layers=2, num_attention_heads=3,
-                        intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
+    config = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=64,
+        max_position_embeddings=32,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
     model = BertModel(config, add_pooling_layer=False).double().eval()
     args = {"component": "posrf", "weights": "orf", "num_features": 24, "seed": 0, **convert_args}
     return hf.convert(model, **args)
@@ -74,8 +91,9 @@ def greedy_without_cache(model, ids, mask, steps: int) -> torch.Tensor:
 def check_generate_matches_recompute(num_kv_heads: int) -> None:
     model = tiny_llama(num_kv_heads)
     ids, mask = prompt_with_left_padding()
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
-                         return_dict_in_generate=True)
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, return_dict_in_generate=True
+    )
     cache = out["cache"] if "cache" in out else out["past_key_values"]
     assert isinstance(cache, hf.RFCache), f"generate() used {type(cache).__name__}, not an RFCache"
     expected = greedy_without_cache(model, ids, mask, 8)
@@ -84,7 +102,7 @@ def check_generate_matches_recompute(num_kv_heads: int) -> None:
     for state, layer in zip(cache.states, cache.layers):
         assert state.S.shape[:2] == (2, num_kv_heads) and state.z.shape[:2] == (2, num_kv_heads)
         assert layer.keys is None and layer.values is None
-    assert cache.get_seq_length() == ids.shape[1] + 7      # the last token is never fed back
+    assert cache.get_seq_length() == ids.shape[1] + 7  # the last token is never fed back
 
 
 def capture_call(module, run):
@@ -151,7 +169,7 @@ def test_decode_steps_fp32_match_full_forward():
     steps = [hf.decode_step(model, ids[:, :5], cache)]
     shapes = [tuple(tuple(t.shape) for t in s) for s in cache.states]
     for t in range(5, 11):
-        steps.append(hf.decode_step(model, ids[:, t:t + 1], cache))
+        steps.append(hf.decode_step(model, ids[:, t : t + 1], cache))
         assert [tuple(tuple(t.shape) for t in s) for s in cache.states] == shapes
     assert cache.get_seq_length() == 11
     full = model(input_ids=ids, use_cache=False).logits
@@ -178,8 +196,9 @@ def test_bert_padding_equals_rf_attention_by_hand(component, weights):
     # Kept positions do not depend on what the padded positions hold.
     other = ids.clone()
     other[1, 6:] = torch.randint(3, VOCAB, (3,), generator=g)
-    assert_close(model(input_ids=other, attention_mask=mask).last_hidden_state[1, :6], hidden[1, :6],
-                 name="kept positions")
+    assert_close(
+        model(input_ids=other, attention_mask=mask).last_hidden_state[1, :6], hidden[1, :6], name="kept positions"
+    )
 
 
 # -- state_dict, registration, errors ---------------------------------------------------------------
@@ -245,8 +264,15 @@ def test_sliding_window_model_is_refused():
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
-    config = MistralConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                           num_key_value_heads=2, intermediate_size=32, sliding_window=4)
+    config = MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=32,
+        sliding_window=4,
+    )
     model = hf.convert(MistralForCausalLM(config).eval(), component="posrf", weights="orf", num_features=8)
     with pytest.raises(ValueError, match="sliding"):
         model(input_ids=torch.randint(3, VOCAB, (1, 6)), use_cache=False)
@@ -270,7 +296,7 @@ def test_distill_grouped_query_llama():
     model = tiny_llama(num_kv_heads=2, **convert_args)
     softmax = tiny_llama(num_kv_heads=2, **convert_args)
     softmax.set_attn_implementation("sdpa")
-    with torch.no_grad():                   # peaked attention (random weights give nearly uniform rows)
+    with torch.no_grad():  # peaked attention (random weights give nearly uniform rows)
         for m in (model, softmax):
             for layer in m.model.layers:
                 layer.self_attn.q_proj.weight *= 6.0
@@ -289,8 +315,10 @@ def test_distill_grouped_query_llama():
     # q, k by hand from each layer's input in the teacher run, and the first loss value from them
     layers = [layer.self_attn for layer in model.model.layers]
     seen = {}
-    hooks = [attn.register_forward_hook(lambda mod, args, kwargs, out, i=i: seen.__setitem__(i, kwargs),
-                                        with_kwargs=True) for i, attn in enumerate(layers)]
+    hooks = [
+        attn.register_forward_hook(lambda mod, args, kwargs, out, i=i: seen.__setitem__(i, kwargs), with_kwargs=True)
+        for i, attn in enumerate(layers)
+    ]
     try:
         records = record_attention_inputs(model, [batch])
     finally:
@@ -308,10 +336,15 @@ def test_distill_grouped_query_llama():
         assert_close(rec.k, k.transpose(1, 2), name=f"recorded k {i}")
         assert rec.scale == attn.scaling and rec.causal and torch.equal(rec.key_padding_mask, keep)
         expected[f"model.layers.{i}.self_attn"] = sf.attention_distillation_loss(
-            attn.rf_feature_map, q.transpose(1, 2).detach(), k.transpose(1, 2).detach(), scale=attn.scaling,
-            causal=True, key_padding_mask=keep)
+            attn.rf_feature_map,
+            q.transpose(1, 2).detach(),
+            k.transpose(1, 2).detach(),
+            scale=attn.scaling,
+            causal=True,
+            key_padding_mask=keep,
+        )
     assert set(records) == set(expected)
-    student = record_attention_inputs(model, [batch], teacher=False)      # the converted model as it is
+    student = record_attention_inputs(model, [batch], teacher=False)  # the converted model as it is
     assert torch.equal(student["model.layers.0.self_attn"][0].q, records["model.layers.0.self_attn"][0].q)
     assert not torch.allclose(student["model.layers.1.self_attn"][0].q, records["model.layers.1.self_attn"][0].q)
     with hf.recording(teacher=True):

@@ -22,6 +22,7 @@ fp16), while (|error| - tolerance) / (u s_t) stayed below 1.4 over 140 random ca
 whose allowance exceeds the dtype's relative-RMS tolerance are left out of the relative-RMS check (which
 sums all rows), not out of the element-wise check.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,10 +30,11 @@ import zlib
 
 import pytest
 import torch
-from hypothesis import assume, given, note, settings, strategies as st
-
 from helpers import TOLERANCES, Case, assert_close
-from spectraformer_fused import COMPONENTS, RFState, WEIGHTS, RandomFeatureMap, available_backends, rf_attention
+from hypothesis import assume, given, note, settings
+from hypothesis import strategies as st
+
+from spectraformer_fused import COMPONENTS, WEIGHTS, RandomFeatureMap, RFState, available_backends, rf_attention
 from spectraformer_fused.ops import triton_importable, triton_interpreting
 
 pytestmark = pytest.mark.slow
@@ -41,11 +43,14 @@ pytestmark = pytest.mark.slow
 # are rounded by the caller (the same inputs reach the reference), then the Triton kernels multiply in
 # tf32 (10 mantissa bits) and the CPU backend in fp32
 UNIT_ROUNDOFF = {
-    ("cpu", torch.float32): 2.0 ** -24, ("cpu", torch.float16): 2.0 ** -24, ("cpu", torch.bfloat16): 2.0 ** -24,
-    ("triton", torch.float32): 2.0 ** -24, ("triton", torch.float16): 2.0 ** -11,
-    ("triton", torch.bfloat16): 2.0 ** -11,
+    ("cpu", torch.float32): 2.0**-24,
+    ("cpu", torch.float16): 2.0**-24,
+    ("cpu", torch.bfloat16): 2.0**-24,
+    ("triton", torch.float32): 2.0**-24,
+    ("triton", torch.float16): 2.0**-11,
+    ("triton", torch.bfloat16): 2.0**-11,
 }
-CONDITIONING_FACTOR = 8.0   # C: the largest (|error| - dtype tolerance) / (u s_t) over 140 random cases was 1.4
+CONDITIONING_FACTOR = 8.0  # C: the largest (|error| - dtype tolerance) / (u s_t) over 140 random cases was 1.4
 DELTA = 1e-6
 
 
@@ -58,8 +63,10 @@ def _fused_backends(device: str) -> list[str]:
     return names
 
 
-COMPONENT_ARGS = [(c, {}) for c in COMPONENTS if c != "gerf"] + [("gerf", {"A": -0.1, "s": 1}),
-                                                                ("gerf", {"A": 0.05, "s": -1})]
+COMPONENT_ARGS = [(c, {}) for c in COMPONENTS if c != "gerf"] + [
+    ("gerf", {"A": -0.1, "s": 1}),
+    ("gerf", {"A": 0.05, "s": -1}),
+]
 
 
 @st.composite
@@ -68,14 +75,31 @@ def cases(draw, dtypes, *, lengths=(0, 1, 2, 7, 16, 17, 33, 40), learnable: bool
     H_kv = draw(st.integers(1, 2))
     H = H_kv * draw(st.integers(1, 2))
     m = draw(st.sampled_from([1, 2, 5, 8, 13, 24, 33]))
-    weights = draw(st.sampled_from([w for w in WEIGHTS if w != "mm" or m >= 2] if not learnable
-                                   else ["learnable", "fastfood_learnable"]))
-    return Case(component, draw(st.booleans()), draw(st.sampled_from(dtypes)), weights=weights,
-                kernel=draw(st.sampled_from(["softmax", "gaussian"])), B=draw(st.integers(1, 2)),
-                T=draw(st.sampled_from(lengths)), H=H, H_kv=None if H_kv == H else H_kv,
-                D=draw(st.sampled_from([3, 8, 13, 24, 40])), Dv=draw(st.sampled_from([1, 5, 16, 19, 40])), m=m,
-                mask=draw(st.booleans()), init=draw(st.booleans()), final=draw(st.booleans()),
-                shared=draw(st.booleans()), amp=draw(st.sampled_from([0.3, 0.5, 1.0])), args=args)
+    weights = draw(
+        st.sampled_from(
+            [w for w in WEIGHTS if w != "mm" or m >= 2] if not learnable else ["learnable", "fastfood_learnable"]
+        )
+    )
+    return Case(
+        component,
+        draw(st.booleans()),
+        draw(st.sampled_from(dtypes)),
+        weights=weights,
+        kernel=draw(st.sampled_from(["softmax", "gaussian"])),
+        B=draw(st.integers(1, 2)),
+        T=draw(st.sampled_from(lengths)),
+        H=H,
+        H_kv=None if H_kv == H else H_kv,
+        D=draw(st.sampled_from([3, 8, 13, 24, 40])),
+        Dv=draw(st.sampled_from([1, 5, 16, 19, 40])),
+        m=m,
+        mask=draw(st.booleans()),
+        init=draw(st.booleans()),
+        final=draw(st.booleans()),
+        shared=draw(st.booleans()),
+        amp=draw(st.sampled_from([0.3, 0.5, 1.0])),
+        args=args,
+    )
 
 
 def _make(case: Case, seed: int):
@@ -85,19 +109,30 @@ def _make(case: Case, seed: int):
     q = (torch.randn(B, T, H, case.D, generator=gen) * case.amp).to(case.dtype)
     k = (torch.randn(B, T, Hk, case.D, generator=gen) * case.amp).to(case.dtype)
     v = torch.randn(B, T, Hk, case.Dv, generator=gen).to(case.dtype)
-    fm = RandomFeatureMap(case.D, case.m, component=case.component, weights=case.weights, kernel=case.kernel,
-                          num_heads=1 if case.shared else Hk, seed=seed, **case.args)
+    fm = RandomFeatureMap(
+        case.D,
+        case.m,
+        component=case.component,
+        weights=case.weights,
+        kernel=case.kernel,
+        num_heads=1 if case.shared else Hk,
+        seed=seed,
+        **case.args,
+    )
     if fm.spec.data_dependent:
         fm.train()
         x = torch.randn(2, 9, Hk, case.D, generator=gen) * case.amp
-        fm.feature_params(x, x.flip(1) + 0.1, scale=case.D ** -0.5, causal=False)
+        fm.feature_params(x, x.flip(1) + 0.1, scale=case.D**-0.5, causal=False)
     fm.eval()
     mask = torch.rand(B, T, generator=gen) > 0.3 if case.mask else None
     state = None
     if case.init:
         F = fm.feature_dim
-        state = RFState(torch.rand(B, Hk, F, case.Dv, generator=gen) * 0.1,
-                        torch.rand(B, Hk, F, generator=gen) * 0.1 + 0.05, torch.randn(B, Hk, generator=gen))
+        state = RFState(
+            torch.rand(B, Hk, F, case.Dv, generator=gen) * 0.1,
+            torch.rand(B, Hk, F, generator=gen) * 0.1 + 0.05,
+            torch.randn(B, Hk, generator=gen),
+        )
     return fm, q, k, v, mask, state
 
 
@@ -112,10 +147,21 @@ def _sensitivity(case: Case, fm, q, k, v, mask, state, seed: int) -> torch.Tenso
 
     def run(scale):
         q64, k64 = q.double() * scale(q), k.double() * scale(k)
-        st64 = None if state is None else RFState(state.S.double() * scale(state.S), state.z.double() * scale(state.z),
-                                                  state.log_scale.double())
-        return rf_attention(q64, k64, v.double(), fm64, causal=case.causal, key_padding_mask=mask,
-                            initial_state=st64, backend="reference")
+        st64 = (
+            None
+            if state is None
+            else RFState(state.S.double() * scale(state.S), state.z.double() * scale(state.z), state.log_scale.double())
+        )
+        return rf_attention(
+            q64,
+            k64,
+            v.double(),
+            fm64,
+            causal=case.causal,
+            key_padding_mask=mask,
+            initial_state=st64,
+            backend="reference",
+        )
 
     base = run(lambda t: 1.0)
     s = torch.zeros(base.shape[:3], dtype=torch.float64)
@@ -132,17 +178,19 @@ def _check_output(o, o_ref, case: Case, backend: str, sens: torch.Tensor) -> Non
         assert a.shape == e.shape
         return
     scale = e.pow(2).mean().sqrt().item() or 1.0
-    allowance = CONDITIONING_FACTOR * UNIT_ROUNDOFF[(backend, case.dtype)] * sens         # [B, T, H]
+    allowance = CONDITIONING_FACTOR * UNIT_ROUNDOFF[(backend, case.dtype)] * sens  # [B, T, H]
     err = (a - e).abs()
     bound = (atol_rel * scale + allowance[..., None]).expand_as(err)
     if not torch.isfinite(a).all() or (err > bound).any():
         worst = (err - bound).flatten().argmax().item()
         where = tuple(int(c) for c in torch.unravel_index(torch.tensor(worst), e.shape))
-        raise AssertionError(f"{case.id} {backend} o: |error| {err.flatten()[worst].item():.3e} > bound "
-                             f"{bound.flatten()[worst].item():.3e} at {where} (got {a.flatten()[worst].item():.6g}, "
-                             f"expected {e.flatten()[worst].item():.6g}; row sensitivity "
-                             f"{sens[where[:3]].item():.3e})")
-    good = allowance <= rtol * scale                                                      # well-conditioned rows
+        raise AssertionError(
+            f"{case.id} {backend} o: |error| {err.flatten()[worst].item():.3e} > bound "
+            f"{bound.flatten()[worst].item():.3e} at {where} (got {a.flatten()[worst].item():.6g}, "
+            f"expected {e.flatten()[worst].item():.6g}; row sensitivity "
+            f"{sens[where[:3]].item():.3e})"
+        )
+    good = allowance <= rtol * scale  # well-conditioned rows
     note(f"{int(good.sum())} of {good.numel()} rows well-conditioned")
     if good.any():
         assert_close(a[good], e[good], case.dtype, name=f"{case.id} {backend} o (well-conditioned rows)")
@@ -160,12 +208,29 @@ def _forward_property(case: Case, backend: str, device: str) -> None:
     note(case.id)
     seed = zlib.crc32(case.id.encode()) % 1000
     fm, q, k, v, mask, state = _make(case, seed)
-    o_ref, fin_ref = rf_attention(q, k, v, fm, causal=case.causal, key_padding_mask=mask, initial_state=state,
-                                  output_final_state=True, backend="reference")
+    o_ref, fin_ref = rf_attention(
+        q,
+        k,
+        v,
+        fm,
+        causal=case.causal,
+        key_padding_mask=mask,
+        initial_state=state,
+        output_final_state=True,
+        backend="reference",
+    )
     dev = device if backend == "triton" else "cpu"
-    o, fin = rf_attention(q.to(dev), k.to(dev), v.to(dev), copy.deepcopy(fm).to(dev), causal=case.causal,
-                          key_padding_mask=None if mask is None else mask.to(dev), initial_state=_to(state, dev),
-                          output_final_state=True, backend=backend)
+    o, fin = rf_attention(
+        q.to(dev),
+        k.to(dev),
+        v.to(dev),
+        copy.deepcopy(fm).to(dev),
+        causal=case.causal,
+        key_padding_mask=None if mask is None else mask.to(dev),
+        initial_state=_to(state, dev),
+        output_final_state=True,
+        backend=backend,
+    )
     assert o.dtype == o_ref.dtype and o.shape == o_ref.shape, f"{case.id}: {o.dtype} {o.shape} vs {o_ref.shape}"
     _check_output(o, o_ref, case, backend, _sensitivity(case, fm, q, k, v, mask, state, seed))
     _check_state(fin, fin_ref, case, backend)
@@ -173,8 +238,7 @@ def _forward_property(case: Case, backend: str, device: str) -> None:
 
 # per backend: the dtypes it takes here and a number of examples that keeps this file near a minute on two
 # loaded CPU cores (the Triton interpreter runs each program in Python)
-FORWARD = {"cpu": ([torch.float32, torch.float16, torch.bfloat16], 40),
-           "triton": ([torch.float32, torch.float16], 8)}
+FORWARD = {"cpu": ([torch.float32, torch.float16, torch.bfloat16], 40), "triton": ([torch.float32, torch.float16], 8)}
 GRADIENT_EXAMPLES = {"cpu": 8, "triton": 3}
 
 
@@ -204,8 +268,15 @@ def _gradients(backend: str, case: Case, fm, q, k, v, mask, state, device: str):
     st0 = None
     if state is not None:
         st0 = RFState(*(t.clone().to(device).requires_grad_(i < 2) for i, t in enumerate(state)))
-    o, fin = rf_attention(*leaves, fm, causal=case.causal, key_padding_mask=None if mask is None else mask.to(device),
-                          initial_state=st0, output_final_state=True, backend=backend)
+    o, fin = rf_attention(
+        *leaves,
+        fm,
+        causal=case.causal,
+        key_padding_mask=None if mask is None else mask.to(device),
+        initial_state=st0,
+        output_final_state=True,
+        backend=backend,
+    )
     gen = torch.Generator().manual_seed(11)
     loss = (o * torch.randn(o.shape, generator=gen).to(device)).sum()
     if case.final:

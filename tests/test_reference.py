@@ -1,18 +1,26 @@
 """The reference backend against the mathematics: unbiasedness, convergence, equivalent formulations,
 streaming, masking, causality, stability and float64 gradients."""
+
 import copy
 import math
 
 import pytest
 import torch
-
 from helpers import assert_close, component_id
+
 from spectraformer_fused import COMPONENTS, KERNELS, RandomFeatureMap, exact_attention, exact_kernel, rf_attention
 from spectraformer_fused.components import Moments, oprf_A
 from spectraformer_fused.reference import reference_attention
 
-COMPONENT_CASES = [("posrf", {}), ("hyprf", {}), ("trigrf", {}), ("gerf", {"A": -0.1}),
-                   ("gerf", {"A": 0.05, "s": -1}), ("oprf", {}), ("saderf", {})]
+COMPONENT_CASES = [
+    ("posrf", {}),
+    ("hyprf", {}),
+    ("trigrf", {}),
+    ("gerf", {"A": -0.1}),
+    ("gerf", {"A": 0.05, "s": -1}),
+    ("oprf", {}),
+    ("saderf", {}),
+]
 
 
 def _cid(case):
@@ -39,10 +47,11 @@ def test_kernel_estimate_is_unbiased(case, kernel, weights):
     q1 = torch.randn(1, 3, 1, D, generator=g, dtype=torch.float64) * 0.6
     k1 = torch.randn(1, 3, 1, D, generator=g, dtype=torch.float64) * 0.6
     q, k = q1.expand(1, 3, draws, D), k1.expand(1, 3, draws, D)
-    fm = RandomFeatureMap(D, 4, component=name, weights=weights, kernel=kernel, num_heads=draws, seed=7,
-                          dtype=torch.float64, **args)
-    est = fm.kernel_estimate(q, k, scale=1.0)[0]                     # [draws, 3, 3]
-    exact = exact_kernel(q1, k1, kernel=kernel, scale=1.0)[0, 0]      # [3, 3]
+    fm = RandomFeatureMap(
+        D, 4, component=name, weights=weights, kernel=kernel, num_heads=draws, seed=7, dtype=torch.float64, **args
+    )
+    est = fm.kernel_estimate(q, k, scale=1.0)[0]  # [draws, 3, 3]
+    exact = exact_kernel(q1, k1, kernel=kernel, scale=1.0)[0, 0]  # [3, 3]
     mean, se = est.mean(0), est.std(0) / math.sqrt(draws)
     z = ((mean - exact) / se).abs().max().item()
     assert z < 5.0, f"{name}{args} {kernel} {weights}: max |mean - exact| = {z:.2f} standard errors\n{mean}\n{exact}"
@@ -65,10 +74,14 @@ def test_oprf_optimum_matches_closed_form():
     """The cancellation-free rho* equals DESIGN.md's closed form, and A* <= 0."""
     g = torch.Generator().manual_seed(0)
     d = 16
-    m = Moments(torch.randn(5, d, generator=g, dtype=torch.float64), torch.rand(5, d, generator=g, dtype=torch.float64) * 3,
-                torch.randn(5, d, generator=g, dtype=torch.float64), torch.rand(5, d, generator=g, dtype=torch.float64) * 3)
-    m.sq_x += m.mean_x ** 2
-    m.sq_y += m.mean_y ** 2
+    m = Moments(
+        torch.randn(5, d, generator=g, dtype=torch.float64),
+        torch.rand(5, d, generator=g, dtype=torch.float64) * 3,
+        torch.randn(5, d, generator=g, dtype=torch.float64),
+        torch.rand(5, d, generator=g, dtype=torch.float64) * 3,
+    )
+    m.sq_x += m.mean_x**2
+    m.sq_y += m.mean_y**2
     p = m.sq_x.sum(-1) + m.sq_y.sum(-1) + 2 * (m.mean_x * m.mean_y).sum(-1)
     rho = (torch.sqrt((2 * p + d) ** 2 + 8 * d * p) - 2 * p - d) / (4 * p)
     assert_close(oprf_A(m), (1 - 1 / rho) / 8, torch.float64, name="A*")
@@ -88,7 +101,9 @@ def test_error_falls_as_m_grows(component, kernel):
     def err(m):
         errs = []
         for seed in range(4):
-            fm = RandomFeatureMap(16, m, component=component, kernel=kernel, num_heads=2, seed=seed, dtype=torch.float64)
+            fm = RandomFeatureMap(
+                16, m, component=component, kernel=kernel, num_heads=2, seed=seed, dtype=torch.float64
+            )
             o = rf_attention(q, k, v, fm, backend="reference")
             errs.append(((o - exact).norm() / v.norm()).item())
         return sum(errs) / len(errs)
@@ -104,7 +119,7 @@ def test_attention_equals_normalised_kernel_estimate(case, kernel):
     name, args = case
     q, k, v = qkv(B=2, T=37, H=2, D=8, Dv=5, mag=0.5)
     fm = RandomFeatureMap(8, 24, component=name, kernel=kernel, num_heads=2, seed=3, dtype=torch.float64, **args).eval()
-    K = fm.kernel_estimate(q, k)                                    # [B, H, T, T]
+    K = fm.kernel_estimate(q, k)  # [B, H, T, T]
     vt = v.transpose(1, 2)
     full = (K @ vt) / (K.sum(-1, keepdim=True))
     assert_close(rf_attention(q, k, v, fm), full.transpose(1, 2), torch.float64, name="non-causal")
@@ -124,12 +139,14 @@ def test_causal_data_dependent_uses_running_statistics(case):
     if fm.spec.data_dependent:
         fm.train()
         warm = qkv(B=3, T=50, H=2, D=8, mag=0.8, seed=9)
-        rf_attention(*warm, fm)                                      # gathers statistics
+        rf_attention(*warm, fm)  # gathers statistics
     fm.eval()
-    p = fm.feature_params(q, k, scale=8 ** -0.5, causal=True)
+    p = fm.feature_params(q, k, scale=8**-0.5, causal=True)
     if fm.spec.data_dependent:
-        A = oprf_A(fm.running_moments().__class__(*(t.double() for t in fm.running_moments().tensors())),
-                   None if p.psi is None else p.psi[0])
+        A = oprf_A(
+            fm.running_moments().__class__(*(t.double() for t in fm.running_moments().tensors())),
+            None if p.psi is None else p.psi[0],
+        )
         assert_close(p.freq, (1 - 4 * A).sqrt().expand_as(p.freq), torch.float64, name="freq from running stats")
     o_ref, _ = reference_attention(q, k, v, p, causal=True)
     assert_close(rf_attention(q, k, v, fm, causal=True), o_ref, torch.float64, name="causal")
@@ -145,8 +162,9 @@ def test_two_pieces_equal_one_run(case, kernel, split):
     fm = RandomFeatureMap(8, 16, component=name, kernel=kernel, num_heads=2, seed=2, dtype=torch.float64, **args).eval()
     o, st = rf_attention(q, k, v, fm, causal=True, output_final_state=True)
     o1, s1 = rf_attention(q[:, :split], k[:, :split], v[:, :split], fm, causal=True, output_final_state=True)
-    o2, s2 = rf_attention(q[:, split:], k[:, split:], v[:, split:], fm, causal=True, initial_state=s1,
-                          output_final_state=True)
+    o2, s2 = rf_attention(
+        q[:, split:], k[:, split:], v[:, split:], fm, causal=True, initial_state=s1, output_final_state=True
+    )
     assert_close(torch.cat([o1, o2], 1), o, torch.float64, name="output")
     scale = lambda s: s.log_scale.exp()  # noqa: E731
     assert_close(s2.S * scale(s2)[..., None, None], st.S * scale(st)[..., None, None], torch.float64, name="S")
@@ -170,8 +188,12 @@ def test_masked_keys_equal_removed_keys(case, causal):
     k2, v2 = k.clone(), v.clone()
     k2[0, 10] = 50.0
     v2[0, 10] = 1e6
-    assert_close(rf_attention(q, k2, v2, fm, causal=causal, key_padding_mask=keep)[:, idx], o_cut, torch.float64,
-                 name="masked outlier")
+    assert_close(
+        rf_attention(q, k2, v2, fm, causal=causal, key_padding_mask=keep)[:, idx],
+        o_cut,
+        torch.float64,
+        name="masked outlier",
+    )
 
 
 @pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
@@ -182,16 +204,16 @@ def test_causal_outputs_ignore_the_future(case, training):
     fm = RandomFeatureMap(8, 16, component=name, num_heads=2, seed=4, dtype=torch.float64, **args)
     fm.train(training)
     if fm.spec.data_dependent:
-        rf_attention(*qkv(B=2, T=50, H=2, D=8, mag=0.9, seed=5), fm, causal=True)   # earlier batch
+        rf_attention(*qkv(B=2, T=50, H=2, D=8, mag=0.9, seed=5), fm, causal=True)  # earlier batch
     t = 33
     q2, k2, v2 = q.clone(), k.clone(), v.clone()
-    q2[:, t + 1:] = torch.randn_like(q2[:, t + 1:]) * 3
-    k2[:, t + 1:] = torch.randn_like(k2[:, t + 1:]) * 3
-    v2[:, t + 1:] = torch.randn_like(v2[:, t + 1:]) * 3
+    q2[:, t + 1 :] = torch.randn_like(q2[:, t + 1 :]) * 3
+    k2[:, t + 1 :] = torch.randn_like(k2[:, t + 1 :]) * 3
+    v2[:, t + 1 :] = torch.randn_like(v2[:, t + 1 :]) * 3
     o1 = rf_attention(q, k, v, copy.deepcopy(fm), causal=True)
     o2 = rf_attention(q2, k2, v2, copy.deepcopy(fm), causal=True)
-    assert_close(o2[:, :t + 1], o1[:, :t + 1], torch.float64, name="outputs up to t")
-    assert not torch.allclose(o2[:, t + 1:], o1[:, t + 1:])
+    assert_close(o2[:, : t + 1], o1[:, : t + 1], torch.float64, name="outputs up to t")
+    assert not torch.allclose(o2[:, t + 1 :], o1[:, t + 1 :])
 
 
 def test_running_statistics_update_after_forward_in_training_only():
@@ -203,7 +225,7 @@ def test_running_statistics_update_after_forward_in_training_only():
     posrf = RandomFeatureMap(8, 16, component="posrf", num_heads=2, seed=0, dtype=torch.float64)
     assert_close(o_first, rf_attention(q, k, v, posrf, causal=True), torch.float64, name="first causal call")
     assert fm.num_batches_tracked.item() == 1
-    mean_x = (q * 8 ** -0.25).mean((0, 1))
+    mean_x = (q * 8**-0.25).mean((0, 1))
     assert_close(fm.running_mean_x, mean_x.float(), torch.float32, name="running mean of x")
     before = [t.clone() for t in fm.running_moments().tensors()]
     fm.eval()
@@ -251,7 +273,9 @@ def test_reference_gradcheck_float64(case, causal):
     if name.endswith("-learnable"):
         name, weights = "oprf", "learnable"
     q, k, v = qkv(B=1, T=9, H=2, D=4, Dv=3, mag=0.5)
-    fm = RandomFeatureMap(4, 6, component=name, weights=weights, num_heads=2, seed=0, dtype=torch.float64, **args).eval()
+    fm = RandomFeatureMap(
+        4, 6, component=name, weights=weights, num_heads=2, seed=0, dtype=torch.float64, **args
+    ).eval()
     mask = torch.ones(1, 9, dtype=torch.bool)
     mask[0, 4] = False
     q0, k0 = q.clone(), k.clone()
@@ -302,8 +326,12 @@ def test_shared_feature_map_across_heads():
     fm = RandomFeatureMap(8, 16, num_heads=1, seed=0, dtype=torch.float64)
     o = rf_attention(q, k, v, fm)
     for h in range(3):
-        assert_close(o[:, :, h:h + 1], rf_attention(q[:, :, h:h + 1], k[:, :, h:h + 1], v[:, :, h:h + 1], fm),
-                     torch.float64, name=f"head {h}")
+        assert_close(
+            o[:, :, h : h + 1],
+            rf_attention(q[:, :, h : h + 1], k[:, :, h : h + 1], v[:, :, h : h + 1], fm),
+            torch.float64,
+            name=f"head {h}",
+        )
 
 
 @pytest.mark.parametrize("component", COMPONENTS)
@@ -321,4 +349,4 @@ def test_running_statistics_follow_the_module_dtype():
     for _ in range(2):
         rf_attention(q, k, v, fm, causal=True)
     assert fm.num_batches_tracked.item() == 2 and fm.running_sq_x.dtype == torch.float64
-    assert_close(fm.running_sq_x, (q * 8 ** -0.25).pow(2).mean((0, 1)), torch.float64, name="running E[x^2]")
+    assert_close(fm.running_sq_x, (q * 8**-0.25).pow(2).mean((0, 1)), torch.float64, name="running E[x^2]")

@@ -1,4 +1,5 @@
 """The generated tasks: labels on hand-checked examples, length bounds, fixed seeds give fixed splits."""
+
 import pytest
 import torch
 
@@ -7,16 +8,20 @@ from bench.tasks.listops import TOKEN_ID, encode, parse_listops, tokens
 from bench.tasks.mqar import IGNORE
 
 
-@pytest.mark.parametrize("text, label", [
-    ("[MAX 2 9 [MIN 4 7 ] 0 ]", 9),
-    ("[MIN 3 [MAX 8 1 ] 5 ]", 3),
-    ("[MED 4 3 6 1 7 1 3 7 ]", 3),                   # sorted 1 1 3 3 4 6 7 7: (3 + 4) // 2
-    ("[MED 9 0 5 ]", 5),
-    ("[SM 4 5 3 4 [MIN 4 8 9 ] 1 5 1 5 3 ]", 5),     # 35 mod 10
-    ("[MIN [SM 8 0 4 8 2 5 2 [MAX 0 5 4 0 ] 2 ] 9 ]", 6),
-    ("[SM [SM 9 9 ] [MED 2 8 ] ]", 3),               # 18 % 10 = 8, median 5, 13 % 10
-    ("7", 7),
-], ids=lambda v: str(v)[:24])
+@pytest.mark.parametrize(
+    "text, label",
+    [
+        ("[MAX 2 9 [MIN 4 7 ] 0 ]", 9),
+        ("[MIN 3 [MAX 8 1 ] 5 ]", 3),
+        ("[MED 4 3 6 1 7 1 3 7 ]", 3),  # sorted 1 1 3 3 4 6 7 7: (3 + 4) // 2
+        ("[MED 9 0 5 ]", 5),
+        ("[SM 4 5 3 4 [MIN 4 8 9 ] 1 5 1 5 3 ]", 5),  # 35 mod 10
+        ("[MIN [SM 8 0 4 8 2 5 2 [MAX 0 5 4 0 ] 2 ] 9 ]", 6),
+        ("[SM [SM 9 9 ] [MED 2 8 ] ]", 3),  # 18 % 10 = 8, median 5, 13 % 10
+        ("7", 7),
+    ],
+    ids=lambda v: str(v)[:24],
+)
 def test_listops_labels_hand_checked(text, label):
     tree = parse_listops(text)
     assert evaluate_listops(tree) == label
@@ -31,7 +36,7 @@ def test_listops_generated_examples_are_consistent():
         assert evaluate_listops(parse_listops(" ".join(toks))) == label
         assert toks[0].startswith("[") and toks.count("]") == sum(t.startswith("[") for t in toks)
     depth = max(max(_depths(toks)) for toks, _ in ex)
-    assert depth <= cfg.max_depth - 1                  # depth 1 is the root operator; leaves sit at max_depth
+    assert depth <= cfg.max_depth - 1  # depth 1 is the root operator; leaves sit at max_depth
     assert max(sum(1 for _ in _args(toks)) for toks, _ in ex) <= cfg.max_args
     assert len({y for _, y in ex}) == 10
 
@@ -91,7 +96,7 @@ def test_mqar_targets_are_the_paired_values():
 
 
 def test_mqar_hand_checked_layout():
-    cfg = MQARConfig(vocab_size=9, num_pairs=2, seq_len=6)       # keys 1-4, values 5-8
+    cfg = MQARConfig(vocab_size=9, num_pairs=2, seq_len=6)  # keys 1-4, values 5-8
     x, y = generate_mqar(1, cfg, seed=7)
     k1, v1, k2, v2, q1, q2 = x[0].tolist()
     assert {q1, q2} == {k1, k2}
@@ -105,21 +110,27 @@ def test_mqar_fixed_by_seed():
     assert not torch.equal(generate_mqar(20, cfg, 5)[0], generate_mqar(20, cfg, 6)[0])
 
 
-@pytest.mark.parametrize("kwargs, what", [
-    (dict(vocab_size=9, num_pairs=5, seq_len=20), "keys"),
-    (dict(vocab_size=33, num_pairs=4, seq_len=10), "seq_len"),
-    (dict(vocab_size=33, num_pairs=4, seq_len=16, num_queries=5), "num_queries"),
-])
+@pytest.mark.parametrize(
+    "kwargs, what",
+    [
+        (dict(vocab_size=9, num_pairs=5, seq_len=20), "keys"),
+        (dict(vocab_size=33, num_pairs=4, seq_len=10), "seq_len"),
+        (dict(vocab_size=33, num_pairs=4, seq_len=16, num_queries=5), "num_queries"),
+    ],
+)
 def test_mqar_bad_config(kwargs, what):
     with pytest.raises(ValueError, match=what):
         MQARConfig(**kwargs)
 
 
-@pytest.mark.parametrize("kwargs, what", [
-    (dict(min_length=50, max_length=50), "min_length"),
-    (dict(max_depth=1), "max_depth"),
-    (dict(max_args=1), "max_args"),
-])
+@pytest.mark.parametrize(
+    "kwargs, what",
+    [
+        (dict(min_length=50, max_length=50), "min_length"),
+        (dict(max_depth=1), "max_depth"),
+        (dict(max_args=1), "max_args"),
+    ],
+)
 def test_listops_bad_config(kwargs, what):
     with pytest.raises(ValueError, match=what):
         ListOpsConfig(**kwargs)

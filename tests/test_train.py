@@ -1,4 +1,5 @@
 """The training harness: baselines' semantics, a tiny seeded run lowers the loss, the CLI writes its table."""
+
 import os
 
 import pytest
@@ -16,8 +17,14 @@ def _keep_threads():
 
 
 def _tiny_mqar(steps=40):
-    ts = tr.TaskSettings("mqar", MQARConfig(vocab_size=17, num_pairs=4, seq_len=16, train_size=2000, val_size=64,
-                                            test_size=64), steps=steps, batch_size=32, lr=3e-3, evals=2)
+    ts = tr.TaskSettings(
+        "mqar",
+        MQARConfig(vocab_size=17, num_pairs=4, seq_len=16, train_size=2000, val_size=64, test_size=64),
+        steps=steps,
+        batch_size=32,
+        lr=3e-3,
+        evals=2,
+    )
     return tr.TaskData(ts, torch.device("cpu"))
 
 
@@ -42,7 +49,7 @@ def test_uniform_attention_is_the_mean_of_visible_values():
     torch.testing.assert_close(o, att.out_proj(want))
     causal = tr.UniformAttention(8, causal=True)
     causal.load_state_dict(att.state_dict())
-    prefix = torch.stack([v[:, :t + 1].mean(1) for t in range(5)], 1)
+    prefix = torch.stack([v[:, : t + 1].mean(1) for t in range(5)], 1)
     torch.testing.assert_close(causal(x), att.out_proj(prefix))
 
 
@@ -88,8 +95,24 @@ def test_lr_schedule_warms_up_then_decays():
 
 
 def test_cli_writes_table_and_plots(tmp_path):
-    assert tr.main(["--task", "mqar", "--quick", "--pairs", "softmax,posrf:orf", "--steps", "4", "--seeds", "1",
-                    "--out", str(tmp_path)]) == 0
+    assert (
+        tr.main(
+            [
+                "--task",
+                "mqar",
+                "--quick",
+                "--pairs",
+                "softmax,posrf:orf",
+                "--steps",
+                "4",
+                "--seeds",
+                "1",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     md = (tmp_path / "train_mqar.md").read_text()
     assert "| softmax |" in md and "| posrf x orf |" in md and "ms / step" in md and "device:" in md
     assert os.path.exists(tmp_path / "train_mqar.csv") and os.path.exists(tmp_path / "train_mqar.json")

@@ -4,12 +4,13 @@ Every gradient is checked: q, k, v, the learnable weight parameters (through ``p
 bias path (OPRF and GERF have A != 0, so the bias depends on W), the initial state's S and z, and the
 gradients that flow back from the returned final state.
 """
+
 import math
 
 import pytest
 import torch
-
 from helpers import Case, assert_close, case_id
+
 from spectraformer_fused import ops
 from spectraformer_fused.attention import rf_attention
 from spectraformer_fused.components import feature_logits
@@ -54,15 +55,24 @@ def _make(case: Case, device, seed=0):
         return (torch.randn(*shape, generator=gen) * s).to(device)
 
     Hk = case.kv_heads
-    fm = RandomFeatureMap(case.D, case.m, component=case.component, weights=case.weights, kernel=case.kernel,
-                          num_heads=1 if case.shared else Hk, seed=seed, device=device, **case.args)
+    fm = RandomFeatureMap(
+        case.D,
+        case.m,
+        component=case.component,
+        weights=case.weights,
+        kernel=case.kernel,
+        num_heads=1 if case.shared else Hk,
+        seed=seed,
+        device=device,
+        **case.args,
+    )
     shape, kv_shape = (case.B, case.T, case.H, case.D), (case.B, case.T, Hk, case.D)
     q = rnd(*shape, s=case.amp).to(case.dtype)
     k = rnd(*kv_shape, s=case.amp).to(case.dtype)
     v = rnd(case.B, case.T, Hk, case.Dv).to(case.dtype)
     if fm.spec.data_dependent:
         fm.train()
-        fm.feature_params(rnd(*shape), rnd(*kv_shape), scale=case.D ** -0.5, causal=False)
+        fm.feature_params(rnd(*shape), rnd(*kv_shape), scale=case.D**-0.5, causal=False)
     fm.eval()
     mask = None
     if case.mask:
@@ -71,8 +81,7 @@ def _make(case: Case, device, seed=0):
     state = None
     if case.init:
         F = fm.feature_dim
-        state = RFState(rnd(case.B, Hk, F, case.Dv).abs() * 0.1, rnd(case.B, Hk, F).abs() * 0.1 + 0.05,
-                        rnd(case.B, Hk))
+        state = RFState(rnd(case.B, Hk, F, case.Dv).abs() * 0.1, rnd(case.B, Hk, F).abs() * 0.1 + 0.05, rnd(case.B, Hk))
     return fm, q, k, v, mask, state
 
 
@@ -80,10 +89,22 @@ def _run(backend, fm, q, k, v, mask, state, case: Case, seed=1):
     """Forward + backward of a fixed random linear loss of o (and of the final state, when asked)."""
     fm.zero_grad(set_to_none=True)
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    st = None if state is None else RFState(state.S.clone().requires_grad_(), state.z.clone().requires_grad_(),
-                                            state.log_scale)
-    o, final = rf_attention(q, k, v, fm, causal=case.causal, key_padding_mask=mask, initial_state=st,
-                            output_final_state=True, backend=backend)
+    st = (
+        None
+        if state is None
+        else RFState(state.S.clone().requires_grad_(), state.z.clone().requires_grad_(), state.log_scale)
+    )
+    o, final = rf_attention(
+        q,
+        k,
+        v,
+        fm,
+        causal=case.causal,
+        key_padding_mask=mask,
+        initial_state=st,
+        output_final_state=True,
+        backend=backend,
+    )
     gen = torch.Generator().manual_seed(seed)
     loss = (o.float() * torch.randn(o.shape, generator=gen).to(o.device)).sum()
     if case.final:
@@ -133,16 +154,16 @@ def _torch_stats(q, k, v, p, mask, state, causal, chunk):
     m0 = torch.full((B, H), float("-inf"), dtype=torch.float64) if state is None else state.log_scale.double()
     if causal:
         NC = -(-T // chunk)
-        cmax = torch.stack([ek[:, :, c * chunk:(c + 1) * chunk].amax((-1, -2)) for c in range(NC)], -1)
+        cmax = torch.stack([ek[:, :, c * chunk : (c + 1) * chunk].amax((-1, -2)) for c in range(NC)], -1)
         run = torch.maximum(torch.cummax(cmax, -1).values, m0[..., None])
         chunk_of = torch.arange(T) // chunk
     else:
         run = torch.maximum(ek.amax((-1, -2)), m0)[..., None]
         chunk_of = torch.zeros(T, dtype=torch.long)
     kstab = torch.where(torch.isneginf(run), torch.zeros_like(run), run)
-    ks = kstab[..., chunk_of]                                                   # [B, H, T] per query
+    ks = kstab[..., chunk_of]  # [B, H, T] per query
     phik = torch.exp(ek[:, :, None] - ks[..., None, None]) * (1.0 if mk is None else mk[:, :, None])
-    A = (phiq[:, :, :, None] * phik).sum(-1)                                    # [B, H, Tq, Tk]
+    A = (phiq[:, :, :, None] * phik).sum(-1)  # [B, H, Tq, Tk]
     if causal:
         A = A.tril()
     num = A @ v.double().transpose(1, 2)
@@ -153,7 +174,7 @@ def _torch_stats(q, k, v, p, mask, state, causal, chunk):
         den = den + (phiq @ state.z.double()[..., None])[..., 0] * alpha
     o = num / den.abs().clamp_min(1e-30)[..., None]
     # final state, relative to the last key stabiliser (the one the last query row used)
-    phik_last = phik[:, :, -1]                                                  # [B, H, Tk, F]
+    phik_last = phik[:, :, -1]  # [B, H, Tk, F]
     S = phik_last.transpose(-1, -2) @ v.double().transpose(1, 2)
     z = phik_last.sum(-2)
     if state is not None:
@@ -173,16 +194,39 @@ def test_bwd_kernels_alone(case, device):
     fm, q, k, v, mask, state = _make(case, device)
     case_final = case.replace(final=True)
     o_ref, fin_ref, g_ref = _run("reference", fm, q, k, v, mask, state, case_final)
-    p = fm.feature_params(q, k, scale=case.D ** -0.5, causal=case.causal, key_padding_mask=mask)
+    p = fm.feature_params(q, k, scale=case.D**-0.5, causal=case.causal, key_padding_mask=mask)
     o, den, qmax, kstab, S, z = _torch_stats(q, k, v, p, mask, state, case.causal, 32)
     gen = torch.Generator().manual_seed(1)
     do = torch.randn(o.shape, generator=gen)
     dS = torch.randn(fin_ref.S.shape, generator=gen)
     dz = torch.randn(fin_ref.z.shape, generator=gen)
     s0 = (None, None, None) if state is None else tuple(state)
-    dq, dk, dv, dW, dbias, dS0, dz0 = rf_bwd(do, dS, dz, q, k, v, p.W.detach(), p.bias.detach(), p.freq, p.psi, mask,
-                                             *s0, o, den, qmax, kstab, S, z, kind=p.kind, c_t=p.c_t, c_o=p.c_o,
-                                             scale=p.scale, causal=case.causal, chunk_size=32)
+    dq, dk, dv, dW, dbias, dS0, dz0 = rf_bwd(
+        do,
+        dS,
+        dz,
+        q,
+        k,
+        v,
+        p.W.detach(),
+        p.bias.detach(),
+        p.freq,
+        p.psi,
+        mask,
+        *s0,
+        o,
+        den,
+        qmax,
+        kstab,
+        S,
+        z,
+        kind=p.kind,
+        c_t=p.c_t,
+        c_o=p.c_o,
+        scale=p.scale,
+        causal=case.causal,
+        chunk_size=32,
+    )
     assert_close(dq, g_ref["q"], name="dq")
     assert_close(dk, g_ref["k"], name="dk")
     assert_close(dv, g_ref["v"], name="dv")
@@ -222,8 +266,16 @@ def test_finite_differences(device):
                 p.add_(eps * d)
         try:
             qi, ki, vi, Si, zi = (t + eps * d for t, d in zip([q, k, v, state.S, state.z], dirs))
-            o, fin = rf_attention(qi, ki, vi, fm, causal=True, initial_state=RFState(Si, zi, state.log_scale),
-                                  output_final_state=True, backend="triton")
+            o, fin = rf_attention(
+                qi,
+                ki,
+                vi,
+                fm,
+                causal=True,
+                initial_state=RFState(Si, zi, state.log_scale),
+                output_final_state=True,
+                backend="triton",
+            )
             rescale = torch.exp(fin.log_scale - m_ref)[..., None, None]
             return (o * w_o).sum() + 0.1 * (fin.S * rescale * w_s).sum()
         finally:
@@ -232,14 +284,20 @@ def test_finite_differences(device):
                     p.sub_(eps * d)
 
     leaves = [t.clone().requires_grad_() for t in (q, k, v, state.S, state.z)]
-    o, fin = rf_attention(*leaves[:3], fm, causal=True, initial_state=RFState(leaves[3], leaves[4], state.log_scale),
-                          output_final_state=True, backend="triton")
+    o, fin = rf_attention(
+        *leaves[:3],
+        fm,
+        causal=True,
+        initial_state=RFState(leaves[3], leaves[4], state.log_scale),
+        output_final_state=True,
+        backend="triton",
+    )
     m_ref = fin.log_scale.detach()
     ((o * w_o).sum() + 0.1 * (fin.S * w_s).sum()).backward()
     analytic = sum((t.grad * d).sum() for t, d in zip(leaves + params, dirs)).item()
     eps = 1e-2
     central = [(loss(h) - loss(-h)).item() / (2 * h) for h in (eps, eps / 2)]
-    numeric = (4 * central[1] - central[0]) / 3          # Richardson: the O(eps^2) term cancels
+    numeric = (4 * central[1] - central[0]) / 3  # Richardson: the O(eps^2) term cancels
     assert abs(numeric - analytic) <= 2e-3 * abs(analytic), (numeric, analytic)
 
 
@@ -262,8 +320,12 @@ def test_float64_rejected(device):
 def test_training_loop_matches_reference(device):
     """A few SGD steps of SpectraAttention (oprf x fastfood_learnable) on both backends give the same losses."""
     torch.manual_seed(0)
-    models = {b: SpectraAttention(32, 2, num_features=16, component="oprf", weights="fastfood_learnable", seed=0,
-                                  backend=b, device=device) for b in ("reference", "triton")}
+    models = {
+        b: SpectraAttention(
+            32, 2, num_features=16, component="oprf", weights="fastfood_learnable", seed=0, backend=b, device=device
+        )
+        for b in ("reference", "triton")
+    }
     models["triton"].load_state_dict(models["reference"].state_dict())
     gen = torch.Generator().manual_seed(1)
     batch = (torch.randn(2, 37, 32, generator=gen).to(device), torch.randn(2, 37, 32, generator=gen).to(device))

@@ -5,14 +5,15 @@ ranges, the last chunk partial), T = 70 (five chunks, three ranges, the last ran
 T = 20 (two ranges of one chunk); T = 1 is one range. The CUDA-only tests check a GPU user's overheads:
 no host synchronisation in a causal forward and backward, and a decode step captured in a CUDA graph.
 """
+
 import pytest
 import torch
-
 from helpers import assert_close, case_id
+from test_triton_bwd import _case, _make, _run
+
 from spectraformer_fused import ops
 from spectraformer_fused.attention import rf_attention
 from spectraformer_fused.state import RFState
-from test_triton_bwd import _case, _make, _run
 
 pytestmark = pytest.mark.skipif(not ops.triton_importable(), reason="triton is not installed")
 
@@ -36,6 +37,7 @@ def chunk_calls(monkeypatch):
         def wrapper(*args, **kwargs):
             calls[name] += 1
             return fn(*args, **kwargs)
+
         return wrapper
 
     monkeypatch.setenv(MODE_ENV, "chunk")
@@ -49,10 +51,19 @@ CASES = [
     _case("hyprf", causal=True, B=1, T=50, D=16, Dv=16, kernel="gaussian", init=True, final=True),
     _case("trigrf", causal=True, B=1, T=50, D=16, Dv=16, amp=0.3, mask=True, final=True),
     _case("gerf", causal=True, B=1, T=70, D=16, Dv=16, amp=0.3, init=True, args={"A": -0.05, "s": -1}),
-    _case("saderf", causal=True, B=1, T=50, D=16, Dv=16, kernel="gaussian", dtype=torch.float16, mask=True,
-         final=True),
-    _case("oprf", weights="fastfood_learnable", causal=True, B=1, T=50, D=16, Dv=16, dtype=torch.float16, mask=True,
-         init=True),
+    _case("saderf", causal=True, B=1, T=50, D=16, Dv=16, kernel="gaussian", dtype=torch.float16, mask=True, final=True),
+    _case(
+        "oprf",
+        weights="fastfood_learnable",
+        causal=True,
+        B=1,
+        T=50,
+        D=16,
+        Dv=16,
+        dtype=torch.float16,
+        mask=True,
+        init=True,
+    ),
     _case("posrf", causal=True, B=2, T=1, D=16, Dv=16, init=True, final=True),
     _case("posrf", causal=True, B=1, T=20, D=16, Dv=16, m=16, mask=True),
 ]
@@ -86,8 +97,21 @@ def test_chunk_mode_matches_reference(case, device, chunk_calls):
 GQA_CASES = [
     _case("posrf", causal=True, B=1, T=50, H=4, H_kv=2, D=16, Dv=16, mask=True, init=True, final=True),
     _case("hyprf", causal=True, B=1, T=70, H=4, H_kv=1, D=16, Dv=16, kernel="gaussian", init=True, final=True),
-    _case("saderf", causal=True, B=1, T=50, H=4, H_kv=1, D=16, Dv=16, kernel="gaussian", dtype=torch.float16,
-          mask=True, init=True, final=True),
+    _case(
+        "saderf",
+        causal=True,
+        B=1,
+        T=50,
+        H=4,
+        H_kv=1,
+        D=16,
+        Dv=16,
+        kernel="gaussian",
+        dtype=torch.float16,
+        mask=True,
+        init=True,
+        final=True,
+    ),
 ]
 
 
@@ -110,10 +134,16 @@ def test_chunk_forward_equals_walk(cps, device):
 
     case = _case("hyprf", causal=True, B=1, T=70, D=16, Dv=16, mask=True, init=True)
     fm, q, k, v, mask, state = _make(case, device)
-    p = fm.feature_params(q, k, scale=case.D ** -0.5, causal=True)
+    p = fm.feature_params(q, k, scale=case.D**-0.5, causal=True)
     args = (q, k, v, p.W.detach(), p.bias.detach(), p.freq, p.psi, mask, state.S, state.z, state.log_scale)
-    kw = dict(kind=int(p.kind), c_t=float(p.c_t), c_o=float(p.c_o), scale=float(p.scale), output_final_state=True,
-              chunk_size=16)
+    kw = dict(
+        kind=int(p.kind),
+        c_t=float(p.c_t),
+        c_o=float(p.c_o),
+        scale=float(p.scale),
+        output_final_state=True,
+        chunk_size=16,
+    )
     walk = rf_fwd(*args, causal=True, **kw)
     chunk = chunk_fwd(*args, cps=cps, **kw)
     for name, a, b in zip(("o", "den", "qmax", "kstab", "S", "z", "m"), chunk[:7], walk[:7]):
@@ -160,8 +190,8 @@ def test_auto_rule():
     from spectraformer_fused.ops.triton_chunk import choose_mode, range_chunks, resolve_mode
 
     cpu = torch.device("cpu")
-    assert choose_mode(programs=16, T=32768, multiprocessors=132) == "chunk"       # B=1 H=8, m=128
-    assert choose_mode(programs=128, T=8192, multiprocessors=132) == "chunk"       # B=4 H=16
+    assert choose_mode(programs=16, T=32768, multiprocessors=132) == "chunk"  # B=1 H=8, m=128
+    assert choose_mode(programs=128, T=8192, multiprocessors=132) == "chunk"  # B=4 H=16
     assert choose_mode(programs=512, T=8192, multiprocessors=132) == "walk"
     assert choose_mode(programs=16, T=512, multiprocessors=132) == "walk"
     assert resolve_mode("auto", 2, 1 << 15, cpu) == "walk"
@@ -184,14 +214,14 @@ def test_range_states_stay_below_the_inputs():
     assert states < inputs, (states, inputs)
 
 
-@pytest.mark.gpu   # host synchronisation is a GPU matter
+@pytest.mark.gpu  # host synchronisation is a GPU matter
 @pytest.mark.parametrize("mode", ["walk", "chunk"])
 def test_causal_forward_backward_make_no_host_sync(mode, monkeypatch):
     monkeypatch.setenv(MODE_ENV, mode)
     case = _case("posrf", causal=True, B=1, T=512, H=2, D=64, Dv=64, m=64, dtype=torch.float16)
     fm, q, k, v, mask, state = _make(case, "cuda")
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    o, _ = rf_attention(q, k, v, fm, causal=True, backend="triton")      # compile and autotune first
+    o, _ = rf_attention(q, k, v, fm, causal=True, backend="triton")  # compile and autotune first
     o.float().sum().backward()
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -203,7 +233,7 @@ def test_causal_forward_backward_make_no_host_sync(mode, monkeypatch):
     torch.cuda.synchronize()
 
 
-@pytest.mark.gpu   # CUDA graphs are a GPU feature
+@pytest.mark.gpu  # CUDA graphs are a GPU feature
 def test_decode_step_replays_in_a_cuda_graph():
     """A decode step (T = 1 with a state) captured in a CUDA graph and replayed equals the eager call."""
     case = _case("posrf", causal=True, B=2, T=1, H=2, D=64, Dv=64, m=64, dtype=torch.float16, init=True)
@@ -212,8 +242,16 @@ def test_decode_step_replays_in_a_cuda_graph():
 
     def step():
         st = RFState(static[3], static[4], static[5])
-        return rf_attention(static[0], static[1], static[2], fm, causal=True, initial_state=st,
-                            output_final_state=True, backend="triton")
+        return rf_attention(
+            static[0],
+            static[1],
+            static[2],
+            fm,
+            causal=True,
+            initial_state=st,
+            output_final_state=True,
+            backend="triton",
+        )
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())

@@ -4,19 +4,20 @@ Outputs and final states are compared with ``reference_attention``; the stabilis
 raw denominator are compared with a direct PyTorch evaluation of their definitions from
 ``components.feature_logits``. Without CUDA the kernels run in the Triton interpreter (see conftest.py).
 """
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from helpers import Case, assert_close, assert_exponents_close, case_id, causal_id
 
 from spectraformer_fused.components import feature_logits
 from spectraformer_fused.feature_map import RandomFeatureMap
 from spectraformer_fused.ops import triton_importable
 from spectraformer_fused.reference import reference_attention
 from spectraformer_fused.state import RFState, safe_log_scale
-from helpers import Case, assert_close, assert_exponents_close, case_id, causal_id
 
 pytestmark = pytest.mark.skipif(not triton_importable(), reason="triton is not installed")
 
@@ -102,16 +103,26 @@ def _inputs(case: Case, device, seed: int = 0):
     mask = None
     if case.mask:
         mask = torch.rand(B, T, generator=g) > 0.3
-        mask[0, : max(1, T // 3)] = False          # a masked prefix: chunks with no kept key
+        mask[0, : max(1, T // 3)] = False  # a masked prefix: chunks with no kept key
         if B > 1:
             mask[-1] = True
         mask = mask.to(device)
-    fm = RandomFeatureMap(case.D, case.m, component=case.component, weights=case.weights, kernel=case.kernel,
-                          num_heads=1 if case.shared else H, seed=seed + 1, device=device, **case.args).eval()
-    if fm.spec.data_dependent and case.causal:        # running statistics from an earlier batch
-        fm.feature_params(rnd(B, T, H, case.D), rnd(B, T, H, case.D), scale=case.D ** -0.5, causal=False,
-                          update_stats=True)
-    p = fm.feature_params(q, k, scale=case.D ** -0.5, causal=case.causal, key_padding_mask=mask)
+    fm = RandomFeatureMap(
+        case.D,
+        case.m,
+        component=case.component,
+        weights=case.weights,
+        kernel=case.kernel,
+        num_heads=1 if case.shared else H,
+        seed=seed + 1,
+        device=device,
+        **case.args,
+    ).eval()
+    if fm.spec.data_dependent and case.causal:  # running statistics from an earlier batch
+        fm.feature_params(
+            rnd(B, T, H, case.D), rnd(B, T, H, case.D), scale=case.D**-0.5, causal=False, update_stats=True
+        )
+    p = fm.feature_params(q, k, scale=case.D**-0.5, causal=case.causal, key_padding_mask=mask)
     state = None
     if case.init:
         T0 = 11
@@ -124,8 +135,26 @@ def _call(q, k, v, p, mask, state, causal, chunk=None, output_final_state=True):
     from spectraformer_fused.ops.triton_fwd import rf_fwd
 
     S0, z0, m0 = (None, None, None) if state is None else state
-    return rf_fwd(q, k, v, p.W, p.bias, p.freq, p.psi, mask, S0, z0, m0, kind=p.kind, c_t=p.c_t, c_o=p.c_o,
-                  scale=p.scale, causal=causal, output_final_state=output_final_state, chunk_size=chunk)
+    return rf_fwd(
+        q,
+        k,
+        v,
+        p.W,
+        p.bias,
+        p.freq,
+        p.psi,
+        mask,
+        S0,
+        z0,
+        m0,
+        kind=p.kind,
+        c_t=p.c_t,
+        c_o=p.c_o,
+        scale=p.scale,
+        causal=causal,
+        output_final_state=output_final_state,
+        chunk_size=chunk,
+    )
 
 
 def _check_state(S, z, m, ref: RFState, dtype, name=""):
@@ -150,7 +179,7 @@ def _stabilisers(q, k, p, mask, m0, causal, chunk):
     B, H, T, _ = ek.shape
     if m0 is None:
         m0 = torch.full((B, H), float("-inf"), device=q.device)
-    kmax = ek.amax(-1)                                                      # [B, H, T]
+    kmax = ek.amax(-1)  # [B, H, T]
     if causal:
         NC = -(-T // chunk)
         pad = torch.full((B, H, NC * chunk - T), float("-inf"), device=q.device)
@@ -165,41 +194,54 @@ def _denominator(eq, mq, ek, mk, qmax, kstab, z0, m0, causal, chunk):
     """den_t = sum_f phi_q,f(t) z_f(t), everything relative to qmax(t) and the stabiliser of t's chunk."""
     T = eq.shape[2]
     t = torch.arange(T, device=eq.device)
-    shift = kstab[..., t // chunk] if causal else kstab[..., :1].expand(*kstab.shape[:2], T)   # [B, H, T]
-    phiq = torch.exp(eq - qmax[..., None]) * (1.0 if mq is None else mq)                       # [B, H, T, F]
-    phik = torch.exp(ek[:, :, None, :, :] - shift[..., :, None, None])                       # [B, H, t, j, F]
+    shift = kstab[..., t // chunk] if causal else kstab[..., :1].expand(*kstab.shape[:2], T)  # [B, H, T]
+    phiq = torch.exp(eq - qmax[..., None]) * (1.0 if mq is None else mq)  # [B, H, T, F]
+    phik = torch.exp(ek[:, :, None, :, :] - shift[..., :, None, None])  # [B, H, t, j, F]
     if mk is not None:
         phik = phik * mk[:, :, None]
     if causal:
         phik = phik * (t[None, :] <= t[:, None]).to(phik.dtype)[None, None, :, :, None]
-    zt = phik.sum(3)                                                                          # [B, H, T, F]
+    zt = phik.sum(3)  # [B, H, T, F]
     if z0 is not None:
         zt = zt + z0[:, :, None, :] * torch.exp(m0[..., None, None] - shift[..., None])
     return (phiq * zt).sum(-1)
 
 
 # bf16 kernels need CUDA (the interpreter has no bf16)
-@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.gpu) if c.dtype == torch.bfloat16 else c
-                                  for c in CASES], ids=case_id)
+@pytest.mark.parametrize(
+    "case", [pytest.param(c, marks=pytest.mark.gpu) if c.dtype == torch.bfloat16 else c for c in CASES], ids=case_id
+)
 def test_forward_matches_reference(case, device):
     q, k, v, mask, p, state = _inputs(case, device)
     dtype = case.dtype
     o, den, qmax, kstab, S, z, m, chunk = _call(q, k, v, p, mask, state, case.causal, case.chunk)
-    ref_o, ref_state = reference_attention(q, k, v, p, causal=case.causal, key_padding_mask=mask,
-                                           initial_state=state, output_final_state=True)
+    ref_o, ref_state = reference_attention(
+        q, k, v, p, causal=case.causal, key_padding_mask=mask, initial_state=state, output_final_state=True
+    )
     assert o.dtype == v.dtype and o.shape == v.shape
     if case.chunk is not None:
         assert chunk == case.chunk
     assert_close(o, ref_o, dtype, name="o")
     _check_state(S, z, m, ref_state, dtype)
 
-    eq, mq, ek, mk, ref_qmax, ref_kstab = _stabilisers(q, k, p, mask, None if state is None else state.log_scale,
-                                                       case.causal, chunk)
+    eq, mq, ek, mk, ref_qmax, ref_kstab = _stabilisers(
+        q, k, p, mask, None if state is None else state.log_scale, case.causal, chunk
+    )
     assert_exponents_close(qmax, ref_qmax, dtype, name="qmax")
     assert_exponents_close(kstab, ref_kstab, dtype, name="kstab")
     if case.dtype == torch.float32:
-        ref_den = _denominator(eq, mq, ek, mk, ref_qmax, ref_kstab, None if state is None else state.z,
-                               None if state is None else state.log_scale, case.causal, chunk)
+        ref_den = _denominator(
+            eq,
+            mq,
+            ek,
+            mk,
+            ref_qmax,
+            ref_kstab,
+            None if state is None else state.z,
+            None if state is None else state.log_scale,
+            case.causal,
+            chunk,
+        )
         # relative to the stabilisers; features from tf32 products for fp16/bf16 inputs
         assert_close(den, ref_den, torch.float32 if dtype == torch.float32 else torch.float16, name="den")
 
@@ -241,10 +283,10 @@ def test_strided_inputs(device):
     """Non-contiguous q, k, v (views into packed tensors) give the same result as contiguous ones."""
     case = _case("hyprf", True, T=37, D=16, Dv=24, m=24, mask=True)
     q, k, v, mask, p, _ = _inputs(case, device)
-    packed = torch.cat([q, k, v], dim=-1)                     # [B, T, H, 2D + Dv]
+    packed = torch.cat([q, k, v], dim=-1)  # [B, T, H, 2D + Dv]
     qs, ks = packed[..., :16], packed[..., 16:32]
     assert not qs.is_contiguous()
-    vt = v.transpose(0, 1).contiguous().transpose(0, 1)        # batch-innermost layout
+    vt = v.transpose(0, 1).contiguous().transpose(0, 1)  # batch-innermost layout
     o, *_ = _call(qs, ks, vt, p, mask, None, True)
     assert_close(o, reference_attention(q, k, v, p, causal=True, key_padding_mask=mask)[0], torch.float32, name="o")
 
@@ -278,9 +320,9 @@ def _tf32_reference(x: torch.Tensor) -> torch.Tensor:
     """Round fp32 to the nearest tf32 value, ties to even, through float64 arithmetic (independent of the
     kernel's integer trick): keep 11 significant bits."""
     xd = x.double()
-    mant, exp = torch.frexp(xd)                          # x = mant * 2^exp, 0.5 <= |mant| < 1
-    scaled = mant * 2.0 ** 11                            # 11 significant bits: 1 implicit + 10 stored
-    return torch.ldexp(torch.round(scaled), exp - 11).float()   # torch.round: half to even
+    mant, exp = torch.frexp(xd)  # x = mant * 2^exp, 0.5 <= |mant| < 1
+    scaled = mant * 2.0**11  # 11 significant bits: 1 implicit + 10 stored
+    return torch.ldexp(torch.round(scaled), exp - 11).float()  # torch.round: half to even
 
 
 def test_tf32_rounding_is_round_to_nearest_even(device):
@@ -289,8 +331,8 @@ def test_tf32_rounding_is_round_to_nearest_even(device):
     g = torch.Generator().manual_seed(0)
     rnd = torch.randn(2048, generator=g) * torch.exp(torch.randn(2048, generator=g) * 8)
     base = torch.tensor([1.0, -1.0, 3.0, -0.375, 1e-30, 6.5e4], dtype=torch.float32)
-    ulp = 2.0 ** -10                                     # tf32 spacing in [1, 2)
-    ties = torch.tensor([1 + ulp / 2, 1 + 3 * ulp / 2, -(1 + ulp / 2), 1 + ulp / 2 + 2.0 ** -20])
+    ulp = 2.0**-10  # tf32 spacing in [1, 2)
+    ties = torch.tensor([1 + ulp / 2, 1 + 3 * ulp / 2, -(1 + ulp / 2), 1 + ulp / 2 + 2.0**-20])
     x = torch.cat([rnd, base, ties]).float()
     n = triton.next_power_of_2(x.numel())
     xs = torch.zeros(n)

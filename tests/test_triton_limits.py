@@ -1,17 +1,19 @@
 """The Triton backend at the largest sizes it promises: head dim 256, m = 512 (F = 1024 for the 2m-wide
 components), Dv != D, forward and every input gradient against the reference."""
+
 import pytest
 import torch
-
 from helpers import assert_close
+
 from spectraformer_fused import RandomFeatureMap, available_backends, rf_attention
 
 pytestmark = pytest.mark.skipif("triton" not in available_backends(), reason="triton is not installed")
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-@pytest.mark.parametrize("D, m, component", [(256, 512, "posrf"), (128, 512, "trigrf")],
-                         ids=["D256-M512-posrf", "D128-M512-trigrf"])
+@pytest.mark.parametrize(
+    "D, m, component", [(256, 512, "posrf"), (128, 512, "trigrf")], ids=["D256-M512-posrf", "D128-M512-trigrf"]
+)
 def test_largest_sizes(D, m, component, causal, device):
     g = torch.Generator().manual_seed(0)
     q, k = (torch.randn(1, 40, 2, D, generator=g) * 0.3 for _ in range(2))
@@ -39,8 +41,9 @@ def test_gradients_after_leading_masked_chunks_with_far_negative_exponents(devic
     results = {}
     for backend in ("triton", "reference"):
         leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
-        o, state = rf_attention(*leaves, fm, causal=True, key_padding_mask=keep, backend=backend,
-                                output_final_state=True)
+        o, state = rf_attention(
+            *leaves, fm, causal=True, key_padding_mask=keep, backend=backend, output_final_state=True
+        )
         o[:, 70:].square().sum().backward()
         results[backend] = (o[:, 70:], *(t.grad for t in leaves))
         assert state.log_scale.item() < -100
@@ -63,8 +66,11 @@ def test_out_of_resources_is_a_clear_error(stage, monkeypatch, device):
     fm = RandomFeatureMap(16, 16, num_heads=1, seed=0, device=device)
     q = torch.randn(1, 8, 1, 16, device=device, requires_grad=True)
     v = torch.randn(1, 8, 1, 24, device=device)
-    with pytest.raises(RuntimeError, match=rf"Triton {stage} for float32 inputs with head dims D=16, Dv=24 does "
-                                           r"not fit this GPU .*shared memory.*backend='reference'"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"Triton {stage} for float32 inputs with head dims D=16, Dv=24 does "
+        r"not fit this GPU .*shared memory.*backend='reference'",
+    ):
         rf_attention(q, q, v, fm, backend="triton").sum().backward()
 
 
@@ -75,7 +81,7 @@ def test_device_guard_names_the_input_on_another_device():
     with pytest.raises(ValueError, match="q is on cpu, W on meta"):
         with on_device_of("q, k, W", a, None, b):
             pass
-    with on_device_of("q, k, W", a, None, a):          # one device (None = an absent optional input): no error
+    with on_device_of("q, k, W", a, None, a):  # one device (None = an absent optional input): no error
         pass
 
 

@@ -6,13 +6,14 @@ the final state and the gradients of q, k, v, the learnable weights and the init
 include 0 and 1 and lengths that are not multiples of the chunk (16 tokens in chunk mode, where a range
 holds two chunks under the interpreter, so the longer sequences span several ranges).
 """
+
 import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
 import torch
-
 from helpers import assert_close
+
 from spectraformer_fused import ops
 from spectraformer_fused.feature_map import RandomFeatureMap
 from spectraformer_fused.reference import reference_attention
@@ -45,13 +46,19 @@ class Case:
     kernel: str = "softmax"
     input_scale: float = 1.0
     args: dict = field(default_factory=dict)
-    triton_per_seq: bool = False          # also compare with the Triton backend run per sequence
+    triton_per_seq: bool = False  # also compare with the Triton backend run per sequence
 
     @property
     def id(self):
         dt = {torch.float32: "fp32", torch.float16: "fp16"}[self.dtype]
-        parts = ["L" + "_".join(map(str, self.lens)), f"H{self.H}-Hk{self.Hk}-D{self.D}-Dv{self.Dv}-M{self.M}",
-                 self.component, "causal" if self.causal else "noncausal", self.mode if self.causal else "", dt]
+        parts = [
+            "L" + "_".join(map(str, self.lens)),
+            f"H{self.H}-Hk{self.Hk}-D{self.D}-Dv{self.Dv}-M{self.M}",
+            self.component,
+            "causal" if self.causal else "noncausal",
+            self.mode if self.causal else "",
+            dt,
+        ]
         parts += [n for n, on in (("init", self.init), ("gauss", self.kernel == "gaussian")) if on]
         return "-".join(p for p in parts if p)
 
@@ -81,23 +88,30 @@ def _make(case: Case, device, seed=0):
     def rnd(*shape, s=1.0):
         return (torch.randn(*shape, generator=gen) * s).to(device)
 
-    fm = RandomFeatureMap(case.D, case.M, component=case.component, weights="learnable", kernel=case.kernel,
-                          num_heads=case.Hk, seed=seed, device=device, **case.args)
+    fm = RandomFeatureMap(
+        case.D,
+        case.M,
+        component=case.component,
+        weights="learnable",
+        kernel=case.kernel,
+        num_heads=case.Hk,
+        seed=seed,
+        device=device,
+        **case.args,
+    )
     T, N = sum(case.lens), len(case.lens)
     q = rnd(1, T, case.H, case.D, s=case.input_scale).to(case.dtype)
     k = rnd(1, T, case.Hk, case.D, s=case.input_scale).to(case.dtype)
     v = rnd(1, T, case.Hk, case.Dv).to(case.dtype)
     if fm.spec.data_dependent:
         fm.train()
-        fm.feature_params(rnd(2, 24, case.H, case.D), rnd(2, 24, case.Hk, case.D), scale=case.D ** -0.5,
-                          causal=False)
+        fm.feature_params(rnd(2, 24, case.H, case.D), rnd(2, 24, case.Hk, case.D), scale=case.D**-0.5, causal=False)
     fm.eval()
     cu = torch.tensor([0, *torch.tensor(case.lens).cumsum(0).tolist()], dtype=torch.int32, device=device)
     state = None
     if case.init:
         F = fm.feature_dim
-        state = RFState(rnd(N, case.Hk, F, case.Dv).abs() * 0.1, rnd(N, case.Hk, F).abs() * 0.1 + 0.05,
-                        rnd(N, case.Hk))
+        state = RFState(rnd(N, case.Hk, F, case.Dv).abs() * 0.1, rnd(N, case.Hk, F).abs() * 0.1 + 0.05, rnd(N, case.Hk))
     return fm, q, k, v, cu, state
 
 
@@ -105,7 +119,7 @@ def _params(fm, q, k, a, b, case):
     """The parameters of sequence q[:, a:b] alone (an empty sequence takes those of a one-token view: its
     parameters are never read for features, only its state passes through)."""
     b_ = max(b, a + 1)
-    return fm.feature_params(q[:, a:b_], k[:, a:b_], scale=case.D ** -0.5, causal=case.causal, update_stats=False)
+    return fm.feature_params(q[:, a:b_], k[:, a:b_], scale=case.D**-0.5, causal=case.causal, update_stats=False)
 
 
 def _run(case, fm, q, k, v, cu, state, *, how, seed=1):
@@ -115,26 +129,33 @@ def _run(case, fm, q, k, v, cu, state, *, how, seed=1):
 
     fm.zero_grad(set_to_none=True)
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    st = None if state is None else RFState(state.S.clone().requires_grad_(), state.z.clone().requires_grad_(),
-                                            state.log_scale)
+    st = (
+        None
+        if state is None
+        else RFState(state.S.clone().requires_grad_(), state.z.clone().requires_grad_(), state.log_scale)
+    )
     offs = cu.tolist()
     N = len(offs) - 1
     per_seq = [_params(fm, q, k, offs[n], offs[n + 1], case) for n in range(N)]
     kw = dict(causal=case.causal, key_padding_mask=None, output_final_state=True)
     if how == "varlen":
-        p = dataclasses.replace(per_seq[0], bias=torch.cat([p.bias for p in per_seq]),
-                                freq=torch.cat([p.freq for p in per_seq]),
-                                psi=None if per_seq[0].psi is None else torch.cat([p.psi for p in per_seq]))
+        p = dataclasses.replace(
+            per_seq[0],
+            bias=torch.cat([p.bias for p in per_seq]),
+            freq=torch.cat([p.freq for p in per_seq]),
+            psi=None if per_seq[0].psi is None else torch.cat([p.psi for p in per_seq]),
+        )
         o, fin = triton_attention(q, k, v, p, initial_state=st, cu_seqlens=cu, **kw)
     else:
         fn = triton_attention if how == "triton" else reference_attention
         outs, fins = [], []
         for n in range(N):
             a, b = offs[n], offs[n + 1]
-            init = None if st is None else RFState(*(t[n:n + 1] for t in st))
-            if a == b:   # an empty sequence: its final state is its initial state
-                fins.append(init if init is not None else
-                            empty_state(1, case.Hk, fm.feature_dim, case.Dv, device=q.device))
+            init = None if st is None else RFState(*(t[n : n + 1] for t in st))
+            if a == b:  # an empty sequence: its final state is its initial state
+                fins.append(
+                    init if init is not None else empty_state(1, case.Hk, fm.feature_dim, case.Dv, device=q.device)
+                )
                 continue
             o_n, fin_n = fn(q[:, a:b], k[:, a:b], v[:, a:b], per_seq[n], initial_state=init, **kw)
             outs.append(o_n)
@@ -179,7 +200,7 @@ def test_varlen_matches_per_sequence(case, device, monkeypatch):
     fm, q, k, v, cu, state = _make(case, device)
     got = _run(case, fm, q, k, v, cu, state, how="varlen")
     expected = "chunk_fwd" if case.causal and case.mode == "chunk" else "rf_fwd"
-    assert calls == [expected], calls          # one forward for all the sequences, in the asked mode
+    assert calls == [expected], calls  # one forward for all the sequences, in the asked mode
     _compare(got, _run(case, fm, q, k, v, cu, state, how="reference"), case.dtype, "reference per sequence")
     if case.triton_per_seq:
         _compare(got, _run(case, fm, q, k, v, cu, state, how="triton"), case.dtype, "triton per sequence")

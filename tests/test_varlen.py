@@ -1,16 +1,17 @@
 """Packed variable-length sequences (``cu_seqlens``): the packed call equals running every sequence
 separately with ``rf_attention`` (outputs, final states, gradients of q, k, v and of a learnable W, and
 OPRF/SADERF running statistics, updated once per sequence in order)."""
+
 import copy
 
 import pytest
 import torch
-
 from helpers import assert_close
+
 from spectraformer_fused import COMPONENTS, RandomFeatureMap, RFState, available_backends, rf_attention
 from spectraformer_fused.ops import triton_importable, triton_interpreting
 
-LENGTHS = [3, 0, 1, 7]          # an empty and a length-1 sequence among them
+LENGTHS = [3, 0, 1, 7]  # an empty and a length-1 sequence among them
 
 
 def _packed(lengths, H, Hk, D, Dv, dtype, seed=0):
@@ -25,11 +26,11 @@ def _packed(lengths, H, Hk, D, Dv, dtype, seed=0):
 
 def _feature_map(component, D, m, heads, dtype, *, weights="orf", train=False):
     fm = RandomFeatureMap(D, m, component=component, weights=weights, num_heads=heads, seed=3).to(dtype)
-    if fm.spec.data_dependent:            # filled running statistics, so causal A* != 0
+    if fm.spec.data_dependent:  # filled running statistics, so causal A* != 0
         gen = torch.Generator().manual_seed(9)
         x = torch.randn(1, 16, heads, D, generator=gen, dtype=dtype)
         fm.train()
-        fm.feature_params(x * 0.7, x.flip(1) + 0.3, scale=D ** -0.5, causal=False)
+        fm.feature_params(x * 0.7, x.flip(1) + 0.3, scale=D**-0.5, causal=False)
     return fm.train(train)
 
 
@@ -37,26 +38,32 @@ def _run_both(fm, q, k, v, cu, *, causal, backend, state=None):
     """(packed output, packed state, grads) and the same from running each sequence separately."""
     fm_sep = copy.deepcopy(fm)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    o, fin = rf_attention(*leaves, fm, causal=causal, cu_seqlens=cu, initial_state=state,
-                          output_final_state=True, backend=backend)
+    o, fin = rf_attention(
+        *leaves, fm, causal=causal, cu_seqlens=cu, initial_state=state, output_final_state=True, backend=backend
+    )
     (o.square().sum() + fin.S.sum() + fin.z.sum()).backward()
     packed = (o, fin, [t.grad for t in leaves], fm)
     offs = cu.tolist()
     outs, finals, grads = [], [], [[], [], []]
     for i in range(len(offs) - 1):
-        parts = [t[:, offs[i]:offs[i + 1]].clone().requires_grad_() for t in (q, k, v)]
-        init = None if state is None else RFState(*(t[i:i + 1] for t in state))
-        oi, fi = rf_attention(*parts, fm_sep, causal=causal, initial_state=init, output_final_state=True,
-                              backend=backend)
+        parts = [t[:, offs[i] : offs[i + 1]].clone().requires_grad_() for t in (q, k, v)]
+        init = None if state is None else RFState(*(t[i : i + 1] for t in state))
+        oi, fi = rf_attention(
+            *parts, fm_sep, causal=causal, initial_state=init, output_final_state=True, backend=backend
+        )
         loss = oi.square().sum() + fi.S.sum() + fi.z.sum()
-        if loss.requires_grad:                      # an empty sequence without a state has no graph
+        if loss.requires_grad:  # an empty sequence without a state has no graph
             loss.backward()
         outs.append(oi.detach())
         finals.append(fi)
         for g, p in zip(grads, parts):
             g.append(p.grad if p.grad is not None else torch.zeros_like(p))
-    sep = (torch.cat(outs, 1), RFState(*(torch.cat(x, 0) for x in zip(*finals))),
-           [torch.cat(g, 1) for g in grads], fm_sep)
+    sep = (
+        torch.cat(outs, 1),
+        RFState(*(torch.cat(x, 0) for x in zip(*finals))),
+        [torch.cat(g, 1) for g in grads],
+        fm_sep,
+    )
     return packed, sep
 
 
@@ -81,16 +88,18 @@ CASES = [(c, causal) for c in COMPONENTS for causal in (False, True)]
 
 @pytest.mark.parametrize("component, causal", CASES, ids=[f"{c}-{'causal' if k else 'noncausal'}" for c, k in CASES])
 def test_reference_equals_each_sequence(component, causal):
-    H, Hk, D, Dv, m = 4, 2, 8, 5, 12             # grouped-query: 2 query heads per key/value head
+    H, Hk, D, Dv, m = 4, 2, 8, 5, 12  # grouped-query: 2 query heads per key/value head
     q, k, v, cu = _packed(LENGTHS, H, Hk, D, Dv, torch.float64)
     # Non-causal OPRF/SADERF in training mode: per-sequence statistics and running statistics updated
     # once per sequence; causal ones read the running statistics (eval mode).
     fm = _feature_map(component, D, m, Hk, torch.float64, train=not causal)
     gen = torch.Generator().manual_seed(5)
     N = len(LENGTHS)
-    state = RFState(torch.rand(N, Hk, fm.feature_dim, Dv, generator=gen, dtype=torch.float64),
-                    torch.rand(N, Hk, fm.feature_dim, generator=gen, dtype=torch.float64) + 0.5,
-                    torch.randn(N, Hk, generator=gen, dtype=torch.float64))
+    state = RFState(
+        torch.rand(N, Hk, fm.feature_dim, Dv, generator=gen, dtype=torch.float64),
+        torch.rand(N, Hk, fm.feature_dim, generator=gen, dtype=torch.float64) + 0.5,
+        torch.randn(N, Hk, generator=gen, dtype=torch.float64),
+    )
     packed, sep = _run_both(fm, q, k, v, cu, causal=causal, backend="reference", state=state)
     _compare(packed, sep, torch.float64)
     assert packed[1].S.shape == (N, Hk, fm.feature_dim, Dv)
@@ -105,7 +114,7 @@ def test_causal_training_reads_running_statistics_in_order(component):
     before = fm.num_batches_tracked.clone()
     packed, sep = _run_both(fm, q, k, v, cu, causal=True, backend="reference")
     _compare(packed, sep, torch.float64)
-    assert int(fm.num_batches_tracked - before) == 3          # three non-empty sequences
+    assert int(fm.num_batches_tracked - before) == 3  # three non-empty sequences
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -160,19 +169,33 @@ def _bad(q, **kw):
     return rf_attention(q, q[..., :1, :], q[..., :1, :], fm, **kw)
 
 
-@pytest.mark.parametrize("cu, shape, extra, err, match", [
-    (torch.tensor([0.0, 4.0]), (1, 4, 2, 8), {}, TypeError, "int32 or int64"),
-    ([0, 4], (1, 4, 2, 8), {}, TypeError, "int32 or int64 tensor"),
-    (torch.tensor([[0, 4]]), (1, 4, 2, 8), {}, ValueError, "1-D"),
-    (torch.tensor([1, 4]), (1, 4, 2, 8), {}, ValueError, "start at 0"),
-    (torch.tensor([0, 3, 2, 4]), (1, 4, 2, 8), {}, ValueError, "non-decreasing"),
-    (torch.tensor([0, 3]), (1, 4, 2, 8), {}, ValueError, "end at the packed length 4"),
-    (torch.tensor([0, 4]), (2, 4, 2, 8), {}, ValueError, "batch 2"),
-    (torch.tensor([0, 4]), (1, 4, 2, 8), {"key_padding_mask": torch.ones(1, 4, dtype=torch.bool)}, ValueError,
-     "key_padding_mask"),
-    (torch.tensor([0, 4]), (1, 4, 2, 8), {"initial_state": (torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8)),
-                                          "cu_seqlens": torch.tensor([0, 2, 4])}, ValueError, r"initial_state.S"),
-], ids=["float", "list", "2d", "start", "decreasing", "end", "batch", "mask", "state-rows"])
+@pytest.mark.parametrize(
+    "cu, shape, extra, err, match",
+    [
+        (torch.tensor([0.0, 4.0]), (1, 4, 2, 8), {}, TypeError, "int32 or int64"),
+        ([0, 4], (1, 4, 2, 8), {}, TypeError, "int32 or int64 tensor"),
+        (torch.tensor([[0, 4]]), (1, 4, 2, 8), {}, ValueError, "1-D"),
+        (torch.tensor([1, 4]), (1, 4, 2, 8), {}, ValueError, "start at 0"),
+        (torch.tensor([0, 3, 2, 4]), (1, 4, 2, 8), {}, ValueError, "non-decreasing"),
+        (torch.tensor([0, 3]), (1, 4, 2, 8), {}, ValueError, "end at the packed length 4"),
+        (torch.tensor([0, 4]), (2, 4, 2, 8), {}, ValueError, "batch 2"),
+        (
+            torch.tensor([0, 4]),
+            (1, 4, 2, 8),
+            {"key_padding_mask": torch.ones(1, 4, dtype=torch.bool)},
+            ValueError,
+            "key_padding_mask",
+        ),
+        (
+            torch.tensor([0, 4]),
+            (1, 4, 2, 8),
+            {"initial_state": (torch.zeros(1, 1, 8, 8), torch.zeros(1, 1, 8)), "cu_seqlens": torch.tensor([0, 2, 4])},
+            ValueError,
+            r"initial_state.S",
+        ),
+    ],
+    ids=["float", "list", "2d", "start", "decreasing", "end", "batch", "mask", "state-rows"],
+)
 def test_bad_cu_seqlens(cu, shape, extra, err, match):
     kw = {"cu_seqlens": cu, **extra}
     with pytest.raises(err, match=match):

@@ -7,6 +7,7 @@ maximum depth) and otherwise an operator with ``randint(2, max_args)`` children;
 their token count lies in ``[min_length, max_length)``. The token sequence is LRA's input with the
 binary-tree parentheses removed: ``[MAX 2 9 [MIN 4 7 ] 0 ]``.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,7 @@ PAD = "<pad>"
 VOCAB = (PAD,) + tuple(str(d) for d in range(10)) + OPERATORS + (END,)
 TOKEN_ID = {t: i for i, t in enumerate(VOCAB)}
 NUM_CLASSES = 10
-VALUE_P = 0.25          # LRA's constant: an operator when random() <= VALUE_P, a digit otherwise
+VALUE_P = 0.25  # LRA's constant: an operator when random() <= VALUE_P, a digit otherwise
 
 
 @dataclass(frozen=True)
@@ -79,7 +80,7 @@ def evaluate_listops(tree) -> int:
         return vals[0]
     if op == "[MED":
         n = len(vals)
-        return vals[n // 2] if n % 2 else (vals[n // 2 - 1] + vals[n // 2]) // 2     # int(np.median(...))
+        return vals[n // 2] if n % 2 else (vals[n // 2 - 1] + vals[n // 2]) // 2  # int(np.median(...))
     if op == "[SM":
         return sum(vals) % 10
     raise ValueError(f"unknown ListOps operator {op!r}")
@@ -140,7 +141,7 @@ def encode(examples, pad_to: int | None = None) -> tuple[torch.Tensor, torch.Ten
     T = pad_to or max(len(t) for t, _ in examples)
     ids = torch.zeros(len(examples), T, dtype=torch.long)
     for i, (toks, _) in enumerate(examples):
-        ids[i, :len(toks)] = torch.tensor([TOKEN_ID[t] for t in toks])
+        ids[i, : len(toks)] = torch.tensor([TOKEN_ID[t] for t in toks])
     return ids, torch.tensor([y for _, y in examples], dtype=torch.long)
 
 

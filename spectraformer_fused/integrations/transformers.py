@@ -15,6 +15,7 @@
 Queries see the keys of their own layer only: key/value heads (H_kv) go to ``rf_attention`` as they are
 (grouped-query attention is never expanded), and each feature map is built for H_kv heads.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,8 +36,9 @@ try:
     )
     from transformers.modeling_utils import AttentionInterface, PreTrainedModel
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
-    raise ImportError("spectraformer_fused.integrations.transformers needs transformers>=5.0: "
-                      "pip install 'spectraformer_fused[hf]'") from exc
+    raise ImportError(
+        "spectraformer_fused.integrations.transformers needs transformers>=5.0: pip install 'spectraformer_fused[hf]'"
+    ) from exc
 
 from ..attention import BACKENDS, rf_attention
 from ..feature_map import RandomFeatureMap
@@ -85,7 +87,8 @@ class RFCacheLayer(CacheLayerMixin):
             raise ValueError(
                 f"RFCache layer {self.layer_idx}: the previous keys handed out by the cache never reached the "
                 "'spectraformer' attention function. The model must use attn_implementation='spectraformer' "
-                "(see convert) and pass the keys returned by cache.update unchanged to its attention function.")
+                "(see convert) and pass the keys returned by cache.update unchanged to its attention function."
+            )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.seen += key_states.shape[-2]
@@ -103,7 +106,7 @@ class RFCacheLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
-    get_max_cache_shape = get_max_length      # its name before transformers 5.x renamed it
+    get_max_cache_shape = get_max_length  # its name before transformers 5.x renamed it
 
     def reset(self) -> None:
         self.state, self.seen, self._awaiting = None, 0, False
@@ -123,8 +126,10 @@ class RFCacheLayer(CacheLayerMixin):
 
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove != 0:
-            raise ValueError("an RFCache cannot remove tokens: the random-feature state is a sum over all of them "
-                             "(assisted generation and other rollbacks are not supported)")
+            raise ValueError(
+                "an RFCache cannot remove tokens: the random-feature state is a sum over all of them "
+                "(assisted generation and other rollbacks are not supported)"
+            )
 
     def offload(self) -> None:
         self._map_state(lambda t: t.to("cpu", non_blocking=True))
@@ -177,6 +182,7 @@ class AttentionCall(NamedTuple):
     """One call of the attention function: ``q [B, T, H, D]`` and ``k [B, T, H_kv, D]`` as it received them
     (after rotary embeddings, detached), the ``[B, T]`` bool keep-mask (None when nothing is padded), the
     resolved ``scale`` and ``causal``."""
+
     module: nn.Module
     q: torch.Tensor
     k: torch.Tensor
@@ -209,32 +215,49 @@ def _key_padding_mask(attention_mask, batch: int, length: int) -> torch.Tensor |
     if attention_mask is None:
         return None
     if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2:
-        shape = tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
-        raise ValueError(f"attn_implementation='{NAME}' takes a 2D padding mask [B, T] (True or 1 = keep), got "
-                         f"{shape}; custom 4D masks cannot be expressed by random-feature attention")
+        shape = (
+            tuple(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+        )
+        raise ValueError(
+            f"attn_implementation='{NAME}' takes a 2D padding mask [B, T] (True or 1 = keep), got "
+            f"{shape}; custom 4D masks cannot be expressed by random-feature attention"
+        )
     if attention_mask.shape[0] != batch or attention_mask.shape[1] < length:
-        raise ValueError(f"the padding mask has shape {tuple(attention_mask.shape)}, but the attention has batch "
-                         f"{batch} and {length} keys")
-    mask = attention_mask[:, attention_mask.shape[1] - length:].to(torch.bool)
+        raise ValueError(
+            f"the padding mask has shape {tuple(attention_mask.shape)}, but the attention has batch "
+            f"{batch} and {length} keys"
+        )
+    mask = attention_mask[:, attention_mask.shape[1] - length :].to(torch.bool)
     return None if bool(mask.all()) else mask
 
 
-def spectraformer_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                                    attention_mask: torch.Tensor | None, scaling: float | None = None,
-                                    dropout: float = 0.0, is_causal: bool | None = None, **kwargs):
+def spectraformer_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    is_causal: bool | None = None,
+    **kwargs,
+):
     """The function registered as ``"spectraformer"``: ``query [B, H, T, D]``, ``key [B, H_kv, T, D]``,
     ``value [B, H_kv, T, Dv]`` -> ``([B, T, H, Dv], None)`` through ``rf_attention`` with the module's
     feature map. Attention dropout is not applied (random-feature attention forms no attention matrix);
     no attention weights are returned."""
     feature_map = getattr(module, FEATURE_MAP_ATTR, None)
     if not isinstance(feature_map, RandomFeatureMap):
-        raise ValueError(f"{type(module).__name__} has no random feature map: call "
-                         f"spectraformer_fused.integrations.transformers.convert(model, ...) before using "
-                         f"attn_implementation='{NAME}'")
+        raise ValueError(
+            f"{type(module).__name__} has no random feature map: call "
+            f"spectraformer_fused.integrations.transformers.convert(model, ...) before using "
+            f"attn_implementation='{NAME}'"
+        )
     for name in _UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
-            raise ValueError(f"{type(module).__name__} passes {name}=..., which random-feature attention does not "
-                             "support")
+            raise ValueError(
+                f"{type(module).__name__} passes {name}=..., which random-feature attention does not support"
+            )
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     B, _, Tq, _ = query.shape
     Tk = key.shape[2]
@@ -243,11 +266,14 @@ def spectraformer_attention_forward(module: nn.Module, query: torch.Tensor, key:
         raise ValueError(
             f"{type(module).__name__} received {Tk} keys for {Tq} queries: the keys come from a cache that stores "
             "them (such as DynamicCache). Decode with spectraformer_fused.integrations.transformers.RFCache "
-            "(generate() of a converted model uses one), or run with use_cache=False")
+            "(generate() of a converted model uses one), or run with use_cache=False"
+        )
     state = None if layer is None else layer.state
     if state is not None and not causal:
-        raise ValueError("non-causal random-feature attention cannot continue from a cache: every query would have "
-                         "to see the keys that come after it")
+        raise ValueError(
+            "non-causal random-feature attention cannot continue from a cache: every query would have "
+            "to see the keys that come after it"
+        )
     kpm = _key_padding_mask(attention_mask, B, Tk)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))
     recorder = getattr(_RECORDER, "value", None)
@@ -257,29 +283,44 @@ def spectraformer_attention_forward(module: nn.Module, query: torch.Tensor, key:
         calls.append(AttentionCall(module, q.detach(), k.detach(), kpm, scale, causal))
         if teacher:
             if layer is not None:
-                raise ValueError("a teacher recording runs the softmax model, which cannot continue from an RFCache: "
-                                 "record with use_cache=False or without a cache")
+                raise ValueError(
+                    "a teacher recording runs the softmax model, which cannot continue from an RFCache: "
+                    "record with use_cache=False or without a cache"
+                )
             o = exact_attention(q, k, v, kernel=feature_map.kernel, causal=causal, scale=scale, key_padding_mask=kpm)
             return o.to(v.dtype), None
     backend = getattr(module, BACKEND_ATTR, "auto")
     if layer is None:
         o = rf_attention(q, k, v, feature_map, causal=causal, scale=scaling, key_padding_mask=kpm, backend=backend)
     else:
-        o, layer.state = rf_attention(q, k, v, feature_map, causal=causal, scale=scaling, key_padding_mask=kpm,
-                                      initial_state=state, output_final_state=True, backend=backend)
+        o, layer.state = rf_attention(
+            q,
+            k,
+            v,
+            feature_map,
+            causal=causal,
+            scale=scaling,
+            key_padding_mask=kpm,
+            initial_state=state,
+            output_final_state=True,
+            backend=backend,
+        )
     return o, None
 
 
-def spectraformer_mask(*, kv_length: int, mask_function=causal_mask_function,
-                       attention_mask: torch.Tensor | None = None, **kwargs):
+def spectraformer_mask(
+    *, kv_length: int, mask_function=causal_mask_function, attention_mask: torch.Tensor | None = None, **kwargs
+):
     """The mask function registered as ``"spectraformer"``: the ``[B, kv_length]`` bool keep-mask, or None
     when nothing is padded. Causality comes from the module (``is_causal``), not from the mask. The other
     arguments transformers passes (batch size, query length or cache position, offsets, dtype) are unused."""
     if mask_function is not causal_mask_function and mask_function is not bidirectional_mask_function:
         name = getattr(mask_function, "__qualname__", type(mask_function).__name__)
-        raise ValueError(f"attn_implementation='{NAME}' supports full causal or bidirectional attention with a "
-                         f"padding mask; this model asks for another pattern ({name}: a sliding window, chunked or "
-                         "blockwise attention, or packed sequences)")
+        raise ValueError(
+            f"attn_implementation='{NAME}' supports full causal or bidirectional attention with a "
+            f"padding mask; this model asks for another pattern ({name}: a sliding window, chunked or "
+            "blockwise attention, or packed sequences)"
+        )
     if attention_mask is None:
         return None
     mask = attention_mask[:, -kv_length:].to(torch.bool)
@@ -302,8 +343,10 @@ def _attention_layers(model: nn.Module) -> list[nn.Module]:
         if not (hasattr(module, "layer_idx") and hasattr(module, "config") and hasattr(module, "scaling")):
             continue
         if "crossattention" in type(module).__name__.lower() or getattr(module, "is_cross_attention", False):
-            raise ValueError(f"{name} ({type(module).__name__}) is a cross-attention layer, which the "
-                             f"'{NAME}' implementation does not support")
+            raise ValueError(
+                f"{name} ({type(module).__name__}) is a cross-attention layer, which the "
+                f"'{NAME}' implementation does not support"
+            )
         found.append(module)
     return found
 
@@ -311,8 +354,11 @@ def _attention_layers(model: nn.Module) -> list[nn.Module]:
 def _head_sizes(module: nn.Module) -> tuple[int, int]:
     config = module.config
     num_heads = getattr(config, "num_attention_heads", None)
-    head_dim = (getattr(module, "head_dim", None) or getattr(module, "attention_head_size", None)
-                or getattr(config, "head_dim", None))
+    head_dim = (
+        getattr(module, "head_dim", None)
+        or getattr(module, "attention_head_size", None)
+        or getattr(config, "head_dim", None)
+    )
     if head_dim is None and num_heads:
         head_dim = config.hidden_size // num_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
@@ -334,8 +380,11 @@ def _decode_with_rf_cache(model: PreTrainedModel) -> None:
     key = _model_cache_kwarg(model)
 
     def prepare(self, generation_config, model_kwargs, *args, **kwargs):
-        if (model_kwargs.get(key) is None and generation_config.use_cache is not False
-                and generation_config.cache_implementation is None):
+        if (
+            model_kwargs.get(key) is None
+            and generation_config.use_cache is not False
+            and generation_config.cache_implementation is None
+        ):
             model_kwargs[key] = RFCache()
         return original(self, generation_config, model_kwargs, *args, **kwargs)
 
@@ -343,9 +392,18 @@ def _decode_with_rf_cache(model: PreTrainedModel) -> None:
     model._rf_cache_hook = True
 
 
-def convert(model: PreTrainedModel, *, component: str, weights: str, num_features: int, kernel: str = "softmax",
-            seed: int | None = None, backend: str = "auto", weight_args: dict | None = None,
-            **component_args) -> PreTrainedModel:
+def convert(
+    model: PreTrainedModel,
+    *,
+    component: str,
+    weights: str,
+    num_features: int,
+    kernel: str = "softmax",
+    seed: int | None = None,
+    backend: str = "auto",
+    weight_args: dict | None = None,
+    **component_args,
+) -> PreTrainedModel:
     """Switch a transformers model to random-feature attention, in place; returns the model.
 
     Every self-attention layer gets its own ``RandomFeatureMap(head_dim, num_features, component=...,
@@ -365,21 +423,33 @@ def convert(model: PreTrainedModel, *, component: str, weights: str, num_feature
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     layers = _attention_layers(model)
     if not layers:
-        raise ValueError(f"{type(model).__name__} has no attention layer that uses transformers' AttentionInterface "
-                         "(modules with layer_idx, config and scaling)")
+        raise ValueError(
+            f"{type(model).__name__} has no attention layer that uses transformers' AttentionInterface "
+            "(modules with layer_idx, config and scaling)"
+        )
     register()
     model.set_attn_implementation(NAME)
     if model.config._attn_implementation != NAME:
-        raise ValueError(f"{type(model).__name__} cannot switch its attention implementation to '{NAME}': its "
-                         "attention layers do not dispatch through transformers' AttentionInterface")
+        raise ValueError(
+            f"{type(model).__name__} cannot switch its attention implementation to '{NAME}': its "
+            "attention layers do not dispatch through transformers' AttentionInterface"
+        )
     for module in layers:
         head_dim, num_kv_heads = _head_sizes(module)
         param = next(module.parameters(), None)
         layer_seed = None if seed is None else seed + int(module.layer_idx or 0)
-        fm = RandomFeatureMap(head_dim, num_features, component=component, weights=weights, kernel=kernel,
-                              num_heads=num_kv_heads, seed=layer_seed,
-                              device=None if param is None else param.device, weight_args=weight_args,
-                              **component_args)
+        fm = RandomFeatureMap(
+            head_dim,
+            num_features,
+            component=component,
+            weights=weights,
+            kernel=kernel,
+            num_heads=num_kv_heads,
+            seed=layer_seed,
+            device=None if param is None else param.device,
+            weight_args=weight_args,
+            **component_args,
+        )
         setattr(module, FEATURE_MAP_ATTR, fm)
         setattr(module, BACKEND_ATTR, backend)
     _decode_with_rf_cache(model)
@@ -387,8 +457,9 @@ def convert(model: PreTrainedModel, *, component: str, weights: str, num_feature
 
 
 @torch.no_grad()
-def decode_step(model: PreTrainedModel, input_ids: torch.Tensor, cache: RFCache,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+def decode_step(
+    model: PreTrainedModel, input_ids: torch.Tensor, cache: RFCache, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     """One forward step of a converted causal LM with its RFCache: ``input_ids [B, T]`` (the prompt for
     the first call, one token per sequence afterwards) -> logits of the last position ``[B, vocab]``.
     ``attention_mask``, when given, covers every position seen so far ``[B, cache.get_seq_length() + T]``."""
@@ -400,5 +471,15 @@ def decode_step(model: PreTrainedModel, input_ids: torch.Tensor, cache: RFCache,
     return model(input_ids=input_ids, **kwargs).logits[:, -1]
 
 
-__all__ = ["NAME", "AttentionCall", "RFCache", "RFCacheLayer", "convert", "decode_step", "recording", "register",
-           "spectraformer_attention_forward", "spectraformer_mask"]
+__all__ = [
+    "NAME",
+    "AttentionCall",
+    "RFCache",
+    "RFCacheLayer",
+    "convert",
+    "decode_step",
+    "recording",
+    "register",
+    "spectraformer_attention_forward",
+    "spectraformer_mask",
+]

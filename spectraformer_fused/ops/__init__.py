@@ -1,9 +1,9 @@
 """Compiled backends. Each exposes ``<name>_attention(q, k, v, params, *, causal, key_padding_mask,
 initial_state, output_final_state) -> (o, RFState | None)`` with the reference's semantics."""
+
 from __future__ import annotations
 
 import importlib.util
-
 
 # Decided once at import, without importing triton (kernel modules must be imported only after
 # TRITON_INTERPRET is set); a plain constant also keeps torch.compile from tracing a cache.
@@ -37,7 +37,7 @@ def triton_interpreting() -> bool:
         return False
 
 
-_CPU_MODULE = None      # ops.cpu, imported on first need and kept (an import statement per call costs microseconds)
+_CPU_MODULE = None  # ops.cpu, imported on first need and kept (an import statement per call costs microseconds)
 
 
 def cpu_extension_loaded() -> bool:

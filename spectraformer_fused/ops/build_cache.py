@@ -22,6 +22,7 @@ loads what the first built.
 The cache root is ``$SPECTRAFORMER_FUSED_CACHE_DIR`` when set, otherwise
 ``$XDG_CACHE_HOME/spectraformer_fused`` (``~/.cache/spectraformer_fused``).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,18 +41,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CACHE_ENV = "SPECTRAFORMER_FUSED_CACHE_DIR"
-KEY_VERSION = 1           # bump when the layout of a build directory or the key's recipe changes
+KEY_VERSION = 1  # bump when the layout of a build directory or the key's recipe changes
 MARKER = "built.json"
 _LIB_EXT = ".pyd" if sys.platform == "win32" else ".so"
 
 _lock = threading.RLock()
-_noticed: set[str] = set()   # extension names whose build notice this process already printed
+_noticed: set[str] = set()  # extension names whose build notice this process already printed
 
 
 @dataclass(frozen=True)
 class ExtensionSpec:
     """What a compiled extension is built from: its module name, the directory holding its files, the
     files compiled (``sources``) and included (``headers``), and the compile and link flags."""
+
     name: str
     source_dir: Path
     sources: tuple[str, ...]
@@ -80,7 +82,7 @@ def _cpu_fingerprint() -> str:
                 field = field.strip()
                 if field in ("vendor_id", "model name", "flags", "Features", "CPU part") and field not in wanted:
                     wanted[field] = value.strip()
-                if not line.strip() and wanted:   # the first processor's block is enough
+                if not line.strip() and wanted:  # the first processor's block is enough
                     break
         if wanted:
             return hashlib.sha256(json.dumps(wanted, sort_keys=True).encode()).hexdigest()[:16]
@@ -239,8 +241,13 @@ def _forget_in_process(name: str) -> None:
 
 
 def _write_marker(directory: Path, module, inputs: dict, seconds: float) -> None:
-    record = {"module": module.__name__, "file": Path(module.__file__).name, "build_seconds": round(seconds, 1),
-              "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "inputs": inputs}
+    record = {
+        "module": module.__name__,
+        "file": Path(module.__file__).name,
+        "build_seconds": round(seconds, 1),
+        "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "inputs": inputs,
+    }
     tmp = directory / f".{MARKER}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(record, indent=1, sort_keys=True))
     os.replace(tmp, directory / MARKER)
@@ -272,7 +279,7 @@ def build(spec: ExtensionSpec, *, force: bool = False, notice: str | None = None
             notify_once(spec.name, notice.replace("{dir}", str(directory)))
         inputs = key_inputs(spec)
         directory.mkdir(parents=True, exist_ok=True)
-        if force or (directory / MARKER).exists():   # forced, or a cached binary that does not load
+        if force or (directory / MARKER).exists():  # forced, or a cached binary that does not load
             _clear_outputs(directory)
             _forget_in_process(spec.name)
         src = _stage_sources(spec, directory)
@@ -280,8 +287,14 @@ def build(spec: ExtensionSpec, *, force: bool = False, notice: str | None = None
 
         start = time.perf_counter()
         with _ninja_on_path():
-            module = load(name=spec.name, sources=[str(src / name) for name in spec.sources],
-                          extra_cflags=list(spec.cflags), extra_ldflags=list(spec.ldflags),
-                          extra_include_paths=[str(src)], build_directory=str(directory), verbose=verbose)
+            module = load(
+                name=spec.name,
+                sources=[str(src / name) for name in spec.sources],
+                extra_cflags=list(spec.cflags),
+                extra_ldflags=list(spec.ldflags),
+                extra_include_paths=[str(src)],
+                build_directory=str(directory),
+                verbose=verbose,
+            )
         _write_marker(directory, module, inputs, time.perf_counter() - start)
         return module

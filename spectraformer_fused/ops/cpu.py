@@ -10,6 +10,7 @@ checkout, from the top-level ``csrc/``. A machine without a compiler still impor
 ``extension_available()`` then warns once, naming the fix, and returns False.
 SPECTRAFORMER_FUSED_NO_CPU_EXT=1 skips the extension altogether.
 """
+
 from __future__ import annotations
 
 import os
@@ -32,10 +33,12 @@ _HEADERS = ("rf_kernels.h",)
 _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast")
 _LDFLAGS = ("-fopenmp",)
 SKIP_ENV = "SPECTRAFORMER_FUSED_NO_CPU_EXT"
-NOTICE = ("spectraformer_fused: compiling the CPU backend (C++ extension {name}; not yet built for these "
-          "sources, this torch, Python and CPU), which takes 30 s to a few minutes, into {{dir}}. "
-          "Build it ahead of time with `python -m spectraformer_fused.build`; "
-          "skip it with {skip}=1.").format(name=EXTENSION_NAME, skip=SKIP_ENV)
+NOTICE = (
+    "spectraformer_fused: compiling the CPU backend (C++ extension {name}; not yet built for these "
+    "sources, this torch, Python and CPU), which takes 30 s to a few minutes, into {{dir}}. "
+    "Build it ahead of time with `python -m spectraformer_fused.build`; "
+    "skip it with {skip}=1."
+).format(name=EXTENSION_NAME, skip=SKIP_ENV)
 
 _lock = threading.Lock()
 _module = None
@@ -98,7 +101,9 @@ def _load(build: bool = True):
                 "reference backend on the CPU. To enable it, install a C++ compiler (g++) and ninja "
                 f"(pip install ninja), and make the build cache {build_cache.cache_root()} writable (or set "
                 f"{build_cache.CACHE_ENV}). Error: {_error.splitlines()[0] if _error else ''}",
-                RuntimeWarning, stacklevel=3)
+                RuntimeWarning,
+                stacklevel=3,
+            )
     return _module
 
 
@@ -138,7 +143,7 @@ def extension_status() -> str:
     return "buildable"
 
 
-_wt_cache: tuple | None = None   # (key, W, WT): the last W seen and its transposed fp32 copy
+_wt_cache: tuple | None = None  # (key, W, WT): the last W seen and its transposed fp32 copy
 
 
 def _transposed(W: torch.Tensor) -> torch.Tensor:
@@ -148,10 +153,9 @@ def _transposed(W: torch.Tensor) -> torch.Tensor:
     storage cannot be freed and reused by another tensor while the entry lives."""
     global _wt_cache
     entry = _wt_cache
-    if entry is not None and entry[1] is W and entry[0][-1] == W._version:   # the feature map's kept W
+    if entry is not None and entry[1] is W and entry[0][-1] == W._version:  # the feature map's kept W
         return entry[2]
-    key = (W.untyped_storage().data_ptr(), W.storage_offset(), tuple(W.shape), tuple(W.stride()), W.dtype,
-           W._version)
+    key = (W.untyped_storage().data_ptr(), W.storage_offset(), tuple(W.shape), tuple(W.stride()), W.dtype, W._version)
     if entry is not None and entry[0] == key:
         return entry[2]
     WT = W.detach().to(torch.float32).transpose(1, 2).contiguous()
@@ -163,9 +167,27 @@ def _forward(ext, q, k, v, params: FeatureParams, causal, mask, S0, z0, m0, cu_s
     # Called with grad disabled (inside the autograd Function) or with no input requiring grad, so the
     # extension records no graph and nothing needs detaching.
     W = params.W
-    return ext.forward(q, k, v, W, params.bias, params.freq, params.psi, int(params.kind),
-                       float(params.c_t), float(params.c_o), float(params.scale), bool(causal), mask, S0, z0, m0,
-                       DEN_EPS, _transposed(W), cu_seqlens)
+    return ext.forward(
+        q,
+        k,
+        v,
+        W,
+        params.bias,
+        params.freq,
+        params.psi,
+        int(params.kind),
+        float(params.c_t),
+        float(params.c_o),
+        float(params.scale),
+        bool(causal),
+        mask,
+        S0,
+        z0,
+        m0,
+        DEN_EPS,
+        _transposed(W),
+        cu_seqlens,
+    )
 
 
 class _CpuAttention(torch.autograd.Function):
@@ -188,17 +210,27 @@ class _CpuAttention(torch.autograd.Function):
     def backward(ctx, do, dS, dz, _dm):
         q, k, v, W, bias, S0, z0, m0 = ctx.saved_tensors
         p = ctx.params
-        leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None
-                  for t in (q, k, v, W, bias, S0, z0, m0)]
+        leaves = [
+            t.detach().requires_grad_(t.requires_grad) if t is not None else None
+            for t in (q, k, v, W, bias, S0, z0, m0)
+        ]
         lq, lk, lv, lW, lbias, lS, lz, lm = leaves
         with torch.enable_grad():
-            rp = FeatureParams(p.kind, lW, lbias, p.freq, p.psi, p.c_t, p.c_o, p.scale, p.num_features,
-                               p.feature_dim)
+            rp = FeatureParams(p.kind, lW, lbias, p.freq, p.psi, p.c_t, p.c_o, p.scale, p.num_features, p.feature_dim)
             state = RFState(lS, lz, lm) if ctx.has_state else None
             # packed sequences: the reference runs them one by one on views (exact; the CPU backend is
             # not a training path)
-            o, final = reference_attention(lq, lk, lv, rp, causal=ctx.causal, key_padding_mask=ctx.mask,
-                                           initial_state=state, output_final_state=True, cu_seqlens=ctx.cu_seqlens)
+            o, final = reference_attention(
+                lq,
+                lk,
+                lv,
+                rp,
+                causal=ctx.causal,
+                key_padding_mask=ctx.mask,
+                initial_state=state,
+                output_final_state=True,
+                cu_seqlens=ctx.cu_seqlens,
+            )
             outs, grads = [], []
             for out, g in ((o, do), (final.S, dS), (final.z, dz)):
                 if g is not None and out.requires_grad:
@@ -211,8 +243,18 @@ class _CpuAttention(torch.autograd.Function):
         return (*result, None, None, None, None)
 
 
-def cpu_attention(q, k, v, params: FeatureParams, *, causal: bool, key_padding_mask=None,
-                  initial_state: RFState | None = None, output_final_state: bool = False, cu_seqlens=None):
+def cpu_attention(
+    q,
+    k,
+    v,
+    params: FeatureParams,
+    *,
+    causal: bool,
+    key_padding_mask=None,
+    initial_state: RFState | None = None,
+    output_final_state: bool = False,
+    cu_seqlens=None,
+):
     """Random-feature attention with the reference's semantics, computed by the compiled CPU extension.
 
     q, k ``[B, T, H, D]`` (fp32, bf16 or fp16), v ``[B, T, H_kv, Dv]``. Returns
@@ -229,9 +271,13 @@ def cpu_attention(q, k, v, params: FeatureParams, *, causal: bool, key_padding_m
         raise RuntimeError(f"the compiled CPU backend is unavailable ({_error})")
     S0, z0, m0 = (None, None, None) if initial_state is None else tuple(initial_state)
     if initial_state is not None and any(t is None for t in (S0, z0, m0)):
-        raise ValueError("initial_state must hold S, z and log_scale together, got "
-                         + ", ".join(f"{name}={'tensor' if t is not None else None}"
-                                     for name, t in zip(("S", "z", "log_scale"), (S0, z0, m0))))
+        raise ValueError(
+            "initial_state must hold S, z and log_scale together, got "
+            + ", ".join(
+                f"{name}={'tensor' if t is not None else None}"
+                for name, t in zip(("S", "z", "log_scale"), (S0, z0, m0))
+            )
+        )
     tensors = (q, k, v, params.W, params.bias, S0, z0, m0)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         o, S, z, m = _CpuAttention.apply(*tensors, params, causal, key_padding_mask, cu_seqlens)

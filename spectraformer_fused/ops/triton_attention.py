@@ -5,6 +5,7 @@ model calls the kernels as they are. The forward saves its inputs, ``o``, the ra
 stabilisers (``qmax [B, H, T]``, ``kstab`` one per chunk) and the final state: O(T (D + Dv) + F Dv). The backward
 recomputes every feature from them instead of saving any ``[T, F]`` tensor.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -24,73 +25,259 @@ _FWD_OUT = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 @torch.library.custom_op("spectraformer_fused::rf_fwd", mutates_args=())
-def _rf_fwd_op(q: Tensor, k: Tensor, v: Tensor, W: Tensor, bias: Tensor, freq: Tensor, psi: Optional[Tensor],
-               mask: Optional[Tensor], S0: Optional[Tensor], z0: Optional[Tensor], m0: Optional[Tensor],
-               cu_seqlens: Optional[Tensor], kind: int, c_t: float, c_o: float, scale: float, causal: bool,
-               chunk_size: int, mode: str) -> _FWD_OUT:
+def _rf_fwd_op(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    W: Tensor,
+    bias: Tensor,
+    freq: Tensor,
+    psi: Optional[Tensor],
+    mask: Optional[Tensor],
+    S0: Optional[Tensor],
+    z0: Optional[Tensor],
+    m0: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
+    kind: int,
+    c_t: float,
+    c_o: float,
+    scale: float,
+    causal: bool,
+    chunk_size: int,
+    mode: str,
+) -> _FWD_OUT:
     """(o, den, qmax, kstab, S, z, m); the final state is always returned (it is O(F Dv) per head).
     mode: "walk" or "chunk" (causal only; triton_chunk.py). cu_seqlens: packed sequences (``rf_fwd``)."""
-    with on_device_of("q, k, v, W, bias, freq, psi, mask, S0, z0, m0, cu_seqlens", q, k, v, W, bias, freq, psi, mask,
-                      S0, z0, m0, cu_seqlens), resource_errors("forward", q.dtype, q.shape[-1], v.shape[-1]):
+    with (
+        on_device_of(
+            "q, k, v, W, bias, freq, psi, mask, S0, z0, m0, cu_seqlens",
+            q,
+            k,
+            v,
+            W,
+            bias,
+            freq,
+            psi,
+            mask,
+            S0,
+            z0,
+            m0,
+            cu_seqlens,
+        ),
+        resource_errors("forward", q.dtype, q.shape[-1], v.shape[-1]),
+    ):
         if causal and mode == "chunk":
-            o, den, qmax, kstab, S, z, m, _ = chunk_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, kind=kind,
-                                                        c_t=c_t, c_o=c_o, scale=scale, output_final_state=True,
-                                                        chunk_size=chunk_size, cu_seqlens=cu_seqlens)
+            o, den, qmax, kstab, S, z, m, _ = chunk_fwd(
+                q,
+                k,
+                v,
+                W,
+                bias,
+                freq,
+                psi,
+                mask,
+                S0,
+                z0,
+                m0,
+                kind=kind,
+                c_t=c_t,
+                c_o=c_o,
+                scale=scale,
+                output_final_state=True,
+                chunk_size=chunk_size,
+                cu_seqlens=cu_seqlens,
+            )
             return o, den, qmax, kstab, S, z, m
-        o, den, qmax, kstab, S, z, m, _ = rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, kind=kind, c_t=c_t,
-                                                 c_o=c_o, scale=scale, causal=causal, output_final_state=True,
-                                                 chunk_size=chunk_size, cu_seqlens=cu_seqlens)
+        o, den, qmax, kstab, S, z, m, _ = rf_fwd(
+            q,
+            k,
+            v,
+            W,
+            bias,
+            freq,
+            psi,
+            mask,
+            S0,
+            z0,
+            m0,
+            kind=kind,
+            c_t=c_t,
+            c_o=c_o,
+            scale=scale,
+            causal=causal,
+            output_final_state=True,
+            chunk_size=chunk_size,
+            cu_seqlens=cu_seqlens,
+        )
     return o, den, qmax, kstab, S, z, m
 
 
 @_rf_fwd_op.register_fake
 def _(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, cu_seqlens, kind, c_t, c_o, scale, causal, chunk_size, mode):
     B, T, H, _ = q.shape
-    Hk = k.shape[2]                       # grouped-query attention: kstab and the state per key/value head
+    Hk = k.shape[2]  # grouped-query attention: kstab and the state per key/value head
     Dv = v.shape[-1]
     F = feature_width(kind, W.shape[1])
     f32 = dict(dtype=torch.float32, device=q.device)
     if cu_seqlens is None:
         NS, kstab = B, q.new_empty(B, Hk, triton.cdiv(T, chunk_size) if causal else 1, **f32)
-    else:                                 # packed sequences: the states per sequence, kstab per chunk slot
+    else:  # packed sequences: the states per sequence, kstab per chunk slot
         NS = cu_seqlens.shape[0] - 1
-        kstab = (q.new_empty(1, Hk, chunk_capacity(T, NS, chunk_size), **f32) if causal
-                 else q.new_empty(NS, Hk, 1, **f32))
-    return (q.new_empty(B, T, H, Dv, dtype=v.dtype), q.new_empty(B, H, T, **f32), q.new_empty(B, H, T, **f32),
-            kstab, q.new_empty(NS, Hk, F, Dv, **f32), q.new_empty(NS, Hk, F, **f32), q.new_empty(NS, Hk, **f32))
+        kstab = (
+            q.new_empty(1, Hk, chunk_capacity(T, NS, chunk_size), **f32) if causal else q.new_empty(NS, Hk, 1, **f32)
+        )
+    return (
+        q.new_empty(B, T, H, Dv, dtype=v.dtype),
+        q.new_empty(B, H, T, **f32),
+        q.new_empty(B, H, T, **f32),
+        kstab,
+        q.new_empty(NS, Hk, F, Dv, **f32),
+        q.new_empty(NS, Hk, F, **f32),
+        q.new_empty(NS, Hk, **f32),
+    )
 
 
 @torch.library.custom_op("spectraformer_fused::rf_bwd", mutates_args=())
-def _rf_bwd_op(do: Tensor, dS: Optional[Tensor], dz: Optional[Tensor], q: Tensor, k: Tensor, v: Tensor, W: Tensor,
-               bias: Tensor, freq: Tensor, psi: Optional[Tensor], mask: Optional[Tensor], S0: Optional[Tensor],
-               z0: Optional[Tensor], m0: Optional[Tensor], cu_seqlens: Optional[Tensor], o: Tensor, den: Tensor,
-               qmax: Tensor, kstab: Tensor, S: Tensor, z: Tensor, kind: int, c_t: float, c_o: float, scale: float,
-               causal: bool, chunk_size: int, mode: str) -> _FWD_OUT:
+def _rf_bwd_op(
+    do: Tensor,
+    dS: Optional[Tensor],
+    dz: Optional[Tensor],
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    W: Tensor,
+    bias: Tensor,
+    freq: Tensor,
+    psi: Optional[Tensor],
+    mask: Optional[Tensor],
+    S0: Optional[Tensor],
+    z0: Optional[Tensor],
+    m0: Optional[Tensor],
+    cu_seqlens: Optional[Tensor],
+    o: Tensor,
+    den: Tensor,
+    qmax: Tensor,
+    kstab: Tensor,
+    S: Tensor,
+    z: Tensor,
+    kind: int,
+    c_t: float,
+    c_o: float,
+    scale: float,
+    causal: bool,
+    chunk_size: int,
+    mode: str,
+) -> _FWD_OUT:
     """(dq, dk, dv, dW [H, m, D], dbias, dS0, dz0); dS0 and dz0 are empty without an initial state."""
-    with on_device_of("q, do, k, v, W, bias", q, do, k, v, W, bias), \
-            resource_errors("backward", q.dtype, q.shape[-1], v.shape[-1]):
+    with (
+        on_device_of("q, do, k, v, W, bias", q, do, k, v, W, bias),
+        resource_errors("backward", q.dtype, q.shape[-1], v.shape[-1]),
+    ):
         if causal and mode == "chunk":
-            dq, dk, dv, dW, dbias, dS0, dz0 = chunk_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o,
-                                                        den, qmax, kstab, kind=kind, c_t=c_t, c_o=c_o, scale=scale,
-                                                        chunk_size=chunk_size, cu_seqlens=cu_seqlens)
+            dq, dk, dv, dW, dbias, dS0, dz0 = chunk_bwd(
+                do,
+                dS,
+                dz,
+                q,
+                k,
+                v,
+                W,
+                bias,
+                freq,
+                psi,
+                mask,
+                S0,
+                z0,
+                m0,
+                o,
+                den,
+                qmax,
+                kstab,
+                kind=kind,
+                c_t=c_t,
+                c_o=c_o,
+                scale=scale,
+                chunk_size=chunk_size,
+                cu_seqlens=cu_seqlens,
+            )
         else:
-            dq, dk, dv, dW, dbias, dS0, dz0 = rf_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o,
-                                                     den, qmax, kstab, S, z, kind=kind, c_t=c_t, c_o=c_o,
-                                                     scale=scale, causal=causal, chunk_size=chunk_size,
-                                                     cu_seqlens=cu_seqlens)
+            dq, dk, dv, dW, dbias, dS0, dz0 = rf_bwd(
+                do,
+                dS,
+                dz,
+                q,
+                k,
+                v,
+                W,
+                bias,
+                freq,
+                psi,
+                mask,
+                S0,
+                z0,
+                m0,
+                o,
+                den,
+                qmax,
+                kstab,
+                S,
+                z,
+                kind=kind,
+                c_t=c_t,
+                c_o=c_o,
+                scale=scale,
+                causal=causal,
+                chunk_size=chunk_size,
+                cu_seqlens=cu_seqlens,
+            )
     if dS0 is None:
         dS0, dz0 = q.new_zeros(0, dtype=torch.float32), q.new_zeros(0, dtype=torch.float32)
     return dq, dk, dv, dW, dbias, dS0, dz0
 
 
 @_rf_bwd_op.register_fake
-def _(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, cu_seqlens, o, den, qmax, kstab, S, z, kind, c_t,
-      c_o, scale, causal, chunk_size, mode):
+def _(
+    do,
+    dS,
+    dz,
+    q,
+    k,
+    v,
+    W,
+    bias,
+    freq,
+    psi,
+    mask,
+    S0,
+    z0,
+    m0,
+    cu_seqlens,
+    o,
+    den,
+    qmax,
+    kstab,
+    S,
+    z,
+    kind,
+    c_t,
+    c_o,
+    scale,
+    causal,
+    chunk_size,
+    mode,
+):
     f32 = dict(dtype=torch.float32, device=q.device)
     ds0 = q.new_empty(S0.shape, **f32) if S0 is not None else q.new_empty(0, **f32)
     dz0 = q.new_empty(z0.shape, **f32) if z0 is not None else q.new_empty(0, **f32)
-    return (torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), q.new_empty(W.shape, **f32),
-            q.new_empty(bias.shape, **f32), ds0, dz0)
+    return (
+        torch.empty_like(q),
+        torch.empty_like(k),
+        torch.empty_like(v),
+        q.new_empty(W.shape, **f32),
+        q.new_empty(bias.shape, **f32),
+        ds0,
+        dz0,
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -108,7 +295,8 @@ def _backward(ctx, do, dden, dqmax, dkstab, dS, dz, dm):
     if do is None:
         do = torch.zeros_like(o)
     dq, dk, dv, dW, dbias, dS0, dz0 = torch.ops.spectraformer_fused.rf_bwd(
-        do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, cu_seqlens, o, den, qmax, kstab, S, z, *ctx.meta)
+        do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, cu_seqlens, o, den, qmax, kstab, S, z, *ctx.meta
+    )
     if not ctx.has_s0:
         dS0 = dz0 = None
     return dq, dk, dv, dW, dbias, None, None, None, dS0, dz0, None, None, None, None, None, None, None, None, None
@@ -118,7 +306,7 @@ torch.library.register_autograd("spectraformer_fused::rf_fwd", _backward, setup_
 
 
 def causal_mode(q: Tensor, v: Tensor, m: int, causal: bool, num_seqs: int | None = None) -> str:
-    """"walk" or "chunk": SPECTRAFORMER_FUSED_TRITON_MODE (auto, walk, chunk; default auto) with "auto"
+    """ "walk" or "chunk": SPECTRAFORMER_FUSED_TRITON_MODE (auto, walk, chunk; default auto) with "auto"
     resolved by ``triton_chunk.choose_mode`` from the walk's program count (B x H query heads, with or
     without grouped-query attention). "walk" when not causal (the non-causal forward already splits the
     chunks into ranges). Packed sequences (``num_seqs``): the walk runs one program set per sequence, the
@@ -129,14 +317,24 @@ def causal_mode(q: Tensor, v: Tensor, m: int, causal: bool, num_seqs: int | None
     B, T, H, _ = q.shape
     if num_seqs is not None:
         B, T = num_seqs, T // max(1, num_seqs)
-    walk_programs = B * H * triton.cdiv(m, min(MAX_BM, max(16, triton.next_power_of_2(m)))) * triton.cdiv(
-        v.shape[-1], 64)
+    walk_programs = (
+        B * H * triton.cdiv(m, min(MAX_BM, max(16, triton.next_power_of_2(m)))) * triton.cdiv(v.shape[-1], 64)
+    )
     return resolve_mode(mode, walk_programs, T, q.device)
 
 
-def triton_attention(q: Tensor, k: Tensor, v: Tensor, params: FeatureParams, *, causal: bool,
-                     key_padding_mask: Optional[Tensor], initial_state: Optional[RFState], output_final_state: bool,
-                     cu_seqlens: Optional[Tensor] = None):
+def triton_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: FeatureParams,
+    *,
+    causal: bool,
+    key_padding_mask: Optional[Tensor],
+    initial_state: Optional[RFState],
+    output_final_state: bool,
+    cu_seqlens: Optional[Tensor] = None,
+):
     """Random-feature attention with the Triton kernels; the reference's semantics and signature.
 
     k, v and the parameters may have fewer heads than q (grouped-query attention; see ``rf_fwd``).
@@ -160,7 +358,24 @@ def triton_attention(q: Tensor, k: Tensor, v: Tensor, params: FeatureParams, *, 
     mode = causal_mode(q, v, params.W.shape[1], causal, num_seqs)
     chunk = chunk_size(q.shape[1]) if mode == "chunk" else default_chunk_size(q.shape[1])
     o, _, _, _, S, z, m = torch.ops.spectraformer_fused.rf_fwd(
-        q.contiguous(), k.contiguous(), v.contiguous(), params.W.float(), params.bias.float().contiguous(),
-        params.freq.float().contiguous(), psi, mask, S0, z0, m0, cu_seqlens, int(params.kind), float(params.c_t),
-        float(params.c_o), float(params.scale), bool(causal), chunk, mode)
+        q.contiguous(),
+        k.contiguous(),
+        v.contiguous(),
+        params.W.float(),
+        params.bias.float().contiguous(),
+        params.freq.float().contiguous(),
+        psi,
+        mask,
+        S0,
+        z0,
+        m0,
+        cu_seqlens,
+        int(params.kind),
+        float(params.c_t),
+        float(params.c_o),
+        float(params.scale),
+        bool(causal),
+        chunk,
+        mode,
+    )
     return o, (RFState(S, z, m) if output_final_state else None)

@@ -44,6 +44,7 @@ such buffers, key and query side).
 ``4 F Dv / 256`` bytes per token and key/value head (128 at F = 128, Dv = 64: a third of fp16 q, k,
 v's 384 without grouping), whatever the batch; fp32 states cost no accuracy against the walk (tests/test_triton_chunk.py).
 """
+
 from __future__ import annotations
 
 import math
@@ -55,8 +56,19 @@ import triton.language as tl
 
 from ..contract import DEN_EPS, feature_width
 from .triton_bwd import _input_grad, _key_phi, _phi_grad, _query_phi, _tile_params, grad_coefficients
-from .triton_common import (KIND_EXP, VarlenTables, _dot, _features, _keep_rows, _load_rows, _seq_span, _store_out,
-                             _transform, dot_precision, optional_inputs)
+from .triton_common import (
+    KIND_EXP,
+    VarlenTables,
+    _dot,
+    _features,
+    _keep_rows,
+    _load_rows,
+    _seq_span,
+    _store_out,
+    _transform,
+    dot_precision,
+    optional_inputs,
+)
 from .triton_fwd import MAX_BM, _strides, default_chunk_size, freq_tile, stabilisers
 
 MODES = ("auto", "walk", "chunk")
@@ -103,7 +115,7 @@ def choose_mode(programs: int, T: int, multiprocessors: int, range_tokens: int =
 
 
 def resolve_mode(mode: str, programs: int, T: int, device: torch.device) -> str:
-    """"walk" or "chunk" for a causal call: ``mode`` ("auto", "walk", "chunk") with "auto" resolved by
+    """ "walk" or "chunk" for a causal call: ``mode`` ("auto", "walk", "chunk") with "auto" resolved by
     ``choose_mode`` on a GPU. Without one (the Triton interpreter runs one program at a time: nothing to
     fill) "auto" is the walk, so the walk's tests stay the walk's; the chunk mode's tests ask for it."""
     if mode not in MODES:
@@ -129,8 +141,24 @@ def range_chunks(num_chunks: int, BT: int, programs: int, device: torch.device) 
 
 
 @triton.jit
-def _range_of(cu, chunk_off, range_off, range_seq, kstab, i_bh, i_r, H, HK, G, T, CPS, NCS, NRS,
-              BT: tl.constexpr, IS_VARLEN: tl.constexpr):
+def _range_of(
+    cu,
+    chunk_off,
+    range_off,
+    range_seq,
+    kstab,
+    i_bh,
+    i_r,
+    H,
+    HK,
+    G,
+    T,
+    CPS,
+    NCS,
+    NRS,
+    BT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
     """Where the program of (program-id row i_bh, range i_r) works.
 
     Dense: i_bh = batch x H + head, i_r the range of that batch row. Packed sequences (IS_VARLEN): i_bh is
@@ -147,8 +175,8 @@ def _range_of(cu, chunk_off, range_off, range_seq, kstab, i_bh, i_r, H, HK, G, T
         i_b = i_bh // H
         i_h = i_bh % H
         i_rl = i_r
-    i_hk = i_h // G                       # grouped-query attention: the key/value head of query head i_h
-    i_bhk = i_b * HK + i_hk               # the parameters, kstab and the states are per key/value head
+    i_hk = i_h // G  # grouped-query attention: the key/value head of query head i_h
+    i_bhk = i_b * HK + i_hk  # the parameters, kstab and the states are per key/value head
     bos, eos, i_bt, i_bht = _seq_span(cu, i_b, i_bh, i_h, H, T, IS_VARLEN)
     NC = tl.cdiv(eos - bos, BT)
     if IS_VARLEN:
@@ -172,12 +200,56 @@ def _last_chunk(c_lo, c_hi, IS_VARLEN: tl.constexpr):
 
 @optional_inputs(HAS_MASK="mask", HAS_PSI="psi", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
-def _rf_chunk_state_kernel(k, v, W, bias, freq, psi, mask, kstab, L, Lz, cu, chunk_off, range_off, range_seq,
-                           s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd, s_wh, s_wm, s_wd, s_mb, s_mt,
-                           T, H, M, D, DV, CPS, NCS, NRS, root, c_t, c_o,
-                           KIND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PSI: tl.constexpr,
-                           HAS_CO: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
-                           BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr):
+def _rf_chunk_state_kernel(
+    k,
+    v,
+    W,
+    bias,
+    freq,
+    psi,
+    mask,
+    kstab,
+    L,
+    Lz,
+    cu,
+    chunk_off,
+    range_off,
+    range_seq,
+    s_kb,
+    s_kt,
+    s_kh,
+    s_kd,
+    s_vb,
+    s_vt,
+    s_vh,
+    s_vd,
+    s_wh,
+    s_wm,
+    s_wd,
+    s_mb,
+    s_mt,
+    T,
+    H,
+    M,
+    D,
+    DV,
+    CPS,
+    NCS,
+    NRS,
+    root,
+    c_t,
+    c_o,
+    KIND: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_PSI: tl.constexpr,
+    HAS_CO: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    PREC: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+    BM: tl.constexpr,
+    BV: tl.constexpr,
+):
     """L[b, h, r] = sum over range r's keys of phi_k v^T (and Lz: of phi_k), features relative to e_r;
     h a key/value head (H here counts them). Program id 2 = Dv tile + NV * range."""
     i_bh = tl.program_id(0).to(tl.int64)
@@ -188,9 +260,10 @@ def _rf_chunk_state_kernel(k, v, W, bias, freq, psi, mask, kstab, L, Lz, cu, chu
     i_r = i_vr // NV
     # launched per (batch, key/value head): H is the key/value heads
     i_b, i_h, i_hk, i_bhk, i_rl, bos, eos, i_bt, i_bht, NC, p_ks, i_row = _range_of(
-        cu, chunk_off, range_off, range_seq, kstab, i_bh, i_r, H, H, 1, T, CPS, NCS, NRS, BT, IS_VARLEN)
+        cu, chunk_off, range_off, range_seq, kstab, i_bh, i_r, H, H, 1, T, CPS, NCS, NRS, BT, IS_VARLEN
+    )
     if not IS_VARLEN:
-        i_row = i_bh * tl.cdiv(NC, CPS) + i_r       # dense: the program row is the (batch, key/value head)
+        i_row = i_bh * tl.cdiv(NC, CPS) + i_r  # dense: the program row is the (batch, key/value head)
     F = M if KIND == KIND_EXP else 2 * M
     o_d = tl.arange(0, BD)
     m_d = o_d < D
@@ -243,9 +316,32 @@ def _rf_chunk_state_kernel(k, v, W, bias, freq, psi, mask, kstab, L, Lz, cu, chu
 
 @optional_inputs(HAS_INIT="init", IS_VARLEN="chunk_off")
 @triton.jit
-def _rf_chunk_scan_kernel(L, Lz, kstab, init, init_z, out, out_z, fin, fin_z, chunk_off, range_off, NC, F, DV, CPS,
-                          HK, NCS, NRS, REVERSE: tl.constexpr, HAS_INIT: tl.constexpr, STORE_FINAL: tl.constexpr,
-                          IS_VARLEN: tl.constexpr, BF: tl.constexpr, BV: tl.constexpr):
+def _rf_chunk_scan_kernel(
+    L,
+    Lz,
+    kstab,
+    init,
+    init_z,
+    out,
+    out_z,
+    fin,
+    fin_z,
+    chunk_off,
+    range_off,
+    NC,
+    F,
+    DV,
+    CPS,
+    HK,
+    NCS,
+    NRS,
+    REVERSE: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    STORE_FINAL: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    BF: tl.constexpr,
+    BV: tl.constexpr,
+):
     """The ordered pass over ranges of one (batch x key/value head, F tile, Dv tile); L, out
     [B, Hk, NR, F, Dv], Lz, out_z [B, Hk, NR, F], init, fin [B, Hk, F, Dv], init_z, fin_z [B, Hk, F].
 
@@ -325,14 +421,69 @@ def _rf_chunk_scan_kernel(L, Lz, kstab, init, init_z, out, out_z, fin, fin_z, ch
 
 @optional_inputs(HAS_MASK="mask", HAS_PSI="psi", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
-def _rf_chunk_fwd_kernel(q, k, v, W, bias, freq, psi, mask, Sb, zb, qmax, kstab, o, den,
-                         cu, chunk_off, range_off, range_seq,
-                         s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
-                         s_wh, s_wm, s_wd, s_mb, s_mt, s_on, s_dn,
-                         T, H, HK, G, M, D, DV, CPS, NCS, NRS, root, c_t, c_o,
-                         KIND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
-                         SPLIT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
-                         BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr):
+def _rf_chunk_fwd_kernel(
+    q,
+    k,
+    v,
+    W,
+    bias,
+    freq,
+    psi,
+    mask,
+    Sb,
+    zb,
+    qmax,
+    kstab,
+    o,
+    den,
+    cu,
+    chunk_off,
+    range_off,
+    range_seq,
+    s_qb,
+    s_qt,
+    s_qh,
+    s_qd,
+    s_kb,
+    s_kt,
+    s_kh,
+    s_kd,
+    s_vb,
+    s_vt,
+    s_vh,
+    s_vd,
+    s_wh,
+    s_wm,
+    s_wd,
+    s_mb,
+    s_mt,
+    s_on,
+    s_dn,
+    T,
+    H,
+    HK,
+    G,
+    M,
+    D,
+    DV,
+    CPS,
+    NCS,
+    NRS,
+    root,
+    c_t,
+    c_o,
+    KIND: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_PSI: tl.constexpr,
+    HAS_CO: tl.constexpr,
+    SPLIT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    PREC: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+    BM: tl.constexpr,
+    BV: tl.constexpr,
+):
     """The outputs of one range (program id 2 = Dv tile + NV * range): the walk over its chunks from the
     state before it (Sb [B, HK, NR, F, Dv], zb [B, HK, NR, F] of its key/value head, relative to kstab at
     its first chunk)."""
@@ -343,7 +494,8 @@ def _rf_chunk_fwd_kernel(q, k, v, W, bias, freq, psi, mask, Sb, zb, qmax, kstab,
     i_v = i_vr % NV
     i_r = i_vr // NV
     i_b, i_h, i_hk, i_bhk, i_rl, bos, eos, i_bt, i_bht, NC, p_ks, i_row = _range_of(
-        cu, chunk_off, range_off, range_seq, kstab, i_bh, i_r, H, HK, G, T, CPS, NCS, NRS, BT, IS_VARLEN)
+        cu, chunk_off, range_off, range_seq, kstab, i_bh, i_r, H, HK, G, T, CPS, NCS, NRS, BT, IS_VARLEN
+    )
     F = M if KIND == KIND_EXP else 2 * M
     o_d = tl.arange(0, BD)
     m_d = o_d < D
@@ -403,10 +555,10 @@ def _rf_chunk_fwd_kernel(q, k, v, W, bias, freq, psi, mask, Sb, zb, qmax, kstab,
             b_num += _dot(b_pqb, b_sb, PREC)
             b_den += tl.sum(b_pqb * b_zb[None, :], axis=1)
         b_s = tl.where(o_i[:, None] >= o_i[None, :], b_s, 0.0)
-        b_num += _dot(b_s, b_v, PREC)                                   # [BT, BT] @ [BT, BV]
+        b_num += _dot(b_s, b_v, PREC)  # [BT, BT] @ [BT, BV]
         b_den += tl.sum(b_s, axis=1)
         _store_out(o, den, b_num, b_den, i_bht, i_bt, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV, s_on, s_dn, SPLIT)
-        b_sa += _dot(tl.trans(b_pka), b_v, PREC)                        # [BM, BT] @ [BT, BV]
+        b_sa += _dot(tl.trans(b_pka), b_v, PREC)  # [BM, BT] @ [BT, BV]
         b_za += tl.sum(b_pka, axis=0)
         if KIND != KIND_EXP:
             b_sb += _dot(tl.trans(b_pkb), b_v, PREC)
@@ -416,12 +568,46 @@ def _rf_chunk_fwd_kernel(q, k, v, W, bias, freq, psi, mask, Sb, zb, qmax, kstab,
 
 @optional_inputs(HAS_PSI="psi", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
-def _rf_chunk_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, kstab, da, dbeta, L, Lz,
-                                cu, chunk_off, range_off, range_seq,
-                                T, H, HK, G, M, D, DV, stride_wh, CPS, NCS, NRS, root, c_t, c_o,
-                                KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
-                                IS_VARLEN: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BM: tl.constexpr,
-                                BD: tl.constexpr, BV: tl.constexpr):
+def _rf_chunk_bwd_dstate_kernel(
+    q,
+    w,
+    bias,
+    freq,
+    psi,
+    qmax,
+    kstab,
+    da,
+    dbeta,
+    L,
+    Lz,
+    cu,
+    chunk_off,
+    range_off,
+    range_seq,
+    T,
+    H,
+    HK,
+    G,
+    M,
+    D,
+    DV,
+    stride_wh,
+    CPS,
+    NCS,
+    NRS,
+    root,
+    c_t,
+    c_o,
+    KIND: tl.constexpr,
+    HAS_PSI: tl.constexpr,
+    HAS_CO: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    PREC: tl.constexpr,
+    BT: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    BV: tl.constexpr,
+):
     """Range i_r's own dS = sum_t phiq_t a_t^T and dz = sum_t phiq_t beta_t, relative to s_r: query t of
     chunk c counts exp(min(s_r - kstab_c, 0)) (the walk's factors from chunk c back to the range's
     first). Program id 1 is a (batch, key/value head) pair: the sum runs over the G query heads of its
@@ -431,9 +617,10 @@ def _rf_chunk_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, kstab, da, dbeta, L
     i_p = tl.program_id(1).to(tl.int64)
     i_r = tl.program_id(2).to(tl.int64)
     # program id 1 is a (batch, key/value head) pair (packed: the key/value head)
-    i_b, i_hk, i_hk, i_bhk, i_rl, bos, eos, i_bt, i_bht, NC, p_ks, i_row = _range_of(   # H = HK, G = 1
-        cu, chunk_off, range_off, range_seq, kstab, i_p, i_r, HK, HK, 1, T, CPS, NCS, NRS, BT, IS_VARLEN)
-    if not IS_VARLEN:                     # dense: the program row is the (batch, key/value head)
+    i_b, i_hk, i_hk, i_bhk, i_rl, bos, eos, i_bt, i_bht, NC, p_ks, i_row = _range_of(  # H = HK, G = 1
+        cu, chunk_off, range_off, range_seq, kstab, i_p, i_r, HK, HK, 1, T, CPS, NCS, NRS, BT, IS_VARLEN
+    )
+    if not IS_VARLEN:  # dense: the program row is the (batch, key/value head)
         i_bhk = i_p
         p_ks = kstab + i_bhk * NC
         i_row = i_bhk * tl.cdiv(NC, CPS) + i_r
@@ -446,8 +633,9 @@ def _rf_chunk_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, kstab, da, dbeta, L
     m_v = o_v < DV
     o_c = tl.arange(0, BT)
     m_sv = m_m[:, None] & m_v[None, :]
-    b_w, b_bias, b_freq, b_psi = _tile_params(w, bias, freq, psi, i_bhk, i_hk, o_m, m_m, o_d, m_d, stride_wh, M, D,
-                                              HAS_PSI, BD)
+    b_w, b_bias, b_freq, b_psi = _tile_params(
+        w, bias, freq, psi, i_bhk, i_hk, o_m, m_m, o_d, m_d, stride_wh, M, D, HAS_PSI, BD
+    )
     b_dsa = tl.zeros([BM, BV], dtype=tl.float32)
     b_dsb = tl.zeros([BM, BV], dtype=tl.float32)
     b_dza = tl.zeros([BM], dtype=tl.float32)
@@ -456,18 +644,43 @@ def _rf_chunk_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, kstab, da, dbeta, L
     b_ks = tl.load(p_ks + c_lo)
     for g in range(0, G):
         i_h = i_hk * G + g
-        i_bh = i_bt * H + i_h             # the token tensors' (batch, query head) row
+        i_bh = i_bt * H + i_h  # the token tensors' (batch, query head) row
         for c in range(c_lo, tl.minimum(c_lo + CPS, NC)):
             o_t = bos + c * BT + o_c
             m_t = o_t < eos
             b_f = tl.exp(tl.minimum(b_ks - tl.load(p_ks + c), 0.0))
             p_tq = ((i_bt * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
-            b_a = tl.load(da + ((i_bt * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :],
-                          mask=m_t[:, None] & m_v[None, :], other=0.0) * b_f
+            b_a = (
+                tl.load(
+                    da + ((i_bt * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :],
+                    mask=m_t[:, None] & m_v[None, :],
+                    other=0.0,
+                )
+                * b_f
+            )
             b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0) * b_f
-            _, _, qa, qb = _query_phi(q, qmax, p_tq, m_t[:, None] & m_d[None, :], i_bh, T, o_t, m_t, b_w, b_bias,
-                                      b_freq, b_psi, root, c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC)
-            b_dsa += _dot(tl.trans(qa), b_a, PREC)                                      # [BM, BT] @ [BT, BV]
+            _, _, qa, qb = _query_phi(
+                q,
+                qmax,
+                p_tq,
+                m_t[:, None] & m_d[None, :],
+                i_bh,
+                T,
+                o_t,
+                m_t,
+                b_w,
+                b_bias,
+                b_freq,
+                b_psi,
+                root,
+                c_t,
+                c_o,
+                KIND,
+                HAS_PSI,
+                HAS_CO,
+                PREC,
+            )
+            b_dsa += _dot(tl.trans(qa), b_a, PREC)  # [BM, BT] @ [BT, BV]
             b_dza += tl.sum(qa * b_beta[:, None], axis=0)
             if KIND != KIND_EXP:
                 b_dsb += _dot(tl.trans(qb), b_a, PREC)
@@ -483,19 +696,63 @@ def _rf_chunk_bwd_dstate_kernel(q, w, bias, freq, psi, qmax, kstab, da, dbeta, L
 
 @optional_inputs(HAS_PSI="psi", HAS_MASK="mask", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
-def _rf_chunk_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, Sb, zb, qmax, kstab, da, dbeta,
-                            dq, dw, db, cu, chunk_off, range_off, range_seq,
-                            T, H, HK, G, M, D, DV, stride_wh, CPS, NCS, NRS, s_wp, s_bp, root, c_t, c_o,
-                            KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
-                            HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
-                            BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
+def _rf_chunk_bwd_dq_kernel(
+    q,
+    k,
+    v,
+    w,
+    bias,
+    freq,
+    psi,
+    mask,
+    Sb,
+    zb,
+    qmax,
+    kstab,
+    da,
+    dbeta,
+    dq,
+    dw,
+    db,
+    cu,
+    chunk_off,
+    range_off,
+    range_seq,
+    T,
+    H,
+    HK,
+    G,
+    M,
+    D,
+    DV,
+    stride_wh,
+    CPS,
+    NCS,
+    NRS,
+    s_wp,
+    s_bp,
+    root,
+    c_t,
+    c_o,
+    KIND: tl.constexpr,
+    HAS_PSI: tl.constexpr,
+    HAS_CO: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    PREC: tl.constexpr,
+    BT: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    BV: tl.constexpr,
+):
     """dq of range i_r's chunks (and the query part of dW, dbias, slice i_r), walking forward from the
     state before the range (Sb, zb: relative to kstab at its first chunk)."""
     i_m = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
     i_r = tl.program_id(2).to(tl.int64)
     i_b, i_h, i_hk, i_bhk, i_rl, bos, eos, i_bt, i_bht, NC, p_ks, i_row = _range_of(
-        cu, chunk_off, range_off, range_seq, kstab, i_bh, i_r, H, HK, G, T, CPS, NCS, NRS, BT, IS_VARLEN)
+        cu, chunk_off, range_off, range_seq, kstab, i_bh, i_r, H, HK, G, T, CPS, NCS, NRS, BT, IS_VARLEN
+    )
     F = M if KIND == KIND_EXP else 2 * M
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < M
@@ -506,11 +763,12 @@ def _rf_chunk_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, Sb, zb, qmax, kst
     o_c = tl.arange(0, BT)
     m_sv = m_m[:, None] & m_v[None, :]
     if IS_VARLEN:
-        part = i_m * T * H                                  # start of this tile's partial [1, T, H, D]
+        part = i_m * T * H  # start of this tile's partial [1, T, H, D]
     else:
-        part = i_m * T * tl.num_programs(1)                 # start of this tile's partial [B, T, H, D]
-    b_w, b_bias, b_freq, b_psi = _tile_params(w, bias, freq, psi, i_bhk, i_hk, o_m, m_m, o_d, m_d, stride_wh, M, D,
-                                              HAS_PSI, BD)
+        part = i_m * T * tl.num_programs(1)  # start of this tile's partial [B, T, H, D]
+    b_w, b_bias, b_freq, b_psi = _tile_params(
+        w, bias, freq, psi, i_bhk, i_hk, o_m, m_m, o_d, m_d, stride_wh, M, D, HAS_PSI, BD
+    )
     c_lo = i_rl * CPS
     c_hi = tl.minimum(c_lo + CPS, NC)
     p_s = Sb + i_row * F * DV + o_m[:, None] * DV + o_v[None, :]
@@ -534,8 +792,8 @@ def _rf_chunk_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, Sb, zb, qmax, kst
         p_ta = ((i_bt * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]
         p_tv = ((i_bt * T + o_t[:, None]) * HK + i_hk) * DV + o_v[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        b_a = tl.load(da + p_ta, mask=m_tv, other=0.0)                                # [BT, BV]
-        b_beta = tl.load(dbeta + i_bht * T + o_t, mask=m_t, other=0.0)               # [BT]
+        b_a = tl.load(da + p_ta, mask=m_tv, other=0.0)  # [BT, BV]
+        b_beta = tl.load(dbeta + i_bht * T + o_t, mask=m_t, other=0.0)  # [BT]
         b_ks = tl.load(p_ks + c)
         b_rescale = tl.exp(tl.minimum(b_kprev - b_ks, 0.0))
         b_kprev = b_ks
@@ -544,21 +802,61 @@ def _rf_chunk_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, Sb, zb, qmax, kst
         b_sb *= b_rescale
         b_zb *= b_rescale
         b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-        _, _, ka, kb = _key_phi(k, mask, p_tk, m_tk, i_bt, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, b_ks,
-                                root, c_t, c_o, KIND, HAS_PSI, HAS_CO, HAS_MASK, PREC)
+        _, _, ka, kb = _key_phi(
+            k,
+            mask,
+            p_tk,
+            m_tk,
+            i_bt,
+            T,
+            o_t,
+            m_t,
+            b_w,
+            b_bias,
+            b_freq,
+            b_psi,
+            b_ks,
+            root,
+            c_t,
+            c_o,
+            KIND,
+            HAS_PSI,
+            HAS_CO,
+            HAS_MASK,
+            PREC,
+        )
         # P[t, j] = a_t . v_j + beta_t for keys j <= t of this chunk
-        b_p = _dot(b_a, tl.trans(b_v), PREC) + b_beta[:, None]                          # [BT, BV] @ [BV, BT]
+        b_p = _dot(b_a, tl.trans(b_v), PREC) + b_beta[:, None]  # [BT, BV] @ [BV, BT]
         b_p = tl.where(o_t[:, None] >= o_t[None, :], b_p, 0.0)
         dqa = _dot(b_p, ka, PREC) + _dot(b_a, tl.trans(b_sa), PREC) + b_beta[:, None] * b_za[None, :]
         if KIND != KIND_EXP:
             dqb = _dot(b_p, kb, PREC) + _dot(b_a, tl.trans(b_sb), PREC) + b_beta[:, None] * b_zb[None, :]
         else:
             dqb = dqa
-        b_q, qt, qa, qb = _query_phi(q, qmax, p_tq, m_tk, i_bht, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, root,
-                                     c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC)
+        b_q, qt, qa, qb = _query_phi(
+            q,
+            qmax,
+            p_tq,
+            m_tk,
+            i_bht,
+            T,
+            o_t,
+            m_t,
+            b_w,
+            b_bias,
+            b_freq,
+            b_psi,
+            root,
+            c_t,
+            c_o,
+            KIND,
+            HAS_PSI,
+            HAS_CO,
+            PREC,
+        )
         de, du = _phi_grad(dqa, dqb, qa, qb, KIND)
         b_db += tl.sum(de, axis=0)
-        b_dw += _dot(tl.trans(du), qt, PREC) * b_freq                                   # [BM, BT] @ [BT, BD]
+        b_dw += _dot(tl.trans(du), qt, PREC) * b_freq  # [BM, BT] @ [BT, BD]
         b_dq = _input_grad(de, du, qt, b_q, b_w, b_psi, b_freq, root, c_t, c_o, True, HAS_PSI, HAS_CO, PREC)
         tl.store(dq + part * D + p_tq, b_dq, mask=m_tk)
         b_sa += _dot(tl.trans(ka), b_v, PREC)
@@ -572,19 +870,64 @@ def _rf_chunk_bwd_dq_kernel(q, k, v, w, bias, freq, psi, mask, Sb, zb, qmax, kst
 
 @optional_inputs(HAS_PSI="psi", HAS_MASK="mask", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
-def _rf_chunk_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, dSa, dza_, qmax, kstab, da, dbeta,
-                             dk, dv, dw, db, cu, chunk_off, range_off, range_seq,
-                             T, H, HK, G, M, D, DV, stride_wh, CPS, NCS, NRS, s_wp, s_bp, root, c_t, c_o,
-                             KIND: tl.constexpr, HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr,
-                             HAS_MASK: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
-                             BM: tl.constexpr, BD: tl.constexpr, BV: tl.constexpr):
+def _rf_chunk_bwd_dkv_kernel(
+    q,
+    k,
+    v,
+    w,
+    bias,
+    freq,
+    psi,
+    mask,
+    dSa,
+    dza_,
+    qmax,
+    kstab,
+    da,
+    dbeta,
+    dk,
+    dv,
+    dw,
+    db,
+    cu,
+    chunk_off,
+    range_off,
+    range_seq,
+    T,
+    H,
+    HK,
+    G,
+    M,
+    D,
+    DV,
+    stride_wh,
+    CPS,
+    NCS,
+    NRS,
+    s_wp,
+    s_bp,
+    root,
+    c_t,
+    c_o,
+    KIND: tl.constexpr,
+    HAS_PSI: tl.constexpr,
+    HAS_CO: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    PREC: tl.constexpr,
+    BT: tl.constexpr,
+    BM: tl.constexpr,
+    BD: tl.constexpr,
+    BV: tl.constexpr,
+):
     """dk, dv of range i_r's chunks (and the key part of dW, dbias, slice i_r), walking backward from
     dS, dz of every later query (dSa, dza_: relative to kstab at the range's last chunk)."""
     i_m = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
     i_r = tl.program_id(2).to(tl.int64)
     i_b, i_h, i_hk, i_bhk, i_rl, bos, eos, i_bt, i_bht, NC, p_ks, i_row = _range_of(
-        cu, chunk_off, range_off, range_seq, kstab, i_bh, i_r, H, HK, G, T, CPS, NCS, NRS, BT, IS_VARLEN)
+        cu, chunk_off, range_off, range_seq, kstab, i_bh, i_r, H, HK, G, T, CPS, NCS, NRS, BT, IS_VARLEN
+    )
     F = M if KIND == KIND_EXP else 2 * M
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < M
@@ -595,11 +938,12 @@ def _rf_chunk_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, dSa, dza_, qmax,
     o_c = tl.arange(0, BT)
     m_sv = m_m[:, None] & m_v[None, :]
     if IS_VARLEN:
-        part = i_m * T * H                                  # start of this tile's partial [1, T, H, .]
+        part = i_m * T * H  # start of this tile's partial [1, T, H, .]
     else:
-        part = i_m * T * tl.num_programs(1)                 # start of this tile's partial [B, T, H, .]
-    b_w, b_bias, b_freq, b_psi = _tile_params(w, bias, freq, psi, i_bhk, i_hk, o_m, m_m, o_d, m_d, stride_wh, M, D,
-                                              HAS_PSI, BD)
+        part = i_m * T * tl.num_programs(1)  # start of this tile's partial [B, T, H, .]
+    b_w, b_bias, b_freq, b_psi = _tile_params(
+        w, bias, freq, psi, i_bhk, i_hk, o_m, m_m, o_d, m_d, stride_wh, M, D, HAS_PSI, BD
+    )
     c_lo = i_rl * CPS
     c_hi = tl.minimum(c_lo + CPS, NC)
     # dSa, dza_ (per key/value head) hold the whole group's later queries: the first query head of the
@@ -638,19 +982,59 @@ def _rf_chunk_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, dSa, dza_, qmax,
         b_dsb *= b_rescale
         b_dzb *= b_rescale
         b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-        b_k, kt, ka, kb = _key_phi(k, mask, p_tk, m_tk, i_bt, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, b_ks,
-                                   root, c_t, c_o, KIND, HAS_PSI, HAS_CO, HAS_MASK, PREC)
+        b_k, kt, ka, kb = _key_phi(
+            k,
+            mask,
+            p_tk,
+            m_tk,
+            i_bt,
+            T,
+            o_t,
+            m_t,
+            b_w,
+            b_bias,
+            b_freq,
+            b_psi,
+            b_ks,
+            root,
+            c_t,
+            c_o,
+            KIND,
+            HAS_PSI,
+            HAS_CO,
+            HAS_MASK,
+            PREC,
+        )
         b_a = tl.load(da + p_ta, mask=m_tv, other=0.0)
         b_beta = tl.load(dbeta + i_bht * T + o_t, mask=m_t, other=0.0)
-        _, _, qa, qb = _query_phi(q, qmax, p_tq, m_tk, i_bht, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, root,
-                                  c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC)
-        causal = o_t[:, None] <= o_t[None, :]                                          # key j (row) <= query t
+        _, _, qa, qb = _query_phi(
+            q,
+            qmax,
+            p_tq,
+            m_tk,
+            i_bht,
+            T,
+            o_t,
+            m_t,
+            b_w,
+            b_bias,
+            b_freq,
+            b_psi,
+            root,
+            c_t,
+            c_o,
+            KIND,
+            HAS_PSI,
+            HAS_CO,
+            PREC,
+        )
+        causal = o_t[:, None] <= o_t[None, :]  # key j (row) <= query t
         # P^T[j, t] = a_t . v_j + beta_t; A^T[j, t] = phik_j . phiq_t
         b_pt = tl.where(causal, _dot(b_v, tl.trans(b_a), PREC) + b_beta[None, :], 0.0)  # [BT, BV] @ [BV, BT]
         # carried part: dphik_j = dS v_j + dz, dv_j = dS^T phik_j; then this chunk's queries
         dka = _dot(b_v, tl.trans(b_dsa), PREC) + b_dza[None, :] + _dot(b_pt, qa, PREC)
-        b_dv = _dot(ka, b_dsa, PREC)                                                    # [BT, BM] @ [BM, BV]
-        b_at = _dot(ka, tl.trans(qa), PREC)                                             # [BT, BM] @ [BM, BT]
+        b_dv = _dot(ka, b_dsa, PREC)  # [BT, BM] @ [BM, BV]
+        b_at = _dot(ka, tl.trans(qa), PREC)  # [BT, BM] @ [BM, BT]
         if KIND != KIND_EXP:
             dkb = _dot(b_v, tl.trans(b_dsb), PREC) + b_dzb[None, :] + _dot(b_pt, qb, PREC)
             b_dv += _dot(kb, b_dsb, PREC)
@@ -658,11 +1042,11 @@ def _rf_chunk_bwd_dkv_kernel(q, k, v, w, bias, freq, psi, mask, dSa, dza_, qmax,
         else:
             dkb = dka
         b_at = tl.where(causal, b_at, 0.0)
-        b_dv += _dot(b_at, b_a, PREC)                                                   # [BT, BT] @ [BT, BV]
-        tl.store(dv + part * DV + p_ta, b_dv, mask=m_tv)                              # per query head
+        b_dv += _dot(b_at, b_a, PREC)  # [BT, BT] @ [BT, BV]
+        tl.store(dv + part * DV + p_ta, b_dv, mask=m_tv)  # per query head
         de, du = _phi_grad(dka, dkb, ka, kb, KIND)
         b_db += tl.sum(de, axis=0)
-        b_dw += _dot(tl.trans(du), kt, PREC) * b_freq                                   # [BM, BT] @ [BT, BD]
+        b_dw += _dot(tl.trans(du), kt, PREC) * b_freq  # [BM, BT] @ [BT, BD]
         b_dk = _input_grad(de, du, kt, b_k, b_w, b_psi, b_freq, root, c_t, c_o, False, HAS_PSI, HAS_CO, PREC)
         tl.store(dk + part * D + p_tq, b_dk, mask=m_tk)
         b_dsa += _dot(tl.trans(qa), b_a, PREC)
@@ -683,8 +1067,14 @@ def _varlen_args(varlen: VarlenTables | None) -> dict:
     dense kernels keep the signature they had without packed sequences)."""
     if varlen is None:
         return dict(cu=None, chunk_off=None, range_off=None, range_seq=None, NCS=None, NRS=None)
-    return dict(cu=varlen.cu, chunk_off=varlen.chunk_off, range_off=varlen.range_off, range_seq=varlen.range_seq,
-                NCS=varlen.chunk_capacity, NRS=varlen.num_range_slots)
+    return dict(
+        cu=varlen.cu,
+        chunk_off=varlen.chunk_off,
+        range_off=varlen.range_off,
+        range_seq=varlen.range_seq,
+        NCS=varlen.chunk_capacity,
+        NRS=varlen.num_range_slots,
+    )
 
 
 def _varlen_ranges(cu_seqlens, BT: int, cps: int | None, programs: int, device) -> tuple[VarlenTables, int]:
@@ -714,15 +1104,54 @@ def _scan(L, Lz, kstab, init, init_z, NC, cps, *, reverse: bool, varlen: VarlenT
     fin_z = torch.empty(B, Hk, F, dtype=torch.float32, device=L.device)
     tables = _varlen_args(varlen)
     _rf_chunk_scan_kernel[(B * Hk, triton.cdiv(F, BF), triton.cdiv(Dv, BV))](
-        L=L, Lz=Lz, kstab=kstab, init=init, init_z=init_z, out=out, out_z=out_z, fin=fin, fin_z=fin_z,
-        chunk_off=tables["chunk_off"], range_off=tables["range_off"], NC=NC, F=F, DV=Dv, CPS=cps,
-        HK=None if varlen is None else Hk, NCS=tables["NCS"], NRS=tables["NRS"], REVERSE=reverse, STORE_FINAL=True,
-        BF=BF, BV=BV, num_warps=4)
+        L=L,
+        Lz=Lz,
+        kstab=kstab,
+        init=init,
+        init_z=init_z,
+        out=out,
+        out_z=out_z,
+        fin=fin,
+        fin_z=fin_z,
+        chunk_off=tables["chunk_off"],
+        range_off=tables["range_off"],
+        NC=NC,
+        F=F,
+        DV=Dv,
+        CPS=cps,
+        HK=None if varlen is None else Hk,
+        NCS=tables["NCS"],
+        NRS=tables["NRS"],
+        REVERSE=reverse,
+        STORE_FINAL=True,
+        BF=BF,
+        BV=BV,
+        num_warps=4,
+    )
     return out, out_z, fin, fin_z
 
 
-def _states_before(k, v, W, bias, freq, psi, mask, kstab, S0, z0, m0, *, kind, c_t, c_o, scale, BT, cps,
-                   varlen: VarlenTables | None = None):
+def _states_before(
+    k,
+    v,
+    W,
+    bias,
+    freq,
+    psi,
+    mask,
+    kstab,
+    S0,
+    z0,
+    m0,
+    *,
+    kind,
+    c_t,
+    c_o,
+    scale,
+    BT,
+    cps,
+    varlen: VarlenTables | None = None,
+):
     """The state before every range ``[B, Hk, NR, F, Dv]``, ``[B, Hk, NR, F]`` (relative to kstab at its
     first chunk) and the final state (relative to the last kstab): steps 1 and 2 of the module docstring.
     bias, freq, psi, S0, z0, m0: fp32 contiguous or None. Packed sequences (``varlen``, B = 1): the range
@@ -741,10 +1170,39 @@ def _states_before(k, v, W, bias, freq, psi, mask, kstab, S0, z0, m0, *, kind, c
     Lz = torch.empty(B, H, NR, F, dtype=torch.float32, device=dev)
     s_mb, s_mt = (0, 0) if mask is None else mask.stride()
     _rf_chunk_state_kernel[(B * H, triton.cdiv(M, BM), triton.cdiv(Dv, BV) * NR)](
-        k=k, v=v, W=W, bias=bias, freq=freq, psi=psi, mask=None if mask is None else mask.view(torch.uint8),
-        kstab=kstab, L=L, Lz=Lz, **_varlen_args(varlen), **_strides(k=k, v=v, w=W), s_mb=s_mb, s_mt=s_mt,
-        T=T, H=H, M=M, D=D, DV=Dv, CPS=cps, root=math.sqrt(scale), c_t=c_t, c_o=c_o, KIND=kind, HAS_CO=c_o != 0.0,
-        PREC=dot_precision(k.dtype, v.dtype), BT=BT, BD=BD, BM=BM, BV=BV, num_warps=4, num_stages=1)
+        k=k,
+        v=v,
+        W=W,
+        bias=bias,
+        freq=freq,
+        psi=psi,
+        mask=None if mask is None else mask.view(torch.uint8),
+        kstab=kstab,
+        L=L,
+        Lz=Lz,
+        **_varlen_args(varlen),
+        **_strides(k=k, v=v, w=W),
+        s_mb=s_mb,
+        s_mt=s_mt,
+        T=T,
+        H=H,
+        M=M,
+        D=D,
+        DV=Dv,
+        CPS=cps,
+        root=math.sqrt(scale),
+        c_t=c_t,
+        c_o=c_o,
+        KIND=kind,
+        HAS_CO=c_o != 0.0,
+        PREC=dot_precision(k.dtype, v.dtype),
+        BT=BT,
+        BD=BD,
+        BM=BM,
+        BV=BV,
+        num_warps=4,
+        num_stages=1,
+    )
     init = init_z = None
     if S0 is not None:
         # the initial state is relative to exp(m0); move it to the first stabiliser (0 when m0 = -inf)
@@ -753,8 +1211,28 @@ def _states_before(k, v, W, bias, freq, psi, mask, kstab, S0, z0, m0, *, kind, c
     return _scan(L, Lz, kstab, init, init_z, NC, cps, reverse=False, varlen=varlen)
 
 
-def chunk_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: float, c_o: float, scale: float,
-              output_final_state: bool, chunk_size: int | None = None, cps: int | None = None, cu_seqlens=None):
+def chunk_fwd(
+    q,
+    k,
+    v,
+    W,
+    bias,
+    freq,
+    psi,
+    mask,
+    S0,
+    z0,
+    m0,
+    *,
+    kind: int,
+    c_t: float,
+    c_o: float,
+    scale: float,
+    output_final_state: bool,
+    chunk_size: int | None = None,
+    cps: int | None = None,
+    cu_seqlens=None,
+):
     """The causal forward in chunk mode; ``triton_fwd.rf_fwd``'s arguments and results (causal only;
     k, v, the parameters and the states may have Hk = H / G heads). ``cps``: chunks per range (default
     ``range_chunks``). ``cu_seqlens``: packed variable-length sequences as in ``rf_fwd``; every sequence
@@ -780,13 +1258,32 @@ def chunk_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: 
     varlen = None
     if cu_seqlens is not None:
         varlen, cps = _varlen_ranges(cu_seqlens, BT, cps, (cu_seqlens.shape[0] - 1) * H * NMT * NV, dev)
-    qmax, kstab, m_final = stabilisers(q, k, W, bias, freq, psi, mask, m0, kind=kind, c_t=c_t, c_o=c_o,
-                                       scale=scale, causal=True, BT=BT, varlen=varlen)
+    qmax, kstab, m_final = stabilisers(
+        q, k, W, bias, freq, psi, mask, m0, kind=kind, c_t=c_t, c_o=c_o, scale=scale, causal=True, BT=BT, varlen=varlen
+    )
     if cps is None:
         cps = range_chunks(NC, BT, B * H * NMT * NV, dev)
     NR = triton.cdiv(NC, cps) if varlen is None else varlen.num_range_slots
-    Sb, zb, S, z = _states_before(k, v, W, bias, freq, psi, mask, kstab, S0, z0, m0, kind=kind, c_t=c_t, c_o=c_o,
-                                  scale=scale, BT=BT, cps=cps, varlen=varlen)
+    Sb, zb, S, z = _states_before(
+        k,
+        v,
+        W,
+        bias,
+        freq,
+        psi,
+        mask,
+        kstab,
+        S0,
+        z0,
+        m0,
+        kind=kind,
+        c_t=c_t,
+        c_o=c_o,
+        scale=scale,
+        BT=BT,
+        cps=cps,
+        varlen=varlen,
+    )
 
     split = NMT > 1
     o = torch.empty(B, T, H, Dv, dtype=v.dtype, device=dev)
@@ -797,15 +1294,50 @@ def chunk_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: 
         o_buf, den_buf = o, torch.empty(B, H, T, dtype=torch.float32, device=dev)
     s_mb, s_mt = (0, 0) if mask is None else mask.stride()
     _rf_chunk_fwd_kernel[(B * H, NMT, NV * NR)](
-        q=q, k=k, v=v, W=W, bias=bias, freq=freq, psi=psi, mask=None if mask is None else mask.view(torch.uint8),
-        Sb=Sb, zb=zb, qmax=qmax, kstab=kstab, o=o_buf, den=den_buf, **_varlen_args(varlen),
-        **_strides(q=q, k=k, v=v, w=W), s_mb=s_mb, s_mt=s_mt,
-        s_on=B * T * H * Dv if split else 0, s_dn=B * H * T if split else 0,
-        T=T, H=H, HK=Hk, G=H // Hk, M=M, D=D, DV=Dv, CPS=cps, root=math.sqrt(scale), c_t=c_t, c_o=c_o,
-        KIND=kind, HAS_CO=c_o != 0.0, SPLIT=split,
-        PREC=dot_precision(q.dtype, v.dtype), BT=BT, BD=BD, BM=BM, BV=BV, num_warps=FWD_WARPS, num_stages=1)
+        q=q,
+        k=k,
+        v=v,
+        W=W,
+        bias=bias,
+        freq=freq,
+        psi=psi,
+        mask=None if mask is None else mask.view(torch.uint8),
+        Sb=Sb,
+        zb=zb,
+        qmax=qmax,
+        kstab=kstab,
+        o=o_buf,
+        den=den_buf,
+        **_varlen_args(varlen),
+        **_strides(q=q, k=k, v=v, w=W),
+        s_mb=s_mb,
+        s_mt=s_mt,
+        s_on=B * T * H * Dv if split else 0,
+        s_dn=B * H * T if split else 0,
+        T=T,
+        H=H,
+        HK=Hk,
+        G=H // Hk,
+        M=M,
+        D=D,
+        DV=Dv,
+        CPS=cps,
+        root=math.sqrt(scale),
+        c_t=c_t,
+        c_o=c_o,
+        KIND=kind,
+        HAS_CO=c_o != 0.0,
+        SPLIT=split,
+        PREC=dot_precision(q.dtype, v.dtype),
+        BT=BT,
+        BD=BD,
+        BM=BM,
+        BV=BV,
+        num_warps=FWD_WARPS,
+        num_stages=1,
+    )
     if split:
-        den = den_buf.sum(0)                                                            # [B, H, T]
+        den = den_buf.sum(0)  # [B, H, T]
         o = (o_buf.sum(0) / den.abs().clamp_min(DEN_EPS).transpose(1, 2)[..., None]).to(v.dtype)
     else:
         den = den_buf
@@ -814,8 +1346,34 @@ def chunk_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: 
     return o, den, qmax, kstab, S, z, m_final, BT
 
 
-def chunk_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab, *, kind: int,
-              c_t: float, c_o: float, scale: float, chunk_size: int, cps: int | None = None, cu_seqlens=None):
+def chunk_bwd(
+    do,
+    dS,
+    dz,
+    q,
+    k,
+    v,
+    W,
+    bias,
+    freq,
+    psi,
+    mask,
+    S0,
+    z0,
+    m0,
+    o,
+    den,
+    qmax,
+    kstab,
+    *,
+    kind: int,
+    c_t: float,
+    c_o: float,
+    scale: float,
+    chunk_size: int,
+    cps: int | None = None,
+    cu_seqlens=None,
+):
     """The causal backward in chunk mode; ``triton_bwd.rf_bwd``'s arguments (less the final state, which
     the causal backward does not read) and results; dk, dv, dW, dbias, dS0, dz0 per key/value head.
     ``cu_seqlens``: packed variable-length sequences (``chunk_fwd``); dbias, dS0, dz0 per sequence."""
@@ -844,8 +1402,8 @@ def chunk_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den,
         varlen, cps = _varlen_ranges(cu_seqlens, BT, cps, NM * (cu_seqlens.shape[0] - 1) * H, dev)
     if cps is None:
         cps = range_chunks(NC, BT, NM * B * H, dev)
-    NR = triton.cdiv(NC, cps) if varlen is None else varlen.num_range_slots   # packed: range slots, B = 1
-    NS = B if varlen is None else varlen.num_seqs           # batch rows of the parameters and the states
+    NR = triton.cdiv(NC, cps) if varlen is None else varlen.num_range_slots  # packed: range slots, B = 1
+    NS = B if varlen is None else varlen.num_seqs  # batch rows of the parameters and the states
     kstab, qmax = kstab.contiguous(), qmax.contiguous()
     mask_arg = None if mask is None else mask.contiguous()
     root = math.sqrt(scale)
@@ -853,17 +1411,58 @@ def chunk_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den,
     flags = dict(KIND=kind, HAS_CO=c_o != 0.0, PREC=prec, BT=BT, BM=BM, BD=BD, BV=BV)
 
     # the states before each range (recomputed), then dS, dz after each range (a reverse pass)
-    Sb, zb, _, _ = _states_before(k, v, W.expand(Hk, M, D) if stride_wh == 0 else W, bias, freq, psi, mask_arg,
-                                  kstab, S0, z0, m0, kind=kind, c_t=c_t, c_o=c_o, scale=scale, BT=BT, cps=cps,
-                                  varlen=varlen)
+    Sb, zb, _, _ = _states_before(
+        k,
+        v,
+        W.expand(Hk, M, D) if stride_wh == 0 else W,
+        bias,
+        freq,
+        psi,
+        mask_arg,
+        kstab,
+        S0,
+        z0,
+        m0,
+        kind=kind,
+        c_t=c_t,
+        c_o=c_o,
+        scale=scale,
+        BT=BT,
+        cps=cps,
+        varlen=varlen,
+    )
     # the query side's dS, dz per key/value head: each program sums its group's query heads in order
     Lq = torch.empty(B, Hk, NR, F, Dv, dtype=torch.float32, device=dev)
     Lqz = torch.empty(B, Hk, NR, F, dtype=torch.float32, device=dev)
     grid = (NM, B * H, NR)
-    _rf_chunk_bwd_dstate_kernel[(NM, B * Hk, NR)](q=q, w=W, bias=bias, freq=freq, psi=psi, qmax=qmax, kstab=kstab, da=a,
-                                      dbeta=beta, L=Lq, Lz=Lqz, **_varlen_args(varlen), T=T, H=H, HK=Hk, G=G, M=M,
-                                      D=D, DV=Dv, stride_wh=stride_wh, CPS=cps, root=root, c_t=c_t, c_o=c_o,
-                                      **flags, num_warps=4)
+    _rf_chunk_bwd_dstate_kernel[(NM, B * Hk, NR)](
+        q=q,
+        w=W,
+        bias=bias,
+        freq=freq,
+        psi=psi,
+        qmax=qmax,
+        kstab=kstab,
+        da=a,
+        dbeta=beta,
+        L=Lq,
+        Lz=Lqz,
+        **_varlen_args(varlen),
+        T=T,
+        H=H,
+        HK=Hk,
+        G=G,
+        M=M,
+        D=D,
+        DV=Dv,
+        stride_wh=stride_wh,
+        CPS=cps,
+        root=root,
+        c_t=c_t,
+        c_o=c_o,
+        **flags,
+        num_warps=4,
+    )
     has_dsf = dS is not None or dz is not None
     if has_dsf:
         dS = torch.zeros(NS, Hk, F, Dv, device=dev) if dS is None else dS.float().contiguous()
@@ -877,12 +1476,39 @@ def chunk_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den,
     db_part = torch.empty(2, NR, B, H, M, device=dev, dtype=torch.float32)
     s_wp, s_bp = B * H * M * D, B * H * M
     launch = dict(num_warps=BWD_WARPS, num_stages=1)
-    common = dict(q=q, k=k, v=v, w=W, bias=bias, freq=freq, psi=psi, mask=mask_arg, qmax=qmax, kstab=kstab, da=a,
-                  dbeta=beta, T=T, H=H, HK=Hk, G=G, M=M, D=D, DV=Dv, stride_wh=stride_wh, CPS=cps, s_wp=s_wp, s_bp=s_bp,
-                  root=root, c_t=c_t, c_o=c_o, **_varlen_args(varlen), **flags, **launch)
+    common = dict(
+        q=q,
+        k=k,
+        v=v,
+        w=W,
+        bias=bias,
+        freq=freq,
+        psi=psi,
+        mask=mask_arg,
+        qmax=qmax,
+        kstab=kstab,
+        da=a,
+        dbeta=beta,
+        T=T,
+        H=H,
+        HK=Hk,
+        G=G,
+        M=M,
+        D=D,
+        DV=Dv,
+        stride_wh=stride_wh,
+        CPS=cps,
+        s_wp=s_wp,
+        s_bp=s_bp,
+        root=root,
+        c_t=c_t,
+        c_o=c_o,
+        **_varlen_args(varlen),
+        **flags,
+        **launch,
+    )
     _rf_chunk_bwd_dq_kernel[grid](Sb=Sb, zb=zb, dq=dq_part, dw=dw_part[0], db=db_part[0], **common)
-    _rf_chunk_bwd_dkv_kernel[grid](dSa=dSa, dza_=dza, dk=dk_part, dv=dv_part, dw=dw_part[1], db=db_part[1],
-                                   **common)
+    _rf_chunk_bwd_dkv_kernel[grid](dSa=dSa, dza_=dza, dk=dk_part, dv=dv_part, dw=dw_part[1], db=db_part[1], **common)
     dS0 = dz0 = None
     if S0 is not None:
         alpha = torch.exp(m0 - _first_stabiliser(kstab, varlen))
@@ -896,4 +1522,3 @@ def chunk_bwd(do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den,
         dk, dv = dk.unflatten(2, (Hk, G)).sum(3), dv.unflatten(2, (Hk, G)).sum(3)
         dW, dbias = dW.unflatten(0, (Hk, G)).sum(1), dbias.unflatten(1, (Hk, G)).sum(2)
     return dq, dk.to(k.dtype), dv.to(v.dtype), dW, dbias, dS0, dz0
-

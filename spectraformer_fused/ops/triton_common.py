@@ -16,6 +16,7 @@ their stabiliser still count): a tensor core reads an fp32 operand by truncating
 Rounded operands are exact in tf32, so the product is the same on a GPU and in the Triton interpreter
 (which multiplies in fp32 whatever the precision asked): the interpreter tests check the GPU's numerics.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -47,7 +48,8 @@ def resource_errors(what: str, dtype, D: int, Dv: int):
         raise RuntimeError(
             f"the Triton {what} for {str(dtype).replace('torch.', '')} inputs with head dims D={D}, Dv={Dv} does "
             f"not fit this GPU ({exc}); fp16/bf16 inputs or head dims <= 128 need less, and "
-            f"backend='reference' runs any shape") from exc
+            f"backend='reference' runs any shape"
+        ) from exc
 
 
 @contextlib.contextmanager
@@ -60,8 +62,9 @@ def on_device_of(names: str, *tensors):
     first = tensors[0].device
     for label, t in zip(labels, tensors):
         if t is not None and t.device != first:
-            raise ValueError(f"the Triton backend needs every input on one device: {labels[0]} is on {first}, "
-                             f"{label} on {t.device}")
+            raise ValueError(
+                f"the Triton backend needs every input on one device: {labels[0]} is on {first}, {label} on {t.device}"
+            )
     if first.type == "cuda":
         with torch.cuda.device(first):
             yield
@@ -79,7 +82,7 @@ def _tf32(x):
     """Round fp32 values to the nearest tf32 value (ties to even) in integer arithmetic; exact values, inf
     and NaN are unchanged (values within 2^-11 of fp32's largest would round to inf; never the case here)."""
     b = x.to(tl.int32, bitcast=True)
-    b = (b + 0xFFF + ((b >> 13) & 1)) & -8192                       # -8192 = 0xFFFFE000: drop 13 bits
+    b = (b + 0xFFF + ((b >> 13) & 1)) & -8192  # -8192 = 0xFFFFE000: drop 13 bits
     return b.to(tl.float32, bitcast=True)
 
 
@@ -118,8 +121,8 @@ def _feature_logits(xt, w, bias, freq, r, KIND: tl.constexpr, PREC: tl.constexpr
     Returns (u, ea, eb, ma, mb), all [BT, BM]: u = freq * x'.w, block a = (exp / plus / cos), block b =
     (unused / minus / sin); phi = exp(e - shift) * m. For EXP and HYP the multipliers are 1.
     """
-    u = _dot(xt, tl.trans(w), PREC) * freq                            # [BT, BD] @ [BD, BM] -> [BT, BM]
-    base = bias[None, :] + r[:, None]                                 # [BT, BM]
+    u = _dot(xt, tl.trans(w), PREC) * freq  # [BT, BD] @ [BD, BM] -> [BT, BM]
+    base = bias[None, :] + r[:, None]  # [BT, BM]
     if KIND == KIND_TRIG:
         ea = base
         eb = base
@@ -168,8 +171,9 @@ def _load_rows(x, i_b, i_h, o_t, m_t, o_d, m_d, s_b, s_t, s_h, s_d):
 
 
 @triton.jit
-def _store_out(o, den, b_num, b_den, i_bh, i_b, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV, s_on, s_dn,
-               SPLIT: tl.constexpr):
+def _store_out(
+    o, den, b_num, b_den, i_bh, i_b, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV, s_on, s_dn, SPLIT: tl.constexpr
+):
     """Write one chunk's output rows: o = num / max(|den|, eps), or the partials of frequency tile i_m."""
     p_o = o + i_b * T * H * DV + o_t[:, None] * H * DV + i_h * DV + o_v[None, :]
     if SPLIT:
@@ -195,7 +199,7 @@ def _seq_span(cu, i_b, i_bh, i_h, H, T, IS_VARLEN: tl.constexpr):
         i_bt = i_b * 0
         i_bht = i_h
     else:
-        bos = 0                           # a constant: the dense offsets keep T's 32-bit type
+        bos = 0  # a constant: the dense offsets keep T's 32-bit type
         eos = T
         i_bt = i_b
         i_bht = i_bh

@@ -42,6 +42,7 @@ inputs, tf32 with operands rounded to nearest for fp16/bf16 inputs (the projecti
 order of the inputs' own rounding; tf32 keeps fp32's exponent range, so features far below their
 stabiliser, down to ~1e-38, still count, which an fp16 cast, smallest normal 6e-5, would lose).
 """
+
 from __future__ import annotations
 
 import math
@@ -52,20 +53,73 @@ import triton.language as tl
 
 from ..contract import DEN_EPS, feature_width
 from . import autotune_enabled
-from .triton_common import (KIND_EXP, KIND_HYP, VarlenTables, _dot, _feature_logits, _features, _keep_rows,
-                             _load_rows, _seq_span, _store_out, _transform, dot_precision, optional_inputs)
+from .triton_common import (
+    KIND_EXP,
+    KIND_HYP,
+    VarlenTables,
+    _dot,
+    _feature_logits,
+    _features,
+    _keep_rows,
+    _load_rows,
+    _seq_span,
+    _store_out,
+    _transform,
+    dot_precision,
+    optional_inputs,
+)
 
 MAX_BM = 64
 
 
 @optional_inputs(HAS_MASK="mask", HAS_PSI="psi", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
-def _rf_stats_fwd_kernel(q, k, W, bias, freq, psi, mask, qmax, kmax, cu, chunk_off, chunk_seq,
-                         s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_wh, s_wm, s_wd, s_mb, s_mt,
-                         T, H, HK, G, M, D, NCS, root, c_t, c_o,
-                         KIND: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PSI: tl.constexpr,
-                         HAS_CO: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr,
-                         BD: tl.constexpr, BM: tl.constexpr):
+def _rf_stats_fwd_kernel(
+    q,
+    k,
+    W,
+    bias,
+    freq,
+    psi,
+    mask,
+    qmax,
+    kmax,
+    cu,
+    chunk_off,
+    chunk_seq,
+    s_qb,
+    s_qt,
+    s_qh,
+    s_qd,
+    s_kb,
+    s_kt,
+    s_kh,
+    s_kd,
+    s_wh,
+    s_wm,
+    s_wd,
+    s_mb,
+    s_mt,
+    T,
+    H,
+    HK,
+    G,
+    M,
+    D,
+    NCS,
+    root,
+    c_t,
+    c_o,
+    KIND: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_PSI: tl.constexpr,
+    HAS_CO: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    PREC: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+    BM: tl.constexpr,
+):
     """qmax[b, h, t] = max_f e_q,f(t); kmax[b, h, c] = max over kept keys of chunk c and all f of e_k,f
     (of query head h's key/value head: equal within a group). IS_VARLEN: program id 0 is the head, program
     id 1 a chunk slot of the packed sequences (its sequence: chunk_seq), kmax ``[1, H, NCS]``."""
@@ -77,8 +131,8 @@ def _rf_stats_fwd_kernel(q, k, W, bias, freq, psi, mask, qmax, kmax, cu, chunk_o
     else:
         i_b = i_bh // H
         i_h = i_bh % H
-    i_hk = i_h // G                       # grouped-query attention: the key/value head of query head i_h
-    i_bk = i_b * HK + i_hk                # k, v and every parameter are per key/value head (and sequence)
+    i_hk = i_h // G  # grouped-query attention: the key/value head of query head i_h
+    i_bk = i_b * HK + i_hk  # k, v and every parameter are per key/value head (and sequence)
     bos, eos, i_bt, i_bht = _seq_span(cu, i_b, i_bh, i_h, H, T, IS_VARLEN)
     if IS_VARLEN:
         NC = NCS
@@ -104,8 +158,9 @@ def _rf_stats_fwd_kernel(q, k, W, bias, freq, psi, mask, qmax, kmax, cu, chunk_o
     for i_m in range(0, tl.cdiv(M, BM)):
         o_m = i_m * BM + tl.arange(0, BM)
         m_m = o_m < M
-        b_w = tl.load(W + i_hk * s_wh + o_m[:, None] * s_wm + o_d[None, :] * s_wd,
-                      mask=m_m[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+        b_w = tl.load(
+            W + i_hk * s_wh + o_m[:, None] * s_wm + o_d[None, :] * s_wd, mask=m_m[:, None] & m_d[None, :], other=0.0
+        ).to(tl.float32)
         b_bias = tl.load(bias + i_bk * M + o_m, mask=m_m, other=float("-inf"))
         # [BT, BD] @ [BD, BM] -> [BT, BM] inside _feature_logits
         _, b_ea, b_eb, _, _ = _feature_logits(b_xq, b_w, b_bias, b_freq, b_rq, KIND, PREC)
@@ -122,14 +177,74 @@ def _rf_stats_fwd_kernel(q, k, W, bias, freq, psi, mask, qmax, kmax, cu, chunk_o
 
 @optional_inputs(HAS_MASK="mask", HAS_PSI="psi", HAS_INIT="S0", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
-def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o, den, S, z, cu, chunk_off,
-                   s_qb, s_qt, s_qh, s_qd, s_kb, s_kt, s_kh, s_kd, s_vb, s_vt, s_vh, s_vd,
-                   s_wh, s_wm, s_wd, s_mb, s_mt, s_on, s_dn, s_sp, s_zp,
-                   T, H, HK, G, M, D, DV, CPS, NCS, root, c_t, c_o,
-                   KIND: tl.constexpr, PHASE: tl.constexpr, HAS_MASK: tl.constexpr,
-                   HAS_PSI: tl.constexpr, HAS_CO: tl.constexpr, HAS_INIT: tl.constexpr, STORE_STATE: tl.constexpr,
-                   SPLIT: tl.constexpr, IS_VARLEN: tl.constexpr, PREC: tl.constexpr,
-                   BT: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BV: tl.constexpr):
+def _rf_fwd_kernel(
+    q,
+    k,
+    v,
+    W,
+    bias,
+    freq,
+    psi,
+    mask,
+    S0,
+    z0,
+    m0,
+    qmax,
+    kstab,
+    o,
+    den,
+    S,
+    z,
+    cu,
+    chunk_off,
+    s_qb,
+    s_qt,
+    s_qh,
+    s_qd,
+    s_kb,
+    s_kt,
+    s_kh,
+    s_kd,
+    s_vb,
+    s_vt,
+    s_vh,
+    s_vd,
+    s_wh,
+    s_wm,
+    s_wd,
+    s_mb,
+    s_mt,
+    s_on,
+    s_dn,
+    s_sp,
+    s_zp,
+    T,
+    H,
+    HK,
+    G,
+    M,
+    D,
+    DV,
+    CPS,
+    NCS,
+    root,
+    c_t,
+    c_o,
+    KIND: tl.constexpr,
+    PHASE: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_PSI: tl.constexpr,
+    HAS_CO: tl.constexpr,
+    HAS_INIT: tl.constexpr,
+    STORE_STATE: tl.constexpr,
+    SPLIT: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+    PREC: tl.constexpr,
+    BT: tl.constexpr,
+    BD: tl.constexpr,
+    BM: tl.constexpr,
+    BV: tl.constexpr,
+):
     """PHASE 0 (causal): the whole walk, in order. Non-causal runs in two launches, each program owning a range of
     CPS chunks (program id 2 = Dv tile + NV * range): PHASE 1 sums its keys into a partial state
     (S, z point at [NSPLIT, B, H, F, (Dv)] buffers, strides s_sp, s_zp), PHASE 2 reads the reduced state
@@ -156,7 +271,7 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
     bos, eos, i_bt, i_bht = _seq_span(cu, i_b, i_bh, i_h, H, T, IS_VARLEN)
     NC = tl.cdiv(eos - bos, BT)
     if IS_VARLEN:
-        p_ks = kstab + i_hk * NCS + tl.load(chunk_off + i_b)      # this sequence's chunk slots
+        p_ks = kstab + i_hk * NCS + tl.load(chunk_off + i_b)  # this sequence's chunk slots
     else:
         p_ks = kstab + i_bk * NC
     if KIND == KIND_EXP:
@@ -238,8 +353,9 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
             # [BT, BT] @ [BT, BV] -> [BT, BV]
             b_num += _dot(b_s, b_v, PREC)
             b_den += tl.sum(b_s, axis=1)
-            _store_out(o, den, b_num, b_den, i_bht, i_bt, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV,
-                       s_on, s_dn, SPLIT)
+            _store_out(
+                o, den, b_num, b_den, i_bht, i_bt, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV, s_on, s_dn, SPLIT
+            )
             # [BM, BT] @ [BT, BV] -> [BM, BV]
             b_sa += _dot(tl.trans(b_pka), b_v, PREC)
             b_za += tl.sum(b_pka, axis=0)
@@ -286,8 +402,9 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
             if KIND != KIND_EXP:
                 b_num += _dot(b_pqb, b_sb, PREC)
                 b_den += tl.sum(b_pqb * b_zb[None, :], axis=1)
-            _store_out(o, den, b_num, b_den, i_bht, i_bt, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV,
-                       s_on, s_dn, SPLIT)
+            _store_out(
+                o, den, b_num, b_den, i_bht, i_bt, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV, s_on, s_dn, SPLIT
+            )
 
     if STORE_STATE:
         # PHASE 0: the final state, relative to the last stabiliser = the final running max (all zero when
@@ -307,8 +424,9 @@ def _rf_fwd_kernel(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, qmax, kstab, o
 
 @optional_inputs(HAS_INIT="m0")
 @triton.jit
-def _rf_varlen_stab_kernel(kmax, m0, chunk_off, kstab, m_fin, HK, NCS, NCAP,
-                           CAUSAL: tl.constexpr, HAS_INIT: tl.constexpr):
+def _rf_varlen_stab_kernel(
+    kmax, m0, chunk_off, kstab, m_fin, HK, NCS, NCAP, CAUSAL: tl.constexpr, HAS_INIT: tl.constexpr
+):
     """Packed sequences: the key stabilisers of sequence n, key/value head i_hk (program (n, i_hk)) from
     the chunk maxima kmax ``[HK, NCS]`` of its slots: the running maximum (CAUSAL, written to the same
     slots of kstab ``[HK, NCAP]``) or the maximum (kstab ``[N, HK]``), both combined with m0 and 0 where
@@ -342,9 +460,15 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["BV"] <= width]
 
 
-_rf_fwd_kernel_tuned = (None if not autotune_enabled() else
-                        triton.autotune(_FWD_CONFIGS, key=["D", "DV", "M", "KIND", "PHASE", "PREC"],
-                                        prune_configs_by={"early_config_prune": _prune_fwd_configs})(_rf_fwd_kernel))
+_rf_fwd_kernel_tuned = (
+    None
+    if not autotune_enabled()
+    else triton.autotune(
+        _FWD_CONFIGS,
+        key=["D", "DV", "M", "KIND", "PHASE", "PREC"],
+        prune_configs_by={"early_config_prune": _prune_fwd_configs},
+    )(_rf_fwd_kernel)
+)
 
 
 def freq_tile(width: int) -> int:
@@ -388,8 +512,24 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32).contiguous()
 
 
-def stabilisers(q, k, W, bias, freq, psi, mask, m0, *, kind: int, c_t: float, c_o: float, scale: float,
-                causal: bool, BT: int, varlen: VarlenTables | None = None):
+def stabilisers(
+    q,
+    k,
+    W,
+    bias,
+    freq,
+    psi,
+    mask,
+    m0,
+    *,
+    kind: int,
+    c_t: float,
+    c_o: float,
+    scale: float,
+    causal: bool,
+    BT: int,
+    varlen: VarlenTables | None = None,
+):
     """The stabilisers of both causal modes and of the non-causal forward: ``(qmax [B, H, T], kstab, m)``,
     kstab ``[B, Hk, NC]`` the running maximum of the chunks' key exponents (causal) or ``[B, Hk, 1]``
     their maximum, both combined with ``m0`` and 0 where still -inf; m ``[B, Hk]`` the final one (-inf
@@ -420,20 +560,46 @@ def stabilisers(q, k, W, bias, freq, psi, mask, m0, *, kind: int, c_t: float, c_
     kmax = torch.empty(B, H, NC, dtype=torch.float32, device=dev)
     s_mb, s_mt = (0, 0) if mask is None else mask.stride()
     _rf_stats_fwd_kernel[grid](
-        q=q, k=k, W=W, bias=bias, freq=freq, psi=psi, mask=mask_u8, qmax=qmax, kmax=kmax, **tables,
-        **_strides(q=q, k=k, w=W), s_mb=s_mb, s_mt=s_mt, T=T, H=H, HK=Hk, G=G, M=M, D=D, root=math.sqrt(scale),
-        c_t=c_t, c_o=c_o, KIND=kind, HAS_CO=c_o != 0.0, PREC=prec, BT=BT, BD=BD, BM=min(BM, freq_tile(BD)),
-        num_warps=4)
+        q=q,
+        k=k,
+        W=W,
+        bias=bias,
+        freq=freq,
+        psi=psi,
+        mask=mask_u8,
+        qmax=qmax,
+        kmax=kmax,
+        **tables,
+        **_strides(q=q, k=k, w=W),
+        s_mb=s_mb,
+        s_mt=s_mt,
+        T=T,
+        H=H,
+        HK=Hk,
+        G=G,
+        M=M,
+        D=D,
+        root=math.sqrt(scale),
+        c_t=c_t,
+        c_o=c_o,
+        KIND=kind,
+        HAS_CO=c_o != 0.0,
+        PREC=prec,
+        BT=BT,
+        BD=BD,
+        BM=min(BM, freq_tile(BD)),
+        num_warps=4,
+    )
 
-    if G > 1:   # every query head of a group found its key/value head's maxima
-        kmax = kmax.unflatten(1, (Hk, G)).amax(2)                                     # [B, Hk, NC]
+    if G > 1:  # every query head of a group found its key/value head's maxima
+        kmax = kmax.unflatten(1, (Hk, G)).amax(2)  # [B, Hk, NC]
     if varlen is not None:
         return qmax, *_varlen_kstab(kmax.contiguous(), m0, varlen, causal=causal)
     m_init = m0 if m0 is not None else torch.full((B, Hk), float("-inf"), dtype=torch.float32, device=dev)
     if causal:
-        run = torch.maximum(torch.cummax(kmax, dim=-1).values, m_init[..., None])     # [B, Hk, NC]
+        run = torch.maximum(torch.cummax(kmax, dim=-1).values, m_init[..., None])  # [B, Hk, NC]
     else:
-        run = torch.maximum(kmax.amax(-1, keepdim=True), m_init[..., None])           # [B, Hk, 1]
+        run = torch.maximum(kmax.amax(-1, keepdim=True), m_init[..., None])  # [B, Hk, 1]
     kstab = torch.where(torch.isneginf(run), torch.zeros_like(run), run).contiguous()
     m_final = run[..., -1].contiguous()
     return qmax, kstab, m_final
@@ -448,14 +614,43 @@ def _varlen_kstab(kmax, m0, varlen: VarlenTables, *, causal: bool):
     else:
         kstab = torch.empty(N, Hk, 1, dtype=torch.float32, device=dev)
     m_final = torch.empty(N, Hk, dtype=torch.float32, device=dev)
-    _rf_varlen_stab_kernel[(N * Hk,)](kmax=kmax, m0=m0, chunk_off=varlen.chunk_off, kstab=kstab, m_fin=m_final, HK=Hk,
-                                      NCS=kmax.shape[-1], NCAP=varlen.chunk_capacity, CAUSAL=bool(causal),
-                                      num_warps=1)
+    _rf_varlen_stab_kernel[(N * Hk,)](
+        kmax=kmax,
+        m0=m0,
+        chunk_off=varlen.chunk_off,
+        kstab=kstab,
+        m_fin=m_final,
+        HK=Hk,
+        NCS=kmax.shape[-1],
+        NCAP=varlen.chunk_capacity,
+        CAUSAL=bool(causal),
+        num_warps=1,
+    )
     return kstab, m_final
 
 
-def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: float, c_o: float, scale: float,
-           causal: bool, output_final_state: bool, chunk_size: int | None = None, cu_seqlens=None):
+def rf_fwd(
+    q,
+    k,
+    v,
+    W,
+    bias,
+    freq,
+    psi,
+    mask,
+    S0,
+    z0,
+    m0,
+    *,
+    kind: int,
+    c_t: float,
+    c_o: float,
+    scale: float,
+    causal: bool,
+    output_final_state: bool,
+    chunk_size: int | None = None,
+    cu_seqlens=None,
+):
     """Fused forward. q ``[B, T, H, D]`` (fp16/bf16/fp32, any strides), k ``[B, T, Hk, D]``, v
     ``[B, T, Hk, Dv]`` (Hk divides H: query head h reads key/value head h // (H / Hk)); per key/value
     head: W ``[Hk, m, D]`` (stride(0) may be 0), bias ``[B, Hk, m]``, freq ``[B, Hk]``, psi ``[B, Hk, D]``
@@ -488,7 +683,7 @@ def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: flo
     dev = q.device
     prec = dot_precision(q.dtype, v.dtype)
     varlen = None if cu_seqlens is None else VarlenTables(cu_seqlens, BT)
-    NS = B if varlen is None else varlen.num_seqs           # batch rows of the parameters and the states
+    NS = B if varlen is None else varlen.num_seqs  # batch rows of the parameters and the states
     NCmax = NC if varlen is None else max(1, varlen.max_chunks)
 
     bias, freq = _f32(bias), _f32(freq)
@@ -498,8 +693,23 @@ def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: flo
         S0, z0, m0 = _f32(S0), _f32(z0), _f32(m0)
     mask_u8 = None if mask is None else mask.view(torch.uint8)
 
-    qmax, kstab, m_final = stabilisers(q, k, W, bias, freq, psi, mask, m0 if has_init else None, kind=kind,
-                                       c_t=c_t, c_o=c_o, scale=scale, causal=causal, BT=BT, varlen=varlen)
+    qmax, kstab, m_final = stabilisers(
+        q,
+        k,
+        W,
+        bias,
+        freq,
+        psi,
+        mask,
+        m0 if has_init else None,
+        kind=kind,
+        c_t=c_t,
+        c_o=c_o,
+        scale=scale,
+        causal=causal,
+        BT=BT,
+        varlen=varlen,
+    )
     s_mb, s_mt = (0, 0) if mask is None else mask.stride()
 
     split = NMT > 1
@@ -511,25 +721,70 @@ def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: flo
         o_buf = o
         den_buf = torch.empty(B, H, T, dtype=torch.float32, device=dev)
     s_on, s_dn = (B * T * H * Dv, B * H * T) if split else (0, 0)
-    common = dict(q=q, k=k, v=v, W=W, bias=bias, freq=freq, psi=psi, mask=mask_u8, S0=S0, z0=z0, m0=m0, qmax=qmax,
-                  kstab=kstab, o=o_buf, den=den_buf, cu=None if varlen is None else varlen.cu,
-                  chunk_off=None if varlen is None else varlen.chunk_off,
-                  **_strides(q=q, k=k, v=v, w=W), s_mb=s_mb, s_mt=s_mt, s_on=s_on, s_dn=s_dn,
-                  T=T, HK=Hk, M=M, D=D, DV=Dv, NCS=None if varlen is None else varlen.chunk_capacity,
-                  root=math.sqrt(scale), c_t=c_t, c_o=c_o, KIND=kind, HAS_CO=c_o != 0.0, SPLIT=split, PREC=prec,
-                  BT=BT, BD=BD, BM=BM)
+    common = dict(
+        q=q,
+        k=k,
+        v=v,
+        W=W,
+        bias=bias,
+        freq=freq,
+        psi=psi,
+        mask=mask_u8,
+        S0=S0,
+        z0=z0,
+        m0=m0,
+        qmax=qmax,
+        kstab=kstab,
+        o=o_buf,
+        den=den_buf,
+        cu=None if varlen is None else varlen.cu,
+        chunk_off=None if varlen is None else varlen.chunk_off,
+        **_strides(q=q, k=k, v=v, w=W),
+        s_mb=s_mb,
+        s_mt=s_mt,
+        s_on=s_on,
+        s_dn=s_dn,
+        T=T,
+        HK=Hk,
+        M=M,
+        D=D,
+        DV=Dv,
+        NCS=None if varlen is None else varlen.chunk_capacity,
+        root=math.sqrt(scale),
+        c_t=c_t,
+        c_o=c_o,
+        KIND=kind,
+        HAS_CO=c_o != 0.0,
+        SPLIT=split,
+        PREC=prec,
+        BT=BT,
+        BD=BD,
+        BM=BM,
+    )
 
     def launch(S_ptr, z_ptr, s_sp, s_zp, nsplit, cps, phase, store_state):
         # PHASE 1 reads keys and values only: one program per (batch, key/value head)
         heads, group = (Hk, 1) if phase == 1 else (H, G)
-        kw = dict(common, S=S_ptr, z=z_ptr, s_sp=s_sp, s_zp=s_zp, H=heads, G=group, CPS=cps, PHASE=phase,
-                  STORE_STATE=store_state)
+        kw = dict(
+            common,
+            S=S_ptr,
+            z=z_ptr,
+            s_sp=s_sp,
+            s_zp=s_zp,
+            H=heads,
+            G=group,
+            CPS=cps,
+            PHASE=phase,
+            STORE_STATE=store_state,
+        )
         if _rf_fwd_kernel_tuned is None:
             BV = max(16, min(64, triton.next_power_of_2(Dv)))
             _rf_fwd_kernel[(NS * heads, NMT, triton.cdiv(Dv, BV) * nsplit)](**kw, BV=BV, num_warps=4, num_stages=1)
         else:
+
             def grid(meta):
                 return (NS * heads, NMT, triton.cdiv(Dv, meta["BV"]) * nsplit)
+
             _rf_fwd_kernel_tuned[grid](**kw)
 
     if causal:
@@ -554,8 +809,8 @@ def rf_fwd(q, k, v, W, bias, freq, psi, mask, S0, z0, m0, *, kind: int, c_t: flo
         S, z = S_part.sum(0), z_part.sum(0)
         launch(S, z, 0, 0, nsplit, cps, 2, False)
     if split:
-        den = den_buf.sum(0)                                                            # [B, H, T]
-        num = o_buf.sum(0)                                                              # [B, T, H, Dv]
+        den = den_buf.sum(0)  # [B, H, T]
+        num = o_buf.sum(0)  # [B, T, H, Dv]
         o = (num / den.abs().clamp_min(DEN_EPS).transpose(1, 2)[..., None]).to(v.dtype)
     else:
         den = den_buf
