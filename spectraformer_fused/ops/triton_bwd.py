@@ -48,7 +48,6 @@ import triton
 import triton.language as tl
 
 from ..contract import DEN_EPS, feature_width
-from . import autotune_enabled
 from .triton_common import (
     KIND_EXP,
     KIND_HYP,
@@ -59,6 +58,7 @@ from .triton_common import (
     _keep_rows,
     _seq_span,
     _transform,
+    autotuned,
     dot_precision,
     optional_inputs,
 )
@@ -659,11 +659,8 @@ def _rf_bwd_dkv_kernel(
                 tl.store(dz0 + i_bh * F + M + o_m, b_dzb * b_alpha, mask=m_m)
 
 
-if autotune_enabled():
-    _rf_bwd_dq_kernel_tuned = triton.autotune(configs=_BWD_CONFIGS, key=_KEY)(_rf_bwd_dq_kernel)
-    _rf_bwd_dkv_kernel_tuned = triton.autotune(configs=_BWD_CONFIGS, key=_KEY)(_rf_bwd_dkv_kernel)
-else:
-    _rf_bwd_dq_kernel_tuned = _rf_bwd_dkv_kernel_tuned = None
+_rf_bwd_dq_kernel_tuned = autotuned(_rf_bwd_dq_kernel, _BWD_CONFIGS, key=_KEY)
+_rf_bwd_dkv_kernel_tuned = autotuned(_rf_bwd_dkv_kernel, _BWD_CONFIGS, key=_KEY)
 
 
 @optional_inputs(HAS_PSI="psi", IS_VARLEN="cu")

@@ -72,6 +72,17 @@ def on_device_of(names: str, *tensors):
         yield
 
 
+def autotuned(kernel, configs, key, **kwargs):
+    """The one autotuning convention of the kernels: a kernel with several candidate configurations is
+    wrapped once, at import, by ``triton.autotune(configs, key=key, **kwargs)``; where autotuning is off
+    (the Triton interpreter, which cannot benchmark, or ``SPECTRAFORMER_FUSED_AUTOTUNE=0``) this returns
+    None and the caller launches the plain kernel with its fixed configuration. Kernels with a single
+    configuration (the chunk mode's, chosen with ``bench.compile_check``) are never wrapped."""
+    from . import autotune_enabled
+
+    return triton.autotune(configs, key=key, **kwargs)(kernel) if autotune_enabled() else None
+
+
 def dot_precision(*dtypes) -> str:
     """The PREC constexpr of every kernel for inputs of these dtypes (see the module docstring)."""
     return "tf32x3" if torch.float32 in dtypes else "tf32"

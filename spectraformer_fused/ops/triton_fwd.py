@@ -52,7 +52,6 @@ import triton
 import triton.language as tl
 
 from ..contract import DEN_EPS, feature_width
-from . import autotune_enabled
 from .triton_common import (
     KIND_EXP,
     KIND_HYP,
@@ -65,6 +64,7 @@ from .triton_common import (
     _seq_span,
     _store_out,
     _transform,
+    autotuned,
     dot_precision,
     optional_inputs,
 )
@@ -460,14 +460,11 @@ def _prune_fwd_configs(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["BV"] <= width]
 
 
-_rf_fwd_kernel_tuned = (
-    None
-    if not autotune_enabled()
-    else triton.autotune(
-        _FWD_CONFIGS,
-        key=["D", "DV", "M", "KIND", "PHASE", "PREC"],
-        prune_configs_by={"early_config_prune": _prune_fwd_configs},
-    )(_rf_fwd_kernel)
+_rf_fwd_kernel_tuned = autotuned(
+    _rf_fwd_kernel,
+    _FWD_CONFIGS,
+    key=["D", "DV", "M", "KIND", "PHASE", "PREC"],
+    prune_configs_by={"early_config_prune": _prune_fwd_configs},
 )
 
 
