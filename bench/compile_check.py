@@ -68,11 +68,13 @@ class Case:
     init: bool = False
     mode: str = "walk"  # the causal mode (SPECTRAFORMER_FUSED_TRITON_MODE)
     kv_heads: int = 2  # key/value heads of the 2 query heads (1: multi-query attention)
+    packed: tuple = ()  # lengths of packed sequences (cu_seqlens); () = one dense batch row of T tokens
 
     @property
     def label(self) -> str:
         extra = "+mask" * self.mask + "+init" * self.init + "+chunk" * (self.causal and self.mode == "chunk")
         extra += "+mqa" * (self.kv_heads == 1)
+        extra += f"+packed{len(self.packed)}" * bool(self.packed)
         return (
             f"{self.comp} {'causal' if self.causal else 'full'} {self.dtype} D{self.D} Dv{self.Dv} m{self.m}"
             f" T{self.T}{extra}"
@@ -104,10 +106,18 @@ def cases(which: str) -> list[Case]:
             Case("saderf", False, "fp16", 16, 16, 16, 16),
             Case("gerf", True, "fp16", 16, 16, 16, 16),
             Case("posrf", True, "fp16", 16, 16, 16, 64, True, True, "chunk", kv_heads=1),
+            Case("oprf", False, "fp16", 16, 16, 16, 40, packed=(24, 0, 16)),
+            Case("hyprf", True, "fp32", 16, 16, 16, 40, init=True, packed=(24, 0, 16)),
+            Case("posrf", True, "fp16", 16, 16, 16, 80, mode="chunk", packed=(48, 1, 31)),
         ]
     base = [Case("posrf", causal, dt) for causal in (True, False) for dt in ("fp16", "fp32")]
     base += [Case("hyprf", True, "fp16"), Case("trigrf", True, "fp16")]
     base += [dataclasses.replace(c, mode="chunk") for c in base if c.causal]
+    packed = (64, 512, 1, 256, 191)  # 1024 tokens in five sequences
+    base += [
+        Case("posrf", causal, "fp16", T=1024, mode=mode, packed=packed)
+        for causal, mode in ((False, "walk"), (True, "walk"), (True, "chunk"))
+    ]
     if which == "default":
         return base
     full = base + [Case(c, causal, "bf16", mask=True, init=True) for c in COMPONENTS for causal in (True, False)]
@@ -138,6 +148,13 @@ def capture(case: Case) -> list:
 
     dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[case.dtype]
     B, H, Hk = 1, 2, case.kv_heads
+    offsets = None
+    if case.packed:
+        if sum(case.packed) != case.T or case.mask:
+            raise ValueError(f"{case.label}: packed lengths must sum to T, without a mask")
+        offsets = [0]
+        for n in case.packed:
+            offsets.append(offsets[-1] + n)
     args = {"A": -0.1} if case.comp == "gerf" else {}
     fm = RandomFeatureMap(case.D, case.m, component=case.comp, num_heads=Hk, seed=0, **args)
     q = torch.randn(B, case.T, H, case.D, dtype=dt, requires_grad=True)
@@ -147,12 +164,22 @@ def capture(case: Case) -> list:
     state = None
     if case.init:
         F = fm.feature_dim
-        state = RFState(torch.zeros(B, Hk, F, case.Dv), torch.zeros(B, Hk, F), torch.zeros(B, Hk))
-    params = fm.feature_params(q, k, scale=case.D**-0.5, causal=case.causal, key_padding_mask=mask)
+        R = B if offsets is None else len(offsets) - 1
+        state = RFState(torch.zeros(R, Hk, F, case.Dv), torch.zeros(R, Hk, F), torch.zeros(R, Hk))
+    params = fm.feature_params(q, k, scale=case.D**-0.5, causal=case.causal, key_padding_mask=mask, offsets=offsets)
+    cu = None if offsets is None else torch.tensor(offsets, dtype=torch.int32)
     os.environ["SPECTRAFORMER_FUSED_TRITON_MODE"] = case.mode
     try:
         o, _ = triton_attention(
-            q, k, v, params, causal=case.causal, key_padding_mask=mask, initial_state=state, output_final_state=False
+            q,
+            k,
+            v,
+            params,
+            causal=case.causal,
+            key_padding_mask=mask,
+            initial_state=state,
+            output_final_state=False,
+            cu_seqlens=cu,
         )
         o.float().sum().backward()
     finally:
