@@ -61,6 +61,7 @@ from .triton_common import (
     autotuned,
     dot_precision,
     optional_inputs,
+    varlen_args,
 )
 from .triton_fwd import _num_splits, freq_tile
 
@@ -878,11 +879,7 @@ def rf_bwd(
         cps = triton.cdiv(NC, _num_splits(NC, NM * NS * H, dev))
         nsplit = triton.cdiv(NC, cps)
     grid = (NM, NS * H, nsplit)
-    tables = (
-        dict(cu=None, chunk_off=None, NCS=None)
-        if varlen is None
-        else dict(cu=varlen.cu, chunk_off=varlen.chunk_off, NCS=varlen.chunk_capacity)
-    )
+    tables = varlen_args(varlen, "cu", "chunk_off", "NCS")
     dq_part = torch.empty(NM, B, T, H, D, device=dev, dtype=torch.float32)
     dk_part = torch.empty(NM, B, T, H, D, device=dev, dtype=torch.float32)
     dv_part = torch.empty(NM, B, T, H, Dv, device=dev, dtype=torch.float32)

@@ -68,6 +68,7 @@ from .triton_common import (
     _transform,
     dot_precision,
     optional_inputs,
+    varlen_args,
 )
 from .triton_fwd import MAX_BM, _strides, default_chunk_size, freq_tile, stabilisers
 
@@ -1063,18 +1064,8 @@ def _f32(t):
 
 
 def _varlen_args(varlen: VarlenTables | None) -> dict:
-    """The packed-sequence arguments of the range kernels; all None when dense (IS_VARLEN is False, and the
-    dense kernels keep the signature they had without packed sequences)."""
-    if varlen is None:
-        return dict(cu=None, chunk_off=None, range_off=None, range_seq=None, NCS=None, NRS=None)
-    return dict(
-        cu=varlen.cu,
-        chunk_off=varlen.chunk_off,
-        range_off=varlen.range_off,
-        range_seq=varlen.range_seq,
-        NCS=varlen.chunk_capacity,
-        NRS=varlen.num_range_slots,
-    )
+    """The packed-sequence arguments of the range kernels (``triton_common.varlen_args``)."""
+    return varlen_args(varlen, "cu", "chunk_off", "range_off", "range_seq", "NCS", "NRS")
 
 
 def _varlen_ranges(cu_seqlens, BT: int, cps: int | None, programs: int, device) -> tuple[VarlenTables, int]:

@@ -271,6 +271,27 @@ class VarlenTables:
         return torch.segment_reduce(parts, "sum", lengths=lengths, axis=0)
 
 
+# Kernel parameter -> VarlenTables attribute, for every kernel that takes packed-sequence tables.
+_VARLEN_ATTRS = dict(
+    cu="cu",
+    chunk_off="chunk_off",
+    chunk_seq="chunk_seq",
+    range_off="range_off",
+    range_seq="range_seq",
+    NCS="chunk_capacity",  # chunk slots of a per-chunk stabiliser buffer (kstab)
+    NRS="num_range_slots",
+)
+
+
+def varlen_args(varlen: VarlenTables | None, *names: str, **values) -> dict:
+    """The packed-sequence arguments ``names`` of a kernel from ``varlen``; ``values`` set others (or
+    replace a table's, e.g. the slots of a buffer that is not kstab). All None when dense: IS_VARLEN is
+    then False and the dense kernels keep the signature they have without packed sequences."""
+    if varlen is None:
+        return dict.fromkeys((*names, *values))
+    return {**{name: getattr(varlen, _VARLEN_ATTRS[name]) for name in names}, **values}
+
+
 def chunk_capacity(total: int, num_seqs: int, BT: int) -> int:
     """The chunk slots a causal kstab of packed sequences is allocated with: Ttot // BT + N bounds
     sum over sequences of max(1, ceil(len / BT))."""

@@ -67,6 +67,7 @@ from .triton_common import (
     autotuned,
     dot_precision,
     optional_inputs,
+    varlen_args,
 )
 
 MAX_BM = 64
@@ -549,11 +550,8 @@ def stabilisers(
     qmax = torch.empty(B, H, T, dtype=torch.float32, device=dev)
     if varlen is not None:
         NC = varlen.num_chunk_slots
-        grid = (H, NC)
-        tables = dict(cu=varlen.cu, chunk_off=varlen.chunk_off, chunk_seq=varlen.chunk_seq, NCS=NC)
-    else:
-        grid = (B * H, NC)
-        tables = dict(cu=None, chunk_off=None, chunk_seq=None, NCS=None)
+    grid = (B * H, NC) if varlen is None else (H, NC)
+    tables = varlen_args(varlen, "cu", "chunk_off", "chunk_seq", NCS=NC)  # kmax has one entry per chunk slot
     kmax = torch.empty(B, H, NC, dtype=torch.float32, device=dev)
     s_mb, s_mt = (0, 0) if mask is None else mask.stride()
     _rf_stats_fwd_kernel[grid](
@@ -734,8 +732,6 @@ def rf_fwd(
         kstab=kstab,
         o=o_buf,
         den=den_buf,
-        cu=None if varlen is None else varlen.cu,
-        chunk_off=None if varlen is None else varlen.chunk_off,
         **_strides(q=q, k=k, v=v, w=W),
         s_mb=s_mb,
         s_mt=s_mt,
@@ -746,7 +742,7 @@ def rf_fwd(
         M=M,
         D=D,
         DV=Dv,
-        NCS=None if varlen is None else varlen.chunk_capacity,
+        **varlen_args(varlen, "cu", "chunk_off", "NCS"),
         root=math.sqrt(scale),
         c_t=c_t,
         c_o=c_o,
