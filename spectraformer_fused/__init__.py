@@ -9,7 +9,7 @@ from .feature_map import RandomFeatureMap
 from .fitting import attention_distillation_loss, distill, fit_feature_map
 from .modules import SpectraAttention
 from .reference import exact_attention, exact_kernel
-from .state import RFState
+from .state import RFState, WindowState
 from .weights import LEARNABLE_WEIGHTS, WEIGHTS
 
 __version__ = "0.1.0"
@@ -23,6 +23,7 @@ __all__ = [
     "RandomFeatureMap",
     "FeatureParams",
     "RFState",
+    "WindowState",
     "SpectraAttention",
     "available_backends",
     "rf_attention",

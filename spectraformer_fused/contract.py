@@ -9,7 +9,8 @@ A leaf module (it imports torch only): ``reference.py``, the compiled backends (
   ``[bias + u, bias - u]`` (F = 2m), which the reference backend alone evaluates.
 - ``feature_width(kind, m)``: F, the width of the feature vector (and of the state's feature axis).
 - ``DEN_EPS``: the floor of ``|denominator|`` in every backend.
-- ``FeatureParams``: everything a backend needs to evaluate one call's features, already resolved.
+- ``FeatureParams``: everything a backend needs to evaluate one call's features, already resolved, and
+  ``exact_sq``, the target kernel's exact log-weight for the keys inside a hybrid window.
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ class FeatureParams:
     scale: float
     num_features: int
     feature_dim: int
+    # The exact log-weight of the hybrid's window (DESIGN.md section 6), with x = sqrt(scale) q and
+    # y = sqrt(scale) k: log K(x, y) = x.y + exact_sq (|x|^2 + |y|^2); 0 for the softmax target, -1/2 for
+    # the Gaussian one (the target a learned component is fitted to, for hedgehog).
+    exact_sq: float = 0.0
 
     @property
     def positive(self) -> bool:
@@ -76,6 +81,7 @@ class FeatureParams:
             self.scale,
             self.num_features,
             self.feature_dim,
+            self.exact_sq,
         )
 
 

@@ -339,7 +339,17 @@ class RandomFeatureMap(nn.Module):
         elif rows != 1:
             bias, freq = bias.expand(rows, -1, -1), freq.expand(rows, -1)
         return FeatureParams(
-            spec.kind, W, bias, freq, psi, spec.c_t, spec.c_o, float(scale), self.num_features, self.feature_dim
+            spec.kind,
+            W,
+            bias,
+            freq,
+            psi,
+            spec.c_t,
+            spec.c_o,
+            float(scale),
+            self.num_features,
+            self.feature_dim,
+            -0.5 if spec.kernel == "gaussian" else 0.0,
         )
 
     def _oprf_params(self, src: Moments, device, cdt) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -92,6 +92,7 @@ def reference_attention(
         params.scale,
         params.num_features,
         params.feature_dim,
+        params.exact_sq,
     )
     F = p.feature_dim
     if initial_state is None:

@@ -48,6 +48,17 @@ def resolve_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
+def check_window(window) -> int | None:
+    """The hybrid window (DESIGN.md section 6): None or 0 (random features only), else a positive int."""
+    if window is None:
+        return None
+    if isinstance(window, bool) or not isinstance(window, int):
+        raise TypeError(f"window must be a non-negative int or None, got {type(window).__name__}")
+    if window < 0:
+        raise ValueError(f"window must be a non-negative int or None, got {window}")
+    return window or None
+
+
 def check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_dim: int):
     """Validate q ``[B, T, H, D]``, k ``[B, T, H_kv, D]``, v ``[B, T, H_kv, Dv]`` (H_kv divides H:
     grouped-query attention; H_kv = H is multi-head, H_kv = 1 multi-query), the mask and the state

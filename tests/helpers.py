@@ -170,3 +170,61 @@ def assert_exponents_close(actual: torch.Tensor, expected: torch.Tensor, dtype, 
             f"{name}: max abs error {diff.max().item():.3e} > {tol:.3e} at {where}: got "
             f"{a.flatten()[i].item():.6g}, expected {e.flatten()[i].item():.6g}"
         )
+
+
+def dense_features(q, k, params):
+    """phi(q) and phi(k) of every token, materialised in fp64 without stabiliser: ``[B, H_kv, G * T, F]``
+    (a group's query heads in one row block, head-major) and ``[B, H_kv, T, F]``. Small test shapes only."""
+    import math
+
+    from spectraformer_fused.components import feature_logits
+
+    B, T, H, D = q.shape
+    Hk = k.shape[2]
+    root = math.sqrt(params.scale)
+    x = (q.double() * root).transpose(1, 2).reshape(B, Hk, (H // Hk) * T, D)
+    y = (k.double() * root).transpose(1, 2)
+    W, bias, freq = params.W.double(), params.bias.double(), params.freq.double()
+    psi = None if params.psi is None else params.psi.double()
+    kw = dict(kind=params.kind, c_t=params.c_t, c_o=params.c_o)
+    feats = []
+    for t, query in ((x, True), (y, False)):
+        e, mult = feature_logits(t, W, bias, freq, psi, query=query, **kw)
+        feats.append(torch.exp(e) if mult is None else torch.exp(e) * mult)
+    return feats
+
+
+def hybrid_oracle(q, k, v, params, *, window, causal, key_padding_mask=None):
+    """Hybrid attention by definition (DESIGN.md section 6), O(T^2) in fp64: the weight of key j for query
+    t is the exact kernel exp(x.y + exact_sq (|x|^2 + |y|^2)) when j is inside the window (causal:
+    t - W < j <= t; non-causal: |t - j| < W) and the dense feature estimate phi(q_t).phi(k_j) otherwise;
+    invisible keys (future ones when causal, masked ones) weigh 0; one normaliser, floored as every
+    backend floors it. ``window`` None or 0: random features only. Returns ``[B, T, H, Dv]`` fp64."""
+    import math
+
+    from spectraformer_fused.contract import DEN_EPS
+
+    B, T, H, D = q.shape
+    Hk = k.shape[2]
+    G = H // Hk
+    fq, fk = dense_features(q, k, params)
+    est = (fq @ fk.transpose(-1, -2)).unflatten(2, (G, T))  # [B, Hk, G, T, T]
+    root = math.sqrt(params.scale)
+    x = (q.double() * root).transpose(1, 2).unflatten(1, (Hk, G))  # [B, Hk, G, T, D]
+    y = (k.double() * root).transpose(1, 2)[:, :, None]  # [B, Hk, 1, T, D]
+    logit = x @ y.transpose(-1, -2)
+    logit = logit + params.exact_sq * ((x * x).sum(-1)[..., :, None] + (y * y).sum(-1)[..., None, :])
+    t = torch.arange(T, device=q.device)
+    diff = t[:, None] - t[None, :]  # query minus key position
+    W = window or 0
+    inside = (diff >= 0) & (diff < W) if causal else diff.abs() < W
+    w = torch.where(inside, torch.exp(logit), est)
+    visible = (diff >= 0) if causal else torch.ones_like(inside)
+    visible = visible.expand(B, 1, 1, T, T)
+    if key_padding_mask is not None:
+        visible = visible & key_padding_mask[:, None, None, None, :]
+    w = w * visible
+    den = w.sum(-1, keepdim=True)
+    vv = v.double().transpose(1, 2)[:, :, None]  # [B, Hk, 1, T, Dv]
+    o = (w @ vv) / den.abs().clamp_min(DEN_EPS)
+    return o.flatten(1, 2).transpose(1, 2)

@@ -13,6 +13,7 @@ SPECTRAFORMER_FUSED_NO_CPU_EXT=1 skips the extension altogether.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import warnings
@@ -216,7 +217,7 @@ class _CpuAttention(torch.autograd.Function):
         ]
         lq, lk, lv, lW, lbias, lS, lz, lm = leaves
         with torch.enable_grad():
-            rp = FeatureParams(p.kind, lW, lbias, p.freq, p.psi, p.c_t, p.c_o, p.scale, p.num_features, p.feature_dim)
+            rp = dataclasses.replace(p, W=lW, bias=lbias)
             state = RFState(lS, lz, lm) if ctx.has_state else None
             # packed sequences: the reference runs them one by one on views (exact; the CPU backend is
             # not a training path)
