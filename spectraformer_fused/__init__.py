@@ -1,7 +1,7 @@
 """spectraformer_fused: fused random-feature attention for every component x weight matrix of the
 Spectraformer framework."""
 
-from .attention import BACKENDS, available_backends, rf_attention
+from .attention import BACKENDS, WINDOW_BACKENDS, available_backends, rf_attention
 from .components import COMPONENTS, KERNELS, LEARNED_COMPONENTS
 from .contract import FeatureParams
 from .distributed import context_parallel_rf_attention, convert_sync_stats
@@ -20,6 +20,7 @@ __all__ = [
     "LEARNABLE_WEIGHTS",
     "KERNELS",
     "BACKENDS",
+    "WINDOW_BACKENDS",
     "RandomFeatureMap",
     "FeatureParams",
     "RFState",

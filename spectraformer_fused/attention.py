@@ -8,10 +8,14 @@ from .components import REFERENCE_ONLY_REASON
 from .feature_map import RandomFeatureMap
 from .ops import cpu_extension_built, cpu_extension_loaded, triton_importable, triton_interpreting
 from .reference import reference_attention
-from .state import RFState, empty_state
-from .validation import check_attention_inputs, check_cu_seqlens, resolve_scale
+from .state import empty_state, empty_window_state
+from .validation import check_attention_inputs, check_cu_seqlens, check_window, resolve_scale
 
 BACKENDS = ("auto", "reference", "triton", "cpu")
+# The backends whose attention function takes ``window=`` (hybrid attention, DESIGN.md section 6). A window
+# call on "auto" falls back to the reference when the backend it would choose is not here; an explicit
+# backend that is not here raises.
+WINDOW_BACKENDS = {"reference"}
 
 
 def available_backends() -> list[str]:
@@ -27,10 +31,23 @@ def available_backends() -> list[str]:
     return names
 
 
-def _resolve_backend(backend: str, q: torch.Tensor, feature_map: RandomFeatureMap) -> str:
-    """The backend that runs ``feature_map`` on inputs like ``q``: "auto" resolved, an explicit choice checked."""
+def _resolve_backend(backend: str, q: torch.Tensor, feature_map: RandomFeatureMap, window: int | None = None) -> str:
+    """The backend that runs ``feature_map`` on inputs like ``q`` (with the hybrid ``window``, already
+    checked): "auto" resolved, an explicit choice checked."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid names are {', '.join(BACKENDS)}")
+    if window is not None and backend != "auto" and backend not in WINDOW_BACKENDS:
+        raise ValueError(
+            f"backend={backend!r} does not run hybrid attention (window={window}); backends with a window: "
+            f"{', '.join(sorted(WINDOW_BACKENDS))} (or backend='auto')"
+        )
+    name = _resolve_plain(backend, q, feature_map)
+    if window is not None and name not in WINDOW_BACKENDS:
+        return "reference"
+    return name
+
+
+def _resolve_plain(backend: str, q: torch.Tensor, feature_map: RandomFeatureMap) -> str:
     if feature_map.spec.reference_only:
         if backend in ("triton", "cpu"):
             raise ValueError(
@@ -111,8 +128,10 @@ def rf_attention(
     output_final_state: bool = False,
     backend: str = "auto",
     cu_seqlens: torch.Tensor | None = None,
+    window: int | None = None,
 ):
-    """Random-feature attention: o_t = phi(q_t)^T S / phi(q_t)^T z (DESIGN.md section 1).
+    """Random-feature attention: o_t = phi(q_t)^T S / phi(q_t)^T z (DESIGN.md section 1), or with a
+    ``window`` hybrid attention: exact inside the window, features beyond it (DESIGN.md section 6).
 
     Args:
         q: ``[B, T, H, D]``; k: ``[B, T, H_kv, D]``; v: ``[B, T, H_kv, Dv]``; float16, bfloat16, float32
@@ -137,36 +156,50 @@ def rf_attention(
             calling ``rf_attention`` on each sequence separately. Empty sequences are allowed. Not combined
             with ``key_padding_mask``. Every backend runs all sequences in one call whose kernels index the
             offsets (no padding); the offsets are read on the host once, for validation.
+        window: None or 0 (random features only, the default) or W >= 1: hybrid attention. Causal, key j
+            is exact for query t iff t - W < j <= t; non-causal, iff |t - j| < W; every other visible key
+            goes through the features, with one shared normaliser: o_t = sum_j w_tj v_j / sum_j w_tj,
+            w_tj = exp(scale q_t.k_j) (the kernel's exact weight; the Gaussian one for kernel="gaussian")
+            inside the window and phi(q_t).phi(k_j) beyond. W >= T is exact attention. The state is then a
+            ``WindowState``: the ``RFState`` of the keys that have left the window plus the raw keys and
+            values of the last W - 1 positions (``k_tail [B, H_kv, W - 1, D]``, ``v_tail``, ``tail_keep
+            [B, W - 1]``), fixed size; ``initial_state`` must be one made with the same window (or None).
+            Backends: those in ``WINDOW_BACKENDS``; "auto" takes the reference when its choice has no window.
 
     Returns:
-        o ``[B, T, H, Dv]`` in v's dtype, or ``(o, RFState)`` when ``output_final_state``. The state is
-        fp32 (fp64 for fp64 inputs).
+        o ``[B, T, H, Dv]`` in v's dtype, or ``(o, state)`` when ``output_final_state``: an ``RFState``, or
+        a ``WindowState`` with a window. The state is fp32 (fp64 for fp64 inputs).
     """
     if not isinstance(feature_map, RandomFeatureMap):
         raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
+    window = check_window(window)
     if cu_seqlens is None:
-        state = check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_map.feature_dim)
+        state = check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_map.feature_dim, window)
         offsets, rows = None, q.shape[0]
     else:
-        state, offsets = _check_packed(q, k, v, feature_map, cu_seqlens, key_padding_mask, initial_state)
+        state, offsets = _check_packed(q, k, v, feature_map, cu_seqlens, key_padding_mask, initial_state, window)
         rows = len(offsets) - 1
     _, T, H, D = q.shape
     Hk = k.shape[2]
     feature_map.check_input(D, Hk)
     scale = resolve_scale(scale, D)
-    name = _resolve_backend(backend, q, feature_map)
+    name = _resolve_backend(backend, q, feature_map, window)
     if T == 0:  # no output rows; every state passes through
         o = v.new_empty(q.shape[0], 0, H, v.shape[-1])
         if not output_final_state:
             return o
         cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-        if state is None:
+        if state is None and window is None:
             state = empty_state(rows, Hk, feature_map.feature_dim, v.shape[-1], dtype=cdt, device=q.device)
-        return o, RFState(*(t.to(cdt) for t in state))
+        elif state is None:
+            F, Dv = feature_map.feature_dim, v.shape[-1]
+            state = empty_window_state(rows, Hk, F, D, Dv, window, dtype=cdt, device=q.device)
+        return o, type(state)(*(t if t.dtype == torch.bool else t.to(cdt) for t in state))
     params = feature_map.feature_params(
         q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask, offsets=offsets
     )
     fn = _backend_function(name)
+    extra = {} if window is None else {"window": window}  # only window backends take the keyword
     if offsets is None:
         o, final = fn(
             q,
@@ -177,6 +210,7 @@ def rf_attention(
             key_padding_mask=key_padding_mask,
             initial_state=state,
             output_final_state=output_final_state,
+            **extra,
         )
     else:  # every backend runs all packed sequences in one call
         o, final = fn(
@@ -189,17 +223,18 @@ def rf_attention(
             initial_state=state,
             output_final_state=output_final_state,
             cu_seqlens=cu_seqlens.to(torch.int32).contiguous(),
+            **extra,
         )
     return (o, final) if output_final_state else o
 
 
-def _check_packed(q, k, v, feature_map, cu_seqlens, key_padding_mask, initial_state):
+def _check_packed(q, k, v, feature_map, cu_seqlens, key_padding_mask, initial_state, window):
     """(state with one row per sequence or None, offsets as Python ints) of packed sequences."""
     check_attention_inputs(q, k, v, None, None, feature_map.feature_dim)
     offsets = check_cu_seqlens(cu_seqlens, q, key_padding_mask)
     n = len(offsets) - 1
     # The state is checked against N rows: zero-length views expanded to batch N carry the expected shapes.
     state = check_attention_inputs(
-        *(t[:, :0].expand(n, -1, -1, -1) for t in (q, k, v)), None, initial_state, feature_map.feature_dim
+        *(t[:, :0].expand(n, -1, -1, -1) for t in (q, k, v)), None, initial_state, feature_map.feature_dim, window
     )
     return state, offsets

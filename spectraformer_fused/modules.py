@@ -7,6 +7,7 @@ from torch import nn
 
 from .attention import rf_attention
 from .feature_map import RandomFeatureMap
+from .validation import check_window
 
 
 class SpectraAttention(nn.Module):
@@ -27,7 +28,11 @@ class SpectraAttention(nn.Module):
         for _ in range(n):
             y, state = layer(x_next, initial_state=state, output_final_state=True)   # x_next [B, 1, E]
 
-    Token by token this gives the outputs of one pass over the whole sequence. OPRF/SADERF use their
+    Token by token this gives the outputs of one pass over the whole sequence.
+
+    ``window=W`` makes it hybrid attention (DESIGN.md section 6): exact softmax over the last W keys
+    (causal; |t - j| < W non-causal), the features beyond. The state is then a ``WindowState`` holding
+    the last W - 1 keys and values besides S and z, still of fixed size, and decodes as above. OPRF/SADERF use their
     running statistics in causal attention, and a layer in training mode updates them on every call:
     decode in eval mode (``layer.eval()``) so that every step uses the same parameters.
     """
@@ -46,11 +51,13 @@ class SpectraAttention(nn.Module):
         bias: bool = True,
         seed: int | None = None,
         backend: str = "auto",
+        window: int | None = None,
         device=None,
         dtype=None,
         **component_args,
     ):
         super().__init__()
+        self.window = check_window(window)
         if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim <= 0:
             raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
@@ -113,6 +120,7 @@ class SpectraAttention(nn.Module):
             initial_state=initial_state,
             output_final_state=output_final_state,
             backend=self.backend,
+            window=self.window,
         )
         o, state = out if output_final_state else (out, None)
         y = self.out_proj(o.reshape(B, T, self.embed_dim))

@@ -9,6 +9,13 @@ nothing, not even to the denominator, and do not move the maximum.
 
 Causal attention runs chunk by chunk (intra-chunk masked products plus the carried state), so memory
 stays O(T) and no T x T matrix is formed.
+
+Hybrid attention (``window=W``, DESIGN.md section 6) prepends the initial state's tail (the W - 1 keys
+before token 0) to the keys and walks query chunks: each chunk's exact logits over the keys of its
+window, its feature part from the state of the keys that have left the window (causal: the state lags W
+keys behind the queries; non-causal: the keys before and after the band, from a forward and a backward
+walk, never a difference of sums), the two combined in log space before the one division. Memory is
+O(T (W + chunk)).
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import torch
 
 from .components import feature_logits
 from .contract import DEN_EPS, FeatureParams
-from .state import RFState, empty_state, safe_log_scale
+from .state import RFState, WindowState, empty_state, empty_window_state, safe_log_scale
 
 
 def safe_denominator(den: torch.Tensor) -> torch.Tensor:
@@ -36,6 +43,32 @@ def _apply(e, mult, shift):
     return phi if mult is None else phi * mult
 
 
+def _cast_params(params: FeatureParams, cdt) -> FeatureParams:
+    """The parameters in the compute dtype."""
+    return FeatureParams(
+        params.kind,
+        params.W.to(cdt),
+        params.bias.to(cdt),
+        params.freq.to(cdt),
+        None if params.psi is None else params.psi.to(cdt),
+        params.c_t,
+        params.c_o,
+        params.scale,
+        params.num_features,
+        params.feature_dim,
+        params.exact_sq,
+    )
+
+
+def _rescale(ek, S, z, m):
+    """Move the state to the new running maximum of the key exponents ``ek [B, H_kv, n, F]``; returns the
+    state and the shift to use ``[B, H_kv, 1, 1]``."""
+    m_new = torch.maximum(m, ek.amax(dim=(-1, -2)).detach())  # [B, H_kv]
+    shift = safe_log_scale(m_new)
+    alpha = torch.exp(m - shift)  # 0 while the state is empty
+    return S * alpha[..., None, None], z * alpha[..., None], m_new, shift[:, :, None, None]
+
+
 def reference_attention(
     q,
     k,
@@ -48,6 +81,7 @@ def reference_attention(
     output_final_state: bool = False,
     chunk_size: int = 64,
     cu_seqlens: torch.Tensor | None = None,
+    window: int | None = None,
 ):
     """Random-feature attention of q ``[B, T, H, D]``, k ``[B, T, H_kv, D]`` and v ``[B, T, H_kv, Dv]``.
 
@@ -57,6 +91,10 @@ def reference_attention(
     ``cu_seqlens`` (packed sequences, validated by the caller): q, k, v hold B = 1 row of N sequences with
     these N + 1 boundaries, the parameters and the states one row per sequence; each sequence is attended
     on its own, by definition (the oracle of the fused backends' packed kernels).
+
+    ``window`` (None or >= 1, already checked): hybrid attention, exact inside the window and features
+    beyond it (DESIGN.md section 6); ``initial_state`` is then a ``WindowState`` or None and the final
+    state a ``WindowState``.
     """
     if cu_seqlens is not None:
         return per_sequence(
@@ -67,6 +105,20 @@ def reference_attention(
             params,
             cu_seqlens.tolist(),
             causal=causal,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            chunk_size=chunk_size,
+            window=window,
+        )
+    if window is not None:
+        return _window_attention(
+            q,
+            k,
+            v,
+            params,
+            window=window,
+            causal=causal,
+            key_padding_mask=key_padding_mask,
             initial_state=initial_state,
             output_final_state=output_final_state,
             chunk_size=chunk_size,
@@ -81,19 +133,7 @@ def reference_attention(
     x = (q.to(cdt) * root).transpose(1, 2).reshape(B, Hk, G * T, q.shape[-1])
     y = (k.to(cdt) * root).transpose(1, 2)  # [B, H_kv, T, D]
     vv = v.to(cdt).transpose(1, 2)  # [B, H_kv, T, Dv]
-    p = FeatureParams(
-        params.kind,
-        params.W.to(cdt),
-        params.bias.to(cdt),
-        params.freq.to(cdt),
-        None if params.psi is None else params.psi.to(cdt),
-        params.c_t,
-        params.c_o,
-        params.scale,
-        params.num_features,
-        params.feature_dim,
-        params.exact_sq,
-    )
+    p = _cast_params(params, cdt)
     F = p.feature_dim
     if initial_state is None:
         S, z, m = empty_state(B, Hk, F, Dv, dtype=cdt, device=q.device)
@@ -113,17 +153,10 @@ def reference_attention(
         eq, mq = _features(xs, p, query=True)
         return _apply(eq, mq, eq.amax(-1, keepdim=True).detach()).unflatten(2, (G, hi - lo))
 
-    def rescale(ek, S, z, m):
-        """Move the state to the new running maximum of the key exponents; returns the shift to use."""
-        m_new = torch.maximum(m, ek.amax(dim=(-1, -2)).detach())  # [B, H_kv]
-        shift = safe_log_scale(m_new)
-        alpha = torch.exp(m - shift)  # 0 while the state is empty
-        return S * alpha[..., None, None], z * alpha[..., None], m_new, shift[:, :, None, None]
-
     if not causal:
         if T > 0:
             ek, mk = key_logits(0, T)
-            S, z, m, shift = rescale(ek, S, z, m)
+            S, z, m, shift = _rescale(ek, S, z, m)
             phik = _apply(ek, mk, shift)  # [B, H_kv, T, F]
             S = S + phik.transpose(-1, -2) @ vv
             z = z + phik.sum(-2)
@@ -137,7 +170,7 @@ def reference_attention(
             hi = min(lo + chunk_size, T)
             vc = vv[:, :, None, lo:hi]  # [B, H_kv, 1, c, Dv]
             ek, mk = key_logits(lo, hi)
-            S, z, m, shift = rescale(ek, S, z, m)
+            S, z, m, shift = _rescale(ek, S, z, m)
             phik = _apply(ek, mk, shift)  # [B, H_kv, c, F]
             phiq = query_features(lo, hi)  # [B, H_kv, G, c, F]
             scores = (phiq @ phik[:, :, None].transpose(-1, -2)).tril()  # [B, H_kv, G, c, c]: key j <= query t
@@ -151,24 +184,152 @@ def reference_attention(
     return o, (RFState(S, z, m) if output_final_state else None)
 
 
+def _window_attention(
+    q, k, v, params: FeatureParams, *, window, causal, key_padding_mask, initial_state, output_final_state, chunk_size
+):
+    """Hybrid attention (DESIGN.md section 6) with the conventions of ``reference_attention``.
+
+    The keys are extended by the initial tail: extended key ``j'`` is the tail's key ``j'`` for ``j' < W - 1``
+    and token ``j' - (W - 1)`` after, so query t (at extended position ``t + W - 1``) holds key ``j'`` exact
+    iff ``t <= j' <= t + W - 1`` (causal) or ``t <= j' <= t + 2W - 2`` (non-causal), and every other visible
+    key, with the initial state's S and z, through the features.
+    """
+    B, T, H, D = q.shape
+    Hk = k.shape[2]
+    G = H // Hk
+    Dv = v.shape[-1]
+    n = window - 1
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    root = math.sqrt(params.scale)
+    p = _cast_params(params, cdt)
+    if initial_state is None:
+        initial_state = empty_window_state(B, Hk, p.feature_dim, D, Dv, window, dtype=cdt, device=q.device)
+    S, z, m = (t.to(cdt) for t in initial_state.rf)
+    # the extended keys and values [B, H_kv, W - 1 + T, .] (raw, as the tail stores them) and their keep mask
+    k_ext = torch.cat([initial_state.k_tail.to(cdt), k.to(cdt).transpose(1, 2)], dim=2)
+    v_ext = torch.cat([initial_state.v_tail.to(cdt), v.to(cdt).transpose(1, 2)], dim=2)
+    keep_t = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
+    keep_ext = torch.cat([initial_state.tail_keep.to(torch.bool), keep_t], dim=1)  # [B, W - 1 + T]
+    L = n + T
+    x = (q.to(cdt) * root).transpose(1, 2).unflatten(1, (Hk, G))  # [B, H_kv, G, T, D]
+    y = k_ext * root
+
+    def key_logits(lo, hi):
+        ek, mk = _features(y[:, :, lo:hi], p, query=False)
+        return ek.masked_fill(~keep_ext[:, None, lo:hi, None], float("-inf")), mk
+
+    def query_features(lo, hi):
+        """Stabilised features ``[B, H_kv, G, c, F]`` and their row shift ``[B, H_kv, G, c, 1]``."""
+        eq, mq = _features(x[:, :, :, lo:hi].flatten(2, 3), p, query=True)
+        sq = eq.amax(-1, keepdim=True).detach()
+        return _apply(eq, mq, sq).unflatten(2, (G, hi - lo)), sq.unflatten(2, (G, hi - lo))
+
+    def exact_part(lo, hi, a, b, exact):
+        """Exact logits of queries lo:hi against extended keys a:b, -inf outside ``exact [c, b - a]``."""
+        xs, ys = x[:, :, :, lo:hi], y[:, :, None, a:b]
+        logits = xs @ ys.transpose(-1, -2)  # [B, H_kv, G, c, b - a]
+        if p.exact_sq != 0.0:
+            logits = logits + p.exact_sq * ((xs * xs).sum(-1)[..., :, None] + (ys * ys).sum(-1)[..., None, :])
+        visible = exact & keep_ext[:, None, None, None, a:b]
+        return logits.masked_fill(~visible, float("-inf")), v_ext[:, :, None, a:b]
+
+    def combine(num_f, den_f, shift_f, logits, ve):
+        """o = (feature part + exact part) / (their normalisers): the feature part is on the scale
+        exp(shift_f) (query row shift + key shift), the exact part exp(logits); both are moved to their
+        larger shift (detached: it cancels) before the one division."""
+        top = torch.maximum(shift_f, logits.amax(-1, keepdim=True).detach())
+        pe = torch.exp(logits - top)  # 0 outside the window
+        alpha = torch.exp(shift_f - top)
+        return (alpha * num_f + pe @ ve) / safe_denominator(alpha * den_f + pe.sum(-1, keepdim=True))
+
+    band = torch.arange(chunk_size + 2 * n, device=q.device)
+    outs = []
+    if causal:
+        for lo in range(0, T, chunk_size):
+            hi = min(lo + chunk_size, T)
+            c = hi - lo
+            # feature keys of the chunk: extended lo:hi, i.e. the keys W or more positions before its queries
+            ek, mk = key_logits(lo, hi)
+            S, z, m, shift = _rescale(ek, S, z, m)
+            phik = _apply(ek, mk, shift)  # [B, H_kv, c, F]
+            phiq, sq = query_features(lo, hi)
+            vc = v_ext[:, :, None, lo:hi]
+            scores = (phiq @ phik[:, :, None].transpose(-1, -2)).tril(-1)  # extended key j' < query's t
+            num_f = scores @ vc + phiq @ S[:, :, None]
+            den_f = scores.sum(-1, keepdim=True) + phiq @ z[:, :, None, :, None]
+            # exact keys: extended lo : hi + W - 1, key a exact for query i iff 0 <= a - i <= W - 1
+            rel = band[None, : c + n] - band[:c, None]
+            logits, ve = exact_part(lo, hi, lo, hi + n, (rel >= 0) & (rel <= n))
+            outs.append(combine(num_f, den_f, sq + shift[..., None], logits, ve))
+            S = S + phik.transpose(-1, -2) @ vc[:, :, 0]
+            z = z + phik.sum(-2)
+    elif T > 0:
+        # one key shift for every key; the feature part of a chunk is its prefix (extended keys before lo, with
+        # the initial state), its suffix (keys after its band region) and, inside the band region, the keys
+        # before a query or more than 2W - 2 after it
+        ek, mk = key_logits(0, L)
+        S, z, m, shift = _rescale(ek, S, z, m)
+        phik = _apply(ek, mk, shift)  # [B, H_kv, L, F]
+        chunks = [(lo, min(lo + chunk_size, T)) for lo in range(0, T, chunk_size)]
+        prefix = []
+        for lo, hi in chunks:
+            prefix.append((S, z))
+            S = S + phik[:, :, lo:hi].transpose(-1, -2) @ v_ext[:, :, lo:hi]
+            z = z + phik[:, :, lo:hi].sum(-2)
+        suffix = []
+        Ss, zs, cursor = torch.zeros_like(S), torch.zeros_like(z), L
+        for _, hi in reversed(chunks):
+            e = min(hi + 2 * n, L)
+            Ss = Ss + phik[:, :, e:cursor].transpose(-1, -2) @ v_ext[:, :, e:cursor]
+            zs = zs + phik[:, :, e:cursor].sum(-2)
+            cursor = e
+            suffix.append((Ss, zs))
+        for (lo, hi), (Sp, zp), (Ss, zs) in zip(chunks, prefix, reversed(suffix)):
+            c, e = hi - lo, min(hi + 2 * n, L)
+            phiq, sq = query_features(lo, hi)
+            rel = band[None, : e - lo] - band[:c, None]
+            exact = (rel >= 0) & (rel <= 2 * n)
+            scores = (phiq @ phik[:, :, None, lo:e].transpose(-1, -2)).masked_fill(exact, 0.0)
+            ve = v_ext[:, :, None, lo:e]
+            num_f = scores @ ve + phiq @ (Sp + Ss)[:, :, None]
+            den_f = scores.sum(-1, keepdim=True) + phiq @ (zp + zs)[:, :, None, :, None]
+            logits, ve = exact_part(lo, hi, lo, e, exact)
+            outs.append(combine(num_f, den_f, sq + shift[..., None], logits, ve))
+    o = torch.cat(outs, dim=3) if outs else v_ext.new_zeros(B, Hk, G, 0, Dv)
+    o = o.reshape(B, H, T, Dv).transpose(1, 2).to(v.dtype)
+    if not output_final_state:
+        return o, None
+    # every extended key but the last W - 1 is in S (the initial state's included); the last W - 1 are the tail
+    return o, WindowState(S, z, m, k_ext[:, :, T:], v_ext[:, :, T:], keep_ext[:, T:])
+
+
 def per_sequence(
     attend, q, k, v, params: FeatureParams, offsets: list[int], *, causal, initial_state, output_final_state, **kwargs
 ):
     """The packed-sequence semantics, by definition: ``attend`` (a backend function with
     ``reference_attention``'s signature) on every sequence ``offsets[i]:offsets[i + 1]`` of q, k, v
-    ``[1, sum T_i, ., .]`` on its own, with row i of the parameters and of the initial state; outputs
-    concatenated along time, final states stacked along the sequence axis."""
+    ``[1, sum T_i, ., .]`` on its own, with row i of the parameters and of the initial state (an
+    ``RFState``, or a ``WindowState`` with ``window=``); outputs concatenated along time, final states
+    stacked along the sequence axis."""
     n = len(offsets) - 1
+    window = kwargs.get("window")
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    def empty(rows):
+        Hk, F, Dv = k.shape[2], params.feature_dim, v.shape[-1]
+        if window is None:
+            return empty_state(rows, Hk, F, Dv, dtype=cdt, device=q.device)
+        return empty_window_state(rows, Hk, F, q.shape[-1], Dv, window, dtype=cdt, device=q.device)
+
     outs, finals = [], []
     for i in range(n):
         a, b = offsets[i], offsets[i + 1]
-        init = None if initial_state is None else RFState(*(t[i : i + 1] for t in initial_state))
+        init = None if initial_state is None else type(initial_state)(*(t[i : i + 1] for t in initial_state))
         if a == b:  # an empty sequence: no output rows; its state passes through
-            cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
             if init is None:
-                init = empty_state(1, k.shape[2], params.feature_dim, v.shape[-1], dtype=cdt, device=q.device)
+                init = empty(1)
             outs.append(v.new_empty(1, 0, q.shape[2], v.shape[-1]))
-            finals.append(RFState(*(t.to(cdt) for t in init)))
+            finals.append(type(init)(*(t if t.dtype == torch.bool else t.to(cdt) for t in init)))
             continue
         o, final = attend(
             q[:, a:b],
@@ -187,9 +348,8 @@ def per_sequence(
     if not output_final_state:
         return o, None
     if finals:
-        return o, RFState(*(torch.cat(parts, dim=0) for parts in zip(*finals)))
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return o, empty_state(0, k.shape[2], params.feature_dim, v.shape[-1], dtype=cdt, device=q.device)
+        return o, type(finals[0])(*(torch.cat(parts, dim=0) for parts in zip(*finals)))
+    return o, empty(0)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .state import RFState
+from .state import RFState, WindowState
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -59,12 +59,13 @@ def check_window(window) -> int | None:
     return window or None
 
 
-def check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_dim: int):
+def check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_dim: int, window: int | None = None):
     """Validate q ``[B, T, H, D]``, k ``[B, T, H_kv, D]``, v ``[B, T, H_kv, Dv]`` (H_kv divides H:
     grouped-query attention; H_kv = H is multi-head, H_kv = 1 multi-query), the mask and the state
-    ``[B, H_kv, F, Dv]``.
+    ``[B, H_kv, F, Dv]``; with a ``window`` (already checked by ``check_window``) the state must be a
+    ``WindowState`` whose tail holds ``window - 1`` positions, without one it must not be.
 
-    Returns the state as an RFState (a 2-tuple (S, z) gets log_scale = 0), or None.
+    Returns the state as an RFState (a 2-tuple (S, z) gets log_scale = 0) or a WindowState, or None.
     """
     _check_tensor(q, "q", 4, "[B, T, H, D]")
     _check_tensor(k, "k", 4, "[B, T, H_kv, D]")
@@ -95,6 +96,23 @@ def check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_dim
             raise ValueError(f"key_padding_mask must be on {q.device}, got {key_padding_mask.device}")
     if initial_state is None:
         return None
+    if isinstance(initial_state, WindowState):
+        if window is None:
+            raise ValueError(
+                f"initial_state is a WindowState (hybrid attention with a window of {initial_state.window}), "
+                "but window is None: pass the window it was made with"
+            )
+        rf = _check_rf_state(initial_state.rf, B, Hk, feature_dim, Dv, q.device)
+        return WindowState(*rf, *_check_tail(initial_state, window, B, Hk, D, Dv, q.device))
+    if window is not None:
+        raise TypeError(
+            f"with window={window}, initial_state must be a WindowState (the final state of a call with the "
+            f"same window) or None, got {type(initial_state).__name__}"
+        )
+    return _check_rf_state(initial_state, B, Hk, feature_dim, Dv, q.device)
+
+
+def _check_rf_state(initial_state, B: int, Hk: int, feature_dim: int, Dv: int, device) -> RFState:
     if not isinstance(initial_state, (tuple, list)) or len(initial_state) not in (2, 3):
         raise TypeError("initial_state must be an RFState or a tuple (S, z) or (S, z, log_scale)")
     S, z = initial_state[0], initial_state[1]
@@ -108,10 +126,39 @@ def check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_dim
             raise ValueError(f"initial_state.{name} must have shape {shape} {layout}, got {tuple(t.shape)}")
         if not t.dtype.is_floating_point:
             raise TypeError(f"initial_state.{name} must be floating point, got {t.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"initial_state.{name} must be on {q.device}, got {t.device}")
+        if t.device != device:
+            raise ValueError(f"initial_state.{name} must be on {device}, got {t.device}")
     m = initial_state[2] if len(initial_state) == 3 else torch.zeros(B, Hk, dtype=S.dtype, device=S.device)
     return RFState(S, z, m)
+
+
+def _check_tail(state: WindowState, window: int, B: int, Hk: int, D: int, Dv: int, device) -> tuple:
+    """The tail of a WindowState: ``window - 1`` positions of keys, values and keep flags."""
+    n = window - 1
+    for name in ("k_tail", "v_tail", "tail_keep"):
+        if not isinstance(getattr(state, name), torch.Tensor):
+            raise TypeError(f"initial_state.{name} must be a tensor, got {type(getattr(state, name)).__name__}")
+    if state.k_tail.dim() == 4 and state.k_tail.shape[2] != n:
+        raise ValueError(
+            f"initial_state holds the last {state.k_tail.shape[2]} keys (a window of {state.k_tail.shape[2] + 1}), "
+            f"but window={window} needs the last {n} (window - 1)"
+        )
+    expect = {
+        "k_tail": ((B, Hk, n, D), "[B, H_kv, W - 1, D]"),
+        "v_tail": ((B, Hk, n, Dv), "[B, H_kv, W - 1, Dv]"),
+        "tail_keep": ((B, n), "[B, W - 1]"),
+    }
+    for name, (shape, layout) in expect.items():
+        t = getattr(state, name)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"initial_state.{name} must have shape {shape} {layout}, got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"initial_state.{name} must be on {device}, got {t.device}")
+        if name == "tail_keep" and t.dtype != torch.bool:
+            raise TypeError(f"initial_state.tail_keep must be torch.bool, got {t.dtype}")
+        if name != "tail_keep" and not t.dtype.is_floating_point:
+            raise TypeError(f"initial_state.{name} must be floating point, got {t.dtype}")
+    return state.k_tail, state.v_tail, state.tail_keep
 
 
 def check_cu_seqlens(cu_seqlens, q, key_padding_mask) -> list[int]:
