@@ -4,7 +4,8 @@ Writes ``bench/results/<device>-<date>/report.md`` with PNG plots and the raw nu
 shows a progress bar while it runs and prints a short summary. Sections:
 
 1. approximation quality of every component x weight pair against exact attention (reference backend);
-2. kernel estimation error of every pair;
+2. kernel estimation: the variance of every pair's kernel estimate and attention output over many draws of W,
+   with bootstrap intervals, its ratio to ORF and its slope against m;
 3. speed and memory of every available backend and peer over the sequence length;
 4. the cost of each weight matrix (building W; a training step, fixed versus learnable);
 5. training on generated tasks (ListOps, MQAR) with each attention (``bench/train.py``; ``--no-train`` skips it);
@@ -81,7 +82,7 @@ def write_markdown(path, ctx, st, res: dict, plots, elapsed, section: str | None
     if "accuracy" in res:
         L += accuracy.markdown(*res["accuracy"], st, ctx, plots)
     if "kernel" in res:
-        L += kernel_estimation.markdown(res["kernel"], st, ctx)
+        L += kernel_estimation.markdown(res["kernel"], st, ctx, plots)
     if "speed" in res:
         L += speed.markdown(*res["speed"], st, ctx, plots)
     if "weights" in res:
@@ -117,7 +118,7 @@ def csv_tables(res: dict) -> list:
     if "accuracy" in res:
         out.append(("accuracy", res["accuracy"][0]))
     if "kernel" in res:
-        out.append(("kernel", res["kernel"]))
+        out += [("kernel", res["kernel"][0]), ("kernel_vs_m", res["kernel"][1])]
     if "speed" in res:
         out.append(("speed", res["speed"][0]))
     if "weights" in res:
@@ -190,10 +191,12 @@ def main(argv=None) -> int:
         res["varlen"] = run_varlen(st, ctx)
     torch.set_num_threads(ctx.default_threads)
 
-    plots = (accuracy.plot(*res["accuracy"], st, out, ctx) if "accuracy" in res else []) + (
-        speed.plot(res["speed"][0], st, out, ctx) if "speed" in res else []
+    plots = (
+        (accuracy.plot(*res["accuracy"], st, out, ctx) if "accuracy" in res else [])
+        + (kernel_estimation.plot(res["kernel"], st, out, ctx) if "kernel" in res else [])
+        + (speed.plot(res["speed"][0], st, out, ctx) if "speed" in res else [])
     )
-    if get_plt() is None and ("accuracy" in res or "speed" in res):
+    if get_plt() is None and ("accuracy" in res or "kernel" in res or "speed" in res):
         print("matplotlib is not installed: no plots (pip install matplotlib)")
     elapsed = time.perf_counter() - t0
     ctx.load.append(loadavg())
@@ -214,7 +217,7 @@ def main(argv=None) -> int:
     if "accuracy" in res:
         raw["accuracy_settings"], raw["accuracy"] = res["accuracy"][1], res["accuracy"][0]
     if "kernel" in res:
-        raw["kernel"] = res["kernel"]
+        raw["kernel"], raw["kernel_vs_m"], raw["kernel_meta"] = res["kernel"]
     if "speed" in res:
         raw["speed"], raw["speed_meta"] = res["speed"]
     if "weights" in res:

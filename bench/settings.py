@@ -1,4 +1,5 @@
-"""The report's sizes and budgets: quick mode for a 2-core CPU, ``--full`` for a GPU."""
+"""The report's sizes and budgets: quick mode for a 2-core CPU, ``--full`` for a GPU (section 2's own sizes
+are ``bench.kernel_estimation.make_settings``)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,6 @@ class Settings:
     acc_shape: tuple  # B, T, H, D for the accuracy section
     ms: tuple
     scales: tuple  # std of q and k: flat and peaked attention
-    kest_m: int
-    kest_shape: tuple  # B, T, H, D for kernel estimation
     speed_T: tuple
     speed_shape: tuple  # B, H, D, m
     speed_dtype: torch.dtype
@@ -39,8 +38,6 @@ def make_settings(full: bool, device: torch.device) -> Settings:
             (2, 128, 2, 32),
             (16, 32, 64, 128, 256),
             (0.5, 1.0, 1.5),
-            64,
-            (1, 64, 2, 32),
             speed_T,
             (1, 8, 64, 128),
             torch.bfloat16 if cuda else torch.float32,
@@ -58,8 +55,6 @@ def make_settings(full: bool, device: torch.device) -> Settings:
         (2, 256, 2, 32),
         (16, 32, 64, 128, 256, 512),
         (0.5, 1.0, 1.5),
-        64,
-        (2, 64, 2, 32),
         speed_T,
         (1, 8, 64, 128),
         torch.bfloat16 if cuda else torch.float32,

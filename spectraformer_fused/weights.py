@@ -10,7 +10,7 @@ same seed therefore gives a bit-identical ``W`` on every device, and
 ``seed=None`` draws the seed from the global torch RNG so that results follow
 ``torch.manual_seed``.
 
-Structured kinds (``orf``, ``sorf``, ``fastfood``, ``fastfood_learnable``) build
+Structured kinds (``orf``, ``simplex``, ``sorf``, ``fastfood``, ``fastfood_learnable``) build
 ``ceil(m / block)`` independent blocks per head and keep the first ``m`` rows, so
 any positive ``m`` is honoured (including ``m < d``).  The Hadamard-based kinds
 work in dimension ``n`` = the next power of two ``>= d`` and keep the first ``d``
@@ -32,6 +32,7 @@ __all__ = [
     "WeightMatrix",
     "GaussianWeights",
     "ORFWeights",
+    "SimplexWeights",
     "SORFWeights",
     "QMCWeights",
     "MomentMatchingWeights",
@@ -42,9 +43,10 @@ __all__ = [
     "build_weights",
     "sample_weights",
     "hadamard",
+    "simplex_directions",
 ]
 
-WEIGHTS = ("gaussian", "orf", "sorf", "qmc", "mm", "sgq", "fastfood", "fastfood_learnable", "learnable")
+WEIGHTS = ("gaussian", "orf", "simplex", "sorf", "qmc", "mm", "sgq", "fastfood", "fastfood_learnable", "learnable")
 LEARNABLE_WEIGHTS = ("fastfood_learnable", "learnable")
 
 _SEED_HIGH = 2**62
@@ -117,14 +119,45 @@ def _sample_gaussian(gen, h, m, d):
     return torch.randn(h, m, d, generator=gen, dtype=torch.float64)
 
 
-def _sample_orf(gen, h, m, d):
-    nb = _num_blocks(m, d)
+def _haar_blocks(gen, h, nb, d):
+    """``nb`` Haar-distributed d x d orthogonal matrices per head and chi_d row lengths, each [h, nb, d(, d)].
+
+    The Q of the QR decomposition of a Gaussian matrix, its columns' signs corrected by sign(diag(R)) so
+    that it is uniform on O(d) (Mezzadri 2007); the lengths are norms of independent N(0, I_d) vectors.
+    """
     g = torch.randn(h, nb, d, d, generator=gen, dtype=torch.float64)
     q, r = torch.linalg.qr(g)
     diag = torch.diagonal(r, dim1=-2, dim2=-1)
     q = q * torch.where(diag >= 0, 1.0, -1.0).to(q.dtype).unsqueeze(-2)
     norms = torch.randn(h, nb, d, d, generator=gen, dtype=torch.float64).norm(dim=-1)
+    return q, norms
+
+
+def _sample_orf(gen, h, m, d):
+    nb = _num_blocks(m, d)
+    q, norms = _haar_blocks(gen, h, nb, d)
     w = q * norms.unsqueeze(-1)
+    return w.reshape(h, nb * d, d)[:, :m]
+
+
+def simplex_directions(d: int) -> torch.Tensor:
+    """The d unit vertices of a regular simplex centred at the origin in R^d, as the rows of a [d, d] matrix.
+
+    ``s_i = sqrt(d / (d - 1)) (e_i - 1 / d)``: unit length, pairwise dot products -1 / (d - 1), summing to
+    zero (they span the hyperplane orthogonal to the all-ones vector).  d = 1 gives the single vector [1].
+    """
+    d = _check_size("d", d)
+    if d == 1:
+        return torch.ones(1, 1, dtype=torch.float64)
+    eye = torch.eye(d, dtype=torch.float64)
+    return (eye - 1.0 / d) * math.sqrt(d / (d - 1))
+
+
+def _sample_simplex(gen, h, m, d):
+    nb = _num_blocks(m, d)
+    q, norms = _haar_blocks(gen, h, nb, d)
+    # rows s_i^T Q: the simplex vertices rotated by the Haar matrix Q^T, then given chi_d lengths
+    w = (simplex_directions(d) @ q) * norms.unsqueeze(-1)
     return w.reshape(h, nb * d, d)[:, :m]
 
 
@@ -314,6 +347,22 @@ class ORFWeights(_FixedWeight):
         return _sample_orf(gen, self.num_heads, self.num_features, self.head_dim)
 
 
+class SimplexWeights(_FixedWeight):
+    """``simplex``: simplex random features (Reid, Choromanski et al., ICML 2023, "Simplex Random Features").
+
+    Blocks of d rows ``w_i = rho_i R s_i``: s_1..s_d the unit vertices of a regular simplex centred at the
+    origin (pairwise dot products -1/(d-1)), R a Haar-random orthogonal matrix drawn per block (the
+    sign-corrected QR of ORF), rho_i independent chi_d lengths.  Each row is marginally N(0, I_d), so the
+    estimators stay unbiased; the rows' negative correlation lowers PosRF's mean squared error below ORF's
+    (the paper's theorem; section 2 of the report measures where).  The last block is truncated to m rows.
+    """
+
+    name = "simplex"
+
+    def _sample(self, gen):
+        return _sample_simplex(gen, self.num_heads, self.num_features, self.head_dim)
+
+
 class SORFWeights(_FixedWeight):
     """``sorf``: structured orthogonal random features (Yu et al. 2016).
 
@@ -456,6 +505,7 @@ _CLASSES = {
     for cls in (
         GaussianWeights,
         ORFWeights,
+        SimplexWeights,
         SORFWeights,
         QMCWeights,
         MomentMatchingWeights,

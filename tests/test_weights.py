@@ -30,7 +30,18 @@ def _params_and_buffers(module):
 
 
 def test_names():
-    assert WEIGHTS == ("gaussian", "orf", "sorf", "qmc", "mm", "sgq", "fastfood", "fastfood_learnable", "learnable")
+    assert WEIGHTS == (
+        "gaussian",
+        "orf",
+        "simplex",
+        "sorf",
+        "qmc",
+        "mm",
+        "sgq",
+        "fastfood",
+        "fastfood_learnable",
+        "learnable",
+    )
     assert LEARNABLE_WEIGHTS == ("fastfood_learnable", "learnable")
 
 
