@@ -124,9 +124,9 @@ def kernel_lines(kest, ks) -> list[str]:
             if higher:
                 parts.append(f"higher in {len(higher)} ({_cells_text(higher, 'k_ratio', 3)})")
             text = "; ".join(parts) + f"; not distinguishable in {nd}"
-        same = _same_draws(rows, w)
+        same = _same_draws(rows, w) if w in sf.LEARNABLE_WEIGHTS else None
         if same is not None:
-            text += f" (its initial W is {same}'s: the same draws)"
+            text += f" (measured at initialisation, where its W is {same}'s: the same draws)"
         med = {v: sum(r["k_med_vs_" + ref] == v for r in sel) for v in ("lower", "higher")}
         osel = [r for r in sel if r.get("o_ratio") is not None]
         ov = {v: sum(r["o_vs_" + ref] == v for r in osel) for v in ("lower", "higher")}
@@ -154,7 +154,8 @@ def kernel_lines(kest, ks) -> list[str]:
     if rec:
         out.append(
             "**Recommended pair per setting** (lowest mean error over the draws; the ratio to the runner-up "
-            "with its paired 95% interval says whether the choice is clear):"
+            "with its paired 95% interval says whether the choice is clear; for the approximately unbiased "
+            "weights, sorf's fixed row lengths included, the MSE counts the squared bias):"
         )
         out.append("")
         table = [

@@ -256,7 +256,7 @@ def run(st, ctx: Context, ks: KestSettings | None = None):
                 bar.update()
     meta = {"settings": dict(ks.__dict__), "sets": [{"name": s["name"], "note": s["note"]} for s in sets]}
     meta["recommend"] = recommend(errors, sets, ks)
-    sweep, meta["slopes"] = run_sweep(ks, bar)
+    sweep, meta["slopes"] = run_sweep(ks, bar, fields)
     bar.close()
     return rows, sweep, meta
 
@@ -300,7 +300,7 @@ def recommend(errors: dict, sets, ks: KestSettings) -> list[dict]:
     return out
 
 
-def run_sweep(ks: KestSettings, bar) -> tuple[list, list]:
+def run_sweep(ks: KestSettings, bar, fields: dict) -> tuple[list, list]:
     """Kernel-estimate MSE against m for ``sweep_component`` x ``sweep_weights`` (softmax kernel) and the
     fitted log-log slopes with bootstrap intervals."""
     from . import fit_report
@@ -332,7 +332,7 @@ def run_sweep(ks: KestSettings, bar) -> tuple[list, list]:
                     "T": ks.T,
                     "draws": ks.draws,
                 } | _prefixed("k", stats(ek, idx))
-                rows.append(row)
+                rows.append(row | fields)
                 boot_means[w].append(ek[idx].mean(-1))
                 point[w].append(float(ek.mean()))
                 med[w].append(float(ek.median()))

@@ -44,6 +44,7 @@ def _check(tmp_path):
                 assert r[f"{p}_vs_orf"] in ("lower", "higher", "n.d.")
     learnable = [r for r in rows if r["weights"] == "learnable"]
     assert all(r["k_ratio"] == 1.0 for r in learnable), "learnable starts as orf: the same draws"
+    assert all(r["device"] == "cpu (test)" and "torch" in r for r in rows + sweep)
     assert len(sweep) == 2 * 3 and {s["weights"] for s in meta["slopes"]} == {"gaussian", "orf", "simplex"}
     assert len(meta["recommend"]) == len(sets) * 2
     plots = kernel_estimation.plot(kest, st, str(tmp_path), ctx)
