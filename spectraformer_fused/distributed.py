@@ -45,8 +45,8 @@ from torch import nn
 from .attention import _backend_function, _resolve_backend
 from .components import Moments
 from .feature_map import RandomFeatureMap
-from .state import RFState, empty_state, safe_log_scale
-from .validation import check_attention_inputs, resolve_scale
+from .state import RFState, WindowState, empty_state, empty_window_state, safe_log_scale
+from .validation import check_attention_inputs, check_window, resolve_scale
 
 __all__ = [
     "context_parallel_rf_attention",
@@ -221,6 +221,7 @@ def context_parallel_rf_attention(
     initial_state=None,
     output_final_state: bool = False,
     backend: str = "auto",
+    window: int | None = None,
 ):
     """Random-feature attention of one sequence split across the ranks of ``group``.
 
@@ -250,6 +251,12 @@ def context_parallel_rf_attention(
             rank only (ignored elsewhere).
         output_final_state: also return the state after the LAST position of the whole sequence, the
             same on every rank (for decoding after a context-parallel prefill).
+        window: hybrid attention (DESIGN.md section 6), causal only. Each rank also needs the last W - 1
+            keys and values before its slice (its initial tail, which may reach back over several short
+            slices): every rank computes the ``WindowState`` of its slice, the states are all-gathered
+            (``B H_kv (F Dv + F + 1 + (W - 1)(D + Dv))`` numbers plus ``B W`` keep flags and lengths per
+            rank), and rank r composes those of ranks before it: their feature states, the features of the
+            tail keys later positions pushed out of the window, and the last W - 1 positions as its tail.
 
     Returns:
         o ``[B, T_r, H, Dv]``, or ``(o, RFState)`` when ``output_final_state``.
@@ -260,14 +267,24 @@ def context_parallel_rf_attention(
     if not isinstance(feature_map, RandomFeatureMap):
         raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
     world, rank = _resolve_group(group)
-    state0 = check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_map.feature_dim)
+    window = check_window(window)
+    if window is not None and not causal:
+        raise ValueError(
+            "context_parallel_rf_attention supports window= with causal attention only: non-causal hybrid "
+            "queries would need the exact keys of the next ranks and the features of every later key"
+        )
+    state0 = check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_map.feature_dim, window)
     B, T, H, D = q.shape
     Hk = k.shape[2]  # key/value heads: the state is [B, H_kv, F, Dv] (grouped-query attention)
     Dv = v.shape[-1]
     feature_map.check_input(D, Hk)
     scale = resolve_scale(scale, D)
-    name = _resolve_backend(backend, q, feature_map)
+    name = _resolve_backend(backend, q, feature_map, window)
     causal = bool(causal)
+    if window is not None:
+        return _context_parallel_window(
+            q, k, v, feature_map, group, world, rank, scale, key_padding_mask, state0, output_final_state, name, window
+        )
 
     moments = None
     if feature_map.spec.data_dependent and (not causal or feature_map.training):
@@ -318,6 +335,97 @@ def context_parallel_rf_attention(
         ),
     )
     return o, final
+
+
+def _context_parallel_window(
+    q, k, v, feature_map, group, world, rank, scale, key_padding_mask, state0, output_final_state, name, window
+):
+    """Causal hybrid attention of one sequence split across the ranks (see context_parallel_rf_attention)."""
+    B, T, H, D = q.shape
+    Hk, Dv, n = k.shape[2], v.shape[-1], window - 1
+    moments = None
+    if feature_map.spec.data_dependent and feature_map.training:
+        moments = _group_moments(q, k, scale, key_padding_mask, group)
+    p = feature_map.feature_params(q, k, scale=scale, causal=True, key_padding_mask=key_padding_mask, moments=moments)
+    cdt, F = p.W.dtype, p.feature_dim
+    fn = _backend_function(name)
+    base = empty_window_state(B, Hk, F, D, Dv, window, dtype=cdt, device=q.device)
+    if rank == 0 and state0 is not None:
+        base = WindowState(*(t if t.dtype == torch.bool else t.to(cdt) for t in state0))
+    local = base
+    if T > 0:  # the window state of this slice (rank 0: after the initial state): a non-causal pass
+        _, local = fn(
+            q,
+            k,
+            v,
+            p,
+            causal=False,
+            key_padding_mask=key_padding_mask,
+            initial_state=base,
+            output_final_state=True,
+            window=window,
+        )
+    # positions of the sequence in this rank's tail: all W - 1 on rank 0 (its initial tail's included), the
+    # last min(T, W - 1) elsewhere (the front of the tail then belongs to no position)
+    count = n if rank == 0 else min(T, n)
+    packed = torch.cat(
+        [
+            _pack(RFState(*(t.to(cdt) for t in local.rf))),
+            local.k_tail.to(cdt).reshape(B, Hk, n * D),
+            local.v_tail.to(cdt).reshape(B, Hk, n * Dv),
+        ],
+        dim=-1,
+    )
+    if (
+        not packed.requires_grad
+        and torch.is_grad_enabled()
+        and any(t is not None and t.requires_grad for t in (q, k, v, p.W, p.bias, *(state0 or ())))
+    ):
+        packed.requires_grad_()  # an empty slice: its rank must still join the backward's collective
+    meta = torch.cat([local.tail_keep.to(cdt), torch.full((B, 1), float(count), dtype=cdt, device=q.device)], -1)
+    every = _AllGather.apply(packed, group)  # [w, B, H_kv, P]
+    metas = _AllGather.apply(meta, group)  # [w, B, W]: keep flags and position counts (no gradient)
+    r = F * Dv + F + 1
+    pieces = _unpack(every[..., :r], F, Dv)
+    k_tails = every[..., r : r + n * D].unflatten(-1, (n, D))
+    v_tails = every[..., r + n * D :].unflatten(-1, (n, Dv))
+    keeps = metas[..., :n] > 0.5
+    counts = [int(c) for c in metas[:, 0, -1].tolist()]
+    # every rank's output hangs on the whole gather, so that every rank runs its backward (a collective)
+    touch = every.nan_to_num(neginf=0.0).sum() * 0
+
+    def state_after(upto: int) -> WindowState:
+        """The window state after the slices of ranks 0..upto-1 (upto >= 1)."""
+        ks = torch.cat([k_tails[s, :, :, n - counts[s] :] for s in range(upto)], dim=2)
+        vs = torch.cat([v_tails[s, :, :, n - counts[s] :] for s in range(upto)], dim=2)
+        keep = torch.cat([keeps[s, :, n - counts[s] :] for s in range(upto)], dim=1)
+        out = ks.shape[2] - n  # positions pushed out of the window by later ones: into the features
+        S, z, m = (t[:upto] for t in pieces)
+        if out > 0:
+            ko, vo = ks[:, :, :out].transpose(1, 2), vs[:, :, :out].transpose(1, 2)
+            qo = ko.repeat_interleave(H // Hk, dim=2)  # any queries: only the state of these keys is used
+            _, pushed = fn(
+                qo.to(q.dtype),
+                ko.to(k.dtype),
+                vo.to(v.dtype),
+                p,
+                causal=False,
+                key_padding_mask=keep[:, :out],
+                output_final_state=True,
+            )
+            S, z, m = (torch.cat([a, b.to(cdt)[None]]) for a, b in zip((S, z, m), pushed))
+        rf = _combine(S, z, m, torch.ones(S.shape[0], dtype=torch.bool, device=q.device))
+        return WindowState(rf.S + touch, rf.z, rf.log_scale, ks[:, :, out:], vs[:, :, out:], keep[:, out:])
+
+    if rank == 0:
+        start = WindowState(base.S + touch, *base[1:])
+    else:
+        start = state_after(rank)
+    if T == 0:
+        o = (start.S.sum() * 0).to(v.dtype).expand(B, 0, H, Dv)
+    else:
+        o, _ = fn(q, k, v, p, causal=True, key_padding_mask=key_padding_mask, initial_state=start, window=window)
+    return (o, state_after(world)) if output_final_state else o
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -157,6 +157,78 @@ def _check_context_parallel(group, rank, world):
             case += 1
 
 
+def _absolute_S(state):
+    """S on the absolute scale (the stabiliser may differ between equal states)."""
+    m = state.log_scale
+    return state.S * torch.exp(m.masked_fill(torch.isneginf(m), 0))[..., None, None]
+
+
+def _check_window(group, rank, world):
+    """Causal hybrid attention across ranks: outputs, final WindowState and gradients equal one process,
+    with slices shorter than W - 1 (the initial tail of a rank then reaches back over several slices)."""
+    sizes = {2: [7, 6], 4: [4, 1, 0, 6]}[world]
+    T = sum(sizes)
+    sl = _split(sizes, rank)
+    for case, (component, window, hk, with_state) in enumerate(
+        [("posrf", 6, H, True), ("trigrf", 3, 1, False), ("hyprf", 1, H, True), ("saderf", 20, H, False)]
+    ):
+        fm = RandomFeatureMap(D, M, component=component, weights="learnable", num_heads=hk, seed=case, dtype=F64)
+        fm.eval()
+        q, k, v, mask, _, go, gS = _full_inputs(50 + case, T + 3, True, False, fm.feature_dim, hk)
+        state = None
+        if with_state:  # the state after a 3-token prefix (a constant here)
+            with torch.no_grad():
+                _, state = rf_attention(
+                    q[:, :3], k[:, :3], v[:, :3], fm, causal=True, window=window, output_final_state=True
+                )
+        q, k, v, mask, go = q[:, 3:], k[:, 3:], v[:, 3:], mask[:, 3:], go[:, 3:]
+        tag = f"window case {case} {component} W={window} H_kv={hk} w={world} rank={rank}"
+        fm.zero_grad(set_to_none=True)
+        qs, ks, vs = _leaf(q), _leaf(k), _leaf(v)
+        o_ref, fin_ref = rf_attention(
+            qs,
+            ks,
+            vs,
+            fm,
+            causal=True,
+            key_padding_mask=mask,
+            initial_state=state,
+            output_final_state=True,
+            window=window,
+        )
+        ((o_ref * go).sum() + (_absolute_S(fin_ref) * gS).sum()).backward()
+        ref_grads = [p.grad.clone() for p in fm.parameters()]
+        fm.zero_grad(set_to_none=True)
+        ql, kl, vl = _leaf(q[:, sl]), _leaf(k[:, sl]), _leaf(v[:, sl])
+        o, fin = context_parallel_rf_attention(
+            ql,
+            kl,
+            vl,
+            fm,
+            group=group,
+            key_padding_mask=mask[:, sl],
+            initial_state=state,
+            output_final_state=True,
+            window=window,
+        )
+        loss = (o * go[:, sl]).sum()
+        if rank == world - 1:
+            loss = loss + (_absolute_S(fin) * gS).sum()
+        loss.backward()
+        assert_close(o, o_ref[:, sl], F64, name=f"o ({tag})")
+        assert_close(_absolute_S(fin), _absolute_S(fin_ref), F64, name=f"S ({tag})")
+        assert torch.equal(fin.tail_keep, fin_ref.tail_keep), tag
+        assert_close(fin.k_tail, fin_ref.k_tail, F64, name=f"k_tail ({tag})")
+        for name, a, e in (("dq", ql, qs), ("dk", kl, ks), ("dv", vl, vs)):
+            assert_close(_grad(a), e.grad[:, sl], F64, name=f"{name} ({tag})")
+        for (pname, p), p_ref in zip(fm.named_parameters(), ref_grads):
+            total = _grad(p).clone()
+            dist.all_reduce(total, group=group)
+            assert_close(total, p_ref, F64, name=f"sum over ranks of d{pname} ({tag})")
+    with pytest.raises(ValueError, match="causal attention only"):
+        context_parallel_rf_attention(q[:, sl], k[:, sl], v[:, sl], fm, group=group, causal=False, window=2)
+
+
 def _check_communication(group, rank, world):
     """Bytes per call depend on B, H, F, Dv and the world size, never on the length of the slices."""
     fm = RandomFeatureMap(D, M, component="posrf", num_heads=H, seed=0, dtype=F64)
@@ -213,6 +285,7 @@ def _worker(rank: int, world: int) -> None:
     pair = pairs[rank // 2]
     for group, grank, gworld in ((None, rank, world), (pair, rank % 2, 2)):
         _check_context_parallel(group, grank, gworld)
+        _check_window(group, grank, gworld)
         _check_communication(group, grank, gworld)
     _check_redraw(rank, world)
     _check_sync_stats(rank, world)
