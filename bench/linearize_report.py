@@ -149,7 +149,9 @@ def _cell(x) -> str:
 
 
 def main(argv=None) -> None:
-    from spectraformer_fused.linearize import _device_name, linearize
+    from spectraformer_fused.linearize import linearize
+
+    from .common import device_name
 
     p = argparse.ArgumentParser(prog="python -m bench.linearize_report", description=__doc__.split("\n\n")[0])
     p.add_argument("--build", nargs=2, metavar=("KIND", "DIR"), help=f"only build a tiny model ({', '.join(KINDS)})")
@@ -158,19 +160,20 @@ def main(argv=None) -> None:
     p.add_argument("--windows", default="none", help="comma-separated windows, 'none' for no window (e.g. none,4)")
     p.add_argument("--steps-distill", type=int, default=60)
     p.add_argument("--steps-finetune", type=int, default=120)
-    p.add_argument("--train", default="attention", help="what stage 2 moves (feature_maps, attention, lora)")
+    p.add_argument("--train", default="feature_maps,attention,lora", help="what stage 2 moves: comma-separated")
+    p.add_argument("--lr-finetune", type=float, default=3e-3)
     p.add_argument("--num-features", type=int, default=32)
     p.add_argument("--held-out", type=int, default=40)
     p.add_argument("--quick", action="store_true", help="one pair, few steps (a smoke run)")
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: the models are tiny)")
     p.add_argument("--out", default=None, help="results file stem (default bench/results/linearize-<date>)")
     args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)  # on a busy machine, OpenMP barriers cost more than these products
     if args.build:
         info = build_tiny(args.build[0], args.build[1])
         print(f"built {args.build[0]} in {args.build[1]} (pre-training loss {info['loss']:.3f}, {info['time_s']:.1f}s)")
         return
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    trains = [t.strip() for t in args.train.split(",")]
     windows = [None if w.strip().lower() == "none" else int(w) for w in args.windows.split(",")]
     pairs = PAIRS[:1] if args.quick else PAIRS
     steps_d, steps_f = (10, 20) if args.quick else (args.steps_distill, args.steps_finetune)
@@ -178,15 +181,16 @@ def main(argv=None) -> None:
 
     import spectraformer_fused as sf
 
-    date = datetime.date.today().isoformat()
-    device = _device_name(torch.device("cpu"))
+    now = datetime.datetime.now(datetime.timezone.utc)
+    date = now.date().isoformat()
+    device = device_name(torch.device("cpu"))
     header = (
         f"device: {device} | {torch.get_num_threads()} threads | torch {torch.__version__}, transformers "
-        f"{transformers.__version__}, spectraformer_fused {sf.__version__} | {date} UTC"
-        f" | stage 1: {steps_d} Adam steps per layer, stage 2: {steps_f} AdamW steps (train={args.train})"
+        f"{transformers.__version__}, spectraformer_fused {sf.__version__} | {now:%Y-%m-%d %H:%M} UTC"
+        f" | stage 1: {steps_d} Adam steps per layer, stage 2: {steps_f} AdamW steps at lr {args.lr_finetune}"
         f" | m = {args.num_features}"
     )
-    rows, notes = [], []
+    rows, notes, failed = [], [], set()
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         models = []
@@ -209,8 +213,10 @@ def main(argv=None) -> None:
             models.append((os.path.basename(os.path.normpath(d)), d, args.data))
         for name, d, data in models:
             for component, weights in pairs:
-                for window in windows:
-                    label = f"{name} {component} x {weights} window={window}"
+                for window, train in ((w, t) for w in windows for t in trains):
+                    label = f"{name} {component} x {weights} window={window} train={train}"
+                    if (name, component, weights, window) in failed:
+                        continue  # the conversion itself failed: the other trains would fail the same way
                     print(f"== {label}", flush=True)
                     try:
                         rep = linearize(
@@ -222,24 +228,28 @@ def main(argv=None) -> None:
                             data=data,
                             steps_distill=steps_d,
                             steps_finetune=steps_f,
-                            lr_finetune=3e-3,
-                            train=args.train,
+                            lr_finetune=args.lr_finetune,
+                            train=train,
                             held_out=args.held_out,
                             batch_size=16,
                             verbose=False,
                         )
                     except (TypeError, ValueError) as exc:
-                        notes.append(f"{label}: not run ({type(exc).__name__}: {exc})")
+                        failed.add((name, component, weights, window))
+                        notes.append(
+                            f"{name} {component} x {weights} window={window}: not run ({type(exc).__name__}: {exc})"
+                        )
                         print(f"   not run: {exc}", flush=True)
                         continue
-                    for stage in ("convert", "distill", "finetune"):
+                    first = train == trains[0]  # convert and distill do not depend on train: listed once
+                    for stage in ("convert", "distill", "finetune") if first else ("finetune",):
                         row = {
                             "model": name,
                             "task": rep["task"],
                             "component": component,
                             "weights": weights,
                             "window": window,
-                            "stage": stage,
+                            "stage": f"finetune ({train})" if stage == "finetune" else stage,
                             "time_s": round(rep["stages"][stage]["time_s"], 2),
                             **rep["stages"][stage]["metrics"],
                         }
