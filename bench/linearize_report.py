@@ -255,6 +255,11 @@ def main(argv=None) -> None:
                         }
                         rows.append(row)
                         print("   " + ", ".join(f"{k}={_cell(v)}" for k, v in row.items()), flush=True)
+    if any("argument 'window'" in n for n in notes):
+        notes.append(
+            "window runs: convert in this checkout has no window= keyword (it passes the unknown keyword on to "
+            "the component, which refuses it); rerun with --windows none,W once convert takes window="
+        )
     total = time.perf_counter() - t_all
     stem = args.out or os.path.join(RESULTS, f"linearize-{date}")
     os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
