@@ -166,6 +166,7 @@ def main(argv=None) -> None:
     p.add_argument("--held-out", type=int, default=40)
     p.add_argument("--quick", action="store_true", help="one pair, few steps (a smoke run)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1: the models are tiny)")
+    p.add_argument("--note", default=None, help="a line added to the header (e.g. which branches were merged)")
     p.add_argument("--out", default=None, help="results file stem (default bench/results/linearize-<date>)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)  # on a busy machine, OpenMP barriers cost more than these products
@@ -190,6 +191,8 @@ def main(argv=None) -> None:
         f" | stage 1: {steps_d} Adam steps per layer, stage 2: {steps_f} AdamW steps at lr {args.lr_finetune}"
         f" | m = {args.num_features}"
     )
+    if args.note:
+        header += f" | {args.note}"
     rows, notes, failed = [], [], set()
     t_all = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
