@@ -14,14 +14,19 @@ on given queries and keys (Hedgehog, Zhang et al., ICLR 2024), layer by layer fo
 * ``fit_feature_map``: Adam on the feature map's trainable parameters; returns the loss curve.
 * ``distill``: every ``SpectraAttention`` of a model, or every attention layer of a HuggingFace model
   converted by ``integrations.transformers.convert`` (grouped-query attention included), fitted to its
-  own softmax attention.
+  own softmax attention (stage 1).
+* ``finetune``: stage 2, the converted model trained as a whole to match the unconverted model's outputs
+  (final hidden states or next-token distributions), moving the feature maps, the attention projections
+  too, or low-rank adapters of the projections (through ``peft``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import sys
+import time
 from collections.abc import Iterable
 from typing import NamedTuple
 
@@ -231,6 +236,47 @@ def attention_distillation_loss(
     return total / max(count, 1)
 
 
+class _Progress:
+    """A progress bar on stderr: tqdm when installed, else a plain line every tenth of the way (and at the
+    end). ``enabled=False`` shows nothing. ``update(loss)`` advances one step."""
+
+    def __init__(self, total: int, desc: str, enabled: bool):
+        self.total, self.desc, self.done, self._bar = total, desc, 0, None
+        self.enabled = bool(enabled) and total > 0
+        self._t0 = time.perf_counter()
+        if self.enabled:
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self._bar = tqdm(total=total, desc=desc, file=sys.stderr, dynamic_ncols=True, leave=True)
+
+    def update(self, loss: float | None = None) -> None:
+        if not self.enabled:
+            return
+        self.done += 1
+        if self._bar is not None:
+            self._bar.update(1)
+            if loss is not None:
+                self._bar.set_postfix(loss=f"{loss:.4g}", refresh=False)
+            return
+        if self.done == self.total or self.done % max(1, self.total // 10) == 0:
+            tail = "" if loss is None else f"  loss {loss:.4g}"
+            elapsed = time.perf_counter() - self._t0
+            print(f"{self.desc}: {self.done}/{self.total}  {elapsed:.1f}s{tail}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _check_progress(progress):
+    if not isinstance(progress, bool):
+        raise TypeError(f"progress must be a bool, got {type(progress).__name__}")
+    return progress
+
+
 # ----------------------------------------------------------------------------------------------------
 # Fitting one feature map
 # ----------------------------------------------------------------------------------------------------
@@ -276,6 +322,7 @@ def fit_feature_map(
     key_padding_mask=None,
     loss: str = "kl",
     chunk_size: int = 64,
+    progress: bool = False,
 ) -> list[float]:
     """Train the feature map's learnable parameters so that its attention matches exact attention.
 
@@ -288,12 +335,21 @@ def fit_feature_map(
         steps, lr: Adam steps and learning rate.
         scale, causal, key_padding_mask, loss, chunk_size: as in ``attention_distillation_loss``
             (``key_padding_mask`` a tensor or an iterable like q).
+        progress: show a progress bar on stderr (tqdm when installed, else a plain line now and then).
 
     Returns the loss before each step (``steps`` floats).
     """
     if not isinstance(feature_map, RandomFeatureMap):
         raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
     _check_steps_lr(steps, lr)
+    bar = _Progress(steps, "fit_feature_map", _check_progress(progress))
+    try:
+        return _fit(feature_map, q, k, v, steps, lr, scale, causal, key_padding_mask, loss, chunk_size, bar)
+    finally:
+        bar.close()
+
+
+def _fit(feature_map, q, k, v, steps, lr, scale, causal, key_padding_mask, loss, chunk_size, bar) -> list[float]:
     qs, ks = _as_batches(q, "q"), _as_batches(k, "k")
     if not qs or len(qs) != len(ks):
         raise ValueError(f"q and k must hold the same positive number of batches, got {len(qs)} and {len(ks)}")
@@ -326,6 +382,7 @@ def fit_feature_map(
         value.backward()
         opt.step()
         curve.append(float(value.detach()))
+        bar.update(curve[-1])
     opt.zero_grad(set_to_none=True)
     return curve
 
@@ -443,6 +500,7 @@ def distill(
     teacher: bool = True,
     loss: str = "kl",
     chunk_size: int = 64,
+    progress: bool = False,
 ) -> dict:
     """Attention transfer: fit every attention layer's feature map to that layer's softmax attention.
 
@@ -454,10 +512,13 @@ def distill(
     trainable parameters move; every other parameter of the model is left as it is, without gradients.
     ``joint=False`` fits the layers one after another (``steps`` Adam steps each); ``joint=True`` takes
     ``steps`` steps of one optimizer on the sum of the layers' losses. Batches are used in turn.
+    ``progress=True`` shows one progress bar over all the steps on stderr (tqdm when installed, else a
+    plain line now and then).
 
     Returns ``{layer name: loss curve}`` (the per-layer loss before each step).
     """
     _check_steps_lr(steps, lr)
+    _check_progress(progress)
     layers = {name: fm for name, (_, fm) in _distill_layers(model).items()}
     records = record_attention_inputs(model, batches, teacher=teacher)
     if not any(records.values()):
@@ -485,23 +546,33 @@ def distill(
             chunk_size=chunk_size,
         )
 
-    if not joint:
-        curves = {}
-        for name, fm in layers.items():
-            recs = records[name]
-            curves[name] = fit_feature_map(
-                fm,
-                [r.q for r in recs],
-                [r.k for r in recs],
-                steps=steps,
-                lr=lr,
-                scale=recs[0].scale,
-                causal=recs[0].causal,
-                key_padding_mask=[r.key_padding_mask for r in recs],
-                loss=loss,
-                chunk_size=chunk_size,
-            )
-        return curves
+    bar = _Progress(steps * (1 if joint else len(layers)), "distill", progress)
+    try:
+        if not joint:
+            curves = {}
+            for name, fm in layers.items():
+                recs = records[name]
+                curves[name] = _fit(
+                    fm,
+                    [r.q for r in recs],
+                    [r.k for r in recs],
+                    None,
+                    steps,
+                    lr,
+                    recs[0].scale,
+                    recs[0].causal,
+                    [r.key_padding_mask for r in recs],
+                    loss,
+                    chunk_size,
+                    bar,
+                )
+            return curves
+        return _distill_joint(layers, layer_loss, steps, lr, bar)
+    finally:
+        bar.close()
+
+
+def _distill_joint(layers, layer_loss, steps, lr, bar) -> dict:
     params = [p for fm in layers.values() for p in trainable_parameters(fm)]
     opt = torch.optim.Adam(params, lr=float(lr))
     curves = {name: [] for name in layers}
@@ -512,8 +583,276 @@ def distill(
         opt.step()
         for name, value in values.items():
             curves[name].append(float(value.detach()))
+        bar.update(float(sum(values.values()).detach()))
     opt.zero_grad(set_to_none=True)
     return curves
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage 2: the converted model fine-tuned to match the model it was converted from
+# ----------------------------------------------------------------------------------------------------
+
+FINETUNE_TARGETS = ("hidden", "logits")
+FINETUNE_TRAIN = ("feature_maps", "attention", "lora")
+# names of an attention module's output projection (o_proj in Llama-style models; BERT keeps it in the
+# sibling module attention.output.dense)
+_OUT_PROJ_NAMES = ("o_proj", "out_proj", "dense", "c_proj", "wo", "Wo")
+
+
+def attention_projections(model: nn.Module) -> list[str]:
+    """Names of the q/k/v/o projections (``nn.Linear`` modules) of every converted attention layer.
+
+    The linear submodules of each attention module (its feature map excepted: q_proj, k_proj, v_proj and
+    o_proj in Llama-style models; query, key and value in BERT), and, where the module has no output
+    projection of its own, the ``output.dense`` of its parent (BERT's ``attention.output.dense``)."""
+    names = []
+    for name, (mod, _) in _distill_layers(model).items():
+        found = [
+            sub
+            for sub, m in mod.named_modules()
+            if sub and isinstance(m, nn.Linear) and not sub.startswith(_fm_attr(mod))
+        ]
+        names += [f"{name}.{sub}" for sub in found]
+        if not any(sub.split(".")[-1] in _OUT_PROJ_NAMES for sub in found) and "." in name:
+            parent = model.get_submodule(name.rsplit(".", 1)[0])
+            dense = getattr(getattr(parent, "output", None), "dense", None)
+            if isinstance(dense, nn.Linear):
+                names.append(f"{name.rsplit('.', 1)[0]}.output.dense")
+    return names
+
+
+def _fm_attr(mod: nn.Module) -> str:
+    hf = _hf_integration()
+    return "feature_map" if hf is None or not hasattr(mod, hf.FEATURE_MAP_ATTR) else hf.FEATURE_MAP_ATTR
+
+
+def _call(model: nn.Module, batch, target: str):
+    """The model's final hidden states ``[B, T, E]`` (target "hidden") or logits ``[B, T, V]`` on one batch."""
+    if isinstance(batch, dict):
+        args, kwargs = (), dict(batch)
+    elif isinstance(batch, (tuple, list)):
+        args, kwargs = tuple(batch), {}
+    else:
+        args, kwargs = (batch,), {}
+    try:
+        accepted = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        accepted = {}
+    if "use_cache" in accepted and "use_cache" not in kwargs:
+        kwargs["use_cache"] = False  # a training forward stores no cache
+    if target == "hidden" and "output_hidden_states" in accepted:
+        kwargs["output_hidden_states"] = True
+    out = model(*args, **kwargs)
+    if isinstance(out, torch.Tensor):
+        return out
+    if target == "logits":
+        logits = getattr(out, "logits", None)
+        if not isinstance(logits, torch.Tensor):
+            raise TypeError(
+                f"target='logits' needs a model whose output has logits (a causal LM); {type(model).__name__} "
+                f"returned {type(out).__name__} without them: use target='hidden'"
+            )
+        return logits
+    hidden = getattr(out, "last_hidden_state", None)
+    if not isinstance(hidden, torch.Tensor):
+        states = getattr(out, "hidden_states", None)
+        hidden = states[-1] if states else None
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"{type(model).__name__} returned {type(out).__name__} without hidden states")
+    return hidden
+
+
+def _batch_mask(batch) -> torch.Tensor | None:
+    mask = batch.get("attention_mask") if isinstance(batch, dict) else None
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+        raise ValueError("finetune takes a 2D attention_mask [B, T] in its batches (True or 1 = keep)")
+    return mask.to(torch.bool)
+
+
+def _kl_rows(s: torch.Tensor, t: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Sum over the kept rows of KL(softmax(t) || softmax(s)); s, t ``[B, c, V]``, keep ``[B, c]`` float."""
+    cdt = torch.float64 if s.dtype == torch.float64 else torch.float32
+    logq = torch.log_softmax(s.to(cdt), dim=-1)
+    logp = torch.log_softmax(t.to(cdt), dim=-1)
+    return ((logp.exp() * (logp - logq)).sum(-1) * keep).sum()
+
+
+def output_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None, target: str, chunk_size=128):
+    """The stage-2 loss of one batch: the mean over kept positions (``mask [B, T]`` True, or all) of the
+    squared hidden-state difference averaged over the hidden size (target "hidden"), or of
+    KL(teacher's next-token distribution || student's) (target "logits", computed ``chunk_size``
+    positions at a time and recomputed in the backward pass, so that no more than one chunk's
+    log-probabilities are held)."""
+    teacher = teacher.detach().to(student.dtype)
+    keep = torch.ones(student.shape[:2], dtype=student.dtype, device=student.device)
+    if mask is not None:
+        keep = mask.to(student.dtype)
+    count = keep.sum().clamp_min(1)
+    if target == "hidden":
+        return ((student - teacher).pow(2).mean(-1) * keep).sum() / count
+    total = student.new_zeros((), dtype=torch.float64 if student.dtype == torch.float64 else torch.float32)
+    for lo in range(0, student.shape[1], chunk_size):
+        part = (student[:, lo : lo + chunk_size], teacher[:, lo : lo + chunk_size], keep[:, lo : lo + chunk_size])
+        if torch.is_grad_enabled() and student.requires_grad:
+            total = total + _Recomputed.apply(_kl_rows, *part)
+        else:
+            total = total + _kl_rows(*part)
+    return total / count
+
+
+def _lora(model: nn.Module, names: list[str], rank: int, alpha):
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as exc:
+        raise ImportError("train='lora' needs peft: pip install 'spectraformer_fused[hf]'") from exc
+    config = LoraConfig(
+        r=rank, lora_alpha=rank if alpha is None else alpha, target_modules=names, lora_dropout=0.0, bias="none"
+    )
+    return get_peft_model(model, config)
+
+
+def finetune(
+    model: nn.Module,
+    teacher: nn.Module,
+    batches,
+    *,
+    steps: int,
+    lr: float,
+    target: str = "hidden",
+    train: str = "feature_maps",
+    lora_rank: int = 8,
+    lora_alpha: float | None = None,
+    max_grad_norm: float | None = 1.0,
+    chunk_size: int = 128,
+    progress: bool = False,
+) -> list[float]:
+    """Stage 2 of linearizing a model: train the converted ``model`` to match the unconverted ``teacher``.
+
+    Args:
+        model: a model holding converted attention layers (``integrations.transformers.convert``, or
+            ``SpectraAttention`` modules), typically after attention transfer (``distill``, stage 1).
+        teacher: the model it was converted from, with softmax attention (a separate copy); it runs under
+            ``torch.no_grad`` and is never changed.
+        batches: an iterable of model inputs, used in turn (cycled): dicts of keyword arguments (e.g.
+            ``input_ids`` and ``attention_mask``; positions where ``attention_mask`` is 0 are left out of
+            the loss), tuples of positional arguments or tensors. Transformers models run with
+            ``use_cache=False``.
+        steps, lr: AdamW steps (no weight decay) and learning rate.
+        target: ``"hidden"``: the mean squared difference of the final hidden states (``last_hidden_state``,
+            or the last of ``hidden_states``; encoders); ``"logits"``: KL(teacher || model) of the next-token
+            distributions at every kept position (causal LMs), chunked over the sequence (``chunk_size``).
+        train: what moves. ``"feature_maps"``: the trainable parameters of the feature maps only (as in
+            ``distill``); ``"attention"``: those and the q/k/v/o projections of the converted layers
+            (``attention_projections``); ``"lora"``: those and rank-``lora_rank`` LoRA adapters
+            (``lora_alpha``, default the rank) on the projections, through ``peft`` (an optional
+            dependency), merged into the projections at the end, so the model keeps its class and loads
+            without ``peft``. Every other parameter stays frozen, without gradients.
+        max_grad_norm: gradient-norm clipping (None: none).
+        progress: show a progress bar on stderr (tqdm when installed, else a plain line now and then).
+
+    The model runs in eval mode (no dropout; running statistics are not updated) and is left in the mode it
+    was in. Its attention is random-feature attention, linear in the sequence length, and the teacher's
+    forward holds no graph, so memory grows with T, not T^2 (the teacher's own attention excepted, as
+    its implementation computes it). For target ``"hidden"`` the teacher's outputs are computed once per
+    batch and kept; for ``"logits"`` they are recomputed at each step (``[B, T, V]`` each).
+
+    Returns the loss before each step (``steps`` floats).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if not isinstance(teacher, nn.Module):
+        raise TypeError(f"teacher must be an nn.Module (the unconverted model), got {type(teacher).__name__}")
+    if teacher is model:
+        raise ValueError("teacher must be a separate copy of the model before conversion, not the model itself")
+    _check_steps_lr(steps, lr)
+    _check_progress(progress)
+    if not isinstance(target, str) or target not in FINETUNE_TARGETS:
+        raise ValueError(f"unknown target {target!r}; valid names are {', '.join(FINETUNE_TARGETS)}")
+    if not isinstance(train, str) or train not in FINETUNE_TRAIN:
+        raise ValueError(f"unknown train {train!r}; valid names are {', '.join(FINETUNE_TRAIN)}")
+    if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank <= 0:
+        raise ValueError(f"lora_rank must be a positive int, got {lora_rank!r}")
+    if lora_alpha is not None and (isinstance(lora_alpha, bool) or not isinstance(lora_alpha, (int, float))):
+        raise TypeError(f"lora_alpha must be a number or None, got {type(lora_alpha).__name__}")
+    if max_grad_norm is not None and (
+        isinstance(max_grad_norm, bool) or not isinstance(max_grad_norm, (int, float)) or not max_grad_norm > 0
+    ):
+        raise ValueError(f"max_grad_norm must be a positive float or None, got {max_grad_norm!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    layers = _distill_layers(model)
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} holds no converted attention layer (SpectraAttention, or a layer converted "
+            "by spectraformer_fused.integrations.transformers.convert): nothing to fine-tune"
+        )
+    if _distill_layers(teacher):
+        raise ValueError("teacher holds converted attention layers: pass the model before conversion")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches is empty: nothing to fine-tune on")
+    feature_params = [p for _, fm in layers.values() for p in trainable_parameters(fm)]
+    if train == "feature_maps" and not feature_params:
+        raise ValueError(
+            "train='feature_maps' but the feature maps have no trainable parameters: build them with "
+            "weights='learnable' or 'fastfood_learnable', or component='hedgehog', or use train='attention' "
+            "or 'lora'"
+        )
+    projections = attention_projections(model) if train != "feature_maps" else []
+    if train != "feature_maps" and not projections:
+        raise ValueError(f"train={train!r}: found no q/k/v/o projection (nn.Linear) in the converted layers")
+
+    saved = {id(p): p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    peft_model = None
+    bar = _Progress(steps, f"finetune ({train})", progress)
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if train == "attention":
+            for name in projections:
+                for p in model.get_submodule(name).parameters():
+                    p.requires_grad_(True)
+        elif train == "lora":
+            peft_model = _lora(model, projections, lora_rank, lora_alpha)  # injects the adapters into model
+        for p in feature_params:
+            p.requires_grad_(True)
+        params = [p for p in model.parameters() if p.requires_grad]
+        model.eval()
+        opt = torch.optim.AdamW(params, lr=float(lr), weight_decay=0.0)
+        cached = {}
+        curve = []
+        for step in range(steps):
+            i = step % len(batches)
+            batch = batches[i]
+            expected = cached.get(i)
+            if expected is None:
+                with torch.no_grad():
+                    expected = _call(teacher, batch, target).detach()
+                if target == "hidden":
+                    cached[i] = expected
+            value = output_loss(_call(model, batch, target), expected, _batch_mask(batch), target, chunk_size)
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            if max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, float(max_grad_norm))
+            opt.step()
+            curve.append(float(value.detach()))
+            bar.update(curve[-1])
+        opt.zero_grad(set_to_none=True)
+    finally:
+        bar.close()
+        if peft_model is not None:
+            peft_model.merge_and_unload()
+            if hasattr(model, "peft_config"):
+                del model.peft_config
+        for p in model.parameters():
+            p.requires_grad_(saved.get(id(p), True))
+            p.grad = None
+        model.train(was_training)
+    return curve
 
 
 __all__ = [
@@ -521,7 +860,12 @@ __all__ = [
     "AttentionRecord",
     "attention_distillation_loss",
     "fit_feature_map",
+    "FINETUNE_TARGETS",
+    "FINETUNE_TRAIN",
+    "attention_projections",
     "distill",
+    "finetune",
+    "output_loss",
     "record_attention_inputs",
     "trainable_parameters",
 ]
