@@ -25,6 +25,7 @@
 #include <limits>
 #include <vector>
 
+#include "rf_backward.h"
 #include "rf_kernels.h"
 
 namespace {
@@ -102,32 +103,7 @@ void project(const float* x, int64_t n, const Config& c, const HeadParams& hp, f
 // Feature exponents e [n, F] (and the cos/sin factors for TRIG) from the projections u [n, m].
 void logits(const float* u, const float* r, int64_t n, const Config& c, const HeadParams& hp, float* e,
             float* mult) {
-  const int64_t m = c.m, F = c.F;
-  const float f = hp.freq;
-  const float* b = hp.bias;
-  for (int64_t t = 0; t < n; ++t) {
-    const float* ur = u + t * m;
-    float* er = e + t * F;
-    const float rt = r[t];
-    if (c.kind == KIND_EXP) {
-#pragma omp simd
-      for (int64_t i = 0; i < m; ++i) er[i] = b[i] + f * ur[i] + rt;
-    } else if (c.kind == KIND_HYP) {
-#pragma omp simd
-      for (int64_t i = 0; i < m; ++i) {
-        er[i] = b[i] + f * ur[i] + rt;
-        er[m + i] = b[i] - f * ur[i] + rt;
-      }
-    } else {
-      float* mr = mult + t * F;
-      for (int64_t i = 0; i < m; ++i) {
-        er[i] = er[m + i] = b[i] + rt;
-        const float a = f * ur[i];
-        mr[i] = std::cos(a);
-        mr[m + i] = std::sin(a);
-      }
-    }
-  }
+  feature_exponents(c.kind, u, r, n, c.m, hp.freq, hp.bias, e, mult);
 }
 
 // phi = exp(e - shift) (* mult), in place over one row of F features.
@@ -493,4 +469,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              py::arg("psi"), py::arg("kind"), py::arg("c_t"), py::arg("c_o"), py::arg("scale"),
              py::arg("causal"), py::arg("mask"), py::arg("S"), py::arg("z"), py::arg("log_scale"),
              py::arg("den_eps"), py::arg("WT") = py::none(), py::arg("cu_seqlens") = py::none());
+  module.def("backward", &rf_attention_backward,
+             "backward(do, dS, dz, q, k, v, W, bias, freq, psi, kind, c_t, c_o, scale, causal, mask, S0, z0, "
+             "log_scale0, S, z, log_scale, den_eps, cu_seqlens) -> [dq, dk, dv, dW, dbias, dS0, dz0] (fp32); "
+             "S, z, log_scale: the forward's final state (needed when non-causal); dS0, dz0 undefined without "
+             "an initial state; dbias [R, H_kv, m] per batch row or sequence (see csrc/rf_backward.cpp)",
+             py::arg("do"), py::arg("dS"), py::arg("dz"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("W"),
+             py::arg("bias"), py::arg("freq"), py::arg("psi"), py::arg("kind"), py::arg("c_t"), py::arg("c_o"),
+             py::arg("scale"), py::arg("causal"), py::arg("mask"), py::arg("S0"), py::arg("z0"),
+             py::arg("log_scale0"), py::arg("S"), py::arg("z"), py::arg("log_scale"), py::arg("den_eps"),
+             py::arg("cu_seqlens") = py::none());
 }

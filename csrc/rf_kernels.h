@@ -213,4 +213,34 @@ inline void scale_inplace(float* x, int64_t n, float alpha) {
   for (int64_t i = 0; i < n; ++i) x[i] *= alpha;
 }
 
+// Feature exponents e [n, F] of the kinds EXP, HYP, TRIG (components.feature_logits) from the projections
+// u [n, m] and r [n] (r = c_t |x'|^2 + c_o |x|^2), and for TRIG the cos/sin factors into mult [n, F].
+inline void feature_exponents(int kind, const float* u, const float* r, int64_t n, int64_t m, float freq,
+                              const float* bias, float* e, float* mult) {
+  const int64_t F = kind == KIND_EXP ? m : 2 * m;
+  for (int64_t t = 0; t < n; ++t) {
+    const float* ur = u + t * m;
+    float* er = e + t * F;
+    const float rt = r[t];
+    if (kind == KIND_EXP) {
+#pragma omp simd
+      for (int64_t i = 0; i < m; ++i) er[i] = bias[i] + freq * ur[i] + rt;
+    } else if (kind == KIND_HYP) {
+#pragma omp simd
+      for (int64_t i = 0; i < m; ++i) {
+        er[i] = bias[i] + freq * ur[i] + rt;
+        er[m + i] = bias[i] - freq * ur[i] + rt;
+      }
+    } else {
+      float* mr = mult + t * F;
+      for (int64_t i = 0; i < m; ++i) {
+        er[i] = er[m + i] = bias[i] + rt;
+        const float a = freq * ur[i];
+        mr[i] = std::cos(a);
+        mr[m + i] = std::sin(a);
+      }
+    }
+  }
+}
+
 }  // namespace rf

@@ -21,14 +21,14 @@ from pathlib import Path
 
 import torch
 
-from ..contract import DEN_EPS, FeatureParams
+from ..contract import DEN_EPS, EXP, HYP, TRIG, FeatureParams
 from ..reference import reference_attention
 from ..state import RFState
 from . import build_cache
 
 EXTENSION_NAME = "spectraformer_fused_cpu"
-_SOURCES = ("rf_attention.cpp",)
-_HEADERS = ("rf_kernels.h",)
+_SOURCES = ("rf_attention.cpp", "rf_backward.cpp")
+_HEADERS = ("rf_kernels.h", "rf_backward.h")
 # -fopenmp: at::parallel_for is OpenMP-based in torch's CPU builds (and serial without it); the OpenMP
 # runtime already loaded by torch is reused, so torch.set_num_threads applies.
 _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast")
@@ -192,15 +192,17 @@ def _forward(ext, q, k, v, params: FeatureParams, causal, mask, S0, z0, m0, cu_s
 
 
 class _CpuAttention(torch.autograd.Function):
-    """Forward in C++; backward recomputes through the reference backend (reference_attention under
-    enable_grad on the saved inputs), which gives exact gradients for q, k, v, W, bias and the initial
-    state at the cost of one reference forward and backward. Only the inputs are saved."""
+    """Forward and backward in C++ (``csrc/rf_backward.cpp``). The forward saves its inputs and, when
+    non-causal, its final state (read again by the backward's queries); the backward recomputes every
+    feature chunk by chunk from them. The kinds without a fused backward, and a ``log_scale`` of the
+    initial state that requires grad, recompute through the reference backend instead (``_reference_grads``)."""
 
     @staticmethod
     def forward(ctx, q, k, v, W, bias, S0, z0, m0, params, causal, mask, cu_seqlens):
         ext = _load()
         o, S, z, m = _forward(ext, q, k, v, params, causal, mask, S0, z0, m0, cu_seqlens)
-        ctx.save_for_backward(q, k, v, W, bias, S0, z0, m0)
+        final = (None, None, None) if causal else (S, z, m)
+        ctx.save_for_backward(q, k, v, W, bias, S0, z0, m0, *final)
         ctx.params, ctx.causal, ctx.mask, ctx.cu_seqlens = params, causal, mask, cu_seqlens
         ctx.has_state = S0 is not None
         ctx.mark_non_differentiable(m)
@@ -208,40 +210,83 @@ class _CpuAttention(torch.autograd.Function):
         return o, S, z, m
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, do, dS, dz, _dm):
-        q, k, v, W, bias, S0, z0, m0 = ctx.saved_tensors
+        q, k, v, W, bias, S0, z0, m0, Sf, zf, mf = ctx.saved_tensors
         p = ctx.params
-        leaves = [
-            t.detach().requires_grad_(t.requires_grad) if t is not None else None
-            for t in (q, k, v, W, bias, S0, z0, m0)
+        inputs = (q, k, v, W, bias, S0, z0, m0)
+        if p.kind not in FUSED_BACKWARD_KINDS or (m0 is not None and m0.requires_grad):
+            return (*_reference_grads(ctx, inputs, do, dS, dz), None, None, None, None)
+        if do is None:
+            do = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=v.dtype)
+        dq, dk, dv, dW, dbias, dS0, dz0 = _load().backward(
+            do,
+            dS,
+            dz,
+            q,
+            k,
+            v,
+            W,
+            bias,
+            p.freq,
+            p.psi,
+            int(p.kind),
+            float(p.c_t),
+            float(p.c_o),
+            float(p.scale),
+            bool(ctx.causal),
+            ctx.mask,
+            S0,
+            z0,
+            m0,
+            Sf,
+            zf,
+            mf,
+            DEN_EPS,
+            ctx.cu_seqlens,
+        )
+        grads = (dq, dk, dv, dW.sum_to_size(W.shape), dbias.sum_to_size(bias.shape), dS0, dz0, None)
+        result = [
+            g.to(t.dtype) if t is not None and t.requires_grad and g is not None else None
+            for g, t in zip(grads, inputs)
         ]
-        lq, lk, lv, lW, lbias, lS, lz, lm = leaves
-        with torch.enable_grad():
-            rp = dataclasses.replace(p, W=lW, bias=lbias)
-            state = RFState(lS, lz, lm) if ctx.has_state else None
-            # packed sequences: the reference runs them one by one on views (exact; the CPU backend is
-            # not a training path)
-            o, final = reference_attention(
-                lq,
-                lk,
-                lv,
-                rp,
-                causal=ctx.causal,
-                key_padding_mask=ctx.mask,
-                initial_state=state,
-                output_final_state=True,
-                cu_seqlens=ctx.cu_seqlens,
-            )
-            outs, grads = [], []
-            for out, g in ((o, do), (final.S, dS), (final.z, dz)):
-                if g is not None and out.requires_grad:
-                    outs.append(out)
-                    grads.append(g)
-            wanted = [t for t in leaves if t is not None and t.requires_grad]
-            got = torch.autograd.grad(outs, wanted, grads, allow_unused=True) if outs and wanted else []
-        it = iter(got)
-        result = [next(it) if (t is not None and t.requires_grad) else None for t in leaves]
         return (*result, None, None, None, None)
+
+
+# The kinds whose backward is fused (csrc/rf_backward.cpp); the others recompute through the reference.
+FUSED_BACKWARD_KINDS = (EXP, HYP, TRIG)
+
+
+def _reference_grads(ctx, inputs, do, dS, dz):
+    """The gradients of the inputs by recomputing the forward through the reference backend under
+    enable_grad and differentiating that graph (exact, at the cost of one reference forward and backward)."""
+    p = ctx.params
+    leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
+    lq, lk, lv, lW, lbias, lS, lz, lm = leaves
+    with torch.enable_grad():
+        rp = dataclasses.replace(p, W=lW, bias=lbias)
+        state = RFState(lS, lz, lm) if ctx.has_state else None
+        # packed sequences: the reference runs them one by one on views
+        o, final = reference_attention(
+            lq,
+            lk,
+            lv,
+            rp,
+            causal=ctx.causal,
+            key_padding_mask=ctx.mask,
+            initial_state=state,
+            output_final_state=True,
+            cu_seqlens=ctx.cu_seqlens,
+        )
+        outs, grads = [], []
+        for out, g in ((o, do), (final.S, dS), (final.z, dz)):
+            if g is not None and out.requires_grad:
+                outs.append(out)
+                grads.append(g)
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        got = torch.autograd.grad(outs, wanted, grads, allow_unused=True) if outs and wanted else []
+    it = iter(got)
+    return [next(it) if (t is not None and t.requires_grad) else None for t in leaves]
 
 
 def cpu_attention(
@@ -259,8 +304,8 @@ def cpu_attention(
     """Random-feature attention with the reference's semantics, computed by the compiled CPU extension.
 
     q, k ``[B, T, H, D]`` (fp32, bf16 or fp16), v ``[B, T, H_kv, Dv]``. Returns
-    ``(o [B, T, H, Dv] in v's dtype, RFState in fp32 or None)``. Differentiable: the backward recomputes
-    through the reference backend.
+    ``(o [B, T, H, Dv] in v's dtype, RFState in fp32 or None)``. Differentiable: the backward is fused as well
+    (``csrc/rf_backward.cpp``).
 
     ``cu_seqlens`` (int32/int64 ``[N + 1]``, validated by the caller): packed variable-length sequences,
     q, k, v ``[1, Ttot, ., .]``, sequence n the rows ``cu[n]:cu[n+1]``; the parameters' and the states'
