@@ -47,11 +47,14 @@ struct Config {
   float c_t, c_o, root;
   int64_t D, Dv, m, F;
   float den_eps;      // floor of |den|: contract.DEN_EPS, handed over by the caller
+  // NORM_HYP: subtract the per-row log-sum-exp from query rows too (it cancels for queries unless another
+  // term, the exact part of a hybrid window, shares their normaliser); keys always subtract theirs.
+  bool norm_queries = false;
 };
 
 // Per-thread scratch, sized for one chunk of a sequence of at most T tokens.
 struct Workspace {
-  std::vector<float> x, r, u, pq, pk, pkt, mult, sc, num, vb, den;
+  std::vector<float> x, r, u, pq, pk, pkt, mult, sc, num, vb, den, qs;
   Workspace(const Config& c, int64_t T) {
     const int64_t rows = std::min(CHUNK, T);
     x.resize(rows * c.D);
@@ -65,6 +68,7 @@ struct Workspace {
     num.resize(rows * c.Dv);
     vb.resize(rows * c.Dv);
     den.resize(rows);
+    qs.resize(rows);
   }
 };
 
@@ -99,9 +103,11 @@ void project(const float* x, int64_t n, const Config& c, const HeadParams& hp, f
   gemm(n, c.m, c.D, x, c.D, hp.WT, c.m, u, c.m, false);  // [n, D] @ [D, m] -> [n, m]
 }
 
-// Feature exponents e [n, F] (and the cos/sin factors for TRIG) from the projections u [n, m].
+// Feature exponents e [n, F] (and the cos/sin factors for TRIG) from the projections u [n, m]. NORM_HYP
+// (hedgehog): the HYP exponents minus each row's log-sum-exp when `normalise` (keys; queries only when
+// Config::norm_queries, as the query-row shift cancels it otherwise).
 void logits(const float* u, const float* r, int64_t n, const Config& c, const HeadParams& hp, float* e,
-            float* mult) {
+            float* mult, bool normalise) {
   const int64_t m = c.m, F = c.F;
   const float f = hp.freq;
   const float* b = hp.bias;
@@ -112,11 +118,16 @@ void logits(const float* u, const float* r, int64_t n, const Config& c, const He
     if (c.kind == KIND_EXP) {
 #pragma omp simd
       for (int64_t i = 0; i < m; ++i) er[i] = b[i] + f * ur[i] + rt;
-    } else if (c.kind == KIND_HYP) {
+    } else if (c.kind == KIND_HYP || c.kind == KIND_NORM_HYP) {
 #pragma omp simd
       for (int64_t i = 0; i < m; ++i) {
         er[i] = b[i] + f * ur[i] + rt;
         er[m + i] = b[i] - f * ur[i] + rt;
+      }
+      if (c.kind == KIND_NORM_HYP && normalise) {
+        const float lse = row_lse(er, F);
+#pragma omp simd
+        for (int64_t i = 0; i < F; ++i) er[i] -= lse;
       }
     } else {
       float* mr = mult + t * F;
@@ -146,10 +157,11 @@ void query_features(const scalar_t* src, int64_t stride, int64_t n, const Config
   load_rows(src, stride, n, c, hp, true, w.x.data(), w.r.data());
   project(w.x.data(), n, c, hp, w.u.data());
   float* mult = c.kind == KIND_TRIG ? w.mult.data() : nullptr;
-  logits(w.u.data(), w.r.data(), n, c, hp, w.pq.data(), mult);
+  logits(w.u.data(), w.r.data(), n, c, hp, w.pq.data(), mult, c.norm_queries);
   for (int64_t t = 0; t < n; ++t) {
     float* er = w.pq.data() + t * c.F;
-    exponentiate(er, mult ? mult + t * c.F : nullptr, c.F, row_max(er, c.F));
+    w.qs[t] = row_max(er, c.F);  // the row's shift, kept for a hybrid window's log-space combination
+    exponentiate(er, mult ? mult + t * c.F : nullptr, c.F, w.qs[t]);
   }
 }
 
@@ -162,7 +174,7 @@ void key_features(const scalar_t* src, int64_t stride, const bool* keep, int64_t
   load_rows(src, stride, n, c, hp, false, w.x.data(), w.r.data());
   project(w.x.data(), n, c, hp, w.u.data());
   float* mult = c.kind == KIND_TRIG ? w.mult.data() : nullptr;
-  logits(w.u.data(), w.r.data(), n, c, hp, w.pk.data(), mult);
+  logits(w.u.data(), w.r.data(), n, c, hp, w.pk.data(), mult, true);
   float cmax = NEG_INF;
   for (int64_t t = 0; t < n; ++t) {
     float* er = w.pk.data() + t * F;
@@ -347,7 +359,8 @@ std::vector<at::Tensor> rf_attention_forward(const at::Tensor& q_in, const at::T
   TORCH_CHECK_VALUE(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "q, k, v must be [B, T, H, D]");
   TORCH_CHECK_VALUE(q_in.device().is_cpu(), "the cpu backend needs CPU tensors");
   TORCH_CHECK_TYPE(q_in.scalar_type() == k_in.scalar_type(), "q and k must have the same dtype");
-  TORCH_CHECK_VALUE(kind == KIND_EXP || kind == KIND_HYP || kind == KIND_TRIG, "unknown feature kind ", kind);
+  TORCH_CHECK_VALUE(kind == KIND_EXP || kind == KIND_HYP || kind == KIND_TRIG || kind == KIND_NORM_HYP,
+                    "unknown feature kind ", kind);
   TORCH_CHECK_VALUE(given(S_in) == given(z_in) && given(S_in) == given(m_in),
                     "the initial state S, z and log_scale must be given together (or none of them); got S: ",
                     given(S_in), ", z: ", given(z_in), ", log_scale: ", given(m_in));

@@ -15,7 +15,7 @@
 
 namespace rf {
 
-constexpr int KIND_EXP = 0, KIND_HYP = 1, KIND_TRIG = 2;  // components.EXP, HYP, TRIG
+constexpr int KIND_EXP = 0, KIND_HYP = 1, KIND_TRIG = 2, KIND_NORM_HYP = 3;  // components.EXP, HYP, TRIG, NORM_HYP
 
 #if defined(__AVX512F__)
 constexpr int VW = 16;  // floats per vector register
@@ -206,6 +206,19 @@ inline float dot(const float* a, const float* b, int64_t n) {
   float s = hsum(acc[0] + acc[1]);
   for (; i < n; ++i) s += a[i] * b[i];
   return s;
+}
+
+// log(sum_i exp(x[i])) over one row (hedgehog's per-row normaliser); -inf for an empty or all -inf row.
+inline float row_lse(const float* x, int64_t n) {
+  const float mx = row_max(x, n);
+  if (!(mx > -std::numeric_limits<float>::infinity())) return mx;
+  const vf s = splat(mx);
+  vf acc = vf{};
+  int64_t i = 0;
+  for (; i + VW <= n; i += VW) acc += exp_vec(vload(x + i) - s);
+  float sum = hsum(acc);
+  for (; i < n; ++i) sum += exp_scalar(x[i] - mx);
+  return mx + std::log(sum);
 }
 
 inline void scale_inplace(float* x, int64_t n, float alpha) {
