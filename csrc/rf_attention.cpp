@@ -165,11 +165,10 @@ void query_features(const scalar_t* src, int64_t stride, int64_t n, const Config
   }
 }
 
-// Key features of n rows into pk [n, F] and pkt [F, n]: masked rows get exponent -inf, the state moves
-// to the new running maximum (S, z rescaled) and every key subtracts it.
+// Key feature exponents of n rows into pk [n, F] (masked rows: -inf); returns their maximum.
 template <typename scalar_t>
-void key_features(const scalar_t* src, int64_t stride, const bool* keep, int64_t n, const Config& c,
-                  const HeadParams& hp, Workspace& w, float* S, float* z, float& m_state) {
+float key_logits(const scalar_t* src, int64_t stride, const bool* keep, int64_t n, const Config& c,
+                 const HeadParams& hp, Workspace& w) {
   const int64_t F = c.F;
   load_rows(src, stride, n, c, hp, false, w.x.data(), w.r.data());
   project(w.x.data(), n, c, hp, w.u.data());
@@ -184,19 +183,35 @@ void key_features(const scalar_t* src, int64_t stride, const bool* keep, int64_t
       cmax = std::max(cmax, row_max(er, F));
     }
   }
-  const float m_new = std::max(m_state, cmax);
-  const float shift = std::isinf(m_new) ? 0.f : m_new;
-  if (m_new != m_state) {
-    const float alpha = std::isinf(m_state) ? 0.f : std::exp(m_state - shift);
-    scale_inplace(S, F * c.Dv, alpha);
-    scale_inplace(z, F, alpha);
-    m_state = m_new;
-  }
+  return cmax;
+}
+
+// The key features pk [n, F] = exp(pk - shift) (* mult) and their transpose pkt [F, n].
+inline void key_exponentiate(int64_t n, const Config& c, Workspace& w, float shift) {
+  const int64_t F = c.F;
+  float* mult = c.kind == KIND_TRIG ? w.mult.data() : nullptr;
   for (int64_t t = 0; t < n; ++t) {
     float* er = w.pk.data() + t * F;
     exponentiate(er, mult ? mult + t * F : nullptr, F, shift);
     for (int64_t f = 0; f < F; ++f) w.pkt[f * n + t] = er[f];
   }
+}
+
+// Key features of n rows into pk [n, F] and pkt [F, n]: masked rows get exponent -inf, the state moves
+// to the new running maximum (S, z rescaled) and every key subtracts it.
+template <typename scalar_t>
+void key_features(const scalar_t* src, int64_t stride, const bool* keep, int64_t n, const Config& c,
+                  const HeadParams& hp, Workspace& w, float* S, float* z, float& m_state) {
+  const float cmax = key_logits(src, stride, keep, n, c, hp, w);
+  const float m_new = std::max(m_state, cmax);
+  const float shift = std::isinf(m_new) ? 0.f : m_new;
+  if (m_new != m_state) {
+    const float alpha = std::isinf(m_state) ? 0.f : std::exp(m_state - shift);
+    scale_inplace(S, c.F * c.Dv, alpha);
+    scale_inplace(z, c.F, alpha);
+    m_state = m_new;
+  }
+  key_exponentiate(n, c, w, shift);
 }
 
 template <typename vscalar_t>
@@ -494,6 +509,8 @@ std::vector<at::Tensor> rf_attention_forward(const at::Tensor& q_in, const at::T
 
 }  // namespace
 
+#include "rf_window.cpp"
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "Fused random-feature attention on the CPU (forward; see spectraformer_fused/ops/cpu.py)";
   module.def("forward", &rf_attention_forward,
@@ -506,4 +523,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              py::arg("psi"), py::arg("kind"), py::arg("c_t"), py::arg("c_o"), py::arg("scale"),
              py::arg("causal"), py::arg("mask"), py::arg("S"), py::arg("z"), py::arg("log_scale"),
              py::arg("den_eps"), py::arg("WT") = py::none(), py::arg("cu_seqlens") = py::none());
+  module.def("window_forward", &rf_window_forward,
+             "window_forward(q, k, v, WT, bias, freq, psi, kind, c_t, c_o, scale, exact_sq, causal, window, mask, "
+             "S, z, log_scale, k_tail, v_tail, tail_keep, den_eps, cu_seqlens) -> [o, S, z, log_scale, k_tail, "
+             "v_tail]: hybrid attention (exact inside the window, features beyond; see rf_window.cpp), the "
+             "arguments prepared by ops/cpu_window.py",
+             py::arg("q"), py::arg("k"), py::arg("v"), py::arg("WT"), py::arg("bias"), py::arg("freq"),
+             py::arg("psi"), py::arg("kind"), py::arg("c_t"), py::arg("c_o"), py::arg("scale"), py::arg("exact_sq"),
+             py::arg("causal"), py::arg("window"), py::arg("mask"), py::arg("S"), py::arg("z"), py::arg("log_scale"),
+             py::arg("k_tail"), py::arg("v_tail"), py::arg("tail_keep"), py::arg("den_eps"),
+             py::arg("cu_seqlens") = py::none());
 }
