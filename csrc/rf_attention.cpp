@@ -48,11 +48,14 @@ struct Config {
   float c_t, c_o, root;
   int64_t D, Dv, m, F;
   float den_eps;      // floor of |den|: contract.DEN_EPS, handed over by the caller
+  // NORM_HYP: subtract the per-row log-sum-exp from query rows too (it cancels for queries unless another
+  // term, the exact part of a hybrid window, shares their normaliser); keys always subtract theirs.
+  bool norm_queries = false;
 };
 
 // Per-thread scratch, sized for one chunk of a sequence of at most T tokens.
 struct Workspace {
-  std::vector<float> x, r, u, pq, pk, pkt, mult, sc, num, vb, den;
+  std::vector<float> x, r, u, pq, pk, pkt, mult, sc, num, vb, den, qs;
   Workspace(const Config& c, int64_t T) {
     const int64_t rows = std::min(CHUNK, T);
     x.resize(rows * c.D);
@@ -66,6 +69,7 @@ struct Workspace {
     num.resize(rows * c.Dv);
     vb.resize(rows * c.Dv);
     den.resize(rows);
+    qs.resize(rows);
   }
 };
 
@@ -100,10 +104,12 @@ void project(const float* x, int64_t n, const Config& c, const HeadParams& hp, f
   gemm(n, c.m, c.D, x, c.D, hp.WT, c.m, u, c.m, false);  // [n, D] @ [D, m] -> [n, m]
 }
 
-// Feature exponents e [n, F] (and the cos/sin factors for TRIG) from the projections u [n, m].
+// Feature exponents e [n, F] (and the cos/sin factors for TRIG) from the projections u [n, m]. NORM_HYP
+// (hedgehog): the HYP exponents minus each row's log-sum-exp when `normalise` (keys; queries only when
+// Config::norm_queries, as the query-row shift cancels it otherwise).
 void logits(const float* u, const float* r, int64_t n, const Config& c, const HeadParams& hp, float* e,
-            float* mult) {
-  feature_exponents(c.kind, u, r, n, c.m, hp.freq, hp.bias, e, mult);
+            float* mult, bool normalise) {
+  feature_exponents(c.kind, u, r, n, c.m, hp.freq, hp.bias, e, mult, normalise);
 }
 
 // phi = exp(e - shift) (* mult), in place over one row of F features.
@@ -122,23 +128,23 @@ void query_features(const scalar_t* src, int64_t stride, int64_t n, const Config
   load_rows(src, stride, n, c, hp, true, w.x.data(), w.r.data());
   project(w.x.data(), n, c, hp, w.u.data());
   float* mult = c.kind == KIND_TRIG ? w.mult.data() : nullptr;
-  logits(w.u.data(), w.r.data(), n, c, hp, w.pq.data(), mult);
+  logits(w.u.data(), w.r.data(), n, c, hp, w.pq.data(), mult, c.norm_queries);
   for (int64_t t = 0; t < n; ++t) {
     float* er = w.pq.data() + t * c.F;
-    exponentiate(er, mult ? mult + t * c.F : nullptr, c.F, row_max(er, c.F));
+    w.qs[t] = row_max(er, c.F);  // the row's shift, kept for a hybrid window's log-space combination
+    exponentiate(er, mult ? mult + t * c.F : nullptr, c.F, w.qs[t]);
   }
 }
 
-// Key features of n rows into pk [n, F] and pkt [F, n]: masked rows get exponent -inf, the state moves
-// to the new running maximum (S, z rescaled) and every key subtracts it.
+// Key feature exponents of n rows into pk [n, F] (masked rows: -inf); returns their maximum.
 template <typename scalar_t>
-void key_features(const scalar_t* src, int64_t stride, const bool* keep, int64_t n, const Config& c,
-                  const HeadParams& hp, Workspace& w, float* S, float* z, float& m_state) {
+float key_logits(const scalar_t* src, int64_t stride, const bool* keep, int64_t n, const Config& c,
+                 const HeadParams& hp, Workspace& w) {
   const int64_t F = c.F;
   load_rows(src, stride, n, c, hp, false, w.x.data(), w.r.data());
   project(w.x.data(), n, c, hp, w.u.data());
   float* mult = c.kind == KIND_TRIG ? w.mult.data() : nullptr;
-  logits(w.u.data(), w.r.data(), n, c, hp, w.pk.data(), mult);
+  logits(w.u.data(), w.r.data(), n, c, hp, w.pk.data(), mult, true);
   float cmax = NEG_INF;
   for (int64_t t = 0; t < n; ++t) {
     float* er = w.pk.data() + t * F;
@@ -148,19 +154,35 @@ void key_features(const scalar_t* src, int64_t stride, const bool* keep, int64_t
       cmax = std::max(cmax, row_max(er, F));
     }
   }
-  const float m_new = std::max(m_state, cmax);
-  const float shift = std::isinf(m_new) ? 0.f : m_new;
-  if (m_new != m_state) {
-    const float alpha = std::isinf(m_state) ? 0.f : std::exp(m_state - shift);
-    scale_inplace(S, F * c.Dv, alpha);
-    scale_inplace(z, F, alpha);
-    m_state = m_new;
-  }
+  return cmax;
+}
+
+// The key features pk [n, F] = exp(pk - shift) (* mult) and their transpose pkt [F, n].
+inline void key_exponentiate(int64_t n, const Config& c, Workspace& w, float shift) {
+  const int64_t F = c.F;
+  float* mult = c.kind == KIND_TRIG ? w.mult.data() : nullptr;
   for (int64_t t = 0; t < n; ++t) {
     float* er = w.pk.data() + t * F;
     exponentiate(er, mult ? mult + t * F : nullptr, F, shift);
     for (int64_t f = 0; f < F; ++f) w.pkt[f * n + t] = er[f];
   }
+}
+
+// Key features of n rows into pk [n, F] and pkt [F, n]: masked rows get exponent -inf, the state moves
+// to the new running maximum (S, z rescaled) and every key subtracts it.
+template <typename scalar_t>
+void key_features(const scalar_t* src, int64_t stride, const bool* keep, int64_t n, const Config& c,
+                  const HeadParams& hp, Workspace& w, float* S, float* z, float& m_state) {
+  const float cmax = key_logits(src, stride, keep, n, c, hp, w);
+  const float m_new = std::max(m_state, cmax);
+  const float shift = std::isinf(m_new) ? 0.f : m_new;
+  if (m_new != m_state) {
+    const float alpha = std::isinf(m_state) ? 0.f : std::exp(m_state - shift);
+    scale_inplace(S, c.F * c.Dv, alpha);
+    scale_inplace(z, c.F, alpha);
+    m_state = m_new;
+  }
+  key_exponentiate(n, c, w, shift);
 }
 
 template <typename vscalar_t>
@@ -323,7 +345,8 @@ std::vector<at::Tensor> rf_attention_forward(const at::Tensor& q_in, const at::T
   TORCH_CHECK_VALUE(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "q, k, v must be [B, T, H, D]");
   TORCH_CHECK_VALUE(q_in.device().is_cpu(), "the cpu backend needs CPU tensors");
   TORCH_CHECK_TYPE(q_in.scalar_type() == k_in.scalar_type(), "q and k must have the same dtype");
-  TORCH_CHECK_VALUE(kind == KIND_EXP || kind == KIND_HYP || kind == KIND_TRIG, "unknown feature kind ", kind);
+  TORCH_CHECK_VALUE(kind == KIND_EXP || kind == KIND_HYP || kind == KIND_TRIG || kind == KIND_NORM_HYP,
+                    "unknown feature kind ", kind);
   TORCH_CHECK_VALUE(given(S_in) == given(z_in) && given(S_in) == given(m_in),
                     "the initial state S, z and log_scale must be given together (or none of them); got S: ",
                     given(S_in), ", z: ", given(z_in), ", log_scale: ", given(m_in));
@@ -457,6 +480,8 @@ std::vector<at::Tensor> rf_attention_forward(const at::Tensor& q_in, const at::T
 
 }  // namespace
 
+#include "rf_window.cpp"
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "Fused random-feature attention on the CPU (forward; see spectraformer_fused/ops/cpu.py)";
   module.def("forward", &rf_attention_forward,
@@ -478,5 +503,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              py::arg("bias"), py::arg("freq"), py::arg("psi"), py::arg("kind"), py::arg("c_t"), py::arg("c_o"),
              py::arg("scale"), py::arg("causal"), py::arg("mask"), py::arg("S0"), py::arg("z0"),
              py::arg("log_scale0"), py::arg("S"), py::arg("z"), py::arg("log_scale"), py::arg("den_eps"),
+             py::arg("cu_seqlens") = py::none());
+  module.def("window_forward", &rf_window_forward,
+             "window_forward(q, k, v, WT, bias, freq, psi, kind, c_t, c_o, scale, exact_sq, causal, window, mask, "
+             "S, z, log_scale, k_tail, v_tail, tail_keep, den_eps, cu_seqlens) -> [o, S, z, log_scale, k_tail, "
+             "v_tail]: hybrid attention (exact inside the window, features beyond; see rf_window.cpp), the "
+             "arguments prepared by ops/cpu_window.py",
+             py::arg("q"), py::arg("k"), py::arg("v"), py::arg("WT"), py::arg("bias"), py::arg("freq"),
+             py::arg("psi"), py::arg("kind"), py::arg("c_t"), py::arg("c_o"), py::arg("scale"), py::arg("exact_sq"),
+             py::arg("causal"), py::arg("window"), py::arg("mask"), py::arg("S"), py::arg("z"), py::arg("log_scale"),
+             py::arg("k_tail"), py::arg("v_tail"), py::arg("tail_keep"), py::arg("den_eps"),
              py::arg("cu_seqlens") = py::none());
 }

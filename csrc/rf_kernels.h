@@ -15,7 +15,7 @@
 
 namespace rf {
 
-constexpr int KIND_EXP = 0, KIND_HYP = 1, KIND_TRIG = 2;  // components.EXP, HYP, TRIG
+constexpr int KIND_EXP = 0, KIND_HYP = 1, KIND_TRIG = 2, KIND_NORM_HYP = 3;  // components.EXP, HYP, TRIG, NORM_HYP
 
 #if defined(__AVX512F__)
 constexpr int VW = 16;  // floats per vector register
@@ -208,15 +208,29 @@ inline float dot(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// log(sum_i exp(x[i])) over one row (hedgehog's per-row normaliser); -inf for an empty or all -inf row.
+inline float row_lse(const float* x, int64_t n) {
+  const float mx = row_max(x, n);
+  if (!(mx > -std::numeric_limits<float>::infinity())) return mx;
+  const vf s = splat(mx);
+  vf acc = vf{};
+  int64_t i = 0;
+  for (; i + VW <= n; i += VW) acc += exp_vec(vload(x + i) - s);
+  float sum = hsum(acc);
+  for (; i < n; ++i) sum += exp_scalar(x[i] - mx);
+  return mx + std::log(sum);
+}
+
 inline void scale_inplace(float* x, int64_t n, float alpha) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) x[i] *= alpha;
 }
 
-// Feature exponents e [n, F] of the kinds EXP, HYP, TRIG (components.feature_logits) from the projections
+// Feature exponents e [n, F] of the kinds EXP, HYP, TRIG, NORM_HYP (components.feature_logits; NORM_HYP minus
+// each row's log-sum-exp when `normalise`, else as HYP) from the projections
 // u [n, m] and r [n] (r = c_t |x'|^2 + c_o |x|^2), and for TRIG the cos/sin factors into mult [n, F].
 inline void feature_exponents(int kind, const float* u, const float* r, int64_t n, int64_t m, float freq,
-                              const float* bias, float* e, float* mult) {
+                              const float* bias, float* e, float* mult, bool normalise = false) {
   const int64_t F = kind == KIND_EXP ? m : 2 * m;
   for (int64_t t = 0; t < n; ++t) {
     const float* ur = u + t * m;
@@ -225,11 +239,16 @@ inline void feature_exponents(int kind, const float* u, const float* r, int64_t 
     if (kind == KIND_EXP) {
 #pragma omp simd
       for (int64_t i = 0; i < m; ++i) er[i] = bias[i] + freq * ur[i] + rt;
-    } else if (kind == KIND_HYP) {
+    } else if (kind == KIND_HYP || kind == KIND_NORM_HYP) {
 #pragma omp simd
       for (int64_t i = 0; i < m; ++i) {
         er[i] = bias[i] + freq * ur[i] + rt;
         er[m + i] = bias[i] - freq * ur[i] + rt;
+      }
+      if (kind == KIND_NORM_HYP && normalise) {  // hedgehog: minus the row's log-sum-exp
+        const float lse = row_lse(er, F);
+#pragma omp simd
+        for (int64_t i = 0; i < F; ++i) er[i] -= lse;
       }
     } else {
       float* mr = mult + t * F;

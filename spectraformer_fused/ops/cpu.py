@@ -28,7 +28,8 @@ from . import build_cache
 
 EXTENSION_NAME = "spectraformer_fused_cpu"
 _SOURCES = ("rf_attention.cpp", "rf_backward.cpp")
-_HEADERS = ("rf_kernels.h", "rf_backward.h")
+# rf_window.cpp (the hybrid window) is #included by rf_attention.cpp: one translation unit, its helpers shared.
+_HEADERS = ("rf_kernels.h", "rf_backward.h", "rf_window.cpp")
 # -fopenmp: at::parallel_for is OpenMP-based in torch's CPU builds (and serial without it); the OpenMP
 # runtime already loaded by torch is reused, so torch.set_num_threads applies.
 _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast")
@@ -300,6 +301,7 @@ def cpu_attention(
     initial_state: RFState | None = None,
     output_final_state: bool = False,
     cu_seqlens=None,
+    window: int | None = None,
 ):
     """Random-feature attention with the reference's semantics, computed by the compiled CPU extension.
 
@@ -311,7 +313,25 @@ def cpu_attention(
     q, k, v ``[1, Ttot, ., .]``, sequence n the rows ``cu[n]:cu[n+1]``; the parameters' and the states'
     batch axis is then the sequence axis (bias ``[N, H_kv, m]``, S ``[N, H_kv, F, Dv]``...). One call of the
     extension runs every (sequence, key/value head); the result equals one call per sequence.
+
+    ``window`` (>= 1): the hybrid window (``ops.cpu_window.cpu_window_attention``; the state is then a
+    ``WindowState``).
     """
+    if window is not None:
+        from .cpu_window import cpu_window_attention
+
+        return cpu_window_attention(
+            q,
+            k,
+            v,
+            params,
+            causal=causal,
+            window=window,
+            key_padding_mask=key_padding_mask,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
+        )
     ext = _load()
     if ext is None:
         raise RuntimeError(f"the compiled CPU backend is unavailable ({_error})")

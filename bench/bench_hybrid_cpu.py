@@ -1,0 +1,162 @@
+"""hedgehog and the hybrid window on the compiled CPU backend: ``python -m bench.bench_hybrid_cpu``.
+
+Two tables, forward only (the CPU backend's backward recomputes through the reference):
+
+* hedgehog (kind NORM_HYP, its per-key log-sum-exp computed and subtracted in the C++ forward) against
+  hyprf at the same feature width F = 2m, causal and non-causal prefill and one T = 1 decode step after
+  a prefix;
+* the hybrid window (exact softmax over the last W keys, features beyond) against the plain path
+  (features only) on the same inputs, for hyprf, posrf and hedgehog, causal and non-causal prefill.
+
+Both call ``ops.cpu.cpu_attention`` / ``ops.cpu_window.cpu_window_attention`` directly (with the parameters
+of ``fm.feature_params``) with grad disabled (inference) and time them interleaved (``bench.common.time_interleaved``). Writes
+``bench/results/hybrid-cpu-<date>.md`` unless ``--out`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import os
+import time
+
+import torch
+
+from bench import common
+from spectraformer_fused import RandomFeatureMap
+from spectraformer_fused.ops import cpu as cpu_ops
+
+
+def _inputs(B, T, H, D, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, D, generator=g)
+    k = torch.randn(B, T, H, D, generator=g)
+    v = torch.randn(B, T, H, D, generator=g)
+    return q, k, v
+
+
+def _params(component, D, m, H, q, k, causal):
+    fm = RandomFeatureMap(D, m, component=component, num_heads=H, seed=3).eval()
+    return fm.feature_params(q, k, scale=1.0 / math.sqrt(D), causal=causal)
+
+
+def _ms(t):
+    med, lo, hi, _ = t
+    return f"{med:.3g} ({lo:.3g}-{hi:.3g})"
+
+
+def hedgehog_rows(B, T, H, D, m, budget):
+    q, k, v = _inputs(B, T, H, D)
+    rows = []
+    for causal in (True, False):
+        fns = {}
+        for comp in ("hyprf", "hedgehog"):
+            p = _params(comp, D, m, H, q, k, causal)
+            fns[comp] = lambda p=p: cpu_ops.cpu_attention(q, k, v, p, causal=causal)
+        t = common.time_interleaved(fns, torch.device("cpu"), budget)
+        rows.append(
+            [
+                f"prefill T={T}",
+                "causal" if causal else "non-causal",
+                _ms(t["hyprf"]),
+                _ms(t["hedgehog"]),
+                f"{t['hedgehog'][0] / t['hyprf'][0]:.2f}",
+            ]
+        )
+    # one decode step after a prefix of T tokens
+    fns = {}
+    for comp in ("hyprf", "hedgehog"):
+        p = _params(comp, D, m, H, q, k, True)
+        _, state = cpu_ops.cpu_attention(q, k, v, p, causal=True, output_final_state=True)
+        q1, k1, v1 = q[:, -1:], k[:, -1:], v[:, -1:]
+        fns[comp] = lambda p=p, s=state: cpu_ops.cpu_attention(
+            q1, k1, v1, p, causal=True, initial_state=s, output_final_state=True
+        )
+    t = common.time_interleaved(fns, torch.device("cpu"), budget)
+    rows.append(
+        ["decode T=1", "causal", _ms(t["hyprf"]), _ms(t["hedgehog"]), f"{t['hedgehog'][0] / t['hyprf'][0]:.2f}"]
+    )
+    return rows
+
+
+def window_rows(B, T, H, D, m, window, budget, components):
+    from spectraformer_fused.ops.cpu_window import cpu_window_attention
+
+    q, k, v = _inputs(B, T, H, D, seed=1)
+    rows = []
+    for comp in components:
+        for causal in (True, False):
+            p = _params(comp, D, m, H, q, k, causal)
+            fns = {
+                "plain": lambda p=p: cpu_ops.cpu_attention(q, k, v, p, causal=causal),
+                "hybrid": lambda p=p: cpu_window_attention(q, k, v, p, causal=causal, window=window),
+            }
+            t = common.time_interleaved(fns, torch.device("cpu"), budget)
+            rows.append(
+                [
+                    comp,
+                    "causal" if causal else "non-causal",
+                    _ms(t["plain"]),
+                    _ms(t["hybrid"]),
+                    f"{t['hybrid'][0] / t['plain'][0]:.2f}",
+                ]
+            )
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=("hedgehog", "window", "all"), default="all")
+    ap.add_argument("--T", type=int, default=4096)
+    ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--budget", type=float, default=2.0, help="seconds of timing per function and row")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_grad_enabled(False)  # inference: hedgehog's learnable log-weights would take the autograd path
+    if not cpu_ops.extension_available():
+        raise SystemExit(f"the CPU extension is unavailable: {cpu_ops.extension_error()}")
+    B, H, D, m = 1, 4, 64, 64
+    threads = torch.get_num_threads()
+    load = common.loadavg()
+    start = time.perf_counter()
+    date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    ver = ", ".join(f"{k} {v}" for k, v in common.versions().items())
+    lines = [
+        "# hedgehog and the hybrid window on the compiled CPU backend",
+        "",
+        f"_device: {common.device_name(torch.device('cpu'))} | {threads} threads | {ver} | {date} | "
+        f"1-minute load average at the start: {load}_",
+        "",
+        f"B={B} H={H} D=Dv={D} m={m} (F = 2m = {2 * m} for hyprf and hedgehog, m for posrf), float32, forward "
+        "only. Times: `time.perf_counter` median (p20-p80) in ms, the two columns of a row run alternately "
+        f"(`bench.common.time_interleaved`, {args.budget} s per function).",
+        "",
+    ]
+    if args.part in ("hedgehog", "all"):
+        lines += ["## hedgehog against hyprf at the same F", ""]
+        lines += common.md_table(
+            ["shape", "mode", "hyprf ms", "hedgehog ms", "hedgehog / hyprf"],
+            hedgehog_rows(B, args.T, H, D, m, args.budget),
+        )
+        lines.append("")
+    if args.part in ("window", "all"):
+        lines += [f"## hybrid (window W = {args.window}) against the plain path, prefill T = {args.T}", ""]
+        lines += common.md_table(
+            ["component", "mode", "plain ms", "hybrid ms", "hybrid / plain"],
+            window_rows(B, args.T, H, D, m, args.window, args.budget, ("hyprf", "posrf", "hedgehog")),
+        )
+        lines.append("")
+    lines.append(
+        f"Generated by `python -m bench.bench_hybrid_cpu --part {args.part}` in {time.perf_counter() - start:.0f} s."
+    )
+    text = "\n".join(lines) + "\n"
+    print(text)
+    out = args.out or os.path.join(common.RESULTS, f"hybrid-cpu-{args.part}-{datetime.date.today().isoformat()}.md")
+    with open(out, "w") as f:
+        f.write(text)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,414 @@
+// Hybrid attention on the CPU (DESIGN.md section 6): exact kernel weights for the keys inside a window of W
+// positions, random features for every other visible key, one shared normaliser.
+//
+// Included by rf_attention.cpp (one translation unit: it reuses that file's feature helpers, workspace and
+// task scheduler), bound as `window_forward`. Per (sequence, key/value head) task, with the G query heads
+// of its group:
+//   * the initial WindowState's tail (W - 1 raw keys and values, oldest first) is a prefix of the
+//     sequence: "extended" key e = 0 .. W - 2 is tail row e, key e >= W - 1 is input token e - (W - 1);
+//     query t sits at extended position t + W - 1;
+//   * causal: the exact keys of query t are the extended keys [t, t + W - 1], the feature keys the state's
+//     S/z plus the extended keys [0, t): the feature state lags W keys behind. A chunk of n queries
+//     [lo, lo + n) folds the extended keys [lo, lo + n) into the state after reading it (strictly lower
+//     intra-chunk products) and computes the exact band over the extended keys [lo, lo + n + W - 1);
+//   * non-causal: the exact keys of query t are the extended keys [t, t + 2W - 2]; the feature part is
+//     the whole state (every extended key folded, the running maximum ending at the global one) minus the
+//     band's own feature products, recomputed at that final shift (and 0 where no visible key is left
+//     outside the band);
+//   * the exact logits x.y + exact_sq (|x|^2 + |y|^2) (x, y = sqrt(scale) q, k, no psi) of a query row
+//     subtract their maximum over the row's kept exact keys; the feature part keeps its stabilisers (query
+//     row shift qs, key log-scale ks). The two parts are put on one scale in log space: with
+//     L_e = row max + log den_e and L_f = qs + ks + log |den_f|, both are multiplied by exp(shift - max(L_e,
+//     L_f)) before the one division, the denominator floored at den_eps;
+//   * the final state is the causal continuation's in both modes: the features of the extended keys
+//     [0, T) (initial-state ones included) in S/z/log_scale, the extended keys [T, T + W - 1) in the tail.
+// A decode step (T = 1, causal) is one chunk of one query: the oldest tail key is folded into S/z, the exact
+// band is the tail plus the new key, and the tail shifts by one.
+
+namespace {
+
+// Per-thread buffers of the window: the extended keys of one chunk's band, raw and transposed.
+struct WindowBuffers {
+  std::vector<float> kr, kt, ysq, vb, sc, xq, xsq, num_e, den_e, pk, pkt, num_b, den_b, S, z;
+  std::vector<char> keep;
+  std::vector<int64_t> kept_before;  // kept keys among the band's first r rows
+  void ensure(const Config& c, int64_t cols, int64_t rows) {
+    kr.resize(cols * c.D);
+    kt.resize(c.D * cols);
+    ysq.resize(cols);
+    vb.resize(cols * c.Dv);
+    sc.resize(rows * cols);
+    xq.resize(rows * c.D);
+    xsq.resize(rows);
+    num_e.resize(rows * c.Dv);
+    den_e.resize(rows);
+    pk.resize(cols * c.F);
+    pkt.resize(c.F * cols);
+    num_b.resize(rows * c.Dv);
+    den_b.resize(rows);
+    S.resize(c.F * c.Dv);
+    z.resize(c.F);
+    keep.resize(cols);
+    kept_before.resize(cols + 1);
+  }
+};
+
+// Where the extended keys of one task come from: the initial tail (fp32) and the input rows.
+template <typename scalar_t, typename vscalar_t>
+struct ExtKeys {
+  const float* k_tail;  // [W - 1, D] raw keys, or nullptr when W = 1
+  const float* v_tail;  // [W - 1, Dv]
+  const bool* tail_keep;  // [W - 1]
+  const scalar_t* k;   // input row 0 of this sequence and head
+  const vscalar_t* v;
+  int64_t sk, sv;
+  const bool* keep;    // the padding mask of this sequence, or nullptr
+  int64_t nt;          // W - 1
+  int64_t D, Dv;
+
+  // Raw keys, values and keep flags of the extended keys [e0, e0 + n) into kr [n, D], vb [n, Dv], kp [n].
+  void stage(int64_t e0, int64_t n, float* kr, float* vb, char* kp) const {
+    for (int64_t r = 0; r < n; ++r) {
+      const int64_t e = e0 + r;
+      float* kd = kr + r * D;
+      float* vd = vb + r * Dv;
+      if (e < nt) {
+        std::memcpy(kd, k_tail + e * D, sizeof(float) * D);
+        std::memcpy(vd, v_tail + e * Dv, sizeof(float) * Dv);
+        kp[r] = tail_keep[e];
+      } else {
+        const int64_t j = e - nt;
+        const scalar_t* ks = k + j * sk;
+        const vscalar_t* vs = v + j * sv;
+        for (int64_t d = 0; d < D; ++d) kd[d] = static_cast<float>(ks[d]);
+        for (int64_t d = 0; d < Dv; ++d) vd[d] = static_cast<float>(vs[d]);
+        kp[r] = keep ? keep[j] : true;
+      }
+    }
+  }
+};
+
+// Rows [i, i + R) of a banded product: row r reads the columns [r, min(r + band, cols)). Computes
+// sc[r, c] = A[r] . BT[:, c] over the block's column range [i, i + R - 1 + band) (clipped), lets
+// `row(r, lo, hi)` turn row r's band into weights (zeroing what it excludes), zeroes the rest of the
+// block's range, then num[r] = sum_c sc[r, c] v[c] (a GEMM over that range).
+template <typename RowFn>
+void banded(int64_t n, int64_t cols, int64_t band, int64_t K, const float* A, int64_t lda, const float* BT,
+            int64_t ldb, float* sc, int64_t ldc, const float* vb, int64_t Dv, float* num, const RowFn& row) {
+  for (int64_t i = 0; i < n; i += RB) {
+    const int64_t R = std::min<int64_t>(RB, n - i);
+    const int64_t width = std::min(cols - i, R - 1 + band);
+    if (width <= 0) {
+      std::fill(num + i * Dv, num + (i + R) * Dv, 0.f);
+      for (int64_t r = i; r < i + R; ++r) row(r, r, r);
+      continue;
+    }
+    gemm(R, width, K, A + i * lda, lda, BT + i, ldb, sc + i * ldc + i, ldc, false);
+    for (int64_t r = i; r < i + R; ++r) {
+      float* s = sc + r * ldc;
+      const int64_t lo = std::min(r, cols), hi = std::min(r + band, cols);
+      std::fill(s + i, s + lo, 0.f);
+      row(r, lo, hi);
+      std::fill(s + hi, s + i + width, 0.f);
+    }
+    gemm(R, Dv, width, sc + i * ldc + i, ldc, vb + i * Dv, Dv, num + i * Dv, Dv, false);
+  }
+}
+
+// The exact part of n query rows against the band of the staged extended keys (rows [0, cols) of wb):
+// num_e [n, Dv], den_e [n] and each row's shift, written into qe[r] (-inf: no kept exact key).
+template <typename scalar_t>
+void exact_part(const scalar_t* qsrc, int64_t sq, int64_t n, int64_t cols, int64_t band, float exact_sq,
+                const Config& c, WindowBuffers& wb, float* qe) {
+  const int64_t D = c.D;
+  for (int64_t t = 0; t < n; ++t) {
+    float* xr = wb.xq.data() + t * D;
+    for (int64_t d = 0; d < D; ++d) xr[d] = static_cast<float>(qsrc[t * sq + d]) * c.root;
+    wb.xsq[t] = exact_sq != 0.f ? exact_sq * dot(xr, xr, D) : 0.f;
+  }
+  const char* kp = wb.keep.data();
+  banded(n, cols, band, D, wb.xq.data(), D, wb.kt.data(), cols, wb.sc.data(), cols, wb.vb.data(), c.Dv,
+         wb.num_e.data(), [&](int64_t r, int64_t lo, int64_t hi) {
+           float* s = wb.sc.data() + r * cols;
+           float mx = NEG_INF;
+           for (int64_t j = lo; j < hi; ++j) {
+             s[j] = kp[j] ? s[j] + wb.xsq[r] + wb.ysq[j] : NEG_INF;
+             mx = std::max(mx, s[j]);
+           }
+           qe[r] = mx;
+           if (mx == NEG_INF) {
+             std::fill(s + lo, s + hi, 0.f);
+             wb.den_e[r] = 0.f;
+             return;
+           }
+           exp_shifted(s + lo, hi - lo, mx);
+           float sum = 0.f;
+           for (int64_t j = lo; j < hi; ++j) sum += s[j];
+           wb.den_e[r] = sum;
+         });
+}
+
+// The staged extended keys as the exact part reads them: kt [D, cols] = sqrt(scale) k transposed,
+// ysq = exact_sq |y|^2.
+inline void exact_keys(int64_t cols, float exact_sq, const Config& c, WindowBuffers& wb) {
+  const int64_t D = c.D;
+  for (int64_t j = 0; j < cols; ++j) {
+    const float* kr = wb.kr.data() + j * D;
+    float sq = 0.f;
+    for (int64_t d = 0; d < D; ++d) {
+      const float y = kr[d] * c.root;
+      wb.kt[d * cols + j] = y;
+      sq += y * y;
+    }
+    wb.ysq[j] = exact_sq * sq;
+  }
+}
+
+// o = (num_e a_e + num_f a_f) / max(|den_e a_e + den_f a_f|, eps), both parts on one scale in log space
+// (see the file's header). `has_f`: some visible key lies outside the window (else the feature part is 0).
+template <typename oscalar_t>
+void combine_row(int64_t Dv, const float* num_e, float den_e, float le, const float* num_f, float den_f,
+                 float lf, bool has_f, float eps, oscalar_t* dst) {
+  const bool has_e = le != NEG_INF && den_e > 0.f;
+  has_f = has_f && std::isfinite(lf);
+  if (!has_e && !has_f) {
+    for (int64_t d = 0; d < Dv; ++d) dst[d] = static_cast<oscalar_t>(0.f);
+    return;
+  }
+  const float ce = has_e ? le + std::log(den_e) : NEG_INF;
+  const float cf = has_f ? lf + (den_f != 0.f ? std::log(std::fabs(den_f)) : 0.f) : NEG_INF;
+  const float top = std::max(ce, cf);
+  const float ae = has_e ? std::exp(le - top) : 0.f;
+  const float af = has_f ? std::exp(lf - top) : 0.f;
+  const float inv = 1.f / std::max(std::fabs(den_e * ae + den_f * af), eps);
+  for (int64_t d = 0; d < Dv; ++d) {
+    const float ne = has_e ? num_e[d] * ae : 0.f;
+    const float nf = has_f ? num_f[d] * af : 0.f;
+    dst[d] = static_cast<oscalar_t>((ne + nf) * inv);
+  }
+}
+
+struct WindowTask {
+  int64_t W;
+  float exact_sq;
+  bool causal;
+  bool state_nonempty;  // the initial state's S/z holds keys (its log_scale is finite)
+};
+
+// One key/value head and the G query heads of its group over one sequence, with the window.
+// S, z, m_state: the final state (initialised from the initial one); k_tail_out/v_tail_out [W - 1, .].
+template <typename scalar_t, typename vscalar_t>
+void window_group(const at::Tensor& q, at::Tensor& o, const ExtKeys<scalar_t, vscalar_t>& ext, const Span& span,
+                  int64_t hk, int64_t G, const Config& c, const HeadParams& hp, const WindowTask& wt, Workspace& w,
+                  WindowBuffers& wb, float* S, float* z, float& m_state, float* k_tail_out, float* v_tail_out) {
+  const int64_t T = span.T, b = span.b, t0 = span.start, W = wt.W, nt = W - 1, L = T + nt;
+  const int64_t F = c.F, D = c.D, Dv = c.Dv;
+  const scalar_t* qp = q.data_ptr<scalar_t>() + b * q.stride(0) + t0 * q.stride(1) + hk * G * q.stride(2);
+  vscalar_t* op = o.data_ptr<vscalar_t>() + b * o.stride(0) + t0 * o.stride(1) + hk * G * o.stride(2);
+  const int64_t sq = q.stride(1), so = o.stride(1), sqh = q.stride(2), soh = o.stride(2);
+  const int64_t band = wt.causal ? W : 2 * W - 1;
+  wb.ensure(c, std::min(CHUNK, std::max<int64_t>(T, 1)) + band - 1, std::min(CHUNK, std::max<int64_t>(T, 1)));
+  std::vector<float> qe(CHUNK);
+  char* kp = wb.keep.data();
+
+  if (wt.causal) {
+    int64_t kept_folded = 0;  // kept extended keys already in the state
+    for (int64_t lo = 0; lo < T; lo += CHUNK) {
+      const int64_t n = std::min(CHUNK, T - lo);
+      const int64_t cols = n + W - 1;  // the extended keys [lo, lo + n + W - 1): n feature keys first
+      ext.stage(lo, cols, wb.kr.data(), wb.vb.data(), kp);
+      wb.kept_before[0] = 0;
+      for (int64_t j = 0; j < cols; ++j) wb.kept_before[j + 1] = wb.kept_before[j] + (kp[j] ? 1 : 0);
+      exact_keys(cols, wt.exact_sq, c, wb);
+      // the feature keys of the chunk: the extended keys [lo, lo + n), moving the state's maximum
+      key_features(wb.kr.data(), D, reinterpret_cast<const bool*>(kp), n, c, hp, w, S, z, m_state);
+      std::memcpy(w.vb.data(), wb.vb.data(), sizeof(float) * n * Dv);
+      const float ks = std::isinf(m_state) ? 0.f : m_state;
+      for (int64_t g = 0; g < G; ++g) {
+        const scalar_t* qg = qp + g * sqh + lo * sq;
+        query_features(qg, sq, n, c, hp, w);
+        float* sc = w.sc.data();
+        // strictly lower intra-chunk feature products: feature key r' < r for query r
+        gemm(n, n, F, w.pq.data(), F, w.pkt.data(), n, sc, n, false, TRI_N);
+        for (int64_t t = 0; t < n; ++t) {
+          float* row = sc + t * n;
+          std::fill(row + t, row + n, 0.f);
+          float s = 0.f;
+          for (int64_t j = 0; j < t; ++j) s += row[j];
+          w.den[t] = s;
+        }
+        gemm_lower(n, Dv, sc, n, w.vb.data(), Dv, w.num.data(), Dv);
+        read_state(n, c, w, S, z, true);
+        exact_part(qg, sq, n, cols, band, wt.exact_sq, c, wb, qe.data());
+        for (int64_t t = 0; t < n; ++t) {
+          const bool has_f = wt.state_nonempty || kept_folded + wb.kept_before[t] > 0;
+          combine_row(Dv, wb.num_e.data() + t * Dv, wb.den_e[t], qe[t], w.num.data() + t * Dv, w.den[t],
+                      w.qs[t] + ks, has_f, c.den_eps, op + g * soh + (lo + t) * so);
+        }
+      }
+      update_state(n, c, w, S, z);
+      kept_folded += wb.kept_before[n];
+    }
+  } else {
+    // The final state: the extended keys [0, T); the state read by the queries: all of them.
+    int64_t kept_total = 0;
+    float* Sa = wb.S.data();
+    float* za = wb.z.data();
+    float ma = m_state;
+    std::memcpy(Sa, S, sizeof(float) * F * Dv);
+    std::memcpy(za, z, sizeof(float) * F);
+    for (int64_t lo = 0, n = 0; lo < L; lo += n) {
+      n = std::min(CHUNK, (lo < T ? T : L) - lo);  // a chunk never straddles T
+      ext.stage(lo, n, wb.kr.data(), w.vb.data(), kp);
+      for (int64_t j = 0; j < n; ++j) kept_total += kp[j] ? 1 : 0;
+      key_features(wb.kr.data(), D, reinterpret_cast<const bool*>(kp), n, c, hp, w, Sa, za, ma);
+      update_state(n, c, w, Sa, za);
+      if (lo + n == T) {  // (T = 0: the final state is the initial one, already there)
+        std::memcpy(S, Sa, sizeof(float) * F * Dv);
+        std::memcpy(z, za, sizeof(float) * F);
+        m_state = ma;
+      }
+    }
+    const float ks = std::isinf(ma) ? 0.f : ma;
+    for (int64_t lo = 0; lo < T; lo += CHUNK) {
+      const int64_t n = std::min(CHUNK, T - lo);
+      const int64_t cols = std::min(n + band - 1, L - lo);  // the extended keys [lo, lo + cols)
+      ext.stage(lo, cols, wb.kr.data(), wb.vb.data(), kp);
+      wb.kept_before[0] = 0;
+      for (int64_t j = 0; j < cols; ++j) wb.kept_before[j + 1] = wb.kept_before[j] + (kp[j] ? 1 : 0);
+      exact_keys(cols, wt.exact_sq, c, wb);
+      // the band's feature products at the final shift, to take out of the whole state's
+      for (int64_t j0 = 0; j0 < cols; j0 += CHUNK) {
+        const int64_t nj = std::min(CHUNK, cols - j0);
+        key_logits(wb.kr.data() + j0 * D, D, reinterpret_cast<const bool*>(kp + j0), nj, c, hp, w);
+        key_exponentiate(nj, c, w, ks);
+        for (int64_t t = 0; t < nj; ++t)
+          for (int64_t f = 0; f < F; ++f) wb.pkt[f * cols + j0 + t] = w.pk[t * F + f];
+      }
+      for (int64_t g = 0; g < G; ++g) {
+        const scalar_t* qg = qp + g * sqh + lo * sq;
+        query_features(qg, sq, n, c, hp, w);
+        read_state(n, c, w, Sa, za, false);
+        banded(n, cols, band, F, w.pq.data(), F, wb.pkt.data(), cols, wb.sc.data(), cols, wb.vb.data(), Dv,
+               wb.num_b.data(), [&](int64_t r, int64_t lo_c, int64_t hi_c) {
+                 const float* s = wb.sc.data() + r * cols;
+                 float sum = 0.f;
+                 for (int64_t j = lo_c; j < hi_c; ++j) sum += s[j];
+                 wb.den_b[r] = sum;
+               });
+        exact_part(qg, sq, n, cols, band, wt.exact_sq, c, wb, qe.data());
+        for (int64_t t = 0; t < n; ++t) {
+          const int64_t hi = std::min(t + band, cols);
+          const int64_t outside = kept_total - (wb.kept_before[hi] - wb.kept_before[t]);
+          float* nf = w.num.data() + t * Dv;
+          for (int64_t d = 0; d < Dv; ++d) nf[d] -= wb.num_b[t * Dv + d];
+          const float df = w.den[t] - wb.den_b[t];
+          combine_row(Dv, wb.num_e.data() + t * Dv, wb.den_e[t], qe[t], nf, df, w.qs[t] + ks,
+                      wt.state_nonempty || outside > 0, c.den_eps, op + g * soh + (lo + t) * so);
+        }
+      }
+    }
+  }
+  // the final tail: the extended keys [T, T + W - 1)
+  if (nt > 0) {
+    std::vector<char> tk(nt);
+    ext.stage(T, nt, k_tail_out, v_tail_out, tk.data());
+  }
+}
+
+std::vector<at::Tensor> rf_window_forward(
+    const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& WT,
+    const at::Tensor& bias, const at::Tensor& freq, const c10::optional<at::Tensor>& psi, int64_t kind, double c_t,
+    double c_o, double scale, double exact_sq, bool causal, int64_t window, const c10::optional<at::Tensor>& mask_in,
+    const at::Tensor& S0, const at::Tensor& z0, const at::Tensor& m0, const at::Tensor& k_tail,
+    const at::Tensor& v_tail, const at::Tensor& tail_keep, double den_eps, const c10::optional<at::Tensor>& cu) {
+  // ops/cpu_window.py prepares the arguments: fp32 contiguous parameters with one row per sequence
+  // ([R, H, ...]), a whole fp32 initial state (the empty one when none), int64 offsets [R + 1].
+  TORCH_CHECK_VALUE(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "q, k, v must be [B, T, H, D]");
+  TORCH_CHECK_VALUE(window >= 1, "window must be >= 1, got ", window);
+  TORCH_CHECK_VALUE(kind == KIND_EXP || kind == KIND_HYP || kind == KIND_TRIG || kind == KIND_NORM_HYP,
+                    "unknown feature kind ", kind);
+  auto native = [&](const at::Tensor& t) {
+    const auto st = t.scalar_type();
+    const at::Tensor u = (st == at::kFloat || st == at::kBFloat16 || st == at::kHalf) ? t : t.to(at::kFloat);
+    return u.stride(-1) == 1 ? u : u.contiguous();
+  };
+  at::Tensor q = native(q_in), k = native(k_in), v = native(v_in);
+  const int64_t B = q.size(0), T = q.size(1), Hq = q.size(2), D = q.size(3), Dv = v.size(3), H = k.size(2);
+  TORCH_CHECK_VALUE(H > 0 && Hq % H == 0 && k.size(1) == T && v.size(1) == T && v.size(2) == H,
+                    "q, k, v must be [B, T, H, D], [B, T, H_kv, D], [B, T, H_kv, Dv]");
+  const int64_t G = Hq / H, m = WT.size(2), F = kind == KIND_EXP ? m : 2 * m, nt = window - 1;
+  const bool varlen = cu.has_value() && cu->defined();
+  const at::Tensor offsets = varlen ? cu->to(at::kLong).contiguous() : at::Tensor();
+  const int64_t R = varlen ? offsets.size(0) - 1 : B;
+  const int64_t* cp = varlen ? offsets.data_ptr<int64_t>() : nullptr;
+  TORCH_CHECK_VALUE(!varlen || (B == 1 && cp[0] == 0 && cp[R] == T), "cu_seqlens must run from 0 to T over B = 1");
+  TORCH_CHECK_VALUE(WT.scalar_type() == at::kFloat && WT.is_contiguous() && WT.size(0) == H && WT.size(1) == D,
+                    "WT must be a contiguous fp32 [H_kv, D, m] tensor");
+  TORCH_CHECK_VALUE(bias.sizes() == at::IntArrayRef({R, H, m}) && freq.sizes() == at::IntArrayRef({R, H}) &&
+                        S0.sizes() == at::IntArrayRef({R, H, F, Dv}) && z0.sizes() == at::IntArrayRef({R, H, F}) &&
+                        m0.sizes() == at::IntArrayRef({R, H}) && k_tail.sizes() == at::IntArrayRef({R, H, nt, D}) &&
+                        v_tail.sizes() == at::IntArrayRef({R, H, nt, Dv}) &&
+                        tail_keep.sizes() == at::IntArrayRef({R, nt}),
+                    "window_forward: parameter or state shapes do not match the inputs");
+  std::vector<Span> spans;
+  for (int64_t n = 0; n < R; ++n) spans.push_back(varlen ? Span{0, cp[n], cp[n + 1] - cp[n]} : Span{n, 0, T});
+  at::Tensor mask;
+  if (mask_in.has_value() && mask_in->defined()) mask = mask_in->to(at::kBool).contiguous();
+
+  at::Tensor S = S0.clone(), z = z0.clone(), ms = m0.clone();
+  at::Tensor kt_out = at::empty({R, H, nt, D}, k_tail.options());
+  at::Tensor vt_out = at::empty({R, H, nt, Dv}, v_tail.options());
+  at::Tensor o = at::empty({B, T, Hq, Dv}, v.options());
+  Config c{static_cast<int>(kind), static_cast<float>(c_t), static_cast<float>(c_o),
+           static_cast<float>(std::sqrt(scale)), D, Dv, m, F, static_cast<float>(den_eps)};
+  c.norm_queries = true;  // the exact part shares the query rows' normaliser
+  const float* WTp = WT.data_ptr<float>();
+  const float* biasp = bias.data_ptr<float>();
+  const float* freqp = freq.data_ptr<float>();
+  const float* psip = psi.has_value() && psi->defined() ? psi->data_ptr<float>() : nullptr;
+  const bool* maskp = mask.defined() ? mask.data_ptr<bool>() : nullptr;
+  const bool* tkp = tail_keep.data_ptr<bool>();
+  float* Sp = S.data_ptr<float>();
+  float* zp = z.data_ptr<float>();
+  float* mp = ms.data_ptr<float>();
+  const float* ktp = k_tail.data_ptr<float>();
+  const float* vtp = v_tail.data_ptr<float>();
+  float* kto = kt_out.data_ptr<float>();
+  float* vto = vt_out.data_ptr<float>();
+
+  std::vector<int64_t> lengths(R * H);
+  // (the workspaces also hold chunks of the tail and the band beyond T)
+  for (int64_t i = 0; i < R * H; ++i) lengths[i] = spans[i / H].T + 2 * window;
+  const int64_t work_per_token = F * (D + Dv) * (G + 1) + std::min<int64_t>(window, T + nt) * (D + Dv) * G;
+  RF_DISPATCH(q.scalar_type(), "rf_window_cpu_qk", [&] {
+    using qk_t = scalar_t;
+    RF_DISPATCH(v.scalar_type(), "rf_window_cpu_v", [&] {
+      using v_t = scalar_t;
+      run_tasks(R * H, lengths, work_per_token, varlen, c, [&](int64_t i, Workspace& w) {
+        thread_local WindowBuffers wb;
+        const Span& span = spans[i / H];
+        const int64_t n = i / H, h = i % H;
+        HeadParams hp{WTp + h * D * m, biasp + i * m, freqp[i], psip ? psip + i * D : nullptr};
+        ExtKeys<qk_t, v_t> ext{ktp + i * nt * D,
+                               vtp + i * nt * Dv,
+                               tkp + n * nt,
+                               k.data_ptr<qk_t>() + span.b * k.stride(0) + span.start * k.stride(1) + h * k.stride(2),
+                               v.data_ptr<v_t>() + span.b * v.stride(0) + span.start * v.stride(1) + h * v.stride(2),
+                               k.stride(1),
+                               v.stride(1),
+                               maskp ? maskp + span.b * T + span.start : nullptr,
+                               nt,
+                               D,
+                               Dv};
+        WindowTask wt{window, static_cast<float>(exact_sq), causal, !std::isinf(mp[i])};
+        window_group<qk_t, v_t>(q, o, ext, span, h, G, c, hp, wt, w, wb, Sp + i * F * Dv, zp + i * F, mp[i],
+                                kto + i * nt * D, vto + i * nt * Dv);
+      });
+    });
+  });
+  if (o.scalar_type() != v_in.scalar_type()) o = o.to(v_in.scalar_type());
+  return {o, S, z, ms, kt_out, vt_out};
+}
+
+}  // namespace
