@@ -204,3 +204,33 @@ def test_spectra_attention_kv_heads_errors():
         SpectraAttention(32, 4, num_kv_heads=3)
     layer = SpectraAttention(32, 4, num_kv_heads=2)
     assert layer.qkv.out_features == 32 + 2 * 2 * 8 and layer.feature_map.num_heads == 2
+
+
+@pytest.mark.parametrize("window", [1, 4])
+def test_window_decode_token_by_token_fp32(window):
+    """rf_attention with a window, default backend, fp32, grouped-query: a prompt then single tokens with
+    the WindowState passed equal one pass; the state keeps its shape while the sequence grows."""
+    fm = RandomFeatureMap(D, 12, component="hyprf", num_heads=2, seed=0).eval()
+    q, k = _qk(T=9)
+    v = torch.randn(2, 9, 2, D, generator=torch.Generator().manual_seed(1))
+    full = rf_attention(q, k, v, fm, causal=True, scale=0.5, window=window)
+    o, state = rf_attention(
+        q[:, :3], k[:, :3], v[:, :3], fm, causal=True, scale=0.5, window=window, output_final_state=True
+    )
+    outs, shapes = [o], [tuple(t.shape) for t in state]
+    for t in range(3, 9):
+        s = slice(t, t + 1)
+        o, state = rf_attention(
+            q[:, s],
+            k[:, s],
+            v[:, s],
+            fm,
+            causal=True,
+            scale=0.5,
+            window=window,
+            initial_state=state,
+            output_final_state=True,
+        )
+        outs.append(o)
+        assert [tuple(t.shape) for t in state] == shapes
+    assert_close(torch.cat(outs, 1), full, torch.float32, name="decoded")
