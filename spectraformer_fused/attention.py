@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .components import REFERENCE_ONLY_REASON
+from .contract import NORM_HYP
 from .feature_map import RandomFeatureMap
 from .ops import cpu_extension_built, cpu_extension_loaded, triton_importable, triton_interpreting
 from .reference import reference_attention
@@ -15,7 +15,10 @@ BACKENDS = ("auto", "reference", "triton", "cpu")
 # The backends whose attention function takes ``window=`` (hybrid attention, DESIGN.md section 6). A window
 # call on "auto" falls back to the reference when the backend it would choose is not here; an explicit
 # backend that is not here raises.
-WINDOW_BACKENDS = {"reference"}
+WINDOW_BACKENDS = {"reference", "cpu"}
+# The backends that evaluate each feature kind, for the kinds not every backend has; "auto" falls back to the
+# reference when the backend it would choose is not listed, an explicit backend that is not listed raises.
+KIND_BACKENDS = {NORM_HYP: {"reference", "cpu"}}
 
 
 def available_backends() -> list[str]:
@@ -48,13 +51,17 @@ def _resolve_backend(backend: str, q: torch.Tensor, feature_map: RandomFeatureMa
 
 
 def _resolve_plain(backend: str, q: torch.Tensor, feature_map: RandomFeatureMap) -> str:
-    if feature_map.spec.reference_only:
-        if backend in ("triton", "cpu"):
-            raise ValueError(
-                f"backend={backend!r} cannot run component {feature_map.component!r}: "
-                f"{REFERENCE_ONLY_REASON}; use backend='reference' or 'auto'"
-            )
-        return "reference"
+    able = KIND_BACKENDS.get(feature_map.kind)
+    if able is not None and backend != "auto" and backend not in able:
+        raise ValueError(
+            f"backend={backend!r} cannot run component {feature_map.component!r}; backends that run it: "
+            f"{', '.join(sorted(able))} (or backend='auto')"
+        )
+    name = _resolve_device(backend, q)
+    return name if able is None or name in able else "reference"
+
+
+def _resolve_device(backend: str, q: torch.Tensor) -> str:
     if backend == "auto":
         if q.dtype == torch.float64:
             return "reference"

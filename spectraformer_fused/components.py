@@ -20,8 +20,8 @@ feature estimator: it estimates no fixed kernel, it is trained (``fitting.py``) 
     kind NORM_HYP (F = 2m): phi = softmax([bias_i + u_i, bias_i - u_i])   over all 2m features of the row
 
 with ``u = W x`` (``freq = 1``, no |x|^2 term) and ``bias_i`` a learnable per-frequency log-weight. The
-per-row log-sum-exp cancels for queries, but for keys it is a per-key weight that no stabiliser of the
-fused kernels can express, so this kind runs on the reference backend only (``REFERENCE_ONLY_REASON``).
+per-row log-sum-exp cancels for queries (without a window), but for keys it is a per-key weight: the fused
+backends compute it per key and subtract it (``attention.KIND_BACKENDS`` lists the backends that run it).
 With ``W`` rows ~ N(0, I) the key normaliser is about exp(|y|^2/2) 2m, so at initialisation the map is
 close to ``hyprf`` with a self-normalised key weight.
 """
@@ -34,18 +34,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .contract import EXP, HYP, NORM_HYP, REFERENCE_ONLY_KINDS, TRIG, feature_width
+from .contract import EXP, HYP, NORM_HYP, TRIG, feature_width
 
 COMPONENTS = ("posrf", "hyprf", "trigrf", "gerf", "oprf", "saderf")
 # Learned components: trained to mimic softmax attention (fit_feature_map), not unbiased estimators.
 LEARNED_COMPONENTS = ("hedgehog",)
 KERNELS = ("softmax", "gaussian")
-
-REFERENCE_ONLY_REASON = (
-    "its key features are normalised per key (a softmax over the 2m features of each key), a per-key weight "
-    "that does not cancel between numerator and denominator; the fused kernels subtract only one constant "
-    "shared by all keys of a (batch, head), so they cannot express it"
-)
 
 # Signature of the component keyword arguments accepted by RandomFeatureMap(**component_args).
 _COMPONENT_ARGS = {
@@ -80,10 +74,6 @@ class ComponentSpec:
     def learned(self) -> bool:
         """A learned component (hedgehog): no fixed kernel, a learnable per-frequency log-weight."""
         return self.name in LEARNED_COMPONENTS
-
-    @property
-    def reference_only(self) -> bool:
-        return self.kind in REFERENCE_ONLY_KINDS
 
     @property
     def c_t(self) -> float:

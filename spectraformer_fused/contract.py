@@ -6,7 +6,7 @@ A leaf module (it imports torch only): ``reference.py``, the compiled backends (
 - Feature kinds: the constexpr switch of every compiled backend. With ``u = freq * W x'`` (``components.py``):
   ``EXP`` one block ``exp(bias + u + r)`` (F = m); ``HYP`` two blocks ``exp(bias +- u + r)`` (F = 2m);
   ``TRIG`` ``exp(bias + r) [cos u, sin u]`` (F = 2m); ``NORM_HYP`` hedgehog's per-row softmax over
-  ``[bias + u, bias - u]`` (F = 2m), which the reference backend alone evaluates.
+  ``[bias + u, bias - u]`` (F = 2m): a per-key log-sum-exp the backends compute and subtract.
 - ``feature_width(kind, m)``: F, the width of the feature vector (and of the state's feature axis).
 - ``DEN_EPS``: the floor of ``|denominator|`` in every backend.
 - ``FeatureParams``: everything a backend needs to evaluate one call's features, already resolved, and
@@ -21,8 +21,6 @@ import torch
 
 EXP, HYP, TRIG, NORM_HYP = 0, 1, 2, 3
 KIND_NAMES = {EXP: "EXP", HYP: "HYP", TRIG: "TRIG", NORM_HYP: "NORM_HYP"}
-# Kinds only the reference backend evaluates (see components.REFERENCE_ONLY_REASON).
-REFERENCE_ONLY_KINDS = (NORM_HYP,)
 
 # Floor of |denominator|: only reached when every key is masked or every feature underflows. Positive
 # components give den >= 0; trigonometric ones (trigrf, gerf with s = -1) estimate a positive normaliser by
@@ -91,7 +89,6 @@ __all__ = [
     "TRIG",
     "NORM_HYP",
     "KIND_NAMES",
-    "REFERENCE_ONLY_KINDS",
     "DEN_EPS",
     "feature_width",
     "FeatureParams",

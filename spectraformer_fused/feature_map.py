@@ -55,7 +55,7 @@ class RandomFeatureMap(nn.Module):
         num_features: m, the number of random frequencies (rows of W). The feature width F is m, or 2m
             for ``hyprf``, ``trigrf`` and ``gerf`` with ``s=-1``. Default: Performer's ``D ln D`` (>= 16).
         component: one of ``COMPONENTS``, or the learned ``hedgehog`` (``LEARNED_COMPONENTS``: no fixed
-            kernel, trained with ``fit_feature_map``; reference backend only).
+            kernel, trained with ``fit_feature_map``; the backends of ``attention.KIND_BACKENDS``).
         weights: one of ``WEIGHTS``.
         kernel: ``"softmax"`` (estimates exp(x.y)) or ``"gaussian"`` (exp(-|x - y|^2 / 2)).
         num_heads: one W per key/value head (H_kv; with grouped-query attention the query heads of a

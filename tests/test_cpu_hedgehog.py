@@ -1,8 +1,8 @@
 """hedgehog (kind NORM_HYP) on the compiled CPU backend against the reference backend: its per-key
 log-sum-exp over the 2m features is computed per key in the C++ forward and subtracted.
 
-``ops.cpu.cpu_attention`` is called directly (the API routes hedgehog to the reference backend until the
-kind leaves ``contract.REFERENCE_ONLY_KINDS``), with the parameters of ``fm.feature_params``.
+``ops.cpu.cpu_attention`` is called directly with the parameters of ``fm.feature_params``; the API routes
+hedgehog to it through ``attention.KIND_BACKENDS``.
 """
 
 import math

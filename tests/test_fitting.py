@@ -207,13 +207,25 @@ def test_fit_on_one_batch_beats_uniform_on_a_held_out_batch(component, weights):
     assert after < 0.85 * uniform and after < 0.95 * before, (before, after, uniform)
 
 
-def test_hedgehog_routes_to_the_reference():
+def test_hedgehog_runs_on_the_backends_that_list_it():
+    from spectraformer_fused.attention import KIND_BACKENDS
+
     q, k, v = structured_qkv(4, T=12, H=2, D=8)
     fm = RandomFeatureMap(8, 6, component="hedgehog", weights="learnable", num_heads=2, seed=0)
     assert fm.feature_dim == 12 and fm.component in sf.LEARNED_COMPONENTS and fm.component not in sf.COMPONENTS
+    able = KIND_BACKENDS[fm.kind]
     for backend in ("triton", "cpu"):
-        with pytest.raises(ValueError, match="per key"):
-            rf_attention(q, k, v, fm, backend=backend)
+        if backend not in able:
+            with pytest.raises(ValueError, match="cannot run component 'hedgehog'"):
+                rf_attention(q, k, v, fm, backend=backend)
+        elif backend in sf.available_backends() and (backend != "triton" or q.is_cuda):
+            for causal in (False, True):
+                assert_close(
+                    rf_attention(q, k, v, fm, causal=causal, backend=backend),
+                    rf_attention(q, k, v, fm, causal=causal, backend="reference"),
+                    torch.float32,
+                    name=backend,
+                )
     for causal in (False, True):
         assert_close(
             rf_attention(q, k, v, fm, causal=causal),

@@ -6,7 +6,14 @@ import pytest
 import torch
 from helpers import assert_close, component_id, hybrid_oracle
 
-from spectraformer_fused import RandomFeatureMap, SpectraAttention, WindowState, exact_attention, rf_attention
+from spectraformer_fused import (
+    RandomFeatureMap,
+    SpectraAttention,
+    WindowState,
+    available_backends,
+    exact_attention,
+    rf_attention,
+)
 from spectraformer_fused.reference import reference_attention
 from spectraformer_fused.state import RFState, empty_window_state
 
@@ -268,13 +275,20 @@ def test_rf_attention_window_equals_reference():
     q, k, v = _inputs(T=10, dtype=torch.float32)
     fm = _map("gerf", {"A": -0.1}, dtype=torch.float32)
     for causal in (True, False):
-        o, state = rf_attention(q, k, v, fm, causal=causal, window=4, output_final_state=True)
+        o, state = rf_attention(q, k, v, fm, causal=causal, window=4, output_final_state=True, backend="reference")
         p = _params(fm, q, k, causal)
         ref, ref_state = reference_attention(q, k, v, p, causal=causal, window=4, output_final_state=True)
         assert torch.equal(o, ref) and isinstance(state, WindowState)
         assert all(torch.equal(a, b) for a, b in zip(state, ref_state))
     # window 0 is random features only
     assert torch.equal(rf_attention(q, k, v, fm, causal=True, window=0), rf_attention(q, k, v, fm, causal=True))
+    if "cpu" in available_backends():  # the CPU backend's window through the API, against the reference
+        for causal in (True, False):
+            o, state = rf_attention(q, k, v, fm, causal=causal, window=4, output_final_state=True, backend="cpu")
+            p = _params(fm, q, k, causal)
+            ref, ref_state = reference_attention(q, k, v, p, causal=causal, window=4, output_final_state=True)
+            assert_close(o, ref, torch.float32, name=f"cpu window o causal={causal}")
+            _state_close(state, ref_state, torch.float32)
 
 
 @pytest.mark.parametrize(
