@@ -373,11 +373,21 @@ def exact_kernel(q, k, *, kernel: str = "softmax", scale: float | None = None) -
 
 
 def exact_attention(
-    q, k, v, *, kernel: str = "softmax", causal: bool = False, scale: float | None = None, key_padding_mask=None
+    q,
+    k,
+    v,
+    *,
+    kernel: str = "softmax",
+    causal: bool = False,
+    scale: float | None = None,
+    key_padding_mask=None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Exact kernel attention (softmax attention for kernel="softmax"), O(T^2), ``[B, T, H, Dv]``.
     A query with no visible key gets 0. k, v may have H_kv heads dividing H (grouped-query attention:
-    query head h reads key/value head h // (H / H_kv), as SDPA with enable_gqa)."""
+    query head h reads key/value head h // (H / H_kv), as SDPA with enable_gqa). ``window`` W keeps only
+    the keys of the hybrid's exact set (causal: t - W < j <= t; non-causal: |t - j| < W): sliding-window
+    attention, the hybrid without its feature part."""
     G = q.shape[2] // k.shape[2]
     if G > 1:
         k, v = k.repeat_interleave(G, dim=2), v.repeat_interleave(G, dim=2)
@@ -386,6 +396,9 @@ def exact_attention(
     if causal:
         future = torch.ones(T, T, dtype=torch.bool, device=q.device).triu(1)
         logits = logits.masked_fill(future, float("-inf"))
+    if window:
+        t = torch.arange(T, device=q.device)
+        logits = logits.masked_fill((t[:, None] - t[None, :]).abs() >= window, float("-inf"))
     if key_padding_mask is not None:
         logits = logits.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
     w = torch.softmax(logits, dim=-1).nan_to_num(0.0)

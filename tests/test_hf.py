@@ -88,8 +88,8 @@ def greedy_without_cache(model, ids, mask, steps: int) -> torch.Tensor:
     return ids
 
 
-def check_generate_matches_recompute(num_kv_heads: int) -> None:
-    model = tiny_llama(num_kv_heads)
+def check_generate_matches_recompute(num_kv_heads: int, window: int | None = None) -> None:
+    model = tiny_llama(num_kv_heads, window=window)
     ids, mask = prompt_with_left_padding()
     out = model.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, return_dict_in_generate=True
@@ -102,6 +102,10 @@ def check_generate_matches_recompute(num_kv_heads: int) -> None:
     for state, layer in zip(cache.states, cache.layers):
         assert state.S.shape[:2] == (2, num_kv_heads) and state.z.shape[:2] == (2, num_kv_heads)
         assert layer.keys is None and layer.values is None
+        # with a window: the last W - 1 keys and values besides, a fixed size
+        assert isinstance(state, sf.WindowState) == (window is not None)
+        if window is not None:
+            assert state.k_tail.shape == (2, num_kv_heads, window - 1, 16) and state.tail_keep.shape == (2, window - 1)
     assert cache.get_seq_length() == ids.shape[1] + 7  # the last token is never fed back
 
 
@@ -132,7 +136,15 @@ def llama_layer_by_hand(model, ids) -> None:
     v = attn.v_proj(x).view(B, T, -1, attn.head_dim)
     q, k = apply_rotary_pos_emb(q, k, *kwargs["position_embeddings"])
     assert k.shape[1] == model.config.num_key_value_heads and attn.rf_feature_map.num_heads == k.shape[1]
-    o = rf_attention(q.transpose(1, 2), k.transpose(1, 2), v, attn.rf_feature_map, causal=True, scale=attn.scaling)
+    o = rf_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v,
+        attn.rf_feature_map,
+        causal=True,
+        scale=attn.scaling,
+        window=attn.rf_window,
+    )
     assert_close(out, attn.o_proj(o.reshape(B, T, -1)), name="llama layer 0")
 
 
@@ -141,9 +153,18 @@ def test_generate_matches_recompute():
     check_generate_matches_recompute(num_kv_heads=4)
 
 
-def test_beam_search_matches_uncached():
-    """Beam search reorders the per-layer states (RFCacheLayer.reorder_cache) between steps."""
-    model = tiny_llama(4)
+def test_generate_with_window_matches_recompute():
+    """convert(window=3): every layer hybrid; generate() with the RFCache (WindowStates) equals recomputation."""
+    check_generate_matches_recompute(num_kv_heads=2, window=3)
+    model = tiny_llama(2, window=3)
+    assert all(layer.self_attn.rf_window == 3 for layer in model.model.layers)
+    llama_layer_by_hand(model, torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4)))
+
+
+@pytest.mark.parametrize("window", [None, 3], ids=["nowindow", "window3"])
+def test_beam_search_matches_uncached(window):
+    """Beam search reorders the per-layer states (RFCacheLayer.reorder_cache) between steps, tails included."""
+    model = tiny_llama(4, window=window)
     ids, mask = prompt_with_left_padding()
     args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
     assert torch.equal(model.generate(**args), model.generate(**args, use_cache=False))
@@ -260,22 +281,91 @@ def test_clear_errors():
         plain(input_ids=ids, use_cache=False)
 
 
-def test_sliding_window_model_is_refused():
+def tiny_mistral(sliding_window: int = 3) -> "MistralForCausalLM":  # noqa: F821
     from transformers import MistralConfig, MistralForCausalLM
 
     torch.manual_seed(0)
     config = MistralConfig(
         vocab_size=VOCAB,
         hidden_size=32,
-        num_hidden_layers=1,
+        num_hidden_layers=2,
         num_attention_heads=2,
-        num_key_value_heads=2,
+        num_key_value_heads=1,
         intermediate_size=32,
-        sliding_window=4,
+        sliding_window=sliding_window,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
     )
-    model = hf.convert(MistralForCausalLM(config).eval(), component="posrf", weights="orf", num_features=8)
-    with pytest.raises(ValueError, match="sliding"):
-        model(input_ids=torch.randint(3, VOCAB, (1, 6)), use_cache=False)
+    return MistralForCausalLM(config).double().eval()
+
+
+def test_sliding_window_model_converts_to_window_attention():
+    """A Mistral-style model (config.sliding_window = 3 on every layer) converts to hybrid attention with
+    window 3: each layer equals rf_attention(window=3) by hand, generate() with the RFCache equals
+    recomputation, and a teacher recording runs the original sliding-window softmax model."""
+    original = tiny_mistral(3)
+    original.set_attn_implementation("eager")
+    model = hf.convert(copy.deepcopy(original), component="posrf", weights="orf", num_features=8, seed=0, window=5)
+    assert [layer.self_attn.rf_window for layer in model.model.layers] == [3, 3]
+    ids, mask = prompt_with_left_padding(length=8)
+    llama_layer_by_hand(model, ids)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, greedy_without_cache(model, ids, mask, 6))
+    with hf.recording(teacher=True):
+        teacher = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    expected = original(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    # (eager attention takes its softmax in fp32)
+    assert_close(teacher[1], expected[1], torch.float32, name="teacher = sliding-window softmax model")
+    assert_close(teacher[0, 2:], expected[0, 2:], torch.float32, name="teacher, kept positions")
+
+
+def test_mixed_layer_types_convert_per_layer():
+    """config.layer_types with full and sliding layers (Qwen2): the sliding layer gets its own window, the
+    full one the window given to convert (None here: random features only); generate() equals recomputation."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        intermediate_size=32,
+        use_sliding_window=True,
+        sliding_window=3,
+        max_window_layers=1,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    assert config.layer_types == ["full_attention", "sliding_attention"]
+    model = hf.convert(
+        Qwen2ForCausalLM(config).double().eval(), component="posrf", weights="orf", num_features=8, seed=0
+    )
+    assert [layer.self_attn.rf_window for layer in model.model.layers] == [None, 3]
+    ids, mask = prompt_with_left_padding(length=8)
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, greedy_without_cache(model, ids, mask, 6))
+
+
+def test_sliding_window_pattern_probe():
+    """The mask function accepts the causal and bidirectional sliding windows of the given size only."""
+    from transformers.masking_utils import (
+        chunked_causal_mask_function,
+        sliding_window_bidirectional_mask_function,
+        sliding_window_causal_mask_function,
+    )
+
+    assert hf._is_sliding_pattern(sliding_window_causal_mask_function(4), 4)
+    assert hf._is_sliding_pattern(sliding_window_bidirectional_mask_function(4), 4)
+    assert not hf._is_sliding_pattern(sliding_window_causal_mask_function(4), 5)
+    assert not hf._is_sliding_pattern(chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long)), 4)
+    with pytest.raises(ValueError, match="chunked"):
+        hf.spectraformer_mask(
+            kv_length=6, mask_function=chunked_causal_mask_function(4, torch.zeros(1, dtype=torch.long)), local_size=4
+        )
 
 
 # -- grouped-query attention (k, v at H_kv < H heads, passed to rf_attention without repetition) ----------

@@ -6,7 +6,12 @@
 * ``convert(model, component=..., weights=..., num_features=...)`` gives every self-attention layer its
   own ``RandomFeatureMap`` (a submodule named ``rf_feature_map``, so it is saved in the state_dict) and
   switches the model to ``"spectraformer"``.
-* ``RFCache`` holds one ``RFState`` per layer for decoding: its ``update`` stores no keys or values, so the
+* ``convert(..., window=W)`` makes every layer hybrid attention (DESIGN.md section 6): exact softmax over
+  the last W keys, the features beyond. A sliding-window layer (Mistral's ``config.sliding_window``, or a
+  ``"sliding_attention"`` entry of ``config.layer_types``) always becomes hybrid attention whose window is
+  the layer's own sliding window: exact where the original attended, the features beyond.
+* ``RFCache`` holds one ``RFState`` per layer for decoding (a ``WindowState`` for a layer with a window:
+  the last W - 1 keys and values besides): its ``update`` stores no growing keys or values, so the
   memory of a decoding model does not grow with the generated length. ``generate()`` of a converted model
   uses one by default; ``decode_step`` runs one forward step with it.
 * ``recording()`` collects what the attention function of each converted layer receives (and can make it
@@ -43,16 +48,20 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from ..attention import BACKENDS, rf_attention
 from ..feature_map import RandomFeatureMap
 from ..reference import exact_attention
-from ..state import RFState
-from ..validation import resolve_scale
+from ..state import RFState, WindowState
+from ..validation import check_window, resolve_scale
 
 NAME = "spectraformer"
 FEATURE_MAP_ATTR = "rf_feature_map"
 BACKEND_ATTR = "rf_backend"
+# The layer's hybrid window (None: random features only) and the sliding window the layer had in the
+# original model (None: full attention), both set by convert.
+WINDOW_ATTR = "rf_window"
+SLIDING_ATTR = "rf_sliding_window"
 
 # Keyword arguments some models pass to their attention function for features random-feature attention
-# does not have (attention sinks, logit soft-capping, additive position biases, sliding windows).
-_UNSUPPORTED_KWARGS = ("sliding_window", "softcap", "position_bias", "s_aux", "sinks")
+# does not have (attention sinks, logit soft-capping, additive position biases).
+_UNSUPPORTED_KWARGS = ("softcap", "position_bias", "s_aux", "sinks")
 
 
 # -- the per-layer state of decoding ----------------------------------------------------------------
@@ -64,8 +73,9 @@ _PENDING = threading.local()
 
 class RFCacheLayer(CacheLayerMixin):
     """One decoder layer's random-feature state: ``state`` (an ``RFState`` with ``S [B, H_kv, F, Dv]``,
-    ``z [B, H_kv, F]``, ``log_scale [B, H_kv]``, or None before the first token) and ``seen``, the number
-    of positions processed (padding included, as in the attention mask). No key or value is kept."""
+    ``z [B, H_kv, F]``, ``log_scale [B, H_kv]``; a ``WindowState`` for a layer with a window, which adds
+    the last W - 1 keys and values; None before the first token) and ``seen``, the number of positions
+    processed (padding included, as in the attention mask). No growing key or value store is kept."""
 
     is_compileable = False
     is_sliding = False
@@ -73,7 +83,7 @@ class RFCacheLayer(CacheLayerMixin):
 
     def __init__(self, **kwargs):
         super().__init__()
-        self.state: RFState | None = None
+        self.state: RFState | WindowState | None = None
         self.seen = 0
         self.layer_idx: int | None = None
         self._awaiting = False
@@ -113,7 +123,7 @@ class RFCacheLayer(CacheLayerMixin):
 
     def _map_state(self, fn) -> None:
         if self.state is not None:
-            self.state = RFState(*(fn(t) for t in self.state))
+            self.state = type(self.state)(*(fn(t) for t in self.state))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._map_state(lambda t: t.index_select(0, beam_idx.to(t.device)))
@@ -140,7 +150,8 @@ class RFCacheLayer(CacheLayerMixin):
 
 
 class RFCache(Cache):
-    """A transformers ``Cache`` that holds one ``RFState`` per layer instead of growing keys and values.
+    """A transformers ``Cache`` that holds one ``RFState`` (``WindowState`` for a layer with a window) per
+    layer instead of growing keys and values.
 
     Pass it as the model's cache (``model(ids, cache=cache)``, ``past_key_values=`` in older transformers)
     or let ``generate()`` of a converted model create one. Layers are created on first use.
@@ -156,7 +167,7 @@ class RFCache(Cache):
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
 
     @property
-    def states(self) -> list[RFState | None]:
+    def states(self) -> list[RFState | WindowState | None]:
         """The state of every layer (None for a layer that has seen no token yet)."""
         return [layer.state for layer in self.layers]
 
@@ -197,9 +208,9 @@ def recording(teacher: bool = True):
     ``AttentionCall`` it fills, in call order.
 
     With ``teacher=True`` each call returns exact attention with the layer's feature-map kernel (softmax
-    attention for ``kernel="softmax"``: causality, padding and the grouped-query mapping, query head h
-    reading key/value head ``h // (H / H_kv)``, as in SDPA), so every layer sees the hidden states of the
-    model before conversion. A teacher run cannot continue from an ``RFCache``. Not reentrant."""
+    attention for ``kernel="softmax"``: causality, padding, the sliding window of a sliding-window layer
+    and the grouped-query mapping, query head h reading key/value head ``h // (H / H_kv)``, as in SDPA), so
+    every layer sees the hidden states of the model before conversion. A teacher run cannot continue from an ``RFCache``. Not reentrant."""
     if getattr(_RECORDER, "value", None) is not None:
         raise ValueError("recording() is already active on this thread (it does not nest)")
     calls: list[AttentionCall] = []
@@ -244,8 +255,8 @@ def spectraformer_attention_forward(
 ):
     """The function registered as ``"spectraformer"``: ``query [B, H, T, D]``, ``key [B, H_kv, T, D]``,
     ``value [B, H_kv, T, Dv]`` -> ``([B, T, H, Dv], None)`` through ``rf_attention`` with the module's
-    feature map. Attention dropout is not applied (random-feature attention forms no attention matrix);
-    no attention weights are returned."""
+    feature map and window. Attention dropout is not applied (random-feature attention forms no attention
+    matrix); no attention weights are returned."""
     feature_map = getattr(module, FEATURE_MAP_ATTR, None)
     if not isinstance(feature_map, RandomFeatureMap):
         raise ValueError(
@@ -258,6 +269,13 @@ def spectraformer_attention_forward(
             raise ValueError(
                 f"{type(module).__name__} passes {name}=..., which random-feature attention does not support"
             )
+    sliding = kwargs.get("sliding_window")
+    if sliding is not None and sliding != getattr(module, SLIDING_ATTR, None):
+        raise ValueError(
+            f"{type(module).__name__} passes sliding_window={sliding}, but it was converted as a layer with "
+            f"sliding window {getattr(module, SLIDING_ATTR, None)}: convert the model again"
+        )
+    window = getattr(module, WINDOW_ATTR, None)
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     B, _, Tq, _ = query.shape
     Tk = key.shape[2]
@@ -287,11 +305,22 @@ def spectraformer_attention_forward(
                     "a teacher recording runs the softmax model, which cannot continue from an RFCache: "
                     "record with use_cache=False or without a cache"
                 )
-            o = exact_attention(q, k, v, kernel=feature_map.kernel, causal=causal, scale=scale, key_padding_mask=kpm)
+            o = exact_attention(
+                q,
+                k,
+                v,
+                kernel=feature_map.kernel,
+                causal=causal,
+                scale=scale,
+                key_padding_mask=kpm,
+                window=_hf_window(getattr(module, SLIDING_ATTR, None), causal),
+            )
             return o.to(v.dtype), None
     backend = getattr(module, BACKEND_ATTR, "auto")
     if layer is None:
-        o = rf_attention(q, k, v, feature_map, causal=causal, scale=scaling, key_padding_mask=kpm, backend=backend)
+        o = rf_attention(
+            q, k, v, feature_map, causal=causal, scale=scaling, key_padding_mask=kpm, backend=backend, window=window
+        )
     else:
         o, layer.state = rf_attention(
             q,
@@ -304,21 +333,56 @@ def spectraformer_attention_forward(
             initial_state=state,
             output_final_state=True,
             backend=backend,
+            window=window,
         )
     return o, None
+
+
+def _hf_window(sliding_window: int | None, causal: bool) -> int | None:
+    """The window W (DESIGN.md section 6) of a transformers sliding window: causal, key j within
+    ``t - sliding_window < j <= t`` (W = sliding_window); bidirectional, ``|t - j| <= sliding_window``
+    (W = sliding_window + 1)."""
+    if sliding_window is None:
+        return None
+    return sliding_window if causal else sliding_window + 1
+
+
+def _is_sliding_pattern(mask_function, size) -> bool:
+    """Whether ``mask_function`` (a transformers index-based mask function) is the causal or the
+    bidirectional sliding window of ``size``, checked on the index pairs that tell a window from causal,
+    chunked or blockwise attention (below, at and past both edges of the window)."""
+    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+        return False
+    qs = torch.tensor([0, 1, size - 1, size, size + 1, 2 * size + 1, 3 * size + 2])
+    ds = torch.tensor([-size - 1, -size, -size + 1, -1, 0, 1, size - 1, size, size + 1])
+    q_idx, d = (t.flatten() for t in torch.meshgrid(qs, ds, indexing="ij"))
+    kv_idx = q_idx + d
+    q_idx, d, kv_idx = q_idx[kv_idx >= 0], d[kv_idx >= 0], kv_idx[kv_idx >= 0]
+    zero = torch.zeros_like(q_idx)
+    try:
+        got = torch.as_tensor(mask_function(zero, zero, q_idx, kv_idx)).expand_as(q_idx)
+    except Exception:  # a pattern that cannot be probed elementwise is not one of these two
+        return False
+    return bool(torch.equal(got, (d <= 0) & (d > -size)) or torch.equal(got, d.abs() <= size))
 
 
 def spectraformer_mask(
     *, kv_length: int, mask_function=causal_mask_function, attention_mask: torch.Tensor | None = None, **kwargs
 ):
     """The mask function registered as ``"spectraformer"``: the ``[B, kv_length]`` bool keep-mask, or None
-    when nothing is padded. Causality comes from the module (``is_causal``), not from the mask. The other
-    arguments transformers passes (batch size, query length or cache position, offsets, dtype) are unused."""
-    if mask_function is not causal_mask_function and mask_function is not bidirectional_mask_function:
+    when nothing is padded. Causality comes from the module (``is_causal``), not from the mask, and so does
+    a sliding window (the layer's window, set by ``convert``): the causal and bidirectional sliding-window
+    patterns are accepted. The other arguments transformers passes (batch size, query length or cache
+    position, offsets, dtype) are unused."""
+    if (
+        mask_function is not causal_mask_function
+        and mask_function is not bidirectional_mask_function
+        and not _is_sliding_pattern(mask_function, kwargs.get("local_size"))
+    ):
         name = getattr(mask_function, "__qualname__", type(mask_function).__name__)
         raise ValueError(
-            f"attn_implementation='{NAME}' supports full causal or bidirectional attention with a "
-            f"padding mask; this model asks for another pattern ({name}: a sliding window, chunked or "
+            f"attn_implementation='{NAME}' supports full causal or bidirectional attention and sliding "
+            f"windows, with a padding mask; this model asks for another pattern ({name}: chunked or "
             "blockwise attention, or packed sequences)"
         )
     if attention_mask is None:
@@ -367,6 +431,19 @@ def _head_sizes(module: nn.Module) -> tuple[int, int]:
     return head_dim, num_kv_heads
 
 
+def _sliding_window(module: nn.Module) -> int | None:
+    """The sliding window of an attention layer of the original model, None for full attention: the
+    module's own ``sliding_window`` (Qwen2, Gemma 2...), else its entry of ``config.layer_types``, else
+    ``config.sliding_window`` (Mistral: every layer)."""
+    if hasattr(module, "sliding_window"):
+        return module.sliding_window
+    config = module.config
+    types_ = getattr(config, "layer_types", None)
+    if types_ is not None and module.layer_idx is not None and module.layer_idx < len(types_):
+        return config.sliding_window if types_[module.layer_idx] == "sliding_attention" else None
+    return getattr(config, "sliding_window", None)
+
+
 def _model_cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -402,6 +479,7 @@ def convert(
     seed: int | None = None,
     backend: str = "auto",
     weight_args: dict | None = None,
+    window: int | None = None,
     **component_args,
 ) -> PreTrainedModel:
     """Switch a transformers model to random-feature attention, in place; returns the model.
@@ -411,9 +489,15 @@ def convert(
     state_dict; layer i uses ``seed + i`` when ``seed`` is given), and the model's attention implementation
     becomes ``"spectraformer"`` (``register()`` is called). ``backend`` is passed to ``rf_attention``.
 
-    Supported: models whose attention goes through transformers' ``AttentionInterface`` with full causal
-    (decoders) or bidirectional (encoders) attention and a 2D padding mask. Sliding-window, chunked and
-    cross-attention layers, attention sinks and soft-capping raise a ValueError.
+    ``window`` (None: random features only) makes every full-attention layer hybrid attention with that
+    window (DESIGN.md section 6). A sliding-window layer of the original model (``config.sliding_window``
+    as in Mistral, or ``"sliding_attention"`` in ``config.layer_types``) becomes hybrid attention whose
+    window is its own sliding window, whatever ``window`` is: exact softmax where the original attended,
+    the features beyond. The layer's window is its attribute ``rf_window``.
+
+    Supported: models whose attention goes through transformers' ``AttentionInterface`` with full or
+    sliding-window causal (decoders) or bidirectional (encoders) attention and a 2D padding mask.
+    Chunked and cross-attention layers, attention sinks and soft-capping raise a ValueError.
     """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"convert expects a transformers PreTrainedModel, got {type(model).__name__}")
@@ -421,6 +505,7 @@ def convert(
         raise ValueError(f"unknown backend {backend!r}; valid names are {', '.join(BACKENDS)}")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    window = check_window(window)
     layers = _attention_layers(model)
     if not layers:
         raise ValueError(
@@ -452,6 +537,10 @@ def convert(
         )
         setattr(module, FEATURE_MAP_ATTR, fm)
         setattr(module, BACKEND_ATTR, backend)
+        sliding = _sliding_window(module)
+        setattr(module, SLIDING_ATTR, sliding)
+        layer_window = _hf_window(sliding, bool(getattr(module, "is_causal", True)))
+        setattr(module, WINDOW_ATTR, window if layer_window is None else layer_window)
     _decode_with_rf_cache(model)
     return model
 
