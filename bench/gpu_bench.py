@@ -33,6 +33,7 @@ if __package__ in (None, ""):
 import spectraformer_fused as sf  # noqa: E402
 from bench.common import peak_memory, versions  # noqa: E402
 from bench.peers import FLA_KERNELS, load, torch_features  # noqa: E402
+from bench.window import gpu_rows as window_gpu_rows  # noqa: E402
 
 PAIRS = (("posrf", "orf"), ("oprf", "fastfood_learnable"))
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -267,6 +268,7 @@ def run(args) -> list[dict]:
             del q, k, v, do
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+    rows += window_gpu_rows(args, device, D, m, dtypes, shapes[:2])  # the hybrid window (bench/window.py)
     return rows
 
 

@@ -11,10 +11,12 @@ shows a progress bar while it runs and prints a short summary. Sections:
 5. training on generated tasks (ListOps, MQAR) with each attention (``bench/train.py``; ``--no-train`` skips it);
 6. fitting the feature map to softmax attention (quoted from ``bench/fit_report.py``'s newest table);
 7. a practitioner's guide derived from the numbers above (only when sections 1-4 ran);
-8. packed variable-length sequences against padding (``bench/varlen.py``).
+8. packed variable-length sequences against padding (``bench/varlen.py``);
+9. hybrid attention, exact inside a window and random features beyond (``bench/window.py``; ``--no-train``
+   skips its MQAR part).
 
 Each section lives in its own module (``accuracy``, ``kernel_estimation``, ``speed``, ``weight_cost``,
-``train``, ``fitting``, ``guide``, ``varlen``) on top of ``bench/common.py``; this module only runs them and
+``train``, ``fitting``, ``guide``, ``varlen``, ``window``) on top of ``bench/common.py``; this module only runs them and
 assembles ``report.md``. ``--section NAME`` runs one section alone.
 
 Quick mode (the default) is sized for a 2-core CPU (a few minutes); ``--full`` is meant for a GPU.
@@ -32,7 +34,7 @@ import time
 
 import torch
 
-from . import accuracy, fitting, guide, kernel_estimation, speed, varlen, weight_cost
+from . import accuracy, fitting, guide, kernel_estimation, speed, varlen, weight_cost, window
 from .common import (
     Bar,
     Context,
@@ -48,7 +50,7 @@ from .common import (
 from .settings import Settings, make_settings
 
 # --section NAME: the sections that can run alone (the guide needs sections 1-4 and runs with all of them).
-SECTIONS = ("accuracy", "kernel", "speed", "weights", "train", "fitting", "varlen")
+SECTIONS = ("accuracy", "kernel", "speed", "weights", "train", "fitting", "varlen", "window")
 
 
 def run_varlen(st: Settings, ctx: Context):
@@ -107,6 +109,8 @@ def write_markdown(path, ctx, st, res: dict, plots, elapsed, section: str | None
             "",
         ]
         L += varlen.markdown(rows, vs, st.device, ctx.line(dtype_name(vs.dtype), "varlen"))
+    if "window" in res:
+        L += window.markdown(res["window"], ctx, cmd)
     L += ["Raw numbers: " + ", ".join([f"`{name}.csv`" for name, _ in csv_tables(res)] + ["`report.json`"]) + ".", ""]
     with open(path, "w") as f:
         f.write("\n".join(L))
@@ -125,6 +129,8 @@ def csv_tables(res: dict) -> list:
         out += [("weights", res["weights"][0]), ("train", res["weights"][1])]
     if "varlen" in res:
         out.append(("varlen", res["varlen"][0]))
+    if "window" in res:
+        out += window.tables(res["window"])
     return out
 
 
@@ -189,6 +195,9 @@ def main(argv=None) -> int:
     if want("varlen"):
         ctx.use_threads("varlen", device)
         res["varlen"] = run_varlen(st, ctx)
+    if want("window"):
+        parts = [p for p in window.PARTS if p != "mqar" or not args.no_train]
+        res["window"] = window.run(window.window_settings(args.full, device), ctx, out, parts)
     torch.set_num_threads(ctx.default_threads)
 
     plots = (
@@ -225,6 +234,8 @@ def main(argv=None) -> int:
     raw["training"] = [{k: v for k, v in r.items() if k != "lines"} for r in res.get("train", [])]
     if "varlen" in res:
         raw["varlen"] = res["varlen"][0]
+    if "window" in res:
+        raw["window"] = window.raw(res["window"])
     with open(os.path.join(out, "report.json"), "w") as f:
         json.dump(raw, f, indent=1, default=str)
 

@@ -3,9 +3,11 @@ are ``bench.kernel_estimation.make_settings``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
+
+from .tasks import MQARConfig
 
 
 @dataclass
@@ -63,4 +65,90 @@ def make_settings(full: bool, device: torch.device) -> Settings:
         1.0 if not cuda else 0.5,
         20.0 if not cuda else 2.0,
         120.0 if cuda else 900.0,
+    )
+
+
+@dataclass
+class WindowSettings:
+    """Sizes of the hybrid-window section (``bench/window.py``)."""
+
+    full: bool
+    device: torch.device
+    # (a) approximation error against exact attention, over the window size
+    acc_shape: tuple  # B, T, H, D
+    acc_m: int
+    windows: tuple  # 0 = random features only
+    scales: tuple  # std of q and k
+    seeds: int
+    pairs: tuple  # component:weights
+    kernels: tuple
+    # (b) MQAR with the pairs spread over T = seq_len >= 8 W
+    mqar_window: int
+    mqar: MQARConfig
+    mqar_steps: int
+    mqar_batch: int
+    mqar_lr: float
+    mqar_seeds: int
+    mqar_pairs: tuple  # random-feature pairs, each trained without and with the window
+    # the model: a token shift (short convolution of width 2) and no position embeddings, so that softmax
+    # learns the task in the few steps a CPU affords (bench/train.ModelConfig)
+    mqar_token_shift: bool
+    mqar_positions: bool
+    # (c) CPU (or GPU) speed and memory of the forward pass and of forward + backward
+    speed_T: tuple
+    speed_window: int
+    speed_shape: tuple  # B, H, D, m
+    speed_pairs: tuple
+    speed_budget_s: float  # timing budget per measured row
+
+
+def window_settings(full: bool, device: torch.device) -> WindowSettings:
+    """Quick: a few minutes on a 2-core CPU; ``--full``: more seeds, pairs and lengths."""
+    cuda = device.type == "cuda"
+    W = 16
+    quick = WindowSettings(
+        full=False,
+        device=device,
+        acc_shape=(2, 256, 2, 32),
+        acc_m=64,
+        windows=(0, 4, 16, 64),
+        scales=(0.5, 1.0, 1.5),
+        seeds=3,
+        pairs=("posrf:orf", "hyprf:sorf", "oprf:fastfood_learnable", "saderf:mm", "trigrf:orf"),
+        kernels=("softmax",),
+        mqar_window=W,
+        mqar=MQARConfig(
+            vocab_size=17, num_pairs=4, seq_len=8 * W, train_size=8000, val_size=256, test_size=512, layout="spread"
+        ),
+        mqar_steps=150,
+        mqar_batch=32,
+        mqar_lr=3e-3,
+        mqar_seeds=2,
+        mqar_pairs=("posrf:orf", "hyprf:sorf"),
+        mqar_token_shift=True,
+        mqar_positions=False,
+        speed_T=(16384, 65536) if cuda else (1024, 4096),
+        speed_window=64,
+        speed_shape=(1, 8, 64, 128),
+        speed_pairs=("posrf:orf",),
+        speed_budget_s=0.5,
+    )
+    if not full:
+        return quick
+    return replace(
+        quick,
+        full=True,
+        acc_shape=(2, 512, 2, 32),
+        acc_m=128,
+        seeds=5,
+        kernels=("softmax", "gaussian"),
+        mqar=MQARConfig(vocab_size=8192, num_pairs=64, seq_len=max(256, 8 * W), layout="spread"),
+        mqar_steps=8000,
+        mqar_batch=64,
+        mqar_lr=1e-3,
+        mqar_seeds=3,
+        mqar_pairs=("posrf:orf", "hyprf:sorf", "oprf:fastfood_learnable"),
+        speed_T=(16384, 65536) if cuda else (1024, 4096, 8192),
+        speed_pairs=("posrf:orf", "oprf:fastfood_learnable"),
+        speed_budget_s=0.5 if cuda else 1.0,
     )

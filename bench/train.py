@@ -8,8 +8,12 @@ a plot of accuracy against time per step, and learning curves.
 
 Attentions: ``softmax`` (exact, ``torch.nn.functional.scaled_dot_product_attention``), ``uniform`` (the
 floor: every query averages the values it may see) and ``<component>:<weights>`` (``SpectraAttention``).
-Tasks (``bench/tasks``): ListOps (LRA; encoder, mean-pooled over the kept tokens, 10 classes) and
-multi-query associative recall (causal, the value predicted at each query).
+A suffix ``@w<W>`` gives a window of W keys (DESIGN.md section 6): ``posrf:orf@w16`` is the hybrid (exact
+softmax over the 16 most recent keys, random features beyond), ``softmax@w16`` sliding-window softmax
+(exact attention over those keys only, nothing beyond); ``--window W`` adds it to every random-feature pair.
+Tasks (``bench/tasks``): ListOps (LRA; encoder, mean-pooled over the kept tokens, 10 classes),
+multi-query associative recall (causal, the value predicted at each query) and ``mqar_spread``, MQAR with
+the pairs spread over a sequence of 8 times the window of ``bench/window.py`` (not in the default run).
 
 Random features: by default W is drawn once from the run's seed and kept fixed during training
 (``--redraw-every 0``); ``--redraw-every N`` redraws every fixed W every N steps (learnable weights are
@@ -47,6 +51,7 @@ BASELINES = ("softmax", "uniform")
 # learnable weights (gerf, the general form of posrf/oprf, is left to the full run).
 QUICK_PAIRS = ("softmax", "uniform", "posrf:orf", "hyprf:sorf", "oprf:fastfood_learnable", "saderf:mm", "trigrf:orf")
 TASKS = ("listops", "mqar")
+EXTRA_TASKS = ("mqar_spread",)  # accepted by --task, not part of the report's section 5
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -59,12 +64,21 @@ def _split_heads(t: torch.Tensor, H: int) -> torch.Tensor:
     return t.view(B, T, H, E // H).transpose(1, 2)  # [B, H, T, D]
 
 
-class SoftmaxAttention(nn.Module):
-    """Exact softmax attention through SDPA, with the same projections as ``SpectraAttention``."""
+def band_mask(T: int, window: int, causal: bool, device=None) -> torch.Tensor:
+    """``[T, T]`` bool, True where key j is inside query t's window of W keys (DESIGN.md section 6):
+    causal t - W < j <= t, non-causal |t - j| < W."""
+    t = torch.arange(T, device=device)
+    diff = t[:, None] - t[None, :]
+    return ((diff >= 0) & (diff < window)) if causal else diff.abs() < window
 
-    def __init__(self, embed_dim: int, num_heads: int, causal: bool):
+
+class SoftmaxAttention(nn.Module):
+    """Exact softmax attention through SDPA, with the same projections as ``SpectraAttention``;
+    ``window``: sliding-window softmax, each query attends only to the keys inside its window."""
+
+    def __init__(self, embed_dim: int, num_heads: int, causal: bool, window: int | None = None):
         super().__init__()
-        self.num_heads, self.causal = num_heads, causal
+        self.num_heads, self.causal, self.window = num_heads, causal, window
         self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
         self.out_proj = nn.Linear(embed_dim, embed_dim)
 
@@ -72,11 +86,13 @@ class SoftmaxAttention(nn.Module):
         B, T, E = x.shape
         q, k, v = (_split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
         mask, causal = None, self.causal
+        if self.window is not None:
+            mask, causal = band_mask(T, self.window, causal, x.device), False
         if key_padding_mask is not None:
-            mask = key_padding_mask[:, None, None, :]  # True = take part
+            keep = key_padding_mask[:, None, None, :]  # True = take part
             if causal:
-                mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-                causal = False
+                mask, causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), False
+            mask = keep if mask is None else keep & mask
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.out_proj(o.transpose(1, 2).reshape(B, T, E))
 
@@ -103,21 +119,28 @@ class UniformAttention(nn.Module):
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Spectraformer's LRA model: 2 layers, 2 heads of 32, model dim 64, FFN 128, m = 128."""
+    """Spectraformer's LRA model: 2 layers, 2 heads of 32, model dim 64, FFN 128, m = 128. ``token_shift``
+    adds a learned projection of the previous token's embedding to each token's (a causal convolution of
+    width 2, the short convolution of H3 and Based): a key-value pair then sits in one token.
+    ``positions=False`` drops the learned position embeddings (order then comes from the causal mask and
+    the shift alone)."""
 
     layers: int = 2
     heads: int = 2
     dim: int = 64
     ffn: int = 128
     num_features: int = 128
+    token_shift: bool = False
+    positions: bool = True
 
 
 def make_attention(pair: str, cfg: ModelConfig, causal: bool, seed: int, backend: str) -> nn.Module:
-    if pair == "softmax":
-        return SoftmaxAttention(cfg.dim, cfg.heads, causal)
-    if pair == "uniform":
+    base, window = split_window(pair)
+    if base == "softmax":
+        return SoftmaxAttention(cfg.dim, cfg.heads, causal, window)
+    if base == "uniform":
         return UniformAttention(cfg.dim, causal)
-    component, weights = parse_pair(pair)
+    component, weights = parse_pair(base)
     return sf.SpectraAttention(
         cfg.dim,
         cfg.heads,
@@ -127,6 +150,7 @@ def make_attention(pair: str, cfg: ModelConfig, causal: bool, seed: int, backend
         causal=causal,
         seed=seed,
         backend=backend,
+        **({} if window is None else {"window": window}),
     )
 
 
@@ -160,7 +184,8 @@ class TaskModel(nn.Module):
         super().__init__()
         self.pair, self.causal = pair, causal
         self.embed = nn.Embedding(vocab, cfg.dim)
-        self.pos = nn.Embedding(max_len, cfg.dim)
+        self.pos = nn.Embedding(max_len, cfg.dim) if cfg.positions else None
+        self.shift = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.token_shift else None
         self.blocks = nn.ModuleList(
             Block(make_attention(pair, cfg, causal, seed * 101 + i, backend), cfg) for i in range(cfg.layers)
         )
@@ -169,7 +194,11 @@ class TaskModel(nn.Module):
 
     def forward(self, ids, key_padding_mask=None):
         T = ids.shape[1]
-        x = self.embed(ids) + self.pos(torch.arange(T, device=ids.device))
+        x = self.embed(ids)
+        if self.pos is not None:
+            x = x + self.pos(torch.arange(T, device=ids.device))
+        if self.shift is not None:
+            x = x + self.shift(F.pad(x, (0, 0, 1, 0))[:, :-1])  # token t also sees token t - 1
         for blk in self.blocks:
             x = blk(x, key_padding_mask)
         x = self.norm(x)
@@ -204,19 +233,44 @@ def parse_pair(pair: str) -> tuple[str, str]:
     return parts[0], parts[1]
 
 
-def resolve_pairs(spec: str, quick: bool) -> list[str]:
-    """``all`` = both baselines and every component x weight pair; ``quick`` = ``QUICK_PAIRS``."""
+def split_window(pair: str) -> tuple[str, int | None]:
+    """``"posrf:orf@w16"`` -> ``("posrf:orf", 16)``; no suffix -> ``(pair, None)``."""
+    base, sep, w = pair.partition("@w")
+    if not sep:
+        return pair, None
+    if not w.isdigit() or int(w) < 1 or base == "uniform":
+        raise ValueError(
+            f"bad window in {pair!r}: use softmax@w<W> or <component>:<weights>@w<W> with W a positive int"
+        )
+    return base, int(w)
+
+
+def is_baseline(pair: str) -> bool:
+    """softmax, uniform and sliding-window softmax: no random features."""
+    return split_window(pair)[0] in BASELINES
+
+
+def with_window(pair: str, window: int | None) -> str:
+    """``pair`` with a window of ``window`` keys when it is a random-feature pair without one."""
+    return pair if window is None or is_baseline(pair) or "@w" in pair else f"{pair}@w{window}"
+
+
+def resolve_pairs(spec: str, quick: bool, window: int | None = None) -> list[str]:
+    """``all`` = both baselines and every component x weight pair; ``quick`` = ``QUICK_PAIRS``; ``window``
+    adds ``@w<window>`` to every random-feature pair that has no window."""
     if spec == "all":
-        return list(BASELINES) + [f"{c}:{w}" for c in sf.COMPONENTS for w in sf.WEIGHTS]
-    if spec == "quick":
-        return list(QUICK_PAIRS)
-    pairs = [p.strip() for p in spec.split(",") if p.strip()]
-    if not pairs:
-        raise ValueError("--pairs is empty")
+        pairs = list(BASELINES) + [f"{c}:{w}" for c in sf.COMPONENTS for w in sf.WEIGHTS]
+    elif spec == "quick":
+        pairs = list(QUICK_PAIRS)
+    else:
+        pairs = [p.strip() for p in spec.split(",") if p.strip()]
+        if not pairs:
+            raise ValueError("--pairs is empty")
     for p in pairs:
-        if p not in BASELINES:
-            parse_pair(p)
-    return pairs
+        base, _ = split_window(p)
+        if base not in BASELINES:
+            parse_pair(base)
+    return [with_window(p, window) for p in pairs]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -234,11 +288,18 @@ class TaskSettings:
     weight_decay: float = 0.01
     warmup_frac: float = 0.1
     evals: int = 8  # validation points on the learning curve
+    model: ModelConfig = ModelConfig()
 
 
 def task_settings(task: str, quick: bool) -> TaskSettings:
     """Quick: sized for a 2-core CPU inside ``make report``. Full: LRA's ListOps (lengths 500-2000, depth 10,
-    10 arguments, 96k training examples, batch 32) and Zoology's MQAR (vocab 8192, 64 pairs, T = 256)."""
+    10 arguments, 96k training examples, batch 32) and Zoology's MQAR (vocab 8192, 64 pairs, T = 256).
+    ``mqar_spread``: the window section's MQAR (``bench/settings.window_settings``)."""
+    if task == "mqar_spread":
+        from .settings import window_settings
+        from .window import mqar_task
+
+        return mqar_task(window_settings(not quick, torch.device("cpu")))
     if task == "listops":
         if quick:
             return TaskSettings(
@@ -259,7 +320,7 @@ def task_settings(task: str, quick: bool) -> TaskSettings:
                 lr=3e-3,
             )
         return TaskSettings(task, MQARConfig(), steps=8000, batch_size=64, lr=1e-3)
-    raise ValueError(f"unknown task {task!r}; valid tasks are {', '.join(TASKS)}")
+    raise ValueError(f"unknown task {task!r}; valid tasks are {', '.join(TASKS + EXTRA_TASKS)}")
 
 
 class TaskData:
@@ -267,7 +328,7 @@ class TaskData:
 
     def __init__(self, ts: TaskSettings, device: torch.device, data_seed: int = 0):
         self.ts, self.device = ts, device
-        if ts.task == "listops":
+        if isinstance(ts.data, ListOpsConfig):
             splits = listops_splits(ts.data, data_seed)
             self.vocab, self.outputs, self.causal = len(LISTOPS_VOCAB), NUM_CLASSES, False
             self.chance_note = "majority class of the test set"
@@ -343,7 +404,9 @@ def default_backend(device: torch.device) -> str:
 
 def build_model(pair: str, data: TaskData, seed: int, backend: str) -> TaskModel:
     torch.manual_seed(seed)
-    return TaskModel(pair, data.vocab, data.outputs, data.max_len, data.causal, seed, backend=backend).to(data.device)
+    return TaskModel(
+        pair, data.vocab, data.outputs, data.max_len, data.causal, seed, cfg=data.ts.model, backend=backend
+    ).to(data.device)
 
 
 def train_one(
@@ -474,7 +537,7 @@ def summarise(runs: list[dict], chance: float) -> dict:
 
 def task_description(data: TaskData) -> str:
     ts, c = data.ts, data.ts.data
-    if ts.task == "listops":
+    if isinstance(c, ListOpsConfig):
         what = (
             f"ListOps (LRA recipe): lengths [{c.min_length}, {c.max_length}), depth <= {c.max_depth}, "
             f"<= {c.max_args} arguments, {c.train_size}/{c.val_size}/{c.test_size} examples; encoder, mean-pooled, "
@@ -482,12 +545,20 @@ def task_description(data: TaskData) -> str:
         )
     else:
         what = (
-            f"MQAR: vocab {c.vocab_size} ({c.num_keys} keys, {c.num_values} values), {c.num_pairs} pairs, "
+            f"MQAR{' (pairs spread over the sequence)' if c.layout == 'spread' else ''}: vocab {c.vocab_size} "
+            f"({c.num_keys} keys, {c.num_values} values), {c.num_pairs} pairs, "
             f"{c.queries} queries, T = {c.seq_len}, {c.train_size}/{c.val_size}/{c.test_size} sequences; causal, "
             "accuracy over query positions"
         )
+    mc = ts.model
+    model = (
+        f"{mc.layers} layers, {mc.heads} heads x {mc.dim // mc.heads}, dim {mc.dim}, FFN {mc.ffn}, "
+        f"m = {mc.num_features} features"
+        + (", token shift (width-2 causal convolution)" if mc.token_shift else "")
+        + ("" if mc.positions else ", no position embeddings")
+    )
     return (
-        f"{what}. Model: 2 layers, 2 heads x 32, dim 64, FFN 128, m = 128 features; AdamW (lr {ts.lr:g}, "
+        f"{what}. Model: {model}; AdamW (lr {ts.lr:g}, "
         f"weight decay {ts.weight_decay:g}, betas 0.9/0.98), {int(ts.warmup_frac * 100)}% linear warm-up then "
         f"cosine decay, gradient norm clipped at 1, batch {ts.batch_size}."
     )
@@ -549,7 +620,7 @@ def findings(task: str, summaries: list[dict], data: TaskData) -> dict[str, str]
     """Plain statements computed from the table, by topic (softmax, best, gap, time, learnable)."""
     soft = next((s for s in summaries if s["pair"] == "softmax"), None)
     uni = next((s for s in summaries if s["pair"] == "uniform"), None)
-    rf = [s for s in summaries if s["pair"] not in BASELINES]
+    rf = [s for s in summaries if not is_baseline(s["pair"])]
     out = {}
     if soft:
         out["softmax"] = (
@@ -624,7 +695,7 @@ def plot(task: str, summaries, runs, out_dir: str, header: str) -> list[str]:
             s["step_ms"],
             100 * s["acc_mean"],
             yerr=100 * s["acc_std"],
-            fmt="s" if s["pair"] in BASELINES else "o",
+            fmt="s" if is_baseline(s["pair"]) else "o",
             capsize=3,
         )
         ax.annotate(
@@ -645,7 +716,7 @@ def plot(task: str, summaries, runs, out_dir: str, header: str) -> list[str]:
         steps = [c["step"] for c in sel[0]["curve"]]
         loss = [statistics.fmean(r["curve"][i]["train_loss"] for r in sel) for i in range(len(steps))]
         acc = [100 * statistics.fmean(r["curve"][i]["val_acc"] for r in sel) for i in range(len(steps))]
-        style = "--" if pair in BASELINES else "-"
+        style = "--" if is_baseline(pair) else "-"
         a1.plot(steps, loss, style, marker=".", label=pair.replace(":", " x "))
         a2.plot(steps, acc, style, marker=".", label=pair.replace(":", " x "))
     a1.set_xlabel("step")
@@ -789,7 +860,7 @@ def guide_lines(results: list[dict]) -> list[str]:
     """What the practitioner's guide takes from the training runs."""
     out = []
     for r in results:
-        rf = [s for s in r["summaries"] if s["pair"] not in BASELINES]
+        rf = [s for s in r["summaries"] if not is_baseline(s["pair"])]
         soft = next((s for s in r["summaries"] if s["pair"] == "softmax"), None)
         if not rf:
             continue
@@ -820,12 +891,20 @@ def guide_lines(results: list[dict]) -> list[str]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--task", default="listops,mqar", help="listops, mqar or both (comma-separated)")
+    ap.add_argument(
+        "--task", default="listops,mqar", help="listops, mqar, mqar_spread (comma-separated; default listops,mqar)"
+    )
     ap.add_argument(
         "--pairs",
         default=None,
-        help="all, quick, or a comma list of softmax, uniform, <component>:<weights> "
-        "(default: quick with --quick, else all)",
+        help="all, quick, or a comma list of softmax, uniform, <component>:<weights>, each but uniform "
+        "optionally with a window @w<W> (default: quick with --quick, else all)",
+    )
+    ap.add_argument(
+        "--window",
+        type=int,
+        default=None,
+        help="hybrid attention: a window of W exact keys on every random-feature pair without @w",
     )
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the task's setting)")
     ap.add_argument("--seeds", type=int, default=None, help="number of seeds (default 2 quick, 3 full)")
@@ -848,14 +927,16 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     tasks = [t.strip() for t in args.task.split(",") if t.strip()]
     for t in tasks:
-        if t not in TASKS:
-            ap.error(f"unknown task {t!r}; valid tasks are {', '.join(TASKS)}")
+        if t not in TASKS + EXTRA_TASKS:
+            ap.error(f"unknown task {t!r}; valid tasks are {', '.join(TASKS + EXTRA_TASKS)}")
     if args.steps is not None and args.steps < 1:
         ap.error("--steps must be >= 1")
     if args.redraw_every < 0:
         ap.error("--redraw-every must be >= 0")
+    if args.window is not None and args.window < 1:
+        ap.error("--window must be >= 1")
     try:
-        pairs = resolve_pairs(args.pairs or ("quick" if args.quick else "all"), args.quick)
+        pairs = resolve_pairs(args.pairs or ("quick" if args.quick else "all"), args.quick, args.window)
     except ValueError as exc:
         ap.error(str(exc))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
