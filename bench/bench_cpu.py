@@ -9,6 +9,12 @@ m = 128, at (B=1, H=8, T=4096) and (B=4, H=8, T=1024), causal and non-causal, fo
 * ``torch chunked``: ``bench/torch_chunked.py``, the best of chunk sizes 64/128/256;
 * ``performer-pytorch``: its ``FastAttention`` (skipped with a printed line when not installed).
 
+Training (forward + backward, ``training_rows``): the public ``rf_attention`` (backend auto, i.e. the
+compiled CPU backend with its fused backward, the feature map passed as in a model), the same call with
+``backend="reference"``, the torch chunked peer (autograd; the best chunk size when causal) and SDPA
+(exact softmax, its CPU kernels), each with the peak memory of one call (``bench.common.peak_memory``);
+``--train-only`` runs just those rows.
+
 And one decode step (B=1, H=8, one token, state carried) through the public ``rf_attention``,
 ``SpectraAttention`` and the HF attention path (when installed), beside the compiled kernel alone and a
 plain PyTorch step (see ``decode_rows``); ``--decode-only`` runs just those rows. Every timing is
@@ -35,7 +41,7 @@ import torch
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from bench.common import machine  # noqa: E402
+from bench.common import PEAK_MEMORY_HOW, machine, peak_memory  # noqa: E402
 from bench.torch_chunked import chunked_attention, decode_step  # noqa: E402
 from spectraformer_fused import RandomFeatureMap, RFState, SpectraAttention, rf_attention  # noqa: E402
 from spectraformer_fused.ops import cpu as cpu_ops  # noqa: E402
@@ -46,6 +52,9 @@ M = 128
 SHAPES = [(1, 8, 4096), (4, 8, 1024)]
 CHUNK = 64
 GOALS = {"causal": 1.5, "non-causal": 1.1, "decode": 3.0}
+# forward + backward: rf_attention against the torch chunked peer (every shape) and SDPA (T = 4096); the
+# reference backend against the peer
+TRAIN_GOALS = {"peer": 1.5, "sdpa": 2.0, "sdpa_T": 4096, "reference": 1.0}
 
 
 def flops(B: int, H: int, T: int, causal: bool) -> float:
@@ -217,17 +226,79 @@ def decode_rows(reps: int, mm_peak: float, verdicts: list, notes: list) -> list:
     return rows
 
 
-def run(threads: int, reps: int, decode_only: bool = False) -> str:
+def training_rows(reps: int, verdicts: list) -> list:
+    """Forward + backward of a fixed linear loss of o at every shape, causal and non-causal: rows of
+    (case, implementation, ms, tokens/s, peak MiB, time / time of rf_attention)."""
+    rows = []
+    for B, H, T in SHAPES:
+        fm = RandomFeatureMap(D, M, component="posrf", weights="orf", num_heads=H, seed=0).eval()
+        gen = torch.Generator().manual_seed(T)
+        q, k, v, do = (torch.randn(B, T, H, D, generator=gen) for _ in range(4))
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        for causal in (True, False):
+            mode = "causal" if causal else "non-causal"
+            p = fm.feature_params(q, k, scale=D**-0.5, causal=causal)
+
+            def step(attend):
+                def fn():
+                    for t in leaves:
+                        t.grad = None
+                    attend(*leaves).backward(do)
+
+                return fn
+
+            fns = {
+                "rf_attention (auto: cpu)": step(lambda a, b, c: rf_attention(a, b, c, fm, causal=causal)),
+                "rf_attention (reference)": step(
+                    lambda a, b, c: rf_attention(a, b, c, fm, causal=causal, backend="reference")
+                ),
+            }
+            for c in (64, 128, 256) if causal else (64,):
+                name = f"torch chunked (chunk {c})" if causal else "torch chunked"
+                fns[name] = step(lambda a, b, x, c=c: chunked_attention(a, b, x, p, causal=causal, chunk_size=c))
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+            fns["SDPA (exact softmax)"] = step(
+                lambda a, b, c: sdpa(
+                    a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2), is_causal=causal
+                ).transpose(1, 2)
+            )
+            t = interleaved(fns, reps, warmup=1)
+            if causal:  # keep the best chunk size of the torch peer
+                best = min((n for n in t if n.startswith("torch chunked")), key=t.get)
+                t = {n: s for n, s in t.items() if not n.startswith("torch chunked") or n == best}
+            mem = {name: peak_memory(fns[name], torch.device("cpu")) for name in t}
+            ours = t["rf_attention (auto: cpu)"]
+            peer = next(n for n in t if n.startswith("torch chunked"))
+            case = f"B={B} H={H} T={T} {mode} fwd+bwd"
+            for name, sec in t.items():
+                rows.append((case, name, sec * 1e3, B * T / sec, (mem[name] or 0) / 2**20, sec / ours))
+
+            def verdict(what, ratio, goal):
+                met = "met" if ratio >= goal else f"missed by {goal / ratio:.2f}x"
+                verdicts.append(f"{case}: {what} {ratio:.2f}x; goal {goal}x: {met}")
+
+            verdict("rf_attention vs torch chunked:", t[peer] / ours, TRAIN_GOALS["peer"])
+            if T == TRAIN_GOALS["sdpa_T"]:
+                verdict("rf_attention vs SDPA:", t["SDPA (exact softmax)"] / ours, TRAIN_GOALS["sdpa"])
+            verdict("the reference backend vs torch chunked:", t[peer] / t["rf_attention (reference)"], 1.0)
+            if mem[peer] and mem["rf_attention (auto: cpu)"] is not None:
+                ratio = mem["rf_attention (auto: cpu)"] / mem[peer]
+                met = "met" if ratio <= 1.0 else "missed"
+                verdicts.append(f"{case}: peak memory of rf_attention / torch chunked {ratio:.2f}; goal <= 1: {met}")
+    return rows
+
+
+def run(threads: int, reps: int, decode_only: bool = False, train_only: bool = False) -> str:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     load = os.getloadavg()
     if not cpu_ops.extension_available():
         raise SystemExit(f"the CPU extension did not build: {cpu_ops.extension_error()}")
-    performer = None if decode_only else performer_factory()
+    performer = None if decode_only or train_only else performer_factory()
     mm_peak, mm_proj = mm_gflops(reps)
     rows = []
     verdicts = []
-    for B, H, T in [] if decode_only else SHAPES:
+    for B, H, T in [] if decode_only or train_only else SHAPES:
         fm = RandomFeatureMap(D, M, component="posrf", weights="orf", num_heads=H, seed=0).eval()
         q, k, v = (torch.randn(B, T, H, D) for _ in range(3))
         qh, kh, vh = (t.transpose(1, 2).contiguous() for t in (q, k, v))
@@ -282,7 +353,9 @@ def run(threads: int, reps: int, decode_only: bool = False) -> str:
 
     # Decode: one token per step, state carried, B=1, H=8.
     notes = []
-    rows += decode_rows(reps, mm_peak, verdicts, notes)
+    if not train_only:
+        rows += decode_rows(reps, mm_peak, verdicts, notes)
+    train = [] if decode_only else training_rows(reps, verdicts)
     lines = [
         f"# CPU backend benchmark ({datetime.date.today().isoformat()})",
         "",
@@ -300,6 +373,20 @@ def run(threads: int, reps: int, decode_only: bool = False) -> str:
     ]
     for case, name, ms, tps, gf, pct, rel in rows:
         lines.append(f"| {case} | {name} | {ms:.3f} | {tps:,.0f} | {gf:.1f} | {pct:.0f}% | {rel:.2f}x |")
+    if train:
+        lines += [
+            "",
+            "## Training: forward + backward",
+            "",
+            "A fixed linear loss of o, gradients of q, k, v; the feature map resolved inside the timed call for "
+            "rf_attention (as in a model), outside for the torch peer. Peak MiB: "
+            f"{PEAK_MEMORY_HOW['cpu']}. `vs rf_attention` = time / time of rf_attention (auto).",
+            "",
+            "| case | implementation | ms | tokens/s | peak MiB | vs rf_attention |",
+            "|---|---|---:|---:|---:|---:|",
+        ]
+        for case, name, ms, tps, mib_, rel in train:
+            lines.append(f"| {case} | {name} | {ms:.1f} | {tps:,.0f} | {mib_:.0f} | {rel:.2f}x |")
     lines += ([""] + [f"- {n}" for n in notes]) if notes else []
     lines += ["", "Goals:", ""] + [f"- {v}" for v in verdicts]
     return "\n".join(lines) + "\n"
@@ -311,11 +398,13 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--out", default=os.path.join(HERE, "results"))
     parser.add_argument("--decode-only", action="store_true", help="only the decode-step rows")
+    parser.add_argument("--train-only", action="store_true", help="only the forward + backward rows")
     args = parser.parse_args()
-    table = run(args.threads, args.reps, decode_only=args.decode_only)
+    table = run(args.threads, args.reps, decode_only=args.decode_only, train_only=args.train_only)
     print(table)
     os.makedirs(args.out, exist_ok=True)
     suffix = ("" if args.threads == 2 else f"-t{args.threads}") + ("-decode" if args.decode_only else "")
+    suffix += "-train" if args.train_only else ""
     path = os.path.join(args.out, f"cpu-{datetime.date.today().isoformat()}{suffix}.md")
     with open(path, "w") as f:
         f.write(table)

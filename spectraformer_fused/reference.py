@@ -8,7 +8,8 @@ between numerator and denominator, so they are detached. Masked keys get exponen
 nothing, not even to the denominator, and do not move the maximum.
 
 Causal attention runs chunk by chunk (intra-chunk masked products plus the carried state), so memory
-stays O(T) and no T x T matrix is formed.
+stays O(T) and no T x T matrix is formed; ``causal_chunks.py`` batches the chunks and differentiates the
+walk by hand (its autograd graph is a few nodes, not some thirty per chunk).
 
 Hybrid attention (``window=W``, DESIGN.md section 6) prepends the initial state's tail (the W - 1 keys
 before token 0) to the keys and walks query chunks: each chunk's exact logits over the keys of its
@@ -24,6 +25,7 @@ import math
 
 import torch
 
+from .causal_chunks import causal_chunks
 from .components import feature_logits
 from .contract import DEN_EPS, FeatureParams
 from .state import RFState, WindowState, empty_state, empty_window_state, safe_log_scale
@@ -164,22 +166,12 @@ def reference_attention(
             o = (phiq @ S[:, :, None]) / safe_denominator(phiq @ z[:, :, None, :, None])
         else:
             o = vv.new_zeros(B, Hk, G, 0, Dv)
+    elif T > 0:  # every chunk at once, the state carried by causal_chunks (same stabilisers as a loop)
+        ek, mk = key_logits(0, T)
+        num, den, S, z, m = causal_chunks(query_features(0, T), ek, mk, vv, S, z, m, chunk_size)
+        o = num / safe_denominator(den)[..., None]
     else:
-        outs = []
-        for lo in range(0, T, chunk_size):
-            hi = min(lo + chunk_size, T)
-            vc = vv[:, :, None, lo:hi]  # [B, H_kv, 1, c, Dv]
-            ek, mk = key_logits(lo, hi)
-            S, z, m, shift = _rescale(ek, S, z, m)
-            phik = _apply(ek, mk, shift)  # [B, H_kv, c, F]
-            phiq = query_features(lo, hi)  # [B, H_kv, G, c, F]
-            scores = (phiq @ phik[:, :, None].transpose(-1, -2)).tril()  # [B, H_kv, G, c, c]: key j <= query t
-            num = scores @ vc + phiq @ S[:, :, None]
-            den = scores.sum(-1, keepdim=True) + phiq @ z[:, :, None, :, None]
-            outs.append(num / safe_denominator(den))
-            S = S + phik.transpose(-1, -2) @ vc[:, :, 0]
-            z = z + phik.sum(-2)
-        o = torch.cat(outs, dim=3) if outs else vv.new_zeros(B, Hk, G, 0, Dv)
+        o = vv.new_zeros(B, Hk, G, 0, Dv)
     o = o.reshape(B, H, T, Dv).transpose(1, 2).to(v.dtype)
     return o, (RFState(S, z, m) if output_final_state else None)
 
