@@ -25,60 +25,55 @@ class _ChunkScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, phiq, phik, v, S, z, alpha):
-        kv = phik.transpose(-1, -2) @ v  # [B, Hk, N, F, Dv]: each chunk's keys
-        ks = phik.sum(-2)  # [B, Hk, N, F]
-        S_prev, z_prev = [], []
+        # S and z carried as one [F, Dv + 1] state (z the last column): one op per chunk of the recurrence
+        v1 = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)
+        kv = phik.transpose(-1, -2) @ v1  # [B, Hk, N, F, Dv + 1]: each chunk's keys
+        Sz = torch.cat([S, z[..., None]], -1)
+        Sp = kv.new_empty(kv.shape)  # the states before each chunk
         for c in range(phik.shape[2]):
-            S_prev.append(S)
-            z_prev.append(z)
-            a = alpha[:, :, c]
-            S = S * a[..., None, None] + kv[:, :, c]
-            z = z * a[..., None] + ks[:, :, c]
-        Sp, zp = torch.stack(S_prev, 2), torch.stack(z_prev, 2)  # the states before each chunk
-        S_in, z_in = Sp * alpha[..., None, None], zp * alpha[..., None]
+            Sp[:, :, c] = Sz
+            Sz = torch.addcmul(kv[:, :, c], Sz, alpha[:, :, c, None, None])
+        S_in = Sp * alpha[..., None, None]
         scores = (phiq @ phik[:, :, None].transpose(-1, -2)).tril_()  # [B, Hk, G, N, C, C]: key j <= query t
-        num = scores @ v[:, :, None] + phiq @ S_in[:, :, None]
-        den = scores.sum(-1) + (phiq @ z_in[:, :, None, :, :, None]).squeeze(-1)
-        ctx.save_for_backward(phiq, phik, v, Sp, zp, alpha)
-        return num, den, S, z
+        nd = scores @ v1[:, :, None] + phiq @ S_in[:, :, None]
+        ctx.save_for_backward(phiq, phik, v, Sp, alpha)
+        return nd[..., :-1], nd[..., -1], Sz[..., :-1], Sz[..., -1]
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dnum, dden, dS, dz):
-        phiq, phik, v, Sp, zp, alpha = ctx.saved_tensors
+        phiq, phik, v, Sp, alpha = ctx.saved_tensors
         if dnum is None:
             dnum = phiq.new_zeros(*phiq.shape[:-1], v.shape[-1])
         if dden is None:
             dden = phiq.new_zeros(phiq.shape[:-1])
-        S_in, z_in = Sp * alpha[..., None, None], zp * alpha[..., None]
-        vg = v[:, :, None]
+        S_in = Sp * alpha[..., None, None]
+        v1 = torch.cat([v, v.new_ones(*v.shape[:-1], 1)], -1)[:, :, None]
+        dnd = torch.cat([dnum, dden[..., None]], -1)  # [B, Hk, G, N, C, Dv + 1]
         # P[t, j] = dnum_t . v_j + dden_t for j <= t
-        P = (dnum @ vg.transpose(-1, -2)).add_(dden[..., None]).tril_()
+        P = (dnd @ v1.transpose(-1, -2)).tril_()
         dphiq = P @ phik[:, :, None]
-        dphiq += dnum @ S_in[:, :, None].transpose(-1, -2)
-        dphiq += dden[..., None] * z_in[:, :, None, :, None, :]
+        dphiq += dnd @ S_in[:, :, None].transpose(-1, -2)
         dphik = (P.transpose(-1, -2) @ phiq).sum(2)
         scores = (phiq @ phik[:, :, None].transpose(-1, -2)).tril_()
         dv = (scores.transpose(-1, -2) @ dnum).sum(2)
-        dS_local = (phiq.transpose(-1, -2) @ dnum).sum(2)  # [B, Hk, N, F, Dv]: what each chunk's queries read
-        dz_local = (phiq * dden[..., None]).sum(2).sum(-2)  # [B, Hk, N, F]
-        dSa = torch.zeros_like(Sp[:, :, 0]) if dS is None else dS  # the gradient of the state after a chunk
-        dza = torch.zeros_like(zp[:, :, 0]) if dz is None else dz
+        d_local = (phiq.transpose(-1, -2) @ dnd).sum(2)  # [B, Hk, N, F, Dv + 1]: what each chunk's queries read
+        # the gradient of the state after a chunk, carried backwards
+        dSa = Sp.new_zeros(Sp[:, :, 0].shape)
+        if dS is not None:
+            dSa[..., :-1] = dS
+        if dz is not None:
+            dSa[..., -1] = dz
         N = phik.shape[2]
-        dkv, dks, dS_tot, dz_tot = [None] * N, [None] * N, [None] * N, [None] * N
+        dkv, d_tot = torch.empty_like(Sp), torch.empty_like(Sp)
         for c in range(N - 1, -1, -1):
-            dkv[c], dks[c] = dSa, dza
-            dS_tot[c], dz_tot[c] = dS_local[:, :, c] + dSa, dz_local[:, :, c] + dza
-            a = alpha[:, :, c]
-            dSa, dza = dS_tot[c] * a[..., None, None], dz_tot[c] * a[..., None]
-        dkv, dks = torch.stack(dkv, 2), torch.stack(dks, 2)
-        dphik += v @ dkv.transpose(-1, -2)
-        dphik += dks[..., None, :]
-        dv += phik @ dkv
-        dalpha = None
-        if ctx.needs_input_grad[5]:
-            dalpha = (torch.stack(dS_tot, 2) * Sp).sum((-1, -2)) + (torch.stack(dz_tot, 2) * zp).sum(-1)
-        return dphiq, dphik, dv, dSa, dza, dalpha
+            dkv[:, :, c] = dSa
+            torch.add(d_local[:, :, c], dSa, out=d_tot[:, :, c])
+            dSa = d_tot[:, :, c] * alpha[:, :, c, None, None]
+        dphik += v1[:, :, 0] @ dkv.transpose(-1, -2)
+        dv += phik @ dkv[..., :-1]
+        dalpha = (d_tot * Sp).sum((-1, -2)) if ctx.needs_input_grad[5] else None
+        return dphiq, dphik, dv, dSa[..., :-1], dSa[..., -1], dalpha
 
 
 def causal_chunks(phiq, ek, mk, v, S, z, m, chunk: int):
