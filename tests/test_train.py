@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+import spectraformer_fused as sf
 from bench import train as tr
 from bench.tasks import MQARConfig
 
@@ -80,7 +81,7 @@ def test_redraw_changes_fixed_weights_only():
 
 def test_pairs_are_validated():
     assert tr.resolve_pairs("quick", True) == list(tr.QUICK_PAIRS)
-    assert len(tr.resolve_pairs("all", False)) == 2 + 6 * 9
+    assert len(tr.resolve_pairs("all", False)) == 2 + len(sf.COMPONENTS) * len(sf.WEIGHTS)
     assert tr.resolve_pairs("softmax, oprf:mm", False) == ["softmax", "oprf:mm"]
     with pytest.raises(ValueError, match="posrf:nope"):
         tr.resolve_pairs("posrf:nope", False)
