@@ -14,7 +14,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ..contract import FeatureParams, feature_width
+from ..contract import NORM_HYP, FeatureParams, feature_width
 from ..state import RFState
 from .triton_bwd import rf_bwd
 from .triton_chunk import chunk_bwd, chunk_fwd, chunk_size, requested_mode, resolve_mode
@@ -334,8 +334,12 @@ def triton_attention(
     initial_state: Optional[RFState],
     output_final_state: bool,
     cu_seqlens: Optional[Tensor] = None,
+    window: Optional[int] = None,
 ):
     """Random-feature attention with the Triton kernels; the reference's semantics and signature.
+
+    ``window`` (the hybrid sliding window, docs/DESIGN.md section 6) and hedgehog (kind NORM_HYP) are
+    not fused yet: either raises NotImplementedError (the API routes them to the reference backend).
 
     k, v and the parameters may have fewer heads than q (grouped-query attention; see ``rf_fwd``).
     Returns ``(o [B, T, H, Dv] in v's dtype, RFState (fp32) or None)``. Differentiable in q, k, v,
@@ -346,6 +350,16 @@ def triton_attention(
     every sequence runs as if alone (its own stabilisers, initial and final state), all in one set of
     kernel launches, causal or not, walk or chunk mode.
     """
+    if window is not None:
+        raise NotImplementedError(
+            "the Triton backend does not fuse the hybrid window yet (window=...): forward and backward, walk "
+            "and chunk modes are missing; use backend='reference'"
+        )
+    if int(params.kind) == NORM_HYP:
+        raise NotImplementedError(
+            "the Triton backend does not fuse hedgehog (kind NORM_HYP) yet: its per-key log-sum-exp is not "
+            "computed by the stabiliser pass; use backend='reference'"
+        )
     if initial_state is not None:
         S0, z0, m0 = (t.float().contiguous() for t in initial_state)
     else:

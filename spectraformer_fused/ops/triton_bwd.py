@@ -50,20 +50,15 @@ import triton.language as tl
 from ..contract import DEN_EPS, feature_width
 from .triton_common import (
     KIND_EXP,
-    KIND_HYP,
-    KIND_TRIG,
     VarlenTables,
-    _dot,
-    _features,
-    _keep_rows,
     _seq_span,
-    _transform,
     autotuned,
     dot_precision,
     optional_inputs,
     varlen_args,
 )
 from .triton_fwd import _num_splits, freq_tile
+from .triton_steps import _dkv_chunk, _dq_chunk, _dstate_chunk, _load_state, _store_state, _tile_params, _w_tile
 
 # Autotuning candidates of the dq and dkv kernels. Without autotuning: 8 warps for the causal walk and 4
 # otherwise. Compiled for sm_90 at D = Dv = 64, m = 128, 8 warps spill less in every causal case (dkv,
@@ -71,83 +66,6 @@ from .triton_fwd import _num_splits, freq_tile
 # non-causal, the posrf kernels hardly spill with 4 warps (0-24 bytes) and fit more programs.
 _BWD_CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)]
 _KEY = ["BT", "BM", "BD", "BV", "KIND", "CAUSAL"]
-
-
-@triton.jit
-def _query_phi(
-    q,
-    qmax,
-    p_tk,
-    m_tk,
-    i_bh,
-    T,
-    o_t,
-    m_t,
-    w,
-    bias,
-    freq,
-    psi,
-    root,
-    c_t,
-    c_o,
-    KIND: tl.constexpr,
-    HAS_PSI: tl.constexpr,
-    HAS_CO: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    """A chunk's query tile [BT, BD], its x' and its features relative to the saved qmax."""
-    b_q = tl.load(q + p_tk, mask=m_tk, other=0.0)
-    qt, qr = _transform(b_q, psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
-    b_qm = tl.load(qmax + i_bh * T + o_t, mask=m_t, other=0.0)
-    qa, qb = _features(qt, qr, w, bias, freq, b_qm[:, None], m_t, KIND, PREC)
-    return b_q, qt, qa, qb
-
-
-@triton.jit
-def _key_phi(
-    k,
-    mask,
-    p_tk,
-    m_tk,
-    i_b,
-    T,
-    o_t,
-    m_t,
-    w,
-    bias,
-    freq,
-    psi,
-    shift,
-    root,
-    c_t,
-    c_o,
-    KIND: tl.constexpr,
-    HAS_PSI: tl.constexpr,
-    HAS_CO: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    """A chunk's key tile [BT, BD], its x' and its features relative to ``shift``; masked keys give 0."""
-    b_k = tl.load(k + p_tk, mask=m_tk, other=0.0)
-    kt, kr = _transform(b_k, psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
-    keep = _keep_rows(mask, i_b, o_t, m_t, T, 1, HAS_MASK)  # the mask is contiguous [B, T]
-    ka, kb = _features(kt, kr, w, bias, freq, shift, keep, KIND, PREC)
-    return b_k, kt, ka, kb
-
-
-@triton.jit
-def _tile_params(
-    w, bias, freq, psi, i_bh, i_h, o_m, m_m, o_d, m_d, stride_wh, M, D, HAS_PSI: tl.constexpr, BD: tl.constexpr
-):
-    """This program's W tile [BM, BD], bias [BM] (-inf on padded frequencies), freq and psi [BD]."""
-    b_w = tl.load(w + i_h * stride_wh + o_m[:, None] * D + o_d[None, :], mask=m_m[:, None] & m_d[None, :], other=0.0)
-    b_bias = tl.load(bias + i_bh * M + o_m, mask=m_m, other=float("-inf"))
-    b_freq = tl.load(freq + i_bh)
-    if HAS_PSI:
-        b_psi = tl.load(psi + i_bh * D + o_d, mask=m_d, other=1.0)
-    else:
-        b_psi = tl.full([BD], 1.0, tl.float32)
-    return b_w, b_bias, b_freq, b_psi
 
 
 @triton.jit
@@ -164,58 +82,7 @@ def _kstab_row(kstab, chunk_off, i_b, i_hk, i_bk, NC, NCS, CAUSAL: tl.constexpr,
     return p
 
 
-@triton.jit
-def _phi_grad(dpa, dpb, pa, pb, KIND: tl.constexpr):
-    """Feature gradients -> (de, du) [BT, BM]: de the gradient of the common exponent part
-    (bias + r, summed over both blocks), du the gradient of u = freq * w . x'."""
-    if KIND == KIND_TRIG:
-        de = dpa * pa + dpb * pb
-        du = dpb * pa - dpa * pb
-    elif KIND == KIND_HYP:
-        dea = dpa * pa
-        deb = dpb * pb
-        de = dea + deb
-        du = dea - deb
-    else:
-        de = dpa * pa
-        du = de
-    return de, du
-
-
-@triton.jit
-def _input_grad(
-    de,
-    du,
-    xt,
-    raw,
-    w,
-    psi,
-    freq,
-    root,
-    c_t,
-    c_o,
-    QUERY: tl.constexpr,
-    HAS_PSI: tl.constexpr,
-    HAS_CO: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    """(de, du) [BT, BM] -> this tile's part of dL/d(input) [BT, BD] (through x' and x = root * raw)."""
-    dr = tl.sum(de, axis=1)  # [BT]
-    dxt = _dot(du, w, PREC) * freq  # [BT, BM] @ [BM, BD]
-    dxt += (2.0 * c_t) * xt * dr[:, None]
-    if HAS_PSI:
-        if QUERY:
-            dx = dxt * psi[None, :]
-        else:
-            dx = dxt / psi[None, :]
-    else:
-        dx = dxt
-    if HAS_CO:
-        dx += (2.0 * c_o * root) * raw.to(tl.float32) * dr[:, None]
-    return dx * root
-
-
-@optional_inputs(HAS_PSI="psi", HAS_MASK="mask", HAS_S0="s0", IS_VARLEN="cu")
+@optional_inputs(HAS_PSI="psi", HAS_MASK="mask", HAS_S0="s0", HAS_LSE="lse", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
 def _rf_bwd_dq_kernel(
     q,
@@ -226,6 +93,7 @@ def _rf_bwd_dq_kernel(
     freq,
     psi,
     mask,
+    lse,
     s0,
     z0,
     m0,
@@ -261,6 +129,7 @@ def _rf_bwd_dq_kernel(
     HAS_CO: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_S0: tl.constexpr,
+    HAS_LSE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     PREC: tl.constexpr,
     BT: tl.constexpr,
@@ -294,9 +163,8 @@ def _rf_bwd_dq_kernel(
     else:
         part = i_m * T * tl.num_programs(1)  # start of this tile's partial [B, T, H, D]
 
-    b_w, b_bias, b_freq, b_psi = _tile_params(
-        w, bias, freq, psi, i_bk, i_hk, o_m, m_m, o_d, m_d, stride_wh, M, D, HAS_PSI, BD
-    )
+    b_bias, b_freq, b_psi = _tile_params(psi, freq, bias, i_bk, o_m, m_m, o_d, m_d, M, D, HAS_PSI, BD)
+    b_w = _w_tile(w, i_hk, o_m, m_m, o_d, m_d, stride_wh, D, 1)
     p_ks = _kstab_row(kstab, chunk_off, i_b, i_hk, i_bk, NC, NCS, CAUSAL, IS_VARLEN)
     b_ks0 = tl.load(p_ks)
 
@@ -311,21 +179,22 @@ def _rf_bwd_dq_kernel(
         c_hi = NC
         if HAS_S0:
             b_alpha = tl.exp(tl.load(m0 + i_bk) - b_ks0)
-            p_s0 = s0 + i_bk * F * DV + o_m[:, None] * DV + o_v[None, :]
-            b_sa = tl.load(p_s0, mask=m_sv, other=0.0) * b_alpha
-            b_za = tl.load(z0 + i_bk * F + o_m, mask=m_m, other=0.0) * b_alpha
-            if KIND != KIND_EXP:
-                b_sb = tl.load(p_s0 + M * DV, mask=m_sv, other=0.0) * b_alpha
-                b_zb = tl.load(z0 + i_bk * F + M + o_m, mask=m_m, other=0.0) * b_alpha
+            b_sa, b_sb, b_za, b_zb = _load_state(
+                s0 + i_bk * F * DV + o_m[:, None] * DV + o_v[None, :],
+                z0 + i_bk * F + o_m,
+                m_sv,
+                m_m,
+                M,
+                DV,
+                b_alpha,
+                KIND,
+            )
     else:
         c_lo = i_s * CPS
         c_hi = tl.minimum(c_lo + CPS, NC)
-        p_sf = sf + i_bk * F * DV + o_m[:, None] * DV + o_v[None, :]
-        b_sa = tl.load(p_sf, mask=m_sv, other=0.0)
-        b_za = tl.load(zf + i_bk * F + o_m, mask=m_m, other=0.0)
-        if KIND != KIND_EXP:
-            b_sb = tl.load(p_sf + M * DV, mask=m_sv, other=0.0)
-            b_zb = tl.load(zf + i_bk * F + M + o_m, mask=m_m, other=0.0)
+        b_sa, b_sb, b_za, b_zb = _load_state(
+            sf + i_bk * F * DV + o_m[:, None] * DV + o_v[None, :], zf + i_bk * F + o_m, m_sv, m_m, M, DV, 1.0, KIND
+        )
 
     b_dw = tl.zeros([BM, BD], dtype=tl.float32)
     b_db = tl.zeros([BM], dtype=tl.float32)
@@ -333,101 +202,68 @@ def _rf_bwd_dq_kernel(
     for c in range(c_lo, c_hi):
         o_t = bos + c * BT + o_c
         m_t = o_t < eos
-        p_tk = ((i_bt * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]  # q, dq (and partials)
-        m_tk = m_t[:, None] & m_d[None, :]
-        p_tv = ((i_bt * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]  # a (and partials)
-        m_tv = m_t[:, None] & m_v[None, :]
-        p_kk = ((i_bt * T + o_t[:, None]) * HK + i_hk) * D + o_d[None, :]  # k
-        p_kv = ((i_bt * T + o_t[:, None]) * HK + i_hk) * DV + o_v[None, :]  # v
-        b_a = tl.load(da + p_tv, mask=m_tv, other=0.0)  # [BT, BV]
-        b_beta = tl.load(dbeta + i_bht * T + o_t, mask=m_t, other=0.0)  # [BT]
         if CAUSAL:
             b_ks = tl.load(p_ks + c)
-            # as in the forward: min() keeps the factor finite after chunks with no key (state zero)
-            b_rescale = tl.exp(tl.minimum(b_kprev - b_ks, 0.0))
-            b_kprev = b_ks
-            b_sa *= b_rescale
-            b_za *= b_rescale
-            b_sb *= b_rescale
-            b_zb *= b_rescale
-            b_v = tl.load(v + p_kv, mask=m_tv, other=0.0).to(tl.float32)
-            _, _, ka, kb = _key_phi(
-                k,
-                mask,
-                p_kk,
-                m_tk,
-                i_bt,
-                T,
-                o_t,
-                m_t,
-                b_w,
-                b_bias,
-                b_freq,
-                b_psi,
-                b_ks,
-                root,
-                c_t,
-                c_o,
-                KIND,
-                HAS_PSI,
-                HAS_CO,
-                HAS_MASK,
-                PREC,
-            )
-            # P[t, j] = a_t . v_j + beta_t for keys j <= t of this chunk
-            b_p = _dot(b_a, tl.trans(b_v), PREC) + b_beta[:, None]  # [BT, BV] @ [BV, BT]
-            b_p = tl.where(o_t[:, None] >= o_t[None, :], b_p, 0.0)
-            dqa = _dot(b_p, ka, PREC)  # [BT, BT] @ [BT, BM]
-            if KIND != KIND_EXP:
-                dqb = _dot(b_p, kb, PREC)
         else:
-            dqa = tl.zeros([BT, BM], dtype=tl.float32)
-            dqb = tl.zeros([BT, BM], dtype=tl.float32)
-        dqa += _dot(b_a, tl.trans(b_sa), PREC) + b_beta[:, None] * b_za[None, :]
-        if KIND != KIND_EXP:
-            dqb += _dot(b_a, tl.trans(b_sb), PREC) + b_beta[:, None] * b_zb[None, :]
-        else:
-            dqb = dqa
-
-        b_q, qt, qa, qb = _query_phi(
+            b_ks = b_ks0
+        b_sa, b_sb, b_za, b_zb, b_dw, b_db = _dq_chunk(
             q,
+            k,
+            v,
+            mask,
             qmax,
-            p_tk,
-            m_tk,
-            i_bht,
-            T,
-            o_t,
-            m_t,
+            lse,
+            da,
+            dbeta,
+            dq,
             b_w,
             b_bias,
             b_freq,
             b_psi,
+            b_sa,
+            b_sb,
+            b_za,
+            b_zb,
+            b_kprev,
+            b_ks,
+            b_dw,
+            b_db,
+            i_bt,
+            i_h,
+            i_hk,
+            i_bht,
+            part,
+            o_t,
+            m_t,
+            o_d,
+            m_d,
+            o_v,
+            m_v,
+            T,
+            H,
+            HK,
+            D,
+            DV,
             root,
             c_t,
             c_o,
             KIND,
+            CAUSAL,
             HAS_PSI,
             HAS_CO,
+            HAS_MASK,
+            HAS_LSE,
             PREC,
+            BT,
+            BM,
         )
-        de, du = _phi_grad(dqa, dqb, qa, qb, KIND)
-        b_db += tl.sum(de, axis=0)
-        b_dw += _dot(tl.trans(du), qt, PREC) * b_freq  # [BM, BT] @ [BT, BD]
-        b_dq = _input_grad(de, du, qt, b_q, b_w, b_psi, b_freq, root, c_t, c_o, True, HAS_PSI, HAS_CO, PREC)
-        tl.store(dq + part * D + p_tk, b_dq, mask=m_tk)
-
-        if CAUSAL:
-            b_sa += _dot(tl.trans(ka), b_v, PREC)
-            b_za += tl.sum(ka, axis=0)
-            if KIND != KIND_EXP:
-                b_sb += _dot(tl.trans(kb), b_v, PREC)
-                b_zb += tl.sum(kb, axis=0)
+        b_kprev = b_ks
 
     tl.store(dw + i_s * s_wp + (i_bh * M + o_m[:, None]) * D + o_d[None, :], b_dw, mask=m_m[:, None] & m_d[None, :])
     tl.store(db + i_s * s_bp + i_bh * M + o_m, b_db, mask=m_m)
 
 
-@optional_inputs(HAS_PSI="psi", HAS_MASK="mask", HAS_S0="ds0", HAS_DSF="dsf", IS_VARLEN="cu")
+@optional_inputs(HAS_PSI="psi", HAS_MASK="mask", HAS_S0="ds0", HAS_DSF="dsf", HAS_LSE="lse", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
 def _rf_bwd_dkv_kernel(
     q,
@@ -438,6 +274,7 @@ def _rf_bwd_dkv_kernel(
     freq,
     psi,
     mask,
+    lse,
     m0,
     qmax,
     kstab,
@@ -447,6 +284,7 @@ def _rf_bwd_dkv_kernel(
     dzf,
     dk,
     dv,
+    dlse,
     dw,
     db,
     ds0,
@@ -475,6 +313,7 @@ def _rf_bwd_dkv_kernel(
     HAS_MASK: tl.constexpr,
     HAS_S0: tl.constexpr,
     HAS_DSF: tl.constexpr,
+    HAS_LSE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     PREC: tl.constexpr,
     BT: tl.constexpr,
@@ -505,9 +344,8 @@ def _rf_bwd_dkv_kernel(
     else:
         part = i_m * T * tl.num_programs(1)  # start of this tile's partial [B, T, H, .]
 
-    b_w, b_bias, b_freq, b_psi = _tile_params(
-        w, bias, freq, psi, i_bk, i_hk, o_m, m_m, o_d, m_d, stride_wh, M, D, HAS_PSI, BD
-    )
+    b_bias, b_freq, b_psi = _tile_params(psi, freq, bias, i_bk, o_m, m_m, o_d, m_d, M, D, HAS_PSI, BD)
+    b_w = _w_tile(w, i_hk, o_m, m_m, o_d, m_d, stride_wh, D, 1)
     if CAUSAL and IS_VARLEN:
         NK = tl.maximum(NC, 1)  # an empty sequence owns one chunk slot (its initial stabiliser)
     elif CAUSAL:
@@ -521,12 +359,9 @@ def _rf_bwd_dkv_kernel(
     b_dza = tl.zeros([BM], dtype=tl.float32)
     b_dzb = tl.zeros([BM], dtype=tl.float32)
     if HAS_DSF:  # per query head: the host gives the final state's gradient to the first of each group
-        p_sf = dsf + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
-        b_dsa = tl.load(p_sf, mask=m_sv, other=0.0)
-        b_dza = tl.load(dzf + i_bh * F + o_m, mask=m_m, other=0.0)
-        if KIND != KIND_EXP:
-            b_dsb = tl.load(p_sf + M * DV, mask=m_sv, other=0.0)
-            b_dzb = tl.load(dzf + i_bh * F + M + o_m, mask=m_m, other=0.0)
+        b_dsa, b_dsb, b_dza, b_dzb = _load_state(
+            dsf + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :], dzf + i_bh * F + o_m, m_sv, m_m, M, DV, 1.0, KIND
+        )
 
     if CAUSAL:
         c_lo = 0
@@ -544,108 +379,62 @@ def _rf_bwd_dkv_kernel(
         c = c_hi - 1 - i
         o_t = bos + c * BT + o_c
         m_t = o_t < eos
-        p_tk = ((i_bt * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]  # q, dq (and partials)
-        m_tk = m_t[:, None] & m_d[None, :]
-        p_tv = ((i_bt * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]  # a (and partials)
-        m_tv = m_t[:, None] & m_v[None, :]
-        p_kk = ((i_bt * T + o_t[:, None]) * HK + i_hk) * D + o_d[None, :]  # k
-        p_kv = ((i_bt * T + o_t[:, None]) * HK + i_hk) * DV + o_v[None, :]  # v
         if CAUSAL:
             b_ks = tl.load(p_ks + c)
-            # the derivative of the forward's exp(min(kstab_c - kstab_{c+1}, 0)): finite after empty chunks
-            b_rescale = tl.exp(tl.minimum(b_ks - b_knext, 0.0))
-            b_knext = b_ks
-            b_dsa *= b_rescale
-            b_dza *= b_rescale
-            b_dsb *= b_rescale
-            b_dzb *= b_rescale
         else:
             b_ks = b_knext
-        b_v = tl.load(v + p_kv, mask=m_tv, other=0.0).to(tl.float32)
-        b_k, kt, ka, kb = _key_phi(
+        b_dsa, b_dsb, b_dza, b_dzb, b_dw, b_db = _dkv_chunk(
+            q,
             k,
+            v,
             mask,
-            p_kk,
-            m_tk,
-            i_bt,
-            T,
-            o_t,
-            m_t,
+            qmax,
+            lse,
+            da,
+            dbeta,
+            dk,
+            dv,
+            dlse,
             b_w,
             b_bias,
             b_freq,
             b_psi,
+            b_dsa,
+            b_dsb,
+            b_dza,
+            b_dzb,
+            b_knext,
             b_ks,
+            b_dw,
+            b_db,
+            i_bt,
+            i_h,
+            i_hk,
+            i_bht,
+            part,
+            o_t,
+            m_t,
+            o_d,
+            m_d,
+            o_v,
+            m_v,
+            T,
+            H,
+            HK,
+            D,
+            DV,
             root,
             c_t,
             c_o,
             KIND,
+            CAUSAL,
             HAS_PSI,
             HAS_CO,
             HAS_MASK,
+            HAS_LSE,
             PREC,
         )
-
-        # carried part: dphik_j = dS v_j + dz, dv_j = dS^T phik_j
-        dka = _dot(b_v, tl.trans(b_dsa), PREC) + b_dza[None, :]  # [BT, BV] @ [BV, BM]
-        b_dv = _dot(ka, b_dsa, PREC)  # [BT, BM] @ [BM, BV]
-        if KIND != KIND_EXP:
-            dkb = _dot(b_v, tl.trans(b_dsb), PREC) + b_dzb[None, :]
-            b_dv += _dot(kb, b_dsb, PREC)
-        else:
-            dkb = dka
-        if CAUSAL:
-            b_a = tl.load(da + p_tv, mask=m_tv, other=0.0)
-            b_beta = tl.load(dbeta + i_bht * T + o_t, mask=m_t, other=0.0)
-            _, _, qa, qb = _query_phi(
-                q,
-                qmax,
-                p_tk,
-                m_tk,
-                i_bht,
-                T,
-                o_t,
-                m_t,
-                b_w,
-                b_bias,
-                b_freq,
-                b_psi,
-                root,
-                c_t,
-                c_o,
-                KIND,
-                HAS_PSI,
-                HAS_CO,
-                PREC,
-            )
-            causal = o_t[:, None] <= o_t[None, :]  # key j (row) <= query t
-            # P^T[j, t] = a_t . v_j + beta_t
-            b_pt = _dot(b_v, tl.trans(b_a), PREC) + b_beta[None, :]  # [BT, BV] @ [BV, BT]
-            b_pt = tl.where(causal, b_pt, 0.0)
-            # A^T[j, t] = phik_j . phiq_t
-            b_at = _dot(ka, tl.trans(qa), PREC)  # [BT, BM] @ [BM, BT]
-            dka += _dot(b_pt, qa, PREC)  # [BT, BT] @ [BT, BM]
-            if KIND != KIND_EXP:
-                b_at += _dot(kb, tl.trans(qb), PREC)
-                dkb += _dot(b_pt, qb, PREC)
-            else:
-                dkb = dka
-            b_at = tl.where(causal, b_at, 0.0)
-            b_dv += _dot(b_at, b_a, PREC)  # [BT, BT] @ [BT, BV]
-        tl.store(dv + part * DV + p_tv, b_dv, mask=m_tv)
-
-        de, du = _phi_grad(dka, dkb, ka, kb, KIND)
-        b_db += tl.sum(de, axis=0)
-        b_dw += _dot(tl.trans(du), kt, PREC) * b_freq  # [BM, BT] @ [BT, BD]
-        b_dk = _input_grad(de, du, kt, b_k, b_w, b_psi, b_freq, root, c_t, c_o, False, HAS_PSI, HAS_CO, PREC)
-        tl.store(dk + part * D + p_tk, b_dk, mask=m_tk)
-
-        if CAUSAL:
-            b_dsa += _dot(tl.trans(qa), b_a, PREC)
-            b_dza += tl.sum(qa * b_beta[:, None], axis=0)
-            if KIND != KIND_EXP:
-                b_dsb += _dot(tl.trans(qb), b_a, PREC)
-                b_dzb += tl.sum(qb * b_beta[:, None], axis=0)
+        b_knext = b_ks
 
     tl.store(dw + i_s * s_wp + (i_bh * M + o_m[:, None]) * D + o_d[None, :], b_dw, mask=m_m[:, None] & m_d[None, :])
     tl.store(db + i_s * s_bp + i_bh * M + o_m, b_db, mask=m_m)
@@ -722,9 +511,8 @@ def _rf_bwd_dstate_kernel(
     m_v = o_v < DV
     o_c = tl.arange(0, BT)
     m_sv = m_m[:, None] & m_v[None, :]
-    b_w, b_bias, b_freq, b_psi = _tile_params(
-        w, bias, freq, psi, i_bk, i_hk, o_m, m_m, o_d, m_d, stride_wh, M, D, HAS_PSI, BD
-    )
+    b_bias, b_freq, b_psi = _tile_params(psi, freq, bias, i_bk, o_m, m_m, o_d, m_d, M, D, HAS_PSI, BD)
+    b_w = _w_tile(w, i_hk, o_m, m_m, o_d, m_d, stride_wh, D, 1)
     b_dsa = tl.zeros([BM, BV], dtype=tl.float32)
     b_dsb = tl.zeros([BM, BV], dtype=tl.float32)
     b_dza = tl.zeros([BM], dtype=tl.float32)
@@ -733,24 +521,33 @@ def _rf_bwd_dstate_kernel(
     for c in range(c_lo, tl.minimum(c_lo + CPS, NC)):
         o_t = bos + c * BT + o_c
         m_t = o_t < eos
-        p_tk = ((i_bt * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
-        b_a = tl.load(
-            da + ((i_bt * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0
-        )
-        b_beta = tl.load(dbeta + i_bht * T + o_t, mask=m_t, other=0.0)
-        _, _, qa, qb = _query_phi(
+        b_dsa, b_dsb, b_dza, b_dzb = _dstate_chunk(
             q,
             qmax,
-            p_tk,
-            m_t[:, None] & m_d[None, :],
-            i_bht,
-            T,
-            o_t,
-            m_t,
+            da,
+            dbeta,
             b_w,
             b_bias,
             b_freq,
             b_psi,
+            b_dsa,
+            b_dsb,
+            b_dza,
+            b_dzb,
+            1.0,
+            i_bt,
+            i_h,
+            i_bht,
+            o_t,
+            m_t,
+            o_d,
+            m_d,
+            o_v,
+            m_v,
+            T,
+            H,
+            D,
+            DV,
             root,
             c_t,
             c_o,
@@ -759,18 +556,20 @@ def _rf_bwd_dstate_kernel(
             HAS_CO,
             PREC,
         )
-        b_dsa += _dot(tl.trans(qa), b_a, PREC)  # [BM, BT] @ [BT, BV]
-        b_dza += tl.sum(qa * b_beta[:, None], axis=0)
-        if KIND != KIND_EXP:
-            b_dsb += _dot(tl.trans(qb), b_a, PREC)
-            b_dzb += tl.sum(qb * b_beta[:, None], axis=0)
-    p_ds = dsp + i_s * s_sp + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :]
-    p_dz = dzp + i_s * s_zp + i_bh * F + o_m
-    tl.store(p_ds, b_dsa, mask=m_sv)
-    tl.store(p_dz, b_dza, mask=m_m)
-    if KIND != KIND_EXP:
-        tl.store(p_ds + M * DV, b_dsb, mask=m_sv)
-        tl.store(p_dz + M, b_dzb, mask=m_m)
+    _store_state(
+        dsp + i_s * s_sp + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :],
+        dzp + i_s * s_zp + i_bh * F + o_m,
+        b_dsa,
+        b_dsb,
+        b_dza,
+        b_dzb,
+        m_sv,
+        m_m,
+        M,
+        DV,
+        True,
+        KIND,
+    )
 
 
 def grad_coefficients(do, o, den):
@@ -947,6 +746,7 @@ def rf_bwd(
         freq=freq,
         psi=psi,
         mask=mask_arg,
+        lse=None,
         qmax=qmax,
         kstab=kstab,
         da=a,
@@ -971,7 +771,17 @@ def rf_bwd(
     )
     dq_kernel[grid](s0=S0, z0=z0, m0=m0, sf=S, zf=z, dq=dq_part, dw=dw_part[0], db=db_part[0], **common)
     dkv_kernel[grid](
-        m0=m0, dsf=dS, dzf=dz, dk=dk_part, dv=dv_part, dw=dw_part[1], db=db_part[1], ds0=dS0, dz0=dz0, **common
+        m0=m0,
+        dsf=dS,
+        dzf=dz,
+        dk=dk_part,
+        dv=dv_part,
+        dlse=None,
+        dw=dw_part[1],
+        db=db_part[1],
+        ds0=dS0,
+        dz0=dz0,
+        **common,
     )
     dq = dq_part.sum(0).to(q.dtype)
     # per-query-head partials of the key/value-head gradients, summed over each group in a fixed order

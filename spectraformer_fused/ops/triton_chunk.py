@@ -55,22 +55,27 @@ import triton
 import triton.language as tl
 
 from ..contract import DEN_EPS, feature_width
-from .triton_bwd import _input_grad, _key_phi, _phi_grad, _query_phi, _tile_params, grad_coefficients
+from .triton_bwd import grad_coefficients
 from .triton_common import (
     KIND_EXP,
     VarlenTables,
-    _dot,
-    _features,
-    _keep_rows,
-    _load_rows,
     _seq_span,
-    _store_out,
-    _transform,
     dot_precision,
     optional_inputs,
     varlen_args,
 )
 from .triton_fwd import MAX_BM, _strides, default_chunk_size, freq_tile, stabilisers
+from .triton_steps import (
+    _dkv_chunk,
+    _dq_chunk,
+    _dstate_chunk,
+    _fwd_chunk,
+    _key_state_chunk,
+    _load_state,
+    _store_state,
+    _tile_params,
+    _w_tile,
+)
 
 MODES = ("auto", "walk", "chunk")
 MODE_ENV = "SPECTRAFORMER_FUSED_TRITON_MODE"
@@ -199,7 +204,7 @@ def _last_chunk(c_lo, c_hi, IS_VARLEN: tl.constexpr):
     return c
 
 
-@optional_inputs(HAS_MASK="mask", HAS_PSI="psi", IS_VARLEN="cu")
+@optional_inputs(HAS_MASK="mask", HAS_PSI="psi", HAS_LSE="lse", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
 def _rf_chunk_state_kernel(
     k,
@@ -209,6 +214,7 @@ def _rf_chunk_state_kernel(
     freq,
     psi,
     mask,
+    lse,
     kstab,
     L,
     Lz,
@@ -243,6 +249,7 @@ def _rf_chunk_state_kernel(
     KIND: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_PSI: tl.constexpr,
+    HAS_LSE: tl.constexpr,
     HAS_CO: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     PREC: tl.constexpr,
@@ -273,12 +280,8 @@ def _rf_chunk_state_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
     o_i = tl.arange(0, BT)
-    if HAS_PSI:
-        b_psi = tl.load(psi + i_bhk * D + o_d, mask=m_d, other=1.0)
-    else:
-        b_psi = tl.full([BD], 1.0, tl.float32)
-    b_freq = tl.load(freq + i_bhk)
-    b_bias = tl.load(bias + i_bhk * M + o_m, mask=m_m, other=float("-inf"))
+    i_bkt = i_bt * H + i_hk  # the token tensors' (batch, key/value head) row: hedgehog's lse
+    b_bias, b_freq, b_psi = _tile_params(psi, freq, bias, i_bhk, o_m, m_m, o_d, m_d, M, D, HAS_PSI, BD)
     p_w = W + i_hk * s_wh + o_m[:, None] * s_wm + o_d[None, :] * s_wd
     m_w = m_m[:, None] & m_d[None, :]
     c_lo = i_rl * CPS
@@ -291,28 +294,67 @@ def _rf_chunk_state_kernel(
     for i_c in range(c_lo, c_hi):
         o_t = bos + i_c * BT + o_i
         m_t = o_t < eos
-        b_w = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
-        keep = _keep_rows(mask, i_bt, o_t, m_t, s_mb, s_mt, HAS_MASK)
-        b_k = _load_rows(k, i_bt, i_hk, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
-        b_xk, b_rk = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
-        b_pka, b_pkb = _features(b_xk, b_rk, b_w, b_bias, b_freq, b_ke, keep, KIND, PREC)
-        b_v = _load_rows(v, i_bt, i_hk, o_t, m_t, o_v, m_v, s_vb, s_vt, s_vh, s_vd).to(tl.float32)
-        # [BM, BT] @ [BT, BV] -> [BM, BV]
-        b_sa += _dot(tl.trans(b_pka), b_v, PREC)
-        b_za += tl.sum(b_pka, axis=0)
-        if KIND != KIND_EXP:
-            b_sb += _dot(tl.trans(b_pkb), b_v, PREC)
-            b_zb += tl.sum(b_pkb, axis=0)
-    p_s = L + i_row * F * DV + o_m[:, None] * DV + o_v[None, :]
-    p_z = Lz + i_row * F + o_m
-    m_s = m_m[:, None] & m_v[None, :]
-    tl.store(p_s, b_sa, mask=m_s)
-    if KIND != KIND_EXP:
-        tl.store(p_s + M * DV, b_sb, mask=m_s)
-    if i_v == 0:
-        tl.store(p_z, b_za, mask=m_m)
-        if KIND != KIND_EXP:
-            tl.store(p_z + M, b_zb, mask=m_m)
+        b_sa, b_sb, b_za, b_zb = _key_state_chunk(
+            k,
+            v,
+            mask,
+            lse,
+            p_w,
+            m_w,
+            b_sa,
+            b_sb,
+            b_za,
+            b_zb,
+            b_ke,
+            b_bias,
+            b_freq,
+            b_psi,
+            i_bt,
+            i_hk,
+            i_bkt,
+            o_t,
+            m_t,
+            o_m,
+            m_m,
+            o_d,
+            m_d,
+            o_v,
+            m_v,
+            s_kb,
+            s_kt,
+            s_kh,
+            s_kd,
+            s_vb,
+            s_vt,
+            s_vh,
+            s_vd,
+            s_mb,
+            s_mt,
+            T,
+            root,
+            c_t,
+            c_o,
+            KIND,
+            HAS_MASK,
+            HAS_PSI,
+            HAS_CO,
+            HAS_LSE,
+            PREC,
+        )
+    _store_state(
+        L + i_row * F * DV + o_m[:, None] * DV + o_v[None, :],
+        Lz + i_row * F + o_m,
+        b_sa,
+        b_sb,
+        b_za,
+        b_zb,
+        m_m[:, None] & m_v[None, :],
+        m_m,
+        M,
+        DV,
+        i_v == 0,
+        KIND,
+    )
 
 
 @optional_inputs(HAS_INIT="init", IS_VARLEN="chunk_off")
@@ -420,7 +462,7 @@ def _rf_chunk_scan_kernel(
             tl.store(fin_z + i_bh * F + o_f, b_gz, mask=m_f)
 
 
-@optional_inputs(HAS_MASK="mask", HAS_PSI="psi", IS_VARLEN="cu")
+@optional_inputs(HAS_MASK="mask", HAS_PSI="psi", HAS_LSE="lse", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
 def _rf_chunk_fwd_kernel(
     q,
@@ -431,6 +473,7 @@ def _rf_chunk_fwd_kernel(
     freq,
     psi,
     mask,
+    lse,
     Sb,
     zb,
     qmax,
@@ -476,6 +519,7 @@ def _rf_chunk_fwd_kernel(
     KIND: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_PSI: tl.constexpr,
+    HAS_LSE: tl.constexpr,
     HAS_CO: tl.constexpr,
     SPLIT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
@@ -505,65 +549,93 @@ def _rf_chunk_fwd_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
     o_i = tl.arange(0, BT)
-    if HAS_PSI:
-        b_psi = tl.load(psi + i_bhk * D + o_d, mask=m_d, other=1.0)
-    else:
-        b_psi = tl.full([BD], 1.0, tl.float32)
-    b_freq = tl.load(freq + i_bhk)
-    b_bias = tl.load(bias + i_bhk * M + o_m, mask=m_m, other=float("-inf"))
+    i_bkt = i_bt * HK + i_hk  # the token tensors' (batch, key/value head) row: hedgehog's lse
+    b_bias, b_freq, b_psi = _tile_params(psi, freq, bias, i_bhk, o_m, m_m, o_d, m_d, M, D, HAS_PSI, BD)
     p_w = W + i_hk * s_wh + o_m[:, None] * s_wm + o_d[None, :] * s_wd
     m_w = m_m[:, None] & m_d[None, :]
-    m_s = m_m[:, None] & m_v[None, :]
     c_lo = i_rl * CPS
     c_hi = tl.minimum(c_lo + CPS, NC)
-    p_s = Sb + i_row * F * DV + o_m[:, None] * DV + o_v[None, :]
-    p_z = zb + i_row * F + o_m
-    b_sa = tl.load(p_s, mask=m_s, other=0.0)
-    b_za = tl.load(p_z, mask=m_m, other=0.0)
-    b_sb = tl.zeros([BM, BV], dtype=tl.float32)
-    b_zb = tl.zeros([BM], dtype=tl.float32)
-    if KIND != KIND_EXP:
-        b_sb = tl.load(p_s + M * DV, mask=m_s, other=0.0)
-        b_zb = tl.load(p_z + M, mask=m_m, other=0.0)
+    b_sa, b_sb, b_za, b_zb = _load_state(
+        Sb + i_row * F * DV + o_m[:, None] * DV + o_v[None, :],
+        zb + i_row * F + o_m,
+        m_m[:, None] & m_v[None, :],
+        m_m,
+        M,
+        DV,
+        1.0,
+        KIND,
+    )
     b_kprev = tl.load(p_ks + c_lo)
     for i_c in range(c_lo, c_hi):
         o_t = bos + i_c * BT + o_i
         m_t = o_t < eos
         b_kst = tl.load(p_ks + i_c)
-        # the walk's factor: finite (the state is zero) after chunks without any key
-        b_alpha = tl.exp(tl.minimum(b_kprev - b_kst, 0.0))
-        b_sa *= b_alpha
-        b_za *= b_alpha
-        if KIND != KIND_EXP:
-            b_sb *= b_alpha
-            b_zb *= b_alpha
-        b_w = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
-        keep = _keep_rows(mask, i_bt, o_t, m_t, s_mb, s_mt, HAS_MASK)
-        b_k = _load_rows(k, i_bt, i_hk, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
-        b_xk, b_rk = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
-        b_pka, b_pkb = _features(b_xk, b_rk, b_w, b_bias, b_freq, b_kst, keep, KIND, PREC)
-        b_q = _load_rows(q, i_bt, i_h, o_t, m_t, o_d, m_d, s_qb, s_qt, s_qh, s_qd)
-        b_xq, b_rq = _transform(b_q, b_psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
-        b_qmax = tl.load(qmax + i_bht * T + o_t, mask=m_t, other=0.0)
-        b_pqa, b_pqb = _features(b_xq, b_rq, b_w, b_bias, b_freq, b_qmax[:, None], m_t, KIND, PREC)
-        b_v = _load_rows(v, i_bt, i_hk, o_t, m_t, o_v, m_v, s_vb, s_vt, s_vh, s_vd).to(tl.float32)
-        # [BT, BM] @ [BM, BT] -> [BT, BT]: query t, key j of this chunk; [BT, BM] @ [BM, BV]: earlier ones
-        b_s = _dot(b_pqa, tl.trans(b_pka), PREC)
-        b_num = _dot(b_pqa, b_sa, PREC)
-        b_den = tl.sum(b_pqa * b_za[None, :], axis=1)
-        if KIND != KIND_EXP:
-            b_s += _dot(b_pqb, tl.trans(b_pkb), PREC)
-            b_num += _dot(b_pqb, b_sb, PREC)
-            b_den += tl.sum(b_pqb * b_zb[None, :], axis=1)
-        b_s = tl.where(o_i[:, None] >= o_i[None, :], b_s, 0.0)
-        b_num += _dot(b_s, b_v, PREC)  # [BT, BT] @ [BT, BV]
-        b_den += tl.sum(b_s, axis=1)
-        _store_out(o, den, b_num, b_den, i_bht, i_bt, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV, s_on, s_dn, SPLIT)
-        b_sa += _dot(tl.trans(b_pka), b_v, PREC)  # [BM, BT] @ [BT, BV]
-        b_za += tl.sum(b_pka, axis=0)
-        if KIND != KIND_EXP:
-            b_sb += _dot(tl.trans(b_pkb), b_v, PREC)
-            b_zb += tl.sum(b_pkb, axis=0)
+        b_sa, b_sb, b_za, b_zb = _fwd_chunk(
+            q,
+            k,
+            v,
+            mask,
+            qmax,
+            lse,
+            o,
+            den,
+            p_w,
+            m_w,
+            b_sa,
+            b_sb,
+            b_za,
+            b_zb,
+            b_kprev,
+            b_kst,
+            b_bias,
+            b_freq,
+            b_psi,
+            i_bt,
+            i_h,
+            i_hk,
+            i_bht,
+            i_bkt,
+            i_m,
+            i_v,
+            o_t,
+            m_t,
+            o_i,
+            o_m,
+            m_m,
+            o_d,
+            m_d,
+            o_v,
+            m_v,
+            s_qb,
+            s_qt,
+            s_qh,
+            s_qd,
+            s_kb,
+            s_kt,
+            s_kh,
+            s_kd,
+            s_vb,
+            s_vt,
+            s_vh,
+            s_vd,
+            s_mb,
+            s_mt,
+            s_on,
+            s_dn,
+            T,
+            H,
+            DV,
+            root,
+            c_t,
+            c_o,
+            KIND,
+            HAS_MASK,
+            HAS_PSI,
+            HAS_CO,
+            HAS_LSE,
+            SPLIT,
+            PREC,
+        )
         b_kprev = b_kst
 
 
@@ -634,9 +706,8 @@ def _rf_chunk_bwd_dstate_kernel(
     m_v = o_v < DV
     o_c = tl.arange(0, BT)
     m_sv = m_m[:, None] & m_v[None, :]
-    b_w, b_bias, b_freq, b_psi = _tile_params(
-        w, bias, freq, psi, i_bhk, i_hk, o_m, m_m, o_d, m_d, stride_wh, M, D, HAS_PSI, BD
-    )
+    b_bias, b_freq, b_psi = _tile_params(psi, freq, bias, i_bhk, o_m, m_m, o_d, m_d, M, D, HAS_PSI, BD)
+    b_w = _w_tile(w, i_hk, o_m, m_m, o_d, m_d, stride_wh, D, 1)
     b_dsa = tl.zeros([BM, BV], dtype=tl.float32)
     b_dsb = tl.zeros([BM, BV], dtype=tl.float32)
     b_dza = tl.zeros([BM], dtype=tl.float32)
@@ -650,29 +721,33 @@ def _rf_chunk_bwd_dstate_kernel(
             o_t = bos + c * BT + o_c
             m_t = o_t < eos
             b_f = tl.exp(tl.minimum(b_ks - tl.load(p_ks + c), 0.0))
-            p_tq = ((i_bt * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
-            b_a = (
-                tl.load(
-                    da + ((i_bt * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :],
-                    mask=m_t[:, None] & m_v[None, :],
-                    other=0.0,
-                )
-                * b_f
-            )
-            b_beta = tl.load(dbeta + i_bh * T + o_t, mask=m_t, other=0.0) * b_f
-            _, _, qa, qb = _query_phi(
+            b_dsa, b_dsb, b_dza, b_dzb = _dstate_chunk(
                 q,
                 qmax,
-                p_tq,
-                m_t[:, None] & m_d[None, :],
-                i_bh,
-                T,
-                o_t,
-                m_t,
+                da,
+                dbeta,
                 b_w,
                 b_bias,
                 b_freq,
                 b_psi,
+                b_dsa,
+                b_dsb,
+                b_dza,
+                b_dzb,
+                b_f,
+                i_bt,
+                i_h,
+                i_bh,
+                o_t,
+                m_t,
+                o_d,
+                m_d,
+                o_v,
+                m_v,
+                T,
+                H,
+                D,
+                DV,
                 root,
                 c_t,
                 c_o,
@@ -681,21 +756,23 @@ def _rf_chunk_bwd_dstate_kernel(
                 HAS_CO,
                 PREC,
             )
-            b_dsa += _dot(tl.trans(qa), b_a, PREC)  # [BM, BT] @ [BT, BV]
-            b_dza += tl.sum(qa * b_beta[:, None], axis=0)
-            if KIND != KIND_EXP:
-                b_dsb += _dot(tl.trans(qb), b_a, PREC)
-                b_dzb += tl.sum(qb * b_beta[:, None], axis=0)
-    p_ds = L + i_row * F * DV + o_m[:, None] * DV + o_v[None, :]
-    p_dz = Lz + i_row * F + o_m
-    tl.store(p_ds, b_dsa, mask=m_sv)
-    tl.store(p_dz, b_dza, mask=m_m)
-    if KIND != KIND_EXP:
-        tl.store(p_ds + M * DV, b_dsb, mask=m_sv)
-        tl.store(p_dz + M, b_dzb, mask=m_m)
+    _store_state(
+        L + i_row * F * DV + o_m[:, None] * DV + o_v[None, :],
+        Lz + i_row * F + o_m,
+        b_dsa,
+        b_dsb,
+        b_dza,
+        b_dzb,
+        m_sv,
+        m_m,
+        M,
+        DV,
+        True,
+        KIND,
+    )
 
 
-@optional_inputs(HAS_PSI="psi", HAS_MASK="mask", IS_VARLEN="cu")
+@optional_inputs(HAS_PSI="psi", HAS_MASK="mask", HAS_LSE="lse", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
 def _rf_chunk_bwd_dq_kernel(
     q,
@@ -706,6 +783,7 @@ def _rf_chunk_bwd_dq_kernel(
     freq,
     psi,
     mask,
+    lse,
     Sb,
     zb,
     qmax,
@@ -739,6 +817,7 @@ def _rf_chunk_bwd_dq_kernel(
     HAS_PSI: tl.constexpr,
     HAS_CO: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    HAS_LSE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     PREC: tl.constexpr,
     BT: tl.constexpr,
@@ -767,109 +846,77 @@ def _rf_chunk_bwd_dq_kernel(
         part = i_m * T * H  # start of this tile's partial [1, T, H, D]
     else:
         part = i_m * T * tl.num_programs(1)  # start of this tile's partial [B, T, H, D]
-    b_w, b_bias, b_freq, b_psi = _tile_params(
-        w, bias, freq, psi, i_bhk, i_hk, o_m, m_m, o_d, m_d, stride_wh, M, D, HAS_PSI, BD
-    )
+    b_bias, b_freq, b_psi = _tile_params(psi, freq, bias, i_bhk, o_m, m_m, o_d, m_d, M, D, HAS_PSI, BD)
+    b_w = _w_tile(w, i_hk, o_m, m_m, o_d, m_d, stride_wh, D, 1)
     c_lo = i_rl * CPS
     c_hi = tl.minimum(c_lo + CPS, NC)
-    p_s = Sb + i_row * F * DV + o_m[:, None] * DV + o_v[None, :]
-    p_z = zb + i_row * F + o_m
-    b_sa = tl.load(p_s, mask=m_sv, other=0.0)
-    b_za = tl.load(p_z, mask=m_m, other=0.0)
-    b_sb = tl.zeros([BM, BV], dtype=tl.float32)
-    b_zb = tl.zeros([BM], dtype=tl.float32)
-    if KIND != KIND_EXP:
-        b_sb = tl.load(p_s + M * DV, mask=m_sv, other=0.0)
-        b_zb = tl.load(p_z + M, mask=m_m, other=0.0)
+    b_sa, b_sb, b_za, b_zb = _load_state(
+        Sb + i_row * F * DV + o_m[:, None] * DV + o_v[None, :], zb + i_row * F + o_m, m_sv, m_m, M, DV, 1.0, KIND
+    )
     b_dw = tl.zeros([BM, BD], dtype=tl.float32)
     b_db = tl.zeros([BM], dtype=tl.float32)
     b_kprev = tl.load(p_ks + c_lo)
     for c in range(c_lo, c_hi):
         o_t = bos + c * BT + o_c
         m_t = o_t < eos
-        p_tq = ((i_bt * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
-        p_tk = ((i_bt * T + o_t[:, None]) * HK + i_hk) * D + o_d[None, :]
-        m_tk = m_t[:, None] & m_d[None, :]
-        p_ta = ((i_bt * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]
-        p_tv = ((i_bt * T + o_t[:, None]) * HK + i_hk) * DV + o_v[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        b_a = tl.load(da + p_ta, mask=m_tv, other=0.0)  # [BT, BV]
-        b_beta = tl.load(dbeta + i_bht * T + o_t, mask=m_t, other=0.0)  # [BT]
         b_ks = tl.load(p_ks + c)
-        b_rescale = tl.exp(tl.minimum(b_kprev - b_ks, 0.0))
-        b_kprev = b_ks
-        b_sa *= b_rescale
-        b_za *= b_rescale
-        b_sb *= b_rescale
-        b_zb *= b_rescale
-        b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-        _, _, ka, kb = _key_phi(
+        b_sa, b_sb, b_za, b_zb, b_dw, b_db = _dq_chunk(
+            q,
             k,
+            v,
             mask,
-            p_tk,
-            m_tk,
-            i_bt,
-            T,
-            o_t,
-            m_t,
+            qmax,
+            lse,
+            da,
+            dbeta,
+            dq,
             b_w,
             b_bias,
             b_freq,
             b_psi,
+            b_sa,
+            b_sb,
+            b_za,
+            b_zb,
+            b_kprev,
             b_ks,
+            b_dw,
+            b_db,
+            i_bt,
+            i_h,
+            i_hk,
+            i_bht,
+            part,
+            o_t,
+            m_t,
+            o_d,
+            m_d,
+            o_v,
+            m_v,
+            T,
+            H,
+            HK,
+            D,
+            DV,
             root,
             c_t,
             c_o,
             KIND,
+            True,
             HAS_PSI,
             HAS_CO,
             HAS_MASK,
+            HAS_LSE,
             PREC,
+            BT,
+            BM,
         )
-        # P[t, j] = a_t . v_j + beta_t for keys j <= t of this chunk
-        b_p = _dot(b_a, tl.trans(b_v), PREC) + b_beta[:, None]  # [BT, BV] @ [BV, BT]
-        b_p = tl.where(o_t[:, None] >= o_t[None, :], b_p, 0.0)
-        dqa = _dot(b_p, ka, PREC) + _dot(b_a, tl.trans(b_sa), PREC) + b_beta[:, None] * b_za[None, :]
-        if KIND != KIND_EXP:
-            dqb = _dot(b_p, kb, PREC) + _dot(b_a, tl.trans(b_sb), PREC) + b_beta[:, None] * b_zb[None, :]
-        else:
-            dqb = dqa
-        b_q, qt, qa, qb = _query_phi(
-            q,
-            qmax,
-            p_tq,
-            m_tk,
-            i_bht,
-            T,
-            o_t,
-            m_t,
-            b_w,
-            b_bias,
-            b_freq,
-            b_psi,
-            root,
-            c_t,
-            c_o,
-            KIND,
-            HAS_PSI,
-            HAS_CO,
-            PREC,
-        )
-        de, du = _phi_grad(dqa, dqb, qa, qb, KIND)
-        b_db += tl.sum(de, axis=0)
-        b_dw += _dot(tl.trans(du), qt, PREC) * b_freq  # [BM, BT] @ [BT, BD]
-        b_dq = _input_grad(de, du, qt, b_q, b_w, b_psi, b_freq, root, c_t, c_o, True, HAS_PSI, HAS_CO, PREC)
-        tl.store(dq + part * D + p_tq, b_dq, mask=m_tk)
-        b_sa += _dot(tl.trans(ka), b_v, PREC)
-        b_za += tl.sum(ka, axis=0)
-        if KIND != KIND_EXP:
-            b_sb += _dot(tl.trans(kb), b_v, PREC)
-            b_zb += tl.sum(kb, axis=0)
+        b_kprev = b_ks
     tl.store(dw + i_r * s_wp + (i_bht * M + o_m[:, None]) * D + o_d[None, :], b_dw, mask=m_m[:, None] & m_d[None, :])
     tl.store(db + i_r * s_bp + i_bht * M + o_m, b_db, mask=m_m)
 
 
-@optional_inputs(HAS_PSI="psi", HAS_MASK="mask", IS_VARLEN="cu")
+@optional_inputs(HAS_PSI="psi", HAS_MASK="mask", HAS_LSE="lse", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
 def _rf_chunk_bwd_dkv_kernel(
     q,
@@ -880,6 +927,7 @@ def _rf_chunk_bwd_dkv_kernel(
     freq,
     psi,
     mask,
+    lse,
     dSa,
     dza_,
     qmax,
@@ -888,6 +936,7 @@ def _rf_chunk_bwd_dkv_kernel(
     dbeta,
     dk,
     dv,
+    dlse,
     dw,
     db,
     cu,
@@ -914,6 +963,7 @@ def _rf_chunk_bwd_dkv_kernel(
     HAS_PSI: tl.constexpr,
     HAS_CO: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    HAS_LSE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     PREC: tl.constexpr,
     BT: tl.constexpr,
@@ -942,25 +992,20 @@ def _rf_chunk_bwd_dkv_kernel(
         part = i_m * T * H  # start of this tile's partial [1, T, H, .]
     else:
         part = i_m * T * tl.num_programs(1)  # start of this tile's partial [B, T, H, .]
-    b_w, b_bias, b_freq, b_psi = _tile_params(
-        w, bias, freq, psi, i_bhk, i_hk, o_m, m_m, o_d, m_d, stride_wh, M, D, HAS_PSI, BD
-    )
+    b_bias, b_freq, b_psi = _tile_params(psi, freq, bias, i_bhk, o_m, m_m, o_d, m_d, M, D, HAS_PSI, BD)
+    b_w = _w_tile(w, i_hk, o_m, m_m, o_d, m_d, stride_wh, D, 1)
     c_lo = i_rl * CPS
     c_hi = tl.minimum(c_lo + CPS, NC)
     # dSa, dza_ (per key/value head) hold the whole group's later queries: the first query head of the
     # group carries them, the others start from zero (their partials are summed on the host)
-    p_s = dSa + i_row * F * DV + o_m[:, None] * DV + o_v[None, :]
-    p_z = dza_ + i_row * F + o_m
     b_dsa = tl.zeros([BM, BV], dtype=tl.float32)
     b_dza = tl.zeros([BM], dtype=tl.float32)
     b_dsb = tl.zeros([BM, BV], dtype=tl.float32)
     b_dzb = tl.zeros([BM], dtype=tl.float32)
     if i_h % G == 0:
-        b_dsa = tl.load(p_s, mask=m_sv, other=0.0)
-        b_dza = tl.load(p_z, mask=m_m, other=0.0)
-        if KIND != KIND_EXP:
-            b_dsb = tl.load(p_s + M * DV, mask=m_sv, other=0.0)
-            b_dzb = tl.load(p_z + M, mask=m_m, other=0.0)
+        b_dsa, b_dsb, b_dza, b_dzb = _load_state(
+            dSa + i_row * F * DV + o_m[:, None] * DV + o_v[None, :], dza_ + i_row * F + o_m, m_sv, m_m, M, DV, 1.0, KIND
+        )
     b_dw = tl.zeros([BM, BD], dtype=tl.float32)
     b_db = tl.zeros([BM], dtype=tl.float32)
     b_knext = tl.load(p_ks + _last_chunk(c_lo, c_hi, IS_VARLEN))
@@ -968,93 +1013,59 @@ def _rf_chunk_bwd_dkv_kernel(
         c = c_hi - 1 - i
         o_t = bos + c * BT + o_c
         m_t = o_t < eos
-        p_tq = ((i_bt * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
-        p_tk = ((i_bt * T + o_t[:, None]) * HK + i_hk) * D + o_d[None, :]
-        m_tk = m_t[:, None] & m_d[None, :]
-        p_ta = ((i_bt * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]
-        p_tv = ((i_bt * T + o_t[:, None]) * HK + i_hk) * DV + o_v[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
         b_ks = tl.load(p_ks + c)
-        # the derivative of the forward's exp(min(kstab_c - kstab_{c+1}, 0)): finite after empty chunks
-        b_rescale = tl.exp(tl.minimum(b_ks - b_knext, 0.0))
-        b_knext = b_ks
-        b_dsa *= b_rescale
-        b_dza *= b_rescale
-        b_dsb *= b_rescale
-        b_dzb *= b_rescale
-        b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-        b_k, kt, ka, kb = _key_phi(
+        b_dsa, b_dsb, b_dza, b_dzb, b_dw, b_db = _dkv_chunk(
+            q,
             k,
+            v,
             mask,
-            p_tk,
-            m_tk,
-            i_bt,
-            T,
-            o_t,
-            m_t,
+            qmax,
+            lse,
+            da,
+            dbeta,
+            dk,
+            dv,
+            dlse,
             b_w,
             b_bias,
             b_freq,
             b_psi,
+            b_dsa,
+            b_dsb,
+            b_dza,
+            b_dzb,
+            b_knext,
             b_ks,
+            b_dw,
+            b_db,
+            i_bt,
+            i_h,
+            i_hk,
+            i_bht,
+            part,
+            o_t,
+            m_t,
+            o_d,
+            m_d,
+            o_v,
+            m_v,
+            T,
+            H,
+            HK,
+            D,
+            DV,
             root,
             c_t,
             c_o,
             KIND,
+            True,
             HAS_PSI,
             HAS_CO,
             HAS_MASK,
+            HAS_LSE,
             PREC,
         )
-        b_a = tl.load(da + p_ta, mask=m_tv, other=0.0)
-        b_beta = tl.load(dbeta + i_bht * T + o_t, mask=m_t, other=0.0)
-        _, _, qa, qb = _query_phi(
-            q,
-            qmax,
-            p_tq,
-            m_tk,
-            i_bht,
-            T,
-            o_t,
-            m_t,
-            b_w,
-            b_bias,
-            b_freq,
-            b_psi,
-            root,
-            c_t,
-            c_o,
-            KIND,
-            HAS_PSI,
-            HAS_CO,
-            PREC,
-        )
-        causal = o_t[:, None] <= o_t[None, :]  # key j (row) <= query t
-        # P^T[j, t] = a_t . v_j + beta_t; A^T[j, t] = phik_j . phiq_t
-        b_pt = tl.where(causal, _dot(b_v, tl.trans(b_a), PREC) + b_beta[None, :], 0.0)  # [BT, BV] @ [BV, BT]
-        # carried part: dphik_j = dS v_j + dz, dv_j = dS^T phik_j; then this chunk's queries
-        dka = _dot(b_v, tl.trans(b_dsa), PREC) + b_dza[None, :] + _dot(b_pt, qa, PREC)
-        b_dv = _dot(ka, b_dsa, PREC)  # [BT, BM] @ [BM, BV]
-        b_at = _dot(ka, tl.trans(qa), PREC)  # [BT, BM] @ [BM, BT]
-        if KIND != KIND_EXP:
-            dkb = _dot(b_v, tl.trans(b_dsb), PREC) + b_dzb[None, :] + _dot(b_pt, qb, PREC)
-            b_dv += _dot(kb, b_dsb, PREC)
-            b_at += _dot(kb, tl.trans(qb), PREC)
-        else:
-            dkb = dka
-        b_at = tl.where(causal, b_at, 0.0)
-        b_dv += _dot(b_at, b_a, PREC)  # [BT, BT] @ [BT, BV]
-        tl.store(dv + part * DV + p_ta, b_dv, mask=m_tv)  # per query head
-        de, du = _phi_grad(dka, dkb, ka, kb, KIND)
-        b_db += tl.sum(de, axis=0)
-        b_dw += _dot(tl.trans(du), kt, PREC) * b_freq  # [BM, BT] @ [BT, BD]
-        b_dk = _input_grad(de, du, kt, b_k, b_w, b_psi, b_freq, root, c_t, c_o, False, HAS_PSI, HAS_CO, PREC)
-        tl.store(dk + part * D + p_tq, b_dk, mask=m_tk)
-        b_dsa += _dot(tl.trans(qa), b_a, PREC)
-        b_dza += tl.sum(qa * b_beta[:, None], axis=0)
-        if KIND != KIND_EXP:
-            b_dsb += _dot(tl.trans(qb), b_a, PREC)
-            b_dzb += tl.sum(qb * b_beta[:, None], axis=0)
+        b_knext = b_ks
     tl.store(dw + i_r * s_wp + (i_bht * M + o_m[:, None]) * D + o_d[None, :], b_dw, mask=m_m[:, None] & m_d[None, :])
     tl.store(db + i_r * s_bp + i_bht * M + o_m, b_db, mask=m_m)
 
@@ -1168,6 +1179,7 @@ def _states_before(
         freq=freq,
         psi=psi,
         mask=None if mask is None else mask.view(torch.uint8),
+        lse=None,
         kstab=kstab,
         L=L,
         Lz=Lz,
@@ -1293,6 +1305,7 @@ def chunk_fwd(
         freq=freq,
         psi=psi,
         mask=None if mask is None else mask.view(torch.uint8),
+        lse=None,
         Sb=Sb,
         zb=zb,
         qmax=qmax,
@@ -1476,6 +1489,7 @@ def chunk_bwd(
         freq=freq,
         psi=psi,
         mask=mask_arg,
+        lse=None,
         qmax=qmax,
         kstab=kstab,
         da=a,
@@ -1499,7 +1513,9 @@ def chunk_bwd(
         **launch,
     )
     _rf_chunk_bwd_dq_kernel[grid](Sb=Sb, zb=zb, dq=dq_part, dw=dw_part[0], db=db_part[0], **common)
-    _rf_chunk_bwd_dkv_kernel[grid](dSa=dSa, dza_=dza, dk=dk_part, dv=dv_part, dw=dw_part[1], db=db_part[1], **common)
+    _rf_chunk_bwd_dkv_kernel[grid](
+        dSa=dSa, dza_=dza, dk=dk_part, dv=dv_part, dlse=None, dw=dw_part[1], db=db_part[1], **common
+    )
     dS0 = dz0 = None
     if S0 is not None:
         alpha = torch.exp(m0 - _first_stabiliser(kstab, varlen))

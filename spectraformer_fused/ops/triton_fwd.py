@@ -58,7 +58,6 @@ from .triton_common import (
     VarlenTables,
     _dot,
     _feature_logits,
-    _features,
     _keep_rows,
     _load_rows,
     _seq_span,
@@ -68,6 +67,14 @@ from .triton_common import (
     dot_precision,
     optional_inputs,
     varlen_args,
+)
+from .triton_steps import (
+    _fwd_chunk,
+    _key_state_chunk,
+    _load_state,
+    _query_features,
+    _store_state,
+    _tile_params,
 )
 
 MAX_BM = 64
@@ -176,7 +183,7 @@ def _rf_stats_fwd_kernel(
     tl.store(kmax + i_bht * NC + i_c, tl.max(b_kmax, axis=0))
 
 
-@optional_inputs(HAS_MASK="mask", HAS_PSI="psi", HAS_INIT="S0", IS_VARLEN="cu")
+@optional_inputs(HAS_MASK="mask", HAS_PSI="psi", HAS_INIT="S0", HAS_LSE="lse", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
 def _rf_fwd_kernel(
     q,
@@ -187,6 +194,7 @@ def _rf_fwd_kernel(
     freq,
     psi,
     mask,
+    lse,
     S0,
     z0,
     m0,
@@ -237,6 +245,7 @@ def _rf_fwd_kernel(
     HAS_PSI: tl.constexpr,
     HAS_CO: tl.constexpr,
     HAS_INIT: tl.constexpr,
+    HAS_LSE: tl.constexpr,
     STORE_STATE: tl.constexpr,
     SPLIT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
@@ -286,12 +295,8 @@ def _rf_fwd_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < DV
     o_i = tl.arange(0, BT)
-    if HAS_PSI:
-        b_psi = tl.load(psi + i_bk * D + o_d, mask=m_d, other=1.0)
-    else:
-        b_psi = tl.full([BD], 1.0, tl.float32)
-    b_freq = tl.load(freq + i_bk)
-    b_bias = tl.load(bias + i_bk * M + o_m, mask=m_m, other=float("-inf"))
+    i_bkt = i_bt * HK + i_hk  # the token tensors' (batch, key/value head) row: hedgehog's lse
+    b_bias, b_freq, b_psi = _tile_params(psi, freq, bias, i_bk, o_m, m_m, o_d, m_d, M, D, HAS_PSI, BD)
     p_w = W + i_hk * s_wh + o_m[:, None] * s_wm + o_d[None, :] * s_wd
     m_w = m_m[:, None] & m_d[None, :]
     m_s = m_m[:, None] & m_v[None, :]
@@ -309,13 +314,9 @@ def _rf_fwd_kernel(
         # Non-causal: only the first chunk range carries it, so the reduced state counts it once.
         b_alpha = tl.exp(tl.load(m0 + i_bk) - b_kfirst)
         b_alpha = tl.where(i_s == 0, b_alpha, 0.0)
-        p_s0 = S0 + i_bk * F * DV + o_m[:, None] * DV + o_v[None, :]
-        p_z0 = z0 + i_bk * F + o_m
-        b_sa = tl.load(p_s0, mask=m_s, other=0.0) * b_alpha
-        b_za = tl.load(p_z0, mask=m_m, other=0.0) * b_alpha
-        if KIND != KIND_EXP:
-            b_sb = tl.load(p_s0 + M * DV, mask=m_s, other=0.0) * b_alpha
-            b_zb = tl.load(p_z0 + M, mask=m_m, other=0.0) * b_alpha
+        b_sa, b_sb, b_za, b_zb = _load_state(
+            S0 + i_bk * F * DV + o_m[:, None] * DV + o_v[None, :], z0 + i_bk * F + o_m, m_s, m_m, M, DV, b_alpha, KIND
+        )
 
     if PHASE == 0:
         b_kprev = b_kfirst
@@ -323,80 +324,138 @@ def _rf_fwd_kernel(
             o_t = bos + i_c * BT + o_i
             m_t = o_t < eos
             b_kst = tl.load(p_ks + i_c)
-            # The stabiliser never decreases while the state is non-empty; min() keeps the factor
-            # finite (the state is zero) when the previous chunks had no key.
-            b_alpha = tl.exp(tl.minimum(b_kprev - b_kst, 0.0))
-            b_sa *= b_alpha
-            b_za *= b_alpha
-            if KIND != KIND_EXP:
-                b_sb *= b_alpha
-                b_zb *= b_alpha
-            b_w = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
-            keep = _keep_rows(mask, i_bt, o_t, m_t, s_mb, s_mt, HAS_MASK)
-            b_k = _load_rows(k, i_bt, i_hk, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
-            b_xk, b_rk = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
-            b_pka, b_pkb = _features(b_xk, b_rk, b_w, b_bias, b_freq, b_kst, keep, KIND, PREC)
-            b_q = _load_rows(q, i_bt, i_h, o_t, m_t, o_d, m_d, s_qb, s_qt, s_qh, s_qd)
-            b_xq, b_rq = _transform(b_q, b_psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
-            b_qmax = tl.load(qmax + i_bht * T + o_t, mask=m_t, other=0.0)
-            b_pqa, b_pqb = _features(b_xq, b_rq, b_w, b_bias, b_freq, b_qmax[:, None], m_t, KIND, PREC)
-            b_v = _load_rows(v, i_bt, i_hk, o_t, m_t, o_v, m_v, s_vb, s_vt, s_vh, s_vd).to(tl.float32)
-            # [BT, BM] @ [BM, BT] -> [BT, BT]: query t, key j of this chunk
-            b_s = _dot(b_pqa, tl.trans(b_pka), PREC)
-            # [BT, BM] @ [BM, BV] -> [BT, BV]: earlier chunks
-            b_num = _dot(b_pqa, b_sa, PREC)
-            b_den = tl.sum(b_pqa * b_za[None, :], axis=1)
-            if KIND != KIND_EXP:
-                b_s += _dot(b_pqb, tl.trans(b_pkb), PREC)
-                b_num += _dot(b_pqb, b_sb, PREC)
-                b_den += tl.sum(b_pqb * b_zb[None, :], axis=1)
-            b_s = tl.where(o_i[:, None] >= o_i[None, :], b_s, 0.0)
-            # [BT, BT] @ [BT, BV] -> [BT, BV]
-            b_num += _dot(b_s, b_v, PREC)
-            b_den += tl.sum(b_s, axis=1)
-            _store_out(
-                o, den, b_num, b_den, i_bht, i_bt, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV, s_on, s_dn, SPLIT
+            b_sa, b_sb, b_za, b_zb = _fwd_chunk(
+                q,
+                k,
+                v,
+                mask,
+                qmax,
+                lse,
+                o,
+                den,
+                p_w,
+                m_w,
+                b_sa,
+                b_sb,
+                b_za,
+                b_zb,
+                b_kprev,
+                b_kst,
+                b_bias,
+                b_freq,
+                b_psi,
+                i_bt,
+                i_h,
+                i_hk,
+                i_bht,
+                i_bkt,
+                i_m,
+                i_v,
+                o_t,
+                m_t,
+                o_i,
+                o_m,
+                m_m,
+                o_d,
+                m_d,
+                o_v,
+                m_v,
+                s_qb,
+                s_qt,
+                s_qh,
+                s_qd,
+                s_kb,
+                s_kt,
+                s_kh,
+                s_kd,
+                s_vb,
+                s_vt,
+                s_vh,
+                s_vd,
+                s_mb,
+                s_mt,
+                s_on,
+                s_dn,
+                T,
+                H,
+                DV,
+                root,
+                c_t,
+                c_o,
+                KIND,
+                HAS_MASK,
+                HAS_PSI,
+                HAS_CO,
+                HAS_LSE,
+                SPLIT,
+                PREC,
             )
-            # [BM, BT] @ [BT, BV] -> [BM, BV]
-            b_sa += _dot(tl.trans(b_pka), b_v, PREC)
-            b_za += tl.sum(b_pka, axis=0)
-            if KIND != KIND_EXP:
-                b_sb += _dot(tl.trans(b_pkb), b_v, PREC)
-                b_zb += tl.sum(b_pkb, axis=0)
             b_kprev = b_kst
     elif PHASE == 1:
         b_kst = b_kfirst
         for i_c in range(i_s * CPS, tl.minimum(i_s * CPS + CPS, NC)):
             o_t = bos + i_c * BT + o_i
             m_t = o_t < eos
-            b_w = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
-            keep = _keep_rows(mask, i_bt, o_t, m_t, s_mb, s_mt, HAS_MASK)
-            b_k = _load_rows(k, i_bt, i_hk, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
-            b_xk, b_rk = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
-            b_pka, b_pkb = _features(b_xk, b_rk, b_w, b_bias, b_freq, b_kst, keep, KIND, PREC)
-            b_v = _load_rows(v, i_bt, i_hk, o_t, m_t, o_v, m_v, s_vb, s_vt, s_vh, s_vd).to(tl.float32)
-            # [BM, BT] @ [BT, BV] -> [BM, BV]
-            b_sa += _dot(tl.trans(b_pka), b_v, PREC)
-            b_za += tl.sum(b_pka, axis=0)
-            if KIND != KIND_EXP:
-                b_sb += _dot(tl.trans(b_pkb), b_v, PREC)
-                b_zb += tl.sum(b_pkb, axis=0)
+            b_sa, b_sb, b_za, b_zb = _key_state_chunk(
+                k,
+                v,
+                mask,
+                lse,
+                p_w,
+                m_w,
+                b_sa,
+                b_sb,
+                b_za,
+                b_zb,
+                b_kst,
+                b_bias,
+                b_freq,
+                b_psi,
+                i_bt,
+                i_hk,
+                i_bkt,
+                o_t,
+                m_t,
+                o_m,
+                m_m,
+                o_d,
+                m_d,
+                o_v,
+                m_v,
+                s_kb,
+                s_kt,
+                s_kh,
+                s_kd,
+                s_vb,
+                s_vt,
+                s_vh,
+                s_vd,
+                s_mb,
+                s_mt,
+                T,
+                root,
+                c_t,
+                c_o,
+                KIND,
+                HAS_MASK,
+                HAS_PSI,
+                HAS_CO,
+                HAS_LSE,
+                PREC,
+            )
     else:
-        p_s = S + i_bk * F * DV + o_m[:, None] * DV + o_v[None, :]
-        p_z = z + i_bk * F + o_m
-        b_sa = tl.load(p_s, mask=m_s, other=0.0)
-        b_za = tl.load(p_z, mask=m_m, other=0.0)
-        if KIND != KIND_EXP:
-            b_sb = tl.load(p_s + M * DV, mask=m_s, other=0.0)
-            b_zb = tl.load(p_z + M, mask=m_m, other=0.0)
+        b_sa, b_sb, b_za, b_zb = _load_state(
+            S + i_bk * F * DV + o_m[:, None] * DV + o_v[None, :], z + i_bk * F + o_m, m_s, m_m, M, DV, 1.0, KIND
+        )
         for i_c in range(i_s * CPS, tl.minimum(i_s * CPS + CPS, NC)):
             o_t = bos + i_c * BT + o_i
             m_t = o_t < eos
             b_w = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
             b_q = _load_rows(q, i_bt, i_h, o_t, m_t, o_d, m_d, s_qb, s_qt, s_qh, s_qd)
-            b_xq, b_rq = _transform(b_q, b_psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
             b_qmax = tl.load(qmax + i_bht * T + o_t, mask=m_t, other=0.0)
-            b_pqa, b_pqb = _features(b_xq, b_rq, b_w, b_bias, b_freq, b_qmax[:, None], m_t, KIND, PREC)
+            _, b_pqa, b_pqb = _query_features(
+                b_q, b_qmax, m_t, b_w, b_bias, b_freq, b_psi, root, c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC
+            )
             # [BT, BM] @ [BM, BV] -> [BT, BV]
             b_num = _dot(b_pqa, b_sa, PREC)
             b_den = tl.sum(b_pqa * b_za[None, :], axis=1)
@@ -411,16 +470,21 @@ def _rf_fwd_kernel(
         # PHASE 0: the final state, relative to the last stabiliser = the final running max (all zero when
         # it is -inf). PHASE 1: this chunk range's partial state (i_s-th slice), summed on the host.
         # One query head per group stores its key/value head's state.
-        p_s = S + i_s * s_sp + i_bk * F * DV + o_m[:, None] * DV + o_v[None, :]
-        p_z = z + i_s * s_zp + i_bk * F + o_m
         if i_h % G == 0:
-            tl.store(p_s, b_sa, mask=m_s)
-            if KIND != KIND_EXP:
-                tl.store(p_s + M * DV, b_sb, mask=m_s)
-            if i_v == 0:
-                tl.store(p_z, b_za, mask=m_m)
-                if KIND != KIND_EXP:
-                    tl.store(p_z + M, b_zb, mask=m_m)
+            _store_state(
+                S + i_s * s_sp + i_bk * F * DV + o_m[:, None] * DV + o_v[None, :],
+                z + i_s * s_zp + i_bk * F + o_m,
+                b_sa,
+                b_sb,
+                b_za,
+                b_zb,
+                m_s,
+                m_m,
+                M,
+                DV,
+                i_v == 0,
+                KIND,
+            )
 
 
 @optional_inputs(HAS_INIT="m0")
@@ -725,6 +789,7 @@ def rf_fwd(
         freq=freq,
         psi=psi,
         mask=mask_u8,
+        lse=None,
         S0=S0,
         z0=z0,
         m0=m0,
