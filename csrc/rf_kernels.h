@@ -221,6 +221,15 @@ inline float row_lse(const float* x, int64_t n) {
   return mx + std::log(sum);
 }
 
+inline float row_sum(const float* x, int64_t n) {
+  vf acc = vf{};
+  int64_t i = 0;
+  for (; i + VW <= n; i += VW) acc += vload(x + i);
+  float s = hsum(acc);
+  for (; i < n; ++i) s += x[i];
+  return s;
+}
+
 inline void scale_inplace(float* x, int64_t n, float alpha) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) x[i] *= alpha;

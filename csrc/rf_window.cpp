@@ -32,7 +32,10 @@ struct WindowBuffers {
   std::vector<float> kr, kt, ysq, vb, sc, xq, xsq, num_e, den_e, pk, pkt, num_b, den_b, S, z;
   std::vector<char> keep;
   std::vector<int64_t> kept_before;  // kept keys among the band's first r rows
+  int64_t ld = 0;                    // leading dimension of kt, pkt and sc: whole vectors past the band
   void ensure(const Config& c, int64_t cols, int64_t rows) {
+    ld = (cols + VW - 1) / VW * VW + VW;
+    cols = ld;
     kr.resize(cols * c.D);
     kt.resize(c.D * cols);
     ysq.resize(cols);
@@ -89,7 +92,8 @@ struct ExtKeys {
 };
 
 // Rows [i, i + R) of a banded product: row r reads the columns [r, min(r + band, cols)). Computes
-// sc[r, c] = A[r] . BT[:, c] over the block's column range [i, i + R - 1 + band) (clipped), lets
+// sc[r, c] = A[r] . BT[:, c] over the block's column range [i, i + R - 1 + band) (clipped; rounded up to
+// whole vectors, which BT's and sc's leading dimension ldb >= round_up(cols, VW) + VW leaves room for), lets
 // `row(r, lo, hi)` turn row r's band into weights (zeroing what it excludes), zeroes the rest of the
 // block's range, then num[r] = sum_c sc[r, c] v[c] (a GEMM over that range).
 template <typename RowFn>
@@ -103,7 +107,8 @@ void banded(int64_t n, int64_t cols, int64_t band, int64_t K, const float* A, in
       for (int64_t r = i; r < i + R; ++r) row(r, r, r);
       continue;
     }
-    gemm(R, width, K, A + i * lda, lda, BT + i, ldb, sc + i * ldc + i, ldc, false);
+    const int64_t wide = std::min((width + VW - 1) / VW * VW, ldb - i);
+    gemm(R, wide, K, A + i * lda, lda, BT + i, ldb, sc + i * ldc + i, ldc, false);
     for (int64_t r = i; r < i + R; ++r) {
       float* s = sc + r * ldc;
       const int64_t lo = std::min(r, cols), hi = std::min(r + band, cols);
@@ -127,14 +132,16 @@ void exact_part(const scalar_t* qsrc, int64_t sq, int64_t n, int64_t cols, int64
     wb.xsq[t] = exact_sq != 0.f ? exact_sq * dot(xr, xr, D) : 0.f;
   }
   const char* kp = wb.keep.data();
-  banded(n, cols, band, D, wb.xq.data(), D, wb.kt.data(), cols, wb.sc.data(), cols, wb.vb.data(), c.Dv,
+  const int64_t ld = wb.ld;
+  banded(n, cols, band, D, wb.xq.data(), D, wb.kt.data(), ld, wb.sc.data(), ld, wb.vb.data(), c.Dv,
          wb.num_e.data(), [&](int64_t r, int64_t lo, int64_t hi) {
-           float* s = wb.sc.data() + r * cols;
-           float mx = NEG_INF;
-           for (int64_t j = lo; j < hi; ++j) {
-             s[j] = kp[j] ? s[j] + wb.xsq[r] + wb.ysq[j] : NEG_INF;
-             mx = std::max(mx, s[j]);
+           float* s = wb.sc.data() + r * ld;
+           const bool all_kept = wb.kept_before[hi] - wb.kept_before[lo] == hi - lo;
+           if (exact_sq != 0.f || !all_kept) {
+             const float xs = wb.xsq[r];
+             for (int64_t j = lo; j < hi; ++j) s[j] = kp[j] ? s[j] + xs + wb.ysq[j] : NEG_INF;
            }
+           const float mx = row_max(s + lo, hi - lo);
            qe[r] = mx;
            if (mx == NEG_INF) {
              std::fill(s + lo, s + hi, 0.f);
@@ -142,22 +149,20 @@ void exact_part(const scalar_t* qsrc, int64_t sq, int64_t n, int64_t cols, int64
              return;
            }
            exp_shifted(s + lo, hi - lo, mx);
-           float sum = 0.f;
-           for (int64_t j = lo; j < hi; ++j) sum += s[j];
-           wb.den_e[r] = sum;
+           wb.den_e[r] = row_sum(s + lo, hi - lo);
          });
 }
 
-// The staged extended keys as the exact part reads them: kt [D, cols] = sqrt(scale) k transposed,
-// ysq = exact_sq |y|^2.
-inline void exact_keys(int64_t cols, float exact_sq, const Config& c, WindowBuffers& wb) {
+// Rows [j0, j1) of the staged extended keys as the exact part reads them: kt [D, ld] = sqrt(scale) k
+// transposed, ysq = exact_sq |y|^2.
+inline void exact_keys(int64_t j0, int64_t j1, float exact_sq, const Config& c, WindowBuffers& wb) {
   const int64_t D = c.D;
-  for (int64_t j = 0; j < cols; ++j) {
+  for (int64_t j = j0; j < j1; ++j) {
     const float* kr = wb.kr.data() + j * D;
     float sq = 0.f;
     for (int64_t d = 0; d < D; ++d) {
       const float y = kr[d] * c.root;
-      wb.kt[d * cols + j] = y;
+      wb.kt[d * wb.ld + j] = y;
       sq += y * y;
     }
     wb.ysq[j] = exact_sq * sq;
@@ -213,13 +218,14 @@ void window_group(const at::Tensor& q, at::Tensor& o, const ExtKeys<scalar_t, vs
 
   if (wt.causal) {
     int64_t kept_folded = 0;  // kept extended keys already in the state
+    int64_t have = 0;         // buffer rows [0, have): the extended keys [lo, lo + have), from the last chunk
     for (int64_t lo = 0; lo < T; lo += CHUNK) {
       const int64_t n = std::min(CHUNK, T - lo);
       const int64_t cols = n + W - 1;  // the extended keys [lo, lo + n + W - 1): n feature keys first
-      ext.stage(lo, cols, wb.kr.data(), wb.vb.data(), kp);
+      ext.stage(lo + have, cols - have, wb.kr.data() + have * D, wb.vb.data() + have * Dv, kp + have);
       wb.kept_before[0] = 0;
       for (int64_t j = 0; j < cols; ++j) wb.kept_before[j + 1] = wb.kept_before[j] + (kp[j] ? 1 : 0);
-      exact_keys(cols, wt.exact_sq, c, wb);
+      exact_keys(have, cols, wt.exact_sq, c, wb);
       // the feature keys of the chunk: the extended keys [lo, lo + n), moving the state's maximum
       key_features(wb.kr.data(), D, reinterpret_cast<const bool*>(kp), n, c, hp, w, S, z, m_state);
       std::memcpy(w.vb.data(), wb.vb.data(), sizeof(float) * n * Dv);
@@ -248,6 +254,16 @@ void window_group(const at::Tensor& q, at::Tensor& o, const ExtKeys<scalar_t, vs
       }
       update_state(n, c, w, S, z);
       kept_folded += wb.kept_before[n];
+      // the last W - 1 rows are the next chunk's first ones
+      have = cols - n;
+      std::memmove(wb.kr.data(), wb.kr.data() + n * D, sizeof(float) * have * D);
+      std::memmove(wb.vb.data(), wb.vb.data() + n * Dv, sizeof(float) * have * Dv);
+      std::memmove(kp, kp + n, have);
+      std::memmove(wb.ysq.data(), wb.ysq.data() + n, sizeof(float) * have);
+      for (int64_t d = 0; d < D; ++d) {
+        float* row = wb.kt.data() + d * wb.ld;
+        std::memmove(row, row + n, sizeof(float) * have);
+      }
     }
   } else {
     // The final state: the extended keys [0, T); the state read by the queries: all of them.
@@ -276,25 +292,22 @@ void window_group(const at::Tensor& q, at::Tensor& o, const ExtKeys<scalar_t, vs
       ext.stage(lo, cols, wb.kr.data(), wb.vb.data(), kp);
       wb.kept_before[0] = 0;
       for (int64_t j = 0; j < cols; ++j) wb.kept_before[j + 1] = wb.kept_before[j] + (kp[j] ? 1 : 0);
-      exact_keys(cols, wt.exact_sq, c, wb);
+      exact_keys(0, cols, wt.exact_sq, c, wb);
       // the band's feature products at the final shift, to take out of the whole state's
       for (int64_t j0 = 0; j0 < cols; j0 += CHUNK) {
         const int64_t nj = std::min(CHUNK, cols - j0);
         key_logits(wb.kr.data() + j0 * D, D, reinterpret_cast<const bool*>(kp + j0), nj, c, hp, w);
         key_exponentiate(nj, c, w, ks);
         for (int64_t t = 0; t < nj; ++t)
-          for (int64_t f = 0; f < F; ++f) wb.pkt[f * cols + j0 + t] = w.pk[t * F + f];
+          for (int64_t f = 0; f < F; ++f) wb.pkt[f * wb.ld + j0 + t] = w.pk[t * F + f];
       }
       for (int64_t g = 0; g < G; ++g) {
         const scalar_t* qg = qp + g * sqh + lo * sq;
         query_features(qg, sq, n, c, hp, w);
         read_state(n, c, w, Sa, za, false);
-        banded(n, cols, band, F, w.pq.data(), F, wb.pkt.data(), cols, wb.sc.data(), cols, wb.vb.data(), Dv,
+        banded(n, cols, band, F, w.pq.data(), F, wb.pkt.data(), wb.ld, wb.sc.data(), wb.ld, wb.vb.data(), Dv,
                wb.num_b.data(), [&](int64_t r, int64_t lo_c, int64_t hi_c) {
-                 const float* s = wb.sc.data() + r * cols;
-                 float sum = 0.f;
-                 for (int64_t j = lo_c; j < hi_c; ++j) sum += s[j];
-                 wb.den_b[r] = sum;
+                 wb.den_b[r] = row_sum(wb.sc.data() + r * wb.ld + lo_c, hi_c - lo_c);
                });
         exact_part(qg, sq, n, cols, band, wt.exact_sq, c, wb, qe.data());
         for (int64_t t = 0; t < n; ++t) {
