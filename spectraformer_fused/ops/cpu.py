@@ -196,7 +196,7 @@ class _CpuAttention(torch.autograd.Function):
     """Forward and backward in C++ (``csrc/rf_backward.cpp``). The forward saves its inputs and, when
     non-causal, its final state (read again by the backward's queries); the backward recomputes every
     feature chunk by chunk from them. The kinds without a fused backward, and a ``log_scale`` of the
-    initial state that requires grad, recompute through the reference backend instead (``_reference_grads``)."""
+    initial state that requires grad, recompute through the reference backend instead (``reference_grads``)."""
 
     @staticmethod
     def forward(ctx, q, k, v, W, bias, S0, z0, m0, params, causal, mask, cu_seqlens):
@@ -217,7 +217,16 @@ class _CpuAttention(torch.autograd.Function):
         p = ctx.params
         inputs = (q, k, v, W, bias, S0, z0, m0)
         if p.kind not in FUSED_BACKWARD_KINDS or (m0 is not None and m0.requires_grad):
-            return (*_reference_grads(ctx, inputs, do, dS, dz), None, None, None, None)
+            grads = reference_grads(
+                ctx.params,
+                inputs,
+                (do, dS, dz),
+                lambda st: RFState(*st) if ctx.has_state else None,
+                causal=ctx.causal,
+                key_padding_mask=ctx.mask,
+                cu_seqlens=ctx.cu_seqlens,
+            )
+            return (*grads, None, None, None, None)
         if do is None:
             do = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=v.dtype)
         dq, dk, dv, dW, dbias, dS0, dz0 = _load().backward(
@@ -258,29 +267,22 @@ class _CpuAttention(torch.autograd.Function):
 FUSED_BACKWARD_KINDS = (EXP, HYP, TRIG)
 
 
-def _reference_grads(ctx, inputs, do, dS, dz):
-    """The gradients of the inputs by recomputing the forward through the reference backend under
-    enable_grad and differentiating that graph (exact, at the cost of one reference forward and backward)."""
-    p = ctx.params
+def reference_grads(params: FeatureParams, inputs, out_grads, make_state, **attend):
+    """The gradients of ``inputs`` (q, k, v, W, bias, then the initial state's tensors; None where absent) by
+    recomputing the forward through the reference backend under enable_grad and differentiating that graph
+    (exact, at the cost of one reference forward and backward). ``make_state`` builds the initial state from
+    the state's leaves (None for no state); ``out_grads`` are the gradients of the output and of the final
+    state's fields in order, None where none flows; ``attend`` the reference's other keyword arguments."""
     leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
-    lq, lk, lv, lW, lbias, lS, lz, lm = leaves
+    lq, lk, lv, lW, lbias, *lstate = leaves
     with torch.enable_grad():
-        rp = dataclasses.replace(p, W=lW, bias=lbias)
-        state = RFState(lS, lz, lm) if ctx.has_state else None
+        rp = dataclasses.replace(params, W=lW, bias=lbias)
         # packed sequences: the reference runs them one by one on views
         o, final = reference_attention(
-            lq,
-            lk,
-            lv,
-            rp,
-            causal=ctx.causal,
-            key_padding_mask=ctx.mask,
-            initial_state=state,
-            output_final_state=True,
-            cu_seqlens=ctx.cu_seqlens,
+            lq, lk, lv, rp, initial_state=make_state(lstate), output_final_state=True, **attend
         )
         outs, grads = [], []
-        for out, g in ((o, do), (final.S, dS), (final.z, dz)):
+        for out, g in zip((o, *final), out_grads):
             if g is not None and out.requires_grad:
                 outs.append(out)
                 grads.append(g)

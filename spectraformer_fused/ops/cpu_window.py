@@ -8,8 +8,6 @@ recomputes through ``reference_attention(..., window=W)`` as the plain CPU path 
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 from ..contract import DEN_EPS, FeatureParams
@@ -110,35 +108,18 @@ class _CpuWindowAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, dS, dz, _dm, dkt, dvt):
-        from ..reference import reference_attention
-
         *saved, tail_keep = ctx.saved_tensors
-        leaves = [t.detach().requires_grad_(t.requires_grad) for t in saved]
-        lq, lk, lv, lW, lbias, lS, lz, lm, lkt, lvt = leaves
-        with torch.enable_grad():
-            rp = dataclasses.replace(ctx.params, W=lW, bias=lbias)
-            o, final = reference_attention(
-                lq,
-                lk,
-                lv,
-                rp,
-                causal=ctx.causal,
-                key_padding_mask=ctx.mask,
-                initial_state=WindowState(lS, lz, lm, lkt, lvt, tail_keep),
-                output_final_state=True,
-                cu_seqlens=ctx.cu_seqlens,
-                window=ctx.window,
-            )
-            outs, grads = [], []
-            for out, g in ((o, do), (final.S, dS), (final.z, dz), (final.k_tail, dkt), (final.v_tail, dvt)):
-                if g is not None and out.requires_grad:
-                    outs.append(out)
-                    grads.append(g)
-            wanted = [t for t in leaves if t.requires_grad]
-            got = torch.autograd.grad(outs, wanted, grads, allow_unused=True) if outs and wanted else []
-        it = iter(got)
-        result = [next(it) if t.requires_grad else None for t in leaves]
-        return (*result, None, None, None, None, None, None)
+        grads = _cpu.reference_grads(
+            ctx.params,
+            saved,
+            (do, dS, dz, None, dkt, dvt),
+            lambda st: WindowState(*st, tail_keep),
+            causal=ctx.causal,
+            key_padding_mask=ctx.mask,
+            cu_seqlens=ctx.cu_seqlens,
+            window=ctx.window,
+        )
+        return (*grads, None, None, None, None, None, None)
 
 
 def cpu_window_attention(
