@@ -338,8 +338,10 @@ def triton_attention(
 ):
     """Random-feature attention with the Triton kernels; the reference's semantics and signature.
 
-    ``window`` (the hybrid sliding window, docs/DESIGN.md section 6) and hedgehog (kind NORM_HYP) are
-    not fused yet: either raises NotImplementedError (the API routes them to the reference backend).
+    ``window`` (the hybrid sliding window, docs/DESIGN.md section 6): ``triton_window.py`` (the fused
+    causal kernels for the feature part, the band's exact logits beside them); the state is then a
+    ``WindowState``. Hedgehog (kind NORM_HYP) is not fused yet: it raises NotImplementedError (the API
+    routes it to the reference backend).
 
     k, v and the parameters may have fewer heads than q (grouped-query attention; see ``rf_fwd``).
     Returns ``(o [B, T, H, Dv] in v's dtype, RFState (fp32) or None)``. Differentiable in q, k, v,
@@ -350,15 +352,27 @@ def triton_attention(
     every sequence runs as if alone (its own stabilisers, initial and final state), all in one set of
     kernel launches, causal or not, walk or chunk mode.
     """
-    if window is not None:
-        raise NotImplementedError(
-            "the Triton backend does not fuse the hybrid window yet (window=...): forward and backward, walk "
-            "and chunk modes are missing; use backend='reference'"
-        )
     if int(params.kind) == NORM_HYP:
         raise NotImplementedError(
             "the Triton backend does not fuse hedgehog (kind NORM_HYP) yet: its per-key log-sum-exp is not "
             "computed by the stabiliser pass; use backend='reference'"
+        )
+    num_seqs = None if cu_seqlens is None else cu_seqlens.shape[0] - 1
+    if window is not None:
+        from .triton_window import triton_window_attention
+
+        return triton_window_attention(
+            q,
+            k,
+            v,
+            params,
+            causal=causal,
+            window=window,
+            key_padding_mask=key_padding_mask,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(torch.int32).contiguous(),
+            mode=causal_mode(q, v, params.W.shape[1], True, num_seqs),
         )
     if initial_state is not None:
         S0, z0, m0 = (t.float().contiguous() for t in initial_state)
@@ -366,7 +380,6 @@ def triton_attention(
         S0 = z0 = m0 = None
     psi = None if params.psi is None else params.psi.float().contiguous()
     mask = None if key_padding_mask is None else key_padding_mask.contiguous()
-    num_seqs = None if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if cu_seqlens is not None:
         cu_seqlens = cu_seqlens.to(torch.int32).contiguous()
     mode = causal_mode(q, v, params.W.shape[1], causal, num_seqs)

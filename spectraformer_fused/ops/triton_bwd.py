@@ -613,6 +613,7 @@ def rf_bwd(
     causal: bool,
     chunk_size: int,
     cu_seqlens=None,
+    coeffs=None,
 ):
     """Gradients of random-feature attention from the saved forward statistics.
 
@@ -625,6 +626,11 @@ def rf_bwd(
 
     ``cu_seqlens``: packed variable-length sequences, as in ``rf_fwd`` (the per-sequence tensors, dbias,
     dS0 and dz0 included, have batch N; dW is summed over every sequence).
+
+    ``coeffs``: ``(a [B, T, H, Dv], beta [B, H, T])``, fp32 contiguous, the gradients of the loss with
+    respect to the unnormalised numerator and denominator (``grad_coefficients``' results), for callers
+    that combine ``num`` and ``den`` with other terms before the division (the hybrid window); ``do``, ``o``
+    and ``den`` are then not read.
     """
     B, T, H, D = q.shape
     Hk = k.shape[2]
@@ -642,7 +648,7 @@ def rf_bwd(
     bias, freq = bias.float().contiguous(), freq.float().contiguous()
     psi = None if psi is None else psi.float().contiguous()
 
-    a, beta = grad_coefficients(do, o, den)
+    a, beta = grad_coefficients(do, o, den) if coeffs is None else coeffs
 
     BT = chunk_size
     varlen = None if cu_seqlens is None else VarlenTables(cu_seqlens, BT)

@@ -1377,9 +1377,10 @@ def chunk_bwd(
     chunk_size: int,
     cps: int | None = None,
     cu_seqlens=None,
+    coeffs=None,
 ):
-    """The causal backward in chunk mode; ``triton_bwd.rf_bwd``'s arguments (less the final state, which
-    the causal backward does not read) and results; dk, dv, dW, dbias, dS0, dz0 per key/value head.
+    """The causal backward in chunk mode; ``triton_bwd.rf_bwd``'s arguments (``coeffs`` included; less the
+    final state, which the causal backward does not read) and results; dk, dv, dW, dbias, dS0, dz0 per key/value head.
     ``cu_seqlens``: packed variable-length sequences (``chunk_fwd``); dbias, dS0, dz0 per sequence."""
     B, T, H, D = q.shape
     Hk = k.shape[2]
@@ -1395,7 +1396,7 @@ def chunk_bwd(
         W, stride_wh = W.float().contiguous(), M * D
     bias, freq, psi = _f32(bias), _f32(freq), _f32(psi)
     S0, z0, m0 = _f32(S0), _f32(z0), _f32(m0)
-    a, beta = grad_coefficients(do, o, den)
+    a, beta = grad_coefficients(do, o, den) if coeffs is None else coeffs
     BT = chunk_size
     NC = triton.cdiv(T, BT)
     BD, BV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))

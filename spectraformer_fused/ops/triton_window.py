@@ -1,0 +1,405 @@
+"""The hybrid window (DESIGN.md section 6) on the Triton backend.
+
+Hybrid attention sums its weights over disjoint sets of keys and divides once. With the initial state's
+tail in front of the tokens (the extended keys: extended key ``j'`` is the tail's ``j'`` for ``j' < W - 1``,
+token ``j' - (W - 1)`` after), query t holds exact the extended keys ``t .. t + W - 1`` (causal) or
+``t .. t + 2W - 2`` (non-causal); every other visible key goes through the features:
+
+* the keys before the band (and the initial state S0, z0): the fused causal kernels (``rf_fwd``'s walk or
+  ``chunk_fwd``'s chunk mode, as the plain path chooses) run on the extended keys shifted one position
+  later, behind a masked first key, so that query t reads extended keys ``< t``. One query row is added
+  after the last (its output is dropped): the run's final state then holds every extended key but the last
+  W - 1, which is the final state the causal continuation needs, causal or not;
+* non-causal, the keys after the band: the same causal kernels on the reversed sequence, the keys shifted
+  W positions (behind W masked keys), without a state;
+* the band: exact logits ``x.y + exact_sq (|x|^2 + |y|^2)`` over query blocks of 64 against the
+  ``64 + band - 1`` extended keys they can reach, in PyTorch (O(T (64 + W)) memory; recomputed in the
+  backward).
+
+Each part returns an unnormalised numerator and denominator with its own per-row log scale (the kernels:
+the query row's ``qmax`` plus the key stabiliser of its chunk; the band: its largest logit); they are moved
+to their largest scale before the one division, as in the reference. The backward hands each part the
+gradients of its own numerator and denominator (``rf_bwd`` / ``chunk_bwd`` with ``coeffs``: the kernels'
+backward is linear in them), so no feature is ever stored.
+
+Packed sequences (``cu_seqlens``) run in one launch per kernel (each sequence with its own tail, state and
+stabilisers); the band runs per sequence.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+from torch import Tensor
+
+from ..contract import DEN_EPS, FeatureParams
+from ..state import WindowState, empty_window_state
+from .triton_bwd import rf_bwd
+from .triton_chunk import chunk_bwd, chunk_fwd, chunk_size
+from .triton_fwd import default_chunk_size, rf_fwd
+
+BAND_BLOCK = 64  # queries per block of the band's exact logits
+
+
+@dataclass
+class _Run:
+    """One causal kernel run over rearranged rows: its queries (rows of q with one zero row appended), keys
+    and values (rows of the extended ones), their keep flags, packed boundaries, the run row of every real
+    query (``out_idx [T]``) and every run row's chunk slot of kstab (``slot``)."""
+
+    q_idx: Tensor
+    k_idx: Tensor
+    keep: Tensor  # [B, Tr] bool
+    cu: Optional[Tensor]
+    out_idx: Tensor
+    slot: Tensor
+    has_state: bool
+    mode: str
+    BT: int
+
+
+def _slots(lengths: list[int], BT: int) -> list[int]:
+    """The kstab chunk slot of every row of runs of these lengths (``triton_common.VarlenTables``' layout:
+    ``max(1, ceil(len / BT))`` slots per sequence)."""
+    out, base = [], 0
+    for n in lengths:
+        out.extend(base + i // BT for i in range(n))
+        base += max(1, triton.cdiv(n, BT))
+    return out
+
+
+def _plan(T_list, n, causal, keep_e, dev, mode, packed):
+    """The prefix run (and, non-causal, the suffix run) of sequences of lengths ``T_list`` (one per packed
+    sequence; one for the dense batch) whose extended rows start at E_i = sum_j<i (n + T_j)."""
+    W = n + 1
+    B = keep_e.shape[0]
+    pre_q, pre_k, pre_keep, pre_out, suf_q, suf_k, suf_keep, suf_out = ([] for _ in range(8))
+    q_base = e_base = r_base = 0
+    zero_row = sum(T_list)  # the appended zero query
+    for T in T_list:
+        # prefix: keys [masked, ext 0 .. T - 1], queries [q 0 .. T - 1, zero row]; T + 1 run rows
+        pre_k += [e_base] + [e_base + j for j in range(T)]
+        pre_keep += [-1] + [e_base + j for j in range(T)]
+        pre_q += [q_base + t for t in range(T)] + [zero_row]
+        pre_out += [r_base + t for t in range(T)]
+        if not causal:  # suffix (reversed): run row u is query T - 1 - u, key ext L - 1 - (u - W) from u = W
+            L = n + T
+            suf_k += [e_base + (L - 1 - (u - W) if u >= W else 0) for u in range(T)]
+            suf_keep += [e_base + L - 1 - (u - W) if u >= W else -1 for u in range(T)]
+            suf_q += [q_base + T - 1 - u for u in range(T)]
+            suf_out += [q_base + T - 1 - t for t in range(T)]
+        q_base += T
+        e_base += n + T
+        r_base += T + 1
+
+    def flags(index):
+        idx = torch.tensor([max(j, 0) for j in index], dtype=torch.long, device=dev)
+        real = torch.tensor([j >= 0 for j in index], dtype=torch.bool, device=dev)
+        return (keep_e.index_select(1, idx) & real[None]).expand(B, -1).contiguous()
+
+    def long(x):
+        return torch.tensor(x, dtype=torch.long, device=dev)
+
+    runs = []
+    pre_lengths = [T + 1 for T in T_list]
+    cu_p = _cu(pre_lengths, dev) if packed else None
+    BT = chunk_size(sum(pre_lengths)) if mode == "chunk" else default_chunk_size(max(pre_lengths))
+    runs.append(
+        _Run(
+            long(pre_q),
+            long(pre_k),
+            flags(pre_keep),
+            cu_p,
+            long(pre_out),
+            long(_slots(pre_lengths, BT)),
+            True,
+            mode,
+            BT,
+        )  # fmt: skip
+    )
+    if not causal and any(T > W for T in T_list):
+        suf_lengths = list(T_list)
+        BT = chunk_size(sum(suf_lengths)) if mode == "chunk" else default_chunk_size(max(suf_lengths))
+        runs.append(
+            _Run(
+                long(suf_q),
+                long(suf_k),
+                flags(suf_keep),
+                _cu(suf_lengths, dev) if packed else None,
+                long(suf_out),
+                long(_slots(suf_lengths, BT)),
+                False,
+                mode,
+                BT,
+            )  # fmt: skip
+        )
+    return runs
+
+
+def _cu(lengths, dev):
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.int32, device=dev)
+
+
+def band_part(x, y, ve, keep, *, causal: bool, n: int, exact_sq: float):
+    """The exact part of one dense batch: x ``[B, Hk, G, T, D]`` (queries times sqrt(scale)), y
+    ``[B, Hk, L, D]`` and ve ``[B, Hk, L, Dv]`` (extended keys times sqrt(scale) and values, L = n + T),
+    keep ``[B, L]``. Returns ``(num [B, Hk, G, T, Dv], den [B, Hk, G, T], shift [B, Hk, G, T])``: the band's
+    weights divided by exp(shift) (its largest logit, detached; 0 for a row without a visible key)."""
+    B, Hk, G, T, D = x.shape
+    Wb = n + 1 if causal else 2 * n + 1
+    c = min(BAND_BLOCK, T)
+    NC = triton.cdiv(T, c)
+    span = c + Wb - 1
+    Lp = NC * c + Wb - 1
+    L = y.shape[2]
+    y = torch.nn.functional.pad(y, (0, 0, 0, Lp - L))
+    ve = torch.nn.functional.pad(ve, (0, 0, 0, Lp - L))
+    keep = torch.nn.functional.pad(keep, (0, Lp - L), value=False)
+    xb = torch.nn.functional.pad(x, (0, 0, 0, NC * c - T)).unflatten(3, (NC, c))  # [B, Hk, G, NC, c, D]
+    yb = y.unfold(2, span, c)  # [B, Hk, NC, D, span]
+    vb = ve.unfold(2, span, c)  # [B, Hk, NC, Dv, span]
+    kb = keep.unfold(1, span, c)  # [B, NC, span]
+    logits = torch.einsum("bhgncd,bhnds->bhgncs", xb, yb)
+    if exact_sq != 0.0:
+        logits = logits + exact_sq * ((xb * xb).sum(-1)[..., None] + (yb * yb).sum(-2)[:, :, None, :, None, :])
+    rel = torch.arange(span, device=x.device)[None, :] - torch.arange(c, device=x.device)[:, None]
+    visible = ((rel >= 0) & (rel < Wb))[None, None, None] & kb[:, None, None, :, None, :]
+    logits = logits.masked_fill(~visible, float("-inf"))
+    top = logits.amax(-1).detach()
+    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
+    p = torch.exp(logits - top[..., None])
+    num = torch.einsum("bhgncs,bhnvs->bhgncv", p, vb).flatten(3, 4)[:, :, :, :T]
+    den = p.sum(-1).flatten(3, 4)[:, :, :, :T]
+    return num, den, top.flatten(3, 4)[:, :, :, :T]
+
+
+def _band_all(x, y, ve, keep_e, segments, *, causal, n, exact_sq):
+    """``band_part`` of every segment ``(q rows, extended rows)`` (one dense batch, or one per packed sequence)."""
+    if segments is None:
+        return band_part(x, y, ve, keep_e, causal=causal, n=n, exact_sq=exact_sq)
+    parts = [
+        band_part(
+            x[:, :, :, a:b],
+            y[:, :, e : e + n + b - a],
+            ve[:, :, e : e + n + b - a],
+            keep_e[:, e : e + n + b - a],
+            causal=causal,
+            n=n,
+            exact_sq=exact_sq,
+        )  # fmt: skip
+        for a, b, e in segments
+        if b > a
+    ]
+    return tuple(torch.cat([p[i] for p in parts], dim=3) for i in range(3))
+
+
+class _TritonWindow(torch.autograd.Function):
+    """(o [B, T, H, Dv] fp32, S, z, m) of the hybrid from q, the extended keys and values (fp32, [B, L, Hk, .])
+    and the parameters; see the module docstring for the parts and their backward."""
+
+    @staticmethod
+    def forward(ctx, q, Ke, Ve, W, bias, S0, z0, m0, keep_e, params, cfg):
+        runs, segments = cfg["runs"], cfg["segments"]
+        B, T, H, D = q.shape
+        Hk = Ke.shape[2]
+        G = H // Hk
+        q_aug = torch.cat([q, q.new_zeros(q.shape[0], 1, H, D)], 1)
+        parts, stats = [], []
+        final = (None, None, None)
+        for run in runs:
+            o, den, qmax, kstab, S, z, m = _run_forward(run, q_aug, Ke, Ve, W, bias, S0, z0, m0, params, cfg)
+            if run.has_state:
+                final = (S, z, m)
+            o = o.index_select(1, run.out_idx).float().transpose(1, 2).unflatten(1, (Hk, G))  # [B, Hk, G, T, Dv]
+            den_t = den.index_select(2, run.out_idx).unflatten(1, (Hk, G))
+            num = o * den_t.abs().clamp_min(DEN_EPS)[..., None]
+            kst = kstab.index_select(2, run.slot.index_select(0, run.out_idx))[:, :, None]  # [B, Hk, 1, T]
+            shift = qmax.index_select(2, run.out_idx).unflatten(1, (Hk, G)) + kst
+            parts.append((num, den_t, shift))
+            stats.append((qmax, kstab))
+        root = math.sqrt(params.scale)
+        x = (q.float() * root).transpose(1, 2).unflatten(1, (Hk, G))
+        band = _band_all(x, Ke.transpose(1, 2) * root, Ve.transpose(1, 2), keep_e, segments, causal=cfg["causal"],
+                         n=cfg["n"], exact_sq=params.exact_sq)  # fmt: skip
+        parts.append(band)
+        top = parts[0][2]
+        for p in parts[1:]:
+            top = torch.maximum(top, p[2])
+        num = sum(p[0] * torch.exp(p[2] - top)[..., None] for p in parts)
+        den = sum(p[1] * torch.exp(p[2] - top) for p in parts)
+        o = num / den.abs().clamp_min(DEN_EPS)[..., None]
+        ctx.save_for_backward(q, Ke, Ve, W, bias, S0, z0, m0, keep_e, o, den, top, *(p[2] for p in parts),
+                              *(t for s in stats for t in s))  # fmt: skip
+        ctx.params, ctx.cfg, ctx.nruns = params, cfg, len(runs)
+        S, z, m = final
+        ctx.mark_non_differentiable(m)
+        ctx.set_materialize_grads(False)
+        return o.flatten(1, 2).transpose(1, 2), S, z, m
+
+    @staticmethod
+    def backward(ctx, do, dS, dz, _dm):
+        q, Ke, Ve, W, bias, S0, z0, m0, keep_e, o, den, top, *rest = ctx.saved_tensors
+        nr = ctx.nruns
+        shifts, stats = rest[: nr + 1], rest[nr + 1 :]
+        params, cfg = ctx.params, ctx.cfg
+        B, T, H, D = q.shape
+        Hk = Ke.shape[2]
+        G = H // Hk
+        Dv = Ve.shape[-1]
+        g = torch.zeros_like(o) if do is None else do.float().transpose(1, 2).unflatten(1, (Hk, G))
+        den_abs = den.abs()
+        den_s = den_abs.clamp_min(DEN_EPS)
+        sgn = torch.where(den_abs >= DEN_EPS, torch.sign(den), torch.zeros_like(den))
+        dnum = g / den_s[..., None]
+        dden = -(g * o).sum(-1) * sgn / den_s
+        q_aug = torch.cat([q, q.new_zeros(B, 1, H, D)], 1)
+        dq_aug = torch.zeros(q_aug.shape, dtype=torch.float32, device=q.device)
+        dKe, dVe = torch.zeros_like(Ke), torch.zeros_like(Ve)
+        dW = dbias = dS0 = dz0 = None
+        for i, run in enumerate(cfg["runs"]):
+            w = torch.exp(shifts[i] - top)
+            Tr = run.q_idx.shape[0]
+            a = torch.zeros(B, H, Tr, Dv, dtype=torch.float32, device=q.device)
+            a[:, :, run.out_idx] = (dnum * w[..., None]).flatten(1, 2)
+            beta = torch.zeros(B, H, Tr, dtype=torch.float32, device=q.device)
+            beta[:, :, run.out_idx] = (dden * w).flatten(1, 2)
+            qmax, kstab = stats[2 * i], stats[2 * i + 1]
+            grads = _run_backward(run, q_aug, Ke, Ve, W, bias, S0, z0, m0, params, cfg, qmax, kstab,
+                                  (a.transpose(1, 2).contiguous(), beta),
+                                  dS if run.has_state else None, dz if run.has_state else None)  # fmt: skip
+            dq_r, dk_r, dv_r, dW_r, dbias_r, dS0_r, dz0_r = grads
+            keep = run.keep[..., None, None]
+            dq_aug.index_add_(1, run.q_idx, dq_r.float())
+            dKe.index_add_(1, run.k_idx, dk_r.float() * keep)
+            dVe.index_add_(1, run.k_idx, dv_r.float() * keep)
+            dW = dW_r if dW is None else dW + dW_r
+            dbias = dbias_r if dbias is None else dbias + dbias_r
+            if run.has_state:
+                dS0, dz0 = dS0_r, dz0_r
+        # the band: recompute its graph and push its numerator's and denominator's gradients through it
+        w = torch.exp(shifts[nr] - top)
+        root = math.sqrt(params.scale)
+        with torch.enable_grad():
+            x = (q.detach().float() * root).transpose(1, 2).unflatten(1, (Hk, G)).requires_grad_()
+            y = (Ke.detach().transpose(1, 2) * root).requires_grad_()
+            ve = Ve.detach().transpose(1, 2).requires_grad_()
+            bn, bd, _ = _band_all(x, y, ve, keep_e, cfg["segments"], causal=cfg["causal"], n=cfg["n"],
+                                  exact_sq=params.exact_sq)  # fmt: skip
+            dx, dy, dve = torch.autograd.grad((bn, bd), (x, y, ve), (dnum * w[..., None], dden * w), allow_unused=True)
+        dq = dq_aug[:, :T] + dx.flatten(1, 2).transpose(1, 2) * root
+        dKe = dKe + dy.transpose(1, 2) * root
+        dVe = dVe + dve.transpose(1, 2)
+        if S0 is not None and dS0 is None:
+            dS0, dz0 = torch.zeros_like(S0), torch.zeros_like(z0)
+        return dq.to(q.dtype), dKe, dVe, dW, dbias, dS0, dz0, None, None, None, None
+
+
+def _run_inputs(run: _Run, q_aug, Ke, Ve, cfg):
+    qr = q_aug.index_select(1, run.q_idx)
+    kr = Ke.index_select(1, run.k_idx).to(cfg["kdtype"])
+    vr = Ve.index_select(1, run.k_idx)  # fp32: o comes back in fp32 and is multiplied back to the numerator
+    return qr, kr, vr
+
+
+def _run_forward(run: _Run, q_aug, Ke, Ve, W, bias, S0, z0, m0, p: FeatureParams, cfg):
+    qr, kr, vr = _run_inputs(run, q_aug, Ke, Ve, cfg)
+    state = (S0, z0, m0) if run.has_state else (None, None, None)
+    kw = dict(kind=int(p.kind), c_t=float(p.c_t), c_o=float(p.c_o), scale=float(p.scale), output_final_state=run.has_state,
+              chunk_size=run.BT, cu_seqlens=run.cu)  # fmt: skip
+    if run.mode == "chunk":
+        out = chunk_fwd(qr, kr, vr, W, bias, cfg["freq"], cfg["psi"], run.keep, *state, **kw)
+    else:
+        out = rf_fwd(qr, kr, vr, W, bias, cfg["freq"], cfg["psi"], run.keep, *state, causal=True, **kw)
+    return out[:7]
+
+
+def _run_backward(run: _Run, q_aug, Ke, Ve, W, bias, S0, z0, m0, p: FeatureParams, cfg, qmax, kstab, coeffs, dS, dz):
+    qr, kr, vr = _run_inputs(run, q_aug, Ke, Ve, cfg)
+    state = (S0, z0, m0) if run.has_state else (None, None, None)
+    kw = dict(kind=int(p.kind), c_t=float(p.c_t), c_o=float(p.c_o), scale=float(p.scale), chunk_size=run.BT,
+              cu_seqlens=run.cu, coeffs=coeffs)  # fmt: skip
+    args = (qr, kr, vr, W, bias, cfg["freq"], cfg["psi"], run.keep, *state, None, None, qmax, kstab)
+    if run.mode == "chunk":
+        return chunk_bwd(None, dS, dz, *args, **kw)
+    return rf_bwd(None, dS, dz, *args, None, None, causal=True, **kw)
+
+
+def triton_window_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    params: FeatureParams,
+    *,
+    causal: bool,
+    window: int,
+    key_padding_mask: Optional[Tensor] = None,
+    initial_state: Optional[WindowState] = None,
+    output_final_state: bool = False,
+    cu_seqlens: Optional[Tensor] = None,
+    mode: str = "walk",
+):
+    """Hybrid attention with the Triton kernels (``triton_attention`` with ``window >= 1``, validated by the
+    caller): ``(o [B, T, H, Dv] in v's dtype, WindowState (fp32) or None)``. Differentiable in q, k, v, W,
+    bias and the initial state's S, z, k_tail and v_tail. ``mode``: the causal kernels' mode ("walk" or
+    "chunk", ``triton_attention.causal_mode``)."""
+    B, T, H, D = q.shape
+    Hk, Dv = k.shape[2], v.shape[-1]
+    n = window - 1
+    dev = q.device
+    offsets = None if cu_seqlens is None else [int(x) for x in cu_seqlens.tolist()]
+    R = B if offsets is None else len(offsets) - 1
+    if initial_state is None:
+        initial_state = empty_window_state(R, Hk, params.feature_dim, D, Dv, window, device=dev)
+    if T == 0:  # no output rows: the state passes through
+        state = WindowState(*(t if t.dtype == torch.bool else t.float() for t in initial_state))
+        return v.new_empty(B, 0, H, Dv), (state if output_final_state else None)
+    S0, z0, m0 = (t.float().contiguous() for t in initial_state[:3])
+    kt, vt = initial_state.k_tail.float().transpose(1, 2), initial_state.v_tail.float().transpose(1, 2)
+    tail_keep = initial_state.tail_keep.to(torch.bool)
+    if offsets is None:
+        keep = torch.ones(B, T, dtype=torch.bool, device=dev) if key_padding_mask is None else key_padding_mask
+        Ke = torch.cat([kt, k.float()], 1)  # [B, n + T, Hk, D]
+        Ve = torch.cat([vt, v.float()], 1)
+        keep_e = torch.cat([tail_keep, keep.to(torch.bool)], 1)
+        lengths, segments = [T], None
+    else:
+        lengths = [b - a for a, b in zip(offsets[:-1], offsets[1:])]
+        ks, vs, fl, segments, e = [], [], [], [], 0
+        for i, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
+            ks += [kt[i], k[0, a:b].float()]
+            vs += [vt[i], v[0, a:b].float()]
+            fl += [tail_keep[i], torch.ones(b - a, dtype=torch.bool, device=dev)]
+            segments.append((a, b, e))
+            e += n + b - a
+        Ke, Ve, keep_e = torch.cat(ks)[None], torch.cat(vs)[None], torch.cat(fl)[None]
+    runs = _plan(lengths, n, causal, keep_e, dev, mode, offsets is not None)
+    cfg = dict(
+        runs=runs,
+        segments=segments,
+        causal=bool(causal),
+        n=n,
+        kdtype=k.dtype,
+        freq=params.freq.float().contiguous(),
+        psi=None if params.psi is None else params.psi.float().contiguous(),
+    )
+    o, S, z, m = _TritonWindow.apply(
+        q.contiguous(), Ke, Ve, params.W.float(), params.bias.float().contiguous(), S0, z0, m0, keep_e, params, cfg
+    )
+    o = o.to(v.dtype)
+    if not output_final_state:
+        return o, None
+    if offsets is None:
+        k_tail, v_tail, keep_tail = Ke[:, T:], Ve[:, T:], keep_e[:, T:]
+    else:
+        idx = torch.tensor([e + b - a + j for a, b, e in segments for j in range(n)], dtype=torch.long, device=dev)
+        k_tail = Ke[0].index_select(0, idx).unflatten(0, (R, n))
+        v_tail = Ve[0].index_select(0, idx).unflatten(0, (R, n))
+        keep_tail = keep_e[0].index_select(0, idx).unflatten(0, (R, n))
+    return o, WindowState(S, z, m, k_tail.transpose(1, 2), v_tail.transpose(1, 2), keep_tail)
