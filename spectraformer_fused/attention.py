@@ -15,7 +15,7 @@ BACKENDS = ("auto", "reference", "triton", "cpu")
 # The backends whose attention function takes ``window=`` (hybrid attention, DESIGN.md section 6). A window
 # call on "auto" falls back to the reference when the backend it would choose is not here; an explicit
 # backend that is not here raises.
-WINDOW_BACKENDS = {"reference", "cpu"}
+WINDOW_BACKENDS = {"reference", "cpu", "triton"}
 # The backends that evaluate each feature kind, for the kinds not every backend has; "auto" falls back to the
 # reference when the backend it would choose is not listed, an explicit backend that is not listed raises.
 KIND_BACKENDS = {NORM_HYP: {"reference", "cpu"}}
