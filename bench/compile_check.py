@@ -109,9 +109,12 @@ def cases(which: str) -> list[Case]:
             Case("oprf", False, "fp16", 16, 16, 16, 40, packed=(24, 0, 16)),
             Case("hyprf", True, "fp32", 16, 16, 16, 40, init=True, packed=(24, 0, 16)),
             Case("posrf", True, "fp16", 16, 16, 16, 80, mode="chunk", packed=(48, 1, 31)),
+            Case("hedgehog", True, "fp16", 16, 16, 16, 40, True, True),
+            Case("hedgehog", True, "fp32", 16, 16, 16, 40, mode="chunk", packed=(24, 0, 16)),
         ]
     base = [Case("posrf", causal, dt) for causal in (True, False) for dt in ("fp16", "fp32")]
-    base += [Case("hyprf", True, "fp16"), Case("trigrf", True, "fp16")]
+    base += [Case("hyprf", True, "fp16"), Case("trigrf", True, "fp16"), Case("hedgehog", True, "fp16")]
+    base += [Case("hedgehog", False, "fp16")]
     base += [dataclasses.replace(c, mode="chunk") for c in base if c.causal]
     packed = (64, 512, 1, 256, 191)  # 1024 tokens in five sequences
     base += [

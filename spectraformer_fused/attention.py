@@ -18,7 +18,7 @@ BACKENDS = ("auto", "reference", "triton", "cpu")
 WINDOW_BACKENDS = {"reference", "cpu", "triton"}
 # The backends that evaluate each feature kind, for the kinds not every backend has; "auto" falls back to the
 # reference when the backend it would choose is not listed, an explicit backend that is not listed raises.
-KIND_BACKENDS = {NORM_HYP: {"reference", "cpu"}}
+KIND_BACKENDS = {NORM_HYP: {"reference", "cpu", "triton"}}
 
 
 def available_backends() -> list[str]:

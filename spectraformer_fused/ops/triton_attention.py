@@ -14,7 +14,7 @@ import torch
 import triton
 from torch import Tensor
 
-from ..contract import NORM_HYP, FeatureParams, feature_width
+from ..contract import FeatureParams, feature_width
 from ..state import RFState
 from .triton_bwd import rf_bwd
 from .triton_chunk import chunk_bwd, chunk_fwd, chunk_size, requested_mode, resolve_mode
@@ -352,11 +352,6 @@ def triton_attention(
     every sequence runs as if alone (its own stabilisers, initial and final state), all in one set of
     kernel launches, causal or not, walk or chunk mode.
     """
-    if int(params.kind) == NORM_HYP:
-        raise NotImplementedError(
-            "the Triton backend does not fuse hedgehog (kind NORM_HYP) yet: its per-key log-sum-exp is not "
-            "computed by the stabiliser pass; use backend='reference'"
-        )
     num_seqs = None if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if window is not None:
         from .triton_window import triton_window_attention

@@ -47,17 +47,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ..contract import DEN_EPS, feature_width
+from ..contract import DEN_EPS, NORM_HYP, feature_width
+from .row_lse import lse_grads
 from .triton_common import (
     KIND_EXP,
     VarlenTables,
     _seq_span,
     autotuned,
     dot_precision,
+    kernel_kind,
     optional_inputs,
     varlen_args,
 )
-from .triton_fwd import _num_splits, freq_tile
+from .triton_fwd import _key_lse, _num_splits, freq_tile
 from .triton_steps import _dkv_chunk, _dq_chunk, _dstate_chunk, _load_state, _store_state, _tile_params, _w_tile
 
 # Autotuning candidates of the dq and dkv kernels. Without autotuning: 8 warps for the causal walk and 4
@@ -649,6 +651,12 @@ def rf_bwd(
     psi = None if psi is None else psi.float().contiguous()
 
     a, beta = grad_coefficients(do, o, den) if coeffs is None else coeffs
+    W_heads = W.expand(Hk, M, D) if W.shape[0] == 1 else W  # per key/value head (the lse's dW)
+    lse = None
+    if kind == NORM_HYP:  # hedgehog: each key's lse, as the forward's stabiliser pass computed it
+        lse = _key_lse(
+            q, k, W, bias, freq, psi, mask, c_t=c_t, c_o=c_o, scale=scale, BT=chunk_size, cu_seqlens=cu_seqlens
+        )
 
     BT = chunk_size
     varlen = None if cu_seqlens is None else VarlenTables(cu_seqlens, BT)
@@ -674,7 +682,7 @@ def rf_bwd(
     mask_arg = None if mask is None else mask.contiguous()
     root = math.sqrt(scale)
     prec = dot_precision(q.dtype, v.dtype)
-    flags = dict(KIND=kind, CAUSAL=bool(causal), HAS_CO=c_o != 0.0, PREC=prec, BT=BT, BM=BM, BD=BD, BV=BV)
+    flags = dict(KIND=kernel_kind(kind), CAUSAL=bool(causal), HAS_CO=c_o != 0.0, PREC=prec, BT=BT, BM=BM, BD=BD, BV=BV)
 
     NC = triton.cdiv(T, BT) if varlen is None else max(1, varlen.max_chunks)
     if causal:
@@ -687,6 +695,7 @@ def rf_bwd(
     tables = varlen_args(varlen, "cu", "chunk_off", "NCS")
     dq_part = torch.empty(NM, B, T, H, D, device=dev, dtype=torch.float32)
     dk_part = torch.empty(NM, B, T, H, D, device=dev, dtype=torch.float32)
+    dlse_part = None if lse is None else torch.zeros(NM, B * H, T, device=dev, dtype=torch.float32)
     dv_part = torch.empty(NM, B, T, H, Dv, device=dev, dtype=torch.float32)
     dw_part = torch.empty(2, nsplit, NS, H, M, D, device=dev, dtype=torch.float32)
     db_part = torch.empty(2, nsplit, NS, H, M, device=dev, dtype=torch.float32)
@@ -725,7 +734,7 @@ def rf_bwd(
             root=root,
             c_t=c_t,
             c_o=c_o,
-            KIND=kind,
+            KIND=kernel_kind(kind),
             HAS_CO=c_o != 0.0,
             PREC=prec,
             BT=BT,
@@ -752,7 +761,7 @@ def rf_bwd(
         freq=freq,
         psi=psi,
         mask=mask_arg,
-        lse=None,
+        lse=lse,
         qmax=qmax,
         kstab=kstab,
         da=a,
@@ -782,7 +791,7 @@ def rf_bwd(
         dzf=dz,
         dk=dk_part,
         dv=dv_part,
-        dlse=None,
+        dlse=dlse_part,
         dw=dw_part[1],
         db=db_part[1],
         ds0=dS0,
@@ -797,4 +806,12 @@ def rf_bwd(
         dW, dbias = dW.unflatten(0, (Hk, G)).sum(1), dbias.unflatten(1, (Hk, G)).sum(2)
         if has_s0:
             dS0, dz0 = dS0.unflatten(1, (Hk, G)).sum(2), dz0.unflatten(1, (Hk, G)).sum(2)
+    if lse is not None:  # what each key's lse contributes (the kernels held it constant)
+        dlse = dlse_part.sum(0).view(B, H, T)
+        if G > 1:
+            dlse = dlse.unflatten(1, (Hk, G)).sum(2)
+        gk, gW, gb = lse_grads(
+            k, dlse, W_heads, bias, freq, psi, c_t=c_t, c_o=c_o, scale=scale, query=False, cu=cu_seqlens
+        )
+        dk, dW, dbias = dk + gk, dW + gW, dbias + gb
     return dq, dk.to(k.dtype), dv.to(v.dtype), dW, dbias, dS0, dz0

@@ -54,17 +54,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ..contract import DEN_EPS, feature_width
+from ..contract import DEN_EPS, NORM_HYP, feature_width
+from .row_lse import lse_grads
 from .triton_bwd import grad_coefficients
 from .triton_common import (
     KIND_EXP,
     VarlenTables,
     _seq_span,
     dot_precision,
+    kernel_kind,
     optional_inputs,
     varlen_args,
 )
-from .triton_fwd import MAX_BM, _strides, default_chunk_size, freq_tile, stabilisers
+from .triton_fwd import MAX_BM, _key_lse, _strides, default_chunk_size, freq_tile, stabilisers
 from .triton_steps import (
     _dkv_chunk,
     _dq_chunk,
@@ -1153,6 +1155,7 @@ def _states_before(
     BT,
     cps,
     varlen: VarlenTables | None = None,
+    lse=None,
 ):
     """The state before every range ``[B, Hk, NR, F, Dv]``, ``[B, Hk, NR, F]`` (relative to kstab at its
     first chunk) and the final state (relative to the last kstab): steps 1 and 2 of the module docstring.
@@ -1179,7 +1182,7 @@ def _states_before(
         freq=freq,
         psi=psi,
         mask=None if mask is None else mask.view(torch.uint8),
-        lse=None,
+        lse=lse,
         kstab=kstab,
         L=L,
         Lz=Lz,
@@ -1196,7 +1199,7 @@ def _states_before(
         root=math.sqrt(scale),
         c_t=c_t,
         c_o=c_o,
-        KIND=kind,
+        KIND=kernel_kind(kind),
         HAS_CO=c_o != 0.0,
         PREC=dot_precision(k.dtype, v.dtype),
         BT=BT,
@@ -1261,7 +1264,7 @@ def chunk_fwd(
     varlen = None
     if cu_seqlens is not None:
         varlen, cps = _varlen_ranges(cu_seqlens, BT, cps, (cu_seqlens.shape[0] - 1) * H * NMT * NV, dev)
-    qmax, kstab, m_final = stabilisers(
+    qmax, kstab, m_final, lse = stabilisers(
         q, k, W, bias, freq, psi, mask, m0, kind=kind, c_t=c_t, c_o=c_o, scale=scale, causal=True, BT=BT, varlen=varlen
     )
     if cps is None:
@@ -1286,6 +1289,7 @@ def chunk_fwd(
         BT=BT,
         cps=cps,
         varlen=varlen,
+        lse=None if lse is None else lse[0],
     )
 
     split = NMT > 1
@@ -1305,7 +1309,7 @@ def chunk_fwd(
         freq=freq,
         psi=psi,
         mask=None if mask is None else mask.view(torch.uint8),
-        lse=None,
+        lse=None if lse is None else lse[0],
         Sb=Sb,
         zb=zb,
         qmax=qmax,
@@ -1329,7 +1333,7 @@ def chunk_fwd(
         root=math.sqrt(scale),
         c_t=c_t,
         c_o=c_o,
-        KIND=kind,
+        KIND=kernel_kind(kind),
         HAS_CO=c_o != 0.0,
         SPLIT=split,
         PREC=dot_precision(q.dtype, v.dtype),
@@ -1397,6 +1401,12 @@ def chunk_bwd(
     bias, freq, psi = _f32(bias), _f32(freq), _f32(psi)
     S0, z0, m0 = _f32(S0), _f32(z0), _f32(m0)
     a, beta = grad_coefficients(do, o, den) if coeffs is None else coeffs
+    W_heads = W.expand(Hk, M, D) if W.shape[0] == 1 else W  # per key/value head (the lse's dW)
+    lse = None
+    if kind == NORM_HYP:  # hedgehog: each key's lse, as the forward's stabiliser pass computed it
+        lse = _key_lse(
+            q, k, W, bias, freq, psi, mask, c_t=c_t, c_o=c_o, scale=scale, BT=chunk_size, cu_seqlens=cu_seqlens
+        )
     BT = chunk_size
     NC = triton.cdiv(T, BT)
     BD, BV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
@@ -1413,7 +1423,7 @@ def chunk_bwd(
     mask_arg = None if mask is None else mask.contiguous()
     root = math.sqrt(scale)
     prec = dot_precision(q.dtype, v.dtype)
-    flags = dict(KIND=kind, HAS_CO=c_o != 0.0, PREC=prec, BT=BT, BM=BM, BD=BD, BV=BV)
+    flags = dict(KIND=kernel_kind(kind), HAS_CO=c_o != 0.0, PREC=prec, BT=BT, BM=BM, BD=BD, BV=BV)
 
     # the states before each range (recomputed), then dS, dz after each range (a reverse pass)
     Sb, zb, _, _ = _states_before(
@@ -1435,6 +1445,7 @@ def chunk_bwd(
         BT=BT,
         cps=cps,
         varlen=varlen,
+        lse=lse,
     )
     # the query side's dS, dz per key/value head: each program sums its group's query heads in order
     Lq = torch.empty(B, Hk, NR, F, Dv, dtype=torch.float32, device=dev)
@@ -1476,6 +1487,7 @@ def chunk_bwd(
 
     dq_part = torch.empty(NM, B, T, H, D, device=dev, dtype=torch.float32)
     dk_part = torch.empty(NM, B, T, H, D, device=dev, dtype=torch.float32)
+    dlse_part = None if lse is None else torch.zeros(NM, B * H, T, device=dev, dtype=torch.float32)
     dv_part = torch.empty(NM, B, T, H, Dv, device=dev, dtype=torch.float32)
     dw_part = torch.empty(2, NR, B, H, M, D, device=dev, dtype=torch.float32)
     db_part = torch.empty(2, NR, B, H, M, device=dev, dtype=torch.float32)
@@ -1490,7 +1502,7 @@ def chunk_bwd(
         freq=freq,
         psi=psi,
         mask=mask_arg,
-        lse=None,
+        lse=lse,
         qmax=qmax,
         kstab=kstab,
         da=a,
@@ -1515,7 +1527,7 @@ def chunk_bwd(
     )
     _rf_chunk_bwd_dq_kernel[grid](Sb=Sb, zb=zb, dq=dq_part, dw=dw_part[0], db=db_part[0], **common)
     _rf_chunk_bwd_dkv_kernel[grid](
-        dSa=dSa, dza_=dza, dk=dk_part, dv=dv_part, dlse=None, dw=dw_part[1], db=db_part[1], **common
+        dSa=dSa, dza_=dza, dk=dk_part, dv=dv_part, dlse=dlse_part, dw=dw_part[1], db=db_part[1], **common
     )
     dS0 = dz0 = None
     if S0 is not None:
@@ -1529,4 +1541,12 @@ def chunk_bwd(
     if G > 1:
         dk, dv = dk.unflatten(2, (Hk, G)).sum(3), dv.unflatten(2, (Hk, G)).sum(3)
         dW, dbias = dW.unflatten(0, (Hk, G)).sum(1), dbias.unflatten(1, (Hk, G)).sum(2)
+    if lse is not None:  # what each key's lse contributes (the kernels held it constant)
+        dlse = dlse_part.sum(0).view(B, H, T)
+        if G > 1:
+            dlse = dlse.unflatten(1, (Hk, G)).sum(2)
+        gk, gW, gb = lse_grads(
+            k, dlse, W_heads, bias, freq, psi, c_t=c_t, c_o=c_o, scale=scale, query=False, cu=cu_seqlens
+        )
+        dk, dW, dbias = dk + gk, dW + gW, dbias + gb
     return dq, dk.to(k.dtype), dv.to(v.dtype), dW, dbias, dS0, dz0

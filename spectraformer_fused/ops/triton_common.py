@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..contract import DEN_EPS, EXP, HYP, TRIG
+from ..contract import DEN_EPS, EXP, HYP, NORM_HYP, TRIG
 
 # The contract's feature kinds and denominator floor as Triton constexprs (jit functions read only
 # constexpr globals): kernels compare KIND with these names, never with literals.
@@ -34,6 +34,12 @@ KIND_EXP = tl.constexpr(EXP)
 KIND_HYP = tl.constexpr(HYP)
 KIND_TRIG = tl.constexpr(TRIG)
 DEN_FLOOR = tl.constexpr(DEN_EPS)
+
+
+def kernel_kind(kind: int) -> int:
+    """The KIND a kernel is compiled for: hedgehog (NORM_HYP) is HYP's features with each key's
+    log-sum-exp subtracted (the kernels' HAS_LSE, lse from the stabiliser pass), every other kind itself."""
+    return HYP if kind == NORM_HYP else kind
 
 
 @contextlib.contextmanager

@@ -51,7 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..contract import DEN_EPS, feature_width
+from ..contract import DEN_EPS, NORM_HYP, feature_width
 from .triton_common import (
     KIND_EXP,
     KIND_HYP,
@@ -65,6 +65,7 @@ from .triton_common import (
     _transform,
     autotuned,
     dot_precision,
+    kernel_kind,
     optional_inputs,
     varlen_args,
 )
@@ -80,7 +81,7 @@ from .triton_steps import (
 MAX_BM = 64
 
 
-@optional_inputs(HAS_MASK="mask", HAS_PSI="psi", IS_VARLEN="cu")
+@optional_inputs(HAS_MASK="mask", HAS_PSI="psi", HAS_LSE="lse", IS_VARLEN="cu")
 @triton.jit(do_not_specialize=["T"])
 def _rf_stats_fwd_kernel(
     q,
@@ -92,6 +93,8 @@ def _rf_stats_fwd_kernel(
     mask,
     qmax,
     kmax,
+    lse,
+    lseq,
     cu,
     chunk_off,
     chunk_seq,
@@ -122,6 +125,7 @@ def _rf_stats_fwd_kernel(
     HAS_MASK: tl.constexpr,
     HAS_PSI: tl.constexpr,
     HAS_CO: tl.constexpr,
+    HAS_LSE: tl.constexpr,
     IS_VARLEN: tl.constexpr,
     PREC: tl.constexpr,
     BT: tl.constexpr,
@@ -130,7 +134,12 @@ def _rf_stats_fwd_kernel(
 ):
     """qmax[b, h, t] = max_f e_q,f(t); kmax[b, h, c] = max over kept keys of chunk c and all f of e_k,f
     (of query head h's key/value head: equal within a group). IS_VARLEN: program id 0 is the head, program
-    id 1 a chunk slot of the packed sequences (its sequence: chunk_seq), kmax ``[1, H, NCS]``."""
+    id 1 a chunk slot of the packed sequences (its sequence: chunk_seq), kmax ``[1, H, NCS]``.
+
+    HAS_LSE (hedgehog: KIND is HYP and every row is a softmax over its 2m exponents): also each row's
+    log-sum-exp, online over the frequency tiles, keys into lse ``[token batch x HK + key/value head, T]``
+    (written by the first query head of each group) and queries into lseq ``[B x H, T]``; kmax is then the
+    maximum of the normalised key exponents e - lse."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_c = tl.program_id(1).to(tl.int64)
     if IS_VARLEN:
@@ -163,6 +172,9 @@ def _rf_stats_fwd_kernel(
     keep = _keep_rows(mask, i_bt, o_t, m_t, s_mb, s_mt, HAS_MASK)
     b_qmax = tl.full([BT], float("-inf"), tl.float32)
     b_kmax = tl.full([BT], float("-inf"), tl.float32)
+    b_krow = tl.full([BT], float("-inf"), tl.float32)  # HAS_LSE: every key row's maximum, kept or not
+    b_qsum = tl.zeros([BT], dtype=tl.float32)
+    b_ksum = tl.zeros([BT], dtype=tl.float32)
     for i_m in range(0, tl.cdiv(M, BM)):
         o_m = i_m * BM + tl.arange(0, BM)
         m_m = o_m < M
@@ -172,14 +184,32 @@ def _rf_stats_fwd_kernel(
         b_bias = tl.load(bias + i_bk * M + o_m, mask=m_m, other=float("-inf"))
         # [BT, BD] @ [BD, BM] -> [BT, BM] inside _feature_logits
         _, b_ea, b_eb, _, _ = _feature_logits(b_xq, b_w, b_bias, b_freq, b_rq, KIND, PREC)
-        b_qmax = tl.maximum(b_qmax, tl.max(b_ea, axis=1))
+        b_tile = tl.max(b_ea, axis=1)
         if KIND == KIND_HYP:
-            b_qmax = tl.maximum(b_qmax, tl.max(b_eb, axis=1))
+            b_tile = tl.maximum(b_tile, tl.max(b_eb, axis=1))
+        if HAS_LSE:  # online log-sum-exp of the row (the first tile has a finite entry in every row)
+            b_new = tl.maximum(b_qmax, b_tile)
+            b_qsum = b_qsum * tl.exp(b_qmax - b_new) + tl.sum(tl.exp(b_ea - b_new[:, None]), axis=1)
+            b_qsum += tl.sum(tl.exp(b_eb - b_new[:, None]), axis=1)
+        b_qmax = tl.maximum(b_qmax, b_tile)
         _, b_ea, b_eb, _, _ = _feature_logits(b_xk, b_w, b_bias, b_freq, b_rk, KIND, PREC)
-        b_kmax = tl.maximum(b_kmax, tl.max(tl.where(keep[:, None], b_ea, float("-inf")), axis=1))
-        if KIND == KIND_HYP:
-            b_kmax = tl.maximum(b_kmax, tl.max(tl.where(keep[:, None], b_eb, float("-inf")), axis=1))
+        if HAS_LSE:
+            b_tile = tl.maximum(tl.max(b_ea, axis=1), tl.max(b_eb, axis=1))
+            b_new = tl.maximum(b_krow, b_tile)
+            b_ksum = b_ksum * tl.exp(b_krow - b_new) + tl.sum(tl.exp(b_ea - b_new[:, None]), axis=1)
+            b_ksum += tl.sum(tl.exp(b_eb - b_new[:, None]), axis=1)
+            b_krow = b_new
+        else:
+            b_kmax = tl.maximum(b_kmax, tl.max(tl.where(keep[:, None], b_ea, float("-inf")), axis=1))
+            if KIND == KIND_HYP:
+                b_kmax = tl.maximum(b_kmax, tl.max(tl.where(keep[:, None], b_eb, float("-inf")), axis=1))
     tl.store(qmax + i_bht * T + o_t, b_qmax, mask=m_t)
+    if HAS_LSE:
+        b_lk = b_krow + tl.log(b_ksum)
+        b_kmax = tl.where(keep, b_krow - b_lk, float("-inf"))
+        tl.store(lseq + i_bht * T + o_t, b_qmax + tl.log(b_qsum), mask=m_t)
+        if i_h % G == 0:
+            tl.store(lse + (i_bt * HK + i_hk) * T + o_t, b_lk, mask=m_t)
     tl.store(kmax + i_bht * NC + i_c, tl.max(b_kmax, axis=0))
 
 
@@ -592,11 +622,14 @@ def stabilisers(
     BT: int,
     varlen: VarlenTables | None = None,
 ):
-    """The stabilisers of both causal modes and of the non-causal forward: ``(qmax [B, H, T], kstab, m)``,
+    """The stabilisers of both causal modes and of the non-causal forward: ``(qmax [B, H, T], kstab, m,
+    lse)``,
     kstab ``[B, Hk, NC]`` the running maximum of the chunks' key exponents (causal) or ``[B, Hk, 1]``
     their maximum, both combined with ``m0`` and 0 where still -inf; m ``[B, Hk]`` the final one (-inf
     kept). Hk = k.shape[2] key/value heads (grouped-query attention when Hk < H). bias, freq, psi, m0:
-    fp32 contiguous (or None).
+    fp32 contiguous (or None). ``lse``: None, or for hedgehog (kind NORM_HYP, whose features are HYP's
+    divided by the row's sum) ``(keys [token batch x Hk, T], queries [B x H, T])``, the rows' log-sum-exp;
+    kstab and m are then those of the normalised key exponents.
 
     Packed sequences (``varlen``, B = 1): per sequence n (the parameters' and m0's batch axis), kstab
     ``[1, Hk, varlen.chunk_capacity]`` (causal; sequence n's chunks at slots chunk_off[n]..., the unused
@@ -618,6 +651,10 @@ def stabilisers(
     tables = varlen_args(varlen, "cu", "chunk_off", "chunk_seq", NCS=NC)  # kmax has one entry per chunk slot
     kmax = torch.empty(B, H, NC, dtype=torch.float32, device=dev)
     s_mb, s_mt = (0, 0) if mask is None else mask.stride()
+    lse = lseq = None
+    if kind == NORM_HYP:
+        lse = torch.empty(B * Hk, T, dtype=torch.float32, device=dev)
+        lseq = torch.empty(B * H, T, dtype=torch.float32, device=dev)
     _rf_stats_fwd_kernel[grid](
         q=q,
         k=k,
@@ -628,6 +665,8 @@ def stabilisers(
         mask=mask_u8,
         qmax=qmax,
         kmax=kmax,
+        lse=lse,
+        lseq=lseq,
         **tables,
         **_strides(q=q, k=k, w=W),
         s_mb=s_mb,
@@ -641,7 +680,7 @@ def stabilisers(
         root=math.sqrt(scale),
         c_t=c_t,
         c_o=c_o,
-        KIND=kind,
+        KIND=kernel_kind(kind),
         HAS_CO=c_o != 0.0,
         PREC=prec,
         BT=BT,
@@ -649,11 +688,12 @@ def stabilisers(
         BM=min(BM, freq_tile(BD)),
         num_warps=4,
     )
+    lse = None if lse is None else (lse, lseq)
 
     if G > 1:  # every query head of a group found its key/value head's maxima
         kmax = kmax.unflatten(1, (Hk, G)).amax(2)  # [B, Hk, NC]
     if varlen is not None:
-        return qmax, *_varlen_kstab(kmax.contiguous(), m0, varlen, causal=causal)
+        return qmax, *_varlen_kstab(kmax.contiguous(), m0, varlen, causal=causal), lse
     m_init = m0 if m0 is not None else torch.full((B, Hk), float("-inf"), dtype=torch.float32, device=dev)
     if causal:
         run = torch.maximum(torch.cummax(kmax, dim=-1).values, m_init[..., None])  # [B, Hk, NC]
@@ -661,7 +701,18 @@ def stabilisers(
         run = torch.maximum(kmax.amax(-1, keepdim=True), m_init[..., None])  # [B, Hk, 1]
     kstab = torch.where(torch.isneginf(run), torch.zeros_like(run), run).contiguous()
     m_final = run[..., -1].contiguous()
-    return qmax, kstab, m_final
+    return qmax, kstab, m_final, lse
+
+
+def _key_lse(q, k, W, bias, freq, psi, mask, *, c_t, c_o, scale, BT, cu_seqlens=None):
+    """Hedgehog's per-key log-sum-exp ``[token batch x Hk, T]`` as the forward's stabiliser pass computes it
+    (for the backward kernels, which subtract it as the forward kernels did)."""
+    varlen = None if cu_seqlens is None else VarlenTables(cu_seqlens, BT)
+    psi = None if psi is None else psi.float().contiguous()
+    bias, freq = bias.float().contiguous(), freq.float().contiguous()
+    stats = stabilisers(q, k, W, bias, freq, psi, mask, None, kind=NORM_HYP, c_t=c_t, c_o=c_o, scale=scale,
+                        causal=True, BT=BT, varlen=varlen)  # fmt: skip
+    return stats[3][0]
 
 
 def _varlen_kstab(kmax, m0, varlen: VarlenTables, *, causal: bool):
@@ -752,7 +803,7 @@ def rf_fwd(
         S0, z0, m0 = _f32(S0), _f32(z0), _f32(m0)
     mask_u8 = None if mask is None else mask.view(torch.uint8)
 
-    qmax, kstab, m_final = stabilisers(
+    qmax, kstab, m_final, lse = stabilisers(
         q,
         k,
         W,
@@ -789,7 +840,7 @@ def rf_fwd(
         freq=freq,
         psi=psi,
         mask=mask_u8,
-        lse=None,
+        lse=None if lse is None else lse[0],
         S0=S0,
         z0=z0,
         m0=m0,
@@ -811,7 +862,7 @@ def rf_fwd(
         root=math.sqrt(scale),
         c_t=c_t,
         c_o=c_o,
-        KIND=kind,
+        KIND=kernel_kind(kind),
         HAS_CO=c_o != 0.0,
         SPLIT=split,
         PREC=prec,

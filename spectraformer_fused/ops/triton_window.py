@@ -36,8 +36,9 @@ import torch
 import triton
 from torch import Tensor
 
-from ..contract import DEN_EPS, FeatureParams
+from ..contract import DEN_EPS, NORM_HYP, FeatureParams
 from ..state import WindowState, empty_window_state
+from .row_lse import lse_grads, row_lse
 from .triton_bwd import rf_bwd
 from .triton_chunk import chunk_bwd, chunk_fwd, chunk_size
 from .triton_fwd import default_chunk_size, rf_fwd
@@ -213,6 +214,10 @@ class _TritonWindow(torch.autograd.Function):
         q_aug = torch.cat([q, q.new_zeros(q.shape[0], 1, H, D)], 1)
         parts, stats = [], []
         final = (None, None, None)
+        hedgehog = int(params.kind) == NORM_HYP
+        if hedgehog:  # the kernels leave each query row unnormalised; the hybrid needs its log-sum-exp
+            lse_q = row_lse(q, W, bias, cfg["freq"], cfg["psi"], c_t=params.c_t, c_o=params.c_o, scale=params.scale,
+                            query=True, cu=cfg["cu"]).unflatten(1, (Hk, G))  # fmt: skip
         for run in runs:
             o, den, qmax, kstab, S, z, m = _run_forward(run, q_aug, Ke, Ve, W, bias, S0, z0, m0, params, cfg)
             if run.has_state:
@@ -222,6 +227,8 @@ class _TritonWindow(torch.autograd.Function):
             num = o * den_t.abs().clamp_min(DEN_EPS)[..., None]
             kst = kstab.index_select(2, run.slot.index_select(0, run.out_idx))[:, :, None]  # [B, Hk, 1, T]
             shift = qmax.index_select(2, run.out_idx).unflatten(1, (Hk, G)) + kst
+            if hedgehog:
+                shift = shift - lse_q
             parts.append((num, den_t, shift))
             stats.append((qmax, kstab))
         root = math.sqrt(params.scale)
@@ -238,6 +245,12 @@ class _TritonWindow(torch.autograd.Function):
         ctx.save_for_backward(q, Ke, Ve, W, bias, S0, z0, m0, keep_e, o, den, top, *(p[2] for p in parts),
                               *(t for s in stats for t in s))  # fmt: skip
         ctx.params, ctx.cfg, ctx.nruns = params, cfg, len(runs)
+        ctx.features = None
+        if hedgehog:  # the feature parts' numerator and denominator on the scale of top: d/d lse_q
+            ctx.features = (
+                sum(p[0] * torch.exp(p[2] - top)[..., None] for p in parts[:-1]),
+                sum(p[1] * torch.exp(p[2] - top) for p in parts[:-1]),
+            )
         S, z, m = final
         ctx.mark_non_differentiable(m)
         ctx.set_materialize_grads(False)
@@ -283,6 +296,14 @@ class _TritonWindow(torch.autograd.Function):
             dbias = dbias_r if dbias is None else dbias + dbias_r
             if run.has_state:
                 dS0, dz0 = dS0_r, dz0_r
+        if ctx.features is not None:  # hedgehog: each query row's lse scales the feature parts by exp(-lse)
+            num_f, den_f = ctx.features
+            dlse = -((dnum * num_f).sum(-1) + dden * den_f).flatten(1, 2)  # [B, H, T]
+            W_heads = W.expand(Hk, -1, -1) if W.shape[0] == 1 else W
+            gq, gW, gb = lse_grads(q, dlse, W_heads, bias, cfg["freq"], cfg["psi"], c_t=params.c_t, c_o=params.c_o,
+                                   scale=params.scale, query=True, cu=cfg["cu"])  # fmt: skip
+            dq_aug[:, :T] += gq
+            dW, dbias = dW + gW, dbias + gb
         # the band: recompute its graph and push its numerator's and denominator's gradients through it
         w = torch.exp(shifts[nr] - top)
         root = math.sqrt(params.scale)
@@ -386,6 +407,7 @@ def triton_window_attention(
         causal=bool(causal),
         n=n,
         kdtype=k.dtype,
+        cu=cu_seqlens,
         freq=params.freq.float().contiguous(),
         psi=None if params.psi is None else params.psi.float().contiguous(),
     )
