@@ -36,7 +36,7 @@ from torch import nn
 from .components import feature_logits
 from .feature_map import RandomFeatureMap
 from .reference import exact_logits
-from .validation import check_qk_pair, resolve_scale
+from .validation import check_qk_pair, check_window, resolve_scale
 
 LOSSES = ("kl", "mse")
 _TINY = 1e-30  # floor of a random-feature attention weight before its log
@@ -84,31 +84,44 @@ class _Recomputed(torch.autograd.Function):
         return (None,) + tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs)
 
 
-def _chunk_loss(eq, ek, kshift, logits, vis, v, kind_loss: str, mult_q, mult_k):
+def _chunk_loss(eq, ek, kshift, logits, vis, v, kind_loss: str, mult_q, mult_k, band=None):
     """Loss terms of one query chunk, summed over its rows; the G query heads of a key/value head in dim 2.
 
     eq ``[B, H_kv, G, c, F]`` query exponents, ek ``[B, H_kv, 1, n, F]`` key exponents of the n visible keys,
     kshift ``[B, H_kv, 1, 1, 1]`` their shared stabiliser, logits ``[B, H_kv, G, c, n]`` the exact logits, vis
-    ``[B|1, 1, 1, c, n]`` bool (visible pairs) or None, v ``[B, H_kv, 1, n, Dv]`` (mse) or None. Returns the
-    sum of the row losses.
+    ``[B|1, 1, 1, c, n]`` bool (visible pairs) or None, v ``[B, H_kv, 1, n, Dv]`` (mse) or None. ``band``
+    ``[c, n]`` bool or None: the hybrid window's exact pairs (DESIGN.md section 6), whose weight in the
+    model's row is the exact kernel itself, on one scale with the features (log space). Returns the sum of
+    the row losses.
     """
-    phiq = torch.exp(eq - eq.amax(-1, keepdim=True).detach())
+    sq = eq.amax(-1, keepdim=True).detach()
+    phiq = torch.exp(eq - sq)
     phik = torch.exp(ek - kshift)
     if mult_q is not None:
         phiq, phik = phiq * mult_q, phik * mult_k
-    scores = phiq @ phik.transpose(-1, -2)  # [B, H_kv, G, c, n]
+    scores = phiq @ phik.transpose(-1, -2)  # [B, H_kv, G, c, n], on the scale exp(sq + kshift)
     if vis is not None:
         scores = scores.masked_fill(~vis, 0.0)
         logits = logits.masked_fill(~vis, float("-inf"))
     rows = torch.isfinite(logits.amax(-1))  # [B, H_kv, G, c]: a visible key
     logp = torch.log_softmax(logits, dim=-1).masked_fill(~rows[..., None], float("-inf"))
     p = logp.exp()  # 0 where masked
+    shift = sq + kshift  # [B, H_kv, G, c, 1]
     if kind_loss == "kl":
-        den = scores.sum(-1, keepdim=True)
-        logq = torch.log(scores.clamp_min(_TINY)) - torch.log(den.clamp_min(_TINY))
+        if band is None:
+            den = scores.sum(-1, keepdim=True)
+            logq = torch.log(scores.clamp_min(_TINY)) - torch.log(den.clamp_min(_TINY))
+        else:
+            logw = torch.where(band, logits, torch.log(scores.clamp_min(_TINY)) + shift)
+            if vis is not None:
+                logw = logw.masked_fill(~vis, float("-inf"))
+            logq = logw - torch.logsumexp(logw, -1, keepdim=True).clamp_min(-1e30)
         terms = torch.where(p > 0, p * (logp - logq), torch.zeros_like(p))  # KL(p || q) per pair
         per_row = terms.sum(-1)
     else:
+        if band is not None:  # both parts on the scale of the larger of the two row maxima
+            top = torch.maximum(shift, logits.masked_fill(~band, float("-inf")).amax(-1, keepdim=True)).detach()
+            scores = torch.where(band, torch.exp(logits - top), scores * torch.exp(shift - top))
         den = scores.sum(-1, keepdim=True).abs().clamp_min(_TINY)
         diff = (scores @ v) / den - p @ v  # [B, H_kv, G, c, Dv]
         per_row = diff.pow(2).mean(-1)
@@ -126,6 +139,7 @@ def attention_distillation_loss(
     key_padding_mask: torch.Tensor | None = None,
     loss: str = "kl",
     chunk_size: int = 64,
+    window: int | None = None,
 ) -> torch.Tensor:
     """How far the feature map's attention is from exact attention on q ``[B, T, H, D]``, k ``[B, T, H_kv, D]``:
     a scalar.
@@ -146,9 +160,15 @@ def attention_distillation_loss(
     of one chunk and the ``[B, H_kv, T, F]`` key features; under autograd each chunk is recomputed in the
     backward pass, so at most one chunk's block is held at a time. Data-dependent parameters (OPRF, SADERF)
     come from q and k as in ``rf_attention``; running statistics are not updated.
+
+    ``window`` W (None or 0: random features only): the model's row is hybrid attention's (DESIGN.md
+    section 6): the exact kernel for the keys inside the window (causal: i - W < j <= i; non-causal:
+    |i - j| < W), the features beyond, one normaliser, against the same exact target; only the keys beyond
+    the window then train the feature map (through their share of the row).
     """
     if not isinstance(feature_map, RandomFeatureMap):
         raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
+    window = check_window(window)
     check_qk_pair(q, k, grouped=True)
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"q and k must have the same sequence length, got {q.shape[1]} and {k.shape[1]}")
@@ -206,8 +226,14 @@ def attention_distillation_loss(
             qm = keep_q[:, :, :, lo:hi, None]
             vis = qm if vis is None else vis & qm
         kshift = key_max[:, :, :n].amax(-1).clamp_min(-1e30)[..., None, None, None]
+        band = None
+        if window is not None:
+            diff = ids[lo:hi, None] - ids[None, :n]
+            band = (diff >= 0) & (diff < window) if causal else diff.abs() < window
 
-        def run(W, bias, ek, mult_k, xc=x[:, :, :, lo:hi], qc=qt[:, :, :, lo:hi], n=n, vis=vis, kshift=kshift):
+        def run(
+            W, bias, ek, mult_k, xc=x[:, :, :, lo:hi], qc=qt[:, :, :, lo:hi], n=n, vis=vis, kshift=kshift, band=band
+        ):
             c = xc.shape[3]
             eq, mult_q = feature_logits(xc.flatten(2, 3), W, bias, freq, psi, query=True, **args)
             eq = eq.unflatten(2, (G, c))  # [B, H_kv, G, c, F]
@@ -226,6 +252,7 @@ def attention_distillation_loss(
                 loss,
                 mult_q,
                 None if mult_k is None else mult_k[:, :, None, :n],
+                band,
             )
 
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (W, bias, ek, mult_k)):
@@ -323,6 +350,7 @@ def fit_feature_map(
     loss: str = "kl",
     chunk_size: int = 64,
     progress: bool = False,
+    window: int | None = None,
 ) -> list[float]:
     """Train the feature map's learnable parameters so that its attention matches exact attention.
 
@@ -336,20 +364,25 @@ def fit_feature_map(
         scale, causal, key_padding_mask, loss, chunk_size: as in ``attention_distillation_loss``
             (``key_padding_mask`` a tensor or an iterable like q).
         progress: show a progress bar on stderr (tqdm when installed, else a plain line now and then).
+        window: fit the feature map as the feature part of hybrid attention with this window (see
+            ``attention_distillation_loss``); None: random features only.
 
     Returns the loss before each step (``steps`` floats).
     """
     if not isinstance(feature_map, RandomFeatureMap):
         raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
     _check_steps_lr(steps, lr)
+    window = check_window(window)
     bar = _Progress(steps, "fit_feature_map", _check_progress(progress))
     try:
-        return _fit(feature_map, q, k, v, steps, lr, scale, causal, key_padding_mask, loss, chunk_size, bar)
+        return _fit(feature_map, q, k, v, steps, lr, scale, causal, key_padding_mask, loss, chunk_size, bar, window)
     finally:
         bar.close()
 
 
-def _fit(feature_map, q, k, v, steps, lr, scale, causal, key_padding_mask, loss, chunk_size, bar) -> list[float]:
+def _fit(
+    feature_map, q, k, v, steps, lr, scale, causal, key_padding_mask, loss, chunk_size, bar, window=None
+) -> list[float]:
     qs, ks = _as_batches(q, "q"), _as_batches(k, "k")
     if not qs or len(qs) != len(ks):
         raise ValueError(f"q and k must hold the same positive number of batches, got {len(qs)} and {len(ks)}")
@@ -377,6 +410,7 @@ def _fit(feature_map, q, k, v, steps, lr, scale, causal, key_padding_mask, loss,
             key_padding_mask=masks[i],
             loss=loss,
             chunk_size=chunk_size,
+            window=window,
         )
         opt.zero_grad(set_to_none=True)
         value.backward()
@@ -394,13 +428,15 @@ def _fit(feature_map, q, k, v, steps, lr, scale, causal, key_padding_mask, loss,
 
 class AttentionRecord(NamedTuple):
     """What one attention layer received on one batch: ``q [B, T, H, D]``, ``k [B, T, H_kv, D]`` (detached),
-    the ``[B, T]`` bool keep-mask or None, the scale of its logits and whether it is causal."""
+    the ``[B, T]`` bool keep-mask or None, the scale of its logits, whether it is causal, and the layer's
+    hybrid window (None: random features only), which ``distill`` fits with."""
 
     q: torch.Tensor
     k: torch.Tensor
     key_padding_mask: torch.Tensor | None
     scale: float
     causal: bool
+    window: int | None = None
 
 
 def _hf_integration():
@@ -455,7 +491,9 @@ def record_attention_inputs(model: nn.Module, batches, *, teacher: bool = True) 
             mask = args[1] if len(args) > 1 else kwargs.get("key_padding_mask")
             q, k, v = layer.project(x)
             records[name].append(
-                AttentionRecord(q.detach(), k.detach(), mask, resolve_scale(None, layer.head_dim), bool(layer.causal))
+                AttentionRecord(
+                    q.detach(), k.detach(), mask, resolve_scale(None, layer.head_dim), bool(layer.causal), layer.window
+                )
             )
             if teacher:
                 if (len(args) > 3 and args[3]) or kwargs.get("output_final_state"):
@@ -485,7 +523,14 @@ def record_attention_inputs(model: nn.Module, batches, *, teacher: bool = True) 
                 model(batch)
     for call in calls:
         records[converted[id(call.module)]].append(
-            AttentionRecord(call.q, call.k, call.key_padding_mask, call.scale, call.causal)
+            AttentionRecord(
+                call.q,
+                call.k,
+                call.key_padding_mask,
+                call.scale,
+                call.causal,
+                getattr(call.module, _hf_integration().WINDOW_ATTR, None),
+            )
         )
     return records
 
@@ -508,8 +553,9 @@ def distill(
     model converted by ``integrations.transformers.convert`` (grouped-query attention included: each
     feature map is fitted per key/value head). The q, k of each layer are recorded once on ``batches``
     (see ``record_attention_inputs``; with ``teacher=True`` from the softmax model the layers were
-    converted from), with the layer's own scale, causality and padding mask. Only the feature maps'
-    trainable parameters move; every other parameter of the model is left as it is, without gradients.
+    converted from), with the layer's own scale, causality, padding mask and hybrid window (a layer with
+    a window is fitted as the feature part of its hybrid attention). Only the feature maps' trainable
+    parameters move; every other parameter of the model is left as it is, without gradients.
     ``joint=False`` fits the layers one after another (``steps`` Adam steps each); ``joint=True`` takes
     ``steps`` steps of one optimizer on the sum of the layers' losses. Batches are used in turn.
     ``progress=True`` shows one progress bar over all the steps on stderr (tqdm when installed, else a
@@ -544,6 +590,7 @@ def distill(
             key_padding_mask=rec.key_padding_mask,
             loss=loss,
             chunk_size=chunk_size,
+            window=rec.window,
         )
 
     bar = _Progress(steps * (1 if joint else len(layers)), "distill", progress)
@@ -565,6 +612,7 @@ def distill(
                     loss,
                     chunk_size,
                     bar,
+                    recs[0].window,
                 )
             return curves
         return _distill_joint(layers, layer_loss, steps, lr, bar)

@@ -286,3 +286,59 @@ def test_bad_inputs():
         attention_distillation_loss(fm, q.expand(-1, -1, 3, -1), torch.cat([k, k], 2))
     with pytest.raises(ValueError, match="no SpectraAttention"):
         distill(torch.nn.Linear(4, 4), [torch.randn(1, 4)], steps=1)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_window_loss_is_the_hybrid_rows_kl(causal):
+    """attention_distillation_loss(window=W): the mean KL from the exact rows to hybrid attention's rows
+    (exact kernel inside the window, phi(q).phi(k) beyond, one normaliser), evaluated densely in fp64;
+    query chunks of 5 cross the window; W >= T gives 0 (the hybrid is then exact)."""
+    from helpers import dense_features
+
+    B, T, H, Hk, D = 2, 23, 4, 2, 8
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(B, T, h, D, generator=g) for h in (H, Hk))
+    mask = torch.rand(B, T, generator=g) > 0.2
+    mask[:, 0] = True
+    fm = RandomFeatureMap(D, 16, component="hyprf", weights="learnable", num_heads=Hk, seed=1)
+    scale = D**-0.5
+    for window in (1, 4, 9):
+        got = sf.attention_distillation_loss(
+            fm, q, k, scale=scale, causal=causal, key_padding_mask=mask, chunk_size=5, window=window
+        )
+        p = fm.feature_params(q, k, scale=scale, causal=causal, key_padding_mask=mask, update_stats=False)
+        fq, fk = dense_features(q, k, p)
+        est = (fq @ fk.transpose(-1, -2)).unflatten(2, (H // Hk, T))  # [B, Hk, G, T, T]
+        logit = exact_logits(q.double(), k.double().repeat_interleave(H // Hk, 2), scale=scale).unflatten(1, (Hk, -1))
+        t = torch.arange(T)
+        diff = t[:, None] - t[None, :]
+        inside = (diff >= 0) & (diff < window) if causal else diff.abs() < window
+        visible = (diff >= 0 if causal else torch.ones(T, T, dtype=torch.bool)) & mask[:, None, None, None, :]
+        w = torch.where(inside, logit.exp(), est) * visible
+        qrow = w / w.sum(-1, keepdim=True)
+        prow = torch.softmax(logit.masked_fill(~visible, float("-inf")), -1)
+        kl = torch.where(prow > 0, prow * (prow.log() - qrow.clamp_min(1e-300).log()), torch.zeros_like(prow))
+        rows = mask[:, None, None, :].expand(B, Hk, H // Hk, T)  # padded query rows are left out
+        expected = kl.sum(-1)[rows].mean()
+        print(f"causal={causal} W={window}: loss {got.item():.6f}, dense {expected.item():.6f}")
+        assert abs(got.item() - expected.item()) <= 1e-5 * max(1.0, expected.item())
+    wide = sf.attention_distillation_loss(fm, q, k, scale=scale, causal=causal, key_padding_mask=mask, window=T)
+    assert abs(wide.item()) < 1e-6, wide.item()
+
+
+def test_distill_fits_a_hybrid_layer_with_its_window():
+    """A SpectraAttention layer with window=W is recorded with its window; the loss it is fitted with is
+    attention_distillation_loss(..., window=W) (lower than without the window: the window's keys are exact)."""
+    from spectraformer_fused.fitting import record_attention_inputs
+
+    layer = SpectraAttention(32, 2, num_features=16, weights="learnable", causal=True, window=4, seed=0)
+    model = torch.nn.Sequential(layer)
+    x = torch.randn(2, 20, 32, generator=torch.Generator().manual_seed(4))
+    rec = record_attention_inputs(model, [x])["0"][0]
+    assert rec.window == 4
+    kw = dict(scale=rec.scale, causal=True)
+    hybrid = sf.attention_distillation_loss(layer.feature_map, rec.q, rec.k, window=4, **kw)
+    plain = sf.attention_distillation_loss(layer.feature_map, rec.q, rec.k, **kw)
+    assert hybrid < plain, (hybrid, plain)
+    curves = sf.distill(model, [x], steps=3, lr=1e-2)
+    assert abs(curves["0"][0] - hybrid.item()) < 1e-5, (curves["0"][0], hybrid.item())
