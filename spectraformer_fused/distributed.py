@@ -251,12 +251,16 @@ def context_parallel_rf_attention(
             rank only (ignored elsewhere).
         output_final_state: also return the state after the LAST position of the whole sequence, the
             same on every rank (for decoding after a context-parallel prefill).
-        window: hybrid attention (DESIGN.md section 6), causal only. Each rank also needs the last W - 1
-            keys and values before its slice (its initial tail, which may reach back over several short
-            slices): every rank computes the ``WindowState`` of its slice, the states are all-gathered
-            (``B H_kv (F Dv + F + 1 + (W - 1)(D + Dv))`` numbers plus ``B W`` keep flags and lengths per
-            rank), and rank r composes those of ranks before it: their feature states, the features of the
-            tail keys later positions pushed out of the window, and the last W - 1 positions as its tail.
+        window: hybrid attention (DESIGN.md section 6). Each rank also needs the last W - 1 keys and values
+            before its slice (its initial tail, which may reach back over several short slices): every rank
+            computes the ``WindowState`` of its slice, the states are all-gathered (``B H_kv (F Dv + F + 1 +
+            (W - 1)(D + Dv))`` numbers plus ``B W`` keep flags and lengths per rank), and rank r composes
+            those of ranks before it: their feature states, the features of the tail keys later positions
+            pushed out of the window, and the last W - 1 positions as its tail. Non-causal, the mirror image
+            too: every rank also sends the state of its keys after its first W - 1 and those first W - 1
+            keys and values (as much again); rank r composes those of the ranks after it into the first
+            W - 1 positions after its slice (attended as extra keys, exact or not by distance) and the
+            features of every later key, added to the state every query reads.
 
     Returns:
         o ``[B, T_r, H, Dv]``, or ``(o, RFState)`` when ``output_final_state``.
@@ -268,11 +272,6 @@ def context_parallel_rf_attention(
         raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
     world, rank = _resolve_group(group)
     window = check_window(window)
-    if window is not None and not causal:
-        raise ValueError(
-            "context_parallel_rf_attention supports window= with causal attention only: non-causal hybrid "
-            "queries would need the exact keys of the next ranks and the features of every later key"
-        )
     state0 = check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_map.feature_dim, window)
     B, T, H, D = q.shape
     Hk = k.shape[2]  # key/value heads: the state is [B, H_kv, F, Dv] (grouped-query attention)
@@ -283,7 +282,20 @@ def context_parallel_rf_attention(
     causal = bool(causal)
     if window is not None:
         return _context_parallel_window(
-            q, k, v, feature_map, group, world, rank, scale, key_padding_mask, state0, output_final_state, name, window
+            q,
+            k,
+            v,
+            feature_map,
+            group,
+            world,
+            rank,
+            scale,
+            key_padding_mask,
+            state0,
+            output_final_state,
+            name,
+            window,
+            causal,
         )
 
     moments = None
@@ -338,15 +350,15 @@ def context_parallel_rf_attention(
 
 
 def _context_parallel_window(
-    q, k, v, feature_map, group, world, rank, scale, key_padding_mask, state0, output_final_state, name, window
+    q, k, v, feature_map, group, world, rank, scale, key_padding_mask, state0, output_final_state, name, window, causal
 ):
-    """Causal hybrid attention of one sequence split across the ranks (see context_parallel_rf_attention)."""
+    """Hybrid attention of one sequence split across the ranks (see context_parallel_rf_attention)."""
     B, T, H, D = q.shape
     Hk, Dv, n = k.shape[2], v.shape[-1], window - 1
     moments = None
-    if feature_map.spec.data_dependent and feature_map.training:
+    if feature_map.spec.data_dependent and (not causal or feature_map.training):
         moments = _group_moments(q, k, scale, key_padding_mask, group)
-    p = feature_map.feature_params(q, k, scale=scale, causal=True, key_padding_mask=key_padding_mask, moments=moments)
+    p = feature_map.feature_params(q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask, moments=moments)
     cdt, F = p.W.dtype, p.feature_dim
     fn = _backend_function(name)
     base = empty_window_state(B, Hk, F, D, Dv, window, dtype=cdt, device=q.device)
@@ -368,29 +380,42 @@ def _context_parallel_window(
     # positions of the sequence in this rank's tail: all W - 1 on rank 0 (its initial tail's included), the
     # last min(T, W - 1) elsewhere (the front of the tail then belongs to no position)
     count = n if rank == 0 else min(T, n)
-    packed = torch.cat(
-        [
-            _pack(RFState(*(t.to(cdt) for t in local.rf))),
-            local.k_tail.to(cdt).reshape(B, Hk, n * D),
-            local.v_tail.to(cdt).reshape(B, Hk, n * Dv),
-        ],
-        dim=-1,
-    )
+    parts = [
+        _pack(RFState(*(t.to(cdt) for t in local.rf))),
+        local.k_tail.to(cdt).reshape(B, Hk, n * D),
+        local.v_tail.to(cdt).reshape(B, Hk, n * Dv),
+    ]
+    keep_in = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
+    h = min(T, n)  # non-causal: this slice's first h positions (its head) and the state of the keys after them
+    if not causal:
+        rest = empty_state(B, Hk, F, Dv, dtype=cdt, device=q.device)
+        if T > h:
+            _, rest = fn(q[:, h:], k[:, h:], v[:, h:], p, causal=False, key_padding_mask=keep_in[:, h:],
+                         output_final_state=True)  # fmt: skip
+        pad = n - h
+        heads = [torch.nn.functional.pad(t[:, :h].transpose(1, 2).to(cdt), (0, 0, 0, pad)) for t in (k, v)]
+        parts += [_pack(RFState(*(t.to(cdt) for t in rest))), heads[0].reshape(B, Hk, n * D),
+                  heads[1].reshape(B, Hk, n * Dv)]  # fmt: skip
+    packed = torch.cat(parts, dim=-1)
     if (
         not packed.requires_grad
         and torch.is_grad_enabled()
         and any(t is not None and t.requires_grad for t in (q, k, v, p.W, p.bias, *(state0 or ())))
     ):
         packed.requires_grad_()  # an empty slice: its rank must still join the backward's collective
-    meta = torch.cat([local.tail_keep.to(cdt), torch.full((B, 1), float(count), dtype=cdt, device=q.device)], -1)
+    meta = [local.tail_keep.to(cdt), torch.full((B, 1), float(count), dtype=cdt, device=q.device)]
+    if not causal:
+        head_keep = torch.nn.functional.pad(keep_in[:, :h], (0, n - h), value=False)
+        meta += [head_keep.to(cdt), torch.full((B, 1), float(h), dtype=cdt, device=q.device)]
     every = _AllGather.apply(packed, group)  # [w, B, H_kv, P]
-    metas = _AllGather.apply(meta, group)  # [w, B, W]: keep flags and position counts (no gradient)
+    metas = _AllGather.apply(torch.cat(meta, -1), group)  # [w, B, W (x 2)]: keep flags and position counts
     r = F * Dv + F + 1
+    size = r + n * (D + Dv)  # one state with its W - 1 keys and values
     pieces = _unpack(every[..., :r], F, Dv)
     k_tails = every[..., r : r + n * D].unflatten(-1, (n, D))
-    v_tails = every[..., r + n * D :].unflatten(-1, (n, Dv))
+    v_tails = every[..., r + n * D : size].unflatten(-1, (n, Dv))
     keeps = metas[..., :n] > 0.5
-    counts = [int(c) for c in metas[:, 0, -1].tolist()]
+    counts = [int(c) for c in metas[:, 0, n].tolist()]
     # every rank's output hangs on the whole gather, so that every rank runs its backward (a collective)
     touch = every.nan_to_num(neginf=0.0).sum() * 0
 
@@ -423,9 +448,50 @@ def _context_parallel_window(
         start = state_after(rank)
     if T == 0:
         o = (start.S.sum() * 0).to(v.dtype).expand(B, 0, H, Dv)
-    else:
+    elif causal:
         o, _ = fn(q, k, v, p, causal=True, key_padding_mask=key_padding_mask, initial_state=start, window=window)
+    else:
+        o = _after_slice(q, k, v, p, fn, every[..., size:], metas[..., n + 1 :], start, rank, world, window, keep_in)
     return (o, state_after(world)) if output_final_state else o
+
+
+def _after_slice(q, k, v, p, fn, every, metas, start, rank, world, window, keep_in):
+    """Non-causal hybrid output of this rank's slice: the keys after it are the first W - 1 positions after
+    the slice (gathered from the heads of the next ranks, which reach over several slices shorter than
+    W - 1), attended as extra keys of this call (their queries' outputs dropped), and the features of every
+    later key (the next ranks' states after their heads, and the head keys past those W - 1 positions),
+    added to the initial state's S and z, which every query reads."""
+    B, T, H, D = q.shape
+    Hk, Dv, n = k.shape[2], v.shape[-1], window - 1
+    F, cdt = p.feature_dim, p.W.dtype
+    r = F * Dv + F + 1
+    rests = _unpack(every[..., :r], F, Dv)
+    k_heads = every[..., r : r + n * D].unflatten(-1, (n, D))
+    v_heads = every[..., r + n * D :].unflatten(-1, (n, Dv))
+    head_keeps = metas[..., :n] > 0.5
+    lengths = [int(c) for c in metas[:, 0, n].tolist()]
+    later = range(rank + 1, world)
+    ks = torch.cat([k_heads[s, :, :, : lengths[s]] for s in later] + [k_heads[rank, :, :, :0]], dim=2)
+    vs = torch.cat([v_heads[s, :, :, : lengths[s]] for s in later] + [v_heads[rank, :, :, :0]], dim=2)
+    keep = torch.cat([head_keeps[s, :, : lengths[s]] for s in later] + [head_keeps[rank, :, :0]], dim=1)
+    S, z, m = (t[rank + 1 :] for t in rests)
+    if ks.shape[2] > n:  # head keys past the first W - 1 positions after the slice: features
+        ko, vo = ks[:, :, n:].transpose(1, 2), vs[:, :, n:].transpose(1, 2)
+        qo = ko.repeat_interleave(H // Hk, dim=2)
+        _, pushed = fn(qo.to(q.dtype), ko.to(k.dtype), vo.to(v.dtype), p, causal=False, key_padding_mask=keep[:, n:],
+                       output_final_state=True)  # fmt: skip
+        S, z, m = (torch.cat([a, b.to(cdt)[None]]) for a, b in zip((S, z, m), pushed))
+        ks, vs, keep = ks[:, :, :n], vs[:, :, :n], keep[:, :n]
+    S, z, m = (torch.cat([a, b.to(cdt)[None]]) for a, b in zip((S, z, m), start.rf))
+    rf = _combine(S, z, m, torch.ones(S.shape[0], dtype=torch.bool, device=q.device))
+    init = WindowState(rf.S, rf.z, rf.log_scale, *start[3:])
+    e = ks.shape[2]
+    q_ext = torch.cat([q, q.new_zeros(B, e, H, D)], 1)
+    k_ext = torch.cat([k, ks.transpose(1, 2).to(k.dtype)], 1)
+    v_ext = torch.cat([v, vs.transpose(1, 2).to(v.dtype)], 1)
+    mask = torch.cat([keep_in, keep], 1)
+    o, _ = fn(q_ext, k_ext, v_ext, p, causal=False, key_padding_mask=mask, initial_state=init, window=window)
+    return o[:, :T]
 
 
 # ----------------------------------------------------------------------------------------------------

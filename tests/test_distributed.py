@@ -164,13 +164,15 @@ def _absolute_S(state):
 
 
 def _check_window(group, rank, world):
-    """Causal hybrid attention across ranks: outputs, final WindowState and gradients equal one process,
-    with slices shorter than W - 1 (the initial tail of a rank then reaches back over several slices)."""
+    """Hybrid attention across ranks, causal and not: outputs, final WindowState and gradients equal one
+    process, with slices shorter than W - 1 (the initial tail of a rank then reaches back over several
+    slices; non-causal, the keys after a slice then reach over several too)."""
     sizes = {2: [7, 6], 4: [4, 1, 0, 6]}[world]
     T = sum(sizes)
     sl = _split(sizes, rank)
-    for case, (component, window, hk, with_state) in enumerate(
-        [("posrf", 6, H, True), ("trigrf", 3, 1, False), ("hyprf", 1, H, True), ("saderf", 20, H, False)]
+    cases = [("posrf", 6, H, True), ("trigrf", 3, 1, False), ("hyprf", 1, H, True), ("saderf", 20, H, False)]
+    for case, ((component, window, hk, with_state), causal) in enumerate(
+        [(c, causal) for causal in (True, False) for c in cases]
     ):
         fm = RandomFeatureMap(D, M, component=component, weights="learnable", num_heads=hk, seed=case, dtype=F64)
         fm.eval()
@@ -182,7 +184,7 @@ def _check_window(group, rank, world):
                     q[:, :3], k[:, :3], v[:, :3], fm, causal=True, window=window, output_final_state=True
                 )
         q, k, v, mask, go = q[:, 3:], k[:, 3:], v[:, 3:], mask[:, 3:], go[:, 3:]
-        tag = f"window case {case} {component} W={window} H_kv={hk} w={world} rank={rank}"
+        tag = f"window case {case} {component} causal={causal} W={window} H_kv={hk} w={world} rank={rank}"
         fm.zero_grad(set_to_none=True)
         qs, ks, vs = _leaf(q), _leaf(k), _leaf(v)
         o_ref, fin_ref = rf_attention(
@@ -190,7 +192,7 @@ def _check_window(group, rank, world):
             ks,
             vs,
             fm,
-            causal=True,
+            causal=causal,
             key_padding_mask=mask,
             initial_state=state,
             output_final_state=True,
@@ -206,6 +208,7 @@ def _check_window(group, rank, world):
             vl,
             fm,
             group=group,
+            causal=causal,
             key_padding_mask=mask[:, sl],
             initial_state=state,
             output_final_state=True,
@@ -225,8 +228,6 @@ def _check_window(group, rank, world):
             total = _grad(p).clone()
             dist.all_reduce(total, group=group)
             assert_close(total, p_ref, F64, name=f"sum over ranks of d{pname} ({tag})")
-    with pytest.raises(ValueError, match="causal attention only"):
-        context_parallel_rf_attention(q[:, sl], k[:, sl], v[:, sl], fm, group=group, causal=False, window=2)
 
 
 def _check_communication(group, rank, world):
