@@ -69,12 +69,14 @@ class Case:
     mode: str = "walk"  # the causal mode (SPECTRAFORMER_FUSED_TRITON_MODE)
     kv_heads: int = 2  # key/value heads of the 2 query heads (1: multi-query attention)
     packed: tuple = ()  # lengths of packed sequences (cu_seqlens); () = one dense batch row of T tokens
+    window: int = 0  # the hybrid window W (0: random features only)
 
     @property
     def label(self) -> str:
         extra = "+mask" * self.mask + "+init" * self.init + "+chunk" * (self.causal and self.mode == "chunk")
         extra += "+mqa" * (self.kv_heads == 1)
         extra += f"+packed{len(self.packed)}" * bool(self.packed)
+        extra += f"+w{self.window}" * bool(self.window)
         return (
             f"{self.comp} {'causal' if self.causal else 'full'} {self.dtype} D{self.D} Dv{self.Dv} m{self.m}"
             f" T{self.T}{extra}"
@@ -111,10 +113,13 @@ def cases(which: str) -> list[Case]:
             Case("posrf", True, "fp16", 16, 16, 16, 80, mode="chunk", packed=(48, 1, 31)),
             Case("hedgehog", True, "fp16", 16, 16, 16, 40, True, True),
             Case("hedgehog", True, "fp32", 16, 16, 16, 40, mode="chunk", packed=(24, 0, 16)),
+            Case("posrf", True, "fp16", 16, 16, 16, 40, window=5),
+            Case("hyprf", False, "fp32", 16, 16, 16, 40, True, True, window=5),
         ]
     base = [Case("posrf", causal, dt) for causal in (True, False) for dt in ("fp16", "fp32")]
     base += [Case("hyprf", True, "fp16"), Case("trigrf", True, "fp16"), Case("hedgehog", True, "fp16")]
     base += [Case("hedgehog", False, "fp16")]
+    base += [Case("posrf", causal, "fp16", window=64) for causal in (True, False)]
     base += [dataclasses.replace(c, mode="chunk") for c in base if c.causal]
     packed = (64, 512, 1, 256, 191)  # 1024 tokens in five sequences
     base += [
@@ -147,7 +152,7 @@ def capture(case: Case) -> list:
     launches = _record_launches()
     from spectraformer_fused.feature_map import RandomFeatureMap
     from spectraformer_fused.ops.triton_attention import triton_attention
-    from spectraformer_fused.state import RFState
+    from spectraformer_fused.state import RFState, empty_window_state
 
     dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[case.dtype]
     B, H, Hk = 1, 2, case.kv_heads
@@ -169,6 +174,8 @@ def capture(case: Case) -> list:
         F = fm.feature_dim
         R = B if offsets is None else len(offsets) - 1
         state = RFState(torch.zeros(R, Hk, F, case.Dv), torch.zeros(R, Hk, F), torch.zeros(R, Hk))
+        if case.window:
+            state = empty_window_state(R, Hk, F, case.D, case.Dv, case.window)
     params = fm.feature_params(q, k, scale=case.D**-0.5, causal=case.causal, key_padding_mask=mask, offsets=offsets)
     cu = None if offsets is None else torch.tensor(offsets, dtype=torch.int32)
     os.environ["SPECTRAFORMER_FUSED_TRITON_MODE"] = case.mode
@@ -183,6 +190,7 @@ def capture(case: Case) -> list:
             initial_state=state,
             output_final_state=False,
             cu_seqlens=cu,
+            window=case.window or None,
         )
         o.float().sum().backward()
     finally:

@@ -272,3 +272,16 @@ def test_through_the_api():
         o_ref, s_ref = rf_attention(q, k, v, backend="reference", **kw)
         assert_close(o, o_ref, torch.float32, name=f"api causal={causal} o")
         _check_state(s, s_ref, f"api causal={causal}")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_gaussian_kernel_gradients(causal):
+    """The Gaussian target: the band's logits carry exact_sq (|x|^2 + |y|^2) = -(|x|^2 + |y|^2) / 2, whose
+    gradients the band kernels add (dx += 2 exact_sq x sum ds)."""
+    q, k, v = _inputs(1, 29, 2, 2, 16, 8, seed=14)
+    fm = _map("posrf", 16, 24, 2, kernel="gaussian", weights="learnable")
+    state = _prefix_state(fm, 6, B=1, H=2)
+    kw = dict(causal=causal, window=6)
+    tri = _grads("triton", fm, 0.7 * q, 0.7 * k, v, state, **kw)
+    ref = _grads("reference", fm, 0.7 * q, 0.7 * k, v, state, **kw)
+    _compare_grads(tri, ref, f"gaussian causal={causal}")

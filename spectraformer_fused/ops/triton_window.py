@@ -12,9 +12,9 @@ token ``j' - (W - 1)`` after), query t holds exact the extended keys ``t .. t + 
   W - 1, which is the final state the causal continuation needs, causal or not;
 * non-causal, the keys after the band: the same causal kernels on the reversed sequence, the keys shifted
   W positions (behind W masked keys), without a state;
-* the band: exact logits ``x.y + exact_sq (|x|^2 + |y|^2)`` over query blocks of 64 against the
-  ``64 + band - 1`` extended keys they can reach, in PyTorch (O(T (64 + W)) memory; recomputed in the
-  backward).
+* the band: exact logits ``x.y + exact_sq (|x|^2 + |y|^2)`` of each query against the W (causal) or
+  2W - 1 (non-causal) extended keys it holds exact, in ``triton_band.py``'s kernels (flash-attention style
+  blocks with an online maximum; backward recomputes the logits).
 
 Each part returns an unnormalised numerator and denominator with its own per-row log scale (the kernels:
 the query row's ``qmax`` plus the key stabiliser of its chunk; the band: its largest logit); they are moved
@@ -23,12 +23,11 @@ gradients of its own numerator and denominator (``rf_bwd`` / ``chunk_bwd`` with 
 backward is linear in them), so no feature is ever stored.
 
 Packed sequences (``cu_seqlens``) run in one launch per kernel (each sequence with its own tail, state and
-stabilisers); the band runs per sequence.
+stabilisers), the band's kernels included (block tables per sequence).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -39,11 +38,10 @@ from torch import Tensor
 from ..contract import DEN_EPS, NORM_HYP, FeatureParams
 from ..state import WindowState, empty_window_state
 from .row_lse import lse_grads, row_lse
+from .triton_band import BandTables, band_backward, band_forward
 from .triton_bwd import rf_bwd
 from .triton_chunk import chunk_bwd, chunk_fwd, chunk_size
 from .triton_fwd import default_chunk_size, rf_fwd
-
-BAND_BLOCK = 64  # queries per block of the band's exact logits
 
 
 @dataclass
@@ -148,66 +146,13 @@ def _cu(lengths, dev):
     return torch.tensor(out, dtype=torch.int32, device=dev)
 
 
-def band_part(x, y, ve, keep, *, causal: bool, n: int, exact_sq: float):
-    """The exact part of one dense batch: x ``[B, Hk, G, T, D]`` (queries times sqrt(scale)), y
-    ``[B, Hk, L, D]`` and ve ``[B, Hk, L, Dv]`` (extended keys times sqrt(scale) and values, L = n + T),
-    keep ``[B, L]``. Returns ``(num [B, Hk, G, T, Dv], den [B, Hk, G, T], shift [B, Hk, G, T])``: the band's
-    weights divided by exp(shift) (its largest logit, detached; 0 for a row without a visible key)."""
-    B, Hk, G, T, D = x.shape
-    Wb = n + 1 if causal else 2 * n + 1
-    c = min(BAND_BLOCK, T)
-    NC = triton.cdiv(T, c)
-    span = c + Wb - 1
-    Lp = NC * c + Wb - 1
-    L = y.shape[2]
-    y = torch.nn.functional.pad(y, (0, 0, 0, Lp - L))
-    ve = torch.nn.functional.pad(ve, (0, 0, 0, Lp - L))
-    keep = torch.nn.functional.pad(keep, (0, Lp - L), value=False)
-    xb = torch.nn.functional.pad(x, (0, 0, 0, NC * c - T)).unflatten(3, (NC, c))  # [B, Hk, G, NC, c, D]
-    yb = y.unfold(2, span, c)  # [B, Hk, NC, D, span]
-    vb = ve.unfold(2, span, c)  # [B, Hk, NC, Dv, span]
-    kb = keep.unfold(1, span, c)  # [B, NC, span]
-    logits = torch.einsum("bhgncd,bhnds->bhgncs", xb, yb)
-    if exact_sq != 0.0:
-        logits = logits + exact_sq * ((xb * xb).sum(-1)[..., None] + (yb * yb).sum(-2)[:, :, None, :, None, :])
-    rel = torch.arange(span, device=x.device)[None, :] - torch.arange(c, device=x.device)[:, None]
-    visible = ((rel >= 0) & (rel < Wb))[None, None, None] & kb[:, None, None, :, None, :]
-    logits = logits.masked_fill(~visible, float("-inf"))
-    top = logits.amax(-1).detach()
-    top = torch.where(torch.isneginf(top), torch.zeros_like(top), top)
-    p = torch.exp(logits - top[..., None])
-    num = torch.einsum("bhgncs,bhnvs->bhgncv", p, vb).flatten(3, 4)[:, :, :, :T]
-    den = p.sum(-1).flatten(3, 4)[:, :, :, :T]
-    return num, den, top.flatten(3, 4)[:, :, :, :T]
-
-
-def _band_all(x, y, ve, keep_e, segments, *, causal, n, exact_sq):
-    """``band_part`` of every segment ``(q rows, extended rows)`` (one dense batch, or one per packed sequence)."""
-    if segments is None:
-        return band_part(x, y, ve, keep_e, causal=causal, n=n, exact_sq=exact_sq)
-    parts = [
-        band_part(
-            x[:, :, :, a:b],
-            y[:, :, e : e + n + b - a],
-            ve[:, :, e : e + n + b - a],
-            keep_e[:, e : e + n + b - a],
-            causal=causal,
-            n=n,
-            exact_sq=exact_sq,
-        )  # fmt: skip
-        for a, b, e in segments
-        if b > a
-    ]
-    return tuple(torch.cat([p[i] for p in parts], dim=3) for i in range(3))
-
-
 class _TritonWindow(torch.autograd.Function):
     """(o [B, T, H, Dv] fp32, S, z, m) of the hybrid from q, the extended keys and values (fp32, [B, L, Hk, .])
     and the parameters; see the module docstring for the parts and their backward."""
 
     @staticmethod
     def forward(ctx, q, Ke, Ve, W, bias, S0, z0, m0, keep_e, params, cfg):
-        runs, segments = cfg["runs"], cfg["segments"]
+        runs = cfg["runs"]
         B, T, H, D = q.shape
         Hk = Ke.shape[2]
         G = H // Hk
@@ -231,11 +176,9 @@ class _TritonWindow(torch.autograd.Function):
                 shift = shift - lse_q
             parts.append((num, den_t, shift))
             stats.append((qmax, kstab))
-        root = math.sqrt(params.scale)
-        x = (q.float() * root).transpose(1, 2).unflatten(1, (Hk, G))
-        band = _band_all(x, Ke.transpose(1, 2) * root, Ve.transpose(1, 2), keep_e, segments, causal=cfg["causal"],
-                         n=cfg["n"], exact_sq=params.exact_sq)  # fmt: skip
-        parts.append(band)
+        band = band_forward(q, Ke, Ve, cfg["keep_u8"], scale=params.scale, exact_sq=params.exact_sq,
+                            tables=cfg["band"])  # fmt: skip
+        parts.append(tuple(t.unflatten(1, (Hk, G)) for t in band))
         top = parts[0][2]
         for p in parts[1:]:
             top = torch.maximum(top, p[2])
@@ -304,19 +247,14 @@ class _TritonWindow(torch.autograd.Function):
                                    scale=params.scale, query=True, cu=cfg["cu"])  # fmt: skip
             dq_aug[:, :T] += gq
             dW, dbias = dW + gW, dbias + gb
-        # the band: recompute its graph and push its numerator's and denominator's gradients through it
+        # the band: its kernels' backward from the gradients of its numerator and denominator
         w = torch.exp(shifts[nr] - top)
-        root = math.sqrt(params.scale)
-        with torch.enable_grad():
-            x = (q.detach().float() * root).transpose(1, 2).unflatten(1, (Hk, G)).requires_grad_()
-            y = (Ke.detach().transpose(1, 2) * root).requires_grad_()
-            ve = Ve.detach().transpose(1, 2).requires_grad_()
-            bn, bd, _ = _band_all(x, y, ve, keep_e, cfg["segments"], causal=cfg["causal"], n=cfg["n"],
-                                  exact_sq=params.exact_sq)  # fmt: skip
-            dx, dy, dve = torch.autograd.grad((bn, bd), (x, y, ve), (dnum * w[..., None], dden * w), allow_unused=True)
-        dq = dq_aug[:, :T] + dx.flatten(1, 2).transpose(1, 2) * root
-        dKe = dKe + dy.transpose(1, 2) * root
-        dVe = dVe + dve.transpose(1, 2)
+        dq_b, dK_b, dV_b = band_backward(q, Ke, Ve, cfg["keep_u8"], shifts[nr].flatten(1, 2),
+                                         (dnum * w[..., None]).flatten(1, 2), (dden * w).flatten(1, 2),
+                                         scale=params.scale, exact_sq=params.exact_sq, tables=cfg["band"])  # fmt: skip
+        dq = dq_aug[:, :T] + dq_b
+        dKe = dKe + dK_b
+        dVe = dVe + dV_b
         if S0 is not None and dS0 is None:
             dS0, dz0 = torch.zeros_like(S0), torch.zeros_like(z0)
         return dq.to(q.dtype), dKe, dVe, dW, dbias, dS0, dz0, None, None, None, None
@@ -403,7 +341,8 @@ def triton_window_attention(
     runs = _plan(lengths, n, causal, keep_e, dev, mode, offsets is not None)
     cfg = dict(
         runs=runs,
-        segments=segments,
+        band=BandTables(segments or [(0, T, 0)], n, n + 1 if causal else 2 * n + 1, dev),
+        keep_u8=keep_e.contiguous().view(torch.uint8),
         causal=bool(causal),
         n=n,
         kdtype=k.dtype,
