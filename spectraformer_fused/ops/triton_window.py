@@ -61,81 +61,52 @@ class _Run:
     BT: int
 
 
-def _slots(lengths: list[int], BT: int) -> list[int]:
+def _slots(lengths: list[int], BT: int, dev) -> Tensor:
     """The kstab chunk slot of every row of runs of these lengths (``triton_common.VarlenTables``' layout:
     ``max(1, ceil(len / BT))`` slots per sequence)."""
     out, base = [], 0
     for n in lengths:
-        out.extend(base + i // BT for i in range(n))
+        out.append(base + torch.arange(n, device=dev) // BT)
         base += max(1, triton.cdiv(n, BT))
-    return out
+    return torch.cat(out)
 
 
 def _plan(T_list, n, causal, keep_e, dev, mode, packed):
     """The prefix run (and, non-causal, the suffix run) of sequences of lengths ``T_list`` (one per packed
-    sequence; one for the dense batch) whose extended rows start at E_i = sum_j<i (n + T_j)."""
+    sequence; one for the dense batch) whose extended rows start at E_i = sum_j<i (n + T_j). Index
+    tensors: -1 marks a masked key."""
     W = n + 1
     B = keep_e.shape[0]
-    pre_q, pre_k, pre_keep, pre_out, suf_q, suf_k, suf_keep, suf_out = ([] for _ in range(8))
+    pre_q, pre_k, pre_out, suf_q, suf_k, suf_out = ([] for _ in range(6))
     q_base = e_base = r_base = 0
-    zero_row = sum(T_list)  # the appended zero query
+    zero_row = torch.full((1,), sum(T_list), dtype=torch.long, device=dev)  # the appended zero query
+    masked = torch.full((1,), -1, dtype=torch.long, device=dev)
     for T in T_list:
+        t = torch.arange(T, device=dev)
         # prefix: keys [masked, ext 0 .. T - 1], queries [q 0 .. T - 1, zero row]; T + 1 run rows
-        pre_k += [e_base] + [e_base + j for j in range(T)]
-        pre_keep += [-1] + [e_base + j for j in range(T)]
-        pre_q += [q_base + t for t in range(T)] + [zero_row]
-        pre_out += [r_base + t for t in range(T)]
+        pre_k += [masked, e_base + t]
+        pre_q += [q_base + t, zero_row]
+        pre_out.append(r_base + t)
         if not causal:  # suffix (reversed): run row u is query T - 1 - u, key ext L - 1 - (u - W) from u = W
-            L = n + T
-            suf_k += [e_base + (L - 1 - (u - W) if u >= W else 0) for u in range(T)]
-            suf_keep += [e_base + L - 1 - (u - W) if u >= W else -1 for u in range(T)]
-            suf_q += [q_base + T - 1 - u for u in range(T)]
-            suf_out += [q_base + T - 1 - t for t in range(T)]
+            suf_k.append(torch.where(t >= W, e_base + n + T - 1 - (t - W), -1))
+            suf_q.append(q_base + T - 1 - t)
+            suf_out.append(q_base + T - 1 - t)
         q_base += T
         e_base += n + T
         r_base += T + 1
 
-    def flags(index):
-        idx = torch.tensor([max(j, 0) for j in index], dtype=torch.long, device=dev)
-        real = torch.tensor([j >= 0 for j in index], dtype=torch.bool, device=dev)
-        return (keep_e.index_select(1, idx) & real[None]).expand(B, -1).contiguous()
+    def run(q_idx, k_idx, out_idx, lengths, has_state):
+        q_idx, k_idx = torch.cat(q_idx), torch.cat(k_idx)
+        real = k_idx >= 0
+        k_idx = k_idx.clamp_min(0)
+        keep = (keep_e.index_select(1, k_idx) & real[None]).expand(B, -1).contiguous()
+        BT = chunk_size(sum(lengths)) if mode == "chunk" else default_chunk_size(max(lengths))
+        cu = _cu(lengths, dev) if packed else None
+        return _Run(q_idx, k_idx, keep, cu, torch.cat(out_idx), _slots(lengths, BT, dev), has_state, mode, BT)
 
-    def long(x):
-        return torch.tensor(x, dtype=torch.long, device=dev)
-
-    runs = []
-    pre_lengths = [T + 1 for T in T_list]
-    cu_p = _cu(pre_lengths, dev) if packed else None
-    BT = chunk_size(sum(pre_lengths)) if mode == "chunk" else default_chunk_size(max(pre_lengths))
-    runs.append(
-        _Run(
-            long(pre_q),
-            long(pre_k),
-            flags(pre_keep),
-            cu_p,
-            long(pre_out),
-            long(_slots(pre_lengths, BT)),
-            True,
-            mode,
-            BT,
-        )  # fmt: skip
-    )
+    runs = [run(pre_q, pre_k, pre_out, [T + 1 for T in T_list], True)]
     if not causal and any(T > W for T in T_list):
-        suf_lengths = list(T_list)
-        BT = chunk_size(sum(suf_lengths)) if mode == "chunk" else default_chunk_size(max(suf_lengths))
-        runs.append(
-            _Run(
-                long(suf_q),
-                long(suf_k),
-                flags(suf_keep),
-                _cu(suf_lengths, dev) if packed else None,
-                long(suf_out),
-                long(_slots(suf_lengths, BT)),
-                False,
-                mode,
-                BT,
-            )  # fmt: skip
-        )
+        runs.append(run(suf_q, suf_k, suf_out, list(T_list), False))
     return runs
 
 
