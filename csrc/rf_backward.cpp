@@ -120,8 +120,10 @@ void logits(const float* src, int64_t stride, int64_t n, const BwdConfig& c, con
     f.r[t] = c.c_t * sq_t + (c.c_o != 0.f ? c.c_o * sq_o : 0.f);
   }
   gemm(n, m, D, f.xt.data(), D, hp.WT, m, f.u.data(), m, false);  // [n, D] @ [D, m]
+  // hedgehog: a key's features are its HYP exponents minus the row's log-sum-exp, as in the forward; a
+  // query's row shift cancels its own
   feature_exponents(c.kind, f.u.data(), f.r.data(), n, m, hp.freq, hp.bias, f.phi.data(),
-                    c.kind == KIND_TRIG ? f.mult.data() : nullptr);
+                    c.kind == KIND_TRIG ? f.mult.data() : nullptr, !query);
 }
 
 // phi = exp(e - shift) (* mult) for row t.
@@ -180,13 +182,28 @@ void chain(const Rows& f, const float* dphi, int64_t n, const BwdConfig& c, cons
         dur[i] = hp.freq * de;
         s += de;
       }
-    } else if (c.kind == KIND_HYP) {
+    } else if (c.kind == KIND_HYP || (c.kind == KIND_NORM_HYP && query)) {
 #pragma omp simd reduction(+ : s)
       for (int64_t i = 0; i < m; ++i) {
         const float dp = g[i] * ph[i], dm = g[m + i] * ph[m + i];
         dbias[i] += dp + dm;
         dur[i] = hp.freq * (dp - dm);
         s += dp + dm;
+      }
+    } else if (c.kind == KIND_NORM_HYP) {
+      // hedgehog keys: phi = exp(e - lse(e) - shift), so de = dphi phi - softmax(e) sum(dphi phi), with
+      // softmax(e) = phi / sum(phi) (whatever the shift); the row's r cancels in e - lse (dr = 0)
+      float sde = 0.f, sph = 0.f;
+#pragma omp simd reduction(+ : sde, sph)
+      for (int64_t i = 0; i < F; ++i) {
+        sde += g[i] * ph[i];
+        sph += ph[i];
+      }
+      const float k = sph > 0.f ? sde / sph : 0.f;
+      for (int64_t i = 0; i < m; ++i) {
+        const float dp = (g[i] - k) * ph[i], dm = (g[m + i] - k) * ph[m + i];
+        dbias[i] += dp + dm;
+        dur[i] = hp.freq * (dp - dm);
       }
     } else {  // phi = [E cos a, E sin a]: de = dphi . phi, da = -dphi_c phi_s + dphi_s phi_c
 #pragma omp simd reduction(+ : s)
@@ -481,7 +498,8 @@ std::vector<at::Tensor> rf_attention_backward(
     const c10::optional<at::Tensor>& zf_in, const c10::optional<at::Tensor>& mf_in, double den_eps,
     const c10::optional<at::Tensor>& cu_in) {
   auto given = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); };
-  TORCH_CHECK_VALUE(kind == KIND_EXP || kind == KIND_HYP || kind == KIND_TRIG, "unknown feature kind ", kind);
+  TORCH_CHECK_VALUE(kind == KIND_EXP || kind == KIND_HYP || kind == KIND_TRIG || kind == KIND_NORM_HYP,
+                    "unknown feature kind ", kind);
   TORCH_CHECK_VALUE(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4 && do_in.dim() == 4,
                     "q, k, v and the output gradient must be [B, T, H, D]");
   const auto fdt = at::kFloat;

@@ -1,5 +1,6 @@
 """hedgehog (kind NORM_HYP) on the compiled CPU backend against the reference backend: its per-key
-log-sum-exp over the 2m features is computed per key in the C++ forward and subtracted.
+log-sum-exp over the 2m features is computed per key in the C++ forward and subtracted, and the C++
+backward adds its gradient.
 
 ``ops.cpu.cpu_attention`` is called directly with the parameters of ``fm.feature_params``; the API routes
 hedgehog to it through ``attention.KIND_BACKENDS``.
@@ -15,6 +16,7 @@ from spectraformer_fused import RandomFeatureMap
 from spectraformer_fused.contract import NORM_HYP
 from spectraformer_fused.ops import cpu as cpu_ops
 from spectraformer_fused.reference import reference_attention
+from spectraformer_fused.state import RFState
 
 pytestmark = pytest.mark.skipif(not cpu_ops.extension_available(), reason="CPU extension unavailable")
 
@@ -110,16 +112,48 @@ def test_packed_sequences(causal):
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-def test_gradients(causal):
-    q, k, v, fm = _setup(2, 50, 2, 1, 16, 8, 16, seed=7)
+def test_gradients(causal, monkeypatch):
+    """The fused C++ backward (each key's lse held in its features, plus the lse's own gradient: de -=
+    softmax(e) sum(de)) against autograd through the reference: GQA, a mask, an initial state, the final
+    state's gradient; the reference recompute is not used."""
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("hedgehog's backward recomputed through the reference")
+
+    monkeypatch.setattr(cpu_ops, "reference_grads", no_recompute)
+    q, k, v, fm = _setup(2, 50, 4, 2, 16, 8, 16, seed=7)
     mask = torch.rand(2, 50, generator=torch.Generator().manual_seed(2)) > 0.2
+    g = torch.Generator().manual_seed(3)
+    S0, z0 = torch.rand(2, 2, 32, 8, generator=g), torch.rand(2, 2, 32, generator=g)
+    grads = []
+    for fn in (cpu_ops.cpu_attention, reference_attention):
+        fm.zero_grad()
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, S0, z0)]
+        p = _params(fm, *leaves[:2], causal, key_padding_mask=mask)
+        state = RFState(leaves[3], leaves[4], torch.zeros(2, 2))
+        o, s = fn(*leaves[:3], p, causal=causal, key_padding_mask=mask, initial_state=state, output_final_state=True)
+        e = torch.exp(s.log_scale)[..., None]
+        (o.pow(2).sum() + (s.S * e[..., None]).sum() + (s.z * e).sum()).backward()
+        grads.append([t.grad for t in leaves] + [fm.log_weight.grad.clone()])
+    for name, a, b in zip(("q", "k", "v", "S0", "z0", "log_weight"), *grads):
+        assert_close(a, b, torch.float32, name=f"hedgehog grad {name} causal={causal}")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_packed_gradients(causal):
+    lengths = [17, 0, 40, 5]
+    offsets = [0]
+    for n in lengths:
+        offsets.append(offsets[-1] + n)
+    cu = torch.tensor(offsets, dtype=torch.int32)
+    q, k, v, fm = _setup(1, offsets[-1], 2, 1, 16, 8, 16, seed=9)
     grads = []
     for fn in (cpu_ops.cpu_attention, reference_attention):
         fm.zero_grad()
         leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
-        p = _params(fm, *leaves[:2], causal, key_padding_mask=mask)
-        o, s = fn(*leaves, p, causal=causal, key_padding_mask=mask, output_final_state=True)
-        (o.pow(2).sum() + s.S.sum() + s.z.sum()).backward()
+        p = _params(fm, *leaves[:2], causal, offsets=offsets)
+        o, _ = fn(*leaves, p, causal=causal, cu_seqlens=cu)
+        o.pow(2).sum().backward()
         grads.append([t.grad for t in leaves] + [fm.log_weight.grad.clone()])
     for name, a, b in zip(("q", "k", "v", "log_weight"), *grads):
-        assert_close(a, b, torch.float32, name=f"hedgehog grad {name} causal={causal}")
+        assert_close(a, b, torch.float32, name=f"hedgehog packed grad {name} causal={causal}")

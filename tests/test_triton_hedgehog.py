@@ -21,6 +21,7 @@ from spectraformer_fused.reference import reference_attention
 from spectraformer_fused.state import RFState, WindowState
 
 pytestmark = pytest.mark.skipif(not triton_importable(), reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # without CUDA: the interpreter (conftest.py)
 
 MODE_ENV = "SPECTRAFORMER_FUSED_TRITON_MODE"
 
@@ -42,7 +43,7 @@ def _setup(B, T, H, Hk, D, Dv, m, *, seed=0, amp=1.0):
     fm = RandomFeatureMap(D, m, component="hedgehog", num_heads=Hk, seed=3)
     with torch.no_grad():  # a trained map's log-weights are not zero
         fm.log_weight.copy_(torch.randn(Hk, m, generator=g))
-    return q, k, v, fm
+    return q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), fm.to(DEVICE)
 
 
 def _true_state(s):
@@ -70,7 +71,7 @@ def _run(backend, fm, q, k, v, *, causal, mask=None, state=None, window=None, cu
     o, s = _attend(*xs, p, **kw) if backend == "triton" else reference_attention(*xs, p, **kw)
     S, z = _true_state(s)
     g = torch.Generator().manual_seed(7)
-    (sum((t * torch.randn(t.shape, generator=g)).sum() for t in (o, S, z))).backward()
+    (sum((t * torch.randn(t.shape, generator=g).to(t.device)).sum() for t in (o, S, z))).backward()
     grads = [("dq", xs[0].grad), ("dk", xs[1].grad), ("dv", xs[2].grad), ("dlog_weight", fm.log_weight.grad)]
     if st is not None:
         grads += [("dS0", st.S.grad), ("dz0", st.z.grad)]
@@ -101,8 +102,10 @@ def test_matches_reference(monkeypatch, mode, causal):
     q, k, v, fm = _setup(2, 37, 4, 2, 16, 8, 40, amp=1.5)
     mask = torch.rand(2, 37, generator=torch.Generator().manual_seed(1)) > 0.3
     mask[0, :12] = False
+    mask = mask.to(DEVICE)
     g = torch.Generator().manual_seed(2)
     state = RFState(torch.rand(2, 2, 80, 8, generator=g), torch.rand(2, 2, 80, generator=g), torch.zeros(2, 2))
+    state = RFState(*(t.to(DEVICE) for t in state))
     kw = dict(causal=causal, mask=mask, state=state)
     _compare(_run("triton", fm, q, k, v, **kw), _run("reference", fm, q, k, v, **kw), f"{mode} causal={causal}")
 
@@ -114,7 +117,7 @@ def test_packed_sequences(causal):
     offsets = [0]
     for n in lengths:
         offsets.append(offsets[-1] + n)
-    cu = torch.tensor(offsets, dtype=torch.int32)
+    cu = torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
     q, k, v, fm = _setup(1, offsets[-1], 2, 1, 16, 8, 24, seed=4)
     _compare(_run("triton", fm, q, k, v, causal=causal, cu_seqlens=cu),
              _run("reference", fm, q, k, v, causal=causal, cu_seqlens=cu), f"packed causal={causal}")  # fmt: skip
@@ -128,7 +131,7 @@ def test_window(monkeypatch, causal, window):
     if causal:
         monkeypatch.setenv(MODE_ENV, "chunk")
     q, k, v, fm = _setup(2, 29, 4, 2, 16, 8, 24, seed=5)
-    mask = torch.rand(2, 29, generator=torch.Generator().manual_seed(6)) > 0.3
+    mask = (torch.rand(2, 29, generator=torch.Generator().manual_seed(6)) > 0.3).to(DEVICE)
     p = fm.feature_params(q, k, scale=0.25, causal=causal, key_padding_mask=mask)
     o, _ = _attend(q, k, v, p, causal=causal, window=window, key_padding_mask=mask, output_final_state=False)
     ref = hybrid_oracle(q, k, v, p, window=window, causal=causal, key_padding_mask=mask)

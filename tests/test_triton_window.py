@@ -17,6 +17,7 @@ from spectraformer_fused.reference import exact_attention, reference_attention
 from spectraformer_fused.state import WindowState
 
 pytestmark = pytest.mark.skipif(not triton_importable(), reason="triton is not installed")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # without CUDA: the interpreter (conftest.py)
 
 MODE_ENV = "SPECTRAFORMER_FUSED_TRITON_MODE"
 T_ORACLE = 37
@@ -33,15 +34,13 @@ def _attend(*args, **kw):
 
 def _inputs(B, T, H, Hk, D, Dv, *, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(*s, generator=g).to(dtype) for s in ((B, T, H, D), (B, T, Hk, D), (B, T, Hk, Dv)))
+    shapes = ((B, T, H, D), (B, T, Hk, D), (B, T, Hk, Dv))
+    return tuple(torch.randn(*s, generator=g).to(DEVICE, dtype) for s in shapes)
 
 
 def _map(component, D, m, Hk, kernel="softmax", weights="orf"):
-    fm = RandomFeatureMap(D, m, component=component, kernel=kernel, num_heads=Hk, weights=weights, seed=3).eval()
-    if component == "hedgehog":
-        with torch.no_grad():
-            fm.log_weight.copy_(torch.randn(Hk, m, generator=torch.Generator().manual_seed(9)))
-    return fm
+    fm = RandomFeatureMap(D, m, component=component, kernel=kernel, num_heads=Hk, weights=weights, seed=3)
+    return fm.eval().to(DEVICE)
 
 
 def _params(fm, q, k, causal, **kw):
@@ -51,7 +50,7 @@ def _params(fm, q, k, causal, **kw):
 def _mask(B, T, seed=1):
     mask = torch.rand(B, T, generator=torch.Generator().manual_seed(seed)) > 0.3
     mask[0, : T // 3] = False
-    return mask
+    return mask.to(DEVICE)
 
 
 def _true_state(s):
@@ -148,7 +147,7 @@ def _grads(backend, fm, q, k, v, state, *, causal, window, mask=None, cu_seqlens
         o, s = reference_attention(*xs, p, **kw)
     S, z = _true_state(s)
     g = torch.Generator().manual_seed(7)
-    loss = sum((t * torch.randn(t.shape, generator=g)).sum() for t in (o, S, z, s.k_tail, s.v_tail))
+    loss = sum((t * torch.randn(t.shape, generator=g).to(t.device)).sum() for t in (o, S, z, s.k_tail, s.v_tail))
     loss.backward()
     named = [("dq", xs[0]), ("dk", xs[1]), ("dv", xs[2])]
     if st is not None:
@@ -249,12 +248,12 @@ def test_packed_sequences(monkeypatch, causal):
     offsets = [0]
     for n in lengths:
         offsets.append(offsets[-1] + n)
-    cu = torch.tensor(offsets, dtype=torch.int32)
+    cu = torch.tensor(offsets, dtype=torch.int32, device=DEVICE)
     q, k, v = _inputs(1, offsets[-1], 2, 1, 16, 8, seed=11)
     fm = _map("posrf", 16, 24, 1, weights="learnable")
     window = 5
     qp, kp, vp = _inputs(1, 4 * 6, 2, 1, 16, 8, seed=12)
-    pre = torch.tensor([0, 6, 12, 18, 24], dtype=torch.int32)
+    pre = torch.tensor([0, 6, 12, 18, 24], dtype=torch.int32, device=DEVICE)
     pp = _params(fm, qp, kp, True, offsets=pre.tolist())
     _, init = reference_attention(qp, kp, vp, pp, causal=True, window=window, cu_seqlens=pre, output_final_state=True)
     tri = _grads("triton", fm, q, k, v, init, causal=causal, window=window, cu_seqlens=cu)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from ..contract import DEN_EPS, EXP, HYP, TRIG, FeatureParams
+from ..contract import DEN_EPS, EXP, HYP, NORM_HYP, TRIG, FeatureParams
 from ..reference import reference_attention
 from ..state import RFState
 from . import build_cache
@@ -264,7 +264,7 @@ class _CpuAttention(torch.autograd.Function):
 
 
 # The kinds whose backward is fused (csrc/rf_backward.cpp); the others recompute through the reference.
-FUSED_BACKWARD_KINDS = (EXP, HYP, TRIG)
+FUSED_BACKWARD_KINDS = (EXP, HYP, TRIG, NORM_HYP)
 
 
 def reference_grads(params: FeatureParams, inputs, out_grads, make_state, **attend):
