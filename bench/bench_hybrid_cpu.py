@@ -1,15 +1,16 @@
 """hedgehog and the hybrid window on the compiled CPU backend: ``python -m bench.bench_hybrid_cpu``.
 
-Two tables, forward only (the CPU backend's backward recomputes through the reference):
+Two tables:
 
-* hedgehog (kind NORM_HYP, its per-key log-sum-exp computed and subtracted in the C++ forward) against
-  hyprf at the same feature width F = 2m, causal and non-causal prefill and one T = 1 decode step after
-  a prefix;
+* hedgehog (kind NORM_HYP, its per-key log-sum-exp computed and subtracted in the C++ forward, its
+  gradient added in the C++ backward) against hyprf at the same feature width F = 2m: causal and
+  non-causal prefill, forward + backward, and one T = 1 decode step after a prefix;
 * the hybrid window (exact softmax over the last W keys, features beyond) against the plain path
-  (features only) on the same inputs, for hyprf, posrf and hedgehog, causal and non-causal prefill.
+  (features only) on the same inputs, for hyprf, posrf and hedgehog, causal and non-causal prefill
+  (forward only).
 
 Both call ``ops.cpu.cpu_attention`` / ``ops.cpu_window.cpu_window_attention`` directly (with the parameters
-of ``fm.feature_params``) with grad disabled (inference) and time them interleaved (``bench.common.time_interleaved``). Writes
+of ``fm.feature_params``), with grad disabled but for the forward + backward rows, and time them interleaved (``bench.common.time_interleaved``). Writes
 ``bench/results/hybrid-cpu-<date>.md`` unless ``--out`` says otherwise.
 """
 
@@ -58,6 +59,30 @@ def hedgehog_rows(B, T, H, D, m, budget):
         rows.append(
             [
                 f"prefill T={T}",
+                "causal" if causal else "non-causal",
+                _ms(t["hyprf"]),
+                _ms(t["hedgehog"]),
+                f"{t['hedgehog'][0] / t['hyprf'][0]:.2f}",
+            ]
+        )
+    # training: forward and backward to q, k, v and the map's parameters (the fused C++ backward)
+    for causal in (True, False):
+        fns = {}
+        for comp in ("hyprf", "hedgehog"):
+            fm = RandomFeatureMap(D, m, component=comp, num_heads=H, seed=3).eval()
+            leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+
+            def step(fm=fm, leaves=leaves):
+                with torch.enable_grad():
+                    p = fm.feature_params(*leaves[:2], scale=1.0 / math.sqrt(D), causal=causal)
+                    o, _ = cpu_ops.cpu_attention(*leaves, p, causal=causal)
+                    o.sum().backward()
+
+            fns[comp] = step
+        t = common.time_interleaved(fns, torch.device("cpu"), budget)
+        rows.append(
+            [
+                f"fwd+bwd T={T}",
                 "causal" if causal else "non-causal",
                 _ms(t["hyprf"]),
                 _ms(t["hedgehog"]),
@@ -131,8 +156,7 @@ def main(argv=None):
         f"1-minute load average at the start: {load}_",
         "",
         f"B={B} H={H} D=Dv={D}, m = {', '.join(map(str, ms))} frequencies (F = 2m for hyprf and hedgehog, m for "
-        "posrf), float32, forward "
-        "only. Times: `time.perf_counter` median (p20-p80) in ms, the two columns of a row run alternately "
+        "posrf), float32. Times: `time.perf_counter` median (p20-p80) in ms, the two columns of a row run alternately "
         f"(`bench.common.time_interleaved`, {args.budget} s per function).",
         "",
     ]
