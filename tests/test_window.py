@@ -370,3 +370,32 @@ def test_module_decodes_token_by_token(window):
 
 def test_rfstate_has_no_window():
     assert not isinstance(RFState(*empty_window_state(1, 1, 2, 2, 2, 3)[:3]), WindowState)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_oracle_is_kernel_estimate_and_exact_logits(causal):
+    """``helpers.hybrid_oracle`` (the oracle of every backend's window tests) against the hybrid built
+    directly from the public pieces: ``fm.kernel_estimate`` beyond the window, ``exp(exact_logits)`` inside,
+    one normaliser, for both kernel targets and W = 1, 3, T (fp64, no data-dependent parameter, so the
+    estimate's parameters are the call's)."""
+    from spectraformer_fused.reference import exact_logits
+
+    B, T, H, D = 2, 11, 2, 8
+    g = torch.Generator().manual_seed(21)
+    q, k, v = (torch.randn(B, T, H, D, generator=g, dtype=torch.float64) for _ in range(3))
+    mask = torch.rand(B, T, generator=g) > 0.2
+    mask[:, 0] = True
+    for kernel in ("softmax", "gaussian"):
+        fm = RandomFeatureMap(D, 16, component="hyprf", kernel=kernel, num_heads=H, seed=4, dtype=torch.float64)
+        p = fm.feature_params(q, k, scale=0.3, causal=causal, key_padding_mask=mask)
+        est = fm.kernel_estimate(q, k, scale=0.3)  # [B, H, T, T]
+        exact = exact_logits(q, k, kernel=kernel, scale=0.3).exp()
+        t = torch.arange(T)
+        diff = t[:, None] - t[None, :]
+        for window in (1, 3, T):
+            inside = (diff >= 0) & (diff < window) if causal else diff.abs() < window
+            visible = (diff >= 0 if causal else torch.ones(T, T, dtype=torch.bool)) & mask[:, None, None, :]
+            w = torch.where(inside, exact, est) * visible
+            direct = ((w @ v.transpose(1, 2)) / w.sum(-1, keepdim=True)).transpose(1, 2)
+            oracle = hybrid_oracle(q, k, v, p, window=window, causal=causal, key_padding_mask=mask)
+            assert_close(oracle, direct, torch.float64, name=f"{kernel} causal={causal} W={window}")
