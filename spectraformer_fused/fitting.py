@@ -84,15 +84,16 @@ class _Recomputed(torch.autograd.Function):
         return (None,) + tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs)
 
 
-def _chunk_loss(eq, ek, kshift, logits, vis, v, kind_loss: str, mult_q, mult_k, band=None):
+def _chunk_loss(eq, ek, kshift, logits, vis, v, kind_loss: str, mult_q, mult_k, band=None, target_band=None):
     """Loss terms of one query chunk, summed over its rows; the G query heads of a key/value head in dim 2.
 
     eq ``[B, H_kv, G, c, F]`` query exponents, ek ``[B, H_kv, 1, n, F]`` key exponents of the n visible keys,
     kshift ``[B, H_kv, 1, 1, 1]`` their shared stabiliser, logits ``[B, H_kv, G, c, n]`` the exact logits, vis
     ``[B|1, 1, 1, c, n]`` bool (visible pairs) or None, v ``[B, H_kv, 1, n, Dv]`` (mse) or None. ``band``
     ``[c, n]`` bool or None: the hybrid window's exact pairs (DESIGN.md section 6), whose weight in the
-    model's row is the exact kernel itself, on one scale with the features (log space). Returns the sum of
-    the row losses.
+    model's row is the exact kernel itself, on one scale with the features (log space). ``target_band``
+    ``[c, n]`` bool or None: the pairs the exact target attends (a sliding-window layer's); none outside.
+    Returns the sum of the row losses.
     """
     sq = eq.amax(-1, keepdim=True).detach()
     phiq = torch.exp(eq - sq)
@@ -103,8 +104,9 @@ def _chunk_loss(eq, ek, kshift, logits, vis, v, kind_loss: str, mult_q, mult_k, 
     if vis is not None:
         scores = scores.masked_fill(~vis, 0.0)
         logits = logits.masked_fill(~vis, float("-inf"))
-    rows = torch.isfinite(logits.amax(-1))  # [B, H_kv, G, c]: a visible key
-    logp = torch.log_softmax(logits, dim=-1).masked_fill(~rows[..., None], float("-inf"))
+    target = logits if target_band is None else logits.masked_fill(~target_band, float("-inf"))
+    rows = torch.isfinite(target.amax(-1))  # [B, H_kv, G, c]: a visible key
+    logp = torch.log_softmax(target, dim=-1).masked_fill(~rows[..., None], float("-inf"))
     p = logp.exp()  # 0 where masked
     shift = sq + kshift  # [B, H_kv, G, c, 1]
     if kind_loss == "kl":
@@ -140,6 +142,7 @@ def attention_distillation_loss(
     loss: str = "kl",
     chunk_size: int = 64,
     window: int | None = None,
+    target_window: int | None = None,
 ) -> torch.Tensor:
     """How far the feature map's attention is from exact attention on q ``[B, T, H, D]``, k ``[B, T, H_kv, D]``:
     a scalar.
@@ -164,11 +167,15 @@ def attention_distillation_loss(
     ``window`` W (None or 0: random features only): the model's row is hybrid attention's (DESIGN.md
     section 6): the exact kernel for the keys inside the window (causal: i - W < j <= i; non-causal:
     |i - j| < W), the features beyond, one normaliser, against the same exact target; only the keys beyond
-    the window then train the feature map (through their share of the row).
+    the window then train the feature map (through their share of the row). ``target_window``: the exact
+    attention it is compared with is sliding-window attention over that window (the attention of a
+    sliding-window layer, converted to hybrid attention with its own window: the features beyond the
+    window are then fitted to weigh nothing); None: all visible keys.
     """
     if not isinstance(feature_map, RandomFeatureMap):
         raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
     window = check_window(window)
+    target_window = check_window(target_window)
     check_qk_pair(q, k, grouped=True)
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"q and k must have the same sequence length, got {q.shape[1]} and {k.shape[1]}")
@@ -226,13 +233,25 @@ def attention_distillation_loss(
             qm = keep_q[:, :, :, lo:hi, None]
             vis = qm if vis is None else vis & qm
         kshift = key_max[:, :, :n].amax(-1).clamp_min(-1e30)[..., None, None, None]
-        band = None
+        diff = ids[lo:hi, None] - ids[None, :n]
+        band = target_band = None
         if window is not None:
-            diff = ids[lo:hi, None] - ids[None, :n]
             band = (diff >= 0) & (diff < window) if causal else diff.abs() < window
+        if target_window is not None:
+            target_band = (diff >= 0) & (diff < target_window) if causal else diff.abs() < target_window
 
         def run(
-            W, bias, ek, mult_k, xc=x[:, :, :, lo:hi], qc=qt[:, :, :, lo:hi], n=n, vis=vis, kshift=kshift, band=band
+            W,
+            bias,
+            ek,
+            mult_k,
+            xc=x[:, :, :, lo:hi],
+            qc=qt[:, :, :, lo:hi],
+            n=n,
+            vis=vis,
+            kshift=kshift,
+            band=band,
+            target_band=target_band,
         ):
             c = xc.shape[3]
             eq, mult_q = feature_logits(xc.flatten(2, 3), W, bias, freq, psi, query=True, **args)
@@ -253,13 +272,15 @@ def attention_distillation_loss(
                 mult_q,
                 None if mult_k is None else mult_k[:, :, None, :n],
                 band,
+                target_band,
             )
 
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (W, bias, ek, mult_k)):
             total = total + _Recomputed.apply(run, W, bias, ek, mult_k)
         else:
             total = total + run(W, bias, ek, mult_k)
-        count += (hi - lo) * B * H if vis is None else H * int(vis.expand(B, 1, 1, hi - lo, n).any(-1).sum())
+        rows = vis if target_band is None else (target_band if vis is None else vis & target_band)
+        count += (hi - lo) * B * H if rows is None else H * int(rows.expand(B, 1, 1, hi - lo, n).any(-1).sum())
     return total / max(count, 1)
 
 
@@ -351,6 +372,7 @@ def fit_feature_map(
     chunk_size: int = 64,
     progress: bool = False,
     window: int | None = None,
+    target_window: int | None = None,
 ) -> list[float]:
     """Train the feature map's learnable parameters so that its attention matches exact attention.
 
@@ -364,24 +386,53 @@ def fit_feature_map(
         scale, causal, key_padding_mask, loss, chunk_size: as in ``attention_distillation_loss``
             (``key_padding_mask`` a tensor or an iterable like q).
         progress: show a progress bar on stderr (tqdm when installed, else a plain line now and then).
-        window: fit the feature map as the feature part of hybrid attention with this window (see
-            ``attention_distillation_loss``); None: random features only.
+        window, target_window: fit the feature map as the feature part of hybrid attention with this
+            window, against sliding-window attention over ``target_window`` (see
+            ``attention_distillation_loss``); None: random features only, against full attention.
 
     Returns the loss before each step (``steps`` floats).
     """
     if not isinstance(feature_map, RandomFeatureMap):
         raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
     _check_steps_lr(steps, lr)
-    window = check_window(window)
+    window, target_window = check_window(window), check_window(target_window)
     bar = _Progress(steps, "fit_feature_map", _check_progress(progress))
     try:
-        return _fit(feature_map, q, k, v, steps, lr, scale, causal, key_padding_mask, loss, chunk_size, bar, window)
+        return _fit(
+            feature_map,
+            q,
+            k,
+            v,
+            steps,
+            lr,
+            scale,
+            causal,
+            key_padding_mask,
+            loss,
+            chunk_size,
+            bar,
+            window,
+            target_window,
+        )
     finally:
         bar.close()
 
 
 def _fit(
-    feature_map, q, k, v, steps, lr, scale, causal, key_padding_mask, loss, chunk_size, bar, window=None
+    feature_map,
+    q,
+    k,
+    v,
+    steps,
+    lr,
+    scale,
+    causal,
+    key_padding_mask,
+    loss,
+    chunk_size,
+    bar,
+    window=None,
+    target_window=None,
 ) -> list[float]:
     qs, ks = _as_batches(q, "q"), _as_batches(k, "k")
     if not qs or len(qs) != len(ks):
@@ -411,6 +462,7 @@ def _fit(
             loss=loss,
             chunk_size=chunk_size,
             window=window,
+            target_window=target_window,
         )
         opt.zero_grad(set_to_none=True)
         value.backward()
@@ -428,8 +480,9 @@ def _fit(
 
 class AttentionRecord(NamedTuple):
     """What one attention layer received on one batch: ``q [B, T, H, D]``, ``k [B, T, H_kv, D]`` (detached),
-    the ``[B, T]`` bool keep-mask or None, the scale of its logits, whether it is causal, and the layer's
-    hybrid window (None: random features only), which ``distill`` fits with."""
+    the ``[B, T]`` bool keep-mask or None, the scale of its logits, whether it is causal, the layer's
+    hybrid window (None: random features only) and the window of the attention it replaces (a converted
+    sliding-window layer's; None: full attention), which ``distill`` fits with."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -437,6 +490,7 @@ class AttentionRecord(NamedTuple):
     scale: float
     causal: bool
     window: int | None = None
+    target_window: int | None = None
 
 
 def _hf_integration():
@@ -521,6 +575,7 @@ def record_attention_inputs(model: nn.Module, batches, *, teacher: bool = True) 
                 model(*batch)
             else:
                 model(batch)
+    hf = _hf_integration()
     for call in calls:
         records[converted[id(call.module)]].append(
             AttentionRecord(
@@ -529,7 +584,8 @@ def record_attention_inputs(model: nn.Module, batches, *, teacher: bool = True) 
                 call.key_padding_mask,
                 call.scale,
                 call.causal,
-                getattr(call.module, _hf_integration().WINDOW_ATTR, None),
+                getattr(call.module, hf.WINDOW_ATTR, None),
+                hf._hf_window(getattr(call.module, hf.SLIDING_ATTR, None), call.causal),
             )
         )
     return records
@@ -554,8 +610,8 @@ def distill(
     feature map is fitted per key/value head). The q, k of each layer are recorded once on ``batches``
     (see ``record_attention_inputs``; with ``teacher=True`` from the softmax model the layers were
     converted from), with the layer's own scale, causality, padding mask and hybrid window (a layer with
-    a window is fitted as the feature part of its hybrid attention). Only the feature maps' trainable
-    parameters move; every other parameter of the model is left as it is, without gradients.
+    a window is fitted as the feature part of its hybrid attention, and a converted sliding-window layer
+    against the sliding-window attention it replaced). Only the feature maps' trainable parameters move; every other parameter of the model is left as it is, without gradients.
     ``joint=False`` fits the layers one after another (``steps`` Adam steps each); ``joint=True`` takes
     ``steps`` steps of one optimizer on the sum of the layers' losses. Batches are used in turn.
     ``progress=True`` shows one progress bar over all the steps on stderr (tqdm when installed, else a
@@ -591,6 +647,7 @@ def distill(
             loss=loss,
             chunk_size=chunk_size,
             window=rec.window,
+            target_window=rec.target_window,
         )
 
     bar = _Progress(steps * (1 if joint else len(layers)), "distill", progress)
@@ -613,6 +670,7 @@ def distill(
                     chunk_size,
                     bar,
                     recs[0].window,
+                    recs[0].target_window,
                 )
             return curves
         return _distill_joint(layers, layer_loss, steps, lr, bar)

@@ -322,6 +322,17 @@ def test_window_loss_is_the_hybrid_rows_kl(causal):
         expected = kl.sum(-1)[rows].mean()
         print(f"causal={causal} W={window}: loss {got.item():.6f}, dense {expected.item():.6f}")
         assert abs(got.item() - expected.item()) <= 1e-5 * max(1.0, expected.item())
+        # against sliding-window attention (a converted sliding-window layer): the target ends at the window
+        got = sf.attention_distillation_loss(
+            fm, q, k, scale=scale, causal=causal, key_padding_mask=mask, chunk_size=5, window=window,
+            target_window=window,
+        )  # fmt: skip
+        prow = torch.softmax(logit.masked_fill(~(visible & inside), float("-inf")), -1).nan_to_num(0.0)
+        kl = torch.where(prow > 0, prow * (prow.log() - qrow.clamp_min(1e-300).log()), torch.zeros_like(prow))
+        rows = ((visible & inside).any(-1) & mask[:, None, None, :]).expand(B, Hk, H // Hk, T)
+        expected = kl.sum(-1)[rows].mean()
+        print(f"  target window {window}: loss {got.item():.6f}, dense {expected.item():.6f}")
+        assert abs(got.item() - expected.item()) <= 1e-5 * max(1.0, expected.item())
     wide = sf.attention_distillation_loss(fm, q, k, scale=scale, causal=causal, key_padding_mask=mask, window=T)
     assert abs(wide.item()) < 1e-6, wide.item()
 

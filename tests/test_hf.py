@@ -318,6 +318,11 @@ def test_sliding_window_model_converts_to_window_attention():
     # (eager attention takes its softmax in fp32)
     assert_close(teacher[1], expected[1], torch.float32, name="teacher = sliding-window softmax model")
     assert_close(teacher[0, 2:], expected[0, 2:], torch.float32, name="teacher, kept positions")
+    # distill records each layer's hybrid window and the sliding window of the attention it replaced
+    from spectraformer_fused.fitting import record_attention_inputs
+
+    records = record_attention_inputs(model, [dict(input_ids=ids, attention_mask=mask, use_cache=False)])
+    assert [(r[0].window, r[0].target_window) for r in records.values()] == [(3, 3), (3, 3)]
 
 
 def test_mixed_layer_types_convert_per_layer():
