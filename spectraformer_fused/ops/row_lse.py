@@ -100,3 +100,15 @@ def lse_grads(x, dlse, W, bias, freq, psi, *, c_t, c_o, scale, query, cu=None):
     if G > 1:
         dW = dW.unflatten(0, (Hk, G)).sum(1)
     return dx, dW, dbias
+
+
+def add_key_lse_grads(dlse_part, k, W, bias, freq, psi, dk, dW, dbias, *, H, c_t, c_o, scale, cu=None):
+    """The kernels' key gradients ``(dk, dW, dbias)`` plus what each key's lse contributes, from the
+    backward kernels' dL/dlse partials ``[frequency tiles, B x H, T]`` (one row per query head: summed over
+    the tiles and over each group of H / Hk query heads here). W ``[Hk, m, D]``."""
+    B, T, Hk = k.shape[0], k.shape[1], k.shape[2]
+    dlse = dlse_part.sum(0).view(B, H, T)
+    if H > Hk:
+        dlse = dlse.unflatten(1, (Hk, H // Hk)).sum(2)
+    gk, gW, gb = lse_grads(k, dlse, W, bias, freq, psi, c_t=c_t, c_o=c_o, scale=scale, query=False, cu=cu)
+    return dk + gk, dW + gW, dbias + gb

@@ -47,6 +47,28 @@ def _band_logits(x, y, xsq, o_t, m_t, o_j, keep, eo, ee, s_mb, i_b, exact_sq, WB
 
 
 @triton.jit
+def _rows(x, i_b, i_h, o_t, m_t, o_d, m_d, s_b, s_t, s_h):
+    """[rows, cols] fp32 tile of a [B, T, H, cols] tensor (last dim contiguous); zeros outside."""
+    p = x + i_b * s_b + o_t[:, None] * s_t + i_h * s_h + o_d[None, :]
+    return tl.load(p, mask=m_t[:, None] & m_d[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _query_block(q, tq0, tq1, teo, tee, i_blk, i_b, i_h, s_qb, s_qt, s_qh, D, root, exact_sq, BT: tl.constexpr,
+                 BD: tl.constexpr):  # fmt: skip
+    """Block i_blk of the query table: its rows o_t (m_t: inside the segment), the offset eo of their bands
+    (query t's band starts at extended row t + eo), the segment's end ee of extended rows, x = sqrt(scale) q
+    [BT, BD] and exact_sq |x|^2."""
+    q0, q1 = tl.load(tq0 + i_blk).to(tl.int64), tl.load(tq1 + i_blk).to(tl.int64)
+    eo, ee = tl.load(teo + i_blk).to(tl.int64), tl.load(tee + i_blk).to(tl.int64)
+    o_t = q0 + tl.arange(0, BT)
+    m_t = o_t < q1
+    o_d = tl.arange(0, BD)
+    x = _rows(q, i_b, i_h, o_t, m_t, o_d, o_d < D, s_qb, s_qt, s_qh) * root
+    return q0, eo, ee, o_t, m_t, x, exact_sq * tl.sum(x * x, axis=1)
+
+
+@triton.jit
 def _band_fwd_kernel(
     q, k, v, keep, num, den, top, tq0, tq1, teo, tee,
     s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_mb,
@@ -58,17 +80,12 @@ def _band_fwd_kernel(
     i_bh = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     i_hk = i_h // G
-    q0, q1 = tl.load(tq0 + i_blk).to(tl.int64), tl.load(tq1 + i_blk).to(tl.int64)
-    eo, ee = tl.load(teo + i_blk).to(tl.int64), tl.load(tee + i_blk).to(tl.int64)
-    o_t = q0 + tl.arange(0, BT)
-    m_t = o_t < q1
+    q0, eo, ee, o_t, m_t, x, xsq = _query_block(q, tq0, tq1, teo, tee, i_blk, i_b, i_h, s_qb, s_qt, s_qh, D, root,
+                                                exact_sq, BT, BD)  # fmt: skip
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     o_v = tl.arange(0, BV)
     m_v = o_v < DV
-    x = tl.load(q + i_b * s_qb + o_t[:, None] * s_qt + i_h * s_qh + o_d[None, :], mask=m_t[:, None] & m_d[None, :],
-                other=0.0).to(tl.float32) * root  # fmt: skip
-    xsq = exact_sq * tl.sum(x * x, axis=1)
     acc = tl.zeros([BT, BV], dtype=tl.float32)
     l_i = tl.zeros([BT], dtype=tl.float32)
     m_i = tl.full([BT], float("-inf"), tl.float32)
@@ -77,16 +94,14 @@ def _band_fwd_kernel(
     for j0 in range(e_lo, e_hi, BK):
         o_j = j0 + tl.arange(0, BK)
         m_j = o_j < ee
-        y = tl.load(k + i_b * s_kb + o_j[:, None] * s_kt + i_hk * s_kh + o_d[None, :], mask=m_j[:, None] & m_d[None, :],
-                    other=0.0).to(tl.float32) * root  # fmt: skip
+        y = _rows(k, i_b, i_hk, o_j, m_j, o_d, m_d, s_kb, s_kt, s_kh) * root
         s = _band_logits(x, y, xsq, o_t, m_t, o_j, keep, eo, ee, s_mb, i_b, exact_sq, WB, HAS_SQ, PREC)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
         p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vv = tl.load(v + i_b * s_vb + o_j[:, None] * s_vt + i_hk * s_vh + o_v[None, :], mask=m_j[:, None] & m_v[None, :],
-                     other=0.0).to(tl.float32)  # fmt: skip
+        vv = _rows(v, i_b, i_hk, o_j, m_j, o_v, m_v, s_vb, s_vt, s_vh)
         acc = acc * alpha[:, None] + _dot(p, vv, PREC)
         m_i = m_new
     row = i_bh * T + o_t
@@ -107,17 +122,12 @@ def _band_dq_kernel(
     i_bh = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     i_hk = i_h // G
-    q0, q1 = tl.load(tq0 + i_blk).to(tl.int64), tl.load(tq1 + i_blk).to(tl.int64)
-    eo, ee = tl.load(teo + i_blk).to(tl.int64), tl.load(tee + i_blk).to(tl.int64)
-    o_t = q0 + tl.arange(0, BT)
-    m_t = o_t < q1
+    q0, eo, ee, o_t, m_t, x, xsq = _query_block(q, tq0, tq1, teo, tee, i_blk, i_b, i_h, s_qb, s_qt, s_qh, D, root,
+                                                exact_sq, BT, BD)  # fmt: skip
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     o_v = tl.arange(0, BV)
     m_v = o_v < DV
-    x = tl.load(q + i_b * s_qb + o_t[:, None] * s_qt + i_h * s_qh + o_d[None, :], mask=m_t[:, None] & m_d[None, :],
-                other=0.0).to(tl.float32) * root  # fmt: skip
-    xsq = exact_sq * tl.sum(x * x, axis=1)
     row = i_bh * T + o_t
     b_top = tl.load(top + row, mask=m_t, other=0.0)
     b_dn = tl.load(dnum + row[:, None] * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
@@ -129,12 +139,10 @@ def _band_dq_kernel(
     for j0 in range(e_lo, e_hi, BK):
         o_j = j0 + tl.arange(0, BK)
         m_j = o_j < ee
-        y = tl.load(k + i_b * s_kb + o_j[:, None] * s_kt + i_hk * s_kh + o_d[None, :], mask=m_j[:, None] & m_d[None, :],
-                    other=0.0).to(tl.float32) * root  # fmt: skip
+        y = _rows(k, i_b, i_hk, o_j, m_j, o_d, m_d, s_kb, s_kt, s_kh) * root
         s = _band_logits(x, y, xsq, o_t, m_t, o_j, keep, eo, ee, s_mb, i_b, exact_sq, WB, HAS_SQ, PREC)
         p = tl.exp(s - b_top[:, None])
-        vv = tl.load(v + i_b * s_vb + o_j[:, None] * s_vt + i_hk * s_vh + o_v[None, :], mask=m_j[:, None] & m_v[None, :],
-                     other=0.0).to(tl.float32)  # fmt: skip
+        vv = _rows(v, i_b, i_hk, o_j, m_j, o_v, m_v, s_vb, s_vt, s_vh)
         ds = p * (_dot(b_dn, tl.trans(vv), PREC) + b_dd[:, None])
         dx += _dot(ds, y, PREC)
         dsum += tl.sum(ds, axis=1)
@@ -167,10 +175,8 @@ def _band_dkv_kernel(
     m_d = o_d < D
     o_v = tl.arange(0, BV)
     m_v = o_v < DV
-    y = tl.load(k + i_b * s_kb + o_j[:, None] * s_kt + i_hk * s_kh + o_d[None, :], mask=m_j[:, None] & m_d[None, :],
-                other=0.0).to(tl.float32) * root  # fmt: skip
-    vv = tl.load(v + i_b * s_vb + o_j[:, None] * s_vt + i_hk * s_vh + o_v[None, :], mask=m_j[:, None] & m_v[None, :],
-                 other=0.0).to(tl.float32)  # fmt: skip
+    y = _rows(k, i_b, i_hk, o_j, m_j, o_d, m_d, s_kb, s_kt, s_kh) * root
+    vv = _rows(v, i_b, i_hk, o_j, m_j, o_v, m_v, s_vb, s_vt, s_vh)
     dy = tl.zeros([BK, BD], dtype=tl.float32)
     dvv = tl.zeros([BK, BV], dtype=tl.float32)
     dsum = tl.zeros([BK], dtype=tl.float32)
@@ -179,8 +185,7 @@ def _band_dkv_kernel(
     for t0 in range(t_lo, t_hi, BT):
         o_t = t0 + tl.arange(0, BT)
         m_t = o_t < t_hi
-        x = tl.load(q + i_b * s_qb + o_t[:, None] * s_qt + i_h * s_qh + o_d[None, :],
-                    mask=m_t[:, None] & m_d[None, :], other=0.0).to(tl.float32) * root  # fmt: skip
+        x = _rows(q, i_b, i_h, o_t, m_t, o_d, m_d, s_qb, s_qt, s_qh) * root
         xsq = exact_sq * tl.sum(x * x, axis=1)
         row = i_bh * T + o_t
         b_top = tl.load(top + row, mask=m_t, other=0.0)

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from ..contract import DEN_EPS, NORM_HYP, feature_width
-from .row_lse import lse_grads
+from .row_lse import add_key_lse_grads
 from .triton_common import (
     KIND_EXP,
     VarlenTables,
@@ -807,11 +807,7 @@ def rf_bwd(
         if has_s0:
             dS0, dz0 = dS0.unflatten(1, (Hk, G)).sum(2), dz0.unflatten(1, (Hk, G)).sum(2)
     if lse is not None:  # what each key's lse contributes (the kernels held it constant)
-        dlse = dlse_part.sum(0).view(B, H, T)
-        if G > 1:
-            dlse = dlse.unflatten(1, (Hk, G)).sum(2)
-        gk, gW, gb = lse_grads(
-            k, dlse, W_heads, bias, freq, psi, c_t=c_t, c_o=c_o, scale=scale, query=False, cu=cu_seqlens
+        dk, dW, dbias = add_key_lse_grads(
+            dlse_part, k, W_heads, bias, freq, psi, dk, dW, dbias, H=H, c_t=c_t, c_o=c_o, scale=scale, cu=cu_seqlens
         )
-        dk, dW, dbias = dk + gk, dW + gW, dbias + gb
     return dq, dk.to(k.dtype), dv.to(v.dtype), dW, dbias, dS0, dz0

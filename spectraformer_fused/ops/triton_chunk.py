@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from ..contract import DEN_EPS, NORM_HYP, feature_width
-from .row_lse import lse_grads
+from .row_lse import add_key_lse_grads
 from .triton_bwd import grad_coefficients
 from .triton_common import (
     KIND_EXP,
@@ -1542,11 +1542,7 @@ def chunk_bwd(
         dk, dv = dk.unflatten(2, (Hk, G)).sum(3), dv.unflatten(2, (Hk, G)).sum(3)
         dW, dbias = dW.unflatten(0, (Hk, G)).sum(1), dbias.unflatten(1, (Hk, G)).sum(2)
     if lse is not None:  # what each key's lse contributes (the kernels held it constant)
-        dlse = dlse_part.sum(0).view(B, H, T)
-        if G > 1:
-            dlse = dlse.unflatten(1, (Hk, G)).sum(2)
-        gk, gW, gb = lse_grads(
-            k, dlse, W_heads, bias, freq, psi, c_t=c_t, c_o=c_o, scale=scale, query=False, cu=cu_seqlens
+        dk, dW, dbias = add_key_lse_grads(
+            dlse_part, k, W_heads, bias, freq, psi, dk, dW, dbias, H=H, c_t=c_t, c_o=c_o, scale=scale, cu=cu_seqlens
         )
-        dk, dW, dbias = dk + gk, dW + gW, dbias + gb
     return dq, dk.to(k.dtype), dv.to(v.dtype), dW, dbias, dS0, dz0
