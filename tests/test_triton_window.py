@@ -284,3 +284,28 @@ def test_gaussian_kernel_gradients(causal):
     tri = _grads("triton", fm, 0.7 * q, 0.7 * k, v, state, **kw)
     ref = _grads("reference", fm, 0.7 * q, 0.7 * k, v, state, **kw)
     _compare_grads(tri, ref, f"gaussian causal={causal}")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_data_dependent_map_gradients(causal):
+    """OPRF (its A* from the call's statistics, a constant for differentiation) with a learnable
+    W: gradients against the reference, a mask that hides every key of one row's window."""
+    q, k, v = _inputs(2, 30, 2, 1, 16, 8, seed=15)
+    mask = _mask(2, 30, seed=16)
+    fm = _map("oprf", 16, 16, 1, weights="learnable")
+    kw = dict(causal=causal, window=3, mask=mask)
+    tri = _grads("triton", fm, q, k, v, None, **kw)
+    ref = _grads("reference", fm, q, k, v, None, **kw)
+    _compare_grads(tri, ref, f"oprf causal={causal}")
+
+
+def test_every_key_masked():
+    """Rows with no visible key give 0 (as every backend floors the denominator), and their state is empty."""
+    q, k, v = _inputs(1, 20, 2, 2, 16, 8, seed=17)
+    mask = torch.zeros(1, 20, dtype=torch.bool, device=DEVICE)
+    fm = _map("hyprf", 16, 16, 2)
+    for causal in (False, True):
+        p = _params(fm, q, k, causal, key_padding_mask=mask)
+        o, s = _attend(q, k, v, p, causal=causal, window=4, key_padding_mask=mask, output_final_state=True)
+        assert torch.equal(o, torch.zeros_like(o)), f"causal={causal}: {o.abs().max()}"
+        assert torch.equal(s.S, torch.zeros_like(s.S)) and not s.tail_keep.any()
