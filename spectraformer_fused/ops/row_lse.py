@@ -33,13 +33,20 @@ def _blocks(x, cu):
             yield rows, slice(lo, min(lo + ROWS, b))
 
 
+def _per_row_head(W, bias, freq, psi, G):
+    """The parameters per key/value head repeated over each group of G query heads (W ``[1, m, D]``, shared
+    by every head, or None, as it is)."""
+    if G == 1:
+        return W, bias, freq, psi
+    W = W.repeat_interleave(G, 0) if W is not None and W.shape[0] > 1 else W
+    psi = None if psi is None else psi.repeat_interleave(G, 1)
+    return W, bias.repeat_interleave(G, 1), freq.repeat_interleave(G, 1), psi
+
+
 def _logits(x, W, bias, freq, psi, G, *, c_t, c_o, root, query):
-    """HYP exponents ``[b, Hx, t, 2m]`` of raw rows x ``[b, t, Hx, D]``; the parameters per key/value head,
-    repeated over each group of G query heads."""
-    if G > 1:
-        W = W.repeat_interleave(G, 0) if W.shape[0] > 1 else W
-        bias, freq = bias.repeat_interleave(G, 1), freq.repeat_interleave(G, 1)
-        psi = None if psi is None else psi.repeat_interleave(G, 1)
+    """HYP exponents ``[b, Hx, t, 2m]`` of raw rows x ``[b, t, Hx, D]``; the parameters per key/value head
+    (``_per_row_head``)."""
+    W, bias, freq, psi = _per_row_head(W, bias, freq, psi, G)
     xs = (x.float() * root).transpose(1, 2)
     return feature_logits(xs, W, bias, freq, psi, kind=HYP, c_t=c_t, c_o=c_o, query=query)[0]
 
@@ -69,16 +76,13 @@ def lse_grads(x, dlse, W, bias, freq, psi, *, c_t, c_o, scale, query, cu=None):
     G = x.shape[2] // Hk
     root = math.sqrt(scale)
     dx = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    Wh = W.float().repeat_interleave(G, 0) if G > 1 else W.float()  # [Hx, m, D]
+    Wh = _per_row_head(W.float(), bias, freq, psi, G)[0]  # [Hx, m, D]
     M = W.shape[1]
     dW = torch.zeros(Wh.shape, dtype=torch.float32, device=x.device)
     dbias = torch.zeros(bias.shape, dtype=torch.float32, device=x.device)
     for rows, t in _blocks(x, cu):
-        b_h, f_h = bias[rows].float(), freq[rows].float()
         p_h = None if psi is None else psi[rows].float()
-        if G > 1:
-            b_h, f_h = b_h.repeat_interleave(G, 1), f_h.repeat_interleave(G, 1)
-            p_h = None if p_h is None else p_h.repeat_interleave(G, 1)
+        _, b_h, f_h, p_h = _per_row_head(None, bias[rows].float(), freq[rows].float(), p_h, G)
         xs = (x[:, t].float() * root).transpose(1, 2)  # [b, Hx, t, D]
         xt = xs if p_h is None else (xs * p_h[:, :, None] if query else xs / p_h[:, :, None])
         e = feature_logits(xs, Wh, b_h, f_h, p_h, kind=HYP, c_t=c_t, c_o=c_o, query=query)[0]

@@ -39,7 +39,7 @@ from ..contract import DEN_EPS, NORM_HYP, FeatureParams
 from ..state import WindowState, empty_window_state
 from .row_lse import lse_grads, row_lse
 from .triton_band import BandTables, band_backward, band_forward
-from .triton_bwd import rf_bwd
+from .triton_bwd import grad_coefficients, rf_bwd
 from .triton_chunk import chunk_bwd, chunk_fwd, chunk_size
 from .triton_fwd import default_chunk_size, rf_fwd
 
@@ -153,18 +153,17 @@ class _TritonWindow(torch.autograd.Function):
         top = parts[0][2]
         for p in parts[1:]:
             top = torch.maximum(top, p[2])
-        num = sum(p[0] * torch.exp(p[2] - top)[..., None] for p in parts)
-        den = sum(p[1] * torch.exp(p[2] - top) for p in parts)
+        # the feature parts' numerator and denominator on the scale of top, then the band's
+        num_f = sum(p[0] * torch.exp(p[2] - top)[..., None] for p in parts[:-1])
+        den_f = sum(p[1] * torch.exp(p[2] - top) for p in parts[:-1])
+        w_band = torch.exp(parts[-1][2] - top)
+        num = num_f + parts[-1][0] * w_band[..., None]
+        den = den_f + parts[-1][1] * w_band
         o = num / den.abs().clamp_min(DEN_EPS)[..., None]
         ctx.save_for_backward(q, Ke, Ve, W, bias, S0, z0, m0, keep_e, o, den, top, *(p[2] for p in parts),
                               *(t for s in stats for t in s))  # fmt: skip
         ctx.params, ctx.cfg, ctx.nruns = params, cfg, len(runs)
-        ctx.features = None
-        if hedgehog:  # the feature parts' numerator and denominator on the scale of top: d/d lse_q
-            ctx.features = (
-                sum(p[0] * torch.exp(p[2] - top)[..., None] for p in parts[:-1]),
-                sum(p[1] * torch.exp(p[2] - top) for p in parts[:-1]),
-            )
+        ctx.features = (num_f, den_f) if hedgehog else None  # d/d lse_q
         S, z, m = final
         ctx.mark_non_differentiable(m)
         ctx.set_materialize_grads(False)
@@ -180,12 +179,11 @@ class _TritonWindow(torch.autograd.Function):
         Hk = Ke.shape[2]
         G = H // Hk
         Dv = Ve.shape[-1]
-        g = torch.zeros_like(o) if do is None else do.float().transpose(1, 2).unflatten(1, (Hk, G))
-        den_abs = den.abs()
-        den_s = den_abs.clamp_min(DEN_EPS)
-        sgn = torch.where(den_abs >= DEN_EPS, torch.sign(den), torch.zeros_like(den))
-        dnum = g / den_s[..., None]
-        dden = -(g * o).sum(-1) * sgn / den_s
+        o_rows = o.flatten(1, 2).transpose(1, 2)  # [B, T, H, Dv], the layout of do
+        do = torch.zeros_like(o_rows) if do is None else do
+        # the gradients of the combined numerator and denominator (on the scale of top)
+        dnum, dden = grad_coefficients(do, o_rows, den.flatten(1, 2))
+        dnum, dden = dnum.transpose(1, 2).unflatten(1, (Hk, G)), dden.unflatten(1, (Hk, G))
         q_aug = torch.cat([q, q.new_zeros(B, 1, H, D)], 1)
         dq_aug = torch.zeros(q_aug.shape, dtype=torch.float32, device=q.device)
         dKe, dVe = torch.zeros_like(Ke), torch.zeros_like(Ve)
@@ -314,8 +312,6 @@ def triton_window_attention(
         runs=runs,
         band=BandTables(segments or [(0, T, 0)], n, n + 1 if causal else 2 * n + 1, dev),
         keep_u8=keep_e.contiguous().view(torch.uint8),
-        causal=bool(causal),
-        n=n,
         kdtype=k.dtype,
         cu=cu_seqlens,
         freq=params.freq.float().contiguous(),
