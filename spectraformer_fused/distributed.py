@@ -427,18 +427,7 @@ def _context_parallel_window(
         out = ks.shape[2] - n  # positions pushed out of the window by later ones: into the features
         S, z, m = (t[:upto] for t in pieces)
         if out > 0:
-            ko, vo = ks[:, :, :out].transpose(1, 2), vs[:, :, :out].transpose(1, 2)
-            qo = ko.repeat_interleave(H // Hk, dim=2)  # any queries: only the state of these keys is used
-            _, pushed = fn(
-                qo.to(q.dtype),
-                ko.to(k.dtype),
-                vo.to(v.dtype),
-                p,
-                causal=False,
-                key_padding_mask=keep[:, :out],
-                output_final_state=True,
-            )
-            S, z, m = (torch.cat([a, b.to(cdt)[None]]) for a, b in zip((S, z, m), pushed))
+            S, z, m = _with_key_state((S, z, m), ks[:, :, :out], vs[:, :, :out], keep[:, :out], q, k, v, p, fn)
         rf = _combine(S, z, m, torch.ones(S.shape[0], dtype=torch.bool, device=q.device))
         return WindowState(rf.S + touch, rf.z, rf.log_scale, ks[:, :, out:], vs[:, :, out:], keep[:, out:])
 
@@ -455,6 +444,17 @@ def _context_parallel_window(
     return (o, state_after(world)) if output_final_state else o
 
 
+def _with_key_state(states, ks, vs, keep, q, k, v, p, fn):
+    """The stacked states ``(S, z, m)`` with one more: the feature state of the raw keys and values ``ks
+    [B, H_kv, n, D]``, ``vs`` (keep flags ``[B, n]``), from a non-causal call of the backend ``fn`` whose
+    queries are any (only its final state is used)."""
+    ko, vo = ks.transpose(1, 2), vs.transpose(1, 2)
+    qo = ko.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    _, state = fn(qo.to(q.dtype), ko.to(k.dtype), vo.to(v.dtype), p, causal=False, key_padding_mask=keep,
+                  output_final_state=True)  # fmt: skip
+    return tuple(torch.cat([a, b.to(a.dtype)[None]]) for a, b in zip(states, state))
+
+
 def _after_slice(q, k, v, p, fn, every, metas, start, rank, world, window, keep_in):
     """Non-causal hybrid output of this rank's slice: the keys after it are the first W - 1 positions after
     the slice (gathered from the heads of the next ranks, which reach over several slices shorter than
@@ -462,7 +462,7 @@ def _after_slice(q, k, v, p, fn, every, metas, start, rank, world, window, keep_
     later key (the next ranks' states after their heads, and the head keys past those W - 1 positions),
     added to the initial state's S and z, which every query reads."""
     B, T, H, D = q.shape
-    Hk, Dv, n = k.shape[2], v.shape[-1], window - 1
+    Dv, n = v.shape[-1], window - 1
     F, cdt = p.feature_dim, p.W.dtype
     r = F * Dv + F + 1
     rests = _unpack(every[..., :r], F, Dv)
@@ -476,11 +476,7 @@ def _after_slice(q, k, v, p, fn, every, metas, start, rank, world, window, keep_
     keep = torch.cat([head_keeps[s, :, : lengths[s]] for s in later] + [head_keeps[rank, :, :0]], dim=1)
     S, z, m = (t[rank + 1 :] for t in rests)
     if ks.shape[2] > n:  # head keys past the first W - 1 positions after the slice: features
-        ko, vo = ks[:, :, n:].transpose(1, 2), vs[:, :, n:].transpose(1, 2)
-        qo = ko.repeat_interleave(H // Hk, dim=2)
-        _, pushed = fn(qo.to(q.dtype), ko.to(k.dtype), vo.to(v.dtype), p, causal=False, key_padding_mask=keep[:, n:],
-                       output_final_state=True)  # fmt: skip
-        S, z, m = (torch.cat([a, b.to(cdt)[None]]) for a, b in zip((S, z, m), pushed))
+        S, z, m = _with_key_state((S, z, m), ks[:, :, n:], vs[:, :, n:], keep[:, n:], q, k, v, p, fn)
         ks, vs, keep = ks[:, :, :n], vs[:, :, :n], keep[:, :n]
     S, z, m = (torch.cat([a, b.to(cdt)[None]]) for a, b in zip((S, z, m), start.rf))
     rf = _combine(S, z, m, torch.ones(S.shape[0], dtype=torch.bool, device=q.device))
