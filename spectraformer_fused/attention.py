@@ -9,13 +9,24 @@ from .feature_map import RandomFeatureMap
 from .ops import cpu_extension_built, cpu_extension_loaded, triton_importable, triton_interpreting
 from .reference import reference_attention
 from .state import empty_state, empty_window_state
-from .validation import check_attention_inputs, check_cu_seqlens, check_window, resolve_scale
+from .validation import (
+    check_attention_inputs,
+    check_cu_seqlens,
+    check_sinks,
+    check_window,
+    hybrid_window,
+    resolve_scale,
+)
 
 BACKENDS = ("auto", "reference", "triton", "cpu")
 # The backends whose attention function takes ``window=`` (hybrid attention, DESIGN.md section 6). A window
 # call on "auto" falls back to the reference when the backend it would choose is not here; an explicit
 # backend that is not here raises.
 WINDOW_BACKENDS = {"reference", "cpu", "triton"}
+# The backends with attention sinks (``sinks=``, DESIGN.md section 8), and those that apply a feature map's
+# learned exact-part factor (``mix``); the same fallback rule.
+SINK_BACKENDS = {"reference"}
+MIX_BACKENDS = {"reference"}
 # The backends that evaluate each feature kind, for the kinds not every backend has; "auto" falls back to the
 # reference when the backend it would choose is not listed, an explicit backend that is not listed raises.
 KIND_BACKENDS = {NORM_HYP: {"reference", "cpu", "triton"}}
@@ -34,18 +45,28 @@ def available_backends() -> list[str]:
     return names
 
 
-def _resolve_backend(backend: str, q: torch.Tensor, feature_map: RandomFeatureMap, window: int | None = None) -> str:
-    """The backend that runs ``feature_map`` on inputs like ``q`` (with the hybrid ``window``, already
-    checked): "auto" resolved, an explicit choice checked."""
+def _resolve_backend(
+    backend: str, q: torch.Tensor, feature_map: RandomFeatureMap, window: int | None = None, sinks: int = 0
+) -> str:
+    """The backend that runs ``feature_map`` on inputs like ``q`` (with the hybrid ``window`` and ``sinks``,
+    already checked): "auto" resolved, an explicit choice checked."""
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; valid names are {', '.join(BACKENDS)}")
-    if window is not None and backend != "auto" and backend not in WINDOW_BACKENDS:
-        raise ValueError(
-            f"backend={backend!r} does not run hybrid attention (window={window}); backends with a window: "
-            f"{', '.join(sorted(WINDOW_BACKENDS))} (or backend='auto')"
-        )
+    needs = []  # (what, the backends that have it)
+    if window is not None:
+        needs.append((f"hybrid attention (window={window})", WINDOW_BACKENDS))
+    if sinks:
+        needs.append((f"attention sinks (sinks={sinks})", SINK_BACKENDS))
+    if window is not None and getattr(feature_map, "log_mix", None) is not None:
+        needs.append(("the feature map's exact-part factor (mix)", MIX_BACKENDS))
+    for what, able in needs:
+        if backend != "auto" and backend not in able:
+            raise ValueError(
+                f"backend={backend!r} does not run {what}; backends that do: {', '.join(sorted(able))} "
+                "(or backend='auto')"
+            )
     name = _resolve_plain(backend, q, feature_map)
-    if window is not None and name not in WINDOW_BACKENDS:
+    if any(name not in able for _, able in needs):
         return "reference"
     return name
 
@@ -136,6 +157,7 @@ def rf_attention(
     backend: str = "auto",
     cu_seqlens: torch.Tensor | None = None,
     window: int | None = None,
+    sinks: int | None = None,
 ):
     """Random-feature attention: o_t = phi(q_t)^T S / phi(q_t)^T z (DESIGN.md section 1), or with a
     ``window`` hybrid attention: exact inside the window, features beyond it (DESIGN.md section 6).
@@ -172,6 +194,14 @@ def rf_attention(
             values of the last W - 1 positions (``k_tail [B, H_kv, W - 1, D]``, ``v_tail``, ``tail_keep
             [B, W - 1]``), fixed size; ``initial_state`` must be one made with the same window (or None).
             Backends: those in ``WINDOW_BACKENDS``; "auto" takes the reference when its choice has no window.
+        sinks: None or 0 (the default) or S >= 1: attention sinks (DESIGN.md section 8). The first S keys of
+            each sequence (of each packed sequence) are exact for every query that sees them, besides its
+            window; with ``window=None`` the sinks are the only exact keys. The state is a ``WindowState``
+            whose sink slots hold the sinks' raw keys and values (``k_sink [B, H_kv, S, D]``, ``v_sink``,
+            ``sink_keep [B, S]``, ``sink_seen [B, S]``): fixed size; ``initial_state`` must be made with the
+            same sinks and window. A feature map built with ``mix`` multiplies the exact part (window and
+            sinks) by its learned factor. Backends: ``SINK_BACKENDS`` (and ``MIX_BACKENDS`` for the factor);
+            "auto" takes the reference when its choice has neither.
 
     Returns:
         o ``[B, T, H, Dv]`` in v's dtype, or ``(o, state)`` when ``output_final_state``: an ``RFState``, or
@@ -179,18 +209,20 @@ def rf_attention(
     """
     if not isinstance(feature_map, RandomFeatureMap):
         raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
-    window = check_window(window)
+    sinks = check_sinks(sinks)
+    window = hybrid_window(check_window(window), sinks)
     if cu_seqlens is None:
-        state = check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_map.feature_dim, window)
+        F = feature_map.feature_dim
+        state = check_attention_inputs(q, k, v, key_padding_mask, initial_state, F, window, sinks)
         offsets, rows = None, q.shape[0]
     else:
-        state, offsets = _check_packed(q, k, v, feature_map, cu_seqlens, key_padding_mask, initial_state, window)
+        state, offsets = _check_packed(q, k, v, feature_map, cu_seqlens, key_padding_mask, initial_state, window, sinks)
         rows = len(offsets) - 1
     _, T, H, D = q.shape
     Hk = k.shape[2]
     feature_map.check_input(D, Hk)
     scale = resolve_scale(scale, D)
-    name = _resolve_backend(backend, q, feature_map, window)
+    name = _resolve_backend(backend, q, feature_map, window, sinks)
     if T == 0:  # no output rows; every state passes through
         o = v.new_empty(q.shape[0], 0, H, v.shape[-1])
         if not output_final_state:
@@ -200,13 +232,15 @@ def rf_attention(
             state = empty_state(rows, Hk, feature_map.feature_dim, v.shape[-1], dtype=cdt, device=q.device)
         elif state is None:
             F, Dv = feature_map.feature_dim, v.shape[-1]
-            state = empty_window_state(rows, Hk, F, D, Dv, window, dtype=cdt, device=q.device)
+            state = empty_window_state(rows, Hk, F, D, Dv, window, sinks=sinks, dtype=cdt, device=q.device)
         return o, type(state)(*(t if t.dtype == torch.bool else t.to(cdt) for t in state))
     params = feature_map.feature_params(
         q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask, offsets=offsets
     )
     fn = _backend_function(name)
     extra = {} if window is None else {"window": window}  # only window backends take the keyword
+    if sinks:
+        extra["sinks"] = sinks
     if offsets is None:
         o, final = fn(
             q,
@@ -235,13 +269,18 @@ def rf_attention(
     return (o, final) if output_final_state else o
 
 
-def _check_packed(q, k, v, feature_map, cu_seqlens, key_padding_mask, initial_state, window):
+def _check_packed(q, k, v, feature_map, cu_seqlens, key_padding_mask, initial_state, window, sinks):
     """(state with one row per sequence or None, offsets as Python ints) of packed sequences."""
     check_attention_inputs(q, k, v, None, None, feature_map.feature_dim)
     offsets = check_cu_seqlens(cu_seqlens, q, key_padding_mask)
     n = len(offsets) - 1
     # The state is checked against N rows: zero-length views expanded to batch N carry the expected shapes.
     state = check_attention_inputs(
-        *(t[:, :0].expand(n, -1, -1, -1) for t in (q, k, v)), None, initial_state, feature_map.feature_dim, window
+        *(t[:, :0].expand(n, -1, -1, -1) for t in (q, k, v)),
+        None,
+        initial_state,
+        feature_map.feature_dim,
+        window,
+        sinks,
     )
     return state, offsets

@@ -10,7 +10,8 @@ A leaf module (it imports torch only): ``reference.py``, the compiled backends (
 - ``feature_width(kind, m)``: F, the width of the feature vector (and of the state's feature axis).
 - ``DEN_EPS``: the floor of ``|denominator|`` in every backend.
 - ``FeatureParams``: everything a backend needs to evaluate one call's features, already resolved, and
-  ``exact_sq``, the target kernel's exact log-weight for the keys inside a hybrid window.
+  ``exact_sq``, the target kernel's exact log-weight for the keys inside a hybrid window, and ``log_mix``,
+  the learned log-factor on the hybrid's exact part.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ class FeatureParams:
     # y = sqrt(scale) k: log K(x, y) = x.y + exact_sq (|x|^2 + |y|^2); 0 for the softmax target, -1/2 for
     # the Gaussian one (the target a learned component is fitted to, for hedgehog).
     exact_sq: float = 0.0
+    # The log of the learned factor g on the hybrid's exact part (DESIGN.md section 8), ``[H]`` (H = H_kv),
+    # added to every exact logit; None is g = 1. It may require grad.
+    log_mix: torch.Tensor | None = None
 
     @property
     def positive(self) -> bool:
@@ -80,6 +84,7 @@ class FeatureParams:
             self.num_features,
             self.feature_dim,
             self.exact_sq,
+            self.log_mix,
         )
 
 

@@ -46,7 +46,7 @@ from .attention import _backend_function, _resolve_backend
 from .components import Moments
 from .feature_map import RandomFeatureMap
 from .state import RFState, WindowState, empty_state, empty_window_state, safe_log_scale
-from .validation import check_attention_inputs, check_window, resolve_scale
+from .validation import check_attention_inputs, check_sinks, check_window, resolve_scale
 
 __all__ = [
     "context_parallel_rf_attention",
@@ -222,6 +222,7 @@ def context_parallel_rf_attention(
     output_final_state: bool = False,
     backend: str = "auto",
     window: int | None = None,
+    sinks: int | None = None,
 ):
     """Random-feature attention of one sequence split across the ranks of ``group``.
 
@@ -261,6 +262,8 @@ def context_parallel_rf_attention(
             keys and values (as much again); rank r composes those of the ranks after it into the first
             W - 1 positions after its slice (attended as extra keys, exact or not by distance) and the
             features of every later key, added to the state every query reads.
+        sinks: attention sinks (DESIGN.md section 8) are not split across ranks yet: a positive value
+            raises NotImplementedError (run the layer with ``rf_attention(..., sinks=)`` on one rank).
 
     Returns:
         o ``[B, T_r, H, Dv]``, or ``(o, RFState)`` when ``output_final_state``.
@@ -270,6 +273,11 @@ def context_parallel_rf_attention(
     """
     if not isinstance(feature_map, RandomFeatureMap):
         raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
+    if check_sinks(sinks):
+        raise NotImplementedError(
+            f"context_parallel_rf_attention does not run attention sinks (sinks={sinks}) yet: every rank would "
+            "need the first sinks keys and values of the sequence; use rf_attention(..., sinks=) on one rank"
+        )
     world, rank = _resolve_group(group)
     window = check_window(window)
     state0 = check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_map.feature_dim, window)
@@ -429,7 +437,8 @@ def _context_parallel_window(
         if out > 0:
             S, z, m = _with_key_state((S, z, m), ks[:, :, :out], vs[:, :, :out], keep[:, :out], q, k, v, p, fn)
         rf = _combine(S, z, m, torch.ones(S.shape[0], dtype=torch.bool, device=q.device))
-        return WindowState(rf.S + touch, rf.z, rf.log_scale, ks[:, :, out:], vs[:, :, out:], keep[:, out:])
+        tail = (ks[:, :, out:], vs[:, :, out:], keep[:, out:])
+        return WindowState(rf.S + touch, rf.z, rf.log_scale, *tail, *base.sink_part)
 
     if rank == 0:
         start = WindowState(base.S + touch, *base[1:])

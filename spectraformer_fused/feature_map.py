@@ -39,6 +39,19 @@ def _default_num_features(head_dim: int) -> int:
     return max(16, int(round(head_dim * math.log(max(head_dim, 2)))))
 
 
+def _check_mix(mix) -> float | None:
+    """The initial exact-part factor g of ``mix`` (None: no factor)."""
+    if mix is None or mix is False:
+        return None
+    if mix is True:
+        return 1.0
+    if not isinstance(mix, (int, float)):
+        raise TypeError(f"mix must be None, a bool or a positive float, got {type(mix).__name__}")
+    if not (math.isfinite(mix) and mix > 0):
+        raise ValueError(f"mix must be a positive finite factor, got {mix}")
+    return float(mix)
+
+
 def _check_positive_int(value, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{what} must be an int, got {type(value).__name__}")
@@ -62,6 +75,11 @@ class RandomFeatureMap(nn.Module):
             group share their key/value head's W); ``num_heads=1`` shares one W among all heads.
         seed: makes W reproducible; None draws from torch's global generator.
         weight_args: options of the weight matrix (e.g. ``{"sgq_points": 7}``).
+        mix: the learned factor g > 0 on the exact part of hybrid attention (DESIGN.md section 8; LoLCATs'
+            window factor): None or False (the default) has no factor (g = 1, no parameter); True starts at
+            g = 1, a positive float at g = that value. Stored as ``log_mix [num_heads]`` (g = exp(log_mix),
+            one per key/value head), a parameter saved in the state_dict and trained with the feature map.
+            It acts only where a call has exact keys (``window`` or ``sinks``).
         **component_args: ``A`` and ``s`` for ``gerf``; ``stats_momentum`` for ``oprf``/``saderf``.
 
     OPRF and SADERF derive their parameters (A*, Psi) from query/key statistics. Non-causal attention
@@ -88,9 +106,11 @@ class RandomFeatureMap(nn.Module):
         device=None,
         dtype=None,
         weight_args: dict | None = None,
+        mix: bool | float | None = None,
         **component_args,
     ):
         super().__init__()
+        mix_init = _check_mix(mix)
         _check_positive_int(head_dim, "head_dim")
         _check_positive_int(num_heads, "num_heads")
         if num_features is None:
@@ -121,6 +141,11 @@ class RandomFeatureMap(nn.Module):
             for name in ("running_mean_x", "running_sq_x", "running_mean_y", "running_sq_y"):
                 self.register_buffer(name, torch.zeros(num_heads, head_dim, dtype=torch.float32, device=device))
             self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=device))
+        if mix_init is None:
+            self.register_parameter("log_mix", None)
+        else:
+            init = torch.full((num_heads,), math.log(mix_init), dtype=dtype or torch.float32, device=device)
+            self.log_mix = nn.Parameter(init)
         self._static_cache = None  # see _static_params
         self._source_modules = tuple(self.weights.modules())
         self._num_features = self.weights.num_features
@@ -155,6 +180,7 @@ class RandomFeatureMap(nn.Module):
         return (
             f"head_dim={self.head_dim}, num_features={self.num_features}, component={self.component!r}, "
             f"weights={self.weight_name!r}, kernel={self.kernel!r}, num_heads={self.num_heads}"
+            + ("" if self.log_mix is None else ", mix=True")
         )
 
     def projection(self) -> torch.Tensor:
@@ -350,7 +376,16 @@ class RandomFeatureMap(nn.Module):
             self.num_features,
             self.feature_dim,
             -0.5 if spec.kernel == "gaussian" else 0.0,
+            self._log_mix(Hk, device, cdt),
         )
+
+    def _log_mix(self, H: int, device, cdt) -> torch.Tensor | None:
+        """The exact part's log-factor ``[H]`` (one per key/value head), or None without a factor."""
+        a = self.log_mix
+        if a is None:
+            return None
+        a = a.to(device=device, dtype=cdt)
+        return a.expand(H) if a.shape[0] != H else a
 
     def _oprf_params(self, src: Moments, device, cdt) -> tuple[torch.Tensor, torch.Tensor | None]:
         """OPRF's A* and SADERF's psi (or None) from moments ``[..., D]``."""

@@ -7,7 +7,7 @@ from torch import nn
 
 from .attention import rf_attention
 from .feature_map import RandomFeatureMap
-from .validation import check_window
+from .validation import check_sinks, check_window
 
 
 class SpectraAttention(nn.Module):
@@ -32,7 +32,10 @@ class SpectraAttention(nn.Module):
 
     ``window=W`` makes it hybrid attention (DESIGN.md section 6): exact softmax over the last W keys
     (causal; |t - j| < W non-causal), the features beyond. The state is then a ``WindowState`` holding
-    the last W - 1 keys and values besides S and z, still of fixed size, and decodes as above. OPRF/SADERF use their
+    the last W - 1 keys and values besides S and z, still of fixed size, and decodes as above. ``sinks=S``
+    keeps the first S keys of each sequence exact too (attention sinks, DESIGN.md section 8; with or without a
+    window), and ``mix`` gives the feature map a learned factor on the exact part (``RandomFeatureMap(mix=)``).
+    OPRF/SADERF use their
     running statistics in causal attention, and a layer in training mode updates them on every call:
     decode in eval mode (``layer.eval()``) so that every step uses the same parameters.
     """
@@ -52,12 +55,15 @@ class SpectraAttention(nn.Module):
         seed: int | None = None,
         backend: str = "auto",
         window: int | None = None,
+        sinks: int | None = None,
+        mix: bool | float | None = None,
         device=None,
         dtype=None,
         **component_args,
     ):
         super().__init__()
         self.window = check_window(window)
+        self.sinks = check_sinks(sinks) or None
         if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim <= 0:
             raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
@@ -85,6 +91,7 @@ class SpectraAttention(nn.Module):
             num_heads=num_kv_heads,
             seed=seed,
             device=device,
+            mix=mix,
             **component_args,
         )
 
@@ -121,6 +128,7 @@ class SpectraAttention(nn.Module):
             output_final_state=output_final_state,
             backend=self.backend,
             window=self.window,
+            sinks=self.sinks,
         )
         o, state = out if output_final_state else (out, None)
         y = self.out_proj(o.reshape(B, T, self.embed_dim))

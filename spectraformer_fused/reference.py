@@ -59,6 +59,7 @@ def _cast_params(params: FeatureParams, cdt) -> FeatureParams:
         params.num_features,
         params.feature_dim,
         params.exact_sq,
+        None if params.log_mix is None else params.log_mix.to(cdt),
     )
 
 
@@ -84,6 +85,7 @@ def reference_attention(
     chunk_size: int = 64,
     cu_seqlens: torch.Tensor | None = None,
     window: int | None = None,
+    sinks: int = 0,
 ):
     """Random-feature attention of q ``[B, T, H, D]``, k ``[B, T, H_kv, D]`` and v ``[B, T, H_kv, Dv]``.
 
@@ -96,7 +98,8 @@ def reference_attention(
 
     ``window`` (None or >= 1, already checked): hybrid attention, exact inside the window and features
     beyond it (DESIGN.md section 6); ``initial_state`` is then a ``WindowState`` or None and the final
-    state a ``WindowState``.
+    state a ``WindowState``. ``sinks`` S > 0 (already checked) holds the first S keys of each sequence exact
+    too (DESIGN.md section 8); ``window=0`` is then sinks without a window.
     """
     if cu_seqlens is not None:
         return per_sequence(
@@ -111,6 +114,7 @@ def reference_attention(
             output_final_state=output_final_state,
             chunk_size=chunk_size,
             window=window,
+            sinks=sinks,
         )
     if window is not None:
         return _window_attention(
@@ -124,6 +128,7 @@ def reference_attention(
             initial_state=initial_state,
             output_final_state=output_final_state,
             chunk_size=chunk_size,
+            sinks=sinks,
         )
     B, T, H, _ = q.shape
     Hk = k.shape[2]
@@ -177,34 +182,74 @@ def reference_attention(
 
 
 def _window_attention(
-    q, k, v, params: FeatureParams, *, window, causal, key_padding_mask, initial_state, output_final_state, chunk_size
+    q,
+    k,
+    v,
+    params: FeatureParams,
+    *,
+    window,
+    causal,
+    key_padding_mask,
+    initial_state,
+    output_final_state,
+    chunk_size,
+    sinks: int = 0,
 ):
-    """Hybrid attention (DESIGN.md section 6) with the conventions of ``reference_attention``.
+    """Hybrid attention (DESIGN.md sections 6 and 8) with the conventions of ``reference_attention``.
 
-    The keys are extended by the initial tail: extended key ``j'`` is the tail's key ``j'`` for ``j' < W - 1``
-    and token ``j' - (W - 1)`` after, so query t (at extended position ``t + W - 1``) holds key ``j'`` exact
-    iff ``t <= j' <= t + W - 1`` (causal) or ``t <= j' <= t + 2W - 2`` (non-causal), and every other visible
-    key, with the initial state's S and z, through the features.
+    The keys are extended by the initial tail: extended key ``j'`` is the tail's key ``j'`` for ``j' < n``
+    (``n = max(W - 1, 0)``) and token ``j' - n`` after, so query t (at extended position ``t + n``) holds key
+    ``j'`` exact iff ``t <= j' <= t + W - 1`` (causal) or ``t <= j' <= t + 2W - 2`` (non-causal), and every
+    other visible key, with the initial state's S and z, through the features. ``window=0`` (sinks only)
+    has no exact band.
+
+    Sinks (``sinks`` S > 0): the first S positions of each sequence. The state's ``sink_seen`` says how
+    many came before this piece (``c`` per row), so token t is position ``c + t`` and a sink iff
+    ``c + t < S``. A sink key leaves the extended keys (its keep flag is cleared: never in the band, never
+    in the features) and joins the S sink slots, exact for every query that sees it (causal: slot s
+    filled before the piece, or filled at token ``s - c <= t``). The learned factor ``params.log_mix`` is
+    added to every exact logit, band and sinks alike.
     """
     B, T, H, D = q.shape
     Hk = k.shape[2]
     G = H // Hk
     Dv = v.shape[-1]
-    n = window - 1
+    n = max(window - 1, 0)
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     root = math.sqrt(params.scale)
     p = _cast_params(params, cdt)
     if initial_state is None:
-        initial_state = empty_window_state(B, Hk, p.feature_dim, D, Dv, window, dtype=cdt, device=q.device)
+        initial_state = empty_window_state(B, Hk, p.feature_dim, D, Dv, window, sinks=sinks, dtype=cdt, device=q.device)
     S, z, m = (t.to(cdt) for t in initial_state.rf)
-    # the extended keys and values [B, H_kv, W - 1 + T, .] (raw, as the tail stores them) and their keep mask
-    k_ext = torch.cat([initial_state.k_tail.to(cdt), k.to(cdt).transpose(1, 2)], dim=2)
-    v_ext = torch.cat([initial_state.v_tail.to(cdt), v.to(cdt).transpose(1, 2)], dim=2)
     keep_t = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
-    keep_ext = torch.cat([initial_state.tail_keep.to(torch.bool), keep_t], dim=1)  # [B, W - 1 + T]
+    kq, vq = k.to(cdt).transpose(1, 2), v.to(cdt).transpose(1, 2)  # [B, H_kv, T, .]
+    sink_k = sink_v = sink_keep = None
+    if sinks > 0:
+        seen = initial_state.sink_seen.to(torch.bool)  # [B, S]
+        count = seen.sum(-1)  # [B]: positions seen before this piece (at most S)
+        tpos = torch.arange(T, device=q.device)
+        keep_t = keep_t & (count[:, None] + tpos[None] >= sinks)  # sinks leave the band and the features
+        slot = torch.arange(sinks, device=q.device)
+        at = slot[None] - count[:, None]  # [B, S]: the token of this piece that fills the slot (if 0 <= at < T)
+        fresh = ~seen & (at < T)
+        idx = at.clamp(0, max(T - 1, 0))
+        fill_k = kq.gather(2, idx[:, None, :, None].expand(B, Hk, sinks, D)) if T > 0 else initial_state.k_sink.to(cdt)
+        fill_v = vq.gather(2, idx[:, None, :, None].expand(B, Hk, sinks, Dv)) if T > 0 else initial_state.v_sink.to(cdt)
+        fill_keep = (
+            key_padding_mask.gather(1, idx) if (key_padding_mask is not None and T > 0) else torch.ones_like(fresh)
+        )
+        sink_k = torch.where(seen[:, None, :, None], initial_state.k_sink.to(cdt), fill_k * fresh[:, None, :, None])
+        sink_v = torch.where(seen[:, None, :, None], initial_state.v_sink.to(cdt), fill_v * fresh[:, None, :, None])
+        sink_keep = torch.where(seen, initial_state.sink_keep.to(torch.bool), fresh & fill_keep)  # [B, S]
+        sink_from = torch.where(seen, torch.full_like(at, -1), torch.where(fresh, at, torch.full_like(at, T)))
+    # the extended keys and values [B, H_kv, n + T, .] (raw, as the tail stores them) and their keep mask
+    k_ext = torch.cat([initial_state.k_tail.to(cdt), kq], dim=2)
+    v_ext = torch.cat([initial_state.v_tail.to(cdt), vq], dim=2)
+    keep_ext = torch.cat([initial_state.tail_keep.to(torch.bool), keep_t], dim=1)  # [B, n + T]
     L = n + T
     x = (q.to(cdt) * root).transpose(1, 2).unflatten(1, (Hk, G))  # [B, H_kv, G, T, D]
     y = k_ext * root
+    log_mix = None if p.log_mix is None else p.log_mix[None, :, None, None, None]  # [1, H_kv, 1, 1, 1]
 
     def key_logits(lo, hi):
         ek, mk = _features(y[:, :, lo:hi], p, query=False)
@@ -216,14 +261,28 @@ def _window_attention(
         sq = eq.amax(-1, keepdim=True).detach()
         return _apply(eq, mq, sq).unflatten(2, (G, hi - lo)), sq.unflatten(2, (G, hi - lo))
 
-    def exact_part(lo, hi, a, b, exact):
-        """Exact logits of queries lo:hi against extended keys a:b, -inf outside ``exact [c, b - a]``."""
-        xs, ys = x[:, :, :, lo:hi], y[:, :, None, a:b]
-        logits = xs @ ys.transpose(-1, -2)  # [B, H_kv, G, c, b - a]
+    def exact_logits_of(xs, ys, visible):
+        logits = xs @ ys.transpose(-1, -2)  # [B, H_kv, G, c, keys]
         if p.exact_sq != 0.0:
             logits = logits + p.exact_sq * ((xs * xs).sum(-1)[..., :, None] + (ys * ys).sum(-1)[..., None, :])
+        if log_mix is not None:
+            logits = logits + log_mix
+        return logits.masked_fill(~visible, float("-inf"))
+
+    def exact_part(lo, hi, a, b, exact):
+        """Exact logits of queries lo:hi against extended keys a:b (-inf outside ``exact [c, b - a]``) and
+        against the sinks they see, with the matching values."""
+        xs = x[:, :, :, lo:hi]
         visible = exact & keep_ext[:, None, None, None, a:b]
-        return logits.masked_fill(~visible, float("-inf")), v_ext[:, :, None, a:b]
+        logits, ve = exact_logits_of(xs, y[:, :, None, a:b], visible), v_ext[:, :, None, a:b]
+        if sink_k is None:
+            return logits, ve
+        t = torch.arange(lo, hi, device=q.device)
+        sees = sink_from[:, None, :] <= (t[None, :, None] if causal else T - 1)  # [B, c, S]
+        sees = (sees & sink_keep[:, None, :])[:, None, None]  # [B, 1, 1, c, S]
+        sl = exact_logits_of(xs, sink_k[:, :, None] * root, sees)
+        sv = sink_v[:, :, None].expand(-1, -1, ve.shape[2], -1, -1)
+        return torch.cat([logits, sl], dim=-1), torch.cat([ve.expand(-1, -1, sv.shape[2], -1, -1), sv], dim=-2)
 
     def combine(num_f, den_f, shift_f, logits, ve):
         """o = (feature part + exact part) / (their normalisers): the feature part is on the scale
@@ -235,23 +294,26 @@ def _window_attention(
         return (alpha * num_f + pe @ ve) / safe_denominator(alpha * den_f + pe.sum(-1, keepdim=True))
 
     band = torch.arange(chunk_size + 2 * n, device=q.device)
+    has_band = window > 0
     outs = []
     if causal:
         for lo in range(0, T, chunk_size):
             hi = min(lo + chunk_size, T)
             c = hi - lo
             # feature keys of the chunk: extended lo:hi, i.e. the keys W or more positions before its queries
+            # (W = 0: the chunk's own keys up to the query)
             ek, mk = key_logits(lo, hi)
             S, z, m, shift = _rescale(ek, S, z, m)
             phik = _apply(ek, mk, shift)  # [B, H_kv, c, F]
             phiq, sq = query_features(lo, hi)
             vc = v_ext[:, :, None, lo:hi]
-            scores = (phiq @ phik[:, :, None].transpose(-1, -2)).tril(-1)  # extended key j' < query's t
+            scores = phiq @ phik[:, :, None].transpose(-1, -2)
+            scores = scores.tril(-1) if has_band else scores.tril(0)
             num_f = scores @ vc + phiq @ S[:, :, None]
             den_f = scores.sum(-1, keepdim=True) + phiq @ z[:, :, None, :, None]
             # exact keys: extended lo : hi + W - 1, key a exact for query i iff 0 <= a - i <= W - 1
             rel = band[None, : c + n] - band[:c, None]
-            logits, ve = exact_part(lo, hi, lo, hi + n, (rel >= 0) & (rel <= n))
+            logits, ve = exact_part(lo, hi, lo, hi + n, (rel >= 0) & (rel <= n) & has_band)
             outs.append(combine(num_f, den_f, sq + shift[..., None], logits, ve))
             S = S + phik.transpose(-1, -2) @ vc[:, :, 0]
             z = z + phik.sum(-2)
@@ -280,7 +342,7 @@ def _window_attention(
             c, e = hi - lo, min(hi + 2 * n, L)
             phiq, sq = query_features(lo, hi)
             rel = band[None, : e - lo] - band[:c, None]
-            exact = (rel >= 0) & (rel <= 2 * n)
+            exact = (rel >= 0) & (rel <= 2 * n) & has_band
             scores = (phiq @ phik[:, :, None, lo:e].transpose(-1, -2)).masked_fill(exact, 0.0)
             ve = v_ext[:, :, None, lo:e]
             num_f = scores @ ve + phiq @ (Sp + Ss)[:, :, None]
@@ -291,8 +353,12 @@ def _window_attention(
     o = o.reshape(B, H, T, Dv).transpose(1, 2).to(v.dtype)
     if not output_final_state:
         return o, None
-    # every extended key but the last W - 1 is in S (the initial state's included); the last W - 1 are the tail
-    return o, WindowState(S, z, m, k_ext[:, :, T:], v_ext[:, :, T:], keep_ext[:, T:])
+    # every extended key but the last n is in S (the initial state's included); the last n are the tail
+    if sink_k is None:
+        sink_part = tuple(t.to(cdt) if t.is_floating_point() else t for t in initial_state.sink_part)
+    else:
+        sink_part = (sink_k, sink_v, sink_keep, seen | fresh)
+    return o, WindowState(S, z, m, k_ext[:, :, T:], v_ext[:, :, T:], keep_ext[:, T:], *sink_part)
 
 
 def per_sequence(
@@ -311,7 +377,8 @@ def per_sequence(
         Hk, F, Dv = k.shape[2], params.feature_dim, v.shape[-1]
         if window is None:
             return empty_state(rows, Hk, F, Dv, dtype=cdt, device=q.device)
-        return empty_window_state(rows, Hk, F, q.shape[-1], Dv, window, dtype=cdt, device=q.device)
+        sinks = kwargs.get("sinks", 0)
+        return empty_window_state(rows, Hk, F, q.shape[-1], Dv, window, sinks=sinks, dtype=cdt, device=q.device)
 
     outs, finals = [], []
     for i in range(n):

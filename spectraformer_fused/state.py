@@ -23,14 +23,18 @@ class RFState(NamedTuple):
 
 
 class WindowState(NamedTuple):
-    """State of hybrid attention with a window of ``W`` exact keys (DESIGN.md section 6), fp32 (fp64 for
-    fp64 inputs) but ``tail_keep``.
+    """State of hybrid attention with a window of ``W`` exact keys and ``S`` attention sinks (DESIGN.md
+    sections 6 and 8), fp32 (fp64 for fp64 inputs) but the bool flags.
 
-    ``S``, ``z`` and ``log_scale`` are an ``RFState`` of every key that has left the window (all keys but the
-    last W - 1 positions). ``k_tail [B, H, W - 1, D]`` and ``v_tail [B, H, W - 1, Dv]`` are the raw keys and
-    values (not multiplied by sqrt(scale)) of the last W - 1 positions, oldest first; ``tail_keep
-    [B, W - 1]`` (bool) is False where a position holds no key (before the first token, or masked). Its size
-    does not depend on T. Passing the state of one piece as ``initial_state`` of the next equals one run.
+    ``S``, ``z`` and ``log_scale`` are an ``RFState`` of every key that has left the window and is not a
+    sink. ``k_tail [B, H, W - 1, D]`` and ``v_tail [B, H, W - 1, Dv]`` are the raw keys and values (not
+    multiplied by sqrt(scale)) of the last W - 1 positions, oldest first; ``tail_keep [B, W - 1]`` (bool) is
+    False where a position holds no key (before the first token, masked, or a sink, which the sink slots
+    hold). ``k_sink [B, H, S, D]``, ``v_sink [B, H, S, Dv]`` are the raw keys and values of the first S
+    positions of the sequence, ``sink_keep [B, S]`` False where a position is masked or not seen yet, and
+    ``sink_seen [B, S]`` True for the positions already seen (the first ones). With sinks only (no window)
+    the tail is empty. Its size does not depend on T. Passing the state of one piece as ``initial_state``
+    of the next equals one run.
     """
 
     S: torch.Tensor
@@ -39,22 +43,41 @@ class WindowState(NamedTuple):
     k_tail: torch.Tensor
     v_tail: torch.Tensor
     tail_keep: torch.Tensor
+    k_sink: torch.Tensor
+    v_sink: torch.Tensor
+    sink_keep: torch.Tensor
+    sink_seen: torch.Tensor
 
     @property
     def window(self) -> int:
+        """W (a state of sinks only, W = 0, has an empty tail and reads as W = 1: the two hold the same)."""
         return self.k_tail.shape[2] + 1
+
+    @property
+    def sinks(self) -> int:
+        return self.k_sink.shape[2]
 
     @property
     def rf(self) -> RFState:
         """The feature part alone (keys that have left the window)."""
         return RFState(self.S, self.z, self.log_scale)
 
+    @property
+    def tail(self) -> tuple:
+        """(k_tail, v_tail, tail_keep)."""
+        return self.k_tail, self.v_tail, self.tail_keep
+
+    @property
+    def sink_part(self) -> tuple:
+        """(k_sink, v_sink, sink_keep, sink_seen)."""
+        return self.k_sink, self.v_sink, self.sink_keep, self.sink_seen
+
 
 def empty_window_state(
-    B: int, H: int, F: int, D: int, Dv: int, window: int, *, dtype=torch.float32, device=None
+    B: int, H: int, F: int, D: int, Dv: int, window: int, *, sinks: int = 0, dtype=torch.float32, device=None
 ) -> WindowState:
     S, z, m = empty_state(B, H, F, Dv, dtype=dtype, device=device)
-    n = window - 1
+    n = max(window - 1, 0)
     return WindowState(
         S,
         z,
@@ -62,6 +85,17 @@ def empty_window_state(
         torch.zeros(B, H, n, D, dtype=dtype, device=device),
         torch.zeros(B, H, n, Dv, dtype=dtype, device=device),
         torch.zeros(B, n, dtype=torch.bool, device=device),
+        *empty_sinks(B, H, D, Dv, sinks, dtype=dtype, device=device),
+    )
+
+
+def empty_sinks(B: int, H: int, D: int, Dv: int, sinks: int, *, dtype=torch.float32, device=None) -> tuple:
+    """The sink part of a WindowState before any token: (k_sink, v_sink, sink_keep, sink_seen)."""
+    return (
+        torch.zeros(B, H, sinks, D, dtype=dtype, device=device),
+        torch.zeros(B, H, sinks, Dv, dtype=dtype, device=device),
+        torch.zeros(B, sinks, dtype=torch.bool, device=device),
+        torch.zeros(B, sinks, dtype=torch.bool, device=device),
     )
 
 

@@ -59,11 +59,33 @@ def check_window(window) -> int | None:
     return window or None
 
 
-def check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_dim: int, window: int | None = None):
+def check_sinks(sinks) -> int:
+    """Attention sinks (DESIGN.md section 8): None or 0 (none), else a positive int; returns the int."""
+    if sinks is None:
+        return 0
+    if isinstance(sinks, bool) or not isinstance(sinks, int):
+        raise TypeError(f"sinks must be a non-negative int or None, got {type(sinks).__name__}")
+    if sinks < 0:
+        raise ValueError(f"sinks must be a non-negative int or None, got {sinks}")
+    return sinks
+
+
+def hybrid_window(window: int | None, sinks: int) -> int | None:
+    """The window a backend runs (both already checked): ``window``, or 0 for sinks without a window (an
+    exact set of sinks only), or None for random features only."""
+    if window is None and sinks > 0:
+        return 0
+    return window
+
+
+def check_attention_inputs(
+    q, k, v, key_padding_mask, initial_state, feature_dim: int, window: int | None = None, sinks: int = 0
+):
     """Validate q ``[B, T, H, D]``, k ``[B, T, H_kv, D]``, v ``[B, T, H_kv, Dv]`` (H_kv divides H:
     grouped-query attention; H_kv = H is multi-head, H_kv = 1 multi-query), the mask and the state
     ``[B, H_kv, F, Dv]``; with a ``window`` (already checked by ``check_window``) the state must be a
-    ``WindowState`` whose tail holds ``window - 1`` positions, without one it must not be.
+    ``WindowState`` whose tail holds ``max(window - 1, 0)`` positions and whose sink slots hold ``sinks``
+    positions, without one it must not be (``window = 0``: sinks only, see ``hybrid_window``).
 
     Returns the state as an RFState (a 2-tuple (S, z) gets log_scale = 0) or a WindowState, or None.
     """
@@ -103,7 +125,8 @@ def check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_dim
                 "but window is None: pass the window it was made with"
             )
         rf = _check_rf_state(initial_state.rf, B, Hk, feature_dim, Dv, q.device)
-        return WindowState(*rf, *_check_tail(initial_state, window, B, Hk, D, Dv, q.device))
+        tail = _check_tail(initial_state, window, B, Hk, D, Dv, q.device)
+        return WindowState(*rf, *tail, *_check_sinks_state(initial_state, sinks, B, Hk, D, Dv, q.device))
     if window is not None:
         raise TypeError(
             f"with window={window}, initial_state must be a WindowState (the final state of a call with the "
@@ -133,8 +156,8 @@ def _check_rf_state(initial_state, B: int, Hk: int, feature_dim: int, Dv: int, d
 
 
 def _check_tail(state: WindowState, window: int, B: int, Hk: int, D: int, Dv: int, device) -> tuple:
-    """The tail of a WindowState: ``window - 1`` positions of keys, values and keep flags."""
-    n = window - 1
+    """The tail of a WindowState: ``max(window - 1, 0)`` positions of keys, values and keep flags."""
+    n = max(window - 1, 0)
     for name in ("k_tail", "v_tail", "tail_keep"):
         if not isinstance(getattr(state, name), torch.Tensor):
             raise TypeError(f"initial_state.{name} must be a tensor, got {type(getattr(state, name)).__name__}")
@@ -159,6 +182,39 @@ def _check_tail(state: WindowState, window: int, B: int, Hk: int, D: int, Dv: in
         if name != "tail_keep" and not t.dtype.is_floating_point:
             raise TypeError(f"initial_state.{name} must be floating point, got {t.dtype}")
     return state.k_tail, state.v_tail, state.tail_keep
+
+
+def _check_sinks_state(state: WindowState, sinks: int, B: int, Hk: int, D: int, Dv: int, device) -> tuple:
+    """The sink slots of a WindowState: ``sinks`` positions of keys, values, keep and seen flags."""
+    names = ("k_sink", "v_sink", "sink_keep", "sink_seen")
+    if len(state) != 10:
+        raise TypeError(f"initial_state must be a WindowState with its sink fields {names}")
+    for name in names:
+        if not isinstance(getattr(state, name), torch.Tensor):
+            raise TypeError(f"initial_state.{name} must be a tensor, got {type(getattr(state, name)).__name__}")
+    if state.k_sink.dim() == 4 and state.k_sink.shape[2] != sinks:
+        raise ValueError(
+            f"initial_state holds {state.k_sink.shape[2]} attention sinks, but sinks={sinks}: pass the sinks it "
+            "was made with"
+        )
+    expect = {
+        "k_sink": ((B, Hk, sinks, D), "[B, H_kv, S, D]"),
+        "v_sink": ((B, Hk, sinks, Dv), "[B, H_kv, S, Dv]"),
+        "sink_keep": ((B, sinks), "[B, S]"),
+        "sink_seen": ((B, sinks), "[B, S]"),
+    }
+    for name, (shape, layout) in expect.items():
+        t = getattr(state, name)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"initial_state.{name} must have shape {shape} {layout}, got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"initial_state.{name} must be on {device}, got {t.device}")
+        flag = name in ("sink_keep", "sink_seen")
+        if flag and t.dtype != torch.bool:
+            raise TypeError(f"initial_state.{name} must be torch.bool, got {t.dtype}")
+        if not flag and not t.dtype.is_floating_point:
+            raise TypeError(f"initial_state.{name} must be floating point, got {t.dtype}")
+    return state.k_sink, state.v_sink, state.sink_keep, state.sink_seen
 
 
 def check_cu_seqlens(cu_seqlens, q, key_padding_mask) -> list[int]:

@@ -194,12 +194,14 @@ def dense_features(q, k, params):
     return feats
 
 
-def hybrid_oracle(q, k, v, params, *, window, causal, key_padding_mask=None):
+def hybrid_oracle(q, k, v, params, *, window, causal, key_padding_mask=None, sinks=0):
     """Hybrid attention by definition (DESIGN.md section 6), O(T^2) in fp64: the weight of key j for query
     t is the exact kernel exp(x.y + exact_sq (|x|^2 + |y|^2)) when j is inside the window (causal:
     t - W < j <= t; non-causal: |t - j| < W) and the dense feature estimate phi(q_t).phi(k_j) otherwise;
     invisible keys (future ones when causal, masked ones) weigh 0; one normaliser, floored as every
-    backend floors it. ``window`` None or 0: random features only. Returns ``[B, T, H, Dv]`` fp64."""
+    backend floors it. ``window`` None or 0: random features only. ``sinks`` S (DESIGN.md section 8): keys
+    j < S are exact too; ``params.log_mix`` (the learned factor) is added to every exact logit. Returns
+    ``[B, T, H, Dv]`` fp64."""
     import math
 
     from spectraformer_fused.contract import DEN_EPS
@@ -218,6 +220,9 @@ def hybrid_oracle(q, k, v, params, *, window, causal, key_padding_mask=None):
     diff = t[:, None] - t[None, :]  # query minus key position
     W = window or 0
     inside = (diff >= 0) & (diff < W) if causal else diff.abs() < W
+    inside = inside | (t[None, :] < (sinks or 0))
+    if params.log_mix is not None:
+        logit = logit + params.log_mix.double()[None, :, None, None, None]
     w = torch.where(inside, torch.exp(logit), est)
     visible = (diff >= 0) if causal else torch.ones_like(inside)
     visible = visible.expand(B, 1, 1, T, T)

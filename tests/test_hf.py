@@ -88,8 +88,9 @@ def greedy_without_cache(model, ids, mask, steps: int) -> torch.Tensor:
     return ids
 
 
-def check_generate_matches_recompute(num_kv_heads: int, window: int | None = None) -> None:
-    model = tiny_llama(num_kv_heads, window=window)
+def check_generate_matches_recompute(num_kv_heads: int, window: int | None = None, **convert_args) -> None:
+    model = tiny_llama(num_kv_heads, window=window, **convert_args)
+    sinks = convert_args.get("sinks")
     ids, mask = prompt_with_left_padding()
     out = model.generate(
         input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, return_dict_in_generate=True
@@ -103,9 +104,11 @@ def check_generate_matches_recompute(num_kv_heads: int, window: int | None = Non
         assert state.S.shape[:2] == (2, num_kv_heads) and state.z.shape[:2] == (2, num_kv_heads)
         assert layer.keys is None and layer.values is None
         # with a window: the last W - 1 keys and values besides, a fixed size
-        assert isinstance(state, sf.WindowState) == (window is not None)
+        assert isinstance(state, sf.WindowState) == (window is not None or bool(sinks))
         if window is not None:
             assert state.k_tail.shape == (2, num_kv_heads, window - 1, 16) and state.tail_keep.shape == (2, window - 1)
+        if sinks:  # the sinks' keys and values besides, a fixed size
+            assert state.k_sink.shape == (2, num_kv_heads, sinks, 16) and state.sink_seen.all()
     assert cache.get_seq_length() == ids.shape[1] + 7  # the last token is never fed back
 
 
@@ -161,10 +164,28 @@ def test_generate_with_window_matches_recompute():
     llama_layer_by_hand(model, torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4)))
 
 
-@pytest.mark.parametrize("window", [None, 3], ids=["nowindow", "window3"])
-def test_beam_search_matches_uncached(window):
-    """Beam search reorders the per-layer states (RFCacheLayer.reorder_cache) between steps, tails included."""
-    model = tiny_llama(4, window=window)
+@pytest.mark.parametrize("window,sinks", [(None, None), (3, 2), (None, 2)])
+def test_generate_with_sinks_and_mix_matches_recompute(window, sinks):
+    """convert(sinks=, mix=): generate() with the RFCache (sink slots in the WindowStates) equals
+    recomputation, with and without a window; the layers carry rf_sinks and a learned factor."""
+    check_generate_matches_recompute(num_kv_heads=2, window=window, sinks=sinks, mix=0.5)
+    model = tiny_llama(2, window=window, sinks=sinks, mix=0.5)
+    for layer in model.model.layers:
+        assert layer.self_attn.rf_sinks == sinks
+        assert torch.allclose(layer.self_attn.rf_feature_map.log_mix.double().exp(), torch.tensor(0.5).double())
+
+
+def test_convert_refuses_bad_sinks():
+    for bad, err in ((-1, ValueError), (True, TypeError), (1.5, TypeError)):
+        with pytest.raises(err, match="sinks"):
+            tiny_llama(2, sinks=bad)
+
+
+@pytest.mark.parametrize("window,sinks", [(None, None), (3, None), (3, 2)], ids=["nowindow", "window3", "sinks2"])
+def test_beam_search_matches_uncached(window, sinks):
+    """Beam search reorders the per-layer states (RFCacheLayer.reorder_cache) between steps, tails and
+    sink slots included."""
+    model = tiny_llama(4, window=window, sinks=sinks)
     ids, mask = prompt_with_left_padding()
     args = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, num_beams=3, do_sample=False)
     assert torch.equal(model.generate(**args), model.generate(**args, use_cache=False))

@@ -49,7 +49,7 @@ from ..attention import BACKENDS, rf_attention
 from ..feature_map import RandomFeatureMap
 from ..reference import exact_attention
 from ..state import RFState, WindowState
-from ..validation import check_window, resolve_scale
+from ..validation import check_sinks, check_window, resolve_scale
 
 NAME = "spectraformer"
 FEATURE_MAP_ATTR = "rf_feature_map"
@@ -57,6 +57,7 @@ BACKEND_ATTR = "rf_backend"
 # The layer's hybrid window (None: random features only) and the sliding window the layer had in the
 # original model (None: full attention), both set by convert.
 WINDOW_ATTR = "rf_window"
+SINKS_ATTR = "rf_sinks"
 SLIDING_ATTR = "rf_sliding_window"
 
 # Keyword arguments some models pass to their attention function for features random-feature attention
@@ -190,9 +191,9 @@ _RECORDER = threading.local()
 
 
 class AttentionCall(NamedTuple):
-    """One call of the attention function: ``q [B, T, H, D]`` and ``k [B, T, H_kv, D]`` as it received them
-    (after rotary embeddings, detached), the ``[B, T]`` bool keep-mask (None when nothing is padded), the
-    resolved ``scale`` and ``causal``."""
+    """One call of the attention function: ``q [B, T, H, D]``, ``k [B, T, H_kv, D]`` and ``v [B, T, H_kv, Dv]``
+    as it received them (after rotary embeddings, detached), the ``[B, T]`` bool keep-mask (None when nothing
+    is padded), the resolved ``scale`` and ``causal``."""
 
     module: nn.Module
     q: torch.Tensor
@@ -200,6 +201,7 @@ class AttentionCall(NamedTuple):
     key_padding_mask: torch.Tensor | None
     scale: float
     causal: bool
+    v: torch.Tensor | None = None
 
 
 @contextlib.contextmanager
@@ -276,6 +278,7 @@ def spectraformer_attention_forward(
             f"sliding window {getattr(module, SLIDING_ATTR, None)}: convert the model again"
         )
     window = getattr(module, WINDOW_ATTR, None)
+    sinks = getattr(module, SINKS_ATTR, None)
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     B, _, Tq, _ = query.shape
     Tk = key.shape[2]
@@ -298,7 +301,7 @@ def spectraformer_attention_forward(
     if recorder is not None:
         calls, teacher = recorder
         scale = resolve_scale(scaling, q.shape[-1])
-        calls.append(AttentionCall(module, q.detach(), k.detach(), kpm, scale, causal))
+        calls.append(AttentionCall(module, q.detach(), k.detach(), kpm, scale, causal, v.detach()))
         if teacher:
             if layer is not None:
                 raise ValueError(
@@ -319,7 +322,16 @@ def spectraformer_attention_forward(
     backend = getattr(module, BACKEND_ATTR, "auto")
     if layer is None:
         o = rf_attention(
-            q, k, v, feature_map, causal=causal, scale=scaling, key_padding_mask=kpm, backend=backend, window=window
+            q,
+            k,
+            v,
+            feature_map,
+            causal=causal,
+            scale=scaling,
+            key_padding_mask=kpm,
+            backend=backend,
+            window=window,
+            sinks=sinks,
         )
     else:
         o, layer.state = rf_attention(
@@ -334,6 +346,7 @@ def spectraformer_attention_forward(
             output_final_state=True,
             backend=backend,
             window=window,
+            sinks=sinks,
         )
     return o, None
 
@@ -480,6 +493,8 @@ def convert(
     backend: str = "auto",
     weight_args: dict | None = None,
     window: int | None = None,
+    sinks: int | None = None,
+    mix: bool | float | None = None,
     **component_args,
 ) -> PreTrainedModel:
     """Switch a transformers model to random-feature attention, in place; returns the model.
@@ -495,9 +510,16 @@ def convert(
     window is its own sliding window, whatever ``window`` is: exact softmax where the original attended,
     the features beyond. The layer's window is its attribute ``rf_window``.
 
+    ``sinks`` (None: none) keeps the first S positions of every sequence exact in every converted layer, with
+    or without a window (attention sinks, DESIGN.md section 8); the layer's attribute ``rf_sinks``. The
+    positions are those of the attention mask: with left padding the first S positions are padding, so pad
+    on the right (or not at all) where the sinks matter. ``mix`` gives every feature map the learned factor
+    on its exact part (``RandomFeatureMap(mix=)``: True starts at 1, a float at that value; LoLCATs starts at
+    0.1), saved in the state_dict.
+
     Supported: models whose attention goes through transformers' ``AttentionInterface`` with full or
     sliding-window causal (decoders) or bidirectional (encoders) attention and a 2D padding mask.
-    Chunked and cross-attention layers, attention sinks and soft-capping raise a ValueError.
+    Chunked and cross-attention layers, learned sink logits (``s_aux``) and soft-capping raise a ValueError.
     """
     if not isinstance(model, PreTrainedModel):
         raise TypeError(f"convert expects a transformers PreTrainedModel, got {type(model).__name__}")
@@ -506,6 +528,7 @@ def convert(
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     window = check_window(window)
+    sinks = check_sinks(sinks) or None
     layers = _attention_layers(model)
     if not layers:
         raise ValueError(
@@ -533,9 +556,11 @@ def convert(
             seed=layer_seed,
             device=None if param is None else param.device,
             weight_args=weight_args,
+            mix=mix,
             **component_args,
         )
         setattr(module, FEATURE_MAP_ATTR, fm)
+        setattr(module, SINKS_ATTR, sinks)
         setattr(module, BACKEND_ATTR, backend)
         sliding = _sliding_window(module)
         setattr(module, SLIDING_ATTR, sliding)

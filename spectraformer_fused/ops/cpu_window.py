@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..contract import DEN_EPS, FeatureParams
-from ..state import WindowState, empty_window_state
+from ..state import WindowState, empty_sinks, empty_window_state
 from ..validation import check_window
 from . import cpu as _cpu
 
@@ -98,7 +98,9 @@ class _CpuWindowAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, W, bias, S0, z0, m0, kt0, vt0, tail_keep, params, causal, window, mask, cu_seqlens):
-        state = WindowState(S0, z0, m0, kt0, vt0, tail_keep)
+        state = WindowState(
+            S0, z0, m0, kt0, vt0, tail_keep, *empty_sinks(*kt0.shape[:3], vt0.shape[-1], 0, device=kt0.device)
+        )
         outs = _forward(q, k, v, params, causal, window, mask, state, cu_seqlens)
         ctx.save_for_backward(q, k, v, W, bias, S0, z0, m0, kt0, vt0, tail_keep)
         ctx.params, ctx.causal, ctx.window, ctx.mask, ctx.cu_seqlens = params, causal, window, mask, cu_seqlens
@@ -113,7 +115,9 @@ class _CpuWindowAttention(torch.autograd.Function):
             ctx.params,
             saved,
             (do, dS, dz, None, dkt, dvt),
-            lambda st: WindowState(*st, tail_keep),
+            lambda st: WindowState(
+                *st, tail_keep, *empty_sinks(*st[3].shape[:3], st[4].shape[-1], 0, device=st[3].device)
+            ),
             causal=ctx.causal,
             key_padding_mask=ctx.mask,
             cu_seqlens=ctx.cu_seqlens,
@@ -170,4 +174,6 @@ def cpu_window_attention(
     if not output_final_state:
         return o, None
     keep = _tail_keep(initial_state.tail_keep, T, mask, offsets)
-    return o, WindowState(S, z, ms, kt, vt, keep)
+    return o, WindowState(
+        S, z, ms, kt, vt, keep, *(t.float() if t.is_floating_point() else t for t in initial_state.sink_part)
+    )

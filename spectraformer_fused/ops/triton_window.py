@@ -330,4 +330,5 @@ def triton_window_attention(
         k_tail = Ke[0].index_select(0, idx).unflatten(0, (R, n))
         v_tail = Ve[0].index_select(0, idx).unflatten(0, (R, n))
         keep_tail = keep_e[0].index_select(0, idx).unflatten(0, (R, n))
-    return o, WindowState(S, z, m, k_tail.transpose(1, 2), v_tail.transpose(1, 2), keep_tail)
+    sinks = (t.float() if t.is_floating_point() else t for t in initial_state.sink_part)
+    return o, WindowState(S, z, m, k_tail.transpose(1, 2), v_tail.transpose(1, 2), keep_tail, *sinks)
