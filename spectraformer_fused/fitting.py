@@ -14,7 +14,9 @@ on given queries and keys (Hedgehog, Zhang et al., ICLR 2024), layer by layer fo
 * ``fit_feature_map``: Adam on the feature map's trainable parameters; returns the loss curve.
 * ``distill``: every ``SpectraAttention`` of a model, or every attention layer of a HuggingFace model
   converted by ``integrations.transformers.convert`` (grouped-query attention included), fitted to its
-  own softmax attention (stage 1).
+  own softmax attention (stage 1): its attention weights (KL) or its attention outputs (MSE, as LoLCATs),
+  as hybrid attention when the layer has a window or attention sinks (with the learned exact-part factor
+  of a feature map built with ``mix``).
 * ``finetune``: stage 2, the converted model trained as a whole to match the unconverted model's outputs
   (final hidden states or next-token distributions), moving the feature maps, the attention projections
   too, or low-rank adapters of the projections (through ``peft``).
@@ -40,6 +42,17 @@ from .validation import check_qk_pair, check_window, resolve_scale
 
 LOSSES = ("kl", "mse")
 _TINY = 1e-30  # floor of a random-feature attention weight before its log
+
+
+def _check_sinks(sinks) -> int | None:
+    """Attention sinks (DESIGN.md section 8): None or 0 (none), else a positive int S."""
+    if sinks is None:
+        return None
+    if isinstance(sinks, bool) or not isinstance(sinks, int):
+        raise TypeError(f"sinks must be a non-negative int or None, got {type(sinks).__name__}")
+    if sinks < 0:
+        raise ValueError(f"sinks must be a non-negative int or None, got {sinks}")
+    return sinks or None
 
 
 def _check_mask(mask, q):
@@ -84,14 +97,17 @@ class _Recomputed(torch.autograd.Function):
         return (None,) + tuple(next(grads) if t is not None and t.requires_grad else None for t in inputs)
 
 
-def _chunk_loss(eq, ek, kshift, logits, vis, v, kind_loss: str, mult_q, mult_k, band=None, target_band=None):
+def _chunk_loss(
+    eq, ek, kshift, logits, vis, v, kind_loss: str, mult_q, mult_k, band=None, target_band=None, log_mix=None
+):
     """Loss terms of one query chunk, summed over its rows; the G query heads of a key/value head in dim 2.
 
     eq ``[B, H_kv, G, c, F]`` query exponents, ek ``[B, H_kv, 1, n, F]`` key exponents of the n visible keys,
     kshift ``[B, H_kv, 1, 1, 1]`` their shared stabiliser, logits ``[B, H_kv, G, c, n]`` the exact logits, vis
     ``[B|1, 1, 1, c, n]`` bool (visible pairs) or None, v ``[B, H_kv, 1, n, Dv]`` (mse) or None. ``band``
-    ``[c, n]`` bool or None: the hybrid window's exact pairs (DESIGN.md section 6), whose weight in the
-    model's row is the exact kernel itself, on one scale with the features (log space). ``target_band``
+    ``[c, n]`` bool or None: the hybrid's exact pairs (the window's and the sinks': DESIGN.md sections 6
+    and 8), whose weight in the model's row is the exact kernel itself, on one scale with the features (log
+    space), times the factor g = exp(log_mix) (``log_mix [1, H_kv, 1, 1, 1]`` or None: g = 1). ``target_band``
     ``[c, n]`` bool or None: the pairs the exact target attends (a sliding-window layer's); none outside.
     Returns the sum of the row losses.
     """
@@ -105,6 +121,8 @@ def _chunk_loss(eq, ek, kshift, logits, vis, v, kind_loss: str, mult_q, mult_k, 
         scores = scores.masked_fill(~vis, 0.0)
         logits = logits.masked_fill(~vis, float("-inf"))
     target = logits if target_band is None else logits.masked_fill(~target_band, float("-inf"))
+    # the model's exact logits: log g added to every exact logit (the target's are left as they are)
+    mlogits = logits if log_mix is None or band is None else logits + log_mix
     rows = torch.isfinite(target.amax(-1))  # [B, H_kv, G, c]: a visible key
     logp = torch.log_softmax(target, dim=-1).masked_fill(~rows[..., None], float("-inf"))
     p = logp.exp()  # 0 where masked
@@ -114,7 +132,7 @@ def _chunk_loss(eq, ek, kshift, logits, vis, v, kind_loss: str, mult_q, mult_k, 
             den = scores.sum(-1, keepdim=True)
             logq = torch.log(scores.clamp_min(_TINY)) - torch.log(den.clamp_min(_TINY))
         else:
-            logw = torch.where(band, logits, torch.log(scores.clamp_min(_TINY)) + shift)
+            logw = torch.where(band, mlogits, torch.log(scores.clamp_min(_TINY)) + shift)
             if vis is not None:
                 logw = logw.masked_fill(~vis, float("-inf"))
             logq = logw - torch.logsumexp(logw, -1, keepdim=True).clamp_min(-1e30)
@@ -122,8 +140,8 @@ def _chunk_loss(eq, ek, kshift, logits, vis, v, kind_loss: str, mult_q, mult_k, 
         per_row = terms.sum(-1)
     else:
         if band is not None:  # both parts on the scale of the larger of the two row maxima
-            top = torch.maximum(shift, logits.masked_fill(~band, float("-inf")).amax(-1, keepdim=True)).detach()
-            scores = torch.where(band, torch.exp(logits - top), scores * torch.exp(shift - top))
+            top = torch.maximum(shift, mlogits.masked_fill(~band, float("-inf")).amax(-1, keepdim=True)).detach()
+            scores = torch.where(band, torch.exp(mlogits - top), scores * torch.exp(shift - top))
         den = scores.sum(-1, keepdim=True).abs().clamp_min(_TINY)
         diff = (scores @ v) / den - p @ v  # [B, H_kv, G, c, Dv]
         per_row = diff.pow(2).mean(-1)
@@ -143,6 +161,7 @@ def attention_distillation_loss(
     chunk_size: int = 64,
     window: int | None = None,
     target_window: int | None = None,
+    sinks: int | None = None,
 ) -> torch.Tensor:
     """How far the feature map's attention is from exact attention on q ``[B, T, H, D]``, k ``[B, T, H_kv, D]``:
     a scalar.
@@ -171,11 +190,18 @@ def attention_distillation_loss(
     attention it is compared with is sliding-window attention over that window (the attention of a
     sliding-window layer, converted to hybrid attention with its own window: the features beyond the
     window are then fitted to weigh nothing); None: all visible keys.
+
+    ``sinks`` S (None or 0: none): attention sinks (DESIGN.md section 8): the first S keys of the sequence
+    (positions j < S, those row i may see) are exact too, with or without a window (a key in both counts
+    once); the target is unchanged. A feature map built with ``mix`` carries the factor g = exp(log_mix)
+    on the exact part (one per key/value head): log g is added to the model's exact logits (not the
+    target's), so g gets a gradient (and is fitted) wherever a row has both exact and feature keys.
     """
     if not isinstance(feature_map, RandomFeatureMap):
         raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
     window = check_window(window)
     target_window = check_window(target_window)
+    sinks = _check_sinks(sinks)
     check_qk_pair(q, k, grouped=True)
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"q and k must have the same sequence length, got {q.shape[1]} and {k.shape[1]}")
@@ -211,6 +237,9 @@ def attention_distillation_loss(
     args = dict(kind=p.kind, c_t=p.c_t, c_o=p.c_o)
     W, bias, freq = p.W.to(cdt), p.bias.to(cdt), p.freq.to(cdt)
     psi = None if p.psi is None else p.psi.to(cdt)
+    has_exact = window is not None or sinks is not None
+    log_mix = getattr(p, "log_mix", None)
+    log_mix = None if log_mix is None or not has_exact else log_mix.to(cdt)[None, :, None, None, None]
     ek, mult_k = feature_logits(y, W, bias, freq, psi, query=False, **args)  # [B, H_kv, T, F]
     if mask is not None:
         ek = ek.masked_fill(~mask[:, None, :, None], float("-inf"))
@@ -237,6 +266,9 @@ def attention_distillation_loss(
         band = target_band = None
         if window is not None:
             band = (diff >= 0) & (diff < window) if causal else diff.abs() < window
+        if sinks is not None:  # the first S keys (causal visibility comes with vis)
+            sink = (ids[None, :n] < sinks).expand(hi - lo, n)
+            band = sink if band is None else band | sink
         if target_window is not None:
             target_band = (diff >= 0) & (diff < target_window) if causal else diff.abs() < target_window
 
@@ -245,6 +277,7 @@ def attention_distillation_loss(
             bias,
             ek,
             mult_k,
+            log_mix,
             xc=x[:, :, :, lo:hi],
             qc=qt[:, :, :, lo:hi],
             n=n,
@@ -273,12 +306,14 @@ def attention_distillation_loss(
                 None if mult_k is None else mult_k[:, :, None, :n],
                 band,
                 target_band,
+                log_mix,
             )
 
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (W, bias, ek, mult_k)):
-            total = total + _Recomputed.apply(run, W, bias, ek, mult_k)
+        inputs = (W, bias, ek, mult_k, log_mix)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+            total = total + _Recomputed.apply(run, *inputs)
         else:
-            total = total + run(W, bias, ek, mult_k)
+            total = total + run(*inputs)
         rows = vis if target_band is None else (target_band if vis is None else vis & target_band)
         count += (hi - lo) * B * H if rows is None else H * int(rows.expand(B, 1, 1, hi - lo, n).any(-1).sum())
     return total / max(count, 1)
@@ -345,8 +380,9 @@ def _as_batches(x, what: str) -> list:
 
 
 def trainable_parameters(feature_map: nn.Module) -> list[nn.Parameter]:
-    """The parameters a fit moves: learnable weights (``learnable``: W; ``fastfood_learnable``: B, G, S)
-    and a learned component's log-weights (``hedgehog``), i.e. every parameter that requires grad."""
+    """The parameters a fit moves: learnable weights (``learnable``: W; ``fastfood_learnable``: B, G, S),
+    a learned component's log-weights (``hedgehog``) and the hybrid's exact-part factor ``log_mix`` (a map
+    built with ``mix``), i.e. every parameter that requires grad."""
     return [p for p in feature_map.parameters() if p.requires_grad]
 
 
@@ -373,6 +409,7 @@ def fit_feature_map(
     progress: bool = False,
     window: int | None = None,
     target_window: int | None = None,
+    sinks: int | None = None,
 ) -> list[float]:
     """Train the feature map's learnable parameters so that its attention matches exact attention.
 
@@ -389,6 +426,9 @@ def fit_feature_map(
         window, target_window: fit the feature map as the feature part of hybrid attention with this
             window, against sliding-window attention over ``target_window`` (see
             ``attention_distillation_loss``); None: random features only, against full attention.
+        sinks: the hybrid's attention sinks (the first ``sinks`` keys exact, see
+            ``attention_distillation_loss``). A feature map built with ``mix`` fits its exact-part factor
+            ``log_mix`` too (it is one of its trainable parameters).
 
     Returns the loss before each step (``steps`` floats).
     """
@@ -396,6 +436,7 @@ def fit_feature_map(
         raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
     _check_steps_lr(steps, lr)
     window, target_window = check_window(window), check_window(target_window)
+    sinks = _check_sinks(sinks)
     bar = _Progress(steps, "fit_feature_map", _check_progress(progress))
     try:
         return _fit(
@@ -413,6 +454,7 @@ def fit_feature_map(
             bar,
             window,
             target_window,
+            sinks,
         )
     finally:
         bar.close()
@@ -433,6 +475,7 @@ def _fit(
     bar,
     window=None,
     target_window=None,
+    sinks=None,
 ) -> list[float]:
     qs, ks = _as_batches(q, "q"), _as_batches(k, "k")
     if not qs or len(qs) != len(ks):
@@ -463,6 +506,7 @@ def _fit(
             chunk_size=chunk_size,
             window=window,
             target_window=target_window,
+            sinks=sinks,
         )
         opt.zero_grad(set_to_none=True)
         value.backward()
@@ -481,8 +525,9 @@ def _fit(
 class AttentionRecord(NamedTuple):
     """What one attention layer received on one batch: ``q [B, T, H, D]``, ``k [B, T, H_kv, D]`` (detached),
     the ``[B, T]`` bool keep-mask or None, the scale of its logits, whether it is causal, the layer's
-    hybrid window (None: random features only) and the window of the attention it replaces (a converted
-    sliding-window layer's; None: full attention), which ``distill`` fits with."""
+    hybrid window (None: random features only), the window of the attention it replaces (a converted
+    sliding-window layer's; None: full attention), its values ``v [B, T, H_kv, Dv]`` (detached; None when
+    not recorded) and its attention sinks (None: none), which ``distill`` fits with."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -491,6 +536,8 @@ class AttentionRecord(NamedTuple):
     causal: bool
     window: int | None = None
     target_window: int | None = None
+    v: torch.Tensor | None = None
+    sinks: int | None = None
 
 
 def _hf_integration():
@@ -521,8 +568,9 @@ def record_attention_inputs(model: nn.Module, batches, *, teacher: bool = True) 
     The layers: every ``SpectraAttention`` (its q, k from its own projection) and every attention module of
     a HuggingFace model converted by ``integrations.transformers.convert`` (the q, k its attention function
     receives, after rotary embeddings; k with the model's H_kv key/value heads; recorded through
-    ``integrations.transformers.recording``). ``batches``: an iterable of model inputs (a tensor, a tuple
-    of positional arguments or a dict of keyword arguments). With ``teacher=True`` every layer computes
+    ``integrations.transformers.recording``), with their values v and the layer's window and sinks.
+    ``batches``: an iterable of model inputs (a tensor, a tuple of positional arguments or a dict of
+    keyword arguments). With ``teacher=True`` every layer computes
     exact softmax attention during the recording (the model it was converted from), so each layer sees
     the hidden states of the softmax model, as in attention transfer; with ``teacher=False`` the model runs
     as it is. Returns ``{layer name: [AttentionRecord, ...]}`` (one per batch).
@@ -546,7 +594,14 @@ def record_attention_inputs(model: nn.Module, batches, *, teacher: bool = True) 
             q, k, v = layer.project(x)
             records[name].append(
                 AttentionRecord(
-                    q.detach(), k.detach(), mask, resolve_scale(None, layer.head_dim), bool(layer.causal), layer.window
+                    q.detach(),
+                    k.detach(),
+                    mask,
+                    resolve_scale(None, layer.head_dim),
+                    bool(layer.causal),
+                    layer.window,
+                    v=v.detach(),
+                    sinks=getattr(layer, "sinks", None),
                 )
             )
             if teacher:
@@ -586,6 +641,8 @@ def record_attention_inputs(model: nn.Module, batches, *, teacher: bool = True) 
                 call.causal,
                 getattr(call.module, hf.WINDOW_ATTR, None),
                 hf._hf_window(getattr(call.module, hf.SLIDING_ATTR, None), call.causal),
+                getattr(call, "v", None),
+                getattr(call.module, getattr(hf, "SINKS_ATTR", "rf_sinks"), None),
             )
         )
     return records
@@ -609,9 +666,17 @@ def distill(
     model converted by ``integrations.transformers.convert`` (grouped-query attention included: each
     feature map is fitted per key/value head). The q, k of each layer are recorded once on ``batches``
     (see ``record_attention_inputs``; with ``teacher=True`` from the softmax model the layers were
-    converted from), with the layer's own scale, causality, padding mask and hybrid window (a layer with
-    a window is fitted as the feature part of its hybrid attention, and a converted sliding-window layer
-    against the sliding-window attention it replaced). Only the feature maps' trainable parameters move; every other parameter of the model is left as it is, without gradients.
+    converted from), with the layer's own scale, causality, padding mask, hybrid window and attention
+    sinks (a layer with a window or sinks is fitted as the feature part of its hybrid attention, its
+    exact-part factor ``log_mix`` with it when its feature map has one, and a converted sliding-window
+    layer against the sliding-window attention it replaced; the sinks are ``SpectraAttention.sinks`` or
+    the converted module's ``rf_sinks``). Only the feature maps' trainable parameters move; every other
+    parameter of the model is left as it is, without gradients.
+    ``loss="kl"`` fits the attention weights (KL from the softmax rows, as Hedgehog); ``loss="mse"`` fits
+    the attention outputs: the mean squared difference of the layer's attention output (before the output
+    projection) from the softmax attention's on the recorded values (LoLCATs' stage 1; Adam is
+    insensitive to their x1000 scale). Both are computed ``chunk_size`` query rows at a time, never a
+    T x T matrix.
     ``joint=False`` fits the layers one after another (``steps`` Adam steps each); ``joint=True`` takes
     ``steps`` steps of one optimizer on the sum of the layers' losses. Batches are used in turn.
     ``progress=True`` shows one progress bar over all the steps on stderr (tqdm when installed, else a
@@ -621,8 +686,12 @@ def distill(
     """
     _check_steps_lr(steps, lr)
     _check_progress(progress)
+    if not isinstance(loss, str) or loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; valid names are {', '.join(LOSSES)}")
     layers = {name: fm for name, (_, fm) in _distill_layers(model).items()}
     records = record_attention_inputs(model, batches, teacher=teacher)
+    if loss != "mse":  # the values are not needed: free them
+        records = {name: [r._replace(v=None) for r in recs] for name, recs in records.items()}
     if not any(records.values()):
         raise ValueError("batches is empty: nothing to distill on")
     unused = [name for name, recs in records.items() if not recs]
@@ -641,6 +710,7 @@ def distill(
             layers[name],
             rec.q,
             rec.k,
+            rec.v,
             scale=rec.scale,
             causal=rec.causal,
             key_padding_mask=rec.key_padding_mask,
@@ -648,6 +718,7 @@ def distill(
             chunk_size=chunk_size,
             window=rec.window,
             target_window=rec.target_window,
+            sinks=rec.sinks,
         )
 
     bar = _Progress(steps * (1 if joint else len(layers)), "distill", progress)
@@ -660,7 +731,7 @@ def distill(
                     fm,
                     [r.q for r in recs],
                     [r.k for r in recs],
-                    None,
+                    [r.v for r in recs] if loss == "mse" else None,
                     steps,
                     lr,
                     recs[0].scale,
@@ -671,6 +742,7 @@ def distill(
                     bar,
                     recs[0].window,
                     recs[0].target_window,
+                    recs[0].sinks,
                 )
             return curves
         return _distill_joint(layers, layer_loss, steps, lr, bar)

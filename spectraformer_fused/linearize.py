@@ -7,10 +7,11 @@
    for encoders; ``local_files_only``: no hub access) and its tokenizer (MODEL_DIR or ``--tokenizer``);
 2. reads the text lines of FILE (blank lines skipped), holds ``--held-out`` of them out (a seeded shuffle)
    and tokenizes the rest into batches;
-3. converts a copy of the model (``integrations.transformers.convert``; ``--window W`` is passed as
-   ``convert(..., window=W)``), runs attention transfer (``fitting.distill``, stage 1) and the model-level
-   fine-tune (``fitting.finetune``, stage 2: final hidden states for encoders, next-token distributions for
-   causal LMs) against the unconverted model;
+3. converts a copy of the model (``integrations.transformers.convert``; ``--window W``, ``--sinks S`` and
+   ``--mix G`` are passed as ``convert(..., window=W, sinks=S, mix=G)``, each only when given), runs
+   attention transfer (``fitting.distill``, stage 1: ``--distill-loss kl`` fits the attention weights,
+   ``mse`` the attention outputs) and the model-level fine-tune (``fitting.finetune``, stage 2: final
+   hidden states for encoders, next-token distributions for causal LMs) against the unconverted model;
 4. evaluates after conversion, after stage 1 and after stage 2 on the held-out lines (encoders: mean cosine
    of the mean-pooled embeddings to the original's and nearest-neighbour agreement; causal LMs: perplexity
    of both models and greedy next-token agreement), with the time of every stage;
@@ -19,6 +20,12 @@
 
 ``load_linearized(DIR)`` loads the saved model again, converted, in one call. ``linearize(...)`` is the
 same pipeline as a function (it returns the report).
+
+Recommended for causal LMs (LoLCATs, Zhang et al. 2024): ``--component hedgehog --weights learnable
+--num-features 64 --window 64 --sinks 4 --mix 0.1 --distill-loss mse --train lora --lora-rank 8`` (hybrid
+attention: exact over the last 64 keys and the first 4, hedgehog features beyond, the exact part's factor
+learned from 0.1; stage 1 on the attention outputs; stage 2 through rank-8 LoRA adapters on q, k, v, o).
+``--preset lolcats`` fills in exactly these for every option not given on the command line.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import time
 import torch
 
 from .fitting import FINETUNE_TRAIN, distill, finetune, output_loss
+from .fitting import LOSSES as DISTILL_LOSSES
 
 META_FILE = "linearize.json"
 REPORT_JSON = "report.json"
@@ -42,6 +50,20 @@ REPORT_MD = "report.md"
 TASKS = ("auto", "encoder", "causal-lm")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 STAGES = ("convert", "distill", "finetune")
+# --preset: the settings it fills in (for the options not given on the command line)
+PRESETS = {
+    "lolcats": dict(
+        component="hedgehog",
+        weights="learnable",
+        num_features=64,
+        window=64,
+        sinks=4,
+        mix=0.1,
+        distill_loss="mse",
+        train="lora",
+        lora_rank=8,
+    ),
+}
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -362,7 +384,8 @@ def summary_markdown(report: dict) -> str:
         f"# linearize {report['model_dir']}",
         "",
         f"task: {report['task']} | component {c['component']} x weights {c['weights']}, m = {c['num_features']}"
-        f" | window: {c.get('window')} | stage 2 trains: {report['train']} | {report['train_lines']} training"
+        f" | window: {c.get('window')} | sinks: {c.get('sinks')} | mix: {c.get('mix')} | stage 1 loss:"
+        f" {report.get('distill_loss', 'kl')} | stage 2 trains: {report['train']} | {report['train_lines']} training"
         f" lines, {report['held_out_lines']} held out | {report['device']} | torch {report['versions']['torch']},"
         f" transformers {report['versions']['transformers']} | {report['date']}",
         "",
@@ -394,6 +417,9 @@ def linearize(
     data,
     out=None,
     window: int | None = None,
+    sinks: int | None = None,
+    mix: float | None = None,
+    distill_loss: str = "kl",
     kernel: str = "softmax",
     tokenizer=None,
     task: str = "auto",
@@ -412,7 +438,14 @@ def linearize(
     verbose: bool = True,
 ) -> dict:
     """The whole pipeline (see the module docstring); returns the report (also written to ``out`` with the
-    model when ``out`` is given). ``window`` is passed to ``convert`` only when given."""
+    model when ``out`` is given).
+
+    ``window`` (hybrid attention: exact over the last W keys), ``sinks`` (the first S keys exact too) and
+    ``mix`` (a learned factor on the exact part, starting at this value: LoLCATs starts at 0.1; True is
+    1.0) are passed to ``convert`` only when given, and saved with the conversion arguments, so that
+    ``load_linearized`` rebuilds the same layers (the fitted factor comes back with the feature maps).
+    ``distill_loss``: stage 1 fits the attention weights (``"kl"``) or the attention outputs (``"mse"``,
+    LoLCATs), see ``fitting.distill``."""
     tf = _transformers()
     hf = _hf()
     model_dir = _check_model_dir(model_dir)
@@ -424,6 +457,11 @@ def linearize(
         raise ValueError(f"unknown task {task!r}; valid names are {', '.join(TASKS)}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
+    if sinks is not None and (isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 1):
+        raise ValueError(f"sinks must be a positive int or None, got {sinks!r}")
+    mix = _check_mix(mix)
+    if distill_loss not in DISTILL_LOSSES:
+        raise ValueError(f"unknown distill_loss {distill_loss!r}; valid names are {', '.join(DISTILL_LOSSES)}")
     train_lines, test_lines = split_lines(read_lines(data), held_out, seed)
     times = {}
     torch.manual_seed(seed)
@@ -441,6 +479,10 @@ def linearize(
     convert_args["backend"] = backend
     if window is not None:
         convert_args["window"] = window
+    if sinks is not None:
+        convert_args["sinks"] = sinks
+    if mix is not None:
+        convert_args["mix"] = mix
     stages = {}
     t0 = time.perf_counter()
     student = hf.convert(copy.deepcopy(teacher), **convert_args)
@@ -450,7 +492,12 @@ def linearize(
 
     t0 = time.perf_counter()
     curves = distill(
-        student, _distill_batches(student, train_batches), steps=steps_distill, lr=lr_distill, progress=verbose
+        student,
+        _distill_batches(student, train_batches),
+        steps=steps_distill,
+        lr=lr_distill,
+        loss=distill_loss,
+        progress=verbose,
     )
     times["distill"] = time.perf_counter() - t0
     stages["distill"] = {"metrics": evaluate(student, teacher, test_batches, task), "time_s": times["distill"]}
@@ -479,6 +526,7 @@ def linearize(
         "convert_args": convert_args,
         "train": train,
         "target": target,
+        "distill_loss": distill_loss,
         "steps_distill": steps_distill,
         "steps_finetune": steps_finetune,
         "train_lines": len(train_lines),
@@ -504,6 +552,17 @@ def linearize(
     return report
 
 
+def _check_mix(mix) -> float | None:
+    """The initial exact-part factor: None, or a positive finite float (True: 1.0)."""
+    if mix is None:
+        return None
+    if mix is True:
+        return 1.0
+    if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not (math.isfinite(mix) and mix > 0):
+        raise ValueError(f"mix must be a positive factor or None, got {mix!r}")
+    return float(mix)
+
+
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -526,12 +585,45 @@ def parser() -> argparse.ArgumentParser:
             "match the original's outputs (stage 2), save it and evaluate it on held-out lines of the data. "
             "Load the result with spectraformer_fused.linearize.load_linearized(OUT)."
         ),
+        epilog=(
+            "Recommended for causal LMs (LoLCATs): --component hedgehog --weights learnable --num-features 64 "
+            "--window 64 --sinks 4 --mix 0.1 --distill-loss mse --train lora --lora-rank 8, which --preset lolcats "
+            "fills in (for every option not given)."
+        ),
     )
     p.add_argument("model_dir", metavar="MODEL_DIR", help="a local transformers model directory (no hub access)")
-    p.add_argument("--component", required=True, help="feature-map component (e.g. hedgehog, hyprf, posrf)")
-    p.add_argument("--weights", required=True, help="weight matrix (learnable or fastfood_learnable to fit)")
-    p.add_argument("--num-features", type=int, required=True, metavar="M", help="number of random features m")
+    p.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="fill in recommended settings for the options not given (lolcats: see below)",
+    )
+    p.add_argument("--component", help="feature-map component (e.g. hedgehog, hyprf, posrf); required without --preset")
+    p.add_argument(
+        "--weights", help="weight matrix (learnable or fastfood_learnable to fit); required without --preset"
+    )
+    p.add_argument(
+        "--num-features", type=int, metavar="M", help="number of random features m; required without --preset"
+    )
     p.add_argument("--window", type=int, default=None, metavar="W", help="exact attention over the last W keys")
+    p.add_argument(
+        "--sinks", type=int, default=None, metavar="S", help="attention sinks: the first S keys exact too (LoLCATs: 4)"
+    )
+    p.add_argument(
+        "--mix",
+        type=float,
+        nargs="?",
+        const=1.0,
+        default=None,
+        metavar="G",
+        help="a learned factor on the exact part (window, sinks), starting at G (default 1.0; LoLCATs: 0.1)",
+    )
+    p.add_argument(
+        "--distill-loss",
+        choices=DISTILL_LOSSES,
+        default=None,
+        help="stage 1 fits the attention weights (kl, the default) or the attention outputs (mse, LoLCATs)",
+    )
     p.add_argument("--data", required=True, metavar="FILE", help="a text file, one example per line")
     p.add_argument("--out", required=True, metavar="DIR", help="where to save the model and the report")
     p.add_argument("--tokenizer", default=None, metavar="DIR", help="tokenizer directory (default MODEL_DIR)")
@@ -542,8 +634,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-distill", type=float, default=1e-2)
     p.add_argument("--steps-finetune", type=int, default=200, metavar="N", help="AdamW steps in stage 2")
     p.add_argument("--lr-finetune", type=float, default=1e-3)
-    p.add_argument("--train", choices=FINETUNE_TRAIN, default="feature_maps", help="what stage 2 moves")
-    p.add_argument("--lora-rank", type=int, default=8, help="rank of the LoRA adapters (--train lora)")
+    p.add_argument("--train", choices=FINETUNE_TRAIN, default=None, help="what stage 2 moves (default feature_maps)")
+    p.add_argument("--lora-rank", type=int, default=None, help="rank of the LoRA adapters (--train lora; default 8)")
     p.add_argument("--held-out", type=int, default=32, metavar="N", help="lines held out for the evaluation")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-length", type=int, default=128, help="tokens per line at most")
@@ -553,9 +645,28 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+_UNSET_DEFAULTS = dict(distill_loss="kl", train="feature_maps", lora_rank=8)
+
+
+def resolve_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """The options with ``--preset``'s settings for those not given, then the plain defaults; an error
+    (argparse's) when --component, --weights or --num-features is missing without a preset."""
+    preset = PRESETS[args.preset] if args.preset is not None else {}
+    for name, value in preset.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    for name, value in _UNSET_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    missing = [f"--{n.replace('_', '-')}" for n in ("component", "weights", "num_features") if getattr(args, n) is None]
+    if missing:
+        p.error(f"the following arguments are required (or --preset): {', '.join(missing)}")
+    return args
+
+
 def main(argv=None) -> int:
     p = parser()
-    args = p.parse_args(argv)
+    args = resolve_args(p, p.parse_args(argv))
     try:
         report = linearize(
             args.model_dir,
@@ -563,6 +674,9 @@ def main(argv=None) -> int:
             weights=args.weights,
             num_features=args.num_features,
             window=args.window,
+            sinks=args.sinks,
+            mix=args.mix,
+            distill_loss=args.distill_loss,
             data=args.data,
             out=args.out,
             tokenizer=args.tokenizer,

@@ -353,3 +353,216 @@ def test_distill_fits_a_hybrid_layer_with_its_window():
     assert hybrid < plain, (hybrid, plain)
     curves = sf.distill(model, [x], steps=3, lr=1e-2)
     assert abs(curves["0"][0] - hybrid.item()) < 1e-5, (curves["0"][0], hybrid.item())
+
+
+# -- attention sinks, the exact-part factor and the output loss (DESIGN.md section 8) ----------------------
+def hybrid_rows_oracle(fm, q, k, *, scale, causal, mask, window, sinks, log_mix=None):
+    """The model's (unnormalised) hybrid weights and the exact target rows, densely in fp64, by definition:
+    exact set E_t = window(t) U {j < S}, weight g exp(l_tj) on E_t and phi(q_t).phi(k_j) elsewhere, invisible
+    keys 0. Returns (w [B, Hk, G, T, T], target p, visible). Differentiable in the feature map's parameters
+    (``log_mix`` overrides ``fm.log_mix``)."""
+    from helpers import dense_features
+
+    B, T, H, _ = q.shape
+    Hk = k.shape[2]
+    G = H // Hk
+    p = fm.feature_params(q, k, scale=scale, causal=causal, key_padding_mask=mask, update_stats=False)
+    fq, fk = dense_features(q, k, p)
+    est = (fq @ fk.transpose(-1, -2)).unflatten(2, (G, T))  # [B, Hk, G, T, T]
+    logit = exact_logits(q.double(), k.double().repeat_interleave(G, 2), scale=scale).unflatten(1, (Hk, G))
+    t = torch.arange(T)
+    diff = t[:, None] - t[None, :]
+    inside = (diff >= 0) & (diff < (window or 0)) if causal else diff.abs() < (window or 0)
+    inside = inside | (t[None, :] < (sinks or 0))
+    lm = fm.log_mix if log_mix is None else log_mix
+    mixed = logit if lm is None else logit + lm.double().expand(Hk)[None, :, None, None, None]
+    visible = (diff >= 0 if causal else torch.ones(T, T, dtype=torch.bool)).expand(B, 1, 1, T, T)
+    if mask is not None:
+        visible = visible & mask[:, None, None, None, :]
+    w = torch.where(inside, mixed.exp(), est) * visible
+    prow = torch.softmax(logit.masked_fill(~visible, float("-inf")), -1).nan_to_num(0.0)
+    return w, prow, visible
+
+
+def oracle_loss(fm, q, k, v, *, loss, scale, causal, mask, window, sinks, log_mix=None):
+    w, prow, visible = hybrid_rows_oracle(
+        fm, q, k, scale=scale, causal=causal, mask=mask, window=window, sinks=sinks, log_mix=log_mix
+    )
+    B, T, H, _ = q.shape
+    Hk = k.shape[2]
+    rows = visible.any(-1).expand(B, Hk, H // Hk, T)
+    if mask is not None:
+        rows = rows & mask[:, None, None, :]
+    if loss == "kl":
+        qrow = w / w.sum(-1, keepdim=True)
+        kl = torch.where(prow > 0, prow * (prow.log() - qrow.clamp_min(1e-300).log()), torch.zeros_like(prow))
+        return kl.sum(-1)[rows].mean()
+    vv = v.double().transpose(1, 2)[:, :, None]  # [B, Hk, 1, T, Dv]
+    diff = (w @ vv) / w.sum(-1, keepdim=True) - prow @ vv
+    return diff.pow(2).mean(-1)[rows].mean()
+
+
+@pytest.mark.parametrize("loss", ["kl", "mse"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("window,sinks", [(None, 3), (4, 2), (3, 5)])
+def test_sinks_and_mix_loss_equal_the_dense_oracle(window, sinks, causal, loss):
+    """attention_distillation_loss(window=, sinks=) with a feature map built with ``mix``: the loss and the
+    gradient of every trainable parameter (log_mix included) equal those of the dense fp64 oracle (exact
+    logits and materialised features, E_t = window U sinks with the factor g, one normaliser); query
+    chunks of 5 cross the sinks and the window; padding masks a sink."""
+    B, T, H, Hk, D = 2, 19, 4, 2, 8
+    g = torch.Generator().manual_seed(11)
+    q, k, v = (torch.randn(B, T, h, D, generator=g, dtype=torch.float64) for h in (H, Hk, Hk))
+    mask = torch.rand(B, T, generator=g) > 0.2
+    mask[:, 0], mask[1, 1] = True, False  # sequence 1 has a padded sink
+    fm = RandomFeatureMap(D, 12, component="hyprf", weights="learnable", num_heads=Hk, seed=1, mix=0.3).double()
+    with torch.no_grad():
+        fm.log_mix.add_(torch.tensor([0.4, -0.7], dtype=torch.float64))  # one factor per key/value head
+    assert any(p is fm.log_mix for p in sf.fitting.trainable_parameters(fm))
+    scale = D**-0.5
+    kw = dict(scale=scale, causal=causal, window=window, sinks=sinks, loss=loss)
+    got = attention_distillation_loss(fm, q, k, v, key_padding_mask=mask, chunk_size=5, **kw)
+    want = oracle_loss(fm, q, k, v, mask=mask, **kw)
+    assert_close(got, want, torch.float64, name=f"{loss} loss")
+    params = sf.fitting.trainable_parameters(fm)
+    for g_got, g_want, p in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params), params):
+        assert_close(g_got, g_want, torch.float64, name=f"gradient of {tuple(p.shape)}")
+        if p is fm.log_mix:
+            assert (g_got.abs() > 1e-8).all(), g_got  # the factor is fitted
+    # the factor's gradient by central finite differences, per head
+    (g_mix,) = torch.autograd.grad(attention_distillation_loss(fm, q, k, v, key_padding_mask=mask, **kw), fm.log_mix)
+    for h in range(Hk):
+        e = torch.zeros(Hk, dtype=torch.float64)
+        e[h] = 1e-5
+        with torch.no_grad():
+            up = oracle_loss(fm, q, k, v, mask=mask, log_mix=fm.log_mix + e, **kw)
+            down = oracle_loss(fm, q, k, v, mask=mask, log_mix=fm.log_mix - e, **kw)
+        fd = (up - down) / 2e-5
+        assert abs(g_mix[h].item() - fd.item()) <= 1e-6 * max(1.0, abs(fd.item())), (h, g_mix[h].item(), fd.item())
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_sinks_cover_the_row_then_the_factor_cancels(causal):
+    """sinks >= T: every visible key is exact, so the row is softmax attention whatever g is: loss 0, and
+    no gradient reaches log_mix (g cancels); without a window or sinks log_mix plays no part."""
+    B, T, H, D = 2, 9, 2, 8
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(B, T, H, D, generator=g) for _ in range(3))
+    fm = RandomFeatureMap(D, 12, component="hedgehog", weights="learnable", num_heads=H, seed=0, mix=0.1)
+    for loss in ("kl", "mse"):
+        value = attention_distillation_loss(fm, q, k, v, causal=causal, sinks=T, loss=loss)
+        assert abs(value.item()) < 1e-6, (loss, value.item())
+        (grad,) = torch.autograd.grad(value, fm.log_mix, allow_unused=True)
+        assert grad is None or grad.abs().max() < 1e-6
+        value = attention_distillation_loss(fm, q, k, v, causal=causal, loss=loss)
+        assert torch.autograd.grad(value, fm.log_mix, allow_unused=True)[0] is None
+
+
+def test_sinks_mse_loss_equals_rf_attention_with_sinks():
+    """loss='mse' with sinks and the factor is the squared difference of rf_attention(..., sinks=) (reference
+    backend) from exact attention."""
+    B, T, H, Hk, D = 2, 21, 4, 2, 8
+    g = torch.Generator().manual_seed(13)
+    q, k, v = (torch.randn(B, T, h, D, generator=g, dtype=torch.float64) for h in (H, Hk, Hk))
+    fm = RandomFeatureMap(D, 12, component="hyprf", weights="learnable", num_heads=Hk, seed=2, mix=0.5).double()
+    for window, causal in ((3, True), (None, True), (2, False)):
+        got = attention_distillation_loss(fm, q, k, v, causal=causal, loss="mse", chunk_size=4, window=window, sinks=3)
+        o = rf_attention(q, k, v, fm, causal=causal, backend="reference", window=window, sinks=3)
+        want = (o - exact_attention(q, k, v, causal=causal)).pow(2).mean(-1).mean()
+        assert_close(got, want, torch.float64, name=f"mse window={window} causal={causal}")
+
+
+def student_and_teacher_outputs(layer, x):
+    """(the layer's random-feature attention output before out_proj, the softmax attention's)."""
+    with torch.no_grad():
+        q, k, v = layer.project(x)
+        extra = {} if getattr(layer, "sinks", None) is None else {"sinks": layer.sinks}
+        o = rf_attention(
+            q, k, v, layer.feature_map, causal=layer.causal, backend="reference", window=layer.window, **extra
+        )
+        return o, exact_attention(q, k, v, causal=layer.causal)
+
+
+def test_distill_output_loss_brings_the_layer_output_closer():
+    """distill(loss='mse') records v with q and k and fits the attention output (LoLCATs' stage 1): its first
+    loss is attention_distillation_loss(loss='mse') on the recorded q, k, v, the loss falls, and the layer's
+    output moves closer to the softmax output, on the training batch and on a held-out one."""
+    from spectraformer_fused.fitting import record_attention_inputs
+
+    torch.manual_seed(0)
+    E, H = 32, 2
+    layer = SpectraAttention(E, H, num_features=16, component="hedgehog", weights="learnable", causal=True, seed=0)
+    with torch.no_grad():  # peaked attention
+        layer.qkv.weight[: 2 * E] *= 4.0
+    model = torch.nn.Sequential(layer)
+    gen = torch.Generator().manual_seed(5)
+    x, held = (torch.randn(2, 32, E, generator=gen) for _ in range(2))
+    rec = record_attention_inputs(model, [x])["0"][0]
+    assert rec.v is not None and rec.v.shape == rec.k.shape and rec.sinks is None
+    first = attention_distillation_loss(
+        layer.feature_map, rec.q, rec.k, rec.v, scale=rec.scale, causal=True, loss="mse"
+    )
+    before = {n: rel_err(*student_and_teacher_outputs(layer, z), z) for n, z in (("train", x), ("held", held))}
+    curves = distill(model, [x], steps=40, lr=2e-2, loss="mse")
+    after = {n: rel_err(*student_and_teacher_outputs(layer, z), z) for n, z in (("train", x), ("held", held))}
+    curve = curves["0"]
+    print(before, after, curve[0], curve[-1])
+    assert abs(curve[0] - first.item()) < 1e-6 * max(1.0, first.item())
+    assert curve[-1] < 0.7 * curve[0], curve
+    assert after["train"] < 0.9 * before["train"] and after["held"] < before["held"], (before, after)
+
+
+def test_distill_fits_sinks_and_the_factor():
+    """A hybrid layer with sinks (SpectraAttention's ``sinks``) and a feature map with ``mix``: the record
+    carries the sinks, distill's first loss is attention_distillation_loss(..., sinks=) and log_mix moves,
+    with the KL and with the output loss."""
+
+    from spectraformer_fused.fitting import record_attention_inputs
+
+    E, H = 32, 2
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 24, E, generator=gen)
+    for loss in ("kl", "mse"):
+        kw = dict(num_features=16, weights="learnable", causal=True, window=4, seed=0, mix=0.1)
+        layer = SpectraAttention(E, H, sinks=2, **kw)
+        model = torch.nn.Sequential(layer)
+        rec = record_attention_inputs(model, [x])["0"][0]
+        assert rec.sinks == 2 and rec.window == 4
+        start = layer.feature_map.log_mix.detach().clone()
+        want = attention_distillation_loss(
+            layer.feature_map, rec.q, rec.k, rec.v, scale=rec.scale, causal=True, window=4, sinks=2, loss=loss
+        )
+        curves = distill(model, [x], steps=5, lr=2e-2, loss=loss)
+        assert abs(curves["0"][0] - want.item()) < 1e-6 * max(1.0, want.item()), (loss, curves["0"][0], want.item())
+        assert not torch.equal(layer.feature_map.log_mix.detach(), start), loss
+
+
+def test_sinks_loss_never_forms_a_T_by_T_block():
+    """With a window, sinks and the factor, both losses still stay within one chunk's block."""
+    B, T, H, D, m, chunk = 1, 128, 2, 8, 8, 16
+    q, k, v = structured_qkv(0, B=B, T=T, H=H, D=D)
+    bound = B * H * max(chunk * T, T * 2 * m, T * D)
+    fm = RandomFeatureMap(D, m, component="hedgehog", weights="learnable", num_heads=H, seed=0, mix=0.1)
+    for loss in ("kl", "mse"):
+        with _LargestOutput() as probe:
+            value = attention_distillation_loss(
+                fm, q, k, v, causal=True, loss=loss, chunk_size=chunk, window=8, sinks=4
+            )
+            value.backward()
+        assert probe.largest <= bound, f"{loss}: a tensor of {probe.largest} elements (bound {bound})"
+        assert fm.log_mix.grad is not None and (fm.log_mix.grad != 0).all()
+        fm.zero_grad()
+
+
+def test_sinks_bad_inputs():
+    q, k, v = structured_qkv(5, T=8, D=8)
+    fm = RandomFeatureMap(8, 6, component="hyprf", weights="learnable", seed=0)
+    with pytest.raises(ValueError, match="sinks"):
+        attention_distillation_loss(fm, q, k, sinks=-1)
+    with pytest.raises(TypeError, match="sinks"):
+        attention_distillation_loss(fm, q, k, sinks=True)
+    with pytest.raises(ValueError, match="sinks"):
+        fit_feature_map(fm, q, k, steps=1, sinks=-2)
+    layer = SpectraAttention(8, 1, num_features=6, weights="learnable", seed=0)
+    with pytest.raises(ValueError, match="unknown loss"):
+        distill(torch.nn.Sequential(layer), [torch.randn(1, 4, 8)], steps=1, loss="output")

@@ -293,3 +293,114 @@ def test_command_reports_errors_and_usage(tiny, tmp_path, capsys):
         lz.main([str(tmp_path / "nowhere"), "--component", "posrf", "--weights", "learnable", "--num-features", "8",
                  "--data", data_of(tiny["tiny-bert"]), "--out", str(tmp_path / "o"), "--quiet"])  # fmt: skip
     assert exc.value.code == 2 and "does not exist" in capsys.readouterr().err
+
+
+# -- hybrid layers with sinks and the exact-part factor; stage 1 on the attention outputs --------------------
+def fm_tensors(model, name):
+    return {k: v for k, v in model.state_dict().items() if k.endswith(f".{hf.FEATURE_MAP_ATTR}.{name}")}
+
+
+def test_mix_and_output_loss_are_fitted_saved_and_loaded(tiny, tmp_path):
+    """mix=G reaches convert (a log_mix per layer, starting at log G), stage 1 fits the attention outputs
+    (distill_loss='mse') and moves the factor; it is saved with the conversion arguments and
+    load_linearized gives back the same layers, their fitted log_mix included."""
+    import math
+
+    d = tiny["tiny-llama"]
+    out = str(tmp_path / "llama-mix")
+    fast = dict(FAST, steps_distill=8, steps_finetune=0)  # what moves, stage 1 moved
+    rep = lz.linearize(
+        d,
+        component="hedgehog",
+        weights="learnable",
+        num_features=8,
+        window=4,
+        mix=0.1,
+        distill_loss="mse",
+        data=data_of(d),
+        out=out,
+        **fast,
+    )
+    assert rep["convert_args"]["mix"] == 0.1 and rep["distill_loss"] == "mse"
+    err = {s: lz.held_out_error(rep["stages"][s]["metrics"]) for s in ("convert", "distill")}
+    assert err["distill"] < err["convert"], err
+    with open(os.path.join(out, lz.META_FILE)) as f:
+        assert json.load(f)["convert"]["mix"] == 0.1
+    mixes = fm_tensors(rep["model"], "log_mix")
+    assert len(mixes) == len(rep["model"].model.layers)
+    assert all(not torch.allclose(t, torch.full_like(t, math.log(0.1))) for t in mixes.values()), mixes
+    loaded = check_round_trip(rep["model"], out, lz.read_lines(data_of(d))[:4], "causal-lm")
+    back = fm_tensors(loaded, "log_mix")
+    assert back.keys() == mixes.keys() and all(torch.equal(back[k], mixes[k]) for k in mixes)
+
+
+def test_sinks_are_passed_to_convert_and_round_trip(tiny, tmp_path):
+    """sinks=S reaches convert(..., sinks=S) (the layers' rf_sinks), with mix and a window; saved and loaded
+    back as the same layers."""
+    d = tiny["tiny-llama"]
+    out = str(tmp_path / "llama-sinks")
+    fast = dict(FAST, steps_distill=5, steps_finetune=3)
+    rep = lz.linearize(
+        d,
+        component="hyprf",
+        weights="learnable",
+        num_features=16,
+        window=4,
+        sinks=2,
+        mix=0.5,
+        distill_loss="mse",
+        data=data_of(d),
+        out=out,
+        **fast,
+    )
+    assert rep["convert_args"]["sinks"] == 2 and rep["convert_args"]["mix"] == 0.5
+    with open(os.path.join(out, lz.META_FILE)) as f:
+        meta = json.load(f)["convert"]
+    assert meta["sinks"] == 2 and meta["window"] == 4
+    loaded = check_round_trip(rep["model"], out, lz.read_lines(data_of(d))[:4], "causal-lm")
+    for layer in loaded.model.layers:
+        assert getattr(layer.self_attn, "rf_sinks", None) == 2
+        assert layer.self_attn.rf_feature_map.log_mix is not None
+
+
+def test_command_flags_and_preset(monkeypatch, tmp_path):
+    """--sinks, --mix [G], --distill-loss reach linearize(); --preset lolcats fills in LoLCATs' settings for
+    the options not given (explicit ones win); without a preset --component, --weights and
+    --num-features are required."""
+    seen = {}
+
+    def fake(model_dir, **kwargs):
+        seen.clear()
+        seen.update(kwargs)
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(lz, "linearize", fake)
+    base = [str(tmp_path), "--data", "x.txt", "--out", str(tmp_path / "o"), "--quiet"]
+    with pytest.raises(SystemExit):
+        lz.main(base + ["--component", "hyprf", "--weights", "learnable", "--num-features", "8", "--sinks", "4",
+                        "--mix", "--distill-loss", "mse"])  # fmt: skip
+    assert seen["sinks"] == 4 and seen["mix"] == 1.0 and seen["distill_loss"] == "mse" and seen["window"] is None
+    assert seen["train"] == "feature_maps" and seen["lora_rank"] == 8
+    with pytest.raises(SystemExit):
+        lz.main(base + ["--component", "hyprf", "--weights", "learnable", "--num-features", "8", "--mix", "0.25"])
+    assert seen["mix"] == 0.25 and seen["sinks"] is None and seen["distill_loss"] == "kl"
+    with pytest.raises(SystemExit):
+        lz.main(base + ["--preset", "lolcats", "--window", "16"])
+    want = dict(lz.PRESETS["lolcats"], window=16)
+    assert {k: seen[k] for k in want} == want
+    assert want["sinks"] == 4 and want["distill_loss"] == "mse" and want["train"] == "lora" and want["lora_rank"] == 8
+    with pytest.raises(SystemExit) as exc:
+        lz.main(base + ["--weights", "learnable"])
+    assert exc.value.code == 2
+
+
+def test_linearize_rejects_bad_sinks_mix_and_loss(tiny):
+    d = tiny["tiny-llama"]
+    args = dict(component="hyprf", weights="learnable", num_features=8, data=data_of(d), **FAST)
+    for bad, match in (
+        (dict(sinks=0), "sinks"),
+        (dict(mix=-1.0), "mix"),
+        (dict(distill_loss="output"), "distill_loss"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            lz.linearize(d, **args, **bad)
