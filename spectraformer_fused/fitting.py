@@ -38,21 +38,10 @@ from torch import nn
 from .components import feature_logits
 from .feature_map import RandomFeatureMap
 from .reference import exact_logits
-from .validation import check_qk_pair, check_window, resolve_scale
+from .validation import check_qk_pair, check_sinks, check_window, resolve_scale
 
 LOSSES = ("kl", "mse")
 _TINY = 1e-30  # floor of a random-feature attention weight before its log
-
-
-def _check_sinks(sinks) -> int | None:
-    """Attention sinks (DESIGN.md section 8): None or 0 (none), else a positive int S."""
-    if sinks is None:
-        return None
-    if isinstance(sinks, bool) or not isinstance(sinks, int):
-        raise TypeError(f"sinks must be a non-negative int or None, got {type(sinks).__name__}")
-    if sinks < 0:
-        raise ValueError(f"sinks must be a non-negative int or None, got {sinks}")
-    return sinks or None
 
 
 def _check_mask(mask, q):
@@ -201,7 +190,7 @@ def attention_distillation_loss(
         raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
     window = check_window(window)
     target_window = check_window(target_window)
-    sinks = _check_sinks(sinks)
+    sinks = check_sinks(sinks) or None
     check_qk_pair(q, k, grouped=True)
     if q.shape[1] != k.shape[1]:
         raise ValueError(f"q and k must have the same sequence length, got {q.shape[1]} and {k.shape[1]}")
@@ -436,7 +425,7 @@ def fit_feature_map(
         raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
     _check_steps_lr(steps, lr)
     window, target_window = check_window(window), check_window(target_window)
-    sinks = _check_sinks(sinks)
+    sinks = check_sinks(sinks) or None
     bar = _Progress(steps, "fit_feature_map", _check_progress(progress))
     try:
         return _fit(
@@ -641,8 +630,8 @@ def record_attention_inputs(model: nn.Module, batches, *, teacher: bool = True) 
                 call.causal,
                 getattr(call.module, hf.WINDOW_ATTR, None),
                 hf._hf_window(getattr(call.module, hf.SLIDING_ATTR, None), call.causal),
-                getattr(call, "v", None),
-                getattr(call.module, getattr(hf, "SINKS_ATTR", "rf_sinks"), None),
+                call.v,
+                getattr(call.module, hf.SINKS_ATTR, None),
             )
         )
     return records
