@@ -34,14 +34,14 @@ import os
 import platform
 import statistics
 import sys
-import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from bench.common import PEAK_MEMORY_HOW, machine, peak_memory  # noqa: E402
+from bench.common import PEAK_MEMORY_HOW, command_line, machine, peak_memory  # noqa: E402
+from bench.timing import measure  # noqa: E402
 from bench.torch_chunked import chunked_attention, decode_step  # noqa: E402
 from spectraformer_fused import RandomFeatureMap, RFState, SpectraAttention, rf_attention  # noqa: E402
 from spectraformer_fused.ops import cpu as cpu_ops  # noqa: E402
@@ -76,15 +76,7 @@ def decode_flops(B: int, H: int) -> float:
 
 def interleaved(fns: dict, reps: int, warmup: int = 2) -> dict:
     """Median seconds per call of every function, the calls interleaved run by run."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
+    times = measure(fns, warmup=warmup, rounds=reps)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -288,7 +280,7 @@ def training_rows(reps: int, verdicts: list) -> list:
     return rows
 
 
-def run(threads: int, reps: int, decode_only: bool = False, train_only: bool = False) -> str:
+def run(threads: int, reps: int, decode_only: bool = False, train_only: bool = False, command: str = "") -> str:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     load = os.getloadavg()
@@ -362,6 +354,7 @@ def run(threads: int, reps: int, decode_only: bool = False, train_only: bool = F
         f"- machine: {machine()}; torch threads: {torch.get_num_threads()}; load average before the run: "
         f"{load[0]:.2f} (other processes share these cores, so single runs can be noisy)",
         f"- torch {torch.__version__}, Python {platform.python_version()}",
+        *([f"- command: `{command}`"] if command else []),
         f"- fp32, posrf x orf, D = Dv = {D}, m = {M}; median of {reps} interleaved runs after warm-up",
         f"- torch.mm: {mm_peak:.1f} GFLOP/s at 2048^3, {mm_proj:.1f} GFLOP/s at the projection's shape "
         f"(32768 x {D}) @ ({D} x {M})",
@@ -400,7 +393,13 @@ def main() -> None:
     parser.add_argument("--decode-only", action="store_true", help="only the decode-step rows")
     parser.add_argument("--train-only", action="store_true", help="only the forward + backward rows")
     args = parser.parse_args()
-    table = run(args.threads, args.reps, decode_only=args.decode_only, train_only=args.train_only)
+    table = run(
+        args.threads,
+        args.reps,
+        decode_only=args.decode_only,
+        train_only=args.train_only,
+        command=command_line("bench.bench_cpu"),
+    )
     print(table)
     os.makedirs(args.out, exist_ok=True)
     suffix = ("" if args.threads == 2 else f"-t{args.threads}") + ("-decode" if args.decode_only else "")

@@ -25,7 +25,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -33,7 +32,8 @@ import torch.distributed as dist
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from bench.common import machine  # noqa: E402
+from bench.common import command_line, machine  # noqa: E402
+from bench.timing import measure  # noqa: E402
 from spectraformer_fused import RandomFeatureMap, available_backends, rf_attention  # noqa: E402
 from spectraformer_fused.attention import _resolve_backend  # noqa: E402
 from spectraformer_fused.distributed import CommunicationLog, context_parallel_rf_attention, run_local  # noqa: E402
@@ -53,17 +53,11 @@ def _feature_map(cfg: dict) -> RandomFeatureMap:
 def _timed(fn, reps: int, sync=None) -> float:
     """Median seconds of ``fn()``; with ``sync`` (distributed), each run starts after a barrier and
     counts the slowest rank."""
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        if sync:
-            dist.barrier()
-        t0 = time.perf_counter()
-        fn()
-        dt = torch.tensor([time.perf_counter() - t0], dtype=torch.float64)
-        if sync:
-            dist.all_reduce(dt, op=dist.ReduceOp.MAX)
-        times.append(dt.item())
+    times = measure({"fn": fn}, rounds=reps, before=dist.barrier if sync else None)["fn"]
+    if sync:
+        slowest = torch.tensor(times, dtype=torch.float64)
+        dist.all_reduce(slowest, op=dist.ReduceOp.MAX)  # run by run, the slowest rank
+        times = slowest.tolist()
     return statistics.median(times)
 
 
@@ -103,7 +97,7 @@ def _commit() -> str:
         return "unknown"
 
 
-def run(cfg: dict, worlds: list[int]) -> str:
+def run(cfg: dict, worlds: list[int], command: str = "") -> str:
     load = os.getloadavg()
     fm = _feature_map(cfg)
     q, k, v = _inputs(cfg, 0, cfg["T"])
@@ -124,6 +118,7 @@ def run(cfg: dict, worlds: list[int]) -> str:
         f"- machine: {machine()}; load average before the run: {load[0]:.2f} (other processes share these "
         "cores, so timings are noisy)",
         f"- torch {torch.__version__}, Python {platform.python_version()}, gloo; commit {_commit()}",
+        *([f"- command: `{command}`"] if command else []),
         f"- causal, fp32, posrf x orf, B={B}, T={T}, H={H}, D=Dv={D}, m={m}; backend {backend!r} on every rank; "
         f"median of {cfg['reps']} runs after a warm-up (distributed: the slowest rank, after a barrier)",
         f"- one process: rf_attention on the whole sequence in the benchmark's own process with "
@@ -164,7 +159,7 @@ def main() -> None:
     if args.backend in ("auto", "cpu"):
         available_backends()  # builds the CPU extension once, before the ranks load it
     cfg = {"B": args.B, "T": args.T, "H": args.H, "D": args.D, "m": args.m, "reps": args.reps, "backend": args.backend}
-    table = run(cfg, [int(w) for w in args.worlds.split(",")])
+    table = run(cfg, [int(w) for w in args.worlds.split(",")], command_line("bench.bench_distributed"))
     print(table)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"distributed-cpu-{datetime.date.today().isoformat()}.md")

@@ -1,5 +1,5 @@
-"""What every benchmark in bench/ shares: the header facts (device, versions, date, threads), timing,
-peak-memory measurement, progress bars, plots' backend and markdown/CSV writing.
+"""What every benchmark in bench/ shares: the header facts (device, versions, date, threads),
+peak-memory measurement (timing is ``bench/timing.py``), progress bars, plots' backend and markdown/CSV writing.
 
 The report's sections (``bench/accuracy.py``, ``kernel_estimation.py``, ``speed.py``, ``weight_cost.py``,
 ``train.py``, ``fitting.py``, ``varlen.py``, ``guide.py``) and the standalone scripts (``gpu_bench.py``,
@@ -16,14 +16,16 @@ import math
 import os
 import platform
 import re
-import statistics
+import shlex
 import sys
-import time
 from dataclasses import dataclass, field
 
 import torch
 
 import spectraformer_fused as sf
+
+# time_fn and time_interleaved stay importable from here too: bench_hybrid_cpu.py times through common.
+from .timing import measure, sync, time_fn, time_interleaved  # noqa: F401
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -49,6 +51,11 @@ def cpu_model() -> str:
 def machine() -> str:
     """The CPU model and its logical core count, for CPU-only tables."""
     return f"{cpu_model()}, {os.cpu_count()} logical cores"
+
+
+def command_line(module: str, argv: list[str] | None = None) -> str:
+    """How this run was started, for a results file's header: ``python -m <module>`` and its arguments."""
+    return " ".join([f"python -m {module}", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
 
 
 def device_name(device: torch.device) -> str:
@@ -93,13 +100,7 @@ def pick_threads(default: int) -> int:
     def best(n):
         torch.set_num_threads(n)
         a @ a
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(10):
-                a @ a
-            times.append(time.perf_counter() - t0)
-        return min(times)
+        return min(measure({"10 mm": lambda: [a @ a for _ in range(10)]}, warmup=0, rounds=3)["10 mm"])
 
     n = default if best(default) <= best(1) else 1
     torch.set_num_threads(n)
@@ -181,67 +182,8 @@ def gaussian_qkv(shape, s: float, seed: int, device, dtype=torch.float32):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Timing, memory
+# Memory (timing: bench/timing.py)
 # ----------------------------------------------------------------------------------------------------
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_fn(fn, device, budget_s: float) -> tuple:
-    """(median, p20, p80, min) in ms. GPU: triton.testing.do_bench; CPU: perf_counter over N runs after one
-    warm-up run, N adaptive to the budget (at least 3 unless one run is much longer than the budget)."""
-    if device.type == "cuda":
-        try:
-            from triton.testing import do_bench
-
-            med, lo, hi = do_bench(fn, warmup=10, rep=max(20, int(budget_s * 100)), quantiles=[0.5, 0.2, 0.8])
-            return med, lo, hi, lo
-        except ImportError:
-            pass
-    return _rounds({"fn": fn}, device, budget_s)["fn"]
-
-
-def time_interleaved(fns: dict, device, budget_s: float) -> dict:
-    """``time_fn`` of several functions: {name: (median, p20, p80, min)} ms. On the CPU the runs alternate
-    between the functions, one of each per round after one warm-up run of each, so that load from other
-    processes hits them alike; rounds go on while the budget (``budget_s`` per function) lasts, at least
-    3 unless one round is much longer than the budget. On CUDA each is timed on its own by ``time_fn``."""
-    if device.type == "cuda":
-        return {name: time_fn(fn, device, budget_s) for name, fn in fns.items()}
-    return _rounds(fns, device, budget_s)
-
-
-def _rounds(fns: dict, device, budget_s: float) -> dict:
-    """perf_counter timings, the functions alternating round by round (see ``time_interleaved``)."""
-    first = 0.0
-    for fn in fns.values():
-        t0 = time.perf_counter()
-        fn()  # warm-up, not counted
-        sync(device)
-        first = max(first, time.perf_counter() - t0)
-    min_runs = 3 if first < 2 * budget_s else (2 if first < 8 * budget_s else 1)
-    times = {name: [] for name in fns}
-    budget = budget_s * len(fns)
-    start = time.perf_counter()
-    rounds = 0
-    while rounds < min_runs or (rounds < 25 and time.perf_counter() - start < budget):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - t0)
-        rounds += 1
-    return {name: _quantiles(ts) for name, ts in times.items()}
-
-
-def _quantiles(times: list) -> tuple:
-    """(median, p20, p80, min) in ms of run times in seconds."""
-    times = sorted(times)
-    q = lambda p: times[min(len(times) - 1, int(p * len(times)))] * 1e3  # noqa: E731
-    return statistics.median(times) * 1e3, q(0.2), q(0.8), times[0] * 1e3
 
 
 @contextlib.contextmanager

@@ -31,9 +31,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import spectraformer_fused as sf  # noqa: E402
+from bench import timing  # noqa: E402
 from bench.common import peak_memory, versions  # noqa: E402
-from bench.peers import FLA_KERNELS, load, torch_features  # noqa: E402
-from bench.window import gpu_rows as window_gpu_rows  # noqa: E402
+from bench.peers import FLA_KERNELS, load, torch_features, window_exact_attention  # noqa: E402
 
 PAIRS = (("posrf", "orf"), ("oprf", "fastfood_learnable"))
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -85,16 +85,8 @@ def bench_ms(fn, device, rep_ms: int, dry: bool = False) -> tuple:
     """(median, p20, p80) ms: do_bench on CUDA; on the CPU (dry run) perf_counter after one warm-up
     (one timed call: the interpreter is slow; the dry run checks the script, not speed)."""
     if device.type == "cuda":
-        from triton.testing import do_bench
-
-        return tuple(do_bench(fn, warmup=max(5, rep_ms // 4), rep=rep_ms, quantiles=[0.5, 0.2, 0.8]))
-    fn()
-    times = []
-    for _ in range(1 if dry else 3):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
+        return timing.do_bench(fn, max(5, rep_ms // 4), rep_ms)
+    times = sorted(1e3 * t for t in timing.measure({"fn": fn}, rounds=1 if dry else 3)["fn"])
     return statistics.median(times), times[0], times[-1]
 
 
@@ -268,7 +260,7 @@ def run(args) -> list[dict]:
             del q, k, v, do
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-    rows += window_gpu_rows(args, device, D, m, dtypes, shapes[:2])  # the hybrid window (bench/window.py)
+    rows += window_rows(args, device, D, m, dtypes, shapes[:2])  # the hybrid window
     return rows
 
 
@@ -301,6 +293,122 @@ def measure(impl, algo, comp, wname, q, k, v, do, causal, pas, D, H, m, device, 
             "ms_p80": hi,
             "tokens_per_s": B * T / (med * 1e-3),
             "peak_bytes": mem,
+            "feature_dim": m if fm is None else fm.feature_dim,
+            "status": "ok",
+        }
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return {"ms": None, "status": "OOM"}
+    except Exception as exc:  # one failing row does not stop the table
+        return {"ms": None, "status": f"error: {type(exc).__name__}: {str(exc)[:100]}"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# The hybrid window (DESIGN.md section 6; bench/window.py is its CPU section)
+# ----------------------------------------------------------------------------------------------------
+
+
+def window_rows(args, device, D: int, m: int, dtypes, shapes) -> list[dict]:
+    """The hybrid's rows (the row format of ``run``, so ``table`` prints them): causal
+    forward and forward + backward of ``rf_attention(window=W)`` on the Triton backend (walk and chunk
+    modes) and the reference, and sliding-window SDPA (band mask), at the first dtype and the shapes given
+    (W = 64; 16 in the dry run). The matching rows without the window are ``run``'s own."""
+    W = 16 if args.dry_run else 64
+    dname = dtypes[0]
+    dt = DTYPES[dname]
+    triton_ok = any(impl == "sf-triton" for impl, _, _ in implementations(args.dry_run)[0])
+    impls = ([("sf-triton", "walk"), ("sf-triton", "chunk")] if triton_ok else []) + [
+        ("sf-reference", "-"),
+        ("sdpa-window", "-"),
+    ]
+    rows = []
+    for B, H, T in shapes:
+        gen = torch.Generator().manual_seed(T)
+        q, k, v, do = (torch.randn(B, T, H, D, generator=gen).to(device, dt) for _ in range(4))
+        for pas in ("fwd", "fwd+bwd"):
+            for impl, algo in impls:
+                if impl == "sdpa-window" and T * T > 2**28:  # the [T, T] band mask alone
+                    continue
+                row = {
+                    "impl": impl,
+                    "algo": algo,
+                    "pair": "exact" if impl == "sdpa-window" else f"posrf/orf@w{W}",
+                    "dtype": dname,
+                    "causal": True,
+                    "pass": pas,
+                    "B": B,
+                    "H": H,
+                    "T": T,
+                    "D": D,
+                    "m": m,
+                    "window": W,
+                }
+                row.update(_window_measure(impl, algo, W, q, k, v, do, pas, D, H, m, device, args))
+                if row.get("ms") is not None:
+                    row["floor_ms"] = floor_ms(row, args.rates, row.pop("feature_dim", m))
+                    row["floor_ms"] += _window_floor_ms(row, W, args.rates)
+                row["vs_sdpa"] = None
+                rows.append(row)
+                print(_line(row) + f" W={W}", flush=True)
+        del q, k, v, do
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _window_floor_ms(row, W: int, rates) -> float:
+    """The window's exact products (q.k and p.v over W keys: 4 B H T W D flops; the backward 2.5x more) at
+    the measured matmul rate; sdpa-window rows are counted by ``floor_ms`` as exact attention already."""
+    if row["impl"] == "sdpa-window":
+        return 0.0
+    flops = 4 * row["B"] * row["H"] * row["T"] * W * row["D"] * (3.5 if row["pass"] == "fwd+bwd" else 1.0)
+    return 1e3 * flops / rates["matmul_flops"][row["dtype"]]
+
+
+def _window_measure(impl, algo, W, q, k, v, do, pas, D, H, m, device, args) -> dict:
+    try:
+        fm = None
+        if impl == "sdpa-window":
+
+            def call(q, k, v):
+                return window_exact_attention(q, k, v, window=W, causal=True)
+        else:
+            fm = sf.RandomFeatureMap(D, m, component="posrf", weights="orf", num_heads=H, seed=0, device=device).eval()
+            backend = impl.split("-", 1)[1]
+
+            def call(q, k, v):
+                old = os.environ.get(MODE_ENV)
+                if algo != "-":
+                    os.environ[MODE_ENV] = algo
+                try:
+                    return sf.rf_attention(q, k, v, fm, causal=True, backend=backend, window=W)
+                finally:
+                    if old is None:
+                        os.environ.pop(MODE_ENV, None)
+                    else:
+                        os.environ[MODE_ENV] = old
+
+        if pas == "fwd":
+
+            def fn():
+                with torch.no_grad():
+                    call(q, k, v)
+        else:
+            qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+
+            def fn():
+                for t in (qq, kk, vv):
+                    t.grad = None
+                call(qq, kk, vv).backward(do)
+
+        med, lo, hi = bench_ms(fn, device, args.rep, args.dry_run)
+        T, B = q.shape[1], q.shape[0]
+        return {
+            "ms": med,
+            "ms_p20": lo,
+            "ms_p80": hi,
+            "tokens_per_s": B * T / (med * 1e-3),
+            "peak_bytes": peak_memory(fn, device),
             "feature_dim": m if fm is None else fm.feature_dim,
             "status": "ok",
         }

@@ -70,112 +70,6 @@ def uniform_summary(acc, info, st: Settings, max_listed: int = 5) -> list[str]:
     return out
 
 
-def _ci_text(r: dict, key: str) -> str:
-    return f"{r[key]:.3g} [{r[key + '_lo']:.3g}, {r[key + '_hi']:.3g}]"
-
-
-def _same_draws(rows: list, w: str) -> str | None:
-    """The weight matrix whose every measured error equals ``w``'s (a learnable kind at its initialisation)."""
-    mine = {(r["set"], r["kernel"], r["component"]): r.get("k_mse") for r in rows if r["weights"] == w}
-    for other in sf.WEIGHTS:
-        if other != w:
-            theirs = {(r["set"], r["kernel"], r["component"]): r.get("k_mse") for r in rows if r["weights"] == other}
-            if theirs == mine and any(v is not None for v in mine.values()):
-                return other
-    return None
-
-
-def _cells_text(cells: list, key: str, max_listed: int = 6) -> str:
-    """'softmax posrf: iso-0.3 0.27 [0.21, 0.34], iso-0.5 ...; gaussian ...', at most ``max_listed`` cells."""
-    groups = {}
-    for r in cells[:max_listed]:
-        groups.setdefault(f"{r['kernel']} {r['component']}", []).append(f"{r['set']} {_ci_text(r, key)}")
-    more = f"; and {len(cells) - max_listed} more" if len(cells) > max_listed else ""
-    return "; ".join(f"{g}: {', '.join(v)}" for g, v in groups.items()) + more
-
-
-def kernel_lines(kest, ks) -> list[str]:
-    """Section 2's conclusions: one sentence per weight matrix (where its MSE is below or above the
-    reference's with the whole 95% interval on one side of 1, by how much), where simplex's PosRF advantage
-    ends, and the pair recommended per setting. Computed from ``kernel_estimation.run``'s results."""
-    rows, _, meta = kest
-    ref = ks.reference
-    out = [
-        f"**Weight matrices against {ref}** (ratio of the relative MSE to {ref}'s for the same component, kernel "
-        "and q, k set; lower/higher only where the whole 95% interval is below/above 1):",
-        "",
-    ]
-    for w in sf.WEIGHTS:
-        if w == ref:
-            continue
-        sel = [r for r in rows if r["weights"] == w and r.get("k_ratio") is not None]
-        if not sel:
-            out.append(f"- **{w}**: no measurement ran (see the table's n/a cells).")
-            continue
-        lower = sorted((r for r in sel if r["k_vs_" + ref] == "lower"), key=lambda r: r["k_ratio"])
-        higher = sorted((r for r in sel if r["k_vs_" + ref] == "higher"), key=lambda r: -r["k_ratio"])
-        nd = len(sel) - len(lower) - len(higher)
-        if not lower and not higher:
-            text = f"not distinguishable from {ref} in any of the {len(sel)} cells"
-        else:
-            parts = []
-            if lower:
-                parts.append(f"lower than {ref} in {len(lower)} of {len(sel)} cells ({_cells_text(lower, 'k_ratio')})")
-            if higher:
-                parts.append(f"higher in {len(higher)} ({_cells_text(higher, 'k_ratio', 3)})")
-            text = "; ".join(parts) + f"; not distinguishable in {nd}"
-        same = _same_draws(rows, w) if w in sf.LEARNABLE_WEIGHTS else None
-        if same is not None:
-            text += f" (measured at initialisation, where its W is {same}'s: the same draws)"
-        med = {v: sum(r["k_med_vs_" + ref] == v for r in sel) for v in ("lower", "higher")}
-        osel = [r for r in sel if r.get("o_ratio") is not None]
-        ov = {v: sum(r["o_vs_" + ref] == v for r in osel) for v in ("lower", "higher")}
-        out.append(
-            f"- **{w}**: kernel-estimate MSE {text}. Median error: lower in {med['lower']}, higher in "
-            f"{med['higher']}. Attention-output MSE: lower in {ov['lower']}, higher in {ov['higher']} of "
-            f"{len(osel)}."
-        )
-    out.append("")
-    simplex = [r for r in rows if r["weights"] == "simplex" and r["component"] == "posrf" and r.get("k_ratio")]
-    for kernel in ks.kernels:
-        sel = [r for r in simplex if r["kernel"] == kernel]
-        if sel:
-            out.append(
-                f"**posrf x simplex against posrf x {ref}, {kernel} kernel, by set** (MSE ratio; median ratio): "
-                + "; ".join(
-                    f"{r['set']} {_ci_text(r, 'k_ratio')} ({r['k_vs_' + ref]}; median {_ci_text(r, 'k_med_ratio')}, "
-                    f"{r['k_med_vs_' + ref]})"
-                    for r in sel
-                )
-                + "."
-            )
-            out.append("")
-    rec = meta["recommend"]
-    if rec:
-        out.append(
-            "**Recommended pair per setting** (lowest mean error over the draws; the ratio to the runner-up "
-            "with its paired 95% interval says whether the choice is clear; for the approximately unbiased "
-            "weights, sorf's fixed row lengths included, the MSE counts the squared bias):"
-        )
-        out.append("")
-        table = [
-            (
-                r["kernel"],
-                r["set"],
-                kernel_estimation.METRIC_NAMES[r["metric"]],
-                f"{r['component']} x {r['weights']}",
-                fmt(r["mse"]),
-                r["runner_up"],
-                _ci_text(r, "ratio"),
-                "yes" if r["distinct"] else "no",
-            )
-            for r in rec
-        ]
-        out += md_table(("kernel", "set", "metric", "pair", "MSE", "runner-up", "ratio", "clear"), table)
-        out.append("")
-    return out
-
-
 def guide(acc, info, kest, speed, speed_meta, build_rows, train_rows, st: Settings, train_results=()) -> list[str]:
     """Conclusions computed from the numbers; nothing here is written by hand."""
     out = []
@@ -244,7 +138,7 @@ def guide(acc, info, kest, speed, speed_meta, build_rows, train_rows, st: Settin
             )
             out.append("")
     out += uniform_summary(acc, info, st)
-    out += kernel_lines(kest, kernel_estimation.settings_of(kest))
+    out += kernel_estimation.kernel_lines(kest, kernel_estimation.settings_of(kest))
     out.append("")
     rows = []
     for causal in (False, True):

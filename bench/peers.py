@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 import spectraformer_fused as sf
 from spectraformer_fused.components import TRIG, feature_logits
@@ -74,6 +75,32 @@ def _make_sdpa(sdpa, fm, causal):
         return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=causal).transpose(1, 2)
 
     return run
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sliding-window attention: the exact kernel over the keys inside each query's window (the baseline of the
+# hybrid, DESIGN.md section 6; bench/window.py, bench/gpu_bench.py and the trainer's softmax@w<W>)
+# ----------------------------------------------------------------------------------------------------
+
+
+def band_mask(T: int, window: int, causal: bool, device=None) -> torch.Tensor:
+    """``[T, T]`` bool, True where key j is inside query t's window of W keys (DESIGN.md section 6):
+    causal t - W < j <= t, non-causal |t - j| < W."""
+    t = torch.arange(T, device=device)
+    diff = t[:, None] - t[None, :]
+    return ((diff >= 0) & (diff < window)) if causal else diff.abs() < window
+
+
+def window_exact_attention(q, k, v, *, window: int, causal: bool, kernel: str = "softmax"):
+    """Sliding-window attention ``[B, T, H, Dv]``: the exact kernel over the keys inside each query's window
+    (causal t - W < j <= t, non-causal |t - j| < W), normalised over them; softmax through SDPA with the band
+    as its mask."""
+    mask = band_mask(q.shape[1], window, causal, q.device)
+    if kernel == "softmax":
+        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        return o.transpose(1, 2)
+    logits = sf.reference.exact_logits(q, k, kernel=kernel).masked_fill(~mask, float("-inf"))
+    return (torch.softmax(logits, -1) @ v.transpose(1, 2)).transpose(1, 2)
 
 
 # ----------------------------------------------------------------------------------------------------

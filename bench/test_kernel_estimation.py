@@ -1,6 +1,6 @@
 """Smoke test of bench/kernel_estimation.py (``pytest bench -q``): tiny sizes, every pair of every set has
 a row with finite statistics and ordered intervals, the m sweep has its slopes, and the section's markdown
-(with the guide's sentence for every weight matrix) and plots are written."""
+(with the findings sentence for every weight matrix) and plots are written."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import math
 import torch
 
 import spectraformer_fused as sf
-from bench import guide, kernel_estimation
+from bench import kernel_estimation
 from bench.common import Context, versions
 from bench.settings import make_settings
 
@@ -52,7 +52,7 @@ def _check(tmp_path):
         assert (tmp_path / p).stat().st_size > 0
     md = "\n".join(kernel_estimation.markdown(kest, st, ctx, plots))
     assert "## 2. Kernel estimation" in md and "device: cpu (test)" in md
-    lines = guide.kernel_lines(kest, ks)
+    lines = kernel_estimation.kernel_lines(kest, ks)
     for w in sf.WEIGHTS:
         if w != "orf":
             assert any(line.startswith(f"- **{w}**") for line in lines), w

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import spectraformer_fused as sf
-from bench import common, train, window
+from bench import common, peers, train, window
 from bench.settings import window_settings
 from bench.tasks import MQARConfig, generate_mqar
 from bench.tasks.mqar import IGNORE
@@ -86,7 +86,7 @@ def test_window_exact_attention_is_the_band_restricted_softmax(causal):
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 9, 2, 4, dtype=torch.float64) for _ in range(3))
     W = 3
-    o = window.window_exact_attention(q, k, v, window=W, causal=causal)
+    o = peers.window_exact_attention(q, k, v, window=W, causal=causal)
     logits = sf.reference.exact_logits(q, k)
     for t in range(9):
         keep = [j for j in range(9) if (0 <= t - j < W if causal else abs(t - j) < W)]
@@ -94,9 +94,9 @@ def test_window_exact_attention_is_the_band_restricted_softmax(causal):
         want = torch.einsum("bhn,bnhd->bhd", p, v[:, keep])
         torch.testing.assert_close(o[:, t], want)
     # a window covering the sequence is exact attention
-    full = window.window_exact_attention(q, k, v, window=9, causal=causal)
+    full = peers.window_exact_attention(q, k, v, window=9, causal=causal)
     torch.testing.assert_close(full, sf.exact_attention(q, k, v, causal=causal))
-    gauss = window.window_exact_attention(q, k, v, window=9, causal=causal, kernel="gaussian")
+    gauss = peers.window_exact_attention(q, k, v, window=9, causal=causal, kernel="gaussian")
     torch.testing.assert_close(gauss, sf.exact_attention(q, k, v, causal=causal, kernel="gaussian"))
 
 

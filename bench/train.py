@@ -31,7 +31,6 @@ import os
 import statistics
 import sys
 import textwrap
-import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -41,10 +40,13 @@ from torch import nn
 import spectraformer_fused as sf
 
 from . import common
+from .peers import band_mask
+from .settings import WindowSettings, window_settings
 from .tasks import ListOpsConfig, MQARConfig, listops_splits, mqar_splits
 from .tasks.listops import NUM_CLASSES
 from .tasks.listops import VOCAB as LISTOPS_VOCAB
 from .tasks.mqar import IGNORE
+from .timing import sync, time_fn, timed
 
 BASELINES = ("softmax", "uniform")
 # The quick subset: exact and uniform attention and five pairs, five components, fixed, structured and
@@ -62,14 +64,6 @@ EXTRA_TASKS = ("mqar_spread",)  # accepted by --task, not part of the report's s
 def _split_heads(t: torch.Tensor, H: int) -> torch.Tensor:
     B, T, E = t.shape
     return t.view(B, T, H, E // H).transpose(1, 2)  # [B, H, T, D]
-
-
-def band_mask(T: int, window: int, causal: bool, device=None) -> torch.Tensor:
-    """``[T, T]`` bool, True where key j is inside query t's window of W keys (DESIGN.md section 6):
-    causal t - W < j <= t, non-causal |t - j| < W."""
-    t = torch.arange(T, device=device)
-    diff = t[:, None] - t[None, :]
-    return ((diff >= 0) & (diff < window)) if causal else diff.abs() < window
 
 
 class SoftmaxAttention(nn.Module):
@@ -296,10 +290,7 @@ def task_settings(task: str, quick: bool) -> TaskSettings:
     10 arguments, 96k training examples, batch 32) and Zoology's MQAR (vocab 8192, 64 pairs, T = 256).
     ``mqar_spread``: the window section's MQAR (``bench/settings.window_settings``)."""
     if task == "mqar_spread":
-        from .settings import window_settings
-        from .window import mqar_task
-
-        return mqar_task(window_settings(not quick, torch.device("cpu")))
+        return mqar_spread_task(window_settings(not quick, torch.device("cpu")))
     if task == "listops":
         if quick:
             return TaskSettings(
@@ -321,6 +312,15 @@ def task_settings(task: str, quick: bool) -> TaskSettings:
             )
         return TaskSettings(task, MQARConfig(), steps=8000, batch_size=64, lr=1e-3)
     raise ValueError(f"unknown task {task!r}; valid tasks are {', '.join(TASKS + EXTRA_TASKS)}")
+
+
+def mqar_spread_task(ws: WindowSettings) -> TaskSettings:
+    """The ``TaskSettings`` of the window section's MQAR (``bench.train --task mqar_spread``): the key-value
+    pairs spread over T = 8 W tokens, sized by ``ws`` (``bench/settings.window_settings``)."""
+    model = ModelConfig(token_shift=ws.mqar_token_shift, positions=ws.mqar_positions)
+    return TaskSettings(
+        "mqar_spread", ws.mqar, steps=ws.mqar_steps, batch_size=ws.mqar_batch, lr=ws.mqar_lr, model=model
+    )
 
 
 class TaskData:
@@ -456,11 +456,9 @@ def train_one(
         if redraw_every and i and i % redraw_every == 0:
             model.redraw(seed * 1_000_003 + i)
         x, y = data.batch(gen)
-        common.sync(dev)
-        t0 = time.perf_counter()
-        loss = step(x, y)
-        common.sync(dev)
-        step_s.append(time.perf_counter() - t0)
+        sync(dev)
+        loss, seconds = timed(lambda: step(x, y), lambda: sync(dev))
+        step_s.append(seconds)
         sched.step()
         losses.append(float(loss.detach()))
         if i + 1 in eval_at:
@@ -502,7 +500,7 @@ def measure_costs(model: TaskModel, data: TaskData, gen: torch.Generator, step) 
         for blk in model.blocks:
             blk.attn(h, key_padding_mask=mask).sum().backward()
 
-    attn_ms, _, _, _ = common.time_fn(attn_fwd_bwd, dev, 0.3)
+    attn_ms, _, _, _ = time_fn(attn_fwd_bwd, dev, 0.3)
     model.zero_grad(set_to_none=True)
     mem = common.peak_memory(lambda: step(x, y), dev)
     return {"attn_ms": attn_ms, "peak_mem_bytes": mem}

@@ -44,10 +44,9 @@ from bench.common import (  # noqa: E402
     peak_memory,
     pick_threads,
     slug,
-    time_fn,
-    time_interleaved,
     versions,
 )
+from bench.timing import time_fn, time_interleaved  # noqa: E402
 
 FULL_LENGTHS = (64, 128, 256, 512, 1024, 2048, 4096)
 

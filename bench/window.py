@@ -14,7 +14,7 @@ alone; ``python -m bench.report --section window`` runs it inside the report. Th
 - speed: forward (prefill) and forward + backward time and peak memory of ``rf_attention`` with and
   without the window on every backend of the device, against SDPA (causal) and SDPA with the band mask.
 
-``gpu_rows`` adds the hybrid's rows to ``bench/gpu_bench.py`` (and so to ``bench/gpu_check.sh``).
+The hybrid's GPU rows are ``bench/gpu_bench.py``'s ``window_rows`` (and so in ``bench/gpu_check.sh``).
 """
 
 from __future__ import annotations
@@ -33,10 +33,11 @@ import torch.nn.functional as F
 
 import spectraformer_fused as sf
 
-from . import common
+from . import common, train
 from .common import Bar, Context, fmt, gaussian_qkv, md_table, mib
+from .peers import window_exact_attention
 from .settings import WindowSettings, window_settings
-from .train import band_mask
+from .timing import time_interleaved
 
 PARTS = ("accuracy", "mqar", "speed")
 WINDOW_ONLY = "window only"  # the accuracy rows of sliding-window attention
@@ -56,18 +57,6 @@ def hybrid_attention(q, k, v, fm, *, window: int, causal: bool, backend: str):
     """``rf_attention`` with a window of ``window`` exact keys (0: random features only, no ``window=``)."""
     kw = {"window": window} if window else {}
     return sf.rf_attention(q, k, v, fm, causal=causal, backend=backend, **kw)
-
-
-def window_exact_attention(q, k, v, *, window: int, causal: bool, kernel: str = "softmax"):
-    """Sliding-window attention ``[B, T, H, Dv]``: the exact kernel over the keys inside each query's window
-    (causal t - W < j <= t, non-causal |t - j| < W), normalised over them; softmax through SDPA with the band
-    as its mask."""
-    mask = band_mask(q.shape[1], window, causal, q.device)
-    if kernel == "softmax":
-        o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
-        return o.transpose(1, 2)
-    logits = sf.reference.exact_logits(q, k, kernel=kernel).masked_fill(~mask, float("-inf"))
-    return (torch.softmax(logits, -1) @ v.transpose(1, 2)).transpose(1, 2)
 
 
 def _err(o, ref, v) -> float:
@@ -316,22 +305,10 @@ def mqar_attentions(ws: WindowSettings) -> list[str]:
     return ["softmax", f"softmax@w{W}"] + [p for pair in ws.mqar_pairs for p in (pair, f"{pair}@w{W}")]
 
 
-def mqar_task(ws: WindowSettings):
-    """The ``train.TaskSettings`` of the section's MQAR (``bench.train --task mqar_spread``)."""
-    from . import train
-
-    model = train.ModelConfig(token_shift=ws.mqar_token_shift, positions=ws.mqar_positions)
-    return train.TaskSettings(
-        "mqar_spread", ws.mqar, steps=ws.mqar_steps, batch_size=ws.mqar_batch, lr=ws.mqar_lr, model=model
-    )
-
-
 def run_mqar(ws: WindowSettings, ctx: Context, out: str, bar=None) -> dict:
     """Train every attention of ``mqar_attentions`` with ``mqar_seeds`` seeds; the attentions that cannot
     run in this checkout (no ``window=`` yet) get a status instead of a row of numbers."""
-    from . import train
-
-    ts = mqar_task(ws)
+    ts = train.mqar_spread_task(ws)
     train.use_threads(ctx, ws.device, None)
     ctx.threads["window"] = ctx.threads["train"]
     data = train.TaskData(ts, ws.device)
@@ -485,7 +462,7 @@ def _call(impl, backend, pair, window, fm):
 
 def run_speed(ws: WindowSettings, ctx: Context, progress=None) -> list[dict]:
     """Causal forward (prefill) and forward + backward of every implementation at every T; the rows of
-    one (T, pass) are timed interleaved (``common.time_interleaved``) so that load hits them alike."""
+    one (T, pass) are timed interleaved (``timing.time_interleaved``) so that load hits them alike."""
     B, H, D, m = ws.speed_shape
     dev = ws.device
     rows = []
@@ -539,7 +516,7 @@ def run_speed(ws: WindowSettings, ctx: Context, progress=None) -> list[dict]:
                 except Exception as exc:
                     row.update(ms=None, status=_status(exc))
                 meta[key] = row
-            times = common.time_interleaved(fns, dev, ws.speed_budget_s) if fns else {}
+            times = time_interleaved(fns, dev, ws.speed_budget_s) if fns else {}
             for key, row in meta.items():
                 if key in times:
                     med, lo, hi, _ = times[key]
@@ -758,124 +735,6 @@ def raw(res: dict) -> dict:
         out["window_mqar_runs"], out["window_mqar_skipped"] = m["runs"], m["skipped"]
         out["window_mqar_gaps"] = {k: v for k, v in m["gaps"].items() if k != "gaps"}
     return out
-
-
-# ----------------------------------------------------------------------------------------------------
-# GPU rows of bench/gpu_bench.py
-# ----------------------------------------------------------------------------------------------------
-
-
-def gpu_rows(args, device, D: int, m: int, dtypes, shapes) -> list[dict]:
-    """The hybrid's rows of ``bench/gpu_bench.py`` (its row format, so its table prints them): causal
-    forward and forward + backward of ``rf_attention(window=W)`` on the Triton backend (walk and chunk
-    modes) and the reference, and sliding-window SDPA (band mask), at the first dtype and the shapes given
-    (W = 64; 16 in the dry run). The matching rows without the window are in gpu_bench's own table."""
-    from . import gpu_bench as gb
-
-    W = 16 if args.dry_run else 64
-    dname = dtypes[0]
-    dt = gb.DTYPES[dname]
-    triton_ok = any(impl == "sf-triton" for impl, _, _ in gb.implementations(args.dry_run)[0])
-    impls = ([("sf-triton", "walk"), ("sf-triton", "chunk")] if triton_ok else []) + [
-        ("sf-reference", "-"),
-        ("sdpa-window", "-"),
-    ]
-    rows = []
-    for B, H, T in shapes:
-        gen = torch.Generator().manual_seed(T)
-        q, k, v, do = (torch.randn(B, T, H, D, generator=gen).to(device, dt) for _ in range(4))
-        for pas in ("fwd", "fwd+bwd"):
-            for impl, algo in impls:
-                if impl == "sdpa-window" and T * T > 2**28:  # the [T, T] band mask alone
-                    continue
-                row = {
-                    "impl": impl,
-                    "algo": algo,
-                    "pair": "exact" if impl == "sdpa-window" else f"posrf/orf@w{W}",
-                    "dtype": dname,
-                    "causal": True,
-                    "pass": pas,
-                    "B": B,
-                    "H": H,
-                    "T": T,
-                    "D": D,
-                    "m": m,
-                    "window": W,
-                }
-                row.update(_gpu_measure(gb, impl, algo, W, q, k, v, do, pas, D, H, m, device, args))
-                if row.get("ms") is not None:
-                    row["floor_ms"] = gb.floor_ms(row, args.rates, row.pop("feature_dim", m))
-                    row["floor_ms"] += _window_floor_ms(row, W, args.rates)
-                row["vs_sdpa"] = None
-                rows.append(row)
-                print(gb._line(row) + f" W={W}", flush=True)
-        del q, k, v, do
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    return rows
-
-
-def _window_floor_ms(row, W: int, rates) -> float:
-    """The window's exact products (q.k and p.v over W keys: 4 B H T W D flops; the backward 2.5x more) at
-    the measured matmul rate; sdpa-window rows are counted by gpu_bench as exact attention already."""
-    if row["impl"] == "sdpa-window":
-        return 0.0
-    flops = 4 * row["B"] * row["H"] * row["T"] * W * row["D"] * (3.5 if row["pass"] == "fwd+bwd" else 1.0)
-    return 1e3 * flops / rates["matmul_flops"][row["dtype"]]
-
-
-def _gpu_measure(gb, impl, algo, W, q, k, v, do, pas, D, H, m, device, args) -> dict:
-    try:
-        fm = None
-        if impl == "sdpa-window":
-
-            def call(q, k, v):
-                return window_exact_attention(q, k, v, window=W, causal=True)
-        else:
-            fm = sf.RandomFeatureMap(D, m, component="posrf", weights="orf", num_heads=H, seed=0, device=device).eval()
-            backend = impl.split("-", 1)[1]
-
-            def call(q, k, v):
-                old = os.environ.get(gb.MODE_ENV)
-                if algo != "-":
-                    os.environ[gb.MODE_ENV] = algo
-                try:
-                    return sf.rf_attention(q, k, v, fm, causal=True, backend=backend, window=W)
-                finally:
-                    if old is None:
-                        os.environ.pop(gb.MODE_ENV, None)
-                    else:
-                        os.environ[gb.MODE_ENV] = old
-
-        if pas == "fwd":
-
-            def fn():
-                with torch.no_grad():
-                    call(q, k, v)
-        else:
-            qq, kk, vv = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-
-            def fn():
-                for t in (qq, kk, vv):
-                    t.grad = None
-                call(qq, kk, vv).backward(do)
-
-        med, lo, hi = gb.bench_ms(fn, device, args.rep, args.dry_run)
-        T, B = q.shape[1], q.shape[0]
-        return {
-            "ms": med,
-            "ms_p20": lo,
-            "ms_p80": hi,
-            "tokens_per_s": B * T / (med * 1e-3),
-            "peak_bytes": common.peak_memory(fn, device),
-            "feature_dim": m if fm is None else fm.feature_dim,
-            "status": "ok",
-        }
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        return {"ms": None, "status": "OOM"}
-    except Exception as exc:  # one failing row does not stop the table
-        return {"ms": None, "status": f"error: {type(exc).__name__}: {str(exc)[:100]}"}
 
 
 # ----------------------------------------------------------------------------------------------------
