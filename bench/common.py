@@ -1,10 +1,10 @@
 """What every benchmark in bench/ shares: the header facts (device, versions, date, threads),
 peak-memory measurement (timing is ``bench/timing.py``), progress bars, plots' backend and markdown/CSV writing.
 
-The report's sections (``bench/accuracy.py``, ``kernel_estimation.py``, ``speed.py``, ``weight_cost.py``,
-``train.py``, ``fitting.py``, ``varlen.py``, ``guide.py``) and the standalone scripts (``gpu_bench.py``,
-``bench_cpu.py``, ``bench_distributed.py``, ``fit_report.py``) import this module; ``report.py`` only
-assembles the sections.
+The report's sections (``bench/report/``: ``accuracy.py``, ``kernel_estimation.py``, ``speed.py``,
+``weight_cost.py``, ``train.py``, ``fitting.py``, ``varlen.py``, ``window.py``), the trainer (``bench/tasks/``)
+and the standalone scripts (``bench/perf/``: ``gpu.py``, ``cpu.py``, ``distributed.py``) import this module;
+``bench/report/__main__.py`` only assembles the sections.
 """
 
 from __future__ import annotations

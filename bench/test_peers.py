@@ -11,7 +11,7 @@ from bench import peers
 
 
 def test_missing_peer_fails_clearly():
-    absent = peers.PeerSpec("absent", "bench.torch_chunked", "no_such_function", peers._make_chunked)
+    absent = peers.PeerSpec("absent", "bench.peers", "no_such_function", peers._make_chunked)
     with pytest.raises(ImportError, match="no_such_function"):
         peers.load(absent)
     assert "no_such_function" in peers.skip_reason(absent, torch.device("cpu"))

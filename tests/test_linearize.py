@@ -1,6 +1,6 @@
 """Linearizing whole models: stage 2 (finetune) after attention transfer, the linearize command, saving and
 loading. The models are a tiny BERT and a tiny Llama with grouped-query attention, built and pre-trained
-with softmax attention here (bench.linearize_report.build_tiny: a few seconds), with a word-level tokenizer."""
+with softmax attention here (bench.report.linearize.build_tiny: a few seconds), with a word-level tokenizer."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 
 from helpers import assert_close  # noqa: E402
 
-from bench.linearize_report import build_tiny  # noqa: E402
+from bench.report.linearize import build_tiny  # noqa: E402
 from spectraformer_fused import fitting  # noqa: E402
 from spectraformer_fused import linearize as lz  # noqa: E402
 from spectraformer_fused.integrations import transformers as hf  # noqa: E402

@@ -102,7 +102,7 @@ def test_kernel_estimate_is_unbiased(case, kernel):
 
 def test_posrf_mse_below_orf_at_small_norm():
     """The coupling works: at small |q|, |k| and m = d the PosRF estimate's mean squared error over 2000
-    draws is well below ORF's (the paper's theorem; bench/kernel_estimation.py measures how far)."""
+    draws is well below ORF's (the paper's theorem; bench/report/kernel_estimation.py measures how far)."""
     draws, D = 2000, 16
     g = torch.Generator().manual_seed(3)
     q1 = torch.randn(1, 4, 1, D, generator=g, dtype=torch.float64) * 0.3

@@ -1,4 +1,5 @@
-"""Generated training tasks (no download): LRA's ListOps and multi-query associative recall (MQAR).
+"""Generated training tasks (no download): LRA's ListOps and multi-query associative recall (MQAR), and
+the model trained on them (``model.py``) with its trainer (``trainer.py``).
 
 Every generator is deterministic in its seed: ``make_splits(config, seed)`` returns the same
 train/validation/test sets on every machine, each split drawn from its own generator.

@@ -7,7 +7,7 @@ model is causal, so it can only answer by recalling the pair.
 
 ``layout="spread"`` scatters the pairs over the whole sequence instead of listing them first: every pair
 sits at a random place and each of its queries at a random later one, so the distance from a query back
-to its pair ranges from 1 to nearly ``seq_len`` (the hybrid-window benchmark, ``bench/window.py``, uses it
+to its pair ranges from 1 to nearly ``seq_len`` (the hybrid-window benchmark, ``bench/report/window.py``, uses it
 with ``seq_len >= 8 W`` so that most pairs lie outside a window of W recent tokens).
 
 Token ids: 0 = filler, keys ``1 .. num_keys``, values ``num_keys + 1 .. vocab_size - 1`` with

@@ -1,7 +1,7 @@
 """Section 9 of the report: hybrid attention, exact inside a window of W keys and random features beyond it
 (DESIGN.md section 6), against random features only, sliding-window softmax and exact attention.
 
-``python -m bench.window [--full] [--device cpu|cuda] [--out DIR] [--parts accuracy,mqar,speed]`` runs it
+``python -m bench.report.window [--full] [--device cpu|cuda] [--out DIR] [--parts accuracy,mqar,speed]`` runs it
 alone; ``python -m bench.report --section window`` runs it inside the report. Three parts:
 
 - accuracy: the relative error ||o - o_exact|| / ||v|| of ``rf_attention(..., window=W)`` (reference
@@ -10,11 +10,11 @@ alone; ``python -m bench.report --section window`` runs it inside the report. Th
   kernel over the window's keys only, nothing beyond);
 - mqar: MQAR with the key-value pairs spread over a sequence of T = 8 W tokens (``bench/tasks/mqar.py``,
   ``layout="spread"``), trained with softmax, sliding-window softmax (``softmax@w<W>``), random features
-  only and the hybrid (``<component>:<weights>@w<W>``) through ``bench/train.py``;
+  only and the hybrid (``<component>:<weights>@w<W>``) through ``bench/tasks/model.py``;
 - speed: forward (prefill) and forward + backward time and peak memory of ``rf_attention`` with and
   without the window on every backend of the device, against SDPA (causal) and SDPA with the band mask.
 
-The hybrid's GPU rows are ``bench/gpu_bench.py``'s ``window_rows`` (and so in ``bench/gpu_check.sh``).
+The hybrid's GPU rows are ``bench/perf/gpu.py``'s ``window_rows`` (and so in ``bench/gpu_check.sh``).
 """
 
 from __future__ import annotations
@@ -33,11 +33,13 @@ import torch.nn.functional as F
 
 import spectraformer_fused as sf
 
-from . import common, train
-from .common import Bar, Context, fmt, gaussian_qkv, md_table, mib
-from .peers import window_exact_attention
+from .. import common
+from ..common import Bar, Context, fmt, gaussian_qkv, md_table, mib
+from ..peers import window_exact_attention
+from ..tasks.trainer import TaskData, default_backend, summarise, train_one
+from ..timing import time_interleaved
+from . import train
 from .settings import WindowSettings, window_settings
-from .timing import time_interleaved
 
 PARTS = ("accuracy", "mqar", "speed")
 WINDOW_ONLY = "window only"  # the accuracy rows of sliding-window attention
@@ -311,21 +313,21 @@ def run_mqar(ws: WindowSettings, ctx: Context, out: str, bar=None) -> dict:
     ts = train.mqar_spread_task(ws)
     train.use_threads(ctx, ws.device, None)
     ctx.threads["window"] = ctx.threads["train"]
-    data = train.TaskData(ts, ws.device)
-    backend = train.default_backend(ws.device)
+    data = TaskData(ts, ws.device)
+    backend = default_backend(ws.device)
     load = [common.loadavg()]
     summaries, runs, skipped = [], [], {}
     for pair in mqar_attentions(ws):
         these = []
         for seed in range(ws.mqar_seeds):
             try:
-                these.append(train.train_one(pair, data, seed, backend=backend, bar=bar, measure=seed == 0))
+                these.append(train_one(pair, data, seed, backend=backend, bar=bar, measure=seed == 0))
             except Exception as exc:  # e.g. no window= in this checkout
                 skipped[pair] = _status(exc)
                 break
         if these and pair not in skipped:
             runs += these
-            summaries.append(train.summarise(these, data.chance))
+            summaries.append(summarise(these, data.chance))
     load.append(common.loadavg())
     header = ctx.line("float32", "window")
     meta = {
@@ -406,14 +408,14 @@ def mqar_markdown(res: dict, ws: WindowSettings) -> list[str]:
     L = [
         "### MQAR with the pairs spread over T = 8 W",
         "",
-        f'`bench/train.py`\'s model (2 layers, 2 heads of 32, m = 128) on MQAR with `layout="spread"`: each of the '
+        f'`bench/tasks/model.py`\'s model (2 layers, 2 heads of 32, m = 128) on MQAR with `layout="spread"`: each of the '
         f"{c.num_pairs} key-value pairs at a random place of a sequence of T = {c.seq_len} = {c.seq_len // W} W "
         f"tokens (W = {W}), each query at a random later place. Attentions: softmax (SDPA), `softmax@w{W}` "
         f"(sliding-window softmax: SDPA with the band mask, nothing beyond the window), every random-feature pair "
         f"alone and with the window (`@w{W}`: the hybrid, `SpectraAttention(window={W})`), backend "
         f"`{res['backend']}`. The model has a token shift and no position embeddings (`ModelConfig(token_shift=True, "
         "positions=False)`): a pair then sits in one token and softmax learns the task within the few steps a CPU "
-        "affords (the shift is the short convolution of H3 and Based). Same task: `python -m bench.train "
+        "affords (the shift is the short convolution of H3 and Based). Same task: `python -m bench.report.train "
         "--task mqar_spread --quick --pairs "
         f"{','.join(mqar_attentions(ws))}`.",
         "",
@@ -692,7 +694,7 @@ def markdown(res: dict, ctx: Context, cmd: str = "python -m bench.report --secti
         "",
         "## 9. Hybrid attention: exact inside a window, random features beyond",
         "",
-        f"`bench/window.py` inside this run (`{cmd}`): the window of DESIGN.md section 6 against random features "
+        f"`bench/report/window.py` inside this run (`{cmd}`): the window of DESIGN.md section 6 against random features "
         "only, sliding-window softmax and exact attention; raw numbers in `window_*.csv`. "
         + (
             "This checkout's `rf_attention` takes `window=`."
@@ -766,7 +768,7 @@ def main(argv=None) -> int:
     os.makedirs(out, exist_ok=True)
     res = run(ws, ctx, out, parts)
     cmd = (
-        "python -m bench.window"
+        "python -m bench.report.window"
         + (" --full" if args.full else "")
         + (f" --parts {args.parts}" if args.parts != ",".join(PARTS) else "")
     )

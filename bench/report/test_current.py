@@ -1,8 +1,8 @@
-"""bench/current_report.py (``pytest bench -q``): the newest run of every section, headed by its run."""
+"""bench/report/current.py (``pytest bench -q``): the newest run of every section, headed by its run."""
 
 from __future__ import annotations
 
-from bench import current_report
+from bench.report import current
 
 
 def _write(path, text):
@@ -46,7 +46,7 @@ def test_newest_section_of_each_run_with_its_date_device_and_command(tmp_path):
         "# CPU backend benchmark (2026-01-09)\n\n- machine: new, 2 cores; threads 2\n\n## Training\n\nrows\n",
     )
     _write(tmp_path / "cpu-2026-01-09-train.md", "# CPU backend benchmark (2026-01-09)\n\n- command: `python x`\n")
-    text = "\n".join(current_report.markdown(str(tmp_path)))
+    text = "\n".join(current.markdown(str(tmp_path)))
 
     assert "kernel of 2026-02-01 09:00" in text and "kernel of 2026-01-01" not in text  # newest per section
     assert "accuracy of 2026-01-01 10:00" in text
@@ -58,7 +58,7 @@ def test_newest_section_of_each_run_with_its_date_device_and_command(tmp_path):
         "[`cpu-2026-02-01-kernel/report.md`](cpu-2026-02-01-kernel/report.md)"
     ) in text
     assert "- machine: old" not in text and "**device:** new, 2 cores" in text
-    assert "not recorded in the file (it is written by `bench/bench_cpu.py`)" in text
+    assert "not recorded in the file (it is written by `bench/perf/cpu.py`)" in text
     assert "**command:** `python x`" in text
     assert "### Training" in text  # a standalone file's headings one level down
     assert "4. [CPU backend benchmark (cpu-train)](#4-cpu-backend-benchmark-cpu-train)" in text

@@ -1,7 +1,7 @@
 """GPU benchmark of the fused Triton backend against fla, torch SDPA and the unfused reference.
 
-    python -m bench.gpu_bench [--out results.md] [--dtypes fp16,bf16] [--shapes 4x16x2048,...]
-    TRITON_INTERPRET=1 python -m bench.gpu_bench --dry-run   # tiny shapes on the CPU, every implementation
+    python -m bench.perf.gpu [--out results.md] [--dtypes fp16,bf16] [--shapes 4x16x2048,...]
+    TRITON_INTERPRET=1 python -m bench.perf.gpu --dry-run   # tiny shapes on the CPU, every implementation
 
 Times forward and forward+backward with ``triton.testing.do_bench`` (warm-up first, so compilation and
 autotuning stay out of the figures) at D=Dv=64, m=128 and the shapes B x H x T of ``--shapes`` (default
@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import spectraformer_fused as sf  # noqa: E402
 from bench import timing  # noqa: E402
@@ -137,7 +137,7 @@ def implementations(dry: bool) -> tuple[list, list[str]]:
         notes.append("backend 'triton' is not available in this process: its rows are skipped")
     try:
         if dry:
-            from bench.fla_interpret import interpretable_fla
+            from bench.perf.fla_interpret import interpretable_fla
 
             interpretable_fla()
         for spec in FLA_KERNELS.values():
@@ -304,7 +304,7 @@ def measure(impl, algo, comp, wname, q, k, v, do, causal, pas, D, H, m, device, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# The hybrid window (DESIGN.md section 6; bench/window.py is its CPU section)
+# The hybrid window (DESIGN.md section 6; bench/report/window.py is its CPU section)
 # ----------------------------------------------------------------------------------------------------
 
 

@@ -18,7 +18,7 @@ lengths): the ratio to ORF is bootstrapped by resampling the same draw indices f
 bootstrap), and a pair counts as lower-variance than ORF only where the whole interval is below 1.
 
 Sets (head dim D, T queries and T keys): ``iso-s``, q, k ~ N(0, s^2 I); ``subspace`` and ``trained``, the
-structured sets of ``bench/fit_report.py`` (a 6-dimensional subspace plus noise; q, k of the last layer of
+structured sets of ``bench/report/fitting.py`` (a 6-dimensional subspace plus noise; q, k of the last layer of
 a small causal softmax transformer trained here on a copy task, the queries of the copy half against the
 keys of the source half). The logits are q.k / sqrt(D), as everywhere in the report.
 
@@ -38,7 +38,7 @@ import torch
 
 import spectraformer_fused as sf
 
-from .common import Bar, Context, fmt, get_plt, md_table
+from ..common import Bar, Context, fmt, get_plt, md_table
 
 METRICS = ("k", "o")  # kernel estimate, attention output
 METRIC_NAMES = {"k": "kernel-estimate MSE", "o": "attention-output MSE"}
@@ -86,17 +86,17 @@ def make_settings(full: bool) -> KestSettings:
 
 def qk_sets(ks: KestSettings) -> list[dict]:
     """[{name, s, q, k, v, note}] with q, k, v [1, T, 1, D] float64."""
-    from . import fit_report
+    from . import fitting
 
     T, D = ks.T, ks.D
     out = []
     for s in ks.scales:
-        q, k, v = fit_report.isotropic((1, T, 1, D), s, 77)
+        q, k, v = fitting.isotropic((1, T, 1, D), s, 77)
         out.append({"name": f"iso-{s}", "s": s, "q": q, "k": k, "v": v, "note": f"q, k ~ N(0, {s}^2 I)"})
-    q, k, v = fit_report.subspace((1, T, 1, D), 1.0, 77, rank=min(6, D))
-    out.append({"name": "subspace", "s": 1.0, "q": q, "k": k, "v": v, "note": "fit_report.subspace, s = 1"})
+    q, k, v = fitting.subspace((1, T, 1, D), 1.0, 77, rank=min(6, D))
+    out.append({"name": "subspace", "s": 1.0, "q": q, "k": k, "v": v, "note": "fitting.subspace, s = 1"})
     Tm = 2 * T
-    qt, kt, log = fit_report.trained_qk((1, Tm, 2, D), ks.train_steps)
+    qt, kt, log = fitting.trained_qk((1, Tm, 2, D), ks.train_steps)
     v = torch.randn(1, T, 1, D, generator=torch.Generator().manual_seed(77))
     out.append(
         {
@@ -105,7 +105,7 @@ def qk_sets(ks: KestSettings) -> list[dict]:
             "q": qt[:1, T:, :1].contiguous(),
             "k": kt[:1, :T, :1].contiguous(),
             "v": v,
-            "note": f"fit_report.trained_qk: 2 heads of {D}, T = {Tm}, {log['train_steps']} steps, copy accuracy "
+            "note": f"fitting.trained_qk: 2 heads of {D}, T = {Tm}, {log['train_steps']} steps, copy accuracy "
             f"{log['copy_accuracy']:.2f}; head 0, queries {T}..{Tm - 1} against keys 0..{T - 1}",
         }
     )
@@ -303,13 +303,13 @@ def recommend(errors: dict, sets, ks: KestSettings) -> list[dict]:
 def run_sweep(ks: KestSettings, bar, fields: dict) -> tuple[list, list]:
     """Kernel-estimate MSE against m for ``sweep_component`` x ``sweep_weights`` (softmax kernel) and the
     fitted log-log slopes with bootstrap intervals."""
-    from . import fit_report
+    from . import fitting
 
     rows, slopes = [], []
     logm = torch.log(torch.tensor(ks.sweep_ms, dtype=torch.float64))
     xc = logm - logm.mean()
     for j, s in enumerate(ks.sweep_scales):
-        q, k, v = fit_report.isotropic((1, ks.T, 1, ks.D), s, 77)
+        q, k, v = fitting.isotropic((1, ks.T, 1, ks.D), s, 77)
         qs = {"q": q.double(), "k": k.double(), "v": v.double()}
         boot_means = {w: [] for w in ks.sweep_weights}
         point = {w: [] for w in ks.sweep_weights}

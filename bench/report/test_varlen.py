@@ -1,4 +1,4 @@
-"""Smoke test of bench/varlen.py (``pytest bench -q``): tiny shapes, every row present with finite numbers,
+"""Smoke test of bench/report/varlen.py (``pytest bench -q``): tiny shapes, every row present with finite numbers,
 and packed and padded outputs agree on the real tokens."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from bench import varlen
+from bench.report import varlen
 
 
 def test_varlen_rows_and_table():

@@ -1,4 +1,4 @@
-"""Packed variable-length sequences against padding: ``python -m bench.varlen [--full] [--device cuda]``.
+"""Packed variable-length sequences against padding: ``python -m bench.report.varlen [--full] [--device cuda]``.
 
 A batch of sequences of mixed lengths is attended two ways through the public ``rf_attention``:
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import spectraformer_fused as sf  # noqa: E402
 from bench.common import (  # noqa: E402
@@ -327,7 +327,7 @@ def main(argv=None) -> int:
         pick_threads(default_threads)  # one thread when all threads are slower right now (busy cores)
     vs = make_settings(device, args.full, args.dry_run, lengths)
     cmd = (
-        "python -m bench.varlen"
+        "python -m bench.report.varlen"
         + (" --full" if args.full else "")
         + (" --dry-run" if args.dry_run else "")
         + (f" --device {args.device}" if args.device else "")

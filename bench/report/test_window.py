@@ -1,5 +1,5 @@
-"""Smoke test of bench/window.py (``pytest bench -q``): a tiny case of every part, the sliding-window
-baseline against its definition, the spread MQAR layout, and the window pairs of bench/train.py."""
+"""Smoke test of bench/report/window.py (``pytest bench -q``): a tiny case of every part, the sliding-window
+baseline against its definition, the spread MQAR layout, and the window pairs of bench/tasks/model.py."""
 
 from __future__ import annotations
 
@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import spectraformer_fused as sf
-from bench import common, peers, train, window
-from bench.settings import window_settings
-from bench.tasks import MQARConfig, generate_mqar
+from bench import common, peers
+from bench.report import window
+from bench.report.settings import window_settings
+from bench.tasks import MQARConfig, generate_mqar, model
 from bench.tasks.mqar import IGNORE
 
 
@@ -122,26 +123,26 @@ def test_spread_mqar_queries_follow_their_pairs():
 
 
 def test_window_pairs_in_train():
-    assert train.split_window("posrf:orf@w16") == ("posrf:orf", 16)
-    assert train.split_window("softmax") == ("softmax", None)
-    assert train.is_baseline("softmax@w8") and not train.is_baseline("posrf:orf@w8")
-    assert train.resolve_pairs("softmax,softmax@w4,posrf:orf", False, window=8) == [
+    assert model.split_window("posrf:orf@w16") == ("posrf:orf", 16)
+    assert model.split_window("softmax") == ("softmax", None)
+    assert model.is_baseline("softmax@w8") and not model.is_baseline("posrf:orf@w8")
+    assert model.resolve_pairs("softmax,softmax@w4,posrf:orf", False, window=8) == [
         "softmax",
         "softmax@w4",
         "posrf:orf@w8",
     ]
     for bad in ("posrf:orf@w0", "uniform@w4", "posrf:orf@wx", "posrf:nope@w4"):
         with pytest.raises(ValueError):
-            train.resolve_pairs(bad, False)
+            model.resolve_pairs(bad, False)
     torch.manual_seed(0)
-    att = train.SoftmaxAttention(8, 2, causal=True, window=2)
+    att = model.SoftmaxAttention(8, 2, causal=True, window=2)
     x = torch.randn(1, 6, 8)
     changed = x.clone()
     changed[:, :3] = torch.randn(1, 3, 8)  # tokens 0-2 are outside the window of tokens 4 and 5
     torch.testing.assert_close(att(x)[:, 4:], att(changed)[:, 4:])
     torch.testing.assert_close(att(x, torch.ones(1, 6, dtype=torch.bool)), att(x))
-    cfg = train.ModelConfig(token_shift=True)
-    m = train.TaskModel("softmax", 9, 9, 6, True, 0, cfg=cfg)
+    cfg = model.ModelConfig(token_shift=True)
+    m = model.TaskModel("softmax", 9, 9, 6, True, 0, cfg=cfg)
     ids = torch.randint(0, 9, (1, 6))
     later = ids.clone()
     later[:, 4:] = (later[:, 4:] + 1) % 9

@@ -8,9 +8,9 @@ import torch
 import spectraformer_fused as sf
 from spectraformer_fused.weights import build_weights
 
-from .common import Bar, Context, dtype_name, fmt, md_table, mib, peak_memory
+from ..common import Bar, Context, dtype_name, fmt, md_table, mib, peak_memory
+from ..timing import time_fn
 from .settings import Settings
-from .timing import time_fn
 
 
 def run(st: Settings, ctx: Context):

@@ -8,16 +8,17 @@ shows a progress bar while it runs and prints a short summary. Sections:
    with bootstrap intervals, its ratio to ORF and its slope against m;
 3. speed and memory of every available backend and peer over the sequence length;
 4. the cost of each weight matrix (building W; a training step, fixed versus learnable);
-5. training on generated tasks (ListOps, MQAR) with each attention (``bench/train.py``; ``--no-train`` skips it);
-6. fitting the feature map to softmax attention (quoted from ``bench/fit_report.py``'s newest table);
+5. training on generated tasks (ListOps, MQAR) with each attention (``train.py``; ``--no-train`` skips it);
+6. fitting the feature map to softmax attention (quoted from the newest table of ``fitting.py``'s own run);
 7. a practitioner's guide derived from the numbers above (only when sections 1-4 ran);
-8. packed variable-length sequences against padding (``bench/varlen.py``);
-9. hybrid attention, exact inside a window and random features beyond (``bench/window.py``; ``--no-train``
+8. packed variable-length sequences against padding (``varlen.py``);
+9. hybrid attention, exact inside a window and random features beyond (``window.py``; ``--no-train``
    skips its MQAR part).
 
-Each section lives in its own module (``accuracy``, ``kernel_estimation``, ``speed``, ``weight_cost``,
-``train``, ``fitting``, ``guide``, ``varlen``, ``window``) on top of ``bench/common.py``; this module only runs them and
-assembles ``report.md``. ``--section NAME`` runs one section alone.
+Each section lives in its own module of this package, ``bench/report/`` (``accuracy``, ``kernel_estimation``,
+``speed``, ``weight_cost``, ``train``, ``fitting``, ``guide``, ``varlen``, ``window``; their sizes in ``settings``),
+on top of ``bench/common.py``; this module only runs them and assembles ``report.md``. ``--section NAME`` runs
+one section alone.
 
 Quick mode (the default) is sized for a 2-core CPU (a few minutes); ``--full`` is meant for a GPU.
 """
@@ -34,8 +35,7 @@ import time
 
 import torch
 
-from . import accuracy, fitting, guide, kernel_estimation, speed, varlen, weight_cost, window
-from .common import (
+from ..common import (
     Bar,
     Context,
     default_out_dir,
@@ -47,6 +47,7 @@ from .common import (
     versions,
     write_csv,
 )
+from . import accuracy, fitting, guide, kernel_estimation, speed, varlen, weight_cost, window
 from .settings import Settings, make_settings
 
 # --section NAME: the sections that can run alone (the guide needs sections 1-4 and runs with all of them).
@@ -54,7 +55,7 @@ SECTIONS = ("accuracy", "kernel", "speed", "weights", "train", "fitting", "varle
 
 
 def run_varlen(st: Settings, ctx: Context):
-    """Section 8: bench/varlen.py in the report's mode."""
+    """Section 8: bench/report/varlen.py in the report's mode."""
     vs = varlen.make_settings(st.device, st.full)
     bar = Bar(varlen.num_rows(vs), "varlen")
     rows = varlen.run(vs, st.device, progress=bar.update)
@@ -105,7 +106,7 @@ def write_markdown(path, ctx, st, res: dict, plots, elapsed, section: str | None
             "",
             "## 8. Packed variable-length sequences",
             "",
-            f"`python -m bench.varlen{' --full' if st.full else ''}` inside this run; raw numbers in `varlen.csv`.",
+            f"`python -m bench.report.varlen{' --full' if st.full else ''}` inside this run; raw numbers in `varlen.csv`.",
             "",
         ]
         L += varlen.markdown(rows, vs, st.device, ctx.line(dtype_name(vs.dtype), "varlen"))
@@ -140,7 +141,7 @@ def csv_tables(res: dict) -> list:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m bench.report", description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="more seeds and sizes (intended for a GPU)")
     ap.add_argument("--out", default=None, help="output folder (default bench/results/<device>-<date>)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")

@@ -10,10 +10,10 @@ import torch
 
 import spectraformer_fused as sf
 
-from . import peers as peer_mod
-from .common import PEAK_MEMORY_HOW, Bar, Context, dtype_name, get_plt, md_table, mib, peak_memory
+from .. import peers as peer_mod
+from ..common import PEAK_MEMORY_HOW, Bar, Context, dtype_name, get_plt, md_table, mib, peak_memory
+from ..timing import time_fn
 from .settings import Settings
-from .timing import time_fn
 
 
 def measure_roofline(device, dtype) -> dict:

@@ -1,4 +1,5 @@
-"""Fitted versus unfitted feature maps against softmax attention: ``python -m bench.fit_report``.
+"""Section 6 of the report, fitted versus unfitted feature maps against softmax attention:
+``python -m bench.report.fitting`` measures them; ``markdown`` (the report's section 6) quotes its newest table.
 
 For every data set and feature map: fit on training batches with ``fit_feature_map`` (loss "kl"), then
 measure on a HELD-OUT batch (never fitted on) the attention output error ||o - o_softmax|| / ||v|| of the
@@ -12,7 +13,7 @@ Data sets (head_dim 32, m = 128, logits q.k / sqrt(d), the Spectraformer setting
 - ``trained``: q, k recorded from the last layer of a small causal softmax transformer trained here, in
   the same process, on a synthetic copy task (the model and its training are below); fitted causally.
 - ``recorded``: q, k loaded from ``--recorded FILE`` (a ``.pt`` dict with ``q`` and ``k`` [B, T, H, D]
-  tensors, e.g. from bench/train.py); the first half of the batch is fitted, the second held out.
+  tensors, e.g. from bench/report/train.py); the first half of the batch is fitted, the second held out.
 
 Writes ``bench/results/fit-<date>.md`` and ``.json`` (device, versions and date in the header).
 """
@@ -24,6 +25,7 @@ import datetime
 import json
 import math
 import os
+import re
 import statistics
 import time
 
@@ -33,9 +35,8 @@ from torch import nn
 
 import spectraformer_fused as sf
 
-from .common import device_name, versions
+from ..common import RESULTS, device_name, versions
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 MAPS = (
     ("posrf", "learnable"),
     ("posrf", "fastfood_learnable"),
@@ -242,7 +243,7 @@ def main(argv=None) -> int:
     ap.add_argument("--train-steps", type=int, default=250, help="training steps of the small softmax model")
     ap.add_argument("--recorded", default=None, help=".pt file with q, k [B, T, H, D] recorded from a model")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", default=os.path.join(HERE, "results"))
+    ap.add_argument("--out", default=RESULTS)
     ap.add_argument("--render", default=None, help="rewrite the markdown of a saved JSON table and exit")
     args = ap.parse_args(argv)
     if args.render:
@@ -290,7 +291,9 @@ def main(argv=None) -> int:
         train, held = load_recorded(args.recorded)
         measure("recorded", train, held, False, args, rows)
     else:
-        notes.append("recorded: pending (no --recorded file given; q, k recorded by bench/train.py can be passed).")
+        notes.append(
+            "recorded: pending (no --recorded file given; q, k recorded by bench/report/train.py can be passed)."
+        )
     elapsed = time.perf_counter() - t_start
     v = versions()
     header = (
@@ -374,7 +377,7 @@ def write_markdown(data, path) -> None:
         "",
         data["header"],
         "",
-        f"`python -m bench.fit_report`{took}. B, T, H, D = {tuple(st['shape'])}, "
+        f"`python -m bench.report.fitting`{took}. B, T, H, D = {tuple(st['shape'])}, "
         f"m = {st['m']}; {st['steps']} Adam steps, lr {st['lr']}, loss 'kl', on {st['batches']} training batches "
         "used in turn; errors ||o - o_softmax|| / ||v|| on a held-out batch (never fitted on), v ~ N(0, 1). "
         "`converge`: steps until the trailing-10 mean loss made 95% of its decrease. `ms/step`: wall time of "
@@ -398,6 +401,43 @@ def write_markdown(data, path) -> None:
     lines += ["", "## Findings", ""] + findings(rows)
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Section 6 of the report: the newest table, quoted
+# ----------------------------------------------------------------------------------------------------
+
+
+def markdown(out_dir: str) -> list[str]:
+    """Section 6: the newest table of ``python -m bench.report.fitting`` (fitted versus unfitted feature maps
+    on held-out queries and keys). That script takes minutes per data set, so this report does not run it;
+    it quotes the table as the script wrote it, naming the file and its own header (device, date)."""
+    results = RESULTS
+    files = (
+        sorted(f for f in os.listdir(results) if re.fullmatch(r"fit-\d{4}-\d{2}-\d{2}\.md", f))
+        if os.path.isdir(results)
+        else []
+    )
+    L = ["", "## 6. Fitting the feature map to softmax attention", ""]
+    if not files:
+        return L + ["No table yet: `python -m bench.report.fitting` writes `bench/results/fit-<date>.md`.", ""]
+    with open(os.path.join(results, files[-1])) as f:
+        lines = f.read().splitlines()
+    header = next((ln for ln in lines if ln.startswith("device:")), "")
+    table = [ln for ln in lines if ln.startswith("|")]
+    rel = os.path.relpath(os.path.join(results, files[-1]), out_dir)
+    return (
+        L
+        + [
+            f"Quoted from [`{files[-1]}`]({rel}), measured by `python -m bench.report.fitting` in its own run "
+            f"(not in this one; {header or 'see the file for its device and date'}). Errors are "
+            "||o - o_softmax|| / ||v|| on held-out queries and keys; the file explains the data sets and "
+            "what limits the fit.",
+            "",
+        ]
+        + table
+        + [""]
+    )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
 """The report's sizes and budgets: quick mode for a 2-core CPU, ``--full`` for a GPU (section 2's own sizes
-are ``bench.kernel_estimation.make_settings``)."""
+are ``bench.report.kernel_estimation.make_settings``)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .tasks import MQARConfig
+from ..tasks.mqar import MQARConfig
 
 
 @dataclass
@@ -70,7 +70,7 @@ def make_settings(full: bool, device: torch.device) -> Settings:
 
 @dataclass
 class WindowSettings:
-    """Sizes of the hybrid-window section (``bench/window.py``)."""
+    """Sizes of the hybrid-window section (``bench/report/window.py``)."""
 
     full: bool
     device: torch.device
@@ -91,7 +91,7 @@ class WindowSettings:
     mqar_seeds: int
     mqar_pairs: tuple  # random-feature pairs, each trained without and with the window
     # the model: a token shift (short convolution of width 2) and no position embeddings, so that softmax
-    # learns the task in the few steps a CPU affords (bench/train.ModelConfig)
+    # learns the task in the few steps a CPU affords (bench/tasks/model.ModelConfig)
     mqar_token_shift: bool
     mqar_positions: bool
     # (c) CPU (or GPU) speed and memory of the forward pass and of forward + backward

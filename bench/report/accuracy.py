@@ -11,7 +11,7 @@ import torch
 
 import spectraformer_fused as sf
 
-from .common import Bar, Context, fmt, gaussian_qkv, get_plt, md_table, pick_threads
+from ..common import Bar, Context, fmt, gaussian_qkv, get_plt, md_table, pick_threads
 from .settings import Settings
 
 

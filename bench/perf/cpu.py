@@ -1,4 +1,4 @@
-"""Speed of the compiled CPU backend against its peers: ``python -m bench.bench_cpu [--threads 2] [--reps 7]``.
+"""Speed of the compiled CPU backend against its peers: ``python -m bench.perf.cpu [--threads 2] [--reps 7]``.
 
 Prints a markdown table and writes it to ``bench/results/cpu-<date>.md`` (``cpu-<date>-t<N>.md`` for
 another thread count). fp32, PosRF x ORF, D = Dv = 64,
@@ -6,7 +6,7 @@ m = 128, at (B=1, H=8, T=4096) and (B=4, H=8, T=1024), causal and non-causal, fo
 
 * ``cpu``: this package's compiled backend (``spectraformer_fused.ops.cpu.cpu_attention``);
 * ``reference``: this package's pure-PyTorch oracle;
-* ``torch chunked``: ``bench/torch_chunked.py``, the best of chunk sizes 64/128/256;
+* ``torch chunked``: ``bench/peers.py``'s ``chunked_attention``, the best of chunk sizes 64/128/256;
 * ``performer-pytorch``: its ``FastAttention`` (skipped with a printed line when not installed).
 
 Training (forward + backward, ``training_rows``): the public ``rf_attention`` (backend auto, i.e. the
@@ -37,12 +37,11 @@ import sys
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))  # the repository root
 
-from bench.common import PEAK_MEMORY_HOW, command_line, machine, peak_memory  # noqa: E402
+from bench.common import PEAK_MEMORY_HOW, RESULTS, command_line, machine, peak_memory  # noqa: E402
+from bench.peers import chunked_attention, decode_step  # noqa: E402
 from bench.timing import measure  # noqa: E402
-from bench.torch_chunked import chunked_attention, decode_step  # noqa: E402
 from spectraformer_fused import RandomFeatureMap, RFState, SpectraAttention, rf_attention  # noqa: E402
 from spectraformer_fused.ops import cpu as cpu_ops  # noqa: E402
 from spectraformer_fused.reference import reference_attention  # noqa: E402
@@ -358,7 +357,7 @@ def run(threads: int, reps: int, decode_only: bool = False, train_only: bool = F
         f"- fp32, posrf x orf, D = Dv = {D}, m = {M}; median of {reps} interleaved runs after warm-up",
         f"- torch.mm: {mm_peak:.1f} GFLOP/s at 2048^3, {mm_proj:.1f} GFLOP/s at the projection's shape "
         f"(32768 x {D}) @ ({D} x {M})",
-        "- GFLOP/s = the same algorithmic flop count for every row (see bench_cpu.flops); "
+        "- GFLOP/s = the same algorithmic flop count for every row (see bench.perf.cpu.flops); "
         "`vs cpu` = time / time of the cpu backend",
         "",
         "| case | implementation | ms | tokens/s | GFLOP/s | % of mm peak | vs cpu |",
@@ -389,7 +388,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--decode-only", action="store_true", help="only the decode-step rows")
     parser.add_argument("--train-only", action="store_true", help="only the forward + backward rows")
     args = parser.parse_args()
@@ -398,7 +397,7 @@ def main() -> None:
         args.reps,
         decode_only=args.decode_only,
         train_only=args.train_only,
-        command=command_line("bench.bench_cpu"),
+        command=command_line("bench.perf.cpu"),
     )
     print(table)
     os.makedirs(args.out, exist_ok=True)

@@ -1,19 +1,17 @@
-"""Train with it: every component x weight pair against softmax attention on generated tasks.
+"""Section 5 of the report: the task model trained with every component x weight pair against softmax
+attention on generated tasks.
 
-``python -m bench.train --task listops|mqar[,...] --pairs all|softmax,posrf:orf,... --steps N --seeds S
+``python -m bench.report.train --task listops|mqar[,...] --pairs all|softmax,posrf:orf,... --steps N --seeds S
 [--device cuda] [--quick]`` trains the Spectraformer LRA model (2 layers, 2 heads, head_dim 32, model
-dim 64, FFN 128, m = 128 features) with each attention, evaluates test accuracy and writes a table
-(accuracy mean +- std over seeds, training time per step and where it goes, peak memory, parameters),
-a plot of accuracy against time per step, and learning curves.
+dim 64, FFN 128, m = 128 features; ``bench/tasks/model.py``) with each attention (``bench/tasks/trainer.py``),
+evaluates test accuracy and writes a table (accuracy mean +- std over seeds, training time per step and
+where it goes, peak memory, parameters), a plot of accuracy against time per step, and learning curves.
 
-Attentions: ``softmax`` (exact, ``torch.nn.functional.scaled_dot_product_attention``), ``uniform`` (the
-floor: every query averages the values it may see) and ``<component>:<weights>`` (``SpectraAttention``).
-A suffix ``@w<W>`` gives a window of W keys (DESIGN.md section 6): ``posrf:orf@w16`` is the hybrid (exact
-softmax over the 16 most recent keys, random features beyond), ``softmax@w16`` sliding-window softmax
-(exact attention over those keys only, nothing beyond); ``--window W`` adds it to every random-feature pair.
+Attentions: ``softmax``, ``uniform`` and ``<component>:<weights>``, each but uniform optionally with a
+window ``@w<W>`` (``bench/tasks/model.py``); ``--window W`` adds it to every random-feature pair.
 Tasks (``bench/tasks``): ListOps (LRA; encoder, mean-pooled over the kept tokens, 10 classes),
 multi-query associative recall (causal, the value predicted at each query) and ``mqar_spread``, MQAR with
-the pairs spread over a sequence of 8 times the window of ``bench/window.py`` (not in the default run).
+the pairs spread over a sequence of 8 times the window of ``bench/report/window.py`` (not in the default run).
 
 Random features: by default W is drawn once from the run's seed and kept fixed during training
 (``--redraw-every 0``); ``--redraw-every N`` redraws every fixed W every N steps (learnable weights are
@@ -26,269 +24,29 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import statistics
 import sys
 import textwrap
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-import spectraformer_fused as sf
-
-from . import common
-from .peers import band_mask
+from .. import common
+from ..tasks.listops import ListOpsConfig
+from ..tasks.model import ModelConfig, is_baseline, resolve_pairs
+from ..tasks.mqar import MQARConfig
+from ..tasks.trainer import TaskData, TaskSettings, default_backend, summarise, train_one
 from .settings import WindowSettings, window_settings
-from .tasks import ListOpsConfig, MQARConfig, listops_splits, mqar_splits
-from .tasks.listops import NUM_CLASSES
-from .tasks.listops import VOCAB as LISTOPS_VOCAB
-from .tasks.mqar import IGNORE
-from .timing import sync, time_fn, timed
 
-BASELINES = ("softmax", "uniform")
-# The quick subset: exact and uniform attention and five pairs, five components, fixed, structured and
-# learnable weights (gerf, the general form of posrf/oprf, is left to the full run).
-QUICK_PAIRS = ("softmax", "uniform", "posrf:orf", "hyprf:sorf", "oprf:fastfood_learnable", "saderf:mm", "trigrf:orf")
 TASKS = ("listops", "mqar")
 EXTRA_TASKS = ("mqar_spread",)  # accepted by --task, not part of the report's section 5
-
-
-# ----------------------------------------------------------------------------------------------------
-# Model
-# ----------------------------------------------------------------------------------------------------
-
-
-def _split_heads(t: torch.Tensor, H: int) -> torch.Tensor:
-    B, T, E = t.shape
-    return t.view(B, T, H, E // H).transpose(1, 2)  # [B, H, T, D]
-
-
-class SoftmaxAttention(nn.Module):
-    """Exact softmax attention through SDPA, with the same projections as ``SpectraAttention``;
-    ``window``: sliding-window softmax, each query attends only to the keys inside its window."""
-
-    def __init__(self, embed_dim: int, num_heads: int, causal: bool, window: int | None = None):
-        super().__init__()
-        self.num_heads, self.causal, self.window = num_heads, causal, window
-        self.qkv = nn.Linear(embed_dim, 3 * embed_dim)
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
-
-    def forward(self, x, key_padding_mask=None):
-        B, T, E = x.shape
-        q, k, v = (_split_heads(t, self.num_heads) for t in self.qkv(x).chunk(3, dim=-1))
-        mask, causal = None, self.causal
-        if self.window is not None:
-            mask, causal = band_mask(T, self.window, causal, x.device), False
-        if key_padding_mask is not None:
-            keep = key_padding_mask[:, None, None, :]  # True = take part
-            if causal:
-                mask, causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril(), False
-            mask = keep if mask is None else keep & mask
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-        return self.out_proj(o.transpose(1, 2).reshape(B, T, E))
-
-
-class UniformAttention(nn.Module):
-    """The floor: every query averages the values it may see (a prefix mean when causal; kept keys only)."""
-
-    def __init__(self, embed_dim: int, causal: bool):
-        super().__init__()
-        self.causal = causal
-        self.v = nn.Linear(embed_dim, embed_dim)
-        self.out_proj = nn.Linear(embed_dim, embed_dim)
-
-    def forward(self, x, key_padding_mask=None):
-        v = self.v(x)
-        w = torch.ones_like(x[..., :1]) if key_padding_mask is None else key_padding_mask[..., None].to(x.dtype)
-        if self.causal:
-            o = (v * w).cumsum(1) / w.cumsum(1).clamp_min(1.0)
-        else:
-            o = (v * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp_min(1.0)
-            o = o.expand_as(v)
-        return self.out_proj(o)
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    """Spectraformer's LRA model: 2 layers, 2 heads of 32, model dim 64, FFN 128, m = 128. ``token_shift``
-    adds a learned projection of the previous token's embedding to each token's (a causal convolution of
-    width 2, the short convolution of H3 and Based): a key-value pair then sits in one token.
-    ``positions=False`` drops the learned position embeddings (order then comes from the causal mask and
-    the shift alone)."""
-
-    layers: int = 2
-    heads: int = 2
-    dim: int = 64
-    ffn: int = 128
-    num_features: int = 128
-    token_shift: bool = False
-    positions: bool = True
-
-
-def make_attention(pair: str, cfg: ModelConfig, causal: bool, seed: int, backend: str) -> nn.Module:
-    base, window = split_window(pair)
-    if base == "softmax":
-        return SoftmaxAttention(cfg.dim, cfg.heads, causal, window)
-    if base == "uniform":
-        return UniformAttention(cfg.dim, causal)
-    component, weights = parse_pair(base)
-    return sf.SpectraAttention(
-        cfg.dim,
-        cfg.heads,
-        num_features=cfg.num_features,
-        component=component,
-        weights=weights,
-        causal=causal,
-        seed=seed,
-        backend=backend,
-        **({} if window is None else {"window": window}),
-    )
-
-
-class Block(nn.Module):
-    def __init__(self, attn: nn.Module, cfg: ModelConfig):
-        super().__init__()
-        self.attn = attn
-        self.ln1, self.ln2 = nn.LayerNorm(cfg.dim), nn.LayerNorm(cfg.dim)
-        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn), nn.GELU(), nn.Linear(cfg.ffn, cfg.dim))
-
-    def forward(self, x, key_padding_mask=None):
-        x = x + self.attn(self.ln1(x), key_padding_mask=key_padding_mask)
-        return x + self.ffn(self.ln2(x))
-
-
-class TaskModel(nn.Module):
-    """Token + learned position embeddings, pre-LN blocks, then a pooled classifier (``causal=False``)
-    or a per-position head (``causal=True``)."""
-
-    def __init__(
-        self,
-        pair: str,
-        vocab: int,
-        num_outputs: int,
-        max_len: int,
-        causal: bool,
-        seed: int,
-        cfg: ModelConfig = ModelConfig(),
-        backend: str = "auto",
-    ):
-        super().__init__()
-        self.pair, self.causal = pair, causal
-        self.embed = nn.Embedding(vocab, cfg.dim)
-        self.pos = nn.Embedding(max_len, cfg.dim) if cfg.positions else None
-        self.shift = nn.Linear(cfg.dim, cfg.dim, bias=False) if cfg.token_shift else None
-        self.blocks = nn.ModuleList(
-            Block(make_attention(pair, cfg, causal, seed * 101 + i, backend), cfg) for i in range(cfg.layers)
-        )
-        self.norm = nn.LayerNorm(cfg.dim)
-        self.head = nn.Linear(cfg.dim, num_outputs)
-
-    def forward(self, ids, key_padding_mask=None):
-        T = ids.shape[1]
-        x = self.embed(ids)
-        if self.pos is not None:
-            x = x + self.pos(torch.arange(T, device=ids.device))
-        if self.shift is not None:
-            x = x + self.shift(F.pad(x, (0, 0, 1, 0))[:, :-1])  # token t also sees token t - 1
-        for blk in self.blocks:
-            x = blk(x, key_padding_mask)
-        x = self.norm(x)
-        if self.causal:
-            return self.head(x)  # [B, T, outputs]
-        if key_padding_mask is None:
-            return self.head(x.mean(1))
-        w = key_padding_mask[..., None].to(x.dtype)
-        return self.head((x * w).sum(1) / w.sum(1).clamp_min(1.0))  # [B, outputs]
-
-    def feature_maps(self):
-        return [b.attn.feature_map for b in self.blocks if isinstance(b.attn, sf.SpectraAttention)]
-
-    @torch.no_grad()
-    def redraw(self, seed: int) -> int:
-        """Redraw every fixed W (learnable ones stay); returns how many were redrawn."""
-        n = 0
-        for i, fm in enumerate(self.feature_maps()):
-            if not fm.weights.learnable:
-                fm.redraw(seed * 7919 + i)
-                n += 1
-        return n
-
-
-def parse_pair(pair: str) -> tuple[str, str]:
-    parts = pair.split(":")
-    if len(parts) != 2 or parts[0] not in sf.COMPONENTS or parts[1] not in sf.WEIGHTS:
-        raise ValueError(
-            f"unknown attention {pair!r}: use softmax, uniform or <component>:<weights> with a "
-            f"component in {', '.join(sf.COMPONENTS)} and weights in {', '.join(sf.WEIGHTS)}"
-        )
-    return parts[0], parts[1]
-
-
-def split_window(pair: str) -> tuple[str, int | None]:
-    """``"posrf:orf@w16"`` -> ``("posrf:orf", 16)``; no suffix -> ``(pair, None)``."""
-    base, sep, w = pair.partition("@w")
-    if not sep:
-        return pair, None
-    if not w.isdigit() or int(w) < 1 or base == "uniform":
-        raise ValueError(
-            f"bad window in {pair!r}: use softmax@w<W> or <component>:<weights>@w<W> with W a positive int"
-        )
-    return base, int(w)
-
-
-def is_baseline(pair: str) -> bool:
-    """softmax, uniform and sliding-window softmax: no random features."""
-    return split_window(pair)[0] in BASELINES
-
-
-def with_window(pair: str, window: int | None) -> str:
-    """``pair`` with a window of ``window`` keys when it is a random-feature pair without one."""
-    return pair if window is None or is_baseline(pair) or "@w" in pair else f"{pair}@w{window}"
-
-
-def resolve_pairs(spec: str, quick: bool, window: int | None = None) -> list[str]:
-    """``all`` = both baselines and every component x weight pair; ``quick`` = ``QUICK_PAIRS``; ``window``
-    adds ``@w<window>`` to every random-feature pair that has no window."""
-    if spec == "all":
-        pairs = list(BASELINES) + [f"{c}:{w}" for c in sf.COMPONENTS for w in sf.WEIGHTS]
-    elif spec == "quick":
-        pairs = list(QUICK_PAIRS)
-    else:
-        pairs = [p.strip() for p in spec.split(",") if p.strip()]
-        if not pairs:
-            raise ValueError("--pairs is empty")
-    for p in pairs:
-        base, _ = split_window(p)
-        if base not in BASELINES:
-            parse_pair(base)
-    return [with_window(p, window) for p in pairs]
-
-
-# ----------------------------------------------------------------------------------------------------
-# Tasks and their settings
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TaskSettings:
-    task: str
-    data: object  # ListOpsConfig or MQARConfig
-    steps: int
-    batch_size: int
-    lr: float
-    weight_decay: float = 0.01
-    warmup_frac: float = 0.1
-    evals: int = 8  # validation points on the learning curve
-    model: ModelConfig = ModelConfig()
 
 
 def task_settings(task: str, quick: bool) -> TaskSettings:
     """Quick: sized for a 2-core CPU inside ``make report``. Full: LRA's ListOps (lengths 500-2000, depth 10,
     10 arguments, 96k training examples, batch 32) and Zoology's MQAR (vocab 8192, 64 pairs, T = 256).
-    ``mqar_spread``: the window section's MQAR (``bench/settings.window_settings``)."""
+    ``mqar_spread``: the window section's MQAR (``bench/report/settings.window_settings``)."""
     if task == "mqar_spread":
         return mqar_spread_task(window_settings(not quick, torch.device("cpu")))
     if task == "listops":
@@ -315,217 +73,12 @@ def task_settings(task: str, quick: bool) -> TaskSettings:
 
 
 def mqar_spread_task(ws: WindowSettings) -> TaskSettings:
-    """The ``TaskSettings`` of the window section's MQAR (``bench.train --task mqar_spread``): the key-value
-    pairs spread over T = 8 W tokens, sized by ``ws`` (``bench/settings.window_settings``)."""
+    """The ``TaskSettings`` of the window section's MQAR (``bench.report.train --task mqar_spread``): the key-value
+    pairs spread over T = 8 W tokens, sized by ``ws`` (``bench/report/settings.window_settings``)."""
     model = ModelConfig(token_shift=ws.mqar_token_shift, positions=ws.mqar_positions)
     return TaskSettings(
         "mqar_spread", ws.mqar, steps=ws.mqar_steps, batch_size=ws.mqar_batch, lr=ws.mqar_lr, model=model
     )
-
-
-class TaskData:
-    """A task's splits on the training device, batches and accuracy."""
-
-    def __init__(self, ts: TaskSettings, device: torch.device, data_seed: int = 0):
-        self.ts, self.device = ts, device
-        if isinstance(ts.data, ListOpsConfig):
-            splits = listops_splits(ts.data, data_seed)
-            self.vocab, self.outputs, self.causal = len(LISTOPS_VOCAB), NUM_CLASSES, False
-            self.chance_note = "majority class of the test set"
-            y = splits["test"][1]
-            self.chance = float(torch.bincount(y, minlength=NUM_CLASSES).max()) / len(y)
-        else:
-            splits = mqar_splits(ts.data, data_seed)
-            self.vocab, self.outputs, self.causal = ts.data.vocab_size, ts.data.vocab_size, True
-            self.chance_note = "1 / num_pairs (a value seen in the sequence, picked at random)"
-            self.chance = 1.0 / ts.data.num_pairs
-            if ts.data.vocab_size > 32767:
-                raise ValueError(f"MQAR vocab_size must be <= 32767, got {ts.data.vocab_size}")
-        # Token ids fit int16 (ListOps 16, MQAR <= 32767); full ListOps is 96000 x 1999 tokens.
-        self.splits = {k: (x.to(device=device, dtype=torch.int16), y.to(device)) for k, (x, y) in splits.items()}
-        self.max_len = max(x.shape[1] for x, _ in self.splits.values())
-
-    def _inputs(self, x):
-        x = x.long()
-        if self.causal:
-            return x, None
-        mask = x != 0  # ListOps: id 0 is padding
-        T = int(mask.sum(1).max())
-        return x[:, :T], mask[:, :T]
-
-    def loss_and_correct(self, model, x, y):
-        ids, mask = self._inputs(x)
-        logits = model(ids, mask)
-        if self.causal:
-            logits, y = logits.reshape(-1, logits.shape[-1]), y.reshape(-1)
-            keep = y != IGNORE
-            loss = F.cross_entropy(logits, y, ignore_index=IGNORE)
-            correct = (logits.argmax(-1)[keep] == y[keep]).sum()
-            return loss, correct, keep.sum()
-        loss = F.cross_entropy(logits, y)
-        return loss, (logits.argmax(-1) == y).sum(), torch.tensor(y.numel())
-
-    def batch(self, gen: torch.Generator):
-        x, y = self.splits["train"]
-        idx = torch.randint(0, x.shape[0], (self.ts.batch_size,), generator=gen).to(x.device)
-        return x[idx], y[idx]
-
-    @torch.no_grad()
-    def accuracy(self, model, split: str, batch_size: int = 256) -> float:
-        model.eval()
-        x, y = self.splits[split]
-        correct = total = 0
-        for i in range(0, x.shape[0], batch_size):
-            _, c, n = self.loss_and_correct(model, x[i : i + batch_size], y[i : i + batch_size])
-            correct += int(c)
-            total += int(n)
-        model.train()
-        return correct / max(total, 1)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Training
-# ----------------------------------------------------------------------------------------------------
-
-
-def lr_factor(step: int, steps: int, warmup_frac: float) -> float:
-    """Linear warm-up over ``warmup_frac`` of the steps, then cosine decay to 0."""
-    warm = max(1, int(warmup_frac * steps))
-    if step < warm:
-        return (step + 1) / warm
-    return 0.5 * (1.0 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
-
-
-def default_backend(device: torch.device) -> str:
-    """Triton on CUDA; the reference on the CPU (the compiled CPU backend recomputes its backward through the
-    reference, so training gains nothing from it, and it would be built on first use)."""
-    return "auto" if device.type == "cuda" else "reference"
-
-
-def build_model(pair: str, data: TaskData, seed: int, backend: str) -> TaskModel:
-    torch.manual_seed(seed)
-    return TaskModel(
-        pair, data.vocab, data.outputs, data.max_len, data.causal, seed, cfg=data.ts.model, backend=backend
-    ).to(data.device)
-
-
-def train_one(
-    pair: str,
-    data: TaskData,
-    seed: int,
-    *,
-    steps: int | None = None,
-    backend: str = "auto",
-    redraw_every: int = 0,
-    bar=None,
-    measure: bool = True,
-) -> dict:
-    """Train one model; returns test accuracy, the learning curve, time per step and (``measure``) the cost
-    breakdown: attention forward+backward alone, peak memory of one step."""
-    ts = data.ts
-    steps = ts.steps if steps is None else steps
-    dev = data.device
-    model = build_model(pair, data, seed, backend)
-    # Weight decay on the linear layers only: not on embeddings, norms, biases or learnable feature maps.
-    decayed = {
-        n
-        for n, p in model.named_parameters()
-        if p.dim() >= 2 and not n.startswith(("embed", "pos")) and ".feature_map." not in n
-    }
-    decay = [p for n, p in model.named_parameters() if n in decayed]
-    other = [p for n, p in model.named_parameters() if n not in decayed]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": ts.weight_decay}, {"params": other, "weight_decay": 0.0}],
-        lr=ts.lr,
-        betas=(0.9, 0.98),
-    )
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, ts.warmup_frac))
-    gen = torch.Generator().manual_seed(10_000 + seed)
-    eval_at = {max(1, round(steps * (i + 1) / ts.evals)) for i in range(ts.evals)}
-    losses, curve, step_s = [], [], []
-
-    def step(x, y):
-        opt.zero_grad(set_to_none=True)
-        loss, _, _ = data.loss_and_correct(model, x, y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        return loss
-
-    for i in range(steps):
-        if redraw_every and i and i % redraw_every == 0:
-            model.redraw(seed * 1_000_003 + i)
-        x, y = data.batch(gen)
-        sync(dev)
-        loss, seconds = timed(lambda: step(x, y), lambda: sync(dev))
-        step_s.append(seconds)
-        sched.step()
-        losses.append(float(loss.detach()))
-        if i + 1 in eval_at:
-            curve.append(
-                {
-                    "step": i + 1,
-                    "train_loss": statistics.fmean(losses[-max(1, steps // ts.evals) :]),
-                    "val_acc": data.accuracy(model, "val"),
-                }
-            )
-        if bar is not None:
-            bar.update()
-    out = {
-        "pair": pair,
-        "seed": seed,
-        "steps": steps,
-        "losses": losses,
-        "curve": curve,
-        "test_acc": data.accuracy(model, "test"),
-        "val_acc": curve[-1]["val_acc"] if curve else None,
-        "step_ms": 1e3 * statistics.median(step_s[min(3, len(step_s) - 1) :]),
-        "params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "feature_map_params": sum(p.numel() for fm in model.feature_maps() for p in fm.parameters() if p.requires_grad),
-    }
-    if measure:
-        out.update(measure_costs(model, data, gen, step))
-    return out
-
-
-def measure_costs(model: TaskModel, data: TaskData, gen: torch.Generator, step) -> dict:
-    """Where a step's time goes: the attention layers alone (forward + backward on the inputs they see in
-    the model) against the whole step; and the peak memory of one step."""
-    x, y = data.batch(gen)
-    ids, mask = data._inputs(x)
-    dev = data.device
-    h = torch.randn(ids.shape[0], ids.shape[1], model.blocks[0].ln1.normalized_shape[0], device=dev, requires_grad=True)
-
-    def attn_fwd_bwd():
-        for blk in model.blocks:
-            blk.attn(h, key_padding_mask=mask).sum().backward()
-
-    attn_ms, _, _, _ = time_fn(attn_fwd_bwd, dev, 0.3)
-    model.zero_grad(set_to_none=True)
-    mem = common.peak_memory(lambda: step(x, y), dev)
-    return {"attn_ms": attn_ms, "peak_mem_bytes": mem}
-
-
-def summarise(runs: list[dict], chance: float) -> dict:
-    accs = [r["test_acc"] for r in runs]
-    first = [statistics.fmean(r["losses"][: max(1, len(r["losses"]) // 10)]) for r in runs]
-    last = [statistics.fmean(r["losses"][-max(1, len(r["losses"]) // 10) :]) for r in runs]
-    mem = [r["peak_mem_bytes"] for r in runs if r.get("peak_mem_bytes") is not None]
-    attn = [r["attn_ms"] for r in runs if r.get("attn_ms") is not None]
-    return {
-        "pair": runs[0]["pair"],
-        "seeds": len(runs),
-        "acc_mean": statistics.fmean(accs),
-        "acc_std": statistics.stdev(accs) if len(accs) > 1 else 0.0,
-        "step_ms": statistics.fmean(r["step_ms"] for r in runs),
-        "attn_ms": statistics.fmean(attn) if attn else None,
-        "peak_mem_bytes": max(mem) if mem else None,
-        "params": runs[0]["params"],
-        "feature_map_params": runs[0]["feature_map_params"],
-        "loss_first": statistics.fmean(first),
-        "loss_last": statistics.fmean(last),
-        "above_chance": statistics.fmean(accs) > chance,
-    }
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -838,7 +391,7 @@ def section_markdown(results: list[dict], full: bool) -> list[str]:
         "",
         "## 5. Training on generated tasks",
         "",
-        f"`python -m bench.train{'' if full else ' --quick'}` inside this run: the model of the Spectraformer "
+        f"`python -m bench.report.train{'' if full else ' --quick'}` inside this run: the model of the Spectraformer "
         "LRA study trained with each attention; files `train_<task>.*`.",
         "",
     ]

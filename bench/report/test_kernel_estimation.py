@@ -1,4 +1,4 @@
-"""Smoke test of bench/kernel_estimation.py (``pytest bench -q``): tiny sizes, every pair of every set has
+"""Smoke test of bench/report/kernel_estimation.py (``pytest bench -q``): tiny sizes, every pair of every set has
 a row with finite statistics and ordered intervals, the m sweep has its slopes, and the section's markdown
 (with the findings sentence for every weight matrix) and plots are written."""
 
@@ -9,9 +9,9 @@ import math
 import torch
 
 import spectraformer_fused as sf
-from bench import kernel_estimation
 from bench.common import Context, versions
-from bench.settings import make_settings
+from bench.report import kernel_estimation
+from bench.report.settings import make_settings
 
 
 def test_kernel_section_rows_markdown_and_plots(tmp_path):

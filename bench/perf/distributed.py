@@ -1,4 +1,4 @@
-"""Context-parallel attention on CPU ranks against one process: ``python -m bench.bench_distributed``.
+"""Context-parallel attention on CPU ranks against one process: ``python -m bench.perf.distributed``.
 
 One causal sequence (fp32, posrf x orf; default B=1, T=16384, H=4, D=Dv=32, m=64) is run
 
@@ -30,9 +30,9 @@ import torch
 import torch.distributed as dist
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(HERE)))  # the repository root
 
-from bench.common import command_line, machine  # noqa: E402
+from bench.common import RESULTS, command_line, machine  # noqa: E402
 from bench.timing import measure  # noqa: E402
 from spectraformer_fused import RandomFeatureMap, available_backends, rf_attention  # noqa: E402
 from spectraformer_fused.attention import _resolve_backend  # noqa: E402
@@ -154,12 +154,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--worlds", default="1,2,4")
     parser.add_argument("--backend", default="auto", choices=("auto", "reference", "cpu"))
-    parser.add_argument("--out", default=os.path.join(HERE, "results"))
+    parser.add_argument("--out", default=RESULTS)
     args = parser.parse_args()
     if args.backend in ("auto", "cpu"):
         available_backends()  # builds the CPU extension once, before the ranks load it
     cfg = {"B": args.B, "T": args.T, "H": args.H, "D": args.D, "m": args.m, "reps": args.reps, "backend": args.backend}
-    table = run(cfg, [int(w) for w in args.worlds.split(",")], command_line("bench.bench_distributed"))
+    table = run(cfg, [int(w) for w in args.worlds.split(",")], command_line("bench.perf.distributed"))
     print(table)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"distributed-cpu-{datetime.date.today().isoformat()}.md")

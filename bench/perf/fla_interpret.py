@@ -1,5 +1,5 @@
 """Run flash-linear-attention's Triton kernels under the Triton interpreter (CPU tensors), for the dry run
-of bench/gpu_bench.py, so the fla peer is exercised end to end without a GPU.
+of bench/perf/gpu.py, so the fla peer is exercised end to end without a GPU.
 
 Two obstacles, both specific to the interpreter, and what is done about them:
 * fla's kernels are ``@triton.autotune``d; the autotuner times its candidates with the GPU driver, which

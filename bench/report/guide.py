@@ -7,8 +7,8 @@ import statistics
 
 import spectraformer_fused as sf
 
+from ..common import dtype_name, fmt, md_table
 from . import kernel_estimation
-from .common import dtype_name, fmt, md_table
 from .settings import Settings
 
 

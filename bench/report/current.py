@@ -1,6 +1,6 @@
 """The current report: ``bench/results/REPORT.md``, the newest result of every section in bench/results/.
 
-    python -m bench.current_report [--results DIR] [--out FILE]
+    python -m bench.report.current [--results DIR] [--out FILE]
 
 bench/results/ holds dated runs of two kinds: folders written by ``python -m bench.report``
 (``<device>-<date>[-<section>]/report.md``, each ``## N. Title`` one section of the report) and single
@@ -21,7 +21,7 @@ import re
 import sys
 from dataclasses import dataclass
 
-from .common import RESULTS
+from ..common import RESULTS
 
 REPORT = "REPORT.md"
 DATE = re.compile(r"\d{4}-\d{2}-\d{2}(?: \d{2}:\d{2}(?: UTC)?)?")
@@ -35,13 +35,13 @@ HEADER_LINES = 20  # where a file's date, device and command are looked for
 # The script that writes each kind of standalone file: named where the file records no command.
 WRITERS = {
     "compile": "bench/compile_check.py",
-    "cpu": "bench/bench_cpu.py",
-    "distributed": "bench/bench_distributed.py",
-    "fit": "bench/fit_report.py",
+    "cpu": "bench/perf/cpu.py",
+    "distributed": "bench/perf/distributed.py",
+    "fit": "bench/report/fitting.py",
     "hybrid": "bench/bench_hybrid_cpu.py",
-    "linearize": "bench/linearize_report.py",
+    "linearize": "bench/report/linearize.py",
     "real": "bench/real_lm.py",
-    "varlen": "bench/varlen.py",
+    "varlen": "bench/report/varlen.py",
 }
 
 
@@ -212,7 +212,7 @@ def markdown(results: str) -> list[str]:
         "# spectraformer_fused: the current report",
         "",
         f"The newest result of every section in `bench/results/`, collected on {today} by "
-        "`python -m bench.current_report` from the dated runs beside this file; that script measures nothing. "
+        "`python -m bench.report.current` from the dated runs beside this file; that script measures nothing. "
         "Each section names the run it comes from (date, device, command) and links its file, where the raw "
         "numbers and plots are. Sections come from different runs, on different days and machines and under "
         "different load: compare numbers across sections with care.",
