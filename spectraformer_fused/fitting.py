@@ -648,6 +648,7 @@ def distill(
     loss: str = "kl",
     chunk_size: int = 64,
     progress: bool = False,
+    init_mix: bool = True,
 ) -> dict:
     """Attention transfer: fit every attention layer's feature map to that layer's softmax attention.
 
@@ -670,6 +671,10 @@ def distill(
     ``steps`` steps of one optimizer on the sum of the layers' losses. Batches are used in turn.
     ``progress=True`` shows one progress bar over all the steps on stderr (tqdm when installed, else a
     plain line now and then).
+    ``init_mix=True`` first sets the exact-part factor of every layer whose feature map has one (and that
+    has a window or sinks) from its first recorded batch (``init_mix``: the factor by which its features
+    mis-scale the keys beyond the exact set, which for hedgehog is far below 1 and would take Adam thousands
+    of steps to reach from 1); False starts from the value given to ``mix=``.
 
     Returns ``{layer name: loss curve}`` (the per-layer loss before each step).
     """
@@ -686,6 +691,11 @@ def distill(
     unused = [name for name, recs in records.items() if not recs]
     if unused:
         raise ValueError(f"layers {unused} were not called on batches: nothing to distill them on")
+    if init_mix:
+        for name, fm in layers.items():
+            rec = records[name][0]
+            if fm.log_mix is not None and (rec.window is not None or rec.sinks):
+                _init_mix_record(fm, rec)
     missing = [name for name, fm in layers.items() if not trainable_parameters(fm)]
     if missing:
         raise ValueError(
@@ -737,6 +747,106 @@ def distill(
         return _distill_joint(layers, layer_loss, steps, lr, bar)
     finally:
         bar.close()
+
+
+def _init_mix_record(fm: RandomFeatureMap, rec: AttentionRecord) -> None:
+    init_mix(
+        fm,
+        rec.q,
+        rec.k,
+        scale=rec.scale,
+        causal=rec.causal,
+        key_padding_mask=rec.key_padding_mask,
+        window=rec.window,
+        sinks=rec.sinks,
+    )
+
+
+@torch.no_grad()
+def init_mix(
+    feature_map: RandomFeatureMap,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    key_padding_mask: torch.Tensor | None = None,
+    window: int | None = None,
+    sinks: int | None = None,
+    rows: int = 256,
+) -> torch.Tensor:
+    """Start the exact-part factor g of a hybrid layer from data; returns the new ``log_mix`` ``[H_kv]``.
+
+    In the model's row t the exact part weighs ``g sum_E exp(l_tj)`` and the feature part ``sum_R est_tj``
+    (``est = phi(q).phi(k)``); in the softmax row they weigh ``sum_E exp(l)`` and ``sum_R exp(l)``. The
+    shares agree when ``g = sum_R est_tj / sum_R exp(l_tj)``: the factor by which the features mis-scale the
+    keys they stand for (about 1 for an unbiased map, far below 1 for hedgehog's per-row normalised
+    features). ``log_mix`` is set, per key/value head, to the median of ``log g`` over up to ``rows`` query
+    rows (evenly spaced, those with both exact and feature keys) of q ``[B, T, H, D]``, k ``[B, T, H_kv, D]``;
+    unchanged for a head with no such row. Exact set and visibility as in ``attention_distillation_loss``.
+    """
+    if not isinstance(feature_map, RandomFeatureMap):
+        raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
+    if feature_map.log_mix is None:
+        raise ValueError("init_mix needs a feature map built with mix= (it has no exact-part factor)")
+    window, sinks = check_window(window), check_sinks(sinks)
+    if window is None and not sinks:
+        raise ValueError("init_mix needs a window or sinks: without an exact part the factor does nothing")
+    check_qk_pair(q, k, grouped=True)
+    B, T, H, D = q.shape
+    Hk = k.shape[2]
+    G = H // Hk
+    feature_map.check_input(D, Hk)
+    scale = resolve_scale(scale, D)
+    mask = _check_mask(key_padding_mask, q)
+    p = feature_map.feature_params(q, k, scale=scale, causal=causal, key_padding_mask=mask, update_stats=False)
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    root = math.sqrt(scale)
+    idx = torch.linspace(0, T - 1, min(rows, T), device=q.device).round().long().unique()
+    x = (q.to(cdt) * root).transpose(1, 2).unflatten(1, (Hk, G))[:, :, :, idx]  # [B, Hk, G, r, D]
+    y = (k.to(cdt) * root).transpose(1, 2)  # [B, Hk, T, D]
+    args = dict(kind=p.kind, c_t=p.c_t, c_o=p.c_o)
+    W, bias, freq = p.W.to(cdt), p.bias.to(cdt), p.freq.to(cdt)
+    psi = None if p.psi is None else p.psi.to(cdt)
+    eq, mq = feature_logits(x.flatten(2, 3), W, bias, freq, psi, query=True, **args)  # [B, Hk, G r, F]
+    ek, mk = feature_logits(y, W, bias, freq, psi, query=False, **args)  # [B, Hk, T, F]
+    if mask is not None:
+        ek = ek.masked_fill(~mask[:, None, :, None], float("-inf"))
+    sq = eq.amax(-1, keepdim=True)
+    sk = ek.amax(dim=(-1, -2), keepdim=True).clamp_min(-1e30)
+    fq, fk = torch.exp(eq - sq), torch.exp(ek - sk)
+    if mq is not None:
+        fq, fk = fq * mq, fk * mk
+    est = (fq @ fk.transpose(-1, -2)).unflatten(2, (G, len(idx)))  # [B, Hk, G, r, T], on the scale exp(sq + sk)
+    log_est = torch.log(est.clamp_min(_TINY)) + sq.unflatten(2, (G, len(idx))) + sk[:, :, None]
+    logits = x @ y[:, :, None].transpose(-1, -2)
+    if p.exact_sq != 0.0:
+        logits = logits + p.exact_sq * ((x * x).sum(-1)[..., :, None] + (y * y).sum(-1)[:, :, None, None, :])
+    t, j = idx[:, None], torch.arange(T, device=q.device)[None, :]
+    visible = (j <= t) if causal else torch.ones_like(j <= t)
+    visible = visible.expand(B, 1, 1, len(idx), T)
+    if mask is not None:
+        visible = visible & mask[:, None, None, None, :]
+    exact = torch.zeros_like(t - j, dtype=torch.bool)
+    if window is not None:
+        exact = exact | (((t - j >= 0) & (t - j < window)) if causal else (t - j).abs() < window)
+    if sinks:
+        exact = exact | (j < sinks)
+    rest = visible & ~exact
+    lg = torch.logsumexp(log_est.masked_fill(~rest, float("-inf")), -1) - torch.logsumexp(
+        logits.masked_fill(~rest, float("-inf")), -1
+    )  # [B, Hk, G, r]
+    ok = rest.any(-1) & (visible & exact).any(-1) & torch.isfinite(lg)
+    new = feature_map.log_mix.detach().clone()
+    per_head = lg.transpose(0, 1).reshape(Hk, -1)
+    ok = ok.expand_as(lg).transpose(0, 1).reshape(Hk, -1)
+    if feature_map.num_heads == 1:
+        per_head, ok = per_head.reshape(1, -1), ok.reshape(1, -1)
+    for h in range(per_head.shape[0]):
+        if ok[h].any():
+            new[h] = per_head[h][ok[h]].median().to(new.dtype)
+    feature_map.log_mix.copy_(new)
+    return new
 
 
 def _distill_joint(layers, layer_loss, steps, lr, bar) -> dict:
@@ -1031,6 +1141,7 @@ __all__ = [
     "FINETUNE_TRAIN",
     "attention_projections",
     "distill",
+    "init_mix",
     "finetune",
     "output_loss",
     "record_attention_inputs",

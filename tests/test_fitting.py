@@ -566,3 +566,63 @@ def test_sinks_bad_inputs():
     layer = SpectraAttention(8, 1, num_features=6, weights="learnable", seed=0)
     with pytest.raises(ValueError, match="unknown loss"):
         distill(torch.nn.Sequential(layer), [torch.randn(1, 4, 8)], steps=1, loss="output")
+
+
+# -- the factor's start from data (init_mix) -------------------------------------------------------------
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("component", ["posrf", "hedgehog"])
+def test_init_mix_matches_dense_definition(component, causal):
+    """log g = median over rows of log(sum_R est / sum_R exp(l)), computed densely from kernel_estimate and
+    exact_logits (multi-head: one feature map head per head)."""
+    from spectraformer_fused.fitting import init_mix
+    from spectraformer_fused.reference import exact_logits
+
+    g = torch.Generator().manual_seed(4)
+    B, T, H, D, W, S = 2, 40, 2, 8, 5, 2
+    q, k = (torch.randn(B, T, H, D, generator=g, dtype=torch.float64) * 0.8 for _ in range(2))
+    fm = RandomFeatureMap(D, 16, component=component, num_heads=H, seed=0, dtype=torch.float64, mix=True)
+    got = init_mix(fm, q, k, causal=causal, window=W, sinks=S, rows=T)
+    est = fm.kernel_estimate(q, k)  # [B, H, T, T]
+    logits = exact_logits(q, k)
+    t, j = torch.arange(T)[:, None], torch.arange(T)[None, :]
+    visible = j <= t if causal else torch.ones(T, T, dtype=torch.bool)
+    exact = ((t - j >= 0) & (t - j < W) if causal else (t - j).abs() < W) | (j < S)
+    rest = visible & ~exact
+    ratio = (est * rest).sum(-1) / (logits.exp() * rest).sum(-1)  # [B, H, T]
+    ok = rest.any(-1)
+    want = torch.stack([ratio[:, h][:, ok].log().flatten().median() for h in range(H)])
+    assert_close(got, want, torch.float64, name="log_mix")
+    assert torch.equal(fm.log_mix.detach(), got)
+    if component == "hedgehog":  # per-row normalised features: far below the exact scale
+        assert (got < -1).all()
+
+
+def test_init_mix_refuses_what_it_cannot_do():
+    from spectraformer_fused.fitting import init_mix
+
+    q = torch.randn(1, 6, 2, 8)
+    with pytest.raises(ValueError, match="mix"):
+        init_mix(RandomFeatureMap(8, 4, num_heads=2), q, q, window=2)
+    with pytest.raises(ValueError, match="window or sinks"):
+        init_mix(RandomFeatureMap(8, 4, num_heads=2, mix=True), q, q)
+
+
+def test_distill_starts_the_factor_from_data():
+    """distill(init_mix=True) moves log_mix to init_mix's value before its steps; init_mix=False keeps mix=."""
+    from spectraformer_fused.fitting import distill, init_mix, record_attention_inputs
+
+    x = torch.randn(1, 30, 16, generator=torch.Generator().manual_seed(2))
+    for flag in (True, False):
+        torch.manual_seed(0)
+        layer = SpectraAttention(16, 2, num_features=8, component="hedgehog", causal=True, window=4, sinks=1, mix=1.0)
+        model = torch.nn.Sequential(layer)
+        rec = record_attention_inputs(model, [x])["0"][0]
+        ref = RandomFeatureMap(8, 8, component="hedgehog", num_heads=2, mix=1.0)
+        ref.load_state_dict(layer.feature_map.state_dict())
+        want = init_mix(ref, rec.q, rec.k, scale=rec.scale, causal=True, window=4, sinks=1)
+        curves = distill(model, [x], steps=1, lr=1e-9, loss="mse", init_mix=flag)
+        assert len(curves["0"]) == 1
+        if flag:
+            assert torch.allclose(layer.feature_map.log_mix.detach(), want, atol=1e-6)
+        else:
+            assert torch.allclose(layer.feature_map.log_mix.detach(), torch.zeros(2), atol=1e-6)
