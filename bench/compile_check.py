@@ -69,7 +69,9 @@ class Case:
     mode: str = "walk"  # the causal mode (SPECTRAFORMER_FUSED_TRITON_MODE)
     kv_heads: int = 2  # key/value heads of the 2 query heads (1: multi-query attention)
     packed: tuple = ()  # lengths of packed sequences (cu_seqlens); () = one dense batch row of T tokens
-    window: int = 0  # the hybrid window W (0: random features only)
+    window: int = 0  # the hybrid window W (0: random features only, or sinks only with sinks > 0)
+    sinks: int = 0  # attention sinks S (DESIGN.md section 8)
+    mix: bool = False  # the feature map's learned exact-part factor
 
     @property
     def label(self) -> str:
@@ -77,6 +79,7 @@ class Case:
         extra += "+mqa" * (self.kv_heads == 1)
         extra += f"+packed{len(self.packed)}" * bool(self.packed)
         extra += f"+w{self.window}" * bool(self.window)
+        extra += f"+s{self.sinks}" * bool(self.sinks) + "+mix" * self.mix
         return (
             f"{self.comp} {'causal' if self.causal else 'full'} {self.dtype} D{self.D} Dv{self.Dv} m{self.m}"
             f" T{self.T}{extra}"
@@ -115,11 +118,16 @@ def cases(which: str) -> list[Case]:
             Case("hedgehog", True, "fp32", 16, 16, 16, 40, mode="chunk", packed=(24, 0, 16)),
             Case("posrf", True, "fp16", 16, 16, 16, 40, window=5),
             Case("hyprf", False, "fp32", 16, 16, 16, 40, True, True, window=5),
+            Case("posrf", True, "fp16", 16, 16, 16, 40, True, True, window=5, sinks=4, mix=True),
+            Case("hyprf", False, "fp32", 16, 16, 16, 40, sinks=4),
+            Case("posrf", True, "fp16", 16, 16, 16, 40, init=True, packed=(24, 0, 16), window=3, sinks=2),
         ]
     base = [Case("posrf", causal, dt) for causal in (True, False) for dt in ("fp16", "fp32")]
     base += [Case("hyprf", True, "fp16"), Case("trigrf", True, "fp16"), Case("hedgehog", True, "fp16")]
     base += [Case("hedgehog", False, "fp16")]
     base += [Case("posrf", causal, "fp16", window=64) for causal in (True, False)]
+    base += [Case("posrf", causal, "fp16", window=64, sinks=4, mix=True) for causal in (True, False)]
+    base += [Case("posrf", True, "fp16", sinks=4)]
     base += [dataclasses.replace(c, mode="chunk") for c in base if c.causal]
     packed = (64, 512, 1, 256, 191)  # 1024 tokens in five sequences
     base += [
@@ -164,7 +172,7 @@ def capture(case: Case) -> list:
         for n in case.packed:
             offsets.append(offsets[-1] + n)
     args = {"A": -0.1} if case.comp == "gerf" else {}
-    fm = RandomFeatureMap(case.D, case.m, component=case.comp, num_heads=Hk, seed=0, **args)
+    fm = RandomFeatureMap(case.D, case.m, component=case.comp, num_heads=Hk, seed=0, mix=case.mix or None, **args)
     q = torch.randn(B, case.T, H, case.D, dtype=dt, requires_grad=True)
     k = torch.randn(B, case.T, Hk, case.D, dtype=dt, requires_grad=True)
     v = torch.randn(B, case.T, Hk, case.Dv, dtype=dt, requires_grad=True)
@@ -174,8 +182,8 @@ def capture(case: Case) -> list:
         F = fm.feature_dim
         R = B if offsets is None else len(offsets) - 1
         state = RFState(torch.zeros(R, Hk, F, case.Dv), torch.zeros(R, Hk, F), torch.zeros(R, Hk))
-        if case.window:
-            state = empty_window_state(R, Hk, F, case.D, case.Dv, case.window)
+        if case.window or case.sinks:
+            state = empty_window_state(R, Hk, F, case.D, case.Dv, case.window, sinks=case.sinks)
     params = fm.feature_params(q, k, scale=case.D**-0.5, causal=case.causal, key_padding_mask=mask, offsets=offsets)
     cu = None if offsets is None else torch.tensor(offsets, dtype=torch.int32)
     os.environ["SPECTRAFORMER_FUSED_TRITON_MODE"] = case.mode
@@ -190,7 +198,8 @@ def capture(case: Case) -> list:
             initial_state=state,
             output_final_state=False,
             cu_seqlens=cu,
-            window=case.window or None,
+            window=case.window or (0 if case.sinks else None),
+            sinks=case.sinks,
         )
         o.float().sum().backward()
     finally:

@@ -335,6 +335,7 @@ def triton_attention(
     output_final_state: bool,
     cu_seqlens: Optional[Tensor] = None,
     window: Optional[int] = None,
+    sinks: int = 0,
 ):
     """Random-feature attention with the Triton kernels; the reference's semantics and signature.
 
@@ -368,6 +369,7 @@ def triton_attention(
             output_final_state=output_final_state,
             cu_seqlens=None if cu_seqlens is None else cu_seqlens.to(torch.int32).contiguous(),
             mode=causal_mode(q, v, params.W.shape[1], True, num_seqs),
+            sinks=sinks,
         )
     if initial_state is not None:
         S0, z0, m0 = (t.float().contiguous() for t in initial_state)

@@ -14,6 +14,12 @@ in the same launch as a dense batch:
   ds = p (dnum . v + dden), dx = sum_j ds y_j (+ 2 exact_sq x sum_j ds), dy = sum_t ds x_t (+ ...),
   dv = sum_t p dnum_t. The key side writes per-query-head partials, summed over each group on the host.
 
+Sinks (DESIGN.md section 8): the forward and dq kernels read S sink slots per sequence (``ks``, ``vs`` ``[R,
+S, Hk, .]``; the block tables give each query block its sequence row and first query row; ``sfrom [R, S]``
+the first position of the sequence whose query sees the slot) as one more key block before the band, in
+the same online maximum; the dq kernel writes each block's share of the slots' dk, dv as per-block partials
+(``[blocks, B H, S, .]``), summed per sequence on the host. Window 0 (``band = 0``) runs the sinks alone.
+
 No ``[T, band]`` tensor exists outside registers.
 """
 
@@ -47,6 +53,32 @@ def _band_logits(x, y, xsq, o_t, m_t, o_j, keep, eo, ee, s_mb, i_b, exact_sq, WB
 
 
 @triton.jit
+def _sink_logits(x, y, xsq, t_loc, m_t, sfrom, srow, NS, o_s, exact_sq, HAS_SQ: tl.constexpr, PREC: tl.constexpr):
+    """[BT, BS] logits of query rows (local positions t_loc in their sequence) against sink slots o_s of
+    sequence row srow (y [BS, BD]): -inf where the slot is not visible (``sfrom [R, NS]``: the first local
+    query position that sees the slot; past the end where it is empty or masked)."""
+    s = _dot(x, tl.trans(y), PREC)
+    if HAS_SQ:
+        s += xsq[:, None] + exact_sq * tl.sum(y * y, axis=1)[None, :]
+    m_s = o_s < NS
+    fr = tl.load(sfrom + srow * NS + o_s, mask=m_s, other=0)
+    vis = (fr[None, :] <= t_loc[:, None]) & m_s[None, :] & m_t[:, None]
+    return tl.where(vis, s, float("-inf"))
+
+
+@triton.jit
+def _online(s, vv, m_i, l_i, acc, PREC: tl.constexpr):
+    """One step of the online softmax sums (flash attention) with logits s [BT, BK] and values vv [BK, BV]."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_safe)
+    p = tl.exp(s - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + _dot(p, vv, PREC)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _rows(x, i_b, i_h, o_t, m_t, o_d, m_d, s_b, s_t, s_h):
     """[rows, cols] fp32 tile of a [B, T, H, cols] tensor (last dim contiguous); zeros outside."""
     p = x + i_b * s_b + o_t[:, None] * s_t + i_h * s_h + o_d[None, :]
@@ -70,11 +102,11 @@ def _query_block(q, tq0, tq1, teo, tee, i_blk, i_b, i_h, s_qb, s_qt, s_qh, D, ro
 
 @triton.jit
 def _band_fwd_kernel(
-    q, k, v, keep, num, den, top, tq0, tq1, teo, tee,
-    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_mb,
-    T, H, G, D, DV, root, exact_sq, WB,
+    q, k, v, keep, num, den, top, tq0, tq1, teo, tee, tsr, tqa, ks, vs, sfrom,
+    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_mb, s_sb, s_st, s_sh, s_ub, s_ut, s_uh,
+    T, H, G, D, DV, NS, root, exact_sq, WB,
     HAS_SQ: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-    BV: tl.constexpr,
+    BV: tl.constexpr, BS: tl.constexpr, HAS_BAND: tl.constexpr, HAS_SINK: tl.constexpr,
 ):  # fmt: skip
     i_blk = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
@@ -89,21 +121,25 @@ def _band_fwd_kernel(
     acc = tl.zeros([BT, BV], dtype=tl.float32)
     l_i = tl.zeros([BT], dtype=tl.float32)
     m_i = tl.full([BT], float("-inf"), tl.float32)
-    e_lo = q0 + eo
-    e_hi = tl.minimum(e_lo + BT + WB - 1, ee)
-    for j0 in range(e_lo, e_hi, BK):
-        o_j = j0 + tl.arange(0, BK)
-        m_j = o_j < ee
-        y = _rows(k, i_b, i_hk, o_j, m_j, o_d, m_d, s_kb, s_kt, s_kh) * root
-        s = _band_logits(x, y, xsq, o_t, m_t, o_j, keep, eo, ee, s_mb, i_b, exact_sq, WB, HAS_SQ, PREC)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_safe)
-        p = tl.exp(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        vv = _rows(v, i_b, i_hk, o_j, m_j, o_v, m_v, s_vb, s_vt, s_vh)
-        acc = acc * alpha[:, None] + _dot(p, vv, PREC)
-        m_i = m_new
+    if HAS_SINK:  # the sinks of the block's sequence (row srow), before its band
+        srow = i_b + tl.load(tsr + i_blk).to(tl.int64)
+        t_loc = o_t - tl.load(tqa + i_blk).to(tl.int64)
+        for s0 in range(0, NS, BS):
+            o_s = s0 + tl.arange(0, BS)
+            y = _rows(ks, srow, i_hk, o_s, o_s < NS, o_d, m_d, s_sb, s_st, s_sh) * root
+            s = _sink_logits(x, y, xsq, t_loc, m_t, sfrom, srow, NS, o_s, exact_sq, HAS_SQ, PREC)
+            vv = _rows(vs, srow, i_hk, o_s, o_s < NS, o_v, m_v, s_ub, s_ut, s_uh)
+            m_i, l_i, acc = _online(s, vv, m_i, l_i, acc, PREC)
+    if HAS_BAND:
+        e_lo = q0 + eo
+        e_hi = tl.minimum(e_lo + BT + WB - 1, ee)
+        for j0 in range(e_lo, e_hi, BK):
+            o_j = j0 + tl.arange(0, BK)
+            m_j = o_j < ee
+            y = _rows(k, i_b, i_hk, o_j, m_j, o_d, m_d, s_kb, s_kt, s_kh) * root
+            s = _band_logits(x, y, xsq, o_t, m_t, o_j, keep, eo, ee, s_mb, i_b, exact_sq, WB, HAS_SQ, PREC)
+            vv = _rows(v, i_b, i_hk, o_j, m_j, o_v, m_v, s_vb, s_vt, s_vh)
+            m_i, l_i, acc = _online(s, vv, m_i, l_i, acc, PREC)
     row = i_bh * T + o_t
     tl.store(num + row[:, None] * DV + o_v[None, :], acc, mask=m_t[:, None] & m_v[None, :])
     tl.store(den + row, l_i, mask=m_t)
@@ -112,12 +148,14 @@ def _band_fwd_kernel(
 
 @triton.jit
 def _band_dq_kernel(
-    q, k, v, keep, top, dnum, dden, dq, tq0, tq1, teo, tee,
-    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_mb,
-    T, H, G, D, DV, root, exact_sq, WB,
+    q, k, v, keep, top, dnum, dden, dq, tq0, tq1, teo, tee, tsr, tqa, ks, vs, sfrom, dks, dvs,
+    s_qb, s_qt, s_qh, s_kb, s_kt, s_kh, s_vb, s_vt, s_vh, s_mb, s_sb, s_st, s_sh, s_ub, s_ut, s_uh,
+    T, H, G, D, DV, NS, root, exact_sq, WB,
     HAS_SQ: tl.constexpr, PREC: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-    BV: tl.constexpr,
+    BV: tl.constexpr, BS: tl.constexpr, HAS_BAND: tl.constexpr, HAS_SINK: tl.constexpr,
 ):  # fmt: skip
+    """dq of a query block; with sinks also the block's share of the sinks' dk and dv, into per-block
+    partials ``dks [blocks, B H, NS, D]``, ``dvs [blocks, B H, NS, DV]`` (summed per sequence on the host)."""
     i_blk = tl.program_id(0)
     i_bh = tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
@@ -134,18 +172,39 @@ def _band_dq_kernel(
     b_dd = tl.load(dden + row, mask=m_t, other=0.0)
     dx = tl.zeros([BT, BD], dtype=tl.float32)
     dsum = tl.zeros([BT], dtype=tl.float32)
-    e_lo = q0 + eo
-    e_hi = tl.minimum(e_lo + BT + WB - 1, ee)
-    for j0 in range(e_lo, e_hi, BK):
-        o_j = j0 + tl.arange(0, BK)
-        m_j = o_j < ee
-        y = _rows(k, i_b, i_hk, o_j, m_j, o_d, m_d, s_kb, s_kt, s_kh) * root
-        s = _band_logits(x, y, xsq, o_t, m_t, o_j, keep, eo, ee, s_mb, i_b, exact_sq, WB, HAS_SQ, PREC)
-        p = tl.exp(s - b_top[:, None])
-        vv = _rows(v, i_b, i_hk, o_j, m_j, o_v, m_v, s_vb, s_vt, s_vh)
-        ds = p * (_dot(b_dn, tl.trans(vv), PREC) + b_dd[:, None])
-        dx += _dot(ds, y, PREC)
-        dsum += tl.sum(ds, axis=1)
+    if HAS_SINK:
+        srow = i_b + tl.load(tsr + i_blk).to(tl.int64)
+        t_loc = o_t - tl.load(tqa + i_blk).to(tl.int64)
+        part = (i_blk.to(tl.int64) * tl.num_programs(1) + i_bh) * NS
+        for s0 in range(0, NS, BS):
+            o_s = s0 + tl.arange(0, BS)
+            m_s = o_s < NS
+            y = _rows(ks, srow, i_hk, o_s, m_s, o_d, m_d, s_sb, s_st, s_sh) * root
+            s = _sink_logits(x, y, xsq, t_loc, m_t, sfrom, srow, NS, o_s, exact_sq, HAS_SQ, PREC)
+            p = tl.exp(s - b_top[:, None])
+            tl.store(dvs + (part + o_s[:, None]) * DV + o_v[None, :], _dot(tl.trans(p), b_dn, PREC),
+                     mask=m_s[:, None] & m_v[None, :])  # fmt: skip
+            vv = _rows(vs, srow, i_hk, o_s, m_s, o_v, m_v, s_ub, s_ut, s_uh)
+            ds = p * (_dot(b_dn, tl.trans(vv), PREC) + b_dd[:, None])
+            dy = _dot(tl.trans(ds), x, PREC)
+            if HAS_SQ:
+                dy += 2.0 * exact_sq * y * tl.sum(ds, axis=0)[:, None]
+            tl.store(dks + (part + o_s[:, None]) * D + o_d[None, :], dy * root, mask=m_s[:, None] & m_d[None, :])
+            dx += _dot(ds, y, PREC)
+            dsum += tl.sum(ds, axis=1)
+    if HAS_BAND:
+        e_lo = q0 + eo
+        e_hi = tl.minimum(e_lo + BT + WB - 1, ee)
+        for j0 in range(e_lo, e_hi, BK):
+            o_j = j0 + tl.arange(0, BK)
+            m_j = o_j < ee
+            y = _rows(k, i_b, i_hk, o_j, m_j, o_d, m_d, s_kb, s_kt, s_kh) * root
+            s = _band_logits(x, y, xsq, o_t, m_t, o_j, keep, eo, ee, s_mb, i_b, exact_sq, WB, HAS_SQ, PREC)
+            p = tl.exp(s - b_top[:, None])
+            vv = _rows(v, i_b, i_hk, o_j, m_j, o_v, m_v, s_vb, s_vt, s_vh)
+            ds = p * (_dot(b_dn, tl.trans(vv), PREC) + b_dd[:, None])
+            dx += _dot(ds, y, PREC)
+            dsum += tl.sum(ds, axis=1)
     if HAS_SQ:
         dx += 2.0 * exact_sq * x * dsum[:, None]
     tl.store(dq + i_b * s_qb + o_t[:, None] * s_qt + i_h * s_qh + o_d[None, :], dx * root,
@@ -208,15 +267,17 @@ def _band_dkv_kernel(
 class BandTables:
     """The block tables of one call: ``segments`` = ``[(qa, qb, e)]``, the query rows of each segment and
     the first extended row of its keys (a dense batch: one segment ``(0, T, 0)``), ``n`` = W - 1, ``band``
-    the keys per query. Query t of a segment starts its band at extended row ``e + t - qa``."""
+    the keys per query (0: no band, sinks only). Query t of a segment starts its band at extended row
+    ``e + t - qa``; segment i reads the sink slots of row ``b + i`` (batch row b of a dense batch, sequence
+    i of packed ones)."""
 
     def __init__(self, segments, n: int, band: int, device):
-        q0, q1, eo, ee = [], [], [], []
+        q0, q1, eo, ee, sr, qs = [], [], [], [], [], []
         k0, ke, ko, ka, kb = [], [], [], [], []
-        for qa, qb, e in segments:
+        for i, (qa, qb, e) in enumerate(segments):
             end = e + n + qb - qa
             for t in range(qa, qb, BT):
-                q0.append(t), q1.append(qb), eo.append(e - qa), ee.append(end)
+                q0.append(t), q1.append(qb), eo.append(e - qa), ee.append(end), sr.append(i), qs.append(qa)
             for j in range(e, end, BK):
                 k0.append(j), ke.append(end), ko.append(e - qa), ka.append(qa), kb.append(qb)
 
@@ -224,7 +285,7 @@ class BandTables:
             return torch.tensor(x, dtype=torch.int64, device=device)
 
         self.band = band
-        self.query = tuple(table(x) for x in (q0, q1, eo, ee))
+        self.query = tuple(table(x) for x in (q0, q1, eo, ee, sr, qs))
         self.keys = tuple(table(x) for x in (k0, ke, ko, ka, kb))
 
 
@@ -242,24 +303,44 @@ def _launch_args(q, Ke, Ve, keep_e, scale, exact_sq, tables: BandTables):
     )  # fmt: skip
 
 
-def band_forward(q, Ke, Ve, keep_e, *, scale: float, exact_sq: float, tables: BandTables):
+def _sink_args(q, sinks, tables: BandTables):
+    """The query-side kernels' sink arguments: ``sinks`` = (ks [R, S, Hk, D], vs [R, S, Hk, Dv] fp32, last dim
+    contiguous, sfrom [R, S] int64 contiguous) or None."""
+    if sinks is None:
+        ks = vs = sfrom = q
+        NS, st_k, st_v = 0, (0, 0, 0), (0, 0, 0)
+    else:
+        ks, vs, sfrom = sinks
+        NS, st_k, st_v = ks.shape[1], ks.stride()[:3], vs.stride()[:3]
+    return (ks, vs, sfrom), dict(
+        s_sb=st_k[0], s_st=st_k[1], s_sh=st_k[2], s_ub=st_v[0], s_ut=st_v[1], s_uh=st_v[2], NS=NS,
+        BS=min(BK, max(16, triton.next_power_of_2(max(NS, 1)))), HAS_BAND=tables.band > 0, HAS_SINK=NS > 0,
+    )  # fmt: skip
+
+
+def band_forward(q, Ke, Ve, keep_e, *, scale: float, exact_sq: float, tables: BandTables, sinks=None):
     """q ``[B, T, H, D]`` (last dim contiguous), Ke ``[B, L, Hk, D]``, Ve ``[B, L, Hk, Dv]`` (fp32, last dim
-    contiguous), keep_e ``[B, L]`` uint8. Returns ``(num [B, H, T, Dv], den [B, H, T], top [B, H, T])``."""
+    contiguous), keep_e ``[B, L]`` uint8; ``sinks`` (``_sink_args``) or None: the sink slots, exact for every
+    query they are visible to, besides the band. Returns ``(num [B, H, T, Dv], den [B, H, T], top [B, H,
+    T])``: the band's and the sinks' exact part."""
     B, T, H, _ = q.shape
     Dv = Ve.shape[-1]
     num = torch.zeros(B, H, T, Dv, dtype=torch.float32, device=q.device)
     den = torch.zeros(B, H, T, dtype=torch.float32, device=q.device)
     top = torch.zeros(B, H, T, dtype=torch.float32, device=q.device)
     nb = tables.query[0].numel()
+    sink_t, sink_kw = _sink_args(q, sinks, tables)
     if nb and T:
-        _band_fwd_kernel[(nb, B * H)](q, Ke, Ve, keep_e, num, den, top, *tables.query,
-                                      **_launch_args(q, Ke, Ve, keep_e, scale, exact_sq, tables))  # fmt: skip
+        _band_fwd_kernel[(nb, B * H)](q, Ke, Ve, keep_e, num, den, top, *tables.query, *sink_t,
+                                      **_launch_args(q, Ke, Ve, keep_e, scale, exact_sq, tables), **sink_kw)  # fmt: skip
     return num, den, top
 
 
-def band_backward(q, Ke, Ve, keep_e, top, dnum, dden, *, scale: float, exact_sq: float, tables: BandTables):
-    """The gradients of the band's (num, den) given as ``dnum [B, H, T, Dv]``, ``dden [B, H, T]``: ``(dq
-    [B, T, H, D], dKe [B, L, Hk, D], dVe [B, L, Hk, Dv])``, fp32."""
+def band_backward(q, Ke, Ve, keep_e, top, dnum, dden, *, scale: float, exact_sq: float, tables: BandTables,
+                  sinks=None):  # fmt: skip
+    """The gradients of the exact part's (num, den) given as ``dnum [B, H, T, Dv]``, ``dden [B, H, T]``: ``(dq
+    [B, T, H, D], dKe [B, L, Hk, D], dVe [B, L, Hk, Dv], dks [R, S, Hk, D], dvs [R, S, Hk, Dv])``, fp32 (the
+    last two None without sinks)."""
     B, T, H, D = q.shape
     L, Hk, Dv = Ke.shape[1], Ke.shape[2], Ve.shape[-1]
     G = H // Hk
@@ -267,14 +348,32 @@ def band_backward(q, Ke, Ve, keep_e, top, dnum, dden, *, scale: float, exact_sq:
     dk = torch.zeros(B, L, H, D, dtype=torch.float32, device=q.device)  # per query head
     dv = torch.zeros(B, L, H, Dv, dtype=torch.float32, device=q.device)
     args = _launch_args(q, Ke, Ve, keep_e, scale, exact_sq, tables)
+    sink_t, sink_kw = _sink_args(q, sinks, tables)
     dnum, dden, top = dnum.contiguous(), dden.contiguous(), top.contiguous()
     nq, nk = tables.query[0].numel(), tables.keys[0].numel()
+    NS = sink_kw["NS"]
+    # the sinks' dk, dv per query block and query head (every slot of every block written); unused without
+    dks = dvs = dq
+    if sinks is not None:
+        dks = torch.zeros(nq, B * H, NS, D, dtype=torch.float32, device=q.device)
+        dvs = torch.zeros(nq, B * H, NS, Dv, dtype=torch.float32, device=q.device)
     if nq and T:
-        _band_dq_kernel[(nq, B * H)](q, Ke, Ve, keep_e, top, dnum, dden, dq, *tables.query, **args)
-    if nk and T:
+        _band_dq_kernel[(nq, B * H)](q, Ke, Ve, keep_e, top, dnum, dden, dq, *tables.query, *sink_t, dks, dvs,
+                                     **args, **sink_kw)  # fmt: skip
+    if nk and T and tables.band > 0:
         _band_dkv_kernel[(nk, B * H)](q, Ke, Ve, keep_e, top, dnum, dden, dk, dv, *tables.keys,
                                       s_pb=dk.stride(0), s_pt=dk.stride(1), s_ph=dk.stride(2), s_wb=dv.stride(0),
                                       s_wt=dv.stride(1), s_wh=dv.stride(2), **args)  # fmt: skip
     if G > 1:
         dk, dv = dk.unflatten(2, (Hk, G)).sum(3), dv.unflatten(2, (Hk, G)).sum(3)
-    return dq, dk, dv
+    if sinks is None:
+        return dq, dk, dv, None, None
+    # each block's partials to its sequence row (batch row b + segment index), the query heads to their group
+    R = sinks[0].shape[0]
+    rows = (tables.query[4][:, None] + torch.arange(B, device=q.device)[None]).flatten()  # [nq * B]
+    out = []
+    for part in (dks, dvs):
+        part = part.unflatten(1, (B, H)).flatten(0, 1)  # [nq * B, H, NS, .]
+        acc = torch.zeros((R,) + part.shape[1:], dtype=torch.float32, device=q.device).index_add_(0, rows, part)
+        out.append(acc.unflatten(1, (Hk, G)).sum(2).transpose(1, 2))  # [R, NS, Hk, .]
+    return dq, dk, dv, out[0], out[1]

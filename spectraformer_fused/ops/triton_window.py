@@ -24,6 +24,23 @@ backward is linear in them), so no feature is ever stored.
 
 Packed sequences (``cu_seqlens``) run in one launch per kernel (each sequence with its own tail, state and
 stabilisers), the band's kernels included (block tables per sequence).
+
+Sinks and the factor (DESIGN.md section 8):
+
+* the learned factor g (``params.log_mix``, per key/value head) adds log g to every exact logit, which moves
+  the exact part's log scale by log g and nothing else: it is added to the band's ``top`` on the host (no
+  kernel sees it), and its gradient is the exact part's share of the combined gradient,
+  ``sum_t exp(top_t + log g - M_t) (dnum_t . num_t + dden_t den_t)``;
+* sinks S: ``_sink_slots`` fills the S slots per sequence as the reference does (slots seen by earlier
+  pieces, and this piece's first positions) and clears the sink tokens' keep flags, so that neither the
+  feature runs nor the band see them. The band's query-side kernels read the slots as one more key block
+  before the band (a second table: the sequence row of each query block and its first row; ``sfrom`` per
+  slot, the first query position that sees it), in the same online maximum, so band and sinks are one exact
+  part with one log scale. Backward: the dq kernel also writes each query block's share of the slots' dk,
+  dv (``[blocks, B H, S, .]`` partials, summed per sequence on the host); autograd carries them to k, v and
+  the initial slots;
+* window 0 (sinks only): no band; the prefix run reads the keys up to the query itself (no shift, no
+  appended row), the suffix run the keys after it (shift 1).
 """
 
 from __future__ import annotations
@@ -71,11 +88,14 @@ def _slots(lengths: list[int], BT: int, dev) -> Tensor:
     return torch.cat(out)
 
 
-def _plan(T_list, n, causal, keep_e, dev, mode, packed):
+def _plan(T_list, window, causal, keep_e, dev, mode, packed):
     """The prefix run (and, non-causal, the suffix run) of sequences of lengths ``T_list`` (one per packed
     sequence; one for the dense batch) whose extended rows start at E_i = sum_j<i (n + T_j). Index
-    tensors: -1 marks a masked key."""
-    W = n + 1
+    tensors: -1 marks a masked key. ``window`` 0 (sinks only, no band): the prefix run reads the keys up to
+    the query itself (no shift, no appended row) and the suffix run the keys after it (shift 1)."""
+    n = max(window - 1, 0)
+    lag = 1 if window >= 1 else 0  # the prefix run's shift: query t reads extended keys < t + 1 - lag
+    sh = max(window, 1)  # the suffix run's shift
     B = keep_e.shape[0]
     pre_q, pre_k, pre_out, suf_q, suf_k, suf_out = ([] for _ in range(6))
     q_base = e_base = r_base = 0
@@ -83,17 +103,18 @@ def _plan(T_list, n, causal, keep_e, dev, mode, packed):
     masked = torch.full((1,), -1, dtype=torch.long, device=dev)
     for T in T_list:
         t = torch.arange(T, device=dev)
-        # prefix: keys [masked, ext 0 .. T - 1], queries [q 0 .. T - 1, zero row]; T + 1 run rows
-        pre_k += [masked, e_base + t]
-        pre_q += [q_base + t, zero_row]
+        # prefix: keys [masked, ext 0 .. T - 1], queries [q 0 .. T - 1, zero row]: T + 1 run rows (lag 0: keys
+        # [ext 0 .. T - 1], queries [q 0 .. T - 1])
+        pre_k += [masked[:lag], e_base + t]
+        pre_q += [q_base + t, zero_row[:lag]]
         pre_out.append(r_base + t)
-        if not causal:  # suffix (reversed): run row u is query T - 1 - u, key ext L - 1 - (u - W) from u = W
-            suf_k.append(torch.where(t >= W, e_base + n + T - 1 - (t - W), -1))
+        if not causal:  # suffix (reversed): run row u is query T - 1 - u, key ext L - 1 - (u - sh) from u = sh
+            suf_k.append(torch.where(t >= sh, e_base + n + T - 1 - (t - sh), -1))
             suf_q.append(q_base + T - 1 - t)
             suf_out.append(q_base + T - 1 - t)
         q_base += T
         e_base += n + T
-        r_base += T + 1
+        r_base += T + lag
 
     def run(q_idx, k_idx, out_idx, lengths, has_state):
         q_idx, k_idx = torch.cat(q_idx), torch.cat(k_idx)
@@ -104,8 +125,8 @@ def _plan(T_list, n, causal, keep_e, dev, mode, packed):
         cu = _cu(lengths, dev) if packed else None
         return _Run(q_idx, k_idx, keep, cu, torch.cat(out_idx), _slots(lengths, BT, dev), has_state, mode, BT)
 
-    runs = [run(pre_q, pre_k, pre_out, [T + 1 for T in T_list], True)]
-    if not causal and any(T > W for T in T_list):
+    runs = [run(pre_q, pre_k, pre_out, [T + lag for T in T_list], True)]
+    if not causal and any(T > sh for T in T_list):
         runs.append(run(suf_q, suf_k, suf_out, list(T_list), False))
     return runs
 
@@ -119,10 +140,13 @@ def _cu(lengths, dev):
 
 class _TritonWindow(torch.autograd.Function):
     """(o [B, T, H, Dv] fp32, S, z, m) of the hybrid from q, the extended keys and values (fp32, [B, L, Hk, .])
-    and the parameters; see the module docstring for the parts and their backward."""
+    and the parameters; see the module docstring for the parts and their backward. ``log_mix`` ([Hk] or
+    None): the learned factor's log, added to the exact part's log scale (every exact logit moves by it, so
+    the band's kernels need not see it). ``ks``, ``vs`` ([R, Hk, S, .] fp32) or None: the sink slots, read
+    by the band's kernels besides the band (``cfg["sfrom"]`` says which query sees which slot)."""
 
     @staticmethod
-    def forward(ctx, q, Ke, Ve, W, bias, S0, z0, m0, keep_e, params, cfg):
+    def forward(ctx, q, Ke, Ve, W, bias, S0, z0, m0, keep_e, log_mix, ks, vs, params, cfg):
         runs = cfg["runs"]
         B, T, H, D = q.shape
         Hk = Ke.shape[2]
@@ -147,23 +171,37 @@ class _TritonWindow(torch.autograd.Function):
                 shift = shift - lse_q
             parts.append((num, den_t, shift))
             stats.append((qmax, kstab))
-        band = band_forward(q, Ke, Ve, cfg["keep_u8"], scale=params.scale, exact_sq=params.exact_sq,
-                            tables=cfg["band"])  # fmt: skip
-        parts.append(tuple(t.unflatten(1, (Hk, G)) for t in band))
+        exact = []  # the exact part (band and sinks, one online maximum): its log scale moved by the factor
+        sinks = None if ks is None else _sink_tensors(ks, vs, cfg)
+        band_top = None
+        if cfg["band"].band > 0 or sinks is not None:
+            num_b, den_b, band_top = (t.unflatten(1, (Hk, G)) for t in band_forward(
+                q, Ke, Ve, cfg["keep_u8"], scale=params.scale, exact_sq=params.exact_sq, tables=cfg["band"],
+                sinks=sinks))  # fmt: skip
+            shift_b = band_top if log_mix is None else band_top + log_mix.detach().float()[None, :, None, None]
+            exact.append((num_b, den_b, shift_b))
         top = parts[0][2]
-        for p in parts[1:]:
+        for p in parts[1:] + exact:
             top = torch.maximum(top, p[2])
-        # the feature parts' numerator and denominator on the scale of top, then the band's
-        num_f = sum(p[0] * torch.exp(p[2] - top)[..., None] for p in parts[:-1])
-        den_f = sum(p[1] * torch.exp(p[2] - top) for p in parts[:-1])
-        w_band = torch.exp(parts[-1][2] - top)
-        num = num_f + parts[-1][0] * w_band[..., None]
-        den = den_f + parts[-1][1] * w_band
+        # the feature parts' numerator and denominator on the scale of top, then the exact parts'
+        num_f = sum(p[0] * torch.exp(p[2] - top)[..., None] for p in parts)
+        den_f = sum(p[1] * torch.exp(p[2] - top) for p in parts)
+        num, den = num_f, den_f
+        for p in exact:
+            w = torch.exp(p[2] - top)
+            num = num + p[0] * w[..., None]
+            den = den + p[1] * w
         o = num / den.abs().clamp_min(DEN_EPS)[..., None]
         ctx.save_for_backward(q, Ke, Ve, W, bias, S0, z0, m0, keep_e, o, den, top, *(p[2] for p in parts),
                               *(t for s in stats for t in s))  # fmt: skip
         ctx.params, ctx.cfg, ctx.nruns = params, cfg, len(runs)
         ctx.features = (num_f, den_f) if hedgehog else None  # d/d lse_q
+        ctx.exact = None  # the exact part's (num, den) (only for d log_mix) and log scale
+        if exact:
+            ctx.exact = exact[0] if log_mix is not None else (None, None, exact[0][2])
+        ctx.band_top = band_top
+        ctx.mix = log_mix is not None
+        ctx.sinks = sinks
         S, z, m = final
         ctx.mark_non_differentiable(m)
         ctx.set_materialize_grads(False)
@@ -173,7 +211,7 @@ class _TritonWindow(torch.autograd.Function):
     def backward(ctx, do, dS, dz, _dm):
         q, Ke, Ve, W, bias, S0, z0, m0, keep_e, o, den, top, *rest = ctx.saved_tensors
         nr = ctx.nruns
-        shifts, stats = rest[: nr + 1], rest[nr + 1 :]
+        shifts, stats = rest[:nr], rest[nr:]
         params, cfg = ctx.params, ctx.cfg
         B, T, H, D = q.shape
         Hk = Ke.shape[2]
@@ -216,17 +254,33 @@ class _TritonWindow(torch.autograd.Function):
                                    scale=params.scale, query=True, cu=cfg["cu"])  # fmt: skip
             dq_aug[:, :T] += gq
             dW, dbias = dW + gW, dbias + gb
-        # the band: its kernels' backward from the gradients of its numerator and denominator
-        w = torch.exp(shifts[nr] - top)
-        dq_b, dK_b, dV_b = band_backward(q, Ke, Ve, cfg["keep_u8"], shifts[nr].flatten(1, 2),
-                                         (dnum * w[..., None]).flatten(1, 2), (dden * w).flatten(1, 2),
-                                         scale=params.scale, exact_sq=params.exact_sq, tables=cfg["band"])  # fmt: skip
-        dq = dq_aug[:, :T] + dq_b
-        dKe = dKe + dK_b
-        dVe = dVe + dV_b
+        dq = dq_aug[:, :T]
+        dmix = dks = dvs = None
+        if ctx.band_top is not None:
+            # the exact part: the band's kernels' backward from the gradients of its numerator and denominator
+            num_b, den_b, shift_b = ctx.exact
+            w = torch.exp(shift_b - top)
+            dq_b, dK_b, dV_b, dks, dvs = band_backward(q, Ke, Ve, cfg["keep_u8"], ctx.band_top.flatten(1, 2),
+                                                       (dnum * w[..., None]).flatten(1, 2), (dden * w).flatten(1, 2),
+                                                       scale=params.scale, exact_sq=params.exact_sq,
+                                                       tables=cfg["band"], sinks=ctx.sinks)  # fmt: skip
+            dq = dq + dq_b
+            dKe = dKe + dK_b
+            dVe = dVe + dV_b
+            if ctx.mix:  # the factor moves every exact logit: d/d log_mix = the exact part's share of the gradient
+                dmix = (w * ((dnum * num_b).sum(-1) + dden * den_b)).sum((0, 2, 3))
+            if dks is not None:
+                dks, dvs = dks.transpose(1, 2), dvs.transpose(1, 2)  # [R, Hk, S, .]
+        if ctx.mix and dmix is None:
+            dmix = torch.zeros(Hk, dtype=torch.float32, device=q.device)
         if S0 is not None and dS0 is None:
             dS0, dz0 = torch.zeros_like(S0), torch.zeros_like(z0)
-        return dq.to(q.dtype), dKe, dVe, dW, dbias, dS0, dz0, None, None, None, None
+        return dq.to(q.dtype), dKe, dVe, dW, dbias, dS0, dz0, None, None, dmix, dks, dvs, None, None
+
+
+def _sink_tensors(ks, vs, cfg):
+    """The band kernels' sink arguments from the slots ``[R, Hk, S, .]``: ``[R, S, Hk, .]`` rows, sfrom."""
+    return ks.detach().transpose(1, 2).contiguous(), vs.detach().transpose(1, 2).contiguous(), cfg["sfrom"]
 
 
 def _run_inputs(run: _Run, q_aug, Ke, Ve, cfg):
@@ -259,6 +313,47 @@ def _run_backward(run: _Run, q_aug, Ke, Ve, W, bias, S0, z0, m0, p: FeatureParam
     return rf_bwd(None, dS, dz, *args, None, None, causal=True, **kw)
 
 
+def _sink_slots(q, k, v, state: WindowState, sinks: int, causal: bool, mask, offsets):
+    """The sinks (DESIGN.md section 8): the first ``sinks`` positions of each sequence (of each packed one),
+    as ``reference._window_attention`` fills them. Returns the final state's sink slots (k_sink, v_sink
+    [R, Hk, S, .] fp32, differentiable in k, v and the initial slots; sink_keep, sink_seen [R, S]), the keep
+    flags of the tokens ``[B, T]`` (False for a sink: it leaves the band and the features) and ``sfrom [R, S]``
+    int64, the first position of its sequence in this piece whose query sees the slot (causal: -1 for a slot
+    filled before the piece, the filling token for a fresh one; non-causal -1 for both), past every query
+    where the slot is empty or masked."""
+    B, T = q.shape[:2]
+    dev = q.device
+    N = B * T  # token rows, flattened (packed: B = 1)
+    if offsets is None:
+        R = B
+        starts = torch.arange(B, device=dev) * T
+        lens = torch.full((B,), T, dtype=torch.long, device=dev)
+    else:
+        R = len(offsets) - 1
+        starts = torch.tensor(offsets[:-1], dtype=torch.long, device=dev)
+        lens = torch.tensor([b - a for a, b in zip(offsets[:-1], offsets[1:])], dtype=torch.long, device=dev)
+    row = torch.repeat_interleave(torch.arange(R, device=dev), lens, output_size=N)  # [N]: each token's row
+    t_loc = torch.arange(N, device=dev) - starts.index_select(0, row)  # position in its sequence
+    seen = state.sink_seen.to(torch.bool)  # [R, S]
+    count = seen.sum(-1)  # positions of each row seen before this piece (at most S)
+    keep_tok = (count.index_select(0, row) + t_loc >= sinks).view(B, T)
+    at = torch.arange(sinks, device=dev)[None] - count[:, None]  # [R, S]: the token that fills the slot
+    fresh = ~seen & (at < lens[:, None])
+    gidx = (starts[:, None] + at.clamp_min(0)).clamp(0, N - 1).flatten()  # [R S] token rows (used where fresh)
+    fill_k = k.flatten(0, 1).index_select(0, gidx).unflatten(0, (R, sinks)).transpose(1, 2).float()  # [R, Hk, S, D]
+    fill_v = v.flatten(0, 1).index_select(0, gidx).unflatten(0, (R, sinks)).transpose(1, 2).float()
+    fill_keep = torch.ones_like(fresh) if mask is None else mask.flatten().index_select(0, gidx).view(R, -1)
+    sel, fr = seen[:, None, :, None], fresh[:, None, :, None]
+    sink_k = torch.where(sel, state.k_sink.float(), torch.where(fr, fill_k, torch.zeros_like(fill_k)))
+    sink_v = torch.where(sel, state.v_sink.float(), torch.where(fr, fill_v, torch.zeros_like(fill_v)))
+    sink_keep = torch.where(seen, state.sink_keep.to(torch.bool), fresh & fill_keep.to(torch.bool))
+    never = torch.full_like(at, N + 1)
+    first = at.clamp_min(-1) if causal else torch.full_like(at, -1)
+    sfrom = torch.where(seen, torch.full_like(at, -1), first)
+    sfrom = torch.where((seen | fresh) & sink_keep, sfrom, never).contiguous()
+    return (sink_k, sink_v, sink_keep, seen | fresh), keep_tok, sfrom
+
+
 def triton_window_attention(
     q: Tensor,
     k: Tensor,
@@ -272,27 +367,35 @@ def triton_window_attention(
     output_final_state: bool = False,
     cu_seqlens: Optional[Tensor] = None,
     mode: str = "walk",
+    sinks: int = 0,
 ):
-    """Hybrid attention with the Triton kernels (``triton_attention`` with ``window >= 1``, validated by the
-    caller): ``(o [B, T, H, Dv] in v's dtype, WindowState (fp32) or None)``. Differentiable in q, k, v, W,
-    bias and the initial state's S, z, k_tail and v_tail. ``mode``: the causal kernels' mode ("walk" or
-    "chunk", ``triton_attention.causal_mode``)."""
+    """Hybrid attention with the Triton kernels (``triton_attention`` with ``window >= 0``, validated by the
+    caller; 0: sinks only): ``(o [B, T, H, Dv] in v's dtype, WindowState (fp32) or None)``. Differentiable
+    in q, k, v, W, bias, the factor ``params.log_mix`` and the initial state's S, z, k_tail, v_tail (and sink
+    slots). ``mode``: the causal kernels' mode ("walk" or "chunk", ``triton_attention.causal_mode``).
+    ``sinks`` S: the first S positions of each sequence are exact for every query that sees them (their
+    keep flags cleared before the feature kernels and the band run), read by the band's kernels."""
     B, T, H, D = q.shape
     Hk, Dv = k.shape[2], v.shape[-1]
-    n = window - 1
+    n = max(window - 1, 0)
     dev = q.device
     offsets = None if cu_seqlens is None else [int(x) for x in cu_seqlens.tolist()]
     R = B if offsets is None else len(offsets) - 1
     if initial_state is None:
-        initial_state = empty_window_state(R, Hk, params.feature_dim, D, Dv, window, device=dev)
+        initial_state = empty_window_state(R, Hk, params.feature_dim, D, Dv, window, sinks=sinks, device=dev)
     if T == 0:  # no output rows: the state passes through
         state = WindowState(*(t if t.dtype == torch.bool else t.float() for t in initial_state))
         return v.new_empty(B, 0, H, Dv), (state if output_final_state else None)
+    sink = None
+    if sinks > 0:
+        sink, keep_tok, sfrom = _sink_slots(q, k, v, initial_state, sinks, causal, key_padding_mask, offsets)
     S0, z0, m0 = (t.float().contiguous() for t in initial_state[:3])
     kt, vt = initial_state.k_tail.float().transpose(1, 2), initial_state.v_tail.float().transpose(1, 2)
     tail_keep = initial_state.tail_keep.to(torch.bool)
     if offsets is None:
         keep = torch.ones(B, T, dtype=torch.bool, device=dev) if key_padding_mask is None else key_padding_mask
+        if sink is not None:
+            keep = keep.to(torch.bool) & keep_tok
         Ke = torch.cat([kt, k.float()], 1)  # [B, n + T, Hk, D]
         Ve = torch.cat([vt, v.float()], 1)
         keep_e = torch.cat([tail_keep, keep.to(torch.bool)], 1)
@@ -303,23 +406,27 @@ def triton_window_attention(
         for i, (a, b) in enumerate(zip(offsets[:-1], offsets[1:])):
             ks += [kt[i], k[0, a:b].float()]
             vs += [vt[i], v[0, a:b].float()]
-            fl += [tail_keep[i], torch.ones(b - a, dtype=torch.bool, device=dev)]
+            fl += [tail_keep[i], torch.ones(b - a, dtype=torch.bool, device=dev) if sink is None else keep_tok[0, a:b]]
             segments.append((a, b, e))
             e += n + b - a
         Ke, Ve, keep_e = torch.cat(ks)[None], torch.cat(vs)[None], torch.cat(fl)[None]
-    runs = _plan(lengths, n, causal, keep_e, dev, mode, offsets is not None)
+    runs = _plan(lengths, window, causal, keep_e, dev, mode, offsets is not None)
     cfg = dict(
         runs=runs,
-        band=BandTables(segments or [(0, T, 0)], n, n + 1 if causal else 2 * n + 1, dev),
+        band=BandTables(segments or [(0, T, 0)], n, (n + 1 if causal else 2 * n + 1) if window >= 1 else 0, dev),
+        sfrom=None if sink is None else sfrom,
         keep_u8=keep_e.contiguous().view(torch.uint8),
         kdtype=k.dtype,
         cu=cu_seqlens,
         freq=params.freq.float().contiguous(),
         psi=None if params.psi is None else params.psi.float().contiguous(),
     )
+    log_mix = None if params.log_mix is None else params.log_mix.float()
+    ks, vs = (None, None) if sink is None else sink[:2]
     o, S, z, m = _TritonWindow.apply(
-        q.contiguous(), Ke, Ve, params.W.float(), params.bias.float().contiguous(), S0, z0, m0, keep_e, params, cfg
-    )
+        q.contiguous(), Ke, Ve, params.W.float(), params.bias.float().contiguous(), S0, z0, m0, keep_e, log_mix,
+        ks, vs, params, cfg,
+    )  # fmt: skip
     o = o.to(v.dtype)
     if not output_final_state:
         return o, None
@@ -330,5 +437,7 @@ def triton_window_attention(
         k_tail = Ke[0].index_select(0, idx).unflatten(0, (R, n))
         v_tail = Ve[0].index_select(0, idx).unflatten(0, (R, n))
         keep_tail = keep_e[0].index_select(0, idx).unflatten(0, (R, n))
-    sinks = (t.float() if t.is_floating_point() else t for t in initial_state.sink_part)
-    return o, WindowState(S, z, m, k_tail.transpose(1, 2), v_tail.transpose(1, 2), keep_tail, *sinks)
+    sink_slots = sink
+    if sink is None:
+        sink_slots = (t.float() if t.is_floating_point() else t for t in initial_state.sink_part)
+    return o, WindowState(S, z, m, k_tail.transpose(1, 2), v_tail.transpose(1, 2), keep_tail, *sink_slots)
