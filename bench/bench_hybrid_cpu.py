@@ -7,7 +7,10 @@ Two tables:
   non-causal prefill, forward + backward, and one T = 1 decode step after a prefix;
 * the hybrid window (exact softmax over the last W keys, features beyond) against the plain path
   (features only) on the same inputs, for hyprf, posrf and hedgehog, causal and non-causal prefill
-  (forward only).
+  (forward only);
+* ``--part train`` (not in ``all``): the causal training step (forward + backward, the fused C++ hybrid
+  backward) and the non-causal forward of posrf x orf at B1 H8 T4096 D64, the plain path against the hybrid
+  with a window and with a window and sinks, time and peak memory, ``torch.set_num_threads(2)``.
 
 Both call ``ops.cpu.cpu_attention`` / ``ops.cpu_window.cpu_window_attention`` directly (with the parameters
 of ``fm.feature_params``), with grad disabled but for the forward + backward rows, and time them interleaved (``bench.common.time_interleaved``). Writes
@@ -130,9 +133,56 @@ def window_rows(B, T, H, D, m, window, budget, components):
     return rows
 
 
+def train_rows(B, T, H, D, m, window, sinks, budget):
+    """Causal training step (forward + backward to q, k, v) and non-causal forward of posrf x orf: the plain
+    path (features only) against the hybrid (window W, and W with sinks), side by side: [rows, memory rows]."""
+    from spectraformer_fused.ops.cpu_window import cpu_window_attention
+
+    fm = RandomFeatureMap(D, m, component="posrf", weights="orf", num_heads=H, seed=3).eval()
+    q, k, v = _inputs(B, T, H, D, seed=2)
+    g = torch.randn(B, T, H, D, generator=torch.Generator().manual_seed(5))
+    variants = {"plain": (None, 0), f"W={window}": (window, 0), f"W={window} S={sinks}": (window, sinks)}
+
+    def attend(leaves, p, causal, w, s):
+        if w is None:
+            return cpu_ops.cpu_attention(*leaves, p, causal=causal)[0]
+        return cpu_window_attention(*leaves, p, causal=causal, window=w, sinks=s)[0]
+
+    def train_step(w, s):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+
+        def step():
+            for t in leaves:
+                t.grad = None
+            with torch.enable_grad():
+                p = fm.feature_params(leaves[0], leaves[1], scale=1.0 / math.sqrt(D), causal=True)
+                attend(leaves, p, True, w, s).backward(g)
+
+        return step
+
+    def fwd(w, s):
+        p = fm.feature_params(q, k, scale=1.0 / math.sqrt(D), causal=False)
+        return lambda: attend((q, k, v), p, False, w, s)
+
+    rows, mem = [], []
+    for mode, make in (("causal fwd+bwd", train_step), ("non-causal fwd", fwd)):
+        fns = {name: make(*ws) for name, ws in variants.items()}
+        t = common.time_interleaved(fns, torch.device("cpu"), budget)
+        peaks = {name: common.peak_memory(fn, torch.device("cpu")) for name, fn in fns.items()}
+        base, base_mem = t["plain"][0], peaks["plain"]
+        for name in variants:
+            ratio = t[name][0] / base
+            mr = peaks[name] / base_mem if peaks[name] and base_mem else float("nan")
+            rows.append([mode, name, _ms(t[name]), f"{ratio:.2f}"])
+            mem.append([mode, name, f"{(peaks[name] or 0) / 2**20:.1f}", f"{mr:.2f}"])
+    return rows, mem
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("hedgehog", "window", "all"), default="all")
+    ap.add_argument("--part", choices=("hedgehog", "window", "train", "all"), default="all")
+    ap.add_argument("--sinks", type=int, default=4, help="sinks of the train part's third column")
+    ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads for the train part")
     ap.add_argument("--T", type=int, default=4096)
     ap.add_argument("--window", type=int, default=64)
     ap.add_argument("--m", default="64,128", help="frequencies m, comma-separated (F = 2m for hyprf/hedgehog)")
@@ -143,6 +193,9 @@ def main(argv=None):
     if not cpu_ops.extension_available():
         raise SystemExit(f"the CPU extension is unavailable: {cpu_ops.extension_error()}")
     B, H, D = 1, 4, 64
+    if args.part == "train":
+        torch.set_num_threads(args.threads)
+        B, H = 1, 8
     ms = [int(x) for x in args.m.split(",")]
     threads = torch.get_num_threads()
     load = common.loadavg()
@@ -160,6 +213,24 @@ def main(argv=None):
         f"(`bench.common.time_interleaved`, {args.budget} s per function).",
         "",
     ]
+    if args.part == "train":
+        m = ms[-1]
+        lines[0] = "# the hybrid window (and sinks) on the compiled CPU backend: training step and non-causal forward"
+        lines = lines[:-2] + [
+            f"B={B} H={H} D=Dv={D}, T={args.T}, posrf x orf, m = {m} (F = {m}), float32, "
+            f"torch.set_num_threads({args.threads}). Times: `time.perf_counter` median (p20-p80) in ms, the "
+            f"columns of one mode run alternately in one process (`bench.common.time_interleaved`, {args.budget} s "
+            "per function); peak memory: `bench.common.peak_memory` (the profiler's allocations during one call "
+            "beyond those before it). Goals: causal fwd+bwd <= 1.3x the plain path's time and <= 1.2x its peak "
+            "memory; non-causal forward <= 1.5x.",
+            "",
+        ]
+        rows, mem = train_rows(B, args.T, H, D, m, args.window, args.sinks, args.budget)
+        lines += [f"## hybrid (W = {args.window}, sinks = {args.sinks}) against the plain path: time", ""]
+        lines += common.md_table(["mode", "variant", "ms", "/ plain"], rows)
+        lines += ["", "## peak memory", ""]
+        lines += common.md_table(["mode", "variant", "peak MiB", "/ plain"], mem)
+        lines.append("")
     if args.part in ("hedgehog", "all"):
         lines += ["## hedgehog against hyprf at the same F", ""]
         rows = [[m, *r] for m in ms for r in hedgehog_rows(B, args.T, H, D, m, args.budget)]

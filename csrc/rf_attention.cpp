@@ -506,12 +506,28 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              py::arg("cu_seqlens") = py::none());
   module.def("window_forward", &rf_window_forward,
              "window_forward(q, k, v, WT, bias, freq, psi, kind, c_t, c_o, scale, exact_sq, causal, window, mask, "
-             "S, z, log_scale, k_tail, v_tail, tail_keep, den_eps, cu_seqlens) -> [o, S, z, log_scale, k_tail, "
-             "v_tail]: hybrid attention (exact inside the window, features beyond; see rf_window.cpp), the "
-             "arguments prepared by ops/cpu_window.py",
+             "S, z, log_scale, k_tail, v_tail, tail_keep, den_eps, cu_seqlens, sink_k, sink_v, sink_from, "
+             "sink_skip, log_mix, need_stats) -> [o, S, z, log_scale, k_tail, v_tail, tail_keep, stats]: hybrid "
+             "attention (exact "
+             "inside the window and on the sinks, features beyond; see rf_window.cpp), the arguments prepared by "
+             "ops/cpu_window.py",
              py::arg("q"), py::arg("k"), py::arg("v"), py::arg("WT"), py::arg("bias"), py::arg("freq"),
              py::arg("psi"), py::arg("kind"), py::arg("c_t"), py::arg("c_o"), py::arg("scale"), py::arg("exact_sq"),
              py::arg("causal"), py::arg("window"), py::arg("mask"), py::arg("S"), py::arg("z"), py::arg("log_scale"),
              py::arg("k_tail"), py::arg("v_tail"), py::arg("tail_keep"), py::arg("den_eps"),
-             py::arg("cu_seqlens") = py::none());
+             py::arg("cu_seqlens") = py::none(), py::arg("sink_k") = py::none(), py::arg("sink_v") = py::none(),
+             py::arg("sink_from") = py::none(), py::arg("sink_skip") = py::none(), py::arg("log_mix") = py::none(),
+             py::arg("need_stats") = false);
+  module.def("window_backward", &rf_window_backward,
+             "window_backward(do, dS, dz, dk_tail, dv_tail, q, k, v, W, bias, freq, psi, kind, c_t, c_o, scale, "
+             "exact_sq, causal, window, mask, S, z, log_scale, k_tail, v_tail, tail_keep, den_eps, cu_seqlens, "
+             "sink_k, sink_v, sink_from, sink_skip, log_mix) -> [dq, dk, dv, dW, dbias, dS0, dz0, dk_tail0, "
+             "dv_tail0, dk_sink, dv_sink, dlog_mix] (fp32): the fused causal hybrid backward (rf_window_bwd.cpp)",
+             py::arg("do"), py::arg("dS"), py::arg("dz"), py::arg("dk_tail"), py::arg("dv_tail"), py::arg("q"),
+             py::arg("k"), py::arg("v"), py::arg("W"), py::arg("bias"), py::arg("freq"), py::arg("psi"),
+             py::arg("kind"), py::arg("c_t"), py::arg("c_o"), py::arg("scale"), py::arg("exact_sq"),
+             py::arg("causal"), py::arg("window"), py::arg("mask"), py::arg("S"), py::arg("z"), py::arg("log_scale"),
+             py::arg("k_tail"), py::arg("v_tail"), py::arg("tail_keep"), py::arg("den_eps"), py::arg("cu_seqlens"),
+             py::arg("sink_k"), py::arg("sink_v"), py::arg("sink_from"), py::arg("sink_skip"), py::arg("log_mix"),
+             py::arg("o") = py::none(), py::arg("stats") = py::none());
 }

@@ -49,6 +49,7 @@ struct BwdConfig {
   float c_t, c_o, root;
   int64_t D, Dv, m, F;
   float den_eps;
+  bool norm_queries = false;  // hedgehog query rows subtract their lse too (the hybrid window)
 };
 
 struct BwdHead {
@@ -123,7 +124,7 @@ void logits(const float* src, int64_t stride, int64_t n, const BwdConfig& c, con
   // hedgehog: a key's features are its HYP exponents minus the row's log-sum-exp, as in the forward; a
   // query's row shift cancels its own
   feature_exponents(c.kind, f.u.data(), f.r.data(), n, m, hp.freq, hp.bias, f.phi.data(),
-                    c.kind == KIND_TRIG ? f.mult.data() : nullptr, !query);
+                    c.kind == KIND_TRIG ? f.mult.data() : nullptr, !query || c.norm_queries);
 }
 
 // phi = exp(e - shift) (* mult) for row t.
@@ -165,7 +166,7 @@ void key_phi_shifted(int64_t n, const BwdConfig& c, Rows& f, float shift) {
 // From dphi [n, F] of rows f: dx rows (times root, written to dst with row stride `stride`), and the
 // partial gradients of W [m, D] and bias [m] accumulated.
 void chain(const Rows& f, const float* dphi, int64_t n, const BwdConfig& c, const BwdHead& hp, bool query,
-           BwdWorkspace& w, float* dst, int64_t stride, float* dW, float* dbias) {
+           BwdWorkspace& w, float* dst, int64_t stride, float* dW, float* dbias, bool accumulate = false) {
   const int64_t D = c.D, m = c.m, F = c.F;
   float* du = w.du.data();
   float* dr = w.den.data();  // per row: the gradient of r (den is free here)
@@ -182,7 +183,7 @@ void chain(const Rows& f, const float* dphi, int64_t n, const BwdConfig& c, cons
         dur[i] = hp.freq * de;
         s += de;
       }
-    } else if (c.kind == KIND_HYP || (c.kind == KIND_NORM_HYP && query)) {
+    } else if (c.kind == KIND_HYP || (c.kind == KIND_NORM_HYP && query && !c.norm_queries)) {
 #pragma omp simd reduction(+ : s)
       for (int64_t i = 0; i < m; ++i) {
         const float dp = g[i] * ph[i], dm = g[m + i] * ph[m + i];
@@ -229,7 +230,7 @@ void chain(const Rows& f, const float* dphi, int64_t n, const BwdConfig& c, cons
     for (int64_t d = 0; d < D; ++d) {
       float gx = g[d] + kt * xt[d];
       if (hp.psi) gx = query ? gx * hp.psi[d] : gx / hp.psi[d];
-      out[d] = (gx + ko * x[d]) * c.root;
+      out[d] = accumulate ? out[d] + (gx + ko * x[d]) * c.root : (gx + ko * x[d]) * c.root;
     }
   }
 }
@@ -620,3 +621,6 @@ std::vector<at::Tensor> rf_attention_backward(
   });
   return {dq, dk, dv, dW, dbias, dS0, dz0};
 }
+
+// The hybrid window's backward (one translation unit with the helpers above).
+#include "rf_window_bwd.cpp"

@@ -30,6 +30,7 @@ namespace {
 // Per-thread buffers of the window: the extended keys of one chunk's band, raw and transposed.
 struct WindowBuffers {
   std::vector<float> kr, kt, ysq, vb, sc, xq, xsq, num_e, den_e, pk, pkt, num_b, den_b, S, z;
+  std::vector<float> sy, sysq, sl;  // the sinks: sqrt(scale) k [S, D], exact_sq |y|^2, one row's logits
   std::vector<char> keep;
   std::vector<int64_t> kept_before;  // kept keys among the band's first r rows
   int64_t ld = 0;                    // leading dimension of kt, pkt and sc: whole vectors past the band
@@ -66,8 +67,9 @@ struct ExtKeys {
   const vscalar_t* v;
   int64_t sk, sv;
   const bool* keep;    // the padding mask of this sequence, or nullptr
-  int64_t nt;          // W - 1
+  int64_t nt;          // max(W - 1, 0)
   int64_t D, Dv;
+  int64_t skip;        // tokens [0, skip) are sinks: never in the band, the tail or the features
 
   // Raw keys, values and keep flags of the extended keys [e0, e0 + n) into kr [n, D], vb [n, Dv], kp [n].
   void stage(int64_t e0, int64_t n, float* kr, float* vb, char* kp) const {
@@ -85,7 +87,7 @@ struct ExtKeys {
         const vscalar_t* vs = v + j * sv;
         for (int64_t d = 0; d < D; ++d) kd[d] = static_cast<float>(ks[d]);
         for (int64_t d = 0; d < Dv; ++d) vd[d] = static_cast<float>(vs[d]);
-        kp[r] = keep ? keep[j] : true;
+        kp[r] = (keep ? keep[j] : true) && j >= skip;
       }
     }
   }
@@ -131,6 +133,12 @@ void exact_part(const scalar_t* qsrc, int64_t sq, int64_t n, int64_t cols, int64
     for (int64_t d = 0; d < D; ++d) xr[d] = static_cast<float>(qsrc[t * sq + d]) * c.root;
     wb.xsq[t] = exact_sq != 0.f ? exact_sq * dot(xr, xr, D) : 0.f;
   }
+  if (band <= 0) {  // sinks only: no band
+    std::fill(wb.num_e.begin(), wb.num_e.begin() + n * c.Dv, 0.f);
+    std::fill(wb.den_e.begin(), wb.den_e.begin() + n, 0.f);
+    std::fill(qe, qe + n, NEG_INF);
+    return;
+  }
   const char* kp = wb.keep.data();
   const int64_t ld = wb.ld;
   banded(n, cols, band, D, wb.xq.data(), D, wb.kt.data(), ld, wb.sc.data(), ld, wb.vb.data(), c.Dv,
@@ -153,6 +161,61 @@ void exact_part(const scalar_t* qsrc, int64_t sq, int64_t n, int64_t cols, int64
          });
 }
 
+// The attention sinks of one task (DESIGN.md section 8): S raw-key slots, scaled into WindowBuffers::sy.
+struct Sinks {
+  const float* k = nullptr;        // [S, D] raw keys (fp32), or nullptr without sinks
+  const float* v = nullptr;        // [S, Dv]
+  const int64_t* from = nullptr;   // [S]: the first query that sees the slot (-1: all; >= T: none)
+  int64_t S = 0;
+  float log_mix = 0.f;             // the learned factor's log, added to every exact logit
+};
+
+// Merges the visible sinks into the exact part of n query rows (queries lo .. lo + n of the sequence;
+// causal: slot s is visible to query t iff from[s] <= t, otherwise iff from[s] <= last), then adds the
+// factor to each row's shift. wb.xq, wb.xsq hold the rows (exact_part), wb.sy, wb.sysq the sinks.
+inline void exact_sinks(int64_t n, int64_t lo, bool causal, int64_t last, const Sinks& sk, const Config& c,
+                        WindowBuffers& wb, float* qe) {
+  const int64_t D = c.D, Dv = c.Dv;
+  if (sk.S > 0) {
+    float* l = wb.sl.data();
+    for (int64_t t = 0; t < n; ++t) {
+      const int64_t upto = causal ? lo + t : last;
+      const float* xr = wb.xq.data() + t * D;
+      float mx = NEG_INF;
+      for (int64_t s = 0; s < sk.S; ++s) {
+        if (sk.from[s] > upto) {
+          l[s] = NEG_INF;
+          continue;
+        }
+        l[s] = dot(xr, wb.sy.data() + s * D, D) + wb.xsq[t] + wb.sysq[s];
+        mx = std::max(mx, l[s]);
+      }
+      if (mx == NEG_INF) continue;
+      float* ne = wb.num_e.data() + t * Dv;
+      const float top = std::max(mx, qe[t]);
+      if (qe[t] != NEG_INF && top != qe[t]) {
+        const float a = std::exp(qe[t] - top);
+        for (int64_t d = 0; d < Dv; ++d) ne[d] *= a;
+        wb.den_e[t] *= a;
+      } else if (qe[t] == NEG_INF) {
+        std::fill(ne, ne + Dv, 0.f);
+        wb.den_e[t] = 0.f;
+      }
+      for (int64_t s = 0; s < sk.S; ++s) {
+        if (l[s] == NEG_INF) continue;
+        const float p = std::exp(l[s] - top);
+        const float* vs = sk.v + s * Dv;
+        for (int64_t d = 0; d < Dv; ++d) ne[d] += p * vs[d];
+        wb.den_e[t] += p;
+      }
+      qe[t] = top;
+    }
+  }
+  if (sk.log_mix != 0.f)
+    for (int64_t t = 0; t < n; ++t)
+      if (qe[t] != NEG_INF) qe[t] += sk.log_mix;
+}
+
 // Rows [j0, j1) of the staged extended keys as the exact part reads them: kt [D, ld] = sqrt(scale) k
 // transposed, ysq = exact_sq |y|^2.
 inline void exact_keys(int64_t j0, int64_t j1, float exact_sq, const Config& c, WindowBuffers& wb) {
@@ -173,11 +236,12 @@ inline void exact_keys(int64_t j0, int64_t j1, float exact_sq, const Config& c, 
 // (see the file's header). `has_f`: some visible key lies outside the window (else the feature part is 0).
 template <typename oscalar_t>
 void combine_row(int64_t Dv, const float* num_e, float den_e, float le, const float* num_f, float den_f,
-                 float lf, bool has_f, float eps, oscalar_t* dst) {
+                 float lf, bool has_f, float eps, oscalar_t* dst, float* stat = nullptr) {
   const bool has_e = le != NEG_INF && den_e > 0.f;
   has_f = has_f && std::isfinite(lf);
   if (!has_e && !has_f) {
     for (int64_t d = 0; d < Dv; ++d) dst[d] = static_cast<oscalar_t>(0.f);
+    if (stat) stat[0] = NEG_INF, stat[1] = 0.f;  // no visible key: no gradient
     return;
   }
   const float ce = has_e ? le + std::log(den_e) : NEG_INF;
@@ -185,7 +249,9 @@ void combine_row(int64_t Dv, const float* num_e, float den_e, float le, const fl
   const float top = std::max(ce, cf);
   const float ae = has_e ? std::exp(le - top) : 0.f;
   const float af = has_f ? std::exp(lf - top) : 0.f;
-  const float inv = 1.f / std::max(std::fabs(den_e * ae + den_f * af), eps);
+  const float den = den_e * ae + den_f * af;
+  const float inv = 1.f / std::max(std::fabs(den), eps);
+  if (stat) stat[0] = top, stat[1] = den;  // what the backward needs of the row (rf_window_bwd.cpp)
   for (int64_t d = 0; d < Dv; ++d) {
     const float ne = has_e ? num_e[d] * ae : 0.f;
     const float nf = has_f ? num_f[d] * af : 0.f;
@@ -205,27 +271,49 @@ struct WindowTask {
 template <typename scalar_t, typename vscalar_t>
 void window_group(const at::Tensor& q, at::Tensor& o, const ExtKeys<scalar_t, vscalar_t>& ext, const Span& span,
                   int64_t hk, int64_t G, const Config& c, const HeadParams& hp, const WindowTask& wt, Workspace& w,
-                  WindowBuffers& wb, float* S, float* z, float& m_state, float* k_tail_out, float* v_tail_out) {
-  const int64_t T = span.T, b = span.b, t0 = span.start, W = wt.W, nt = W - 1, L = T + nt;
+                  WindowBuffers& wb, const Sinks& sk, float* S, float* z, float& m_state, float* k_tail_out,
+                  float* v_tail_out, bool* tail_keep_out, float* stats) {
+  const int64_t T = span.T, b = span.b, t0 = span.start, W = wt.W, nt = std::max<int64_t>(W - 1, 0), L = T + nt;
   const int64_t F = c.F, D = c.D, Dv = c.Dv;
   const scalar_t* qp = q.data_ptr<scalar_t>() + b * q.stride(0) + t0 * q.stride(1) + hk * G * q.stride(2);
   vscalar_t* op = o.data_ptr<vscalar_t>() + b * o.stride(0) + t0 * o.stride(1) + hk * G * o.stride(2);
   const int64_t sq = q.stride(1), so = o.stride(1), sqh = q.stride(2), soh = o.stride(2);
-  const int64_t band = wt.causal ? W : 2 * W - 1;
-  wb.ensure(c, std::min(CHUNK, std::max<int64_t>(T, 1)) + band - 1, std::min(CHUNK, std::max<int64_t>(T, 1)));
+  // per query row (top, den) of the causal combination, [B, T, H, 2] (or nullptr)
+  const int64_t sst = q.size(2) * 2;
+  float* stp = stats ? stats + (b * q.size(1) + t0) * sst + hk * G * 2 : nullptr;
+  // the exact band's width (0: sinks only, window 0)
+  const int64_t band = W == 0 ? 0 : (wt.causal ? W : 2 * W - 1);
+  const int64_t rows = std::min(CHUNK, std::max<int64_t>(T, 1));
+  wb.ensure(c, rows + std::max<int64_t>(band, 1) - 1, rows);
   std::vector<float> qe(CHUNK);
   char* kp = wb.keep.data();
+  if (sk.S > 0) {  // the sinks as the exact part reads them
+    wb.sy.resize(sk.S * D);
+    wb.sysq.resize(sk.S);
+    wb.sl.resize(sk.S);
+    for (int64_t s = 0; s < sk.S; ++s) {
+      float sq2 = 0.f;
+      for (int64_t d = 0; d < D; ++d) {
+        const float y = sk.k[s * D + d] * c.root;
+        wb.sy[s * D + d] = y;
+        sq2 += y * y;
+      }
+      wb.sysq[s] = wt.exact_sq * sq2;
+    }
+  }
+  // W = 0: the chunk's feature keys include each query's own key (no band holds it)
+  const int64_t diag = W == 0 ? 1 : 0;
 
   if (wt.causal) {
     int64_t kept_folded = 0;  // kept extended keys already in the state
     int64_t have = 0;         // buffer rows [0, have): the extended keys [lo, lo + have), from the last chunk
     for (int64_t lo = 0; lo < T; lo += CHUNK) {
       const int64_t n = std::min(CHUNK, T - lo);
-      const int64_t cols = n + W - 1;  // the extended keys [lo, lo + n + W - 1): n feature keys first
+      const int64_t cols = n + nt;  // the extended keys [lo, lo + n + W - 1): n feature keys first
       ext.stage(lo + have, cols - have, wb.kr.data() + have * D, wb.vb.data() + have * Dv, kp + have);
       wb.kept_before[0] = 0;
       for (int64_t j = 0; j < cols; ++j) wb.kept_before[j + 1] = wb.kept_before[j] + (kp[j] ? 1 : 0);
-      exact_keys(have, cols, wt.exact_sq, c, wb);
+      if (band > 0) exact_keys(have, cols, wt.exact_sq, c, wb);
       // the feature keys of the chunk: the extended keys [lo, lo + n), moving the state's maximum
       key_features(wb.kr.data(), D, reinterpret_cast<const bool*>(kp), n, c, hp, w, S, z, m_state);
       std::memcpy(w.vb.data(), wb.vb.data(), sizeof(float) * n * Dv);
@@ -234,22 +322,24 @@ void window_group(const at::Tensor& q, at::Tensor& o, const ExtKeys<scalar_t, vs
         const scalar_t* qg = qp + g * sqh + lo * sq;
         query_features(qg, sq, n, c, hp, w);
         float* sc = w.sc.data();
-        // strictly lower intra-chunk feature products: feature key r' < r for query r
+        // strictly lower intra-chunk feature products: feature key r' < r for query r (W = 0: r' <= r)
         gemm(n, n, F, w.pq.data(), F, w.pkt.data(), n, sc, n, false, TRI_N);
         for (int64_t t = 0; t < n; ++t) {
           float* row = sc + t * n;
-          std::fill(row + t, row + n, 0.f);
+          std::fill(row + t + diag, row + n, 0.f);
           float s = 0.f;
-          for (int64_t j = 0; j < t; ++j) s += row[j];
+          for (int64_t j = 0; j < t + diag; ++j) s += row[j];
           w.den[t] = s;
         }
         gemm_lower(n, Dv, sc, n, w.vb.data(), Dv, w.num.data(), Dv);
         read_state(n, c, w, S, z, true);
         exact_part(qg, sq, n, cols, band, wt.exact_sq, c, wb, qe.data());
+        exact_sinks(n, lo, true, 0, sk, c, wb, qe.data());
         for (int64_t t = 0; t < n; ++t) {
-          const bool has_f = wt.state_nonempty || kept_folded + wb.kept_before[t] > 0;
+          const bool has_f = wt.state_nonempty || kept_folded + wb.kept_before[t + diag] > 0;
           combine_row(Dv, wb.num_e.data() + t * Dv, wb.den_e[t], qe[t], w.num.data() + t * Dv, w.den[t],
-                      w.qs[t] + ks, has_f, c.den_eps, op + g * soh + (lo + t) * so);
+                      w.qs[t] + ks, has_f, c.den_eps, op + g * soh + (lo + t) * so,
+                      stp ? stp + g * 2 + (lo + t) * sst : nullptr);
         }
       }
       update_state(n, c, w, S, z);
@@ -286,15 +376,18 @@ void window_group(const at::Tensor& q, at::Tensor& o, const ExtKeys<scalar_t, vs
       }
     }
     const float ks = std::isinf(ma) ? 0.f : ma;
+    int64_t have = 0;  // staged rows [0, have): the previous chunk's last ones, its region's overlap with this
     for (int64_t lo = 0; lo < T; lo += CHUNK) {
       const int64_t n = std::min(CHUNK, T - lo);
-      const int64_t cols = std::min(n + band - 1, L - lo);  // the extended keys [lo, lo + cols)
-      ext.stage(lo, cols, wb.kr.data(), wb.vb.data(), kp);
+      // the extended keys [lo, lo + cols) (none without a band)
+      const int64_t cols = band > 0 ? std::min(n + band - 1, L - lo) : 0;
+      ext.stage(lo + have, cols - have, wb.kr.data() + have * D, wb.vb.data() + have * Dv, kp + have);
       wb.kept_before[0] = 0;
       for (int64_t j = 0; j < cols; ++j) wb.kept_before[j + 1] = wb.kept_before[j] + (kp[j] ? 1 : 0);
-      exact_keys(0, cols, wt.exact_sq, c, wb);
-      // the band's feature products at the final shift, to take out of the whole state's
-      for (int64_t j0 = 0; j0 < cols; j0 += CHUNK) {
+      exact_keys(have, cols, wt.exact_sq, c, wb);
+      // the band's feature products at the final shift, to take out of the whole state's (each key's
+      // features computed once: the rows carried keep theirs)
+      for (int64_t j0 = have; j0 < cols; j0 += CHUNK) {
         const int64_t nj = std::min(CHUNK, cols - j0);
         key_logits(wb.kr.data() + j0 * D, D, reinterpret_cast<const bool*>(kp + j0), nj, c, hp, w);
         key_exponentiate(nj, c, w, ks);
@@ -305,19 +398,39 @@ void window_group(const at::Tensor& q, at::Tensor& o, const ExtKeys<scalar_t, vs
         const scalar_t* qg = qp + g * sqh + lo * sq;
         query_features(qg, sq, n, c, hp, w);
         read_state(n, c, w, Sa, za, false);
-        banded(n, cols, band, F, w.pq.data(), F, wb.pkt.data(), wb.ld, wb.sc.data(), wb.ld, wb.vb.data(), Dv,
-               wb.num_b.data(), [&](int64_t r, int64_t lo_c, int64_t hi_c) {
-                 wb.den_b[r] = row_sum(wb.sc.data() + r * wb.ld + lo_c, hi_c - lo_c);
-               });
+        if (band > 0) {
+          banded(n, cols, band, F, w.pq.data(), F, wb.pkt.data(), wb.ld, wb.sc.data(), wb.ld, wb.vb.data(), Dv,
+                 wb.num_b.data(), [&](int64_t r, int64_t lo_c, int64_t hi_c) {
+                   wb.den_b[r] = row_sum(wb.sc.data() + r * wb.ld + lo_c, hi_c - lo_c);
+                 });
+        }
         exact_part(qg, sq, n, cols, band, wt.exact_sq, c, wb, qe.data());
+        exact_sinks(n, lo, false, T - 1, sk, c, wb, qe.data());
         for (int64_t t = 0; t < n; ++t) {
           const int64_t hi = std::min(t + band, cols);
-          const int64_t outside = kept_total - (wb.kept_before[hi] - wb.kept_before[t]);
+          const int64_t outside = band > 0 ? kept_total - (wb.kept_before[hi] - wb.kept_before[t]) : kept_total;
           float* nf = w.num.data() + t * Dv;
-          for (int64_t d = 0; d < Dv; ++d) nf[d] -= wb.num_b[t * Dv + d];
-          const float df = w.den[t] - wb.den_b[t];
+          const float df = band > 0 ? w.den[t] - wb.den_b[t] : w.den[t];
+          if (band > 0)
+            for (int64_t d = 0; d < Dv; ++d) nf[d] -= wb.num_b[t * Dv + d];
           combine_row(Dv, wb.num_e.data() + t * Dv, wb.den_e[t], qe[t], nf, df, w.qs[t] + ks,
                       wt.state_nonempty || outside > 0, c.den_eps, op + g * soh + (lo + t) * so);
+        }
+      }
+      // the rows [n, cols) open the next chunk's region
+      have = lo + n < T ? std::max<int64_t>(cols - n, 0) : 0;
+      if (have > 0) {
+        std::memmove(wb.kr.data(), wb.kr.data() + n * D, sizeof(float) * have * D);
+        std::memmove(wb.vb.data(), wb.vb.data() + n * Dv, sizeof(float) * have * Dv);
+        std::memmove(kp, kp + n, have);
+        std::memmove(wb.ysq.data(), wb.ysq.data() + n, sizeof(float) * have);
+        for (int64_t d = 0; d < D; ++d) {
+          float* row = wb.kt.data() + d * wb.ld;
+          std::memmove(row, row + n, sizeof(float) * have);
+        }
+        for (int64_t f = 0; f < F; ++f) {
+          float* row = wb.pkt.data() + f * wb.ld;
+          std::memmove(row, row + n, sizeof(float) * have);
         }
       }
     }
@@ -326,6 +439,8 @@ void window_group(const at::Tensor& q, at::Tensor& o, const ExtKeys<scalar_t, vs
   if (nt > 0) {
     std::vector<char> tk(nt);
     ext.stage(T, nt, k_tail_out, v_tail_out, tk.data());
+    if (tail_keep_out)
+      for (int64_t r = 0; r < nt; ++r) tail_keep_out[r] = tk[r] != 0;
   }
 }
 
@@ -334,11 +449,17 @@ std::vector<at::Tensor> rf_window_forward(
     const at::Tensor& bias, const at::Tensor& freq, const c10::optional<at::Tensor>& psi, int64_t kind, double c_t,
     double c_o, double scale, double exact_sq, bool causal, int64_t window, const c10::optional<at::Tensor>& mask_in,
     const at::Tensor& S0, const at::Tensor& z0, const at::Tensor& m0, const at::Tensor& k_tail,
-    const at::Tensor& v_tail, const at::Tensor& tail_keep, double den_eps, const c10::optional<at::Tensor>& cu) {
+    const at::Tensor& v_tail, const at::Tensor& tail_keep, double den_eps, const c10::optional<at::Tensor>& cu,
+    const c10::optional<at::Tensor>& sink_k, const c10::optional<at::Tensor>& sink_v,
+    const c10::optional<at::Tensor>& sink_from, const c10::optional<at::Tensor>& sink_skip,
+    const c10::optional<at::Tensor>& log_mix, bool need_stats) {
   // ops/cpu_window.py prepares the arguments: fp32 contiguous parameters with one row per sequence
-  // ([R, H, ...]), a whole fp32 initial state (the empty one when none), int64 offsets [R + 1].
+  // ([R, H, ...]), a whole fp32 initial state (the empty one when none), int64 offsets [R + 1]; with sinks
+  // the slots of this call (fp32 sink_k [R, H, S, D], sink_v [R, H, S, Dv]), int64 sink_from [R, S] (the first
+  // token of the sequence that sees the slot: -1 all, >= its length none) and sink_skip [R] (its first
+  // tokens that are sinks); log_mix: the learned factor's log, fp32 [H] (or none).
   TORCH_CHECK_VALUE(q_in.dim() == 4 && k_in.dim() == 4 && v_in.dim() == 4, "q, k, v must be [B, T, H, D]");
-  TORCH_CHECK_VALUE(window >= 1, "window must be >= 1, got ", window);
+  TORCH_CHECK_VALUE(window >= 0, "window must be >= 0, got ", window);
   TORCH_CHECK_VALUE(kind == KIND_EXP || kind == KIND_HYP || kind == KIND_TRIG || kind == KIND_NORM_HYP,
                     "unknown feature kind ", kind);
   auto native = [&](const at::Tensor& t) {
@@ -350,7 +471,7 @@ std::vector<at::Tensor> rf_window_forward(
   const int64_t B = q.size(0), T = q.size(1), Hq = q.size(2), D = q.size(3), Dv = v.size(3), H = k.size(2);
   TORCH_CHECK_VALUE(H > 0 && Hq % H == 0 && k.size(1) == T && v.size(1) == T && v.size(2) == H,
                     "q, k, v must be [B, T, H, D], [B, T, H_kv, D], [B, T, H_kv, Dv]");
-  const int64_t G = Hq / H, m = WT.size(2), F = kind == KIND_EXP ? m : 2 * m, nt = window - 1;
+  const int64_t G = Hq / H, m = WT.size(2), F = kind == KIND_EXP ? m : 2 * m, nt = std::max<int64_t>(window - 1, 0);
   const bool varlen = cu.has_value() && cu->defined();
   const at::Tensor offsets = varlen ? cu->to(at::kLong).contiguous() : at::Tensor();
   const int64_t R = varlen ? offsets.size(0) - 1 : B;
@@ -364,6 +485,24 @@ std::vector<at::Tensor> rf_window_forward(
                         v_tail.sizes() == at::IntArrayRef({R, H, nt, Dv}) &&
                         tail_keep.sizes() == at::IntArrayRef({R, nt}),
                     "window_forward: parameter or state shapes do not match the inputs");
+  const bool has_sinks = sink_k.has_value() && sink_k->defined();
+  const int64_t NS = has_sinks ? sink_k->size(2) : 0;
+  TORCH_CHECK_VALUE(window >= 1 || NS > 0, "window_forward: window 0 needs sinks");
+  if (has_sinks) {
+    TORCH_CHECK_VALUE(sink_v.has_value() && sink_from.has_value() && sink_skip.has_value(),
+                      "window_forward: sink_k needs sink_v, sink_from and sink_skip");
+    TORCH_CHECK_VALUE(sink_k->scalar_type() == at::kFloat && sink_k->is_contiguous() &&
+                          sink_k->sizes() == at::IntArrayRef({R, H, NS, D}) && sink_v->scalar_type() == at::kFloat &&
+                          sink_v->is_contiguous() && sink_v->sizes() == at::IntArrayRef({R, H, NS, Dv}) &&
+                          sink_from->scalar_type() == at::kLong && sink_from->is_contiguous() &&
+                          sink_from->sizes() == at::IntArrayRef({R, NS}) && sink_skip->scalar_type() == at::kLong &&
+                          sink_skip->is_contiguous() && sink_skip->sizes() == at::IntArrayRef({R}),
+                      "window_forward: sink slot shapes or dtypes do not match the inputs");
+  }
+  const bool has_mix = log_mix.has_value() && log_mix->defined();
+  TORCH_CHECK_VALUE(!has_mix || (log_mix->scalar_type() == at::kFloat && log_mix->is_contiguous() &&
+                                 log_mix->sizes() == at::IntArrayRef({H})),
+                    "window_forward: log_mix must be a contiguous fp32 [H_kv] tensor");
   std::vector<Span> spans;
   for (int64_t n = 0; n < R; ++n) spans.push_back(varlen ? Span{0, cp[n], cp[n + 1] - cp[n]} : Span{n, 0, T});
   at::Tensor mask;
@@ -372,6 +511,10 @@ std::vector<at::Tensor> rf_window_forward(
   at::Tensor S = S0.clone(), z = z0.clone(), ms = m0.clone();
   at::Tensor kt_out = at::empty({R, H, nt, D}, k_tail.options());
   at::Tensor vt_out = at::empty({R, H, nt, Dv}, v_tail.options());
+  at::Tensor keep_out = at::zeros({R, nt}, tail_keep.options());  // written by the tasks of head 0
+  // causal training: each query row's (top, den), read by the fused backward
+  at::Tensor stats = need_stats && causal ? at::empty({B, T, Hq, 2}, q.options().dtype(at::kFloat)) : at::Tensor();
+  float* statp = stats.defined() ? stats.data_ptr<float>() : nullptr;
   at::Tensor o = at::empty({B, T, Hq, Dv}, v.options());
   Config c{static_cast<int>(kind), static_cast<float>(c_t), static_cast<float>(c_o),
            static_cast<float>(std::sqrt(scale)), D, Dv, m, F, static_cast<float>(den_eps)};
@@ -389,11 +532,18 @@ std::vector<at::Tensor> rf_window_forward(
   const float* vtp = v_tail.data_ptr<float>();
   float* kto = kt_out.data_ptr<float>();
   float* vto = vt_out.data_ptr<float>();
+  bool* kpo = keep_out.data_ptr<bool>();
+  const float* skp = has_sinks ? sink_k->data_ptr<float>() : nullptr;
+  const float* svp = has_sinks ? sink_v->data_ptr<float>() : nullptr;
+  const int64_t* sfp = has_sinks ? sink_from->data_ptr<int64_t>() : nullptr;
+  const int64_t* ssp = has_sinks ? sink_skip->data_ptr<int64_t>() : nullptr;
+  const float* lmp = has_mix ? log_mix->data_ptr<float>() : nullptr;
 
   std::vector<int64_t> lengths(R * H);
   // (the workspaces also hold chunks of the tail and the band beyond T)
-  for (int64_t i = 0; i < R * H; ++i) lengths[i] = spans[i / H].T + 2 * window;
-  const int64_t work_per_token = F * (D + Dv) * (G + 1) + std::min<int64_t>(window, T + nt) * (D + Dv) * G;
+  for (int64_t i = 0; i < R * H; ++i) lengths[i] = spans[i / H].T + 2 * window + 1;
+  const int64_t work_per_token =
+      F * (D + Dv) * (G + 1) + (std::min<int64_t>(window, T + nt) + NS) * (D + Dv) * G;
   RF_DISPATCH(q.scalar_type(), "rf_window_cpu_qk", [&] {
     using qk_t = scalar_t;
     RF_DISPATCH(v.scalar_type(), "rf_window_cpu_v", [&] {
@@ -413,15 +563,25 @@ std::vector<at::Tensor> rf_window_forward(
                                maskp ? maskp + span.b * T + span.start : nullptr,
                                nt,
                                D,
-                               Dv};
+                               Dv,
+                               ssp ? ssp[n] : 0};
+        Sinks sk;
+        if (has_sinks) {
+          sk.k = skp + i * NS * D;
+          sk.v = svp + i * NS * Dv;
+          sk.from = sfp + n * NS;
+          sk.S = NS;
+        }
+        sk.log_mix = lmp ? lmp[h] : 0.f;
         WindowTask wt{window, static_cast<float>(exact_sq), causal, !std::isinf(mp[i])};
-        window_group<qk_t, v_t>(q, o, ext, span, h, G, c, hp, wt, w, wb, Sp + i * F * Dv, zp + i * F, mp[i],
-                                kto + i * nt * D, vto + i * nt * Dv);
+        // every head of a sequence computes the same tail flags; head 0 writes them
+        window_group<qk_t, v_t>(q, o, ext, span, h, G, c, hp, wt, w, wb, sk, Sp + i * F * Dv, zp + i * F, mp[i],
+                                kto + i * nt * D, vto + i * nt * Dv, h == 0 ? kpo + n * nt : nullptr, statp);
       });
     });
   });
   if (o.scalar_type() != v_in.scalar_type()) o = o.to(v_in.scalar_type());
-  return {o, S, z, ms, kt_out, vt_out};
+  return {o, S, z, ms, kt_out, vt_out, keep_out, stats};
 }
 
 }  // namespace

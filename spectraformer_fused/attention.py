@@ -25,8 +25,8 @@ BACKENDS = ("auto", "reference", "triton", "cpu")
 WINDOW_BACKENDS = {"reference", "cpu", "triton"}
 # The backends with attention sinks (``sinks=``, DESIGN.md section 8), and those that apply a feature map's
 # learned exact-part factor (``mix``); the same fallback rule.
-SINK_BACKENDS = {"reference", "triton"}
-MIX_BACKENDS = {"reference", "triton"}
+SINK_BACKENDS = {"reference", "cpu", "triton"}
+MIX_BACKENDS = {"reference", "cpu", "triton"}
 # The backends that evaluate each feature kind, for the kinds not every backend has; "auto" falls back to the
 # reference when the backend it would choose is not listed, an explicit backend that is not listed raises.
 KIND_BACKENDS = {NORM_HYP: {"reference", "cpu", "triton"}}

@@ -28,8 +28,9 @@ from . import build_cache
 
 EXTENSION_NAME = "spectraformer_fused_cpu"
 _SOURCES = ("rf_attention.cpp", "rf_backward.cpp")
-# rf_window.cpp (the hybrid window) is #included by rf_attention.cpp: one translation unit, its helpers shared.
-_HEADERS = ("rf_kernels.h", "rf_backward.h", "rf_window.cpp")
+# rf_window.cpp (the hybrid window) is #included by rf_attention.cpp, rf_window_bwd.cpp (its backward) by
+# rf_backward.cpp: one translation unit each, their helpers shared.
+_HEADERS = ("rf_kernels.h", "rf_backward.h", "rf_window.cpp", "rf_window_bwd.cpp")
 # -fopenmp: at::parallel_for is OpenMP-based in torch's CPU builds (and serial without it); the OpenMP
 # runtime already loaded by torch is reused, so torch.set_num_threads applies.
 _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast")
@@ -267,8 +268,9 @@ class _CpuAttention(torch.autograd.Function):
 FUSED_BACKWARD_KINDS = (EXP, HYP, TRIG, NORM_HYP)
 
 
-def reference_grads(params: FeatureParams, inputs, out_grads, make_state, **attend):
-    """The gradients of ``inputs`` (q, k, v, W, bias, then the initial state's tensors; None where absent) by
+def reference_grads(params: FeatureParams, inputs, out_grads, make_state, *, mix: bool = False, **attend):
+    """The gradients of ``inputs`` (q, k, v, W, bias, with ``mix`` the factor ``log_mix``, then the initial
+    state's tensors; None where absent) by
     recomputing the forward through the reference backend under enable_grad and differentiating that graph
     (exact, at the cost of one reference forward and backward). ``make_state`` builds the initial state from
     the state's leaves (None for no state); ``out_grads`` are the gradients of the output and of the final
@@ -276,7 +278,11 @@ def reference_grads(params: FeatureParams, inputs, out_grads, make_state, **atte
     leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
     lq, lk, lv, lW, lbias, *lstate = leaves
     with torch.enable_grad():
-        rp = dataclasses.replace(params, W=lW, bias=lbias)
+        if mix:
+            lmix, *lstate = lstate
+            rp = dataclasses.replace(params, W=lW, bias=lbias, log_mix=lmix)
+        else:
+            rp = dataclasses.replace(params, W=lW, bias=lbias)
         # packed sequences: the reference runs them one by one on views
         o, final = reference_attention(
             lq, lk, lv, rp, initial_state=make_state(lstate), output_final_state=True, **attend
@@ -304,6 +310,7 @@ def cpu_attention(
     output_final_state: bool = False,
     cu_seqlens=None,
     window: int | None = None,
+    sinks: int = 0,
 ):
     """Random-feature attention with the reference's semantics, computed by the compiled CPU extension.
 
@@ -316,8 +323,8 @@ def cpu_attention(
     batch axis is then the sequence axis (bias ``[N, H_kv, m]``, S ``[N, H_kv, F, Dv]``...). One call of the
     extension runs every (sequence, key/value head); the result equals one call per sequence.
 
-    ``window`` (>= 1): the hybrid window (``ops.cpu_window.cpu_window_attention``; the state is then a
-    ``WindowState``).
+    ``window`` (>= 1, or 0 with ``sinks``): the hybrid window and attention sinks
+    (``ops.cpu_window.cpu_window_attention``; the state is then a ``WindowState``).
     """
     if window is not None:
         from .cpu_window import cpu_window_attention
@@ -329,6 +336,7 @@ def cpu_attention(
             params,
             causal=causal,
             window=window,
+            sinks=sinks,
             key_padding_mask=key_padding_mask,
             initial_state=initial_state,
             output_final_state=output_final_state,
