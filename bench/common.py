@@ -24,7 +24,7 @@ import torch
 
 import spectraformer_fused as sf
 
-# time_fn and time_interleaved stay importable from here too: bench_hybrid_cpu.py times through common.
+# time_fn and time_interleaved stay importable from here too: perf/hybrid_cpu.py times through common.
 from .timing import measure, sync, time_fn, time_interleaved  # noqa: F401
 
 HERE = os.path.dirname(os.path.abspath(__file__))

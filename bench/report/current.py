@@ -38,7 +38,7 @@ WRITERS = {
     "cpu": "bench/perf/cpu.py",
     "distributed": "bench/perf/distributed.py",
     "fit": "bench/report/fitting.py",
-    "hybrid": "bench/bench_hybrid_cpu.py",
+    "hybrid": "bench/perf/hybrid_cpu.py",
     "linearize": "bench/report/linearize.py",
     "real": "bench/real_lm.py",
     "varlen": "bench/report/varlen.py",
