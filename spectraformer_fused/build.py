@@ -18,7 +18,8 @@ import json
 import sys
 import time
 
-from .ops import build_cache, cpu
+from .ops import build_cache
+from .ops import cpu_extension as cpu
 
 
 def status() -> str:

@@ -21,6 +21,7 @@ O(T (W + chunk)).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -462,3 +463,33 @@ def exact_attention(
         logits = logits.masked_fill(~key_padding_mask[:, None, None, :], float("-inf"))
     w = torch.softmax(logits, dim=-1).nan_to_num(0.0)
     return (w @ v.transpose(1, 2).to(w.dtype)).transpose(1, 2)
+
+
+def reference_grads(params: FeatureParams, inputs, out_grads, make_state, *, mix: bool = False, **attend):
+    """The gradients of ``inputs`` (q, k, v, W, bias, with ``mix`` the factor ``log_mix``, then the initial
+    state's tensors; None where absent) by
+    recomputing the forward through the reference backend under enable_grad and differentiating that graph
+    (exact, at the cost of one reference forward and backward). ``make_state`` builds the initial state from
+    the state's leaves (None for no state); ``out_grads`` are the gradients of the output and of the final
+    state's fields in order, None where none flows; ``attend`` the reference's other keyword arguments."""
+    leaves = [t.detach().requires_grad_(t.requires_grad) if t is not None else None for t in inputs]
+    lq, lk, lv, lW, lbias, *lstate = leaves
+    with torch.enable_grad():
+        if mix:
+            lmix, *lstate = lstate
+            rp = dataclasses.replace(params, W=lW, bias=lbias, log_mix=lmix)
+        else:
+            rp = dataclasses.replace(params, W=lW, bias=lbias)
+        # packed sequences: the reference runs them one by one on views
+        o, final = reference_attention(
+            lq, lk, lv, rp, initial_state=make_state(lstate), output_final_state=True, **attend
+        )
+        outs, grads = [], []
+        for out, g in zip((o, *final), out_grads):
+            if g is not None and out.requires_grad:
+                outs.append(out)
+                grads.append(g)
+        wanted = [t for t in leaves if t is not None and t.requires_grad]
+        got = torch.autograd.grad(outs, wanted, grads, allow_unused=True) if outs and wanted else []
+    it = iter(got)
+    return [next(it) if (t is not None and t.requires_grad) else None for t in leaves]

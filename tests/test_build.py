@@ -26,6 +26,7 @@ import spectraformer_fused
 from spectraformer_fused import RandomFeatureMap, rf_attention
 from spectraformer_fused.ops import build_cache
 from spectraformer_fused.ops import cpu as cpu_ops
+from spectraformer_fused.ops import cpu_extension as cpu_ext
 
 ROOT = Path(spectraformer_fused.__file__).resolve().parent.parent
 
@@ -121,10 +122,10 @@ def test_forced_rebuild_prints_the_notice_once(tmp_path, cache, capfd):
     assert build_cache.build(spec).VALUE == 7  # no notice text: builds silently
     stamp = _binary_stamp(spec)
     capfd.readouterr()
-    module = build_cache.build(spec, force=True, notice=cpu_ops.NOTICE)
+    module = build_cache.build(spec, force=True, notice=cpu_ext.NOTICE)
     assert module.VALUE == 7 and _binary_stamp(spec) != stamp, "the forced rebuild did not rebuild"
     stamp = _binary_stamp(spec)
-    assert build_cache.build(spec, notice=cpu_ops.NOTICE).VALUE == 7 and _binary_stamp(spec) == stamp
+    assert build_cache.build(spec, notice=cpu_ext.NOTICE).VALUE == 7 and _binary_stamp(spec) == stamp
     err = capfd.readouterr().err
     assert err.count("spectraformer_fused: compiling") == 1, err
     line = next(line for line in err.splitlines() if "compiling" in line)
@@ -137,7 +138,7 @@ def test_forced_rebuild_prints_the_notice_once(tmp_path, cache, capfd):
 def test_auto_builds_on_first_need_with_one_notice(tmp_path, monkeypatch, capfd):
     """backend="auto" on a CPU without a built extension compiles it (here: the compile step is replaced by
     the real module, already built) after the notice, once; available_backends() before it compiles nothing."""
-    real = cpu_ops._load()  # from the real cache, before the empty one is set
+    real = cpu_ext._load()  # from the real cache, before the empty one is set
     assert real is not None, f"the CPU extension did not build: {cpu_ops.extension_error()}"
     monkeypatch.setenv(build_cache.CACHE_ENV, str(tmp_path / "cache"))
     monkeypatch.setattr(build_cache, "_noticed", set())
@@ -151,8 +152,8 @@ def test_auto_builds_on_first_need_with_one_notice(tmp_path, monkeypatch, capfd)
     import torch.utils.cpp_extension as cpp_extension
 
     monkeypatch.setattr(cpp_extension, "load", fake_load)
-    monkeypatch.setattr(cpu_ops, "_module", None)
-    monkeypatch.setattr(cpu_ops, "_error", None)
+    monkeypatch.setattr(cpu_ext, "_module", None)
+    monkeypatch.setattr(cpu_ext, "_error", None)
     assert cpu_ops.extension_status() == "buildable"
     assert "cpu" not in spectraformer_fused.available_backends() and not calls
     fm = RandomFeatureMap(16, 16, component="posrf", weights="orf", num_heads=1, seed=0).eval()
@@ -207,7 +208,7 @@ PROBE = textwrap.dedent("""
     import json, os, sys, time
     import spectraformer_fused
     from spectraformer_fused import build
-    from spectraformer_fused.ops import cpu
+    from spectraformer_fused.ops import cpu_extension as cpu
     out = {}
     os.environ["SPECTRAFORMER_FUSED_CACHE_DIR"] = sys.argv[1]          # empty
     t = time.perf_counter()
@@ -252,7 +253,7 @@ def test_available_backends_never_compiles(fresh_process):
 def test_a_fresh_process_finds_the_real_extension_in_the_cache(fresh_process):
     out, _, err = fresh_process
     directory = build_cache.build_dir(cpu_ops.extension_spec())
-    assert Path(cpu_ops._module.__file__).parent == directory, "this process did not load the cached extension"
+    assert Path(cpu_ext._module.__file__).parent == directory, "this process did not load the cached extension"
     assert out["built_status"] == "built" and "cpu" in out["built_backends"], out
     assert Path(out["module_file"]).parent == directory, out
     assert "compiling" not in err, err

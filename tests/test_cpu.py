@@ -10,6 +10,7 @@ from helpers import Case, assert_close, case_id, causal_id
 
 from spectraformer_fused import RandomFeatureMap, available_backends, rf_attention
 from spectraformer_fused.ops import cpu as cpu_ops
+from spectraformer_fused.ops import cpu_extension as cpu_ext
 
 # every component (gerf with both signs s) x kernel x causal, fp32, masked
 COMPONENT_CASES = [
@@ -284,10 +285,10 @@ def test_build_failure_warns_once_and_falls_back(monkeypatch):
     def broken_build():
         raise OSError("no compiler found")
 
-    monkeypatch.setattr(cpu_ops, "_module", None)
-    monkeypatch.setattr(cpu_ops, "_error", None)
-    monkeypatch.setattr(cpu_ops, "_warned", False)
-    monkeypatch.setattr(cpu_ops, "_build", broken_build)
+    monkeypatch.setattr(cpu_ext, "_module", None)
+    monkeypatch.setattr(cpu_ext, "_error", None)
+    monkeypatch.setattr(cpu_ext, "_warned", False)
+    monkeypatch.setattr(cpu_ext, "_build", broken_build)
     with pytest.warns(RuntimeWarning, match="g\\+\\+.*ninja") as record:
         assert cpu_ops.extension_available() is False
         assert cpu_ops.extension_available() is False

@@ -13,6 +13,7 @@ from helpers import assert_close
 from spectraformer_fused import RandomFeatureMap, RFState
 from spectraformer_fused.contract import DEN_EPS, FeatureParams
 from spectraformer_fused.ops import cpu as cpu_ops
+from spectraformer_fused.ops import cpu_extension as cpu_ext
 from spectraformer_fused.ops.cpu import cpu_attention
 from spectraformer_fused.reference import reference_attention
 from spectraformer_fused.state import empty_state
@@ -293,7 +294,7 @@ def _dense_args(T=8):
 def test_state_parts_given_together():
     q, k, v, p = _dense_args()
     S, z, m = _state(1, 2, 16, 8)
-    ext = cpu_ops._load()
+    ext = cpu_ext._load()
     for parts in ((S, None, None), (S, z, None), (None, z, m), (S, None, m)):
         with pytest.raises(ValueError, match="S, z and log_scale"):
             ext.forward(

@@ -15,9 +15,10 @@ from typing import NamedTuple
 import torch
 
 from ..contract import DEN_EPS, FeatureParams
+from ..reference import reference_grads
 from ..state import WindowState, empty_window_state
 from ..validation import check_window
-from . import cpu as _cpu
+from .cpu_extension import _load, _transposed, extension_error
 
 _STATE_NAMES = ("S", "z", "log_scale", "k_tail", "v_tail", "tail_keep", "k_sink", "v_sink", "sink_keep", "sink_seen")
 # sink_from of a slot no query of the call sees
@@ -122,7 +123,7 @@ def _kernel_args(params: FeatureParams, R, Hk, D, log_mix):
     m = params.W.shape[1]
     psi = None if params.psi is None else _rows(params.psi, (R, Hk, D))
     mix = None if log_mix is None else log_mix.detach().to(torch.float32).reshape(Hk).contiguous()
-    return _cpu._transposed(params.W), _rows(params.bias, (R, Hk, m)), _rows(params.freq, (R, Hk)), psi, mix
+    return _transposed(params.W), _rows(params.bias, (R, Hk, m)), _rows(params.freq, (R, Hk)), psi, mix
 
 
 def _slot_args(slots):
@@ -150,7 +151,7 @@ def _forward(
     """The C++ forward: ``(o, S, z, log_scale, k_tail, v_tail, tail_keep, k_sink, v_sink, sink_keep,
     sink_seen)``. ``slots``: the sink slots of ``_sink_slots`` when already made. ``need_stats`` (causal):
     returns ``(that tuple, stats)``, stats ``[B, T, H, 2]`` each query row's (top, den) for the backward."""
-    ext = _cpu._load()
+    ext = _load()
     R, Hk = state.log_scale.shape
     D = q.shape[-1]
     WT, bias, freq, psi, mix = _kernel_args(params, R, Hk, D, log_mix)
@@ -245,7 +246,7 @@ class _CpuWindowAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dS, dz, _dm, dkt, dvt, _dkeep, dks, dvs, _dskeep, _dseen):
         tail_keep, sink_keep, sink_seen = ctx.flags
-        grads = _cpu.reference_grads(
+        grads = reference_grads(
             ctx.params,
             ctx.saved_tensors,
             (do, dS, dz, None, dkt, dvt, None, dks, dvs),
@@ -294,7 +295,7 @@ class _CpuWindowFused(torch.autograd.Function):
         ksl, vsl, sfrom, sskip = _slot_args(slots)
         if do is None:
             do = torch.zeros(*q.shape[:-1], v.shape[-1], dtype=v.dtype)
-        grads = _cpu._load().window_backward(
+        grads = _load().window_backward(
             do,
             dS,
             dz,
@@ -391,9 +392,9 @@ def cpu_window_attention(
         window = check_window(window)
     if window is None or (window == 0 and not sinks):
         raise ValueError("cpu_window_attention needs a window >= 1 or sinks (use cpu_attention without them)")
-    ext = _cpu._load()
+    ext = _load()
     if ext is None:
-        raise RuntimeError(f"the compiled CPU backend is unavailable ({_cpu.extension_error()})")
+        raise RuntimeError(f"the compiled CPU backend is unavailable ({extension_error()})")
     B, T, _, D = q.shape
     Hk, Dv = k.shape[2], v.shape[-1]
     offsets = None if cu_seqlens is None else [int(x) for x in cu_seqlens.tolist()]
