@@ -45,8 +45,8 @@ from torch import nn
 from .attention import _backend_function, _resolve_backend
 from .components import Moments
 from .feature_map import RandomFeatureMap
-from .state import RFState, WindowState, empty_state, empty_window_state, safe_log_scale
-from .validation import check_attention_inputs, check_sinks, check_window, resolve_scale
+from .state import RFState, WindowState, empty_sinks, empty_state, empty_window_state, safe_log_scale
+from .validation import check_attention_inputs, check_sinks, check_window, hybrid_window, resolve_scale
 
 __all__ = [
     "context_parallel_rf_attention",
@@ -262,31 +262,39 @@ def context_parallel_rf_attention(
             keys and values (as much again); rank r composes those of the ranks after it into the first
             W - 1 positions after its slice (attended as extra keys, exact or not by distance) and the
             features of every later key, added to the state every query reads.
-        sinks: attention sinks (DESIGN.md section 8) are not split across ranks yet: a positive value
-            raises NotImplementedError (run the layer with ``rf_attention(..., sinks=)`` on one rank).
+        sinks: attention sinks (DESIGN.md section 8): the first S positions of the WHOLE sequence (which may
+            span several short slices, some empty; with an initial state, the positions its ``sink_seen`` has
+            not seen yet) are exact for every query that sees them, besides the window (``window=None``:
+            sinks only, the internal window 0 of ``rf_attention``); they never enter a tail or a feature
+            state. Before the state gather, one more all-gather: every rank's sink slots after its slice
+            alone, i.e. its first min(S, T_r) keys and values padded to S (rank 0's after its initial
+            state's slots), ``B H_kv S (D + Dv)`` numbers, and ``2 B S`` keep/seen flags; each rank
+            composes those of the ranks before it (the sinks its causal queries may see, and the count that
+            tells which of its own tokens are sinks) and of every rank (the non-causal queries' sinks, and
+            the final state's slots, the same on every rank). The backward all-reduces their gradients
+            (``w`` times that payload). Nothing else changes: sinks leave the states and tails that are
+            gathered.
 
     Returns:
-        o ``[B, T_r, H, Dv]``, or ``(o, RFState)`` when ``output_final_state``.
+        o ``[B, T_r, H, Dv]``, or ``(o, state)`` when ``output_final_state``: an ``RFState``, or a
+        ``WindowState`` with a window or sinks.
 
     Every rank of the group must call it (and later run backward) together, with the same B, H, D, Dv,
     dtype, causal flag and options, as for any collective.
     """
     if not isinstance(feature_map, RandomFeatureMap):
         raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
-    if check_sinks(sinks):
-        raise NotImplementedError(
-            f"context_parallel_rf_attention does not run attention sinks (sinks={sinks}) yet: every rank would "
-            "need the first sinks keys and values of the sequence; use rf_attention(..., sinks=) on one rank"
-        )
+    sinks = check_sinks(sinks)
     world, rank = _resolve_group(group)
-    window = check_window(window)
-    state0 = check_attention_inputs(q, k, v, key_padding_mask, initial_state, feature_map.feature_dim, window)
+    window = hybrid_window(check_window(window), sinks)  # sinks without a window: the internal window 0
+    F = feature_map.feature_dim
+    state0 = check_attention_inputs(q, k, v, key_padding_mask, initial_state, F, window, sinks)
     B, T, H, D = q.shape
     Hk = k.shape[2]  # key/value heads: the state is [B, H_kv, F, Dv] (grouped-query attention)
     Dv = v.shape[-1]
     feature_map.check_input(D, Hk)
     scale = resolve_scale(scale, D)
-    name = _resolve_backend(backend, q, feature_map, window)
+    name = _resolve_backend(backend, q, feature_map, window, sinks)
     causal = bool(causal)
     if window is not None:
         return _context_parallel_window(
@@ -304,6 +312,7 @@ def context_parallel_rf_attention(
             name,
             window,
             causal,
+            sinks,
         )
 
     moments = None
@@ -358,20 +367,47 @@ def context_parallel_rf_attention(
 
 
 def _context_parallel_window(
-    q, k, v, feature_map, group, world, rank, scale, key_padding_mask, state0, output_final_state, name, window, causal
+    q,
+    k,
+    v,
+    feature_map,
+    group,
+    world,
+    rank,
+    scale,
+    key_padding_mask,
+    state0,
+    output_final_state,
+    name,
+    window,
+    causal,
+    sinks=0,
 ):
-    """Hybrid attention of one sequence split across the ranks (see context_parallel_rf_attention)."""
+    """Hybrid attention of one sequence split across the ranks (see context_parallel_rf_attention); with
+    ``sinks`` (``window`` 0: sinks only) the sink slots are gathered first (``_gather_sinks``)."""
     B, T, H, D = q.shape
-    Hk, Dv, n = k.shape[2], v.shape[-1], window - 1
+    Hk, Dv, n = k.shape[2], v.shape[-1], max(window - 1, 0)
     moments = None
     if feature_map.spec.data_dependent and (not causal or feature_map.training):
         moments = _group_moments(q, k, scale, key_padding_mask, group)
     p = feature_map.feature_params(q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask, moments=moments)
     cdt, F = p.W.dtype, p.feature_dim
     fn = _backend_function(name)
-    base = empty_window_state(B, Hk, F, D, Dv, window, dtype=cdt, device=q.device)
+    extra = {"window": window, "sinks": sinks} if sinks else {"window": window}
+    base = empty_window_state(B, Hk, F, D, Dv, window, sinks=sinks, dtype=cdt, device=q.device)
     if rank == 0 and state0 is not None:
         base = WindowState(*(t if t.dtype == torch.bool else t.to(cdt) for t in state0))
+    keep_in = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
+    touch_sinks, sinks_after = 0, None
+    if sinks:
+        grad = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (q, k, v, p.W, p.bias, *(state0 or ()))
+        )
+        before, sinks_after, touch_sinks = _gather_sinks(k, v, keep_in, base, group, rank, world, sinks, grad)
+        base = WindowState(*base[:6], *before)
+        # this slice's sink tokens (positions < S of the sequence) leave the band, the tail and the features
+        seen_before = before[3].sum(-1)  # [B]
+        keep_in = keep_in & (seen_before[:, None] + torch.arange(T, device=q.device)[None] >= sinks)
     local = base
     if T > 0:  # the window state of this slice (rank 0: after the initial state): a non-causal pass
         _, local = fn(
@@ -383,7 +419,7 @@ def _context_parallel_window(
             key_padding_mask=key_padding_mask,
             initial_state=base,
             output_final_state=True,
-            window=window,
+            **extra,
         )
     # positions of the sequence in this rank's tail: all W - 1 on rank 0 (its initial tail's included), the
     # last min(T, W - 1) elsewhere (the front of the tail then belongs to no position)
@@ -393,7 +429,6 @@ def _context_parallel_window(
         local.k_tail.to(cdt).reshape(B, Hk, n * D),
         local.v_tail.to(cdt).reshape(B, Hk, n * Dv),
     ]
-    keep_in = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
     h = min(T, n)  # non-causal: this slice's first h positions (its head) and the state of the keys after them
     if not causal:
         rest = empty_state(B, Hk, F, Dv, dtype=cdt, device=q.device)
@@ -426,9 +461,11 @@ def _context_parallel_window(
     counts = [int(c) for c in metas[:, 0, n].tolist()]
     # every rank's output hangs on the whole gather, so that every rank runs its backward (a collective)
     touch = every.nan_to_num(neginf=0.0).sum() * 0
+    if sinks:
+        touch = touch + touch_sinks
 
-    def state_after(upto: int) -> WindowState:
-        """The window state after the slices of ranks 0..upto-1 (upto >= 1)."""
+    def state_after(upto: int, sink_part) -> WindowState:
+        """The window state after the slices of ranks 0..upto-1 (upto >= 1), with the sink slots given."""
         ks = torch.cat([k_tails[s, :, :, n - counts[s] :] for s in range(upto)], dim=2)
         vs = torch.cat([v_tails[s, :, :, n - counts[s] :] for s in range(upto)], dim=2)
         keep = torch.cat([keeps[s, :, n - counts[s] :] for s in range(upto)], dim=1)
@@ -438,19 +475,80 @@ def _context_parallel_window(
             S, z, m = _with_key_state((S, z, m), ks[:, :, :out], vs[:, :, :out], keep[:, :out], q, k, v, p, fn)
         rf = _combine(S, z, m, torch.ones(S.shape[0], dtype=torch.bool, device=q.device))
         tail = (ks[:, :, out:], vs[:, :, out:], keep[:, out:])
-        return WindowState(rf.S + touch, rf.z, rf.log_scale, *tail, *base.sink_part)
+        return WindowState(rf.S + touch, rf.z, rf.log_scale, *tail, *sink_part)
 
     if rank == 0:
         start = WindowState(base.S + touch, *base[1:])
     else:
-        start = state_after(rank)
+        start = state_after(rank, base.sink_part)
     if T == 0:
         o = (start.S.sum() * 0).to(v.dtype).expand(B, 0, H, Dv)
     elif causal:
-        o, _ = fn(q, k, v, p, causal=True, key_padding_mask=key_padding_mask, initial_state=start, window=window)
+        o, _ = fn(q, k, v, p, causal=True, key_padding_mask=key_padding_mask, initial_state=start, **extra)
     else:
-        o = _after_slice(q, k, v, p, fn, every[..., size:], metas[..., n + 1 :], start, rank, world, window, keep_in)
-    return (o, state_after(world)) if output_final_state else o
+        if sinks:  # every query sees every sink: all slots count as seen (the unfilled ones are not kept)
+            start = WindowState(*start[:6], *sinks_after[:3], torch.ones_like(sinks_after[3]))
+        o = _after_slice(
+            q, k, v, p, fn, every[..., size:], metas[..., n + 1 :], start, rank, world, window, keep_in, extra
+        )
+    if not output_final_state:
+        return o
+    return o, state_after(world, sinks_after if sinks else base.sink_part)
+
+
+def _fill_sinks(part, ks, vs, keep):
+    """The sink slots ``part = (k_sink [B, H_kv, S, D], v_sink, sink_keep [B, S], sink_seen [B, S])`` after a
+    piece whose first tokens are ``ks [B, H_kv, L, D]``, ``vs``, ``keep [B, L]`` (L >= the slots it fills):
+    as the reference backend fills them, slot s from token s - sum(sink_seen) of the piece."""
+    k_sink, v_sink, sink_keep, seen = part
+    L = ks.shape[2]
+    if L == 0:
+        return part
+    B, Hk, S, D = k_sink.shape
+    at = torch.arange(S, device=seen.device)[None] - seen.sum(-1)[:, None]  # [B, S]
+    fresh = ~seen & (at < L)
+    idx = at.clamp(0, L - 1)
+    fill_k = ks.gather(2, idx[:, None, :, None].expand(B, Hk, S, D)) * fresh[:, None, :, None]
+    fill_v = vs.gather(2, idx[:, None, :, None].expand(B, Hk, S, vs.shape[-1])) * fresh[:, None, :, None]
+    return (
+        torch.where(seen[:, None, :, None], k_sink, fill_k),
+        torch.where(seen[:, None, :, None], v_sink, fill_v),
+        torch.where(seen, sink_keep, fresh & keep.gather(1, idx)),
+        seen | fresh,
+    )
+
+
+def _gather_sinks(k, v, keep_in, base, group, rank, world, sinks, grad):
+    """Attention sinks across ranks: one all-gather of every rank's sink slots after its slice alone (its
+    first min(S, T_r) keys, values and keep flags, padded to S; rank 0's after its initial state's slots)
+    and their seen flags. Returns the sink part ``(k_sink, v_sink, sink_keep, sink_seen)`` before this
+    rank's slice (rank 0: its initial state's), the one after the whole sequence (the same on every rank),
+    and a zero that hangs on the gather (every rank must run its backward). ``grad``: the gathered slots
+    take part in autograd on every rank alike (whether its own slots depend on a tensor with a gradient or
+    not), so that every rank runs the gather's backward."""
+    B, T, Hk, D = k.shape
+    Dv, cdt = v.shape[-1], base.S.dtype
+    h = min(T, sinks)
+    start = base.sink_part if rank == 0 else empty_sinks(B, Hk, D, Dv, sinks, dtype=cdt, device=k.device)
+    head_k, head_v = (t[:, :h].transpose(1, 2).to(cdt) for t in (k, v))
+    own = _fill_sinks(start, head_k, head_v, keep_in[:, :h])
+    packed = torch.cat([own[0].reshape(B, Hk, sinks * D), own[1].reshape(B, Hk, sinks * Dv)], -1)
+    if grad and not packed.requires_grad:
+        packed.requires_grad_()  # every rank (an empty slice's too) must join the backward's collective
+    every = _AllGather.apply(packed, group)  # [w, B, H_kv, S (D + Dv)]
+    flags = _AllGather.apply(torch.cat([own[2], own[3]], -1).to(cdt), group) > 0.5  # [w, B, 2 S]
+    k_all = every[..., : sinks * D].unflatten(-1, (sinks, D))
+    v_all = every[..., sinks * D :].unflatten(-1, (sinks, Dv))
+
+    def compose(upto: int):
+        part = (k_all[0], v_all[0], flags[0, :, :sinks], flags[0, :, sinks:])
+        for s in range(1, upto):
+            L = int(flags[s, :, sinks:].sum(-1).max())  # min(S, T_s): every row alike
+            part = _fill_sinks(part, k_all[s, :, :, :L], v_all[s, :, :, :L], flags[s, :, :L])
+        return part
+
+    before = base.sink_part if rank == 0 else compose(rank)
+    return before, compose(world), every.sum() * 0
 
 
 def _with_key_state(states, ks, vs, keep, q, k, v, p, fn):
@@ -464,14 +562,14 @@ def _with_key_state(states, ks, vs, keep, q, k, v, p, fn):
     return tuple(torch.cat([a, b.to(a.dtype)[None]]) for a, b in zip(states, state))
 
 
-def _after_slice(q, k, v, p, fn, every, metas, start, rank, world, window, keep_in):
+def _after_slice(q, k, v, p, fn, every, metas, start, rank, world, window, keep_in, extra):
     """Non-causal hybrid output of this rank's slice: the keys after it are the first W - 1 positions after
     the slice (gathered from the heads of the next ranks, which reach over several slices shorter than
     W - 1), attended as extra keys of this call (their queries' outputs dropped), and the features of every
     later key (the next ranks' states after their heads, and the head keys past those W - 1 positions),
     added to the initial state's S and z, which every query reads."""
     B, T, H, D = q.shape
-    Dv, n = v.shape[-1], window - 1
+    Dv, n = v.shape[-1], max(window - 1, 0)
     F, cdt = p.feature_dim, p.W.dtype
     r = F * Dv + F + 1
     rests = _unpack(every[..., :r], F, Dv)
@@ -495,7 +593,7 @@ def _after_slice(q, k, v, p, fn, every, metas, start, rank, world, window, keep_
     k_ext = torch.cat([k, ks.transpose(1, 2).to(k.dtype)], 1)
     v_ext = torch.cat([v, vs.transpose(1, 2).to(v.dtype)], 1)
     mask = torch.cat([keep_in, keep], 1)
-    o, _ = fn(q_ext, k_ext, v_ext, p, causal=False, key_padding_mask=mask, initial_state=init, window=window)
+    o, _ = fn(q_ext, k_ext, v_ext, p, causal=False, key_padding_mask=mask, initial_state=init, **extra)
     return o[:, :T]
 
 

@@ -230,8 +230,110 @@ def _check_window(group, rank, world):
             assert_close(total, p_ref, F64, name=f"sum over ranks of d{pname} ({tag})")
 
 
+def _check_sinks(group, rank, world):
+    """Attention sinks across ranks (DESIGN.md section 8), causal and not, with and without a window (None:
+    sinks only) and an initial state part-way through the sinks: outputs, the final WindowState with its sink
+    slots (the same on every rank), and the gradients of q, k, v, the initial state and the parameters (the
+    learned exact-part factor included) equal one process. The slices are shorter than S (the sinks span
+    several), one is empty, and one case has S beyond the whole sequence."""
+    sizes = {2: [2, 9], 4: [1, 0, 2, 7]}[world]
+    T = sum(sizes)
+    sl = _split(sizes, rank)
+    cases = [
+        ("posrf", None, 4, H, 0, 0.5),
+        ("trigrf", 3, 4, 1, 2, None),
+        ("hyprf", 2, 3, H, 1, 0.7),
+        ("posrf", 1, 2, H, 0, None),
+        ("saderf", None, 20, H, 3, 1.3),
+    ]
+    for case, ((component, window, sinks, hk, prefix, mix), causal) in enumerate(
+        [(c, causal) for causal in (True, False) for c in cases]
+    ):
+        fm = RandomFeatureMap(
+            D, M, component=component, weights="learnable", num_heads=hk, seed=case, dtype=F64, mix=mix
+        )
+        fm.eval()
+        q, k, v, mask, _, go, gS = _full_inputs(80 + case, T + prefix, True, False, fm.feature_dim, hk)
+        gk = torch.randn(B, hk, sinks, D, generator=torch.Generator().manual_seed(case), dtype=F64)
+        state = None
+        if prefix:  # the state after a prefix of `prefix` tokens, part of the sinks (its tensors get gradients)
+            with torch.no_grad():
+                _, state = rf_attention(
+                    q[:, :prefix],
+                    k[:, :prefix],
+                    v[:, :prefix],
+                    fm,
+                    causal=True,
+                    window=window,
+                    sinks=sinks,
+                    key_padding_mask=mask[:, :prefix],
+                    output_final_state=True,
+                )
+        q, k, v, mask, go = (t[:, prefix:] for t in (q, k, v, mask, go))
+        tag = f"sinks case {case} {component} causal={causal} W={window} S={sinks} H_kv={hk} w={world} rank={rank}"
+
+        def leaf_state():
+            return None if state is None else type(state)(*(t if t.dtype == torch.bool else _leaf(t) for t in state))
+
+        fm.zero_grad(set_to_none=True)
+        qs, ks, vs, st = _leaf(q), _leaf(k), _leaf(v), leaf_state()
+        o_ref, fin_ref = rf_attention(
+            qs,
+            ks,
+            vs,
+            fm,
+            causal=causal,
+            key_padding_mask=mask,
+            initial_state=st,
+            output_final_state=True,
+            window=window,
+            sinks=sinks,
+        )
+        ((o_ref * go).sum() + (_absolute_S(fin_ref) * gS).sum() + (fin_ref.k_sink * gk).sum()).backward()
+        ref_grads = [p.grad.clone() for p in fm.parameters()]
+        fm.zero_grad(set_to_none=True)
+        ql, kl, vl, stl = _leaf(q[:, sl]), _leaf(k[:, sl]), _leaf(v[:, sl]), leaf_state()
+        o, fin = context_parallel_rf_attention(
+            ql,
+            kl,
+            vl,
+            fm,
+            group=group,
+            causal=causal,
+            key_padding_mask=mask[:, sl],
+            initial_state=stl,
+            output_final_state=True,
+            window=window,
+            sinks=sinks,
+        )
+        loss = (o * go[:, sl]).sum()
+        if rank == world - 1:
+            loss = loss + (_absolute_S(fin) * gS).sum() + (fin.k_sink * gk).sum()
+        loss.backward()
+        assert_close(o, o_ref[:, sl], F64, name=f"o ({tag})")
+        assert_close(_absolute_S(fin), _absolute_S(fin_ref), F64, name=f"S ({tag})")
+        for name in ("tail_keep", "sink_keep", "sink_seen"):
+            assert torch.equal(getattr(fin, name), getattr(fin_ref, name)), f"{name} ({tag})"
+        for name in ("k_tail", "v_tail", "k_sink", "v_sink"):
+            assert_close(getattr(fin, name), getattr(fin_ref, name), F64, name=f"{name} ({tag})")
+        for name, a, e in (("dq", ql, qs), ("dk", kl, ks), ("dv", vl, vs)):
+            # the floor: a query whose every visible key is exact has a zero dq (rounding noise in both runs)
+            floor = e.grad.pow(2).mean().sqrt().item()
+            assert_close(_grad(a), e.grad[:, sl], F64, name=f"{name} ({tag})", min_scale=floor)
+        if state is not None and rank == 0:
+            for name in ("S", "z", "k_tail", "v_tail", "k_sink", "v_sink"):
+                a, e = getattr(stl, name), getattr(st, name)
+                floor = _grad(e).pow(2).mean().sqrt().item()
+                assert_close(_grad(a), _grad(e), F64, name=f"d initial {name} ({tag})", min_scale=floor)
+        for (pname, p), p_ref in zip(fm.named_parameters(), ref_grads):
+            total = _grad(p).clone()
+            dist.all_reduce(total, group=group)
+            # floor: with S beyond the sequence every key is exact and the factor's gradient is 0 (noise)
+            assert_close(total, p_ref, F64, name=f"sum over ranks of d{pname} ({tag})", min_scale=1e-3)
+
+
 def _check_communication(group, rank, world):
-    """Bytes per call depend on B, H, F, Dv and the world size, never on the length of the slices."""
+    """Bytes per call depend on B, H, F, Dv (and S) and the world size, never on the length of the slices."""
     fm = RandomFeatureMap(D, M, component="posrf", num_heads=H, seed=0, dtype=F64)
     sent = []
     for T in (3, 40):
@@ -241,6 +343,18 @@ def _check_communication(group, rank, world):
         sent.append(log.sent_bytes)
     expected = (world - 1) * B * H * (fm.feature_dim * DV + fm.feature_dim + 1) * 8
     assert sent == [expected, expected], f"bytes sent per rank {sent}, expected {expected} for both lengths"
+    # sinks add one all-gather of the sink slots (S keys and values per key/value head) and 2 S flags per row
+    added = []
+    for T in (2, 40):
+        q, k, v = (torch.randn(B, T, H, d, dtype=F64) for d in (D, D, DV))
+        logs = []
+        for sinks in (0, 3):
+            with torch.no_grad(), CommunicationLog() as log:
+                context_parallel_rf_attention(q, k, v, fm, group=group, window=2, sinks=sinks, backend="reference")
+            logs.append(log.sent_bytes)
+        added.append(logs[1] - logs[0])
+    expected = (world - 1) * (B * H * 3 * (D + DV) + B * 2 * 3) * 8
+    assert added == [expected, expected], f"bytes sinks add per rank {added}, expected {expected} for both lengths"
 
 
 def _check_redraw(rank, world):
@@ -287,6 +401,7 @@ def _worker(rank: int, world: int) -> None:
     for group, grank, gworld in ((None, rank, world), (pair, rank % 2, 2)):
         _check_context_parallel(group, grank, gworld)
         _check_window(group, grank, gworld)
+        _check_sinks(group, grank, gworld)
         _check_communication(group, grank, gworld)
     _check_redraw(rank, world)
     _check_sync_stats(rank, world)

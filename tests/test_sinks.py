@@ -257,9 +257,17 @@ def test_factor_is_saved_and_loaded():
         RandomFeatureMap(D, 8, num_heads=2, seed=1, dtype=torch.float64).load_state_dict(fm.state_dict())
 
 
-def test_context_parallel_refuses_sinks():
+def test_context_parallel_takes_sinks():
+    """Context parallelism runs sinks (compared with one process in test_distributed.py, in real processes):
+    here, without a process group, a bad value is refused first and a good one only asks for the group."""
+    import torch.distributed as dist
+
     from spectraformer_fused.distributed import context_parallel_rf_attention
 
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is initialised in this process")
     q, k, v = _inputs(T=4)
-    with pytest.raises(NotImplementedError, match="sinks"):
+    with pytest.raises(ValueError, match="sinks"):
+        context_parallel_rf_attention(q, k, v, _map("posrf"), sinks=-1)
+    with pytest.raises(RuntimeError, match="process group"):
         context_parallel_rf_attention(q, k, v, _map("posrf"), sinks=2)
