@@ -40,7 +40,7 @@ WRITERS = {
     "fit": "bench/report/fitting.py",
     "hybrid": "bench/perf/hybrid_cpu.py",
     "linearize": "bench/report/linearize.py",
-    "real": "bench/real_lm.py",
+    "real": "bench/report/real_lm.py",
     "varlen": "bench/report/varlen.py",
 }
 
