@@ -2,7 +2,7 @@
 the kernels do not hold a whole row: its gradient, and its value for the hybrid window's query rows.
 
 The forward kernels subtract each key's lse, computed by the stabiliser pass; their backward gives
-dL/dlse per key (``_dkv_chunk``'s HAS_LSE) with the lse held constant. ``lse_grads`` adds what the lse
+dL/dlse per key (``_rf_bwd_dkv_kernel``'s HAS_LSE) with the lse held constant. ``lse_grads`` adds what the lse
 itself contributes, d lse / d e = softmax(e): one more pass over the rows, in blocks of ``ROWS`` rows, whose
 exponents are recomputed and dropped block by block (a ``[ROWS, 2m]`` tile per head, never ``[T, 2m]``).
 """

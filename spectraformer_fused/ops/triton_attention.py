@@ -48,68 +48,18 @@ def _rf_fwd_op(
 ) -> _FWD_OUT:
     """(o, den, qmax, kstab, S, z, m); the final state is always returned (it is O(F Dv) per head).
     mode: "walk" or "chunk" (causal only; triton_chunk.py). cu_seqlens: packed sequences (``rf_fwd``)."""
+    inputs = (q, k, v, W, bias, freq, psi, mask, S0, z0, m0)
+    kw = dict(kind=kind, c_t=c_t, c_o=c_o, scale=scale, output_final_state=True, chunk_size=chunk_size,
+              cu_seqlens=cu_seqlens)  # fmt: skip
     with (
-        on_device_of(
-            "q, k, v, W, bias, freq, psi, mask, S0, z0, m0, cu_seqlens",
-            q,
-            k,
-            v,
-            W,
-            bias,
-            freq,
-            psi,
-            mask,
-            S0,
-            z0,
-            m0,
-            cu_seqlens,
-        ),
+        on_device_of("q, k, v, W, bias, freq, psi, mask, S0, z0, m0, cu_seqlens", *inputs, cu_seqlens),
         resource_errors("forward", q.dtype, q.shape[-1], v.shape[-1]),
     ):
         if causal and mode == "chunk":
-            o, den, qmax, kstab, S, z, m, _ = chunk_fwd(
-                q,
-                k,
-                v,
-                W,
-                bias,
-                freq,
-                psi,
-                mask,
-                S0,
-                z0,
-                m0,
-                kind=kind,
-                c_t=c_t,
-                c_o=c_o,
-                scale=scale,
-                output_final_state=True,
-                chunk_size=chunk_size,
-                cu_seqlens=cu_seqlens,
-            )
-            return o, den, qmax, kstab, S, z, m
-        o, den, qmax, kstab, S, z, m, _ = rf_fwd(
-            q,
-            k,
-            v,
-            W,
-            bias,
-            freq,
-            psi,
-            mask,
-            S0,
-            z0,
-            m0,
-            kind=kind,
-            c_t=c_t,
-            c_o=c_o,
-            scale=scale,
-            causal=causal,
-            output_final_state=True,
-            chunk_size=chunk_size,
-            cu_seqlens=cu_seqlens,
-        )
-    return o, den, qmax, kstab, S, z, m
+            out = chunk_fwd(*inputs, **kw)
+        else:
+            out = rf_fwd(*inputs, causal=causal, **kw)
+    return out[:7]
 
 
 @_rf_fwd_op.register_fake
@@ -173,63 +123,12 @@ def _rf_bwd_op(
         on_device_of("q, do, k, v, W, bias", q, do, k, v, W, bias),
         resource_errors("backward", q.dtype, q.shape[-1], v.shape[-1]),
     ):
+        inputs = (do, dS, dz, q, k, v, W, bias, freq, psi, mask, S0, z0, m0, o, den, qmax, kstab)
+        kw = dict(kind=kind, c_t=c_t, c_o=c_o, scale=scale, chunk_size=chunk_size, cu_seqlens=cu_seqlens)
         if causal and mode == "chunk":
-            dq, dk, dv, dW, dbias, dS0, dz0 = chunk_bwd(
-                do,
-                dS,
-                dz,
-                q,
-                k,
-                v,
-                W,
-                bias,
-                freq,
-                psi,
-                mask,
-                S0,
-                z0,
-                m0,
-                o,
-                den,
-                qmax,
-                kstab,
-                kind=kind,
-                c_t=c_t,
-                c_o=c_o,
-                scale=scale,
-                chunk_size=chunk_size,
-                cu_seqlens=cu_seqlens,
-            )
+            dq, dk, dv, dW, dbias, dS0, dz0 = chunk_bwd(*inputs, **kw)
         else:
-            dq, dk, dv, dW, dbias, dS0, dz0 = rf_bwd(
-                do,
-                dS,
-                dz,
-                q,
-                k,
-                v,
-                W,
-                bias,
-                freq,
-                psi,
-                mask,
-                S0,
-                z0,
-                m0,
-                o,
-                den,
-                qmax,
-                kstab,
-                S,
-                z,
-                kind=kind,
-                c_t=c_t,
-                c_o=c_o,
-                scale=scale,
-                causal=causal,
-                chunk_size=chunk_size,
-                cu_seqlens=cu_seqlens,
-            )
+            dq, dk, dv, dW, dbias, dS0, dz0 = rf_bwd(*inputs, S, z, causal=causal, **kw)
     if dS0 is None:
         dS0, dz0 = q.new_zeros(0, dtype=torch.float32), q.new_zeros(0, dtype=torch.float32)
     return dq, dk, dv, dW, dbias, dS0, dz0
@@ -341,8 +240,8 @@ def triton_attention(
 
     ``window`` (the hybrid sliding window, docs/DESIGN.md section 6): ``triton_window.py`` (the fused
     causal kernels for the feature part, the band's exact logits beside them); the state is then a
-    ``WindowState``. Hedgehog (kind NORM_HYP) is not fused yet: it raises NotImplementedError (the API
-    routes it to the reference backend).
+    ``WindowState``. Hedgehog (kind NORM_HYP) runs fused too: HYP's kernels with each key's log-sum-exp
+    subtracted (HAS_LSE; the stabiliser pass computes it, ``row_lse`` adds its gradient).
 
     k, v and the parameters may have fewer heads than q (grouped-query attention; see ``rf_fwd``).
     Returns ``(o [B, T, H, Dv] in v's dtype, RFState (fp32) or None)``. Differentiable in q, k, v,

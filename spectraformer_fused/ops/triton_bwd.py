@@ -52,15 +52,30 @@ from .row_lse import add_key_lse_grads
 from .triton_common import (
     KIND_EXP,
     VarlenTables,
-    _seq_span,
+    _dot,
     autotuned,
     dot_precision,
     kernel_kind,
     optional_inputs,
     varlen_args,
 )
-from .triton_fwd import _key_lse, _num_splits, freq_tile
-from .triton_steps import _dkv_chunk, _dq_chunk, _dstate_chunk, _load_state, _store_state, _tile_params, _w_tile
+from .triton_fwd import _num_splits, _states_before
+from .triton_scan import _first_stabiliser, _rf_bwd_dstate_kernel, _scan, _varlen_ranges, range_chunks
+from .triton_stats import _f32, _key_lse, freq_tile
+from .triton_steps import (
+    _accumulate_dstate,
+    _accumulate_state,
+    _input_grad,
+    _key_phi,
+    _last_chunk,
+    _load_state,
+    _phi_grad,
+    _program_rows,
+    _query_phi,
+    _rescale,
+    _tile_params,
+    _w_tile,
+)
 
 # Autotuning candidates of the dq and dkv kernels. Without autotuning: 8 warps for the causal walk and 4
 # otherwise. Compiled for sm_90 at D = Dv = 64, m = 128, 8 warps spill less in every causal case (dkv,
@@ -68,20 +83,6 @@ from .triton_steps import _dkv_chunk, _dq_chunk, _dstate_chunk, _load_state, _st
 # non-causal, the posrf kernels hardly spill with 4 warps (0-24 bytes) and fit more programs.
 _BWD_CONFIGS = [triton.Config({}, num_warps=w, num_stages=1) for w in (4, 8)]
 _KEY = ["BT", "BM", "BD", "BV", "KIND", "CAUSAL"]
-
-
-@triton.jit
-def _kstab_row(kstab, chunk_off, i_b, i_hk, i_bk, NC, NCS, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """Pointer to the key stabilisers of (batch or sequence i_b, key/value head): the causal kstab
-    ``[B, HK, NC]``, or of packed sequences ``[1, HK, NCS]`` with sequence i_b's chunks from slot
-    chunk_off[i_b]; the non-causal ``[B, HK, 1]`` (one per sequence)."""
-    if CAUSAL and IS_VARLEN:
-        p = kstab + i_hk * NCS + tl.load(chunk_off + i_b)
-    elif CAUSAL:
-        p = kstab + i_bk * NC
-    else:
-        p = kstab + i_bk
-    return p
 
 
 @optional_inputs(HAS_PSI="psi", HAS_MASK="mask", HAS_S0="s0", HAS_LSE="lse", IS_VARLEN="cu")
@@ -110,6 +111,8 @@ def _rf_bwd_dq_kernel(
     db,
     cu,
     chunk_off,
+    range_off,
+    range_seq,
     T,
     H,
     HK,
@@ -120,6 +123,7 @@ def _rf_bwd_dq_kernel(
     stride_wh,
     CPS,
     NCS,
+    NRS,
     s_wp,
     s_bp,
     root,
@@ -127,6 +131,7 @@ def _rf_bwd_dq_kernel(
     c_o,
     KIND: tl.constexpr,
     CAUSAL: tl.constexpr,
+    RANGES: tl.constexpr,
     HAS_PSI: tl.constexpr,
     HAS_CO: tl.constexpr,
     HAS_MASK: tl.constexpr,
@@ -139,19 +144,20 @@ def _rf_bwd_dq_kernel(
     BD: tl.constexpr,
     BV: tl.constexpr,
 ):
-    """dq (and the query part of dW, dbias). Causal: one ordered walk rebuilding the state. Non-causal:
-    program id 2 picks a range of CPS chunks, and the state is the forward's final one (sf, zf: every
-    key and the initial state, relative to the one key stabiliser), so ranges run in parallel; dW/dbias
-    partials go to slice i_s (strides s_wp, s_bp)."""
+    """dq (and the query part of dW, dbias; slice i_s of dw, db, strides s_wp, s_bp) of range i_s of CPS
+    chunks, walking forward: dphiq_t = S_t a_t + z_t beta_t. Causal: the state is rebuilt chunk by chunk,
+    from the initial state (the walk: one range of every chunk) or, RANGES (chunk mode), from the state
+    before the range (sf, zf [B, HK, NR, F, Dv], relative to kstab at its first chunk); per chunk it is
+    rescaled from the previous chunk's stabiliser and the chunk's own keys j <= t count. Non-causal: the
+    state is the forward's final one (sf, zf: every key and the initial state, relative to the one key
+    stabiliser), so ranges run in parallel."""
     i_m = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
     i_s = tl.program_id(2).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_hk = i_h // G  # grouped-query attention: the key/value head of query head i_h
-    i_bk = i_b * HK + i_hk  # k, v, the parameters, kstab and the state are per key/value head
-    bos, eos, i_bt, i_bht = _seq_span(cu, i_b, i_bh, i_h, H, T, IS_VARLEN)
-    NC = tl.cdiv(eos - bos, BT)
+    i_b, i_h, i_hk, i_bk, i_rl, bos, eos, i_bt, i_bht, NC, p_ks, i_row = _program_rows(
+        cu, chunk_off, range_off, range_seq, kstab, i_bh, i_s, T, H, HK, G, CPS, NCS, NRS, BT, CAUSAL, RANGES,
+        IS_VARLEN,
+    )  # fmt: skip
     F = M if KIND == KIND_EXP else 2 * M
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < M
@@ -167,99 +173,84 @@ def _rf_bwd_dq_kernel(
 
     b_bias, b_freq, b_psi = _tile_params(psi, freq, bias, i_bk, o_m, m_m, o_d, m_d, M, D, HAS_PSI, BD)
     b_w = _w_tile(w, i_hk, o_m, m_m, o_d, m_d, stride_wh, D, 1)
-    p_ks = _kstab_row(kstab, chunk_off, i_b, i_hk, i_bk, NC, NCS, CAUSAL, IS_VARLEN)
-    b_ks0 = tl.load(p_ks)
-
-    # carried state of this tile, relative to the current key stabiliser: [BM, BV] and [BM]
-    b_sa = tl.zeros([BM, BV], dtype=tl.float32)
-    b_sb = tl.zeros([BM, BV], dtype=tl.float32)
-    b_za = tl.zeros([BM], dtype=tl.float32)
-    b_zb = tl.zeros([BM], dtype=tl.float32)
     m_sv = m_m[:, None] & m_v[None, :]
-    if CAUSAL:
+    if CAUSAL and not RANGES:  # the walk: every chunk, from the initial state
         c_lo = 0
         c_hi = NC
+        b_kprev = tl.load(p_ks)
         if HAS_S0:
-            b_alpha = tl.exp(tl.load(m0 + i_bk) - b_ks0)
+            b_alpha = tl.exp(tl.load(m0 + i_bk) - b_kprev)
             b_sa, b_sb, b_za, b_zb = _load_state(
-                s0 + i_bk * F * DV + o_m[:, None] * DV + o_v[None, :],
-                z0 + i_bk * F + o_m,
-                m_sv,
-                m_m,
-                M,
-                DV,
-                b_alpha,
+                s0 + i_bk * F * DV + o_m[:, None] * DV + o_v[None, :], z0 + i_bk * F + o_m, m_sv, m_m, M, DV, b_alpha,
                 KIND,
-            )
+            )  # fmt: skip
+        else:
+            b_sa = tl.zeros([BM, BV], dtype=tl.float32)
+            b_sb = tl.zeros([BM, BV], dtype=tl.float32)
+            b_za = tl.zeros([BM], dtype=tl.float32)
+            b_zb = tl.zeros([BM], dtype=tl.float32)
     else:
-        c_lo = i_s * CPS
+        c_lo = i_rl * CPS
         c_hi = tl.minimum(c_lo + CPS, NC)
         b_sa, b_sb, b_za, b_zb = _load_state(
-            sf + i_bk * F * DV + o_m[:, None] * DV + o_v[None, :], zf + i_bk * F + o_m, m_sv, m_m, M, DV, 1.0, KIND
+            sf + i_row * F * DV + o_m[:, None] * DV + o_v[None, :], zf + i_row * F + o_m, m_sv, m_m, M, DV, 1.0, KIND
         )
+        if CAUSAL:
+            b_kprev = tl.load(p_ks + c_lo)
+        else:
+            b_kprev = tl.load(p_ks)
 
     b_dw = tl.zeros([BM, BD], dtype=tl.float32)
     b_db = tl.zeros([BM], dtype=tl.float32)
-    b_kprev = b_ks0
     for c in range(c_lo, c_hi):
         o_t = bos + c * BT + o_c
         m_t = o_t < eos
         if CAUSAL:
             b_ks = tl.load(p_ks + c)
+        p_tq = ((i_bt * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]  # q, dq (and partials)
+        m_tq = m_t[:, None] & m_d[None, :]
+        p_ta = ((i_bt * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]  # a
+        m_tv = m_t[:, None] & m_v[None, :]
+        b_a = tl.load(da + p_ta, mask=m_tv, other=0.0)  # [BT, BV]
+        b_beta = tl.load(dbeta + i_bht * T + o_t, mask=m_t, other=0.0)  # [BT]
+        if CAUSAL:
+            p_tk = ((i_bt * T + o_t[:, None]) * HK + i_hk) * D + o_d[None, :]  # k
+            p_tv = ((i_bt * T + o_t[:, None]) * HK + i_hk) * DV + o_v[None, :]  # v
+            # as in the forward: min() keeps the factor finite after chunks with no key (state zero)
+            b_sa, b_sb, b_za, b_zb = _rescale(b_sa, b_sb, b_za, b_zb, tl.exp(tl.minimum(b_kprev - b_ks, 0.0)), KIND)
+            b_kprev = b_ks
+            b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+            _, _, ka, kb = _key_phi(
+                k, mask, lse, p_tk, m_tq, i_bt, i_bt * HK + i_hk, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, b_ks,
+                root, c_t, c_o, KIND=KIND, HAS_PSI=HAS_PSI, HAS_CO=HAS_CO, HAS_MASK=HAS_MASK, HAS_LSE=HAS_LSE,
+                PREC=PREC,
+            )  # fmt: skip
+            # P[t, j] = a_t . v_j + beta_t for keys j <= t of this chunk
+            b_p = _dot(b_a, tl.trans(b_v), PREC) + b_beta[:, None]  # [BT, BV] @ [BV, BT]
+            b_p = tl.where(o_t[:, None] >= o_t[None, :], b_p, 0.0)
+            dqa = _dot(b_p, ka, PREC)  # [BT, BT] @ [BT, BM]
+            dqb = dqa
+            if KIND != KIND_EXP:
+                dqb = _dot(b_p, kb, PREC)
         else:
-            b_ks = b_ks0
-        b_sa, b_sb, b_za, b_zb, b_dw, b_db = _dq_chunk(
-            q,
-            k,
-            v,
-            mask,
-            qmax,
-            lse,
-            da,
-            dbeta,
-            dq,
-            b_w,
-            b_bias,
-            b_freq,
-            b_psi,
-            b_sa,
-            b_sb,
-            b_za,
-            b_zb,
-            b_kprev,
-            b_ks,
-            b_dw,
-            b_db,
-            i_bt,
-            i_h,
-            i_hk,
-            i_bht,
-            part,
-            o_t,
-            m_t,
-            o_d,
-            m_d,
-            o_v,
-            m_v,
-            T,
-            H,
-            HK,
-            D,
-            DV,
-            root,
-            c_t,
-            c_o,
-            KIND,
-            CAUSAL,
-            HAS_PSI,
-            HAS_CO,
-            HAS_MASK,
-            HAS_LSE,
-            PREC,
-            BT,
-            BM,
-        )
-        b_kprev = b_ks
+            dqa = tl.zeros([BT, BM], dtype=tl.float32)
+            dqb = tl.zeros([BT, BM], dtype=tl.float32)
+        dqa += _dot(b_a, tl.trans(b_sa), PREC) + b_beta[:, None] * b_za[None, :]
+        if KIND != KIND_EXP:
+            dqb += _dot(b_a, tl.trans(b_sb), PREC) + b_beta[:, None] * b_zb[None, :]
+        else:
+            dqb = dqa
+        b_q, qt, qa, qb = _query_phi(
+            q, qmax, p_tq, m_tq, i_bht, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, root, c_t, c_o, KIND, HAS_PSI,
+            HAS_CO, PREC,
+        )  # fmt: skip
+        de, du = _phi_grad(dqa, dqb, qa, qb, KIND)
+        b_db += tl.sum(de, axis=0)
+        b_dw += _dot(tl.trans(du), qt, PREC) * b_freq  # [BM, BT] @ [BT, BD]
+        b_dq = _input_grad(de, du, qt, b_q, b_w, b_psi, b_freq, root, c_t, c_o, True, HAS_PSI, HAS_CO, PREC)
+        tl.store(dq + part * D + p_tq, b_dq, mask=m_tq)
+        if CAUSAL:
+            b_sa, b_sb, b_za, b_zb = _accumulate_state(b_sa, b_sb, b_za, b_zb, ka, kb, b_v, KIND, PREC)
 
     tl.store(dw + i_s * s_wp + (i_bh * M + o_m[:, None]) * D + o_d[None, :], b_dw, mask=m_m[:, None] & m_d[None, :])
     tl.store(db + i_s * s_bp + i_bh * M + o_m, b_db, mask=m_m)
@@ -293,6 +284,8 @@ def _rf_bwd_dkv_kernel(
     dz0,
     cu,
     chunk_off,
+    range_off,
+    range_seq,
     T,
     H,
     HK,
@@ -303,6 +296,7 @@ def _rf_bwd_dkv_kernel(
     stride_wh,
     CPS,
     NCS,
+    NRS,
     s_wp,
     s_bp,
     root,
@@ -310,6 +304,7 @@ def _rf_bwd_dkv_kernel(
     c_o,
     KIND: tl.constexpr,
     CAUSAL: tl.constexpr,
+    RANGES: tl.constexpr,
     HAS_PSI: tl.constexpr,
     HAS_CO: tl.constexpr,
     HAS_MASK: tl.constexpr,
@@ -323,15 +318,21 @@ def _rf_bwd_dkv_kernel(
     BD: tl.constexpr,
     BV: tl.constexpr,
 ):
+    """dk, dv (and the key part of dW, dbias; slice i_s) of range i_s, walking backward: dphik_j = dS v_j
+    + dz, dv_j = dS^T phik_j with the carried dS, dz of later queries. Causal: per chunk they are rescaled
+    from the next chunk's stabiliser, then this chunk's queries t >= j join; they start from the final
+    state's gradient (the walk: dsf, dzf per query head, given to the first of each group by the host) or,
+    RANGES, from dS, dz of every later query (dsf, dzf [B, HK, NR, F, Dv] relative to kstab at the range's
+    last chunk: the group's sum, carried by its first query head). The walk writes the initial state's
+    gradient (HAS_S0). Non-causal: every query's dS, dz (reduced on the host, HAS_DSF), one range each.
+    Hedgehog (HAS_LSE): also this tile's part of dL/dlse_j = -sum_f dphik_jf phik_jf, to dlse."""
     i_m = tl.program_id(0).to(tl.int64)
     i_bh = tl.program_id(1).to(tl.int64)
     i_s = tl.program_id(2).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_hk = i_h // G  # grouped-query attention: the key/value head of query head i_h
-    i_bk = i_b * HK + i_hk  # k, v, the parameters, kstab and the state are per key/value head
-    bos, eos, i_bt, i_bht = _seq_span(cu, i_b, i_bh, i_h, H, T, IS_VARLEN)
-    NC = tl.cdiv(eos - bos, BT)
+    i_b, i_h, i_hk, i_bk, i_rl, bos, eos, i_bt, i_bht, NC, p_ks, i_row = _program_rows(
+        cu, chunk_off, range_off, range_seq, kstab, i_bh, i_s, T, H, HK, G, CPS, NCS, NRS, BT, CAUSAL, RANGES,
+        IS_VARLEN,
+    )  # fmt: skip
     F = M if KIND == KIND_EXP else 2 * M
     o_m = i_m * BM + tl.arange(0, BM)
     m_m = o_m < M
@@ -348,95 +349,112 @@ def _rf_bwd_dkv_kernel(
 
     b_bias, b_freq, b_psi = _tile_params(psi, freq, bias, i_bk, o_m, m_m, o_d, m_d, M, D, HAS_PSI, BD)
     b_w = _w_tile(w, i_hk, o_m, m_m, o_d, m_d, stride_wh, D, 1)
-    if CAUSAL and IS_VARLEN:
-        NK = tl.maximum(NC, 1)  # an empty sequence owns one chunk slot (its initial stabiliser)
-    elif CAUSAL:
-        NK = NC
-    else:
-        NK = 1
 
-    # carried dS, dz of this tile, relative to the current key stabiliser: [BM, BV] and [BM]
-    b_dsa = tl.zeros([BM, BV], dtype=tl.float32)
-    b_dsb = tl.zeros([BM, BV], dtype=tl.float32)
-    b_dza = tl.zeros([BM], dtype=tl.float32)
-    b_dzb = tl.zeros([BM], dtype=tl.float32)
-    if HAS_DSF:  # per query head: the host gives the final state's gradient to the first of each group
-        b_dsa, b_dsb, b_dza, b_dzb = _load_state(
-            dsf + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :], dzf + i_bh * F + o_m, m_sv, m_m, M, DV, 1.0, KIND
-        )
-
-    if CAUSAL:
-        c_lo = 0
-        c_hi = NC
-    else:
-        # dS, dz of every query (and the final-state gradients) were reduced on the host (HAS_DSF)
-        c_lo = i_s * CPS
+    # carried dS, dz of this tile, relative to the current key stabiliser: [BM, BV] and [BM] (the chunk mode
+    # and the walk declare them in the orders their kernels had: the loop's registers follow it)
+    if RANGES:
+        c_lo = i_rl * CPS
         c_hi = tl.minimum(c_lo + CPS, NC)
+        b_dsa = tl.zeros([BM, BV], dtype=tl.float32)
+        b_dza = tl.zeros([BM], dtype=tl.float32)
+        b_dsb = tl.zeros([BM, BV], dtype=tl.float32)
+        b_dzb = tl.zeros([BM], dtype=tl.float32)
+        if i_h % G == 0:  # the group's later queries: its first query head carries them, the others start at 0
+            b_dsa, b_dsb, b_dza, b_dzb = _load_state(
+                dsf + i_row * F * DV + o_m[:, None] * DV + o_v[None, :], dzf + i_row * F + o_m, m_sv, m_m, M, DV, 1.0,
+                KIND,
+            )  # fmt: skip
+    else:
+        b_dsa = tl.zeros([BM, BV], dtype=tl.float32)
+        b_dsb = tl.zeros([BM, BV], dtype=tl.float32)
+        b_dza = tl.zeros([BM], dtype=tl.float32)
+        b_dzb = tl.zeros([BM], dtype=tl.float32)
+        if HAS_DSF:  # per query head: the host gives the final state's gradient to the first of each group
+            b_dsa, b_dsb, b_dza, b_dzb = _load_state(
+                dsf + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :], dzf + i_bh * F + o_m, m_sv, m_m, M, DV, 1.0,
+                KIND,
+            )  # fmt: skip
+        if CAUSAL:  # the walk: every chunk
+            c_lo = 0
+            c_hi = NC
+        else:
+            c_lo = i_rl * CPS
+            c_hi = tl.minimum(c_lo + CPS, NC)
 
     b_dw = tl.zeros([BM, BD], dtype=tl.float32)
     b_db = tl.zeros([BM], dtype=tl.float32)
-    p_ks = _kstab_row(kstab, chunk_off, i_b, i_hk, i_bk, NC, NCS, CAUSAL, IS_VARLEN)
-    b_knext = tl.load(p_ks + NK - 1)
+    if RANGES:
+        b_knext = tl.load(p_ks + _last_chunk(c_lo, c_hi, IS_VARLEN))
+    elif CAUSAL and IS_VARLEN:
+        b_knext = tl.load(p_ks + tl.maximum(NC, 1) - 1)  # an empty sequence owns one chunk slot
+    elif CAUSAL:
+        b_knext = tl.load(p_ks + NC - 1)
+    else:
+        b_knext = tl.load(p_ks)
     for i in range(0, c_hi - c_lo):
         c = c_hi - 1 - i
         o_t = bos + c * BT + o_c
         m_t = o_t < eos
         if CAUSAL:
             b_ks = tl.load(p_ks + c)
+        p_tq = ((i_bt * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]  # q, dk partials
+        m_tq = m_t[:, None] & m_d[None, :]
+        p_ta = ((i_bt * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]  # a, dv partials
+        m_tv = m_t[:, None] & m_v[None, :]
+        p_tk = ((i_bt * T + o_t[:, None]) * HK + i_hk) * D + o_d[None, :]  # k
+        p_tv = ((i_bt * T + o_t[:, None]) * HK + i_hk) * DV + o_v[None, :]  # v
+        if CAUSAL:
+            # the derivative of the forward's exp(min(kstab_c - kstab_{c+1}, 0)): finite after empty chunks
+            b_dsa, b_dsb, b_dza, b_dzb = _rescale(
+                b_dsa, b_dsb, b_dza, b_dzb, tl.exp(tl.minimum(b_ks - b_knext, 0.0)), KIND
+            )
+            b_knext = b_ks
+        b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
+        b_k, kt, ka, kb = _key_phi(
+            k, mask, lse, p_tk, m_tq, i_bt, i_bt * HK + i_hk, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, b_knext, root,
+            c_t, c_o, KIND=KIND, HAS_PSI=HAS_PSI, HAS_CO=HAS_CO, HAS_MASK=HAS_MASK, HAS_LSE=HAS_LSE, PREC=PREC,
+        )  # fmt: skip
+        if CAUSAL:
+            b_a = tl.load(da + p_ta, mask=m_tv, other=0.0)
+            b_beta = tl.load(dbeta + i_bht * T + o_t, mask=m_t, other=0.0)
+            _, _, qa, qb = _query_phi(
+                q, qmax, p_tq, m_tq, i_bht, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, root, c_t, c_o, KIND, HAS_PSI,
+                HAS_CO, PREC,
+            )  # fmt: skip
+            causal = o_t[:, None] <= o_t[None, :]  # key j (row) <= query t
+            # P^T[j, t] = a_t . v_j + beta_t; A^T[j, t] = phik_j . phiq_t
+            b_pt = tl.where(causal, _dot(b_v, tl.trans(b_a), PREC) + b_beta[None, :], 0.0)  # [BT, BV] @ [BV, BT]
+            # carried part: dphik_j = dS v_j + dz, dv_j = dS^T phik_j; then this chunk's queries
+            dka = _dot(b_v, tl.trans(b_dsa), PREC) + b_dza[None, :] + _dot(b_pt, qa, PREC)
+            b_dv = _dot(ka, b_dsa, PREC)  # [BT, BM] @ [BM, BV]
+            b_at = _dot(ka, tl.trans(qa), PREC)  # [BT, BM] @ [BM, BT]
+            if KIND != KIND_EXP:
+                dkb = _dot(b_v, tl.trans(b_dsb), PREC) + b_dzb[None, :] + _dot(b_pt, qb, PREC)
+                b_dv += _dot(kb, b_dsb, PREC)
+                b_at += _dot(kb, tl.trans(qb), PREC)
+            else:
+                dkb = dka
+            b_at = tl.where(causal, b_at, 0.0)
+            b_dv += _dot(b_at, b_a, PREC)  # [BT, BT] @ [BT, BV]
         else:
-            b_ks = b_knext
-        b_dsa, b_dsb, b_dza, b_dzb, b_dw, b_db = _dkv_chunk(
-            q,
-            k,
-            v,
-            mask,
-            qmax,
-            lse,
-            da,
-            dbeta,
-            dk,
-            dv,
-            dlse,
-            b_w,
-            b_bias,
-            b_freq,
-            b_psi,
-            b_dsa,
-            b_dsb,
-            b_dza,
-            b_dzb,
-            b_knext,
-            b_ks,
-            b_dw,
-            b_db,
-            i_bt,
-            i_h,
-            i_hk,
-            i_bht,
-            part,
-            o_t,
-            m_t,
-            o_d,
-            m_d,
-            o_v,
-            m_v,
-            T,
-            H,
-            HK,
-            D,
-            DV,
-            root,
-            c_t,
-            c_o,
-            KIND,
-            CAUSAL,
-            HAS_PSI,
-            HAS_CO,
-            HAS_MASK,
-            HAS_LSE,
-            PREC,
-        )
-        b_knext = b_ks
+            # every query's dS, dz: dphik_j = dS v_j + dz, dv_j = dS^T phik_j
+            dka = _dot(b_v, tl.trans(b_dsa), PREC) + b_dza[None, :]  # [BT, BV] @ [BV, BM]
+            b_dv = _dot(ka, b_dsa, PREC)  # [BT, BM] @ [BM, BV]
+            if KIND != KIND_EXP:
+                dkb = _dot(b_v, tl.trans(b_dsb), PREC) + b_dzb[None, :]
+                b_dv += _dot(kb, b_dsb, PREC)
+            else:
+                dkb = dka
+        tl.store(dv + part * DV + p_ta, b_dv, mask=m_tv)
+        de, du = _phi_grad(dka, dkb, ka, kb, KIND)
+        if HAS_LSE:  # phi = exp(e - lse - kstab): dL/dlse = -sum_f dphi_f phi_f = -rowsum(de)
+            tl.store(dlse + part + i_bht * T + o_t, -tl.sum(de, axis=1), mask=m_t)
+        b_db += tl.sum(de, axis=0)
+        b_dw += _dot(tl.trans(du), kt, PREC) * b_freq  # [BM, BT] @ [BT, BD]
+        b_dk = _input_grad(de, du, kt, b_k, b_w, b_psi, b_freq, root, c_t, c_o, False, HAS_PSI, HAS_CO, PREC)
+        tl.store(dk + part * D + p_tq, b_dk, mask=m_tq)
+        if CAUSAL:
+            b_dsa, b_dsb, b_dza, b_dzb = _accumulate_dstate(b_dsa, b_dsb, b_dza, b_dzb, qa, qb, b_a, b_beta, KIND, PREC)
 
     tl.store(dw + i_s * s_wp + (i_bh * M + o_m[:, None]) * D + o_d[None, :], b_dw, mask=m_m[:, None] & m_d[None, :])
     tl.store(db + i_s * s_bp + i_bh * M + o_m, b_db, mask=m_m)
@@ -455,125 +473,6 @@ _rf_bwd_dq_kernel_tuned = autotuned(_rf_bwd_dq_kernel, _BWD_CONFIGS, key=_KEY)
 _rf_bwd_dkv_kernel_tuned = autotuned(_rf_bwd_dkv_kernel, _BWD_CONFIGS, key=_KEY)
 
 
-@optional_inputs(HAS_PSI="psi", IS_VARLEN="cu")
-@triton.jit(do_not_specialize=["T"])
-def _rf_bwd_dstate_kernel(
-    q,
-    w,
-    bias,
-    freq,
-    psi,
-    qmax,
-    da,
-    dbeta,
-    dsp,
-    dzp,
-    cu,
-    T,
-    H,
-    HK,
-    G,
-    M,
-    D,
-    DV,
-    stride_wh,
-    CPS,
-    s_sp,
-    s_zp,
-    root,
-    c_t,
-    c_o,
-    KIND: tl.constexpr,
-    HAS_PSI: tl.constexpr,
-    HAS_CO: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    PREC: tl.constexpr,
-    BT: tl.constexpr,
-    BM: tl.constexpr,
-    BD: tl.constexpr,
-    BV: tl.constexpr,
-):
-    """Non-causal: this chunk range's part of dS = sum_t phiq_t a_t^T and dz = sum_t phiq_t beta_t,
-    written to slice i_s of dsp [NSPLIT, B, H, F, Dv] / dzp [NSPLIT, B, H, F] and summed on the host."""
-    i_m = tl.program_id(0).to(tl.int64)
-    i_bh = tl.program_id(1).to(tl.int64)
-    i_s = tl.program_id(2).to(tl.int64)
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_hk = i_h // G  # grouped-query attention: the key/value head of query head i_h
-    i_bk = i_b * HK + i_hk  # k, v, the parameters, kstab and the state are per key/value head
-    bos, eos, i_bt, i_bht = _seq_span(cu, i_b, i_bh, i_h, H, T, IS_VARLEN)
-    NC = tl.cdiv(eos - bos, BT)
-    F = M if KIND == KIND_EXP else 2 * M
-    o_m = i_m * BM + tl.arange(0, BM)
-    m_m = o_m < M
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    o_v = tl.arange(0, BV)
-    m_v = o_v < DV
-    o_c = tl.arange(0, BT)
-    m_sv = m_m[:, None] & m_v[None, :]
-    b_bias, b_freq, b_psi = _tile_params(psi, freq, bias, i_bk, o_m, m_m, o_d, m_d, M, D, HAS_PSI, BD)
-    b_w = _w_tile(w, i_hk, o_m, m_m, o_d, m_d, stride_wh, D, 1)
-    b_dsa = tl.zeros([BM, BV], dtype=tl.float32)
-    b_dsb = tl.zeros([BM, BV], dtype=tl.float32)
-    b_dza = tl.zeros([BM], dtype=tl.float32)
-    b_dzb = tl.zeros([BM], dtype=tl.float32)
-    c_lo = i_s * CPS
-    for c in range(c_lo, tl.minimum(c_lo + CPS, NC)):
-        o_t = bos + c * BT + o_c
-        m_t = o_t < eos
-        b_dsa, b_dsb, b_dza, b_dzb = _dstate_chunk(
-            q,
-            qmax,
-            da,
-            dbeta,
-            b_w,
-            b_bias,
-            b_freq,
-            b_psi,
-            b_dsa,
-            b_dsb,
-            b_dza,
-            b_dzb,
-            1.0,
-            i_bt,
-            i_h,
-            i_bht,
-            o_t,
-            m_t,
-            o_d,
-            m_d,
-            o_v,
-            m_v,
-            T,
-            H,
-            D,
-            DV,
-            root,
-            c_t,
-            c_o,
-            KIND,
-            HAS_PSI,
-            HAS_CO,
-            PREC,
-        )
-    _store_state(
-        dsp + i_s * s_sp + i_bh * F * DV + o_m[:, None] * DV + o_v[None, :],
-        dzp + i_s * s_zp + i_bh * F + o_m,
-        b_dsa,
-        b_dsb,
-        b_dza,
-        b_dzb,
-        m_sv,
-        m_m,
-        M,
-        DV,
-        True,
-        KIND,
-    )
-
-
 def grad_coefficients(do, o, den):
     """``(a [B, T, H, Dv], beta [B, H, T])``, fp32 contiguous: a_t = g_t / den_s and
     beta_t = -(g_t . o_t) d|den_t|/dden_t / den_s. O(T Dv), like softmax's delta."""
@@ -584,6 +483,11 @@ def grad_coefficients(do, o, den):
     a = (g / den_s.transpose(1, 2)[..., None]).contiguous()  # [B, T, H, Dv]
     beta = (-(g * o.float()).sum(-1).transpose(1, 2) * sgn / den_s).contiguous()  # [B, H, T]
     return a, beta
+
+
+def _dstate_args(common: dict) -> dict:
+    """The arguments of ``_rf_bwd_dstate_kernel`` among those the dq and dkv kernels share."""
+    return {name: value for name, value in common.items() if name in _rf_bwd_dstate_kernel.arg_names}
 
 
 def rf_bwd(
@@ -616,6 +520,8 @@ def rf_bwd(
     chunk_size: int,
     cu_seqlens=None,
     coeffs=None,
+    ranges: bool = False,
+    cps: int | None = None,
 ):
     """Gradients of random-feature attention from the saved forward statistics.
 
@@ -633,6 +539,11 @@ def rf_bwd(
     respect to the unnormalised numerator and denominator (``grad_coefficients``' results), for callers
     that combine ``num`` and ``den`` with other terms before the division (the hybrid window); ``do``, ``o``
     and ``den`` are then not read.
+
+    ``ranges`` (causal only): the chunk mode (``triton_chunk``), ranges of ``cps`` chunks in parallel: the
+    states before each range are recomputed (``triton_fwd._states_before``), each range's query-side dS, dz
+    pass in reverse order through the scan (seeded with the final state's gradient), then every range's
+    dq, dk, dv run in parallel.
     """
     B, T, H, D = q.shape
     Hk = k.shape[2]
@@ -643,13 +554,10 @@ def rf_bwd(
     dev = q.device
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if W.stride(0) == 0:
-        W, stride_wh = W[:1].contiguous(), 0
+        W, stride_wh = W[:1].float().contiguous(), 0
     else:
         W, stride_wh = W.float().contiguous(), M * D
-    W = W.float()
-    bias, freq = bias.float().contiguous(), freq.float().contiguous()
-    psi = None if psi is None else psi.float().contiguous()
-
+    bias, freq, psi, S0, z0, m0 = (_f32(t) for t in (bias, freq, psi, S0, z0, m0))
     a, beta = grad_coefficients(do, o, den) if coeffs is None else coeffs
     W_heads = W.expand(Hk, M, D) if W.shape[0] == 1 else W  # per key/value head (the lse's dW)
     lse = None
@@ -659,99 +567,30 @@ def rf_bwd(
         )
 
     BT = chunk_size
-    varlen = None if cu_seqlens is None else VarlenTables(cu_seqlens, BT)
-    NS = B if varlen is None else varlen.num_seqs  # batch rows of the parameters and the states
     BD, BV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
     # At most 32 frequencies per program: besides W each carries dS (two blocks for HYP/TRIG) and its
     # dW partial across the walk; at D = Dv = 64 a tile of 64 spilled about three times more (sm_90,
     # bench/compile_check.py) and, for HYP in fp32, needed 224 of the 227 KiB of shared memory.
     BM = min(32, freq_tile(max(BD, BV)), max(16, triton.next_power_of_2(M)))
     NM = triton.cdiv(M, BM)
+    varlen = None
+    if cu_seqlens is not None and ranges:
+        varlen, cps = _varlen_ranges(cu_seqlens, BT, cps, NM * (cu_seqlens.shape[0] - 1) * H, dev)
+    elif cu_seqlens is not None:
+        varlen = VarlenTables(cu_seqlens, BT)
+    NS = B if varlen is None else varlen.num_seqs  # batch rows of the parameters and the states
     has_s0 = S0 is not None
     has_dsf = dS is not None or dz is not None
-    if has_s0:
-        S0, z0, m0 = S0.float().contiguous(), z0.float().contiguous(), m0.float().contiguous()
     if has_dsf:
         dS = torch.zeros(NS, Hk, F, Dv, device=dev) if dS is None else dS.float()
         dz = torch.zeros(NS, Hk, F, device=dev) if dz is None else dz.float()
-        if G > 1:  # the kernels read dS, dz per query head: the first head of each group carries them
+        if G > 1 and not ranges:  # the walk reads dS, dz per query head: the first head of each group has them
             dS = torch.cat([dS[:, :, None], dS.new_zeros(NS, Hk, G - 1, F, Dv)], 2).flatten(1, 2)
             dz = torch.cat([dz[:, :, None], dz.new_zeros(NS, Hk, G - 1, F)], 2).flatten(1, 2)
         dS, dz = dS.contiguous(), dz.contiguous()
-    dS_final, dz_final = dS, dz
     mask_arg = None if mask is None else mask.contiguous()
-    root = math.sqrt(scale)
-    prec = dot_precision(q.dtype, v.dtype)
-    flags = dict(KIND=kernel_kind(kind), CAUSAL=bool(causal), HAS_CO=c_o != 0.0, PREC=prec, BT=BT, BM=BM, BD=BD, BV=BV)
-
-    NC = triton.cdiv(T, BT) if varlen is None else max(1, varlen.max_chunks)
-    if causal:
-        nsplit, cps = 1, NC
-    else:
-        # packed sequences: every sequence gets the ranges of the longest (ranges past its end are empty)
-        cps = triton.cdiv(NC, _num_splits(NC, NM * NS * H, dev))
-        nsplit = triton.cdiv(NC, cps)
-    grid = (NM, NS * H, nsplit)
-    tables = varlen_args(varlen, "cu", "chunk_off", "NCS")
-    dq_part = torch.empty(NM, B, T, H, D, device=dev, dtype=torch.float32)
-    dk_part = torch.empty(NM, B, T, H, D, device=dev, dtype=torch.float32)
-    dlse_part = None if lse is None else torch.zeros(NM, B * H, T, device=dev, dtype=torch.float32)
-    dv_part = torch.empty(NM, B, T, H, Dv, device=dev, dtype=torch.float32)
-    dw_part = torch.empty(2, nsplit, NS, H, M, D, device=dev, dtype=torch.float32)
-    db_part = torch.empty(2, nsplit, NS, H, M, device=dev, dtype=torch.float32)
-    s_wp, s_bp = NS * H * M * D, NS * H * M
-    dS0 = torch.empty(NS, H, F, Dv, device=dev, dtype=torch.float32) if has_s0 else None  # per query head
-    dz0 = torch.empty(NS, H, F, device=dev, dtype=torch.float32) if has_s0 else None
     qmax, kstab = qmax.contiguous(), kstab.contiguous()
-    if not causal:
-        S, z = S.float().contiguous(), z.float().contiguous()
-        # dS, dz of every query, per chunk range, then reduced (with the final-state gradients)
-        dsp = torch.empty(nsplit, NS, H, F, Dv, device=dev, dtype=torch.float32)
-        dzp = torch.empty(nsplit, NS, H, F, device=dev, dtype=torch.float32)
-        _rf_bwd_dstate_kernel[grid](
-            q=q,
-            w=W,
-            bias=bias,
-            freq=freq,
-            psi=psi,
-            qmax=qmax,
-            da=a,
-            dbeta=beta,
-            dsp=dsp,
-            dzp=dzp,
-            cu=tables["cu"],
-            T=T,
-            H=H,
-            HK=Hk,
-            G=G,
-            M=M,
-            D=D,
-            DV=Dv,
-            stride_wh=stride_wh,
-            CPS=cps,
-            s_sp=NS * H * F * Dv,
-            s_zp=NS * H * F,
-            root=root,
-            c_t=c_t,
-            c_o=c_o,
-            KIND=kernel_kind(kind),
-            HAS_CO=c_o != 0.0,
-            PREC=prec,
-            BT=BT,
-            BM=BM,
-            BD=BD,
-            BV=BV,
-            num_warps=4,
-        )
-        dS, dz = dsp.sum(0), dzp.sum(0)
-        if has_dsf:
-            dS, dz = dS + dS_final, dz + dz_final
-
-    if _rf_bwd_dq_kernel_tuned is None:
-        dq_kernel, dkv_kernel = _rf_bwd_dq_kernel, _rf_bwd_dkv_kernel
-        launch = dict(num_warps=8 if causal else 4, num_stages=1)
-    else:
-        dq_kernel, dkv_kernel, launch = _rf_bwd_dq_kernel_tuned, _rf_bwd_dkv_kernel_tuned, {}
+    tables = ("cu", "chunk_off", "range_off", "range_seq", "NCS", "NRS") if ranges else ("cu", "chunk_off", "NCS")
     common = dict(
         q=q,
         k=k,
@@ -766,7 +605,7 @@ def rf_bwd(
         kstab=kstab,
         da=a,
         dbeta=beta,
-        **tables,
+        **{"range_off": None, "range_seq": None, "NRS": None, **varlen_args(varlen, *tables)},
         T=T,
         H=H,
         HK=Hk,
@@ -775,36 +614,94 @@ def rf_bwd(
         D=D,
         DV=Dv,
         stride_wh=stride_wh,
-        CPS=cps,
-        s_wp=s_wp,
-        s_bp=s_bp,
-        root=root,
+        root=math.sqrt(scale),
         c_t=c_t,
         c_o=c_o,
-        **flags,
-        **launch,
+        KIND=kernel_kind(kind),
+        RANGES=ranges,
+        HAS_CO=c_o != 0.0,
+        PREC=dot_precision(q.dtype, v.dtype),
+        BT=BT,
+        BM=BM,
+        BD=BD,
+        BV=BV,
     )
-    dq_kernel[grid](s0=S0, z0=z0, m0=m0, sf=S, zf=z, dq=dq_part, dw=dw_part[0], db=db_part[0], **common)
-    dkv_kernel[grid](
-        m0=m0,
-        dsf=dS,
-        dzf=dz,
-        dk=dk_part,
-        dv=dv_part,
-        dlse=dlse_part,
-        dw=dw_part[1],
-        db=db_part[1],
-        ds0=dS0,
-        dz0=dz0,
-        **common,
-    )
+
+    NC = triton.cdiv(T, BT)
+    if ranges:
+        if cps is None:
+            cps = range_chunks(NC, BT, NM * B * H, dev)
+        nsplit = triton.cdiv(NC, cps) if varlen is None else varlen.num_range_slots  # packed: range slots
+        rows = B * H  # packed: program id 1 is the head, the range slot picks the sequence
+    else:
+        NC = NC if varlen is None else max(1, varlen.max_chunks)
+        # packed sequences: every sequence gets the ranges of the longest (ranges past its end are empty)
+        cps = NC if causal else triton.cdiv(NC, _num_splits(NC, NM * NS * H, dev))
+        nsplit = triton.cdiv(NC, cps)
+        rows = NS * H
+    dq_part = torch.empty(NM, B, T, H, D, device=dev, dtype=torch.float32)
+    dk_part = torch.empty(NM, B, T, H, D, device=dev, dtype=torch.float32)
+    dlse_part = None if lse is None else torch.zeros(NM, B * H, T, device=dev, dtype=torch.float32)
+    dv_part = torch.empty(NM, B, T, H, Dv, device=dev, dtype=torch.float32)
+    dw_part = torch.empty(2, nsplit, rows, M, D, device=dev, dtype=torch.float32)
+    db_part = torch.empty(2, nsplit, rows, M, device=dev, dtype=torch.float32)
+    common.update(CPS=cps, s_wp=rows * M * D, s_bp=rows * M)
+    dS0 = dz0 = None
+    state = dict(s0=S0, z0=z0, m0=m0, sf=S, zf=z)
+    if ranges:
+        # the states before each range (recomputed), then dS, dz after each range (a reverse pass)
+        state = dict(s0=None, z0=None, m0=None)
+        state["sf"], state["zf"], _, _ = _states_before(
+            k, v, W.expand(Hk, M, D) if stride_wh == 0 else W, bias, freq, psi, mask_arg, kstab, S0, z0, m0,
+            kind=kind, c_t=c_t, c_o=c_o, scale=scale, BT=BT, cps=cps, varlen=varlen, lse=lse,
+        )  # fmt: skip
+        # the query side's dS, dz per key/value head: each program sums its group's query heads in order
+        dsp = torch.empty(B, Hk, nsplit, F, Dv, dtype=torch.float32, device=dev)
+        dzp = torch.empty(B, Hk, nsplit, F, dtype=torch.float32, device=dev)
+        _rf_bwd_dstate_kernel[(NM, B * Hk, nsplit)](
+            **_dstate_args(common), dsp=dsp, dzp=dzp, s_sp=0, s_zp=0, num_warps=4
+        )
+        dS, dz, dS_all, dz_all = _scan(dsp, dzp, kstab, dS, dz, NC, cps, reverse=True, varlen=varlen)
+        if has_s0:
+            alpha = torch.exp(m0 - _first_stabiliser(kstab, varlen))
+            dS0, dz0 = dS_all * alpha[..., None, None], dz_all * alpha[..., None]
+    elif not causal:
+        S, z = S.float().contiguous(), z.float().contiguous()
+        state.update(sf=S, zf=z)
+        # dS, dz of every query, per chunk range, then reduced (with the final-state gradients)
+        dsp = torch.empty(nsplit, NS, H, F, Dv, device=dev, dtype=torch.float32)
+        dzp = torch.empty(nsplit, NS, H, F, device=dev, dtype=torch.float32)
+        _rf_bwd_dstate_kernel[(NM, rows, nsplit)](
+            **_dstate_args(common), dsp=dsp, dzp=dzp, s_sp=NS * H * F * Dv, s_zp=NS * H * F, num_warps=4
+        )
+        dsp, dzp = dsp.sum(0), dzp.sum(0)
+        dS, dz = (dsp + dS, dzp + dz) if has_dsf else (dsp, dzp)
+    if has_s0 and not ranges:
+        dS0 = torch.empty(NS, H, F, Dv, device=dev, dtype=torch.float32)  # per query head
+        dz0 = torch.empty(NS, H, F, device=dev, dtype=torch.float32)
+
+    if ranges or _rf_bwd_dq_kernel_tuned is None:
+        dq_kernel, dkv_kernel = _rf_bwd_dq_kernel, _rf_bwd_dkv_kernel
+        launch = dict(num_warps=8 if causal else 4, num_stages=1)
+    else:
+        dq_kernel, dkv_kernel, launch = _rf_bwd_dq_kernel_tuned, _rf_bwd_dkv_kernel_tuned, {}
+    grid = (NM, rows, nsplit)
+    common.update(CAUSAL=bool(causal), **launch)
+    dq_kernel[grid](**state, dq=dq_part, dw=dw_part[0], db=db_part[0], **common)
+    dkv_kernel[grid](m0=None if ranges else m0, dsf=dS, dzf=dz, dk=dk_part, dv=dv_part, dlse=dlse_part,
+                     dw=dw_part[1], db=db_part[1], ds0=None if ranges else dS0, dz0=dz0 if not ranges else None,
+                     **common)  # fmt: skip
     dq = dq_part.sum(0).to(q.dtype)
     # per-query-head partials of the key/value-head gradients, summed over each group in a fixed order
-    dk, dv, dW, dbias = dk_part.sum(0), dv_part.sum(0), dw_part.sum((0, 1, 2)), db_part.sum((0, 1))
+    dk, dv, dW = dk_part.sum(0), dv_part.sum(0), dw_part.view(2, nsplit, -1, H, M, D).sum((0, 1, 2))
+    if ranges and varlen is not None:  # packed chunk mode: the range slots' partials summed per sequence
+        dbias = varlen.per_sequence(db_part.sum(0)[:, :H])
+    else:
+        dbias = db_part.view(2, nsplit, -1, H, M).sum((0, 1))
     if G > 1:
         dk, dv = dk.unflatten(2, (Hk, G)).sum(3), dv.unflatten(2, (Hk, G)).sum(3)
         dW, dbias = dW.unflatten(0, (Hk, G)).sum(1), dbias.unflatten(1, (Hk, G)).sum(2)
-        if has_s0:
+        if has_s0 and not ranges:
             dS0, dz0 = dS0.unflatten(1, (Hk, G)).sum(2), dz0.unflatten(1, (Hk, G)).sum(2)
     if lse is not None:  # what each key's lse contributes (the kernels held it constant)
         dk, dW, dbias = add_key_lse_grads(

@@ -1,20 +1,18 @@
-"""Fused Triton forward of random-feature attention.
+"""Fused Triton forward of random-feature attention: one kernel, ``_rf_fwd_kernel``, for every mode.
 
-Two kernels, both tiled by chunks of BT tokens and by frequency tiles of BM rows of W:
-
-* ``_rf_stats_fwd_kernel`` (grid ``(B*H, NC)``): the stabilisers. Per chunk it computes every query row's
-  maximum feature exponent (``qmax``) and the chunk's maximum key exponent (masked keys excluded). The host
-  turns the chunk maxima into ``kstab`` (running max over chunks when causal, global max otherwise, both
-  combined with the initial state's ``m0``).
-* ``_rf_fwd_kernel`` (grid ``(B*H, NMT, NV)``, NMT frequency tiles, NV tiles of Dv): walks the chunks in
-  order keeping its state tiles S ``[BM, BV]`` and z ``[BM]`` (two of each for HYP/TRIG: blocks a and b)
-  in fp32 registers. Causal: per chunk the state is rescaled to the new stabiliser, then
-  ``num = tril(phi_q phi_k^T) v + phi_q S``, ``den = rowsum(tril(phi_q phi_k^T)) + phi_q z`` and
-  ``S += phi_k^T v``, ``z += colsum(phi_k)``. Non-causal runs as two launches over NSPLIT ranges of
-  chunks (program id 2 also indexes the range, so the grid fills the device however long T is): the
-  first writes each range's partial S, z (reduced on the host in a fixed order), the second computes
-  every range's outputs from the reduced state. With one frequency tile the kernel writes o directly; with several it
-  writes per-tile partial numerators and denominators, summed on the host.
+The stabilisers come first (``triton_stats``: each query row's maximum feature exponent ``qmax`` and the
+key stabilisers ``kstab``). Then ``_rf_fwd_kernel`` (grid ``(B*H, NMT, NV x ranges)``, NMT frequency tiles
+of BM rows of W, NV tiles of Dv) walks the chunks of BT tokens of its range in order, keeping its state
+tiles S ``[BM, BV]`` and z ``[BM]`` (two of each for HYP/TRIG: blocks a and b) in fp32 registers.
+Causal: per chunk the state is rescaled to the new stabiliser, then ``num = tril(phi_q phi_k^T) v +
+phi_q S``, ``den = rowsum(tril(phi_q phi_k^T)) + phi_q z`` and ``S += phi_k^T v``, ``z += colsum(phi_k)``.
+The walk is one range of every chunk from the initial state; the chunk mode (RANGES, ``triton_chunk``)
+runs ranges in parallel from the states before them (``_states_before``: each range's own key state,
+PHASE 1 with RANGES, then the pass over the ranges, ``triton_scan``). Non-causal runs as two launches over
+NSPLIT ranges of chunks (program id 2 also indexes the range, so the grid fills the device however long
+T is): the first writes each range's partial S, z (reduced on the host in a fixed order), the second
+computes every range's outputs from the reduced state. With one frequency tile the kernel writes o
+directly; with several it writes per-tile partial numerators and denominators, summed on the host.
 
 Grouped-query attention: k, v, the per-head parameters, kstab and the state belong to the key/value head
 ``i_hk = i_h // G`` of each query head; a group's programs share them (no repeated k or v).
@@ -31,8 +29,9 @@ Features exist only as ``[BT, BM]`` register tiles. Every tensor this module all
   qmax ``[B, H, T]``, den ``[B, H, T]``, kmax / kstab ``[B, H, NC]``, o ``[B, T, H, Dv]``,
   final S ``[B, H, F, Dv]``, z ``[B, H, F]``, m ``[B, H]``, the non-causal partial states
   ``[NSPLIT, B, H, F, Dv]`` and ``[NSPLIT, B, H, F]`` (NSPLIT <= NC, independent of T once the device is
-  full), copies of the small per-head parameters (bias ``[B, H, m]``, freq ``[B, H]``, psi ``[B, H, D]``,
-  S0, z0, m0) when not already fp32-contiguous, and, only with NMT > 1 frequency tiles, partials
+  full), the chunk mode's states before each range ``[B, H, NR, F, Dv]`` and ``[B, H, NR, F]``, copies
+  of the small per-head parameters (bias ``[B, H, m]``, freq ``[B, H]``, psi ``[B, H, D]``, S0, z0, m0)
+  when not already fp32-contiguous, and, only with NMT > 1 frequency tiles, partials
   ``[NMT, B, T, H, Dv]`` and ``[NMT, B, H, T]``.
   None has a ``T x F`` shape: the largest T-sized ones scale with ``T * Dv * NMT`` (NMT = ceil(m / BM)).
 
@@ -51,166 +50,38 @@ import torch
 import triton
 import triton.language as tl
 
-from ..contract import DEN_EPS, NORM_HYP, feature_width
+from ..contract import DEN_EPS, feature_width
 from .triton_common import (
     KIND_EXP,
-    KIND_HYP,
     VarlenTables,
     _dot,
-    _feature_logits,
     _keep_rows,
     _load_rows,
-    _seq_span,
     _store_out,
-    _transform,
     autotuned,
     dot_precision,
     kernel_kind,
     optional_inputs,
     varlen_args,
 )
+from .triton_scan import _first_stabiliser, _scan, _varlen_ranges, range_chunks
+from .triton_stats import MAX_BM, _f32, _strides, default_chunk_size, freq_tile, stabilisers
 from .triton_steps import (
-    _fwd_chunk,
-    _key_state_chunk,
+    _accumulate_state,
+    _key_features,
+    _key_shift,
+    _last_chunk,
     _load_state,
+    _program_rows,
     _query_features,
+    _rescale,
     _store_state,
     _tile_params,
 )
 
-MAX_BM = 64
-
-
-@optional_inputs(HAS_MASK="mask", HAS_PSI="psi", HAS_LSE="lse", IS_VARLEN="cu")
-@triton.jit(do_not_specialize=["T"])
-def _rf_stats_fwd_kernel(
-    q,
-    k,
-    W,
-    bias,
-    freq,
-    psi,
-    mask,
-    qmax,
-    kmax,
-    lse,
-    lseq,
-    cu,
-    chunk_off,
-    chunk_seq,
-    s_qb,
-    s_qt,
-    s_qh,
-    s_qd,
-    s_kb,
-    s_kt,
-    s_kh,
-    s_kd,
-    s_wh,
-    s_wm,
-    s_wd,
-    s_mb,
-    s_mt,
-    T,
-    H,
-    HK,
-    G,
-    M,
-    D,
-    NCS,
-    root,
-    c_t,
-    c_o,
-    KIND: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    HAS_PSI: tl.constexpr,
-    HAS_CO: tl.constexpr,
-    HAS_LSE: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
-    PREC: tl.constexpr,
-    BT: tl.constexpr,
-    BD: tl.constexpr,
-    BM: tl.constexpr,
-):
-    """qmax[b, h, t] = max_f e_q,f(t); kmax[b, h, c] = max over kept keys of chunk c and all f of e_k,f
-    (of query head h's key/value head: equal within a group). IS_VARLEN: program id 0 is the head, program
-    id 1 a chunk slot of the packed sequences (its sequence: chunk_seq), kmax ``[1, H, NCS]``.
-
-    HAS_LSE (hedgehog: KIND is HYP and every row is a softmax over its 2m exponents): also each row's
-    log-sum-exp, online over the frequency tiles, keys into lse ``[token batch x HK + key/value head, T]``
-    (written by the first query head of each group) and queries into lseq ``[B x H, T]``; kmax is then the
-    maximum of the normalised key exponents e - lse."""
-    i_bh = tl.program_id(0).to(tl.int64)
-    i_c = tl.program_id(1).to(tl.int64)
-    if IS_VARLEN:
-        i_b = tl.load(chunk_seq + i_c).to(tl.int64)
-        i_h = i_bh
-    else:
-        i_b = i_bh // H
-        i_h = i_bh % H
-    i_hk = i_h // G  # grouped-query attention: the key/value head of query head i_h
-    i_bk = i_b * HK + i_hk  # k, v and every parameter are per key/value head (and sequence)
-    bos, eos, i_bt, i_bht = _seq_span(cu, i_b, i_bh, i_h, H, T, IS_VARLEN)
-    if IS_VARLEN:
-        NC = NCS
-        o_t = bos + (i_c - tl.load(chunk_off + i_b)) * BT + tl.arange(0, BT)
-    else:
-        NC = tl.cdiv(T, BT)
-        o_t = i_c * BT + tl.arange(0, BT)
-    m_t = o_t < eos
-    o_d = tl.arange(0, BD)
-    m_d = o_d < D
-    if HAS_PSI:
-        b_psi = tl.load(psi + i_bk * D + o_d, mask=m_d, other=1.0)
-    else:
-        b_psi = tl.full([BD], 1.0, tl.float32)
-    b_freq = tl.load(freq + i_bk)
-    b_q = _load_rows(q, i_bt, i_h, o_t, m_t, o_d, m_d, s_qb, s_qt, s_qh, s_qd)
-    b_k = _load_rows(k, i_bt, i_hk, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
-    b_xq, b_rq = _transform(b_q, b_psi, root, c_t, c_o, True, HAS_PSI, HAS_CO)
-    b_xk, b_rk = _transform(b_k, b_psi, root, c_t, c_o, False, HAS_PSI, HAS_CO)
-    keep = _keep_rows(mask, i_bt, o_t, m_t, s_mb, s_mt, HAS_MASK)
-    b_qmax = tl.full([BT], float("-inf"), tl.float32)
-    b_kmax = tl.full([BT], float("-inf"), tl.float32)
-    b_krow = tl.full([BT], float("-inf"), tl.float32)  # HAS_LSE: every key row's maximum, kept or not
-    b_qsum = tl.zeros([BT], dtype=tl.float32)
-    b_ksum = tl.zeros([BT], dtype=tl.float32)
-    for i_m in range(0, tl.cdiv(M, BM)):
-        o_m = i_m * BM + tl.arange(0, BM)
-        m_m = o_m < M
-        b_w = tl.load(
-            W + i_hk * s_wh + o_m[:, None] * s_wm + o_d[None, :] * s_wd, mask=m_m[:, None] & m_d[None, :], other=0.0
-        ).to(tl.float32)
-        b_bias = tl.load(bias + i_bk * M + o_m, mask=m_m, other=float("-inf"))
-        # [BT, BD] @ [BD, BM] -> [BT, BM] inside _feature_logits
-        _, b_ea, b_eb, _, _ = _feature_logits(b_xq, b_w, b_bias, b_freq, b_rq, KIND, PREC)
-        b_tile = tl.max(b_ea, axis=1)
-        if KIND == KIND_HYP:
-            b_tile = tl.maximum(b_tile, tl.max(b_eb, axis=1))
-        if HAS_LSE:  # online log-sum-exp of the row (the first tile has a finite entry in every row)
-            b_new = tl.maximum(b_qmax, b_tile)
-            b_qsum = b_qsum * tl.exp(b_qmax - b_new) + tl.sum(tl.exp(b_ea - b_new[:, None]), axis=1)
-            b_qsum += tl.sum(tl.exp(b_eb - b_new[:, None]), axis=1)
-        b_qmax = tl.maximum(b_qmax, b_tile)
-        _, b_ea, b_eb, _, _ = _feature_logits(b_xk, b_w, b_bias, b_freq, b_rk, KIND, PREC)
-        if HAS_LSE:
-            b_tile = tl.maximum(tl.max(b_ea, axis=1), tl.max(b_eb, axis=1))
-            b_new = tl.maximum(b_krow, b_tile)
-            b_ksum = b_ksum * tl.exp(b_krow - b_new) + tl.sum(tl.exp(b_ea - b_new[:, None]), axis=1)
-            b_ksum += tl.sum(tl.exp(b_eb - b_new[:, None]), axis=1)
-            b_krow = b_new
-        else:
-            b_kmax = tl.maximum(b_kmax, tl.max(tl.where(keep[:, None], b_ea, float("-inf")), axis=1))
-            if KIND == KIND_HYP:
-                b_kmax = tl.maximum(b_kmax, tl.max(tl.where(keep[:, None], b_eb, float("-inf")), axis=1))
-    tl.store(qmax + i_bht * T + o_t, b_qmax, mask=m_t)
-    if HAS_LSE:
-        b_lk = b_krow + tl.log(b_ksum)
-        b_kmax = tl.where(keep, b_krow - b_lk, float("-inf"))
-        tl.store(lseq + i_bht * T + o_t, b_qmax + tl.log(b_qsum), mask=m_t)
-        if i_h % G == 0:
-            tl.store(lse + (i_bt * HK + i_hk) * T + o_t, b_lk, mask=m_t)
-    tl.store(kmax + i_bht * NC + i_c, tl.max(b_kmax, axis=0))
+# The chunk mode's fixed launch configuration (chosen with bench.compile_check: no spills at D = Dv = 64,
+# m = 128 on sm_90): 8 warps for the output launch, whose chunks are 16 tokens.
+RANGE_WARPS = 8
 
 
 @optional_inputs(HAS_MASK="mask", HAS_PSI="psi", HAS_INIT="S0", HAS_LSE="lse", IS_VARLEN="cu")
@@ -236,6 +107,8 @@ def _rf_fwd_kernel(
     z,
     cu,
     chunk_off,
+    range_off,
+    range_seq,
     s_qb,
     s_qt,
     s_qh,
@@ -266,11 +139,13 @@ def _rf_fwd_kernel(
     DV,
     CPS,
     NCS,
+    NRS,
     root,
     c_t,
     c_o,
     KIND: tl.constexpr,
     PHASE: tl.constexpr,
+    RANGES: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_PSI: tl.constexpr,
     HAS_CO: tl.constexpr,
@@ -285,10 +160,17 @@ def _rf_fwd_kernel(
     BM: tl.constexpr,
     BV: tl.constexpr,
 ):
-    """PHASE 0 (causal): the whole walk, in order. Non-causal runs in two launches, each program owning a range of
-    CPS chunks (program id 2 = Dv tile + NV * range): PHASE 1 sums its keys into a partial state
-    (S, z point at [NSPLIT, B, H, F, (Dv)] buffers, strides s_sp, s_zp), PHASE 2 reads the reduced state
-    (S, z) and writes the outputs of its chunks.
+    """Program id 2 = Dv tile + NV * range (a range: CPS chunks).
+
+    PHASE 0 (causal): walks its chunks in order. The walk (not RANGES) is one range of every chunk: it
+    starts from the initial state (S0, z0, m0) and stores the final state (STORE_STATE). The chunk mode
+    (RANGES) walks range i_s from the state before it (S, z: [B, HK, NR, F, Dv] and [B, HK, NR, F], see
+    ``_program_rows``, relative to kstab at the range's first chunk) and stores no state.
+    Non-causal runs in two launches, each program owning a range of CPS chunks: PHASE 1 sums its keys
+    into a partial state (S, z point at [NSPLIT, B, H, F, (Dv)] buffers, strides s_sp, s_zp), PHASE 2 reads
+    the reduced state (S, z) and writes the outputs of its chunks. PHASE 1 with RANGES is the chunk mode's
+    first step: range i_s's own key state, relative to kstab at its last chunk, into its row of S, z
+    ([B, HK, NR, ...]; s_sp = s_zp = 0).
 
     Grouped-query attention: program id 0 is a (batch, query head) pair; k, v, the parameters, the
     stabilisers kstab and the state belong to its key/value head i_hk = i_h // G. PHASE 0 programs of one
@@ -297,27 +179,21 @@ def _rf_fwd_kernel(
 
     IS_VARLEN (packed sequences, token tensors of batch 1): the batch index is the sequence index; its
     rows are [cu[n], cu[n + 1]); the causal kstab is ``[1, HK, NCS]`` with the sequence's chunks from
-    slot chunk_off[n]; the non-causal one ``[N, HK, 1]``, as dense."""
+    slot chunk_off[n]; the non-causal one ``[N, HK, 1]``, as dense. Chunk mode: program id 0 is the head
+    and the range a global range slot (``_program_rows``)."""
     i_bh = tl.program_id(0).to(tl.int64)
     i_m = tl.program_id(1).to(tl.int64)
     i_vs = tl.program_id(2).to(tl.int64)
     NV = tl.cdiv(DV, BV)
     i_v = i_vs % NV
     i_s = i_vs // NV
-    i_b = i_bh // H
-    i_h = i_bh % H
-    i_hk = i_h // G
-    i_bk = i_b * HK + i_hk
-    bos, eos, i_bt, i_bht = _seq_span(cu, i_b, i_bh, i_h, H, T, IS_VARLEN)
-    NC = tl.cdiv(eos - bos, BT)
-    if IS_VARLEN:
-        p_ks = kstab + i_hk * NCS + tl.load(chunk_off + i_b)  # this sequence's chunk slots
-    else:
-        p_ks = kstab + i_bk * NC
-    if KIND == KIND_EXP:
-        F = M
-    else:
-        F = 2 * M
+    i_b, i_h, i_hk, i_bk, i_rl, bos, eos, i_bt, i_bht, NC, p_ks, i_row = _program_rows(
+        cu, chunk_off, range_off, range_seq, kstab, i_bh, i_s, T, H, HK, G, CPS, NCS, NRS, BT,
+        CAUSAL=PHASE == 0 or RANGES, RANGES=RANGES, IS_VARLEN=IS_VARLEN,
+    )  # fmt: skip
+    if RANGES and PHASE == 1 and not IS_VARLEN:
+        i_row = i_bh * tl.cdiv(NC, CPS) + i_s  # launched over (batch, key/value head) rows
+    F = M if KIND == KIND_EXP else 2 * M
     o_d = tl.arange(0, BD)
     m_d = o_d < D
     o_m = i_m * BM + tl.arange(0, BM)
@@ -329,219 +205,116 @@ def _rf_fwd_kernel(
     b_bias, b_freq, b_psi = _tile_params(psi, freq, bias, i_bk, o_m, m_m, o_d, m_d, M, D, HAS_PSI, BD)
     p_w = W + i_hk * s_wh + o_m[:, None] * s_wm + o_d[None, :] * s_wd
     m_w = m_m[:, None] & m_d[None, :]
-    m_s = m_m[:, None] & m_v[None, :]
-
-    b_sa = tl.zeros([BM, BV], dtype=tl.float32)
-    b_sb = tl.zeros([BM, BV], dtype=tl.float32)
-    b_za = tl.zeros([BM], dtype=tl.float32)
-    b_zb = tl.zeros([BM], dtype=tl.float32)
-    if PHASE == 0:
-        b_kfirst = tl.load(p_ks)
+    m_s = m_m[:, None] & m_v[None, :]  # (where the store uses it: formed before the walk, fewer registers)
+    if PHASE == 0 and not RANGES:  # the walk: every chunk
+        c_lo = 0
+        c_hi = NC
     else:
-        b_kfirst = tl.load(kstab + i_bk)
+        c_lo = i_rl * CPS
+        c_hi = tl.minimum(c_lo + CPS, NC)
+    if RANGES and PHASE == 1:  # the range's own key state: relative to its last chunk's stabiliser
+        b_kprev = tl.load(p_ks + _last_chunk(c_lo, c_hi, IS_VARLEN))
+    if (RANGES and PHASE == 0) or PHASE == 2:  # the state before the range (chunk mode) or the reduced state
+        b_sa, b_sb, b_za, b_zb = _load_state(
+            S + i_row * F * DV + o_m[:, None] * DV + o_v[None, :], z + i_row * F + o_m, m_m[:, None] & m_v[None, :], m_m,
+            M, DV, 1.0, KIND,
+        )  # fmt: skip
+    else:
+        b_sa = tl.zeros([BM, BV], dtype=tl.float32)
+        b_sb = tl.zeros([BM, BV], dtype=tl.float32)
+        b_za = tl.zeros([BM], dtype=tl.float32)
+        b_zb = tl.zeros([BM], dtype=tl.float32)
+    if PHASE == 0:
+        b_kprev = tl.load(p_ks + c_lo)  # the stabiliser of the range's first chunk
+    elif not RANGES:
+        b_kprev = tl.load(p_ks)  # the one stabiliser
     if HAS_INIT and PHASE != 2:
         # The initial state is relative to exp(m0); move it to the first stabiliser (0 when m0 = -inf).
         # Non-causal: only the first chunk range carries it, so the reduced state counts it once.
-        b_alpha = tl.exp(tl.load(m0 + i_bk) - b_kfirst)
+        b_alpha = tl.exp(tl.load(m0 + i_bk) - b_kprev)
         b_alpha = tl.where(i_s == 0, b_alpha, 0.0)
         b_sa, b_sb, b_za, b_zb = _load_state(
-            S0 + i_bk * F * DV + o_m[:, None] * DV + o_v[None, :], z0 + i_bk * F + o_m, m_s, m_m, M, DV, b_alpha, KIND
-        )
+            S0 + i_bk * F * DV + o_m[:, None] * DV + o_v[None, :], z0 + i_bk * F + o_m, m_m[:, None] & m_v[None, :],
+            m_m, M, DV, b_alpha, KIND,
+        )  # fmt: skip
 
-    if PHASE == 0:
-        b_kprev = b_kfirst
-        for i_c in range(0, NC):
-            o_t = bos + i_c * BT + o_i
-            m_t = o_t < eos
+    for i_c in range(c_lo, c_hi):
+        o_t = bos + i_c * BT + o_i
+        m_t = o_t < eos
+        if PHASE == 0:
+            # the stabiliser never decreases while the state is non-empty; min() keeps the factor finite
+            # (the state is zero) when the previous chunks had no key
             b_kst = tl.load(p_ks + i_c)
-            b_sa, b_sb, b_za, b_zb = _fwd_chunk(
-                q,
-                k,
-                v,
-                mask,
-                qmax,
-                lse,
-                o,
-                den,
-                p_w,
-                m_w,
-                b_sa,
-                b_sb,
-                b_za,
-                b_zb,
-                b_kprev,
-                b_kst,
-                b_bias,
-                b_freq,
-                b_psi,
-                i_bt,
-                i_h,
-                i_hk,
-                i_bht,
-                i_bkt,
-                i_m,
-                i_v,
-                o_t,
-                m_t,
-                o_i,
-                o_m,
-                m_m,
-                o_d,
-                m_d,
-                o_v,
-                m_v,
-                s_qb,
-                s_qt,
-                s_qh,
-                s_qd,
-                s_kb,
-                s_kt,
-                s_kh,
-                s_kd,
-                s_vb,
-                s_vt,
-                s_vh,
-                s_vd,
-                s_mb,
-                s_mt,
-                s_on,
-                s_dn,
-                T,
-                H,
-                DV,
-                root,
-                c_t,
-                c_o,
-                KIND,
-                HAS_MASK,
-                HAS_PSI,
-                HAS_CO,
-                HAS_LSE,
-                SPLIT,
-                PREC,
-            )
+            b_sa, b_sb, b_za, b_zb = _rescale(b_sa, b_sb, b_za, b_zb, tl.exp(tl.minimum(b_kprev - b_kst, 0.0)), KIND)
             b_kprev = b_kst
-    elif PHASE == 1:
-        b_kst = b_kfirst
-        for i_c in range(i_s * CPS, tl.minimum(i_s * CPS + CPS, NC)):
-            o_t = bos + i_c * BT + o_i
-            m_t = o_t < eos
-            b_sa, b_sb, b_za, b_zb = _key_state_chunk(
-                k,
-                v,
-                mask,
-                lse,
-                p_w,
-                m_w,
-                b_sa,
-                b_sb,
-                b_za,
-                b_zb,
-                b_kst,
-                b_bias,
-                b_freq,
-                b_psi,
-                i_bt,
-                i_hk,
-                i_bkt,
-                o_t,
-                m_t,
-                o_m,
-                m_m,
-                o_d,
-                m_d,
-                o_v,
-                m_v,
-                s_kb,
-                s_kt,
-                s_kh,
-                s_kd,
-                s_vb,
-                s_vt,
-                s_vh,
-                s_vd,
-                s_mb,
-                s_mt,
-                T,
-                root,
-                c_t,
-                c_o,
-                KIND,
-                HAS_MASK,
-                HAS_PSI,
-                HAS_CO,
-                HAS_LSE,
-                PREC,
+        b_w = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
+        if PHASE != 2:  # the chunk's key features, relative to its stabiliser
+            keep = _keep_rows(mask, i_bt, o_t, m_t, s_mb, s_mt, HAS_MASK)
+            b_k = _load_rows(k, i_bt, i_hk, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
+            shift = _key_shift(b_kprev, lse, i_bkt, T, o_t, m_t, HAS_LSE)
+            _, b_pka, b_pkb = _key_features(
+                b_k, keep, b_w, b_bias, b_freq, b_psi, shift, root, c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC
             )
-    else:
-        b_sa, b_sb, b_za, b_zb = _load_state(
-            S + i_bk * F * DV + o_m[:, None] * DV + o_v[None, :], z + i_bk * F + o_m, m_s, m_m, M, DV, 1.0, KIND
-        )
-        for i_c in range(i_s * CPS, tl.minimum(i_s * CPS + CPS, NC)):
-            o_t = bos + i_c * BT + o_i
-            m_t = o_t < eos
-            b_w = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
+        if PHASE != 1:  # the chunk's query features
             b_q = _load_rows(q, i_bt, i_h, o_t, m_t, o_d, m_d, s_qb, s_qt, s_qh, s_qd)
             b_qmax = tl.load(qmax + i_bht * T + o_t, mask=m_t, other=0.0)
             _, b_pqa, b_pqb = _query_features(
                 b_q, b_qmax, m_t, b_w, b_bias, b_freq, b_psi, root, c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC
             )
-            # [BT, BM] @ [BM, BV] -> [BT, BV]
+        if PHASE != 2:
+            b_v = _load_rows(v, i_bt, i_hk, o_t, m_t, o_v, m_v, s_vb, s_vt, s_vh, s_vd).to(tl.float32)
+        if PHASE == 0:
+            # [BT, BM] @ [BM, BT] -> [BT, BT]: query t, key j of this chunk
+            b_s = _dot(b_pqa, tl.trans(b_pka), PREC)
+        if PHASE != 1:
+            # [BT, BM] @ [BM, BV] -> [BT, BV]: the state (earlier chunks, or every key)
             b_num = _dot(b_pqa, b_sa, PREC)
             b_den = tl.sum(b_pqa * b_za[None, :], axis=1)
             if KIND != KIND_EXP:
+                if PHASE == 0:
+                    b_s += _dot(b_pqb, tl.trans(b_pkb), PREC)
                 b_num += _dot(b_pqb, b_sb, PREC)
                 b_den += tl.sum(b_pqb * b_zb[None, :], axis=1)
+            if PHASE == 0:
+                b_s = tl.where(o_i[:, None] >= o_i[None, :], b_s, 0.0)
+                # [BT, BT] @ [BT, BV] -> [BT, BV]
+                b_num += _dot(b_s, b_v, PREC)
+                b_den += tl.sum(b_s, axis=1)
             _store_out(
                 o, den, b_num, b_den, i_bht, i_bt, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV, s_on, s_dn, SPLIT
             )
+        if PHASE != 2:
+            b_sa, b_sb, b_za, b_zb = _accumulate_state(b_sa, b_sb, b_za, b_zb, b_pka, b_pkb, b_v, KIND, PREC)
 
     if STORE_STATE:
         # PHASE 0: the final state, relative to the last stabiliser = the final running max (all zero when
         # it is -inf). PHASE 1: this chunk range's partial state (i_s-th slice), summed on the host.
         # One query head per group stores its key/value head's state.
+        if RANGES:  # the range's own row
+            p_s = S + i_row * F * DV
+            p_z = z + i_row * F
+        else:  # the final state, or the i_s-th slice of the partial states
+            p_s = S + i_s * s_sp + i_row * F * DV
+            p_z = z + i_s * s_zp + i_row * F
+        if PHASE == 1 and not RANGES:
+            m_st = m_s
+        else:  # formed here: fewer registers across the walk
+            m_st = m_m[:, None] & m_v[None, :]
         if i_h % G == 0:
             _store_state(
-                S + i_s * s_sp + i_bk * F * DV + o_m[:, None] * DV + o_v[None, :],
-                z + i_s * s_zp + i_bk * F + o_m,
+                p_s + o_m[:, None] * DV + o_v[None, :],
+                p_z + o_m,
                 b_sa,
                 b_sb,
                 b_za,
                 b_zb,
-                m_s,
+                m_st,
                 m_m,
                 M,
                 DV,
                 i_v == 0,
                 KIND,
             )
-
-
-@optional_inputs(HAS_INIT="m0")
-@triton.jit
-def _rf_varlen_stab_kernel(
-    kmax, m0, chunk_off, kstab, m_fin, HK, NCS, NCAP, CAUSAL: tl.constexpr, HAS_INIT: tl.constexpr
-):
-    """Packed sequences: the key stabilisers of sequence n, key/value head i_hk (program (n, i_hk)) from
-    the chunk maxima kmax ``[HK, NCS]`` of its slots: the running maximum (CAUSAL, written to the same
-    slots of kstab ``[HK, NCAP]``) or the maximum (kstab ``[N, HK]``), both combined with m0 and 0 where
-    still -inf; m_fin ``[N, HK]`` the final one (-inf kept). Every slot of an empty sequence holds m0."""
-    i_nh = tl.program_id(0).to(tl.int64)
-    i_n = i_nh // HK
-    i_hk = i_nh % HK
-    c_lo = tl.load(chunk_off + i_n)
-    c_hi = tl.load(chunk_off + i_n + 1)
-    if HAS_INIT:
-        b_run = tl.load(m0 + i_nh)
-    else:
-        b_run = tl.full([], float("-inf"), tl.float32)
-    for c in range(c_lo, c_hi):
-        b_run = tl.maximum(b_run, tl.load(kmax + i_hk * NCS + c))
-        if CAUSAL:
-            tl.store(kstab + i_hk * NCAP + c, tl.where(b_run == float("-inf"), 0.0, b_run))
-    if not CAUSAL:
-        tl.store(kstab + i_nh, tl.where(b_run == float("-inf"), 0.0, b_run))
-    tl.store(m_fin + i_nh, b_run)
 
 
 # One warpgroup: with 8 warps the [BT, *] tiles (BT <= 64 rows) are replicated across two warpgroups, which
@@ -563,14 +336,6 @@ _rf_fwd_kernel_tuned = autotuned(
 )
 
 
-def freq_tile(width: int) -> int:
-    """Frequencies per tile for a kernel that holds whole rows of width ``width`` (the padded head dim,
-    or the widest of D and Dv in the backward): 64, then 32 above 64 and 16 above 128, so that the
-    operands the tensor cores read from shared memory fit one sm_90 block (227 KiB) at D = Dv = 256 in
-    fp32 (tests/test_gpu_lowering.py; ``python -m bench.compile_check --cases large``)."""
-    return 64 if width <= 64 else 32 if width <= 128 else 16
-
-
 def _num_splits(num_chunks: int, programs: int, device: torch.device) -> int:
     """How many chunk ranges the non-causal forward uses: about four programs per multiprocessor on a
     GPU; two under the interpreter (so the tests cross a range boundary); never more than the chunks."""
@@ -582,161 +347,75 @@ def _num_splits(num_chunks: int, programs: int, device: torch.device) -> int:
     return max(1, min(num_chunks, want))
 
 
-def default_chunk_size(T: int) -> int:
-    """The chunk size of the forward (and of the backward, which reuses it): 32 tokens, smaller when the
-    whole sequence fits in fewer (at least 16, the smallest tile tl.dot accepts). Compiled for sm_90 at
-    D = Dv = 64, m = 128, chunks of 64 make every causal kernel spill several times more registers than
-    chunks of 32 (``python -m bench.compile_check``; bench/results/compile-sm90-*.md)."""
-    return max(16, min(32, triton.next_power_of_2(T)))
-
-
-def _strides(**tensors) -> dict:
-    """Keyword stride arguments ``s_<x>b, s_<x>t, s_<x>h, s_<x>d`` of [B, T, H, D] tensors (``s_wh, s_wm, s_wd``
-    for W)."""
-    out = {}
-    for x, t in tensors.items():
-        dims = "hmd" if x == "w" else "bthd"
-        out.update({f"s_{x}{d}": s for d, s in zip(dims, t.stride())})
-    return out
-
-
-def _f32(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float32).contiguous()
-
-
-def stabilisers(
-    q,
-    k,
-    W,
-    bias,
-    freq,
-    psi,
-    mask,
-    m0,
-    *,
-    kind: int,
-    c_t: float,
-    c_o: float,
-    scale: float,
-    causal: bool,
-    BT: int,
-    varlen: VarlenTables | None = None,
-):
-    """The stabilisers of both causal modes and of the non-causal forward: ``(qmax [B, H, T], kstab, m,
-    lse)``,
-    kstab ``[B, Hk, NC]`` the running maximum of the chunks' key exponents (causal) or ``[B, Hk, 1]``
-    their maximum, both combined with ``m0`` and 0 where still -inf; m ``[B, Hk]`` the final one (-inf
-    kept). Hk = k.shape[2] key/value heads (grouped-query attention when Hk < H). bias, freq, psi, m0:
-    fp32 contiguous (or None). ``lse``: None, or for hedgehog (kind NORM_HYP, whose features are HYP's
-    divided by the row's sum) ``(keys [token batch x Hk, T], queries [B x H, T])``, the rows' log-sum-exp;
-    kstab and m are then those of the normalised key exponents.
-
-    Packed sequences (``varlen``, B = 1): per sequence n (the parameters' and m0's batch axis), kstab
-    ``[1, Hk, varlen.chunk_capacity]`` (causal; sequence n's chunks at slots chunk_off[n]..., the unused
-    tail 0) or ``[N, Hk, 1]``, m ``[N, Hk]``."""
-    B, T, H, D = q.shape
-    Hk = k.shape[2]
-    G = H // Hk
-    M = W.shape[1]
-    NC = triton.cdiv(T, BT)
-    BD = max(16, triton.next_power_of_2(D))
-    BM = max(16, min(MAX_BM, triton.next_power_of_2(M)))
-    dev = q.device
-    mask_u8 = None if mask is None else mask.view(torch.uint8)
-    prec = dot_precision(q.dtype, k.dtype)
-    qmax = torch.empty(B, H, T, dtype=torch.float32, device=dev)
-    if varlen is not None:
-        NC = varlen.num_chunk_slots
-    grid = (B * H, NC) if varlen is None else (H, NC)
-    tables = varlen_args(varlen, "cu", "chunk_off", "chunk_seq", NCS=NC)  # kmax has one entry per chunk slot
-    kmax = torch.empty(B, H, NC, dtype=torch.float32, device=dev)
+def _fwd_args(q, k, v, W, bias, freq, psi, mask, lse, kstab, varlen, *, kind, c_t, c_o, scale, BT, BM, ranges):
+    """The keyword arguments every launch of ``_rf_fwd_kernel`` shares; q None: the key state of PHASE 1
+    with RANGES (no query is read). bias, freq, psi: fp32 contiguous (psi may be None)."""
+    x = k if q is None else q
     s_mb, s_mt = (0, 0) if mask is None else mask.stride()
-    lse = lseq = None
-    if kind == NORM_HYP:
-        lse = torch.empty(B * Hk, T, dtype=torch.float32, device=dev)
-        lseq = torch.empty(B * H, T, dtype=torch.float32, device=dev)
-    _rf_stats_fwd_kernel[grid](
+    names = ("cu", "chunk_off", "range_off", "range_seq", "NCS", "NRS") if ranges else ("cu", "chunk_off", "NCS")
+    return dict(
         q=q,
         k=k,
+        v=v,
         W=W,
         bias=bias,
         freq=freq,
         psi=psi,
-        mask=mask_u8,
-        qmax=qmax,
-        kmax=kmax,
+        mask=None if mask is None else mask.view(torch.uint8),
         lse=lse,
-        lseq=lseq,
-        **tables,
-        **_strides(q=q, k=k, w=W),
+        kstab=kstab,
+        **(dict.fromkeys(("s_qb", "s_qt", "s_qh", "s_qd"), 0) if q is None else _strides(q=q)),
+        **_strides(k=k, v=v, w=W),
         s_mb=s_mb,
         s_mt=s_mt,
-        T=T,
-        H=H,
-        HK=Hk,
-        G=G,
-        M=M,
-        D=D,
+        **{"range_off": None, "range_seq": None, "NRS": None, **varlen_args(varlen, *names)},
+        T=x.shape[1],
+        HK=k.shape[2],
+        M=W.shape[1],
+        D=x.shape[3],
+        DV=v.shape[-1],
         root=math.sqrt(scale),
         c_t=c_t,
         c_o=c_o,
         KIND=kernel_kind(kind),
+        RANGES=ranges,
         HAS_CO=c_o != 0.0,
-        PREC=prec,
+        PREC=dot_precision(x.dtype, v.dtype),
         BT=BT,
-        BD=BD,
-        BM=min(BM, freq_tile(BD)),
-        num_warps=4,
+        BD=max(16, triton.next_power_of_2(x.shape[3])),
+        BM=BM,
     )
-    lse = None if lse is None else (lse, lseq)
-
-    if G > 1:  # every query head of a group found its key/value head's maxima
-        kmax = kmax.unflatten(1, (Hk, G)).amax(2)  # [B, Hk, NC]
-    if varlen is not None:
-        return qmax, *_varlen_kstab(kmax.contiguous(), m0, varlen, causal=causal), lse
-    m_init = m0 if m0 is not None else torch.full((B, Hk), float("-inf"), dtype=torch.float32, device=dev)
-    if causal:
-        run = torch.maximum(torch.cummax(kmax, dim=-1).values, m_init[..., None])  # [B, Hk, NC]
-    else:
-        run = torch.maximum(kmax.amax(-1, keepdim=True), m_init[..., None])  # [B, Hk, 1]
-    kstab = torch.where(torch.isneginf(run), torch.zeros_like(run), run).contiguous()
-    m_final = run[..., -1].contiguous()
-    return qmax, kstab, m_final, lse
 
 
-def _key_lse(q, k, W, bias, freq, psi, mask, *, c_t, c_o, scale, BT, cu_seqlens=None):
-    """Hedgehog's per-key log-sum-exp ``[token batch x Hk, T]`` as the forward's stabiliser pass computes it
-    (for the backward kernels, which subtract it as the forward kernels did)."""
-    varlen = None if cu_seqlens is None else VarlenTables(cu_seqlens, BT)
-    psi = None if psi is None else psi.float().contiguous()
-    bias, freq = bias.float().contiguous(), freq.float().contiguous()
-    stats = stabilisers(q, k, W, bias, freq, psi, mask, None, kind=NORM_HYP, c_t=c_t, c_o=c_o, scale=scale,
-                        causal=True, BT=BT, varlen=varlen)  # fmt: skip
-    return stats[3][0]
-
-
-def _varlen_kstab(kmax, m0, varlen: VarlenTables, *, causal: bool):
-    """(kstab, m) of packed sequences from the chunk maxima kmax ``[1, Hk, slots]``: see ``stabilisers``."""
-    Hk, N = kmax.shape[1], varlen.num_seqs
-    dev = kmax.device
-    if causal:
-        kstab = torch.zeros(1, Hk, varlen.chunk_capacity, dtype=torch.float32, device=dev)
-    else:
-        kstab = torch.empty(N, Hk, 1, dtype=torch.float32, device=dev)
-    m_final = torch.empty(N, Hk, dtype=torch.float32, device=dev)
-    _rf_varlen_stab_kernel[(N * Hk,)](
-        kmax=kmax,
-        m0=m0,
-        chunk_off=varlen.chunk_off,
-        kstab=kstab,
-        m_fin=m_final,
-        HK=Hk,
-        NCS=kmax.shape[-1],
-        NCAP=varlen.chunk_capacity,
-        CAUSAL=bool(causal),
-        num_warps=1,
-    )
-    return kstab, m_final
+def _states_before(k, v, W, bias, freq, psi, mask, kstab, S0, z0, m0, *, kind, c_t, c_o, scale, BT, cps,
+                   varlen: VarlenTables | None = None, lse=None):  # fmt: skip
+    """The chunk mode's state before every range ``[B, Hk, NR, F, Dv]``, ``[B, Hk, NR, F]`` (relative to
+    kstab at its first chunk) and the final state (relative to the last kstab): each range's own key state
+    (``_rf_fwd_kernel`` PHASE 1 with RANGES, all ranges in parallel), then the pass over the ranges
+    (``triton_scan``). bias, freq, psi, S0, z0, m0: fp32 contiguous or None. Packed sequences (``varlen``,
+    B = 1): the range slots ``[1, Hk, NRS, ...]`` and the final state per sequence."""
+    B, T, Hk, D = k.shape
+    Dv = v.shape[-1]
+    M = W.shape[1]
+    F = feature_width(kind, M)
+    NC = triton.cdiv(T, BT)
+    NR = triton.cdiv(NC, cps) if varlen is None else varlen.num_range_slots
+    BM = max(16, min(MAX_BM, triton.next_power_of_2(M), freq_tile(max(16, triton.next_power_of_2(D)))))
+    BV = max(16, min(64, triton.next_power_of_2(Dv)))
+    L = torch.empty(B, Hk, NR, F, Dv, dtype=torch.float32, device=k.device)
+    Lz = torch.empty(B, Hk, NR, F, dtype=torch.float32, device=k.device)
+    args = _fwd_args(None, k, v, W, bias, freq, psi, mask, lse, kstab, varlen, kind=kind, c_t=c_t, c_o=c_o,
+                     scale=scale, BT=BT, BM=BM, ranges=True)  # fmt: skip
+    _rf_fwd_kernel[(B * Hk, triton.cdiv(M, BM), triton.cdiv(Dv, BV) * NR)](
+        **args, S0=None, z0=None, m0=None, qmax=None, o=None, den=None, S=L, z=Lz, s_on=0, s_dn=0, s_sp=0, s_zp=0,
+        H=Hk, G=1, CPS=cps, PHASE=1, STORE_STATE=True, SPLIT=False, BV=BV, num_warps=4, num_stages=1,
+    )  # fmt: skip
+    init = init_z = None
+    if S0 is not None:
+        # the initial state is relative to exp(m0); move it to the first stabiliser (0 when m0 = -inf)
+        alpha = torch.exp(m0 - _first_stabiliser(kstab, varlen))
+        init, init_z = (S0 * alpha[..., None, None]).contiguous(), (z0 * alpha[..., None]).contiguous()
+    return _scan(L, Lz, kstab, init, init_z, NC, cps, reverse=False, varlen=varlen)
 
 
 def rf_fwd(
@@ -760,6 +439,8 @@ def rf_fwd(
     output_final_state: bool,
     chunk_size: int | None = None,
     cu_seqlens=None,
+    ranges: bool = False,
+    cps: int | None = None,
 ):
     """Fused forward. q ``[B, T, H, D]`` (fp16/bf16/fp32, any strides), k ``[B, T, Hk, D]``, v
     ``[B, T, Hk, Dv]`` (Hk divides H: query head h reads key/value head h // (H / Hk)); per key/value
@@ -776,9 +457,15 @@ def rf_fwd(
     state have batch N (one row per sequence); kstab is ``[1, Hk, Ttot // chunk + N]`` (causal, see
     ``stabilisers``) or ``[N, Hk, 1]``. One launch per kernel for all sequences, each program walking the
     chunks of its own sequence.
+
+    ``ranges`` (causal only): the chunk mode (``triton_chunk``): ranges of ``cps`` chunks (default
+    ``triton_scan.range_chunks``) run in parallel from the states before them (``_states_before``); packed
+    sequences get ranges of their own (range slots: no range straddles two sequences).
     """
     B, T, H, D = q.shape
     Hk = k.shape[2]
+    if H % Hk:
+        raise ValueError(f"the query heads ({H}) must be a multiple of the key/value heads ({Hk})")
     G = H // Hk
     Dv = v.shape[-1]
     M = W.shape[1]
@@ -787,40 +474,22 @@ def rf_fwd(
     if BT < 16 or BT & (BT - 1):
         raise ValueError(f"chunk_size must be a power of two >= 16, got {BT}")
     NC = triton.cdiv(T, BT)
-    BD = max(16, triton.next_power_of_2(D))
     BM = max(16, min(MAX_BM, triton.next_power_of_2(M)))
-    NMT = triton.cdiv(M, BM)
+    NMT, NV = triton.cdiv(M, BM), triton.cdiv(Dv, max(16, min(64, triton.next_power_of_2(Dv))))
     dev = q.device
-    prec = dot_precision(q.dtype, v.dtype)
-    varlen = None if cu_seqlens is None else VarlenTables(cu_seqlens, BT)
+    varlen = None
+    if cu_seqlens is not None and ranges:
+        varlen, cps = _varlen_ranges(cu_seqlens, BT, cps, (cu_seqlens.shape[0] - 1) * H * NMT * NV, dev)
+    elif cu_seqlens is not None:
+        varlen = VarlenTables(cu_seqlens, BT)
     NS = B if varlen is None else varlen.num_seqs  # batch rows of the parameters and the states
     NCmax = NC if varlen is None else max(1, varlen.max_chunks)
-
-    bias, freq = _f32(bias), _f32(freq)
-    psi = None if psi is None else _f32(psi)
-    has_init = S0 is not None
-    if has_init:
-        S0, z0, m0 = _f32(S0), _f32(z0), _f32(m0)
-    mask_u8 = None if mask is None else mask.view(torch.uint8)
-
+    bias, freq, psi, S0, z0, m0 = (_f32(t) for t in (bias, freq, psi, S0, z0, m0))
     qmax, kstab, m_final, lse = stabilisers(
-        q,
-        k,
-        W,
-        bias,
-        freq,
-        psi,
-        mask,
-        m0 if has_init else None,
-        kind=kind,
-        c_t=c_t,
-        c_o=c_o,
-        scale=scale,
-        causal=causal,
-        BT=BT,
+        q, k, W, bias, freq, psi, mask, m0, kind=kind, c_t=c_t, c_o=c_o, scale=scale, causal=causal, BT=BT,
         varlen=varlen,
-    )
-    s_mb, s_mt = (0, 0) if mask is None else mask.stride()
+    )  # fmt: skip
+    lse = None if lse is None else lse[0]
 
     split = NMT > 1
     o = torch.empty(B, T, H, Dv, dtype=v.dtype, device=dev)
@@ -830,73 +499,65 @@ def rf_fwd(
     else:
         o_buf = o
         den_buf = torch.empty(B, H, T, dtype=torch.float32, device=dev)
-    s_on, s_dn = (B * T * H * Dv, B * H * T) if split else (0, 0)
     common = dict(
-        q=q,
-        k=k,
-        v=v,
-        W=W,
-        bias=bias,
-        freq=freq,
-        psi=psi,
-        mask=mask_u8,
-        lse=None if lse is None else lse[0],
-        S0=S0,
-        z0=z0,
-        m0=m0,
+        _fwd_args(
+            q,
+            k,
+            v,
+            W,
+            bias,
+            freq,
+            psi,
+            mask,
+            lse,
+            kstab,
+            varlen,
+            kind=kind,
+            c_t=c_t,
+            c_o=c_o,
+            scale=scale,
+            BT=BT,
+            BM=BM,
+            ranges=ranges,
+        ),  # fmt: skip
+        **(dict.fromkeys(("S0", "z0", "m0")) if ranges else dict(S0=S0, z0=z0, m0=m0)),  # chunk mode: in Sb, zb
         qmax=qmax,
-        kstab=kstab,
         o=o_buf,
         den=den_buf,
-        **_strides(q=q, k=k, v=v, w=W),
-        s_mb=s_mb,
-        s_mt=s_mt,
-        s_on=s_on,
-        s_dn=s_dn,
-        T=T,
-        HK=Hk,
-        M=M,
-        D=D,
-        DV=Dv,
-        **varlen_args(varlen, "cu", "chunk_off", "NCS"),
-        root=math.sqrt(scale),
-        c_t=c_t,
-        c_o=c_o,
-        KIND=kernel_kind(kind),
-        HAS_CO=c_o != 0.0,
+        s_on=B * T * H * Dv if split else 0,
+        s_dn=B * H * T if split else 0,
         SPLIT=split,
-        PREC=prec,
-        BT=BT,
-        BD=BD,
-        BM=BM,
     )
 
     def launch(S_ptr, z_ptr, s_sp, s_zp, nsplit, cps, phase, store_state):
         # PHASE 1 reads keys and values only: one program per (batch, key/value head)
         heads, group = (Hk, 1) if phase == 1 else (H, G)
-        kw = dict(
-            common,
-            S=S_ptr,
-            z=z_ptr,
-            s_sp=s_sp,
-            s_zp=s_zp,
-            H=heads,
-            G=group,
-            CPS=cps,
-            PHASE=phase,
-            STORE_STATE=store_state,
-        )
-        if _rf_fwd_kernel_tuned is None:
+        kw = dict(common, S=S_ptr, z=z_ptr, s_sp=s_sp, s_zp=s_zp, H=heads, G=group, CPS=cps, PHASE=phase,
+                  STORE_STATE=store_state)  # fmt: skip
+        rows = (B if ranges else NS) * heads  # chunk mode: packed sequences' ranges are global range slots
+        if ranges or _rf_fwd_kernel_tuned is None:
             BV = max(16, min(64, triton.next_power_of_2(Dv)))
-            _rf_fwd_kernel[(NS * heads, NMT, triton.cdiv(Dv, BV) * nsplit)](**kw, BV=BV, num_warps=4, num_stages=1)
+            launch_cfg = dict(num_warps=RANGE_WARPS if ranges else 4, num_stages=1)
+            _rf_fwd_kernel[(rows, NMT, triton.cdiv(Dv, BV) * nsplit)](**kw, BV=BV, **launch_cfg)
         else:
 
             def grid(meta):
-                return (NS * heads, NMT, triton.cdiv(Dv, meta["BV"]) * nsplit)
+                return (rows, NMT, triton.cdiv(Dv, meta["BV"]) * nsplit)
 
             _rf_fwd_kernel_tuned[grid](**kw)
 
-    if causal:
+    if ranges:
+        # The chunk mode: the state before every range (recomputed from each range's keys), then every
+        # range's outputs in parallel; the final state comes out of the pass over the ranges.
+        if cps is None:
+            cps = range_chunks(NC, BT, B * H * NMT * NV, dev)
+        NR = triton.cdiv(NC, cps) if varlen is None else varlen.num_range_slots
+        Sb, zb, S, z = _states_before(
+            k, v, W, bias, freq, psi, mask, kstab, S0, z0, m0, kind=kind, c_t=c_t, c_o=c_o, scale=scale, BT=BT,
+            cps=cps, varlen=varlen, lse=lse,
+        )  # fmt: skip
+        launch(Sb, zb, 0, 0, NR, cps, 0, False)
+    elif causal:
         # One walk over the chunks per (batch-head, frequency tile, Dv tile): the state is sequential.
         if output_final_state:
             S = torch.empty(NS, Hk, F, Dv, dtype=torch.float32, device=dev)

@@ -1,18 +1,17 @@
-"""The per-chunk steps of the Triton kernels, written once for both causal modes.
+"""The tile-level steps of the Triton kernels (``triton_fwd``, ``triton_bwd``, ``triton_scan``).
 
-The walk (``triton_fwd`` / ``triton_bwd``: one ordered pass over every chunk per program) and the chunk
-mode (``triton_chunk``: ranges of chunks in parallel, states passed between ranges) run the same body on
-each chunk of BT tokens; they differ only in where a walk starts, where it stops and which state it
-starts from. The body lives here, as ``@triton.jit`` helpers both modes call (Triton inlines them: the
-compiled code is the one each kernel had with its own copy):
+The walk and the chunk mode run the same kernels: a walk is one range of chunks that starts from the
+initial state, the chunk mode (RANGES) runs ranges of chunks in parallel from the states before them.
+What the kernels share lives here, as ``@triton.jit`` helpers (Triton inlines them):
 
-* the parameter prologue of a frequency tile (``_tile_params``, ``_w_tile``) and the state tiles'
-  loads, stores and rescaling (``_load_state``, ``_store_state``, ``_rescale``);
+* where a program works (``_program_rows``: batch, heads, token rows, kstab row, range row;
+  ``_kstab_row``, ``_last_chunk``), the parameter prologue of a frequency tile (``_tile_params``,
+  ``_w_tile``) and the state tiles' loads, stores and rescaling (``_load_state``, ``_store_state``,
+  ``_rescale``);
 * the features of a chunk's keys and queries (``_key_features``, ``_query_features``; hedgehog's per-key
-  log-sum-exp enters through ``_key_shift``);
-* the forward step (``_fwd_chunk``: intra-chunk product, state term, output, state update), the key
-  state sum (``_key_state_chunk``), and the backward steps (``_dq_chunk``, ``_dkv_chunk``,
-  ``_dstate_chunk``).
+  log-sum-exp enters through ``_key_shift``; the backward's contiguous tiles: ``_key_phi``,
+  ``_query_phi``), the state sums (``_accumulate_state``, ``_accumulate_dstate``) and the feature and
+  input gradients (``_phi_grad``, ``_input_grad``).
 
 A state is four tiles: S ``[BM, BV]`` and z ``[BM]`` of feature block a, and of block b (HYP/TRIG; zero
 and unused for EXP), all fp32, relative to the current key stabiliser.
@@ -30,8 +29,7 @@ from .triton_common import (
     _dot,
     _features,
     _keep_rows,
-    _load_rows,
-    _store_out,
+    _seq_span,
     _transform,
 )
 
@@ -47,6 +45,81 @@ def _tile_params(psi, freq, bias, i_bk, o_m, m_m, o_d, m_d, M, D, HAS_PSI: tl.co
     else:
         b_psi = tl.full([BD], 1.0, tl.float32)
     return b_bias, b_freq, b_psi
+
+
+@triton.jit
+def _program_rows(
+    cu,
+    chunk_off,
+    range_off,
+    range_seq,
+    kstab,
+    i_bh,
+    i_r,
+    T,
+    H,
+    HK,
+    G,
+    CPS,
+    NCS,
+    NRS,
+    BT: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    RANGES: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
+):
+    """Where the program of (program-id row i_bh, range i_r) works.
+
+    i_bh = batch (or sequence) x H + head, except for packed sequences in chunk mode (RANGES and
+    IS_VARLEN): i_bh is then the head and i_r a global range slot, whose sequence (range_seq) is the batch
+    index i_b of the parameters and states; packed rows are [cu[i_b], cu[i_b + 1]) of the batch-1 token
+    tensors. A walk (not RANGES) is range 0 of length NC. Returns (i_b, i_h, i_hk, i_bhk, i_rl: the range
+    within its sequence, bos, eos, i_bt, i_bht (see ``_seq_span``), NC: the sequence's chunks, p_ks: its
+    kstab row (CAUSAL: one per chunk slot; otherwise the one stabiliser), i_row: RANGES, the range's row
+    of the per-range state buffers [B, HK, NR, ...] or, packed, [1, HK, NRS, ...]; otherwise i_bhk)."""
+    if IS_VARLEN and RANGES:
+        i_b = tl.load(range_seq + i_r).to(tl.int64)
+        i_h = i_bh
+        i_rl = i_r - tl.load(range_off + i_b)
+    else:
+        i_b = i_bh // H
+        i_h = i_bh % H
+        i_rl = i_r
+    i_hk = i_h // G  # grouped-query attention: the key/value head of query head i_h
+    i_bhk = i_b * HK + i_hk  # the parameters, kstab and the states are per key/value head
+    bos, eos, i_bt, i_bht = _seq_span(cu, i_b, i_bh, i_h, H, T, IS_VARLEN)
+    NC = tl.cdiv(eos - bos, BT)
+    p_ks = _kstab_row(kstab, chunk_off, i_b, i_hk, i_bhk, NC, NCS, CAUSAL, IS_VARLEN)
+    i_row = i_bhk
+    if RANGES and IS_VARLEN:
+        i_row = i_hk * NRS + i_r
+    elif RANGES:
+        i_row = i_bhk * tl.cdiv(NC, CPS) + i_r
+    return i_b, i_h, i_hk, i_bhk, i_rl, bos, eos, i_bt, i_bht, NC, p_ks, i_row
+
+
+@triton.jit
+def _kstab_row(kstab, chunk_off, i_b, i_hk, i_bk, NC, NCS, CAUSAL: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Pointer to the key stabilisers of (batch or sequence i_b, key/value head i_hk): the causal kstab
+    ``[B, HK, NC]``, or of packed sequences ``[1, HK, NCS]`` with sequence i_b's chunks from slot
+    chunk_off[i_b]; the non-causal ``[B, HK, 1]`` (one per sequence)."""
+    if CAUSAL and IS_VARLEN:
+        p = kstab + i_hk * NCS + tl.load(chunk_off + i_b)
+    elif CAUSAL:
+        p = kstab + i_bk * NC
+    else:
+        p = kstab + i_bk
+    return p
+
+
+@triton.jit
+def _last_chunk(c_lo, c_hi, IS_VARLEN: tl.constexpr):
+    """The last chunk of a range [c_lo, c_hi); the empty range of an empty packed sequence: its one slot."""
+    if IS_VARLEN:
+        c = tl.maximum(c_hi, c_lo + 1) - 1
+    else:
+        c = c_hi - 1
+    return c
 
 
 @triton.jit
@@ -226,171 +299,6 @@ def _input_grad(
 
 
 @triton.jit
-def _fwd_chunk(
-    q,
-    k,
-    v,
-    mask,
-    qmax,
-    lse,
-    o,
-    den,
-    p_w,
-    m_w,
-    b_sa,
-    b_sb,
-    b_za,
-    b_zb,
-    b_kprev,
-    b_kst,
-    b_bias,
-    b_freq,
-    b_psi,
-    i_bt,
-    i_h,
-    i_hk,
-    i_bht,
-    i_bkt,
-    i_m,
-    i_v,
-    o_t,
-    m_t,
-    o_i,
-    o_m,
-    m_m,
-    o_d,
-    m_d,
-    o_v,
-    m_v,
-    s_qb,
-    s_qt,
-    s_qh,
-    s_qd,
-    s_kb,
-    s_kt,
-    s_kh,
-    s_kd,
-    s_vb,
-    s_vt,
-    s_vh,
-    s_vd,
-    s_mb,
-    s_mt,
-    s_on,
-    s_dn,
-    T,
-    H,
-    DV,
-    root,
-    c_t,
-    c_o,
-    KIND: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    HAS_PSI: tl.constexpr,
-    HAS_CO: tl.constexpr,
-    HAS_LSE: tl.constexpr,
-    SPLIT: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    """One causal chunk of the forward (both modes): the state moves from the previous chunk's key
-    stabiliser b_kprev to this one's b_kst, then ``num = tril(phi_q phi_k^T) v + phi_q S``,
-    ``den = rowsum(tril(phi_q phi_k^T)) + phi_q z`` are written (``_store_out``) and the chunk's keys
-    join the state, which is returned."""
-    # The stabiliser never decreases while the state is non-empty; min() keeps the factor
-    # finite (the state is zero) when the previous chunks had no key.
-    b_sa, b_sb, b_za, b_zb = _rescale(b_sa, b_sb, b_za, b_zb, tl.exp(tl.minimum(b_kprev - b_kst, 0.0)), KIND)
-    b_w = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
-    keep = _keep_rows(mask, i_bt, o_t, m_t, s_mb, s_mt, HAS_MASK)
-    b_k = _load_rows(k, i_bt, i_hk, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
-    shift = _key_shift(b_kst, lse, i_bkt, T, o_t, m_t, HAS_LSE)
-    _, b_pka, b_pkb = _key_features(
-        b_k, keep, b_w, b_bias, b_freq, b_psi, shift, root, c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC
-    )
-    b_q = _load_rows(q, i_bt, i_h, o_t, m_t, o_d, m_d, s_qb, s_qt, s_qh, s_qd)
-    b_qmax = tl.load(qmax + i_bht * T + o_t, mask=m_t, other=0.0)
-    _, b_pqa, b_pqb = _query_features(
-        b_q, b_qmax, m_t, b_w, b_bias, b_freq, b_psi, root, c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC
-    )
-    b_v = _load_rows(v, i_bt, i_hk, o_t, m_t, o_v, m_v, s_vb, s_vt, s_vh, s_vd).to(tl.float32)
-    # [BT, BM] @ [BM, BT] -> [BT, BT]: query t, key j of this chunk
-    b_s = _dot(b_pqa, tl.trans(b_pka), PREC)
-    # [BT, BM] @ [BM, BV] -> [BT, BV]: earlier chunks
-    b_num = _dot(b_pqa, b_sa, PREC)
-    b_den = tl.sum(b_pqa * b_za[None, :], axis=1)
-    if KIND != KIND_EXP:
-        b_s += _dot(b_pqb, tl.trans(b_pkb), PREC)
-        b_num += _dot(b_pqb, b_sb, PREC)
-        b_den += tl.sum(b_pqb * b_zb[None, :], axis=1)
-    b_s = tl.where(o_i[:, None] >= o_i[None, :], b_s, 0.0)
-    # [BT, BT] @ [BT, BV] -> [BT, BV]
-    b_num += _dot(b_s, b_v, PREC)
-    b_den += tl.sum(b_s, axis=1)
-    _store_out(o, den, b_num, b_den, i_bht, i_bt, i_h, i_m, i_v, o_t, m_t, o_v, m_v, T, H, DV, s_on, s_dn, SPLIT)
-    return _accumulate_state(b_sa, b_sb, b_za, b_zb, b_pka, b_pkb, b_v, KIND, PREC)
-
-
-@triton.jit
-def _key_state_chunk(
-    k,
-    v,
-    mask,
-    lse,
-    p_w,
-    m_w,
-    b_sa,
-    b_sb,
-    b_za,
-    b_zb,
-    b_kst,
-    b_bias,
-    b_freq,
-    b_psi,
-    i_bt,
-    i_hk,
-    i_bkt,
-    o_t,
-    m_t,
-    o_m,
-    m_m,
-    o_d,
-    m_d,
-    o_v,
-    m_v,
-    s_kb,
-    s_kt,
-    s_kh,
-    s_kd,
-    s_vb,
-    s_vt,
-    s_vh,
-    s_vd,
-    s_mb,
-    s_mt,
-    T,
-    root,
-    c_t,
-    c_o,
-    KIND: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    HAS_PSI: tl.constexpr,
-    HAS_CO: tl.constexpr,
-    HAS_LSE: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    """A chunk's keys added to a state (features relative to b_kst): the non-causal forward's partial
-    states and the chunk mode's range states."""
-    b_w = tl.load(p_w, mask=m_w, other=0.0).to(tl.float32)
-    keep = _keep_rows(mask, i_bt, o_t, m_t, s_mb, s_mt, HAS_MASK)
-    b_k = _load_rows(k, i_bt, i_hk, o_t, m_t, o_d, m_d, s_kb, s_kt, s_kh, s_kd)
-    shift = _key_shift(b_kst, lse, i_bkt, T, o_t, m_t, HAS_LSE)
-    _, b_pka, b_pkb = _key_features(
-        b_k, keep, b_w, b_bias, b_freq, b_psi, shift, root, c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC
-    )
-    b_v = _load_rows(v, i_bt, i_hk, o_t, m_t, o_v, m_v, s_vb, s_vt, s_vh, s_vd).to(tl.float32)
-    return _accumulate_state(b_sa, b_sb, b_za, b_zb, b_pka, b_pkb, b_v, KIND, PREC)
-
-
-@triton.jit
 def _key_phi(
     k,
     mask,
@@ -454,350 +362,3 @@ def _query_phi(
     b_qm = tl.load(qmax + i_bht * T + o_t, mask=m_t, other=0.0)
     qt, qa, qb = _query_features(b_q, b_qm, m_t, w, bias, freq, psi, root, c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC)
     return b_q, qt, qa, qb
-
-
-@triton.jit
-def _dq_chunk(
-    q,
-    k,
-    v,
-    mask,
-    qmax,
-    lse,
-    da,
-    dbeta,
-    dq,
-    b_w,
-    b_bias,
-    b_freq,
-    b_psi,
-    b_sa,
-    b_sb,
-    b_za,
-    b_zb,
-    b_kprev,
-    b_ks,
-    b_dw,
-    b_db,
-    i_bt,
-    i_h,
-    i_hk,
-    i_bht,
-    part,
-    o_t,
-    m_t,
-    o_d,
-    m_d,
-    o_v,
-    m_v,
-    T,
-    H,
-    HK,
-    D,
-    DV,
-    root,
-    c_t,
-    c_o,
-    KIND: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_PSI: tl.constexpr,
-    HAS_CO: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    HAS_LSE: tl.constexpr,
-    PREC: tl.constexpr,
-    BT: tl.constexpr,
-    BM: tl.constexpr,
-):
-    """One chunk of the query gradient (both modes): dphiq_t = S_t a_t + z_t beta_t with, CAUSAL, the
-    state rescaled from b_kprev to this chunk's b_ks and the chunk's own keys j <= t (the state after them
-    is returned); otherwise the given state (every key) as it is. Writes this tile's dq partial (``part``)
-    and returns the state and the dW, dbias accumulators."""
-    p_tq = ((i_bt * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]  # q, dq (and partials)
-    m_tq = m_t[:, None] & m_d[None, :]
-    p_ta = ((i_bt * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]  # a
-    m_tv = m_t[:, None] & m_v[None, :]
-    b_a = tl.load(da + p_ta, mask=m_tv, other=0.0)  # [BT, BV]
-    b_beta = tl.load(dbeta + i_bht * T + o_t, mask=m_t, other=0.0)  # [BT]
-    if CAUSAL:
-        p_tk = ((i_bt * T + o_t[:, None]) * HK + i_hk) * D + o_d[None, :]  # k
-        p_tv = ((i_bt * T + o_t[:, None]) * HK + i_hk) * DV + o_v[None, :]  # v
-        # as in the forward: min() keeps the factor finite after chunks with no key (state zero)
-        b_sa, b_sb, b_za, b_zb = _rescale(b_sa, b_sb, b_za, b_zb, tl.exp(tl.minimum(b_kprev - b_ks, 0.0)), KIND)
-        b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-        _, _, ka, kb = _key_phi(
-            k,
-            mask,
-            lse,
-            p_tk,
-            m_tq,
-            i_bt,
-            i_bt * HK + i_hk,
-            T,
-            o_t,
-            m_t,
-            b_w,
-            b_bias,
-            b_freq,
-            b_psi,
-            b_ks,
-            root,
-            c_t,
-            c_o,
-            KIND,
-            HAS_PSI,
-            HAS_CO,
-            HAS_MASK,
-            HAS_LSE,
-            PREC,
-        )
-        # P[t, j] = a_t . v_j + beta_t for keys j <= t of this chunk
-        b_p = _dot(b_a, tl.trans(b_v), PREC) + b_beta[:, None]  # [BT, BV] @ [BV, BT]
-        b_p = tl.where(o_t[:, None] >= o_t[None, :], b_p, 0.0)
-        dqa = _dot(b_p, ka, PREC)  # [BT, BT] @ [BT, BM]
-        dqb = dqa
-        if KIND != KIND_EXP:
-            dqb = _dot(b_p, kb, PREC)
-    else:
-        dqa = tl.zeros([BT, BM], dtype=tl.float32)
-        dqb = tl.zeros([BT, BM], dtype=tl.float32)
-    dqa += _dot(b_a, tl.trans(b_sa), PREC) + b_beta[:, None] * b_za[None, :]
-    if KIND != KIND_EXP:
-        dqb += _dot(b_a, tl.trans(b_sb), PREC) + b_beta[:, None] * b_zb[None, :]
-    else:
-        dqb = dqa
-    b_q, qt, qa, qb = _query_phi(
-        q, qmax, p_tq, m_tq, i_bht, T, o_t, m_t, b_w, b_bias, b_freq, b_psi, root, c_t, c_o, KIND, HAS_PSI, HAS_CO, PREC
-    )
-    de, du = _phi_grad(dqa, dqb, qa, qb, KIND)
-    b_db += tl.sum(de, axis=0)
-    b_dw += _dot(tl.trans(du), qt, PREC) * b_freq  # [BM, BT] @ [BT, BD]
-    b_dq = _input_grad(de, du, qt, b_q, b_w, b_psi, b_freq, root, c_t, c_o, True, HAS_PSI, HAS_CO, PREC)
-    tl.store(dq + part * D + p_tq, b_dq, mask=m_tq)
-    if CAUSAL:
-        b_sa, b_sb, b_za, b_zb = _accumulate_state(b_sa, b_sb, b_za, b_zb, ka, kb, b_v, KIND, PREC)
-    return b_sa, b_sb, b_za, b_zb, b_dw, b_db
-
-
-@triton.jit
-def _dkv_chunk(
-    q,
-    k,
-    v,
-    mask,
-    qmax,
-    lse,
-    da,
-    dbeta,
-    dk,
-    dv,
-    dlse,
-    b_w,
-    b_bias,
-    b_freq,
-    b_psi,
-    b_dsa,
-    b_dsb,
-    b_dza,
-    b_dzb,
-    b_knext,
-    b_ks,
-    b_dw,
-    b_db,
-    i_bt,
-    i_h,
-    i_hk,
-    i_bht,
-    part,
-    o_t,
-    m_t,
-    o_d,
-    m_d,
-    o_v,
-    m_v,
-    T,
-    H,
-    HK,
-    D,
-    DV,
-    root,
-    c_t,
-    c_o,
-    KIND: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_PSI: tl.constexpr,
-    HAS_CO: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    HAS_LSE: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    """One chunk of the key and value gradients (both modes), walking backward: dphik_j = dS v_j + dz,
-    dv_j = dS^T phik_j with the carried dS, dz of later queries (CAUSAL: rescaled from the next chunk's
-    stabiliser b_knext to b_ks, plus this chunk's queries t >= j, after which they are returned;
-    otherwise every query's, as given). Writes this tile's dk, dv partials (``part``) and, hedgehog
-    (HAS_LSE), the tile's part of dL/dlse_j = -sum_f dphik_jf phik_jf to dlse; returns the carried dS,
-    dz and the dW, dbias accumulators."""
-    p_tq = ((i_bt * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]  # q, dk partials
-    m_tq = m_t[:, None] & m_d[None, :]
-    p_ta = ((i_bt * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :]  # a, dv partials
-    m_tv = m_t[:, None] & m_v[None, :]
-    p_tk = ((i_bt * T + o_t[:, None]) * HK + i_hk) * D + o_d[None, :]  # k
-    p_tv = ((i_bt * T + o_t[:, None]) * HK + i_hk) * DV + o_v[None, :]  # v
-    if CAUSAL:
-        # the derivative of the forward's exp(min(kstab_c - kstab_{c+1}, 0)): finite after empty chunks
-        b_dsa, b_dsb, b_dza, b_dzb = _rescale(b_dsa, b_dsb, b_dza, b_dzb, tl.exp(tl.minimum(b_ks - b_knext, 0.0)), KIND)
-    b_v = tl.load(v + p_tv, mask=m_tv, other=0.0).to(tl.float32)
-    b_k, kt, ka, kb = _key_phi(
-        k,
-        mask,
-        lse,
-        p_tk,
-        m_tq,
-        i_bt,
-        i_bt * HK + i_hk,
-        T,
-        o_t,
-        m_t,
-        b_w,
-        b_bias,
-        b_freq,
-        b_psi,
-        b_ks,
-        root,
-        c_t,
-        c_o,
-        KIND,
-        HAS_PSI,
-        HAS_CO,
-        HAS_MASK,
-        HAS_LSE,
-        PREC,
-    )
-    if CAUSAL:
-        b_a = tl.load(da + p_ta, mask=m_tv, other=0.0)
-        b_beta = tl.load(dbeta + i_bht * T + o_t, mask=m_t, other=0.0)
-        _, _, qa, qb = _query_phi(
-            q,
-            qmax,
-            p_tq,
-            m_tq,
-            i_bht,
-            T,
-            o_t,
-            m_t,
-            b_w,
-            b_bias,
-            b_freq,
-            b_psi,
-            root,
-            c_t,
-            c_o,
-            KIND,
-            HAS_PSI,
-            HAS_CO,
-            PREC,
-        )
-        causal = o_t[:, None] <= o_t[None, :]  # key j (row) <= query t
-        # P^T[j, t] = a_t . v_j + beta_t; A^T[j, t] = phik_j . phiq_t
-        b_pt = tl.where(causal, _dot(b_v, tl.trans(b_a), PREC) + b_beta[None, :], 0.0)  # [BT, BV] @ [BV, BT]
-        # carried part: dphik_j = dS v_j + dz, dv_j = dS^T phik_j; then this chunk's queries
-        dka = _dot(b_v, tl.trans(b_dsa), PREC) + b_dza[None, :] + _dot(b_pt, qa, PREC)
-        b_dv = _dot(ka, b_dsa, PREC)  # [BT, BM] @ [BM, BV]
-        b_at = _dot(ka, tl.trans(qa), PREC)  # [BT, BM] @ [BM, BT]
-        if KIND != KIND_EXP:
-            dkb = _dot(b_v, tl.trans(b_dsb), PREC) + b_dzb[None, :] + _dot(b_pt, qb, PREC)
-            b_dv += _dot(kb, b_dsb, PREC)
-            b_at += _dot(kb, tl.trans(qb), PREC)
-        else:
-            dkb = dka
-        b_at = tl.where(causal, b_at, 0.0)
-        b_dv += _dot(b_at, b_a, PREC)  # [BT, BT] @ [BT, BV]
-    else:
-        # every query's dS, dz: dphik_j = dS v_j + dz, dv_j = dS^T phik_j
-        dka = _dot(b_v, tl.trans(b_dsa), PREC) + b_dza[None, :]  # [BT, BV] @ [BV, BM]
-        b_dv = _dot(ka, b_dsa, PREC)  # [BT, BM] @ [BM, BV]
-        if KIND != KIND_EXP:
-            dkb = _dot(b_v, tl.trans(b_dsb), PREC) + b_dzb[None, :]
-            b_dv += _dot(kb, b_dsb, PREC)
-        else:
-            dkb = dka
-    tl.store(dv + part * DV + p_ta, b_dv, mask=m_tv)
-    de, du = _phi_grad(dka, dkb, ka, kb, KIND)
-    if HAS_LSE:  # phi = exp(e - lse - kstab): dL/dlse = -sum_f dphi_f phi_f = -rowsum(de)
-        tl.store(dlse + part + i_bht * T + o_t, -tl.sum(de, axis=1), mask=m_t)
-    b_db += tl.sum(de, axis=0)
-    b_dw += _dot(tl.trans(du), kt, PREC) * b_freq  # [BM, BT] @ [BT, BD]
-    b_dk = _input_grad(de, du, kt, b_k, b_w, b_psi, b_freq, root, c_t, c_o, False, HAS_PSI, HAS_CO, PREC)
-    tl.store(dk + part * D + p_tq, b_dk, mask=m_tq)
-    if CAUSAL:
-        b_dsa, b_dsb, b_dza, b_dzb = _accumulate_dstate(b_dsa, b_dsb, b_dza, b_dzb, qa, qb, b_a, b_beta, KIND, PREC)
-    return b_dsa, b_dsb, b_dza, b_dzb, b_dw, b_db
-
-
-@triton.jit
-def _dstate_chunk(
-    q,
-    qmax,
-    da,
-    dbeta,
-    b_w,
-    b_bias,
-    b_freq,
-    b_psi,
-    b_dsa,
-    b_dsb,
-    b_dza,
-    b_dzb,
-    b_f,
-    i_bt,
-    i_h,
-    i_bht,
-    o_t,
-    m_t,
-    o_d,
-    m_d,
-    o_v,
-    m_v,
-    T,
-    H,
-    D,
-    DV,
-    root,
-    c_t,
-    c_o,
-    KIND: tl.constexpr,
-    HAS_PSI: tl.constexpr,
-    HAS_CO: tl.constexpr,
-    PREC: tl.constexpr,
-):
-    """A chunk's queries added to a query-side dS = sum_t phiq_t a_t^T, dz = sum_t phiq_t beta_t, each
-    query weighted by b_f (the chunk mode's factor to its range's first stabiliser; 1 otherwise)."""
-    p_tq = ((i_bt * T + o_t[:, None]) * H + i_h) * D + o_d[None, :]
-    b_a = (
-        tl.load(
-            da + ((i_bt * T + o_t[:, None]) * H + i_h) * DV + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0
-        )
-        * b_f
-    )
-    b_beta = tl.load(dbeta + i_bht * T + o_t, mask=m_t, other=0.0) * b_f
-    _, _, qa, qb = _query_phi(
-        q,
-        qmax,
-        p_tq,
-        m_t[:, None] & m_d[None, :],
-        i_bht,
-        T,
-        o_t,
-        m_t,
-        b_w,
-        b_bias,
-        b_freq,
-        b_psi,
-        root,
-        c_t,
-        c_o,
-        KIND,
-        HAS_PSI,
-        HAS_CO,
-        PREC,
-    )
-    return _accumulate_dstate(b_dsa, b_dsb, b_dza, b_dzb, qa, qb, b_a, b_beta, KIND, PREC)
