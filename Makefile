@@ -47,7 +47,7 @@ bench: venv build-ext
 
 # Every Triton kernel compiled for sm_90 (no GPU needed): registers, spills, shared memory per kernel.
 compile-check: venv
-	$(PY) -m bench.compile_check --cases full --check
+	$(PY) -m bench.perf.compile_check --cases full --check
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

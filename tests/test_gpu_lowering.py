@@ -3,7 +3,7 @@
 The interpreter runs the kernels' Python semantics only: a construct the GPU compiler rejects (a dot shape
 too small for the tensor cores, a dtype it cannot convert, a constexpr it cannot fold) or a tile that needs
 more shared memory than a block may have would pass every interpreter test and fail on the first GPU
-launch. ``bench/compile_check.py`` compiles each kernel specialisation that the host code launches for a
+launch. ``bench/perf/compile_check.py`` compiles each kernel specialisation that the host code launches for a
 few small cases, for sm_90, with Triton's own compiler and ptxas; ``--check`` fails on a compile error or
 on shared memory beyond the target's limit.
 """
@@ -33,7 +33,18 @@ def _nvidia_backend() -> bool:
 def test_kernels_compile_for_sm90():
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "TRITON_CACHE_DIR")}
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.compile_check", "--cases", "small", "--arch", "90", "--check", "--jobs", "2"],
+        [
+            sys.executable,
+            "-m",
+            "bench.perf.compile_check",
+            "--cases",
+            "small",
+            "--arch",
+            "90",
+            "--check",
+            "--jobs",
+            "2",
+        ],
         cwd=ROOT,
         env=env,
         capture_output=True,

@@ -34,7 +34,7 @@ HEADER_LINES = 20  # where a file's date, device and command are looked for
 
 # The script that writes each kind of standalone file: named where the file records no command.
 WRITERS = {
-    "compile": "bench/compile_check.py",
+    "compile": "bench/perf/compile_check.py",
     "cpu": "bench/perf/cpu.py",
     "distributed": "bench/perf/distributed.py",
     "fit": "bench/report/fitting.py",

@@ -570,7 +570,7 @@ def rf_bwd(
     BD, BV = max(16, triton.next_power_of_2(D)), max(16, triton.next_power_of_2(Dv))
     # At most 32 frequencies per program: besides W each carries dS (two blocks for HYP/TRIG) and its
     # dW partial across the walk; at D = Dv = 64 a tile of 64 spilled about three times more (sm_90,
-    # bench/compile_check.py) and, for HYP in fp32, needed 224 of the 227 KiB of shared memory.
+    # bench/perf/compile_check.py) and, for HYP in fp32, needed 224 of the 227 KiB of shared memory.
     BM = min(32, freq_tile(max(BD, BV)), max(16, triton.next_power_of_2(M)))
     NM = triton.cdiv(M, BM)
     varlen = None

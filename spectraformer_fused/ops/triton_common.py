@@ -83,7 +83,7 @@ def autotuned(kernel, configs, key, **kwargs):
     wrapped once, at import, by ``triton.autotune(configs, key=key, **kwargs)``; where autotuning is off
     (the Triton interpreter, which cannot benchmark, or ``SPECTRAFORMER_FUSED_AUTOTUNE=0``) this returns
     None and the caller launches the plain kernel with its fixed configuration. Kernels with a single
-    configuration (the chunk mode's, chosen with ``bench.compile_check``) are never wrapped."""
+    configuration (the chunk mode's, chosen with ``bench.perf.compile_check``) are never wrapped."""
     from . import autotune_enabled
 
     return triton.autotune(configs, key=key, **kwargs)(kernel) if autotune_enabled() else None

@@ -79,7 +79,7 @@ from .triton_steps import (
     _tile_params,
 )
 
-# The chunk mode's fixed launch configuration (chosen with bench.compile_check: no spills at D = Dv = 64,
+# The chunk mode's fixed launch configuration (chosen with bench.perf.compile_check: no spills at D = Dv = 64,
 # m = 128 on sm_90): 8 warps for the output launch, whose chunks are 16 tokens.
 RANGE_WARPS = 8
 

@@ -199,7 +199,7 @@ def freq_tile(width: int) -> int:
     """Frequencies per tile for a kernel that holds whole rows of width ``width`` (the padded head dim,
     or the widest of D and Dv in the backward): 64, then 32 above 64 and 16 above 128, so that the
     operands the tensor cores read from shared memory fit one sm_90 block (227 KiB) at D = Dv = 256 in
-    fp32 (tests/test_gpu_lowering.py; ``python -m bench.compile_check --cases large``)."""
+    fp32 (tests/test_gpu_lowering.py; ``python -m bench.perf.compile_check --cases large``)."""
     return 64 if width <= 64 else 32 if width <= 128 else 16
 
 
@@ -207,7 +207,7 @@ def default_chunk_size(T: int) -> int:
     """The chunk size of the forward (and of the backward, which reuses it): 32 tokens, smaller when the
     whole sequence fits in fewer (at least 16, the smallest tile tl.dot accepts). Compiled for sm_90 at
     D = Dv = 64, m = 128, chunks of 64 make every causal kernel spill several times more registers than
-    chunks of 32 (``python -m bench.compile_check``; bench/results/compile-sm90-*.md)."""
+    chunks of 32 (``python -m bench.perf.compile_check``; bench/results/compile-sm90-*.md)."""
     return max(16, min(32, triton.next_power_of_2(T)))
 
 

@@ -1,6 +1,6 @@
 """Compile every Triton kernel of the package for a GPU target on any machine, and report its resources.
 
-    python -m bench.compile_check [--arch 90] [--cases quick|small|large|default|full] [--kernels NAMES]
+    python -m bench.perf.compile_check [--arch 90] [--cases quick|small|large|default|full] [--kernels NAMES]
                                   [--out FILE] [--jobs N] [--check]
 
 No GPU is needed: Triton lowers a kernel to PTX and runs ptxas (shipped with Triton) in-process for the
@@ -35,7 +35,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 if __package__ in (None, ""):
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 # Compiled code, not the interpreter's; the fixed kernel configurations.
 os.environ.pop("TRITON_INTERPRET", None)
@@ -365,7 +365,7 @@ def main(argv=None) -> int:
         f"# Triton kernels compiled for sm_{args.arch}",
         "",
         f"{now}; triton {triton.__version__}, torch {torch.__version__}, host {platform.machine()} "
-        f"(no GPU needed); package at {commit}; `python -m bench.compile_check --arch {args.arch} --cases {args.cases}"
+        f"(no GPU needed); package at {commit}; `python -m bench.perf.compile_check --arch {args.arch} --cases {args.cases}"
         f" --configs {args.configs}`.",
         "regs: registers per thread; stack: bytes of local memory per thread (> 0: ptxas spilled); "
         "shared: bytes of shared memory per program.",
