@@ -8,7 +8,7 @@
 # than autotuning), then the forward and forward+backward timings of bench/perf/gpu.py, then packed
 # against padded variable-length sequences (bench/report/varlen.py), then the report in its --full GPU
 # mode, each step under its own time limit (TEST_LIMIT per test file,
-# BENCH_LIMIT, VARLEN_LIMIT, REPORT_LIMIT seconds; 4 x 40 + 120 + 45 + 75 s by default, under seven
+# BENCH_LIMIT, VARLEN_LIMIT, REPORT_LIMIT seconds; 5 x 40 + 120 + 45 + 75 s by default, under eight
 # minutes), and writes logs, tables and the report to OUTDIR.
 # The fla peer comes from the fla-core wheel in ../shared/wheels (pure Python; the GPU image has torch,
 # triton and einops), installed into /tmp/site, which goes on PYTHONPATH; without it the fla rows are
@@ -35,7 +35,7 @@ fi
 } 2>&1 | tee "$OUTDIR/env.txt"
 # Each test file gets its own limit (every new kernel specialisation compiles first), so a slow file
 # cannot starve the others; the log shows how far each got.
-for f in ${GPU_TESTS:-tests/test_triton_fwd.py tests/test_triton_bwd.py tests/test_triton_chunk.py tests/test_triton_limits.py}; do
+for f in ${GPU_TESTS:-tests/test_triton_fwd.py tests/test_triton_bwd.py tests/test_triton_chunk.py tests/test_triton_limits.py tests/test_triton_sinks.py}; do
   echo "== $f" | tee -a "$OUTDIR/tests.log"
   SPECTRAFORMER_FUSED_AUTOTUNE=0 timeout "${TEST_LIMIT:-40}" $PY -m pytest -q -p no:cacheprovider "$f" \
     2>&1 | tee -a "$OUTDIR/tests.log" | tail -n 12
