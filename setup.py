@@ -1,6 +1,6 @@
 # All metadata lives in pyproject.toml. The compiled CPU backend (csrc/) is built after installation,
 # by `python -m spectraformer_fused.build` or on first use, with torch.utils.cpp_extension into a build
-# cache (spectraformer_fused/ops/build_cache.py), so installing never needs torch in the build environment;
+# cache (spectraformer_fused/ops/cpu/build_cache.py), so installing never needs torch in the build environment;
 # wheels carry the C++ sources inside the package (spectraformer_fused/csrc) for that build.
 import glob
 import os

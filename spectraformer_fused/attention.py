@@ -136,7 +136,7 @@ def _backend_function(name: str):
     fn = _BACKEND_FNS.get(name)
     if fn is None:
         if name == "triton":
-            from .ops.triton_attention import triton_attention as fn
+            from .ops.triton.attention import triton_attention as fn
         else:
             from .ops.cpu import cpu_attention as fn
         _BACKEND_FNS[name] = fn

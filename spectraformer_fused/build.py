@@ -18,8 +18,8 @@ import json
 import sys
 import time
 
-from .ops import build_cache
-from .ops import cpu_extension as cpu
+from .ops.cpu import build_cache
+from .ops.cpu import extension as cpu
 
 
 def status() -> str:

@@ -1,4 +1,4 @@
-"""The build cache of compiled extensions (spectraformer_fused/ops/build_cache.py, spectraformer_fused/build.py).
+"""The build cache of compiled extensions (spectraformer_fused/ops/cpu/build_cache.py, spectraformer_fused/build.py).
 
 * The cache key depends on the sources' contents, torch, the flags and the CPU, never on where the
   sources live: two installations of the same sources share one directory, different sources get their
@@ -24,9 +24,9 @@ from helpers import assert_close
 
 import spectraformer_fused
 from spectraformer_fused import RandomFeatureMap, rf_attention
-from spectraformer_fused.ops import build_cache
 from spectraformer_fused.ops import cpu as cpu_ops
-from spectraformer_fused.ops import cpu_extension as cpu_ext
+from spectraformer_fused.ops.cpu import build_cache
+from spectraformer_fused.ops.cpu import extension as cpu_ext
 
 ROOT = Path(spectraformer_fused.__file__).resolve().parent.parent
 
@@ -169,7 +169,7 @@ def test_auto_builds_on_first_need_with_one_notice(tmp_path, monkeypatch, capfd)
 RACE = textwrap.dedent("""
     import sys
     from pathlib import Path
-    from spectraformer_fused.ops import build_cache
+    from spectraformer_fused.ops.cpu import build_cache
     spec = build_cache.ExtensionSpec("sf_standin_race", Path(sys.argv[1]), ("standin.cpp",), cflags=("-O0",))
     print(build_cache.build(spec).VALUE)
 """)
@@ -208,7 +208,7 @@ PROBE = textwrap.dedent("""
     import json, os, sys, time
     import spectraformer_fused
     from spectraformer_fused import build
-    from spectraformer_fused.ops import cpu_extension as cpu
+    from spectraformer_fused.ops.cpu import extension as cpu
     out = {}
     os.environ["SPECTRAFORMER_FUSED_CACHE_DIR"] = sys.argv[1]          # empty
     t = time.perf_counter()

@@ -1,4 +1,4 @@
-"""The compiled CPU backend (csrc/, spectraformer_fused/ops/cpu.py) against the reference backend.
+"""The compiled CPU backend (csrc/, spectraformer_fused/ops/cpu/attention.py) against the reference backend.
 
 The extension is built here if it is not cached yet: a build failure fails these tests (it is not a
 reason to skip them).
@@ -10,7 +10,7 @@ from helpers import Case, assert_close, case_id, causal_id
 
 from spectraformer_fused import RandomFeatureMap, available_backends, rf_attention
 from spectraformer_fused.ops import cpu as cpu_ops
-from spectraformer_fused.ops import cpu_extension as cpu_ext
+from spectraformer_fused.ops.cpu import extension as cpu_ext
 
 # every component (gerf with both signs s) x kernel x causal, fp32, masked
 COMPONENT_CASES = [

@@ -11,7 +11,7 @@ from helpers import Case, assert_close, case_id
 
 from spectraformer_fused import RandomFeatureMap, rf_attention
 from spectraformer_fused.ops import cpu as cpu_ops
-from spectraformer_fused.ops import cpu_extension as cpu_ext
+from spectraformer_fused.ops.cpu import extension as cpu_ext
 from spectraformer_fused.state import RFState
 
 pytestmark = pytest.mark.skipif(cpu_ext._disabled(), reason=f"the CPU extension is disabled by {cpu_ops.SKIP_ENV}")

@@ -1,5 +1,5 @@
 """Attention sinks and the learned exact-part factor (DESIGN.md section 8) on the compiled CPU backend
-(csrc/rf_window.cpp, ops/cpu_window.py) against the reference backend's ``_window_attention`` (the oracle)
+(csrc/rf_window.cpp, ops/cpu/window.py) against the reference backend's ``_window_attention`` (the oracle)
 and the dense fp64 oracle ``helpers.hybrid_oracle``: window 0 (sinks only) and W >= 1, S from 1 to >= T,
 causal and not, masks (a masked sink included), GQA, packed sequences with their own sinks, chunk
 boundaries, pieces and token by token with the state's sink slots, every fused feature kind (hedgehog's
@@ -13,7 +13,7 @@ from helpers import assert_close, hybrid_oracle
 
 from spectraformer_fused import RandomFeatureMap, WindowState, rf_attention
 from spectraformer_fused.ops import cpu as cpu_ops
-from spectraformer_fused.ops.cpu_window import cpu_window_attention
+from spectraformer_fused.ops.cpu.window import cpu_window_attention
 from spectraformer_fused.reference import reference_attention
 from spectraformer_fused.state import empty_window_state
 

@@ -13,8 +13,8 @@ from helpers import assert_close
 from spectraformer_fused import RandomFeatureMap, RFState
 from spectraformer_fused.contract import DEN_EPS, FeatureParams
 from spectraformer_fused.ops import cpu as cpu_ops
-from spectraformer_fused.ops import cpu_extension as cpu_ext
 from spectraformer_fused.ops.cpu import cpu_attention
+from spectraformer_fused.ops.cpu import extension as cpu_ext
 from spectraformer_fused.reference import reference_attention
 from spectraformer_fused.state import empty_state
 

@@ -1,4 +1,4 @@
-"""The hybrid window on the compiled CPU backend (csrc/rf_window.cpp, ops/cpu_window.py) against the dense
+"""The hybrid window on the compiled CPU backend (csrc/rf_window.cpp, ops/cpu/window.py) against the dense
 fp64 oracle ``helpers.hybrid_oracle`` (DESIGN.md section 6), and split runs against one run.
 
 ``ops.cpu.cpu_attention(..., window=W)`` is called directly with the parameters of ``fm.feature_params``
@@ -14,7 +14,7 @@ from helpers import assert_close, hybrid_oracle
 
 from spectraformer_fused import RandomFeatureMap
 from spectraformer_fused.ops import cpu as cpu_ops
-from spectraformer_fused.ops.cpu_window import cpu_window_attention
+from spectraformer_fused.ops.cpu.window import cpu_window_attention
 from spectraformer_fused.reference import reference_attention
 from spectraformer_fused.state import RFState, WindowState, empty_window_state
 

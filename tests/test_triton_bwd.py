@@ -187,7 +187,7 @@ def _torch_stats(q, k, v, p, mask, state, causal, chunk):
 @pytest.mark.parametrize("case", [CASES[0], CASES[1], CASES[5], CASES[6]], ids=case_id)
 def test_bwd_kernels_alone(case, device):
     """rf_bwd fed statistics computed independently of the Triton forward equals the reference."""
-    from spectraformer_fused.ops.triton_bwd import rf_bwd
+    from spectraformer_fused.ops.triton.bwd import rf_bwd
 
     if case.dtype != torch.float32:
         pytest.skip("fp32 only")

@@ -1,4 +1,4 @@
-"""The chunk-parallel causal mode (ops/triton_chunk.py) against the reference, forward and every gradient,
+"""The chunk-parallel causal mode (ops/triton/chunk.py) against the reference, forward and every gradient,
 and the mode switch. The chunk mode's chunks are 16 tokens and, under the interpreter, a range holds at
 most two chunks (``range_chunks``), so the cases cross range boundaries: T = 50 (four chunks, two
 ranges, the last chunk partial), T = 70 (five chunks, three ranges, the last range one partial chunk),
@@ -29,7 +29,7 @@ def _need_device(device):
 @pytest.fixture
 def chunk_calls(monkeypatch):
     """Run the Triton backend in chunk mode and count the chunk-mode forward and backward calls."""
-    from spectraformer_fused.ops import triton_attention as ta
+    from spectraformer_fused.ops.triton import attention as ta
 
     calls = {"fwd": 0, "bwd": 0}
 
@@ -129,8 +129,8 @@ def test_chunk_mode_grouped_query_matches_reference(case, device, chunk_calls):
 def test_chunk_forward_equals_walk(cps, device):
     """The chunk forward equals the walk (same stabilisers, same final state) whatever the range length:
     the states passed between ranges are fp32, so the ranges cost no accuracy."""
-    from spectraformer_fused.ops.triton_chunk import chunk_fwd
-    from spectraformer_fused.ops.triton_fwd import rf_fwd
+    from spectraformer_fused.ops.triton.chunk import chunk_fwd
+    from spectraformer_fused.ops.triton.fwd import rf_fwd
 
     case = _case("hyprf", causal=True, B=1, T=70, D=16, Dv=16, mask=True, init=True)
     fm, q, k, v, mask, state = _make(case, device)
@@ -171,7 +171,7 @@ def test_modes_give_the_same_gradients(case, device, monkeypatch):
 
 
 def test_mode_override_is_validated(device, monkeypatch):
-    from spectraformer_fused.ops.triton_chunk import requested_mode
+    from spectraformer_fused.ops.triton.chunk import requested_mode
 
     monkeypatch.setenv(MODE_ENV, "fast")
     with pytest.raises(ValueError, match="auto, walk, chunk"):
@@ -187,7 +187,7 @@ def test_mode_override_is_validated(device, monkeypatch):
 def test_auto_rule():
     """auto: the walk while it fills the device or T spans at most two ranges; the chunk mode otherwise
     (132 multiprocessors: an H100). Without a GPU auto is the walk."""
-    from spectraformer_fused.ops.triton_chunk import choose_mode, range_chunks, resolve_mode
+    from spectraformer_fused.ops.triton.chunk import choose_mode, range_chunks, resolve_mode
 
     cpu = torch.device("cpu")
     assert choose_mode(programs=16, T=32768, multiprocessors=132) == "chunk"  # B=1 H=8, m=128
@@ -205,7 +205,7 @@ def test_auto_rule():
 def test_range_states_stay_below_the_inputs():
     """The materialised states at the benchmark shape (B=4, H=16, T=8k, m=128, D=Dv=64, fp16) with ranges of
     RANGE_TOKENS tokens, forward and backward (two buffers: key and query side), below the size of q, k, v."""
-    from spectraformer_fused.ops.triton_chunk import RANGE_TOKENS
+    from spectraformer_fused.ops.triton.chunk import RANGE_TOKENS
 
     B, H, T, D, Dv, F = 4, 16, 8192, 64, 64, 128
     ranges = T // RANGE_TOKENS

@@ -1,4 +1,4 @@
-"""The fused Triton forward (ops/triton_fwd.rf_fwd) against the reference.
+"""The fused Triton forward (ops/triton/fwd.rf_fwd) against the reference.
 
 Outputs and final states are compared with ``reference_attention``; the stabilisers (qmax, kstab) and the
 raw denominator are compared with a direct PyTorch evaluation of their definitions from
@@ -132,7 +132,7 @@ def _inputs(case: Case, device, seed: int = 0):
 
 
 def _call(q, k, v, p, mask, state, causal, chunk=None, output_final_state=True):
-    from spectraformer_fused.ops.triton_fwd import rf_fwd
+    from spectraformer_fused.ops.triton.fwd import rf_fwd
 
     S0, z0, m0 = (None, None, None) if state is None else state
     return rf_fwd(
@@ -308,7 +308,7 @@ if triton_importable():
     import triton
     import triton.language as tl
 
-    from spectraformer_fused.ops.triton_common import _tf32
+    from spectraformer_fused.ops.triton.common import _tf32
 
     @triton.jit
     def _round_kernel(x, y, N: tl.constexpr):

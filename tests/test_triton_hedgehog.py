@@ -1,7 +1,7 @@
 """hedgehog (kind NORM_HYP) on the Triton backend against the reference backend, forward and gradients.
 
 The stabiliser pass computes each row's log-sum-exp over its 2m exponents online over the frequency
-tiles; the kernels subtract each key's (HAS_LSE) and give dL/dlse, and ``ops/row_lse.lse_grads`` adds what
+tiles; the kernels subtract each key's (HAS_LSE) and give dL/dlse, and ``ops/triton/lse.lse_grads`` adds what
 the lse itself contributes. Walk and chunk modes, causal and not, GQA, masks, packed sequences, an initial
 state, and the hybrid window (whose query rows need their lse too). Without CUDA the kernels run in the
 Triton interpreter (conftest.py).
@@ -27,7 +27,7 @@ MODE_ENV = "SPECTRAFORMER_FUSED_TRITON_MODE"
 
 
 def _attend(*args, **kw):
-    from spectraformer_fused.ops.triton_attention import triton_attention
+    from spectraformer_fused.ops.triton.attention import triton_attention
 
     kw.setdefault("key_padding_mask", None)
     kw.setdefault("initial_state", None)

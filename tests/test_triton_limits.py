@@ -57,7 +57,7 @@ def test_out_of_resources_is_a_clear_error(stage, monkeypatch, device):
     the dtype and head dims, and the ways around it."""
     from triton.runtime.errors import OutOfResources
 
-    import spectraformer_fused.ops.triton_attention as ta
+    import spectraformer_fused.ops.triton.attention as ta
 
     def out_of_resources(*args, **kwargs):
         raise OutOfResources(262144, 232448, "shared memory")
@@ -75,7 +75,7 @@ def test_out_of_resources_is_a_clear_error(stage, monkeypatch, device):
 
 
 def test_device_guard_names_the_input_on_another_device():
-    from spectraformer_fused.ops.triton_common import on_device_of
+    from spectraformer_fused.ops.triton.common import on_device_of
 
     a, b = torch.zeros(2), torch.zeros(2, device="meta")
     with pytest.raises(ValueError, match="q is on cpu, W on meta"):

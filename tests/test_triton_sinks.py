@@ -1,5 +1,5 @@
 """Attention sinks and the learned exact-part factor (DESIGN.md section 8) on the Triton hybrid
-(ops/triton_window.py): against the dense fp64 oracle ``helpers.hybrid_oracle(..., sinks=)`` and against
+(ops/triton/window.py): against the dense fp64 oracle ``helpers.hybrid_oracle(..., sinks=)`` and against
 ``reference_attention(..., window=W, sinks=S)`` for gradients (q, k, v, a learnable W, the factor, the initial
 state) and final states; W and S from 0/1 to >= T, causal and not, masks, GQA, packed sequences (sinks per
 sequence), pieces and token by token, hedgehog. Without CUDA the kernels run in the Triton interpreter
@@ -26,7 +26,7 @@ T = 21
 
 
 def _attend(*args, **kw):
-    from spectraformer_fused.ops.triton_attention import triton_attention
+    from spectraformer_fused.ops.triton.attention import triton_attention
 
     kw.setdefault("key_padding_mask", None)
     kw.setdefault("initial_state", None)

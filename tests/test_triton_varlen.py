@@ -125,7 +125,7 @@ def _params(fm, q, k, a, b, case):
 def _run(case, fm, q, k, v, cu, state, *, how, seed=1):
     """Forward + backward of a fixed random linear loss of o and of the final state; ``how`` is "varlen"
     (one packed Triton call), "triton" or "reference" (one call per sequence)."""
-    from spectraformer_fused.ops.triton_attention import triton_attention
+    from spectraformer_fused.ops.triton.attention import triton_attention
 
     fm.zero_grad(set_to_none=True)
     q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
@@ -190,7 +190,7 @@ def _compare(got, expected, dt, what):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_varlen_matches_per_sequence(case, device, monkeypatch):
-    from spectraformer_fused.ops import triton_attention as ta
+    from spectraformer_fused.ops.triton import attention as ta
 
     monkeypatch.setenv(MODE_ENV, case.mode)
     calls = []

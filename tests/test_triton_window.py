@@ -1,4 +1,4 @@
-"""The hybrid window on the Triton backend (ops/triton_window.py) against the dense fp64 oracle
+"""The hybrid window on the Triton backend (ops/triton/window.py) against the dense fp64 oracle
 ``helpers.hybrid_oracle`` (DESIGN.md section 6) and against ``reference_attention(..., window=W)`` for
 gradients and states; both causal modes (walk and chunk); split runs against one run. Without CUDA the
 kernels run in the Triton interpreter (conftest.py), so the shapes are small.
@@ -24,7 +24,7 @@ T_ORACLE = 37
 
 
 def _attend(*args, **kw):
-    from spectraformer_fused.ops.triton_attention import triton_attention
+    from spectraformer_fused.ops.triton.attention import triton_attention
 
     kw.setdefault("key_padding_mask", None)
     kw.setdefault("initial_state", None)

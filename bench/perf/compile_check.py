@@ -159,7 +159,7 @@ def capture(case: Case) -> list:
     """The launches (fn, args, kwargs) of one forward and backward call of the Triton backend."""
     launches = _record_launches()
     from spectraformer_fused.feature_map import RandomFeatureMap
-    from spectraformer_fused.ops.triton_attention import triton_attention
+    from spectraformer_fused.ops.triton.attention import triton_attention
     from spectraformer_fused.state import RFState, empty_window_state
 
     dt = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[case.dtype]
@@ -239,7 +239,8 @@ def specialise(fn, args, kwargs):
 def tuning_variants(fn, args, kwargs, options: dict) -> list:
     """(constexpr overrides, options) of every autotuning configuration the package gives this kernel;
     just the recorded launch for kernels that are not autotuned."""
-    from spectraformer_fused.ops import triton_bwd, triton_fwd
+    from spectraformer_fused.ops.triton import bwd as triton_bwd
+    from spectraformer_fused.ops.triton import fwd as triton_fwd
 
     if fn.__name__ == "_rf_fwd_kernel":
         values = dict(zip(fn.arg_names, args), **kwargs)  # kernels are launched by keyword

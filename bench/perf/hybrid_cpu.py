@@ -12,7 +12,7 @@ Two tables:
   backward) and the non-causal forward of posrf x orf at B1 H8 T4096 D64, the plain path against the hybrid
   with a window and with a window and sinks, time and peak memory, ``torch.set_num_threads(2)``.
 
-Both call ``ops.cpu.cpu_attention`` / ``ops.cpu_window.cpu_window_attention`` directly (with the parameters
+Both call ``ops.cpu.cpu_attention`` / ``ops.cpu.window.cpu_window_attention`` directly (with the parameters
 of ``fm.feature_params``), with grad disabled but for the forward + backward rows, and time them interleaved (``bench.common.time_interleaved``). Writes
 ``bench/results/hybrid-cpu-<date>.md`` unless ``--out`` says otherwise.
 """
@@ -109,7 +109,7 @@ def hedgehog_rows(B, T, H, D, m, budget):
 
 
 def window_rows(B, T, H, D, m, window, budget, components):
-    from spectraformer_fused.ops.cpu_window import cpu_window_attention
+    from spectraformer_fused.ops.cpu.window import cpu_window_attention
 
     q, k, v = _inputs(B, T, H, D, seed=1)
     rows = []
@@ -136,7 +136,7 @@ def window_rows(B, T, H, D, m, window, budget, components):
 def train_rows(B, T, H, D, m, window, sinks, budget):
     """Causal training step (forward + backward to q, k, v) and non-causal forward of posrf x orf: the plain
     path (features only) against the hybrid (window W, and W with sinks), side by side: [rows, memory rows]."""
-    from spectraformer_fused.ops.cpu_window import cpu_window_attention
+    from spectraformer_fused.ops.cpu.window import cpu_window_attention
 
     fm = RandomFeatureMap(D, m, component="posrf", weights="orf", num_heads=H, seed=3).eval()
     q, k, v = _inputs(B, T, H, D, seed=2)

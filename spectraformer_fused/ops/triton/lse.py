@@ -13,8 +13,8 @@ import math
 
 import torch
 
-from ..components import feature_logits
-from ..contract import HYP
+from ...components import feature_logits
+from ...contract import HYP
 
 ROWS = 512
 

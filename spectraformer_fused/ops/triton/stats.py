@@ -18,8 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..contract import NORM_HYP
-from .triton_common import (
+from ...contract import NORM_HYP
+from .common import (
     KIND_HYP,
     VarlenTables,
     _feature_logits,

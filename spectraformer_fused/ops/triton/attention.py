@@ -14,12 +14,12 @@ import torch
 import triton
 from torch import Tensor
 
-from ..contract import FeatureParams, feature_width
-from ..state import RFState
-from .triton_bwd import rf_bwd
-from .triton_chunk import chunk_bwd, chunk_fwd, chunk_size, requested_mode, resolve_mode
-from .triton_common import chunk_capacity, on_device_of, resource_errors
-from .triton_fwd import MAX_BM, default_chunk_size, rf_fwd
+from ...contract import FeatureParams, feature_width
+from ...state import RFState
+from .bwd import rf_bwd
+from .chunk import chunk_bwd, chunk_fwd, chunk_size, requested_mode, resolve_mode
+from .common import chunk_capacity, on_device_of, resource_errors
+from .fwd import MAX_BM, default_chunk_size, rf_fwd
 
 _FWD_OUT = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
@@ -238,7 +238,7 @@ def triton_attention(
 ):
     """Random-feature attention with the Triton kernels; the reference's semantics and signature.
 
-    ``window`` (the hybrid sliding window, docs/DESIGN.md section 6): ``triton_window.py`` (the fused
+    ``window`` (the hybrid sliding window, docs/DESIGN.md section 6): ``ops/triton/window.py`` (the fused
     causal kernels for the feature part, the band's exact logits beside them); the state is then a
     ``WindowState``. Hedgehog (kind NORM_HYP) runs fused too: HYP's kernels with each key's log-sum-exp
     subtracted (HAS_LSE; the stabiliser pass computes it, ``row_lse`` adds its gradient).
@@ -254,7 +254,7 @@ def triton_attention(
     """
     num_seqs = None if cu_seqlens is None else cu_seqlens.shape[0] - 1
     if window is not None:
-        from .triton_window import triton_window_attention
+        from .window import triton_window_attention
 
         return triton_window_attention(
             q,

@@ -14,11 +14,11 @@ from typing import NamedTuple
 
 import torch
 
-from ..contract import DEN_EPS, FeatureParams
-from ..reference import reference_grads
-from ..state import WindowState, empty_window_state
-from ..validation import check_window
-from .cpu_extension import _load, _transposed, extension_error
+from ...contract import DEN_EPS, FeatureParams
+from ...reference import reference_grads
+from ...state import WindowState, empty_window_state
+from ...validation import check_window
+from .extension import _load, _transposed, extension_error
 
 _STATE_NAMES = ("S", "z", "log_scale", "k_tail", "v_tail", "tail_keep", "k_sink", "v_sink", "sink_keep", "sink_seen")
 # sink_from of a slot no query of the call sees

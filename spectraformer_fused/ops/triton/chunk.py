@@ -52,9 +52,9 @@ import os
 
 import torch
 
-from .triton_bwd import rf_bwd
-from .triton_fwd import rf_fwd
-from .triton_scan import RANGE_TOKENS, range_chunks
+from .bwd import rf_bwd
+from .fwd import rf_fwd
+from .scan import RANGE_TOKENS, range_chunks
 
 __all__ = ["RANGE_TOKENS", "chunk_bwd", "chunk_fwd", "chunk_size", "choose_mode", "range_chunks", "requested_mode"]
 

@@ -1,7 +1,7 @@
 """The compiled CPU backend's plain attention: the autograd of ``csrc/rf_attention.cpp`` and
-``csrc/rf_backward.cpp``; ``cpu_attention`` hands a hybrid call (``window=``) to ``ops.cpu_window``.
+``csrc/rf_backward.cpp``; ``cpu_attention`` hands a hybrid call (``window=``) to ``ops.cpu.window``.
 
-How the extension is built, cached and loaded is ``ops.cpu_extension`` (its public functions are
+How the extension is built, cached and loaded is ``ops.cpu.extension`` (its public functions are
 re-exported here: ``extension_available``, ``extension_built``, ``extension_error``, ``extension_status``,
 ``extension_spec``). SPECTRAFORMER_FUSED_NO_CPU_EXT=1 skips the extension altogether.
 """
@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-from ..contract import DEN_EPS, EXP, HYP, NORM_HYP, TRIG, FeatureParams
-from ..reference import reference_grads
-from ..state import RFState
-from .cpu_extension import (
+from ...contract import DEN_EPS, EXP, HYP, NORM_HYP, TRIG, FeatureParams
+from ...reference import reference_grads
+from ...state import RFState
+from .extension import (
     EXTENSION_NAME,
     SKIP_ENV,
     _load,
@@ -168,10 +168,10 @@ def cpu_attention(
     extension runs every (sequence, key/value head); the result equals one call per sequence.
 
     ``window`` (>= 1, or 0 with ``sinks``): the hybrid window and attention sinks
-    (``ops.cpu_window.cpu_window_attention``; the state is then a ``WindowState``).
+    (``ops.cpu.window.cpu_window_attention``; the state is then a ``WindowState``).
     """
     if window is not None:
-        from .cpu_window import cpu_window_attention
+        from .window import cpu_window_attention
 
         return cpu_window_attention(
             q,

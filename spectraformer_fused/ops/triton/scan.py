@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import KIND_EXP, VarlenTables, optional_inputs, varlen_args
-from .triton_steps import _accumulate_dstate, _program_rows, _query_phi, _store_state, _tile_params, _w_tile
+from .common import KIND_EXP, VarlenTables, optional_inputs, varlen_args
+from .steps import _accumulate_dstate, _program_rows, _query_phi, _store_state, _tile_params, _w_tile
 
 RANGE_TOKENS = 256
 

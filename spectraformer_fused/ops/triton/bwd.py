@@ -47,9 +47,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..contract import DEN_EPS, NORM_HYP, feature_width
-from .row_lse import add_key_lse_grads
-from .triton_common import (
+from ...contract import DEN_EPS, NORM_HYP, feature_width
+from .common import (
     KIND_EXP,
     VarlenTables,
     _dot,
@@ -59,10 +58,11 @@ from .triton_common import (
     optional_inputs,
     varlen_args,
 )
-from .triton_fwd import _num_splits, _states_before
-from .triton_scan import _first_stabiliser, _rf_bwd_dstate_kernel, _scan, _varlen_ranges, range_chunks
-from .triton_stats import _f32, _key_lse, freq_tile
-from .triton_steps import (
+from .fwd import _num_splits, _states_before
+from .lse import add_key_lse_grads
+from .scan import _first_stabiliser, _rf_bwd_dstate_kernel, _scan, _varlen_ranges, range_chunks
+from .stats import _f32, _key_lse, freq_tile
+from .steps import (
     _accumulate_dstate,
     _accumulate_state,
     _input_grad,

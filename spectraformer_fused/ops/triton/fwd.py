@@ -50,8 +50,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..contract import DEN_EPS, feature_width
-from .triton_common import (
+from ...contract import DEN_EPS, feature_width
+from .common import (
     KIND_EXP,
     VarlenTables,
     _dot,
@@ -64,9 +64,9 @@ from .triton_common import (
     optional_inputs,
     varlen_args,
 )
-from .triton_scan import _first_stabiliser, _scan, _varlen_ranges, range_chunks
-from .triton_stats import MAX_BM, _f32, _strides, default_chunk_size, freq_tile, stabilisers
-from .triton_steps import (
+from .scan import _first_stabiliser, _scan, _varlen_ranges, range_chunks
+from .stats import MAX_BM, _f32, _strides, default_chunk_size, freq_tile, stabilisers
+from .steps import (
     _accumulate_state,
     _key_features,
     _key_shift,

@@ -10,7 +10,7 @@ checkout, from the top-level ``csrc/``. A machine without a compiler still impor
 ``extension_available()`` then warns once, naming the fix, and returns False.
 SPECTRAFORMER_FUSED_NO_CPU_EXT=1 skips the extension altogether.
 
-``ops.cpu`` (plain attention) and ``ops.cpu_window`` (the hybrid) both call through here; neither imports
+``ops.cpu.attention`` (plain attention) and ``ops.cpu.window`` (the hybrid) both call through here; neither imports
 the other's module back.
 """
 
@@ -49,7 +49,7 @@ _warned = False
 
 
 def _source_dir() -> Path | None:
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parent.parent.parent
     for candidate in (here / "csrc", here.parent / "csrc"):
         if all((candidate / name).is_file() for name in _SOURCES + _HEADERS):
             return candidate

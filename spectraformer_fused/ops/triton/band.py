@@ -1,4 +1,4 @@
-"""The exact band of the hybrid window on the Triton backend (``triton_window.py``): for every query t the
+"""The exact band of the hybrid window on the Triton backend (``window.py``): for every query t the
 exact kernel over the extended keys ``t .. t + band - 1`` (band = W causal, 2W - 1 non-causal), as an
 unnormalised numerator, denominator and the row's log scale, forward and backward.
 
@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_common import _dot, dot_precision
+from .common import _dot, dot_precision
 
 BT = 32  # queries per block
 BK = 32  # keys per step

@@ -13,7 +13,7 @@ token ``j' - (W - 1)`` after), query t holds exact the extended keys ``t .. t + 
 * non-causal, the keys after the band: the same causal kernels on the reversed sequence, the keys shifted
   W positions (behind W masked keys), without a state;
 * the band: exact logits ``x.y + exact_sq (|x|^2 + |y|^2)`` of each query against the W (causal) or
-  2W - 1 (non-causal) extended keys it holds exact, in ``triton_band.py``'s kernels (flash-attention style
+  2W - 1 (non-causal) extended keys it holds exact, in ``band.py``'s kernels (flash-attention style
   blocks with an online maximum; backward recomputes the logits).
 
 Each part returns an unnormalised numerator and denominator with its own per-row log scale (the kernels:
@@ -52,13 +52,13 @@ import torch
 import triton
 from torch import Tensor
 
-from ..contract import DEN_EPS, NORM_HYP, FeatureParams
-from ..state import WindowState, empty_window_state
-from .row_lse import lse_grads, row_lse
-from .triton_band import BandTables, band_backward, band_forward
-from .triton_bwd import grad_coefficients, rf_bwd
-from .triton_chunk import chunk_bwd, chunk_fwd, chunk_size
-from .triton_fwd import default_chunk_size, rf_fwd
+from ...contract import DEN_EPS, NORM_HYP, FeatureParams
+from ...state import WindowState, empty_window_state
+from .band import BandTables, band_backward, band_forward
+from .bwd import grad_coefficients, rf_bwd
+from .chunk import chunk_bwd, chunk_fwd, chunk_size
+from .fwd import default_chunk_size, rf_fwd
+from .lse import lse_grads, row_lse
 
 
 @dataclass

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..contract import DEN_EPS, EXP, HYP, NORM_HYP, TRIG
+from ...contract import DEN_EPS, EXP, HYP, NORM_HYP, TRIG
 
 # The contract's feature kinds and denominator floor as Triton constexprs (jit functions read only
 # constexpr globals): kernels compare KIND with these names, never with literals.
@@ -84,7 +84,7 @@ def autotuned(kernel, configs, key, **kwargs):
     (the Triton interpreter, which cannot benchmark, or ``SPECTRAFORMER_FUSED_AUTOTUNE=0``) this returns
     None and the caller launches the plain kernel with its fixed configuration. Kernels with a single
     configuration (the chunk mode's, chosen with ``bench.perf.compile_check``) are never wrapped."""
-    from . import autotune_enabled
+    from .. import autotune_enabled
 
     return triton.autotune(configs, key=key, **kwargs)(kernel) if autotune_enabled() else None
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_common import (
+from .common import (
     KIND_EXP,
     KIND_HYP,
     KIND_TRIG,
