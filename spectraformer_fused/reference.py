@@ -282,8 +282,7 @@ def _window_attention(
         sees = sink_from[:, None, :] <= (t[None, :, None] if causal else T - 1)  # [B, c, S]
         sees = (sees & sink_keep[:, None, :])[:, None, None]  # [B, 1, 1, c, S]
         sl = exact_logits_of(xs, sink_k[:, :, None] * root, sees)
-        sv = sink_v[:, :, None].expand(-1, -1, ve.shape[2], -1, -1)
-        return torch.cat([logits, sl], dim=-1), torch.cat([ve.expand(-1, -1, sv.shape[2], -1, -1), sv], dim=-2)
+        return torch.cat([logits, sl], dim=-1), torch.cat([ve, sink_v[:, :, None]], dim=-2)
 
     def combine(num_f, den_f, shift_f, logits, ve):
         """o = (feature part + exact part) / (their normalisers): the feature part is on the scale
