@@ -626,3 +626,85 @@ def test_distill_starts_the_factor_from_data():
             assert torch.allclose(layer.feature_map.log_mix.detach(), want, atol=1e-6)
         else:
             assert torch.allclose(layer.feature_map.log_mix.detach(), torch.zeros(2), atol=1e-6)
+
+
+def _backend_or_skip(backend):
+    if backend == "cpu":
+        from spectraformer_fused.ops import cpu as cpu_ops
+
+        if not cpu_ops.extension_available():
+            pytest.skip("CPU extension unavailable")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize(
+    "component,window,sinks,causal,masked,target_window",
+    [
+        ("hedgehog", 5, 2, True, False, None),
+        ("hedgehog", None, 3, True, True, None),
+        ("hedgehog", None, None, True, False, None),
+        ("posrf", 4, None, False, True, None),
+        ("posrf", 4, 2, False, False, 6),
+        ("oprf", 4, 2, True, True, None),
+        ("hyprf", 3, 1, True, False, 3),
+    ],
+)
+def test_backend_mse_loss_equals_the_chunked_loss(backend, component, window, sinks, causal, masked, target_window):
+    """loss='mse' on a backend (rf_attention's fused forward and backward against the exact output) has the
+    chunked loss's value and gradients (every trainable parameter, the factor included): GQA, windows,
+    sinks, padding, a sliding-window target."""
+    _backend_or_skip(backend)
+    B, T, H, Hk, D, m = 2, 37, 6, 3, 16, 8
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(B, T, h, D, generator=g) for h in (H, Hk, Hk))
+    mask = (torch.rand(B, T, generator=g) > 0.3) if masked else None
+    mix = 0.5 if (window or sinks) else None
+    fm = RandomFeatureMap(D, m, component=component, weights="learnable", num_heads=Hk, seed=2, mix=mix)
+    kw = dict(causal=causal, key_padding_mask=mask, loss="mse", window=window, sinks=sinks, target_window=target_window)
+    params = sf.fitting.trainable_parameters(fm)
+    want = attention_distillation_loss(fm, q, k, v, chunk_size=8, **kw)
+    got = attention_distillation_loss(fm, q, k, v, backend=backend, **kw)
+    assert_close(got, want, torch.float32, name=f"{backend} mse loss")
+    for g_got, g_want, p in zip(torch.autograd.grad(got, params), torch.autograd.grad(want, params), params):
+        assert_close(g_got, g_want, torch.float32, name=f"{backend} gradient of {tuple(p.shape)}")
+    target = sf.fitting.output_target(q, k, v, causal=causal, key_padding_mask=mask, target_window=target_window)
+    again = attention_distillation_loss(fm, q, k, v, backend=backend, target=target, **kw)
+    assert_close(again, got, torch.float32, name="loss with the target given")
+
+
+def test_fit_computes_each_batch_target_once(monkeypatch):
+    """fit_feature_map(loss='mse') on a backend computes the exact output once per batch, and its loss curve
+    is the chunked loss's (the same parameters step by step)."""
+    B, T, H, D = 1, 24, 2, 8
+    batches = [structured_qkv(s, B=B, T=T, H=H, D=D) for s in (1, 2)]
+    qs, ks, vs = ([b[i] for b in batches] for i in range(3))
+    calls = []
+    real = sf.fitting.output_target
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    curves = {}
+    for backend in (None, "reference"):
+        fm = RandomFeatureMap(D, 8, component="hedgehog", weights="learnable", num_heads=H, seed=0, mix=1.0)
+        monkeypatch.setattr(sf.fitting, "output_target", counting)
+        curves[backend] = fit_feature_map(
+            fm, qs, ks, v=vs, steps=5, lr=1e-2, causal=True, loss="mse", window=4, sinks=1, backend=backend
+        )
+    assert len(calls) == 2, calls
+    print(curves)
+    assert curves[None][-1] < curves[None][0]
+    for a, b in zip(curves[None], curves["reference"]):
+        assert abs(a - b) <= 1e-4 * abs(a), (curves[None], curves["reference"])
+
+
+def test_loss_backend_bad_values():
+    fm = RandomFeatureMap(8, 4, component="hedgehog", weights="learnable", num_heads=1, seed=0)
+    q, k, v = structured_qkv(0, B=1, T=8, H=1, D=8)
+    with pytest.raises(ValueError, match="unknown backend 'gpu'"):
+        attention_distillation_loss(fm, q, k, v, loss="mse", backend="gpu")
+    with pytest.raises(ValueError, match="unknown backend"):
+        fit_feature_map(fm, q, k, v=v, steps=1, loss="mse", backend=3)
+    with pytest.raises(ValueError, match="target must be the exact output"):
+        attention_distillation_loss(fm, q, k, v, loss="mse", backend="reference", target=torch.zeros(1, 8, 1, 3))
