@@ -507,7 +507,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("window_forward", &rf_window_forward,
              "window_forward(q, k, v, WT, bias, freq, psi, kind, c_t, c_o, scale, exact_sq, causal, window, mask, "
              "S, z, log_scale, k_tail, v_tail, tail_keep, den_eps, cu_seqlens, sink_k, sink_v, sink_from, "
-             "sink_skip, log_mix, need_stats) -> [o, S, z, log_scale, k_tail, v_tail, tail_keep, stats]: hybrid "
+             "sink_skip, log_mix, need_stats) -> [o, S, z, log_scale, k_tail, v_tail, tail_keep, stats, key_shift]: hybrid "
              "attention (exact "
              "inside the window and on the sinks, features beyond; see rf_window.cpp), the arguments prepared by "
              "ops/cpu_window.py",
@@ -522,12 +522,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              "window_backward(do, dS, dz, dk_tail, dv_tail, q, k, v, W, bias, freq, psi, kind, c_t, c_o, scale, "
              "exact_sq, causal, window, mask, S, z, log_scale, k_tail, v_tail, tail_keep, den_eps, cu_seqlens, "
              "sink_k, sink_v, sink_from, sink_skip, log_mix) -> [dq, dk, dv, dW, dbias, dS0, dz0, dk_tail0, "
-             "dv_tail0, dk_sink, dv_sink, dlog_mix] (fp32): the fused causal hybrid backward (rf_window_bwd.cpp)",
+             "dv_tail0, dk_sink, dv_sink, dlog_mix] (fp32): the fused hybrid backward (rf_window_bwd.cpp; non-causal "
+             "needs the forward's o, stats and key_shift)",
              py::arg("do"), py::arg("dS"), py::arg("dz"), py::arg("dk_tail"), py::arg("dv_tail"), py::arg("q"),
              py::arg("k"), py::arg("v"), py::arg("W"), py::arg("bias"), py::arg("freq"), py::arg("psi"),
              py::arg("kind"), py::arg("c_t"), py::arg("c_o"), py::arg("scale"), py::arg("exact_sq"),
              py::arg("causal"), py::arg("window"), py::arg("mask"), py::arg("S"), py::arg("z"), py::arg("log_scale"),
              py::arg("k_tail"), py::arg("v_tail"), py::arg("tail_keep"), py::arg("den_eps"), py::arg("cu_seqlens"),
              py::arg("sink_k"), py::arg("sink_v"), py::arg("sink_from"), py::arg("sink_skip"), py::arg("log_mix"),
-             py::arg("o") = py::none(), py::arg("stats") = py::none());
+             py::arg("o") = py::none(), py::arg("stats") = py::none(), py::arg("key_shift") = py::none());
 }

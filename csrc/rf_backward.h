@@ -38,4 +38,4 @@ std::vector<at::Tensor> rf_window_backward(
     const c10::optional<at::Tensor>& sink_k, const c10::optional<at::Tensor>& sink_v,
     const c10::optional<at::Tensor>& sink_from, const c10::optional<at::Tensor>& sink_skip,
     const c10::optional<at::Tensor>& log_mix, const c10::optional<at::Tensor>& o_in,
-    const c10::optional<at::Tensor>& stats_in);
+    const c10::optional<at::Tensor>& stats_in, const c10::optional<at::Tensor>& kshift_in);

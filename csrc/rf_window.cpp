@@ -11,10 +11,9 @@
 //     S/z plus the extended keys [0, t): the feature state lags W keys behind. A chunk of n queries
 //     [lo, lo + n) folds the extended keys [lo, lo + n) into the state after reading it (strictly lower
 //     intra-chunk products) and computes the exact band over the extended keys [lo, lo + n + W - 1);
-//   * non-causal: the exact keys of query t are the extended keys [t, t + 2W - 2]; the feature part is
-//     the whole state (every extended key folded, the running maximum ending at the global one) minus the
-//     band's own feature products, recomputed at that final shift (and 0 where no visible key is left
-//     outside the band);
+//   * non-causal: the exact keys of query t are the extended keys [t, t + 2W - 2]; the feature keys those
+//     before (a prefix walk, with the initial state) and after (a suffix walk from the end) its band, on one
+//     key shift, never a subtraction (see window_group);
 //   * the exact logits x.y + exact_sq (|x|^2 + |y|^2) (x, y = sqrt(scale) q, k, no psi) of a query row
 //     subtract their maximum over the row's kept exact keys; the feature part keeps its stabilisers (query
 //     row shift qs, key log-scale ks). The two parts are put on one scale in log space: with
@@ -30,6 +29,8 @@ namespace {
 // Per-thread buffers of the window: the extended keys of one chunk's band, raw and transposed.
 struct WindowBuffers {
   std::vector<float> kr, kt, ysq, vb, sc, xq, xsq, num_e, den_e, pk, pkt, num_b, den_b, S, z;
+  // non-causal: the suffix state's snapshots [chunks, F * Dv + F] and shifts, the prefix P, zp, the read R, zr
+  std::vector<float> snap, snap_shift, P, zp, R, zr;
   std::vector<float> sy, sysq, sl;  // the sinks: sqrt(scale) k [S, D], exact_sq |y|^2, one row's logits
   std::vector<char> keep;
   std::vector<int64_t> kept_before;  // kept keys among the band's first r rows
@@ -52,6 +53,8 @@ struct WindowBuffers {
     den_b.resize(rows);
     S.resize(c.F * c.Dv);
     z.resize(c.F);
+    R.resize(c.F * c.Dv);
+    zr.resize(c.F);
     keep.resize(cols);
     kept_before.resize(cols + 1);
   }
@@ -272,7 +275,7 @@ template <typename scalar_t, typename vscalar_t>
 void window_group(const at::Tensor& q, at::Tensor& o, const ExtKeys<scalar_t, vscalar_t>& ext, const Span& span,
                   int64_t hk, int64_t G, const Config& c, const HeadParams& hp, const WindowTask& wt, Workspace& w,
                   WindowBuffers& wb, const Sinks& sk, float* S, float* z, float& m_state, float* k_tail_out,
-                  float* v_tail_out, bool* tail_keep_out, float* stats) {
+                  float* v_tail_out, bool* tail_keep_out, float* stats, float* kshift_out = nullptr) {
   const int64_t T = span.T, b = span.b, t0 = span.start, W = wt.W, nt = std::max<int64_t>(W - 1, 0), L = T + nt;
   const int64_t F = c.F, D = c.D, Dv = c.Dv;
   const scalar_t* qp = q.data_ptr<scalar_t>() + b * q.stride(0) + t0 * q.stride(1) + hk * G * q.stride(2);
@@ -356,37 +359,94 @@ void window_group(const at::Tensor& q, at::Tensor& o, const ExtKeys<scalar_t, vs
       }
     }
   } else {
-    // The final state: the extended keys [0, T); the state read by the queries: all of them.
+    // Non-causal: query t's feature keys are the extended keys before its band (the prefix, e < t, and the
+    // initial state) and after it (the suffix, e >= t + band), on one key shift: the maximum over every
+    // extended key and the initial state (ma), as the reference's. Chunk c of queries [lo, hi) has the
+    // region [lo, E_c), E_c = min(hi + band - 1, L) (the chunk's keys, W = 0; the bands of its queries
+    // otherwise); it reads the prefix state P_c (the keys before lo) plus the suffix state Q_c (the keys from
+    // E_c on) in one product, and the region's keys outside each row's band as feature products: the keys
+    // [lo, t) of a strictly lower block (W = 0: [lo, t]) and the keys (t + band - 1, E_c) of a strictly upper
+    // one. No band is subtracted from a total.
+    //   * a reverse walk folds the keys from the end into Q (on its own running maximum, as a causal walk
+    //     does) and keeps Q_c and its shift at each chunk's E_c (one F x (Dv + 1) snapshot per chunk of 64
+    //     queries); it also finds ma, the maximum over the keys [0, T) (the final state's shift) and the
+    //     count of kept keys;
+    //   * a forward walk carries P (the initial state and the chunks' keys, on ma), the region's rows from
+    //     chunk to chunk (each key's features computed once), reads P_c + exp(shift_c - ma) Q_c, adds the
+    //     two triangular blocks, the exact band and the sinks, and folds the chunk's keys into P.
+    // P after the last chunk holds the extended keys [0, T) and the initial state: the final state, moved
+    // to its own shift (the causal continuation's).
+    const int64_t nch = (T + CHUNK - 1) / CHUNK;
+    const int64_t up = std::max<int64_t>(band - 1, 0);  // the region reaches `up` keys past its chunk
+    auto region_cols = [&](int64_t lo) { return std::min(std::min(CHUNK, T - lo) + up, L - lo); };
+    const int64_t FS = F * Dv + F;
+    wb.snap.resize(std::max<int64_t>(nch, 1) * FS);
+    wb.snap_shift.resize(std::max<int64_t>(nch, 1));
+    wb.P.resize(F * Dv);
+    wb.zp.resize(F);
+    float* Q = wb.S.data();
+    float* zq = wb.z.data();
+    std::fill(Q, Q + F * Dv, 0.f);
+    std::fill(zq, zq + F, 0.f);
+    float q_shift = NEG_INF;
+    float ma = m_state, m_fin = m_state;
     int64_t kept_total = 0;
-    float* Sa = wb.S.data();
-    float* za = wb.z.data();
-    float ma = m_state;
-    std::memcpy(Sa, S, sizeof(float) * F * Dv);
-    std::memcpy(za, z, sizeof(float) * F);
-    for (int64_t lo = 0, n = 0; lo < L; lo += n) {
-      n = std::min(CHUNK, (lo < T ? T : L) - lo);  // a chunk never straddles T
-      ext.stage(lo, n, wb.kr.data(), w.vb.data(), kp);
-      for (int64_t j = 0; j < n; ++j) kept_total += kp[j] ? 1 : 0;
-      key_features(wb.kr.data(), D, reinterpret_cast<const bool*>(kp), n, c, hp, w, Sa, za, ma);
-      update_state(n, c, w, Sa, za);
-      if (lo + n == T) {  // (T = 0: the final state is the initial one, already there)
-        std::memcpy(S, Sa, sizeof(float) * F * Dv);
-        std::memcpy(z, za, sizeof(float) * F);
-        m_state = ma;
+    // the extended keys [a, b), from the end, in pieces of at most CHUNK that do not straddle T: their
+    // maximum into ma (and m_fin below T); `fold`: into Q, rescaled when its maximum grows
+    auto walk = [&](int64_t a, int64_t b, bool fold) {
+      for (int64_t hi = b; hi > a;) {
+        int64_t lo_k = std::max(a, hi - CHUNK);
+        if (hi > T && lo_k < T) lo_k = T;
+        const int64_t nk = hi - lo_k;
+        ext.stage(lo_k, nk, wb.kr.data(), w.vb.data(), kp);
+        for (int64_t j = 0; j < nk; ++j) kept_total += kp[j] ? 1 : 0;
+        const float cmax = key_logits(wb.kr.data(), D, reinterpret_cast<const bool*>(kp), nk, c, hp, w);
+        ma = std::max(ma, cmax);
+        if (hi <= T) m_fin = std::max(m_fin, cmax);
+        if (fold) {
+          const float m_new = std::max(q_shift, cmax);
+          const float shift = std::isinf(m_new) ? 0.f : m_new;
+          if (m_new != q_shift) {
+            const float alpha = std::isinf(q_shift) ? 0.f : std::exp(q_shift - shift);
+            scale_inplace(Q, F * Dv, alpha);
+            scale_inplace(zq, F, alpha);
+            q_shift = m_new;
+          }
+          key_exponentiate(nk, c, w, shift);
+          update_state(nk, c, w, Q, zq);
+        }
+        hi = lo_k;
       }
+    };
+    int64_t cursor = L;
+    for (int64_t ci = nch - 1; ci >= 0; --ci) {
+      const int64_t e = ci * CHUNK + region_cols(ci * CHUNK);
+      walk(e, cursor, true);
+      cursor = std::min(cursor, e);
+      std::memcpy(wb.snap.data() + ci * FS, Q, sizeof(float) * F * Dv);
+      std::memcpy(wb.snap.data() + ci * FS + F * Dv, zq, sizeof(float) * F);
+      wb.snap_shift[ci] = q_shift;
     }
+    walk(0, cursor, false);  // the first region's keys: their maxima and counts only
+    if (kshift_out) *kshift_out = ma;
     const float ks = std::isinf(ma) ? 0.f : ma;
+    float* P = wb.P.data();
+    float* zp = wb.zp.data();
+    const float a0 = std::isinf(m_state) ? 0.f : std::exp(m_state - ks);
+    for (int64_t i = 0; i < F * Dv; ++i) P[i] = S[i] * a0;
+    for (int64_t f = 0; f < F; ++f) zp[f] = z[f] * a0;
+    float* Rs = wb.R.data();
+    float* zr = wb.zr.data();
+    const int64_t diag_l = band > 0 ? 0 : 1;  // the lower block holds the diagonal when there is no band
     int64_t have = 0;  // staged rows [0, have): the previous chunk's last ones, its region's overlap with this
-    for (int64_t lo = 0; lo < T; lo += CHUNK) {
-      const int64_t n = std::min(CHUNK, T - lo);
-      // the extended keys [lo, lo + cols) (none without a band)
-      const int64_t cols = band > 0 ? std::min(n + band - 1, L - lo) : 0;
+    for (int64_t ci = 0; ci < nch; ++ci) {
+      const int64_t lo = ci * CHUNK, n = std::min(CHUNK, T - lo);
+      const int64_t cols = region_cols(lo);  // the extended keys [lo, lo + cols)
       ext.stage(lo + have, cols - have, wb.kr.data() + have * D, wb.vb.data() + have * Dv, kp + have);
       wb.kept_before[0] = 0;
       for (int64_t j = 0; j < cols; ++j) wb.kept_before[j + 1] = wb.kept_before[j] + (kp[j] ? 1 : 0);
-      exact_keys(have, cols, wt.exact_sq, c, wb);
-      // the band's feature products at the final shift, to take out of the whole state's (each key's
-      // features computed once: the rows carried keep theirs)
+      if (band > 0) exact_keys(have, cols, wt.exact_sq, c, wb);
+      // the region's feature keys on ma (the rows carried keep theirs)
       for (int64_t j0 = have; j0 < cols; j0 += CHUNK) {
         const int64_t nj = std::min(CHUNK, cols - j0);
         key_logits(wb.kr.data() + j0 * D, D, reinterpret_cast<const bool*>(kp + j0), nj, c, hp, w);
@@ -394,29 +454,56 @@ void window_group(const at::Tensor& q, at::Tensor& o, const ExtKeys<scalar_t, vs
         for (int64_t t = 0; t < nj; ++t)
           for (int64_t f = 0; f < F; ++f) wb.pkt[f * wb.ld + j0 + t] = w.pk[t * F + f];
       }
+      // the state the chunk's queries read: the prefix and the suffix, on ma
+      const float* Qc = wb.snap.data() + ci * FS;
+      const float as = std::isinf(wb.snap_shift[ci]) ? 0.f : std::exp(wb.snap_shift[ci] - ks);
+      for (int64_t i = 0; i < F * Dv; ++i) Rs[i] = P[i] + as * Qc[i];
+      for (int64_t f = 0; f < F; ++f) zr[f] = zp[f] + as * Qc[F * Dv + f];
+      const int64_t nu = std::min(n, cols - up);  // the upper block's columns [up, up + nu)
       for (int64_t g = 0; g < G; ++g) {
         const scalar_t* qg = qp + g * sqh + lo * sq;
         query_features(qg, sq, n, c, hp, w);
-        read_state(n, c, w, Sa, za, false);
-        if (band > 0) {
-          banded(n, cols, band, F, w.pq.data(), F, wb.pkt.data(), wb.ld, wb.sc.data(), wb.ld, wb.vb.data(), Dv,
-                 wb.num_b.data(), [&](int64_t r, int64_t lo_c, int64_t hi_c) {
-                   wb.den_b[r] = row_sum(wb.sc.data() + r * wb.ld + lo_c, hi_c - lo_c);
-                 });
+        read_state(n, c, w, Rs, zr, false);
+        const float* pq = w.pq.data();
+        // the lower block: region key r' < r (W = 0: r' <= r)
+        float* sc = w.sc.data();
+        gemm(n, n, F, pq, F, wb.pkt.data(), wb.ld, sc, n, false, TRI_N);
+        for (int64_t t = 0; t < n; ++t) {
+          float* row = sc + t * n;
+          std::fill(row + t + diag_l, row + n, 0.f);
+          w.den[t] += row_sum(row, t + diag_l);
+        }
+        gemm(n, Dv, n, sc, n, wb.vb.data(), Dv, w.num.data(), Dv, true, TRI_K);
+        // the upper block: region key up + r' with r' > r, in row blocks over the columns they need
+        float* su = wb.sc.data();
+        const int64_t ldu = wb.ld;
+        for (int64_t i = 0; i < n && nu > 0; i += RB) {
+          const int64_t R = std::min<int64_t>(RB, n - i);
+          if (std::min(i + 1, nu) >= nu) break;
+          const int64_t c0 = (i + 1) / VW * VW;  // (from a whole vector: no scalar tail when nu is one)
+          gemm(R, nu - c0, F, pq + i * F, F, wb.pkt.data() + up + c0, wb.ld, su + i * ldu + c0, ldu, false);
+          for (int64_t r = i; r < i + R; ++r) {
+            float* row = su + r * ldu;
+            const int64_t from = std::min(r + 1, nu);
+            std::fill(row + c0, row + from, 0.f);
+            w.den[r] += row_sum(row + from, nu - from);
+          }
+          gemm(R, Dv, nu - c0, su + i * ldu + c0, ldu, wb.vb.data() + (up + c0) * Dv, Dv, w.num.data() + i * Dv, Dv,
+               true);
         }
         exact_part(qg, sq, n, cols, band, wt.exact_sq, c, wb, qe.data());
         exact_sinks(n, lo, false, T - 1, sk, c, wb, qe.data());
         for (int64_t t = 0; t < n; ++t) {
           const int64_t hi = std::min(t + band, cols);
           const int64_t outside = band > 0 ? kept_total - (wb.kept_before[hi] - wb.kept_before[t]) : kept_total;
-          float* nf = w.num.data() + t * Dv;
-          const float df = band > 0 ? w.den[t] - wb.den_b[t] : w.den[t];
-          if (band > 0)
-            for (int64_t d = 0; d < Dv; ++d) nf[d] -= wb.num_b[t * Dv + d];
-          combine_row(Dv, wb.num_e.data() + t * Dv, wb.den_e[t], qe[t], nf, df, w.qs[t] + ks,
-                      wt.state_nonempty || outside > 0, c.den_eps, op + g * soh + (lo + t) * so);
+          combine_row(Dv, wb.num_e.data() + t * Dv, wb.den_e[t], qe[t], w.num.data() + t * Dv, w.den[t],
+                      w.qs[t] + ks, wt.state_nonempty || outside > 0, c.den_eps, op + g * soh + (lo + t) * so,
+                      stp ? stp + g * 2 + (lo + t) * sst : nullptr);
         }
       }
+      // the chunk's keys join the prefix
+      gemm(F, Dv, n, wb.pkt.data(), wb.ld, wb.vb.data(), Dv, P, Dv, true);
+      for (int64_t f = 0; f < F; ++f) zp[f] += row_sum(wb.pkt.data() + f * wb.ld, n);
       // the rows [n, cols) open the next chunk's region
       have = lo + n < T ? std::max<int64_t>(cols - n, 0) : 0;
       if (have > 0) {
@@ -431,6 +518,28 @@ void window_group(const at::Tensor& q, at::Tensor& o, const ExtKeys<scalar_t, vs
         for (int64_t f = 0; f < F; ++f) {
           float* row = wb.pkt.data() + f * wb.ld;
           std::memmove(row, row + n, sizeof(float) * have);
+        }
+      }
+    }
+    // the final state: P (the extended keys [0, T) and the initial state) on the causal continuation's
+    // shift m_fin; when ma is far above it (the last W - 1 keys' exponents dwarf the others) P's features
+    // would have underflowed: those keys are folded again on the running maximum instead
+    if (T > 0) {
+      if (std::isinf(m_fin)) {
+        std::fill(S, S + F * Dv, 0.f);
+        std::fill(z, z + F, 0.f);
+        m_state = NEG_INF;
+      } else if (ks - m_fin <= 30.f) {
+        const float gm = std::exp(ks - m_fin);
+        for (int64_t i = 0; i < F * Dv; ++i) S[i] = P[i] * gm;
+        for (int64_t f = 0; f < F; ++f) z[f] = zp[f] * gm;
+        m_state = m_fin;
+      } else {
+        for (int64_t lo = 0; lo < T; lo += CHUNK) {
+          const int64_t nk = std::min(CHUNK, T - lo);
+          ext.stage(lo, nk, wb.kr.data(), w.vb.data(), kp);
+          key_features(wb.kr.data(), D, reinterpret_cast<const bool*>(kp), nk, c, hp, w, S, z, m_state);
+          update_state(nk, c, w, S, z);
         }
       }
     }
@@ -513,8 +622,11 @@ std::vector<at::Tensor> rf_window_forward(
   at::Tensor vt_out = at::empty({R, H, nt, Dv}, v_tail.options());
   at::Tensor keep_out = at::zeros({R, nt}, tail_keep.options());  // written by the tasks of head 0
   // causal training: each query row's (top, den), read by the fused backward
-  at::Tensor stats = need_stats && causal ? at::empty({B, T, Hq, 2}, q.options().dtype(at::kFloat)) : at::Tensor();
+  at::Tensor stats = need_stats ? at::empty({B, T, Hq, 2}, q.options().dtype(at::kFloat)) : at::Tensor();
   float* statp = stats.defined() ? stats.data_ptr<float>() : nullptr;
+  // non-causal training: each task's key shift (the maximum over its extended keys), read by the backward
+  at::Tensor kshift = need_stats && !causal ? at::empty({R, H}, q.options().dtype(at::kFloat)) : at::Tensor();
+  float* kshp = kshift.defined() ? kshift.data_ptr<float>() : nullptr;
   at::Tensor o = at::empty({B, T, Hq, Dv}, v.options());
   Config c{static_cast<int>(kind), static_cast<float>(c_t), static_cast<float>(c_o),
            static_cast<float>(std::sqrt(scale)), D, Dv, m, F, static_cast<float>(den_eps)};
@@ -576,12 +688,13 @@ std::vector<at::Tensor> rf_window_forward(
         WindowTask wt{window, static_cast<float>(exact_sq), causal, !std::isinf(mp[i])};
         // every head of a sequence computes the same tail flags; head 0 writes them
         window_group<qk_t, v_t>(q, o, ext, span, h, G, c, hp, wt, w, wb, sk, Sp + i * F * Dv, zp + i * F, mp[i],
-                                kto + i * nt * D, vto + i * nt * Dv, h == 0 ? kpo + n * nt : nullptr, statp);
+                                kto + i * nt * D, vto + i * nt * Dv, h == 0 ? kpo + n * nt : nullptr, statp,
+                                kshp ? kshp + i : nullptr);
       });
     });
   });
   if (o.scalar_type() != v_in.scalar_type()) o = o.to(v_in.scalar_type());
-  return {o, S, z, ms, kt_out, vt_out, keep_out, stats};
+  return {o, S, z, ms, kt_out, vt_out, keep_out, stats, kshift};
 }
 
 }  // namespace

@@ -1,5 +1,5 @@
-// Fused backward of the hybrid window (the gradients of rf_window.cpp's causal forward, sinks and the learned
-// factor included). #included at the end of rf_backward.cpp: one translation unit with the plain backward's
+// Fused backward of the hybrid window (the gradients of rf_window.cpp's forward, causal and not, sinks and the
+// learned factor included; the non-causal walks are described in window_backward_group and csrc/README.md). #included at the end of rf_backward.cpp: one translation unit with the plain backward's
 // helpers (feature recomputation, `chain`, the workspace).
 //
 // Per (sequence, key/value head) task, over the extended keys e (the initial tail's W - 1 rows, then the
@@ -88,6 +88,11 @@ struct WinExt {
       }
     }
   }
+  bool kept(int64_t e) const {
+    if (e < nt) return tkeep[e];
+    const int64_t j = e - nt;
+    return (keep ? keep[j] : true) && j >= skip;
+  }
   float* dk_row(int64_t e) const { return e < nt ? dkt + e * D : dk + (e - nt) * sk; }
   float* dv_row(int64_t e) const { return e < nt ? dvt + e * Dv : dv + (e - nt) * sv; }
 };
@@ -130,7 +135,7 @@ void window_backward_group(const Tensors& X, const WinExt& ext, const BSpan& spa
                            int64_t W, float exact_sq, const WinSinks& sk, const float* S0, const float* z0,
                            float m0, const float* dSfin, const float* dzfin, const float* dktf, const float* dvtf,
                            float* dW, float* dbias, float* dS0, float* dz0, float* dsk, float* dsv, float& dmix,
-                           const float* o_all, const float* st_all) {
+                           const float* o_all, const float* st_all, float kshift) {
   const int64_t T = span.T, F = c.F, Dv = c.Dv, D = c.D, nt = ext.nt;
   const int64_t b = span.b, t0 = span.start;
   const int64_t diag = W == 0 ? 1 : 0;  // W = 0: a chunk's feature keys include each query's own
@@ -143,7 +148,7 @@ void window_backward_group(const Tensors& X, const WinExt& ext, const BSpan& spa
   float* dqp = X.dq + b * X.bq + t0 * X.sq + hk * G * D;
   // causal with the forward's per-row (top, den) and output: the rows' scales come from them, and neither
   // part's numerator is recomputed
-  const bool fast = causal && o_all && st_all;
+  const bool fast = o_all && st_all;  // (always, non-causal)
   const float* obp = fast ? o_all + b * X.bo + t0 * X.so + hk * G * Dv : nullptr;
   const int64_t sst = (X.sq / D) * 2;  // stats [B, T, H, 2]: row stride
   const float* stb = fast ? st_all + (b * (X.bq / X.sq) + t0) * sst + hk * G * 2 : nullptr;
@@ -186,60 +191,205 @@ void window_backward_group(const Tensors& X, const WinExt& ext, const BSpan& spa
   float* pq = w.qr.phi.data();
   float* pk = w.kr.phi.data();
   char* kp = wb.kp.data();
-  // non-causal: every extended key on one shift (their maximum ma); Sa, za: the state the queries read (in
-  // S, z); mT: the final state's shift (the maximum over the extended keys [0, T)); dSa, dza in dST, dz
+  // non-causal (the forward's walks, rf_window.cpp): every feature key on the forward's key shift ks_all (its
+  // maximum over the extended keys and the initial state). A reverse walk rebuilds the suffix snapshots Q_c
+  // and, from each row's saved (top, den) and output, each chunk's gradient of the state its queries read,
+  // dR_c = sum_t ahat_t pq_t^T (dz: sum_t bhat_t pq_t; [Dv, F] then [F]), with their sums over the later
+  // chunks DP_c (the gradient that reaches a key of chunk c through the prefix states of later chunks); it
+  // also finds m_fin (the final state's shift: the maximum over the extended keys [0, T)).
   float ks_all = 0.f, m_fin = m0;
   int64_t kept_total = 0;
+  const int64_t up = std::max<int64_t>(band - 1, 0);  // the region reaches `up` keys past its chunk
+  auto region_cols = [&](int64_t lo) { return std::min(std::min(BCHUNK, T - lo) + up, L - lo); };
+  const int64_t FS = F * Dv + F;
+  std::vector<float> qsnap, qshift, dRs, DPs, Pn, zP, zR;
+  std::vector<int64_t> cnt;
   if (!causal) {
-    float ma = m0;
-    for (int64_t lo = 0, n = 0; lo < L; lo += n) {
-      n = std::min(BCHUNK, (lo < T ? T : L) - lo);
-      ext.stage(lo, n, wb.kb.data(), wb.vb.data(), kp);
-      const float cmax = key_logits(wb.kb.data(), D, reinterpret_cast<const bool*>(kp), n, c, hp, w.kr);
-      ma = std::max(ma, cmax);
-      if (lo + n <= T) m_fin = std::max(m_fin, cmax);
-      for (int64_t j = 0; j < n; ++j) kept_total += kp[j] ? 1 : 0;
+    ks_all = std::isinf(kshift) ? 0.f : kshift;
+    cnt.resize(L + 1);
+    cnt[0] = 0;
+    for (int64_t e = 0; e < L; ++e) cnt[e + 1] = cnt[e] + (ext.kept(e) ? 1 : 0);
+    kept_total = cnt[L];
+    qsnap.resize(nch * FS);
+    qshift.resize(nch);
+    dRs.assign(nch * FS, 0.f);
+    DPs.resize(nch * FS);
+    float* Q = w.S.data();
+    float* zq = w.z.data();
+    std::fill(Q, Q + F * Dv, 0.f);
+    std::fill(zq, zq + F, 0.f);
+    float q_shift = BNEG_INF;
+    auto walk = [&](int64_t a, int64_t bnd, bool fold) {
+      for (int64_t hi = bnd; hi > a;) {
+        int64_t lo_k = std::max(a, hi - BCHUNK);
+        if (hi > T && lo_k < T) lo_k = T;
+        const int64_t nk = hi - lo_k;
+        ext.stage(lo_k, nk, wb.kb.data(), wb.vb.data(), kp);
+        const float cmax = key_logits(wb.kb.data(), D, reinterpret_cast<const bool*>(kp), nk, c, hp, w.kr);
+        if (hi <= T) m_fin = std::max(m_fin, cmax);
+        if (fold) {
+          const float m_new = std::max(q_shift, cmax);
+          const float shift = std::isinf(m_new) ? 0.f : m_new;
+          if (m_new != q_shift) {
+            const float alpha = std::isinf(q_shift) ? 0.f : std::exp(q_shift - shift);
+            scale_inplace(Q, F * Dv, alpha);
+            scale_inplace(zq, F, alpha);
+            q_shift = m_new;
+          }
+          key_phi_shifted(nk, c, w.kr, shift);
+          transpose(pk, nk, F, w.pkt.data());
+          gemm(F, Dv, nk, w.pkt.data(), nk, wb.vb.data(), Dv, Q, Dv, true);
+          for (int64_t t = 0; t < nk; ++t)
+            for (int64_t f = 0; f < F; ++f) zq[f] += pk[t * F + f];
+        }
+        hi = lo_k;
+      }
+    };
+    std::vector<float> run(FS, 0.f);
+    int64_t cursor = L;
+    for (int64_t ci = nch - 1; ci >= 0; --ci) {
+      const int64_t lo = ci * BCHUNK, n = std::min(BCHUNK, T - lo);
+      const int64_t e = lo + region_cols(lo);
+      walk(e, cursor, true);
+      cursor = std::min(cursor, e);
+      std::memcpy(qsnap.data() + ci * FS, Q, sizeof(float) * F * Dv);
+      std::memcpy(qsnap.data() + ci * FS + F * Dv, zq, sizeof(float) * F);
+      qshift[ci] = q_shift;
+      std::memcpy(DPs.data() + ci * FS, run.data(), sizeof(float) * FS);
+      float* dRc = dRs.data() + ci * FS;
+      for (int64_t g = 0; g < G; ++g) {
+        query_phi_shift(qp + g * D + lo * X.sq, X.sq, n, c, hp, w.qr, wb.qs.data());
+        for (int64_t t = 0; t < n; ++t) {
+          const int64_t q_e = lo + t;  // the row's band: the extended keys [q_e, q_e + band)
+          const int64_t inband = band > 0 ? cnt[std::min(q_e + band, L)] - cnt[q_e] : 0;
+          const bool has_f = state_nonempty || kept_total - inband > 0;
+          const float* st = stb + g * 2 + q_e * sst;
+          float* A = w.A.data() + t * Dv;
+          const float top = st[0];
+          if (top == BNEG_INF || !has_f) {
+            std::fill(A, A + Dv, 0.f);
+            w.beta[t] = fa[g * T + q_e] = fb[g * T + q_e] = 0.f;
+            continue;
+          }
+          const float a_f = std::exp(wb.qs[t] + ks_all - top);
+          const float den = st[1], dabs = std::fabs(den);
+          const float iv = 1.f / std::max(dabs, c.den_eps);
+          const float* go = gp + g * Dv + q_e * X.so;
+          const float gdot = dot(go, obp + g * Dv + q_e * X.so, Dv);
+          const float sign = den > 0.f ? 1.f : (den < 0.f ? -1.f : 0.f);
+          const float bt = dabs >= c.den_eps ? -gdot * sign * iv : 0.f;
+          fa[g * T + q_e] = a_f * iv;
+          fb[g * T + q_e] = a_f * bt;
+          for (int64_t d = 0; d < Dv; ++d) A[d] = go[d] * fa[g * T + q_e];
+          w.beta[t] = fb[g * T + q_e];
+        }
+        transpose(w.A.data(), n, Dv, w.AT.data());
+        gemm(Dv, F, n, w.AT.data(), n, pq, F, dRc, F, true);
+        for (int64_t t = 0; t < n; ++t) {
+          const float bt = w.beta[t];
+          const float* pr = pq + t * F;
+          for (int64_t f = 0; f < F; ++f) dRc[F * Dv + f] += bt * pr[f];
+        }
+      }
+      for (int64_t i = 0; i < FS; ++i) run[i] += dRc[i];
     }
-    ks_all = std::isinf(ma) ? 0.f : ma;
+    walk(0, cursor, false);  // the first region's keys: m_fin only
+    // the gradient of every chunk's read state: the initial state's share (below)
+    std::memcpy(w.dST.data(), run.data(), sizeof(float) * F * Dv);
+    std::memcpy(w.dz.data(), run.data() + F * Dv, sizeof(float) * F);
+    // the prefix P on ks_all (the initial state first); R = P + Q_c in S^T (w.ST) and zR
+    Pn.resize(F * Dv);
+    zP.resize(F);
+    zR.resize(F);
     const float a0 = std::isinf(m0) ? 0.f : std::exp(m0 - ks_all);
-    scale_inplace(S, F * Dv, a0);
-    scale_inplace(z, F, a0);
-    for (int64_t lo = 0, n = 0; lo < L; lo += n) {
-      n = std::min(BCHUNK, L - lo);
-      ext.stage(lo, n, wb.kb.data(), wb.vb.data(), kp);
-      key_logits(wb.kb.data(), D, reinterpret_cast<const bool*>(kp), n, c, hp, w.kr);
-      key_phi_shifted(n, c, w.kr, ks_all);
-      transpose(pk, n, F, w.pkt.data());
-      gemm(F, Dv, n, w.pkt.data(), n, wb.vb.data(), Dv, S, Dv, true);
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t f = 0; f < F; ++f) z[f] += pk[t * F + f];
-    }
-    transpose(S, F, Dv, w.ST.data());
-    std::fill(w.dST.begin(), w.dST.end(), 0.f);
-    std::fill(w.dz.begin(), w.dz.end(), 0.f);
+    for (int64_t i = 0; i < F * Dv; ++i) Pn[i] = S0[i] * a0;
+    for (int64_t f = 0; f < F; ++f) zP[f] = z0[f] * a0;
   }
+  // non-causal: the final state's gradient reaches the keys [0, T) moved from its shift to ks_all, gS [Dv, F]
+  // and gz; DQ: the gradient that reaches a key through the suffix states of earlier chunks (the chunks c'
+  // with E_c' <= the key, summed as the walk passes them)
+  std::vector<float> gS, DQ, Gt, Gm;
+  int64_t qptr = 0;
+  const float gamma = causal || std::isinf(m_fin) ? 0.f : std::exp(std::min(ks_all - m_fin, 80.f));
+  if (!causal) {
+    gS.assign(FS, 0.f);
+    if (dSfin)
+      for (int64_t f = 0; f < F; ++f)
+        for (int64_t d = 0; d < Dv; ++d) gS[d * F + f] = gamma * dSfin[f * Dv + d];
+    if (dzfin)
+      for (int64_t f = 0; f < F; ++f) gS[F * Dv + f] = gamma * dzfin[f];
+    DQ.assign(FS, 0.f);
+    Gt.resize(FS);
+    Gm.resize(F * Dv);
+  }
+  // non-causal: the region rows [a0, a1) (extended keys lo + a0 ..) are final: their state terms (the
+  // prefix's DPc, the suffix's DQ, the final state's below T) join their carried feature gradients, then
+  // one chain per key
+  auto finish_keys = [&](int64_t lo, int64_t a0, int64_t a1, const float* DPc) {
+    for (int64_t a = a0; a < a1;) {
+      const int64_t j = lo + a;
+      while (qptr < nch && qptr * BCHUNK + region_cols(qptr * BCHUNK) <= j) {
+        const float* d = dRs.data() + qptr * FS;
+        for (int64_t i = 0; i < FS; ++i) DQ[i] += d[i];
+        ++qptr;
+      }
+      int64_t bnd = a1;
+      if (qptr < nch) bnd = std::min(bnd, qptr * BCHUNK + region_cols(qptr * BCHUNK) - lo);
+      if (j < T) bnd = std::min(bnd, T - lo);
+      const int64_t nb = bnd - a;
+      for (int64_t i = 0; i < FS; ++i) Gt[i] = DPc[i] + DQ[i] + (j < T ? gS[i] : 0.f);
+      transpose(Gt.data(), Dv, F, Gm.data());  // [F, Dv]
+      gemm(nb, Dv, F, wb.pkb.data() + a * F, F, Gm.data(), Dv, wb.dvfb.data() + a * Dv, Dv, true);
+      gemm(nb, F, Dv, wb.vb.data() + a * Dv, Dv, Gt.data(), F, wb.dpkb.data() + a * F, F, true);
+      for (int64_t r = a; r < bnd; ++r)
+        for (int64_t f = 0; f < F; ++f) wb.dpkb[r * F + f] += Gt[F * Dv + f];
+      a = bnd;
+    }
+    for (int64_t j0 = a0; j0 < a1; j0 += BCHUNK) {
+      const int64_t nj = std::min(BCHUNK, a1 - j0);
+      key_logits(wb.kb.data() + j0 * D, D, reinterpret_cast<const bool*>(kp + j0), nj, c, hp, w.kr);
+      key_phi_shifted(nj, c, w.kr, ks_all);
+      float* dtmp = wb.dtmp.data();
+      chain(w.kr, wb.dpkb.data() + j0 * F, nj, c, hp, false, w, dtmp, D, dW, dbias);
+      for (int64_t t = 0; t < nj; ++t) {
+        float* dk = ext.dk_row(lo + j0 + t);
+        float* dv = ext.dv_row(lo + j0 + t);
+        for (int64_t d = 0; d < D; ++d) dk[d] += dtmp[t * D + d];
+        for (int64_t d = 0; d < Dv; ++d) dv[d] += wb.dvfb[(j0 + t) * Dv + d];
+      }
+    }
+  };
+  int64_t have = 0;  // non-causal: region rows carried from the previous chunk (features and gradients)
 
   // ---- forward walk
   for (int64_t ci = 0; ci < nch; ++ci) {
     const int64_t lo = ci * BCHUNK, n = std::min(BCHUNK, T - lo);
     // the staged extended keys [lo, lo + cols): causal, the chunk's n feature keys and the band after them;
     // non-causal, the band region (none for W = 0)
-    const int64_t cols = causal ? n + nt : (band > 0 ? std::min(n + band - 1, L - lo) : 0);
+    const int64_t cols = causal ? n + nt : region_cols(lo);
     ext.stage(lo, cols, wb.kb.data(), wb.vb.data(), kp);
     wb.kept_before[0] = 0;
     for (int64_t j = 0; j < cols; ++j) wb.kept_before[j + 1] = wb.kept_before[j] + (kp[j] ? 1 : 0);
     float ks = ks_all;
     if (!causal) {
-      // the band region's feature keys at the shared shift: pkb [cols, F], pkbT [F, cols]
-      for (int64_t j0 = 0; j0 < cols; j0 += BCHUNK) {
+      // the region's feature keys at the shared shift: pkb [cols, F] (the rows carried keep theirs), pkbT
+      for (int64_t j0 = have; j0 < cols; j0 += BCHUNK) {
         const int64_t nj = std::min(BCHUNK, cols - j0);
         key_logits(wb.kb.data() + j0 * D, D, reinterpret_cast<const bool*>(kp + j0), nj, c, hp, w.kr);
         key_phi_shifted(nj, c, w.kr, ks_all);
         std::memcpy(wb.pkb.data() + j0 * F, pk, sizeof(float) * nj * F);
       }
       transpose(wb.pkb.data(), cols, F, wb.pkbT.data());
-      std::fill(wb.dpkb.begin(), wb.dpkb.begin() + cols * F, 0.f);
-      std::fill(wb.dvfb.begin(), wb.dvfb.begin() + cols * Dv, 0.f);
+      transpose(wb.vb.data(), cols, Dv, wb.vbT.data());
+      std::fill(wb.dpkb.begin() + have * F, wb.dpkb.begin() + cols * F, 0.f);
+      std::fill(wb.dvfb.begin() + have * Dv, wb.dvfb.begin() + cols * Dv, 0.f);
+      // the state the chunk's queries read, R = P + exp(shift_c - ks_all) Q_c: transposed in w.ST, zR
+      const float* Qc = qsnap.data() + ci * FS;
+      const float as = std::isinf(qshift[ci]) ? 0.f : std::exp(qshift[ci] - ks_all);
+      float* Rm = w.S.data();
+      for (int64_t i = 0; i < F * Dv; ++i) Rm[i] = Pn[i] + as * Qc[i];
+      for (int64_t f = 0; f < F; ++f) zR[f] = zP[f] + as * Qc[F * Dv + f];
+      transpose(Rm, F, Dv, w.ST.data());
     }
     if (causal) {
     const float cmax = key_logits(wb.kb.data(), D, reinterpret_cast<const bool*>(kp), n, c, hp, w.kr);
@@ -293,24 +443,6 @@ void window_backward_group(const Tensors& X, const WinExt& ext, const BSpan& spa
         gemm_lower(n, Dv, sc, n, w.vb.data(), Dv, w.num.data(), Dv);
         gemm(n, Dv, F, pq, F, S, Dv, w.num.data(), Dv, true);
         for (int64_t t = 0; t < n; ++t) w.den[t] += dot(pq + t * F, z, F);
-      } else {
-        // the whole state minus the band's own products: scb [n, cols] (0 outside each row's band)
-        gemm(n, Dv, F, pq, F, S, Dv, w.num.data(), Dv, false);
-        for (int64_t t = 0; t < n; ++t) w.den[t] = dot(pq + t * F, z, F);
-        if (band > 0) {
-          float* scb = wb.scb.data();
-          gemm(n, cols, F, pq, F, wb.pkbT.data(), cols, scb, cols, false);
-          for (int64_t t = 0; t < n; ++t) {
-            float* row = scb + t * cols;
-            const int64_t hi = std::min(t + band, cols);
-            std::fill(row, row + t, 0.f);
-            std::fill(row + hi, row + cols, 0.f);
-            w.den[t] -= row_sum(row + t, hi - t);
-          }
-          std::vector<float> nb(n * Dv);
-          gemm(n, Dv, cols, scb, cols, wb.vb.data(), Dv, nb.data(), Dv, false);
-          for (int64_t e = 0; e < n * Dv; ++e) w.num[e] -= nb[e];
-        }
       }
       // the exact part: band logits (-inf outside), then the sinks
       float* el = wb.el.data();
@@ -479,33 +611,37 @@ void window_backward_group(const Tensors& X, const WinExt& ext, const BSpan& spa
         gemm(n, F, Dv, ahat, Dv, w.ST.data(), F, w.dphi.data(), F, true);
         add_outer(n, F, bhat, z, w.dphi.data());
       } else {
-        // the whole state's, minus the band's (Pb over each row's band); the queries join dSa, dza; the band
-        // keys' partial gradients: dpkb -= Pb^T pq, dvfb -= scb^T ahat
+        // R's: dphi = ahat R^T + bhat zR (the read state's own gradient is the reverse walk's dR_c)
         gemm(n, F, Dv, ahat, Dv, w.ST.data(), F, w.dphi.data(), F, false);
-        add_outer(n, F, bhat, z, w.dphi.data());
-        transpose(ahat, n, Dv, w.AT.data());
-        gemm(Dv, F, n, w.AT.data(), n, pq, F, w.dST.data(), F, true);
-        for (int64_t t = 0; t < n; ++t)
-          for (int64_t f = 0; f < F; ++f) w.dz[f] += bhat[t] * pq[t * F + f];
-        if (band > 0) {
-          float* pb = wb.pb.data();
-          float* scb = wb.scb.data();
-          gemm(n, cols, Dv, ahat, Dv, wb.vbT.data(), cols, pb, cols, false);
+        add_outer(n, F, bhat, zR.data(), w.dphi.data());
+        // the region's feature keys outside each row's band: the lower block (columns [0, n), r' < r; W = 0:
+        // r' <= r) and the upper one (columns up + r', r' > r). There Pm[t, j] = ahat_t . v_j + bhat_t and
+        // Sm[t, j] = pq_t . pk_j: dphi += Pm pk, dpkb += Pm^T pq, dvfb += Sm^T ahat
+        const int64_t diag_l = band > 0 ? 0 : 1;
+        auto block_grads = [&](int64_t col0, int64_t nc, bool lower) {
+          float* Pm = w.P.data();
+          float* Sm = w.sc.data();
+          gemm(n, nc, Dv, ahat, Dv, wb.vbT.data() + col0, cols, Pm, nc, false);
+          gemm(n, nc, F, pq, F, wb.pkbT.data() + col0, cols, Sm, nc, false);
           for (int64_t t = 0; t < n; ++t) {
-            float* row = pb + t * cols;
-            const int64_t hi = std::min(t + band, cols);
-            std::fill(row, row + t, 0.f);
-            for (int64_t e = t; e < hi; ++e) row[e] = -(row[e] + bhat[t]);
-            std::fill(row + hi, row + cols, 0.f);
-            float* srow = scb + t * cols;
-            for (int64_t e = t; e < hi; ++e) srow[e] = -srow[e];
+            float* pr = Pm + t * nc;
+            float* sr = Sm + t * nc;
+            const int64_t a = lower ? 0 : std::min(t + 1, nc), e = lower ? std::min(t + diag_l, nc) : nc;
+            std::fill(pr, pr + a, 0.f);
+            std::fill(sr, sr + a, 0.f);
+            for (int64_t j = a; j < e; ++j) pr[j] += bhat[t];
+            std::fill(pr + e, pr + nc, 0.f);
+            std::fill(sr + e, sr + nc, 0.f);
           }
-          gemm(n, F, cols, pb, cols, wb.pkb.data(), F, w.dphi.data(), F, true);
-          transpose(pb, n, cols, wb.pbT.data());
-          gemm(cols, F, n, wb.pbT.data(), n, pq, F, wb.dpkb.data(), F, true);
-          transpose(scb, n, cols, wb.scbT.data());
-          gemm(cols, Dv, n, wb.scbT.data(), n, ahat, Dv, wb.dvfb.data(), Dv, true);
-        }
+          gemm(n, F, nc, Pm, nc, wb.pkb.data() + col0 * F, F, w.dphi.data(), F, true);
+          transpose(Pm, n, nc, wb.pbT.data());
+          gemm(nc, F, n, wb.pbT.data(), n, pq, F, wb.dpkb.data() + col0 * F, F, true);
+          transpose(Sm, n, nc, wb.scbT.data());
+          gemm(nc, Dv, n, wb.scbT.data(), n, ahat, Dv, wb.dvfb.data() + col0 * Dv, Dv, true);
+        };
+        block_grads(0, n, true);
+        const int64_t nu = std::min(n, cols - up);
+        if (nu > 0) block_grads(up, nu, false);
       }
       float* dqg = dqp + g * D + lo * X.sq;
       chain(w.qr, w.dphi.data(), n, c, hp, true, w, dqg, X.sq, dW, dbias);
@@ -589,19 +725,17 @@ void window_backward_group(const Tensors& X, const WinExt& ext, const BSpan& spa
       }
     }
     if (!causal) {
-      // the band keys' partial feature gradients (chain is linear in dphi: each region on its own)
-      for (int64_t j0 = 0; j0 < cols; j0 += BCHUNK) {
-        const int64_t nj = std::min(BCHUNK, cols - j0);
-        key_logits(wb.kb.data() + j0 * D, D, reinterpret_cast<const bool*>(kp + j0), nj, c, hp, w.kr);
-        key_phi_shifted(nj, c, w.kr, ks_all);
-        float* dtmp = wb.dtmp.data();
-        chain(w.kr, wb.dpkb.data() + j0 * F, nj, c, hp, false, w, dtmp, D, dW, dbias);
-        for (int64_t t = 0; t < nj; ++t) {
-          float* dk = ext.dk_row(lo + j0 + t);
-          float* dv = ext.dv_row(lo + j0 + t);
-          for (int64_t d = 0; d < D; ++d) dk[d] += dtmp[t * D + d];
-          for (int64_t d = 0; d < Dv; ++d) dv[d] += wb.dvfb[(j0 + t) * Dv + d];
-        }
+      // the chunk's keys (rows [0, n)) leave the region: their gradients are complete; then they join P
+      finish_keys(lo, 0, n, DPs.data() + ci * FS);
+      gemm(F, Dv, n, wb.pkbT.data(), cols, wb.vb.data(), Dv, Pn.data(), Dv, true);
+      for (int64_t f = 0; f < F; ++f) zP[f] += row_sum(wb.pkbT.data() + f * cols, n);
+      if (ci == nch - 1) {
+        finish_keys(lo, n, cols, DPs.data() + ci * FS);  // the final tail's keys (no later chunk)
+      } else {
+        have = cols - n;  // the rows [n, cols) open the next chunk's region
+        std::memmove(wb.pkb.data(), wb.pkb.data() + n * F, sizeof(float) * have * F);
+        std::memmove(wb.dpkb.data(), wb.dpkb.data() + n * F, sizeof(float) * have * F);
+        std::memmove(wb.dvfb.data(), wb.dvfb.data() + n * Dv, sizeof(float) * have * Dv);
       }
       continue;
     }
@@ -615,46 +749,14 @@ void window_backward_group(const Tensors& X, const WinExt& ext, const BSpan& spa
   }
 
   if (!causal) {
-    // every extended key reads dSa, dza; the keys [0, T) also the final state's gradient, moved from its
-    // shift to the shared one (gamma = exp(ks - shift_T); 0 when no key of [0, T) is kept)
-    const float sT = std::isinf(m_fin) ? 0.f : m_fin;
-    const float gamma = std::isinf(m_fin) ? 0.f : std::exp(ks_all - sT);
-    std::vector<float> dSaT(w.dST), dza(w.dz), dSeT(F * Dv), dze(F), dSe(F * Dv);
-    for (int64_t lo = 0, n = 0; lo < L; lo += n) {
-      n = std::min(BCHUNK, (lo < T ? T : L) - lo);
-      std::memcpy(dSeT.data(), dSaT.data(), sizeof(float) * F * Dv);
-      std::memcpy(dze.data(), dza.data(), sizeof(float) * F);
-      if (lo < T && gamma != 0.f) {
-        if (dSfin)
-          for (int64_t f = 0; f < F; ++f)
-            for (int64_t d = 0; d < Dv; ++d) dSeT[d * F + f] += gamma * dSfin[f * Dv + d];
-        if (dzfin)
-          for (int64_t f = 0; f < F; ++f) dze[f] += gamma * dzfin[f];
-      }
-      ext.stage(lo, n, wb.kb.data(), wb.vb.data(), kp);
-      key_logits(wb.kb.data(), D, reinterpret_cast<const bool*>(kp), n, c, hp, w.kr);
-      key_phi_shifted(n, c, w.kr, ks_all);
-      transpose(dSeT.data(), Dv, F, dSe.data());
-      gemm(n, Dv, F, pk, F, dSe.data(), Dv, w.dvb.data(), Dv, false);
-      gemm(n, F, Dv, wb.vb.data(), Dv, dSeT.data(), F, w.dpk.data(), F, false);
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t f = 0; f < F; ++f) w.dpk[t * F + f] += dze[f];
-      float* dtmp = wb.dtmp.data();
-      chain(w.kr, w.dpk.data(), n, c, hp, false, w, dtmp, D, dW, dbias);
-      for (int64_t t = 0; t < n; ++t) {
-        float* dk = ext.dk_row(lo + t);
-        float* dv = ext.dv_row(lo + t);
-        for (int64_t d = 0; d < D; ++d) dk[d] += dtmp[t * D + d];
-        for (int64_t d = 0; d < Dv; ++d) dv[d] += w.dvb[t * Dv + d];
-      }
-    }
-    // the initial state: read by the queries (on the shared shift) and carried into the final state
-    const float a_q = std::isinf(m0) ? 0.f : std::exp(m0 - ks_all);
-    const float a_f = std::isinf(m0) ? 0.f : std::exp(m0 - sT);
+    // the initial state: read by every chunk's queries (on ks_all) and carried into the final state (on m_fin;
+    // T = 0: the final state is the initial one)
+    const float a_q = nch == 0 || std::isinf(m0) ? 0.f : std::exp(m0 - ks_all);
+    const float a_f = nch == 0 ? 1.f : (std::isinf(m0) ? 0.f : std::exp(m0 - m_fin));
     for (int64_t f = 0; f < F; ++f) {
       for (int64_t d = 0; d < Dv; ++d)
-        dS0[f * Dv + d] = a_q * dSaT[d * F + f] + (dSfin ? a_f * dSfin[f * Dv + d] : 0.f);
-      dz0[f] = a_q * dza[f] + (dzfin ? a_f * dzfin[f] : 0.f);
+        dS0[f * Dv + d] = a_q * w.dST[d * F + f] + (dSfin ? a_f * dSfin[f * Dv + d] : 0.f);
+      dz0[f] = a_q * w.dz[f] + (dzfin ? a_f * dzfin[f] : 0.f);
     }
   } else {
 
@@ -752,7 +854,7 @@ std::vector<at::Tensor> rf_window_backward(
     const c10::optional<at::Tensor>& sink_k, const c10::optional<at::Tensor>& sink_v,
     const c10::optional<at::Tensor>& sink_from, const c10::optional<at::Tensor>& sink_skip,
     const c10::optional<at::Tensor>& log_mix, const c10::optional<at::Tensor>& o_in,
-    const c10::optional<at::Tensor>& stats_in) {
+    const c10::optional<at::Tensor>& stats_in, const c10::optional<at::Tensor>& kshift_in) {
   auto given = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); };
   TORCH_CHECK_VALUE(kind == KIND_EXP || kind == KIND_HYP || kind == KIND_TRIG || kind == KIND_NORM_HYP,
                     "unknown feature kind ", kind);
@@ -804,12 +906,18 @@ std::vector<at::Tensor> rf_window_backward(
   }
   at::Tensor mixt;
   if (given(log_mix)) mixt = f32(*log_mix);
-  at::Tensor ot, stt;  // causal: the forward's output and per-row (top, den)
-  if (causal && given(o_in) && given(stats_in)) {
+  at::Tensor ot, stt, kst;  // the forward's output and per-row (top, den); non-causal, its key shift
+  if (given(o_in) && given(stats_in)) {
     ot = f32(*o_in);
     stt = f32(*stats_in);
     TORCH_CHECK_VALUE(ot.sizes() == go.sizes() && stt.sizes() == at::IntArrayRef({B, T, Hq, 2}),
                       "window_backward: o and stats must be [B, T, H, Dv] and [B, T, H, 2]");
+  }
+  if (!causal) {
+    TORCH_CHECK_VALUE(ot.defined() && given(kshift_in),
+                      "window_backward: the non-causal backward needs the forward's o, stats and key_shift");
+    kst = f32(*kshift_in);
+    TORCH_CHECK_VALUE(kst.sizes() == at::IntArrayRef({R, H}), "window_backward: key_shift must be [R, H_kv]");
   }
 
   auto opts = q.options().dtype(fdt);
@@ -891,7 +999,7 @@ std::vector<at::Tensor> rf_window_backward(
                                dzfp ? dzfp + i * F : nullptr, dktfp ? dktfp + i * nt * D : nullptr,
                                dvtfp ? dvtfp + i * nt * Dv : nullptr, dWp + i * m * D, dbp + i * m,
                                dS0p + i * F * Dv, dz0p + i * F, dskp + i * NS * D, dsvp + i * NS * Dv, dmixp[i],
-                               ptr(ot), ptr(stt));
+                               ptr(ot), ptr(stt), kst.defined() ? kst.data_ptr<float>()[i] : BNEG_INF);
       }
     });
   }

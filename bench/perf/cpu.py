@@ -217,7 +217,7 @@ def decode_rows(reps: int, mm_peak: float, verdicts: list, notes: list) -> list:
     return rows
 
 
-def training_rows(reps: int, verdicts: list) -> list:
+def training_rows(reps: int, verdicts: list, modes=(True, False)) -> list:
     """Forward + backward of a fixed linear loss of o at every shape, causal and non-causal: rows of
     (case, implementation, ms, tokens/s, peak MiB, time / time of rf_attention)."""
     rows = []
@@ -226,7 +226,7 @@ def training_rows(reps: int, verdicts: list) -> list:
         gen = torch.Generator().manual_seed(T)
         q, k, v, do = (torch.randn(B, T, H, D, generator=gen) for _ in range(4))
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        for causal in (True, False):
+        for causal in modes:
             mode = "causal" if causal else "non-causal"
             p = fm.feature_params(q, k, scale=D**-0.5, causal=causal)
 
@@ -279,7 +279,14 @@ def training_rows(reps: int, verdicts: list) -> list:
     return rows
 
 
-def run(threads: int, reps: int, decode_only: bool = False, train_only: bool = False, command: str = "") -> str:
+def run(
+    threads: int,
+    reps: int,
+    decode_only: bool = False,
+    train_only: bool = False,
+    command: str = "",
+    noncausal_only: bool = False,
+) -> str:
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     load = os.getloadavg()
@@ -346,7 +353,7 @@ def run(threads: int, reps: int, decode_only: bool = False, train_only: bool = F
     notes = []
     if not train_only:
         rows += decode_rows(reps, mm_peak, verdicts, notes)
-    train = [] if decode_only else training_rows(reps, verdicts)
+    train = [] if decode_only else training_rows(reps, verdicts, (False,) if noncausal_only else (True, False))
     lines = [
         f"# CPU backend benchmark ({datetime.date.today().isoformat()})",
         "",
@@ -391,19 +398,25 @@ def main() -> None:
     parser.add_argument("--out", default=RESULTS)
     parser.add_argument("--decode-only", action="store_true", help="only the decode-step rows")
     parser.add_argument("--train-only", action="store_true", help="only the forward + backward rows")
+    parser.add_argument(
+        "--noncausal-train-only", action="store_true", help="only the non-causal forward + backward rows"
+    )
+    parser.add_argument("--name", default=None, help="the result file's name (default: cpu-<date><suffix>.md)")
     args = parser.parse_args()
+    args.train_only = args.train_only or args.noncausal_train_only
     table = run(
         args.threads,
         args.reps,
         decode_only=args.decode_only,
         train_only=args.train_only,
         command=command_line("bench.perf.cpu"),
+        noncausal_only=args.noncausal_train_only,
     )
     print(table)
     os.makedirs(args.out, exist_ok=True)
     suffix = ("" if args.threads == 2 else f"-t{args.threads}") + ("-decode" if args.decode_only else "")
     suffix += "-train" if args.train_only else ""
-    path = os.path.join(args.out, f"cpu-{datetime.date.today().isoformat()}{suffix}.md")
+    path = os.path.join(args.out, args.name or f"cpu-{datetime.date.today().isoformat()}{suffix}.md")
     with open(path, "w") as f:
         f.write(table)
     print(f"written to {path}")

@@ -149,8 +149,9 @@ def _forward(
     need_stats=False,
 ):
     """The C++ forward: ``(o, S, z, log_scale, k_tail, v_tail, tail_keep, k_sink, v_sink, sink_keep,
-    sink_seen)``. ``slots``: the sink slots of ``_sink_slots`` when already made. ``need_stats`` (causal):
-    returns ``(that tuple, stats)``, stats ``[B, T, H, 2]`` each query row's (top, den) for the backward."""
+    sink_seen)``. ``slots``: the sink slots of ``_sink_slots`` when already made. ``need_stats``: returns
+    ``(that tuple, (stats, key_shift))`` for the backward: stats ``[B, T, H, 2]`` each query row's (top, den),
+    key_shift ``[R, H_kv]`` (non-causal; None when causal) each task's key stabiliser."""
     ext = _load()
     R, Hk = state.log_scale.shape
     D = q.shape[-1]
@@ -164,7 +165,7 @@ def _forward(
         sk = sv = None
         skeep, sseen = state.sink_keep, state.sink_seen
     ksl, vsl, sfrom, sskip = _slot_args(slots)
-    o, S, z, ms, kt_out, vt_out, keep_out, stats = ext.window_forward(
+    o, S, z, ms, kt_out, vt_out, keep_out, stats, kshift = ext.window_forward(
         q.detach(),
         k.detach(),
         v.detach(),
@@ -198,7 +199,7 @@ def _forward(
     if sk is None:
         sk, sv = (t.detach().to(torch.float32).clone() for t in state[6:8])  # empty: [R, H_kv, 0, .]
     outs = (o, S, z, ms, kt_out, vt_out, keep_out, sk, sv, skeep, sseen)
-    return (outs, stats) if need_stats else outs
+    return (outs, (stats, kshift)) if need_stats else outs
 
 
 class _CpuWindowAttention(torch.autograd.Function):
@@ -274,10 +275,12 @@ class _CpuWindowFused(torch.autograd.Function):
     ):
         tail_keep, slots = flags
         state = WindowState(S0, z0, m0, kt0, vt0, tail_keep, ks0, vs0, *_flags_keep(slots, ks0))
-        outs, stats = _forward(q, k, v, params, log_mix, causal, window, mask, state, cu, offsets, slots, True)
-        # causal: the output and each row's (top, den) let the backward skip both parts' numerators
-        o_saved = outs[0] if causal else None
-        ctx.save_for_backward(q, k, v, W, bias, log_mix, S0, z0, m0, kt0, vt0, ks0, vs0, o_saved, stats)
+        outs, (stats, kshift) = _forward(
+            q, k, v, params, log_mix, causal, window, mask, state, cu, offsets, slots, True
+        )
+        # the output and each row's (top, den) (and, non-causal, the key shift) let the backward skip both
+        # parts' numerators
+        ctx.save_for_backward(q, k, v, W, bias, log_mix, S0, z0, m0, kt0, vt0, ks0, vs0, outs[0], stats, kshift)
         ctx.flags, ctx.params, ctx.window, ctx.mask, ctx.cu = flags, params, window, mask, cu
         ctx.causal = causal
         ctx.mark_non_differentiable(outs[3], outs[6])
@@ -287,7 +290,7 @@ class _CpuWindowFused(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, do, dS, dz, _dm, dkt, dvt, _dkeep, dks, dvs):
-        q, k, v, W, bias, log_mix, S0, z0, m0, kt0, vt0, ks0, vs0, o_saved, stats = ctx.saved_tensors
+        q, k, v, W, bias, log_mix, S0, z0, m0, kt0, vt0, ks0, vs0, o_saved, stats, kshift = ctx.saved_tensors
         tail_keep, slots = ctx.flags
         p = ctx.params
         R, Hk = m0.shape
@@ -331,6 +334,7 @@ class _CpuWindowFused(torch.autograd.Function):
             mix,
             o_saved,
             stats,
+            kshift,
         )
         dq, dk, dv, dW, dbias, dS0, dz0, dkt0, dvt0, dsk, dsv, dmix = grads
         dks0 = dvs0 = None
