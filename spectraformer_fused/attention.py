@@ -11,6 +11,8 @@ from .reference import reference_attention
 from .state import empty_state, empty_window_state
 from .validation import (
     check_attention_inputs,
+    check_cache,
+    check_cache_setting,
     check_cu_seqlens,
     check_sinks,
     check_window,
@@ -27,6 +29,10 @@ WINDOW_BACKENDS = {"reference", "cpu", "triton"}
 # learned exact-part factor (``mix``); the same fallback rule.
 SINK_BACKENDS = {"reference", "cpu", "triton"}
 MIX_BACKENDS = {"reference", "cpu", "triton"}
+# The backends with the exact cache (``cache=``, DESIGN.md section 9): the reference (a token loop, any device)
+# and "cpu" (``ops.cpu.cache``: the cache's decisions in a loop, the attention in blocks). A CUDA call on
+# "auto" runs the reference; backend="triton" raises.
+CACHE_BACKENDS = {"reference", "cpu"}
 # The backends that evaluate each feature kind, for the kinds not every backend has; "auto" falls back to the
 # reference when the backend it would choose is not listed, an explicit backend that is not listed raises.
 KIND_BACKENDS = {NORM_HYP: {"reference", "cpu", "triton"}}
@@ -46,7 +52,12 @@ def available_backends() -> list[str]:
 
 
 def _resolve_backend(
-    backend: str, q: torch.Tensor, feature_map: RandomFeatureMap, window: int | None = None, sinks: int = 0
+    backend: str,
+    q: torch.Tensor,
+    feature_map: RandomFeatureMap,
+    window: int | None = None,
+    sinks: int = 0,
+    cache: int = 0,
 ) -> str:
     """The backend that runs ``feature_map`` on inputs like ``q`` (with the hybrid ``window`` and ``sinks``,
     already checked): "auto" resolved, an explicit choice checked."""
@@ -59,6 +70,8 @@ def _resolve_backend(
         needs.append((f"attention sinks (sinks={sinks})", SINK_BACKENDS))
     if window is not None and getattr(feature_map, "log_mix", None) is not None:
         needs.append(("the feature map's exact-part factor (mix)", MIX_BACKENDS))
+    if cache:
+        needs.append((f"the exact cache (cache={cache})", CACHE_BACKENDS))
     for what, able in needs:
         if backend != "auto" and backend not in able:
             raise ValueError(
@@ -158,6 +171,7 @@ def rf_attention(
     cu_seqlens: torch.Tensor | None = None,
     window: int | None = None,
     sinks: int | None = None,
+    cache: int | None = None,
 ):
     """Random-feature attention: o_t = phi(q_t)^T S / phi(q_t)^T z (DESIGN.md section 1), or with a
     ``window`` hybrid attention: exact inside the window, features beyond it (DESIGN.md section 6).
@@ -202,27 +216,42 @@ def rf_attention(
             same sinks and window. A feature map built with ``mix`` multiplies the exact part (window and
             sinks) by its learned factor. Backends: ``SINK_BACKENDS`` (and ``MIX_BACKENDS`` for the factor);
             "auto" takes the reference when its choice has neither.
+        cache: None or 0 (the default) or C >= 1: an exact cache (DESIGN.md section 9), causal and with a
+            window >= 1 only. Each sequence keeps, per key/value head, up to C of the keys and values that
+            have left the window exact: when a key leaves the window and the cache is full, the key of
+            cache U {it} whose own weight the features estimate best (the log-error of phi(k).phi(k)
+            against the exact weight of k with itself, ``cache.key_scores``) is folded into the features. Query t is exact over its window, the sinks and the cache, features over the rest, one
+            normaliser (the factor ``mix`` on every exact weight). The state is a ``CacheState``: a
+            ``WindowState``'s fields plus ``k_cache [B, H_kv, C, D]``, ``v_cache``, ``cache_keep [B, C]``,
+            fixed size; ``initial_state`` must be made with the same window, sinks and cache. Backends:
+            ``CACHE_BACKENDS`` ("auto" on CUDA runs the reference, a loop over tokens). The cache's decisions
+            are constants for differentiation.
 
     Returns:
         o ``[B, T, H, Dv]`` in v's dtype, or ``(o, state)`` when ``output_final_state``: an ``RFState``, or
-        a ``WindowState`` with a window. The state is fp32 (fp64 for fp64 inputs).
+        a ``WindowState`` with a window (a ``CacheState`` with a cache). The state is fp32 (fp64 for fp64
+        inputs).
     """
     if not isinstance(feature_map, RandomFeatureMap):
         raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
     sinks = check_sinks(sinks)
+    cache = check_cache(cache)
     window = hybrid_window(check_window(window), sinks)
+    check_cache_setting(cache, window, causal)
     if cu_seqlens is None:
         F = feature_map.feature_dim
-        state = check_attention_inputs(q, k, v, key_padding_mask, initial_state, F, window, sinks)
+        state = check_attention_inputs(q, k, v, key_padding_mask, initial_state, F, window, sinks, cache)
         offsets, rows = None, q.shape[0]
     else:
-        state, offsets = _check_packed(q, k, v, feature_map, cu_seqlens, key_padding_mask, initial_state, window, sinks)
+        state, offsets = _check_packed(
+            q, k, v, feature_map, cu_seqlens, key_padding_mask, initial_state, window, sinks, cache
+        )
         rows = len(offsets) - 1
     _, T, H, D = q.shape
     Hk = k.shape[2]
     feature_map.check_input(D, Hk)
     scale = resolve_scale(scale, D)
-    name = _resolve_backend(backend, q, feature_map, window, sinks)
+    name = _resolve_backend(backend, q, feature_map, window, sinks, cache)
     if T == 0:  # no output rows; every state passes through
         o = v.new_empty(q.shape[0], 0, H, v.shape[-1])
         if not output_final_state:
@@ -232,7 +261,7 @@ def rf_attention(
             state = empty_state(rows, Hk, feature_map.feature_dim, v.shape[-1], dtype=cdt, device=q.device)
         elif state is None:
             F, Dv = feature_map.feature_dim, v.shape[-1]
-            state = empty_window_state(rows, Hk, F, D, Dv, window, sinks=sinks, dtype=cdt, device=q.device)
+            state = empty_window_state(rows, Hk, F, D, Dv, window, sinks=sinks, cache=cache, dtype=cdt, device=q.device)
         return o, type(state)(*(t if t.dtype == torch.bool else t.to(cdt) for t in state))
     params = feature_map.feature_params(
         q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask, offsets=offsets
@@ -241,6 +270,10 @@ def rf_attention(
     extra = {} if window is None else {"window": window}  # only window backends take the keyword
     if sinks:
         extra["sinks"] = sinks
+    if cache:
+        extra["cache"] = cache
+        if name == "cpu":
+            from .ops.cpu.cache import cpu_cache_attention as fn
     if offsets is None:
         o, final = fn(
             q,
@@ -269,7 +302,7 @@ def rf_attention(
     return (o, final) if output_final_state else o
 
 
-def _check_packed(q, k, v, feature_map, cu_seqlens, key_padding_mask, initial_state, window, sinks):
+def _check_packed(q, k, v, feature_map, cu_seqlens, key_padding_mask, initial_state, window, sinks, cache=0):
     """(state with one row per sequence or None, offsets as Python ints) of packed sequences."""
     check_attention_inputs(q, k, v, None, None, feature_map.feature_dim)
     offsets = check_cu_seqlens(cu_seqlens, q, key_padding_mask)
@@ -282,5 +315,6 @@ def _check_packed(q, k, v, feature_map, cu_seqlens, key_padding_mask, initial_st
         feature_map.feature_dim,
         window,
         sinks,
+        cache,
     )
     return state, offsets

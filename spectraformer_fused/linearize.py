@@ -393,7 +393,7 @@ def summary_markdown(report: dict) -> str:
     metrics = list(report["stages"]["convert"]["metrics"])
     lines.append("| stage | " + " | ".join(metrics) + " | time (s) |")
     lines.append("|---" * (len(metrics) + 2) + "|")
-    for stage in STAGES:
+    for stage in [*STAGES, *(["cache"] if "cache" in report["stages"] else [])]:
         row = report["stages"][stage]
         vals = [_fmt(row["metrics"][m]) for m in metrics]
         lines.append(f"| {stage} | " + " | ".join(vals) + f" | {row['time_s']:.1f} |")
@@ -419,6 +419,7 @@ def linearize(
     window: int | None = None,
     sinks: int | None = None,
     mix: float | None = None,
+    cache: int | None = None,
     distill_loss: str = "kl",
     kernel: str = "softmax",
     tokenizer=None,
@@ -445,7 +446,10 @@ def linearize(
     1.0) are passed to ``convert`` only when given, and saved with the conversion arguments, so that
     ``load_linearized`` rebuilds the same layers (the fitted factor comes back with the feature maps).
     ``distill_loss``: stage 1 fits the attention weights (``"kl"``) or the attention outputs (``"mse"``,
-    LoLCATs), see ``fitting.distill``."""
+    LoLCATs), see ``fitting.distill``. ``cache`` (an exact cache of C keys, DESIGN.md section 9; needs a
+    window) is an inference-time addition: the stages train and are evaluated without it, then it is switched
+    on (``set_cache``), evaluated once more (stage ``"cache"``) and saved with the conversion arguments, so
+    that ``load_linearized`` rebuilds the layers with it."""
     tf = _transformers()
     hf = _hf()
     model_dir = _check_model_dir(model_dir)
@@ -460,6 +464,8 @@ def linearize(
     if sinks is not None and (isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 1):
         raise ValueError(f"sinks must be a positive int or None, got {sinks!r}")
     mix = _check_mix(mix)
+    if cache is not None and (isinstance(cache, bool) or not isinstance(cache, int) or cache < 1):
+        raise ValueError(f"cache must be a positive int or None, got {cache!r}")
     if distill_loss not in DISTILL_LOSSES:
         raise ValueError(f"unknown distill_loss {distill_loss!r}; valid names are {', '.join(DISTILL_LOSSES)}")
     train_lines, test_lines = split_lines(read_lines(data), held_out, seed)
@@ -486,6 +492,8 @@ def linearize(
     stages = {}
     t0 = time.perf_counter()
     student = hf.convert(copy.deepcopy(teacher), **convert_args)
+    if cache is not None:  # refused here (a layer without a window, a bidirectional one) before any training
+        hf.set_cache(hf.set_cache(student, cache), None)
     times["convert"] = time.perf_counter() - t0
     stages["convert"] = {"metrics": evaluate(student, teacher, test_batches, task), "time_s": times["convert"]}
     _log(f"[1/3 convert] {stages['convert']['metrics']}", verbose)
@@ -519,6 +527,13 @@ def linearize(
     times["finetune"] = time.perf_counter() - t0
     stages["finetune"] = {"metrics": evaluate(student, teacher, test_batches, task), "time_s": times["finetune"]}
     _log(f"[3/3 finetune] {stages['finetune']['metrics']}", verbose)
+    if cache is not None:
+        t0 = time.perf_counter()
+        hf.set_cache(student, cache)
+        convert_args["cache"] = cache
+        stages["cache"] = {"metrics": evaluate(student, teacher, test_batches, task)}
+        stages["cache"]["time_s"] = time.perf_counter() - t0
+        _log(f"[cache {cache}] {stages['cache']['metrics']}", verbose)
 
     report = {
         "model_dir": model_dir,
@@ -610,6 +625,13 @@ def parser() -> argparse.ArgumentParser:
         "--sinks", type=int, default=None, metavar="S", help="attention sinks: the first S keys exact too (LoLCATs: 4)"
     )
     p.add_argument(
+        "--cache",
+        type=int,
+        default=None,
+        metavar="C",
+        help="an exact cache of the C keys the features represent worst (needs --window; applied after training)",
+    )
+    p.add_argument(
         "--mix",
         type=float,
         nargs="?",
@@ -676,6 +698,7 @@ def main(argv=None) -> int:
             window=args.window,
             sinks=args.sinks,
             mix=args.mix,
+            cache=args.cache,
             distill_loss=args.distill_loss,
             data=args.data,
             out=args.out,

@@ -7,7 +7,7 @@ from torch import nn
 
 from .attention import rf_attention
 from .feature_map import RandomFeatureMap
-from .validation import check_sinks, check_window
+from .validation import check_cache, check_cache_setting, check_sinks, check_window, hybrid_window
 
 
 class SpectraAttention(nn.Module):
@@ -35,6 +35,8 @@ class SpectraAttention(nn.Module):
     the last W - 1 keys and values besides S and z, still of fixed size, and decodes as above. ``sinks=S``
     keeps the first S keys of each sequence exact too (attention sinks, DESIGN.md section 8; with or without a
     window), and ``mix`` gives the feature map a learned factor on the exact part (``RandomFeatureMap(mix=)``).
+    ``cache=C`` (causal, with a window) keeps up to C of the keys that have left the window exact, those the
+    features represent worst (DESIGN.md section 9); the state is then a ``CacheState``, still of fixed size.
     OPRF/SADERF use their
     running statistics in causal attention, and a layer in training mode updates them on every call:
     decode in eval mode (``layer.eval()``) so that every step uses the same parameters.
@@ -57,6 +59,7 @@ class SpectraAttention(nn.Module):
         window: int | None = None,
         sinks: int | None = None,
         mix: bool | float | None = None,
+        cache: int | None = None,
         device=None,
         dtype=None,
         **component_args,
@@ -64,6 +67,8 @@ class SpectraAttention(nn.Module):
         super().__init__()
         self.window = check_window(window)
         self.sinks = check_sinks(sinks) or None
+        self.cache = check_cache(cache) or None
+        check_cache_setting(self.cache or 0, hybrid_window(self.window, self.sinks or 0), bool(causal))
         if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim <= 0:
             raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads <= 0:
@@ -129,6 +134,7 @@ class SpectraAttention(nn.Module):
             backend=self.backend,
             window=self.window,
             sinks=self.sinks,
+            cache=self.cache,
         )
         o, state = out if output_final_state else (out, None)
         y = self.out_proj(o.reshape(B, T, self.embed_dim))

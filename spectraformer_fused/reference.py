@@ -29,7 +29,7 @@ import torch
 from .causal_chunks import causal_chunks
 from .components import feature_logits
 from .contract import DEN_EPS, FeatureParams
-from .state import RFState, WindowState, empty_state, empty_window_state, safe_log_scale
+from .state import CacheState, RFState, WindowState, empty_state, empty_window_state, safe_log_scale
 
 
 def safe_denominator(den: torch.Tensor) -> torch.Tensor:
@@ -87,6 +87,7 @@ def reference_attention(
     cu_seqlens: torch.Tensor | None = None,
     window: int | None = None,
     sinks: int = 0,
+    cache: int = 0,
 ):
     """Random-feature attention of q ``[B, T, H, D]``, k ``[B, T, H_kv, D]`` and v ``[B, T, H_kv, Dv]``.
 
@@ -100,7 +101,9 @@ def reference_attention(
     ``window`` (None or >= 1, already checked): hybrid attention, exact inside the window and features
     beyond it (DESIGN.md section 6); ``initial_state`` is then a ``WindowState`` or None and the final
     state a ``WindowState``. ``sinks`` S > 0 (already checked) holds the first S keys of each sequence exact
-    too (DESIGN.md section 8); ``window=0`` is then sinks without a window.
+    too (DESIGN.md section 8); ``window=0`` is then sinks without a window. ``cache`` C > 0 (already
+    checked: causal, window >= 1) keeps up to C keys that have left the window exact (DESIGN.md section 9);
+    the state is then a ``CacheState``.
     """
     if cu_seqlens is not None:
         return per_sequence(
@@ -116,6 +119,20 @@ def reference_attention(
             chunk_size=chunk_size,
             window=window,
             sinks=sinks,
+            **({"cache": cache} if cache else {}),
+        )
+    if cache:
+        return _cache_attention(
+            q,
+            k,
+            v,
+            params,
+            window=window,
+            key_padding_mask=key_padding_mask,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            sinks=sinks,
+            cache=cache,
         )
     if window is not None:
         return _window_attention(
@@ -182,6 +199,32 @@ def reference_attention(
     return o, (RFState(S, z, m) if output_final_state else None)
 
 
+def _sink_slots(initial_state, kq, vq, key_padding_mask, keep_t, sinks: int, cdt):
+    """The sink slots of a piece (DESIGN.md section 8) from the initial state's and the piece's first tokens
+    (``kq [B, H_kv, T, D]``, ``vq``): returns ``keep_t`` with the piece's sink tokens cleared and
+    ``(sink_k, sink_v, sink_keep, sink_from, seen, fresh)``: the slots, their keep flags ``[B, S]``, the token
+    of the piece that fills each (-1: filled before the piece, T: not filled), the slots filled before the
+    piece and those this piece fills."""
+    B, Hk, T, D = kq.shape
+    Dv = vq.shape[-1]
+    seen = initial_state.sink_seen.to(torch.bool)  # [B, S]
+    count = seen.sum(-1)  # [B]: positions seen before this piece (at most S)
+    tpos = torch.arange(T, device=kq.device)
+    keep_t = keep_t & (count[:, None] + tpos[None] >= sinks)  # sinks leave the band and the features
+    slot = torch.arange(sinks, device=kq.device)
+    at = slot[None] - count[:, None]  # [B, S]: the token of this piece that fills the slot (if 0 <= at < T)
+    fresh = ~seen & (at < T)
+    idx = at.clamp(0, max(T - 1, 0))
+    fill_k = kq.gather(2, idx[:, None, :, None].expand(B, Hk, sinks, D)) if T > 0 else initial_state.k_sink.to(cdt)
+    fill_v = vq.gather(2, idx[:, None, :, None].expand(B, Hk, sinks, Dv)) if T > 0 else initial_state.v_sink.to(cdt)
+    fill_keep = key_padding_mask.gather(1, idx) if (key_padding_mask is not None and T > 0) else torch.ones_like(fresh)
+    sink_k = torch.where(seen[:, None, :, None], initial_state.k_sink.to(cdt), fill_k * fresh[:, None, :, None])
+    sink_v = torch.where(seen[:, None, :, None], initial_state.v_sink.to(cdt), fill_v * fresh[:, None, :, None])
+    sink_keep = torch.where(seen, initial_state.sink_keep.to(torch.bool), fresh & fill_keep)  # [B, S]
+    sink_from = torch.where(seen, torch.full_like(at, -1), torch.where(fresh, at, torch.full_like(at, T)))
+    return keep_t, (sink_k, sink_v, sink_keep, sink_from, seen, fresh)
+
+
 def _window_attention(
     q,
     k,
@@ -226,23 +269,9 @@ def _window_attention(
     kq, vq = k.to(cdt).transpose(1, 2), v.to(cdt).transpose(1, 2)  # [B, H_kv, T, .]
     sink_k = sink_v = sink_keep = None
     if sinks > 0:
-        seen = initial_state.sink_seen.to(torch.bool)  # [B, S]
-        count = seen.sum(-1)  # [B]: positions seen before this piece (at most S)
-        tpos = torch.arange(T, device=q.device)
-        keep_t = keep_t & (count[:, None] + tpos[None] >= sinks)  # sinks leave the band and the features
-        slot = torch.arange(sinks, device=q.device)
-        at = slot[None] - count[:, None]  # [B, S]: the token of this piece that fills the slot (if 0 <= at < T)
-        fresh = ~seen & (at < T)
-        idx = at.clamp(0, max(T - 1, 0))
-        fill_k = kq.gather(2, idx[:, None, :, None].expand(B, Hk, sinks, D)) if T > 0 else initial_state.k_sink.to(cdt)
-        fill_v = vq.gather(2, idx[:, None, :, None].expand(B, Hk, sinks, Dv)) if T > 0 else initial_state.v_sink.to(cdt)
-        fill_keep = (
-            key_padding_mask.gather(1, idx) if (key_padding_mask is not None and T > 0) else torch.ones_like(fresh)
+        keep_t, (sink_k, sink_v, sink_keep, sink_from, seen, fresh) = _sink_slots(
+            initial_state, kq, vq, key_padding_mask, keep_t, sinks, cdt
         )
-        sink_k = torch.where(seen[:, None, :, None], initial_state.k_sink.to(cdt), fill_k * fresh[:, None, :, None])
-        sink_v = torch.where(seen[:, None, :, None], initial_state.v_sink.to(cdt), fill_v * fresh[:, None, :, None])
-        sink_keep = torch.where(seen, initial_state.sink_keep.to(torch.bool), fresh & fill_keep)  # [B, S]
-        sink_from = torch.where(seen, torch.full_like(at, -1), torch.where(fresh, at, torch.full_like(at, T)))
     # the extended keys and values [B, H_kv, n + T, .] (raw, as the tail stores them) and their keep mask
     k_ext = torch.cat([initial_state.k_tail.to(cdt), kq], dim=2)
     v_ext = torch.cat([initial_state.v_tail.to(cdt), vq], dim=2)
@@ -361,6 +390,109 @@ def _window_attention(
     return o, WindowState(S, z, m, k_ext[:, :, T:], v_ext[:, :, T:], keep_ext[:, T:], *sink_part)
 
 
+def _cache_attention(
+    q,
+    k,
+    v,
+    params: FeatureParams,
+    *,
+    window,
+    key_padding_mask,
+    initial_state,
+    output_final_state,
+    sinks: int = 0,
+    cache: int,
+    score: str | None = None,
+):
+    """Hybrid attention with an exact cache (DESIGN.md section 9), causal, ``window`` >= 1: the readable
+    oracle, one token at a time. Extended keys as in ``_window_attention`` (``n = W - 1`` tail keys first).
+    Before query t, the extended key t - 1 (the key that query t - 1 held last in its band) competes for
+    the cache (``cache.admit``: a free slot, or the lowest ``score`` of cache U candidate, None for
+    ``cache.DEFAULT_SCORE``, is folded into the state); then query t attends exactly to its band (extended keys t .. t + n), the sinks it sees and the
+    cached keys, and through the features to the state, with one normaliser (the factor ``log_mix`` on every
+    exact logit). After the last query the extended key T - 1 competes too, so the final state has
+    processed every key but the last n (its tail). Gradients flow through the attention with the cache's
+    decisions held fixed (they are discrete)."""
+    from .cache import admit
+
+    B, T, H, D = q.shape
+    Hk = k.shape[2]
+    G = H // Hk
+    Dv = v.shape[-1]
+    n = window - 1
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    root = math.sqrt(params.scale)
+    p = _cast_params(params, cdt)
+    if initial_state is None:
+        initial_state = empty_window_state(
+            B, Hk, p.feature_dim, D, Dv, window, sinks=sinks, cache=cache, dtype=cdt, device=q.device
+        )
+    S, z, m = (t.to(cdt) for t in initial_state.rf)
+    kc, vc = initial_state.k_cache.to(cdt), initial_state.v_cache.to(cdt)
+    ckeep = initial_state.cache_keep.to(torch.bool)
+    keep_t = torch.ones(B, T, dtype=torch.bool, device=q.device) if key_padding_mask is None else key_padding_mask
+    kq, vq = k.to(cdt).transpose(1, 2), v.to(cdt).transpose(1, 2)  # [B, H_kv, T, .]
+    if sinks > 0:
+        keep_t, (sink_k, sink_v, sink_keep, sink_from, seen, fresh) = _sink_slots(
+            initial_state, kq, vq, key_padding_mask, keep_t, sinks, cdt
+        )
+    k_ext = torch.cat([initial_state.k_tail.to(cdt), kq], dim=2)
+    v_ext = torch.cat([initial_state.v_tail.to(cdt), vq], dim=2)
+    keep_ext = torch.cat([initial_state.tail_keep.to(torch.bool), keep_t], dim=1)  # [B, n + T]
+    x = (q.to(cdt) * root).transpose(1, 2).unflatten(1, (Hk, G))  # [B, H_kv, G, T, D]
+
+    def step(S, z, m, kc, vc, ckeep, j):
+        """Extended key j leaves the window and competes for the cache."""
+        S, z, m, kc, vc, ckeep, _ = admit(
+            S, z, m, kc, vc, ckeep, k_ext[:, :, j], v_ext[:, :, j], keep_ext[:, j], p, root, score
+        )
+        return S, z, m, kc, vc, ckeep
+
+    outs = []
+    for t in range(T):
+        if t > 0:
+            S, z, m, kc, vc, ckeep = step(S, z, m, kc, vc, ckeep, t - 1)
+        xt = x[:, :, :, t]  # [B, H_kv, G, D]
+        eq, mq = _features(xt, p, query=True)
+        sq = eq.amax(-1, keepdim=True).detach()
+        phiq = _apply(eq, mq, sq)  # [B, H_kv, G, F]
+        num_f = phiq @ S  # [B, H_kv, G, Dv] on the scale exp(sq + shift)
+        den_f = phiq @ z[..., None]  # [B, H_kv, G, 1]
+        shift = safe_log_scale(m)[:, :, None, None]
+        # the exact keys: the band (extended t .. t + n), the sinks query t sees, the cache
+        keys, vals, vis = [k_ext[:, :, t : t + n + 1]], [v_ext[:, :, t : t + n + 1]], [keep_ext[:, t : t + n + 1]]
+        if sinks > 0:
+            keys.append(sink_k)
+            vals.append(sink_v)
+            vis.append(sink_keep & (sink_from <= t))
+        keys.append(kc)
+        vals.append(vc)
+        vis.append(ckeep)
+        ye, ve, visible = torch.cat(keys, 2) * root, torch.cat(vals, 2), torch.cat(vis, 1)
+        logits = xt @ ye.transpose(-1, -2)  # [B, H_kv, G, K]
+        if p.exact_sq != 0.0:
+            logits = logits + p.exact_sq * ((xt * xt).sum(-1)[..., None] + (ye * ye).sum(-1)[:, :, None, :])
+        if p.log_mix is not None:
+            logits = logits + p.log_mix[None, :, None, None]
+        logits = logits.masked_fill(~visible[:, None, None, :], float("-inf"))
+        top = torch.maximum(sq + shift, logits.amax(-1, keepdim=True).detach())
+        pe = torch.exp(logits - top)
+        alpha = torch.exp(sq + shift - top)
+        outs.append((alpha * num_f + pe @ ve) / safe_denominator(alpha * den_f + pe.sum(-1, keepdim=True)))
+    if T > 0:
+        S, z, m, kc, vc, ckeep = step(S, z, m, kc, vc, ckeep, T - 1)
+    o = torch.stack(outs, dim=3) if outs else v_ext.new_zeros(B, Hk, G, 0, Dv)  # [B, H_kv, G, T, Dv]
+    o = o.reshape(B, H, T, Dv).transpose(1, 2).to(v.dtype)
+    if not output_final_state:
+        return o, None
+    if sinks > 0:
+        sink_part = (sink_k, sink_v, sink_keep, seen | fresh)
+    else:
+        sink_part = tuple(t.to(cdt) if t.is_floating_point() else t for t in initial_state.sink_part)
+    tail = (k_ext[:, :, T:], v_ext[:, :, T:], keep_ext[:, T:])
+    return o, CacheState(S, z, m, *tail, *sink_part, kc, vc, ckeep)
+
+
 def per_sequence(
     attend, q, k, v, params: FeatureParams, offsets: list[int], *, causal, initial_state, output_final_state, **kwargs
 ):
@@ -377,8 +509,9 @@ def per_sequence(
         Hk, F, Dv = k.shape[2], params.feature_dim, v.shape[-1]
         if window is None:
             return empty_state(rows, Hk, F, Dv, dtype=cdt, device=q.device)
-        sinks = kwargs.get("sinks", 0)
-        return empty_window_state(rows, Hk, F, q.shape[-1], Dv, window, sinks=sinks, dtype=cdt, device=q.device)
+        sinks, cache = kwargs.get("sinks", 0), kwargs.get("cache", 0)
+        D = q.shape[-1]
+        return empty_window_state(rows, Hk, F, D, Dv, window, sinks=sinks, cache=cache, dtype=cdt, device=q.device)
 
     outs, finals = [], []
     for i in range(n):

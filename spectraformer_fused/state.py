@@ -73,12 +73,86 @@ class WindowState(NamedTuple):
         return self.k_sink, self.v_sink, self.sink_keep, self.sink_seen
 
 
+class CacheState(NamedTuple):
+    """State of hybrid attention with an exact cache of ``C`` keys (DESIGN.md section 9): the ten fields of a
+    ``WindowState`` (same meaning, same order) and the cache. ``k_cache [B, H, C, D]`` and ``v_cache
+    [B, H, C, Dv]`` are the raw keys and values (not multiplied by sqrt(scale)) that have left the window and
+    that the features represent worst, per key/value head, in no particular order (slot i of one head and of
+    another need not hold the same position); ``cache_keep [B, C]`` (bool) is False for a slot that holds no
+    key yet (slots fill in order, the same for every head). Its size does not depend on T: W - 1 + S + C
+    keys and values per sequence and key/value head besides S, z, log_scale. Passing the state of one piece
+    as ``initial_state`` of the next equals one run.
+    """
+
+    S: torch.Tensor
+    z: torch.Tensor
+    log_scale: torch.Tensor
+    k_tail: torch.Tensor
+    v_tail: torch.Tensor
+    tail_keep: torch.Tensor
+    k_sink: torch.Tensor
+    v_sink: torch.Tensor
+    sink_keep: torch.Tensor
+    sink_seen: torch.Tensor
+    k_cache: torch.Tensor
+    v_cache: torch.Tensor
+    cache_keep: torch.Tensor
+
+    @property
+    def window(self) -> int:
+        return self.k_tail.shape[2] + 1
+
+    @property
+    def sinks(self) -> int:
+        return self.k_sink.shape[2]
+
+    @property
+    def cache(self) -> int:
+        """C, the number of cache slots."""
+        return self.k_cache.shape[2]
+
+    @property
+    def rf(self) -> RFState:
+        """The feature part alone (keys folded into the features)."""
+        return RFState(self.S, self.z, self.log_scale)
+
+    @property
+    def tail(self) -> tuple:
+        return self.k_tail, self.v_tail, self.tail_keep
+
+    @property
+    def sink_part(self) -> tuple:
+        return self.k_sink, self.v_sink, self.sink_keep, self.sink_seen
+
+    @property
+    def cache_part(self) -> tuple:
+        """(k_cache, v_cache, cache_keep)."""
+        return self.k_cache, self.v_cache, self.cache_keep
+
+    @property
+    def window_state(self) -> WindowState:
+        """The ten ``WindowState`` fields (the cache left out)."""
+        return WindowState(*self[:10])
+
+
 def empty_window_state(
-    B: int, H: int, F: int, D: int, Dv: int, window: int, *, sinks: int = 0, dtype=torch.float32, device=None
-) -> WindowState:
+    B: int,
+    H: int,
+    F: int,
+    D: int,
+    Dv: int,
+    window: int,
+    *,
+    sinks: int = 0,
+    cache: int = 0,
+    dtype=torch.float32,
+    device=None,
+) -> WindowState | CacheState:
+    """The state before any token of hybrid attention with ``window``, ``sinks`` and, when ``cache`` C > 0,
+    an exact cache of C slots (then a ``CacheState``)."""
     S, z, m = empty_state(B, H, F, Dv, dtype=dtype, device=device)
     n = max(window - 1, 0)
-    return WindowState(
+    state = WindowState(
         S,
         z,
         m,
@@ -86,6 +160,14 @@ def empty_window_state(
         torch.zeros(B, H, n, Dv, dtype=dtype, device=device),
         torch.zeros(B, n, dtype=torch.bool, device=device),
         *empty_sinks(B, H, D, Dv, sinks, dtype=dtype, device=device),
+    )
+    if not cache:
+        return state
+    return CacheState(
+        *state,
+        torch.zeros(B, H, cache, D, dtype=dtype, device=device),
+        torch.zeros(B, H, cache, Dv, dtype=dtype, device=device),
+        torch.zeros(B, cache, dtype=torch.bool, device=device),
     )
 
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from .state import RFState, WindowState
+from .state import CacheState, RFState, WindowState
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -70,6 +70,33 @@ def check_sinks(sinks) -> int:
     return sinks
 
 
+def check_cache(cache) -> int:
+    """The exact cache (DESIGN.md section 9): None or 0 (none), else a positive int; returns the int."""
+    if cache is None:
+        return 0
+    if isinstance(cache, bool) or not isinstance(cache, int):
+        raise TypeError(f"cache must be a non-negative int or None, got {type(cache).__name__}")
+    if cache < 0:
+        raise ValueError(f"cache must be a non-negative int or None, got {cache}")
+    return cache
+
+
+def check_cache_setting(cache: int, window: int | None, causal: bool) -> None:
+    """A cache (already checked, > 0) holds keys that have left a causal window: it needs ``causal=True`` and
+    a window >= 1 (``window`` as ``hybrid_window`` returns it: 0 or None has no window)."""
+    if not cache:
+        return
+    if not causal:
+        raise ValueError(
+            f"cache={cache} needs causal attention: the cache holds keys that have left a causal window "
+            "(non-causal attention has no order in which keys leave it)"
+        )
+    if not window:
+        raise ValueError(
+            f"cache={cache} needs a window >= 1 (window={window}): the cache holds the keys that leave the window"
+        )
+
+
 def hybrid_window(window: int | None, sinks: int) -> int | None:
     """The window a backend runs (both already checked): ``window``, or 0 for sinks without a window (an
     exact set of sinks only), or None for random features only."""
@@ -79,7 +106,15 @@ def hybrid_window(window: int | None, sinks: int) -> int | None:
 
 
 def check_attention_inputs(
-    q, k, v, key_padding_mask, initial_state, feature_dim: int, window: int | None = None, sinks: int = 0
+    q,
+    k,
+    v,
+    key_padding_mask,
+    initial_state,
+    feature_dim: int,
+    window: int | None = None,
+    sinks: int = 0,
+    cache: int = 0,
 ):
     """Validate q ``[B, T, H, D]``, k ``[B, T, H_kv, D]``, v ``[B, T, H_kv, Dv]`` (H_kv divides H:
     grouped-query attention; H_kv = H is multi-head, H_kv = 1 multi-query), the mask and the state
@@ -87,7 +122,10 @@ def check_attention_inputs(
     ``WindowState`` whose tail holds ``max(window - 1, 0)`` positions and whose sink slots hold ``sinks``
     positions, without one it must not be (``window = 0``: sinks only, see ``hybrid_window``).
 
-    Returns the state as an RFState (a 2-tuple (S, z) gets log_scale = 0) or a WindowState, or None.
+    With ``cache`` C > 0 (DESIGN.md section 9) the state must be a ``CacheState`` with C slots.
+
+    Returns the state as an RFState (a 2-tuple (S, z) gets log_scale = 0), a WindowState or a CacheState,
+    or None.
     """
     _check_tensor(q, "q", 4, "[B, T, H, D]")
     _check_tensor(k, "k", 4, "[B, T, H_kv, D]")
@@ -118,6 +156,8 @@ def check_attention_inputs(
             raise ValueError(f"key_padding_mask must be on {q.device}, got {key_padding_mask.device}")
     if initial_state is None:
         return None
+    if isinstance(initial_state, CacheState) or cache:
+        return _check_cache_state(initial_state, window, sinks, cache, B, Hk, feature_dim, D, Dv, q.device)
     if isinstance(initial_state, WindowState):
         if window is None:
             raise ValueError(
@@ -215,6 +255,50 @@ def _check_sinks_state(state: WindowState, sinks: int, B: int, Hk: int, D: int, 
         if not flag and not t.dtype.is_floating_point:
             raise TypeError(f"initial_state.{name} must be floating point, got {t.dtype}")
     return state.k_sink, state.v_sink, state.sink_keep, state.sink_seen
+
+
+def _check_cache_state(state, window, sinks, cache, B, Hk, feature_dim, D, Dv, device) -> CacheState:
+    """A CacheState of ``cache`` slots (and the window and sinks of the call)."""
+    if not isinstance(state, CacheState):
+        raise TypeError(
+            f"with cache={cache}, initial_state must be a CacheState (the final state of a call with the same "
+            f"window, sinks and cache) or None, got {type(state).__name__}"
+        )
+    if not cache:
+        raise ValueError(
+            f"initial_state is a CacheState (an exact cache of {state.cache} keys), but cache is None: pass the "
+            "cache it was made with"
+        )
+    if window is None:
+        raise ValueError("initial_state is a CacheState (hybrid attention with a cache), but window is None")
+    rf = _check_rf_state(state.rf, B, Hk, feature_dim, Dv, device)
+    tail = _check_tail(state, window, B, Hk, D, Dv, device)
+    sink_part = _check_sinks_state(state.window_state, sinks, B, Hk, D, Dv, device)
+    names = ("k_cache", "v_cache", "cache_keep")
+    for name in names:
+        if not isinstance(getattr(state, name), torch.Tensor):
+            raise TypeError(f"initial_state.{name} must be a tensor, got {type(getattr(state, name)).__name__}")
+    if state.k_cache.dim() == 4 and state.k_cache.shape[2] != cache:
+        raise ValueError(
+            f"initial_state holds an exact cache of {state.k_cache.shape[2]} keys, but cache={cache}: pass the "
+            "cache it was made with"
+        )
+    expect = {
+        "k_cache": ((B, Hk, cache, D), "[B, H_kv, C, D]"),
+        "v_cache": ((B, Hk, cache, Dv), "[B, H_kv, C, Dv]"),
+        "cache_keep": ((B, cache), "[B, C]"),
+    }
+    for name, (shape, layout) in expect.items():
+        t = getattr(state, name)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"initial_state.{name} must have shape {shape} {layout}, got {tuple(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"initial_state.{name} must be on {device}, got {t.device}")
+        if name == "cache_keep" and t.dtype != torch.bool:
+            raise TypeError(f"initial_state.cache_keep must be torch.bool, got {t.dtype}")
+        if name != "cache_keep" and not t.dtype.is_floating_point:
+            raise TypeError(f"initial_state.{name} must be floating point, got {t.dtype}")
+    return CacheState(*rf, *tail, *sink_part, *state.cache_part)
 
 
 def check_cu_seqlens(cu_seqlens, q, key_padding_mask) -> list[int]:

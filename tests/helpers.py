@@ -233,3 +233,89 @@ def hybrid_oracle(q, k, v, params, *, window, causal, key_padding_mask=None, sin
     vv = v.double().transpose(1, 2)[:, :, None]  # [B, Hk, 1, T, Dv]
     o = (w @ vv) / den.abs().clamp_min(DEN_EPS)
     return o.flatten(1, 2).transpose(1, 2)
+
+
+def cache_oracle(q, k, v, params, *, window, cache, sinks=0, key_padding_mask=None, score="kernel"):
+    """Causal hybrid attention with an exact cache by definition (DESIGN.md section 9), O(T^2) in fp64,
+    written apart from the backends: the cache's contents replayed by a plain loop per (sequence, key/value
+    head) with unstabilised dense features (the state S = sum phi(k) v^T, z = sum phi(k) of the folded keys),
+    then every query's weights: exact exp(logit + log_mix) over window U sinks U cache(t), the features
+    phi(q).phi(k) over the other visible keys, one normaliser.
+
+    Before query t the key t - W (when kept and not a sink) competes: it takes a free slot (in order), or the
+    key of cache U {it} with the lowest ``score`` is folded into S, z (ties: the first in [slots, candidate],
+    i.e. the oldest). Scores, f = phi_q(k): ``"kernel"``: |log(f.phi(k)) - logit(k, k) - log_mix| in steps of
+    2^-12 nats; ``"kernel_rel"``: |f.phi(k) / exp(logit(k, k) + log_mix) - 1|; ``"recall"``:
+    ||S^T f - (z.f) v|| / |z.f + f.phi(k)|; ``"recall_other"``: ||S^T f - (z.f) v|| / |z.f|. The slots stay in
+    arrival order (a folded key's later slots move up, the candidate comes last). After the last query the
+    key T - W competes as well, as a final state would hold.
+
+    Returns ``(o [B, T, H, Dv] fp64, cached)`` where ``cached[b][h]`` is the list of key positions in the
+    cache's slots after the sequence (slot order)."""
+    import math
+
+    from spectraformer_fused.contract import DEN_EPS
+
+    B, T, H, D = q.shape
+    Hk = k.shape[2]
+    G = H // Hk
+    fq, fk = dense_features(q, k, params)  # [B, Hk, G * T, F], [B, Hk, T, F]
+    fkq, _ = dense_features(k, k, params)  # keys used as queries: [B, Hk, T, F]
+    est = (fq @ fk.transpose(-1, -2)).unflatten(2, (G, T))  # [B, Hk, G, T, T]
+    root = math.sqrt(params.scale)
+    x = (q.double() * root).transpose(1, 2).unflatten(1, (Hk, G))
+    y = (k.double() * root).transpose(1, 2)  # [B, Hk, T, D]
+    logit = x @ y[:, :, None].transpose(-1, -2)
+    logit = logit + params.exact_sq * ((x * x).sum(-1)[..., :, None] + (y * y).sum(-1)[:, :, None, None, :])
+    if params.log_mix is not None:
+        logit = logit + params.log_mix.double()[None, :, None, None, None]
+    self_logit = (y * y).sum(-1) * (1 + 2 * params.exact_sq)  # [B, Hk, T]
+    if params.log_mix is not None:
+        self_logit = self_logit + params.log_mix.double()[None, :, None]
+    vv = v.double().transpose(1, 2)  # [B, Hk, T, Dv]
+    keep = torch.ones(B, T, dtype=torch.bool) if key_padding_mask is None else key_padding_mask.cpu()
+    exact = torch.zeros(B, Hk, T, T, dtype=torch.bool)
+    t = torch.arange(T)
+    diff = t[:, None] - t[None, :]
+    exact[:] = ((diff >= 0) & (diff < window)) | ((t[None, :] < sinks) & (diff >= 0))
+    cached = []
+    for b in range(B):
+        cached.append([])
+        for h in range(Hk):
+            S = torch.zeros(fk.shape[-1], vv.shape[-1], dtype=torch.float64)
+            z = torch.zeros(fk.shape[-1], dtype=torch.float64)
+            slots = []
+
+            @torch.no_grad()
+            def err(i):
+                f = fkq[b, h, i]
+                if score == "kernel_rel":
+                    return abs(float(f @ fk[b, h, i]) / math.exp(float(self_logit[b, h, i])) - 1.0)
+                if score == "kernel":  # |log r|, r <= 0 as the tiniest positive r, in steps of 2^-12
+                    w = max(float(f @ fk[b, h, i]), torch.finfo(torch.float64).tiny)
+                    return round(abs(math.log(w) - float(self_logit[b, h, i])) * 4096.0) / 4096.0
+                resid = float((S.T @ f - (z @ f) * vv[b, h, i]).norm())
+                den = float(z @ f) + (float(f @ fk[b, h, i]) if score == "recall" else 0.0)
+                return resid / max(abs(den), DEN_EPS)
+
+            for step in range(T + 1):
+                j = step - window
+                if j >= 0 and bool(keep[b, j]) and j >= sinks:
+                    if len(slots) < cache:
+                        slots.append(j)
+                    else:
+                        cands = slots + [j]
+                        errs = [err(i) for i in cands]
+                        loser = cands[min(range(len(cands)), key=lambda i: (errs[i], i))]
+                        S = S + torch.outer(fk[b, h, loser], vv[b, h, loser])
+                        z = z + fk[b, h, loser]
+                        if loser != j:  # the slots stay in arrival order
+                            slots.remove(loser)
+                            slots.append(j)
+                if step < T:
+                    exact[b, h, step, slots] = True
+            cached[b].append(slots)
+    visible = (diff >= 0)[None, None] & keep[:, None, None, :]  # [B, 1, T, T]
+    w = torch.where(exact[:, :, None], torch.exp(logit), est) * visible[:, :, None]
+    o = (w @ vv[:, :, None]) / (w.sum(-1, keepdim=True)).abs().clamp_min(DEN_EPS)
+    return o.flatten(1, 2).transpose(1, 2), cached

@@ -10,8 +10,11 @@
   the last W keys, the features beyond. A sliding-window layer (Mistral's ``config.sliding_window``, or a
   ``"sliding_attention"`` entry of ``config.layer_types``) always becomes hybrid attention whose window is
   the layer's own sliding window: exact where the original attended, the features beyond.
+* ``convert(..., cache=C)`` (with a window) keeps in every layer an exact cache of the C keys that have left
+  the window and that the features represent worst (DESIGN.md section 9): causal layers only, an
+  inference-time addition (``set_cache`` switches it on or off in a converted model).
 * ``RFCache`` holds one ``RFState`` per layer for decoding (a ``WindowState`` for a layer with a window:
-  the last W - 1 keys and values besides): its ``update`` stores no growing keys or values, so the
+  the last W - 1 keys and values besides; a ``CacheState`` with a cache): its ``update`` stores no growing keys or values, so the
   memory of a decoding model does not grow with the generated length. ``generate()`` of a converted model
   uses one by default; ``decode_step`` runs one forward step with it.
 * ``recording()`` collects what the attention function of each converted layer receives (and can make it
@@ -48,8 +51,8 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from ..attention import BACKENDS, rf_attention
 from ..feature_map import RandomFeatureMap
 from ..reference import exact_attention
-from ..state import RFState, WindowState
-from ..validation import check_sinks, check_window, resolve_scale
+from ..state import CacheState, RFState, WindowState
+from ..validation import check_cache, check_sinks, check_window, resolve_scale
 
 NAME = "spectraformer"
 FEATURE_MAP_ATTR = "rf_feature_map"
@@ -58,6 +61,7 @@ BACKEND_ATTR = "rf_backend"
 # original model (None: full attention), both set by convert.
 WINDOW_ATTR = "rf_window"
 SINKS_ATTR = "rf_sinks"
+CACHE_ATTR = "rf_cache"
 SLIDING_ATTR = "rf_sliding_window"
 
 # Keyword arguments some models pass to their attention function for features random-feature attention
@@ -84,7 +88,7 @@ class RFCacheLayer(CacheLayerMixin):
 
     def __init__(self, **kwargs):
         super().__init__()
-        self.state: RFState | WindowState | None = None
+        self.state: RFState | WindowState | CacheState | None = None
         self.seen = 0
         self.layer_idx: int | None = None
         self._awaiting = False
@@ -168,7 +172,7 @@ class RFCache(Cache):
         return self.layers[layer_idx].update(key_states, value_states, *args, **kwargs)
 
     @property
-    def states(self) -> list[RFState | WindowState | None]:
+    def states(self) -> list[RFState | WindowState | CacheState | None]:
         """The state of every layer (None for a layer that has seen no token yet)."""
         return [layer.state for layer in self.layers]
 
@@ -279,6 +283,7 @@ def spectraformer_attention_forward(
         )
     window = getattr(module, WINDOW_ATTR, None)
     sinks = getattr(module, SINKS_ATTR, None)
+    cache = getattr(module, CACHE_ATTR, None)
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     B, _, Tq, _ = query.shape
     Tk = key.shape[2]
@@ -332,6 +337,7 @@ def spectraformer_attention_forward(
             backend=backend,
             window=window,
             sinks=sinks,
+            cache=cache,
         )
     else:
         o, layer.state = rf_attention(
@@ -347,6 +353,7 @@ def spectraformer_attention_forward(
             backend=backend,
             window=window,
             sinks=sinks,
+            cache=cache,
         )
     return o, None
 
@@ -495,6 +502,7 @@ def convert(
     window: int | None = None,
     sinks: int | None = None,
     mix: bool | float | None = None,
+    cache: int | None = None,
     **component_args,
 ) -> PreTrainedModel:
     """Switch a transformers model to random-feature attention, in place; returns the model.
@@ -517,6 +525,13 @@ def convert(
     on its exact part (``RandomFeatureMap(mix=)``: True starts at 1, a float at that value; LoLCATs starts at
     0.1), saved in the state_dict.
 
+    ``cache`` (None: none) gives every layer an exact cache of C keys (DESIGN.md section 9): of the keys that
+    leave a layer's window, the C whose own weight the features estimate worst (``cache.key_scores``)
+    stay exact, per sequence and key/value head; the others are folded into the features. Causal layers with
+    a window only (``window``, or the layer's sliding window); the layer's attribute ``rf_cache``. The cache
+    is meant for inference (its decisions are not differentiable): ``set_cache(model, C)`` switches it on a
+    model converted without one.
+
     Supported: models whose attention goes through transformers' ``AttentionInterface`` with full or
     sliding-window causal (decoders) or bidirectional (encoders) attention and a 2D padding mask.
     Chunked and cross-attention layers, learned sink logits (``s_aux``) and soft-capping raise a ValueError.
@@ -529,6 +544,7 @@ def convert(
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     window = check_window(window)
     sinks = check_sinks(sinks) or None
+    cache = check_cache(cache) or None
     layers = _attention_layers(model)
     if not layers:
         raise ValueError(
@@ -566,7 +582,33 @@ def convert(
         setattr(module, SLIDING_ATTR, sliding)
         layer_window = _hf_window(sliding, bool(getattr(module, "is_causal", True)))
         setattr(module, WINDOW_ATTR, window if layer_window is None else layer_window)
+    set_cache(model, cache)
     _decode_with_rf_cache(model)
+    return model
+
+
+def set_cache(model: nn.Module, cache: int | None) -> nn.Module:
+    """Give every converted layer of ``model`` an exact cache of ``cache`` keys (None or 0: none), in place;
+    returns the model. Each layer must be causal and have a window (``convert(window=)`` or its sliding
+    window): the cache holds keys that have left it (DESIGN.md section 9)."""
+    cache = check_cache(cache) or None
+    layers = [m for m in model.modules() if hasattr(m, FEATURE_MAP_ATTR)]
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no converted attention layer: call convert first")
+    if cache:
+        for module in layers:
+            if not bool(getattr(module, "is_causal", True)):
+                raise ValueError(
+                    f"cache={cache} needs causal attention, but {type(module).__name__} (layer "
+                    f"{module.layer_idx}) is bidirectional"
+                )
+            if not getattr(module, WINDOW_ATTR, None):
+                raise ValueError(
+                    f"cache={cache} needs a window: layer {module.layer_idx} has none (pass convert(window=W); the "
+                    "cache holds the keys that leave the window)"
+                )
+    for module in layers:
+        setattr(module, CACHE_ATTR, cache)
     return model
 
 
@@ -594,6 +636,7 @@ __all__ = [
     "decode_step",
     "recording",
     "register",
+    "set_cache",
     "spectraformer_attention_forward",
     "spectraformer_mask",
 ]
