@@ -29,8 +29,11 @@ namespace {
 // Per-thread buffers of the window: the extended keys of one chunk's band, raw and transposed.
 struct WindowBuffers {
   std::vector<float> kr, kt, ysq, vb, sc, xq, xsq, num_e, den_e, pk, pkt, num_b, den_b, S, z;
-  // non-causal: the suffix state's snapshots [chunks, F * Dv + F] and shifts, the prefix P, zp, the read R, zr
+  // non-causal: the suffix states Q_j [blocks + 1, F * Dv + F], each block's shift (then its factor onto the
+  // key shift), the prefix P, zp, the read R, zr; every extended key's features (block j: [F, CHUNK] at
+  // j F CHUNK, on the block's shift) and each block's state B_j [blocks, F * Dv + F]
   std::vector<float> snap, snap_shift, P, zp, R, zr;
+  std::vector<float> featsT, blk;
   std::vector<float> sy, sysq, sl;  // the sinks: sqrt(scale) k [S, D], exact_sq |y|^2, one row's logits
   std::vector<char> keep;
   std::vector<int64_t> kept_before;  // kept keys among the band's first r rows
@@ -60,6 +63,22 @@ struct WindowBuffers {
   }
 };
 
+// Prefetches the n rows of a strided [rows, D] input (one head of [B, T, H, D]) from `src` (stride in elements):
+// issued a chunk ahead, they arrive while the current chunk computes.
+template <typename T_>
+inline void prefetch_rows(const T_* src, int64_t stride, int64_t n, int64_t D, bool write = false) {
+  const int64_t bytes = D * static_cast<int64_t>(sizeof(T_));
+  for (int64_t r = 0; r < n; ++r) {
+    const char* p = reinterpret_cast<const char*>(src + r * stride);
+    for (int64_t b = 0; b < bytes; b += 64) {
+      if (write)
+        __builtin_prefetch(p + b, 1);
+      else
+        __builtin_prefetch(p + b);
+    }
+  }
+}
+
 // Where the extended keys of one task come from: the initial tail (fp32) and the input rows.
 template <typename scalar_t, typename vscalar_t>
 struct ExtKeys {
@@ -73,6 +92,14 @@ struct ExtKeys {
   int64_t nt;          // max(W - 1, 0)
   int64_t D, Dv;
   int64_t skip;        // tokens [0, skip) are sinks: never in the band, the tail or the features
+
+  // Prefetches the input rows of the extended keys [e0, e0 + n) (those past the tail and before the end).
+  void prefetch(int64_t e0, int64_t n, int64_t L) const {
+    const int64_t a = std::max(e0, nt), b = std::min(e0 + n, L);
+    if (b <= a) return;
+    prefetch_rows(k + (a - nt) * sk, sk, b - a, D);
+    prefetch_rows(v + (a - nt) * sv, sv, b - a, Dv);
+  }
 
   // Raw keys, values and keep flags of the extended keys [e0, e0 + n) into kr [n, D], vb [n, Dv], kp [n].
   void stage(int64_t e0, int64_t n, float* kr, float* vb, char* kp) const {
@@ -287,7 +314,10 @@ void window_group(const at::Tensor& q, at::Tensor& o, const ExtKeys<scalar_t, vs
   // the exact band's width (0: sinks only, window 0)
   const int64_t band = W == 0 ? 0 : (wt.causal ? W : 2 * W - 1);
   const int64_t rows = std::min(CHUNK, std::max<int64_t>(T, 1));
-  wb.ensure(c, rows + std::max<int64_t>(band, 1) - 1, rows);
+  // the staged rows: causal, a chunk and the band's W - 1 keys before it; non-causal, a region (a chunk and
+  // the 2W - 2 keys after it, rounded up to a whole block of CHUNK keys)
+  const int64_t up_nc = std::max<int64_t>(band - 1, 0);
+  wb.ensure(c, wt.causal ? rows + std::max<int64_t>(band, 1) - 1 : (rows + up_nc + CHUNK - 1) / CHUNK * CHUNK, rows);
   std::vector<float> qe(CHUNK);
   char* kp = wb.keep.data();
   if (sk.S > 0) {  // the sinks as the exact part reads them
@@ -362,74 +392,74 @@ void window_group(const at::Tensor& q, at::Tensor& o, const ExtKeys<scalar_t, vs
     // Non-causal: query t's feature keys are the extended keys before its band (the prefix, e < t, and the
     // initial state) and after it (the suffix, e >= t + band), on one key shift: the maximum over every
     // extended key and the initial state (ma), as the reference's. Chunk c of queries [lo, hi) has the
-    // region [lo, E_c), E_c = min(hi + band - 1, L) (the chunk's keys, W = 0; the bands of its queries
-    // otherwise); it reads the prefix state P_c (the keys before lo) plus the suffix state Q_c (the keys from
-    // E_c on) in one product, and the region's keys outside each row's band as feature products: the keys
-    // [lo, t) of a strictly lower block (W = 0: [lo, t]) and the keys (t + band - 1, E_c) of a strictly upper
-    // one. No band is subtracted from a total.
-    //   * a reverse walk folds the keys from the end into Q (on its own running maximum, as a causal walk
-    //     does) and keeps Q_c and its shift at each chunk's E_c (one F x (Dv + 1) snapshot per chunk of 64
-    //     queries); it also finds ma, the maximum over the keys [0, T) (the final state's shift) and the
-    //     count of kept keys;
-    //   * a forward walk carries P (the initial state and the chunks' keys, on ma), the region's rows from
-    //     chunk to chunk (each key's features computed once), reads P_c + exp(shift_c - ma) Q_c, adds the
-    //     two triangular blocks, the exact band and the sinks, and folds the chunk's keys into P.
+    // region [lo, E_c), E_c = hi + band - 1 rounded up to a whole block of CHUNK extended keys (or L; the
+    // chunk's keys, W = 0); it reads the prefix state P_c (the keys before lo) plus the suffix state Q_c (the
+    // keys from E_c on) in one product, and the region's keys outside each row's band as feature products:
+    // the keys [lo, t) of a strictly lower block (W = 0: [lo, t]) and the keys (t + band - 1, E_c) of a
+    // strictly upper one. No band is subtracted from a total.
+    //   * a key pass computes every extended key's features once, block by block (CHUNK keys, each block on
+    //     its own maximum), keeps them (transposed, [F, CHUNK] per block) and each block's state
+    //     B_j = phi^T [v, 1]; it
+    //     also finds ma, the maximum over the keys [0, T) (the final state's shift) and the count of kept
+    //     keys. The blocks are then moved to ma (one factor per block) and summed from the end into the
+    //     suffix states Q_j (F x (Dv + 1) floats per block, as B_j);
+    //   * a query pass carries P (the initial state plus B_0 .. B_{c-1}, on ma) and the region's raw rows
+    //     from chunk to chunk, reads P_c + Q_{E_c}, adds the two triangular blocks (the region's key
+    //     features copied from their blocks, moved to ma), the exact band and the sinks.
+    // Each key's projection and state product is computed once (the walks of the previous version computed
+    // both twice); the kept features, block states and suffix states are about 3 F floats per extended key (Dv = 64).
     // P after the last chunk holds the extended keys [0, T) and the initial state: the final state, moved
     // to its own shift (the causal continuation's).
     const int64_t nch = (T + CHUNK - 1) / CHUNK;
     const int64_t up = std::max<int64_t>(band - 1, 0);  // the region reaches `up` keys past its chunk
-    auto region_cols = [&](int64_t lo) { return std::min(std::min(CHUNK, T - lo) + up, L - lo); };
+    const int64_t nblk = (L + CHUNK - 1) / CHUNK;
+    auto region_end = [&](int64_t lo) {
+      return std::min((std::min(lo + CHUNK, T) + up + CHUNK - 1) / CHUNK * CHUNK, L);
+    };
     const int64_t FS = F * Dv + F;
-    wb.snap.resize(std::max<int64_t>(nch, 1) * FS);
-    wb.snap_shift.resize(std::max<int64_t>(nch, 1));
+    wb.featsT.resize(std::max<int64_t>(nblk, 1) * F * CHUNK);  // block j: [F, CHUNK] at j F CHUNK
+    wb.blk.resize(std::max<int64_t>(nblk, 1) * FS);
+    wb.snap.resize((nblk + 1) * FS);
+    wb.snap_shift.resize(std::max<int64_t>(nblk, 1));
     wb.P.resize(F * Dv);
     wb.zp.resize(F);
-    float* Q = wb.S.data();
-    float* zq = wb.z.data();
-    std::fill(Q, Q + F * Dv, 0.f);
-    std::fill(zq, zq + F, 0.f);
-    float q_shift = NEG_INF;
+    float* fT = wb.featsT.data();
     float ma = m_state, m_fin = m_state;
     int64_t kept_total = 0;
-    // the extended keys [a, b), from the end, in pieces of at most CHUNK that do not straddle T: their
-    // maximum into ma (and m_fin below T); `fold`: into Q, rescaled when its maximum grows
-    auto walk = [&](int64_t a, int64_t b, bool fold) {
-      for (int64_t hi = b; hi > a;) {
-        int64_t lo_k = std::max(a, hi - CHUNK);
-        if (hi > T && lo_k < T) lo_k = T;
-        const int64_t nk = hi - lo_k;
-        ext.stage(lo_k, nk, wb.kr.data(), w.vb.data(), kp);
-        for (int64_t j = 0; j < nk; ++j) kept_total += kp[j] ? 1 : 0;
-        const float cmax = key_logits(wb.kr.data(), D, reinterpret_cast<const bool*>(kp), nk, c, hp, w);
-        ma = std::max(ma, cmax);
-        if (hi <= T) m_fin = std::max(m_fin, cmax);
-        if (fold) {
-          const float m_new = std::max(q_shift, cmax);
-          const float shift = std::isinf(m_new) ? 0.f : m_new;
-          if (m_new != q_shift) {
-            const float alpha = std::isinf(q_shift) ? 0.f : std::exp(q_shift - shift);
-            scale_inplace(Q, F * Dv, alpha);
-            scale_inplace(zq, F, alpha);
-            q_shift = m_new;
-          }
-          key_exponentiate(nk, c, w, shift);
-          update_state(nk, c, w, Q, zq);
-        }
-        hi = lo_k;
+    // the key pass: block j holds the extended keys [j CHUNK, min((j + 1) CHUNK, L))
+    for (int64_t j = 0; j < nblk; ++j) {
+      const int64_t e0 = j * CHUNK, nk = std::min(CHUNK, L - e0);
+      ext.stage(e0, nk, wb.kr.data(), w.vb.data(), kp);
+      ext.prefetch(e0 + nk, CHUNK, L);  // the next block
+      for (int64_t r = 0; r < nk; ++r) kept_total += kp[r] ? 1 : 0;
+      const float cmax = key_logits(wb.kr.data(), D, reinterpret_cast<const bool*>(kp), nk, c, hp, w);
+      ma = std::max(ma, cmax);
+      if (e0 + nk <= T) {
+        m_fin = std::max(m_fin, cmax);
+      } else {
+        for (int64_t r = 0; r < T - e0; ++r) m_fin = std::max(m_fin, row_max(w.pk.data() + r * F, F));
       }
-    };
-    int64_t cursor = L;
-    for (int64_t ci = nch - 1; ci >= 0; --ci) {
-      const int64_t e = ci * CHUNK + region_cols(ci * CHUNK);
-      walk(e, cursor, true);
-      cursor = std::min(cursor, e);
-      std::memcpy(wb.snap.data() + ci * FS, Q, sizeof(float) * F * Dv);
-      std::memcpy(wb.snap.data() + ci * FS + F * Dv, zq, sizeof(float) * F);
-      wb.snap_shift[ci] = q_shift;
+      const float shift = std::isinf(cmax) ? 0.f : cmax;
+      wb.snap_shift[j] = cmax;
+      key_exponentiate(nk, c, w, shift);
+      for (int64_t f = 0; f < F; ++f) std::memcpy(fT + (j * F + f) * CHUNK, w.pkt.data() + f * nk, sizeof(float) * nk);
+      float* Bj = wb.blk.data() + j * FS;
+      gemm(F, Dv, nk, w.pkt.data(), nk, w.vb.data(), Dv, Bj, Dv, false);
+      for (int64_t f = 0; f < F; ++f) Bj[F * Dv + f] = row_sum(w.pkt.data() + f * nk, nk);
     }
-    walk(0, cursor, false);  // the first region's keys: their maxima and counts only
     if (kshift_out) *kshift_out = ma;
     const float ks = std::isinf(ma) ? 0.f : ma;
+    // the blocks onto ma; the suffix states Q_j = sum_{i >= j} B_i (Q_nblk = 0)
+    std::fill(wb.snap.begin() + nblk * FS, wb.snap.begin() + (nblk + 1) * FS, 0.f);
+    for (int64_t j = nblk - 1; j >= 0; --j) {
+      const float sj = std::isinf(wb.snap_shift[j]) ? 0.f : std::exp(wb.snap_shift[j] - ks);
+      const float* Bj = wb.blk.data() + j * FS;
+      wb.snap_shift[j] = sj;  // from here on: the block's factor onto ma (applied to its features and B_j when read)
+      const float* Qn = wb.snap.data() + (j + 1) * FS;
+      float* Qj = wb.snap.data() + j * FS;
+#pragma omp simd
+      for (int64_t i = 0; i < FS; ++i) Qj[i] = Qn[i] + sj * Bj[i];
+    }
     float* P = wb.P.data();
     float* zp = wb.zp.data();
     const float a0 = std::isinf(m_state) ? 0.f : std::exp(m_state - ks);
@@ -438,28 +468,43 @@ void window_group(const at::Tensor& q, at::Tensor& o, const ExtKeys<scalar_t, vs
     float* Rs = wb.R.data();
     float* zr = wb.zr.data();
     const int64_t diag_l = band > 0 ? 0 : 1;  // the lower block holds the diagonal when there is no band
-    int64_t have = 0;  // staged rows [0, have): the previous chunk's last ones, its region's overlap with this
+    int64_t have = 0;  // staged rows [0, have): the previous chunk's region's overlap with this one
     for (int64_t ci = 0; ci < nch; ++ci) {
       const int64_t lo = ci * CHUNK, n = std::min(CHUNK, T - lo);
-      const int64_t cols = region_cols(lo);  // the extended keys [lo, lo + cols)
+      const int64_t cols = region_end(lo) - lo;  // the extended keys [lo, lo + cols)
       ext.stage(lo + have, cols - have, wb.kr.data() + have * D, wb.vb.data() + have * Dv, kp + have);
+      if (lo + CHUNK < T) {  // the next chunk's new region rows, query rows and output rows
+        ext.prefetch(lo + cols, CHUNK, L);
+        const int64_t n2 = std::min(CHUNK, T - lo - CHUNK);
+        for (int64_t g = 0; g < G; ++g) {
+          prefetch_rows(qp + g * sqh + (lo + CHUNK) * sq, sq, n2, D);
+          prefetch_rows(op + g * soh + (lo + CHUNK) * so, so, n2, Dv, true);
+        }
+      }
       wb.kept_before[0] = 0;
       for (int64_t j = 0; j < cols; ++j) wb.kept_before[j + 1] = wb.kept_before[j] + (kp[j] ? 1 : 0);
       if (band > 0) exact_keys(have, cols, wt.exact_sq, c, wb);
-      // the region's feature keys on ma (the rows carried keep theirs)
-      for (int64_t j0 = have; j0 < cols; j0 += CHUNK) {
-        const int64_t nj = std::min(CHUNK, cols - j0);
-        key_logits(wb.kr.data() + j0 * D, D, reinterpret_cast<const bool*>(kp + j0), nj, c, hp, w);
-        key_exponentiate(nj, c, w, ks);
-        for (int64_t t = 0; t < nj; ++t)
-          for (int64_t f = 0; f < F; ++f) wb.pkt[f * wb.ld + j0 + t] = w.pk[t * F + f];
+      // the region's key features [F, cols] (leading dimension wb.ld), copied from their blocks
+      float* pkt = wb.pkt.data();
+      const int64_t Lp = wb.ld;
+      for (int64_t e = lo; e < lo + cols; e += CHUNK) {
+        const int64_t nk = std::min(CHUNK, lo + cols - e);
+        const float* src = fT + (e / CHUNK) * F * CHUNK;
+        const float sj = wb.snap_shift[e / CHUNK];
+        for (int64_t f = 0; f < F; ++f) {
+          float* dst = pkt + f * Lp + (e - lo);
+          const float* sr = src + f * CHUNK;
+#pragma omp simd
+          for (int64_t i = 0; i < nk; ++i) dst[i] = sr[i] * sj;
+        }
       }
-      // the state the chunk's queries read: the prefix and the suffix, on ma
-      const float* Qc = wb.snap.data() + ci * FS;
-      const float as = std::isinf(wb.snap_shift[ci]) ? 0.f : std::exp(wb.snap_shift[ci] - ks);
-      for (int64_t i = 0; i < F * Dv; ++i) Rs[i] = P[i] + as * Qc[i];
-      for (int64_t f = 0; f < F; ++f) zr[f] = zp[f] + as * Qc[F * Dv + f];
-      const int64_t nu = std::min(n, cols - up);  // the upper block's columns [up, up + nu)
+      // the state the chunk's queries read: the prefix and the suffix from the region's end
+      const float* Qc = wb.snap.data() + ((lo + cols + CHUNK - 1) / CHUNK) * FS;
+#pragma omp simd
+      for (int64_t i = 0; i < F * Dv; ++i) Rs[i] = P[i] + Qc[i];
+#pragma omp simd
+      for (int64_t f = 0; f < F; ++f) zr[f] = zp[f] + Qc[F * Dv + f];
+      const int64_t nu = cols - up;  // the upper block's columns [up, up + nu)
       for (int64_t g = 0; g < G; ++g) {
         const scalar_t* qg = qp + g * sqh + lo * sq;
         query_features(qg, sq, n, c, hp, w);
@@ -467,7 +512,7 @@ void window_group(const at::Tensor& q, at::Tensor& o, const ExtKeys<scalar_t, vs
         const float* pq = w.pq.data();
         // the lower block: region key r' < r (W = 0: r' <= r)
         float* sc = w.sc.data();
-        gemm(n, n, F, pq, F, wb.pkt.data(), wb.ld, sc, n, false, TRI_N);
+        gemm(n, n, F, pq, F, pkt, Lp, sc, n, false, TRI_N);
         for (int64_t t = 0; t < n; ++t) {
           float* row = sc + t * n;
           std::fill(row + t + diag_l, row + n, 0.f);
@@ -481,7 +526,9 @@ void window_group(const at::Tensor& q, at::Tensor& o, const ExtKeys<scalar_t, vs
           const int64_t R = std::min<int64_t>(RB, n - i);
           if (std::min(i + 1, nu) >= nu) break;
           const int64_t c0 = (i + 1) / VW * VW;  // (from a whole vector: no scalar tail when nu is one)
-          gemm(R, nu - c0, F, pq + i * F, F, wb.pkt.data() + up + c0, wb.ld, su + i * ldu + c0, ldu, false);
+          // (whole vectors: the columns past nu, within both buffers' leading dimension, are computed and unread)
+          const int64_t wide = std::min((nu - c0 + VW - 1) / VW * VW, std::min(ldu, Lp - up) - c0);
+          gemm(R, wide, F, pq + i * F, F, pkt + up + c0, Lp, su + i * ldu + c0, ldu, false);
           for (int64_t r = i; r < i + R; ++r) {
             float* row = su + r * ldu;
             const int64_t from = std::min(r + 1, nu);
@@ -501,9 +548,18 @@ void window_group(const at::Tensor& q, at::Tensor& o, const ExtKeys<scalar_t, vs
                       stp ? stp + g * 2 + (lo + t) * sst : nullptr);
         }
       }
-      // the chunk's keys join the prefix
-      gemm(F, Dv, n, wb.pkt.data(), wb.ld, wb.vb.data(), Dv, P, Dv, true);
-      for (int64_t f = 0; f < F; ++f) zp[f] += row_sum(wb.pkt.data() + f * wb.ld, n);
+      // the chunk's keys join the prefix: a whole block, or (the last chunk) the keys [lo, T)
+      if (n == CHUNK) {
+        const float* Bc = wb.blk.data() + ci * FS;
+        const float sc_ = wb.snap_shift[ci];
+#pragma omp simd
+        for (int64_t i = 0; i < F * Dv; ++i) P[i] += sc_ * Bc[i];
+#pragma omp simd
+        for (int64_t f = 0; f < F; ++f) zp[f] += sc_ * Bc[F * Dv + f];
+      } else {
+        gemm(F, Dv, n, pkt, Lp, wb.vb.data(), Dv, P, Dv, true);
+        for (int64_t f = 0; f < F; ++f) zp[f] += row_sum(pkt + f * Lp, n);
+      }
       // the rows [n, cols) open the next chunk's region
       have = lo + n < T ? std::max<int64_t>(cols - n, 0) : 0;
       if (have > 0) {
@@ -513,10 +569,6 @@ void window_group(const at::Tensor& q, at::Tensor& o, const ExtKeys<scalar_t, vs
         std::memmove(wb.ysq.data(), wb.ysq.data() + n, sizeof(float) * have);
         for (int64_t d = 0; d < D; ++d) {
           float* row = wb.kt.data() + d * wb.ld;
-          std::memmove(row, row + n, sizeof(float) * have);
-        }
-        for (int64_t f = 0; f < F; ++f) {
-          float* row = wb.pkt.data() + f * wb.ld;
           std::memmove(row, row + n, sizeof(float) * have);
         }
       }
