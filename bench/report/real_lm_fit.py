@@ -62,10 +62,34 @@ def evaluate(model, base_lps, held) -> dict:
     }
 
 
-def _batches(train: torch.Tensor, n: int, length: int, seed: int) -> list[dict]:
+def _batches(train: torch.Tensor, n: int, length: int, seed: int, batch: int = 1) -> list[dict]:
+    """``n`` training sequences of ``length`` tokens at random offsets, in batches of ``batch`` sequences."""
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, train.numel() - length, (n,), generator=g).tolist()
-    return [{"input_ids": train[s : s + length][None], "use_cache": False} for s in starts]
+    seqs = [train[s : s + length] for s in starts]
+    return [{"input_ids": torch.stack(seqs[i : i + batch]), "use_cache": False} for i in range(0, n, batch)]
+
+
+def passkey(model, tok, lens: list[int], trials: int) -> dict:
+    """Passkey accuracy of ``model`` per prompt length: the keys, depths and prompts of ``real_lm``'s passkey
+    stage (the same seed), greedy decoding of 7 tokens."""
+    import random
+    import re
+
+    from bench.report.real_lm import _greedy, passkey_prompt
+
+    rng = random.Random(0)
+    keys = [[(rng.randint(10000, 99999), rng.random()) for _ in range(trials)] for _ in lens]
+    out = {}
+    for n, cases in zip(lens, keys):
+        ok = 0
+        for key, depth in cases:
+            gen, _ = _greedy(model, passkey_prompt(tok, n, depth, key), 7)
+            m = re.search(r"\d{5}", tok.decode(gen[0], skip_special_tokens=True))
+            ok += int(bool(m) and int(m.group(0)) == key)
+        out[n] = ok
+        log(f"passkey {n}: {ok}/{trials}")
+    return out
 
 
 def _row(label: str, r: dict, orig_ppl: float, stage_s) -> str:
@@ -115,6 +139,10 @@ def main(argv=None) -> None:
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--fit-seqs", type=int, default=2, help="training sequences per stage")
     p.add_argument("--fit-len", type=int, default=1024)
+    p.add_argument("--fit-batch", type=int, default=1, help="training sequences per step (stages 1 and 2)")
+    p.add_argument("--passkey-lens", default="", help="passkey of the final model at these lengths, e.g. 1024,2048")
+    p.add_argument("--trials", type=int, default=10, help="passkey trials per length")
+    p.add_argument("--save", type=Path, default=None, help="save the final model here (linearize.save_linearized)")
     p.add_argument("--seqs", type=int, default=8, help="held-out sequences of 1024 tokens")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
@@ -158,8 +186,8 @@ def main(argv=None) -> None:
         f"such W' = {wp}.",
         f"Stage 1: `fitting.distill(loss={args.loss!r})`, {args.steps1} Adam steps per layer at lr {args.lr1} on "
         f"{args.fit_seqs} x {args.fit_len} training tokens. Stage 2: `fitting.finetune(target='logits', "
-        f"train='lora', lora_rank={args.lora_rank})`, {args.steps2} AdamW steps at lr {args.lr2}, one sequence of "
-        f"{args.fit_len} tokens per step from {args.fit_seqs} training sequences.",
+        f"train='lora', lora_rank={args.lora_rank})`, {args.steps2} AdamW steps at lr {args.lr2}, {args.fit_batch} "
+        f"sequence(s) of {args.fit_len} tokens per step (stage 1 too) from {args.fit_seqs} training sequences.",
     ]
     rows = []
 
@@ -169,7 +197,7 @@ def main(argv=None) -> None:
         log(rows[-1])
 
     stage("after convert", None)
-    batches = _batches(corpus["train"], args.fit_seqs, args.fit_len, seed=1)
+    batches = _batches(corpus["train"], args.fit_seqs, args.fit_len, seed=1, batch=args.fit_batch)
     if args.steps1 > 0:
         t0 = time.perf_counter()
         fitting.distill(model, batches, steps=args.steps1, lr=args.lr1, loss=args.loss)
@@ -190,6 +218,22 @@ def main(argv=None) -> None:
         )
         model.eval()
         stage("after stage 2", time.perf_counter() - t0)
+    if args.save is not None:
+        from spectraformer_fused.linearize import save_linearized
+
+        save_linearized(model, args.save, task="causal-lm", convert_args=kwargs, tokenizer=tok)
+        log(f"saved to {args.save}")
+    lens = [int(x) for x in args.passkey_lens.split(",") if x]
+    if lens:
+        t0 = time.perf_counter()
+        hits = passkey(model, tok, lens, args.trials)
+        notes.append(
+            "Passkey retrieval of the final row (the prompts, keys and depths of `bench/report/real_lm.py`'s "
+            f"passkey stage, {args.trials} trials per length, greedy): "
+            + ", ".join(f"{hits[n]}/{args.trials} at {n} tokens" for n in lens)
+            + f" ({time.perf_counter() - t0:.0f} s)."
+        )
+        write(out, args, head, rows, notes)
 
 
 if __name__ == "__main__":

@@ -84,3 +84,33 @@ def test_split_and_passkey_prompt():
     text = "".join(chr(i) for i in ids[0].tolist())
     assert ids.shape[0] == 1 and 1800 < ids.shape[1] <= 2000
     assert "The pass key is 12345." in text and text.endswith("The pass key is")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("converted", [False, True], ids=["original", "converted"])
+def test_decode_from_a_prefill_equals_generate(converted):
+    """The decode stage prefills once and continues with generate() from that cache, repeated over a batch:
+    the tokens are those of generate() from the prompt, for every row of the batch; a converted model
+    prefills into an RFCache."""
+    model = _tiny_llama()
+    if converted:
+        from spectraformer_fused.integrations.transformers import RFCache, convert
+
+        convert(model, component="hyprf", weights="orf", num_features=8, window=4, sinks=1, seed=0)
+    ids = torch.randint(0, 64, (1, 20))
+    pre = real_lm._prefill(model, ids)
+    if converted:
+        assert isinstance(pre["cache"], RFCache)
+    want = model.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert int(pre["next"]) == int(want[0, 20])
+    r = real_lm._decode_from(model, ids, pre, 2, 3)
+    assert r["tok_s"] > 0 and r["cache"] > 0
+    full = torch.cat([ids, pre["next"]], 1)
+    import copy
+
+    cache = copy.deepcopy(pre["cache"])
+    cache.batch_repeat_interleave(2)
+    got = model.generate(
+        full.expand(2, -1), past_key_values=cache, max_new_tokens=3, min_new_tokens=3, do_sample=False, pad_token_id=0
+    )
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[0]), (got, want)
