@@ -18,7 +18,7 @@ from .components import (
     sequence_moments,
 )
 from .contract import EXP, HYP, TRIG, FeatureParams
-from .validation import check_qk_pair, resolve_scale
+from .validation import check_mix, check_qk_pair, resolve_scale
 from .weights import WEIGHTS, build_weights
 
 
@@ -37,19 +37,6 @@ def _shared_seed() -> int | None:
 def _default_num_features(head_dim: int) -> int:
     # Performer's choice m = d log d, at least 16.
     return max(16, int(round(head_dim * math.log(max(head_dim, 2)))))
-
-
-def _check_mix(mix) -> float | None:
-    """The initial exact-part factor g of ``mix`` (None: no factor)."""
-    if mix is None or mix is False:
-        return None
-    if mix is True:
-        return 1.0
-    if not isinstance(mix, (int, float)):
-        raise TypeError(f"mix must be None, a bool or a positive float, got {type(mix).__name__}")
-    if not (math.isfinite(mix) and mix > 0):
-        raise ValueError(f"mix must be a positive finite factor, got {mix}")
-    return float(mix)
 
 
 def _check_positive_int(value, what: str) -> int:
@@ -110,7 +97,7 @@ class RandomFeatureMap(nn.Module):
         **component_args,
     ):
         super().__init__()
-        mix_init = _check_mix(mix)
+        mix_init = check_mix(mix)
         _check_positive_int(head_dim, "head_dim")
         _check_positive_int(num_heads, "num_heads")
         if num_features is None:

@@ -43,6 +43,7 @@ import torch
 
 from .fitting import FINETUNE_TRAIN, distill, finetune, output_loss
 from .fitting import LOSSES as DISTILL_LOSSES
+from .validation import check_mix, check_sinks
 
 META_FILE = "linearize.json"
 REPORT_JSON = "report.json"
@@ -461,9 +462,8 @@ def linearize(
         raise ValueError(f"unknown task {task!r}; valid names are {', '.join(TASKS)}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
-    if sinks is not None and (isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 1):
-        raise ValueError(f"sinks must be a positive int or None, got {sinks!r}")
-    mix = _check_mix(mix)
+    sinks = check_sinks(sinks) or None
+    mix = check_mix(mix)
     if cache is not None and (isinstance(cache, bool) or not isinstance(cache, int) or cache < 1):
         raise ValueError(f"cache must be a positive int or None, got {cache!r}")
     if distill_loss not in DISTILL_LOSSES:
@@ -565,17 +565,6 @@ def linearize(
             f.write(summary_markdown(report))
     report["model"] = student
     return report
-
-
-def _check_mix(mix) -> float | None:
-    """The initial exact-part factor: None, or a positive finite float (True: 1.0)."""
-    if mix is None:
-        return None
-    if mix is True:
-        return 1.0
-    if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not (math.isfinite(mix) and mix > 0):
-        raise ValueError(f"mix must be a positive factor or None, got {mix!r}")
-    return float(mix)
 
 
 def _device_name(device: torch.device) -> str:

@@ -70,6 +70,20 @@ def check_sinks(sinks) -> int:
     return sinks
 
 
+def check_mix(mix) -> float | None:
+    """The initial exact-part factor g of a feature map's ``mix`` (DESIGN.md section 8): None or False (no
+    factor), True (g = 1) or a positive finite float; returns g or None."""
+    if mix is None or mix is False:
+        return None
+    if mix is True:
+        return 1.0
+    if not isinstance(mix, (int, float)):
+        raise TypeError(f"mix must be None, a bool or a positive float, got {type(mix).__name__}")
+    if not (math.isfinite(mix) and mix > 0):
+        raise ValueError(f"mix must be a positive finite factor, got {mix}")
+    return float(mix)
+
+
 def check_cache(cache) -> int:
     """The exact cache (DESIGN.md section 9): None or 0 (none), else a positive int; returns the int."""
     if cache is None:

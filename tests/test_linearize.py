@@ -397,10 +397,13 @@ def test_command_flags_and_preset(monkeypatch, tmp_path):
 def test_linearize_rejects_bad_sinks_mix_and_loss(tiny):
     d = tiny["tiny-llama"]
     args = dict(component="hyprf", weights="learnable", num_features=8, data=data_of(d), **FAST)
-    for bad, match in (
-        (dict(sinks=0), "sinks"),
-        (dict(mix=-1.0), "mix"),
-        (dict(distill_loss="output"), "distill_loss"),
+    for bad, err, match in (
+        (dict(sinks=-1), ValueError, "sinks must be a non-negative int"),
+        (dict(sinks=True), TypeError, "sinks must be a non-negative int"),
+        (dict(sinks=2.0), TypeError, "sinks must be a non-negative int"),
+        (dict(mix=-1.0), ValueError, "mix must be a positive finite factor"),
+        (dict(mix="big"), TypeError, "mix must be None, a bool or a positive float"),
+        (dict(distill_loss="output"), ValueError, "distill_loss"),
     ):
-        with pytest.raises(ValueError, match=match):
+        with pytest.raises(err, match=match):
             lz.linearize(d, **args, **bad)
