@@ -183,6 +183,27 @@ def train_rows(B, T, H, D, m, window, sinks, budget, noncausal=False):
     return rows, mem
 
 
+# issue #32's goals per mode: (time / plain, peak memory / plain), None where the mode has none
+GOALS = {"causal fwd+bwd": (1.3, 1.2), "non-causal fwd": (1.5, None)}
+
+
+def goal_lines(rows, mem) -> list[str]:
+    """One line per hybrid variant of a mode with a goal: its measured ratios against the goal, met or not."""
+    peak = {(r[0], r[1]): float(r[3]) for r in mem}
+    out = []
+    for mode, name, _, ratio in rows:
+        goal = GOALS.get(mode)
+        if goal is None or name == "plain":
+            continue
+        t_goal, m_goal = goal
+        text = f"- {mode}, {name}: time {ratio}x the plain path (goal <= {t_goal}x: {'met' if float(ratio) <= t_goal else 'not met'})"
+        if m_goal is not None:
+            mr = peak[(mode, name)]
+            text += f", peak memory {mr:.2f}x (goal <= {m_goal}x: {'met' if mr <= m_goal else 'not met'})"
+        out.append(text)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=("hedgehog", "window", "train", "noncausal", "all"), default="all")
@@ -245,6 +266,8 @@ def main(argv=None):
         lines += common.md_table(["mode", "variant", "ms", "/ plain"], rows)
         lines += ["", "## peak memory", ""]
         lines += common.md_table(["mode", "variant", "peak MiB", "/ plain"], mem)
+        lines += ["", "## against the goals (computed from the two tables above)", ""]
+        lines += goal_lines(rows, mem)
         lines.append("")
     if args.part in ("hedgehog", "all"):
         lines += ["## hedgehog against hyprf at the same F", ""]
