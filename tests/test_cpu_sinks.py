@@ -343,3 +343,40 @@ def test_backward_is_deterministic(causal):
         params = [t for t in fm.parameters() if t.requires_grad]
         grads.append(torch.autograd.grad(o.pow(2).sum(), leaves + params))
     assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+@pytest.mark.parametrize("dominant", [False, True], ids=["keys-above", "state-above"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "noncausal"])
+@pytest.mark.parametrize("window,sinks", [(3, 0), (0, 2), (4, 2)], ids=["W3", "S2", "W4-S2"])
+def test_log_scale_that_requires_grad_runs_fused(window, sinks, causal, dominant):
+    """An initial state whose log_scale requires grad (a state carried under autograd): the fused path
+    gives the reference's output and gradients of q, k, v, S, z and log_scale, for a loss on the output and
+    on the final state as it stands for (S exp(log_scale), z exp(log_scale)); with the initial scale below
+    the keys' and above them (the final state is then on the initial scale in both backends, and the loss
+    reads its S, z and log_scale as they are; otherwise the backends may keep it on different shifts)."""
+    q, k, v = _inputs(2, 9, 4, 2, seed=6)
+    fm = _map("hyprf")
+    p = _params(fm, q, k, causal)
+    q0, k0, v0 = _inputs(2, 10, 4, 2, seed=7)  # an earlier piece: keys beyond its window are in the state
+    _, s0 = reference_attention(q0, k0, v0, p, causal=True, window=window, sinks=sinks, output_final_state=True)
+    assert torch.isfinite(s0.log_scale).all()
+    if dominant:  # the same state on a scale above every key's exponent
+        s0 = s0._replace(S=s0.S * math.exp(-30.0), z=s0.z * math.exp(-30.0), log_scale=s0.log_scale + 30.0)
+    g = torch.Generator().manual_seed(8)
+    go = torch.randn(2, 9, 4, 8, generator=g)
+    gS, gz = torch.randn(s0.S.shape, generator=g), torch.randn(s0.z.shape, generator=g)
+    grads = {}
+    for name, fn in (("cpu", cpu_ops.cpu_attention), ("reference", reference_attention)):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        S0, z0, m0 = (t.clone().float().requires_grad_(True) for t in s0[:3])
+        st = s0._replace(S=S0, z=z0, log_scale=m0)
+        o, fin = fn(*leaves, p, causal=causal, window=window, sinks=sinks, initial_state=st, output_final_state=True)
+        scale = torch.where(torch.isfinite(fin.log_scale), fin.log_scale, torch.zeros_like(fin.log_scale)).exp()
+        if dominant:  # the final state is on the initial scale in both backends: the raw S, z and log_scale
+            assert torch.equal(fin.log_scale.detach(), m0.detach()), "the final scale is the initial one"
+            loss = (o * go).sum() + (fin.S * gS).sum() + (fin.z * gz).sum() + (fin.log_scale * gz[..., 0]).sum()
+        else:
+            loss = (o * go).sum() + (fin.S * scale[..., None, None] * gS).sum() + (fin.z * scale[..., None] * gz).sum()
+        grads[name] = torch.autograd.grad(loss, [*leaves, S0, z0, m0])
+    for label, a, b in zip(("q", "k", "v", "S0", "z0", "log_scale0"), grads["cpu"], grads["reference"]):
+        assert_close(a, b, torch.float32, name=f"d{label}")

@@ -4,8 +4,8 @@
 inside the window, random features beyond it, one shared normaliser (DESIGN.md section 6). The state is a
 ``WindowState``; the forward runs in C++ (``window_forward`` of the CPU extension), attention sinks
 (section 8: the first S keys of each sequence exact, their slots in the state) and the learned factor
-``log_mix`` included; the backward too (``window_backward``, csrc/rf_window_bwd.cpp), causal and not. Only an
-initial ``log_scale`` that requires grad recomputes through ``reference_attention(..., window=W, sinks=S)``.
+``log_mix`` included; the backward too (``window_backward``, csrc/rf_window_bwd.cpp), causal and not, an
+initial ``log_scale`` that requires grad included (``_with_log_scale_grad``).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from typing import NamedTuple
 import torch
 
 from ...contract import DEN_EPS, FeatureParams
-from ...reference import reference_grads
 from ...state import WindowState, empty_window_state
 from ...validation import check_window
 from .extension import _load, _transposed, extension_error
@@ -202,66 +201,6 @@ def _forward(
     return (outs, (stats, kshift)) if need_stats else outs
 
 
-class _CpuWindowAttention(torch.autograd.Function):
-    """Forward in C++; backward recomputes through ``reference_attention(..., window=W, sinks=S)`` under
-    enable_grad on the saved inputs (exact gradients for q, k, v, W, bias, the factor ``log_mix`` and the
-    initial state's S, z, k_tail, v_tail, k_sink, v_sink). Used only when the initial ``log_scale`` requires
-    grad (the fused backward treats it as a constant, as the plain path does). Non-causal, the gradient of
-    the final S, z is taken on the reference's shift of that state."""
-
-    @staticmethod
-    def forward(
-        ctx,
-        q,
-        k,
-        v,
-        W,
-        bias,
-        log_mix,
-        S0,
-        z0,
-        m0,
-        kt0,
-        vt0,
-        ks0,
-        vs0,
-        flags,
-        params,
-        causal,
-        window,
-        sinks,
-        mask,
-        cu,
-        offsets,
-    ):
-        tail_keep, sink_keep, sink_seen = flags
-        state = WindowState(S0, z0, m0, kt0, vt0, tail_keep, ks0, vs0, sink_keep, sink_seen)
-        outs = _forward(q, k, v, params, log_mix, causal, window, mask, state, cu, offsets)
-        ctx.save_for_backward(q, k, v, W, bias, log_mix, S0, z0, m0, kt0, vt0, ks0, vs0)
-        ctx.flags = flags
-        ctx.params, ctx.causal, ctx.window, ctx.sinks, ctx.mask, ctx.cu = params, causal, window, sinks, mask, cu
-        ctx.mark_non_differentiable(outs[3], outs[6], outs[9], outs[10])
-        ctx.set_materialize_grads(False)
-        return outs
-
-    @staticmethod
-    def backward(ctx, do, dS, dz, _dm, dkt, dvt, _dkeep, dks, dvs, _dskeep, _dseen):
-        tail_keep, sink_keep, sink_seen = ctx.flags
-        grads = reference_grads(
-            ctx.params,
-            ctx.saved_tensors,
-            (do, dS, dz, None, dkt, dvt, None, dks, dvs),
-            lambda st: WindowState(*st[:5], tail_keep, *st[5:], sink_keep, sink_seen),
-            mix=True,
-            causal=ctx.causal,
-            key_padding_mask=ctx.mask,
-            cu_seqlens=ctx.cu,
-            window=ctx.window,
-            sinks=ctx.sinks,
-        )
-        return (*grads, None, None, None, None, None, None, None, None)
-
-
 class _CpuWindowFused(torch.autograd.Function):
     """Forward and backward in C++ (``window_forward``, ``window_backward``: csrc/rf_window_bwd.cpp).
     The forward saves its inputs only; the backward recomputes the features chunk by chunk. The sink slots
@@ -368,6 +307,45 @@ def _flags_keep(slots, ks0):
     return slots.keep, slots.seen_after
 
 
+def _with_log_scale_grad(q, k, v, params, causal, window, sinks, mask, st, output_final_state, cu_seqlens):
+    """The fused path for an initial state whose ``log_scale`` requires grad (a state differentiated through).
+
+    The state stands for S exp(log_scale), z exp(log_scale) (DESIGN.md section 5): the attention depends on
+    log_scale only through those products, and on the final state's stabiliser only through its choice, so
+    the call runs on log_scale detached with S, z multiplied by exp(log_scale - log_scale.detach()) (value
+    1, derivative 1: log_scale gets <dS0, S0> + <dz0, z0> from the fused backward); where the initial scale
+    is the final one (no key above it, the reference's running maximum is then log_scale itself), the final
+    state is written on log_scale with its gradient, S and z divided by the same factor. The values are
+    those of the plain call, and the gradients the reference's."""
+    ls0 = st.log_scale
+    lsd = ls0.detach()
+    finite = torch.isfinite(lsd)
+    delta = torch.where(finite, ls0 - lsd, torch.zeros_like(ls0))  # 0, with derivative 1 where finite
+    scale = delta.exp()
+    start = st._replace(S=st.S * scale[..., None, None], z=st.z * scale[..., None], log_scale=lsd)
+    o, final = cpu_window_attention(
+        q,
+        k,
+        v,
+        params,
+        causal=causal,
+        window=window,
+        sinks=sinks,
+        key_padding_mask=mask,
+        initial_state=start,
+        output_final_state=output_final_state,
+        cu_seqlens=cu_seqlens,
+    )
+    if final is None:
+        return o, None
+    same = finite & (final.log_scale == lsd)
+    d = torch.where(same, delta, torch.zeros_like(delta))
+    back = (-d).exp()
+    return o, final._replace(
+        S=final.S * back[..., None, None], z=final.z * back[..., None], log_scale=final.log_scale + d
+    )
+
+
 def cpu_window_attention(
     q,
     k,
@@ -414,7 +392,11 @@ def cpu_window_attention(
     st = initial_state
     tensors = (q, k, v, params.W, params.bias, params.log_mix, *st[:5], st.k_sink, st.v_sink)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if needs_grad and not st.log_scale.requires_grad:  # the fused backward
+    if needs_grad and st.log_scale.requires_grad:
+        return _with_log_scale_grad(
+            q, k, v, params, causal, window, sinks, key_padding_mask, st, output_final_state, cu_seqlens
+        )
+    if needs_grad:  # the fused backward
         with torch.no_grad():
             slots = _sink_slots(k, v, mask, *st.sink_part, offsets) if sinks else None
         fused_in = (q, k, v, params.W, params.bias, params.log_mix, *st[:5], st.k_sink, st.v_sink)
@@ -424,11 +406,7 @@ def cpu_window_attention(
             return outs[0], None
         keep = (slots.keep, slots.seen_after) if slots is not None else (st.sink_keep, st.sink_seen)
         return outs[0], WindowState(*outs[1:], *keep)
-    if needs_grad:
-        flags = (st.tail_keep, st.sink_keep, st.sink_seen)
-        outs = _CpuWindowAttention.apply(*tensors, flags, params, causal, window, sinks, mask, cu_seqlens, offsets)
-    else:
-        outs = _forward(q, k, v, params, params.log_mix, causal, window, mask, st, cu_seqlens, offsets)
+    outs = _forward(q, k, v, params, params.log_mix, causal, window, mask, st, cu_seqlens, offsets)
     o, *final = outs
     if not output_final_state:
         return o, None
