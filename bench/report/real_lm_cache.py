@@ -143,7 +143,8 @@ def write(out: Path, args, lens, rows, seconds) -> None:
         f"Passkey: {args.trials} trials per length (the same keys, depths and prompts for every row). Perplexity: "
         f"{args.seqs} held-out sequences of 1024 tokens, with the cache in the prefill. Cache MiB and ms / token: "
         f"greedy generate() of {args.new_tokens} tokens after a 1024-token held-out prompt at batch 1 (the cache's "
-        "tensors at the end; wall time per token).",
+        "tensors at the end; wall time per token). The band row is the original model under a band mask: its "
+        "cache column is the whole DynamicCache it keeps, not the (W + S) keys a band needs.",
         "",
         "| row | " + " | ".join(f"passkey {n}" for n in lens) + " | ppl | ppl / orig | cache MiB | ms / token | "
         "passkey s | load |",
