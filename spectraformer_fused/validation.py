@@ -238,36 +238,41 @@ def _check_tail(state: WindowState, window: int, B: int, Hk: int, D: int, Dv: in
     return state.k_tail, state.v_tail, state.tail_keep
 
 
-def _check_sinks_state(state: WindowState, sinks: int, B: int, Hk: int, D: int, Dv: int, device) -> tuple:
-    """The sink slots of a WindowState: ``sinks`` positions of keys, values, keep and seen flags."""
-    names = ("k_sink", "v_sink", "sink_keep", "sink_seen")
-    if len(state) != 10:
-        raise TypeError(f"initial_state must be a WindowState with its sink fields {names}")
-    for name in names:
+def _check_slots(state, expect: dict, flags: tuple, count: int, mismatch: str, device) -> None:
+    """The fixed-size slots of a state (the sinks', the cache's): every field of ``expect`` (name -> (shape,
+    layout)) a tensor of that shape on ``device``, bool for the names in ``flags`` and floating point
+    otherwise; the first field's slot axis of size ``count`` (``mismatch`` formatted with the size held)."""
+    for name in expect:
         if not isinstance(getattr(state, name), torch.Tensor):
             raise TypeError(f"initial_state.{name} must be a tensor, got {type(getattr(state, name)).__name__}")
-    if state.k_sink.dim() == 4 and state.k_sink.shape[2] != sinks:
-        raise ValueError(
-            f"initial_state holds {state.k_sink.shape[2]} attention sinks, but sinks={sinks}: pass the sinks it "
-            "was made with"
-        )
-    expect = {
-        "k_sink": ((B, Hk, sinks, D), "[B, H_kv, S, D]"),
-        "v_sink": ((B, Hk, sinks, Dv), "[B, H_kv, S, Dv]"),
-        "sink_keep": ((B, sinks), "[B, S]"),
-        "sink_seen": ((B, sinks), "[B, S]"),
-    }
+    first = getattr(state, next(iter(expect)))
+    if first.dim() == 4 and first.shape[2] != count:
+        raise ValueError(mismatch.format(n=first.shape[2], count=count))
     for name, (shape, layout) in expect.items():
         t = getattr(state, name)
         if tuple(t.shape) != shape:
             raise ValueError(f"initial_state.{name} must have shape {shape} {layout}, got {tuple(t.shape)}")
         if t.device != device:
             raise ValueError(f"initial_state.{name} must be on {device}, got {t.device}")
-        flag = name in ("sink_keep", "sink_seen")
-        if flag and t.dtype != torch.bool:
+        if name in flags and t.dtype != torch.bool:
             raise TypeError(f"initial_state.{name} must be torch.bool, got {t.dtype}")
-        if not flag and not t.dtype.is_floating_point:
+        if name not in flags and not t.dtype.is_floating_point:
             raise TypeError(f"initial_state.{name} must be floating point, got {t.dtype}")
+
+
+def _check_sinks_state(state: WindowState, sinks: int, B: int, Hk: int, D: int, Dv: int, device) -> tuple:
+    """The sink slots of a WindowState: ``sinks`` positions of keys, values, keep and seen flags."""
+    names = ("k_sink", "v_sink", "sink_keep", "sink_seen")
+    if len(state) != 10:
+        raise TypeError(f"initial_state must be a WindowState with its sink fields {names}")
+    expect = {
+        "k_sink": ((B, Hk, sinks, D), "[B, H_kv, S, D]"),
+        "v_sink": ((B, Hk, sinks, Dv), "[B, H_kv, S, Dv]"),
+        "sink_keep": ((B, sinks), "[B, S]"),
+        "sink_seen": ((B, sinks), "[B, S]"),
+    }
+    mismatch = "initial_state holds {n} attention sinks, but sinks={count}: pass the sinks it was made with"
+    _check_slots(state, expect, ("sink_keep", "sink_seen"), sinks, mismatch, device)
     return state.k_sink, state.v_sink, state.sink_keep, state.sink_seen
 
 
@@ -288,30 +293,13 @@ def _check_cache_state(state, window, sinks, cache, B, Hk, feature_dim, D, Dv, d
     rf = _check_rf_state(state.rf, B, Hk, feature_dim, Dv, device)
     tail = _check_tail(state, window, B, Hk, D, Dv, device)
     sink_part = _check_sinks_state(state.window_state, sinks, B, Hk, D, Dv, device)
-    names = ("k_cache", "v_cache", "cache_keep")
-    for name in names:
-        if not isinstance(getattr(state, name), torch.Tensor):
-            raise TypeError(f"initial_state.{name} must be a tensor, got {type(getattr(state, name)).__name__}")
-    if state.k_cache.dim() == 4 and state.k_cache.shape[2] != cache:
-        raise ValueError(
-            f"initial_state holds an exact cache of {state.k_cache.shape[2]} keys, but cache={cache}: pass the "
-            "cache it was made with"
-        )
     expect = {
         "k_cache": ((B, Hk, cache, D), "[B, H_kv, C, D]"),
         "v_cache": ((B, Hk, cache, Dv), "[B, H_kv, C, Dv]"),
         "cache_keep": ((B, cache), "[B, C]"),
     }
-    for name, (shape, layout) in expect.items():
-        t = getattr(state, name)
-        if tuple(t.shape) != shape:
-            raise ValueError(f"initial_state.{name} must have shape {shape} {layout}, got {tuple(t.shape)}")
-        if t.device != device:
-            raise ValueError(f"initial_state.{name} must be on {device}, got {t.device}")
-        if name == "cache_keep" and t.dtype != torch.bool:
-            raise TypeError(f"initial_state.cache_keep must be torch.bool, got {t.dtype}")
-        if name != "cache_keep" and not t.dtype.is_floating_point:
-            raise TypeError(f"initial_state.{name} must be floating point, got {t.dtype}")
+    mismatch = "initial_state holds an exact cache of {n} keys, but cache={count}: pass the cache it was made with"
+    _check_slots(state, expect, ("cache_keep",), cache, mismatch, device)
     return CacheState(*rf, *tail, *sink_part, *state.cache_part)
 
 
