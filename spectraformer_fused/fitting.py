@@ -182,15 +182,24 @@ def output_target(
     return torch.cat(parts, dim=2)
 
 
+def _check_values(v, k) -> None:
+    if not isinstance(v, torch.Tensor) or v.dim() != 4 or v.shape[:3] != k.shape[:3]:
+        raise ValueError(
+            "loss='mse' needs v [B, T, H_kv, Dv] matching k in batch, length and heads; got "
+            f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}"
+        )
+
+
 def _output_inputs_ok(q, k, v, mask) -> bool:
     """Whether q, k, v, mask pass the checks of ``attention_distillation_loss`` (which raises the error
     otherwise), so that a target can be computed from them first."""
     try:
         check_qk_pair(q, k, grouped=True)
+        _check_values(v, k)
         _check_mask(mask, q)
     except (TypeError, ValueError):
         return False
-    return isinstance(v, torch.Tensor) and v.dim() == 4 and v.shape[:3] == k.shape[:3] and q.shape[1] == k.shape[1]
+    return q.shape[1] == k.shape[1]
 
 
 def _output_rows(q, mask) -> torch.Tensor:
@@ -298,11 +307,7 @@ def attention_distillation_loss(
             "(trigonometric) features whose attention weights can be negative: use loss='mse'"
         )
     if loss == "mse":
-        if not isinstance(v, torch.Tensor) or v.dim() != 4 or v.shape[:3] != k.shape[:3]:
-            raise ValueError(
-                "loss='mse' needs v [B, T, H_kv, Dv] matching k in batch, length and heads; got "
-                f"{tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}"
-            )
+        _check_values(v, k)
     mask = _check_mask(key_padding_mask, q)
     backend = _check_loss_backend(backend, loss)
     B, T, H, D = q.shape
