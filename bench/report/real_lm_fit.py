@@ -142,7 +142,12 @@ def main(argv=None) -> None:
     p.add_argument("--fit-batch", type=int, default=1, help="training sequences per step (stages 1 and 2)")
     p.add_argument("--passkey-lens", default="", help="passkey of the final model at these lengths, e.g. 1024,2048")
     p.add_argument("--trials", type=int, default=10, help="passkey trials per length")
-    p.add_argument("--save", type=Path, default=None, help="save the final model here (linearize.save_linearized)")
+    p.add_argument(
+        "--save",
+        type=Path,
+        default=None,
+        help="save the model here after each fitting stage (linearize.save_linearized)",
+    )
     p.add_argument("--seqs", type=int, default=8, help="held-out sequences of 1024 tokens")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=None)
@@ -195,6 +200,12 @@ def main(argv=None) -> None:
         rows.append(_row(f"{name}, {label}", evaluate(model, base_lps, held), orig["ppl"], seconds))
         write(out, args, head, rows, notes)
         log(rows[-1])
+        if args.save is not None and label != "after convert":
+            # saved after each fitting stage, so a run stopped in stage 2 keeps its stage-1 model
+            from spectraformer_fused.linearize import save_linearized
+
+            save_linearized(model, args.save, task="causal-lm", convert_args=kwargs, tokenizer=tok)
+            log(f"saved ({label}) to {args.save}")
 
     stage("after convert", None)
     batches = _batches(corpus["train"], args.fit_seqs, args.fit_len, seed=1, batch=args.fit_batch)
@@ -218,11 +229,6 @@ def main(argv=None) -> None:
         )
         model.eval()
         stage("after stage 2", time.perf_counter() - t0)
-    if args.save is not None:
-        from spectraformer_fused.linearize import save_linearized
-
-        save_linearized(model, args.save, task="causal-lm", convert_args=kwargs, tokenizer=tok)
-        log(f"saved to {args.save}")
     lens = [int(x) for x in args.passkey_lens.split(",") if x]
     if lens:
         t0 = time.perf_counter()
