@@ -1,0 +1,228 @@
+"""The "real models" section: every measured row of SmolLM2-135M-Instruct linearized, in one place.
+
+Nothing is measured here. The rows come from the result files of the real-model scripts in
+``bench/results/``:
+
+* ``real-lm-fit-*.md`` (``bench/report/real_lm_fit.py``): per hybrid configuration, held-out perplexity
+  after convert, stage 1 and stage 2, each beside the band baseline of equal state memory from the same run;
+* ``real-lm-cache-*.md`` (``bench/report/real_lm_cache.py``) and the passkey sections of ``real-lm-*.md``
+  (``bench/report/real_lm.py``): passkey retrieval;
+* ``real-lm-decode-*.md`` (``bench/report/real_lm.py decode``): ``generate()`` speed, the linearized model
+  against the original at each prompt length and batch, both from the same run.
+
+    python -m bench.report.real_models [--results DIR] [--out FILE]
+
+Every row links the file it comes from (date, device, command and load are in that file's header). The
+ratios in the goal lines are computed from rows of one file each, never across files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+
+from ..common import RESULTS
+
+FIT = re.compile(r"^real-lm-fit-\d{4}-\d{2}-\d{2}.*\.md$")
+CACHE = re.compile(r"^real-lm-cache-\d{4}-\d{2}-\d{2}.*\.md$")
+DECODE = re.compile(r"^real-lm-decode-\d{4}-\d{2}-\d{2}.*\.md$")
+CONFIG = re.compile(r"^hybrid (?P<cfg>.+?), (?P<stage>after convert|after stage 1|after stage 2)$")
+BAND = re.compile(r"^band softmax W'=(?P<w>\d+) S=(?P<s>\d+)(?P<eq> \(equal memory\))?$")
+PASSKEY_NOTE = re.compile(r"Passkey retrieval of the final row[^:]*: (?P<hits>[^(]+)\(")
+
+
+def tables(lines: list[str]) -> list[list[dict]]:
+    """The markdown tables of a file, each a list of rows ``{column: cell}``."""
+    out, head, rows = [], None, []
+    for line in lines + [""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if head is None:
+                head = cells
+            elif not all(set(c) <= set("-: ") for c in cells):
+                rows.append(dict(zip(head, cells)))
+            continue
+        if head is not None:
+            out.append(rows)
+        head, rows = None, []
+    return out
+
+
+def _read(results: str, name: str) -> list[str]:
+    with open(os.path.join(results, name)) as f:
+        return f.read().splitlines()
+
+
+def _files(results: str, pattern: re.Pattern) -> list[str]:
+    return sorted(n for n in os.listdir(results) if pattern.match(n))
+
+
+def fit_rows(results: str) -> tuple[list[list[str]], list[str]]:
+    """One row per stage of every ``real-lm-fit`` file, with that file's equal-memory band; and a goal line per
+    hybrid configuration: its best row over the files against the band of that row's own run."""
+    rows, best = [], {}
+    for name in _files(results, FIT):
+        lines = _read(results, name)
+        body = [r for t in tables(lines) for r in t if "ppl / orig" in r]
+        band = next((r for r in body if (m := BAND.match(r["row"])) and m.group("eq")), None)
+        hybrid = [r for r in body if CONFIG.match(r["row"])]
+        if band is None or not hybrid:
+            continue
+        bm = BAND.match(band["row"])
+        hits = next((m.group("hits").strip().rstrip(",") for ln in lines if (m := PASSKEY_NOTE.search(ln))), "")
+        base = float(band["ppl / orig"])
+        for r in hybrid:
+            m = CONFIG.match(r["row"])
+            ratio = float(r["ppl / orig"])
+            rows.append(
+                [m.group("cfg"), m.group("stage"), r["ppl / orig"], r["top-1 agree"], r["KL nats/tok"]]
+                + [r["stage s"], f"W'={bm.group('w')} S={bm.group('s')}: {band['ppl / orig']}"]
+                + ["yes" if ratio < base else "no", hits if r is hybrid[-1] else "", f"[{name}]({name})"]
+            )
+            if m.group("cfg") not in best or ratio < best[m.group("cfg")][0]:
+                best[m.group("cfg")] = (ratio, base, m.group("stage"), name)
+    goals = [
+        f"- {cfg}: best {ratio:.3f}x the original ({stage}) against {base:.3f}x for the equal-memory band of the "
+        f"same run ({'below it' if ratio < base else 'not below it'}); <= 1.10x: "
+        f"{'met' if ratio <= 1.10 else 'not met'} ([{name}]({name}))"
+        for cfg, (ratio, base, stage, name) in sorted(best.items())
+    ]
+    return rows, goals
+
+
+def passkey_rows(results: str) -> tuple[list[int], list[list[str]]]:
+    """Every passkey row of the ``real-lm-cache`` files, one column per prompt length ('' where not run)."""
+    found = []
+    for name in _files(results, CACHE):
+        for t in tables(_read(results, name)):
+            for r in t:
+                lens = {int(k.split()[1]): v for k, v in r.items() if k.startswith("passkey ") and k[8:].isdigit()}
+                if lens:
+                    found.append((r["row"], lens, r.get("ppl / orig", ""), r.get("cache MiB", ""), name))
+    lengths = sorted({n for _, lens, *_ in found for n in lens})
+    rows = [
+        [row] + [lens.get(n, "") for n in lengths] + [ratio, mib, f"[{name}]({name})"]
+        for row, lens, ratio, mib, name in found
+    ]
+    return lengths, rows
+
+
+def decode_rows(results: str) -> tuple[list[list[str]], list[str]]:
+    """Per (T, B) of the newest ``real-lm-decode`` file: the original's and the hybrid's tokens per second
+    and their ratio (both rows of that one run)."""
+    names = _files(results, DECODE)
+    if not names:
+        return [], []
+    name = names[-1]
+    rows, goals = [], []
+    by = {}
+    for t in tables(_read(results, name)):
+        for r in t:
+            if "decode tok/s" in r and r["decode tok/s"] not in ("", "-"):
+                kind = "original" if r["row"].startswith("original") else "hybrid"
+                by.setdefault((int(r["T"]), int(r["B"])), {})[kind] = r
+    for (T, B), pair in sorted(by.items()):
+        if "original" not in pair or "hybrid" not in pair:
+            continue
+        o, h = pair["original"], pair["hybrid"]
+        ratio = float(h["decode tok/s"]) / float(o["decode tok/s"])
+        cpu = float(o["CPU ms / step"]) / float(h["CPU ms / step"])
+        rows.append(
+            [str(T), str(B), o["decode tok/s"], h["decode tok/s"], f"{ratio:.2f}", f"{cpu:.2f}"]
+            + [o["cache MiB"], h["cache MiB"], o["prefill s (B=1)"], h["prefill s (B=1)"], f"[{name}]({name})"]
+        )
+        need = {1: 1.5, 8: 3.0}.get(B)
+        if T == 8192 and need is not None:
+            goals.append(
+                f"- decode at 8k, batch {B}: {ratio:.2f}x the original's tokens per second (CPU time per step: "
+                f"{cpu:.2f}x); goal >= {need}x: {'met' if ratio >= need else 'not met'} ([{name}]({name}))"
+            )
+    return rows, goals
+
+
+def table(head: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def markdown(results: str) -> list[str]:
+    fits, fit_goals = fit_rows(results)
+    lengths, keys = passkey_rows(results)
+    dec, dec_goals = decode_rows(results)
+    L = [
+        "# Real models: SmolLM2-135M-Instruct linearized, every measured row",
+        "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC (collected; measured in the linked files)",
+        "- device: see each linked file (CPU runs on 2 cores; their loads are in their headers)",
+        "- command: `python -m bench.report.real_models`",
+        "",
+        "Collected from the real-model result files in `bench/results/` by `bench/report/real_models.py`, which "
+        "measures nothing. Each row links its file; the original, the bands and the hybrids of one file were "
+        "measured in one run on the same held-out sequences (8 x 1024 tokens of python3.11-doc documents never "
+        "seen in training).",
+        "",
+        "## Goals",
+        "",
+        *fit_goals,
+        *dec_goals,
+        "",
+        "## Perplexity by configuration and stage",
+        "",
+        "Ratio to the original's held-out perplexity; agreement: greedy next-token agreement with the original; "
+        "KL(original || row) per token; the stage's fitting time; the softmax band whose keys and values take the "
+        "hybrid's state memory per key/value head (same run); below: the hybrid's ratio is below the band's; "
+        "passkey: the final model of the run, where measured.",
+        "",
+        *table(
+            [
+                "hybrid",
+                "stage",
+                "ppl / orig",
+                "agree",
+                "KL",
+                "stage s",
+                "equal-memory band",
+                "below",
+                "passkey",
+                "file",
+            ],
+            fits,
+        ),
+        "",
+        "## Passkey retrieval",
+        "",
+        "A 5-digit key at a random depth of filler text, 10 trials per length unless the file says otherwise, the "
+        "same prompts in every file. Cache rows: the exact cache of `cache=C` (DESIGN.md section 9).",
+        "",
+        *table(["row"] + [f"passkey {n}" for n in lengths] + ["ppl / orig", "cache MiB", "file"], keys),
+        "",
+        "## Decoding: generate() after a prompt of T tokens",
+        "",
+        "Tokens per second of the original (SDPA, DynamicCache) and of the linearized model (RFCache), both rows "
+        "of one run; the ratio of their CPU time per step beside it (less sensitive to other jobs on the cores).",
+        "",
+        *table(
+            ["T", "B", "original tok/s", "hybrid tok/s", "ratio", "CPU-time ratio", "original cache MiB"]
+            + ["hybrid cache MiB", "original prefill s", "hybrid prefill s", "file"],
+            dec,
+        ),
+    ]
+    return L
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--results", default=RESULTS)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    out = args.out or os.path.join(args.results, f"real-models-{datetime.date.today():%Y-%m-%d}.md")
+    text = "\n".join(markdown(args.results)) + "\n"
+    with open(out, "w") as f:
+        f.write(text)
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
