@@ -107,9 +107,20 @@ def _find_wheel(wheel: str | None) -> Path:
     return Path(found[-1])
 
 
+def _drop_gguf_config(config_json: Path) -> None:
+    """Remove the GGUF ``quantization_config`` that a directory saved from a de-quantised model inherits:
+    its weights are plain fp32, and with the entry transformers refuses to ``save_pretrained`` every model
+    loaded from it (so a linearized model could not be saved)."""
+    cfg = json.loads(config_json.read_text())
+    if cfg.pop("quantization_config", None) is not None:
+        config_json.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        log(f"removed the GGUF quantization_config from {config_json}")
+
+
 def prepare_model(wheel: str | None = None) -> Path:
     out = model_dir()
     if (out / "config.json").is_file() and any(out.glob("*.safetensors")):
+        _drop_gguf_config(out / "config.json")  # directories saved before this was done at save time
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -131,6 +142,7 @@ def prepare_model(wheel: str | None = None) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         plain.save_pretrained(out)
         tok.save_pretrained(out)
+        _drop_gguf_config(out / "config.json")
     log(f"saved the plain model to {out}")
     return out
 
