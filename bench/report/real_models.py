@@ -28,8 +28,12 @@ from ..common import RESULTS
 FIT = re.compile(r"^real-lm-fit-\d{4}-\d{2}-\d{2}.*\.md$")
 CACHE = re.compile(r"^real-lm-cache-\d{4}-\d{2}-\d{2}.*\.md$")
 DECODE = re.compile(r"^real-lm-decode-\d{4}-\d{2}-\d{2}.*\.md$")
+EVAL = re.compile(r"^real-lm-\d{4}-\d{2}-\d{2}.*\.md$")  # bench/report/real_lm.py's eval (convert only)
+SINKS = re.compile(r" S=(\d+)")
 CONFIG = re.compile(r"^hybrid (?P<cfg>.+?), (?P<stage>after convert|after stage 1|after stage 2)$")
 BAND = re.compile(r"^band softmax W'=(?P<w>\d+) S=(?P<s>\d+)(?P<eq> \(equal memory\))?$")
+STAGE1 = re.compile(r"(\d+) Adam steps per layer at lr \S+ on (\d+) x (\d+) training tokens")
+STAGE2 = re.compile(r"Stage 2: .*?, (\d+) AdamW steps")
 PASSKEY_NOTE = re.compile(r"Passkey retrieval of the final row[^:]*: (?P<hits>[^(]+)\(")
 
 
@@ -72,12 +76,23 @@ def fit_rows(results: str) -> tuple[list[list[str]], list[str]]:
             continue
         bm = BAND.match(band["row"])
         hits = next((m.group("hits").strip().rstrip(",") for ln in lines if (m := PASSKEY_NOTE.search(ln))), "")
+        s1 = next((m for ln in lines if (m := STAGE1.search(ln))), None)
+        s2 = next((m for ln in lines if (m := STAGE2.search(ln))), None)
+        fit = f"stage 1: {s1.group(1)} steps/layer, {s1.group(2)} x {s1.group(3)} tokens" if s1 else ""
+        fit += f"; stage 2: {s2.group(1)} steps" if s2 else ""
         base = float(band["ppl / orig"])
         for r in hybrid:
             m = CONFIG.match(r["row"])
             ratio = float(r["ppl / orig"])
             rows.append(
-                [m.group("cfg"), m.group("stage"), r["ppl / orig"], r["top-1 agree"], r["KL nats/tok"]]
+                [
+                    m.group("cfg"),
+                    fit if m.group("stage") != "after convert" else "",
+                    m.group("stage"),
+                    r["ppl / orig"],
+                    r["top-1 agree"],
+                    r["KL nats/tok"],
+                ]
                 + [r["stage s"], f"W'={bm.group('w')} S={bm.group('s')}: {band['ppl / orig']}"]
                 + ["yes" if ratio < base else "no", hits if r is hybrid[-1] else "", f"[{name}]({name})"]
             )
@@ -90,6 +105,38 @@ def fit_rows(results: str) -> tuple[list[list[str]], list[str]]:
         for cfg, (ratio, base, stage, name) in sorted(best.items())
     ]
     return rows, goals
+
+
+def convert_rows(results: str) -> list[list[str]]:
+    """The hybrid rows of ``real_lm.py``'s eval (after convert, no fitting: every window and sinks setting it
+    measured), each with the band its equal-memory table names (same run)."""
+    rows = []
+    for name in _files(results, EVAL):
+        ts = tables(_read(results, name))
+        body = [r for t in ts for r in t if "ppl / orig" in r]
+        wprime = {r["hybrid"]: r["W'"] for t in ts for r in t if "W'" in r and "hybrid" in r}
+        for r in body:
+            if not r["row"].startswith("hybrid ") or r["row"] not in wprime:
+                continue
+            m = SINKS.search(r["row"])
+            s = m.group(1) if m else "0"
+            band = next((b for b in body if b["row"].startswith(f"band softmax W'={wprime[r['row']]} S={s}")), None)
+            if band is None:
+                continue
+            below = "yes" if float(r["ppl / orig"]) < float(band["ppl / orig"]) else "no"
+            rows.append(
+                [
+                    r["row"][len("hybrid ") :],
+                    "",
+                    "after convert",
+                    r["ppl / orig"],
+                    r["top-1 agree"],
+                    r["KL nats/tok"],
+                    "",
+                ]
+                + [f"W'={wprime[r['row']]} S={s}: {band['ppl / orig']}", below, "", f"[{name}]({name})"]
+            )
+    return rows
 
 
 def passkey_rows(results: str) -> tuple[list[int], list[list[str]]]:
@@ -148,6 +195,7 @@ def table(head: list[str], rows: list[list[str]]) -> list[str]:
 
 def markdown(results: str) -> list[str]:
     fits, fit_goals = fit_rows(results)
+    fits = convert_rows(results) + fits
     lengths, keys = passkey_rows(results)
     dec, dec_goals = decode_rows(results)
     L = [
@@ -177,6 +225,7 @@ def markdown(results: str) -> list[str]:
         *table(
             [
                 "hybrid",
+                "fitting (planned)",
                 "stage",
                 "ppl / orig",
                 "agree",

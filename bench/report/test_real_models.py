@@ -16,6 +16,7 @@ FIT = """# Linearizing SmolLM2-135M-Instruct in stages: convert, stage 1, stage 
 | hybrid hedgehog x learnable m=64 (F=128) W=64 S=4, after convert | 16.00 | 2.000 | 0.700 | 0.6000 |  |
 | hybrid hedgehog x learnable m=64 (F=128) W=64 S=4, after stage 1 | 12.00 | {s1} | 0.780 | 0.4000 | 100 |
 
+Stage 1: `fitting.distill(loss='mse')`, 300 Adam steps per layer at lr 0.01 on 16 x 1024 training tokens. Stage 2: `fitting.finetune(target='logits')`, 30 AdamW steps at lr 0.001.
 Passkey retrieval of the final row (the prompts of the passkey stage, 10 trials per length, greedy): 4/10 at 1024 tokens, 1/10 at 2048 tokens (50 s).
 """
 
@@ -43,14 +44,42 @@ def test_fit_rows_compare_each_run_with_its_own_band(tmp_path):
     (tmp_path / "real-lm-fit-2026-01-02-b.md").write_text(FIT.format(band="1.600", s1="1.450"))
     rows, goals = real_models.fit_rows(str(tmp_path))
     print(rows, goals)
-    assert [r[1] for r in rows] == ["after convert", "after stage 1"] * 2
-    assert [r[7] for r in rows] == ["no", "no", "no", "yes"]
+    assert [r[2] for r in rows] == ["after convert", "after stage 1"] * 2
+    assert rows[1][1] == "stage 1: 300 steps/layer, 16 x 1024 tokens; stage 2: 30 steps" and rows[0][1] == ""
+    assert [r[8] for r in rows] == ["no", "no", "no", "yes"]
     # the passkey note goes on the run's last row only
-    assert rows[1][8] == "4/10 at 1024 tokens, 1/10 at 2048 tokens" and rows[0][8] == ""
+    assert rows[1][9] == "4/10 at 1024 tokens, 1/10 at 2048 tokens" and rows[0][9] == ""
     # one goal line per configuration: its best row (1.450, file b) against file b's own band (1.600)
     assert len(goals) == 1
     assert "best 1.450x" in goals[0] and "1.600x" in goals[0] and "below it" in goals[0] and "2026-01-02-b" in goals[0]
     assert "not below" not in goals[0]
+
+
+EVAL = """# A real LM linearized
+
+| row | ppl | ppl / orig | top-1 agree | KL nats/tok | s / fwd | note |
+|---|---|---|---|---|---|---|
+| original (SDPA) | 8.28 | 1.000 | 1.000 | 0.0000 | 7.29 |  |
+| band softmax W'=128 S=4 | 11.33 | 1.369 | 0.832 | 0.2762 | 9.58 |  |
+| band softmax W'=128 S=0 (equal memory) | 24.63 | 2.975 | 0.602 | 1.0646 | 9.02 |  |
+| hybrid hedgehog m=64 W=64 | 32.23 | 3.892 | 0.546 | 1.3055 | 7.99 |  |
+| hybrid hedgehog m=64 W=64 S=4 | 16.64 | 1.300 | 0.723 | 0.6115 | 24.86 |  |
+
+| hybrid | F | hybrid floats / kv head | W' | band floats / kv head |
+|---|---|---|---|---|
+| hybrid hedgehog m=64 W=64 | 128 | 16384 | 128 | 16384 |
+| hybrid hedgehog m=64 W=64 S=4 | 128 | 16896 | 128 | 16896 |
+"""
+
+
+def test_convert_rows_take_the_band_of_their_own_sinks(tmp_path):
+    (tmp_path / "real-lm-2026-01-01.md").write_text(EVAL)
+    rows = real_models.convert_rows(str(tmp_path))
+    print(rows)
+    assert [(r[0], r[7], r[8]) for r in rows] == [
+        ("hedgehog m=64 W=64", "W'=128 S=0: 2.975", "no"),
+        ("hedgehog m=64 W=64 S=4", "W'=128 S=4: 1.369", "yes"),
+    ]
 
 
 def test_passkey_and_decode_rows(tmp_path):
