@@ -207,8 +207,9 @@ def markdown(results: str) -> list[str]:
         "",
         "Collected from the real-model result files in `bench/results/` by `bench/report/real_models.py`, which "
         "measures nothing. Each row links its file; the original, the bands and the hybrids of one file were "
-        "measured in one run on the same held-out sequences (8 x 1024 tokens of python3.11-doc documents never "
-        "seen in training).",
+        "measured in one run on the same held-out sequences (python3.11-doc documents never seen in training: 8 x "
+        "1024 tokens in the fit and eval files; the passkey table's perplexity column is on the sequences its file "
+        "names, often fewer).",
         "",
         "## Goals",
         "",
