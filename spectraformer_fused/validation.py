@@ -225,16 +225,7 @@ def _check_tail(state: WindowState, window: int, B: int, Hk: int, D: int, Dv: in
         "v_tail": ((B, Hk, n, Dv), "[B, H_kv, W - 1, Dv]"),
         "tail_keep": ((B, n), "[B, W - 1]"),
     }
-    for name, (shape, layout) in expect.items():
-        t = getattr(state, name)
-        if tuple(t.shape) != shape:
-            raise ValueError(f"initial_state.{name} must have shape {shape} {layout}, got {tuple(t.shape)}")
-        if t.device != device:
-            raise ValueError(f"initial_state.{name} must be on {device}, got {t.device}")
-        if name == "tail_keep" and t.dtype != torch.bool:
-            raise TypeError(f"initial_state.tail_keep must be torch.bool, got {t.dtype}")
-        if name != "tail_keep" and not t.dtype.is_floating_point:
-            raise TypeError(f"initial_state.{name} must be floating point, got {t.dtype}")
+    _check_fields(state, expect, ("tail_keep",), device)
     return state.k_tail, state.v_tail, state.tail_keep
 
 
@@ -248,6 +239,12 @@ def _check_slots(state, expect: dict, flags: tuple, count: int, mismatch: str, d
     first = getattr(state, next(iter(expect)))
     if first.dim() == 4 and first.shape[2] != count:
         raise ValueError(mismatch.format(n=first.shape[2], count=count))
+    _check_fields(state, expect, flags, device)
+
+
+def _check_fields(state, expect: dict, flags: tuple, device) -> None:
+    """Every field of ``expect`` (name -> (shape, layout)) of the initial state: that shape, on ``device``,
+    bool for the names in ``flags`` and floating point otherwise."""
     for name, (shape, layout) in expect.items():
         t = getattr(state, name)
         if tuple(t.shape) != shape:
