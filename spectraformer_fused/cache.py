@@ -61,27 +61,35 @@ def key_scores(k, v, S, z, m, p: FeatureParams, root: float, score: str | None =
     state ``S [B, H_kv, F, Dv]``, ``z [B, H_kv, F]``, ``m [B, H_kv]`` (stored divided by exp(safe(m)));
     ``p`` in the compute dtype; ``score`` None is ``DEFAULT_SCORE``. Returns ``[B, H_kv, n]``, detached: the
     lowest is folded first."""
+    return _scores_and_features(k, v, S, z, m, p, root, score)[0]
+
+
+def _scores_and_features(k, v, S, z, m, p: FeatureParams, root: float, score: str | None):
+    """``(key_scores(...), (ek, mk))``: the scores and the keys' feature logits and signs
+    (``reference._features(k * root, p, query=False)``), which ``admit`` folds the loser with."""
     ref = _ref()
     score = DEFAULT_SCORE if score is None else score
     with torch.no_grad():
         y = k.detach() * root
         vv = v.detach()
         ek, mk = ref._features(y, p, query=False)  # [B, H_kv, n, F]
-        eq, mq = ref._features(y, p, query=True)
+        # the query's features differ from the key's only through psi (OPRF / SADERF): else the same tensors
+        eq, mq = (ek, mk) if p.psi is None else ref._features(y, p, query=True)
         sq = eq.amax(-1, keepdim=True)
         phiq = ref._apply(eq, mq, sq)  # row-stabilised: the row shift cancels in every ratio below
         if score in ("kernel", "kernel_rel"):
-            top = ek.amax(-1, keepdim=True)
-            w = (phiq * ref._apply(ek, mk, top)).sum(-1)  # on the scale exp(sq + top)
+            shared = eq is ek  # then the key's features are the query's, on the same row shift
+            top = sq if shared else ek.amax(-1, keepdim=True)
+            w = (phiq * (phiq if shared else ref._apply(ek, mk, top))).sum(-1)  # on the scale exp(sq + top)
             exact = (y * y).sum(-1) * (1.0 + 2.0 * p.exact_sq)
             if p.log_mix is not None:
                 exact = exact + p.log_mix.detach()[None, :, None]
             if score == "kernel_rel":
-                return (w * torch.exp(sq[..., 0] + top[..., 0] - exact) - 1.0).abs()
+                return (w * torch.exp(sq[..., 0] + top[..., 0] - exact) - 1.0).abs(), (ek, mk)
             # |log r|, r = estimate / exact; r <= 0 (signed features) counts as the worst, log of the tiniest
             log_r = torch.log(w.clamp_min(torch.finfo(w.dtype).tiny)) + sq[..., 0] + top[..., 0] - exact
             # in steps of 2^-12 nats: scores closer than rounding noise tie, and ties keep the newer key
-            return torch.round(log_r.abs() * KERNEL_STEPS) / KERNEL_STEPS
+            return torch.round(log_r.abs() * KERNEL_STEPS) / KERNEL_STEPS, (ek, mk)
         if score not in ("recall", "recall_other"):
             raise ValueError(f"unknown cache score {score!r}; valid names are {', '.join(SCORES)}")
         S, z = S.detach(), z.detach()
@@ -89,13 +97,13 @@ def key_scores(k, v, S, z, m, p: FeatureParams, root: float, score: str | None =
         rz = (phiq @ z[..., None])[..., 0]  # [B, H_kv, n]
         resid = (rs - rz[..., None] * vv).norm(dim=-1)
         if score == "recall_other":
-            return resid / ref.safe_denominator(rz)
+            return resid / ref.safe_denominator(rz), (ek, mk)
         shift = safe_log_scale(m.detach())[..., None]  # [B, H_kv, 1]
         top = ek.amax(-1)  # [B, H_kv, n]: the key's own scale
         big = torch.maximum(shift, top)
         a = torch.exp(shift - big)
         w = (phiq * ref._apply(ek, mk, top[..., None])).sum(-1) * torch.exp(top - big)
-        return a * resid / ref.safe_denominator(a * rz + w)
+        return a * resid / ref.safe_denominator(a * rz + w), (ek, mk)
 
 
 class Admitted:
@@ -133,22 +141,38 @@ def admit(S, z, m, kc, vc, ckeep, k_new, v_new, keep_new, p: FeatureParams, root
     if bool(compete.any()):
         ck = torch.cat([kc, k_new[:, :, None]], dim=2)  # [B, H_kv, C + 1, D]: slot C is the candidate
         cv = torch.cat([vc, v_new[:, :, None]], dim=2)
-        loser = key_scores(ck, cv, S, z, m, p, root, score).argmin(-1)  # [B, H_kv]
-        k_out = ck.gather(2, loser[..., None, None].expand(B, Hk, 1, ck.shape[-1]))  # [B, H_kv, 1, D]
-        v_out = cv.gather(2, loser[..., None, None].expand(B, Hk, 1, cv.shape[-1]))
+        sc, (ek_all, mk_all) = _scores_and_features(ck, cv, S, z, m, p, root, score)
+        loser = sc.argmin(-1)  # [B, H_kv]
+        v_out = cv.gather(2, loser[..., None, None].expand(B, Hk, 1, cv.shape[-1]))  # [B, H_kv, 1, Dv]
         ref = _ref()
-        ek, mk = ref._features(k_out * root, p, query=False)  # [B, H_kv, 1, F]
-        ek = ek.masked_fill(~compete[:, None, None, None], float("-inf"))
+        grads = (ck, p.W, p.bias, p.freq, p.psi)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grads):
+            # the state is differentiable in the folded key: its features again, with the graph
+            k_out = ck.gather(2, loser[..., None, None].expand(B, Hk, 1, ck.shape[-1]))  # [B, H_kv, 1, D]
+            ek, mk = ref._features(k_out * root, p, query=False)  # [B, H_kv, 1, F]
+        else:  # the loser's features, as scored
+            at = loser[..., None, None].expand(B, Hk, 1, ek_all.shape[-1])
+            ek = ek_all.gather(2, at)
+            mk = None if mk_all is None else mk_all.gather(2, at)
+        every = bool(compete.all())  # decoding's steady state: no row to leave as it was
+        if not every:
+            ek = ek.masked_fill(~compete[:, None, None, None], float("-inf"))
         S, z, m, shift = ref._rescale(ek, S, z, m)
         phik = ref._apply(ek, mk, shift)
         S = S + phik.transpose(-1, -2) @ v_out
         z = z + phik.sum(-2)
         # the slots stay in arrival order: the ones after the folded key move up, the candidate comes last
         pos = torch.arange(C, device=dev)
-        take = (pos + (pos >= loser[..., None])).masked_fill(~compete[:, None, None], 0)  # [B, H_kv, C]
-        take = torch.where(compete[:, None, None], take, pos)
-        kc = torch.where(compete[:, None, None, None], ck.gather(2, take[..., None].expand_as(kc)), kc)
-        vc = torch.where(compete[:, None, None, None], cv.gather(2, take[..., None].expand_as(vc)), vc)
-        folded = torch.where(compete[:, None], loser, folded)
-        slot = torch.where(compete[:, None] & (loser < C), torch.full_like(loser, C - 1), slot)
+        take = pos + (pos >= loser[..., None])  # [B, H_kv, C]
+        if every:
+            kc = ck.gather(2, take[..., None].expand_as(kc))
+            vc = cv.gather(2, take[..., None].expand_as(vc))
+            folded = loser
+            slot = torch.where(loser < C, torch.full_like(loser, C - 1), slot)
+        else:
+            take = torch.where(compete[:, None, None], take, pos)
+            kc = torch.where(compete[:, None, None, None], ck.gather(2, take[..., None].expand_as(kc)), kc)
+            vc = torch.where(compete[:, None, None, None], cv.gather(2, take[..., None].expand_as(vc)), vc)
+            folded = torch.where(compete[:, None], loser, folded)
+            slot = torch.where(compete[:, None] & (loser < C), torch.full_like(loser, C - 1), slot)
     return S, z, m, kc, vc, ckeep, Admitted(folded, slot)

@@ -253,6 +253,67 @@ def test_cpu_equals_reference(case, window, sinks, cache, chunk):
 
 
 @needs_cpu
+@pytest.mark.parametrize("window,sinks,cache", [(2, 0, 1), (3, 2, 4), (5, 1, 3)])
+@pytest.mark.parametrize(
+    "case", [("posrf", {}), ("oprf", {}), ("hedgehog", {}), ("trigrf", {})], ids=lambda c: component_id(*c)
+)
+def test_compiled_decoding_step_equals_reference(monkeypatch, case, window, sinks, cache):
+    """The T = 1 step without gradients runs on the extension (``_compiled_step``: the cache's slots read as
+    exact keys beside the sinks); token by token it equals the reference's steps: the outputs to rounding,
+    the tail, the sinks, the cache and its decisions bit for bit, the state to rounding; with masks, GQA and
+    the factor. Each step starts from the reference's state, so a slip cannot hide in a later one."""
+    from spectraformer_fused.ops.cpu import cache as cpu_cache
+
+    calls = []
+    step = cpu_cache._compiled_step
+    monkeypatch.setattr(cpu_cache, "_compiled_step", lambda *a, **kw: calls.append(1) or step(*a, **kw))
+    Tn = 26
+    q, k, v = _inputs(T=Tn, H=6, Hk=2, dtype=torch.float32, seed=11)
+    fm = _map(*case, mix=0.4, dtype=torch.float32)
+    mask = _mask(2, Tn, seed=2)
+    kw = dict(causal=True, window=window, sinks=sinks, cache=cache, output_final_state=True)
+    st_ref, worst = None, 0.0
+    with torch.no_grad():
+        for t in range(Tn):
+            args = (q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], fm)
+            m = mask[:, t : t + 1]
+            o_ref, nxt = rf_attention(*args, key_padding_mask=m, initial_state=st_ref, backend="reference", **kw)
+            o_cpu, st_cpu = rf_attention(*args, key_padding_mask=m, initial_state=st_ref, backend="cpu", **kw)
+            worst = max(worst, float((o_cpu - o_ref).abs().max()))
+            assert_close(o_cpu, o_ref, torch.float32, name=f"step {t}")
+            _assert_same_state(st_cpu, nxt)
+            assert torch.equal(st_cpu.k_cache, nxt.k_cache) and torch.equal(st_cpu.v_cache, nxt.v_cache), t
+            st_ref = nxt
+    assert len(calls) == Tn, "the T = 1 calls did not take the compiled step"
+    print(f"compiled step vs reference: worst |o| difference {worst:.2e}")
+
+
+@needs_cpu
+def test_decoding_step_with_gradients_or_fp64_takes_the_reference():
+    """A step whose inputs require grad (or fp64, or W = 1) runs the reference's step: the gradients reach q,
+    k, v and the factor as the reference's do."""
+    from spectraformer_fused.ops.cpu import cache as cpu_cache
+
+    q, k, v = _inputs(T=9, dtype=torch.float32, seed=3)
+    fm = _map("hyprf", mix=0.5, dtype=torch.float32)
+    kw = dict(causal=True, window=2, sinks=1, cache=2, output_final_state=True)
+    with torch.no_grad():
+        _, st = rf_attention(q[:, :8], k[:, :8], v[:, :8], fm, backend="reference", **kw)
+    x = [t[:, 8:].clone().requires_grad_() for t in (q, k, v)]
+    p = fm.feature_params(*x[:2], scale=D**-0.5, causal=True)
+    assert not cpu_cache._compiled_step_applies(*x, p, st, 2)
+    assert not cpu_cache._compiled_step_applies(*(t.detach().double() for t in x), p, st, 2)
+    assert not cpu_cache._compiled_step_applies(*(t.detach() for t in x), p, st, 1)
+    g = torch.randn(2, 1, 4, D, generator=torch.Generator().manual_seed(2))
+    grads = []
+    for backend in ("reference", "cpu"):
+        o, _ = rf_attention(*x, fm, initial_state=st, backend=backend, **kw)
+        grads.append(torch.autograd.grad((o * g).sum(), [*x, fm.log_mix]))
+    for i, (a, b) in enumerate(zip(*grads)):
+        assert_close(a, b, torch.float32, name=f"grad {i}")
+
+
+@needs_cpu
 @pytest.mark.parametrize("score", SCORES)
 def test_cpu_decides_every_score_as_the_reference(score):
     from spectraformer_fused.ops.cpu.cache import cpu_cache_attention

@@ -17,12 +17,14 @@ instead of one small product per token:
 - the sinks, as the reference adds them.
 
 The cache and the tail equal the reference's (slots in arrival order, ties to the newer key), the state to
-rounding (its folds are summed block by block). A T = 1 call (a decoding step) runs the reference's step:
-one decision and one query, fewer operations than the blocks.
+rounding (its folds are summed block by block). A T = 1 call (a decoding step) without gradients runs the
+query in the compiled extension (``_compiled_step``: the window's C++ step with the cache's slots read as
+exact keys beside the sinks) and then the reference's decision (``cache.admit``); with gradients, fp64 or
+W = 1 it runs the reference's step.
 
 Cost (``bench/results/cache-mqar-2026-12-07.md``): a 1024-token prefill about 10x the window alone and a
-tenth of the reference's loop. Pure PyTorch, device-agnostic (the compiled extension has no cache): autograd
-flows through the attention with the decisions held fixed, as in the reference.
+tenth of the reference's loop. The prefill is pure PyTorch, device-agnostic: autograd flows through the
+attention with the decisions held fixed, as in the reference.
 """
 
 from __future__ import annotations
@@ -85,6 +87,20 @@ def cpu_cache_attention(
             score=score,
         )
     B, T, H, D = q.shape
+    if T == 1 and _compiled_step_applies(q, k, v, params, initial_state, window):
+        return _compiled_step(
+            q,
+            k,
+            v,
+            params,
+            key_padding_mask=key_padding_mask,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            window=window,
+            sinks=sinks,
+            cache=cache,
+            score=score,
+        )
     if T == 1:  # a decoding step: one decision and one query, the reference's step has fewer operations
         return _reference()._cache_attention(
             q,
@@ -204,6 +220,60 @@ def cpu_cache_attention(
     else:
         sink_part = tuple(t.to(cdt) if t.is_floating_point() else t for t in initial_state.sink_part)
     return o, CacheState(S, z, m, k_ext[:, :, T:], v_ext[:, :, T:], keep_ext[:, T:], *sink_part, kc, vc, ckeep)
+
+
+def _compiled_step_applies(q, k, v, params: FeatureParams, state, window: int) -> bool:
+    """Whether a T = 1 call takes ``_compiled_step``: the extension is built, the inputs are fp32, bf16 or
+    fp16 on the CPU, the window holds a tail (W >= 2) and nothing asks for gradients (the step's fused
+    forward has no backward here; the reference's step has, with the decisions held fixed)."""
+    if window < 2 or q.dtype == torch.float64 or q.device.type != "cpu" or _extension() is None:
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    tensors = (q, k, v, params.W, params.bias, params.log_mix, *(() if state is None else state))
+    return not any(t is not None and t.requires_grad for t in tensors)
+
+
+def _compiled_step(
+    q, k, v, params: FeatureParams, *, key_padding_mask, initial_state, output_final_state, window, sinks, cache, score
+):
+    """A decoding step (T = 1) on the compiled extension: the query runs in ``window_forward`` (as the
+    window's step) with the cache's slots read as exact keys beside the sinks (every slot held is seen), and
+    the state after it is the reference's: the tail moves by one, the sinks fill as in the reference, and the
+    key that leaves the window (the tail's first, which this query held last) competes for the cache
+    (``cache.admit``) against the state before the call. The output equals the reference's step to rounding
+    (the same exact keys, the same features; the sums run in another order); the state, the cache and the
+    decisions equal it bit for bit (the same ``admit`` on the same fp32 tensors)."""
+    from .window import _forward, _sink_slots
+
+    B, _, _, D = q.shape
+    Hk, Dv = k.shape[2], v.shape[-1]
+    f32 = torch.float32
+    st = initial_state
+    if st is None:
+        st = empty_window_state(B, Hk, params.feature_dim, D, Dv, window, sinks=sinks, cache=cache, dtype=f32)
+    st = CacheState(*(t if t.dtype == torch.bool else t.to(f32) for t in st))
+    ws = st.window_state
+    mask = None if key_padding_mask is None else key_padding_mask.to(torch.bool).contiguous()
+    slots = _sink_slots(k, v, mask, *ws.sink_part, None) if sinks else None
+    outs = _forward(
+        q, k, v, params, params.log_mix, True, window, mask, ws, None, None, slots=slots, extra=st.cache_part
+    )
+    o = outs[0]
+    if not output_final_state:
+        return o, None
+    p = _cast_params(params, f32)
+    S, z, m, kc, vc, ckeep, _ = admit(
+        st.S, st.z, st.log_scale, *st.cache_part, st.k_tail[:, :, 0], st.v_tail[:, :, 0], st.tail_keep[:, 0],
+        p, math.sqrt(params.scale), score,
+    )  # fmt: skip
+    return o, CacheState(S, z, m, *outs[4:], kc, vc, ckeep)
+
+
+def _extension():
+    from .extension import _load
+
+    return _load()
 
 
 def _decide_in_a_loop(S, z, m, kc0, vc0, ckeep0, k_ext, v_ext, keep_ext, T, p, root, score, bounds):

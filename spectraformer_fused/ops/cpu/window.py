@@ -146,11 +146,15 @@ def _forward(
     offsets,
     slots=None,
     need_stats=False,
+    extra=None,
 ):
     """The C++ forward: ``(o, S, z, log_scale, k_tail, v_tail, tail_keep, k_sink, v_sink, sink_keep,
     sink_seen)``. ``slots``: the sink slots of ``_sink_slots`` when already made. ``need_stats``: returns
     ``(that tuple, (stats, key_shift))`` for the backward: stats ``[B, T, H, 2]`` each query row's (top, den),
-    key_shift ``[R, H_kv]`` (non-causal; None when causal) each task's key stabiliser."""
+    key_shift ``[R, H_kv]`` (non-causal; None when causal) each task's key stabiliser. ``extra``: ``(k [R,
+    H_kv, C, D], v [R, H_kv, C, Dv] fp32, keep [R, C] bool)``, more exact keys that every query of the call
+    sees where kept (the exact cache's slots, ``ops.cpu.cache``): the kernel reads them after the sink slots;
+    the returned sink part is the sinks' alone."""
     ext = _load()
     R, Hk = state.log_scale.shape
     D = q.shape[-1]
@@ -164,6 +168,15 @@ def _forward(
         sk = sv = None
         skeep, sseen = state.sink_keep, state.sink_seen
     ksl, vsl, sfrom, sskip = _slot_args(slots)
+    if extra is not None:
+        xk, xv, xkeep = extra
+        xfrom = torch.full(xkeep.shape, _NEVER, dtype=torch.long).masked_fill_(xkeep, -1)
+        if ksl is None:
+            ksl, vsl, sfrom = xk.contiguous(), xv.contiguous(), xfrom.contiguous()
+            sskip = torch.zeros(R, dtype=torch.long)
+        else:
+            ksl, vsl = torch.cat([ksl, xk], dim=2).contiguous(), torch.cat([vsl, xv], dim=2).contiguous()
+            sfrom = torch.cat([sfrom, xfrom], dim=1).contiguous()
     o, S, z, ms, kt_out, vt_out, keep_out, stats, kshift = ext.window_forward(
         q.detach(),
         k.detach(),
