@@ -52,6 +52,9 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 @torch.no_grad()
 def perplexity(model, held: torch.Tensor) -> float:
+    """Held-out perplexity over the rows of ``held``; nan for none (``--seqs 0``: a decode-only run)."""
+    if held.shape[0] == 0:
+        return float("nan")
     nll, n = 0.0, 0
     for i in range(held.shape[0]):
         ids = held[i : i + 1]
@@ -61,11 +64,12 @@ def perplexity(model, held: torch.Tensor) -> float:
     return float(torch.tensor(nll / n).exp())
 
 
-def decode_cost(model, ids: torch.Tensor, new: int) -> tuple[float, float]:
-    """(cache MiB after the prompt and ``new`` tokens, ms per generated token) at batch 1."""
+def decode_cost(model, ids: torch.Tensor, new: int, repeats: int = 1) -> tuple[float, float]:
+    """(cache MiB after the prompt and ``new`` tokens, ms per generated token: the median of ``repeats``
+    generate() calls from the same prefill) at batch 1."""
     pre = _prefill(model, ids)
-    r = _decode_from(model, ids, pre, 1, new)
-    return r["cache"], r["ms_tok"]
+    runs = [_decode_from(model, ids, pre, 1, new) for _ in range(max(repeats, 1))]
+    return runs[0]["cache"], sorted(r["ms_tok"] for r in runs)[len(runs) // 2]
 
 
 @torch.no_grad()
@@ -130,8 +134,11 @@ def main(argv=None) -> None:
     p.add_argument("--caches", default="16,64,256")
     p.add_argument("--passkey-lens", default="1024,2048,4096")
     p.add_argument("--trials", type=int, default=10)
-    p.add_argument("--seqs", type=int, default=4, help="held-out sequences of 1024 tokens for the perplexity")
+    p.add_argument(
+        "--seqs", type=int, default=4, help="held-out sequences of 1024 tokens for the perplexity (0: not measured)"
+    )
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--decode-repeats", type=int, default=1, help="generate() calls per row; ms / token is their median")
     p.add_argument(
         "--score", default=None, help="the cache's score (spectraformer_fused.cache.SCORES; default: its default)"
     )
@@ -201,11 +208,12 @@ def main(argv=None) -> None:
         t_pk = time.perf_counter() - t0
         ppl = perplexity(model, held)
         orig_ppl = orig_ppl or ppl
-        mib, ms = decode_cost(model, prompt, args.new_tokens)
+        mib, ms = decode_cost(model, prompt, args.new_tokens, args.decode_repeats)
         rows.append(
             f"| {name} | "
             + " | ".join(f"{hits[n]}/{args.trials}" for n in lens)
-            + f" | {ppl:.2f} | {ppl / orig_ppl:.3f} | {mib:.2f} | {ms:.1f} | {t_pk:.0f} | {os.getloadavg()[0]:.1f} |"
+            + (" | - | -" if ppl != ppl else f" | {ppl:.2f} | {ppl / orig_ppl:.3f}")
+            + f" | {mib:.2f} | {ms:.1f} | {t_pk:.0f} | {os.getloadavg()[0]:.1f} |"
         )
         log(rows[-1])
         write(out, args, lens, rows, time.perf_counter() - t_all)
@@ -267,7 +275,7 @@ def write(out: Path, args, lens, rows, seconds) -> None:
         f"Passkey: {args.trials} trials per length (the same keys, depths and prompts for every row). Perplexity: "
         f"{args.seqs} held-out sequences of 1024 tokens, with the cache in the prefill. Cache MiB and ms / token: "
         f"greedy generate() of {args.new_tokens} tokens after a 1024-token held-out prompt at batch 1 (the cache's "
-        "tensors at the end; wall time per token). The band row is the original model under a band mask: its "
+        f"tensors at the end; wall time per token, the median of {args.decode_repeats} calls). The band row is the original model under a band mask: its "
         "cache column is the whole DynamicCache it keeps, not the (W + S) keys a band needs.",
         "",
         "| row | " + " | ".join(f"passkey {n}" for n in lens) + " | ppl | ppl / orig | cache MiB | ms / token | "

@@ -189,6 +189,42 @@ def decode_rows(results: str) -> tuple[list[list[str]], list[str]]:
     return rows, goals
 
 
+CACHE_ROW = re.compile(r", cache C=(?P<c>\d+)")
+
+
+def cache_decode_rows(results: str) -> tuple[list[list[str]], list[str]]:
+    """Per ``real-lm-cache`` file that has a no-cache row and cache rows with their ms / token: each cache
+    row's time per generated token against that file's no-cache row (one run), and a goal line for C = 64."""
+    rows, goals = [], []
+    for name in _files(results, CACHE):
+        for t in tables(_read(results, name)):
+            base = next((r for r in t if r["row"].endswith(", no cache") and r.get("ms / token")), None)
+            if base is None:
+                continue
+            for r in t:
+                hit = CACHE_ROW.search(r["row"])
+                if hit is None or not r.get("ms / token"):
+                    continue
+                ratio = float(r["ms / token"]) / float(base["ms / token"])
+                c = int(hit["c"])
+                rows.append(
+                    [
+                        r["row"],
+                        base["ms / token"],
+                        r["ms / token"],
+                        f"{ratio:.2f}",
+                        r.get("load", ""),
+                        f"[{name}]({name})",
+                    ]
+                )
+                if c == 64:
+                    goals.append(
+                        f"- decode with the exact cache at C = 64: {ratio:.2f}x the cache-free linearized model's time "
+                        f"per token; goal <= 1.3x: {'met' if ratio <= 1.3 else 'not met'} ([{name}]({name}))"
+                    )
+    return rows, goals
+
+
 def table(head: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
 
@@ -198,6 +234,7 @@ def markdown(results: str) -> list[str]:
     fits = convert_rows(results) + fits
     lengths, keys = passkey_rows(results)
     dec, dec_goals = decode_rows(results)
+    cdec, cdec_goals = cache_decode_rows(results)
     L = [
         "# Real models: SmolLM2-135M-Instruct linearized, every measured row",
         "",
@@ -215,6 +252,7 @@ def markdown(results: str) -> list[str]:
         "",
         *fit_goals,
         *dec_goals,
+        *cdec_goals,
         "",
         "## Perplexity by configuration and stage",
         "",
@@ -257,6 +295,13 @@ def markdown(results: str) -> list[str]:
             + ["hybrid cache MiB", "original prefill s", "hybrid prefill s", "file"],
             dec,
         ),
+        "",
+        "## Decoding with the exact cache",
+        "",
+        "Time per generated token of the linearized model with `cache=C` against the same model without it, both "
+        "rows of one run (greedy generate() after a 1024-token prompt, batch 1; load: the file's load column).",
+        "",
+        *table(["row", "no cache ms / token", "ms / token", "ratio", "load", "file"], cdec),
     ]
     return L
 

@@ -94,3 +94,24 @@ def test_passkey_and_decode_rows(tmp_path):
     assert "goal >= 1.5x: met" in goals[0] and "goal >= 3.0x: not met" in goals[1]
     text = "\n".join(real_models.markdown(str(tmp_path)))
     assert "| 8192 | 8 | 1.0 | 2.5 | 2.50 |" in text
+
+
+CACHE_DECODE = """# The exact cache
+
+| row | ppl | ppl / orig | cache MiB | ms / token | passkey s | load |
+|---|---|---|---|---|---|---|
+| hybrid, no cache | - | - | 5.80 | 100.0 | 0 | 1.0 |
+| hybrid, cache C=16, score kernel | - | - | 6.10 | 110.0 | 0 | 1.0 |
+| hybrid, cache C=64, score kernel | - | - | 7.20 | {c64} | 0 | 1.1 |
+"""
+
+
+def test_cache_decode_rows_compare_each_file_with_its_own_no_cache_row(tmp_path):
+    (tmp_path / "real-lm-cache-2026-01-01-a.md").write_text(CACHE_DECODE.format(c64="125.0"))
+    (tmp_path / "real-lm-cache-2026-01-02-b.md").write_text(CACHE_DECODE.format(c64="140.0"))
+    (tmp_path / "real-lm-cache-2026-01-03-c.md").write_text(CACHE)  # no no-cache row: not a decode comparison
+    rows, goals = real_models.cache_decode_rows(str(tmp_path))
+    print(rows, goals)
+    assert [r[3] for r in rows] == ["1.10", "1.25", "1.10", "1.40"]
+    assert len(goals) == 2 and "1.25x" in goals[0] and ": met" in goals[0] and "not met" in goals[1]
+    assert "real-lm-cache-2026-01-02-b.md" in goals[1]
