@@ -481,6 +481,7 @@ std::vector<at::Tensor> rf_attention_forward(const at::Tensor& q_in, const at::T
 }  // namespace
 
 #include "rf_window.cpp"
+#include "rf_cache.cpp"
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.doc() = "Fused random-feature attention on the CPU (forward; see spectraformer_fused/ops/cpu.py)";
@@ -518,6 +519,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
              py::arg("cu_seqlens") = py::none(), py::arg("sink_k") = py::none(), py::arg("sink_v") = py::none(),
              py::arg("sink_from") = py::none(), py::arg("sink_skip") = py::none(), py::arg("log_mix") = py::none(),
              py::arg("need_stats") = false);
+  module.def("cache_fold", &rf_cache_fold,
+             "cache_fold(S, z, log_scale, e, mult, ck, cv, loser) -> [S, z, log_scale, k_cache, v_cache]: the "
+             "exact cache's fold of the key ``loser`` of the N = C + 1 that competed (rf_cache.cpp)",
+             py::arg("S"), py::arg("z"), py::arg("log_scale"), py::arg("e"), py::arg("mult"), py::arg("ck"),
+             py::arg("cv"), py::arg("loser"));
   module.def("window_backward", &rf_window_backward,
              "window_backward(do, dS, dz, dk_tail, dv_tail, q, k, v, W, bias, freq, psi, kind, c_t, c_o, scale, "
              "exact_sq, causal, window, mask, S, z, log_scale, k_tail, v_tail, tail_keep, den_eps, cu_seqlens, "

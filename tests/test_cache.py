@@ -264,9 +264,17 @@ def test_compiled_decoding_step_equals_reference(monkeypatch, case, window, sink
     the factor. Each step starts from the reference's state, so a slip cannot hide in a later one."""
     from spectraformer_fused.ops.cpu import cache as cpu_cache
 
-    calls = []
-    step = cpu_cache._compiled_step
+    calls, folds = [], []
+    step, ext = cpu_cache._compiled_step, cpu_cache._extension()
+
+    class Counting:  # the extension, counting the steps that fold in C++ (the cache full in every row)
+        def __getattr__(self, name):
+            if name == "cache_fold":
+                folds.append(1)
+            return getattr(ext, name)
+
     monkeypatch.setattr(cpu_cache, "_compiled_step", lambda *a, **kw: calls.append(1) or step(*a, **kw))
+    monkeypatch.setattr(cpu_cache, "_extension", Counting)
     Tn = 26
     q, k, v = _inputs(T=Tn, H=6, Hk=2, dtype=torch.float32, seed=11)
     fm = _map(*case, mix=0.4, dtype=torch.float32)
@@ -284,8 +292,57 @@ def test_compiled_decoding_step_equals_reference(monkeypatch, case, window, sink
             _assert_same_state(st_cpu, nxt)
             assert torch.equal(st_cpu.k_cache, nxt.k_cache) and torch.equal(st_cpu.v_cache, nxt.v_cache), t
             st_ref = nxt
-    assert len(calls) == Tn, "the T = 1 calls did not take the compiled step"
-    print(f"compiled step vs reference: worst |o| difference {worst:.2e}")
+    # chained on its own states: the outputs of one prefill of the reference, the final cache the same
+    o_full, s_full = rf_attention(q, k, v, fm, key_padding_mask=mask, backend="reference", **kw)
+    st, outs = None, []
+    with torch.no_grad():
+        for t in range(Tn):
+            args = (q[:, t : t + 1], k[:, t : t + 1], v[:, t : t + 1], fm)
+            o, st = rf_attention(*args, key_padding_mask=mask[:, t : t + 1], initial_state=st, backend="cpu", **kw)
+            outs.append(o)
+    assert_close(torch.cat(outs, 1), o_full, torch.float32, name="chained steps")
+    _assert_same_state(st, s_full)
+    assert len(calls) == 2 * Tn, "the T = 1 calls did not take the compiled step"
+    assert folds, "no step folded in the extension"
+    print(f"compiled step vs reference: worst |o| difference {worst:.2e}; {len(folds)} of {Tn} steps folded in C++")
+
+
+@needs_cpu
+@pytest.mark.parametrize(
+    "case", [("posrf", {}), ("hyprf", {}), ("trigrf", {}), ("hedgehog", {})], ids=lambda c: component_id(*c)
+)
+def test_extension_fold_equals_admit(case):
+    """``cache_fold`` (csrc/rf_cache.cpp), the decoding step's fold: given admit's decision on a full cache, the
+    same state to rounding (from an empty state too) and the same slots bit for bit, in arrival order."""
+    from spectraformer_fused.cache import _scores_and_features, admit
+    from spectraformer_fused.ops.cpu.extension import _load
+    from spectraformer_fused.reference import _cast_params
+
+    C, Hk = 5, 2
+    q, k, v = _inputs(B=3, T=C + 1, H=4, Hk=Hk, dtype=torch.float32, seed=8, amp=1.2)
+    fm = _map(*case, dtype=torch.float32)
+    p = _cast_params(fm.feature_params(q, k, scale=D**-0.5, causal=True), torch.float32)
+    kc, vc = k[:, :C].transpose(1, 2).contiguous(), v[:, :C].transpose(1, 2).contiguous()
+    kn, vn = k[:, C].contiguous(), v[:, C].contiguous()
+    ckeep, keep = torch.ones(3, C, dtype=torch.bool), torch.ones(3, dtype=torch.bool)
+    g = torch.Generator().manual_seed(4)
+    F = fm.feature_dim
+    S = torch.randn(3, Hk, F, D, generator=g)
+    z = torch.rand(3, Hk, F, generator=g)
+    m = torch.tensor([[0.5, -0.3], [float("-inf"), float("-inf")], [9.0, 2.0]])  # row 1: nothing folded yet
+    S[1], z[1] = 0.0, 0.0
+    root = D**-0.25
+    want = admit(S, z, m, kc, vc, ckeep, kn, vn, keep, p, root)
+    ck, cv = torch.cat([kc, kn[:, :, None]], 2), torch.cat([vc, vn[:, :, None]], 2)
+    sc, (e, mult) = _scores_and_features(ck, cv, S, z, m, p, root, None)
+    assert torch.equal(sc.argmin(-1), want[6].folded)
+    mult = None if mult is None else mult.contiguous()
+    got = _load().cache_fold(S, z, m, e.contiguous(), mult, ck, cv, sc.argmin(-1).contiguous())
+    for name, a, b in zip(("S", "z", "log_scale"), got[:3], want[:3]):
+        assert_close(a.nan_to_num(neginf=-1e9), b.nan_to_num(neginf=-1e9), torch.float32, name=name)
+    assert torch.equal(got[3], want[3]) and torch.equal(got[4], want[4])
+    with pytest.raises(ValueError, match="loser"):
+        _load().cache_fold(S, z, m, e.contiguous(), mult, ck, cv, torch.full((3, Hk), C + 1))
 
 
 @needs_cpu

@@ -34,7 +34,7 @@ import math
 import torch
 
 from ... import cache as cache_rules
-from ...cache import STATE_FREE_SCORES, admit, key_scores
+from ...cache import STATE_FREE_SCORES, _scores_and_features, admit, key_scores
 from ...contract import FeatureParams
 from ...reference import (
     _apply,
@@ -241,9 +241,11 @@ def _compiled_step(
     window's step) with the cache's slots read as exact keys beside the sinks (every slot held is seen), and
     the state after it is the reference's: the tail moves by one, the sinks fill as in the reference, and the
     key that leaves the window (the tail's first, which this query held last) competes for the cache
-    (``cache.admit``) against the state before the call. The output equals the reference's step to rounding
-    (the same exact keys, the same features; the sums run in another order); the state, the cache and the
-    decisions equal it bit for bit (the same ``admit`` on the same fp32 tensors)."""
+    (``cache.admit``) against the state before the call; in decoding's steady state (a state-free score, every
+    row's cache full and its candidate kept) the same decision and then the fold in one call of the extension
+    (``cache_fold``, csrc/rf_cache.cpp). The output equals the reference's step to rounding (the same exact
+    keys, the same features; the sums run in another order), so does the state; the tail, the sinks, the cache
+    and the decisions equal it bit for bit (the same scores on the same fp32 keys)."""
     from .window import _forward, _sink_slots
 
     B, _, _, D = q.shape
@@ -263,10 +265,22 @@ def _compiled_step(
     if not output_final_state:
         return o, None
     p = _cast_params(params, f32)
-    S, z, m, kc, vc, ckeep, _ = admit(
-        st.S, st.z, st.log_scale, *st.cache_part, st.k_tail[:, :, 0], st.v_tail[:, :, 0], st.tail_keep[:, 0],
-        p, math.sqrt(params.scale), score,
-    )  # fmt: skip
+    root = math.sqrt(params.scale)
+    kn, vn, keep_new = st.k_tail[:, :, 0], st.v_tail[:, :, 0], st.tail_keep[:, 0]
+    score = cache_rules.DEFAULT_SCORE if score is None else score  # read at call time
+    if score in STATE_FREE_SCORES and bool(st.cache_keep.all()) and bool(keep_new.all()):
+        # decoding's steady state: every row's cache is full and its candidate competes. The decision is
+        # admit's (the same scores, the first lowest), the fold and the slots' shift one call of the extension
+        # (the state equals admit's to rounding: exp is another implementation's)
+        ck = torch.cat([st.k_cache, kn[:, :, None]], dim=2)
+        cv = torch.cat([st.v_cache, vn[:, :, None]], dim=2)
+        sc, (e, mult) = _scores_and_features(ck, cv, st.S, st.z, st.log_scale, p, root, score)
+        mult = None if mult is None else mult.contiguous()
+        S, z, m, kc, vc = _extension().cache_fold(
+            *(t.contiguous() for t in (st.S, st.z, st.log_scale, e)), mult, ck, cv, sc.argmin(-1).contiguous()
+        )
+        return o, CacheState(S, z, m, *outs[4:], kc, vc, st.cache_keep)
+    S, z, m, kc, vc, ckeep, _ = admit(st.S, st.z, st.log_scale, *st.cache_part, kn, vn, keep_new, p, root, score)
     return o, CacheState(S, z, m, *outs[4:], kc, vc, ckeep)
 
 

@@ -27,9 +27,10 @@ from . import build_cache
 
 EXTENSION_NAME = "spectraformer_fused_cpu"
 _SOURCES = ("rf_attention.cpp", "rf_backward.cpp")
-# rf_window.cpp (the hybrid window) is #included by rf_attention.cpp, rf_window_bwd.cpp (its backward) by
-# rf_backward.cpp: one translation unit each, their helpers shared.
-_HEADERS = ("rf_kernels.h", "rf_backward.h", "rf_window.cpp", "rf_window_bwd.cpp")
+# rf_window.cpp (the hybrid window) and rf_cache.cpp (the exact cache's fold) are #included by
+# rf_attention.cpp, rf_window_bwd.cpp (the window's backward) by rf_backward.cpp: one translation unit each,
+# their helpers shared.
+_HEADERS = ("rf_kernels.h", "rf_backward.h", "rf_window.cpp", "rf_window_bwd.cpp", "rf_cache.cpp")
 # -fopenmp: at::parallel_for is OpenMP-based in torch's CPU builds (and serial without it); the OpenMP
 # runtime already loaded by torch is reused, so torch.set_num_threads applies.
 _CFLAGS = ("-O3", "-march=native", "-fopenmp", "-ffp-contract=fast")
