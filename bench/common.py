@@ -79,6 +79,28 @@ def versions() -> dict:
     return out
 
 
+def source_commit() -> str:
+    """The checkout's commit (short hash, "+ uncommitted changes" when the package or bench/ differ from it),
+    or "not a git checkout": the code a result file was measured with."""
+    import subprocess
+
+    root = os.path.dirname(HERE)
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "spectraformer_fused", "csrc", "bench/report", "bench/common.py"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "not a git checkout"
+    return head + (" + uncommitted changes" if dirty else "")
+
+
 def dtype_name(dt: torch.dtype) -> str:
     return str(dt).replace("torch.", "")
 

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import torch
 
+from bench.common import source_commit
 from bench.report.real_lm import (
     _decode_from,
     _logprobs,
@@ -48,6 +49,7 @@ from bench.report.real_lm import (
 from bench.report.real_lm_fit import passkey
 
 RESULTS = Path(__file__).resolve().parent.parent / "results"
+COLUMNS = ["ppl", "ppl / orig", "cache MiB", "ms / token", "passkey s", "load"]  # after the passkey columns
 
 
 @torch.no_grad()
@@ -209,12 +211,10 @@ def main(argv=None) -> None:
         ppl = perplexity(model, held)
         orig_ppl = orig_ppl or ppl
         mib, ms = decode_cost(model, prompt, args.new_tokens, args.decode_repeats)
-        rows.append(
-            f"| {name} | "
-            + " | ".join(f"{hits[n]}/{args.trials}" for n in lens)
-            + (" | - | -" if ppl != ppl else f" | {ppl:.2f} | {ppl / orig_ppl:.3f}")
-            + f" | {mib:.2f} | {ms:.1f} | {t_pk:.0f} | {os.getloadavg()[0]:.1f} |"
-        )
+        cells = [name] + [f"{hits[n]}/{args.trials}" for n in lens]
+        cells += ["-", "-"] if ppl != ppl else [f"{ppl:.2f}", f"{ppl / orig_ppl:.3f}"]  # nan: --seqs 0
+        cells += [f"{mib:.2f}", f"{ms:.1f}", f"{t_pk:.0f}", f"{os.getloadavg()[0]:.1f}"]
+        rows.append("| " + " | ".join(cells) + " |")
         log(rows[-1])
         write(out, args, lens, rows, time.perf_counter() - t_all)
 
@@ -230,6 +230,7 @@ def _header(args, title: str, seconds: float) -> list[str]:
         f"- device: CPU {cpu}, {os.cpu_count()} logical cores, torch threads {torch.get_num_threads()}",
         f"- torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}",
         f"- command: `python -m bench.report.real_lm_cache {' '.join(sys.argv[1:])}`",
+        f"- commit: {source_commit()}",
         f"- total {seconds:.0f} s so far; load: the 1-minute load average when the row finished (above 2: other "
         "processes shared the cores, and the times are upper bounds)",
         "",
@@ -278,9 +279,8 @@ def write(out: Path, args, lens, rows, seconds) -> None:
         f"tensors at the end; wall time per token, the median of {args.decode_repeats} calls). The band row is the original model under a band mask: its "
         "cache column is the whole DynamicCache it keeps, not the (W + S) keys a band needs.",
         "",
-        "| row | " + " | ".join(f"passkey {n}" for n in lens) + " | ppl | ppl / orig | cache MiB | ms / token | "
-        "passkey s | load |",
-        "|---|" + "---|" * (len(lens) + 6),
+        "| " + " | ".join(["row"] + [f"passkey {n}" for n in lens] + COLUMNS) + " |",
+        "|---|" + "---|" * (len(lens) + len(COLUMNS)),
         *rows,
     ]
     out.write_text("\n".join(text) + "\n")

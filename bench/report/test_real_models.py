@@ -98,6 +98,8 @@ def test_passkey_and_decode_rows(tmp_path):
 
 CACHE_DECODE = """# The exact cache
 
+- commit: abc1234
+
 | row | ppl | ppl / orig | cache MiB | ms / token | passkey s | load |
 |---|---|---|---|---|---|---|
 | hybrid, no cache | - | - | 5.80 | 100.0 | 0 | 1.0 |
@@ -110,8 +112,12 @@ def test_cache_decode_rows_compare_each_file_with_its_own_no_cache_row(tmp_path)
     (tmp_path / "real-lm-cache-2026-01-01-a.md").write_text(CACHE_DECODE.format(c64="125.0"))
     (tmp_path / "real-lm-cache-2026-01-02-b.md").write_text(CACHE_DECODE.format(c64="140.0"))
     (tmp_path / "real-lm-cache-2026-01-03-c.md").write_text(CACHE)  # no no-cache row: not a decode comparison
+    # a file without its commit: in the table, not in the goal lines
+    old = CACHE_DECODE.format(c64="200.0").replace("- commit: abc1234", "")
+    (tmp_path / "real-lm-cache-2026-01-04-d.md").write_text(old)
     rows, goals = real_models.cache_decode_rows(str(tmp_path))
     print(rows, goals)
-    assert [r[3] for r in rows] == ["1.10", "1.25", "1.10", "1.40"]
+    assert [r[3] for r in rows] == ["1.10", "1.25", "1.10", "1.40", "1.10", "2.00"]
+    assert [r[5] for r in rows] == ["abc1234"] * 4 + ["not recorded"] * 2
     assert len(goals) == 2 and "1.25x" in goals[0] and ": met" in goals[0] and "not met" in goals[1]
     assert "real-lm-cache-2026-01-02-b.md" in goals[1]
