@@ -12,6 +12,7 @@ from .state import empty_state, empty_window_state
 from .validation import (
     check_attention_inputs,
     check_cache,
+    check_cache_score,
     check_cache_setting,
     check_cu_seqlens,
     check_sinks,
@@ -172,6 +173,7 @@ def rf_attention(
     window: int | None = None,
     sinks: int | None = None,
     cache: int | None = None,
+    cache_score: str | None = None,
 ):
     """Random-feature attention: o_t = phi(q_t)^T S / phi(q_t)^T z (DESIGN.md section 1), or with a
     ``window`` hybrid attention: exact inside the window, features beyond it (DESIGN.md section 6).
@@ -226,6 +228,12 @@ def rf_attention(
             fixed size; ``initial_state`` must be made with the same window, sinks and cache. Backends:
             ``CACHE_BACKENDS`` ("auto" on CUDA runs the reference, a loop over tokens). The cache's decisions
             are constants for differentiation.
+        cache_score: which keys the cache keeps (``cache.SCORES``; needs ``cache``): None (the default) is
+            ``cache.DEFAULT_SCORE``, ``"kernel"``, the score described above, state-free; ``"recall"`` scores
+            a key by how wrong the feature state's answer would be for the query that looks for it (it reads
+            the state, so the CPU backend decides key by key); on a fitted real model it keeps what a
+            retrieval needs where the kernel score does not (DESIGN.md section 9). ``"kernel_rel"`` and
+            ``"recall_other"`` are the measured alternatives.
 
     Returns:
         o ``[B, T, H, Dv]`` in v's dtype, or ``(o, state)`` when ``output_final_state``: an ``RFState``, or
@@ -236,6 +244,7 @@ def rf_attention(
         raise TypeError(f"feature_map must be a RandomFeatureMap, got {type(feature_map).__name__}")
     sinks = check_sinks(sinks)
     cache = check_cache(cache)
+    cache_score = check_cache_score(cache_score, cache)
     window = hybrid_window(check_window(window), sinks)
     check_cache_setting(cache, window, causal)
     if cu_seqlens is None:
@@ -272,6 +281,8 @@ def rf_attention(
         extra["sinks"] = sinks
     if cache:
         extra["cache"] = cache
+        if cache_score is not None:
+            extra["score"] = cache_score
         if name == "cpu":
             from .ops.cpu.cache import cpu_cache_attention as fn
     if offsets is None:

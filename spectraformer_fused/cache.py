@@ -10,8 +10,11 @@ one is folded into the state (S += phi(k) v^T, z += phi(k), the running key maxi
 and the rescale of ``reference._rescale``); the candidate takes the freed slot when it was not the one
 folded. The decisions are constants for differentiation: scores are computed without gradient.
 
-The score (``SCORES``; every backend uses ``DEFAULT_SCORE``, ``"kernel"``, read at call time: set
-``spectraformer_fused.cache.DEFAULT_SCORE`` to compare another one on a real model; it is not an API):
+The score (``SCORES``) is chosen per call: ``rf_attention(..., cache_score=)``, ``SpectraAttention(cache_score=)``,
+``convert(cache_score=)`` / ``set_cache(model, C, score=)``, ``linearize --cache-score``; None (the default)
+is ``DEFAULT_SCORE``, ``"kernel"``, read at call time. Which one to choose (DESIGN.md section 9): the kernel
+score keeps heavy keys (the attention-level MQAR's pairs) and decides a CPU prefill without a loop over
+tokens; on a fitted real model the recall score keeps the keys a retrieval needs and the kernel score does not:
 
 - ``"kernel"`` (the default): the log-error of the key's own feature weight against its exact weight,
   ``|log(phi_q(k).phi_k(k)) - s |k|^2 (1 + 2 exact_sq) - log_mix|`` (log_mix: the exact part's factor, 0

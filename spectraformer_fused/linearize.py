@@ -41,9 +41,10 @@ import time
 
 import torch
 
+from .cache import SCORES
 from .fitting import FINETUNE_TRAIN, distill, finetune, output_loss
 from .fitting import LOSSES as DISTILL_LOSSES
-from .validation import check_mix, check_sinks
+from .validation import check_cache_score, check_mix, check_sinks
 
 META_FILE = "linearize.json"
 REPORT_JSON = "report.json"
@@ -421,6 +422,7 @@ def linearize(
     sinks: int | None = None,
     mix: float | None = None,
     cache: int | None = None,
+    cache_score: str | None = None,
     distill_loss: str = "kl",
     kernel: str = "softmax",
     tokenizer=None,
@@ -450,7 +452,8 @@ def linearize(
     LoLCATs), see ``fitting.distill``. ``cache`` (an exact cache of C keys, DESIGN.md section 9; needs a
     window) is an inference-time addition: the stages train and are evaluated without it, then it is switched
     on (``set_cache``), evaluated once more (stage ``"cache"``) and saved with the conversion arguments, so
-    that ``load_linearized`` rebuilds the layers with it."""
+    that ``load_linearized`` rebuilds the layers with it; ``cache_score`` chooses the keys it keeps
+    (``rf_attention``'s; None: the default score) and is saved with it."""
     tf = _transformers()
     hf = _hf()
     model_dir = _check_model_dir(model_dir)
@@ -466,6 +469,7 @@ def linearize(
     mix = check_mix(mix)
     if cache is not None and (isinstance(cache, bool) or not isinstance(cache, int) or cache < 1):
         raise ValueError(f"cache must be a positive int or None, got {cache!r}")
+    cache_score = check_cache_score(cache_score, cache or 0)
     if distill_loss not in DISTILL_LOSSES:
         raise ValueError(f"unknown distill_loss {distill_loss!r}; valid names are {', '.join(DISTILL_LOSSES)}")
     train_lines, test_lines = split_lines(read_lines(data), held_out, seed)
@@ -529,8 +533,10 @@ def linearize(
     _log(f"[3/3 finetune] {stages['finetune']['metrics']}", verbose)
     if cache is not None:
         t0 = time.perf_counter()
-        hf.set_cache(student, cache)
+        hf.set_cache(student, cache, score=cache_score)
         convert_args["cache"] = cache
+        if cache_score is not None:
+            convert_args["cache_score"] = cache_score
         stages["cache"] = {"metrics": evaluate(student, teacher, test_batches, task)}
         stages["cache"]["time_s"] = time.perf_counter() - t0
         _log(f"[cache {cache}] {stages['cache']['metrics']}", verbose)
@@ -621,6 +627,12 @@ def parser() -> argparse.ArgumentParser:
         help="an exact cache of the C keys the features represent worst (needs --window; applied after training)",
     )
     p.add_argument(
+        "--cache-score",
+        default=None,
+        choices=SCORES,
+        help="which keys the cache keeps (default: kernel; recall keeps what retrieval needs on fitted models)",
+    )
+    p.add_argument(
         "--mix",
         type=float,
         nargs="?",
@@ -688,6 +700,7 @@ def main(argv=None) -> int:
             sinks=args.sinks,
             mix=args.mix,
             cache=args.cache,
+            cache_score=args.cache_score,
             distill_loss=args.distill_loss,
             data=args.data,
             out=args.out,

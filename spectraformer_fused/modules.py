@@ -7,7 +7,7 @@ from torch import nn
 
 from .attention import rf_attention
 from .feature_map import RandomFeatureMap
-from .validation import check_cache, check_cache_setting, check_sinks, check_window, hybrid_window
+from .validation import check_cache, check_cache_score, check_cache_setting, check_sinks, check_window, hybrid_window
 
 
 class SpectraAttention(nn.Module):
@@ -37,6 +37,7 @@ class SpectraAttention(nn.Module):
     window), and ``mix`` gives the feature map a learned factor on the exact part (``RandomFeatureMap(mix=)``).
     ``cache=C`` (causal, with a window) keeps up to C of the keys that have left the window exact, those the
     features represent worst (DESIGN.md section 9); the state is then a ``CacheState``, still of fixed size.
+    ``cache_score`` chooses which keys the cache keeps (``rf_attention``'s ``cache_score``).
     OPRF/SADERF use their
     running statistics in causal attention, and a layer in training mode updates them on every call:
     decode in eval mode (``layer.eval()``) so that every step uses the same parameters.
@@ -60,6 +61,7 @@ class SpectraAttention(nn.Module):
         sinks: int | None = None,
         mix: bool | float | None = None,
         cache: int | None = None,
+        cache_score: str | None = None,
         device=None,
         dtype=None,
         **component_args,
@@ -68,6 +70,7 @@ class SpectraAttention(nn.Module):
         self.window = check_window(window)
         self.sinks = check_sinks(sinks) or None
         self.cache = check_cache(cache) or None
+        self.cache_score = check_cache_score(cache_score, self.cache or 0)
         check_cache_setting(self.cache or 0, hybrid_window(self.window, self.sinks or 0), bool(causal))
         if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim <= 0:
             raise ValueError(f"embed_dim must be a positive int, got {embed_dim!r}")
@@ -135,6 +138,7 @@ class SpectraAttention(nn.Module):
             window=self.window,
             sinks=self.sinks,
             cache=self.cache,
+            cache_score=self.cache_score,
         )
         o, state = out if output_final_state else (out, None)
         y = self.out_proj(o.reshape(B, T, self.embed_dim))

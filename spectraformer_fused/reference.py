@@ -88,6 +88,7 @@ def reference_attention(
     window: int | None = None,
     sinks: int = 0,
     cache: int = 0,
+    score: str | None = None,
 ):
     """Random-feature attention of q ``[B, T, H, D]``, k ``[B, T, H_kv, D]`` and v ``[B, T, H_kv, Dv]``.
 
@@ -103,7 +104,7 @@ def reference_attention(
     state a ``WindowState``. ``sinks`` S > 0 (already checked) holds the first S keys of each sequence exact
     too (DESIGN.md section 8); ``window=0`` is then sinks without a window. ``cache`` C > 0 (already
     checked: causal, window >= 1) keeps up to C keys that have left the window exact (DESIGN.md section 9);
-    the state is then a ``CacheState``.
+    the state is then a ``CacheState``; ``score`` (None: ``cache.DEFAULT_SCORE``) chooses which.
     """
     if cu_seqlens is not None:
         return per_sequence(
@@ -119,7 +120,7 @@ def reference_attention(
             chunk_size=chunk_size,
             window=window,
             sinks=sinks,
-            **({"cache": cache} if cache else {}),
+            **({"cache": cache, "score": score} if cache else {}),
         )
     if cache:
         return _cache_attention(
@@ -133,6 +134,7 @@ def reference_attention(
             output_final_state=output_final_state,
             sinks=sinks,
             cache=cache,
+            score=score,
         )
     if window is not None:
         return _window_attention(

@@ -95,6 +95,22 @@ def check_cache(cache) -> int:
     return cache
 
 
+def check_cache_score(score, cache: int) -> str | None:
+    """The exact cache's score (``cache.SCORES``, DESIGN.md section 9): None (``cache.DEFAULT_SCORE`` at call
+    time) or one of the names; a score needs a cache (``cache`` already checked)."""
+    from .cache import SCORES
+
+    if score is None:
+        return None
+    if not isinstance(score, str):
+        raise TypeError(f"cache_score must be a str or None, got {type(score).__name__}")
+    if score not in SCORES:
+        raise ValueError(f"cache_score={score!r} is not a cache score; valid names are {', '.join(SCORES)}")
+    if not cache:
+        raise ValueError(f"cache_score={score!r} needs a cache (cache=C >= 1): it chooses the keys the cache keeps")
+    return score
+
+
 def check_cache_setting(cache: int, window: int | None, causal: bool) -> None:
     """A cache (already checked, > 0) holds keys that have left a causal window: it needs ``causal=True`` and
     a window >= 1 (``window`` as ``hybrid_window`` returns it: 0 or None has no window)."""

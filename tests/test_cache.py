@@ -413,6 +413,38 @@ def test_cpu_gradients_equal_reference():
 
 
 # ---------------------------------------------------------------- validation and routing
+def test_cache_score_is_chosen_per_call():
+    """``cache_score`` chooses the keys: the reference equals the oracle with that score (fp64), the CPU backend
+    the reference (fp32); None is the default score; the module and bad values."""
+    mask = _mask(2, 21)
+    kw = dict(causal=True, window=3, sinks=1, cache=3, key_padding_mask=mask)
+    outs = {}
+    for dtype in (torch.float64, torch.float32):
+        q, k, v = _inputs(T=21, seed=9, dtype=dtype)
+        fm = _map("hyprf", mix=0.4, dtype=dtype)
+        with torch.no_grad():
+            for score in SCORES:
+                o = outs[score] = rf_attention(q, k, v, fm, cache_score=score, backend="reference", **kw)
+                if dtype == torch.float64:
+                    p = fm.feature_params(q, k, scale=D**-0.5, causal=True, key_padding_mask=mask)
+                    want, _ = cache_oracle(q, k, v, p, window=3, cache=3, sinks=1, key_padding_mask=mask, score=score)
+                    assert_close(o, want, dtype, name=score)
+                elif cpu_extension_loaded():
+                    got = rf_attention(q, k, v, fm, cache_score=score, backend="cpu", **kw)
+                    assert_close(got, o, dtype, name=f"cpu {score}")
+            assert torch.equal(rf_attention(q, k, v, fm, backend="reference", **kw), outs["kernel"])
+        assert not torch.equal(outs["kernel"], outs["recall"])
+    m = SpectraAttention(16, 2, num_features=8, causal=True, window=2, cache=2, cache_score="recall")
+    assert m.cache_score == "recall"
+    for bad, err in (("nope", ValueError), (1, TypeError)):
+        with pytest.raises(err, match="cache_score"):
+            rf_attention(q, k, v, fm, cache_score=bad, **kw)
+    with pytest.raises(ValueError, match="needs a cache"):
+        rf_attention(q, k, v, fm, causal=True, window=3, cache_score="recall")
+    with pytest.raises(ValueError, match="needs a cache"):
+        SpectraAttention(16, 2, num_features=8, causal=True, window=2, cache_score="recall")
+
+
 @pytest.mark.parametrize("bad,err", [(-1, ValueError), (True, TypeError), (2.0, TypeError), ("4", TypeError)])
 def test_bad_cache(bad, err):
     q, k, v = _inputs(T=4)
@@ -504,13 +536,16 @@ def _tiny_llama(dtype=torch.float64, **convert_args):
     return hf.convert(model, **args)
 
 
-def test_generate_with_cache_matches_recompute():
-    """convert(window=, sinks=, cache=): generate() with the RFCache (CacheStates of fixed size) equals greedy
-    decoding that recomputes the whole sequence at every step; left padding never enters the cache."""
+@pytest.mark.parametrize("score", [None, "recall"])
+def test_generate_with_cache_matches_recompute(score):
+    """convert(window=, sinks=, cache=, cache_score=): generate() with the RFCache (CacheStates of fixed size)
+    equals greedy decoding that recomputes the whole sequence at every step; left padding never enters the
+    cache."""
     from spectraformer_fused.integrations import transformers as hf
 
-    model = _tiny_llama(window=3, sinks=1, cache=2)
+    model = _tiny_llama(window=3, sinks=1, cache=2, cache_score=score)
     assert all(layer.self_attn.rf_cache == 2 for layer in model.model.layers)
+    assert all(layer.self_attn.rf_cache_score == score for layer in model.model.layers)
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(3, 61, (2, 12), generator=g)
     mask = torch.ones(2, 12, dtype=torch.long)
@@ -550,6 +585,13 @@ def test_convert_and_set_cache_refuse_bad_settings():
     assert all(layer.self_attn.rf_cache == 4 for layer in model.model.layers)
     hf.set_cache(model, None)
     assert all(layer.self_attn.rf_cache is None for layer in model.model.layers)
+    for bad, err in (("nope", ValueError), (3, TypeError)):
+        with pytest.raises(err, match="cache_score"):
+            hf.set_cache(model, 2, score=bad)
+        with pytest.raises(err, match="cache_score"):
+            _tiny_llama(window=3, cache=2, cache_score=bad)
+    with pytest.raises(ValueError, match="needs a cache"):
+        hf.set_cache(model, None, score="recall")
 
 
 def test_linearize_cache_option_and_load(tmp_path):
@@ -574,13 +616,15 @@ def test_linearize_cache_option_and_load(tmp_path):
             "4",
             "--cache",
             "3",
+            "--cache-score",
+            "recall",
             "--data",
             "x",
             "--out",
             "y",
         ]
     )
-    assert args.cache == 3
+    assert args.cache == 3 and args.cache_score == "recall"
     out = str(tmp_path / "out")
     rep = lz.linearize(
         d,
@@ -589,6 +633,7 @@ def test_linearize_cache_option_and_load(tmp_path):
         num_features=8,
         window=4,
         cache=3,
+        cache_score="recall",
         data=f"{d}/data.txt",
         out=out,
         steps_distill=2,
@@ -597,9 +642,13 @@ def test_linearize_cache_option_and_load(tmp_path):
         batch_size=8,
         verbose=False,
     )
-    assert rep["convert_args"]["cache"] == 3 and "cache" in rep["stages"]
+    assert rep["convert_args"]["cache"] == 3 and rep["convert_args"]["cache_score"] == "recall"
+    assert "cache" in rep["stages"]
     loaded = lz.load_linearized(out)
     assert all(layer.self_attn.rf_cache == 3 for layer in loaded.model.layers)
+    assert all(layer.self_attn.rf_cache_score == "recall" for layer in loaded.model.layers)
+    with pytest.raises(ValueError, match="cache_score"):
+        lz.linearize(d, component="hyprf", weights="orf", num_features=8, window=4, cache_score="recall", data="x")
     with pytest.raises(ValueError, match="cache"):
         lz.linearize(d, component="hyprf", weights="orf", num_features=8, window=4, cache=0, data=f"{d}/data.txt")
     with pytest.raises(ValueError, match="window"):

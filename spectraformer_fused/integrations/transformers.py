@@ -52,7 +52,7 @@ from ..attention import BACKENDS, rf_attention
 from ..feature_map import RandomFeatureMap
 from ..reference import exact_attention
 from ..state import CacheState, RFState, WindowState
-from ..validation import check_cache, check_sinks, check_window, resolve_scale
+from ..validation import check_cache, check_cache_score, check_sinks, check_window, resolve_scale
 
 NAME = "spectraformer"
 FEATURE_MAP_ATTR = "rf_feature_map"
@@ -62,6 +62,7 @@ BACKEND_ATTR = "rf_backend"
 WINDOW_ATTR = "rf_window"
 SINKS_ATTR = "rf_sinks"
 CACHE_ATTR = "rf_cache"
+CACHE_SCORE_ATTR = "rf_cache_score"
 SLIDING_ATTR = "rf_sliding_window"
 
 # Keyword arguments some models pass to their attention function for features random-feature attention
@@ -284,6 +285,7 @@ def spectraformer_attention_forward(
     window = getattr(module, WINDOW_ATTR, None)
     sinks = getattr(module, SINKS_ATTR, None)
     cache = getattr(module, CACHE_ATTR, None)
+    cache_score = getattr(module, CACHE_SCORE_ATTR, None) if cache else None
     causal = bool(getattr(module, "is_causal", True) if is_causal is None else is_causal)
     B, _, Tq, _ = query.shape
     Tk = key.shape[2]
@@ -338,6 +340,7 @@ def spectraformer_attention_forward(
             window=window,
             sinks=sinks,
             cache=cache,
+            cache_score=cache_score,
         )
     else:
         o, layer.state = rf_attention(
@@ -354,6 +357,7 @@ def spectraformer_attention_forward(
             window=window,
             sinks=sinks,
             cache=cache,
+            cache_score=cache_score,
         )
     return o, None
 
@@ -503,6 +507,7 @@ def convert(
     sinks: int | None = None,
     mix: bool | float | None = None,
     cache: int | None = None,
+    cache_score: str | None = None,
     **component_args,
 ) -> PreTrainedModel:
     """Switch a transformers model to random-feature attention, in place; returns the model.
@@ -530,7 +535,8 @@ def convert(
     stay exact, per sequence and key/value head; the others are folded into the features. Causal layers with
     a window only (``window``, or the layer's sliding window); the layer's attribute ``rf_cache``. The cache
     is meant for inference (its decisions are not differentiable): ``set_cache(model, C)`` switches it on a
-    model converted without one.
+    model converted without one. ``cache_score`` chooses the keys it keeps (``rf_attention``'s; None: the
+    default score); the layer's attribute ``rf_cache_score``.
 
     Supported: models whose attention goes through transformers' ``AttentionInterface`` with full or
     sliding-window causal (decoders) or bidirectional (encoders) attention and a 2D padding mask.
@@ -545,6 +551,7 @@ def convert(
     window = check_window(window)
     sinks = check_sinks(sinks) or None
     cache = check_cache(cache) or None
+    cache_score = check_cache_score(cache_score, cache or 0)
     layers = _attention_layers(model)
     if not layers:
         raise ValueError(
@@ -582,16 +589,18 @@ def convert(
         setattr(module, SLIDING_ATTR, sliding)
         layer_window = _hf_window(sliding, bool(getattr(module, "is_causal", True)))
         setattr(module, WINDOW_ATTR, window if layer_window is None else layer_window)
-    set_cache(model, cache)
+    set_cache(model, cache, score=cache_score)
     _decode_with_rf_cache(model)
     return model
 
 
-def set_cache(model: nn.Module, cache: int | None) -> nn.Module:
+def set_cache(model: nn.Module, cache: int | None, score: str | None = None) -> nn.Module:
     """Give every converted layer of ``model`` an exact cache of ``cache`` keys (None or 0: none), in place;
     returns the model. Each layer must be causal and have a window (``convert(window=)`` or its sliding
-    window): the cache holds keys that have left it (DESIGN.md section 9)."""
+    window): the cache holds keys that have left it (DESIGN.md section 9). ``score``: which keys it keeps
+    (``rf_attention``'s ``cache_score``; None: the default score)."""
     cache = check_cache(cache) or None
+    score = check_cache_score(score, cache or 0)
     layers = [m for m in model.modules() if hasattr(m, FEATURE_MAP_ATTR)]
     if not layers:
         raise ValueError(f"{type(model).__name__} has no converted attention layer: call convert first")
@@ -609,6 +618,7 @@ def set_cache(model: nn.Module, cache: int | None) -> nn.Module:
                 )
     for module in layers:
         setattr(module, CACHE_ATTR, cache)
+        setattr(module, CACHE_SCORE_ATTR, score)
     return model
 
 
