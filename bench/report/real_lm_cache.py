@@ -160,10 +160,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     from spectraformer_fused import cache as cache_mod
 
-    if args.score is not None:
-        if args.score not in cache_mod.SCORES:
-            p.error(f"--score {args.score!r}: valid scores are {', '.join(cache_mod.SCORES)}")
-        cache_mod.DEFAULT_SCORE = args.score
+    if args.score is not None and args.score not in cache_mod.SCORES:
+        p.error(f"--score {args.score!r}: valid scores are {', '.join(cache_mod.SCORES)}")
     baselines = {x for x in args.baselines.split(",") if x}
     if baselines - {"original", "band", "nocache"}:
         p.error(f"--baselines: unknown rows {sorted(baselines - {'original', 'band', 'nocache'})}")
@@ -191,7 +189,7 @@ def main(argv=None) -> None:
     if args.retention:
         write_retention(args, tok, hybrid, label, caches)
         return
-    score = cache_mod.DEFAULT_SCORE
+    score = args.score or cache_mod.DEFAULT_SCORE  # set_cache(score=) below; None would be this default
     rows_spec = [("original (SDPA)", base, None)] if "original" in baselines else []
     rows_spec += [(f"band softmax W'={args.window} S={args.sinks}", band, None)] if "band" in baselines else []
     rows_spec += [(f"{label}, no cache", hybrid, 0)] if "nocache" in baselines else []
@@ -204,7 +202,7 @@ def main(argv=None) -> None:
     t_all = time.perf_counter()
     for name, model, cache in rows_spec:
         if cache is not None:
-            set_cache(model, cache or None)
+            set_cache(model, cache or None, score=args.score if cache else None)
         t0 = time.perf_counter()
         hits = passkey(model, tok, lens, args.trials)
         t_pk = time.perf_counter() - t0
