@@ -7,7 +7,7 @@ candidate: a masked key (padding, or a sink: sinks are never candidates) is drop
 candidate takes it; otherwise the C cached keys and the candidate are scored (afresh at every fold; the
 default score reads only the keys, the recall scores the current feature state too) and the lowest-scored
 one is folded into the state (S += phi(k) v^T, z += phi(k), the running key maximum
-and the rescale of ``reference._rescale``); the candidate takes the freed slot when it was not the one
+and the rescale of ``feature_math._rescale``); the candidate takes the freed slot when it was not the one
 folded. The decisions are constants for differentiation: scores are computed without gradient.
 
 The score (``SCORES``) is chosen per call: ``rf_attention(..., cache_score=)``, ``SpectraAttention(cache_score=)``,
@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import torch
 
+from . import feature_math as fmath
 from .contract import FeatureParams
 from .state import safe_log_scale
 
@@ -51,12 +52,6 @@ DEFAULT_SCORE = "kernel"
 KERNEL_STEPS = 4096.0  # "kernel" scores are rounded to 1 / KERNEL_STEPS nats
 # Scores of the key alone (not of the state): the CPU backend decides them for a whole piece at once.
 STATE_FREE_SCORES = ("kernel", "kernel_rel")
-
-
-def _ref():
-    from . import reference  # reference imports this module: resolved at call time
-
-    return reference
 
 
 def key_scores(k, v, S, z, m, p: FeatureParams, root: float, score: str | None = None) -> torch.Tensor:
@@ -69,21 +64,20 @@ def key_scores(k, v, S, z, m, p: FeatureParams, root: float, score: str | None =
 
 def _scores_and_features(k, v, S, z, m, p: FeatureParams, root: float, score: str | None):
     """``(key_scores(...), (ek, mk))``: the scores and the keys' feature logits and signs
-    (``reference._features(k * root, p, query=False)``), which ``admit`` folds the loser with."""
-    ref = _ref()
+    (``feature_math._features(k * root, p, query=False)``), which ``admit`` folds the loser with."""
     score = DEFAULT_SCORE if score is None else score
     with torch.no_grad():
         y = k.detach() * root
         vv = v.detach()
-        ek, mk = ref._features(y, p, query=False)  # [B, H_kv, n, F]
+        ek, mk = fmath._features(y, p, query=False)  # [B, H_kv, n, F]
         # the query's features differ from the key's only through psi (OPRF / SADERF): else the same tensors
-        eq, mq = (ek, mk) if p.psi is None else ref._features(y, p, query=True)
+        eq, mq = (ek, mk) if p.psi is None else fmath._features(y, p, query=True)
         sq = eq.amax(-1, keepdim=True)
-        phiq = ref._apply(eq, mq, sq)  # row-stabilised: the row shift cancels in every ratio below
+        phiq = fmath._apply(eq, mq, sq)  # row-stabilised: the row shift cancels in every ratio below
         if score in ("kernel", "kernel_rel"):
             shared = eq is ek  # then the key's features are the query's, on the same row shift
             top = sq if shared else ek.amax(-1, keepdim=True)
-            w = (phiq * (phiq if shared else ref._apply(ek, mk, top))).sum(-1)  # on the scale exp(sq + top)
+            w = (phiq * (phiq if shared else fmath._apply(ek, mk, top))).sum(-1)  # on the scale exp(sq + top)
             exact = (y * y).sum(-1) * (1.0 + 2.0 * p.exact_sq)
             if p.log_mix is not None:
                 exact = exact + p.log_mix.detach()[None, :, None]
@@ -100,13 +94,13 @@ def _scores_and_features(k, v, S, z, m, p: FeatureParams, root: float, score: st
         rz = (phiq @ z[..., None])[..., 0]  # [B, H_kv, n]
         resid = (rs - rz[..., None] * vv).norm(dim=-1)
         if score == "recall_other":
-            return resid / ref.safe_denominator(rz), (ek, mk)
+            return resid / fmath.safe_denominator(rz), (ek, mk)
         shift = safe_log_scale(m.detach())[..., None]  # [B, H_kv, 1]
         top = ek.amax(-1)  # [B, H_kv, n]: the key's own scale
         big = torch.maximum(shift, top)
         a = torch.exp(shift - big)
-        w = (phiq * ref._apply(ek, mk, top[..., None])).sum(-1) * torch.exp(top - big)
-        return a * resid / ref.safe_denominator(a * rz + w), (ek, mk)
+        w = (phiq * fmath._apply(ek, mk, top[..., None])).sum(-1) * torch.exp(top - big)
+        return a * resid / fmath.safe_denominator(a * rz + w), (ek, mk)
 
 
 class Admitted:
@@ -147,12 +141,11 @@ def admit(S, z, m, kc, vc, ckeep, k_new, v_new, keep_new, p: FeatureParams, root
         sc, (ek_all, mk_all) = _scores_and_features(ck, cv, S, z, m, p, root, score)
         loser = sc.argmin(-1)  # [B, H_kv]
         v_out = cv.gather(2, loser[..., None, None].expand(B, Hk, 1, cv.shape[-1]))  # [B, H_kv, 1, Dv]
-        ref = _ref()
         grads = (ck, p.W, p.bias, p.freq, p.psi)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in grads):
             # the state is differentiable in the folded key: its features again, with the graph
             k_out = ck.gather(2, loser[..., None, None].expand(B, Hk, 1, ck.shape[-1]))  # [B, H_kv, 1, D]
-            ek, mk = ref._features(k_out * root, p, query=False)  # [B, H_kv, 1, F]
+            ek, mk = fmath._features(k_out * root, p, query=False)  # [B, H_kv, 1, F]
         else:  # the loser's features, as scored
             at = loser[..., None, None].expand(B, Hk, 1, ek_all.shape[-1])
             ek = ek_all.gather(2, at)
@@ -160,8 +153,8 @@ def admit(S, z, m, kc, vc, ckeep, k_new, v_new, keep_new, p: FeatureParams, root
         every = bool(compete.all())  # decoding's steady state: no row to leave as it was
         if not every:
             ek = ek.masked_fill(~compete[:, None, None, None], float("-inf"))
-        S, z, m, shift = ref._rescale(ek, S, z, m)
-        phik = ref._apply(ek, mk, shift)
+        S, z, m, shift = fmath._rescale(ek, S, z, m)
+        phik = fmath._apply(ek, mk, shift)
         S = S + phik.transpose(-1, -2) @ v_out
         z = z + phik.sum(-2)
         # the slots stay in arrival order: the ones after the folded key move up, the candidate comes last

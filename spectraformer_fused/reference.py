@@ -26,51 +26,11 @@ import math
 
 import torch
 
+from .cache import admit
 from .causal_chunks import causal_chunks
-from .components import feature_logits
-from .contract import DEN_EPS, FeatureParams
+from .contract import FeatureParams
+from .feature_math import _apply, _cast_params, _features, _rescale, safe_denominator  # noqa: F401 (re-exported)
 from .state import CacheState, RFState, WindowState, empty_state, empty_window_state, safe_log_scale
-
-
-def safe_denominator(den: torch.Tensor) -> torch.Tensor:
-    """|den| floored at DEN_EPS (contract.py says why the magnitude)."""
-    return den.abs().clamp_min(DEN_EPS)
-
-
-def _features(x, p: FeatureParams, query: bool):
-    return feature_logits(x, p.W, p.bias, p.freq, p.psi, kind=p.kind, c_t=p.c_t, c_o=p.c_o, query=query)
-
-
-def _apply(e, mult, shift):
-    phi = torch.exp(e - shift)
-    return phi if mult is None else phi * mult
-
-
-def _cast_params(params: FeatureParams, cdt) -> FeatureParams:
-    """The parameters in the compute dtype."""
-    return FeatureParams(
-        params.kind,
-        params.W.to(cdt),
-        params.bias.to(cdt),
-        params.freq.to(cdt),
-        None if params.psi is None else params.psi.to(cdt),
-        params.c_t,
-        params.c_o,
-        params.scale,
-        params.num_features,
-        params.feature_dim,
-        params.exact_sq,
-        None if params.log_mix is None else params.log_mix.to(cdt),
-    )
-
-
-def _rescale(ek, S, z, m):
-    """Move the state to the new running maximum of the key exponents ``ek [B, H_kv, n, F]``; returns the
-    state and the shift to use ``[B, H_kv, 1, 1]``."""
-    m_new = torch.maximum(m, ek.amax(dim=(-1, -2)).detach())  # [B, H_kv]
-    shift = safe_log_scale(m_new)
-    alpha = torch.exp(m - shift)  # 0 while the state is empty
-    return S * alpha[..., None, None], z * alpha[..., None], m_new, shift[:, :, None, None]
 
 
 def reference_attention(
@@ -415,8 +375,6 @@ def _cache_attention(
     exact logit). After the last query the extended key T - 1 competes too, so the final state has
     processed every key but the last n (its tail). Gradients flow through the attention with the cache's
     decisions held fixed (they are discrete)."""
-    from .cache import admit
-
     B, T, H, D = q.shape
     Hk = k.shape[2]
     G = H // Hk
