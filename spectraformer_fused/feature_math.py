@@ -1,8 +1,7 @@
 """The stabilised feature arithmetic that the reference backend and the exact cache's rules share
 (DESIGN.md section 3): the feature exponents of a ``FeatureParams``, their application with a shift, the
 running-maximum rescale of a state, the floored denominator, the parameters in a compute dtype. Below both
-``reference.py`` and ``cache.py``, so that neither imports the other to reach them (``reference`` re-exports
-the names the backends import from it)."""
+``reference.py`` and ``cache.py``, so that the cache's rules need not import the reference to reach them."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ import torch
 from .cache import admit
 from .causal_chunks import causal_chunks
 from .contract import FeatureParams
-from .feature_math import _apply, _cast_params, _features, _rescale, safe_denominator  # noqa: F401 (re-exported)
+from .feature_math import _apply, _cast_params, _features, _rescale, safe_denominator
 from .state import CacheState, RFState, WindowState, empty_state, empty_window_state, safe_log_scale
 
 

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from .cache import SCORES
 from .state import CacheState, RFState, WindowState
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -98,8 +99,6 @@ def check_cache(cache) -> int:
 def check_cache_score(score, cache: int) -> str | None:
     """The exact cache's score (``cache.SCORES``, DESIGN.md section 9): None (``cache.DEFAULT_SCORE`` at call
     time) or one of the names; a score needs a cache (``cache`` already checked)."""
-    from .cache import SCORES
-
     if score is None:
         return None
     if not isinstance(score, str):

@@ -265,7 +265,7 @@ def test_compiled_decoding_step_equals_reference(monkeypatch, case, window, sink
     from spectraformer_fused.ops.cpu import cache as cpu_cache
 
     calls, folds = [], []
-    step, ext = cpu_cache._compiled_step, cpu_cache._extension()
+    step, ext = cpu_cache._compiled_step, cpu_cache._load()
 
     class Counting:  # the extension, counting the steps that fold in C++ (the cache full in every row)
         def __getattr__(self, name):
@@ -274,7 +274,7 @@ def test_compiled_decoding_step_equals_reference(monkeypatch, case, window, sink
             return getattr(ext, name)
 
     monkeypatch.setattr(cpu_cache, "_compiled_step", lambda *a, **kw: calls.append(1) or step(*a, **kw))
-    monkeypatch.setattr(cpu_cache, "_extension", Counting)
+    monkeypatch.setattr(cpu_cache, "_load", Counting)
     Tn = 26
     q, k, v = _inputs(T=Tn, H=6, Hk=2, dtype=torch.float32, seed=11)
     fm = _map(*case, mix=0.4, dtype=torch.float32)

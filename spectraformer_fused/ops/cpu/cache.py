@@ -36,15 +36,10 @@ import torch
 from ... import cache as cache_rules
 from ...cache import STATE_FREE_SCORES, _scores_and_features, admit, key_scores
 from ...contract import FeatureParams
-from ...reference import (
-    _apply,
-    _cast_params,
-    _features,
-    _sink_slots,
-    per_sequence,
-    safe_denominator,
-)
+from ...feature_math import _apply, _cast_params, _features, _rescale, safe_denominator
+from ...reference import _cache_attention, _sink_slots, per_sequence
 from ...state import CacheState, empty_window_state, safe_log_scale
+from .extension import _load
 
 
 def cpu_cache_attention(
@@ -102,7 +97,7 @@ def cpu_cache_attention(
             score=score,
         )
     if T == 1:  # a decoding step: one decision and one query, the reference's step has fewer operations
-        return _reference()._cache_attention(
+        return _cache_attention(
             q,
             k,
             v,
@@ -226,7 +221,7 @@ def _compiled_step_applies(q, k, v, params: FeatureParams, state, window: int) -
     """Whether a T = 1 call takes ``_compiled_step``: the extension is built, the inputs are fp32, bf16 or
     fp16 on the CPU, the window holds a tail (W >= 2) and nothing asks for gradients (the step's fused
     forward has no backward here; the reference's step has, with the decisions held fixed)."""
-    if window < 2 or q.dtype == torch.float64 or q.device.type != "cpu" or _extension() is None:
+    if window < 2 or q.dtype == torch.float64 or q.device.type != "cpu" or _load() is None:
         return False
     if not torch.is_grad_enabled():
         return True
@@ -276,18 +271,12 @@ def _compiled_step(
         cv = torch.cat([st.v_cache, vn[:, :, None]], dim=2)
         sc, (e, mult) = _scores_and_features(ck, cv, st.S, st.z, st.log_scale, p, root, score)
         mult = None if mult is None else mult.contiguous()
-        S, z, m, kc, vc = _extension().cache_fold(
+        S, z, m, kc, vc = _load().cache_fold(
             *(t.contiguous() for t in (st.S, st.z, st.log_scale, e)), mult, ck, cv, sc.argmin(-1).contiguous()
         )
         return o, CacheState(S, z, m, *outs[4:], kc, vc, st.cache_keep)
     S, z, m, kc, vc, ckeep, _ = admit(st.S, st.z, st.log_scale, *st.cache_part, kn, vn, keep_new, p, root, score)
     return o, CacheState(S, z, m, *outs[4:], kc, vc, ckeep)
-
-
-def _extension():
-    from .extension import _load
-
-    return _load()
 
 
 def _decide_in_a_loop(S, z, m, kc0, vc0, ckeep0, k_ext, v_ext, keep_ext, T, p, root, score, bounds):
@@ -365,7 +354,6 @@ def _decide_at_once(S, z, m, kc0, vc0, ckeep0, k_ext, v_ext, keep_ext, T, p, roo
         when = torch.maximum(arrive[first], arrive[lo:hi])
         until[..., lo:hi] = torch.where(full.any(-1), when, torch.full_like(when, big))
     until = torch.where(valid, until, torch.full_like(until, big))
-    ref = _reference()
     snaps = {}
     for lo, hi in zip(bounds[:-1], bounds[1:]):
         here = valid & (arrive < lo) & (until >= lo)  # in the cache before query lo
@@ -375,10 +363,10 @@ def _decide_at_once(S, z, m, kc0, vc0, ckeep0, k_ext, v_ext, keep_ext, T, p, roo
         ids, held = _first_ids(valid & (until >= lo) & (until < hi), hi - lo)
         kf = kn.gather(2, ids[..., None].expand(B, Hk, ids.shape[-1], D))
         vf = vn.gather(2, ids[..., None].expand(B, Hk, ids.shape[-1], Dv))
-        ek, mk = ref._features(kf * root, p, query=False)
+        ek, mk = _features(kf * root, p, query=False)
         ek = ek.masked_fill(~held[..., None], float("-inf"))
-        S, z, m, shift = ref._rescale(ek, S, z, m)
-        phik = ref._apply(ek, mk, shift)
+        S, z, m, shift = _rescale(ek, S, z, m)
+        phik = _apply(ek, mk, shift)
         S = S + phik.transpose(-1, -2) @ vf
         z = z + phik.sum(-2)
     here = valid & (until == big)  # never folded: the final cache
@@ -388,9 +376,3 @@ def _decide_at_once(S, z, m, kc0, vc0, ckeep0, k_ext, v_ext, keep_ext, T, p, roo
     vc = vn.gather(2, ids[..., None].expand(B, Hk, C, Dv)) * held[..., None]
     full_until = torch.cat([until, torch.full((B, Hk, L - T), big, dtype=torch.long, device=dev)], dim=2)
     return full_until, snaps, (S, z, m, kc, vc, held[:, 0])
-
-
-def _reference():
-    from ... import reference
-
-    return reference
